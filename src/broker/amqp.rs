@@ -1,0 +1,500 @@
+//! The AMQP broker: RabbitMQ through lapin.
+//!
+//! Broker facts this code is shaped by (RabbitMQ 3.10 and later):
+//! - Every work message is persistent and published with the `mandatory`
+//!   flag on a channel in confirm mode. An unroutable message is *acked* by
+//!   the broker after being returned, so an ack carrying a returned message
+//!   is treated as a failure ([`BrokerError::Refused`]).
+//! - Confirms are pipelined: a batch is published in full, then all its
+//!   confirms are awaited together.
+//! - Queues are durable; quorum queues by default, with `x-delivery-limit`
+//!   set explicitly (3.10 has no default) and dead-lettering to
+//!   `<prefix>.dead` through the default exchange.
+//! - Heartbeats are 15 s unless the URL says otherwise.
+//! - Recovery is not left to lapin: a lost connection ends every
+//!   subscription and fails the publishes under way; the next call opens a
+//!   new connection and re-declares the topology, and consumers subscribe
+//!   again with their prefetch set from scratch (lapin's own recovery
+//!   re-declares consumers but not the prefetch).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+
+use super::{
+    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
+};
+use crate::config::QueueType;
+use crate::names::Names;
+
+/// Queue arguments and names for one deployment.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Names under the deployment's prefix.
+    pub names: Names,
+    /// Quorum or classic.
+    pub queue_type: QueueType,
+    /// `x-delivery-limit` of submit and task queues (quorum only).
+    pub delivery_limit: u32,
+}
+
+/// RabbitMQ through one connection at a time: a confirm-mode channel for
+/// publishing and one channel per subscription. When the connection is
+/// lost, the next call opens a new one and declares again every queue
+/// declared so far; subscriptions on the old connection end, and their
+/// owners subscribe again.
+pub struct AmqpBroker {
+    url: String,
+    topology: Topology,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    declared: std::sync::Mutex<Vec<String>>,
+}
+
+/// One connection and its publishing channel.
+struct Session {
+    connection: Connection,
+    publisher: Channel,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("prefix", &self.topology.names.prefix())
+            .finish()
+    }
+}
+
+fn unavailable(e: lapin::Error) -> BrokerError {
+    if e.can_be_recovered() {
+        BrokerError::Unavailable(e.to_string())
+    } else {
+        BrokerError::Fatal(e.to_string())
+    }
+}
+
+/// `url` with a heartbeat of 15 s unless it names one.
+fn with_heartbeat(url: &str) -> String {
+    if url.contains("heartbeat=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat=15")
+    } else {
+        format!("{url}?heartbeat=15")
+    }
+}
+
+impl AmqpBroker {
+    /// Connect to `url` (`amqp://` or `amqps://`); fails if the broker
+    /// cannot be reached now (later losses are recovered transparently).
+    pub async fn connect(url: &str, topology: Topology) -> Result<AmqpBroker, BrokerError> {
+        let broker = AmqpBroker {
+            url: with_heartbeat(url),
+            topology,
+            session: tokio::sync::Mutex::new(None),
+            declared: std::sync::Mutex::new(Vec::new()),
+        };
+        broker.session().await?;
+        Ok(broker)
+    }
+
+    /// The live session, or a new one (with the topology declared again).
+    async fn session(&self) -> Result<Arc<Session>, BrokerError> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = slot.as_ref() {
+            if session.connection.status().connected() && session.publisher.status().connected() {
+                return Ok(session.clone());
+            }
+            tracing::warn!("RabbitMQ connection lost; reconnecting");
+        }
+        *slot = None;
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("cannot connect to RabbitMQ: {e}")))?;
+        let publisher = connection.create_channel().await.map_err(unavailable)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let session = Arc::new(Session {
+            connection,
+            publisher,
+        });
+        let declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !declared.is_empty() {
+            self.declare_all(&session, &declared).await?;
+        }
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    fn work_queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let dead = self.topology.names.dead_queue();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(dead.as_str())),
+        );
+        match self.topology.queue_type {
+            QueueType::Quorum => {
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(i64::from(self.topology.delivery_limit)),
+                );
+            }
+            QueueType::Classic => {
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("classic".into()),
+                );
+            }
+        }
+        args
+    }
+
+    async fn declare_all(
+        &self,
+        session: &Session,
+        task_queues: &[String],
+    ) -> Result<(), BrokerError> {
+        let names = &self.topology.names;
+        let mut dead_args = FieldTable::default();
+        if self.topology.queue_type == QueueType::Quorum {
+            dead_args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        declare_queue(session, &names.dead_queue(), dead_args).await?;
+        declare_queue(session, &names.submit_queue(), self.work_queue_args()).await?;
+        for q in task_queues {
+            declare_queue(session, &names.task_queue(q), self.work_queue_args()).await?;
+        }
+        Ok(())
+    }
+
+    /// Drop the session if it is the one that just failed.
+    async fn forget(&self, failed: &Arc<Session>) {
+        let mut slot = self.session.lock().await;
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, failed)) {
+            *slot = None;
+        }
+    }
+}
+
+async fn declare_queue(session: &Session, name: &str, args: FieldTable) -> Result<(), BrokerError> {
+    let channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(unavailable)?;
+    channel
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| {
+            BrokerError::Fatal(format!(
+                "cannot declare queue {name} (if it exists with other arguments, delete it or use another prefix): {e}"
+            ))
+        })?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+fn properties(msg: &Outgoing) -> BasicProperties {
+    let mut props = BasicProperties::default().with_content_type("application/json".into());
+    if msg.persistent {
+        props = props.with_delivery_mode(2);
+    }
+    if let Some(c) = &msg.correlation_id {
+        props = props.with_correlation_id(c.as_str().into());
+    }
+    if let Some(r) = &msg.reply_to {
+        props = props.with_reply_to(r.as_str().into());
+    }
+    if !msg.headers.is_empty() {
+        let mut table = FieldTable::default();
+        for (k, v) in &msg.headers {
+            let value = match v {
+                HeaderValue::Text(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+            };
+            table.insert(k.as_str().into(), value);
+        }
+        props = props.with_headers(table);
+    }
+    props
+}
+
+fn header_count(props: &BasicProperties, name: &str) -> u32 {
+    let Some(headers) = props.headers() else {
+        return 0;
+    };
+    match headers.inner().get(name) {
+        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
+        _ => 0,
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+        let session = self.session().await?;
+        let result = self.declare_all(&session, task_queues).await;
+        if result.is_ok() {
+            let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
+            for q in task_queues {
+                if !declared.contains(q) {
+                    declared.push(q.clone());
+                }
+            }
+        }
+        result
+    }
+
+    async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+        let session = self.session().await?;
+        let result = publish_on(&session, &batch).await;
+        if matches!(result, Err(BrokerError::Unavailable(_))) {
+            self.forget(&session).await;
+        }
+        result
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        let session = self.session().await?;
+        let result = subscribe_on(&session, queue, prefetch).await;
+        if matches!(result, Err(BrokerError::Unavailable(_))) {
+            self.forget(&session).await;
+        }
+        result
+    }
+
+    async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
+        let session = self.session().await?;
+        let mut out = Vec::new();
+        for q in queues {
+            // A passive declare of a missing queue closes its channel, so
+            // each query gets a throwaway channel.
+            let channel = session
+                .connection
+                .create_channel()
+                .await
+                .map_err(unavailable)?;
+            if let Ok(info) = channel
+                .queue_declare(
+                    ShortString::from(q.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+            {
+                out.push(QueueStats {
+                    queue: q.clone(),
+                    ready: info.message_count(),
+                    consumers: info.consumer_count(),
+                });
+                let _ = channel.close(200, "done".into()).await;
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_connected(&self) -> bool {
+        self.session
+            .try_lock()
+            .map(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.connection.status().connected())
+            })
+            .unwrap_or(true)
+    }
+}
+
+async fn publish_on(session: &Session, batch: &[Outgoing]) -> Result<(), BrokerError> {
+    let mut pending = Vec::with_capacity(batch.len());
+    for msg in batch {
+        let confirm = session
+            .publisher
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(msg.queue.as_str()),
+                BasicPublishOptions {
+                    mandatory: msg.mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                &msg.body,
+                properties(msg),
+            )
+            .await
+            .map_err(unavailable)?;
+        pending.push((msg.queue.as_str(), confirm));
+    }
+    let mut first_error = None;
+    for (queue, confirm) in pending {
+        let refused = |reason: String| BrokerError::Refused {
+            queue: queue.to_owned(),
+            reason,
+        };
+        let err = match confirm.await {
+            Ok(Confirmation::Ack(None)) => continue,
+            Ok(Confirmation::Ack(Some(ret))) => {
+                refused(format!("returned: {} {}", ret.reply_code, ret.reply_text))
+            }
+            Ok(Confirmation::Nack(_)) => refused("nacked".into()),
+            Ok(Confirmation::NotRequested) => {
+                BrokerError::Fatal("publisher confirms are not enabled".into())
+            }
+            Err(e) => unavailable(e),
+        };
+        first_error.get_or_insert(err);
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn subscribe_on(
+    session: &Session,
+    queue: &str,
+    prefetch: u16,
+) -> Result<Box<dyn Subscription>, BrokerError> {
+    let channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(unavailable)?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(unavailable)?;
+    let consumer = channel
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(Box::new(AmqpSubscription {
+        queue: queue.to_owned(),
+        channel,
+        consumer,
+    }))
+}
+
+struct AmqpSubscription {
+    queue: String,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+struct AmqpAcker(lapin::Acker);
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.0
+            .reject(BasicRejectOptions { requeue: true })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        let delivery = match self.consumer.next().await? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(unavailable(e))),
+        };
+        Some(Ok(Delivery {
+            queue: self.queue.clone(),
+            reply_to: delivery
+                .properties
+                .reply_to()
+                .as_ref()
+                .map(|s| s.to_string()),
+            correlation_id: delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            delivery_count: header_count(&delivery.properties, "x-delivery-count"),
+            redelivered: delivery.redelivered,
+            body: delivery.data,
+            acker: Box::new(AmqpAcker(delivery.acker)),
+        }))
+    }
+
+    async fn cancel(&mut self) -> Result<(), BrokerError> {
+        self.channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_is_added_unless_given() {
+        assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=15");
+        assert_eq!(
+            with_heartbeat("amqp://h/?a=b"),
+            "amqp://h/?a=b&heartbeat=15"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/?heartbeat=5"),
+            "amqp://h/?heartbeat=5"
+        );
+    }
+}

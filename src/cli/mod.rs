@@ -1,0 +1,103 @@
+//! One file per subcommand, as the file list is the map of what the binary
+//! does. `anyhow` lives here, at the edge, and nowhere in the library.
+
+mod dispatcher;
+mod list;
+mod queues;
+mod status;
+mod submit;
+mod worker;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use conveyor::config::Config;
+
+/// Conveyor: jobs over RabbitMQ, state in Redis.
+#[derive(Debug, Parser)]
+#[command(name = "conveyor", version, about)]
+pub struct Cli {
+    /// TOML configuration file; `CONVEYOR_*` environment variables override it.
+    #[arg(long, global = true, env = "CONVEYOR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate submissions, record jobs, publish ready tasks, sweep.
+    Dispatcher(dispatcher::Args),
+    /// Run tasks from queues through the built-in handlers.
+    Worker(worker::Args),
+    /// Publish a job file to the submit queue, like any client.
+    Submit(submit::Args),
+    /// Show a job's state, tasks and history.
+    Status(status::Args),
+    /// List recent jobs.
+    List(list::Args),
+    /// Show depth and consumers of Conveyor's queues.
+    Queues(queues::Args),
+}
+
+/// Parse arguments, load config, run the command; map errors to exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    conveyor::telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Dispatcher(args) => dispatcher::run(config, args).await,
+            Command::Worker(args) => worker::run(config, args).await,
+            Command::Submit(args) => submit::run(config, args).await,
+            Command::Status(args) => status::run(config, args).await,
+            Command::List(args) => list::run(config, args).await,
+            Command::Queues(args) => queues::run(config, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Connect the store for a one-shot command, failing with how to start Redis.
+async fn store(config: &Config) -> anyhow::Result<conveyor::store::redis::RedisStore> {
+    conveyor::runtime::redis_store(config, "cli", 2)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach Redis at {}: {e}; {}",
+                conveyor::config::redact_url(&config.redis_url),
+                conveyor::runtime::START_HINT
+            )
+        })
+}
+
+/// Connect the broker for a one-shot command, failing with how to start RabbitMQ.
+async fn broker(config: &Config) -> anyhow::Result<conveyor::broker::amqp::AmqpBroker> {
+    conveyor::runtime::amqp_broker(config).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach RabbitMQ at {}: {e}; {}",
+            conveyor::config::redact_url(&config.amqp_url),
+            conveyor::runtime::START_HINT
+        )
+    })
+}

@@ -1,0 +1,94 @@
+//! `conveyor status JOB_ID [--json]`
+
+use std::process::ExitCode;
+
+use conveyor::config::Config;
+use conveyor::store::{JobStatus, Store};
+
+/// Status options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The job's id.
+    id: String,
+    /// Print JSON (schemas/status.schema.json).
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    let store = super::store(&config).await?;
+    match store.job(&args.id).await? {
+        Some(status) => {
+            print(&status, args.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!(
+                "no job {:?} (unknown, or expired after the retention period)",
+                args.id
+            );
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+/// Print a status as JSON or as a readable table.
+pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!(
+        "job {}  state {}  version {}  requestor {}",
+        status.id, status.state, status.version, status.requestor
+    );
+    if !status.labels.is_empty() {
+        let labels: Vec<String> = status
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("labels {}", labels.join(" "));
+    }
+    if let Some(e) = &status.error {
+        println!("error {e}");
+    }
+    println!();
+    println!(
+        "{:<24} {:<10} {:>8}  {:<24} RESULT / ERROR",
+        "TASK", "STATE", "ATTEMPTS", "WORKER"
+    );
+    for (name, t) in &status.tasks {
+        let detail = match (&t.error, &t.result) {
+            (Some(e), _)
+                if !t.state.is_terminal() || t.state != conveyor::model::TaskState::Succeeded =>
+            {
+                e.clone()
+            }
+            (_, r) if !r.is_null() => r.to_string(),
+            _ => String::new(),
+        };
+        let detail: String = detail.chars().take(80).collect();
+        println!(
+            "{:<24} {:<10} {:>8}  {:<24} {}",
+            name,
+            t.state.as_str(),
+            format!("{}/{}", t.attempts, t.max_attempts),
+            t.worker.as_deref().unwrap_or("-"),
+            detail
+        );
+    }
+    println!();
+    println!("history:");
+    for h in &status.history {
+        println!(
+            "  {}  {:<16} {:>10} -> {:<10} {}",
+            h.at,
+            h.task.as_deref().unwrap_or("(job)"),
+            h.from.as_deref().unwrap_or("-"),
+            h.to,
+            h.reason
+        );
+    }
+    Ok(())
+}

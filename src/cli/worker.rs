@@ -1,0 +1,35 @@
+//! `conveyor worker`
+
+use std::process::ExitCode;
+
+use conveyor::config::Config;
+use conveyor::shutdown::{ShutdownTrigger, on_signals};
+
+/// Worker options (the rest come from the config).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Queues to consume, comma-separated (without prefix).
+    #[arg(long, value_delimiter = ',')]
+    queues: Option<Vec<String>>,
+    /// Handlers run at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(q) = args.queues {
+        config.worker.queues = q;
+    }
+    if let Some(c) = args.concurrency {
+        config.worker.concurrency = c;
+    }
+    let trigger = ShutdownTrigger::new();
+    on_signals(trigger.clone());
+    conveyor::runtime::run_worker(
+        &config,
+        conveyor_builtin_handlers::registry(),
+        trigger.subscribe(),
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,407 @@
+//! Configuration: one struct with serde defaults, read from a TOML file and
+//! then overridden by `CONVEYOR_*` environment variables. Every field's doc
+//! comment is the README's configuration table.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a Conveyor process can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// AMQP URL (`amqp://` or `amqps://`). Env `CONVEYOR_AMQP_URL`.
+    pub amqp_url: String,
+    /// Redis URL (`redis://` or `rediss://`). Env `CONVEYOR_REDIS_URL`.
+    pub redis_url: String,
+    /// Prefix of every queue and key. Env `CONVEYOR_PREFIX`.
+    pub prefix: String,
+    /// Largest submit message accepted, in bytes. Env `CONVEYOR_MAX_MESSAGE_BYTES`.
+    pub max_message_bytes: usize,
+    /// How long finished jobs are kept, in seconds. Env `CONVEYOR_RETENTION_S`.
+    pub retention_s: u64,
+    /// `pretty` or `json` logs. Env `CONVEYOR_LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// AMQP queue type for submit and task queues: `quorum` or `classic`.
+    /// Env `CONVEYOR_QUEUE_TYPE`.
+    pub queue_type: QueueType,
+    /// Broker-side delivery limit of task queues (quorum queues only): a
+    /// message delivered this often is dead-lettered by RabbitMQ itself.
+    /// Env `CONVEYOR_DELIVERY_LIMIT`.
+    pub delivery_limit: u32,
+    /// Dispatcher settings.
+    pub dispatcher: DispatcherConfig,
+    /// Worker settings.
+    pub worker: WorkerConfig,
+    /// Default retry policy of tasks that set none and whose handler sets none.
+    pub retry: RetryConfig,
+    /// Limits on submitted jobs.
+    pub limits: Limits,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// AMQP queue type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated Raft queues; support `x-delivery-limit`.
+    Quorum,
+    /// Classic durable queues.
+    Classic,
+}
+
+/// Dispatcher settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatcherConfig {
+    /// Unacked submissions in flight per dispatcher. Env `CONVEYOR_DISPATCHER_PREFETCH`.
+    pub prefetch: u16,
+    /// How often retries and lapsed leases are swept, in milliseconds.
+    /// Env `CONVEYOR_SWEEP_INTERVAL_MS`.
+    pub sweep_interval_ms: u64,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Queues consumed (without prefix). Env `CONVEYOR_QUEUES` (comma-separated).
+    pub queues: Vec<String>,
+    /// Handlers run at once. Env `CONVEYOR_CONCURRENCY`.
+    pub concurrency: usize,
+    /// Lease of a claim in milliseconds; renewed every third of it while the
+    /// handler runs. Env `CONVEYOR_LEASE_MS`.
+    pub lease_ms: u64,
+    /// How long SIGTERM waits for running handlers, in seconds. Env `CONVEYOR_GRACE_S`.
+    pub grace_s: u64,
+    /// Heartbeat of the worker registry, in milliseconds.
+    pub heartbeat_ms: u64,
+}
+
+/// Default retry policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Most attempts including the first. Env `CONVEYOR_MAX_ATTEMPTS`.
+    pub max_attempts: u32,
+    /// Backoff base in milliseconds. Env `CONVEYOR_BACKOFF_BASE_MS`.
+    pub base_ms: u64,
+    /// Backoff cap in milliseconds. Env `CONVEYOR_BACKOFF_CAP_MS`.
+    pub cap_ms: u64,
+    /// Default run time-out of one attempt in seconds. Env `CONVEYOR_TIMEOUT_S`.
+    pub timeout_s: f64,
+}
+
+/// Limits on submitted jobs; each error names the field and the limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most tasks in one job.
+    pub max_tasks: usize,
+    /// Longest job id, task name, queue, handler name, requestor.
+    pub max_name_len: usize,
+    /// Most labels on a job.
+    pub max_labels: usize,
+    /// Largest params of one task, in bytes of JSON.
+    pub max_params_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            prefix: "conveyor".into(),
+            max_message_bytes: 1024 * 1024,
+            retention_s: 7 * 24 * 3600,
+            log_format: LogFormat::Pretty,
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+            dispatcher: DispatcherConfig::default(),
+            worker: WorkerConfig::default(),
+            retry: RetryConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            prefetch: 256,
+            sweep_interval_ms: 500,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            queues: vec!["default".into()],
+            concurrency: 16,
+            lease_ms: 15_000,
+            grace_s: 30,
+            heartbeat_ms: 2_000,
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            base_ms: 1_000,
+            cap_ms: 60_000,
+            timeout_s: 300.0,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tasks: 20_000,
+            max_name_len: 128,
+            max_labels: 64,
+            max_params_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// An environment variable has a value of the wrong kind.
+    #[error("environment variable {var}={value:?} is invalid: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Read `path` (if given) and apply the process environment on top.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply_env(|var| std::env::var(var).ok())?;
+        Ok(config)
+    }
+
+    /// Parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Override fields from environment variables read through `get`.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&'static str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(var: &'static str, value: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                value: value.clone(),
+                reason: e.to_string(),
+            })
+        }
+        if let Some(v) = get("CONVEYOR_AMQP_URL") {
+            self.amqp_url = v;
+        }
+        if let Some(v) = get("CONVEYOR_REDIS_URL") {
+            self.redis_url = v;
+        }
+        if let Some(v) = get("CONVEYOR_PREFIX") {
+            self.prefix = v;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_MESSAGE_BYTES") {
+            self.max_message_bytes = parse("CONVEYOR_MAX_MESSAGE_BYTES", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_RETENTION_S") {
+            self.retention_s = parse("CONVEYOR_RETENTION_S", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_LOG_FORMAT") {
+            self.log_format = match v.as_str() {
+                "pretty" => LogFormat::Pretty,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "CONVEYOR_LOG_FORMAT",
+                        value: v,
+                        reason: "expected pretty or json".into(),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get("CONVEYOR_QUEUE_TYPE") {
+            self.queue_type = match v.as_str() {
+                "quorum" => QueueType::Quorum,
+                "classic" => QueueType::Classic,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "CONVEYOR_QUEUE_TYPE",
+                        value: v,
+                        reason: "expected quorum or classic".into(),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get("CONVEYOR_DELIVERY_LIMIT") {
+            self.delivery_limit = parse("CONVEYOR_DELIVERY_LIMIT", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_DISPATCHER_PREFETCH") {
+            self.dispatcher.prefetch = parse("CONVEYOR_DISPATCHER_PREFETCH", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_SWEEP_INTERVAL_MS") {
+            self.dispatcher.sweep_interval_ms = parse("CONVEYOR_SWEEP_INTERVAL_MS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_QUEUES") {
+            self.worker.queues = v
+                .split(',')
+                .map(str::trim)
+                .filter(|q| !q.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Some(v) = get("CONVEYOR_CONCURRENCY") {
+            self.worker.concurrency = parse("CONVEYOR_CONCURRENCY", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_LEASE_MS") {
+            self.worker.lease_ms = parse("CONVEYOR_LEASE_MS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_GRACE_S") {
+            self.worker.grace_s = parse("CONVEYOR_GRACE_S", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_ATTEMPTS") {
+            self.retry.max_attempts = parse("CONVEYOR_MAX_ATTEMPTS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_BACKOFF_BASE_MS") {
+            self.retry.base_ms = parse("CONVEYOR_BACKOFF_BASE_MS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_BACKOFF_CAP_MS") {
+            self.retry.cap_ms = parse("CONVEYOR_BACKOFF_CAP_MS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_TIMEOUT_S") {
+            self.retry.timeout_s = parse("CONVEYOR_TIMEOUT_S", v)?;
+        }
+        Ok(())
+    }
+
+    /// The lease of a claim.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.worker.lease_ms)
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn env_overrides_file_values() {
+        let mut c: Config = toml::from_str("prefix = \"fromfile\"\n[worker]\nconcurrency = 3\n")
+            .unwrap_or_default();
+        assert_eq!(c.prefix, "fromfile");
+        let env: HashMap<&str, &str> = [
+            ("CONVEYOR_PREFIX", "fromenv"),
+            ("CONVEYOR_QUEUES", "a, b"),
+            ("CONVEYOR_CONCURRENCY", "7"),
+        ]
+        .into();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.prefix, "fromenv");
+        assert_eq!(c.worker.queues, vec!["a", "b"]);
+        assert_eq!(c.worker.concurrency, 7);
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_variable() {
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|k| (k == "CONVEYOR_CONCURRENCY").then(|| "many".to_string()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("CONVEYOR_CONCURRENCY"), "{err}");
+    }
+
+    #[test]
+    fn unknown_config_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("prefx = \"x\"").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqps://user:secret@host:5671/vh"),
+            "amqps://user:***@host:5671/vh"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
+        assert_eq!(redact_url("rediss://:pw@h/0"), "rediss://:***@h/0");
+    }
+}

@@ -1,0 +1,202 @@
+//! The DAG of a job: indexes, dependents, cycle detection and the initial
+//! ready set. Pure functions, used at submission; the store's scripts keep
+//! per-task counters of unfinished dependencies derived from this plan.
+
+use std::collections::HashMap;
+
+/// A job's dependency graph over task indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dag {
+    /// `deps[i]`: the tasks task `i` waits for.
+    pub deps: Vec<Vec<u32>>,
+    /// `dependents[i]`: the tasks waiting for task `i`.
+    pub dependents: Vec<Vec<u32>>,
+}
+
+/// Why a set of `after` edges is not a DAG.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DagError {
+    /// Two tasks have the same name.
+    #[error("tasks[{index}].name: duplicate task name {name:?}")]
+    DuplicateName {
+        /// The second task with the name.
+        index: usize,
+        /// The name.
+        name: String,
+    },
+    /// An `after` entry names no task of the job.
+    #[error("tasks[{index}].after[{position}]: unknown task {name:?}")]
+    UnknownDependency {
+        /// The task.
+        index: usize,
+        /// Position in its `after`.
+        position: usize,
+        /// The unknown name.
+        name: String,
+    },
+    /// The edges contain a cycle.
+    #[error("tasks: dependency cycle {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
+}
+
+impl Dag {
+    /// Build the graph of tasks `names` whose `after` lists are `after`.
+    pub fn build<S: AsRef<str>>(names: &[S], after: &[Vec<S>]) -> Result<Dag, DagError> {
+        let mut index: HashMap<&str, u32> = HashMap::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            if index.insert(name.as_ref(), i as u32).is_some() {
+                return Err(DagError::DuplicateName {
+                    index: i,
+                    name: name.as_ref().to_owned(),
+                });
+            }
+        }
+        let mut deps = vec![Vec::new(); names.len()];
+        let mut dependents = vec![Vec::new(); names.len()];
+        for (i, list) in after.iter().enumerate() {
+            for (position, dep) in list.iter().enumerate() {
+                let Some(&d) = index.get(dep.as_ref()) else {
+                    return Err(DagError::UnknownDependency {
+                        index: i,
+                        position,
+                        name: dep.as_ref().to_owned(),
+                    });
+                };
+                if !deps[i].contains(&d) {
+                    deps[i].push(d);
+                    dependents[d as usize].push(i as u32);
+                }
+            }
+        }
+        let dag = Dag { deps, dependents };
+        if let Some(cycle) = dag.find_cycle() {
+            return Err(DagError::Cycle(
+                cycle
+                    .into_iter()
+                    .map(|i| names[i as usize].as_ref().to_owned())
+                    .collect(),
+            ));
+        }
+        Ok(dag)
+    }
+
+    /// The tasks with no dependencies: ready at submission.
+    pub fn roots(&self) -> Vec<u32> {
+        (0..self.deps.len() as u32)
+            .filter(|&i| self.deps[i as usize].is_empty())
+            .collect()
+    }
+
+    /// A cycle as a closed path of indexes (first == last), if any.
+    fn find_cycle(&self) -> Option<Vec<u32>> {
+        // Iterative three-colour DFS along dependency edges.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Colour {
+            White,
+            Grey,
+            Black,
+        }
+        let n = self.deps.len();
+        let mut colour = vec![Colour::White; n];
+        for start in 0..n {
+            if colour[start] != Colour::White {
+                continue;
+            }
+            let mut stack: Vec<(u32, usize)> = vec![(start as u32, 0)];
+            colour[start] = Colour::Grey;
+            while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+                let edges = &self.deps[node as usize];
+                if *next < edges.len() {
+                    let to = edges[*next];
+                    *next += 1;
+                    match colour[to as usize] {
+                        Colour::White => {
+                            colour[to as usize] = Colour::Grey;
+                            stack.push((to, 0));
+                        }
+                        Colour::Grey => {
+                            let from = stack.iter().position(|&(n, _)| n == to).unwrap_or(0);
+                            let mut cycle: Vec<u32> =
+                                stack[from..].iter().map(|&(n, _)| n).collect();
+                            cycle.push(to);
+                            return Some(cycle);
+                        }
+                        Colour::Black => {}
+                    }
+                } else {
+                    colour[node as usize] = Colour::Black;
+                    stack.pop();
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(names: &[&str], after: &[&[&str]]) -> Result<Dag, DagError> {
+        let after: Vec<Vec<&str>> = after.iter().map(|a| a.to_vec()).collect();
+        Dag::build(names, &after)
+    }
+
+    #[test]
+    fn diamond_has_one_root_and_fan_in() {
+        let dag = build(&["a", "b", "c", "d"], &[&[], &["a"], &["a"], &["b", "c"]])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(dag.roots(), vec![0]);
+        assert_eq!(dag.dependents[0], vec![1, 2]);
+        assert_eq!(dag.deps[3], vec![1, 2]);
+    }
+
+    #[test]
+    fn a_cycle_is_named_task_by_task() {
+        let err = build(&["a", "b", "c"], &[&["c"], &["a"], &["b"]]).err();
+        match err {
+            Some(DagError::Cycle(path)) => {
+                assert_eq!(path.first(), path.last());
+                assert_eq!(path.len(), 4);
+            }
+            other => panic!("expected a cycle, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_self_dependency_is_a_cycle() {
+        assert!(matches!(build(&["a"], &[&["a"]]), Err(DagError::Cycle(_))));
+    }
+
+    #[test]
+    fn an_unknown_dependency_names_task_and_position() {
+        let err = build(&["a", "b"], &[&[], &["a", "zz"]]).err();
+        assert_eq!(
+            err.map(|e| e.to_string()).as_deref(),
+            Some("tasks[1].after[1]: unknown task \"zz\"")
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        assert!(matches!(
+            build(&["a", "a"], &[&[], &[]]),
+            Err(DagError::DuplicateName { index: 1, .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn edges_to_earlier_tasks_never_form_a_cycle(edges in proptest::collection::vec((0u32..50, 0u32..50), 0..200)) {
+            let names: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+            let mut after: Vec<Vec<String>> = vec![Vec::new(); 50];
+            for (a, b) in edges {
+                if a > b { after[a as usize].push(format!("t{b}")); }
+            }
+            let dag = Dag::build(&names, &after);
+            proptest::prop_assert!(dag.is_ok());
+            let dag = dag.map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            proptest::prop_assert!(dag.roots().contains(&0));
+        }
+    }
+}

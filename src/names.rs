@@ -1,0 +1,104 @@
+//! Every AMQP name and Redis key Conveyor uses, derived from one prefix so
+//! several deployments (and test runs) can share a broker and a Redis.
+//!
+//! All keys of one job share the hash tag `{<job id>}`, so one Lua script may
+//! touch them all on Redis Cluster. Cross-job structures (the job index, the
+//! lease and retry schedules, the worker registry) are separate keys touched
+//! by separate commands, never inside a job's script: that is what lets them
+//! be sharded into buckets later without a CROSSSLOT error.
+
+/// The names of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names under `prefix` (e.g. `conveyor`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Names {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The durable queue clients publish jobs to.
+    pub fn submit_queue(&self) -> String {
+        format!("{}.submit", self.prefix)
+    }
+
+    /// The durable queue of messages that could not be handled.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The queue tasks of `queue` are published to.
+    pub fn task_queue(&self, queue: &str) -> String {
+        format!("{}.tasks.{}", self.prefix, queue)
+    }
+
+    /// The hash holding a job and all its tasks.
+    pub fn job_key(&self, job: &str) -> String {
+        format!("{}:{{{}}}:job", self.prefix, job)
+    }
+
+    /// The list holding a job's history.
+    pub fn history_key(&self, job: &str) -> String {
+        format!("{}:{{{}}}:hist", self.prefix, job)
+    }
+
+    /// Sorted set of jobs by creation time (for `list`).
+    pub fn jobs_index(&self) -> String {
+        format!("{}:jobs", self.prefix)
+    }
+
+    /// Sorted set of live claims by lease expiry (for the orphan sweep).
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.prefix)
+    }
+
+    /// Sorted set of scheduled retries by due time.
+    pub fn retries(&self) -> String {
+        format!("{}:retries", self.prefix)
+    }
+
+    /// Sorted set of workers by last heartbeat.
+    pub fn workers_index(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    /// Hash describing one worker.
+    pub fn worker_key(&self, worker: &str) -> String {
+        format!("{}:worker:{{{}}}", self.prefix, worker)
+    }
+
+    /// The key whose value identifies this Redis's state lifetime (see
+    /// `store::redis` on epochs).
+    pub fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_job_share_a_hash_tag() {
+        let n = Names::new("p");
+        assert_eq!(n.job_key("j1"), "p:{j1}:job");
+        assert_eq!(n.history_key("j1"), "p:{j1}:hist");
+    }
+
+    #[test]
+    fn amqp_names_follow_the_wire_contract() {
+        let n = Names::new("conveyor");
+        assert_eq!(n.submit_queue(), "conveyor.submit");
+        assert_eq!(n.dead_queue(), "conveyor.dead");
+        assert_eq!(n.task_queue("default"), "conveyor.tasks.default");
+    }
+}

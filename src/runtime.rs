@@ -1,0 +1,164 @@
+//! Building the real parts from a [`Config`]: the Redis store and the AMQP
+//! broker, and the service loops that keep a dispatcher or worker running
+//! through outages until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor_handler::Registry;
+
+use crate::broker::amqp::{AmqpBroker, Topology};
+use crate::broker::{Broker, BrokerError};
+use crate::config::{Config, redact_url};
+use crate::dispatcher::{Dispatcher, DispatcherOptions};
+use crate::intake::JobIntake;
+use crate::names::Names;
+use crate::shutdown::Shutdown;
+use crate::store::redis::RedisStore;
+use crate::store::{Store, StoreError};
+use crate::worker::{Worker, WorkerOptions};
+
+/// How to start the services when a connection cannot be made.
+pub const START_HINT: &str = "start them with `rabbitmq-server -detached` and \
+`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`, \
+or point CONVEYOR_AMQP_URL / CONVEYOR_REDIS_URL at running ones";
+
+/// Connect the Redis store.
+pub async fn redis_store(config: &Config, by: &str, pool: usize) -> Result<RedisStore, StoreError> {
+    RedisStore::connect(
+        &config.redis_url,
+        Names::new(&config.prefix),
+        Duration::from_secs(config.retention_s),
+        pool,
+        by,
+    )
+    .await
+}
+
+/// Connect the AMQP broker.
+pub async fn amqp_broker(config: &Config) -> Result<AmqpBroker, BrokerError> {
+    AmqpBroker::connect(
+        &config.amqp_url,
+        Topology {
+            names: Names::new(&config.prefix),
+            queue_type: config.queue_type,
+            delivery_limit: config.delivery_limit,
+        },
+    )
+    .await
+}
+
+/// Connect both, retrying with backoff until they answer or `shutdown`.
+pub async fn connect_until_up(
+    config: &Config,
+    by: &str,
+    pool: usize,
+    shutdown: &Shutdown,
+) -> Option<(Arc<dyn Store>, Arc<dyn Broker>)> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let store = redis_store(config, by, pool)
+                .await
+                .map_err(|e| format!("Redis at {}: {e}", redact_url(&config.redis_url)))?;
+            let broker = amqp_broker(config)
+                .await
+                .map_err(|e| format!("RabbitMQ at {}: {e}", redact_url(&config.amqp_url)))?;
+            Ok::<_, String>((
+                Arc::new(store) as Arc<dyn Store>,
+                Arc::new(broker) as Arc<dyn Broker>,
+            ))
+        };
+        match attempt.await {
+            Ok(parts) => return Some(parts),
+            Err(e) => tracing::warn!("not connected yet: {e}; {START_HINT}"),
+        }
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = s.wait() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Run a dispatcher until shutdown, riding out broker and store outages.
+pub async fn run_dispatcher(
+    config: &Config,
+    registry: Registry,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let id = format!("dispatcher-{}", crate::worker::new_worker_id());
+    let Some((store, broker)) = connect_until_up(config, &id, 8, &shutdown).await else {
+        return Ok(());
+    };
+    let intake = JobIntake::new(config, registry)?;
+    let dispatcher = Dispatcher::new(
+        store,
+        broker,
+        intake,
+        Names::new(&config.prefix),
+        DispatcherOptions {
+            id,
+            prefetch: config.dispatcher.prefetch,
+            sweep_interval: Duration::from_millis(config.dispatcher.sweep_interval_ms),
+            task_queues: config.worker.queues.clone(),
+        },
+    );
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match dispatcher.run(shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatcher interrupted; resuming");
+                let mut s = shutdown.clone();
+                tokio::select! {
+                    _ = s.wait() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Run a worker until shutdown, riding out broker and store outages.
+pub async fn run_worker(
+    config: &Config,
+    registry: Registry,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let id = crate::worker::new_worker_id();
+    let Some((store, broker)) = connect_until_up(config, &id, 4, &shutdown).await else {
+        return Ok(());
+    };
+    let worker = Worker::new(
+        store,
+        broker,
+        registry,
+        Names::new(&config.prefix),
+        WorkerOptions {
+            id,
+            queues: config.worker.queues.clone(),
+            concurrency: config.worker.concurrency,
+            lease: config.lease(),
+            grace: Duration::from_secs(config.worker.grace_s),
+            heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+        },
+    );
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match worker.run(shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "worker could not start; retrying");
+                let mut s = shutdown.clone();
+                tokio::select! {
+                    _ = s.wait() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+-- Shared prelude of every job script (prepended at build time).
+-- KEYS[1]: the job hash; KEYS[2]: the job's history list. Both carry the
+-- job's hash tag, so every script touches exactly one Redis Cluster slot.
+--
+-- Job hash fields: id, st (job state), v (version), req, lab (labels JSON),
+-- cr/up/fin (created/updated/finished ms), n (tasks), open (non-terminal
+-- tasks), nfail, ncanc, fence (claim counter), ret (retention ms), err.
+-- Per task i: nm name, h handler, q queue, p params, af deps (comma list),
+-- dp dependents (comma list), dl deps left, s state, a attempt, ma max
+-- attempts, bb/bc backoff base/cap, to timeout ms, r result, e error,
+-- w worker, f fence of the live claim, lf fence of the last applied result,
+-- le lease expiry, due next retry (all as `<field>:<i>`).
+local J, H = KEYS[1], KEYS[2]
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function hget(f)
+  return redis.call('HGET', J, f)
+end
+
+local function hist(task, from, to, reason, by)
+  redis.call('RPUSH', H, cjson.encode({
+    at = NOW, task = task or cjson.null, from = from or cjson.null,
+    to = to, reason = reason, by = by or cjson.null }))
+end
+
+local function bump()
+  redis.call('HINCRBY', J, 'v', 1)
+  redis.call('HSET', J, 'up', NOW)
+end
+
+local function split_idx(s)
+  local out = {}
+  if s and s ~= '' then
+    for x in string.gmatch(s, '[^,]+') do out[#out + 1] = x end
+  end
+  return out
+end
+
+-- Dependents of task i that are ready: {idx, name, queue, attempt}*.
+local function ready_dependents(i, out)
+  for _, d in ipairs(split_idx(hget('dp:' .. i))) do
+    local v = redis.call('HMGET', J, 's:' .. d, 'nm:' .. d, 'q:' .. d, 'a:' .. d)
+    if v[1] == 'ready' then
+      out[#out + 1] = d; out[#out + 1] = v[2]; out[#out + 1] = v[3]; out[#out + 1] = v[4]
+    end
+  end
+  return out
+end
+
+-- Task i succeeded: count it down in every dependent; those with no
+-- dependency left become ready (attempt 1) and are appended to `out`.
+local function release_dependents(i, by, out)
+  for _, d in ipairs(split_idx(hget('dp:' .. i))) do
+    local left = redis.call('HINCRBY', J, 'dl:' .. d, -1)
+    if left == 0 and hget('s:' .. d) == 'waiting' then
+      local v = redis.call('HMGET', J, 'nm:' .. d, 'q:' .. d)
+      redis.call('HSET', J, 's:' .. d, 'ready', 'a:' .. d, 1)
+      hist(v[1], 'waiting', 'ready', 'dependencies succeeded', by)
+      out[#out + 1] = d; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = '1'
+    end
+  end
+  return out
+end
+
+-- Fail every waiting task downstream of task i (breadth first).
+local function fail_dependents(i, by)
+  local name = hget('nm:' .. i)
+  local queue = split_idx(hget('dp:' .. i))
+  local head = 1
+  while head <= #queue do
+    local d = queue[head]
+    head = head + 1
+    if hget('s:' .. d) == 'waiting' then
+      local reason = 'dependency failed: ' .. name
+      redis.call('HSET', J, 's:' .. d, 'failed', 'e:' .. d, reason)
+      hist(hget('nm:' .. d), 'waiting', 'failed', reason, by)
+      redis.call('HINCRBY', J, 'open', -1)
+      redis.call('HINCRBY', J, 'nfail', 1)
+      for _, x in ipairs(split_idx(hget('dp:' .. d))) do queue[#queue + 1] = x end
+    end
+  end
+end
+
+-- Task i failed for good with `reason`.
+local function fail_task(i, from, reason, by)
+  redis.call('HSET', J, 's:' .. i, 'failed', 'e:' .. i, reason)
+  redis.call('HDEL', J, 'le:' .. i, 'due:' .. i)
+  hist(hget('nm:' .. i), from, 'failed', reason, by)
+  redis.call('HINCRBY', J, 'open', -1)
+  redis.call('HINCRBY', J, 'nfail', 1)
+  fail_dependents(i, by)
+end
+
+-- When no task is open, the job is terminal: record it and start the
+-- retention clock on both keys. Returns the job state.
+local function settle_job(by)
+  local st = hget('st')
+  if tonumber(hget('open')) > 0 then return st end
+  local to = 'succeeded'
+  if tonumber(hget('nfail')) > 0 then
+    to = 'failed'
+  elseif tonumber(hget('ncanc')) > 0 then
+    to = 'cancelled'
+  end
+  redis.call('HSET', J, 'st', to, 'fin', NOW)
+  hist(nil, st, to, 'all tasks finished', by)
+  local ret = tonumber(hget('ret'))
+  redis.call('PEXPIRE', J, ret)
+  redis.call('PEXPIRE', H, ret)
+  return to
+end

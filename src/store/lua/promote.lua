@@ -1,0 +1,16 @@
+-- promote: a scheduled retry is due; make the task ready again.
+-- ARGV[1] idx, ARGV[2] attempt (the one to start), ARGV[3] by.
+-- Idempotent: a task already ready at this attempt is offered again.
+-- Returns {'ready', name, queue}, {'later', due ms}, or {'gone'}.
+if redis.call('EXISTS', J) == 0 then return {'gone'} end
+local i = ARGV[1]
+local v = redis.call('HMGET', J, 's:' .. i, 'a:' .. i, 'due:' .. i, 'nm:' .. i, 'q:' .. i)
+if v[2] ~= ARGV[2] then return {'gone'} end
+if v[1] == 'ready' then return {'ready', v[4], v[5]} end
+if v[1] ~= 'retrying' then return {'gone'} end
+if tonumber(v[3]) > NOW then return {'later', v[3]} end
+redis.call('HSET', J, 's:' .. i, 'ready')
+redis.call('HDEL', J, 'due:' .. i)
+hist(v[4], 'retrying', 'ready', 'retry due, attempt ' .. ARGV[2], ARGV[3])
+bump()
+return {'ready', v[4], v[5]}

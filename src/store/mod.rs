@@ -1,0 +1,340 @@
+//! The store: where every job's execution state lives.
+//!
+//! [`Store`] is the seam between Conveyor's logic (dispatcher, worker, the
+//! transitions) and Redis. Each method is one atomic transition of one job
+//! (a Lua script over keys that share the job's hash tag) plus, where a
+//! cross-job index must follow, separate idempotent commands ordered so that
+//! a crash between them leaves something a sweep repairs — never a lost task.
+//!
+//! Every transition that makes tasks ready returns them (as
+//! [`TaskMessage`]s), and returns them *again* when repeated: whoever applies
+//! it can crash before the broker confirms those messages, and the repeat
+//! (a redelivery, a sweep) re-publishes them. Duplicates are harmless
+//! because claims dedupe.
+
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::intake::{PlannedJob, Rejection};
+use crate::model::{JobState, TaskMessage, TaskState};
+
+/// Why a store operation failed, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or timed out; retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something this code does not understand (a
+    /// drifted script, corrupt data); retrying will not help.
+    #[error("store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Protocol(_) => false,
+        }
+    }
+}
+
+/// The result of recording a new job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// The job is new; these tasks are ready.
+    New {
+        /// To publish.
+        ready: Vec<TaskMessage>,
+    },
+    /// A job with this id exists; nothing changed. Its currently ready
+    /// tasks are returned for an idempotent re-publish.
+    Existing {
+        /// The existing job's state.
+        state: JobState,
+        /// To publish again (harmless if already queued).
+        ready: Vec<TaskMessage>,
+    },
+}
+
+/// One live claim of one attempt of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRef {
+    /// The job.
+    pub job: String,
+    /// The task's index.
+    pub idx: u32,
+    /// The attempt.
+    pub attempt: u32,
+    /// The fencing number the store gave this claim.
+    pub fence: u64,
+}
+
+/// A successful claim: everything the handler needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    /// Identifies the claim for renewal, completion, release.
+    pub claim: ClaimRef,
+    /// The task's name.
+    pub task: String,
+    /// Handler name.
+    pub handler: String,
+    /// Params JSON text.
+    pub params_json: String,
+    /// Most attempts.
+    pub max_attempts: u32,
+    /// Run time-out of this attempt.
+    pub timeout: Duration,
+    /// Dependency results by task name.
+    pub deps: BTreeMap<String, Value>,
+    /// Backoff base and cap for a transient error.
+    pub backoff: (u64, u64),
+}
+
+/// What a claim attempt found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// Ours: run it.
+    Claimed(Box<Claimed>),
+    /// Another claim of this attempt is live; this message is a duplicate.
+    Busy,
+    /// This attempt is over (finished, superseded, or the task moved on).
+    Stale,
+    /// The job is not in the store at all.
+    Missing,
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptResult {
+    /// Success with this result (JSON text).
+    Succeeded(String),
+    /// A transient error: try again after `delay`.
+    Retry {
+        /// The error.
+        error: String,
+        /// Backoff before the next attempt.
+        delay: Duration,
+    },
+    /// A permanent error, or attempts used up.
+    Failed(String),
+}
+
+/// What applying an attempt's result did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied now (`duplicate == false`) or earlier (`duplicate == true`).
+    /// Either way `ready` lists the dependents this made ready, to publish.
+    Done {
+        /// Whether this was a repeat of an already-applied result.
+        duplicate: bool,
+        /// The task's state after it.
+        task_state: TaskState,
+        /// The job's state after it.
+        job_state: JobState,
+        /// Tasks to publish.
+        ready: Vec<TaskMessage>,
+    },
+    /// The claim is no longer live (lease lapsed and the task moved on):
+    /// the result is rejected.
+    Stale,
+    /// The job vanished from the store.
+    Missing,
+}
+
+/// A cross-job schedule entry the sweep acted on, to forget once its
+/// follow-up messages are confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepAction {
+    /// The schedule entry (opaque).
+    pub entry: String,
+    /// Messages to publish before forgetting the entry.
+    pub publish: Vec<TaskMessage>,
+}
+
+/// A job as `conveyor status` shows it (`schemas/status.schema.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Id.
+    pub id: String,
+    /// State.
+    pub state: JobState,
+    /// Bumped by every transition.
+    pub version: u64,
+    /// Who asked.
+    pub requestor: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Why it was rejected, for rejected jobs.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+    /// Tasks by name.
+    pub tasks: BTreeMap<String, TaskStatus>,
+    /// Every transition with its reason.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One task in a [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// State.
+    pub state: TaskState,
+    /// Attempts started (the current attempt's number).
+    pub attempts: u32,
+    /// Result, once succeeded.
+    pub result: Value,
+    /// Last error.
+    pub error: Option<String>,
+    /// Worker of the current or last claim.
+    pub worker: Option<String>,
+    /// Handler.
+    pub handler: String,
+    /// Queue.
+    pub queue: String,
+    /// Most attempts.
+    pub max_attempts: u32,
+    /// When the next attempt is due, while retrying.
+    pub next_attempt_at_ms: Option<u64>,
+}
+
+/// One transition in a job's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Unix ms (the store's clock).
+    pub at: u64,
+    /// Task name, or null for the job itself.
+    pub task: Option<String>,
+    /// Previous state.
+    pub from: Option<String>,
+    /// New state.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+    /// Which process made the change.
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// A row of `conveyor list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Id.
+    pub id: String,
+    /// State.
+    pub state: JobState,
+    /// Who asked.
+    pub requestor: String,
+    /// Number of tasks.
+    pub tasks: u32,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+}
+
+/// A worker as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Unique per process.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Queues consumed.
+    pub queues: Vec<String>,
+    /// Handlers known.
+    pub handlers: Vec<String>,
+    /// Concurrency limit.
+    pub concurrency: usize,
+    /// Start time, Unix ms.
+    pub started_ms: u64,
+    /// Last heartbeat, Unix ms.
+    pub heartbeat_ms: u64,
+}
+
+/// The state of every job. One implementation talks to Redis; an
+/// in-process one serves the embedded mode and simulations.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Record a planned job unless its id exists.
+    async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError>;
+
+    /// Record a rejected submission unless its id exists. Returns whether
+    /// it was recorded.
+    async fn record_rejected(&self, rejection: &Rejection) -> Result<bool, StoreError>;
+
+    /// Claim the attempt a task message names, for `worker`, under `lease`.
+    async fn claim(
+        &self,
+        task: &TaskMessage,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError>;
+
+    /// Extend live claims; returns, per claim, whether it is still held.
+    async fn renew(&self, claims: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError>;
+
+    /// Apply the result of a claimed attempt, exactly once per claim.
+    async fn complete(
+        &self,
+        claim: &ClaimRef,
+        worker: &str,
+        result: &AttemptResult,
+    ) -> Result<Applied, StoreError>;
+
+    /// Hand a claim back unfinished (shutdown): the same attempt becomes
+    /// ready again. Returns the message to publish, if the claim was held.
+    async fn release(
+        &self,
+        claim: &ClaimRef,
+        worker: &str,
+    ) -> Result<Option<TaskMessage>, StoreError>;
+
+    /// Forget the lease index entry of a claim whose follow-ups are confirmed.
+    async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError>;
+
+    /// Promote retries that are due; publish, then `forget_retries`.
+    async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError>;
+
+    /// Forget retry entries whose messages are confirmed.
+    async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError>;
+
+    /// Re-queue (or fail) tasks whose lease lapsed, and re-offer dependents
+    /// of finished tasks whose follow-ups may not have been published.
+    async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError>;
+
+    /// Forget lease entries whose follow-ups are confirmed.
+    async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError>;
+
+    /// A job's full status.
+    async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError>;
+
+    /// Recent jobs, newest first, optionally only those in `state`.
+    async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobSummary>, StoreError>;
+
+    /// Register or refresh a worker; it drops out after `ttl` without refresh.
+    async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Remove a worker from the registry (clean shutdown).
+    async fn unregister(&self, worker_id: &str) -> Result<(), StoreError>;
+
+    /// Registered, live workers.
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,895 @@
+//! The Redis store: the production implementation of [`Store`].
+//!
+//! Each job transition is one Lua script (in `store/lua/`, each headed by
+//! what it checks and returns) over the job's hash and history list, which
+//! share the job's hash tag. Scripts are loaded once and called by SHA; a
+//! `NOSCRIPT` answer (Redis restarted, or `SCRIPT FLUSH`) reloads them.
+//!
+//! Cross-job indexes are plain sorted sets touched by separate commands,
+//! ordered so that a crash in between is repaired by a sweep:
+//! - `<p>:leases` (`job|idx|attempt` by lease expiry) is added *before* the
+//!   claim script runs and removed only after the claim's follow-up
+//!   messages are confirmed; the sweep treats it as a hint and asks the
+//!   job's own record (see `reclaim.lua`).
+//! - `<p>:retries` (`job|idx|attempt` by due time) is added *before* the
+//!   result that schedules the retry is applied, and removed after the
+//!   promoted task's message is confirmed.
+//! - `<p>:jobs` (id by creation time) feeds `list`; entries whose job
+//!   expired are pruned when listed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, AsyncConnectionConfig, Cmd, Pipeline, RedisError};
+use deadpool_redis::{Manager, Pool, Runtime};
+use serde_json::Value;
+
+use super::{
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
+    JobSummary, Store, StoreError, SweepAction, TaskStatus, WorkerInfo,
+};
+use crate::intake::{PlannedJob, Rejection};
+use crate::model::{JobState, TaskMessage, TaskState};
+use crate::names::Names;
+
+#[cfg(test)]
+const COMMON: &str = include_str!("lua/common.lua");
+
+macro_rules! script {
+    ($file:literal) => {
+        concat!(include_str!("lua/common.lua"), "\n", include_str!($file))
+    };
+}
+
+/// Every script's full source, by name (for tests that check the Lua side).
+pub const SCRIPT_SOURCES: [(&str, &str); 8] = [
+    ("create", script!("lua/create.lua")),
+    ("reject", script!("lua/reject.lua")),
+    ("claim", script!("lua/claim.lua")),
+    ("complete", script!("lua/complete.lua")),
+    ("promote", script!("lua/promote.lua")),
+    ("reclaim", script!("lua/reclaim.lua")),
+    ("release", script!("lua/release.lua")),
+    ("renew", script!("lua/renew.lua")),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Script {
+    Create = 0,
+    Reject,
+    Claim,
+    Complete,
+    Promote,
+    Reclaim,
+    Release,
+    Renew,
+}
+
+/// The Redis implementation of [`Store`].
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    names: Names,
+    shas: [String; 8],
+    retention_ms: u64,
+    by: String,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.names.prefix())
+            .finish()
+    }
+}
+
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn protocol(what: impl Into<String>) -> StoreError {
+    StoreError::Protocol(what.into())
+}
+
+fn sha1_hex(src: &str) -> String {
+    // Redis identifies scripts by the SHA-1 of their source; computing it
+    // here lets every call use EVALSHA without asking Redis first.
+    sha1_smol::Sha1::from(src).digest().to_string()
+}
+
+/// Unix time in ms by this process's clock (indexes only; transitions use
+/// the Redis server's clock).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type Reply = Vec<Option<String>>;
+
+fn field<'a>(reply: &'a Reply, i: usize) -> &'a str {
+    reply.get(i).and_then(|v| v.as_deref()).unwrap_or("")
+}
+
+fn num<T: std::str::FromStr>(reply: &Reply, i: usize, what: &str) -> Result<T, StoreError> {
+    field(reply, i)
+        .parse()
+        .map_err(|_| protocol(format!("{what}: not a number: {:?}", field(reply, i))))
+}
+
+/// `{idx, name, queue, attempt}*` from `start` on, as task messages.
+fn ready_set(job: &str, reply: &Reply, start: usize) -> Result<Vec<TaskMessage>, StoreError> {
+    let rest = reply.get(start..).unwrap_or(&[]);
+    if rest.len() % 4 != 0 {
+        return Err(protocol("ready set is not a list of 4-tuples"));
+    }
+    rest.chunks(4)
+        .map(|c| {
+            let c: Reply = c.to_vec();
+            Ok(TaskMessage {
+                job: job.to_owned(),
+                idx: num(&c, 0, "ready idx")?,
+                task: field(&c, 1).to_owned(),
+                queue: field(&c, 2).to_owned(),
+                attempt: num(&c, 3, "ready attempt")?,
+            })
+        })
+        .collect()
+}
+
+fn parse_job_state(s: &str) -> Result<JobState, StoreError> {
+    s.parse().map_err(|e| protocol(format!("{e}")))
+}
+
+fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
+    s.parse().map_err(|e| protocol(format!("{e}")))
+}
+
+/// `job|idx|attempt`: a lease or retry schedule entry.
+fn entry(job: &str, idx: u32, attempt: u32) -> String {
+    format!("{job}|{idx}|{attempt}")
+}
+
+fn parse_entry(entry: &str) -> Option<(&str, u32, u32)> {
+    let mut parts = entry.rsplitn(3, '|');
+    let attempt = parts.next()?.parse().ok()?;
+    let idx = parts.next()?.parse().ok()?;
+    let job = parts.next()?;
+    Some((job, idx, attempt))
+}
+
+impl RedisStore {
+    /// Connect to `url` (`redis://` or `rediss://`) with a pool of `size`
+    /// multiplexed connections, and load the scripts.
+    pub async fn connect(
+        url: &str,
+        names: Names,
+        retention: Duration,
+        size: usize,
+        by: impl Into<String>,
+    ) -> Result<RedisStore, StoreError> {
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let manager = Manager::new_with_config(url, conn_config)
+            .map_err(|e| protocol(format!("redis url: {e}")))?;
+        let pool = Pool::builder(manager)
+            .max_size(size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| protocol(format!("redis pool: {e}")))?;
+        let shas = SCRIPT_SOURCES.map(|(_, src)| sha1_hex(src));
+        let store = RedisStore {
+            pool,
+            names,
+            shas,
+            retention_ms: retention.as_millis() as u64,
+            by: by.into(),
+        };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// The names this store uses.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("no redis connection: {e}")))
+    }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        for (name, src) in SCRIPT_SOURCES {
+            let sha: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(src)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| match e.kind() {
+                    redis::ErrorKind::Server(_) => protocol(format!("script {name}: {e}")),
+                    _ => unavailable(e),
+                })?;
+            debug_assert_eq!(
+                sha,
+                self.shas[SCRIPT_SOURCES
+                    .iter()
+                    .position(|(n, _)| *n == name)
+                    .unwrap_or(0)]
+            );
+        }
+        Ok(())
+    }
+
+    fn evalsha(&self, script: Script, job: &str) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.shas[script as usize])
+            .arg(2)
+            .arg(self.names.job_key(job))
+            .arg(self.names.history_key(job));
+        cmd
+    }
+
+    /// Run a pipeline; on NOSCRIPT reload the scripts and run it once more.
+    async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        match pipe.query_async(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                drop(conn);
+                self.load_scripts().await?;
+                let mut conn = self.conn().await?;
+                pipe.query_async(&mut conn).await.map_err(unavailable)
+            }
+            Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
+                Err(protocol(e.to_string()))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn eval(&self, cmd: Cmd) -> Result<Reply, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        let (reply,): (Reply,) = self.run(&pipe).await?;
+        Ok(reply)
+    }
+
+    fn job_fields(job: &PlannedJob, retention_ms: u64) -> Vec<(String, String)> {
+        let mut f: Vec<(String, String)> = Vec::with_capacity(8 + job.tasks.len() * 14);
+        let mut push = |k: String, v: String| f.push((k, v));
+        push("id".into(), job.id.clone());
+        push("st".into(), JobState::Pending.as_str().into());
+        push("req".into(), job.requestor.clone());
+        push("lab".into(), job.labels_json.clone());
+        push("n".into(), job.tasks.len().to_string());
+        push("open".into(), job.tasks.len().to_string());
+        push("ret".into(), retention_ms.to_string());
+        fn join(v: &[u32]) -> String {
+            let mut s = String::new();
+            for (k, x) in v.iter().enumerate() {
+                if k > 0 {
+                    s.push(',');
+                }
+                s.push_str(&x.to_string());
+            }
+            s
+        }
+        for (i, t) in job.tasks.iter().enumerate() {
+            let ready = t.deps.is_empty();
+            push(format!("nm:{i}"), t.name.clone());
+            push(format!("h:{i}"), t.handler.clone());
+            push(format!("q:{i}"), t.queue.clone());
+            push(format!("p:{i}"), t.params_json.clone());
+            if !t.deps.is_empty() {
+                push(format!("af:{i}"), join(&t.deps));
+                push(format!("dl:{i}"), t.deps.len().to_string());
+            }
+            if !t.dependents.is_empty() {
+                push(format!("dp:{i}"), join(&t.dependents));
+            }
+            push(
+                format!("s:{i}"),
+                if ready {
+                    TaskState::Ready
+                } else {
+                    TaskState::Waiting
+                }
+                .as_str()
+                .into(),
+            );
+            push(format!("a:{i}"), if ready { "1" } else { "0" }.into());
+            push(format!("ma:{i}"), t.max_attempts.to_string());
+            push(format!("bb:{i}"), t.backoff_base_ms.to_string());
+            push(format!("bc:{i}"), t.backoff_cap_ms.to_string());
+            push(format!("to:{i}"), t.timeout_ms.to_string());
+        }
+        f
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError> {
+        let mut cmd = self.evalsha(Script::Create, &job.id);
+        cmd.arg(&job.requestor).arg(&self.by);
+        for (k, v) in Self::job_fields(job, self.retention_ms) {
+            cmd.arg(k).arg(v);
+        }
+        let reply = self.eval(cmd).await?;
+        match field(&reply, 0) {
+            "created" => {
+                // The index is a separate command (another slot); a crash
+                // before it only hides the job from `list` until resubmitted.
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZADD")
+                    .arg(self.names.jobs_index())
+                    .arg(unix_ms())
+                    .arg(&job.id)
+                    .ignore();
+                self.run::<()>(&pipe).await?;
+                let ready = job
+                    .roots()
+                    .map(|i| TaskMessage {
+                        job: job.id.clone(),
+                        task: job.tasks[i as usize].name.clone(),
+                        idx: i,
+                        attempt: 1,
+                        queue: job.tasks[i as usize].queue.clone(),
+                    })
+                    .collect();
+                Ok(Created::New { ready })
+            }
+            "exists" => Ok(Created::Existing {
+                state: parse_job_state(field(&reply, 1))?,
+                ready: ready_set(&job.id, &reply, 2)?,
+            }),
+            other => Err(protocol(format!("create answered {other:?}"))),
+        }
+    }
+
+    async fn record_rejected(&self, rejection: &Rejection) -> Result<bool, StoreError> {
+        let mut cmd = self.evalsha(Script::Reject, &rejection.id);
+        cmd.arg(&rejection.id)
+            .arg(&rejection.requestor)
+            .arg(&rejection.error)
+            .arg(self.retention_ms)
+            .arg(&self.by);
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        let (recorded,): (i64,) = self.run(&pipe).await?;
+        if recorded == 1 {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZADD")
+                .arg(self.names.jobs_index())
+                .arg(unix_ms())
+                .arg(&rejection.id)
+                .ignore();
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(recorded == 1)
+    }
+
+    async fn claim(
+        &self,
+        task: &TaskMessage,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let lease_ms = lease.as_millis() as u64;
+        let member = entry(&task.job, task.idx, task.attempt);
+        // Index first, then claim: a crash between leaves an index entry the
+        // sweep drops, never a claim the sweep cannot find.
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.names.leases())
+            .arg(unix_ms() + lease_ms)
+            .arg(&member)
+            .ignore();
+        let mut cmd = self.evalsha(Script::Claim, &task.job);
+        cmd.arg(task.idx)
+            .arg(task.attempt)
+            .arg(worker)
+            .arg(lease_ms);
+        pipe.add_command(cmd);
+        let (reply,): (Reply,) = self.run(&pipe).await?;
+        let outcome = match field(&reply, 0) {
+            "claimed" => {
+                let mut deps = BTreeMap::new();
+                let mut k = 10;
+                while k + 1 < reply.len() {
+                    let value: Value =
+                        serde_json::from_str(field(&reply, k + 1)).unwrap_or(Value::Null);
+                    deps.insert(field(&reply, k).to_owned(), value);
+                    k += 2;
+                }
+                return Ok(ClaimOutcome::Claimed(Box::new(Claimed {
+                    claim: ClaimRef {
+                        job: task.job.clone(),
+                        idx: task.idx,
+                        attempt: task.attempt,
+                        fence: num(&reply, 1, "fence")?,
+                    },
+                    handler: field(&reply, 2).to_owned(),
+                    params_json: field(&reply, 3).to_owned(),
+                    max_attempts: num(&reply, 4, "max attempts")?,
+                    timeout: Duration::from_millis(num(&reply, 5, "timeout")?),
+                    task: field(&reply, 6).to_owned(),
+                    backoff: (
+                        num(&reply, 8, "backoff base")?,
+                        num(&reply, 9, "backoff cap")?,
+                    ),
+                    deps,
+                })));
+            }
+            "busy" => ClaimOutcome::Busy,
+            "stale" => ClaimOutcome::Stale,
+            "missing" => ClaimOutcome::Missing,
+            other => return Err(protocol(format!("claim answered {other:?}"))),
+        };
+        // Not ours: drop the index entry we added (unless another claim of
+        // this very attempt is live and needs it).
+        if !matches!(outcome, ClaimOutcome::Busy) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(self.names.leases())
+                .arg(&member)
+                .ignore();
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn renew(&self, claims: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease_ms = lease.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for c in claims {
+            let mut cmd = self.evalsha(Script::Renew, &c.job);
+            cmd.arg(c.idx).arg(c.fence).arg(lease_ms);
+            pipe.add_command(cmd);
+            pipe.cmd("ZADD")
+                .arg(self.names.leases())
+                .arg("XX")
+                .arg(unix_ms() + lease_ms)
+                .arg(entry(&c.job, c.idx, c.attempt))
+                .ignore();
+        }
+        let held: Vec<i64> = self.run(&pipe).await?;
+        Ok(held.into_iter().map(|le| le > 0).collect())
+    }
+
+    async fn complete(
+        &self,
+        claim: &ClaimRef,
+        worker: &str,
+        result: &AttemptResult,
+    ) -> Result<Applied, StoreError> {
+        let mut pipe = redis::pipe();
+        let mut cmd = self.evalsha(Script::Complete, &claim.job);
+        cmd.arg(claim.idx).arg(claim.attempt).arg(claim.fence);
+        match result {
+            AttemptResult::Succeeded(json) => {
+                cmd.arg("ok").arg(json).arg(0);
+            }
+            AttemptResult::Retry { error, delay } => {
+                let delay_ms = delay.as_millis() as u64;
+                // Schedule first, apply second: a crash between leaves a
+                // schedule entry that `promote` finds stale, never a retry
+                // recorded in the job with nothing to wake it.
+                pipe.cmd("ZADD")
+                    .arg(self.names.retries())
+                    .arg(unix_ms() + delay_ms)
+                    .arg(entry(&claim.job, claim.idx, claim.attempt + 1))
+                    .ignore();
+                cmd.arg("retry").arg(error).arg(delay_ms);
+            }
+            AttemptResult::Failed(error) => {
+                cmd.arg("fail").arg(error).arg(0);
+            }
+        }
+        cmd.arg(worker);
+        pipe.add_command(cmd);
+        let (reply,): (Reply,) = self.run(&pipe).await?;
+        match field(&reply, 0) {
+            kind @ ("applied" | "duplicate") => Ok(Applied::Done {
+                duplicate: kind == "duplicate",
+                task_state: parse_task_state(field(&reply, 1))?,
+                job_state: parse_job_state(field(&reply, 2))?,
+                ready: ready_set(&claim.job, &reply, 3)?,
+            }),
+            "stale" => Ok(Applied::Stale),
+            "missing" => Ok(Applied::Missing),
+            other => Err(protocol(format!("complete answered {other:?}"))),
+        }
+    }
+
+    async fn release(
+        &self,
+        claim: &ClaimRef,
+        worker: &str,
+    ) -> Result<Option<TaskMessage>, StoreError> {
+        let mut cmd = self.evalsha(Script::Release, &claim.job);
+        cmd.arg(claim.idx).arg(claim.fence).arg(worker);
+        let reply = self.eval(cmd).await?;
+        match field(&reply, 0) {
+            "released" => Ok(Some(TaskMessage {
+                job: claim.job.clone(),
+                idx: claim.idx,
+                task: field(&reply, 1).to_owned(),
+                queue: field(&reply, 2).to_owned(),
+                attempt: num(&reply, 3, "attempt")?,
+            })),
+            "not_held" => Ok(None),
+            other => Err(protocol(format!("release answered {other:?}"))),
+        }
+    }
+
+    async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError> {
+        self.forget_leases(&[entry(&claim.job, claim.idx, claim.attempt)])
+            .await
+    }
+
+    async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(self.names.retries())
+            .arg("-inf")
+            .arg(unix_ms())
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let (entries,): (Vec<String>,) = self.run(&pipe).await?;
+        let mut actions = Vec::with_capacity(entries.len());
+        for e in entries {
+            let Some((job, idx, attempt)) = parse_entry(&e) else {
+                actions.push(SweepAction {
+                    entry: e,
+                    publish: Vec::new(),
+                });
+                continue;
+            };
+            let mut cmd = self.evalsha(Script::Promote, job);
+            cmd.arg(idx).arg(attempt).arg(&self.by);
+            let reply = self.eval(cmd).await?;
+            match field(&reply, 0) {
+                "ready" => actions.push(SweepAction {
+                    publish: vec![TaskMessage {
+                        job: job.to_owned(),
+                        idx,
+                        attempt,
+                        task: field(&reply, 1).to_owned(),
+                        queue: field(&reply, 2).to_owned(),
+                    }],
+                    entry: e,
+                }),
+                "later" => {
+                    // Scheduled by a clock ahead of Redis's: re-score it.
+                    let due: u64 = num(&reply, 1, "due")?;
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZADD")
+                        .arg(self.names.retries())
+                        .arg(due)
+                        .arg(&e)
+                        .ignore();
+                    self.run::<()>(&pipe).await?;
+                }
+                "gone" => actions.push(SweepAction {
+                    entry: e,
+                    publish: Vec::new(),
+                }),
+                other => return Err(protocol(format!("promote answered {other:?}"))),
+            }
+        }
+        Ok(actions)
+    }
+
+    async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM")
+            .arg(self.names.retries())
+            .arg(entries)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(self.names.leases())
+            .arg("-inf")
+            .arg(unix_ms())
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let (entries,): (Vec<String>,) = self.run(&pipe).await?;
+        let mut actions = Vec::with_capacity(entries.len());
+        for e in entries {
+            let Some((job, idx, attempt)) = parse_entry(&e) else {
+                actions.push(SweepAction {
+                    entry: e,
+                    publish: Vec::new(),
+                });
+                continue;
+            };
+            let mut cmd = self.evalsha(Script::Reclaim, job);
+            cmd.arg(idx).arg(attempt).arg(by);
+            let reply = self.eval(cmd).await?;
+            match field(&reply, 0) {
+                "alive" => {
+                    let le: u64 = num(&reply, 1, "lease")?;
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZADD")
+                        .arg(self.names.leases())
+                        .arg("XX")
+                        .arg(le)
+                        .arg(&e)
+                        .ignore();
+                    self.run::<()>(&pipe).await?;
+                }
+                "requeued" => {
+                    tracing::warn!(
+                        job,
+                        task = field(&reply, 1),
+                        "lease expired; task re-queued"
+                    );
+                    actions.push(SweepAction {
+                        publish: vec![TaskMessage {
+                            job: job.to_owned(),
+                            idx,
+                            task: field(&reply, 1).to_owned(),
+                            queue: field(&reply, 2).to_owned(),
+                            attempt: num(&reply, 3, "attempt")?,
+                        }],
+                        entry: e,
+                    });
+                }
+                "done" => actions.push(SweepAction {
+                    publish: ready_set(job, &reply, 1)?,
+                    entry: e,
+                }),
+                "failed" | "gone" => actions.push(SweepAction {
+                    entry: e,
+                    publish: Vec::new(),
+                }),
+                other => return Err(protocol(format!("reclaim answered {other:?}"))),
+            }
+        }
+        Ok(actions)
+    }
+
+    async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM")
+            .arg(self.names.leases())
+            .arg(entries)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.names.job_key(id));
+        pipe.cmd("LRANGE")
+            .arg(self.names.history_key(id))
+            .arg(0)
+            .arg(-1);
+        let (fields, history): (BTreeMap<String, String>, Vec<String>) = self.run(&pipe).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("");
+        let n: u32 = get("n").parse().unwrap_or(0);
+        let mut tasks = BTreeMap::new();
+        for i in 0..n {
+            let g = |k: &str| fields.get(&format!("{k}:{i}")).map(String::as_str);
+            let state = parse_task_state(g("s").unwrap_or(""))?;
+            tasks.insert(
+                g("nm").unwrap_or("").to_owned(),
+                TaskStatus {
+                    state,
+                    attempts: g("a").and_then(|a| a.parse().ok()).unwrap_or(0),
+                    result: g("r")
+                        .and_then(|r| serde_json::from_str(r).ok())
+                        .unwrap_or(Value::Null),
+                    error: g("e").map(String::from),
+                    worker: g("w").map(String::from),
+                    handler: g("h").unwrap_or("").to_owned(),
+                    queue: g("q").unwrap_or("").to_owned(),
+                    max_attempts: g("ma").and_then(|a| a.parse().ok()).unwrap_or(0),
+                    next_attempt_at_ms: if state == TaskState::Retrying {
+                        g("due").and_then(|d| d.parse().ok())
+                    } else {
+                        None
+                    },
+                },
+            );
+        }
+        let history = history
+            .iter()
+            .map(|h| serde_json::from_str::<HistoryEntry>(h))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| protocol(format!("history entry: {e}")))?;
+        Ok(Some(JobStatus {
+            id: get("id").to_owned(),
+            state: parse_job_state(get("st"))?,
+            version: get("v").parse().unwrap_or(0),
+            requestor: get("req").to_owned(),
+            labels: serde_json::from_str(get("lab")).unwrap_or_default(),
+            error: fields.get("err").cloned(),
+            created_ms: get("cr").parse().unwrap_or(0),
+            updated_ms: get("up").parse().unwrap_or(0),
+            tasks,
+            history,
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobSummary>, StoreError> {
+        let mut out = Vec::new();
+        let mut start = 0usize;
+        let page = 200usize;
+        while out.len() < limit {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREVRANGE")
+                .arg(self.names.jobs_index())
+                .arg(start)
+                .arg(start + page - 1);
+            let (ids,): (Vec<String>,) = self.run(&pipe).await?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.names.job_key(id))
+                    .arg(&["st", "req", "n", "cr", "up"]);
+            }
+            let rows: Vec<Reply> = self.run(&pipe).await?;
+            let mut expired = Vec::new();
+            for (id, row) in ids.iter().zip(rows) {
+                if row.first().map_or(true, Option::is_none) {
+                    expired.push(id.clone());
+                    continue;
+                }
+                let st = parse_job_state(field(&row, 0))?;
+                if state.is_some_and(|s| s != st) {
+                    continue;
+                }
+                out.push(JobSummary {
+                    id: id.clone(),
+                    state: st,
+                    requestor: field(&row, 1).to_owned(),
+                    tasks: field(&row, 2).parse().unwrap_or(0),
+                    created_ms: field(&row, 3).parse().unwrap_or(0),
+                    updated_ms: field(&row, 4).parse().unwrap_or(0),
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            if !expired.is_empty() {
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREM")
+                    .arg(self.names.jobs_index())
+                    .arg(&expired)
+                    .ignore();
+                self.run::<()>(&pipe).await?;
+                start += ids.len() - expired.len();
+            } else {
+                start += ids.len();
+            }
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
+        let info = serde_json::to_string(worker).map_err(|e| protocol(e.to_string()))?;
+        let key = self.names.worker_key(&worker.id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(info)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(self.names.workers_index())
+            .arg(worker.heartbeat_ms)
+            .arg(&worker.id)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn unregister(&self, worker_id: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL")
+            .arg(self.names.worker_key(worker_id))
+            .ignore();
+        pipe.cmd("ZREM")
+            .arg(self.names.workers_index())
+            .arg(worker_id)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(self.names.workers_index())
+            .arg(0)
+            .arg(-1);
+        let (ids,): (Vec<String>,) = self.run(&pipe).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("GET").arg(self.names.worker_key(id));
+        }
+        let infos: Vec<Option<String>> = self.run(&pipe).await?;
+        let mut live = Vec::new();
+        let mut dead = Vec::new();
+        for (id, info) in ids.into_iter().zip(infos) {
+            match info.and_then(|i| serde_json::from_str::<WorkerInfo>(&i).ok()) {
+                Some(w) => live.push(w),
+                None => dead.push(id),
+            }
+        }
+        if !dead.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(self.names.workers_index())
+                .arg(&dead)
+                .ignore();
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(live)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PING");
+        let (_pong,): (String,) = self.run(&pipe).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_entries_round_trip_even_with_pipes_in_ids() {
+        assert_eq!(parse_entry(&entry("a-b", 3, 2)), Some(("a-b", 3, 2)));
+        assert_eq!(parse_entry("x|y"), None);
+    }
+
+    #[test]
+    fn every_script_starts_with_the_shared_prelude() {
+        for (name, src) in SCRIPT_SOURCES {
+            assert!(src.starts_with(COMMON), "{name}");
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The worker: consumes task queues, claims each task in the store under a
+//! lease, runs its handler, and applies the outcome itself.
+//!
+//! The order of a task's life here is what keeps the invariants:
+//! 1. **claim** in the store (a second claim of the same attempt fails);
+//! 2. **ack** the delivery: the claim is durable and its lease is indexed,
+//!    so from here on a dead worker is the lease sweep's business, and a
+//!    long task never holds a delivery near RabbitMQ's `consumer_timeout`;
+//! 3. **run** the handler, renewing the lease meanwhile;
+//! 4. **complete**: one store transition applies the outcome (checked
+//!    against the claim's fencing number, so a late outcome from a lapsed
+//!    claim is rejected) and returns the dependents it made ready;
+//! 5. **publish** those, confirmed, and only then drop the lease index
+//!    entry — a crash before that leaves the sweep to publish them again.
+
+mod execute;
+mod leases;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor_handler::Registry;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, BrokerError, Delivery};
+use crate::model::{DeadLetterReason, TaskMessage};
+use crate::names::Names;
+use crate::outbox::Outbox;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
+use crate::store::redis::unix_ms;
+use crate::store::{Applied, AttemptResult, ClaimOutcome, Claimed, Store, WorkerInfo};
+
+pub use execute::{AttemptEnd, run_attempt};
+use leases::ActiveClaims;
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Unique per process; recorded in claims and history.
+    pub id: String,
+    /// Queues consumed, without prefix.
+    pub queues: Vec<String>,
+    /// Handlers run at once.
+    pub concurrency: usize,
+    /// Lease of a claim; renewed every third of it.
+    pub lease: Duration,
+    /// How long shutdown waits for running handlers before handing their
+    /// tasks back.
+    pub grace: Duration,
+    /// Registry heartbeat.
+    pub heartbeat: Duration,
+}
+
+/// One worker process's task loop.
+#[derive(Clone)]
+pub struct Worker {
+    store: Arc<dyn Store>,
+    outbox: Outbox,
+    registry: Registry,
+    names: Names,
+    options: WorkerOptions,
+    active: ActiveClaims,
+}
+
+impl Worker {
+    /// A worker; nothing runs until [`Worker::run`].
+    pub fn new(
+        store: Arc<dyn Store>,
+        broker: Arc<dyn Broker>,
+        registry: Registry,
+        names: Names,
+        options: WorkerOptions,
+    ) -> Worker {
+        Worker {
+            store,
+            outbox: Outbox::new(broker, names.clone()),
+            registry,
+            names,
+            options,
+            active: ActiveClaims::default(),
+        }
+    }
+
+    /// The worker's id.
+    pub fn id(&self) -> &str {
+        &self.options.id
+    }
+
+    /// Consume and run tasks until `shutdown` fires; then stop consuming,
+    /// wait up to the grace period for running handlers, and hand back what
+    /// did not finish. Broker and store outages are waited out.
+    pub async fn run(&self, shutdown: Shutdown) -> Result<(), BrokerError> {
+        let broker = self.outbox.broker().clone();
+        broker.declare(&self.options.queues).await?;
+        self.outbox.mark_declared(&self.options.queues);
+
+        let hard_stop = ShutdownTrigger::new();
+        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let mut background = JoinSet::new();
+        {
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            background.spawn(async move { this.heartbeat_forever(shutdown).await });
+        }
+        {
+            let this = self.clone();
+            background.spawn(async move {
+                this.active
+                    .renew_forever(this.store.clone(), this.options.lease)
+                    .await
+            });
+        }
+        let mut consumers = JoinSet::new();
+        for queue in &self.options.queues {
+            let this = self.clone();
+            let queue = self.names.task_queue(queue);
+            let shutdown = shutdown.clone();
+            let permits = permits.clone();
+            let hard_stop = hard_stop.clone();
+            consumers.spawn(async move { this.consume(queue, permits, shutdown, hard_stop).await });
+        }
+        tracing::info!(worker = %self.options.id, queues = ?self.options.queues, concurrency = self.options.concurrency, "worker consuming");
+        while consumers.join_next().await.is_some() {}
+
+        // Consumers stopped (shutdown): wait for running handlers.
+        let all = self.options.concurrency.max(1) as u32;
+        let drained = tokio::time::timeout(self.options.grace, permits.acquire_many(all)).await;
+        if drained.is_err() {
+            tracing::warn!(
+                running = self.active.len(),
+                "grace period over; handing back unfinished tasks"
+            );
+            hard_stop.trigger();
+            let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(all)).await;
+        }
+        background.abort_all();
+        if let Err(e) = self.store.unregister(&self.options.id).await {
+            tracing::warn!(error = %e, "could not unregister worker");
+        }
+        tracing::info!(worker = %self.options.id, "worker stopped");
+        Ok(())
+    }
+
+    /// One queue's consumer: subscribes (again after any broker loss) and
+    /// hands deliveries to tasks, never more than the concurrency allows.
+    async fn consume(
+        &self,
+        queue: String,
+        permits: Arc<Semaphore>,
+        mut shutdown: Shutdown,
+        hard_stop: ShutdownTrigger,
+    ) {
+        let broker = self.outbox.broker().clone();
+        let prefetch = u16::try_from(self.options.concurrency)
+            .unwrap_or(u16::MAX)
+            .max(1);
+        let mut retry_delay = Duration::from_millis(100);
+        'subscribe: while !shutdown.is_triggered() {
+            let mut subscription = match broker.subscribe(&queue, prefetch).await {
+                Ok(s) => {
+                    retry_delay = Duration::from_millis(100);
+                    s
+                }
+                Err(e) => {
+                    tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
+                    tokio::select! {
+                        _ = shutdown.wait() => break 'subscribe,
+                        _ = tokio::time::sleep(retry_delay) => {}
+                    }
+                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            loop {
+                let permit = tokio::select! {
+                    _ = shutdown.wait() => break 'subscribe,
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break 'subscribe,
+                    },
+                };
+                let delivery = tokio::select! {
+                    _ = shutdown.wait() => {
+                        let _ = subscription.cancel().await;
+                        break 'subscribe;
+                    }
+                    d = subscription.next() => d,
+                };
+                match delivery {
+                    Some(Ok(delivery)) => {
+                        let this = self.clone();
+                        let hard_stop = hard_stop.subscribe();
+                        tokio::spawn(async move {
+                            this.process(delivery, hard_stop).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(%queue, error = %e, "subscription failed; resubscribing");
+                        continue 'subscribe;
+                    }
+                    None => {
+                        tracing::warn!(%queue, "subscription ended; resubscribing");
+                        continue 'subscribe;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handle one delivery from claim to confirmed follow-ups.
+    async fn process(&self, delivery: Delivery, mut hard_stop: Shutdown) {
+        let task = match TaskMessage::decode(&delivery.body) {
+            Ok(t) => t,
+            Err(reason) => {
+                return self
+                    .dead_letter(delivery, DeadLetterReason::BadTaskMessage, &reason)
+                    .await;
+            }
+        };
+        let claimed = match self
+            .store
+            .claim(&task, &self.options.id, self.options.lease)
+            .await
+        {
+            Ok(ClaimOutcome::Claimed(claimed)) => claimed,
+            Ok(ClaimOutcome::Busy | ClaimOutcome::Stale) => {
+                tracing::debug!(job = %task.job, task = %task.task, attempt = task.attempt, "duplicate or stale task message; dropped");
+                return ack(delivery).await;
+            }
+            Ok(ClaimOutcome::Missing) => {
+                let reason = format!(
+                    "job {} has no record in the store (expired, or the store lost its data)",
+                    task.job
+                );
+                return self
+                    .dead_letter(delivery, DeadLetterReason::JobMissing, &reason)
+                    .await;
+            }
+            Err(e) => {
+                // Redis is unreachable: take nothing, lose nothing. The
+                // delivery goes back after a pause.
+                tracing::warn!(error = %e, "claim failed; requeueing task");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Err(e) = delivery.acker.requeue().await {
+                    tracing::warn!(error = %e, "requeue failed; the broker redelivers on reconnect");
+                }
+                return;
+            }
+        };
+        ack(delivery).await;
+        self.active.insert(claimed.claim.clone());
+        let Some(handler) = self.registry.get(&claimed.handler).cloned() else {
+            let end = AttemptEnd::Permanent(format!(
+                "no handler {:?} on worker {} (it has: {})",
+                claimed.handler,
+                self.options.id,
+                self.registry.names().join(", ")
+            ));
+            return self.finish(&claimed, end).await;
+        };
+        let end = tokio::select! {
+            end = run_attempt(handler, &claimed) => end,
+            _ = hard_stop.wait() => {
+                return self.hand_back(&claimed).await;
+            }
+        };
+        self.finish(&claimed, end).await
+    }
+
+    /// Apply an attempt's end and publish what it made ready.
+    async fn finish(&self, claimed: &Claimed, end: AttemptEnd) {
+        let claim = &claimed.claim;
+        let result: AttemptResult = end.into_result(claimed);
+        let applied = loop {
+            match self.store.complete(claim, &self.options.id, &result).await {
+                Ok(applied) => break applied,
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, job = %claim.job, "cannot apply outcome yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, job = %claim.job, "outcome cannot be applied; the lease sweep will retry the task");
+                    self.active.remove(claim);
+                    return;
+                }
+            }
+        };
+        self.active.remove(claim);
+        match applied {
+            Applied::Done {
+                ready,
+                duplicate,
+                task_state,
+                job_state,
+            } => {
+                tracing::debug!(job = %claim.job, task = %claimed.task, %task_state, %job_state, duplicate, "outcome applied");
+                if let Err(e) = self
+                    .outbox
+                    .publish_tasks_until_confirmed(&ready, || false)
+                    .await
+                {
+                    tracing::error!(error = %e, job = %claim.job, "cannot publish ready tasks; the lease sweep will");
+                    return;
+                }
+            }
+            Applied::Stale => {
+                tracing::warn!(job = %claim.job, task = %claimed.task, attempt = claim.attempt, fence = claim.fence,
+                    "late outcome rejected: this claim's lease lapsed and the task moved on");
+            }
+            Applied::Missing => {
+                tracing::warn!(job = %claim.job, "job vanished before its outcome was applied");
+            }
+        }
+        if let Err(e) = self.store.forget_claim(claim).await {
+            tracing::debug!(error = %e, "lease entry left for the sweep to drop");
+        }
+    }
+
+    /// Shutdown overran the grace period: give the claim back.
+    async fn hand_back(&self, claimed: &Claimed) {
+        let claim = &claimed.claim;
+        self.active.remove(claim);
+        match self.store.release(claim, &self.options.id).await {
+            Ok(Some(msg)) => {
+                if let Err(e) = self.outbox.publish_tasks(&[msg]).await {
+                    tracing::warn!(error = %e, "could not re-publish handed-back task; the lease sweep will");
+                    return;
+                }
+                tracing::info!(job = %claim.job, task = %claimed.task, "task handed back");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release claim; its lease will lapse");
+                return;
+            }
+        }
+        let _ = self.store.forget_claim(claim).await;
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, kind: DeadLetterReason, reason: &str) {
+        tracing::warn!(kind = kind.as_str(), reason, "task message dead-lettered");
+        match self
+            .outbox
+            .dead_letter(delivery.body.clone(), &delivery.queue, kind, reason, None)
+            .await
+        {
+            Ok(()) => ack(delivery).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot dead-letter; requeueing");
+                let _ = delivery.acker.requeue().await;
+            }
+        }
+    }
+
+    async fn heartbeat_forever(&self, mut shutdown: Shutdown) {
+        let started_ms = unix_ms();
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut tick = tokio::time::interval(self.options.heartbeat);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tick.tick() => {}
+            }
+            let info = WorkerInfo {
+                id: self.options.id.clone(),
+                host: host.clone(),
+                queues: self.options.queues.clone(),
+                handlers: self.registry.names(),
+                concurrency: self.options.concurrency,
+                started_ms,
+                heartbeat_ms: unix_ms(),
+            };
+            if let Err(e) = self
+                .store
+                .heartbeat(&info, self.options.heartbeat * 3)
+                .await
+            {
+                tracing::warn!(error = %e, "worker heartbeat failed");
+            }
+        }
+    }
+}
+
+async fn ack(delivery: Delivery) {
+    if let Err(e) = delivery.acker.ack().await {
+        tracing::debug!(error = %e, "ack failed; a redelivery will be deduplicated");
+    }
+}
+
+/// Make a unique worker id: host, pid and a random suffix.
+pub fn new_worker_id() -> String {
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "worker".into());
+    let suffix: u32 = rand::random();
+    format!("{host}-{}-{suffix:08x}", std::process::id())
+}

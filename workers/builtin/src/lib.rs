@@ -1,0 +1,67 @@
+//! Conveyor's built-in handlers.
+//!
+//! These four handlers ship with every worker so that a fresh deployment can
+//! run real jobs before anyone writes a handler of their own, and so that the
+//! worker's own machinery (retries, time-outs, panics, dependency results) can
+//! be exercised end to end:
+//!
+//! - [`Noop`] (`"noop"`) echoes its params: the smallest possible task, for
+//!   wiring checks and benchmarks of the queue itself.
+//! - [`Sleep`] (`"sleep"`) waits a given number of milliseconds: a task that
+//!   takes time, for time-outs, cancellation and load tests.
+//! - [`Fail`] (`"fail"`) fails on purpose — transiently, permanently, or by
+//!   panicking — to test retry policies and the worker's panic isolation.
+//! - [`Shell`] (`"shell"`) runs an outside program with JSON in and JSON out:
+//!   the escape hatch that lets any language be a Conveyor handler.
+//!
+//! [`registry`] returns a [`Registry`] holding all four under their wire names.
+
+use conveyor_handler::Registry;
+
+pub mod fail;
+pub mod noop;
+pub mod shell;
+pub mod sleep;
+
+pub use fail::Fail;
+pub use noop::Noop;
+pub use shell::Shell;
+pub use sleep::Sleep;
+
+/// A registry holding every built-in handler: `noop`, `sleep`, `fail`,
+/// `shell`.
+pub fn registry() -> Registry {
+    Registry::new()
+        .with(Noop)
+        .with(Sleep)
+        .with(Fail)
+        .with(Shell)
+}
+
+/// A task context for unit tests.
+#[cfg(test)]
+pub(crate) fn test_ctx(attempt: u32) -> conveyor_handler::TaskContext {
+    conveyor_handler::TaskContext {
+        job_id: "job-test".to_owned(),
+        task: "task-test".to_owned(),
+        attempt,
+        max_attempts: 5,
+        fence: 1,
+        deps: std::collections::BTreeMap::new(),
+        timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_holds_all_four_by_wire_name() {
+        let reg = registry();
+        assert_eq!(reg.names(), vec!["fail", "noop", "shell", "sleep"]);
+        for name in reg.names() {
+            assert!(reg.get(&name).is_some_and(|h| h.name() == name));
+        }
+    }
+}

@@ -1,0 +1,765 @@
+//! `shell`: runs an outside program, JSON in and JSON out.
+//!
+//! It exists so that a task can be written in any language without writing
+//! a Rust handler: a script reads its input as JSON on stdin and prints its
+//! result as JSON on stdout, and its exit status says whether it worked.
+//!
+//! # Params
+//!
+//! ```json
+//! {"command": "python3", "args": ["-m", "mytask"], "env": {"MODE": "fast"},
+//!  "cwd": "/srv/tasks", "stdin": {"anything": "here"}}
+//! ```
+//!
+//! - `command` (required, non-empty, at most 4096 bytes): the program, found
+//!   on `PATH` like `execvp`. There is **no shell interpretation**: to use
+//!   pipes or `$VARS`, run `"command": "sh", "args": ["-c", "..."]`.
+//! - `args` (at most 1000 strings): its arguments.
+//! - `env`: variables added to the worker's own environment (which the
+//!   program inherits, so do not keep secrets there that tasks must not see).
+//! - `cwd`: the directory to run in; the worker's own by default.
+//! - `stdin`: any JSON, written to the program's stdin as JSON. Without it
+//!   the program gets `{"params": <these params>, "deps": {<task>: <result>},
+//!   "job_id": ..., "task": ..., "attempt": ...}`. Stdin is closed after the
+//!   write, so the program sees end of file.
+//!
+//! Unknown keys are rejected, so a misspelled `"arg"` is an error, not a
+//! silently ignored setting.
+//!
+//! # Outcome
+//!
+//! | the program                        | the task                                  |
+//! |------------------------------------|-------------------------------------------|
+//! | exits 0, stdout is JSON            | done; stdout is the result                |
+//! | exits 0, stdout empty / whitespace | done; the result is `null`                |
+//! | exits 0, stdout not JSON           | permanent error quoting stdout's start    |
+//! | exits 75 (`EX_TEMPFAIL`)           | **transient** error: retried with backoff |
+//! | exits with any other non-zero code | permanent error with the stderr tail      |
+//! | is killed by a signal              | transient error naming the signal         |
+//! | outlives `ctx.timeout`             | transient error; process group killed     |
+//! | writes more than 16 MiB to stdout  | permanent error; process group killed     |
+//! | cannot be started                  | permanent error naming command and cause  |
+//!
+//! Exit code 75 is `EX_TEMPFAIL` from `sysexits.h` ("temporary failure;
+//! user is invited to retry"), the conventional way for a program to say
+//! "try me again later" — the only way a script can ask for a retry. Every
+//! other non-zero exit is taken as a bug or bad input that a retry will not
+//! fix. A death by signal (the OOM killer, an operator's `kill`) is treated
+//! as transient. Errors quote the last 4 KiB of stderr, so the script's own
+//! diagnostics reach the job's status.
+//!
+//! # Process group
+//!
+//! The program runs as the leader of its own process group, and on time-out
+//! — or when the `run` future is dropped, e.g. because the worker gave up on
+//! the task or is shutting down — the whole group gets `SIGKILL`, not just
+//! the program: a script's background helpers (`sleep 30 &`, a spawned
+//! server) die with it instead of lingering on the worker host. Processes
+//! left in the background after a *successful* exit are not touched, but
+//! note that a background process holding the program's stdout or stderr
+//! open keeps the task running (until it exits or the time-out) because the
+//! handler reads both to their end.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// The longest `command` accepted, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+/// The most `args` accepted.
+pub const MAX_ARGS: usize = 1000;
+/// The most stdout read; a program writing more fails permanently.
+pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
+/// How much of the end of stderr is kept for error messages.
+pub const STDERR_TAIL_BYTES: usize = 4096;
+/// `EX_TEMPFAIL` from `sysexits.h`: the exit code that asks for a retry.
+pub const EX_TEMPFAIL: i32 = 75;
+
+/// How long to wait for a killed process to be reaped before leaving it to
+/// tokio's background reaper.
+const REAP_GRACE: Duration = Duration::from_secs(5);
+/// How much of a non-JSON stdout an error message quotes.
+const STDOUT_QUOTE_BYTES: usize = 200;
+
+const KEYS: [&str; 5] = ["command", "args", "env", "cwd", "stdin"];
+
+/// The `shell` handler. See the module documentation for its params and
+/// exit-status conventions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shell;
+
+#[derive(Debug)]
+struct ShellParams {
+    command: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    stdin: Option<Value>,
+}
+
+fn parse(params: &Value) -> Result<ShellParams, ValidationError> {
+    let Some(obj) = params.as_object() else {
+        return Err(ValidationError::new(
+            "params",
+            "must be an object like {\"command\": \"prog\", \"args\": [\"arg\"]}",
+        ));
+    };
+    if let Some(key) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(ValidationError::new(
+            format!("params.{key}"),
+            format!("unknown field; expected one of {}", KEYS.join(", ")),
+        ));
+    }
+    let command = parse_command(obj)?;
+    let args = parse_args(obj)?;
+    let env = parse_env(obj)?;
+    let cwd = match obj.get("cwd") {
+        None => None,
+        Some(Value::String(s)) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
+        Some(v) => {
+            return Err(ValidationError::new(
+                "params.cwd",
+                format!("must be a non-empty string without NUL bytes, got {v}"),
+            ));
+        }
+    };
+    Ok(ShellParams {
+        command,
+        args,
+        env,
+        cwd,
+        stdin: obj.get("stdin").cloned(),
+    })
+}
+
+fn parse_command(obj: &Map<String, Value>) -> Result<String, ValidationError> {
+    let limit = format!("a non-empty string of at most {MAX_COMMAND_BYTES} bytes");
+    match obj.get("command") {
+        None => Err(ValidationError::new(
+            "params.command",
+            format!("is required: {limit}"),
+        )),
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= MAX_COMMAND_BYTES && !s.contains('\0') =>
+        {
+            Ok(s.clone())
+        }
+        Some(Value::String(s)) => Err(ValidationError::new(
+            "params.command",
+            format!("must be {limit} without NUL bytes, got {} bytes", s.len()),
+        )),
+        Some(v) => Err(ValidationError::new(
+            "params.command",
+            format!("must be {limit}, got {v}"),
+        )),
+    }
+}
+
+fn parse_args(obj: &Map<String, Value>) -> Result<Vec<String>, ValidationError> {
+    let Some(args) = obj.get("args") else {
+        return Ok(Vec::new());
+    };
+    let Some(args) = args.as_array() else {
+        return Err(ValidationError::new(
+            "params.args",
+            format!("must be an array of at most {MAX_ARGS} strings, got {args}"),
+        ));
+    };
+    if args.len() > MAX_ARGS {
+        return Err(ValidationError::new(
+            "params.args",
+            format!("must have at most {MAX_ARGS} items, got {}", args.len()),
+        ));
+    }
+    args.iter()
+        .enumerate()
+        .map(|(i, a)| match a {
+            Value::String(s) if !s.contains('\0') => Ok(s.clone()),
+            _ => Err(ValidationError::new(
+                format!("params.args[{i}]"),
+                format!("must be a string without NUL bytes, got {a}"),
+            )),
+        })
+        .collect()
+}
+
+fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, ValidationError> {
+    let Some(env) = obj.get("env") else {
+        return Ok(BTreeMap::new());
+    };
+    let Some(env) = env.as_object() else {
+        return Err(ValidationError::new(
+            "params.env",
+            format!("must be an object of string values, got {env}"),
+        ));
+    };
+    env.iter()
+        .map(|(k, v)| {
+            if k.is_empty() || k.contains(['=', '\0']) {
+                return Err(ValidationError::new(
+                    format!("params.env.{k}"),
+                    "variable names must be non-empty, without '=' or NUL bytes",
+                ));
+            }
+            match v {
+                Value::String(s) if !s.contains('\0') => Ok((k.clone(), s.clone())),
+                _ => Err(ValidationError::new(
+                    format!("params.env.{k}"),
+                    format!("must be a string without NUL bytes, got {v}"),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Why reading the program's output stopped before it exited.
+enum Stop {
+    StdoutTooLarge,
+    Io(&'static str, io::Error),
+}
+
+/// Kills the program's process group when dropped while armed, so that a
+/// `run` future dropped mid-flight takes the program's helpers down too.
+/// Disarmed once the leader is reaped: its pid (and so the group id) may be
+/// reused after that.
+struct GroupGuard {
+    pgid: Option<Pid>,
+    armed: bool,
+}
+
+impl GroupGuard {
+    /// `SIGKILL` the group; whether the group is (now) gone or dying.
+    fn kill(&self) -> bool {
+        let Some(pgid) = self.pgid else {
+            return false;
+        };
+        match killpg(pgid, Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => true,
+            Err(e) => {
+                tracing::warn!(pgid = pgid.as_raw(), error = %e, "shell: killpg failed");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+/// Kill the program's whole group and reap the leader.
+async fn kill_and_reap(guard: &mut GroupGuard, child: &mut Child) {
+    if !guard.kill() {
+        // No group to kill (pid unknown, or killpg refused): at least the
+        // program itself.
+        if let Err(e) = child.start_kill() {
+            tracing::warn!(error = %e, "shell: cannot kill the program");
+        }
+    }
+    match tokio::time::timeout(REAP_GRACE, child.wait()).await {
+        Ok(Ok(_)) => guard.armed = false,
+        Ok(Err(e)) => tracing::warn!(error = %e, "shell: cannot reap the killed program"),
+        Err(_) => tracing::warn!("shell: the killed program was not reaped in time"),
+    }
+}
+
+async fn write_stdin(mut stdin: ChildStdin, input: Vec<u8>) -> Result<(), Stop> {
+    // A program that exits or closes stdin without reading all of it is not
+    // an error here: its exit status tells how it went.
+    if let Err(e) = stdin.write_all(&input).await {
+        tracing::debug!(error = %e, "shell: writing stdin stopped");
+    }
+    drop(stdin);
+    Ok(())
+}
+
+async fn read_capped(stdout: impl AsyncRead + Unpin, limit: usize) -> Result<Vec<u8>, Stop> {
+    let mut buf = Vec::new();
+    stdout
+        .take((limit as u64).saturating_add(1))
+        .read_to_end(&mut buf)
+        .await
+        .map_err(|e| Stop::Io("stdout", e))?;
+    if buf.len() > limit {
+        return Err(Stop::StdoutTooLarge);
+    }
+    Ok(buf)
+}
+
+/// The last `keep` bytes of `stderr`, and whether anything before them was
+/// dropped.
+async fn read_tail(mut stderr: impl AsyncRead + Unpin, keep: usize) -> (Vec<u8>, bool) {
+    let mut tail = Vec::new();
+    let mut truncated = false;
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        match stderr.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => {
+                tail.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                if tail.len() > 2 * keep {
+                    tail.drain(..tail.len() - keep);
+                    truncated = true;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "shell: reading stderr stopped");
+                break;
+            }
+        }
+    }
+    if tail.len() > keep {
+        tail.drain(..tail.len() - keep);
+        truncated = true;
+    }
+    (tail, truncated)
+}
+
+fn describe_tail((tail, truncated): &(Vec<u8>, bool)) -> String {
+    let text = String::from_utf8_lossy(tail);
+    let text = text.trim();
+    match (text.is_empty(), truncated) {
+        (true, _) => "(empty)".to_owned(),
+        (false, true) => format!("...{text}"),
+        (false, false) => text.to_owned(),
+    }
+}
+
+fn spawn_error(p: &ShellParams, e: &io::Error) -> HandlerError {
+    let place = match &p.cwd {
+        Some(cwd) => format!(" in `{cwd}`"),
+        None => String::new(),
+    };
+    let msg = format!("shell: cannot start `{}`{place}: {e}", p.command);
+    // Running out of processes, memory or file descriptors passes; a missing
+    // or non-executable program does not.
+    let transient = e.raw_os_error().map(Errno::from_raw).is_some_and(|errno| {
+        matches!(
+            errno,
+            Errno::EAGAIN | Errno::ENOMEM | Errno::EMFILE | Errno::ENFILE | Errno::ETXTBSY
+        )
+    });
+    if transient {
+        HandlerError::Transient(msg)
+    } else {
+        HandlerError::Permanent(msg)
+    }
+}
+
+fn outcome(
+    command: &str,
+    status: ExitStatus,
+    stdout: &[u8],
+    stderr: &(Vec<u8>, bool),
+) -> Result<Outcome, HandlerError> {
+    if status.success() {
+        if stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Outcome::Done(Value::Null));
+        }
+        return serde_json::from_slice(stdout)
+            .map(Outcome::Done)
+            .map_err(|e| {
+                let head = stdout.get(..STDOUT_QUOTE_BYTES).unwrap_or(stdout);
+                HandlerError::Permanent(format!(
+                    "shell: stdout is not JSON: {e}; first {STDOUT_QUOTE_BYTES} bytes: {}",
+                    String::from_utf8_lossy(head)
+                ))
+            });
+    }
+    let tail = describe_tail(stderr);
+    match (status.code(), status.signal()) {
+        (Some(code), _) => {
+            let msg = format!("shell: `{command}` exited with status {code}; stderr tail: {tail}");
+            if code == EX_TEMPFAIL {
+                Err(HandlerError::Transient(msg))
+            } else {
+                Err(HandlerError::Permanent(msg))
+            }
+        }
+        (None, Some(sig)) => {
+            let name = Signal::try_from(sig)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| format!("signal {sig}"));
+            Err(HandlerError::Transient(format!(
+                "shell: `{command}` was killed by {name}; stderr tail: {tail}"
+            )))
+        }
+        (None, None) => Err(HandlerError::Transient(format!(
+            "shell: `{command}` ended with {status}; stderr tail: {tail}"
+        ))),
+    }
+}
+
+#[async_trait]
+impl Handler for Shell {
+    fn name(&self) -> &str {
+        "shell"
+    }
+
+    fn validate(&self, params: &Value) -> Result<(), ValidationError> {
+        parse(params).map(|_| ())
+    }
+
+    async fn run(&self, ctx: TaskContext, params: Value) -> Result<Outcome, HandlerError> {
+        let p = parse(&params).map_err(|e| HandlerError::permanent(format!("shell: {e}")))?;
+        let input = match &p.stdin {
+            Some(stdin) => serde_json::to_vec(stdin),
+            None => serde_json::to_vec(&json!({
+                "params": params,
+                "deps": ctx.deps,
+                "job_id": ctx.job_id,
+                "task": ctx.task,
+                "attempt": ctx.attempt,
+            })),
+        }
+        .map_err(|e| HandlerError::permanent(format!("shell: cannot encode stdin: {e}")))?;
+
+        let mut cmd = Command::new(&p.command);
+        cmd.args(&p.args)
+            .envs(&p.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(cwd) = &p.cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd.spawn().map_err(|e| spawn_error(&p, &e))?;
+        let pid = child.id();
+        let mut guard = GroupGuard {
+            pgid: pid.and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw),
+            armed: true,
+        };
+        tracing::debug!(
+            job_id = %ctx.job_id, task = %ctx.task, command = %p.command, pid,
+            "shell: started"
+        );
+
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            kill_and_reap(&mut guard, &mut child).await;
+            return Err(HandlerError::permanent(format!(
+                "shell: `{}` started without its stdio pipes",
+                p.command
+            )));
+        };
+
+        let finished = tokio::time::timeout(ctx.timeout, async {
+            let (_, out, err) = tokio::try_join!(
+                write_stdin(stdin, input),
+                read_capped(stdout, MAX_STDOUT_BYTES),
+                async { Ok(read_tail(stderr, STDERR_TAIL_BYTES).await) },
+            )?;
+            let status = child.wait().await.map_err(|e| Stop::Io("wait", e))?;
+            Ok::<_, Stop>((status, out, err))
+        })
+        .await;
+
+        match finished {
+            Ok(Ok((status, stdout, stderr))) => {
+                guard.armed = false;
+                tracing::debug!(
+                    job_id = %ctx.job_id, task = %ctx.task, command = %p.command, %status,
+                    "shell: finished"
+                );
+                outcome(&p.command, status, &stdout, &stderr)
+            }
+            Ok(Err(Stop::StdoutTooLarge)) => {
+                kill_and_reap(&mut guard, &mut child).await;
+                Err(HandlerError::Permanent(format!(
+                    "shell: `{}` wrote more than {} MiB to stdout (limit {MAX_STDOUT_BYTES} \
+                     bytes); process group killed",
+                    p.command,
+                    MAX_STDOUT_BYTES / (1024 * 1024)
+                )))
+            }
+            Ok(Err(Stop::Io(what, e))) => {
+                kill_and_reap(&mut guard, &mut child).await;
+                Err(HandlerError::Transient(format!(
+                    "shell: `{}`: {what} failed: {e}; process group killed",
+                    p.command
+                )))
+            }
+            Err(_elapsed) => {
+                tracing::warn!(
+                    job_id = %ctx.job_id, task = %ctx.task, command = %p.command, pid,
+                    timeout = ?ctx.timeout, "shell: timed out; killing its process group"
+                );
+                kill_and_reap(&mut guard, &mut child).await;
+                Err(HandlerError::Transient(format!(
+                    "shell: `{}` timed out after {}s; process group killed",
+                    p.command,
+                    ctx.timeout.as_secs_f64()
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::test_ctx;
+    use std::path::PathBuf;
+    use std::time::Instant;
+
+    fn sh(script: &str) -> Value {
+        json!({"command": "sh", "args": ["-c", script]})
+    }
+
+    async fn run(params: Value) -> Result<Outcome, HandlerError> {
+        Shell.validate(&params).unwrap();
+        Shell.run(test_ctx(1), params).await
+    }
+
+    fn temp_path(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        std::env::temp_dir().join(format!(
+            "conveyor-shell-{tag}-{}-{nanos}",
+            std::process::id()
+        ))
+    }
+
+    /// Whether `pid` is gone: no `/proc/<pid>`, or only a zombie waiting for
+    /// whatever reaps orphans here (it no longer runs either way).
+    fn pid_gone(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        }
+    }
+
+    /// Reads the pid the script wrote, waiting for it to appear.
+    async fn read_pid(path: &PathBuf) -> i32 {
+        for _ in 0..100 {
+            if let Ok(s) = std::fs::read_to_string(path)
+                && let Ok(pid) = s.trim().parse()
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no pid in {}", path.display());
+    }
+
+    async fn assert_gone_within_2s(pid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !pid_gone(pid) {
+            assert!(Instant::now() < deadline, "grandchild {pid} still alive");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn echoes_given_stdin_as_json() {
+        let mut params = sh("cat");
+        params["stdin"] = json!({"x": [1, 2, {"y": "z"}]});
+        let out = run(params).await;
+        assert_eq!(out, Ok(Outcome::Done(json!({"x": [1, 2, {"y": "z"}]}))));
+    }
+
+    #[tokio::test]
+    async fn default_stdin_is_the_envelope() {
+        let params = sh("cat");
+        let mut ctx = test_ctx(2);
+        ctx.deps.insert("prev".to_owned(), json!({"n": 1}));
+        let out = Shell.run(ctx, params.clone()).await;
+        assert_eq!(
+            out,
+            Ok(Outcome::Done(json!({
+                "params": params,
+                "deps": {"prev": {"n": 1}},
+                "job_id": "job-test",
+                "task": "task-test",
+                "attempt": 2,
+            })))
+        );
+    }
+
+    #[tokio::test]
+    async fn env_and_cwd_are_applied() {
+        let mut params = sh(r#"printf '{"v":"%s","d":"%s"}' "$FOO" "$(pwd)""#);
+        params["env"] = json!({"FOO": "bar baz"});
+        params["cwd"] = json!("/");
+        let out = run(params).await;
+        assert_eq!(out, Ok(Outcome::Done(json!({"v": "bar baz", "d": "/"}))));
+    }
+
+    #[tokio::test]
+    async fn empty_stdout_is_null() {
+        assert_eq!(run(sh("echo '  '")).await, Ok(Outcome::Done(Value::Null)));
+    }
+
+    #[tokio::test]
+    async fn non_json_stdout_is_permanent() {
+        let out = run(sh("echo hello world")).await;
+        let Err(HandlerError::Permanent(msg)) = out else {
+            panic!("expected a permanent error, got {out:?}");
+        };
+        assert!(msg.starts_with("shell: stdout is not JSON: "), "{msg}");
+        assert!(msg.contains("first 200 bytes: hello world"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn exit_3_is_permanent_with_stderr_tail() {
+        let out = run(sh("echo 'disk on fire' >&2; exit 3")).await;
+        assert_eq!(
+            out,
+            Err(HandlerError::Permanent(
+                "shell: `sh` exited with status 3; stderr tail: disk on fire".to_owned()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn stderr_tail_keeps_only_the_end() {
+        let out = run(sh(
+            "head -c 10000 /dev/zero | tr '\\0' a >&2; echo END >&2; exit 3",
+        ))
+        .await;
+        let Err(HandlerError::Permanent(msg)) = out else {
+            panic!("expected a permanent error, got {out:?}");
+        };
+        assert!(msg.ends_with("aaaaEND"), "{msg}");
+        assert!(msg.contains("stderr tail: ...aaa"), "{msg}");
+        assert!(msg.len() < STDERR_TAIL_BYTES + 100, "{}", msg.len());
+    }
+
+    #[tokio::test]
+    async fn exit_75_is_transient() {
+        let out = run(sh("echo 'try later' >&2; exit 75")).await;
+        assert_eq!(
+            out,
+            Err(HandlerError::Transient(
+                "shell: `sh` exited with status 75; stderr tail: try later".to_owned()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn killed_by_signal_is_transient() {
+        let out = run(sh("kill -TERM $$")).await;
+        assert!(
+            matches!(&out, Err(HandlerError::Transient(m)) if m.contains("killed by SIGTERM")),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_command_is_permanent() {
+        let out = run(json!({"command": "conveyor-no-such-program-xyz"})).await;
+        assert!(
+            matches!(&out, Err(HandlerError::Permanent(m))
+                if m.starts_with("shell: cannot start `conveyor-no-such-program-xyz`")),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_much_stdout_is_permanent() {
+        let start = Instant::now();
+        let out = run(json!({"command": "yes"})).await;
+        assert!(
+            matches!(&out, Err(HandlerError::Permanent(m)) if m.contains("more than 16 MiB")),
+            "{out:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(20));
+    }
+
+    #[tokio::test]
+    async fn time_out_kills_the_whole_group() {
+        let file = temp_path("timeout");
+        let params = sh(&format!("sleep 30 & echo $! > '{}'; wait", file.display()));
+        let mut ctx = test_ctx(1);
+        ctx.timeout = Duration::from_millis(300);
+        let start = Instant::now();
+        let out = Shell.run(ctx, params).await;
+        let elapsed = start.elapsed();
+        assert_eq!(
+            out,
+            Err(HandlerError::Transient(
+                "shell: `sh` timed out after 0.3s; process group killed".to_owned()
+            ))
+        );
+        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        let pid = read_pid(&file).await;
+        let _ = std::fs::remove_file(&file);
+        assert_gone_within_2s(pid).await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_run_kills_the_whole_group() {
+        let file = temp_path("drop");
+        let params = sh(&format!("sleep 30 & echo $! > '{}'; wait", file.display()));
+        let run = Shell.run(test_ctx(1), params);
+        let cut = tokio::time::timeout(Duration::from_millis(300), run).await;
+        assert!(cut.is_err(), "{cut:?}");
+        let pid = read_pid(&file).await;
+        let _ = std::fs::remove_file(&file);
+        assert_gone_within_2s(pid).await;
+    }
+
+    #[test]
+    fn validate_names_the_field_and_the_limit() {
+        let err = |v: Value| Shell.validate(&v).unwrap_err();
+        let e = err(json!({}));
+        assert_eq!(e.field, "params.command");
+        assert!(e.message.contains("4096"), "{e}");
+        assert_eq!(err(json!({"command": ""})).field, "params.command");
+        let e = err(json!({"command": "x".repeat(MAX_COMMAND_BYTES + 1)}));
+        assert_eq!(e.field, "params.command");
+        assert!(e.message.contains("4096"), "{e}");
+        assert_eq!(err(json!({"command": 5})).field, "params.command");
+        let e = err(json!({"command": "x", "args": vec!["a"; MAX_ARGS + 1]}));
+        assert_eq!(e.field, "params.args");
+        assert!(e.message.contains("1000"), "{e}");
+        assert_eq!(
+            err(json!({"command": "x", "args": "a b"})).field,
+            "params.args"
+        );
+        assert_eq!(
+            err(json!({"command": "x", "args": ["a", 2]})).field,
+            "params.args[1]"
+        );
+        assert_eq!(
+            err(json!({"command": "x", "env": {"A": 1}})).field,
+            "params.env.A"
+        );
+        assert_eq!(err(json!({"command": "x", "env": []})).field, "params.env");
+        assert_eq!(err(json!({"command": "x", "cwd": 1})).field, "params.cwd");
+        assert_eq!(err(json!({"command": "x", "arg": []})).field, "params.arg");
+        assert_eq!(err(json!("ls")).field, "params");
+        assert!(
+            Shell
+                .validate(&json!({
+                    "command": "x", "args": vec!["a"; MAX_ARGS], "env": {"A": "b"},
+                    "cwd": "/tmp", "stdin": [1, null]
+                }))
+                .is_ok()
+        );
+    }
+}
