@@ -67,15 +67,15 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let store = super::store(&config).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
     loop {
-        if let Some(status) = store.job(&id).await? {
-            if status.state.is_terminal() {
-                super::status::print(&status, args.json)?;
-                return Ok(if status.state == JobState::Succeeded {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
+        if let Some(status) = store.job(&id).await?
+            && status.state.is_terminal()
+        {
+            super::status::print(&status, args.json)?;
+            return Ok(if status.state == JobState::Succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!(

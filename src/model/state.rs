@@ -182,9 +182,8 @@ mod tests {
                     && ["ing", "ed", "ready"].iter().any(|s| quoted.ends_with(s));
                 // Script replies (not states) are listed here on purpose.
                 const REPLIES: [&str; 9] = [
-                    "missing",
-                    "created", "exists", "claimed", "applied", "requeued", "released", "failed",
-                    "not_held",
+                    "missing", "created", "exists", "claimed", "applied", "requeued", "released",
+                    "failed", "not_held",
                 ];
                 if looks_like_state && !REPLIES.contains(&quoted) {
                     assert!(

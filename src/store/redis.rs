@@ -109,7 +109,7 @@ pub fn unix_ms() -> u64 {
 
 type Reply = Vec<Option<String>>;
 
-fn field<'a>(reply: &'a Reply, i: usize) -> &'a str {
+fn field(reply: &Reply, i: usize) -> &str {
     reply.get(i).and_then(|v| v.as_deref()).unwrap_or("")
 }
 
@@ -769,7 +769,7 @@ impl Store for RedisStore {
             let rows: Vec<Reply> = self.run(&pipe).await?;
             let mut expired = Vec::new();
             for (id, row) in ids.iter().zip(rows) {
-                if row.first().map_or(true, Option::is_none) {
+                if row.first().is_none_or(Option::is_none) {
                     expired.push(id.clone());
                     continue;
                 }

@@ -1,0 +1,397 @@
+//! The test harness: a real deployment (RabbitMQ + Redis on localhost)
+//! under a unique prefix, with in-process dispatchers and workers built on
+//! the production code, and a plain lapin client that talks to Conveyor
+//! exactly as a client in any language would.
+//!
+//! If RabbitMQ or Redis is not running, tests fail (never skip) with a
+//! message saying how to start them.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor::broker::Broker;
+use conveyor::broker::amqp::{AmqpBroker, Topology};
+use conveyor::config::{Config, QueueType};
+use conveyor::dispatcher::{Dispatcher, DispatcherOptions};
+use conveyor::handler::Registry;
+use conveyor::intake::JobIntake;
+use conveyor::names::Names;
+use conveyor::shutdown::ShutdownTrigger;
+use conveyor::store::redis::RedisStore;
+use conveyor::store::{JobStatus, Store};
+use conveyor::worker::{Worker, WorkerOptions};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+const HOW_TO_START: &str = "integration tests need RabbitMQ on 127.0.0.1:5672 and Redis on \
+127.0.0.1:6379: start them with `rabbitmq-server -detached` and `redis-server --daemonize yes \
+--bind 127.0.0.1 --port 6379 --save \"\" --appendonly no` (or run .ci/run)";
+
+/// A prefix no other test run uses.
+pub fn unique_prefix(test: &str) -> String {
+    let short: String = format!("{:08x}", rand::random::<u32>());
+    format!("test-{test}-{short}")
+}
+
+/// Config for a test deployment: fast sweeps, short leases, quick backoff.
+pub fn test_config(prefix: &str) -> Config {
+    let mut c = Config {
+        prefix: prefix.to_owned(),
+        amqp_url: std::env::var("CONVEYOR_AMQP_URL").unwrap_or_else(|_| AMQP_URL.into()),
+        redis_url: std::env::var("CONVEYOR_REDIS_URL").unwrap_or_else(|_| REDIS_URL.into()),
+        queue_type: QueueType::Quorum,
+        ..Config::default()
+    };
+    c.dispatcher.sweep_interval_ms = 100;
+    c.worker.lease_ms = 3_000;
+    c.worker.grace_s = 5;
+    c.worker.heartbeat_ms = 500;
+    c.retry.base_ms = 50;
+    c.retry.cap_ms = 500;
+    c
+}
+
+pub async fn connect_store(config: &Config, by: &str) -> Arc<RedisStore> {
+    match conveyor::runtime::redis_store(config, by, 4).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => panic!("cannot reach Redis: {e}. {HOW_TO_START}"),
+    }
+}
+
+pub async fn connect_broker(config: &Config) -> Arc<AmqpBroker> {
+    let topology = Topology {
+        names: Names::new(&config.prefix),
+        queue_type: config.queue_type,
+        delivery_limit: config.delivery_limit,
+    };
+    match AmqpBroker::connect(&config.amqp_url, topology).await {
+        Ok(b) => Arc::new(b),
+        Err(e) => panic!("cannot reach RabbitMQ: {e}. {HOW_TO_START}"),
+    }
+}
+
+struct Running {
+    trigger: ShutdownTrigger,
+    handle: JoinHandle<()>,
+}
+
+/// A deployment under one prefix: its dispatchers and workers run as tasks
+/// in this process, on the production code paths.
+pub struct Deployment {
+    pub config: Config,
+    pub names: Names,
+    pub store: Arc<RedisStore>,
+    pub registry: Registry,
+    dispatchers: Vec<Running>,
+    workers: Vec<Running>,
+}
+
+impl Deployment {
+    pub async fn new(test: &str) -> Deployment {
+        Self::with_config(test_config(&unique_prefix(test))).await
+    }
+
+    pub async fn with_config(config: Config) -> Deployment {
+        let store = connect_store(&config, "test").await;
+        let broker = connect_broker(&config).await;
+        broker
+            .declare(&config.worker.queues)
+            .await
+            .expect("declare topology");
+        Deployment {
+            names: Names::new(&config.prefix),
+            config,
+            store,
+            registry: conveyor_builtin_handlers::registry(),
+            dispatchers: Vec::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    pub async fn start_dispatcher(&mut self) {
+        let config = self.config.clone();
+        let store = connect_store(&config, "dispatcher").await as Arc<dyn Store>;
+        let broker = connect_broker(&config).await as Arc<dyn Broker>;
+        let intake = JobIntake::new(&config, self.registry.clone()).expect("intake");
+        let dispatcher = Dispatcher::new(
+            store,
+            broker,
+            intake,
+            self.names.clone(),
+            DispatcherOptions {
+                id: format!("dispatcher-{}", self.dispatchers.len()),
+                prefetch: config.dispatcher.prefetch,
+                sweep_interval: Duration::from_millis(config.dispatcher.sweep_interval_ms),
+                task_queues: config.worker.queues.clone(),
+            },
+        );
+        let trigger = ShutdownTrigger::new();
+        let shutdown = trigger.subscribe();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = dispatcher.run(shutdown).await {
+                panic!("dispatcher failed: {e}");
+            }
+        });
+        self.dispatchers.push(Running { trigger, handle });
+    }
+
+    pub async fn start_worker(&mut self, concurrency: usize) -> String {
+        let config = self.config.clone();
+        let id = format!(
+            "worker-{}-{}",
+            self.workers.len(),
+            conveyor::worker::new_worker_id()
+        );
+        let store = connect_store(&config, &id).await as Arc<dyn Store>;
+        let broker = connect_broker(&config).await as Arc<dyn Broker>;
+        let worker = Worker::new(
+            store,
+            broker,
+            self.registry.clone(),
+            self.names.clone(),
+            WorkerOptions {
+                id: id.clone(),
+                queues: config.worker.queues.clone(),
+                concurrency,
+                lease: config.lease(),
+                grace: Duration::from_secs(config.worker.grace_s),
+                heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+            },
+        );
+        let trigger = ShutdownTrigger::new();
+        let shutdown = trigger.subscribe();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = worker.run(shutdown).await {
+                panic!("worker failed: {e}");
+            }
+        });
+        self.workers.push(Running { trigger, handle });
+        id
+    }
+
+    /// Stop every dispatcher and worker gracefully, then delete the
+    /// deployment's queues and keys.
+    pub async fn shutdown(mut self) {
+        for r in self.workers.drain(..).chain(self.dispatchers.drain(..)) {
+            r.trigger.trigger();
+            r.handle.await.expect("clean stop");
+        }
+        cleanup(&self.config).await;
+    }
+
+    pub async fn status(&self, id: &str) -> Option<JobStatus> {
+        self.store.job(id).await.expect("status")
+    }
+
+    /// Wait until the job is terminal; panic with its status if it is not
+    /// within `within`.
+    pub async fn wait_terminal(&self, id: &str, within: Duration) -> JobStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let status = self.status(id).await;
+            if let Some(s) = &status
+                && s.state.is_terminal()
+            {
+                return s.clone();
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("job {id} not terminal within {within:?}: {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Delete a deployment's queues and Redis keys.
+pub async fn cleanup(config: &Config) {
+    let names = Names::new(&config.prefix);
+    if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await {
+        let mut queues = vec![names.submit_queue(), names.dead_queue()];
+        queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
+        queues.push(names.task_queue("other"));
+        for q in queues {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    if let Ok(client) = redis::Client::open(config.redis_url.as_str())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", config.prefix))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+            }
+        }
+    }
+}
+
+/// A client that knows nothing of Conveyor's code: plain AMQP and JSON.
+pub struct Client {
+    conn: Connection,
+    channel: lapin::Channel,
+    reply_queue: String,
+    replies: lapin::Consumer,
+    submit_queue: String,
+    dead_queue: String,
+}
+
+impl Client {
+    pub async fn connect(prefix: &str) -> Client {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}. {HOW_TO_START}"));
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let q = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("reply queue");
+        let reply_queue = q.name().to_string();
+        let replies = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume replies");
+        Client {
+            conn,
+            channel,
+            reply_queue,
+            replies,
+            submit_queue: format!("{prefix}.submit"),
+            dead_queue: format!("{prefix}.dead"),
+        }
+    }
+
+    /// Publish raw bytes to the submit queue, persistent, with reply_to.
+    pub async fn publish_raw(&self, body: &[u8], correlation_id: &str) {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_correlation_id(correlation_id.into());
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.submit_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    pub async fn submit(&self, job: &Value) {
+        let corr = job
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("no-id")
+            .to_owned();
+        self.publish_raw(job.to_string().as_bytes(), &corr).await;
+    }
+
+    /// The next reply: (correlation id, body).
+    pub async fn reply(&mut self) -> (String, Value) {
+        let d = tokio::time::timeout(Duration::from_secs(20), self.replies.next())
+            .await
+            .expect("a reply within 20 s")
+            .expect("reply stream open")
+            .expect("reply delivery");
+        let corr = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        (
+            corr,
+            serde_json::from_slice(&d.data).expect("reply is JSON"),
+        )
+    }
+
+    /// Take one message from the dead-letter queue: (headers, body).
+    pub async fn take_dead(&self) -> Option<(std::collections::BTreeMap<String, String>, Vec<u8>)> {
+        let msg = self
+            .channel
+            .basic_get(
+                self.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic_get")?;
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(h) = msg.delivery.properties.headers() {
+            for (k, v) in h.inner() {
+                let text = match v {
+                    lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                };
+                headers.insert(k.to_string(), text);
+            }
+        }
+        Some((headers, msg.delivery.data.clone()))
+    }
+
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+/// Poll `f` until it returns Some, or panic after `within` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,309 @@
+//! The core contract, against real RabbitMQ and Redis: jobs published by a
+//! plain AMQP client run to completion, with their state in Redis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Deployment, eventually};
+use conveyor::model::{JobState, TaskState};
+use conveyor::store::Store;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_task_job_succeeds_with_its_result_and_history() {
+    let mut d = Deployment::new("single").await;
+    d.start_dispatcher().await;
+    let worker = d.start_worker(4).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+
+    client
+        .submit(
+            &json!({"id": "job-1", "requestor": "alice", "labels": {"team": "x"},
+            "tasks": [{"name": "only", "handler": "noop", "params": {"answer": 42}}]}),
+        )
+        .await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(corr, "job-1");
+    assert_eq!(reply, json!({"job_id": "job-1", "accepted": true}));
+
+    let status = d.wait_terminal("job-1", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded);
+    assert_eq!(status.requestor, "alice");
+    assert_eq!(status.labels.get("team").map(String::as_str), Some("x"));
+    let task = &status.tasks["only"];
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(task.attempts, 1);
+    assert_eq!(task.result, json!({"answer": 42}));
+    assert_eq!(task.worker.as_deref(), Some(worker.as_str()));
+    let transitions: Vec<(Option<&str>, &str)> = status
+        .history
+        .iter()
+        .map(|h| (h.task.as_deref(), h.to.as_str()))
+        .collect();
+    assert_eq!(
+        transitions,
+        vec![
+            (None, "pending"),
+            (Some("only"), "running"),
+            (None, "running"),
+            (Some("only"), "succeeded"),
+            (None, "succeeded"),
+        ]
+    );
+    // One version per atomic write: create, claim, complete.
+    assert_eq!(status.version, 3);
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diamond_dag_hands_each_task_its_dependencies_results() {
+    let mut d = Deployment::new("diamond").await;
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let echo_deps = |name: &str| {
+        json!({"name": name, "handler": "shell", "after": ["a"],
+            "params": {"command": "python3", "args": ["-c",
+                "import json,sys; d=json.load(sys.stdin); print(json.dumps({'seen': d['deps'], 'me': d['task']}))"]}})
+    };
+    client
+        .submit(&json!({"id": "diamond", "requestor": "bob", "tasks": [
+            {"name": "a", "handler": "noop", "params": {"v": 1}},
+            echo_deps("b"),
+            echo_deps("c"),
+            {"name": "d", "handler": "shell", "after": ["b", "c"],
+             "params": {"command": "python3", "args": ["-c",
+                "import json,sys; d=json.load(sys.stdin); print(json.dumps(sorted(d['deps'])))"]}}
+        ]}))
+        .await;
+    let status = d.wait_terminal("diamond", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(
+        status.tasks["b"].result,
+        json!({"seen": {"a": {"v": 1}}, "me": "b"})
+    );
+    assert_eq!(
+        status.tasks["c"].result,
+        json!({"seen": {"a": {"v": 1}}, "me": "c"})
+    );
+    assert_eq!(status.tasks["d"].result, json!(["b", "c"]));
+    // d became ready only after both b and c succeeded.
+    let pos = |task: &str, to: &str| {
+        status
+            .history
+            .iter()
+            .position(|h| h.task.as_deref() == Some(task) && h.to == to)
+            .unwrap_or_else(|| panic!("no {task} -> {to} in history"))
+    };
+    assert!(pos("d", "ready") > pos("b", "succeeded"));
+    assert!(pos("d", "ready") > pos("c", "succeeded"));
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_jobs_through_two_dispatchers_and_two_workers_each_apply_every_outcome_once() {
+    let mut d = Deployment::new("thousand").await;
+    d.start_dispatcher().await;
+    d.start_dispatcher().await;
+    d.start_worker(16).await;
+    d.start_worker(16).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let n = 1000;
+    for i in 0..n {
+        client
+            .submit(&json!({"id": format!("bulk-{i}"), "requestor": "load",
+            "tasks": [
+                {"name": "first", "handler": "noop", "params": {"i": i}},
+                {"name": "second", "handler": "noop", "after": ["first"]}
+            ]}))
+            .await;
+    }
+    for i in 0..n {
+        let id = format!("bulk-{i}");
+        let status = d.wait_terminal(&id, WAIT).await;
+        assert_eq!(status.state, JobState::Succeeded, "{id}");
+        for (name, task) in &status.tasks {
+            assert_eq!(task.attempts, 1, "{id}/{name}");
+            let applied = status
+                .history
+                .iter()
+                .filter(|h| h.task.as_deref() == Some(name) && h.to == "succeeded")
+                .count();
+            assert_eq!(applied, 1, "{id}/{name} outcome applied {applied} times");
+        }
+        let finished = status
+            .history
+            .iter()
+            .filter(|h| h.task.is_none() && h.to == "succeeded")
+            .count();
+        assert_eq!(finished, 1, "{id} finished {finished} times");
+    }
+    let listed = d
+        .store
+        .list_jobs(Some(JobState::Succeeded), 2 * n)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), n);
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_handlers_and_bad_params_are_rejected_in_the_reply_and_in_status() {
+    let mut d = Deployment::new("reject").await;
+    d.start_dispatcher().await;
+    let mut client = Client::connect(&d.config.prefix).await;
+
+    client
+        .submit(&json!({"id": "bad-handler", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "teleport"}]}))
+        .await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(corr, "bad-handler");
+    assert_eq!(reply["accepted"], json!(false));
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("tasks[0].handler") && error.contains("teleport"),
+        "{error}"
+    );
+    let status = d.status("bad-handler").await.expect("rejection recorded");
+    assert_eq!(status.state, JobState::Rejected);
+    assert_eq!(status.error.as_deref(), Some(error));
+
+    client
+        .submit(&json!({"id": "bad-params", "requestor": "r",
+            "tasks": [{"name": "nap", "handler": "sleep", "params": {"ms": -5}}]}))
+        .await;
+    let (_, reply) = client.reply().await;
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("tasks[0]") && error.contains("params.ms"),
+        "{error}"
+    );
+    assert_eq!(
+        d.status("bad-params").await.unwrap().state,
+        JobState::Rejected
+    );
+
+    client
+        .submit(&json!({"id": "cycle", "requestor": "r", "tasks": [
+            {"name": "a", "handler": "noop", "after": ["b"]},
+            {"name": "b", "handler": "noop", "after": ["a"]}]}))
+        .await;
+    let (_, reply) = client.reply().await;
+    assert!(
+        reply["error"].as_str().unwrap().contains("cycle"),
+        "{reply}"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparseable_and_oversized_messages_are_dead_lettered_and_the_dispatcher_keeps_serving() {
+    let mut d = Deployment::new("dead").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+
+    client.publish_raw(b"{this is not json", "garbage").await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(corr, "garbage");
+    assert_eq!(reply["accepted"], json!(false));
+    let big = format!("{{\"requestor\": \"{}\"}}", "x".repeat(1024 * 1024 + 10));
+    client.publish_raw(big.as_bytes(), "big").await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(corr, "big");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_message_bytes"),
+        "{reply}"
+    );
+
+    let first = eventually("first dead letter", WAIT, || client.take_dead()).await;
+    assert_eq!(first.0["x-conveyor-reason-kind"], "not_json");
+    assert_eq!(
+        first.0["x-conveyor-source-queue"],
+        format!("{}.submit", d.config.prefix)
+    );
+    assert!(first.0["x-conveyor-reason"].contains("not JSON"));
+    assert_eq!(first.1, b"{this is not json");
+    let second = eventually("second dead letter", WAIT, || client.take_dead()).await;
+    assert_eq!(second.0["x-conveyor-reason-kind"], "too_large");
+    assert_eq!(second.1.len(), big.len());
+
+    client
+        .submit(&json!({"id": "after-garbage", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    assert_eq!(
+        d.wait_terminal("after-garbage", WAIT).await.state,
+        JobState::Succeeded
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubmitting_an_existing_id_returns_the_existing_job_and_changes_nothing() {
+    let mut d = Deployment::new("idem").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+    let job = json!({"id": "once", "requestor": "r",
+        "tasks": [{"name": "t", "handler": "noop", "params": {"v": 1}}]});
+    client.submit(&job).await;
+    let (_, first) = client.reply().await;
+    assert_eq!(first, json!({"job_id": "once", "accepted": true}));
+    let before = d.wait_terminal("once", WAIT).await;
+
+    let mut changed = job.clone();
+    changed["tasks"][0]["params"]["v"] = json!(2);
+    client.submit(&changed).await;
+    let (_, second) = client.reply().await;
+    assert_eq!(
+        second,
+        json!({"job_id": "once", "accepted": true, "existing": true})
+    );
+    let after = d.status("once").await.unwrap();
+    assert_eq!(after, before, "a resubmission must change nothing");
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_task_that_times_out_fails_with_the_reason() {
+    let mut d = Deployment::new("timeout").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "slow", "requestor": "r", "tasks": [
+            {"name": "hang", "handler": "shell", "timeout_s": 0.5, "retry": {"max_attempts": 2, "base_ms": 10, "cap_ms": 20},
+             "params": {"command": "sleep", "args": ["30"]}},
+            {"name": "after", "handler": "noop", "after": ["hang"]}]}))
+        .await;
+    let status = d.wait_terminal("slow", WAIT).await;
+    assert_eq!(status.state, JobState::Failed);
+    let hang = &status.tasks["hang"];
+    assert_eq!(hang.state, TaskState::Failed);
+    assert_eq!(hang.attempts, 2);
+    assert!(
+        hang.error.as_deref().unwrap_or("").contains("timed out"),
+        "{hang:?}"
+    );
+    let after = &status.tasks["after"];
+    assert_eq!(after.state, TaskState::Failed);
+    assert_eq!(after.error.as_deref(), Some("dependency failed: hang"));
+    client.close().await;
+    d.shutdown().await;
+}

@@ -1,0 +1,115 @@
+//! Graceful shutdown of a real `conveyor worker` process: SIGTERM stops
+//! consuming, lets running handlers finish within the grace period, hands
+//! back what did not finish, and exits 0. Nothing is lost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Client, Deployment, eventually};
+use conveyor::model::JobState;
+use serde_json::json;
+
+fn spawn_worker_process(d: &Deployment, grace_s: u64) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["worker", "--concurrency", "4"])
+        .env("CONVEYOR_PREFIX", &d.config.prefix)
+        .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+        .env("CONVEYOR_GRACE_S", grace_s.to_string())
+        .env("CONVEYOR_LEASE_MS", "3000")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn conveyor worker")
+}
+
+async fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn running_tasks(d: &Deployment, ids: &[String]) -> usize {
+    let mut n = 0;
+    for id in ids {
+        if let Some(s) = d.status(id).await {
+            n += s
+                .tasks
+                .values()
+                .filter(|t| t.state == conveyor::model::TaskState::Running)
+                .count();
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_with_sigterm_finishes_or_hands_back_its_tasks_and_nothing_is_lost() {
+    let mut d = Deployment::new("sigterm").await;
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+    // Short tasks finish within the grace period; long ones are handed back.
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let ms = if i % 2 == 0 { 300 } else { 4000 };
+        let id = format!("term-{i}");
+        client
+            .submit(&json!({"id": id, "requestor": "r",
+                "tasks": [{"name": "nap", "handler": "sleep", "params": {"ms": ms}}]}))
+            .await;
+        ids.push(id);
+    }
+    let mut child = spawn_worker_process(&d, 1);
+    eventually(
+        "the worker process to be running tasks",
+        Duration::from_secs(30),
+        || async { (running_tasks(&d, &ids).await >= 2).then_some(()) },
+    )
+    .await;
+    sigterm(&child).await;
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("worker exits within grace + hand-back")
+        .expect("wait");
+    assert!(exit.success(), "worker exit status {exit:?}");
+
+    // Another worker picks up whatever was handed back or never started.
+    d.start_worker(8).await;
+    let mut handed_back = 0;
+    for id in &ids {
+        let status = d.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        let nap = &status.tasks["nap"];
+        assert_eq!(
+            nap.attempts, 1,
+            "a handed-back attempt does not count: {status:#?}"
+        );
+        handed_back += status
+            .history
+            .iter()
+            .filter(|h| h.reason.contains("handed back"))
+            .count();
+        let succeeded = status
+            .history
+            .iter()
+            .filter(|h| h.task.as_deref() == Some("nap") && h.to == "succeeded")
+            .count();
+        assert_eq!(succeeded, 1);
+    }
+    assert!(
+        handed_back >= 1,
+        "a 4 s task running at SIGTERM with 1 s grace must be handed back"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
