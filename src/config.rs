@@ -86,6 +86,10 @@ pub struct WorkerConfig {
     pub grace_s: u64,
     /// Heartbeat of the worker registry, in milliseconds.
     pub heartbeat_ms: u64,
+    /// Deliveries of one task message without an outcome before it is
+    /// treated as poison (dead-lettered, task failed). Keep it below
+    /// `delivery_limit`, the broker's own backstop. Env `CONVEYOR_MAX_DELIVERIES`.
+    pub max_deliveries: u32,
 }
 
 /// Default retry policy.
@@ -149,9 +153,10 @@ impl Default for WorkerConfig {
         WorkerConfig {
             queues: vec!["default".into()],
             concurrency: 16,
-            lease_ms: 15_000,
+            lease_ms: 10_000,
             grace_s: 30,
             heartbeat_ms: 2_000,
+            max_deliveries: 5,
         }
     }
 }
@@ -313,6 +318,9 @@ impl Config {
         }
         if let Some(v) = get("CONVEYOR_GRACE_S") {
             self.worker.grace_s = parse("CONVEYOR_GRACE_S", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_DELIVERIES") {
+            self.worker.max_deliveries = parse("CONVEYOR_MAX_DELIVERIES", v)?;
         }
         if let Some(v) = get("CONVEYOR_MAX_ATTEMPTS") {
             self.retry.max_attempts = parse("CONVEYOR_MAX_ATTEMPTS", v)?;

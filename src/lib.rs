@@ -18,6 +18,7 @@ pub mod broker;
 pub mod config;
 pub mod dag;
 pub mod dispatcher;
+pub mod health;
 pub mod intake;
 pub mod model;
 pub mod names;

@@ -144,6 +144,7 @@ pub async fn run_worker(
             lease: config.lease(),
             grace: Duration::from_secs(config.worker.grace_s),
             heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+            max_deliveries: config.worker.max_deliveries,
         },
     );
     let mut delay = Duration::from_millis(200);

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError};
+use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
 use crate::outbox::Outbox;
@@ -47,6 +48,7 @@ pub struct Dispatcher {
     intake: JobIntake,
     names: Names,
     options: DispatcherOptions,
+    health: Health,
 }
 
 /// Why a dispatcher stopped.
@@ -67,12 +69,18 @@ impl Dispatcher {
         options: DispatcherOptions,
     ) -> Dispatcher {
         Dispatcher {
+            health: Health::new(store.clone(), broker.clone()),
             store,
             outbox: Outbox::new(broker, names.clone()),
             intake,
             names,
             options,
         }
+    }
+
+    /// Whether the dispatcher can take work (store and broker reachable).
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Consume submissions and sweep until `shutdown` fires (returns Ok) or
@@ -96,6 +104,10 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         let mut in_flight = JoinSet::new();
         let result = loop {
+            tokio::select! {
+                _ = shutdown.wait() => break Ok(()),
+                _ = self.health.wait_store_up() => {}
+            }
             let permit = tokio::select! {
                 _ = shutdown.wait() => break Ok(()),
                 p = permits.clone().acquire_owned() => match p {

@@ -93,8 +93,11 @@ impl Dispatcher {
     async fn store_failed(&self, delivery: Delivery, e: StoreError) {
         tracing::warn!(error = %e, "store failed; requeueing submission");
         if e.is_retryable() {
-            // Give Redis a moment before the broker hands it back.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Take no new submissions until Redis answers again.
+            self.health.mark_store_down();
+        } else {
+            // Not a passing outage: do not spin on it.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         requeue(delivery).await;
     }

@@ -19,6 +19,11 @@ impl Dispatcher {
                 _ = shutdown.wait() => return,
                 _ = tick.tick() => {}
             }
+            // Also notices a Redis that lost its data (see RedisStore::check_epoch).
+            if let Err(e) = self.store.ping().await {
+                tracing::warn!(error = %e, "store unreachable; sweep skipped");
+                continue;
+            }
             match self.sweep_once().await {
                 Ok(n) if n > 0 => tracing::debug!(actions = n, "sweep"),
                 Ok(_) => {}

@@ -335,6 +335,12 @@ pub trait Store: Send + Sync + 'static {
     /// Registered, live workers.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError>;
 
-    /// Whether the store answers.
+    /// Whether the store answers (and, for Redis, whether it still holds
+    /// the data it held: see `RedisStore::check_epoch`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Fail a task whose message was delivered too often without an
+    /// outcome (a poison message), if it is still waiting at that attempt.
+    /// Returns whether the task was failed.
+    async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError>;
 }

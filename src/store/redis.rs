@@ -18,6 +18,8 @@
 //!   expired are pruned when listed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -43,7 +45,7 @@ macro_rules! script {
 }
 
 /// Every script's full source, by name (for tests that check the Lua side).
-pub const SCRIPT_SOURCES: [(&str, &str); 8] = [
+pub const SCRIPT_SOURCES: [(&str, &str); 9] = [
     ("create", script!("lua/create.lua")),
     ("reject", script!("lua/reject.lua")),
     ("claim", script!("lua/claim.lua")),
@@ -52,6 +54,7 @@ pub const SCRIPT_SOURCES: [(&str, &str); 8] = [
     ("reclaim", script!("lua/reclaim.lua")),
     ("release", script!("lua/release.lua")),
     ("renew", script!("lua/renew.lua")),
+    ("poison", script!("lua/poison.lua")),
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +67,7 @@ enum Script {
     Reclaim,
     Release,
     Renew,
+    Poison,
 }
 
 /// The Redis implementation of [`Store`].
@@ -71,9 +75,10 @@ enum Script {
 pub struct RedisStore {
     pool: Pool,
     names: Names,
-    shas: [String; 8],
+    shas: [String; 9],
     retention_ms: u64,
     by: String,
+    epoch: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -189,9 +194,44 @@ impl RedisStore {
             shas,
             retention_ms: retention.as_millis() as u64,
             by: by.into(),
+            epoch: Arc::new(AtomicU64::new(0)),
         };
         store.load_scripts().await?;
+        store.check_epoch().await?;
         Ok(store)
+    }
+
+    /// The epoch of the Redis data this store works on: a random number
+    /// written once (`SET NX`) into `<prefix>:epoch`. A Redis restarted
+    /// without persistence comes back without it; the next check notices,
+    /// says so loudly, and starts a new epoch. Every job's fence counter
+    /// starts at its epoch's base (`epoch << 20`), so fencing numbers handed
+    /// out after a data loss never repeat one a worker may still hold.
+    pub async fn check_epoch(&self) -> Result<u64, StoreError> {
+        let fresh: u64 = rand::random::<u32>() as u64 >> 1 | 1;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.names.epoch_key())
+            .arg(fresh)
+            .arg("NX")
+            .ignore();
+        pipe.cmd("GET").arg(self.names.epoch_key());
+        let (current,): (u64,) = self.run(&pipe).await?;
+        let known = self.epoch.swap(current, Ordering::SeqCst);
+        if known != 0 && known != current {
+            tracing::error!(
+                previous = known,
+                current,
+                "Redis lost its data (epoch changed): jobs recorded before are gone; \
+                 task messages naming them will be dead-lettered (job_missing), and \
+                 outcomes of claims made before will be rejected"
+            );
+        }
+        Ok(current)
+    }
+
+    fn epoch_base(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst) << 20
     }
 
     /// The names this store uses.
@@ -263,7 +303,7 @@ impl RedisStore {
         Ok(reply)
     }
 
-    fn job_fields(job: &PlannedJob, retention_ms: u64) -> Vec<(String, String)> {
+    fn job_fields(job: &PlannedJob, retention_ms: u64, fence_base: u64) -> Vec<(String, String)> {
         let mut f: Vec<(String, String)> = Vec::with_capacity(8 + job.tasks.len() * 14);
         let mut push = |k: String, v: String| f.push((k, v));
         push("id".into(), job.id.clone());
@@ -273,6 +313,7 @@ impl RedisStore {
         push("n".into(), job.tasks.len().to_string());
         push("open".into(), job.tasks.len().to_string());
         push("ret".into(), retention_ms.to_string());
+        push("fence".into(), fence_base.to_string());
         fn join(v: &[u32]) -> String {
             let mut s = String::new();
             for (k, x) in v.iter().enumerate() {
@@ -321,7 +362,7 @@ impl Store for RedisStore {
     async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError> {
         let mut cmd = self.evalsha(Script::Create, &job.id);
         cmd.arg(&job.requestor).arg(&self.by);
-        for (k, v) in Self::job_fields(job, self.retention_ms) {
+        for (k, v) in Self::job_fields(job, self.retention_ms, self.epoch_base()) {
             cmd.arg(k).arg(v);
         }
         let reply = self.eval(cmd).await?;
@@ -869,10 +910,17 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("PING");
-        let (_pong,): (String,) = self.run(&pipe).await?;
-        Ok(())
+        self.check_epoch().await.map(|_| ())
+    }
+
+    async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError> {
+        let mut cmd = self.evalsha(Script::Poison, &task.job);
+        cmd.arg(task.idx)
+            .arg(task.attempt)
+            .arg(reason)
+            .arg(&self.by);
+        let reply = self.eval(cmd).await?;
+        Ok(field(&reply, 0) == "failed")
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError, Delivery};
+use crate::health::Health;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
 use crate::outbox::Outbox;
@@ -50,6 +51,9 @@ pub struct WorkerOptions {
     pub grace: Duration,
     /// Registry heartbeat.
     pub heartbeat: Duration,
+    /// A task message delivered this many times without reaching a claim
+    /// is poison: dead-lettered, and its task failed with the reason.
+    pub max_deliveries: u32,
 }
 
 /// One worker process's task loop.
@@ -61,6 +65,7 @@ pub struct Worker {
     names: Names,
     options: WorkerOptions,
     active: ActiveClaims,
+    health: Health,
 }
 
 impl Worker {
@@ -73,6 +78,7 @@ impl Worker {
         options: WorkerOptions,
     ) -> Worker {
         Worker {
+            health: Health::new(store.clone(), broker.clone()),
             store,
             outbox: Outbox::new(broker, names.clone()),
             registry,
@@ -85,6 +91,11 @@ impl Worker {
     /// The worker's id.
     pub fn id(&self) -> &str {
         &self.options.id
+    }
+
+    /// Whether the worker can take work (store and broker reachable).
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Consume and run tasks until `shutdown` fires; then stop consuming,
@@ -173,6 +184,10 @@ impl Worker {
                 }
             };
             loop {
+                tokio::select! {
+                    _ = shutdown.wait() => break 'subscribe,
+                    _ = self.health.wait_store_up() => {}
+                }
                 let permit = tokio::select! {
                     _ = shutdown.wait() => break 'subscribe,
                     p = permits.clone().acquire_owned() => match p {
@@ -219,6 +234,9 @@ impl Worker {
                     .await;
             }
         };
+        if delivery.delivery_count >= self.options.max_deliveries {
+            return self.poisoned(delivery, task).await;
+        }
         let claimed = match self
             .store
             .claim(&task, &self.options.id, self.options.lease)
@@ -240,9 +258,12 @@ impl Worker {
             }
             Err(e) => {
                 // Redis is unreachable: take nothing, lose nothing. The
-                // delivery goes back after a pause.
+                // delivery goes back and consumption pauses until Redis
+                // answers again.
                 tracing::warn!(error = %e, "claim failed; requeueing task");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if e.is_retryable() {
+                    self.health.mark_store_down();
+                }
                 if let Err(e) = delivery.acker.requeue().await {
                     tracing::warn!(error = %e, "requeue failed; the broker redelivers on reconnect");
                 }
@@ -337,6 +358,28 @@ impl Worker {
             }
         }
         let _ = self.store.forget_claim(claim).await;
+    }
+
+    /// A message delivered too often without an outcome: dead-letter it and
+    /// fail its task, so the job finishes instead of waiting forever.
+    async fn poisoned(&self, delivery: Delivery, task: TaskMessage) {
+        let reason = format!(
+            "poison message: delivered {} times without an outcome (limit {})",
+            delivery.delivery_count, self.options.max_deliveries
+        );
+        match self.store.fail_poisoned(&task, &reason).await {
+            Ok(failed) => {
+                tracing::warn!(job = %task.job, task = %task.task, failed, "{reason}");
+                self.dead_letter(delivery, DeadLetterReason::Poison, &reason)
+                    .await;
+            }
+            Err(e) => {
+                if e.is_retryable() {
+                    self.health.mark_store_down();
+                }
+                let _ = delivery.acker.requeue().await;
+            }
+        }
     }
 
     async fn dead_letter(&self, delivery: Delivery, kind: DeadLetterReason, reason: &str) {

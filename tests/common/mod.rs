@@ -168,6 +168,7 @@ impl Deployment {
                 lease: config.lease(),
                 grace: Duration::from_secs(config.worker.grace_s),
                 heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+                max_deliveries: config.worker.max_deliveries,
             },
         );
         let trigger = ShutdownTrigger::new();

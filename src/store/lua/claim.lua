@@ -23,7 +23,7 @@ if d[9] == 'pending' then
   hist(nil, 'pending', 'running', 'first task claimed', ARGV[3])
 end
 bump()
-local out = {'claimed', tostring(fence), d[1], d[2], d[3], d[4], d[5], tostring(le), d[6], d[7]}
+local out = {'claimed', string.format('%d', fence), d[1], d[2], d[3], d[4], d[5], string.format('%d', le), d[6], d[7]}
 for _, dep in ipairs(split_idx(d[8])) do
   local r = redis.call('HMGET', J, 'nm:' .. dep, 'r:' .. dep)
   out[#out + 1] = r[1]; out[#out + 1] = r[2] or 'null'

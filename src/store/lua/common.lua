@@ -4,7 +4,9 @@
 --
 -- Job hash fields: id, st (job state), v (version), req, lab (labels JSON),
 -- cr/up/fin (created/updated/finished ms), n (tasks), open (non-terminal
--- tasks), nfail, ncanc, fence (claim counter), ret (retention ms), err.
+-- tasks), nfail, ncanc, fence (claim counter, starting at the store's epoch
+-- base so fences never repeat across a Redis that lost its data), ret
+-- (retention ms), err.
 -- Per task i: nm name, h handler, q queue, p params, af deps (comma list),
 -- dp dependents (comma list), dl deps left, s state, a attempt, ma max
 -- attempts, bb/bc backoff base/cap, to timeout ms, r result, e error,

@@ -1,6 +1,7 @@
 -- create: record a new job unless its id exists.
 -- ARGV[1] requestor (for history), ARGV[2] by, ARGV[3..] field/value pairs
--- of the job hash, precomputed by the planner.
+-- of the job hash, precomputed by the planner (including `fence`, the
+-- store epoch's base).
 -- Returns {'created'} or {'exists', job state, ready tasks...} where ready
 -- tasks are {idx, name, queue, attempt}* for an idempotent re-publish.
 if redis.call('EXISTS', J) == 1 then
@@ -20,6 +21,6 @@ for s = 3, #ARGV, chunk do
   local e = math.min(s + chunk - 1, #ARGV)
   redis.call('HSET', J, unpack(ARGV, s, e))
 end
-redis.call('HSET', J, 'cr', NOW, 'up', NOW, 'v', 1, 'fence', 0, 'nfail', 0, 'ncanc', 0)
+redis.call('HSET', J, 'cr', NOW, 'up', NOW, 'v', 1, 'nfail', 0, 'ncanc', 0)
 hist(nil, nil, 'pending', 'submitted by ' .. ARGV[1], ARGV[2])
 return {'created'}

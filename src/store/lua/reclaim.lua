@@ -18,7 +18,7 @@ local s, a = v[1], tonumber(v[2])
 if not s then return {'gone'} end
 if s == 'running' and a == attempt then
   local le = tonumber(v[3] or '0')
-  if le > NOW then return {'alive', tostring(le)} end
+  if le > NOW then return {'alive', string.format('%d', le)} end
   local reason = 'lease expired (worker ' .. (v[4] or '?') .. ')'
   if a < tonumber(v[5]) then
     redis.call('HSET', J, 's:' .. i, 'ready', 'a:' .. i, a + 1, 'e:' .. i, reason)

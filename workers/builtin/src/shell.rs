@@ -23,6 +23,11 @@
 //!   "job_id": ..., "task": ..., "attempt": ...}`. Stdin is closed after the
 //!   write, so the program sees end of file.
 //!
+//! The program also finds its execution in its environment:
+//! `CONVEYOR_JOB_ID`, `CONVEYOR_TASK`, `CONVEYOR_ATTEMPT` and
+//! `CONVEYOR_FENCE` (the claim's fencing number), so a one-line `sh -c`
+//! task can log or fence its side effects without parsing JSON.
+//!
 //! Unknown keys are rejected, so a misspelled `"arg"` is an error, not a
 //! silently ignored setting.
 //!
@@ -432,6 +437,10 @@ impl Handler for Shell {
 
         let mut cmd = Command::new(&p.command);
         cmd.args(&p.args)
+            .env("CONVEYOR_JOB_ID", &ctx.job_id)
+            .env("CONVEYOR_TASK", &ctx.task)
+            .env("CONVEYOR_ATTEMPT", ctx.attempt.to_string())
+            .env("CONVEYOR_FENCE", ctx.fence.to_string())
             .envs(&p.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -607,6 +616,21 @@ mod tests {
         params["cwd"] = json!("/");
         let out = run(params).await;
         assert_eq!(out, Ok(Outcome::Done(json!({"v": "bar baz", "d": "/"}))));
+    }
+
+    #[tokio::test]
+    async fn the_execution_is_in_the_environment() {
+        let params = sh(
+            r#"printf '["%s","%s","%s","%s"]' "$CONVEYOR_JOB_ID" "$CONVEYOR_TASK" "$CONVEYOR_ATTEMPT" "$CONVEYOR_FENCE""#,
+        );
+        let out = run(params).await;
+        let Ok(Outcome::Done(Value::Array(v))) = out else {
+            panic!("expected an array, got {out:?}");
+        };
+        assert_eq!(v[0], json!("job-test"));
+        assert_eq!(v[1], json!("task-test"));
+        assert!(v[2].as_str().is_some_and(|a| a.parse::<u32>().is_ok()));
+        assert!(v[3].as_str().is_some_and(|f| f.parse::<u64>().is_ok()));
     }
 
     #[tokio::test]
