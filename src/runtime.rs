@@ -129,6 +129,13 @@ pub async fn run_worker(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let id = crate::worker::new_worker_id();
+    let journal = match std::env::var_os("CONVEYOR_JOURNAL") {
+        Some(path) => Some(crate::worker::Journal::open(
+            std::path::Path::new(&path),
+            &id,
+        )?),
+        None => None,
+    };
     let Some((store, broker)) = connect_until_up(config, &id, 4, &shutdown).await else {
         return Ok(());
     };
@@ -145,6 +152,7 @@ pub async fn run_worker(
             grace: Duration::from_secs(config.worker.grace_s),
             heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
             max_deliveries: config.worker.max_deliveries,
+            journal,
         },
     );
     let mut delay = Duration::from_millis(200);

@@ -83,62 +83,80 @@ impl Dispatcher {
         &self.health
     }
 
-    /// Consume submissions and sweep until `shutdown` fires (returns Ok) or
-    /// the broker connection fails (returns the error; the caller
-    /// reconnects). In-flight submissions finish before it returns.
+    /// Consume submissions and sweep until `shutdown` fires. Broker losses
+    /// are ridden out: the subscription is made again (with its prefetch)
+    /// on a fresh connection. In-flight submissions finish before it
+    /// returns. Fails only if the topology cannot be declared at start.
     pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), DispatcherError> {
         let broker = self.outbox.broker().clone();
         broker.declare(&self.options.task_queues).await?;
         self.outbox.mark_declared(&self.options.task_queues);
-        let mut subscription = broker
-            .subscribe(&self.names.submit_queue(), self.options.prefetch)
-            .await?;
-        tracing::info!(queue = %self.names.submit_queue(), "dispatcher consuming");
 
         let sweeper = {
             let this = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move { this.sweep_forever(shutdown).await })
         };
-
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         let mut in_flight = JoinSet::new();
-        let result = loop {
-            tokio::select! {
-                _ = shutdown.wait() => break Ok(()),
-                _ = self.health.wait_store_up() => {}
-            }
-            let permit = tokio::select! {
-                _ = shutdown.wait() => break Ok(()),
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break Ok(()),
-                },
-            };
-            let delivery = tokio::select! {
-                _ = shutdown.wait() => break Ok(()),
-                d = subscription.next() => d,
-            };
-            match delivery {
-                Some(Ok(delivery)) => {
-                    let this = self.clone();
-                    in_flight.spawn(async move {
-                        this.handle_submission(delivery).await;
-                        drop(permit);
-                    });
+        let queue = self.names.submit_queue();
+        let mut retry_delay = Duration::from_millis(100);
+        'subscribe: while !shutdown.is_triggered() {
+            let mut subscription = match broker.subscribe(&queue, self.options.prefetch).await {
+                Ok(s) => {
+                    tracing::info!(%queue, "dispatcher consuming");
+                    retry_delay = Duration::from_millis(100);
+                    s
                 }
-                Some(Err(e)) => break Err(DispatcherError::Broker(e)),
-                None => {
-                    break Err(DispatcherError::Broker(BrokerError::Unavailable(
-                        "submit subscription ended".into(),
-                    )));
+                Err(e) => {
+                    tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
+                    tokio::select! {
+                        _ = shutdown.wait() => break 'subscribe,
+                        _ = tokio::time::sleep(retry_delay) => {}
+                    }
+                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+                    continue;
                 }
+            };
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => break,
+                    _ = self.health.wait_store_up() => {}
+                }
+                let permit = tokio::select! {
+                    _ = shutdown.wait() => break,
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let delivery = tokio::select! {
+                    _ = shutdown.wait() => break,
+                    d = subscription.next() => d,
+                };
+                match delivery {
+                    Some(Ok(delivery)) => {
+                        let this = self.clone();
+                        in_flight.spawn(async move {
+                            this.handle_submission(delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "submit subscription failed; resubscribing");
+                        continue 'subscribe;
+                    }
+                    None => {
+                        tracing::warn!("submit subscription ended; resubscribing");
+                        continue 'subscribe;
+                    }
+                }
+                while in_flight.try_join_next().is_some() {}
             }
-            while in_flight.try_join_next().is_some() {}
-        };
-        let _ = subscription.cancel().await;
+            let _ = subscription.cancel().await;
+        }
         while in_flight.join_next().await.is_some() {}
         sweeper.abort();
-        result
+        Ok(())
     }
 }

@@ -5,15 +5,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::Journal;
 use crate::store::{ClaimRef, Store};
 
 /// Claims held by this worker, keyed by (job, task index).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(super) struct ActiveClaims {
     inner: Arc<Mutex<HashMap<(String, u32), ClaimRef>>>,
+    journal: Option<Journal>,
 }
 
 impl ActiveClaims {
+    pub(super) fn new(journal: Option<Journal>) -> ActiveClaims {
+        ActiveClaims {
+            inner: Arc::default(),
+            journal,
+        }
+    }
+
     pub(super) fn insert(&self, claim: ClaimRef) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         map.insert((claim.job.clone(), claim.idx), claim);
@@ -26,6 +35,11 @@ impl ActiveClaims {
 
     pub(super) fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn contains(&self, claim: &ClaimRef) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(claim.job.clone(), claim.idx)) == Some(claim)
     }
 
     fn snapshot(&self) -> Vec<ClaimRef> {
@@ -46,7 +60,12 @@ impl ActiveClaims {
             match store.renew(&claims, lease).await {
                 Ok(held) => {
                     for (claim, held) in claims.iter().zip(held) {
-                        if !held {
+                        if held {
+                            if let Some(j) = &self.journal {
+                                j.record('R', claim, None);
+                            }
+                        } else if self.contains(claim) {
+                            // Still ours by our books, no longer by the store's.
                             tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence,
                                 "claim lost (lease lapsed and the task moved on); its outcome will be rejected");
                         }

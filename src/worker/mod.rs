@@ -14,6 +14,7 @@
 //!    entry — a crash before that leaves the sweep to publish them again.
 
 mod execute;
+mod journal;
 mod leases;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::store::redis::unix_ms;
 use crate::store::{Applied, AttemptResult, ClaimOutcome, Claimed, Store, WorkerInfo};
 
 pub use execute::{AttemptEnd, run_attempt};
+pub use journal::Journal;
 use leases::ActiveClaims;
 
 /// Worker settings.
@@ -54,6 +56,8 @@ pub struct WorkerOptions {
     /// A task message delivered this many times without reaching a claim
     /// is poison: dead-lettered, and its task failed with the reason.
     pub max_deliveries: u32,
+    /// Where to journal claims, renewals and ends (see [`Journal`]).
+    pub journal: Option<Journal>,
 }
 
 /// One worker process's task loop.
@@ -83,8 +87,8 @@ impl Worker {
             outbox: Outbox::new(broker, names.clone()),
             registry,
             names,
+            active: ActiveClaims::new(options.journal.clone()),
             options,
-            active: ActiveClaims::default(),
         }
     }
 
@@ -271,6 +275,9 @@ impl Worker {
             }
         };
         ack(delivery).await;
+        if let Some(j) = &self.options.journal {
+            j.record('S', &claimed.claim, None);
+        }
         self.active.insert(claimed.claim.clone());
         let Some(handler) = self.registry.get(&claimed.handler).cloned() else {
             let end = AttemptEnd::Permanent(format!(
@@ -294,6 +301,14 @@ impl Worker {
     async fn finish(&self, claimed: &Claimed, end: AttemptEnd) {
         let claim = &claimed.claim;
         let result: AttemptResult = end.into_result(claimed);
+        if let Some(j) = &self.options.journal {
+            let kind = match &result {
+                AttemptResult::Succeeded(_) => "succeeded",
+                AttemptResult::Retry { .. } => "retry",
+                AttemptResult::Failed(_) => "failed",
+            };
+            j.record('E', claim, Some(kind));
+        }
         let applied = loop {
             match self.store.complete(claim, &self.options.id, &result).await {
                 Ok(applied) => break applied,
@@ -343,6 +358,9 @@ impl Worker {
     async fn hand_back(&self, claimed: &Claimed) {
         let claim = &claimed.claim;
         self.active.remove(claim);
+        if let Some(j) = &self.options.journal {
+            j.record('E', claim, Some("handed_back"));
+        }
         match self.store.release(claim, &self.options.id).await {
             Ok(Some(msg)) => {
                 if let Err(e) = self.outbox.publish_tasks(&[msg]).await {

@@ -94,6 +94,8 @@ pub struct Deployment {
     pub names: Names,
     pub store: Arc<RedisStore>,
     pub registry: Registry,
+    /// Journal for workers started from now on.
+    pub journal: Option<conveyor::worker::Journal>,
     dispatchers: Vec<Running>,
     workers: Vec<Running>,
 }
@@ -115,6 +117,7 @@ impl Deployment {
             config,
             store,
             registry: conveyor_builtin_handlers::registry(),
+            journal: None,
             dispatchers: Vec::new(),
             workers: Vec::new(),
         }
@@ -169,6 +172,7 @@ impl Deployment {
                 grace: Duration::from_secs(config.worker.grace_s),
                 heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
                 max_deliveries: config.worker.max_deliveries,
+                journal: self.journal.clone(),
             },
         );
         let trigger = ShutdownTrigger::new();
@@ -309,6 +313,16 @@ impl Client {
             .with_delivery_mode(2)
             .with_reply_to(self.reply_queue.as_str().into())
             .with_correlation_id(correlation_id.into());
+        self.publish_with(body, props).await;
+    }
+
+    /// Publish raw bytes to the submit queue, persistent, asking no reply.
+    pub async fn publish_no_reply(&self, body: &[u8]) {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        self.publish_with(body, props).await;
+    }
+
+    async fn publish_with(&self, body: &[u8], props: BasicProperties) {
         self.channel
             .basic_publish(
                 "".into(),

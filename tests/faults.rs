@@ -1,0 +1,712 @@
+//! Fault injection against real services: workers killed and paused,
+//! RabbitMQ connections dropped, Redis restarted with and without its data,
+//! and a flood of garbage. Each test keeps a record of truth outside Redis
+//! (the workers' execution journal) and asserts the invariants of
+//! docs/ARCHITECTURE.md at the end:
+//! - every accepted job is terminal, and accepted = succeeded + failed + cancelled;
+//! - no outcome was applied twice;
+//! - no task ran under two live claims at once.
+//!
+//! The tests in this file run one at a time: they disturb shared services.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Client, Deployment, eventually, test_config, unique_prefix};
+use conveyor::broker::Broker;
+use conveyor::model::JobState;
+use conveyor::store::Store;
+use serde_json::json;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("conveyor-{name}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+// ---------------------------------------------------------------- journal
+
+#[derive(Debug, Clone)]
+struct Run {
+    fence: u64,
+    worker: String,
+    start: u128,
+    last_alive: u128,
+    end: Option<u128>,
+}
+
+/// Parse the journal into runs per (job, task index).
+fn read_journal(path: &Path) -> BTreeMap<(String, u32), Vec<Run>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut runs: HashMap<(String, u32, u64), Run> = HashMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 7 {
+            panic!("short journal line {line:?}");
+        }
+        let (kind, job, idx, fence, ns) = (
+            f[0],
+            f[1].to_owned(),
+            f[2].parse::<u32>().unwrap(),
+            f[4].parse::<u64>().unwrap(),
+            f[5].parse::<u128>().unwrap(),
+        );
+        let run = runs.entry((job, idx, fence)).or_insert_with(|| Run {
+            fence,
+            worker: f[6].to_owned(),
+            start: ns,
+            last_alive: ns,
+            end: None,
+        });
+        match kind {
+            "S" => {
+                run.start = ns;
+                run.last_alive = run.last_alive.max(ns);
+            }
+            "R" => run.last_alive = run.last_alive.max(ns),
+            "E" => run.end = Some(ns),
+            other => panic!("unknown journal kind {other}"),
+        }
+    }
+    let mut out: BTreeMap<(String, u32), Vec<Run>> = BTreeMap::new();
+    for ((job, idx, _), run) in runs {
+        out.entry((job, idx)).or_default().push(run);
+    }
+    for runs in out.values_mut() {
+        runs.sort_by_key(|r| r.start);
+    }
+    out
+}
+
+/// No task ran under two live claims at once. A claim is live from its
+/// start until its end or until its lease lapsed after the last renewal
+/// the worker recorded, whichever is first.
+fn assert_no_overlapping_claims(path: &Path, lease: Duration) {
+    let lease_ns = lease.as_nanos();
+    let journal = read_journal(path);
+    assert!(
+        !journal.is_empty(),
+        "the journal is empty: the test recorded nothing"
+    );
+    for ((job, idx), runs) in &journal {
+        for pair in runs.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            let a_live_end = a.end.unwrap_or(u128::MAX).min(a.last_alive + lease_ns);
+            assert!(
+                b.start >= a_live_end,
+                "{job}/{idx}: claim {} ({}) started {} ms before claim {} ({}) stopped being live",
+                b.fence,
+                b.worker,
+                (a_live_end - b.start) / 1_000_000,
+                a.fence,
+                a.worker
+            );
+        }
+    }
+}
+
+/// Every accepted job is terminal; each task's outcome and each job's end
+/// were applied once. Returns the count of jobs per state.
+async fn assert_jobs_settled(d: &Deployment, ids: &[String]) -> BTreeMap<JobState, usize> {
+    let mut counts = BTreeMap::new();
+    for id in ids {
+        let status = d.wait_terminal(id, WAIT).await;
+        *counts.entry(status.state).or_insert(0) += 1;
+        let mut terminal_per_task: HashMap<&str, usize> = HashMap::new();
+        for h in &status.history {
+            match h.task.as_deref() {
+                Some(t) if matches!(h.to.as_str(), "succeeded" | "failed" | "cancelled") => {
+                    *terminal_per_task.entry(t).or_insert(0) += 1;
+                }
+                _ => {}
+            }
+        }
+        for (task, n) in terminal_per_task {
+            assert_eq!(n, 1, "{id}/{task}: outcome applied {n} times");
+        }
+        let ends = status
+            .history
+            .iter()
+            .filter(|h| {
+                h.task.is_none()
+                    && JobState::ALL
+                        .iter()
+                        .any(|s| s.is_terminal() && s.as_str() == h.to)
+            })
+            .count();
+        assert_eq!(ends, 1, "{id}: job finished {ends} times");
+    }
+    let settled: usize = [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+        .iter()
+        .map(|s| counts.get(s).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        settled,
+        ids.len(),
+        "accepted = succeeded + failed + cancelled: {counts:?}"
+    );
+    counts
+}
+
+async fn submit_sleep_jobs(client: &Client, prefix: &str, n: usize, ms: u64) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        client
+            .submit(&json!({"id": id, "requestor": "faults",
+                "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": ms}}]}))
+            .await;
+        ids.push(id);
+    }
+    ids
+}
+
+/// How many runs the journal says have ended: a cheap progress signal.
+fn ended_runs(journal: &Path) -> usize {
+    std::fs::read_to_string(journal)
+        .map(|j| j.lines().filter(|l| l.starts_with("E ")).count())
+        .unwrap_or(0)
+}
+
+async fn wait_ended_runs(journal: &Path, n: usize) {
+    eventually(&format!("{n} runs ended"), WAIT, || async {
+        (ended_runs(journal) >= n).then_some(())
+    })
+    .await;
+}
+
+fn worker_process(
+    d: &Deployment,
+    journal: &Path,
+    lease_ms: u64,
+    log: &Path,
+) -> tokio::process::Child {
+    let log = std::fs::File::create(log).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["worker", "--concurrency", "16"])
+        .env("CONVEYOR_PREFIX", &d.config.prefix)
+        .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+        .env("CONVEYOR_LEASE_MS", lease_ms.to_string())
+        .env("CONVEYOR_JOURNAL", journal)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn conveyor worker")
+}
+
+async fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let ok = tokio::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("kill9").await;
+    d.start_dispatcher().await;
+    let dir = temp_dir("kill9");
+    let journal = dir.join("journal");
+    let lease_ms = 2000;
+    let mut victim = worker_process(&d, &journal, lease_ms, &dir.join("victim.log"));
+    let mut survivor = worker_process(&d, &journal, lease_ms, &dir.join("survivor.log"));
+    let client = Client::connect(&d.config.prefix).await;
+    let ids = submit_sleep_jobs(&client, "k", 2000, 100).await;
+    wait_ended_runs(&journal, 500).await;
+    signal(&victim, "-KILL").await;
+    let _ = victim.wait().await;
+    let counts = assert_jobs_settled(&d, &ids).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&2000), "{counts:?}");
+    assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
+    // The victim died holding claims; each of those tasks ran again.
+    let journal_runs = read_journal(&journal);
+    let cut_short: Vec<_> = journal_runs
+        .iter()
+        .filter(|(_, runs)| runs.iter().any(|r| r.end.is_none()))
+        .collect();
+    assert!(
+        !cut_short.is_empty(),
+        "the victim was killed holding no claim: the test proved nothing"
+    );
+    for (task, runs) in &cut_short {
+        assert!(
+            runs.last().is_some_and(|r| r.end.is_some()),
+            "{task:?} never ran again: {runs:?}"
+        );
+    }
+    eprintln!(
+        "kill -9: {} tasks were cut short and ran again",
+        cut_short.len()
+    );
+    signal(&survivor, "-TERM").await;
+    let _ = survivor.wait().await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("amqpdrop").await;
+    let dir = temp_dir("amqpdrop");
+    let journal = dir.join("journal");
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.start_dispatcher().await;
+    d.start_worker(16).await;
+    d.start_worker(16).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let ids = submit_sleep_jobs(&client, "a", 1000, 20).await;
+    client.close().await;
+    wait_ended_runs(&journal, 200).await;
+    let done_before = ended_runs(&journal);
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["close_all_connections", "conveyor fault injection"])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts = assert_jobs_settled(&d, &ids).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
+    assert!(
+        done_before < 1000,
+        "connections were dropped after the run, not in the middle of it"
+    );
+    assert_no_overlapping_claims(&journal, d.config.lease());
+    // Consumers are back on every queue (Celery's decade-old bug).
+    let broker = common::connect_broker(&d.config).await;
+    let names = d.names.clone();
+    eventually("consumers back", WAIT, || async {
+        let stats = broker
+            .queue_stats(&[names.submit_queue(), names.task_queue("default")])
+            .await
+            .ok()?;
+        (stats.len() == 2 && stats[0].consumers == 1 && stats[1].consumers == 2).then_some(())
+    })
+    .await;
+    // And they work: a new job after the reconnect succeeds.
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "after-drop", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    assert_eq!(
+        d.wait_terminal("after-drop", WAIT).await.state,
+        JobState::Succeeded
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A Redis server of the test's own, on its own port and directory.
+struct PrivateRedis {
+    port: u16,
+    dir: PathBuf,
+    aof: bool,
+}
+
+impl PrivateRedis {
+    async fn start(aof: bool) -> PrivateRedis {
+        let port = 20000 + (rand::random::<u16>() % 20000);
+        let r = PrivateRedis {
+            port,
+            dir: temp_dir("redis"),
+            aof,
+        };
+        r.launch().await;
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn launch(&self) {
+        let status = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                if self.aof { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--pidfile",
+                self.dir.join("pid").to_str().unwrap(),
+                "--logfile",
+                self.dir.join("log").to_str().unwrap(),
+            ])
+            .status()
+            .await
+            .expect("redis-server must be installed for this test");
+        assert!(status.success());
+        let url = self.url();
+        eventually("private redis up", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+            }
+        })
+        .await;
+    }
+
+    async fn stop(&self) {
+        let save = if self.aof { "save" } else { "nosave" };
+        let _ = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", save])
+            .status()
+            .await;
+        let url = self.url();
+        eventually("private redis down", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .err()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", "nosave"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let redis = PrivateRedis::start(true).await;
+    let mut config = test_config(&unique_prefix("redisaof"));
+    config.redis_url = redis.url();
+    let mut d = Deployment::with_config(config).await;
+    let dir = temp_dir("redisaof");
+    let journal = dir.join("journal");
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.start_dispatcher().await;
+    d.start_worker(16).await;
+    d.start_worker(16).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let ids = submit_sleep_jobs(&client, "r", 1000, 20).await;
+    wait_ended_runs(&journal, 200).await;
+    let done_before = ended_runs(&journal);
+    redis.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.launch().await;
+    let counts = assert_jobs_settled(&d, &ids).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
+    assert!(
+        done_before < 1000,
+        "Redis was stopped after the run, not in the middle of it"
+    );
+    assert_no_overlapping_claims(&journal, d.config.lease());
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead_lettered_not_run()
+{
+    let _serial = SERIAL.lock().await;
+    let redis = PrivateRedis::start(false).await;
+    let mut config = test_config(&unique_prefix("redisnone"));
+    config.redis_url = redis.url();
+    let mut d = Deployment::with_config(config).await;
+    let dir = temp_dir("redisnone");
+    let journal = dir.join("journal");
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+    // Chains of two slow tasks, so work is queued when the data goes.
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let id = format!("gone-{i}");
+        client
+            .submit(&json!({"id": id, "requestor": "r", "tasks": [
+                {"name": "a", "handler": "sleep", "params": {"ms": 200}},
+                {"name": "b", "handler": "sleep", "params": {"ms": 200}, "after": ["a"]}]}))
+            .await;
+        ids.push(id);
+    }
+    eventually("every job recorded", WAIT, || async {
+        for id in &ids {
+            d.status(id).await?;
+        }
+        Some(())
+    })
+    .await;
+    let epoch_before = d.store.check_epoch().await.unwrap();
+    d.start_worker(4).await;
+    eventually("some work running", WAIT, || async {
+        std::fs::read_to_string(&journal)
+            .ok()
+            .filter(|j| j.lines().count() >= 4)
+            .map(|_| ())
+    })
+    .await;
+    redis.stop().await;
+    let restarted_at = now_ns();
+    redis.launch().await;
+    // A new job after the loss runs normally.
+    client
+        .submit(
+            &json!({"id": "fresh", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
+        )
+        .await;
+    assert_eq!(
+        d.wait_terminal("fresh", WAIT).await.state,
+        JobState::Succeeded
+    );
+    // The loss was noticed: a new epoch, so new fences never repeat old ones.
+    let epoch_after = eventually("a new epoch", WAIT, || async {
+        let e = d.store.check_epoch().await.ok()?;
+        (e != epoch_before).then_some(e)
+    })
+    .await;
+    assert_ne!(epoch_after, epoch_before);
+    // Queued tasks of vanished jobs went to the dead-letter queue with the
+    // reason, instead of running blind or disappearing.
+    let mut missing = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline && missing == 0 {
+        while let Some((headers, _)) = client.take_dead().await {
+            assert_eq!(
+                headers["x-conveyor-reason-kind"], "job_missing",
+                "{headers:?}"
+            );
+            assert!(
+                headers["x-conveyor-reason"].contains("has no record"),
+                "{headers:?}"
+            );
+            missing += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        missing > 0,
+        "queued tasks of vanished jobs must be dead-lettered"
+    );
+    // No run of a vanished job started after the data was lost.
+    for ((job, idx), runs) in read_journal(&journal) {
+        if job == "fresh" {
+            continue;
+        }
+        for r in runs {
+            assert!(
+                r.start < restarted_at,
+                "{job}/{idx} started after its record vanished: {r:?}"
+            );
+        }
+    }
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("sigstop").await;
+    let dir = temp_dir("sigstop");
+    let journal = dir.join("journal");
+    d.start_dispatcher().await;
+    let lease_ms = 1500;
+    let log = dir.join("paused.log");
+    let mut paused = worker_process(&d, &journal, lease_ms, &log);
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "stopped", "requestor": "r",
+            "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": 2500}}]}))
+        .await;
+    let first = eventually("the task running on the paused worker", WAIT, || async {
+        let s = d.status("stopped").await?;
+        let t = &s.tasks["s"];
+        (t.state == conveyor::model::TaskState::Running).then(|| t.worker.clone())?
+    })
+    .await;
+    signal(&paused, "-STOP").await;
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.config.worker.lease_ms = lease_ms;
+    let second = d.start_worker(4).await;
+    eventually("the task re-claimed by another worker", WAIT, || async {
+        let s = d.status("stopped").await?;
+        (s.tasks["s"].worker.as_deref() == Some(second.as_str())).then_some(())
+    })
+    .await;
+    signal(&paused, "-CONT").await;
+    let status = d.wait_terminal("stopped", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded);
+    let s = &status.tasks["s"];
+    assert_eq!(
+        s.worker.as_deref(),
+        Some(second.as_str()),
+        "the result comes from the new attempt"
+    );
+    assert_eq!(s.attempts, 2);
+    assert!(
+        status.history.iter().any(|h| h
+            .reason
+            .starts_with(&format!("lease expired (worker {first})"))),
+        "{:#?}",
+        status.history
+    );
+    let log_text = eventually("the late outcome rejected", WAIT, || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("late outcome rejected").then_some(text)
+    })
+    .await;
+    assert!(log_text.contains("late outcome rejected"));
+    assert_jobs_settled(&d, &["stopped".to_owned()]).await;
+    assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
+    signal(&paused, "-TERM").await;
+    let _ = paused.wait().await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_garbage_messages_are_all_recorded_and_the_dispatcher_keeps_serving() {
+    let _serial = SERIAL.lock().await;
+    let d = Deployment::new("garbage").await;
+    let dir = temp_dir("garbage");
+    let mut dispatcher = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["dispatcher"])
+        .env("CONVEYOR_PREFIX", &d.config.prefix)
+        .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("dispatcher.log")).unwrap(),
+        ))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = Client::connect(&d.config.prefix).await;
+    let n = 10_000;
+    let mut expected_dead = 0;
+    for i in 0..n {
+        let body: Vec<u8> = match i % 8 {
+            0 => (0..64).map(|k| ((i * 31 + k * 7) % 256) as u8).collect(),
+            1 => br#"{"requestor": "r", "tasks": [{"name": "t", "hand"#.to_vec(),
+            2 => json!({"requestor": 42, "tasks": "many"}).to_string().into_bytes(),
+            3 => json!({"requestor": "x".repeat(5000), "tasks": [{"name": "t", "handler": "noop"}]}).to_string().into_bytes(),
+            4 => format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+            5 => {
+                let mut v = json!("leaf");
+                for _ in 0..100 {
+                    v = json!({"deeper": v});
+                }
+                json!({"requestor": "r", "tasks": [{"name": "t", "handler": "nope", "params": v}]}).to_string().into_bytes()
+            }
+            6 if i % 400 == 6 => {
+                // Over the 1 MiB limit.
+                format!("{{\"requestor\": \"{}\"}}", "y".repeat(1_100_000)).into_bytes()
+            }
+            6 => json!({"requestor": "r", "tasks": [{"name": "a", "handler": "noop", "after": ["a"]}]}).to_string().into_bytes(),
+            _ => json!({"requestor": "r", "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": "later"}}], "extra": true}).to_string().into_bytes(),
+        };
+        if serde_json::from_slice::<serde_json::Value>(&body).is_err()
+            || body.len() > d.config.max_message_bytes
+        {
+            expected_dead += 1;
+        }
+        client.publish_no_reply(&body).await;
+    }
+    let valid = json!({"id": "valid-after-garbage", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    client.submit(&valid).await;
+    let mut d = d;
+    d.start_worker(2).await;
+    assert_eq!(
+        d.wait_terminal("valid-after-garbage", WAIT).await.state,
+        JobState::Succeeded
+    );
+    let broker = common::connect_broker(&d.config).await;
+    let dead = eventually("every garbage message handled", WAIT, || async {
+        let stats = broker
+            .queue_stats(&[d.names.submit_queue(), d.names.dead_queue()])
+            .await
+            .ok()?;
+        (stats[0].ready == 0 && stats[1].ready as usize == expected_dead)
+            .then_some(stats[1].ready as usize)
+    })
+    .await;
+    let rejected = d
+        .store
+        .list_jobs(Some(JobState::Rejected), 2 * n)
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(
+        dead + rejected,
+        n,
+        "dead {dead} + rejected {rejected} must account for every message"
+    );
+    let pid = dispatcher.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = |key: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let (peak_mb, now_mb) = (kb("VmHWM:") / 1024, kb("VmRSS:") / 1024);
+    eprintln!(
+        "garbage flood: dispatcher peak RSS {peak_mb} MB, now {now_mb} MB; {dead} dead-lettered, {rejected} rejected"
+    );
+    assert!(peak_mb < 256, "dispatcher peak RSS {peak_mb} MB");
+    assert!(now_mb < 128, "dispatcher RSS after the flood {now_mb} MB");
+    signal(&dispatcher, "-TERM").await;
+    let exit = dispatcher.wait().await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+    client.close().await;
+    d.shutdown().await;
+}
