@@ -49,7 +49,7 @@ impl Handler for Greet {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(None)?;
-    conveyor::telemetry::init(config.log_format);
+    conveyor::telemetry::init(config.log_format, "info");
     let registry = conveyor_builtin_handlers::registry().with(Greet);
     let trigger = ShutdownTrigger::new();
     on_signals(trigger.clone());

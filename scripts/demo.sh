@@ -27,7 +27,7 @@ fi
 echo "building (cargo build --release)..." >&2
 cargo build --release -q
 
-bin=target/release/conveyor
+bin="${CARGO_TARGET_DIR:-target}/release/conveyor"
 # A fresh prefix per run, so no state of an earlier run (or of anything else
 # on this broker and Redis) is in the way. Set CONVEYOR_PREFIX to choose one.
 own_prefix=0

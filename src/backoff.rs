@@ -25,6 +25,23 @@ pub fn retry_delay(attempt: u32, base_ms: u64, cap_ms: u64, rng: &mut impl Rng) 
     })
 }
 
+/// A generator seeded from a claim (FNV-1a over job, task, attempt, fence).
+pub fn claim_rng(claim: &crate::store::ClaimRef) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(claim.job.as_bytes());
+    eat(&claim.idx.to_le_bytes());
+    eat(&claim.attempt.to_le_bytes());
+    eat(&claim.fence.to_le_bytes());
+    rand::rngs::StdRng::seed_from_u64(h)
+}
+
 /// Reconnect backoff for broker and store outages: 100 ms doubling to 5 s,
 /// jittered, forever (the caller stops on shutdown).
 pub fn reconnect() -> backon::ExponentialBuilder {

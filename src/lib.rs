@@ -14,12 +14,15 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod dag;
 pub mod dispatcher;
+pub mod embedded;
 pub mod health;
 pub mod intake;
+pub mod machine;
 pub mod model;
 pub mod names;
 pub mod outbox;

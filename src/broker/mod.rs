@@ -7,6 +7,7 @@
 //! confirms, the mandatory flag, queue arguments — stays in `amqp.rs`.
 
 pub mod amqp;
+pub mod memory;
 
 use async_trait::async_trait;
 

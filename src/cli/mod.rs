@@ -1,9 +1,12 @@
 //! One file per subcommand, as the file list is the map of what the binary
 //! does. `anyhow` lives here, at the edge, and nowhere in the library.
 
+mod bench;
+mod dev;
 mod dispatcher;
 mod list;
 mod queues;
+mod run;
 mod status;
 mod submit;
 mod worker;
@@ -39,6 +42,12 @@ enum Command {
     List(list::Args),
     /// Show depth and consumers of Conveyor's queues.
     Queues(queues::Args),
+    /// Measure throughput and latency against the bare broker.
+    Bench(bench::Args),
+    /// Run one job file to completion in this process (or against a deployment).
+    Run(run::Args),
+    /// A development server: everything in one process, nothing to install.
+    Dev(dev::Args),
 }
 
 /// Parse arguments, load config, run the command; map errors to exit codes.
@@ -51,7 +60,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    conveyor::telemetry::init(config.log_format);
+    // One-shot commands print results; their logs are for trouble only.
+    let level = match cli.command {
+        Command::Dispatcher(_) | Command::Worker(_) | Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    conveyor::telemetry::init(config.log_format, level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -67,6 +81,9 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(config, args).await,
             Command::List(args) => list::run(config, args).await,
             Command::Queues(args) => queues::run(config, args).await,
+            Command::Bench(args) => bench::run(config, args).await,
+            Command::Run(args) => run::run(config, args).await,
+            Command::Dev(args) => dev::run(config, args).await,
         }
     });
     match result {

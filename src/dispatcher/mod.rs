@@ -92,11 +92,13 @@ impl Dispatcher {
         broker.declare(&self.options.task_queues).await?;
         self.outbox.mark_declared(&self.options.task_queues);
 
-        let sweeper = {
+        // Owned by this future: dropping it (a simulated crash) stops the sweep.
+        let mut sweeper = JoinSet::new();
+        {
             let this = self.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { this.sweep_forever(shutdown).await })
-        };
+            sweeper.spawn(async move { this.sweep_forever(shutdown).await });
+        }
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         let mut in_flight = JoinSet::new();
         let queue = self.names.submit_queue();
@@ -111,6 +113,7 @@ impl Dispatcher {
                 Err(e) => {
                     tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
                     tokio::select! {
+                        biased;
                         _ = shutdown.wait() => break 'subscribe,
                         _ = tokio::time::sleep(retry_delay) => {}
                     }
@@ -120,10 +123,12 @@ impl Dispatcher {
             };
             loop {
                 tokio::select! {
+                        biased;
                     _ = shutdown.wait() => break,
                     _ = self.health.wait_store_up() => {}
                 }
                 let permit = tokio::select! {
+                        biased;
                     _ = shutdown.wait() => break,
                     p = permits.clone().acquire_owned() => match p {
                         Ok(p) => p,
@@ -131,6 +136,7 @@ impl Dispatcher {
                     },
                 };
                 let delivery = tokio::select! {
+                        biased;
                     _ = shutdown.wait() => break,
                     d = subscription.next() => d,
                 };
@@ -156,7 +162,7 @@ impl Dispatcher {
             let _ = subscription.cancel().await;
         }
         while in_flight.join_next().await.is_some() {}
-        sweeper.abort();
+        sweeper.abort_all();
         Ok(())
     }
 }

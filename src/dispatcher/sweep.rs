@@ -16,6 +16,7 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.wait() => return,
                 _ = tick.tick() => {}
             }

@@ -12,6 +12,7 @@
 //! (a redelivery, a sweep) re-publishes them. Duplicates are harmless
 //! because claims dedupe.
 
+pub mod memory;
 pub mod redis;
 
 use std::collections::BTreeMap;

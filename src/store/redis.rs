@@ -428,20 +428,22 @@ impl Store for RedisStore {
         let lease_ms = lease.as_millis() as u64;
         let member = entry(&task.job, task.idx, task.attempt);
         // Index first, then claim: a crash between leaves an index entry the
-        // sweep drops, never a claim the sweep cannot find.
+        // sweep drops, never a claim the sweep cannot find. NX: an existing
+        // entry may be a sweep's unfinished re-queue of this attempt, which
+        // must keep its place.
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(self.names.leases())
+            .arg("NX")
             .arg(unix_ms() + lease_ms)
-            .arg(&member)
-            .ignore();
+            .arg(&member);
         let mut cmd = self.evalsha(Script::Claim, &task.job);
         cmd.arg(task.idx)
             .arg(task.attempt)
             .arg(worker)
             .arg(lease_ms);
         pipe.add_command(cmd);
-        let (reply,): (Reply,) = self.run(&pipe).await?;
+        let (added, reply): (i64, Reply) = self.run(&pipe).await?;
         let outcome = match field(&reply, 0) {
             "claimed" => {
                 let mut deps = BTreeMap::new();
@@ -476,9 +478,10 @@ impl Store for RedisStore {
             "missing" => ClaimOutcome::Missing,
             other => return Err(protocol(format!("claim answered {other:?}"))),
         };
-        // Not ours: drop the index entry we added (unless another claim of
-        // this very attempt is live and needs it).
-        if !matches!(outcome, ClaimOutcome::Busy) {
+        // Not ours: drop the index entry if this call added it. One that was
+        // there before belongs to someone else (a live claim, or a sweep
+        // still re-queueing this attempt) and stays.
+        if added == 1 && !matches!(outcome, ClaimOutcome::Busy) {
             let mut pipe = redis::pipe();
             pipe.cmd("ZREM")
                 .arg(self.names.leases())

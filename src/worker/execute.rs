@@ -30,8 +30,11 @@ impl AttemptEnd {
             AttemptEnd::Permanent(error) => AttemptResult::Failed(error),
             AttemptEnd::Transient(error) => {
                 let (base, cap) = claimed.backoff;
-                let delay =
-                    backoff::retry_delay(claimed.claim.attempt, base, cap, &mut rand::rng());
+                // Jitter seeded by the claim itself: spread like random
+                // jitter, yet the same claim always waits the same (so a
+                // simulation replays exactly).
+                let mut rng = backoff::claim_rng(&claimed.claim);
+                let delay = backoff::retry_delay(claimed.claim.attempt, base, cap, &mut rng);
                 AttemptResult::Retry { error, delay }
             }
         }

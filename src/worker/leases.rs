@@ -1,7 +1,7 @@
 //! The claims a worker holds, and the loop that renews their leases while
 //! handlers run. One renewal call per period covers every live claim.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use crate::store::{ClaimRef, Store};
 /// Claims held by this worker, keyed by (job, task index).
 #[derive(Clone)]
 pub(super) struct ActiveClaims {
-    inner: Arc<Mutex<HashMap<(String, u32), ClaimRef>>>,
+    inner: Arc<Mutex<BTreeMap<(String, u32), ClaimRef>>>,
     journal: Option<Journal>,
 }
 
@@ -65,6 +65,8 @@ impl ActiveClaims {
                                 j.record('R', claim, None);
                             }
                         } else if self.contains(claim) {
+                            // Stop renewing it: its lease entry is the sweep's now.
+                            self.remove(claim);
                             // Still ours by our books, no longer by the store's.
                             tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence,
                                 "claim lost (lease lapsed and the task moved on); its outcome will be rejected");

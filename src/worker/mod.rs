@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor_handler::Registry;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::broker::{Broker, BrokerError, Delivery};
+use crate::broker::{Broker, BrokerError, Delivery, Subscription};
 use crate::health::Health;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
@@ -105,6 +105,10 @@ impl Worker {
     /// Consume and run tasks until `shutdown` fires; then stop consuming,
     /// wait up to the grace period for running handlers, and hand back what
     /// did not finish. Broker and store outages are waited out.
+    ///
+    /// Everything the worker runs is owned by this future: dropping it (a
+    /// simulated crash) stops every consumer, handler and renewal at once,
+    /// and the broker takes back the unacked deliveries.
     pub async fn run(&self, shutdown: Shutdown) -> Result<(), BrokerError> {
         let broker = self.outbox.broker().clone();
         broker.declare(&self.options.queues).await?;
@@ -126,29 +130,52 @@ impl Worker {
                     .await
             });
         }
+        // Consumers hand deliveries (with their permit) to this loop, which
+        // owns every running task.
+        let (tx, mut rx) = mpsc::channel(self.options.concurrency.max(1));
         let mut consumers = JoinSet::new();
         for queue in &self.options.queues {
             let this = self.clone();
             let queue = self.names.task_queue(queue);
             let shutdown = shutdown.clone();
             let permits = permits.clone();
-            let hard_stop = hard_stop.clone();
-            consumers.spawn(async move { this.consume(queue, permits, shutdown, hard_stop).await });
+            let tx = tx.clone();
+            consumers.spawn(async move { this.consume(queue, permits, shutdown, tx).await });
         }
+        drop(tx);
         tracing::info!(worker = %self.options.id, queues = ?self.options.queues, concurrency = self.options.concurrency, "worker consuming");
-        while consumers.join_next().await.is_some() {}
-
-        // Consumers stopped (shutdown): wait for running handlers.
-        let all = self.options.concurrency.max(1) as u32;
-        let drained = tokio::time::timeout(self.options.grace, permits.acquire_many(all)).await;
-        if drained.is_err() {
+        let mut running = JoinSet::new();
+        while let Some((delivery, permit)) = rx.recv().await {
+            let this = self.clone();
+            let hard_stop = hard_stop.subscribe();
+            running.spawn(async move {
+                this.process(delivery, hard_stop).await;
+                drop(permit);
+            });
+            while running.try_join_next().is_some() {}
+        }
+        // Shutdown: consumers have cancelled their subscriptions (kept
+        // until the end, so unfinished deliveries are not handed back early).
+        let mut subscriptions = Vec::new();
+        while let Some(done) = consumers.join_next().await {
+            if let Ok(Some(s)) = done {
+                subscriptions.push(s);
+            }
+        }
+        let drain = async { while running.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.options.grace, drain)
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 running = self.active.len(),
                 "grace period over; handing back unfinished tasks"
             );
             hard_stop.trigger();
-            let _ = tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(all)).await;
+            let drain = async { while running.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
         }
+        drop(subscriptions);
         background.abort_all();
         if let Err(e) = self.store.unregister(&self.options.id).await {
             tracing::warn!(error = %e, "could not unregister worker");
@@ -158,14 +185,15 @@ impl Worker {
     }
 
     /// One queue's consumer: subscribes (again after any broker loss) and
-    /// hands deliveries to tasks, never more than the concurrency allows.
+    /// passes deliveries on, never more than the concurrency allows. Returns
+    /// its cancelled subscription at shutdown.
     async fn consume(
         &self,
         queue: String,
         permits: Arc<Semaphore>,
         mut shutdown: Shutdown,
-        hard_stop: ShutdownTrigger,
-    ) {
+        tx: mpsc::Sender<(Delivery, OwnedSemaphorePermit)>,
+    ) -> Option<Box<dyn Subscription>> {
         let broker = self.outbox.broker().clone();
         let prefetch = u16::try_from(self.options.concurrency)
             .unwrap_or(u16::MAX)
@@ -180,6 +208,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
                     tokio::select! {
+                        biased;
                         _ = shutdown.wait() => break 'subscribe,
                         _ = tokio::time::sleep(retry_delay) => {}
                     }
@@ -189,31 +218,28 @@ impl Worker {
             };
             loop {
                 tokio::select! {
-                    _ = shutdown.wait() => break 'subscribe,
+                    biased;
+                    _ = shutdown.wait() => break,
                     _ = self.health.wait_store_up() => {}
                 }
                 let permit = tokio::select! {
-                    _ = shutdown.wait() => break 'subscribe,
+                    biased;
+                    _ = shutdown.wait() => break,
                     p = permits.clone().acquire_owned() => match p {
                         Ok(p) => p,
-                        Err(_) => break 'subscribe,
+                        Err(_) => break,
                     },
                 };
                 let delivery = tokio::select! {
-                    _ = shutdown.wait() => {
-                        let _ = subscription.cancel().await;
-                        break 'subscribe;
-                    }
+                    biased;
+                    _ = shutdown.wait() => break,
                     d = subscription.next() => d,
                 };
                 match delivery {
                     Some(Ok(delivery)) => {
-                        let this = self.clone();
-                        let hard_stop = hard_stop.subscribe();
-                        tokio::spawn(async move {
-                            this.process(delivery, hard_stop).await;
-                            drop(permit);
-                        });
+                        if tx.send((delivery, permit)).await.is_err() {
+                            break;
+                        }
                     }
                     Some(Err(e)) => {
                         tracing::warn!(%queue, error = %e, "subscription failed; resubscribing");
@@ -225,7 +251,10 @@ impl Worker {
                     }
                 }
             }
+            let _ = subscription.cancel().await;
+            return Some(subscription);
         }
+        None
     }
 
     /// Handle one delivery from claim to confirmed follow-ups.
@@ -289,6 +318,7 @@ impl Worker {
             return self.finish(&claimed, end).await;
         };
         let end = tokio::select! {
+            biased;
             end = run_attempt(handler, &claimed) => end,
             _ = hard_stop.wait() => {
                 return self.hand_back(&claimed).await;
@@ -342,11 +372,15 @@ impl Worker {
                 }
             }
             Applied::Stale => {
+                // The lease entry of this attempt now belongs to the sweep
+                // that re-queued it: leave it alone.
                 tracing::warn!(job = %claim.job, task = %claimed.task, attempt = claim.attempt, fence = claim.fence,
                     "late outcome rejected: this claim's lease lapsed and the task moved on");
+                return;
             }
             Applied::Missing => {
                 tracing::warn!(job = %claim.job, "job vanished before its outcome was applied");
+                return;
             }
         }
         if let Err(e) = self.store.forget_claim(claim).await {
@@ -423,6 +457,7 @@ impl Worker {
         let mut tick = tokio::time::interval(self.options.heartbeat);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.wait() => return,
                 _ = tick.tick() => {}
             }

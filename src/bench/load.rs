@@ -1,0 +1,496 @@
+//! The load: publish jobs like a client, watch them finish in Redis.
+//!
+//! **Publishing.** One AMQP connection, a confirm-mode channel; each job is
+//! published persistent (`delivery_mode 2`), `application/json`,
+//! `mandatory`, to `<prefix>.submit` through the default exchange, with id
+//! `b-<run>-<i>` and the label `bench=<run>`. Confirms are pipelined: at
+//! most `confirm_window` are outstanding, and the oldest is awaited when the
+//! window is full. With a rate, job `i` is due at `start + i / rate`; the
+//! publisher sleeps until then, and how far it fell behind is reported
+//! (`max_lag_ms`) — latency is counted from the *actual* publish, so a
+//! publisher falling behind would hide queueing (coordinated omission):
+//! check the lag.
+//!
+//! **Watching.** The watcher keeps the set of jobs published and not yet
+//! seen terminal, and polls Redis with one pipeline of `HGET <job key> st`
+//! over the oldest `poll_window` of them (jobs finish roughly in publish
+//! order, so the oldest are the frontier). The pause between polls is
+//! `poll_interval`, or `batch / max_poll_rate` when that is longer, so the
+//! watcher never sends more than `max_poll_rate` HGETs/s to the Redis it
+//! is measuring.
+//!
+//! **Three latencies per job** (all reported as percentiles):
+//! - `observed` (the headline): publish -> the reply of the poll that first
+//!   saw the job terminal, on the bench's monotonic clock. It
+//!   *over*-estimates by up to one poll cycle plus one Redis round trip
+//!   (the mean cycle is in the report; ~1-2 ms when few jobs are
+//!   outstanding, longer under a flood) — and by more for a job that
+//!   finished while outside the oldest `poll_window`.
+//! - `server publish->finish`: the job hash's `fin` (Redis `TIME`, ms,
+//!   written by the script that finished the job) minus the publish time,
+//!   converted to Redis's clock with an offset measured before the run
+//!   (best of 16 `TIME` round trips). No poll error; `fin` is truncated to
+//!   the ms, so 0.5 ms is added, leaving ±0.5 ms plus the offset's error
+//!   (half the best round trip, printed).
+//! - `server create->finish`: `fin - cr`, from the dispatcher recording the
+//!   job to its end, entirely on Redis's clock (ms resolution): the part of
+//!   the latency that is Conveyor's own work after intake.
+//!
+//! **Redis memory:** `INFO memory` `used_memory` just before the first
+//! publish and just after the last job was seen finished, divided by the
+//! jobs (noisy if anything else writes to the same Redis).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc;
+
+use super::{BenchError, Options, broker_err, store_err};
+use crate::config::Config;
+use crate::names::Names;
+
+/// One job of the run.
+#[derive(Debug, Clone, Default)]
+pub struct JobRecord {
+    /// When it was handed to the channel (bench clock).
+    pub published: Option<Instant>,
+    /// The same moment on the wall clock, in µs since the epoch.
+    pub published_unix_us: i64,
+    /// When a poll first saw it terminal.
+    pub seen: Option<Instant>,
+    /// Its terminal state, as stored.
+    pub state: Option<String>,
+    /// `cr` of the job hash (ms, Redis clock).
+    pub created_ms: Option<i64>,
+    /// `fin` of the job hash (ms, Redis clock).
+    pub finished_ms: Option<i64>,
+    /// Why publishing it failed, if it did.
+    pub publish_error: Option<String>,
+}
+
+/// How the watcher polled.
+#[derive(Debug, Clone, Default)]
+pub struct PollStats {
+    /// Polls made.
+    pub polls: u64,
+    /// HGETs sent in all.
+    pub hgets: u64,
+    /// Sum of the poll round trips.
+    pub rtt_total: Duration,
+    /// First poll to last poll.
+    pub span: Duration,
+    /// Polls that failed (and were retried).
+    pub errors: u64,
+}
+
+impl PollStats {
+    /// Mean time from one poll to the next, in ms.
+    pub fn mean_cycle_ms(&self) -> f64 {
+        if self.polls < 2 {
+            return 0.0;
+        }
+        self.span.as_secs_f64() * 1000.0 / (self.polls - 1) as f64
+    }
+
+    /// Mean round trip of one poll, in ms.
+    pub fn mean_rtt_ms(&self) -> f64 {
+        if self.polls == 0 {
+            return 0.0;
+        }
+        self.rtt_total.as_secs_f64() * 1000.0 / self.polls as f64
+    }
+}
+
+/// The bench clock against Redis's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClockSync {
+    /// Redis time minus local wall time, in µs.
+    pub offset_us: i64,
+    /// The round trip of the sample used, in µs (the offset is good to half).
+    pub rtt_us: i64,
+}
+
+/// Everything the load phase measured.
+#[derive(Debug, Clone, Default)]
+pub struct LoadResult {
+    /// Per job, by index.
+    pub jobs: Vec<JobRecord>,
+    /// The first publish.
+    pub first_publish: Option<Instant>,
+    /// The last publish.
+    pub last_publish: Option<Instant>,
+    /// Furthest behind schedule the publisher fell (rate mode), in ms.
+    pub max_lag_ms: f64,
+    /// True when the watcher gave up on unfinished jobs.
+    pub timed_out: bool,
+    /// Watcher statistics.
+    pub poll: PollStats,
+    /// Clock offset used for the server-side latencies.
+    pub clock: ClockSync,
+    /// `used_memory` before the first publish.
+    pub redis_used_before: Option<u64>,
+    /// `used_memory` after the last job finished.
+    pub redis_used_after: Option<u64>,
+}
+
+enum Event {
+    Published {
+        idx: usize,
+        at: Instant,
+        unix_us: i64,
+    },
+    Failed {
+        idx: usize,
+        reason: String,
+    },
+    /// Publishing stopped at `from`: it and every later job were not sent.
+    Abandoned {
+        from: usize,
+        reason: String,
+    },
+}
+
+struct PublishSummary {
+    max_lag: Duration,
+}
+
+/// Wall-clock µs since the epoch.
+pub fn unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A Redis connection for the bench (10 s response time-out, for big
+/// pipelines).
+pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection, BenchError> {
+    let client = redis::Client::open(url).map_err(store_err("bad URL"))?;
+    client
+        .get_multiplexed_async_connection_with_config(
+            &AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(10)))
+                .set_connection_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .map_err(store_err("cannot connect"))
+}
+
+/// `used_memory` from `INFO memory`.
+pub async fn used_memory(conn: &mut MultiplexedConnection) -> Option<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn clock_sync(conn: &mut MultiplexedConnection) -> Result<ClockSync, BenchError> {
+    let mut best: Option<ClockSync> = None;
+    for _ in 0..16 {
+        let before = unix_us();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(conn)
+            .await
+            .map_err(store_err("TIME"))?;
+        let after = unix_us();
+        let sample = ClockSync {
+            offset_us: secs * 1_000_000 + micros - (before + after) / 2,
+            rtt_us: after - before,
+        };
+        if best.is_none_or(|b| sample.rtt_us < b.rtt_us) {
+            best = Some(sample);
+        }
+    }
+    Ok(best.unwrap_or_default())
+}
+
+/// Publish the jobs, watch them to a terminal state, fetch their
+/// timestamps.
+pub async fn run(
+    config: &Config,
+    options: &Options,
+    run_id: &str,
+) -> Result<LoadResult, BenchError> {
+    let names = Names::new(&config.prefix);
+    let ids: Arc<Vec<String>> = Arc::new(
+        (0..options.jobs)
+            .map(|i| format!("b-{run_id}-{i}"))
+            .collect(),
+    );
+    let keys: Vec<String> = ids.iter().map(|id| names.job_key(id)).collect();
+    let mut conn = redis_connection(&config.redis_url).await?;
+    let clock = clock_sync(&mut conn).await?;
+
+    // Connect before the clock starts.
+    let amqp = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+        .await
+        .map_err(broker_err("cannot connect (publisher)"))?;
+    let channel = amqp.create_channel().await.map_err(broker_err("channel"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(broker_err("confirm.select"))?;
+
+    let mut result = LoadResult {
+        jobs: vec![JobRecord::default(); options.jobs],
+        clock,
+        ..LoadResult::default()
+    };
+    result.redis_used_before = used_memory(&mut conn).await;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let publisher = tokio::spawn(publish_all(
+        channel,
+        names.submit_queue(),
+        ids.clone(),
+        options.shape.tasks_json(),
+        run_id.to_owned(),
+        options.rate,
+        options.confirm_window,
+        tx,
+    ));
+
+    let mut outstanding: BTreeSet<usize> = BTreeSet::new();
+    let mut publisher_done = false;
+    let mut last_progress = Instant::now();
+    let mut first_poll: Option<Instant> = None;
+    let mut consecutive_errors = 0u32;
+    let handle = |event: Event, result: &mut LoadResult, outstanding: &mut BTreeSet<usize>| {
+        match event {
+            Event::Published { idx, at, unix_us } => {
+                let job = &mut result.jobs[idx];
+                job.published = Some(at);
+                job.published_unix_us = unix_us;
+                result.first_publish.get_or_insert(at);
+                result.last_publish = Some(at);
+                outstanding.insert(idx);
+            }
+            Event::Failed { idx, reason } => {
+                result.jobs[idx].publish_error = Some(reason);
+                // A refused message never reaches the dispatcher.
+                outstanding.remove(&idx);
+            }
+            Event::Abandoned { from, reason } => {
+                for job in &mut result.jobs[from..] {
+                    job.publish_error = Some(format!("not published: {reason}"));
+                }
+            }
+        }
+    };
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(event) => handle(event, &mut result, &mut outstanding),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    publisher_done = true;
+                    break;
+                }
+            }
+        }
+        if outstanding.is_empty() {
+            if publisher_done {
+                break;
+            }
+            match tokio::time::timeout(options.timeout, rx.recv()).await {
+                Ok(Some(event)) => handle(event, &mut result, &mut outstanding),
+                Ok(None) => publisher_done = true,
+                Err(_) => {
+                    result.timed_out = true;
+                    break;
+                }
+            }
+            last_progress = Instant::now();
+            continue;
+        }
+        if last_progress.elapsed() > options.timeout {
+            result.timed_out = true;
+            break;
+        }
+        let batch: Vec<usize> = outstanding
+            .iter()
+            .take(options.poll_window)
+            .copied()
+            .collect();
+        let mut pipe = redis::pipe();
+        for &i in &batch {
+            pipe.cmd("HGET").arg(&keys[i]).arg("st");
+        }
+        let sent = Instant::now();
+        first_poll.get_or_insert(sent);
+        let states: Result<Vec<Option<String>>, _> = pipe.query_async(&mut conn).await;
+        let got = Instant::now();
+        match states {
+            Ok(states) => {
+                consecutive_errors = 0;
+                result.poll.polls += 1;
+                result.poll.hgets += batch.len() as u64;
+                result.poll.rtt_total += got - sent;
+                result.poll.span = sent - first_poll.unwrap_or(sent);
+                for (&i, st) in batch.iter().zip(states) {
+                    if let Some(st) = st
+                        && is_terminal(&st)
+                    {
+                        let job = &mut result.jobs[i];
+                        job.seen = Some(got);
+                        job.state = Some(st);
+                        outstanding.remove(&i);
+                        last_progress = got;
+                    }
+                }
+            }
+            Err(e) => {
+                result.poll.errors += 1;
+                consecutive_errors += 1;
+                if consecutive_errors > 50 {
+                    publisher.abort();
+                    return Err(BenchError::Store(format!("polling job states: {e}")));
+                }
+            }
+        }
+        let pause = options.poll_interval.max(Duration::from_secs_f64(
+            batch.len() as f64 / options.max_poll_rate.max(1.0),
+        ));
+        tokio::time::sleep_until((sent + pause).into()).await;
+    }
+    result.redis_used_after = used_memory(&mut conn).await;
+    if result.timed_out {
+        publisher.abort();
+    }
+    match publisher.await {
+        Ok(Ok(summary)) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
+        Ok(Err(e)) => return Err(e),
+        Err(join) if join.is_cancelled() => {}
+        Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
+    }
+    let _ = amqp.close(200, "bench done".into()).await;
+
+    fetch_timestamps(&mut conn, &keys, &mut result.jobs).await?;
+    Ok(result)
+}
+
+fn is_terminal(st: &str) -> bool {
+    matches!(st, "succeeded" | "failed" | "rejected" | "cancelled")
+}
+
+/// `cr` and `fin` of every job seen finished, in pipelines of 1000.
+async fn fetch_timestamps(
+    conn: &mut MultiplexedConnection,
+    keys: &[String],
+    jobs: &mut [JobRecord],
+) -> Result<(), BenchError> {
+    let finished: Vec<usize> = (0..jobs.len())
+        .filter(|&i| jobs[i].state.is_some())
+        .collect();
+    for chunk in finished.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            pipe.cmd("HMGET").arg(&keys[i]).arg("cr").arg("fin");
+        }
+        let rows: Vec<(Option<i64>, Option<i64>)> = pipe
+            .query_async(conn)
+            .await
+            .map_err(store_err("reading job timestamps"))?;
+        for (&i, (cr, fin)) in chunk.iter().zip(rows) {
+            jobs[i].created_ms = cr;
+            jobs[i].finished_ms = fin;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish_all(
+    channel: lapin::Channel,
+    queue: String,
+    ids: Arc<Vec<String>>,
+    tasks_json: String,
+    run_id: String,
+    rate: Option<f64>,
+    window: usize,
+    tx: mpsc::UnboundedSender<Event>,
+) -> Result<PublishSummary, BenchError> {
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::with_capacity(window);
+    let mut max_lag = Duration::ZERO;
+    let start = Instant::now();
+    let settle = |idx: usize, confirm: Result<Confirmation, lapin::Error>| {
+        let reason = match confirm {
+            Ok(Confirmation::Ack(None)) => return,
+            Ok(Confirmation::Ack(Some(ret))) => {
+                format!("returned: {} {}", ret.reply_code, ret.reply_text)
+            }
+            Ok(Confirmation::Nack(_)) => "nacked".to_owned(),
+            Ok(Confirmation::NotRequested) => "confirms not enabled".to_owned(),
+            Err(e) => format!("confirm: {e}"),
+        };
+        let _ = tx.send(Event::Failed { idx, reason });
+    };
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if now < due {
+                tokio::time::sleep_until(due.into()).await;
+            } else {
+                max_lag = max_lag.max(now - due);
+            }
+        }
+        while pending.len() >= window {
+            if let Some((idx, confirm)) = pending.pop_front() {
+                settle(idx, confirm.await);
+            }
+        }
+        let body = format!(
+            r#"{{"id":"{id}","requestor":"conveyor-bench","labels":{{"bench":"{run_id}"}},"tasks":{tasks_json}}}"#
+        );
+        let at = Instant::now();
+        let unix = unix_us();
+        match channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue.as_str()),
+                options,
+                body.as_bytes(),
+                properties.clone(),
+            )
+            .await
+        {
+            Ok(confirm) => {
+                let _ = tx.send(Event::Published {
+                    idx: i,
+                    at,
+                    unix_us: unix,
+                });
+                pending.push_back((i, confirm));
+            }
+            Err(e) => {
+                let _ = tx.send(Event::Abandoned {
+                    from: i,
+                    reason: format!("basic.publish: {e}"),
+                });
+                break;
+            }
+        }
+    }
+    for (idx, confirm) in pending {
+        settle(idx, confirm.await);
+    }
+    Ok(PublishSummary { max_lag })
+}

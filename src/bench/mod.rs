@@ -1,0 +1,398 @@
+//! `conveyor bench`: a load generator and a yardstick.
+//!
+//! One invocation does three things:
+//! 1. the *bare broker loop* ([`bare`]): persistent ~100-byte messages
+//!    published with pipelined confirms to a scratch durable classic queue
+//!    `<prefix>.bench.bare`, consumed concurrently with prefetch 200 and one
+//!    manual ack per message. Its msgs/s is what this machine's RabbitMQ can
+//!    do at best, so Conveyor's figures are also given as a ratio of it and
+//!    stay comparable across noisy machines;
+//! 2. the *load* ([`load`]): N jobs of one [`Shape`] published to
+//!    `<prefix>.submit` exactly as a client does (persistent JSON, ids
+//!    `b-<run>-<i>`, a window of unconfirmed publishes), at a fixed rate or as
+//!    fast as possible, while their state is watched in Redis;
+//! 3. the *deployment*: either a live one (its prefix), or one started here
+//!    ([`spawn`]): dispatcher and worker processes of the current executable
+//!    under a fresh prefix `bench-<run>`, whose peak resident memory
+//!    (`VmHWM`) is read before they are stopped, and whose queues and keys
+//!    are deleted afterwards.
+//!
+//! How latency is measured (and its error) is described in [`load`]; the
+//! figures are put together in [`report`].
+
+pub mod bare;
+pub mod load;
+pub mod report;
+pub mod spawn;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::names::Names;
+
+pub use report::Report;
+
+/// The shape of every job of a run; all tasks use the `noop` handler on
+/// the `default` queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One task.
+    Single,
+    /// N tasks, each after the previous one.
+    Chain(usize),
+    /// One root, K children after it, one join after all K (K + 2 tasks).
+    Fanout(usize),
+}
+
+impl Shape {
+    /// Tasks in one job of this shape.
+    pub fn tasks(self) -> usize {
+        match self {
+            Shape::Single => 1,
+            Shape::Chain(n) => n,
+            Shape::Fanout(k) => k + 2,
+        }
+    }
+
+    /// The `tasks` array of a job of this shape, as JSON text.
+    pub fn tasks_json(self) -> String {
+        match self {
+            Shape::Single => r#"[{"name":"t","handler":"noop"}]"#.to_owned(),
+            Shape::Chain(n) => {
+                let mut out = String::from("[");
+                for i in 0..n {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    if i == 0 {
+                        out.push_str(r#"{"name":"t0","handler":"noop"}"#);
+                    } else {
+                        out.push_str(&format!(
+                            r#"{{"name":"t{i}","handler":"noop","after":["t{}"]}}"#,
+                            i - 1
+                        ));
+                    }
+                }
+                out.push(']');
+                out
+            }
+            Shape::Fanout(k) => {
+                let mut out = String::from(r#"[{"name":"root","handler":"noop"}"#);
+                for i in 0..k {
+                    out.push_str(&format!(
+                        r#",{{"name":"c{i}","handler":"noop","after":["root"]}}"#
+                    ));
+                }
+                out.push_str(r#",{"name":"join","handler":"noop","after":["#);
+                for i in 0..k {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&format!(r#""c{i}""#));
+                }
+                out.push_str("]}]");
+                out
+            }
+        }
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Shape::Single => write!(f, "single"),
+            Shape::Chain(n) => write!(f, "chain:{n}"),
+            Shape::Fanout(k) => write!(f, "fanout:{k}"),
+        }
+    }
+}
+
+impl FromStr for Shape {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shape, String> {
+        let count = |what: &str, n: &str| -> Result<usize, String> {
+            match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(format!("{what}:N needs a whole number N >= 1, got {n:?}")),
+            }
+        };
+        match s.split_once(':') {
+            None if s == "single" => Ok(Shape::Single),
+            Some(("chain", n)) => Ok(Shape::Chain(count("chain", n)?)),
+            Some(("fanout", k)) => Ok(Shape::Fanout(count("fanout", k)?)),
+            _ => Err(format!(
+                "unknown shape {s:?}: expected single, chain:N or fanout:K"
+            )),
+        }
+    }
+}
+
+/// Which deployment the load goes to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A running deployment under this prefix (nothing is started, and
+    /// its jobs are left to their retention).
+    Live {
+        /// The deployment's prefix.
+        prefix: String,
+    },
+    /// Start dispatchers and workers as child processes under a fresh
+    /// prefix `bench-<run>`; stop them and delete everything afterwards.
+    Spawn(SpawnOptions),
+}
+
+/// What to start in spawn mode.
+#[derive(Debug, Clone)]
+pub struct SpawnOptions {
+    /// The `conveyor` executable (normally `std::env::current_exe()`).
+    pub exe: PathBuf,
+    /// Dispatcher processes.
+    pub dispatchers: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// Concurrency of each worker.
+    pub concurrency: usize,
+}
+
+/// Everything a run needs besides the [`Config`] (URLs, queue type, limits).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Shape of every job.
+    pub shape: Shape,
+    /// Jobs to publish.
+    pub jobs: usize,
+    /// Offered rate in jobs/s; `None` publishes as fast as confirms allow.
+    pub rate: Option<f64>,
+    /// Live deployment or spawned processes.
+    pub target: Target,
+    /// Most unconfirmed publishes outstanding (job load and bare loop).
+    pub confirm_window: usize,
+    /// Pause between polls of Redis for finished jobs (when few are
+    /// outstanding; see `max_poll_rate`).
+    pub poll_interval: Duration,
+    /// Outstanding jobs asked about per poll, oldest first.
+    pub poll_window: usize,
+    /// Most `HGET`s per second the watcher sends, so that watching does not
+    /// load Redis noticeably: with many jobs outstanding the pause between
+    /// polls grows to `poll_window / max_poll_rate`.
+    pub max_poll_rate: f64,
+    /// Give up on unfinished jobs after this long.
+    pub timeout: Duration,
+    /// Messages of the bare broker loop; `None` skips it.
+    pub bare_messages: Option<usize>,
+    /// Body size of a bare-loop message.
+    pub bare_message_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            shape: Shape::Single,
+            jobs: 10_000,
+            rate: None,
+            target: Target::Live {
+                prefix: "conveyor".into(),
+            },
+            confirm_window: 1000,
+            poll_interval: Duration::from_millis(1),
+            poll_window: 512,
+            max_poll_rate: 25_000.0,
+            timeout: Duration::from_secs(300),
+            bare_messages: Some(50_000),
+            bare_message_bytes: 100,
+        }
+    }
+}
+
+/// Why a run could not be made or finished.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The options make no sense.
+    #[error("invalid options: {0}")]
+    Options(String),
+    /// RabbitMQ failed or could not be reached.
+    #[error("RabbitMQ: {0}")]
+    Broker(String),
+    /// Redis failed or could not be reached.
+    #[error("Redis: {0}")]
+    Store(String),
+    /// Starting, watching or stopping the spawned processes failed.
+    #[error("spawned deployment: {0}")]
+    Process(String),
+    /// Interrupted (Ctrl-C); everything started was cleaned up.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn broker_err(what: &str) -> impl Fn(lapin::Error) -> BenchError + '_ {
+    move |e| BenchError::Broker(format!("{what}: {e}"))
+}
+
+fn store_err(what: &str) -> impl Fn(redis::RedisError) -> BenchError + '_ {
+    move |e| BenchError::Store(format!("{what}: {e}"))
+}
+
+/// A fresh run id: 8 hex digits.
+pub fn new_run_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// The bare loop's scratch queue under `prefix`.
+pub fn bare_queue(prefix: &str) -> String {
+    format!("{prefix}.bench.bare")
+}
+
+/// Run the bare loop and the load against the chosen deployment; clean up
+/// what was started (also on errors and Ctrl-C) and report.
+pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError> {
+    if options.jobs == 0 {
+        return Err(BenchError::Options("--jobs must be at least 1".into()));
+    }
+    if let Some(rate) = options.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(BenchError::Options(format!(
+            "--rate must be a positive number of jobs/s, got {rate}"
+        )));
+    }
+    if options.confirm_window == 0 || options.poll_window == 0 {
+        return Err(BenchError::Options(
+            "--window and --poll-window must be at least 1".into(),
+        ));
+    }
+    if options.shape.tasks() > config.limits.max_tasks {
+        return Err(BenchError::Options(format!(
+            "shape {} has {} tasks; the limit (limits.max_tasks) is {}",
+            options.shape,
+            options.shape.tasks(),
+            config.limits.max_tasks
+        )));
+    }
+    let run_id = new_run_id();
+    let prefix = match &options.target {
+        Target::Live { prefix } => prefix.clone(),
+        Target::Spawn(_) => format!("bench-{run_id}"),
+    };
+    let mut deployment_config = config.clone();
+    deployment_config.prefix = prefix.clone();
+
+    let work = run_inner(&deployment_config, &options, &run_id);
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => {
+            // `run_inner` was dropped mid-way: its children die with it
+            // (kill_on_drop); delete what they left.
+            if matches!(options.target, Target::Spawn(_)) {
+                spawn::cleanup(&deployment_config, true).await;
+            } else {
+                spawn::delete_queues(&deployment_config.amqp_url, &[bare_queue(&prefix)]).await;
+            }
+            Err(BenchError::Interrupted)
+        }
+    }
+}
+
+async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<Report, BenchError> {
+    let names = Names::new(&config.prefix);
+    let bare = match options.bare_messages {
+        Some(n) if n > 0 => {
+            let result = bare::run(
+                &config.amqp_url,
+                &bare_queue(&config.prefix),
+                n,
+                options.bare_message_bytes,
+                options.confirm_window,
+            )
+            .await;
+            // The scratch queue goes, whatever happened.
+            spawn::delete_queues(&config.amqp_url, &[bare_queue(&config.prefix)]).await;
+            Some(result?)
+        }
+        _ => None,
+    };
+
+    match &options.target {
+        Target::Live { .. } => {
+            spawn::check_live(&config.amqp_url, &names, &config.worker.queues).await?;
+            let load = load::run(config, options, run_id).await?;
+            Ok(report::build(config, options, run_id, load, bare, None))
+        }
+        Target::Spawn(spawn_options) => {
+            let mut deployment_config = config.clone();
+            deployment_config.worker.queues = vec!["default".into()];
+            deployment_config.worker.concurrency = spawn_options.concurrency;
+            let mut deployment =
+                spawn::Deployment::start(&deployment_config, spawn_options, run_id).await?;
+            let result = async {
+                deployment.wait_ready(&deployment_config).await?;
+                load::run(&deployment_config, options, run_id).await
+            }
+            .await;
+            let memory = deployment.memory();
+            let stopped = deployment.stop().await;
+            spawn::cleanup(&deployment_config, true).await;
+            let load = result?;
+            let processes = report::Processes {
+                dispatchers: spawn_options.dispatchers,
+                workers: spawn_options.workers,
+                concurrency: spawn_options.concurrency,
+                memory,
+                exits: stopped.exits,
+                logs_dir: stopped.logs_dir,
+            };
+            Ok(report::build(
+                &deployment_config,
+                options,
+                run_id,
+                load,
+                bare,
+                Some(processes),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse_and_print() {
+        for s in ["single", "chain:5", "fanout:10000"] {
+            assert_eq!(s.parse::<Shape>().map(|s| s.to_string()), Ok(s.to_owned()));
+        }
+        assert!("chain:0".parse::<Shape>().is_err());
+        assert!("fanout".parse::<Shape>().is_err());
+        assert!("star:3".parse::<Shape>().is_err());
+    }
+
+    #[test]
+    fn shapes_make_valid_jobs() {
+        let intake = crate::intake::JobIntake::new(
+            &Config::default(),
+            conveyor_builtin_handlers::registry(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for (shape, roots) in [
+            (Shape::Single, 1),
+            (Shape::Chain(4), 1),
+            (Shape::Fanout(3), 1),
+        ] {
+            let body = format!(
+                r#"{{"id":"b-x-1","requestor":"bench","tasks":{}}}"#,
+                shape.tasks_json()
+            );
+            match intake.accept(body.as_bytes()) {
+                crate::intake::Intake::Valid(job) => {
+                    assert_eq!(job.tasks.len(), shape.tasks(), "{shape}");
+                    assert_eq!(job.roots().count(), roots, "{shape}");
+                }
+                other => panic!("{shape}: {other:?}"),
+            }
+        }
+    }
+}

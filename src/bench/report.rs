@@ -1,0 +1,730 @@
+//! The figures of a run: one serialisable [`Report`] (`--json`) and its
+//! table ([`Report::to_text`]), with the issue's targets checked where the
+//! run's shape and options make them applicable.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::bare::BareReport;
+use super::load::LoadResult;
+use super::spawn::{ProcessExit, ProcessMemory};
+use super::{Options, Shape, Target};
+use crate::config::Config;
+
+/// The spawned processes, as handed to [`build`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Processes {
+    /// Dispatcher processes.
+    pub dispatchers: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// Concurrency of each worker.
+    pub concurrency: usize,
+    /// Memory per process, read just before stopping them.
+    pub memory: Vec<ProcessMemory>,
+    /// How each stopped.
+    pub exits: Vec<ProcessExit>,
+    /// Their logs, kept when a process did not stop cleanly.
+    pub logs_dir: Option<String>,
+}
+
+/// Latency percentiles, in ms (nearest rank).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `samples` (ms), or `None` if there are none.
+    pub fn of(mut samples: Vec<f64>) -> Option<Percentiles> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let rank = |q: f64| samples[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Some(Percentiles {
+            count: n,
+            mean: samples.iter().sum::<f64>() / n as f64,
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: samples[n - 1],
+        })
+    }
+}
+
+/// How publishing went.
+#[derive(Debug, Clone, Serialize)]
+pub struct Publish {
+    /// First to last publish, in seconds.
+    pub seconds: f64,
+    /// Jobs published per second over that time.
+    pub jobs_per_s: f64,
+    /// Unconfirmed publishes allowed at once.
+    pub confirm_window: usize,
+    /// Furthest behind schedule (rate mode), in ms.
+    pub max_lag_ms: f64,
+    /// Jobs refused by the broker or not sent.
+    pub failures: usize,
+}
+
+/// Final states.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    /// Jobs `succeeded`.
+    pub succeeded: usize,
+    /// Jobs `failed`.
+    pub failed: usize,
+    /// Jobs `rejected` at intake.
+    pub rejected: usize,
+    /// Jobs `cancelled`.
+    pub cancelled: usize,
+    /// Jobs published but not seen terminal before the time-out.
+    pub unfinished: usize,
+    /// Jobs whose publish failed.
+    pub publish_failed: usize,
+}
+
+/// Completed work per second.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// First publish to the last job seen finished, in seconds.
+    pub seconds: f64,
+    /// Succeeded jobs per second.
+    pub jobs_per_s: f64,
+    /// Tasks of succeeded jobs per second.
+    pub tasks_per_s: f64,
+}
+
+/// The three latencies (see `bench::load`), in ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Publish -> seen terminal by a poll (over-estimates by <= one poll
+    /// cycle + round trip).
+    pub observed: Option<Percentiles>,
+    /// Publish -> `fin`, on Redis's clock (±0.5 ms + clock offset error).
+    pub server_publish_to_finish: Option<Percentiles>,
+    /// Publish -> `cr` (queueing in `<prefix>.submit` + intake), Redis clock.
+    pub server_publish_to_create: Option<Percentiles>,
+    /// `cr` -> `fin`, Redis clock only (ms resolution).
+    pub server_create_to_finish: Option<Percentiles>,
+}
+
+/// How the measurement was taken, to judge its error.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    /// Least pause between polls, in ms.
+    pub poll_interval_ms: f64,
+    /// Oldest outstanding jobs asked per poll.
+    pub poll_window: usize,
+    /// Most HGETs/s sent.
+    pub max_poll_rate: f64,
+    /// Polls made.
+    pub polls: u64,
+    /// HGETs sent.
+    pub hgets: u64,
+    /// Mean time between polls, in ms: the resolution of `observed`.
+    pub mean_poll_cycle_ms: f64,
+    /// Mean round trip of one poll, in ms.
+    pub mean_poll_rtt_ms: f64,
+    /// Failed polls (retried).
+    pub poll_errors: u64,
+    /// Redis clock minus bench clock, in µs.
+    pub clock_offset_us: i64,
+    /// Round trip of the clock sample, in µs (offset good to half).
+    pub clock_rtt_us: i64,
+}
+
+/// Redis memory growth over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisMemory {
+    /// `used_memory` before the first publish.
+    pub used_before: Option<u64>,
+    /// `used_memory` after the last job finished.
+    pub used_after: Option<u64>,
+    /// Growth / jobs published.
+    pub bytes_per_job: Option<f64>,
+    /// Growth / tasks published.
+    pub bytes_per_task: Option<f64>,
+}
+
+/// Conveyor's rates as fractions of the bare broker loop's msgs/s.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// Conveyor tasks/s ÷ bare msgs/s.
+    pub tasks_per_s: f64,
+    /// Conveyor jobs/s ÷ bare msgs/s.
+    pub jobs_per_s: f64,
+}
+
+/// One target of the issue, checked against this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    /// What is compared.
+    pub name: String,
+    /// Measured.
+    pub value: f64,
+    /// `<` or `>=`.
+    pub op: &'static str,
+    /// The limit.
+    pub limit: f64,
+    /// Whether it holds.
+    pub met: bool,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The run's id (job ids are `b-<run>-<i>`).
+    pub run_id: String,
+    /// The deployment's prefix.
+    pub prefix: String,
+    /// `spawn` or `live`.
+    pub mode: &'static str,
+    /// Job shape.
+    pub shape: String,
+    /// Tasks per job.
+    pub tasks_per_job: usize,
+    /// Jobs asked for.
+    pub jobs: usize,
+    /// Offered rate in jobs/s (`null`: as fast as possible).
+    pub offered_rate: Option<f64>,
+    /// Queue type of the deployment's queues.
+    pub queue_type: String,
+    /// Publishing.
+    pub publish: Publish,
+    /// Final states.
+    pub outcome: Outcome,
+    /// Throughput.
+    pub throughput: Throughput,
+    /// Latencies in ms.
+    pub latency_ms: Latency,
+    /// Measurement method and its resolution.
+    pub measurement: Measurement,
+    /// Redis memory.
+    pub redis: RedisMemory,
+    /// Spawned processes (spawn mode).
+    pub processes: Option<Processes>,
+    /// Highest peak RSS per role, in MB.
+    pub peak_rss_mb_by_role: BTreeMap<String, f64>,
+    /// The bare broker loop (unless skipped).
+    pub bare: Option<BareReport>,
+    /// Ratios to the bare loop.
+    pub ratios: Option<Ratios>,
+    /// The issue's targets that apply to this run.
+    pub targets: Vec<TargetCheck>,
+    /// What went wrong (empty when nothing did).
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    /// True when every job succeeded and nothing else went wrong.
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+fn ms_between(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64() * 1000.0
+}
+
+/// Put the figures together.
+pub fn build(
+    config: &Config,
+    options: &Options,
+    run_id: &str,
+    load: LoadResult,
+    bare: Option<BareReport>,
+    processes: Option<Processes>,
+) -> Report {
+    let tasks_per_job = options.shape.tasks();
+    let mut outcome = Outcome::default();
+    let mut publish_reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed_ids = Vec::new();
+    let mut observed = Vec::new();
+    let mut pub_fin = Vec::new();
+    let mut pub_cr = Vec::new();
+    let mut cr_fin = Vec::new();
+    let mut last_seen: Option<Instant> = None;
+    let offset = load.clock.offset_us;
+    for (i, job) in load.jobs.iter().enumerate() {
+        if let Some(reason) = &job.publish_error {
+            outcome.publish_failed += 1;
+            *publish_reasons.entry(reason.clone()).or_default() += 1;
+            continue;
+        }
+        match job.state.as_deref() {
+            Some("succeeded") => outcome.succeeded += 1,
+            Some("failed") => outcome.failed += 1,
+            Some("rejected") => outcome.rejected += 1,
+            Some("cancelled") => outcome.cancelled += 1,
+            _ => {
+                if job.published.is_some() {
+                    outcome.unfinished += 1;
+                }
+                continue;
+            }
+        }
+        if job.state.as_deref() != Some("succeeded") {
+            if failed_ids.len() < 5 {
+                failed_ids.push(format!("b-{run_id}-{i}"));
+            }
+            continue;
+        }
+        if let (Some(p), Some(s)) = (job.published, job.seen) {
+            observed.push(ms_between(p, s));
+            last_seen = Some(last_seen.map_or(s, |l| l.max(s)));
+        }
+        let published_server_us = job.published_unix_us + offset;
+        if let Some(fin) = job.finished_ms {
+            pub_fin.push(((fin * 1000 + 500) - published_server_us) as f64 / 1000.0);
+        }
+        if let Some(cr) = job.created_ms {
+            pub_cr.push(((cr * 1000 + 500) - published_server_us) as f64 / 1000.0);
+        }
+        if let (Some(cr), Some(fin)) = (job.created_ms, job.finished_ms) {
+            cr_fin.push((fin - cr) as f64);
+        }
+    }
+
+    let publish_seconds = match (load.first_publish, load.last_publish) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let published = load.jobs.iter().filter(|j| j.published.is_some()).count();
+    let seconds = match (load.first_publish, last_seen) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let per_s = |n: usize| {
+        if seconds > 0.0 {
+            n as f64 / seconds
+        } else {
+            0.0
+        }
+    };
+    let throughput = Throughput {
+        seconds,
+        jobs_per_s: per_s(outcome.succeeded),
+        tasks_per_s: per_s(outcome.succeeded * tasks_per_job),
+    };
+    let growth = match (load.redis_used_before, load.redis_used_after) {
+        (Some(a), Some(b)) if published > 0 => Some(b as f64 - a as f64),
+        _ => None,
+    };
+    let redis = RedisMemory {
+        used_before: load.redis_used_before,
+        used_after: load.redis_used_after,
+        bytes_per_job: growth.map(|g| g / published.max(1) as f64),
+        bytes_per_task: growth.map(|g| g / (published * tasks_per_job).max(1) as f64),
+    };
+    let ratios = bare.as_ref().map(|b| Ratios {
+        tasks_per_s: throughput.tasks_per_s / b.msgs_per_s.max(1e-9),
+        jobs_per_s: throughput.jobs_per_s / b.msgs_per_s.max(1e-9),
+    });
+    let mut peak_rss_mb_by_role: BTreeMap<String, f64> = BTreeMap::new();
+    if let Some(p) = &processes {
+        for m in &p.memory {
+            if let Some(peak) = m.peak_rss_mb {
+                let e = peak_rss_mb_by_role.entry(m.role.to_owned()).or_insert(0.0);
+                *e = e.max(peak);
+            }
+        }
+    }
+    let latency = Latency {
+        observed: Percentiles::of(observed),
+        server_publish_to_finish: Percentiles::of(pub_fin),
+        server_publish_to_create: Percentiles::of(pub_cr),
+        server_create_to_finish: Percentiles::of(cr_fin),
+    };
+
+    let mut errors = Vec::new();
+    for (reason, n) in &publish_reasons {
+        errors.push(format!("{n} job(s) not published: {reason}"));
+    }
+    let bad = outcome.failed + outcome.rejected + outcome.cancelled;
+    if bad > 0 {
+        errors.push(format!(
+            "{} failed, {} rejected, {} cancelled (e.g. {})",
+            outcome.failed,
+            outcome.rejected,
+            outcome.cancelled,
+            failed_ids.join(", ")
+        ));
+    }
+    if outcome.unfinished > 0 {
+        errors.push(format!(
+            "{} job(s) not finished when the watcher gave up (no job finished for {:?})",
+            outcome.unfinished, options.timeout
+        ));
+    }
+    if let Some(p) = &processes {
+        for e in p.exits.iter().filter(|e| !e.clean) {
+            errors.push(format!(
+                "{} {} did not stop cleanly: {}",
+                e.role, e.pid, e.status
+            ));
+        }
+        if let Some(dir) = &p.logs_dir {
+            errors.push(format!("logs of the spawned processes kept in {dir}"));
+        }
+    }
+
+    let mut targets = Vec::new();
+    let mut check = |name: String, value: f64, op: &'static str, limit: f64| {
+        let met = match op {
+            "<" => value < limit,
+            _ => value >= limit,
+        };
+        targets.push(TargetCheck {
+            name,
+            value,
+            op,
+            limit,
+            met,
+        });
+    };
+    if let Some(r) = &ratios {
+        if options.shape == Shape::Single && options.rate.is_none() {
+            check(
+                "single-task jobs/s ÷ bare msgs/s".into(),
+                r.jobs_per_s,
+                ">=",
+                1.0 / 3.0,
+            );
+        }
+        if let Shape::Fanout(_) = options.shape {
+            check(
+                "fan-out/fan-in tasks/s ÷ bare msgs/s".into(),
+                r.tasks_per_s,
+                ">=",
+                0.5,
+            );
+        }
+    }
+    if let (Some(rate), Some(obs)) = (options.rate, &latency.observed) {
+        check(
+            format!("p50 ms at {rate} jobs/s offered"),
+            obs.p50,
+            "<",
+            2.0,
+        );
+        check(
+            format!("p99 ms at {rate} jobs/s offered"),
+            obs.p99,
+            "<",
+            10.0,
+        );
+    }
+    if let Some(p) = &processes {
+        if let Some(&w) = peak_rss_mb_by_role.get("worker") {
+            check(
+                format!("worker peak RSS MB (concurrency {})", p.concurrency),
+                w,
+                "<",
+                50.0,
+            );
+        }
+        if let Some(&d) = peak_rss_mb_by_role.get("dispatcher") {
+            check(
+                format!("dispatcher peak RSS MB ({published} jobs published)"),
+                d,
+                "<",
+                150.0,
+            );
+        }
+    }
+    if options.shape == Shape::Single
+        && let Some(b) = redis.bytes_per_job
+    {
+        check(
+            "Redis bytes per finished single-task job".into(),
+            b,
+            "<",
+            2048.0,
+        );
+    }
+
+    Report {
+        run_id: run_id.to_owned(),
+        prefix: config.prefix.clone(),
+        mode: match options.target {
+            Target::Live { .. } => "live",
+            Target::Spawn(_) => "spawn",
+        },
+        shape: options.shape.to_string(),
+        tasks_per_job,
+        jobs: options.jobs,
+        offered_rate: options.rate,
+        queue_type: format!("{:?}", config.queue_type).to_lowercase(),
+        publish: Publish {
+            seconds: publish_seconds,
+            jobs_per_s: if publish_seconds > 0.0 {
+                published as f64 / publish_seconds
+            } else {
+                0.0
+            },
+            confirm_window: options.confirm_window,
+            max_lag_ms: load.max_lag_ms,
+            failures: outcome.publish_failed,
+        },
+        outcome,
+        throughput,
+        latency_ms: latency,
+        measurement: Measurement {
+            poll_interval_ms: options.poll_interval.as_secs_f64() * 1000.0,
+            poll_window: options.poll_window,
+            max_poll_rate: options.max_poll_rate,
+            polls: load.poll.polls,
+            hgets: load.poll.hgets,
+            mean_poll_cycle_ms: load.poll.mean_cycle_ms(),
+            mean_poll_rtt_ms: load.poll.mean_rtt_ms(),
+            poll_errors: load.poll.errors,
+            clock_offset_us: load.clock.offset_us,
+            clock_rtt_us: load.clock.rtt_us,
+        },
+        redis,
+        processes,
+        peak_rss_mb_by_role,
+        bare,
+        ratios,
+        targets,
+        errors,
+    }
+}
+
+fn pct_row(out: &mut String, name: &str, p: &Option<Percentiles>) {
+    let _ = match p {
+        Some(p) => writeln!(
+            out,
+            "  {name:<24} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8}",
+            p.p50, p.p90, p.p99, p.max, p.mean, p.count
+        ),
+        None => writeln!(out, "  {name:<24} {:>9}", "-"),
+    };
+}
+
+impl Report {
+    /// A readable table.
+    pub fn to_text(&self) -> String {
+        let mut o = String::new();
+        let rate = self
+            .offered_rate
+            .map_or("as fast as possible".to_owned(), |r| format!("{r} jobs/s"));
+        let _ = writeln!(
+            o,
+            "conveyor bench {}: {} x {} ({} task(s) each), {rate}, {} deployment {} ({} queues)",
+            self.run_id,
+            self.jobs,
+            self.shape,
+            self.tasks_per_job,
+            self.mode,
+            self.prefix,
+            self.queue_type
+        );
+        if let Some(p) = &self.processes {
+            let _ = writeln!(
+                o,
+                "  spawned: {} dispatcher(s), {} worker(s) at concurrency {}",
+                p.dispatchers, p.workers, p.concurrency
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(o, "throughput");
+        let _ = writeln!(
+            o,
+            "  {} jobs/s, {} tasks/s  ({} jobs succeeded in {:.3} s, first publish to last seen)",
+            per_s(self.throughput.jobs_per_s),
+            per_s(self.throughput.tasks_per_s),
+            self.outcome.succeeded,
+            self.throughput.seconds
+        );
+        let _ = writeln!(
+            o,
+            "  published in {:.3} s ({} jobs/s, confirm window {}, max lag behind schedule {:.2} ms)",
+            self.publish.seconds,
+            per_s(self.publish.jobs_per_s),
+            self.publish.confirm_window,
+            self.publish.max_lag_ms
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "latency ms                     p50       p90       p99       max      mean    count"
+        );
+        pct_row(
+            &mut o,
+            "observed (publish->seen)",
+            &self.latency_ms.observed,
+        );
+        pct_row(
+            &mut o,
+            "server publish->fin",
+            &self.latency_ms.server_publish_to_finish,
+        );
+        pct_row(
+            &mut o,
+            "server publish->cr",
+            &self.latency_ms.server_publish_to_create,
+        );
+        pct_row(
+            &mut o,
+            "server cr->fin",
+            &self.latency_ms.server_create_to_finish,
+        );
+        let m = &self.measurement;
+        let _ = writeln!(
+            o,
+            "  observed over-estimates by <= one poll cycle (mean {:.2} ms) + round trip (mean {:.3} ms);",
+            m.mean_poll_cycle_ms, m.mean_poll_rtt_ms
+        );
+        let _ = writeln!(
+            o,
+            "  {} polls, {} HGETs (window {}, <= {:.0}/s); server clock offset {} us (+-{} us), fin/cr in ms",
+            m.polls,
+            m.hgets,
+            m.poll_window,
+            m.max_poll_rate,
+            m.clock_offset_us,
+            m.clock_rtt_us / 2
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(o, "outcome");
+        let oc = &self.outcome;
+        let _ = writeln!(
+            o,
+            "  succeeded {}  failed {}  rejected {}  cancelled {}  unfinished {}  publish failed {}",
+            oc.succeeded, oc.failed, oc.rejected, oc.cancelled, oc.unfinished, oc.publish_failed
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(o, "memory");
+        if let Some(p) = &self.processes {
+            for mem in &p.memory {
+                let _ = writeln!(
+                    o,
+                    "  {:<10} pid {:<8} peak RSS {:>7.1} MB  (RSS at end {:.1} MB)",
+                    mem.role,
+                    mem.pid,
+                    mem.peak_rss_mb.unwrap_or(f64::NAN),
+                    mem.rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+        }
+        match (self.redis.bytes_per_job, self.redis.bytes_per_task) {
+            (Some(j), Some(t)) => {
+                let _ = writeln!(
+                    o,
+                    "  Redis used_memory {} -> {} B: {:.0} B/job, {:.0} B/task",
+                    self.redis.used_before.unwrap_or(0),
+                    self.redis.used_after.unwrap_or(0),
+                    j,
+                    t
+                );
+            }
+            _ => {
+                let _ = writeln!(o, "  Redis used_memory: not available");
+            }
+        }
+        let _ = writeln!(o);
+        match (&self.bare, &self.ratios) {
+            (Some(b), Some(r)) => {
+                let _ = writeln!(
+                    o,
+                    "bare broker loop ({} x {} B persistent, confirm window {}, prefetch {}, {})",
+                    b.messages, b.message_bytes, b.confirm_window, b.prefetch, b.ack_mode
+                );
+                let _ = writeln!(
+                    o,
+                    "  {:.0} msgs/s ({:.3} s first publish to last ack; publishing took {:.3} s)",
+                    b.msgs_per_s, b.seconds, b.publish_s
+                );
+                let _ = writeln!(
+                    o,
+                    "  Conveyor / bare: tasks/s {:.3}, jobs/s {:.3}{}",
+                    r.tasks_per_s,
+                    r.jobs_per_s,
+                    if self.offered_rate.is_some() {
+                        "  (bounded by the offered rate)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            _ => {
+                let _ = writeln!(o, "bare broker loop: skipped");
+            }
+        }
+        if !self.targets.is_empty() {
+            let _ = writeln!(o);
+            let _ = writeln!(o, "targets");
+            for t in &self.targets {
+                let _ = writeln!(
+                    o,
+                    "  [{}] {:<48} {:>10.3} {} {}",
+                    if t.met { "met" } else { "MISSED" },
+                    t.name,
+                    t.value,
+                    t.op,
+                    format_limit(t.limit)
+                );
+            }
+        }
+        if !self.errors.is_empty() {
+            let _ = writeln!(o);
+            let _ = writeln!(o, "errors");
+            for e in &self.errors {
+                let _ = writeln!(o, "  {e}");
+            }
+        }
+        o
+    }
+}
+
+/// A rate: whole numbers from 100 up, three significant-ish digits below.
+fn per_s(rate: f64) -> String {
+    if rate >= 100.0 || rate == 0.0 {
+        format!("{rate:.0}")
+    } else if rate >= 1.0 {
+        format!("{rate:.1}")
+    } else {
+        format!("{rate:.3}")
+    }
+}
+
+fn format_limit(limit: f64) -> String {
+    if (limit - 1.0 / 3.0).abs() < 1e-9 {
+        "1/3".to_owned()
+    } else {
+        format!("{limit}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect())
+            .unwrap_or_else(|| panic!("samples"));
+        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        let one = Percentiles::of(vec![3.0]).unwrap_or_else(|| panic!("one sample"));
+        assert_eq!((one.p50, one.p99, one.max), (3.0, 3.0, 3.0));
+        assert!(Percentiles::of(Vec::new()).is_none());
+    }
+}

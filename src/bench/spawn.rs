@@ -1,0 +1,457 @@
+//! The deployment under test: started here as child processes, or a live
+//! one checked for consumers.
+//!
+//! Spawned processes are the current executable (`conveyor --config <file>
+//! dispatcher` / `worker --concurrency C`), with a config file written to a
+//! private temporary directory (mode 0600: it holds the URLs) under the
+//! fresh prefix, and every `CONVEYOR_*` variable removed from their
+//! environment so nothing overrides it. Their stdout and stderr go to log
+//! files in the same directory, which is deleted after a clean stop and
+//! kept (and named in the report) otherwise. Peak resident memory is the
+//! kernel's `VmHWM` from `/proc/<pid>/status`, read just before they are
+//! stopped with SIGTERM (SIGKILL after 20 s).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Connection, ConnectionProperties};
+use serde::Serialize;
+use tokio::process::{Child, Command};
+
+use super::{BenchError, SpawnOptions, bare_queue, broker_err};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::names::Names;
+
+/// How long the spawned processes get to start consuming.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+/// How long a SIGTERM'd process gets before SIGKILL.
+const STOP_WITHIN: Duration = Duration::from_secs(20);
+
+/// Memory of one spawned process.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessMemory {
+    /// `dispatcher` or `worker`.
+    pub role: &'static str,
+    /// Its pid.
+    pub pid: u32,
+    /// Peak resident set (`VmHWM`), in MB (10^6 bytes).
+    pub peak_rss_mb: Option<f64>,
+    /// Resident set when read (`VmRSS`), in MB.
+    pub rss_mb: Option<f64>,
+}
+
+/// How one spawned process ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessExit {
+    /// `dispatcher` or `worker`.
+    pub role: &'static str,
+    /// Its pid.
+    pub pid: u32,
+    /// Exit status as text.
+    pub status: String,
+    /// Exited by itself with status 0 after SIGTERM.
+    pub clean: bool,
+}
+
+/// What stopping the deployment left.
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    /// One per process.
+    pub exits: Vec<ProcessExit>,
+    /// The logs, when kept (a process did not stop cleanly).
+    pub logs_dir: Option<String>,
+}
+
+struct Proc {
+    role: &'static str,
+    pid: u32,
+    child: Child,
+    log: PathBuf,
+}
+
+/// Dispatchers and workers started by the bench.
+pub struct Deployment {
+    dir: PathBuf,
+    procs: Vec<Proc>,
+    dispatchers: usize,
+    workers: usize,
+}
+
+fn process_err(what: impl std::fmt::Display) -> BenchError {
+    BenchError::Process(what.to_string())
+}
+
+impl Deployment {
+    /// Write the config and start the processes (not waiting for them).
+    pub async fn start(
+        config: &Config,
+        options: &SpawnOptions,
+        run_id: &str,
+    ) -> Result<Deployment, BenchError> {
+        if options.dispatchers == 0 || options.workers == 0 || options.concurrency == 0 {
+            return Err(BenchError::Options(
+                "--dispatchers, --workers and --concurrency must be at least 1".into(),
+            ));
+        }
+        let dir = std::env::temp_dir().join(format!("conveyor-bench-{run_id}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| process_err(format!("cannot create {}: {e}", dir.display())))?;
+        let config_path = dir.join("config.toml");
+        let text = toml::to_string(config)
+            .map_err(|e| process_err(format!("cannot write the config: {e}")))?;
+        write_private(&config_path, &text)
+            .map_err(|e| process_err(format!("cannot write {}: {e}", config_path.display())))?;
+
+        // Declare the queues first (as the dispatcher would, same arguments),
+        // so that checking their consumers never meets a missing queue.
+        let broker = crate::runtime::amqp_broker(config)
+            .await
+            .map_err(|e| BenchError::Broker(e.to_string()))?;
+        broker
+            .declare(&config.worker.queues)
+            .await
+            .map_err(|e| BenchError::Broker(format!("declaring the queues: {e}")))?;
+        drop(broker);
+
+        let mut deployment = Deployment {
+            dir,
+            procs: Vec::new(),
+            dispatchers: options.dispatchers,
+            workers: options.workers,
+        };
+        for i in 0..options.dispatchers {
+            deployment.spawn(
+                &options.exe,
+                &config_path,
+                "dispatcher",
+                i,
+                &["dispatcher".into()],
+            )?;
+        }
+        for i in 0..options.workers {
+            deployment.spawn(
+                &options.exe,
+                &config_path,
+                "worker",
+                i,
+                &[
+                    "worker".into(),
+                    "--concurrency".into(),
+                    options.concurrency.to_string(),
+                ],
+            )?;
+        }
+        Ok(deployment)
+    }
+
+    fn spawn(
+        &mut self,
+        exe: &Path,
+        config_path: &Path,
+        role: &'static str,
+        index: usize,
+        args: &[String],
+    ) -> Result<(), BenchError> {
+        let log = self.dir.join(format!("{role}-{index}.log"));
+        let out = std::fs::File::create(&log)
+            .map_err(|e| process_err(format!("cannot create {}: {e}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| process_err(format!("cannot open {}: {e}", log.display())))?;
+        let mut command = Command::new(exe);
+        command
+            .arg("--config")
+            .arg(config_path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true);
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("CONVEYOR_") {
+                command.env_remove(var);
+            }
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| process_err(format!("cannot start {} {role}: {e}", exe.display())))?;
+        let pid = child.id().unwrap_or(0);
+        self.procs.push(Proc {
+            role,
+            pid,
+            child,
+            log,
+        });
+        Ok(())
+    }
+
+    /// Wait until every dispatcher consumes the submit queue and every
+    /// worker the task queue; fail if a process exits first.
+    pub async fn wait_ready(&mut self, config: &Config) -> Result<(), BenchError> {
+        let names = Names::new(&config.prefix);
+        let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+            .await
+            .map_err(broker_err("cannot connect"))?;
+        let deadline = Instant::now() + READY_WITHIN;
+        let result = loop {
+            for p in &mut self.procs {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    break_err(p, status)?;
+                }
+            }
+            let submit = consumers(&conn, &names.submit_queue()).await;
+            let tasks = consumers(&conn, &names.task_queue("default")).await;
+            if submit.unwrap_or(0) as usize >= self.dispatchers
+                && tasks.unwrap_or(0) as usize >= self.workers
+            {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                break Err(process_err(format!(
+                    "not consuming within {READY_WITHIN:?} ({} of {} dispatchers, {} of {} workers); logs in {}",
+                    submit.unwrap_or(0),
+                    self.dispatchers,
+                    tasks.unwrap_or(0),
+                    self.workers,
+                    self.dir.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = conn.close(200, "ready".into()).await;
+        result
+    }
+
+    /// Peak and current resident memory of every process, now.
+    pub fn memory(&self) -> Vec<ProcessMemory> {
+        self.procs
+            .iter()
+            .map(|p| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap_or_default();
+                ProcessMemory {
+                    role: p.role,
+                    pid: p.pid,
+                    peak_rss_mb: status_kib(&status, "VmHWM:").map(kib_to_mb),
+                    rss_mb: status_kib(&status, "VmRSS:").map(kib_to_mb),
+                }
+            })
+            .collect()
+    }
+
+    /// SIGTERM every process, wait (SIGKILL after 20 s); delete the logs if
+    /// every process stopped cleanly.
+    pub async fn stop(mut self) -> Stopped {
+        for p in &self.procs {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(p.pid.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await;
+        }
+        let mut exits = Vec::new();
+        for p in &mut self.procs {
+            let (status, clean) = match tokio::time::timeout(STOP_WITHIN, p.child.wait()).await {
+                Ok(Ok(s)) => (s.to_string(), s.success()),
+                Ok(Err(e)) => (format!("wait failed: {e}"), false),
+                Err(_) => {
+                    let _ = p.child.kill().await;
+                    (
+                        format!("killed: no exit within {STOP_WITHIN:?} of SIGTERM"),
+                        false,
+                    )
+                }
+            };
+            exits.push(ProcessExit {
+                role: p.role,
+                pid: p.pid,
+                status,
+                clean,
+            });
+        }
+        let _ = std::fs::remove_file(self.dir.join("config.toml"));
+        let logs_dir = if exits.iter().all(|e| e.clean) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            None
+        } else {
+            Some(self.dir.display().to_string())
+        };
+        Stopped { exits, logs_dir }
+    }
+}
+
+fn break_err(p: &Proc, status: std::process::ExitStatus) -> Result<(), BenchError> {
+    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Err(process_err(format!(
+        "{} {} exited during start-up ({status}); {}:\n{}",
+        p.role,
+        p.pid,
+        p.log.display(),
+        tail.join("\n")
+    )))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)
+}
+
+fn kib_to_mb(kib: u64) -> f64 {
+    kib as f64 * 1024.0 / 1e6
+}
+
+/// `VmHWM:   12345 kB` -> 12345 (the kernel's kB are KiB).
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Consumers of `queue`, or `None` if it does not exist (a passive declare
+/// on a throwaway channel, as a missing queue closes the channel).
+async fn consumers(conn: &Connection, queue: &str) -> Option<u32> {
+    let channel = conn.create_channel().await.ok()?;
+    let info = channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "checked".into()).await;
+    Some(info.consumer_count())
+}
+
+/// A live deployment must have its submit queue and `default` task queue
+/// consumed, or the jobs would only pile up.
+pub async fn check_live(
+    amqp_url: &str,
+    names: &Names,
+    queues: &[String],
+) -> Result<(), BenchError> {
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .map_err(broker_err("cannot connect"))?;
+    let submit = consumers(&conn, &names.submit_queue()).await;
+    let tasks = consumers(&conn, &names.task_queue("default")).await;
+    let _ = conn.close(200, "checked".into()).await;
+    let missing = |q: String, n: Option<u32>, who: &str| match n {
+        None => Err(BenchError::Options(format!(
+            "queue {q} does not exist: is a deployment running under prefix {:?}? (or use --spawn)",
+            names.prefix()
+        ))),
+        Some(0) => Err(BenchError::Options(format!(
+            "no {who} consumes {q}: start one (or use --spawn)"
+        ))),
+        Some(_) => Ok(()),
+    };
+    missing(names.submit_queue(), submit, "dispatcher")?;
+    if !queues.iter().any(|q| q == "default") {
+        tracing::warn!("the config's worker queues do not include `default`, where bench tasks go");
+    }
+    missing(names.task_queue("default"), tasks, "worker")
+}
+
+/// Delete `queues` (each on its own channel; errors ignored).
+pub async fn delete_queues(amqp_url: &str, queues: &[String]) {
+    let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await else {
+        return;
+    };
+    for q in queues {
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = channel
+                .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+                .await;
+            let _ = channel.close(200, "deleted".into()).await;
+        }
+    }
+    let _ = conn.close(200, "bench cleanup".into()).await;
+}
+
+/// Delete a bench deployment's queues and (if `keys`, and only for a
+/// `bench-` prefix) every Redis key under its prefix, by SCAN + UNLINK.
+pub async fn cleanup(config: &Config, keys: bool) {
+    let names = Names::new(&config.prefix);
+    let mut queues = vec![
+        names.submit_queue(),
+        names.dead_queue(),
+        bare_queue(&config.prefix),
+    ];
+    queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
+    if !config.worker.queues.iter().any(|q| q == "default") {
+        queues.push(names.task_queue("default"));
+    }
+    delete_queues(&config.amqp_url, &queues).await;
+    if !keys || !config.prefix.starts_with("bench-") {
+        return;
+    }
+    let Ok(mut conn) = super::load::redis_connection(&config.redis_url).await else {
+        return;
+    };
+    let pattern = format!("{}:*", config.prefix);
+    let mut cursor: u64 = 0;
+    loop {
+        let page: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await;
+        let Ok((next, found)) = page else {
+            return;
+        };
+        if !found.is_empty() {
+            let _: Result<i64, _> = redis::cmd("UNLINK")
+                .arg(&found)
+                .query_async(&mut conn)
+                .await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_status_fields_are_read_in_kib() {
+        let status = "Name:\tconveyor\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(status_kib(status, "VmHWM:"), Some(20480));
+        assert_eq!(status_kib(status, "VmRSS:"), Some(10240));
+        assert_eq!(status_kib(status, "VmSwap:"), None);
+    }
+}

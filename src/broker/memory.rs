@@ -1,0 +1,1062 @@
+//! An in-process broker: the [`Broker`] trait without RabbitMQ.
+//!
+//! It exists for two uses:
+//! - an embedded, single-process dev mode, where starting RabbitMQ is more
+//!   ceremony than the run is worth;
+//! - deterministic simulation tests, which need a broker whose faults
+//!   (duplicates, reordering, lost confirms, dropped connections, outages)
+//!   can be injected on purpose and replayed from a seed.
+//!
+//! It mirrors the RabbitMQ behaviour Conveyor relies on (see `amqp.rs`):
+//! named queues created by [`Broker::declare`]; `mandatory` publishes to a
+//! missing queue are refused, others silently dropped; deliveries pushed
+//! round-robin to a queue's consumers, each holding at most `prefetch`
+//! unacked ones (0 = unlimited, as in AMQP); a requeued message goes back
+//! to the head of its queue; a closed subscription ("channel") returns its
+//! unacked deliveries; `delivery_count` counts every return, like quorum
+//! queues' `x-delivery-count`.
+//!
+//! How it differs from RabbitMQ:
+//! - nothing is persisted: the queues live and die with the process;
+//! - no priorities, TTLs, exchanges other than the default one, queue
+//!   arguments, `x-delivery-limit` or dead-lettering by the broker (Conveyor
+//!   dead-letters by publishing to `<prefix>.dead` itself);
+//! - headers are kept on queued messages (see [`MemoryBroker::take_messages`])
+//!   but [`Delivery`] does not carry them, as with the AMQP broker;
+//! - faults are injected from a [`FaultPlan`]; every random decision comes
+//!   from one seeded [`StdRng`], so a run driven in the same order (e.g. on
+//!   a current-thread runtime) is reproducible from its seed.
+//!
+//! All state sits behind one mutex, never held across an `.await`; waiting
+//! consumers are woken through a [`Notify`] per subscription.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Notify;
+
+use super::{
+    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
+};
+use crate::names::Names;
+
+/// Which faults to inject, as probabilities in `0.0..=1.0` (values outside
+/// are clamped; `NaN` counts as 0). The default injects none.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FaultPlan {
+    /// A published message is queued twice (as a publisher retry after a
+    /// lost confirm would do).
+    pub duplicate: f64,
+    /// A published message is inserted at a random position among the
+    /// ready messages instead of at the tail.
+    pub reorder: f64,
+    /// `publish` queues a random prefix of its batch (possibly all of it,
+    /// possibly none) and then fails with [`BrokerError::Unavailable`], as
+    /// when confirms never arrive.
+    pub publish_failure: f64,
+}
+
+/// A message waiting in a queue (or held by a consumer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Payload.
+    pub body: Vec<u8>,
+    /// AMQP reply-to.
+    pub reply_to: Option<String>,
+    /// AMQP correlation id.
+    pub correlation_id: Option<String>,
+    /// Headers as published.
+    pub headers: Vec<(String, HeaderValue)>,
+    /// How many times it was delivered and given back.
+    pub delivery_count: u32,
+}
+
+impl QueuedMessage {
+    fn from_outgoing(msg: &Outgoing) -> QueuedMessage {
+        QueuedMessage {
+            body: msg.body.clone(),
+            reply_to: msg.reply_to.clone(),
+            correlation_id: msg.correlation_id.clone(),
+            headers: msg.headers.clone(),
+            delivery_count: 0,
+        }
+    }
+}
+
+/// The in-process broker. Clones are handles to the same broker, so a test
+/// can keep one while the code under test holds another.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    names: Names,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("prefix", &self.names.prefix())
+            .finish()
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    /// The state; a panic elsewhere while holding the lock leaves the state
+    /// consistent (every mutation is completed before anything can panic),
+    /// so a poisoned lock is taken over.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct State {
+    rng: StdRng,
+    faults: FaultPlan,
+    down: bool,
+    /// Ordered maps, so iteration order (and with it the order in which
+    /// random numbers are drawn) never depends on hashing.
+    queues: BTreeMap<String, Queue>,
+    consumers: BTreeMap<u64, Consumer>,
+    /// Source of subscription ids and delivery tags.
+    next_id: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<QueuedMessage>,
+    /// Ids of the consumers receiving new deliveries, in round-robin order.
+    consumers: Vec<u64>,
+    /// Where the next round-robin turn starts in `consumers`.
+    cursor: usize,
+}
+
+struct Consumer {
+    queue: String,
+    /// 0 = unlimited.
+    prefetch: u16,
+    /// Cleared by `cancel`: no new deliveries.
+    active: bool,
+    /// Pushed to this consumer but not yet returned by `next` (what sits in
+    /// a client library's buffer); counts against the prefetch.
+    inbox: VecDeque<QueuedMessage>,
+    /// Returned by `next` and neither acked nor requeued, by delivery tag.
+    unacked: BTreeMap<u64, QueuedMessage>,
+    wake: Arc<Notify>,
+}
+
+impl Consumer {
+    fn has_room(&self) -> bool {
+        self.prefetch == 0 || self.inbox.len() + self.unacked.len() < usize::from(self.prefetch)
+    }
+}
+
+fn unavailable(what: &str) -> BrokerError {
+    BrokerError::Unavailable(format!("in-memory broker: {what}"))
+}
+
+fn outage() -> BrokerError {
+    unavailable("simulated outage")
+}
+
+impl State {
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        if p.is_nan() || p <= 0.0 {
+            return false;
+        }
+        self.rng.random_bool(p.min(1.0))
+    }
+
+    /// Queue one copy of `msg` in `queue` (which exists), at the tail or,
+    /// under the reorder fault, anywhere among the ready messages.
+    fn enqueue(&mut self, queue: &str, msg: QueuedMessage) {
+        let reorder = self.faults.reorder;
+        let position = if self.chance(reorder) {
+            let len = self.queues.get(queue).map_or(0, |q| q.ready.len());
+            Some(self.rng.random_range(0..=len))
+        } else {
+            None
+        };
+        if let Some(q) = self.queues.get_mut(queue) {
+            match position {
+                Some(i) => q.ready.insert(i, msg),
+                None => q.ready.push_back(msg),
+            }
+        }
+    }
+
+    /// Push ready messages of `queue` to its consumers, round-robin, while
+    /// any has room under its prefetch.
+    fn dispatch(&mut self, queue: &str) {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        while !q.ready.is_empty() && !q.consumers.is_empty() {
+            let n = q.consumers.len();
+            let turn = (0..n).map(|i| (q.cursor + i) % n).find(|&i| {
+                self.consumers
+                    .get(&q.consumers[i])
+                    .is_some_and(Consumer::has_room)
+            });
+            let Some(i) = turn else {
+                break;
+            };
+            let Some(consumer) = self.consumers.get_mut(&q.consumers[i]) else {
+                break;
+            };
+            let Some(msg) = q.ready.pop_front() else {
+                break;
+            };
+            consumer.inbox.push_back(msg);
+            consumer.wake.notify_one();
+            q.cursor = (i + 1) % n;
+        }
+    }
+
+    /// End a subscription as a closed channel does: it gets no more
+    /// deliveries, everything it held goes back to the head of its queue
+    /// (in delivery order, each counted once more), and its ackers fail.
+    /// Does not dispatch; the caller does, once all closing is done.
+    fn close(&mut self, id: u64) {
+        let Some(consumer) = self.consumers.remove(&id) else {
+            return;
+        };
+        consumer.wake.notify_one();
+        let Some(q) = self.queues.get_mut(&consumer.queue) else {
+            return;
+        };
+        q.consumers.retain(|&c| c != id);
+        let held: Vec<QueuedMessage> = consumer
+            .unacked
+            .into_values()
+            .chain(consumer.inbox)
+            .collect();
+        for mut msg in held.into_iter().rev() {
+            msg.delivery_count = msg.delivery_count.saturating_add(1);
+            q.ready.push_front(msg);
+        }
+    }
+
+    /// Every subscription ends (see [`State::close`]).
+    fn drop_connections(&mut self) {
+        let ids: Vec<u64> = self.consumers.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
+    }
+
+    fn declare_queue(&mut self, name: &str) {
+        self.queues.entry(name.to_owned()).or_default();
+    }
+}
+
+impl MemoryBroker {
+    /// A broker for the deployment `names`, injecting `faults` with
+    /// decisions drawn from a generator seeded with `seed`.
+    pub fn new(names: Names, seed: u64, faults: FaultPlan) -> MemoryBroker {
+        MemoryBroker {
+            names,
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    rng: StdRng::seed_from_u64(seed),
+                    faults,
+                    down: false,
+                    queues: BTreeMap::new(),
+                    consumers: BTreeMap::new(),
+                    next_id: 0,
+                }),
+            }),
+        }
+    }
+
+    /// A broker that injects no faults.
+    pub fn reliable(names: Names) -> MemoryBroker {
+        MemoryBroker::new(names, 0, FaultPlan::default())
+    }
+
+    /// Replace the fault plan (e.g. to let a simulation drain without
+    /// faults); the random sequence carries on.
+    pub fn set_faults(&self, faults: FaultPlan) {
+        self.shared.lock().faults = faults;
+    }
+
+    /// Create `name` if it does not exist (e.g. a client's reply queue).
+    /// Works during an outage too: it stands for an administrator's action.
+    pub async fn declare_queue(&self, name: &str) {
+        self.shared.lock().declare_queue(name);
+    }
+
+    /// Simulate lost connections: every live subscription ends (its `next`
+    /// returns `None`, waking it if it waits), its unacked deliveries go
+    /// back to their queues counted once more, and its ackers fail. New
+    /// subscriptions work at once.
+    pub async fn drop_connections(&self) {
+        self.shared.lock().drop_connections();
+    }
+
+    /// Start (`true`) or end a simulated outage. While it lasts, `declare`,
+    /// `publish`, `subscribe` and `queue_stats` fail as unavailable and
+    /// `is_connected` is false. Starting one also drops every connection
+    /// (see [`MemoryBroker::drop_connections`]), as a broker going away does.
+    pub fn set_outage(&self, down: bool) {
+        let mut state = self.shared.lock();
+        state.down = down;
+        if down {
+            state.drop_connections();
+        }
+    }
+
+    /// Messages ready in `queue` (0 if it does not exist).
+    pub async fn ready_len(&self, queue: &str) -> usize {
+        self.shared
+            .lock()
+            .queues
+            .get(queue)
+            .map_or(0, |q| q.ready.len())
+    }
+
+    /// Messages of `queue` held by its subscriptions, delivered or pushed
+    /// to them, and not yet acked.
+    pub async fn unacked_len(&self, queue: &str) -> usize {
+        self.shared
+            .lock()
+            .consumers
+            .values()
+            .filter(|c| c.queue == queue)
+            .map(|c| c.inbox.len() + c.unacked.len())
+            .sum()
+    }
+
+    /// Remove and return the ready messages of `queue`, head first.
+    pub async fn take_messages(&self, queue: &str) -> Vec<QueuedMessage> {
+        self.shared
+            .lock()
+            .queues
+            .get_mut(queue)
+            .map(|q| q.ready.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// Remove and return the bodies of the ready messages of `queue`, head
+    /// first (e.g. to read the dead queue in a test).
+    pub async fn take_all(&self, queue: &str) -> Vec<Vec<u8>> {
+        self.take_messages(queue)
+            .await
+            .into_iter()
+            .map(|m| m.body)
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        if state.down {
+            return Err(outage());
+        }
+        state.declare_queue(&self.names.dead_queue());
+        state.declare_queue(&self.names.submit_queue());
+        for q in task_queues {
+            state.declare_queue(&self.names.task_queue(q));
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        if state.down {
+            return Err(outage());
+        }
+        let faults = state.faults;
+        let lost_confirm_at = if state.chance(faults.publish_failure) {
+            Some(state.rng.random_range(0..=batch.len()))
+        } else {
+            None
+        };
+        let mut touched = BTreeSet::new();
+        let mut first_error = None;
+        for (i, msg) in batch.iter().enumerate() {
+            if lost_confirm_at == Some(i) {
+                break;
+            }
+            if !state.queues.contains_key(&msg.queue) {
+                if msg.mandatory {
+                    first_error.get_or_insert(BrokerError::Refused {
+                        queue: msg.queue.clone(),
+                        reason: "returned: 312 NO_ROUTE".into(),
+                    });
+                }
+                continue;
+            }
+            let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
+            for _ in 0..copies {
+                state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));
+            }
+            touched.insert(msg.queue.as_str());
+        }
+        for queue in touched {
+            state.dispatch(queue);
+        }
+        if lost_confirm_at.is_some() {
+            return Err(unavailable("simulated lost publisher confirm"));
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        let mut state = self.shared.lock();
+        if state.down {
+            return Err(outage());
+        }
+        if !state.queues.contains_key(queue) {
+            return Err(unavailable(&format!(
+                "NOT_FOUND - no queue '{queue}' (like a closed channel)"
+            )));
+        }
+        let id = state.new_id();
+        let wake = Arc::new(Notify::new());
+        state.consumers.insert(
+            id,
+            Consumer {
+                queue: queue.to_owned(),
+                prefetch,
+                active: true,
+                inbox: VecDeque::new(),
+                unacked: BTreeMap::new(),
+                wake: wake.clone(),
+            },
+        );
+        if let Some(q) = state.queues.get_mut(queue) {
+            q.consumers.push(id);
+        }
+        state.dispatch(queue);
+        Ok(Box::new(MemorySubscription {
+            shared: self.shared.clone(),
+            id,
+            wake,
+        }))
+    }
+
+    async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
+        let state = self.shared.lock();
+        if state.down {
+            return Err(outage());
+        }
+        Ok(queues
+            .iter()
+            .filter_map(|name| {
+                state.queues.get(name).map(|q| QueueStats {
+                    queue: name.clone(),
+                    ready: u32::try_from(q.ready.len()).unwrap_or(u32::MAX),
+                    consumers: u32::try_from(q.consumers.len()).unwrap_or(u32::MAX),
+                })
+            })
+            .collect())
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.shared.lock().down
+    }
+}
+
+/// A consumer of one queue. Dropping it closes it (see [`State::close`]).
+struct MemorySubscription {
+    shared: Arc<Shared>,
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        let queue = state.consumers.get(&self.id).map(|c| c.queue.clone());
+        state.close(self.id);
+        if let Some(queue) = queue {
+            state.dispatch(&queue);
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for MemorySubscription {
+    /// Cancel-safe: a message leaves the consumer's buffer only in the
+    /// same critical section that returns it, with no `.await` after.
+    async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        loop {
+            {
+                let mut state = self.shared.lock();
+                let tag = state.new_id();
+                let consumer = state.consumers.get_mut(&self.id)?;
+                if let Some(msg) = consumer.inbox.pop_front() {
+                    let delivery = Delivery {
+                        queue: consumer.queue.clone(),
+                        body: msg.body.clone(),
+                        reply_to: msg.reply_to.clone(),
+                        correlation_id: msg.correlation_id.clone(),
+                        delivery_count: msg.delivery_count,
+                        redelivered: msg.delivery_count > 0,
+                        acker: Box::new(MemoryAcker {
+                            shared: self.shared.clone(),
+                            consumer: self.id,
+                            tag,
+                        }),
+                    };
+                    consumer.unacked.insert(tag, msg);
+                    return Some(Ok(delivery));
+                }
+                if !consumer.active {
+                    return None;
+                }
+            }
+            // `notify_one` leaves a permit when nobody waits, so a push
+            // between the check above and this wait is not missed.
+            self.wake.notified().await;
+        }
+    }
+
+    async fn cancel(&mut self) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        let Some(consumer) = state.consumers.get_mut(&self.id) else {
+            return Err(unavailable("subscription closed"));
+        };
+        consumer.active = false;
+        consumer.wake.notify_one();
+        let queue = consumer.queue.clone();
+        if let Some(q) = state.queues.get_mut(&queue) {
+            q.consumers.retain(|&c| c != self.id);
+        }
+        Ok(())
+    }
+}
+
+/// Acknowledges one delivery of one subscription.
+struct MemoryAcker {
+    shared: Arc<Shared>,
+    consumer: u64,
+    tag: u64,
+}
+
+impl MemoryAcker {
+    /// Take the delivery back from its consumer; fails if the consumer is
+    /// closed or the delivery was already settled.
+    fn settle(&self, state: &mut State) -> Result<(String, QueuedMessage), BrokerError> {
+        let consumer = state
+            .consumers
+            .get_mut(&self.consumer)
+            .ok_or_else(|| unavailable("subscription closed; the delivery was returned"))?;
+        let msg = consumer
+            .unacked
+            .remove(&self.tag)
+            .ok_or_else(|| unavailable("unknown delivery tag (already acked or requeued)"))?;
+        Ok((consumer.queue.clone(), msg))
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        let (queue, _) = self.settle(&mut state)?;
+        state.dispatch(&queue);
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        let mut state = self.shared.lock();
+        let (queue, mut msg) = self.settle(&mut state)?;
+        msg.delivery_count = msg.delivery_count.saturating_add(1);
+        if let Some(q) = state.queues.get_mut(&queue) {
+            q.ready.push_front(msg);
+        }
+        state.dispatch(&queue);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn names() -> Names {
+        Names::new("t")
+    }
+
+    fn q() -> String {
+        names().task_queue("default")
+    }
+
+    async fn broker() -> MemoryBroker {
+        let b = MemoryBroker::reliable(names());
+        b.declare(&["default".to_owned()]).await.unwrap();
+        b
+    }
+
+    fn msg(body: &str) -> Outgoing {
+        Outgoing::durable(q(), body.as_bytes().to_vec())
+    }
+
+    async fn publish(b: &MemoryBroker, bodies: &[&str]) {
+        b.publish(bodies.iter().map(|s| msg(s)).collect())
+            .await
+            .unwrap();
+    }
+
+    async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("a delivery in time")
+            .expect("subscription live")
+            .expect("no error")
+    }
+
+    /// Whether `next` would wait now.
+    fn waits(sub: &mut Box<dyn Subscription>) -> bool {
+        sub.next().now_or_never().is_none()
+    }
+
+    #[tokio::test]
+    async fn a_published_message_is_delivered_with_its_properties() {
+        let b = broker().await;
+        let mut out = msg("hello");
+        out.reply_to = Some("replies".into());
+        out.correlation_id = Some("c1".into());
+        b.publish(vec![out]).await.unwrap();
+        let mut sub = b.subscribe(&q(), 10).await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!(d.body, b"hello");
+        assert_eq!(d.queue, q());
+        assert_eq!(d.reply_to.as_deref(), Some("replies"));
+        assert_eq!(d.correlation_id.as_deref(), Some("c1"));
+        assert_eq!((d.delivery_count, d.redelivered), (0, false));
+        assert_eq!(b.unacked_len(&q()).await, 1);
+        d.acker.ack().await.unwrap();
+        assert_eq!(b.unacked_len(&q()).await, 0);
+        assert_eq!(b.ready_len(&q()).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_consumer_is_woken_by_a_publish() {
+        let b = broker().await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let waiter = tokio::spawn(async move { next(&mut sub).await.body });
+        tokio::task::yield_now().await;
+        publish(&b, &["late"]).await;
+        assert_eq!(waiter.await.unwrap(), b"late");
+    }
+
+    #[tokio::test]
+    async fn a_requeued_message_comes_back_first_with_its_count() {
+        let b = broker().await;
+        publish(&b, &["a", "b"]).await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!(d.body, b"a");
+        d.acker.requeue().await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!(d.body, b"a");
+        assert_eq!((d.delivery_count, d.redelivered), (1, true));
+        d.acker.requeue().await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 2));
+        d.acker.ack().await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"b"[..], 0));
+    }
+
+    #[tokio::test]
+    async fn acking_twice_fails() {
+        let b = broker().await;
+        publish(&b, &["a"]).await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let d = next(&mut sub).await;
+        d.acker.ack().await.unwrap();
+        assert!(matches!(
+            d.acker.ack().await,
+            Err(BrokerError::Unavailable(_))
+        ));
+        assert!(matches!(
+            d.acker.requeue().await,
+            Err(BrokerError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn prefetch_limits_unacked_deliveries() {
+        let b = broker().await;
+        publish(&b, &["1", "2", "3", "4", "5"]).await;
+        let mut sub = b.subscribe(&q(), 2).await.unwrap();
+        assert_eq!(b.unacked_len(&q()).await, 2);
+        assert_eq!(b.ready_len(&q()).await, 3);
+        let d1 = next(&mut sub).await;
+        let d2 = next(&mut sub).await;
+        assert!(waits(&mut sub), "a third delivery exceeds the prefetch");
+        d1.acker.ack().await.unwrap();
+        let d3 = next(&mut sub).await;
+        assert_eq!(d3.body, b"3");
+        assert!(waits(&mut sub));
+        d2.acker.ack().await.unwrap();
+        d3.acker.ack().await.unwrap();
+        assert_eq!(next(&mut sub).await.body, b"4");
+        assert_eq!(next(&mut sub).await.body, b"5");
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_of_zero_is_unlimited() {
+        let b = broker().await;
+        publish(&b, &["1", "2", "3"]).await;
+        let _sub = b.subscribe(&q(), 0).await.unwrap();
+        assert_eq!(b.unacked_len(&q()).await, 3);
+    }
+
+    #[tokio::test]
+    async fn deliveries_go_round_robin_among_consumers() {
+        let b = broker().await;
+        let mut s1 = b.subscribe(&q(), 10).await.unwrap();
+        let mut s2 = b.subscribe(&q(), 10).await.unwrap();
+        publish(&b, &["1", "2", "3", "4"]).await;
+        assert_eq!(next(&mut s1).await.body, b"1");
+        assert_eq!(next(&mut s2).await.body, b"2");
+        assert_eq!(next(&mut s1).await.body, b"3");
+        assert_eq!(next(&mut s2).await.body, b"4");
+    }
+
+    #[tokio::test]
+    async fn a_full_consumer_is_skipped() {
+        let b = broker().await;
+        let mut s1 = b.subscribe(&q(), 1).await.unwrap();
+        let mut s2 = b.subscribe(&q(), 10).await.unwrap();
+        publish(&b, &["1", "2", "3"]).await;
+        assert_eq!(next(&mut s1).await.body, b"1");
+        assert_eq!(next(&mut s2).await.body, b"2");
+        assert_eq!(next(&mut s2).await.body, b"3");
+    }
+
+    #[tokio::test]
+    async fn dropping_connections_returns_unacked_deliveries() {
+        let b = broker().await;
+        publish(&b, &["a", "b", "c"]).await;
+        let mut held = b.subscribe(&q(), 2).await.unwrap();
+        let d = next(&mut held).await;
+        assert_eq!(d.body, b"a");
+        let mut idle = b.subscribe(&q(), 1).await.unwrap();
+        let _c = next(&mut idle).await;
+        let mut waiting = b.subscribe(&q(), 1).await.unwrap();
+        let waiter = tokio::spawn(async move { waiting.next().await.is_none() });
+        tokio::task::yield_now().await;
+
+        b.drop_connections().await;
+
+        assert!(waiter.await.unwrap(), "a waiting next() ends");
+        assert!(held.next().await.is_none());
+        assert!(matches!(
+            d.acker.ack().await,
+            Err(BrokerError::Unavailable(_))
+        ));
+        assert!(held.cancel().await.is_err());
+        assert_eq!(b.unacked_len(&q()).await, 0);
+        assert_eq!(b.ready_len(&q()).await, 3);
+
+        let mut again = b.subscribe(&q(), 10).await.unwrap();
+        let mut got: Vec<(Vec<u8>, u32)> = [
+            next(&mut again).await,
+            next(&mut again).await,
+            next(&mut again).await,
+        ]
+        .into_iter()
+        .map(|d| (d.body, d.delivery_count))
+        .collect();
+        // "a" was delivered, "b" was pushed to the same consumer, "c" to
+        // another: all were out, all come back counted once more (each
+        // subscription's at the head, in the order it received them).
+        got.sort();
+        assert_eq!(
+            got,
+            vec![(b"a".to_vec(), 1), (b"b".to_vec(), 1), (b"c".to_vec(), 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscription_returns_its_unacked_deliveries() {
+        let b = broker().await;
+        publish(&b, &["a", "b"]).await;
+        let mut first = b.subscribe(&q(), 1).await.unwrap();
+        let d = next(&mut first).await;
+        let mut second = b.subscribe(&q(), 1).await.unwrap();
+        let b_delivery = next(&mut second).await;
+        assert_eq!(b_delivery.body, b"b");
+        drop(first);
+        assert!(d.acker.ack().await.is_err());
+        // Back in the queue; the consumer left is full until it acks.
+        assert_eq!(b.ready_len(&q()).await, 1);
+        assert_eq!(b.unacked_len(&q()).await, 1);
+        b_delivery.acker.ack().await.unwrap();
+        let d = next(&mut second).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 1));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_new_deliveries_but_keeps_unacked_ones() {
+        let b = broker().await;
+        publish(&b, &["a", "b"]).await;
+        let mut sub = b.subscribe(&q(), 2).await.unwrap();
+        let d = next(&mut sub).await;
+        sub.cancel().await.unwrap();
+        // Already pushed to it before the cancel: still its own.
+        assert_eq!(next(&mut sub).await.body, b"b");
+        assert!(sub.next().await.is_none());
+        publish(&b, &["c"]).await;
+        assert_eq!(b.ready_len(&q()).await, 1);
+        let stats = b.queue_stats(&[q()]).await.unwrap();
+        assert_eq!(stats[0].consumers, 0);
+        d.acker.ack().await.unwrap();
+        assert_eq!(b.unacked_len(&q()).await, 1);
+        drop(sub);
+        assert_eq!(b.unacked_len(&q()).await, 0);
+        assert_eq!(b.ready_len(&q()).await, 2);
+    }
+
+    #[tokio::test]
+    async fn publish_to_a_missing_queue_is_refused_when_mandatory() {
+        let b = broker().await;
+        let err = b
+            .publish(vec![Outgoing::durable("nowhere", b"x".to_vec()), msg("ok")])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::Refused { queue, .. } if queue == "nowhere"));
+        assert_eq!(
+            b.ready_len(&q()).await,
+            1,
+            "the rest of the batch is queued"
+        );
+    }
+
+    #[tokio::test]
+    async fn publish_to_a_missing_queue_is_dropped_unless_mandatory() {
+        let b = broker().await;
+        let mut reply = Outgoing::durable("reply-1", b"r".to_vec());
+        reply.mandatory = false;
+        b.publish(vec![reply.clone()]).await.unwrap();
+        assert_eq!(b.ready_len("reply-1").await, 0);
+        b.declare_queue("reply-1").await;
+        b.publish(vec![reply]).await.unwrap();
+        assert_eq!(b.take_all("reply-1").await, vec![b"r".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn declare_creates_submit_dead_and_task_queues() {
+        let b = broker().await;
+        let all = vec![
+            names().submit_queue(),
+            names().dead_queue(),
+            q(),
+            names().task_queue("other"),
+        ];
+        let stats = b.queue_stats(&all).await.unwrap();
+        let listed: Vec<&str> = stats.iter().map(|s| s.queue.as_str()).collect();
+        assert_eq!(listed, vec!["t.submit", "t.dead", "t.tasks.default"]);
+        assert!(b.subscribe("t.tasks.other", 1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn queue_stats_count_ready_messages_and_consumers() {
+        let b = broker().await;
+        publish(&b, &["1", "2", "3"]).await;
+        let _sub = b.subscribe(&q(), 1).await.unwrap();
+        let stats = b.queue_stats(&[q()]).await.unwrap();
+        assert_eq!(
+            stats,
+            vec![QueueStats {
+                queue: q(),
+                ready: 2,
+                consumers: 1
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn take_messages_keeps_headers() {
+        let b = broker().await;
+        let mut dead = Outgoing::durable(names().dead_queue(), b"x".to_vec());
+        dead.headers = vec![("x-conveyor-reason".into(), HeaderValue::Text("bad".into()))];
+        b.publish(vec![dead.clone()]).await.unwrap();
+        let taken = b.take_messages(&names().dead_queue()).await;
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].headers, dead.headers);
+        assert_eq!(b.ready_len(&names().dead_queue()).await, 0);
+    }
+
+    #[tokio::test]
+    async fn an_outage_fails_calls_and_ends_subscriptions() {
+        let b = broker().await;
+        publish(&b, &["a"]).await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let d = next(&mut sub).await;
+        assert!(b.is_connected());
+        b.set_outage(true);
+        assert!(!b.is_connected());
+        assert!(sub.next().await.is_none());
+        assert!(d.acker.ack().await.is_err());
+        assert!(matches!(
+            b.publish(vec![msg("b")]).await,
+            Err(BrokerError::Unavailable(_))
+        ));
+        assert!(b.subscribe(&q(), 1).await.is_err());
+        assert!(b.declare(&[]).await.is_err());
+        assert!(b.queue_stats(&[q()]).await.is_err());
+        b.set_outage(false);
+        assert!(b.is_connected());
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 1));
+    }
+
+    #[tokio::test]
+    async fn next_is_cancel_safe() {
+        let b = broker().await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        {
+            // A `next` that starts waiting, then loses a `select!` to
+            // something else after the message was pushed to it.
+            let mut pending = sub.next();
+            assert!(futures::poll!(&mut pending).is_pending());
+            publish(&b, &["a"]).await;
+        }
+        tokio::select! {
+            biased;
+            _ = std::future::ready(()) => {}
+            _ = sub.next() => panic!("the ready branch wins"),
+        }
+        assert_eq!(b.unacked_len(&q()).await, 1);
+        let d = next(&mut sub).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 0));
+    }
+
+    async fn run_with_faults(seed: u64) -> (Vec<bool>, Vec<Vec<u8>>) {
+        let faults = FaultPlan {
+            duplicate: 0.2,
+            reorder: 0.2,
+            publish_failure: 0.2,
+        };
+        let b = MemoryBroker::new(names(), seed, faults);
+        b.declare(&["default".to_owned()]).await.unwrap();
+        let mut confirmed = Vec::new();
+        for batch in 0..50 {
+            let msgs = (0..4).map(|i| msg(&format!("{batch}.{i}"))).collect();
+            confirmed.push(b.publish(msgs).await.is_ok());
+        }
+        (confirmed, b.take_all(&q()).await)
+    }
+
+    #[tokio::test]
+    async fn the_same_seed_gives_the_same_faults() {
+        let first = run_with_faults(7).await;
+        assert_eq!(first, run_with_faults(7).await);
+        assert_ne!(first, run_with_faults(8).await);
+        let (confirmed, queued) = &first;
+        assert!(confirmed.iter().any(|ok| !ok), "some confirms were lost");
+        let mut sorted = queued.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert!(sorted.len() < queued.len(), "some messages were duplicated");
+        assert_ne!(&sorted, queued, "some messages were reordered");
+    }
+
+    #[tokio::test]
+    async fn a_lost_confirm_queues_a_prefix_of_the_batch() {
+        let faults = FaultPlan {
+            publish_failure: 1.0,
+            ..FaultPlan::default()
+        };
+        let b = MemoryBroker::new(names(), 3, faults);
+        b.declare(&["default".to_owned()]).await.unwrap();
+        for _ in 0..20 {
+            let batch: Vec<Outgoing> = (0..5).map(|i| msg(&i.to_string())).collect();
+            assert!(matches!(
+                b.publish(batch).await,
+                Err(BrokerError::Unavailable(_))
+            ));
+            let queued = b.take_all(&q()).await;
+            let expected: Vec<Vec<u8>> = (0..queued.len())
+                .map(|i| i.to_string().into_bytes())
+                .collect();
+            assert_eq!(queued, expected);
+        }
+        b.set_faults(FaultPlan::default());
+        publish(&b, &["fine"]).await;
+    }
+
+    #[tokio::test]
+    async fn reordering_keeps_every_message() {
+        let faults = FaultPlan {
+            reorder: 1.0,
+            ..FaultPlan::default()
+        };
+        let b = MemoryBroker::new(names(), 11, faults);
+        b.declare(&["default".to_owned()]).await.unwrap();
+        let bodies: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+        let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        publish(&b, &refs).await;
+        let queued = b.take_all(&q()).await;
+        let mut sorted = queued.clone();
+        sorted.sort();
+        assert_ne!(queued, sorted);
+        let expected: Vec<Vec<u8>> = bodies.into_iter().map(String::into_bytes).collect();
+        assert_eq!(sorted, expected);
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_queued_twice() {
+        let faults = FaultPlan {
+            duplicate: 1.0,
+            ..FaultPlan::default()
+        };
+        let b = MemoryBroker::new(names(), 1, faults);
+        b.declare(&["default".to_owned()]).await.unwrap();
+        publish(&b, &["a", "b"]).await;
+        assert_eq!(
+            b.take_all(&q()).await,
+            vec![b"a".to_vec(), b"a".to_vec(), b"b".to_vec(), b"b".to_vec()]
+        );
+    }
+
+    #[test]
+    fn out_of_range_probabilities_do_not_panic() {
+        let faults = FaultPlan {
+            duplicate: f64::NAN,
+            reorder: 2.0,
+            publish_failure: -1.0,
+        };
+        let b = MemoryBroker::new(names(), 0, faults);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            b.declare(&["default".to_owned()]).await.unwrap();
+            publish(&b, &["a", "b"]).await;
+            assert_eq!(b.ready_len(&q()).await, 2);
+        });
+    }
+}

@@ -1,0 +1,109 @@
+//! `conveyor bench`: load a deployment (a live one, or dispatchers and
+//! workers started here with `--spawn`), report throughput, latency,
+//! errors and memory, next to the bare broker loop on a scratch queue.
+//! See `conveyor::bench` for what is measured and how.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use conveyor::bench::{Options, Shape, SpawnOptions, Target};
+use conveyor::config::Config;
+
+/// Bench options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Job shape: `single`, `chain:N` (N tasks in a row) or `fanout:K`
+    /// (one root, K children, one join after all K); every task is `noop`.
+    #[arg(long, default_value = "single")]
+    shape: Shape,
+    /// Jobs to publish.
+    #[arg(long, default_value_t = 10_000)]
+    jobs: usize,
+    /// Offered rate in jobs/s; without it, as fast as confirms allow.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Start dispatcher and worker processes of this executable under a
+    /// fresh prefix `bench-<run>`; stop them and delete their queues and
+    /// keys afterwards.
+    #[arg(long, conflicts_with = "prefix")]
+    spawn: bool,
+    /// Prefix of the live deployment to load (default: the config's).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Dispatcher processes to spawn.
+    #[arg(long, default_value_t = 1, requires = "spawn")]
+    dispatchers: usize,
+    /// Worker processes to spawn.
+    #[arg(long, default_value_t = 1, requires = "spawn")]
+    workers: usize,
+    /// Concurrency of each spawned worker.
+    #[arg(long, default_value_t = 64, requires = "spawn")]
+    concurrency: usize,
+    /// Most unconfirmed publishes outstanding.
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Least pause between polls of Redis for finished jobs, in ms.
+    #[arg(long, default_value_t = 1.0)]
+    poll_ms: f64,
+    /// Oldest outstanding jobs asked about per poll.
+    #[arg(long, default_value_t = 512)]
+    poll_window: usize,
+    /// Most HGETs per second sent to Redis while watching.
+    #[arg(long, default_value_t = 25_000.0)]
+    poll_budget: f64,
+    /// Give up on unfinished jobs when none has finished for this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_s: u64,
+    /// Messages of the bare broker loop.
+    #[arg(long, default_value_t = 50_000)]
+    bare_messages: usize,
+    /// Skip the bare broker loop.
+    #[arg(long)]
+    skip_bare: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    if !(args.poll_ms.is_finite() && args.poll_ms >= 0.0) {
+        anyhow::bail!("--poll-ms must be a number of milliseconds >= 0");
+    }
+    let target = if args.spawn {
+        Target::Spawn(SpawnOptions {
+            exe: std::env::current_exe().context("cannot find this executable to spawn")?,
+            dispatchers: args.dispatchers,
+            workers: args.workers,
+            concurrency: args.concurrency,
+        })
+    } else {
+        Target::Live {
+            prefix: args.prefix.unwrap_or_else(|| config.prefix.clone()),
+        }
+    };
+    let options = Options {
+        shape: args.shape,
+        jobs: args.jobs,
+        rate: args.rate,
+        target,
+        confirm_window: args.window,
+        poll_interval: Duration::from_secs_f64(args.poll_ms / 1000.0),
+        poll_window: args.poll_window,
+        max_poll_rate: args.poll_budget,
+        timeout: Duration::from_secs(args.timeout_s),
+        bare_messages: (!args.skip_bare).then_some(args.bare_messages),
+        ..Options::default()
+    };
+    let report = conveyor::bench::run(&config, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,153 @@
+//! `conveyor run JOB.json`: run one job to completion in this process and
+//! print its results; the exit code says whether it succeeded.
+//!
+//! Embedded by default (in-process broker and store, nothing to install);
+//! with `--amqp-url`/`--redis-url` it submits to a real deployment instead,
+//! exactly like `conveyor submit --wait`, and follows the job in Redis.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use conveyor::broker::{Broker, Outgoing};
+use conveyor::config::Config;
+use conveyor::embedded::{Embedded, EmbeddedOptions};
+use conveyor::model::JobState;
+use conveyor::names::Names;
+use conveyor::store::Store;
+use serde_json::Value;
+
+/// Run options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A job file (JSON, schemas/job.schema.json).
+    file: PathBuf,
+    /// Run against this RabbitMQ instead of in-process (needs --redis-url too).
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// Run against this Redis instead of in-process (needs --amqp-url too).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Print the final status as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// Embedded worker concurrency.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+}
+
+pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let mut job: serde_json::Map<String, Value> = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a JSON object", args.file.display()))?;
+    let id = match job.get("id").and_then(Value::as_str) {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = conveyor::intake::new_job_id();
+            job.insert("id".into(), Value::String(id.clone()));
+            id
+        }
+    };
+    let body = serde_json::to_vec(&job)?;
+    let deadline = Duration::from_secs(args.timeout_s);
+    match (args.amqp_url, args.redis_url) {
+        (None, None) => {
+            eprintln!(
+                "running {} in-process (embedded broker and store; production uses RabbitMQ and Redis)",
+                args.file.display()
+            );
+            let embedded = Embedded::start(
+                &config,
+                conveyor_builtin_handlers::registry(),
+                EmbeddedOptions {
+                    concurrency: args.concurrency,
+                    ..EmbeddedOptions::default()
+                },
+            )
+            .await?;
+            embedded.submit(body).await?;
+            let result = follow(embedded.store(), &id, deadline, args.json).await;
+            embedded.shutdown().await?;
+            result
+        }
+        (Some(amqp), Some(redis)) => {
+            config.amqp_url = amqp;
+            config.redis_url = redis;
+            let broker = super::broker(&config).await?;
+            broker.declare(&[]).await?;
+            broker
+                .publish(vec![Outgoing::durable(
+                    Names::new(&config.prefix).submit_queue(),
+                    body,
+                )])
+                .await
+                .context("publishing the job")?;
+            let store = Arc::new(super::store(&config).await?);
+            follow(store, &id, deadline, args.json).await
+        }
+        _ => {
+            anyhow::bail!("--amqp-url and --redis-url go together (or neither, to run in-process)")
+        }
+    }
+}
+
+/// Print history as it happens until the job is terminal; then the result.
+async fn follow(
+    store: Arc<dyn Store>,
+    id: &str,
+    within: Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut seen = 0;
+    loop {
+        if let Some(status) = store.job(id).await? {
+            for h in status.history.iter().skip(seen) {
+                eprintln!(
+                    "[{:>7.3}s] {:<16} {:>10} -> {:<10} {}",
+                    started.elapsed().as_secs_f64(),
+                    h.task.as_deref().unwrap_or("(job)"),
+                    h.from.as_deref().unwrap_or("-"),
+                    h.to,
+                    h.reason
+                );
+            }
+            seen = status.history.len();
+            if status.state.is_terminal() {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    println!();
+                    println!("job {} {}", status.id, status.state);
+                    if let Some(e) = &status.error {
+                        println!("error: {e}");
+                    }
+                    for (name, t) in &status.tasks {
+                        match (&t.state, &t.error) {
+                            (conveyor::model::TaskState::Succeeded, _) => {
+                                println!("  {name}: {}", t.result)
+                            }
+                            (state, Some(e)) => println!("  {name}: {state}: {e}"),
+                            (state, None) => println!("  {name}: {state}"),
+                        }
+                    }
+                }
+                return Ok(if status.state == JobState::Succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+        }
+        if started.elapsed() > within {
+            anyhow::bail!("job {id} did not finish within {}s", within.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

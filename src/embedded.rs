@@ -1,0 +1,223 @@
+//! Embedded mode: a whole Conveyor — dispatcher, workers, broker, store — in
+//! one process, with nothing to install.
+//!
+//! The broker and store are the in-process implementations of the same
+//! traits RabbitMQ and Redis implement; the dispatcher and workers are the
+//! production code paths, unchanged. That is what makes the embedded mode
+//! worth trusting for development and what lets the simulation tests speak
+//! for production logic.
+//!
+//! What it does not promise: durability (the optional snapshot is written
+//! periodically and on clean shutdown, so a crash loses what happened since
+//! the last one), more than one process, or RabbitMQ's and Redis's
+//! operational behaviour. Production uses RabbitMQ and Redis.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor_handler::Registry;
+use tokio::task::JoinSet;
+
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, Outgoing};
+use crate::config::Config;
+use crate::dispatcher::{Dispatcher, DispatcherOptions};
+use crate::intake::JobIntake;
+use crate::names::Names;
+use crate::shutdown::ShutdownTrigger;
+use crate::store::Store;
+use crate::store::memory::{MemoryStore, SystemClock};
+use crate::worker::{Worker, WorkerOptions};
+
+/// Embedded settings.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// Worker count.
+    pub workers: usize,
+    /// Concurrency of each worker.
+    pub concurrency: usize,
+    /// Where to keep the store between runs, if anywhere.
+    pub snapshot: Option<PathBuf>,
+    /// How often to write the snapshot.
+    pub snapshot_every: Duration,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            workers: 1,
+            concurrency: 8,
+            snapshot: None,
+            snapshot_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running embedded deployment.
+pub struct Embedded {
+    store: Arc<MemoryStore>,
+    broker: Arc<MemoryBroker>,
+    names: Names,
+    trigger: ShutdownTrigger,
+    tasks: JoinSet<()>,
+    snapshot: Option<PathBuf>,
+}
+
+impl Embedded {
+    /// Start a dispatcher and workers on an in-process broker and store,
+    /// restoring the snapshot if there is one.
+    pub async fn start(
+        config: &Config,
+        registry: Registry,
+        options: EmbeddedOptions,
+    ) -> anyhow::Result<Embedded> {
+        let names = Names::new(&config.prefix);
+        let store = Arc::new(MemoryStore::new(
+            Arc::new(SystemClock),
+            Duration::from_secs(config.retention_s),
+            u64::from(rand::random::<u32>() >> 1 | 1),
+            "embedded",
+        ));
+        if let Some(path) = &options.snapshot
+            && path.exists()
+        {
+            let bytes = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read snapshot {}: {e}", path.display()))?;
+            store
+                .restore(&bytes)
+                .map_err(|e| anyhow::anyhow!("snapshot {} is unusable: {e}", path.display()))?;
+        }
+        let broker = Arc::new(MemoryBroker::reliable(names.clone()));
+        broker.declare(&config.worker.queues).await?;
+        let trigger = ShutdownTrigger::new();
+        let mut tasks = JoinSet::new();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            broker.clone(),
+            JobIntake::new(config, registry.clone())?,
+            names.clone(),
+            DispatcherOptions {
+                id: "embedded-dispatcher".into(),
+                prefetch: config.dispatcher.prefetch,
+                sweep_interval: Duration::from_millis(config.dispatcher.sweep_interval_ms),
+                task_queues: config.worker.queues.clone(),
+            },
+        );
+        // Tasks of a restored snapshot may have been queued in the broker
+        // that died with the last process: the sweep re-offers claimed ones;
+        // ready ones are re-offered here.
+        let shutdown = trigger.subscribe();
+        tasks.spawn(async move {
+            if let Err(e) = dispatcher.run(shutdown).await {
+                tracing::error!(error = %e, "embedded dispatcher stopped");
+            }
+        });
+        for n in 0..options.workers.max(1) {
+            let worker = Worker::new(
+                store.clone(),
+                broker.clone(),
+                registry.clone(),
+                names.clone(),
+                WorkerOptions {
+                    id: format!("embedded-worker-{n}"),
+                    queues: config.worker.queues.clone(),
+                    concurrency: options.concurrency,
+                    lease: config.lease(),
+                    grace: Duration::from_secs(config.worker.grace_s),
+                    heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+                    max_deliveries: config.worker.max_deliveries,
+                    journal: None,
+                },
+            );
+            let shutdown = trigger.subscribe();
+            tasks.spawn(async move {
+                if let Err(e) = worker.run(shutdown).await {
+                    tracing::error!(error = %e, "embedded worker stopped");
+                }
+            });
+        }
+        if let Some(path) = options.snapshot.clone() {
+            let store = store.clone();
+            let mut shutdown = trigger.subscribe();
+            let every = options.snapshot_every;
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => return,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                    if let Err(e) = write_snapshot(&store, &path) {
+                        tracing::warn!(error = %e, "snapshot failed");
+                    }
+                }
+            });
+        }
+        let embedded = Embedded {
+            store,
+            broker,
+            names,
+            trigger,
+            tasks,
+            snapshot: options.snapshot,
+        };
+        embedded.requeue_ready().await?;
+        Ok(embedded)
+    }
+
+    /// Publish every ready task of every stored job (after a restore, the
+    /// old process's queue is gone; duplicates are harmless).
+    async fn requeue_ready(&self) -> anyhow::Result<()> {
+        let ready: Vec<_> = self
+            .store
+            .records()
+            .iter()
+            .flat_map(|j| j.ready_tasks())
+            .collect();
+        if !ready.is_empty() {
+            crate::outbox::Outbox::new(self.broker.clone(), self.names.clone())
+                .publish_tasks(&ready)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The store (for status and listing).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// The broker (to publish as a client would).
+    pub fn broker(&self) -> Arc<dyn Broker> {
+        self.broker.clone()
+    }
+
+    /// Submit a job body exactly as a client would: to `<prefix>.submit`.
+    pub async fn submit(&self, body: Vec<u8>) -> anyhow::Result<()> {
+        self.broker
+            .publish(vec![Outgoing::durable(self.names.submit_queue(), body)])
+            .await?;
+        Ok(())
+    }
+
+    /// Stop gracefully and write the snapshot.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.trigger.trigger();
+        while self.tasks.join_next().await.is_some() {}
+        if let Some(path) = &self.snapshot {
+            write_snapshot(&self.store, path)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_snapshot(store: &MemoryStore, path: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = store.snapshot()?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| anyhow::anyhow!("cannot write snapshot {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow::anyhow!("cannot replace snapshot {}: {e}", path.display()))?;
+    Ok(())
+}

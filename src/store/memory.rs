@@ -1,0 +1,495 @@
+//! The in-process store: the [`Store`] trait over plain memory.
+//!
+//! It exists for the embedded mode (`conveyor dev`, `conveyor run`) and for
+//! deterministic simulation. Every job transition is the state machine in
+//! [`crate::machine`] — the specification the Lua scripts mirror — and the
+//! cross-job indexes behave like the Redis sorted sets (added before, removed
+//! after, hints for the sweep), so the dispatcher and worker above it run
+//! exactly the code paths they run in production.
+//!
+//! What it does not promise: durability beyond an optional snapshot file,
+//! sharing state between processes, or surviving a crash between snapshots.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Store,
+    StoreError, SweepAction, WorkerInfo,
+};
+use crate::intake::{PlannedJob, Rejection};
+use crate::machine::{JobRecord, Promotion, Reclaim};
+use crate::model::{JobState, TaskMessage};
+
+/// Where the store reads the time: the wall clock, or tokio's clock (which
+/// a simulation pauses and advances).
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch (or a simulation's zero).
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        super::redis::unix_ms()
+    }
+}
+
+/// Tokio's clock, starting at `base_ms`: follows `tokio::time::pause` and
+/// `advance`, so a simulation controls lease expiry and retry delays.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    base_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `base_ms` now.
+    pub fn new(base_ms: u64) -> TokioClock {
+        TokioClock {
+            base_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        self.base_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// A sorted set: members by score, like a Redis ZSET.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ScoredSet {
+    scores: BTreeMap<String, u64>,
+    #[serde(skip)]
+    order: BTreeSet<(u64, String)>,
+}
+
+impl ScoredSet {
+    fn add(&mut self, member: &str, score: u64) {
+        if let Some(old) = self.scores.insert(member.to_owned(), score) {
+            self.order.remove(&(old, member.to_owned()));
+        }
+        self.order.insert((score, member.to_owned()));
+    }
+
+    /// Add unless present (ZADD NX); whether it was added.
+    fn add_new(&mut self, member: &str, score: u64) -> bool {
+        if self.scores.contains_key(member) {
+            return false;
+        }
+        self.add(member, score);
+        true
+    }
+
+    fn add_existing(&mut self, member: &str, score: u64) {
+        if self.scores.contains_key(member) {
+            self.add(member, score);
+        }
+    }
+
+    fn remove(&mut self, member: &str) {
+        if let Some(old) = self.scores.remove(member) {
+            self.order.remove(&(old, member.to_owned()));
+        }
+    }
+
+    fn due(&self, max_score: u64, limit: usize) -> Vec<String> {
+        self.order
+            .iter()
+            .take_while(|(s, _)| *s <= max_score)
+            .take(limit)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    fn rebuild(&mut self) {
+        self.order = self.scores.iter().map(|(m, s)| (*s, m.clone())).collect();
+    }
+
+    fn len(&self) -> usize {
+        self.scores.len()
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    jobs: BTreeMap<String, JobRecord>,
+    jobs_index: ScoredSet,
+    leases: ScoredSet,
+    retries: ScoredSet,
+    #[serde(skip)]
+    workers: BTreeMap<String, (WorkerInfo, u64)>,
+    epoch: u64,
+}
+
+impl State {
+    /// The record of `id`, unless missing or past its retention.
+    fn job_mut(&mut self, id: &str, now: u64) -> Option<&mut JobRecord> {
+        if self.jobs.get(id)?.expires_at().is_some_and(|e| e <= now) {
+            self.jobs.remove(id);
+            return None;
+        }
+        self.jobs.get_mut(id)
+    }
+}
+
+/// The in-process implementation of [`Store`].
+#[derive(Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    clock: Arc<dyn Clock>,
+    retention_ms: u64,
+    by: String,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish()
+    }
+}
+
+fn entry(job: &str, idx: u32, attempt: u32) -> String {
+    format!("{job}|{idx}|{attempt}")
+}
+
+fn parse_entry(entry: &str) -> Option<(&str, u32, u32)> {
+    let mut parts = entry.rsplitn(3, '|');
+    let attempt = parts.next()?.parse().ok()?;
+    let idx = parts.next()?.parse().ok()?;
+    let job = parts.next()?;
+    Some((job, idx, attempt))
+}
+
+impl MemoryStore {
+    /// An empty store on `clock`, with epoch `epoch` (fences start at
+    /// `epoch << 20`, as in Redis).
+    pub fn new(
+        clock: Arc<dyn Clock>,
+        retention: Duration,
+        epoch: u64,
+        by: impl Into<String>,
+    ) -> MemoryStore {
+        MemoryStore {
+            state: Arc::new(Mutex::new(State {
+                epoch,
+                ..State::default()
+            })),
+            clock,
+            retention_ms: retention.as_millis() as u64,
+            by: by.into(),
+            down: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("simulated store outage".into()));
+        }
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Simulate an outage: every call fails as unavailable while `down`.
+    pub fn set_outage(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every job record (for simulations to check invariants).
+    pub fn records(&self) -> Vec<JobRecord> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.jobs.values().cloned().collect()
+    }
+
+    /// Sizes of the lease and retry schedules.
+    pub fn schedule_sizes(&self) -> (usize, usize) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (state.leases.len(), state.retries.len())
+    }
+
+    /// The whole state as JSON bytes (the embedded mode's snapshot file).
+    pub fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_vec(&*state).map_err(|e| StoreError::Protocol(format!("snapshot: {e}")))
+    }
+
+    /// Replace the state with a snapshot taken by [`MemoryStore::snapshot`].
+    pub fn restore(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut restored: State = serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::Protocol(format!("snapshot: {e}")))?;
+        restored.jobs_index.rebuild();
+        restored.leases.rebuild();
+        restored.retries.rebuild();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *state = restored;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        if let Some(existing) = state.job_mut(&job.id, now) {
+            return Ok(Created::Existing {
+                state: existing.state,
+                ready: existing.ready_tasks(),
+            });
+        }
+        let record = JobRecord::create(job, now, self.retention_ms, state.epoch << 20, &self.by);
+        let ready = record.ready_tasks();
+        state.jobs.insert(job.id.clone(), record);
+        state.jobs_index.add(&job.id, now);
+        Ok(Created::New { ready })
+    }
+
+    async fn record_rejected(&self, rejection: &Rejection) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        if state.job_mut(&rejection.id, now).is_some() {
+            return Ok(false);
+        }
+        let record = JobRecord::rejected(rejection, now, self.retention_ms, &self.by);
+        state.jobs.insert(rejection.id.clone(), record);
+        state.jobs_index.add(&rejection.id, now);
+        Ok(true)
+    }
+
+    async fn claim(
+        &self,
+        task: &TaskMessage,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let now = self.clock.now_ms();
+        let lease_ms = lease.as_millis() as u64;
+        let member = entry(&task.job, task.idx, task.attempt);
+        let mut state = self.lock()?;
+        let added = state.leases.add_new(&member, now + lease_ms);
+        let outcome = match state.job_mut(&task.job, now) {
+            Some(job) => job.claim(task.idx, task.attempt, worker, lease_ms, now),
+            None => ClaimOutcome::Missing,
+        };
+        if added && !matches!(outcome, ClaimOutcome::Claimed(_) | ClaimOutcome::Busy) {
+            state.leases.remove(&member);
+        }
+        Ok(outcome)
+    }
+
+    async fn renew(&self, claims: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError> {
+        let now = self.clock.now_ms();
+        let lease_ms = lease.as_millis() as u64;
+        let mut state = self.lock()?;
+        let mut held = Vec::with_capacity(claims.len());
+        for c in claims {
+            let renewed = state
+                .job_mut(&c.job, now)
+                .and_then(|j| j.renew(c.idx, c.fence, lease_ms, now));
+            state
+                .leases
+                .add_existing(&entry(&c.job, c.idx, c.attempt), now + lease_ms);
+            held.push(renewed.is_some());
+        }
+        Ok(held)
+    }
+
+    async fn complete(
+        &self,
+        claim: &ClaimRef,
+        worker: &str,
+        result: &AttemptResult,
+    ) -> Result<Applied, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        if let AttemptResult::Retry { delay, .. } = result {
+            let due = now + delay.as_millis() as u64;
+            state
+                .retries
+                .add(&entry(&claim.job, claim.idx, claim.attempt + 1), due);
+        }
+        Ok(match state.job_mut(&claim.job, now) {
+            Some(job) => job.complete(claim, result, worker, now),
+            None => Applied::Missing,
+        })
+    }
+
+    async fn release(
+        &self,
+        claim: &ClaimRef,
+        worker: &str,
+    ) -> Result<Option<TaskMessage>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        Ok(state
+            .job_mut(&claim.job, now)
+            .and_then(|j| j.release(claim.idx, claim.fence, worker, now)))
+    }
+
+    async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError> {
+        self.forget_leases(&[entry(&claim.job, claim.idx, claim.attempt)])
+            .await
+    }
+
+    async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        let mut actions = Vec::new();
+        for e in state.retries.due(now, limit) {
+            let promotion = match parse_entry(&e) {
+                Some((job, idx, attempt)) => match state.job_mut(job, now) {
+                    Some(j) => j.promote(idx, attempt, now, &self.by),
+                    None => Promotion::Gone,
+                },
+                None => Promotion::Gone,
+            };
+            match promotion {
+                Promotion::Ready(msg) => actions.push(SweepAction {
+                    entry: e,
+                    publish: vec![msg],
+                }),
+                Promotion::Later(due) => state.retries.add(&e, due),
+                Promotion::Gone => actions.push(SweepAction {
+                    entry: e,
+                    publish: Vec::new(),
+                }),
+            }
+        }
+        Ok(actions)
+    }
+
+    async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError> {
+        let mut state = self.lock()?;
+        for e in entries {
+            state.retries.remove(e);
+        }
+        Ok(())
+    }
+
+    async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        let mut actions = Vec::new();
+        for e in state.leases.due(now, limit) {
+            let reclaim = match parse_entry(&e) {
+                Some((job, idx, attempt)) => match state.job_mut(job, now) {
+                    Some(j) => j.reclaim(idx, attempt, now, by),
+                    None => Reclaim::Gone,
+                },
+                None => Reclaim::Gone,
+            };
+            match reclaim {
+                Reclaim::Alive(le) => state.leases.add(&e, le),
+                Reclaim::Requeued(msg) => actions.push(SweepAction {
+                    entry: e,
+                    publish: vec![msg],
+                }),
+                Reclaim::Done(ready) => actions.push(SweepAction {
+                    entry: e,
+                    publish: ready,
+                }),
+                Reclaim::Failed | Reclaim::Gone => actions.push(SweepAction {
+                    entry: e,
+                    publish: Vec::new(),
+                }),
+            }
+        }
+        Ok(actions)
+    }
+
+    async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
+        let mut state = self.lock()?;
+        for e in entries {
+            state.leases.remove(e);
+        }
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        Ok(state.job_mut(id, now).map(|j| j.status()))
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: Option<JobState>,
+        limit: usize,
+    ) -> Result<Vec<JobSummary>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        let ids: Vec<String> = state
+            .jobs_index
+            .order
+            .iter()
+            .rev()
+            .map(|(_, id)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(job) = state.job_mut(&id, now) else {
+                state.jobs_index.remove(&id);
+                continue;
+            };
+            if filter.is_some_and(|s| s != job.state) {
+                continue;
+            }
+            out.push(JobSummary {
+                id: job.id.clone(),
+                state: job.state,
+                requestor: job.requestor.clone(),
+                tasks: job.tasks.len() as u32,
+                created_ms: job.created_ms,
+                updated_ms: job.updated_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        state.workers.insert(
+            worker.id.clone(),
+            (worker.clone(), now + ttl.as_millis() as u64),
+        );
+        Ok(())
+    }
+
+    async fn unregister(&self, worker_id: &str) -> Result<(), StoreError> {
+        let mut state = self.lock()?;
+        state.workers.remove(worker_id);
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        state.workers.retain(|_, (_, expires)| *expires > now);
+        Ok(state.workers.values().map(|(w, _)| w.clone()).collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.lock().map(|_| ())
+    }
+
+    async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        Ok(state
+            .job_mut(&task.job, now)
+            .is_some_and(|j| j.poison(task.idx, task.attempt, reason, now, &self.by)))
+    }
+}

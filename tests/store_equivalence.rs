@@ -1,0 +1,189 @@
+//! The Lua scripts and the Rust state machine are one specification: the
+//! same random operations, applied to the Redis store (real Redis) and to
+//! the in-process store, must give the same answers and the same job
+//! statuses, step by step. A failure prints the seed to replay.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conveyor::config::Config;
+use conveyor::handler::Registry;
+use conveyor::intake::{Intake, JobIntake, Rejection};
+use conveyor::model::TaskMessage;
+use conveyor::store::memory::{MemoryStore, SystemClock};
+use conveyor::store::{
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, JobStatus, Store, SweepAction,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+fn normalise(mut s: JobStatus) -> JobStatus {
+    s.created_ms = 0;
+    s.updated_ms = 0;
+    for h in &mut s.history {
+        h.at = 0;
+    }
+    for t in s.tasks.values_mut() {
+        t.next_attempt_at_ms = t.next_attempt_at_ms.map(|_| 0);
+    }
+    s
+}
+
+fn sorted(mut actions: Vec<SweepAction>) -> Vec<SweepAction> {
+    actions.sort_by(|a, b| a.entry.cmp(&b.entry));
+    actions
+}
+
+fn random_job(rng: &mut StdRng, id: &str) -> serde_json::Value {
+    let n = rng.random_range(1..=5);
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let after: Vec<String> = (0..i)
+                .filter(|_| rng.random_bool(0.4))
+                .map(|d| format!("t{d}"))
+                .collect();
+            json!({"name": format!("t{i}"), "handler": "noop", "after": after,
+                "retry": {"max_attempts": rng.random_range(1..=3), "base_ms": 0, "cap_ms": 0}})
+        })
+        .collect();
+    json!({"id": id, "requestor": "eq", "tasks": tasks})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_and_memory_stores_agree_on_every_transition() {
+    let config = common::test_config(&common::unique_prefix("equiv"));
+    let redis = common::connect_store(&config, "eq").await;
+    let epoch = redis.check_epoch().await.unwrap();
+    let memory = MemoryStore::new(
+        Arc::new(SystemClock),
+        Duration::from_secs(3600),
+        epoch,
+        "eq",
+    );
+    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+    let _ = Registry::new();
+    let seeds = 150u64;
+    for seed in 0..seeds {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut jobs: Vec<(String, usize)> = Vec::new();
+        let mut claims: Vec<ClaimRef> = Vec::new();
+        for step in 0..40 {
+            let ctx = format!("seed {seed} step {step}");
+            let op = rng.random_range(0..100);
+            if jobs.is_empty() || op < 10 {
+                // Create (sometimes a duplicate id).
+                let id = if !jobs.is_empty() && rng.random_bool(0.2) {
+                    jobs[rng.random_range(0..jobs.len())].0.clone()
+                } else {
+                    format!("s{seed}-j{}", jobs.len())
+                };
+                let body = random_job(&mut rng, &id).to_string();
+                let Intake::Valid(planned) = intake.accept(body.as_bytes()) else {
+                    panic!("{ctx}: generated job invalid");
+                };
+                let a = redis.create_job(&planned).await.unwrap();
+                let b = memory.create_job(&planned).await.unwrap();
+                assert_eq!(a, b, "{ctx}: create");
+                if !jobs.iter().any(|(j, _)| *j == id) {
+                    jobs.push((id, planned.tasks.len()));
+                }
+            } else if op < 14 {
+                let r = Rejection {
+                    id: format!("s{seed}-rej{step}"),
+                    requestor: "eq".into(),
+                    error: "bad".into(),
+                };
+                assert_eq!(
+                    redis.record_rejected(&r).await.unwrap(),
+                    memory.record_rejected(&r).await.unwrap(),
+                    "{ctx}: reject"
+                );
+            } else if op < 40 {
+                let (job, n) = jobs[rng.random_range(0..jobs.len())].clone();
+                let idx = rng.random_range(0..n as u32);
+                let attempt = rng.random_range(0..=3);
+                let msg = TaskMessage {
+                    job,
+                    task: format!("t{idx}"),
+                    idx,
+                    attempt,
+                    queue: "default".into(),
+                };
+                let lease = Duration::from_millis(if rng.random_bool(0.3) { 0 } else { 60_000 });
+                let a = redis.claim(&msg, "w", lease).await.unwrap();
+                let b = memory.claim(&msg, "w", lease).await.unwrap();
+                assert_eq!(a, b, "{ctx}: claim {msg:?}");
+                if let ClaimOutcome::Claimed(c) = a {
+                    claims.push(c.claim);
+                }
+            } else if op < 65 && !claims.is_empty() {
+                let claim = claims[rng.random_range(0..claims.len())].clone();
+                let result = match rng.random_range(0..3) {
+                    0 => AttemptResult::Succeeded(format!("{{\"v\":{step}}}")),
+                    1 => AttemptResult::Retry {
+                        error: "flaky".into(),
+                        delay: Duration::from_millis(if rng.random_bool(0.5) { 0 } else { 60_000 }),
+                    },
+                    _ => AttemptResult::Failed("broken".into()),
+                };
+                let a: Applied = redis.complete(&claim, "w", &result).await.unwrap();
+                let b = memory.complete(&claim, "w", &result).await.unwrap();
+                assert_eq!(a, b, "{ctx}: complete {claim:?} {result:?}");
+            } else if op < 70 && !claims.is_empty() {
+                let lease = Duration::from_millis(if rng.random_bool(0.5) { 0 } else { 60_000 });
+                assert_eq!(
+                    redis.renew(&claims, lease).await.unwrap(),
+                    memory.renew(&claims, lease).await.unwrap(),
+                    "{ctx}: renew"
+                );
+            } else if op < 75 && !claims.is_empty() {
+                let claim = claims[rng.random_range(0..claims.len())].clone();
+                assert_eq!(
+                    redis.release(&claim, "w").await.unwrap(),
+                    memory.release(&claim, "w").await.unwrap(),
+                    "{ctx}: release"
+                );
+            } else if op < 85 {
+                let a = sorted(redis.due_retries(1000).await.unwrap());
+                let b = sorted(memory.due_retries(1000).await.unwrap());
+                assert_eq!(a, b, "{ctx}: due retries");
+                let entries: Vec<String> = a.iter().map(|x| x.entry.clone()).collect();
+                redis.forget_retries(&entries).await.unwrap();
+                memory.forget_retries(&entries).await.unwrap();
+            } else if op < 95 {
+                let a = sorted(redis.expired_leases(1000, "sweep").await.unwrap());
+                let b = sorted(memory.expired_leases(1000, "sweep").await.unwrap());
+                assert_eq!(a, b, "{ctx}: expired leases");
+                let entries: Vec<String> = a.iter().map(|x| x.entry.clone()).collect();
+                redis.forget_leases(&entries).await.unwrap();
+                memory.forget_leases(&entries).await.unwrap();
+            } else {
+                let (job, n) = jobs[rng.random_range(0..jobs.len())].clone();
+                let idx = rng.random_range(0..n as u32);
+                let msg = TaskMessage {
+                    job,
+                    task: format!("t{idx}"),
+                    idx,
+                    attempt: rng.random_range(0..=2),
+                    queue: "default".into(),
+                };
+                assert_eq!(
+                    redis.fail_poisoned(&msg, "poison").await.unwrap(),
+                    memory.fail_poisoned(&msg, "poison").await.unwrap(),
+                    "{ctx}: poison"
+                );
+            }
+            for (id, _) in &jobs {
+                let a = redis.job(id).await.unwrap().map(normalise);
+                let b = memory.job(id).await.unwrap().map(normalise);
+                assert_eq!(a, b, "{ctx}: status of {id}");
+            }
+        }
+    }
+    common::cleanup(&config).await;
+}
