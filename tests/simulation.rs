@@ -49,7 +49,7 @@ use tokio::task::JoinHandle;
 /// their owner (ZADD NX on claim, no forget after a stale outcome).
 const REGRESSION_SEEDS: &[u64] = &[302];
 
-const DEFAULT_SEEDS: u64 = 1000;
+const DEFAULT_SEEDS: u64 = 2000;
 
 fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -326,7 +326,13 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             deployment_config.worker.queues = vec!["default".into()];
             deployment_config.worker.concurrency = spawn_options.concurrency;
             let mut deployment =
-                spawn::Deployment::start(&deployment_config, spawn_options, run_id).await?;
+                match spawn::Deployment::start(&deployment_config, spawn_options, run_id).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        spawn::cleanup(&deployment_config, true).await;
+                        return Err(e);
+                    }
+                };
             let result = async {
                 deployment.wait_ready(&deployment_config).await?;
                 load::run(&deployment_config, options, run_id).await

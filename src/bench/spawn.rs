@@ -73,12 +73,24 @@ struct Proc {
     log: PathBuf,
 }
 
-/// Dispatchers and workers started by the bench.
+/// Dispatchers and workers started by the bench. Dropped without
+/// [`Deployment::stop`] (an error, Ctrl-C), its processes are killed and its
+/// directory deleted.
 pub struct Deployment {
     dir: PathBuf,
     procs: Vec<Proc>,
     dispatchers: usize,
     workers: usize,
+    keep_logs: bool,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("config.toml"));
+        if !self.keep_logs {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 fn process_err(what: impl std::fmt::Display) -> BenchError {
@@ -122,6 +134,7 @@ impl Deployment {
             procs: Vec::new(),
             dispatchers: options.dispatchers,
             workers: options.workers,
+            keep_logs: false,
         };
         for i in 0..options.dispatchers {
             deployment.spawn(
@@ -276,13 +289,9 @@ impl Deployment {
                 clean,
             });
         }
-        let _ = std::fs::remove_file(self.dir.join("config.toml"));
-        let logs_dir = if exits.iter().all(|e| e.clean) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-            None
-        } else {
-            Some(self.dir.display().to_string())
-        };
+        // Drop deletes the directory unless a process did not stop cleanly.
+        self.keep_logs = !exits.iter().all(|e| e.clean);
+        let logs_dir = self.keep_logs.then(|| self.dir.display().to_string());
         Stopped { exits, logs_dir }
     }
 }

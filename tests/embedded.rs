@@ -1,0 +1,148 @@
+//! The embedded mode: a whole Conveyor in one process, on the in-process
+//! broker and store, running the production dispatcher and worker code.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use conveyor::config::Config;
+use conveyor::embedded::{Embedded, EmbeddedOptions};
+use conveyor::model::JobState;
+use serde_json::json;
+
+async fn wait_terminal(e: &Embedded, id: &str) -> conveyor::store::JobStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = e.store().job(id).await.unwrap()
+            && s.state.is_terminal()
+        {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn conveyor_run_runs_the_example_job_with_no_services_and_exits_0() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["run", "examples/diamond.json", "--json"])
+        .env("CONVEYOR_AMQP_URL", "amqp://nobody:nothing@127.0.0.1:1/%2f")
+        .env("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["state"], "succeeded");
+    assert_eq!(status["tasks"]["double"]["result"], json!({"value": 42}));
+}
+
+#[test]
+fn conveyor_run_exits_1_when_the_job_fails() {
+    let dir = std::env::temp_dir().join(format!("conveyor-run-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fail.json");
+    std::fs::write(
+        &file,
+        json!({"requestor": "t", "tasks": [{"name": "f", "handler": "fail", "params": {"permanent": true}}]}).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["run", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("f: failed: fail: permanent failure requested")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_keeps_jobs_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("conveyor-snap-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snapshot = dir.join("store.json");
+    let options = EmbeddedOptions {
+        snapshot: Some(snapshot.clone()),
+        ..EmbeddedOptions::default()
+    };
+    let config = Config::default();
+
+    let first = Embedded::start(
+        &config,
+        conveyor_builtin_handlers::registry(),
+        options.clone(),
+    )
+    .await
+    .unwrap();
+    first
+        .submit(json!({"id": "kept", "requestor": "t", "tasks": [{"name": "a", "handler": "noop", "params": {"x": 1}}]}).to_string().into_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_terminal(&first, "kept").await.state,
+        JobState::Succeeded
+    );
+    first.shutdown().await.unwrap();
+    assert!(snapshot.exists());
+
+    let second = Embedded::start(&config, conveyor_builtin_handlers::registry(), options)
+        .await
+        .unwrap();
+    let status = second
+        .store()
+        .job("kept")
+        .await
+        .unwrap()
+        .expect("job kept across the restart");
+    assert_eq!(status.tasks["a"].result, json!({"x": 1}));
+    // And the restarted instance still works.
+    second
+        .submit(
+            json!({"id": "after", "requestor": "t", "tasks": [{"name": "a", "handler": "noop"}]})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_terminal(&second, "after").await.state,
+        JobState::Succeeded
+    );
+    second.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_mode_rejects_bad_jobs_like_production() {
+    let e = Embedded::start(
+        &Config::default(),
+        conveyor_builtin_handlers::registry(),
+        EmbeddedOptions::default(),
+    )
+    .await
+    .unwrap();
+    e.submit(
+        json!({"id": "bad", "requestor": "t", "tasks": [{"name": "a", "handler": "nope"}]})
+            .to_string()
+            .into_bytes(),
+    )
+    .await
+    .unwrap();
+    let status = wait_terminal(&e, "bad").await;
+    assert_eq!(status.state, JobState::Rejected);
+    assert!(status.error.unwrap().contains("unknown handler"));
+    e.shutdown().await.unwrap();
+}
