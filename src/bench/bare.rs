@@ -1,8 +1,10 @@
 //! The bare broker loop: what RabbitMQ alone does on this machine with the
 //! same guarantees Conveyor asks of it.
 //!
-//! - A scratch durable *classic* queue (deleted first if a previous run left
-//!   it, and by the caller afterwards).
+//! - A scratch durable queue, *classic* unless asked otherwise (deleted
+//!   first if a previous run left it, and by the caller afterwards).
+//!   Conveyor's own queues are quorum queues by default, which cost more
+//!   per message; `--bare-queue-type quorum` compares like with like.
 //! - A consumer on its own connection, prefetch 200, manual acks: **one
 //!   `basic.ack` per message** (`multiple = false`), as Conveyor's workers
 //!   and dispatcher ack each delivery.
@@ -26,6 +28,7 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, Pub
 use serde::Serialize;
 
 use super::{BenchError, broker_err};
+use crate::config::QueueType;
 
 /// Prefetch of the bare consumer.
 pub const PREFETCH: u16 = 200;
@@ -35,6 +38,8 @@ pub const PREFETCH: u16 = 200;
 pub struct BareReport {
     /// The scratch queue.
     pub queue: String,
+    /// `classic` or `quorum`.
+    pub queue_type: &'static str,
     /// Messages published and consumed.
     pub messages: usize,
     /// Body size in bytes.
@@ -61,7 +66,12 @@ pub async fn run(
     messages: usize,
     message_bytes: usize,
     window: usize,
+    queue_type: QueueType,
 ) -> Result<BareReport, BenchError> {
+    let type_name = match queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
     let props = ConnectionProperties::default();
     let publisher_conn = Connection::connect(amqp_url, props.clone())
         .await
@@ -84,7 +94,7 @@ pub async fn run(
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
+        AMQPValue::LongString(type_name.into()),
     );
     setup
         .queue_declare(
@@ -190,6 +200,7 @@ pub async fn run(
     let _ = consumer_conn.close(200, "bench done".into()).await;
     Ok(BareReport {
         queue: queue.to_owned(),
+        queue_type: type_name,
         messages,
         message_bytes,
         prefetch: PREFETCH,

@@ -11,21 +11,23 @@
 //! publisher falling behind would hide queueing (coordinated omission):
 //! check the lag.
 //!
-//! **Watching.** The watcher keeps the set of jobs published and not yet
-//! seen terminal, and polls Redis with one pipeline of `HGET <job key> st`
-//! over the oldest `poll_window` of them (jobs finish roughly in publish
-//! order, so the oldest are the frontier). The pause between polls is
-//! `poll_interval`, or `batch / max_poll_rate` when that is longer, so the
+//! **Watching.** The watcher, on its own thread with a blocking Redis
+//! connection (so it can pause for less than the async timer's 1 ms
+//! granularity), keeps the set of jobs published and not yet seen
+//! terminal, and polls Redis with one pipeline of `HGET <job key> st` over
+//! the oldest `poll_window` of them (jobs finish roughly in publish order,
+//! so the oldest are the frontier). The pause between polls is
+//! `poll_interval` (default 0.5 ms: a ~0.6 ms cycle when few jobs are
+//! outstanding), or `batch / max_poll_rate` when that is longer, so the
 //! watcher never sends more than `max_poll_rate` HGETs/s to the Redis it
-//! is measuring.
+//! is measuring (under a flood of 512+ outstanding jobs, a ~20 ms cycle).
 //!
 //! **Three latencies per job** (all reported as percentiles):
 //! - `observed` (the headline): publish -> the reply of the poll that first
 //!   saw the job terminal, on the bench's monotonic clock. It
 //!   *over*-estimates by up to one poll cycle plus one Redis round trip
-//!   (the mean cycle is in the report; ~1-2 ms when few jobs are
-//!   outstanding, longer under a flood) — and by more for a job that
-//!   finished while outside the oldest `poll_window`.
+//!   (the mean and longest cycle are in the report) — and by more for a
+//!   job that finished while outside the oldest `poll_window`.
 //! - `server publish->finish`: the job hash's `fin` (Redis `TIME`, ms,
 //!   written by the script that finished the job) minus the publish time,
 //!   converted to Redis's clock with an offset measured before the run
@@ -49,7 +51,6 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::mpsc;
 
 use super::{BenchError, Options, broker_err, store_err};
 use crate::config::Config;
@@ -83,19 +84,24 @@ pub struct PollStats {
     pub hgets: u64,
     /// Sum of the poll round trips.
     pub rtt_total: Duration,
-    /// First poll to last poll.
-    pub span: Duration,
+    /// Sum of the times from one poll to the next while jobs were
+    /// outstanding (idle waits for the next publish are not cycles).
+    pub cycle_total: Duration,
+    /// Such poll-to-poll times counted.
+    pub cycles: u64,
+    /// The longest one.
+    pub cycle_max: Duration,
     /// Polls that failed (and were retried).
     pub errors: u64,
 }
 
 impl PollStats {
-    /// Mean time from one poll to the next, in ms.
+    /// Mean time from one poll to the next while jobs were outstanding, in ms.
     pub fn mean_cycle_ms(&self) -> f64 {
-        if self.polls < 2 {
+        if self.cycles == 0 {
             return 0.0;
         }
-        self.span.as_secs_f64() * 1000.0 / (self.polls - 1) as f64
+        self.cycle_total.as_secs_f64() * 1000.0 / self.cycles as f64
     }
 
     /// Mean round trip of one poll, in ms.
@@ -230,6 +236,18 @@ pub async fn run(
     let keys: Vec<String> = ids.iter().map(|id| names.job_key(id)).collect();
     let mut conn = redis_connection(&config.redis_url).await?;
     let clock = clock_sync(&mut conn).await?;
+    // The watcher runs on its own thread with a blocking connection, so it
+    // can pause for less than the async timer's 1 ms granularity.
+    let watch_conn = {
+        let client =
+            redis::Client::open(config.redis_url.as_str()).map_err(store_err("bad URL"))?;
+        let conn = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(store_err("cannot connect (watcher)"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(store_err("read time-out"))?;
+        conn
+    };
 
     // Connect before the clock starts.
     let amqp = Connection::connect(&config.amqp_url, ConnectionProperties::default())
@@ -241,14 +259,8 @@ pub async fn run(
         .await
         .map_err(broker_err("confirm.select"))?;
 
-    let mut result = LoadResult {
-        jobs: vec![JobRecord::default(); options.jobs],
-        clock,
-        ..LoadResult::default()
-    };
-    result.redis_used_before = used_memory(&mut conn).await;
-
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let redis_used_before = used_memory(&mut conn).await;
+    let (tx, rx) = std::sync::mpsc::channel();
     let publisher = tokio::spawn(publish_all(
         channel,
         names.submit_queue(),
@@ -259,40 +271,101 @@ pub async fn run(
         options.confirm_window,
         tx,
     ));
+    let watch_options = WatchOptions {
+        poll_window: options.poll_window,
+        poll_interval: options.poll_interval,
+        max_poll_rate: options.max_poll_rate,
+        timeout: options.timeout,
+    };
+    let jobs = options.jobs;
+    let watcher =
+        tokio::task::spawn_blocking(move || watch(watch_conn, rx, keys, jobs, watch_options));
+    let (mut result, keys) = match watcher.await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            publisher.abort();
+            return Err(e);
+        }
+        Err(join) => {
+            publisher.abort();
+            return Err(BenchError::Store(format!("watcher: {join}")));
+        }
+    };
+    result.clock = clock;
+    result.redis_used_before = redis_used_before;
+    result.redis_used_after = used_memory(&mut conn).await;
+    if result.timed_out {
+        publisher.abort();
+    }
+    match publisher.await {
+        Ok(Ok(summary)) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
+        Ok(Err(e)) => return Err(e),
+        Err(join) if join.is_cancelled() => {}
+        Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
+    }
+    let _ = amqp.close(200, "bench done".into()).await;
 
+    fetch_timestamps(&mut conn, &keys, &mut result.jobs).await?;
+    Ok(result)
+}
+
+struct WatchOptions {
+    poll_window: usize,
+    poll_interval: Duration,
+    max_poll_rate: f64,
+    timeout: Duration,
+}
+
+fn handle(event: Event, result: &mut LoadResult, outstanding: &mut BTreeSet<usize>) {
+    match event {
+        Event::Published { idx, at, unix_us } => {
+            let job = &mut result.jobs[idx];
+            job.published = Some(at);
+            job.published_unix_us = unix_us;
+            result.first_publish.get_or_insert(at);
+            result.last_publish = Some(at);
+            outstanding.insert(idx);
+        }
+        Event::Failed { idx, reason } => {
+            result.jobs[idx].publish_error = Some(reason);
+            // A refused message never reaches the dispatcher.
+            outstanding.remove(&idx);
+        }
+        Event::Abandoned { from, reason } => {
+            for job in &mut result.jobs[from..] {
+                job.publish_error = Some(format!("not published: {reason}"));
+            }
+        }
+    }
+}
+
+/// The watcher loop (on a blocking thread): take publish events, poll the
+/// oldest outstanding jobs, until every published job is terminal and the
+/// publisher is done, or nothing finished for `timeout`.
+fn watch(
+    mut conn: redis::Connection,
+    rx: std::sync::mpsc::Receiver<Event>,
+    keys: Vec<String>,
+    jobs: usize,
+    options: WatchOptions,
+) -> Result<(LoadResult, Vec<String>), BenchError> {
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+    let mut result = LoadResult {
+        jobs: vec![JobRecord::default(); jobs],
+        ..LoadResult::default()
+    };
     let mut outstanding: BTreeSet<usize> = BTreeSet::new();
     let mut publisher_done = false;
     let mut last_progress = Instant::now();
-    let mut first_poll: Option<Instant> = None;
+    // The last poll, if it left jobs outstanding (so the next one ends a cycle).
+    let mut cycle_start: Option<Instant> = None;
     let mut consecutive_errors = 0u32;
-    let handle = |event: Event, result: &mut LoadResult, outstanding: &mut BTreeSet<usize>| {
-        match event {
-            Event::Published { idx, at, unix_us } => {
-                let job = &mut result.jobs[idx];
-                job.published = Some(at);
-                job.published_unix_us = unix_us;
-                result.first_publish.get_or_insert(at);
-                result.last_publish = Some(at);
-                outstanding.insert(idx);
-            }
-            Event::Failed { idx, reason } => {
-                result.jobs[idx].publish_error = Some(reason);
-                // A refused message never reaches the dispatcher.
-                outstanding.remove(&idx);
-            }
-            Event::Abandoned { from, reason } => {
-                for job in &mut result.jobs[from..] {
-                    job.publish_error = Some(format!("not published: {reason}"));
-                }
-            }
-        }
-    };
     loop {
         loop {
             match rx.try_recv() {
                 Ok(event) => handle(event, &mut result, &mut outstanding),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
                     publisher_done = true;
                     break;
                 }
@@ -302,10 +375,10 @@ pub async fn run(
             if publisher_done {
                 break;
             }
-            match tokio::time::timeout(options.timeout, rx.recv()).await {
-                Ok(Some(event)) => handle(event, &mut result, &mut outstanding),
-                Ok(None) => publisher_done = true,
-                Err(_) => {
+            match rx.recv_timeout(options.timeout) {
+                Ok(event) => handle(event, &mut result, &mut outstanding),
+                Err(RecvTimeoutError::Disconnected) => publisher_done = true,
+                Err(RecvTimeoutError::Timeout) => {
                     result.timed_out = true;
                     break;
                 }
@@ -327,8 +400,13 @@ pub async fn run(
             pipe.cmd("HGET").arg(&keys[i]).arg("st");
         }
         let sent = Instant::now();
-        first_poll.get_or_insert(sent);
-        let states: Result<Vec<Option<String>>, _> = pipe.query_async(&mut conn).await;
+        if let Some(start) = cycle_start {
+            let cycle = sent - start;
+            result.poll.cycle_total += cycle;
+            result.poll.cycles += 1;
+            result.poll.cycle_max = result.poll.cycle_max.max(cycle);
+        }
+        let states: Result<Vec<Option<String>>, _> = pipe.query(&mut conn);
         let got = Instant::now();
         match states {
             Ok(states) => {
@@ -336,7 +414,6 @@ pub async fn run(
                 result.poll.polls += 1;
                 result.poll.hgets += batch.len() as u64;
                 result.poll.rtt_total += got - sent;
-                result.poll.span = sent - first_poll.unwrap_or(sent);
                 for (&i, st) in batch.iter().zip(states) {
                     if let Some(st) = st
                         && is_terminal(&st)
@@ -353,30 +430,22 @@ pub async fn run(
                 result.poll.errors += 1;
                 consecutive_errors += 1;
                 if consecutive_errors > 50 {
-                    publisher.abort();
                     return Err(BenchError::Store(format!("polling job states: {e}")));
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
+        cycle_start = (!outstanding.is_empty()).then_some(sent);
         let pause = options.poll_interval.max(Duration::from_secs_f64(
             batch.len() as f64 / options.max_poll_rate.max(1.0),
         ));
-        tokio::time::sleep_until((sent + pause).into()).await;
+        let wake = sent + pause;
+        let now = Instant::now();
+        if wake > now {
+            std::thread::sleep(wake - now);
+        }
     }
-    result.redis_used_after = used_memory(&mut conn).await;
-    if result.timed_out {
-        publisher.abort();
-    }
-    match publisher.await {
-        Ok(Ok(summary)) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
-        Ok(Err(e)) => return Err(e),
-        Err(join) if join.is_cancelled() => {}
-        Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
-    }
-    let _ = amqp.close(200, "bench done".into()).await;
-
-    fetch_timestamps(&mut conn, &keys, &mut result.jobs).await?;
-    Ok(result)
+    Ok((result, keys))
 }
 
 fn is_terminal(st: &str) -> bool {
@@ -418,7 +487,7 @@ async fn publish_all(
     run_id: String,
     rate: Option<f64>,
     window: usize,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: std::sync::mpsc::Sender<Event>,
 ) -> Result<PublishSummary, BenchError> {
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())

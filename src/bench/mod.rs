@@ -2,8 +2,8 @@
 //!
 //! One invocation does three things:
 //! 1. the *bare broker loop* ([`bare`]): persistent ~100-byte messages
-//!    published with pipelined confirms to a scratch durable classic queue
-//!    `<prefix>.bench.bare`, consumed concurrently with prefetch 200 and one
+//!    published with pipelined confirms to a scratch durable queue
+//!    `<prefix>.bench.bare` (classic by default), consumed concurrently with prefetch 200 and one
 //!    manual ack per message. Its msgs/s is what this machine's RabbitMQ can
 //!    do at best, so Conveyor's figures are also given as a ratio of it and
 //!    stay comparable across noisy machines;
@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, QueueType};
 use crate::names::Names;
 
 pub use report::Report;
@@ -186,6 +186,8 @@ pub struct Options {
     pub bare_messages: Option<usize>,
     /// Body size of a bare-loop message.
     pub bare_message_bytes: usize,
+    /// Queue type of the bare loop's scratch queue.
+    pub bare_queue_type: QueueType,
 }
 
 impl Default for Options {
@@ -198,12 +200,13 @@ impl Default for Options {
                 prefix: "conveyor".into(),
             },
             confirm_window: 1000,
-            poll_interval: Duration::from_millis(1),
+            poll_interval: Duration::from_micros(500),
             poll_window: 512,
             max_poll_rate: 25_000.0,
             timeout: Duration::from_secs(300),
             bare_messages: Some(50_000),
             bare_message_bytes: 100,
+            bare_queue_type: QueueType::Classic,
         }
     }
 }
@@ -306,6 +309,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 n,
                 options.bare_message_bytes,
                 options.confirm_window,
+                options.bare_queue_type,
             )
             .await;
             // The scratch queue goes, whatever happened.

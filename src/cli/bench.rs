@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use conveyor::bench::{Options, Shape, SpawnOptions, Target};
-use conveyor::config::Config;
+use conveyor::config::{Config, QueueType};
 
 /// Bench options.
 #[derive(Debug, clap::Args)]
@@ -43,8 +43,9 @@ pub struct Args {
     /// Most unconfirmed publishes outstanding.
     #[arg(long, default_value_t = 1000)]
     window: usize,
-    /// Least pause between polls of Redis for finished jobs, in ms.
-    #[arg(long, default_value_t = 1.0)]
+    /// Least pause between polls of Redis for finished jobs, in ms (the
+    /// resolution of the observed latency when few jobs are outstanding).
+    #[arg(long, default_value_t = 0.5)]
     poll_ms: f64,
     /// Oldest outstanding jobs asked about per poll.
     #[arg(long, default_value_t = 512)]
@@ -58,6 +59,9 @@ pub struct Args {
     /// Messages of the bare broker loop.
     #[arg(long, default_value_t = 50_000)]
     bare_messages: usize,
+    /// Queue type of the bare loop's scratch queue: `classic` or `quorum`.
+    #[arg(long, default_value = "classic", value_parser = parse_queue_type)]
+    bare_queue_type: QueueType,
     /// Skip the bare broker loop.
     #[arg(long)]
     skip_bare: bool,
@@ -93,6 +97,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         max_poll_rate: args.poll_budget,
         timeout: Duration::from_secs(args.timeout_s),
         bare_messages: (!args.skip_bare).then_some(args.bare_messages),
+        bare_queue_type: args.bare_queue_type,
         ..Options::default()
     };
     let report = conveyor::bench::run(&config, options).await?;
@@ -106,4 +111,12 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn parse_queue_type(s: &str) -> Result<QueueType, String> {
+    match s {
+        "classic" => Ok(QueueType::Classic),
+        "quorum" => Ok(QueueType::Quorum),
+        _ => Err(format!("expected classic or quorum, got {s:?}")),
+    }
 }
