@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, Cmd, Pipeline, RedisError};
 use deadpool_redis::{Manager, Pool, Runtime};
 use serde_json::Value;
@@ -79,6 +80,7 @@ pub struct RedisStore {
     retention_ms: u64,
     by: String,
     epoch: Arc<AtomicU64>,
+    shared: Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -195,6 +197,7 @@ impl RedisStore {
             retention_ms: retention.as_millis() as u64,
             by: by.into(),
             epoch: Arc::new(AtomicU64::new(0)),
+            shared: Arc::default(),
         };
         store.load_scripts().await?;
         store.check_epoch().await?;
@@ -239,11 +242,35 @@ impl RedisStore {
         &self.names
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool
+    /// A multiplexed connection shared by every call of this store.
+    ///
+    /// Checking a connection out of the pool for each call costs a round
+    /// trip (deadpool-redis recycles with `UNWATCH` + `PING`), which doubled
+    /// the hot path's Redis calls. A multiplexed connection pipelines
+    /// concurrent callers by itself, so one is kept and cloned; it is
+    /// dropped on the first transport error and the next call takes a fresh
+    /// one from the pool.
+    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(c) = self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(c.clone());
+        }
+        let pooled = self
+            .pool
             .get()
             .await
-            .map_err(|e| StoreError::Unavailable(format!("no redis connection: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("no redis connection: {e}")))?;
+        let conn = deadpool_redis::Connection::take(pooled);
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn drop_shared(&self) {
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
@@ -292,7 +319,10 @@ impl RedisStore {
             Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
                 Err(protocol(e.to_string()))
             }
-            Err(e) => Err(unavailable(e)),
+            Err(e) => {
+                self.drop_shared();
+                Err(unavailable(e))
+            }
         }
     }
 
@@ -365,18 +395,19 @@ impl Store for RedisStore {
         for (k, v) in Self::job_fields(job, self.retention_ms, self.epoch_base()) {
             cmd.arg(k).arg(v);
         }
-        let reply = self.eval(cmd).await?;
+        // The index lives in another slot, so it is its own command, sent in
+        // the same pipeline (NX: an existing job keeps its place).
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        pipe.cmd("ZADD")
+            .arg(self.names.jobs_index())
+            .arg("NX")
+            .arg(unix_ms())
+            .arg(&job.id)
+            .ignore();
+        let (reply,): (Reply,) = self.run(&pipe).await?;
         match field(&reply, 0) {
             "created" => {
-                // The index is a separate command (another slot); a crash
-                // before it only hides the job from `list` until resubmitted.
-                let mut pipe = redis::pipe();
-                pipe.cmd("ZADD")
-                    .arg(self.names.jobs_index())
-                    .arg(unix_ms())
-                    .arg(&job.id)
-                    .ignore();
-                self.run::<()>(&pipe).await?;
                 let ready = job
                     .roots()
                     .map(|i| TaskMessage {
