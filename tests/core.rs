@@ -307,3 +307,33 @@ async fn a_shell_task_that_times_out_fails_with_the_reason() {
     client.close().await;
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_fan_out_and_fan_in_hands_every_result_to_the_join() {
+    let mut d = Deployment::new("fanout").await;
+    d.start_dispatcher().await;
+    d.start_worker(32).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let k = 2500;
+    let mut tasks = vec![json!({"name": "root", "handler": "noop", "params": {"r": 1}})];
+    let children: Vec<String> = (0..k).map(|i| format!("c{i}")).collect();
+    for c in &children {
+        tasks.push(json!({"name": c, "handler": "noop", "after": ["root"], "params": {"c": c}}));
+    }
+    tasks.push(
+        json!({"name": "join", "handler": "shell", "after": children,
+        "params": {"command": "python3", "args": ["-c",
+            "import json,sys; d=json.load(sys.stdin); print(json.dumps(len(d['deps'])))"]}}),
+    );
+    client
+        .submit(&json!({"id": "wide", "requestor": "r", "tasks": tasks}))
+        .await;
+    let status = d.wait_terminal("wide", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded);
+    assert_eq!(status.tasks["join"].result, json!(k));
+    // Submitted, started and finished; a claim and a success per task; the
+    // k children and the join each made ready once.
+    assert_eq!(status.history.len(), 3 + 2 * (k + 2) + (k + 1));
+    client.close().await;
+    d.shutdown().await;
+}

@@ -39,9 +39,16 @@ use crate::names::Names;
 #[cfg(test)]
 const COMMON: &str = include_str!("lua/common.lua");
 
+/// A script: the shared prelude, then the body wrapped in a function so
+/// every return path flushes the buffered history entries.
 macro_rules! script {
     ($file:literal) => {
-        concat!(include_str!("lua/common.lua"), "\n", include_str!($file))
+        concat!(
+            include_str!("lua/common.lua"),
+            "\nlocal function main()\n",
+            include_str!($file),
+            "\nend\nlocal reply = main()\nflush_hist()\nreturn reply\n"
+        )
     };
 }
 

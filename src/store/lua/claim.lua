@@ -5,27 +5,38 @@
 --          name, lease expiry, backoff base, backoff cap, dep name, dep result, ...}
 --      or {'busy'} (a live claim holds it), {'stale'} (attempt over),
 --      or {'missing'} (no such job or task).
-if redis.call('EXISTS', J) == 0 then return {'missing'} end
+-- One HMGET reads everything, one HSET writes everything (hot path).
 local i = ARGV[1]
-local v = redis.call('HMGET', J, 's:' .. i, 'a:' .. i)
-if not v[1] then return {'missing'} end
-if v[2] ~= ARGV[2] then return {'stale'} end
-if v[1] == 'running' then return {'busy'} end
-if v[1] ~= 'ready' then return {'stale'} end
-local fence = redis.call('HINCRBY', J, 'fence', 1)
+local d = redis.call('HMGET', J, 's:' .. i, 'a:' .. i, 'h:' .. i, 'p:' .. i, 'ma:' .. i,
+  'to:' .. i, 'nm:' .. i, 'bb:' .. i, 'bc:' .. i, 'af:' .. i, 'st', 'fence', 'v')
+if not d[1] then return {'missing'} end
+if d[2] ~= ARGV[2] then return {'stale'} end
+if d[1] == 'running' then return {'busy'} end
+if d[1] ~= 'ready' then return {'stale'} end
+local fence = tonumber(d[12]) + 1
 local le = NOW + tonumber(ARGV[4])
-redis.call('HSET', J, 's:' .. i, 'running', 'w:' .. i, ARGV[3], 'f:' .. i, fence, 'le:' .. i, le)
-local d = redis.call('HMGET', J, 'h:' .. i, 'p:' .. i, 'ma:' .. i, 'to:' .. i, 'nm:' .. i,
-  'bb:' .. i, 'bc:' .. i, 'af:' .. i, 'st')
-hist(d[5], 'ready', 'running', 'claimed, attempt ' .. ARGV[2], ARGV[3])
-if d[9] == 'pending' then
-  redis.call('HSET', J, 'st', 'running')
+local fence_s, le_s = string.format('%d', fence), string.format('%d', le)
+hist(d[7], 'ready', 'running', 'claimed, attempt ' .. ARGV[2], ARGV[3])
+local st = d[11]
+if st == 'pending' then
+  st = 'running'
   hist(nil, 'pending', 'running', 'first task claimed', ARGV[3])
 end
-bump()
-local out = {'claimed', string.format('%d', fence), d[1], d[2], d[3], d[4], d[5], string.format('%d', le), d[6], d[7]}
-for _, dep in ipairs(split_idx(d[8])) do
-  local r = redis.call('HMGET', J, 'nm:' .. dep, 'r:' .. dep)
-  out[#out + 1] = r[1]; out[#out + 1] = r[2] or 'null'
+redis.call('HSET', J, 's:' .. i, 'running', 'w:' .. i, ARGV[3], 'f:' .. i, fence_s,
+  'le:' .. i, le_s, 'fence', fence_s, 'st', st, 'v', tonumber(d[13]) + 1, 'up', NOW)
+local out = {'claimed', fence_s, d[3], d[4], d[5], d[6], d[7], le_s, d[8], d[9]}
+local deps = split_idx(d[10])
+if #deps > 0 then
+  local fields = {}
+  for _, dep in ipairs(deps) do
+    fields[#fields + 1] = 'nm:' .. dep
+    fields[#fields + 1] = 'r:' .. dep
+  end
+  for s = 1, #fields, CHUNK do
+    local r = redis.call('HMGET', J, unpack(fields, s, math.min(s + CHUNK - 1, #fields)))
+    for k = 1, #r, 2 do
+      out[#out + 1] = r[k]; out[#out + 1] = r[k + 1] or 'null'
+    end
+  end
 end
 return out
