@@ -66,7 +66,7 @@ pub fn main() -> ExitCode {
         _ => "warn",
     };
     conveyor::telemetry::init(config.log_format, level);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match build_runtime(config.runtime_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -92,6 +92,22 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The async runtime: a multi-thread one by default; `runtime_threads = 1`
+/// runs everything on the main thread (fewer cross-thread wake-ups per
+/// message, at the price of handlers that must not block).
+fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        0 => tokio::runtime::Runtime::new(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
     }
 }
 

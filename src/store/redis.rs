@@ -88,6 +88,7 @@ pub struct RedisStore {
     by: String,
     epoch: Arc<AtomicU64>,
     shared: Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    forgets: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -205,6 +206,7 @@ impl RedisStore {
             by: by.into(),
             epoch: Arc::new(AtomicU64::new(0)),
             shared: Arc::default(),
+            forgets: Arc::default(),
         };
         store.load_scripts().await?;
         store.check_epoch().await?;
@@ -618,8 +620,27 @@ impl Store for RedisStore {
     }
 
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError> {
-        self.forget_leases(&[entry(&claim.job, claim.idx, claim.attempt)])
-            .await
+        // Batched: the first entry of a batch schedules one ZREM for every
+        // entry that arrives within the next 2 ms. Dropping a lease entry is
+        // not on any job's critical path, and an entry a crash leaves behind
+        // is dropped by the sweep.
+        let first = {
+            let mut pending = self.forgets.lock().unwrap_or_else(|p| p.into_inner());
+            pending.push(entry(&claim.job, claim.idx, claim.attempt));
+            pending.len() == 1
+        };
+        if first {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let batch =
+                    std::mem::take(&mut *this.forgets.lock().unwrap_or_else(|p| p.into_inner()));
+                if let Err(e) = this.forget_leases(&batch).await {
+                    tracing::debug!(error = %e, entries = batch.len(), "lease entries left for the sweep");
+                }
+            });
+        }
+        Ok(())
     }
 
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
