@@ -614,7 +614,7 @@ impl JobRecord {
             self.settle(now, by);
             return Reclaim::Failed;
         }
-        if t.state == TaskState::Ready && t.attempt == attempt + 1 {
+        if t.state == TaskState::Ready && (t.attempt == attempt + 1 || t.attempt == attempt) {
             return Reclaim::Requeued(self.message(idx));
         }
         if t.state == TaskState::Succeeded && t.attempt == attempt {

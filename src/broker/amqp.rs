@@ -415,6 +415,11 @@ async fn subscribe_on(
         .map_err(unavailable)?;
     Ok(Box::new(AmqpSubscription {
         queue: queue.to_owned(),
+        acks: Arc::new(AckBatcher {
+            channel: channel.clone(),
+            state: std::sync::Mutex::new(AckState::default()),
+            sending: tokio::sync::Mutex::new(()),
+        }),
         channel,
         consumer,
     }))
@@ -424,26 +429,119 @@ struct AmqpSubscription {
     queue: String,
     channel: Channel,
     consumer: Consumer,
+    acks: Arc<AckBatcher>,
 }
 
-struct AmqpAcker(lapin::Acker);
+/// Coalesces acks: one `basic.ack multiple=true` covers every delivery
+/// acked since the last flush up to the oldest one still undecided, instead
+/// of one frame (and one hand-off to lapin's I/O thread) per message.
+/// Acks are flushed as soon as the acking tasks yield, so they are delayed
+/// by a scheduler tick, not a timer. A delivery whose ack is lost with its
+/// channel comes back and is deduplicated by its claim, as any redelivery.
+struct AckBatcher {
+    channel: Channel,
+    state: std::sync::Mutex<AckState>,
+    /// Flushes plan and send one at a time: a multiple ack overtaking an
+    /// older flush's frame would make that frame ack an unknown tag, which
+    /// closes the channel.
+    sending: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// Delivered and not yet acked or requeued.
+    outstanding: std::collections::BTreeSet<u64>,
+    /// Acked by the caller, not yet sent.
+    acked: std::collections::BTreeSet<u64>,
+    flush_scheduled: bool,
+}
+
+/// What to send for the acks in `state`: a multiple ack up to a tag, and
+/// single acks for tags beyond an older undecided delivery.
+fn plan_acks(state: &mut AckState) -> (Option<u64>, Vec<u64>) {
+    let oldest_open = state.outstanding.first().copied().unwrap_or(u64::MAX);
+    let upto = state.acked.range(..oldest_open).next_back().copied();
+    let singles: Vec<u64> = state.acked.range(oldest_open..).copied().collect();
+    state.acked.clear();
+    (upto, singles)
+}
+
+impl AckBatcher {
+    fn delivered(&self, tag: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.outstanding.insert(tag);
+    }
+
+    fn ack(self: &Arc<Self>, tag: u64) {
+        let schedule = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.outstanding.remove(&tag);
+            state.acked.insert(tag);
+            !std::mem::replace(&mut state.flush_scheduled, true)
+        };
+        if schedule {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                this.flush().await;
+            });
+        }
+    }
+
+    async fn flush(&self) {
+        let _sending = self.sending.lock().await;
+        let (upto, singles) = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.flush_scheduled = false;
+            plan_acks(&mut state)
+        };
+        if let Some(tag) = upto
+            && let Err(e) = self
+                .channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+        {
+            tracing::debug!(error = %e, "ack lost; the deliveries come back and are deduplicated");
+        }
+        for tag in singles {
+            if let Err(e) = self
+                .channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+            {
+                tracing::debug!(error = %e, "ack lost; the delivery comes back and is deduplicated");
+            }
+        }
+    }
+
+    async fn requeue(&self, tag: u64) -> Result<(), BrokerError> {
+        // The tag stays outstanding until the reject is on its way: a
+        // multiple ack sent meanwhile must not cover (and so drop) it.
+        let result = self
+            .channel
+            .basic_reject(tag, BasicRejectOptions { requeue: true })
+            .await
+            .map_err(unavailable);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.outstanding.remove(&tag);
+        result
+    }
+}
+
+struct AmqpAcker {
+    tag: u64,
+    batcher: Arc<AckBatcher>,
+}
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.0
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        self.batcher.ack(self.tag);
+        Ok(())
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.0
-            .reject(BasicRejectOptions { requeue: true })
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        self.batcher.requeue(self.tag).await
     }
 }
 
@@ -469,7 +567,13 @@ impl Subscription for AmqpSubscription {
             delivery_count: header_count(&delivery.properties, "x-delivery-count"),
             redelivered: delivery.redelivered,
             body: delivery.data,
-            acker: Box::new(AmqpAcker(delivery.acker)),
+            acker: {
+                self.acks.delivered(delivery.delivery_tag);
+                Box::new(AmqpAcker {
+                    tag: delivery.delivery_tag,
+                    batcher: self.acks.clone(),
+                })
+            },
         }))
     }
 
@@ -484,6 +588,22 @@ impl Subscription for AmqpSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acks_coalesce_up_to_the_oldest_undecided_delivery() {
+        let mut state = AckState::default();
+        state.outstanding.extend([4, 7]);
+        state.acked.extend([1, 2, 3, 5, 6, 8]);
+        assert_eq!(plan_acks(&mut state), (Some(3), vec![5, 6, 8]));
+        assert!(state.acked.is_empty());
+        let mut state = AckState::default();
+        state.acked.extend([9, 10]);
+        assert_eq!(plan_acks(&mut state), (Some(10), vec![]));
+        let mut state = AckState::default();
+        state.outstanding.insert(1);
+        state.acked.insert(2);
+        assert_eq!(plan_acks(&mut state), (None, vec![2]));
+    }
 
     #[test]
     fn a_heartbeat_is_added_unless_given() {

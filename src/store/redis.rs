@@ -328,6 +328,20 @@ impl RedisStore {
             Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
                 Err(protocol(e.to_string()))
             }
+            Err(e) if e.is_connection_dropped() => {
+                // The shared connection died (Redis restarted, or the network
+                // dropped it): once more on a fresh one. Every transition is
+                // safe to repeat — a repeated claim answers `busy` and its
+                // lease lapses to the sweep, a repeated completion answers
+                // `duplicate` with the same follow-ups, a repeated release
+                // leaves its re-offer to the sweep.
+                self.drop_shared();
+                let mut conn = self.conn().await?;
+                pipe.query_async(&mut conn).await.map_err(|e| {
+                    self.drop_shared();
+                    unavailable(e)
+                })
+            }
             Err(e) => {
                 self.drop_shared();
                 Err(unavailable(e))

@@ -403,7 +403,11 @@ impl Worker {
                 }
                 tracing::info!(job = %claim.job, task = %claimed.task, "task handed back");
             }
-            Ok(None) => {}
+            Ok(None) => {
+                // Not held (any more): whoever holds the entry now, or the
+                // sweep, takes care of the task.
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not release claim; its lease will lapse");
                 return;

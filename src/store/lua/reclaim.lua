@@ -5,7 +5,8 @@
 -- - running with a lapsed lease: orphaned; the next attempt becomes ready
 --   ({'requeued', name, queue, attempt}) or, attempts used up, the task
 --   fails ({'failed'});
--- - already re-queued by an earlier sweep that crashed before publishing:
+-- - already re-queued by an earlier sweep that crashed before publishing,
+--   or handed back by a worker that could not re-publish it:
 --   {'requeued', ...} again;
 -- - succeeded: {'done', ready dependents...} so follow-ups a crashed worker
 --   never published are published now;
@@ -32,6 +33,11 @@ if s == 'running' and a == attempt then
   settle_job(by)
   return {'failed'}
 end
-if s == 'ready' and a == attempt + 1 then return {'requeued', v[6], v[7], tostring(a)} end
+-- Ready at the next attempt (an earlier sweep re-queued it) or at this one
+-- (its worker handed it back and may not have re-published it): offer it
+-- again; a duplicate message is harmless.
+if s == 'ready' and (a == attempt + 1 or a == attempt) then
+  return {'requeued', v[6], v[7], tostring(a)}
+end
 if s == 'succeeded' and a == attempt then return ready_dependents(i, {'done'}) end
 return {'gone'}
