@@ -411,6 +411,27 @@ mod tests {
     }
 
     #[test]
+    fn every_environment_variable_is_in_the_readme_table() {
+        let readme = include_str!("../README.md");
+        let source = include_str!("config.rs");
+        let vars: Vec<&str> = source
+            .split('"')
+            .filter(|s| {
+                s.len() > 9
+                    && s.starts_with("CONVEYOR_")
+                    && s.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .collect();
+        assert!(vars.len() >= 15, "{vars:?}");
+        for var in vars {
+            assert!(
+                readme.contains(&format!("`{var}`")),
+                "README's configuration table lacks {var}"
+            );
+        }
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(
             redact_url("amqps://user:secret@host:5671/vh"),

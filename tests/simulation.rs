@@ -244,7 +244,6 @@ struct Sim {
     store: Arc<MemoryStore>,
     broker: Arc<MemoryBroker>,
     registry: Registry,
-    executions: Arc<Mutex<Vec<Execution>>>,
     dispatchers: Vec<Running>,
     workers: Vec<Running>,
     started: usize,
@@ -499,7 +498,6 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         store: store.clone(),
         broker: broker.clone(),
         registry,
-        executions: executions.clone(),
         dispatchers: Vec::new(),
         workers: Vec::new(),
         started: 0,
@@ -643,7 +641,6 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         r.trigger.trigger();
         r.handle.abort();
     }
-    let _ = sim.executions;
     Ok(())
 }
 
@@ -764,7 +761,6 @@ async fn capture_async(seed: u64) -> Vec<JobDigest> {
         store: store.clone(),
         broker: broker.clone(),
         registry,
-        executions,
         dispatchers: Vec::new(),
         workers: Vec::new(),
         started: 0,

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor::config::Config;
-use conveyor::handler::Registry;
 use conveyor::intake::{Intake, JobIntake, Rejection};
 use conveyor::model::TaskMessage;
 use conveyor::store::memory::{MemoryStore, SystemClock};
@@ -66,7 +65,6 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
         "eq",
     );
     let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
-    let _ = Registry::new();
     let seeds = 150u64;
     for seed in 0..seeds {
         let mut rng = StdRng::seed_from_u64(seed);
