@@ -17,6 +17,7 @@ pub mod backoff;
 pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod consumer;
 pub mod dag;
 pub mod dispatcher;
 pub mod embedded;

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError};
+use crate::consumer::consume;
 use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
@@ -102,66 +103,26 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         let mut in_flight = JoinSet::new();
         let queue = self.names.submit_queue();
-        let mut retry_delay = Duration::from_millis(100);
-        'subscribe: while !shutdown.is_triggered() {
-            let mut subscription = match broker.subscribe(&queue, self.options.prefetch).await {
-                Ok(s) => {
-                    tracing::info!(%queue, "dispatcher consuming");
-                    retry_delay = Duration::from_millis(100);
-                    s
-                }
-                Err(e) => {
-                    tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break 'subscribe,
-                        _ = tokio::time::sleep(retry_delay) => {}
-                    }
-                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            loop {
-                tokio::select! {
-                        biased;
-                    _ = shutdown.wait() => break,
-                    _ = self.health.wait_store_up() => {}
-                }
-                let permit = tokio::select! {
-                        biased;
-                    _ = shutdown.wait() => break,
-                    p = permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                };
-                let delivery = tokio::select! {
-                        biased;
-                    _ = shutdown.wait() => break,
-                    d = subscription.next() => d,
-                };
-                match delivery {
-                    Some(Ok(delivery)) => {
-                        let this = self.clone();
-                        in_flight.spawn(async move {
-                            this.handle_submission(delivery).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "submit subscription failed; resubscribing");
-                        continue 'subscribe;
-                    }
-                    None => {
-                        tracing::warn!("submit subscription ended; resubscribing");
-                        continue 'subscribe;
-                    }
-                }
+        let subscription = consume(
+            broker.as_ref(),
+            &queue,
+            self.options.prefetch,
+            &permits,
+            &self.health,
+            &mut shutdown,
+            |delivery, permit| {
+                let this = self.clone();
+                in_flight.spawn(async move {
+                    this.handle_submission(delivery).await;
+                    drop(permit);
+                });
                 while in_flight.try_join_next().is_some() {}
-            }
-            let _ = subscription.cancel().await;
-        }
+                true
+            },
+        )
+        .await;
         while in_flight.join_next().await.is_some() {}
+        drop(subscription);
         sweeper.abort_all();
         Ok(())
     }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Store,
-    StoreError, SweepAction, WorkerInfo,
+    StoreError, SweepAction, WorkerInfo, entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
 use crate::machine::{JobRecord, Promotion, Reclaim};
@@ -157,18 +157,6 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore").finish()
     }
-}
-
-fn entry(job: &str, idx: u32, attempt: u32) -> String {
-    format!("{job}|{idx}|{attempt}")
-}
-
-fn parse_entry(entry: &str) -> Option<(&str, u32, u32)> {
-    let mut parts = entry.rsplitn(3, '|');
-    let attempt = parts.next()?.parse().ok()?;
-    let idx = parts.next()?.parse().ok()?;
-    let job = parts.next()?;
-    Some((job, idx, attempt))
 }
 
 impl MemoryStore {

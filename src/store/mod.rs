@@ -25,6 +25,20 @@ use serde_json::Value;
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 
+/// `job|idx|attempt`: a lease or retry schedule entry (ids cannot hold `|`).
+pub(crate) fn entry(job: &str, idx: u32, attempt: u32) -> String {
+    format!("{job}|{idx}|{attempt}")
+}
+
+/// The parts of a schedule entry, if it is one.
+pub(crate) fn parse_entry(entry: &str) -> Option<(&str, u32, u32)> {
+    let mut parts = entry.rsplitn(3, '|');
+    let attempt = parts.next()?.parse().ok()?;
+    let idx = parts.next()?.parse().ok()?;
+    let job = parts.next()?;
+    Some((job, idx, attempt))
+}
+
 /// Why a store operation failed, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

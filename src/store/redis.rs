@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use super::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
-    JobSummary, Store, StoreError, SweepAction, TaskStatus, WorkerInfo,
+    JobSummary, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
@@ -160,19 +160,6 @@ fn parse_job_state(s: &str) -> Result<JobState, StoreError> {
 
 fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
     s.parse().map_err(|e| protocol(format!("{e}")))
-}
-
-/// `job|idx|attempt`: a lease or retry schedule entry.
-fn entry(job: &str, idx: u32, attempt: u32) -> String {
-    format!("{job}|{idx}|{attempt}")
-}
-
-fn parse_entry(entry: &str) -> Option<(&str, u32, u32)> {
-    let mut parts = entry.rsplitn(3, '|');
-    let attempt = parts.next()?.parse().ok()?;
-    let idx = parts.next()?.parse().ok()?;
-    let job = parts.next()?;
-    Some((job, idx, attempt))
 }
 
 impl RedisStore {

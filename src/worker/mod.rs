@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError, Delivery, Subscription};
+use crate::consumer::consume;
 use crate::health::Health;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
@@ -184,9 +185,8 @@ impl Worker {
         Ok(())
     }
 
-    /// One queue's consumer: subscribes (again after any broker loss) and
-    /// passes deliveries on, never more than the concurrency allows. Returns
-    /// its cancelled subscription at shutdown.
+    /// One queue's consumer: passes deliveries (with their permit) to the
+    /// run loop. Returns its cancelled subscription at shutdown.
     async fn consume(
         &self,
         queue: String,
@@ -194,67 +194,21 @@ impl Worker {
         mut shutdown: Shutdown,
         tx: mpsc::Sender<(Delivery, OwnedSemaphorePermit)>,
     ) -> Option<Box<dyn Subscription>> {
-        let broker = self.outbox.broker().clone();
         let prefetch = u16::try_from(self.options.concurrency)
             .unwrap_or(u16::MAX)
             .max(1);
-        let mut retry_delay = Duration::from_millis(100);
-        'subscribe: while !shutdown.is_triggered() {
-            let mut subscription = match broker.subscribe(&queue, prefetch).await {
-                Ok(s) => {
-                    retry_delay = Duration::from_millis(100);
-                    s
-                }
-                Err(e) => {
-                    tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break 'subscribe,
-                        _ = tokio::time::sleep(retry_delay) => {}
-                    }
-                    retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break,
-                    _ = self.health.wait_store_up() => {}
-                }
-                let permit = tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break,
-                    p = permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                };
-                let delivery = tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break,
-                    d = subscription.next() => d,
-                };
-                match delivery {
-                    Some(Ok(delivery)) => {
-                        if tx.send((delivery, permit)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(%queue, error = %e, "subscription failed; resubscribing");
-                        continue 'subscribe;
-                    }
-                    None => {
-                        tracing::warn!(%queue, "subscription ended; resubscribing");
-                        continue 'subscribe;
-                    }
-                }
-            }
-            let _ = subscription.cancel().await;
-            return Some(subscription);
-        }
-        None
+        // The channel holds at most one item per permit, so it is never
+        // full; a send fails only when the run loop is gone.
+        consume(
+            self.outbox.broker().as_ref(),
+            &queue,
+            prefetch,
+            &permits,
+            &self.health,
+            &mut shutdown,
+            |delivery, permit| tx.try_send((delivery, permit)).is_ok(),
+        )
+        .await
     }
 
     /// Handle one delivery from claim to confirmed follow-ups.
