@@ -27,6 +27,7 @@ pub mod machine;
 pub mod model;
 pub mod names;
 pub mod outbox;
+pub mod purge;
 pub mod runtime;
 pub mod shutdown;
 pub mod store;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
@@ -389,24 +389,8 @@ pub async fn check_live(
     missing(names.task_queue("default"), tasks, "worker")
 }
 
-/// Delete `queues` (each on its own channel; errors ignored).
-pub async fn delete_queues(amqp_url: &str, queues: &[String]) {
-    let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await else {
-        return;
-    };
-    for q in queues {
-        if let Ok(channel) = conn.create_channel().await {
-            let _ = channel
-                .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-                .await;
-            let _ = channel.close(200, "deleted".into()).await;
-        }
-    }
-    let _ = conn.close(200, "bench cleanup".into()).await;
-}
-
 /// Delete a bench deployment's queues and (if `keys`, and only for a
-/// `bench-` prefix) every Redis key under its prefix, by SCAN + UNLINK.
+/// `bench-` prefix) every Redis key under its prefix.
 pub async fn cleanup(config: &Config, keys: bool) {
     let names = Names::new(&config.prefix);
     let mut queues = vec![
@@ -418,37 +402,9 @@ pub async fn cleanup(config: &Config, keys: bool) {
     if !config.worker.queues.iter().any(|q| q == "default") {
         queues.push(names.task_queue("default"));
     }
-    delete_queues(&config.amqp_url, &queues).await;
-    if !keys || !config.prefix.starts_with("bench-") {
-        return;
-    }
-    let Ok(mut conn) = super::load::redis_connection(&config.redis_url).await else {
-        return;
-    };
-    let pattern = format!("{}:*", config.prefix);
-    let mut cursor: u64 = 0;
-    loop {
-        let page: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await;
-        let Ok((next, found)) = page else {
-            return;
-        };
-        if !found.is_empty() {
-            let _: Result<i64, _> = redis::cmd("UNLINK")
-                .arg(&found)
-                .query_async(&mut conn)
-                .await;
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
+    crate::purge::delete_queues(&config.amqp_url, &queues).await;
+    if keys && config.prefix.starts_with("bench-") {
+        crate::purge::delete_keys(&config.redis_url, &config.prefix).await;
     }
 }
 

@@ -25,7 +25,7 @@ use conveyor::worker::{Worker, WorkerOptions};
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -222,33 +222,11 @@ impl Deployment {
 /// Delete a deployment's queues and Redis keys.
 pub async fn cleanup(config: &Config) {
     let names = Names::new(&config.prefix);
-    if let Ok(conn) = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await {
-        let mut queues = vec![names.submit_queue(), names.dead_queue()];
-        queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
-        queues.push(names.task_queue("other"));
-        for q in queues {
-            if let Ok(ch) = conn.create_channel().await {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-        }
-        let _ = conn.close(200, "bye".into()).await;
-    }
-    if let Ok(client) = redis::Client::open(config.redis_url.as_str())
-        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-    {
-        {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", config.prefix))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-            }
-        }
-    }
+    let mut queues = vec![names.submit_queue(), names.dead_queue()];
+    queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
+    queues.push(names.task_queue("other"));
+    conveyor::purge::delete_queues(&config.amqp_url, &queues).await;
+    conveyor::purge::delete_keys(&config.redis_url, &config.prefix).await;
 }
 
 /// A client that knows nothing of Conveyor's code: plain AMQP and JSON.
