@@ -239,6 +239,8 @@ struct Running {
 
 struct Sim {
     seed: u64,
+    clock: Arc<TokioClock>,
+    executions: Arc<Mutex<Vec<Execution>>>,
     config: Config,
     names: Names,
     store: Arc<MemoryStore>,
@@ -250,6 +252,43 @@ struct Sim {
 }
 
 impl Sim {
+    /// The parts every scenario shares: the in-process store on tokio's
+    /// clock, the broker with `faults`, the built-in handlers plus chaos.
+    async fn new(seed: u64, config: Config, faults: FaultPlan) -> Sim {
+        let names = Names::new(&config.prefix);
+        let clock = Arc::new(TokioClock::new(1_800_000_000_000));
+        let store = Arc::new(MemoryStore::new(
+            clock.clone(),
+            Duration::from_secs(3600),
+            1,
+            "sim",
+        ));
+        let broker = Arc::new(MemoryBroker::new(names.clone(), seed, faults));
+        broker
+            .declare(&config.worker.queues)
+            .await
+            .expect("the in-process broker declares queues");
+        let executions = Arc::new(Mutex::new(Vec::new()));
+        let mut registry = conveyor_builtin_handlers::registry();
+        registry.register(Chaos {
+            seed,
+            executions: executions.clone(),
+        });
+        Sim {
+            seed,
+            clock,
+            executions,
+            config,
+            names,
+            store,
+            broker,
+            registry,
+            dispatchers: Vec::new(),
+            workers: Vec::new(),
+            started: 0,
+        }
+    }
+
     fn start_dispatcher(&mut self) {
         self.started += 1;
         let dispatcher = Dispatcher::new(
@@ -467,41 +506,18 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
     config.worker.lease_ms = 600;
     config.worker.max_deliveries = 6;
     config.dispatcher.sweep_interval_ms = 50;
-    let names = Names::new("sim");
-    let clock = Arc::new(TokioClock::new(1_800_000_000_000));
-    let store = Arc::new(MemoryStore::new(
-        clock.clone(),
-        Duration::from_secs(3600),
-        1,
-        "sim",
-    ));
     let faults = FaultPlan {
         duplicate: 0.05,
         reorder: 0.1,
         publish_failure: 0.03,
     };
-    let broker = Arc::new(MemoryBroker::new(names.clone(), seed, faults));
-    broker
-        .declare(&config.worker.queues)
-        .await
-        .map_err(|e| e.to_string())?;
-    let executions = Arc::new(Mutex::new(Vec::new()));
-    let mut registry = conveyor_builtin_handlers::registry();
-    registry.register(Chaos {
-        seed,
-        executions: executions.clone(),
-    });
-    let mut sim = Sim {
-        seed,
-        config,
-        names,
-        store: store.clone(),
-        broker: broker.clone(),
-        registry,
-        dispatchers: Vec::new(),
-        workers: Vec::new(),
-        started: 0,
-    };
+    let mut sim = Sim::new(seed, config, faults).await;
+    let (store, broker, clock, executions) = (
+        sim.store.clone(),
+        sim.broker.clone(),
+        sim.clock.clone(),
+        sim.executions.clone(),
+    );
     for _ in 0..rng.random_range(1..=2) {
         sim.start_dispatcher();
     }
@@ -730,41 +746,13 @@ async fn capture_async(seed: u64) -> Vec<JobDigest> {
         prefix: "sim".into(),
         ..Config::default()
     };
-    let names = Names::new("sim");
-    let clock = Arc::new(TokioClock::new(1_800_000_000_000));
-    let store = Arc::new(MemoryStore::new(
-        clock.clone(),
-        Duration::from_secs(3600),
-        1,
-        "sim",
-    ));
-    let broker = Arc::new(MemoryBroker::new(
-        names.clone(),
-        seed,
-        FaultPlan {
-            duplicate: 0.1,
-            reorder: 0.2,
-            publish_failure: 0.0,
-        },
-    ));
-    broker.declare(&config.worker.queues).await.unwrap();
-    let executions = Arc::new(Mutex::new(Vec::new()));
-    let mut registry = conveyor_builtin_handlers::registry();
-    registry.register(Chaos {
-        seed,
-        executions: executions.clone(),
-    });
-    let mut sim = Sim {
-        seed,
-        config,
-        names,
-        store: store.clone(),
-        broker: broker.clone(),
-        registry,
-        dispatchers: Vec::new(),
-        workers: Vec::new(),
-        started: 0,
+    let faults = FaultPlan {
+        duplicate: 0.1,
+        reorder: 0.2,
+        publish_failure: 0.0,
     };
+    let mut sim = Sim::new(seed, config, faults).await;
+    let store = sim.store.clone();
     sim.start_dispatcher();
     sim.start_worker(2);
     sim.start_worker(3);
