@@ -77,18 +77,17 @@ impl Outbox {
         self.broker.publish(batch).await
     }
 
-    /// Publish task messages, retrying (with backoff) until confirmed or
-    /// until `give_up` says stop. Duplicates are harmless: claims dedupe.
+    /// Publish task messages, retrying (with backoff) while the failure is
+    /// one a retry can help. Duplicates are harmless: claims dedupe.
     pub async fn publish_tasks_until_confirmed(
         &self,
         tasks: &[TaskMessage],
-        give_up: impl Fn() -> bool,
     ) -> Result<(), BrokerError> {
         let mut delay = Duration::from_millis(50);
         loop {
             match self.publish_tasks(tasks).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_retryable() && !give_up() => {
+                Err(e) if e.is_retryable() => {
                     tracing::warn!(error = %e, "publishing tasks failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));

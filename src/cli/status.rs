@@ -60,11 +60,7 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
     );
     for (name, t) in &status.tasks {
         let detail = match (&t.error, &t.result) {
-            (Some(e), _)
-                if !t.state.is_terminal() || t.state != conveyor::model::TaskState::Succeeded =>
-            {
-                e.clone()
-            }
+            (Some(e), _) if t.state != conveyor::model::TaskState::Succeeded => e.clone(),
             (_, r) if !r.is_null() => r.to_string(),
             _ => String::new(),
         };

@@ -271,23 +271,23 @@ impl RedisStore {
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        for (name, src) in SCRIPT_SOURCES {
+        for ((name, src), expected) in SCRIPT_SOURCES.iter().zip(&self.shas) {
             let sha: String = redis::cmd("SCRIPT")
                 .arg("LOAD")
-                .arg(src)
+                .arg(*src)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| match e.kind() {
                     redis::ErrorKind::Server(_) => protocol(format!("script {name}: {e}")),
                     _ => unavailable(e),
                 })?;
-            debug_assert_eq!(
-                sha,
-                self.shas[SCRIPT_SOURCES
-                    .iter()
-                    .position(|(n, _)| *n == name)
-                    .unwrap_or(0)]
-            );
+            // EVALSHA uses the locally computed digest: a mismatch would
+            // make every call answer NOSCRIPT.
+            if sha != *expected {
+                return Err(protocol(format!(
+                    "script {name}: Redis names it {sha}, this build computed {expected}"
+                )));
+            }
         }
         Ok(())
     }
@@ -445,18 +445,16 @@ impl Store for RedisStore {
             .arg(&rejection.error)
             .arg(self.retention_ms)
             .arg(&self.by);
+        // The index in the same pipeline (NX: an existing id keeps its place).
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
+        pipe.cmd("ZADD")
+            .arg(self.names.jobs_index())
+            .arg("NX")
+            .arg(unix_ms())
+            .arg(&rejection.id)
+            .ignore();
         let (recorded,): (i64,) = self.run(&pipe).await?;
-        if recorded == 1 {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZADD")
-                .arg(self.names.jobs_index())
-                .arg(unix_ms())
-                .arg(&rejection.id)
-                .ignore();
-            self.run::<()>(&pipe).await?;
-        }
         Ok(recorded == 1)
     }
 

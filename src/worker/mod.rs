@@ -316,11 +316,7 @@ impl Worker {
                 job_state,
             } => {
                 tracing::debug!(job = %claim.job, task = %claimed.task, %task_state, %job_state, duplicate, "outcome applied");
-                if let Err(e) = self
-                    .outbox
-                    .publish_tasks_until_confirmed(&ready, || false)
-                    .await
-                {
+                if let Err(e) = self.outbox.publish_tasks_until_confirmed(&ready).await {
                     tracing::error!(error = %e, job = %claim.job, "cannot publish ready tasks; the lease sweep will");
                     return;
                 }
