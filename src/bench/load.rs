@@ -41,8 +41,15 @@
 //! **Redis memory:** `INFO memory` `used_memory` just before the first
 //! publish and just after the last job was seen finished, divided by the
 //! jobs (noisy if anything else writes to the same Redis).
+//!
+//! **Holding** (`--hold-workers`, spawn mode): [`start`] publishes while
+//! no worker runs; [`Started::hold`] waits until every confirmed job is
+//! accepted (submit queue empty, job index and task queue at the job
+//! count) and reads every job's state; the caller samples the processes'
+//! memory, starts the workers, and [`Started::finish`] watches the jobs
+//! drain. Latencies then include the hold.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -164,6 +171,10 @@ enum Event {
 
 struct PublishSummary {
     max_lag: Duration,
+    /// Jobs handed to the channel.
+    sent: usize,
+    /// Of those, jobs the broker nacked or returned.
+    refused: usize,
 }
 
 /// Wall-clock µs since the epoch.
@@ -227,6 +238,35 @@ pub async fn run(
     options: &Options,
     run_id: &str,
 ) -> Result<LoadResult, BenchError> {
+    start(config, options, run_id).await?.finish(options).await
+}
+
+/// The load once publishing has begun and before it is watched: what
+/// [`Started::finish`] needs, and what [`Started::hold`] inspects meanwhile.
+pub struct Started {
+    names: Names,
+    keys: Vec<String>,
+    conn: MultiplexedConnection,
+    watch_conn: redis::Connection,
+    amqp: Connection,
+    clock: ClockSync,
+    rx: std::sync::mpsc::Receiver<Event>,
+    publisher: Publisher,
+    redis_used_before: Option<u64>,
+    began: Instant,
+}
+
+enum Publisher {
+    Running(tokio::task::JoinHandle<Result<PublishSummary, BenchError>>),
+    Done(PublishSummary),
+}
+
+/// Connect, then start publishing the jobs (in a task of its own).
+pub async fn start(
+    config: &Config,
+    options: &Options,
+    run_id: &str,
+) -> Result<Started, BenchError> {
     let names = Names::new(&config.prefix);
     let ids: Arc<Vec<String>> = Arc::new(
         (0..options.jobs)
@@ -261,52 +301,216 @@ pub async fn run(
 
     let redis_used_before = used_memory(&mut conn).await;
     let (tx, rx) = std::sync::mpsc::channel();
+    let began = Instant::now();
     let publisher = tokio::spawn(publish_all(
         channel,
         names.submit_queue(),
-        ids.clone(),
+        ids,
         options.shape.tasks_json(),
         run_id.to_owned(),
         options.rate,
         options.confirm_window,
         tx,
     ));
-    let watch_options = WatchOptions {
-        poll_window: options.poll_window,
-        poll_interval: options.poll_interval,
-        max_poll_rate: options.max_poll_rate,
-        timeout: options.timeout,
-    };
-    let jobs = options.jobs;
-    let watcher =
-        tokio::task::spawn_blocking(move || watch(watch_conn, rx, keys, jobs, watch_options));
-    let (mut result, keys) = match watcher.await {
-        Ok(Ok(done)) => done,
-        Ok(Err(e)) => {
-            publisher.abort();
-            return Err(e);
-        }
-        Err(join) => {
-            publisher.abort();
-            return Err(BenchError::Store(format!("watcher: {join}")));
-        }
-    };
-    result.clock = clock;
-    result.redis_used_before = redis_used_before;
-    result.redis_used_after = used_memory(&mut conn).await;
-    if result.timed_out {
-        publisher.abort();
-    }
-    match publisher.await {
-        Ok(Ok(summary)) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
-        Ok(Err(e)) => return Err(e),
-        Err(join) if join.is_cancelled() => {}
-        Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
-    }
-    let _ = amqp.close(200, "bench done".into()).await;
+    Ok(Started {
+        names,
+        keys,
+        conn,
+        watch_conn,
+        amqp,
+        clock,
+        rx,
+        publisher: Publisher::Running(publisher),
+        redis_used_before,
+        began,
+    })
+}
 
-    fetch_timestamps(&mut conn, &keys, &mut result.jobs).await?;
-    Ok(result)
+/// The held jobs at the moment they were sampled (see [`Started::hold`]).
+#[derive(Debug, Clone)]
+pub struct HoldSample {
+    /// Jobs the broker confirmed (refused ones never reach the dispatcher).
+    pub confirmed: usize,
+    /// Jobs recorded in Redis and not terminal: the jobs in flight.
+    pub in_flight: usize,
+    /// Jobs by stored state; `missing` for jobs not recorded.
+    pub states: BTreeMap<String, usize>,
+    /// Ready messages in `<prefix>.submit` (`None`: not readable).
+    pub submit_ready: Option<u32>,
+    /// Ready messages in `<prefix>.tasks.default`.
+    pub task_ready: Option<u32>,
+    /// From the start of publishing to the sample.
+    pub accept_time: Duration,
+    /// Acceptance stopped progressing for the run's time-out before all
+    /// confirmed jobs were accepted.
+    pub timed_out: bool,
+    /// Redis `used_memory` at the sample.
+    pub redis_used: Option<u64>,
+}
+
+impl Started {
+    /// Wait for the publisher to finish (every publish confirmed).
+    async fn published(&mut self) -> Result<&PublishSummary, BenchError> {
+        if let Publisher::Running(handle) = &mut self.publisher {
+            let summary = match handle.await {
+                Ok(result) => result?,
+                Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
+            };
+            self.publisher = Publisher::Done(summary);
+        }
+        match &self.publisher {
+            Publisher::Done(summary) => Ok(summary),
+            Publisher::Running(_) => Err(BenchError::Broker("publisher still running".into())),
+        }
+    }
+
+    /// With no worker running: wait until every job is published and
+    /// *accepted* by the dispatcher — `<prefix>.submit` empty, one entry
+    /// per job in the job index, one root task per job (every shape has
+    /// one) ready in `<prefix>.tasks.default` — or until that stops
+    /// progressing for `timeout`; then read every job's state.
+    pub async fn hold(
+        &mut self,
+        config: &Config,
+        timeout: Duration,
+    ) -> Result<HoldSample, BenchError> {
+        let confirmed = {
+            let summary = self.published().await?;
+            summary.sent - summary.refused
+        };
+        let submit_queue = self.names.submit_queue();
+        let task_queue = self.names.task_queue("default");
+        let amqp = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+            .await
+            .map_err(broker_err("cannot connect (hold)"))?;
+        let mut last = (0u64, 0u32);
+        let mut last_progress = Instant::now();
+        let mut timed_out = false;
+        loop {
+            let recorded: u64 = redis::cmd("ZCARD")
+                .arg(self.names.jobs_index())
+                .query_async(&mut self.conn)
+                .await
+                .map_err(store_err("ZCARD of the job index"))?;
+            let submit = super::spawn::queue_depth(&amqp, &submit_queue).await;
+            let tasks = super::spawn::queue_depth(&amqp, &task_queue).await;
+            let task_ready = tasks.map_or(0, |(ready, _)| ready);
+            if recorded >= confirmed as u64
+                && submit.is_some_and(|(ready, _)| ready == 0)
+                && task_ready as usize >= confirmed
+            {
+                break;
+            }
+            if (recorded, task_ready) != last {
+                last = (recorded, task_ready);
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > timeout {
+                timed_out = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let accept_time = self.began.elapsed();
+        let submit_ready = super::spawn::queue_depth(&amqp, &submit_queue)
+            .await
+            .map(|(ready, _)| ready);
+        let task_ready = super::spawn::queue_depth(&amqp, &task_queue)
+            .await
+            .map(|(ready, _)| ready);
+        let _ = amqp.close(200, "held".into()).await;
+
+        let mut states: BTreeMap<String, usize> = BTreeMap::new();
+        for chunk in self.keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HGET").arg(key).arg("st");
+            }
+            let rows: Vec<Option<String>> = pipe
+                .query_async(&mut self.conn)
+                .await
+                .map_err(store_err("reading job states"))?;
+            for st in rows {
+                *states
+                    .entry(st.unwrap_or_else(|| "missing".into()))
+                    .or_default() += 1;
+            }
+        }
+        let in_flight = states
+            .iter()
+            .filter(|(st, _)| *st != "missing" && !is_terminal(st))
+            .map(|(_, n)| n)
+            .sum();
+        Ok(HoldSample {
+            confirmed,
+            in_flight,
+            states,
+            submit_ready,
+            task_ready,
+            accept_time,
+            timed_out,
+            redis_used: used_memory(&mut self.conn).await,
+        })
+    }
+
+    /// Watch every job to a terminal state (or the time-out), then fetch
+    /// their timestamps.
+    pub async fn finish(self, options: &Options) -> Result<LoadResult, BenchError> {
+        let Started {
+            keys,
+            mut conn,
+            watch_conn,
+            amqp,
+            clock,
+            rx,
+            publisher,
+            redis_used_before,
+            ..
+        } = self;
+        let watch_options = WatchOptions {
+            poll_window: options.poll_window,
+            poll_interval: options.poll_interval,
+            max_poll_rate: options.max_poll_rate,
+            timeout: options.timeout,
+        };
+        let jobs = options.jobs;
+        let watcher =
+            tokio::task::spawn_blocking(move || watch(watch_conn, rx, keys, jobs, watch_options));
+        let abort = |publisher: &Publisher| {
+            if let Publisher::Running(handle) = publisher {
+                handle.abort();
+            }
+        };
+        let (mut result, keys) = match watcher.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                abort(&publisher);
+                return Err(e);
+            }
+            Err(join) => {
+                abort(&publisher);
+                return Err(BenchError::Store(format!("watcher: {join}")));
+            }
+        };
+        result.clock = clock;
+        result.redis_used_before = redis_used_before;
+        result.redis_used_after = used_memory(&mut conn).await;
+        if result.timed_out {
+            abort(&publisher);
+        }
+        match publisher {
+            Publisher::Done(summary) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
+            Publisher::Running(handle) => match handle.await {
+                Ok(Ok(summary)) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
+                Ok(Err(e)) => return Err(e),
+                Err(join) if join.is_cancelled() => {}
+                Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
+            },
+        }
+        let _ = amqp.close(200, "bench done".into()).await;
+
+        fetch_timestamps(&mut conn, &keys, &mut result.jobs).await?;
+        Ok(result)
+    }
 }
 
 struct WatchOptions {
@@ -499,9 +703,11 @@ async fn publish_all(
     let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::with_capacity(window);
     let mut max_lag = Duration::ZERO;
     let start = Instant::now();
+    let (mut sent, mut refused) = (0usize, 0usize);
+    // Reports a refused publish; true if it was one.
     let settle = |idx: usize, confirm: Result<Confirmation, lapin::Error>| {
         let reason = match confirm {
-            Ok(Confirmation::Ack(None)) => return,
+            Ok(Confirmation::Ack(None)) => return false,
             Ok(Confirmation::Ack(Some(ret))) => {
                 format!("returned: {} {}", ret.reply_code, ret.reply_text)
             }
@@ -510,6 +716,7 @@ async fn publish_all(
             Err(e) => format!("confirm: {e}"),
         };
         let _ = tx.send(Event::Failed { idx, reason });
+        true
     };
     for (i, id) in ids.iter().enumerate() {
         if let Some(rate) = rate {
@@ -523,7 +730,7 @@ async fn publish_all(
         }
         while pending.len() >= window {
             if let Some((idx, confirm)) = pending.pop_front() {
-                settle(idx, confirm.await);
+                refused += usize::from(settle(idx, confirm.await));
             }
         }
         let body = format!(
@@ -548,6 +755,7 @@ async fn publish_all(
                     unix_us: unix,
                 });
                 pending.push_back((i, confirm));
+                sent += 1;
             }
             Err(e) => {
                 let _ = tx.send(Event::Abandoned {
@@ -559,7 +767,11 @@ async fn publish_all(
         }
     }
     for (idx, confirm) in pending {
-        settle(idx, confirm.await);
+        refused += usize::from(settle(idx, confirm.await));
     }
-    Ok(PublishSummary { max_lag })
+    Ok(PublishSummary {
+        max_lag,
+        sent,
+        refused,
+    })
 }

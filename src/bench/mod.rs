@@ -17,6 +17,14 @@
 //!    (`VmHWM`) is read before they are stopped, and whose queues and keys
 //!    are deleted afterwards.
 //!
+//! With `hold_workers` (`--hold-workers`, spawn mode only) the workers are
+//! started only after all N jobs were *accepted* by the dispatcher
+//! (recorded in Redis, their root tasks in the task queue) and the
+//! processes' memory was sampled: the dispatcher's memory with N jobs in
+//! flight, rather than with N jobs waiting in `<prefix>.submit`. Then the
+//! workers drain them and the run is reported as usual, plus the sample
+//! ([`report::Hold`]).
+//!
 //! How latency is measured (and its error) is described in [`load`]; the
 //! figures are put together in [`report`].
 
@@ -188,6 +196,9 @@ pub struct Options {
     pub bare_message_bytes: usize,
     /// Queue type of the bare loop's scratch queue.
     pub bare_queue_type: QueueType,
+    /// Spawn mode: start the workers only once every job is accepted, and
+    /// sample memory then.
+    pub hold_workers: bool,
 }
 
 impl Default for Options {
@@ -207,6 +218,7 @@ impl Default for Options {
             bare_messages: Some(50_000),
             bare_message_bytes: 100,
             bare_queue_type: QueueType::Classic,
+            hold_workers: false,
         }
     }
 }
@@ -275,6 +287,11 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             config.limits.max_tasks
         )));
     }
+    if options.hold_workers && !matches!(options.target, Target::Spawn(_)) {
+        return Err(BenchError::Options(
+            "--hold-workers needs --spawn (the bench must start the workers)".into(),
+        ));
+    }
     let run_id = new_run_id();
     let prefix = match &options.target {
         Target::Live { prefix } => prefix.clone(),
@@ -323,29 +340,55 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
         Target::Live { .. } => {
             spawn::check_live(&config.amqp_url, &names, &config.worker.queues).await?;
             let load = load::run(config, options, run_id).await?;
-            Ok(report::build(config, options, run_id, load, bare, None))
+            Ok(report::build(
+                config, options, run_id, load, bare, None, None,
+            ))
         }
         Target::Spawn(spawn_options) => {
             let mut deployment_config = config.clone();
             deployment_config.worker.queues = vec!["default".into()];
             deployment_config.worker.concurrency = spawn_options.concurrency;
-            let mut deployment =
-                match spawn::Deployment::start(&deployment_config, spawn_options, run_id).await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        spawn::cleanup(&deployment_config, true).await;
-                        return Err(e);
-                    }
-                };
+            let mut deployment = match spawn::Deployment::start(
+                &deployment_config,
+                spawn_options,
+                run_id,
+                !options.hold_workers,
+            )
+            .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    spawn::cleanup(&deployment_config, true).await;
+                    return Err(e);
+                }
+            };
             let result = async {
                 deployment.wait_ready(&deployment_config).await?;
-                load::run(&deployment_config, options, run_id).await
+                if !options.hold_workers {
+                    let load = load::run(&deployment_config, options, run_id).await?;
+                    return Ok((load, None));
+                }
+                let mut started = load::start(&deployment_config, options, run_id).await?;
+                let sample = started.hold(&deployment_config, options.timeout).await?;
+                let memory = deployment.memory();
+                deployment.start_workers()?;
+                let workers_started = std::time::Instant::now();
+                deployment.wait_ready(&deployment_config).await?;
+                let load = started.finish(options).await?;
+                Ok((
+                    load,
+                    Some(report::HoldInput {
+                        sample,
+                        memory,
+                        workers_started,
+                    }),
+                ))
             }
             .await;
             let memory = deployment.memory();
             let stopped = deployment.stop().await;
             spawn::cleanup(&deployment_config, true).await;
-            let load = result?;
+            let (load, hold) = result?;
             let processes = report::Processes {
                 dispatchers: spawn_options.dispatchers,
                 workers: spawn_options.workers,
@@ -361,6 +404,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 load,
                 bare,
                 Some(processes),
+                hold,
             ))
         }
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::bare::BareReport;
-use super::load::LoadResult;
+use super::load::{HoldSample, LoadResult};
 use super::spawn::{ProcessExit, ProcessMemory};
 use super::{Options, Shape, Target};
 use crate::config::Config;
@@ -29,6 +29,54 @@ pub struct Processes {
     pub exits: Vec<ProcessExit>,
     /// Their logs, kept when a process did not stop cleanly.
     pub logs_dir: Option<String>,
+}
+
+/// The hold of a `--hold-workers` run, as handed to [`build`].
+#[derive(Debug, Clone)]
+pub struct HoldInput {
+    /// The jobs when every one was accepted.
+    pub sample: HoldSample,
+    /// The processes' memory then (only dispatchers were running).
+    pub memory: Vec<ProcessMemory>,
+    /// When the workers were started, right after the sample.
+    pub workers_started: Instant,
+}
+
+/// A `--hold-workers` run: every job published and accepted by the
+/// dispatcher while no worker ran, memory sampled, then drained.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hold {
+    /// Jobs recorded in Redis and not terminal when sampled: the jobs in
+    /// flight the memory figures are for.
+    pub jobs_in_flight_at_sample: usize,
+    /// Jobs published and confirmed by the broker.
+    pub confirmed: usize,
+    /// Jobs by stored state when sampled (`missing`: not recorded).
+    pub states: BTreeMap<String, usize>,
+    /// Ready messages in `<prefix>.submit` when sampled.
+    pub submit_queue_ready: Option<u32>,
+    /// Ready messages in `<prefix>.tasks.default` when sampled.
+    pub task_queue_ready: Option<u32>,
+    /// Start of publishing to the sample, in seconds.
+    pub accept_seconds: f64,
+    /// Jobs in flight / `accept_seconds`.
+    pub accept_jobs_per_s: f64,
+    /// Acceptance stopped progressing before every job was accepted.
+    pub timed_out: bool,
+    /// Memory of each process when sampled.
+    pub memory: Vec<ProcessMemory>,
+    /// Highest dispatcher RSS when sampled, in MB.
+    pub dispatcher_rss_mb: Option<f64>,
+    /// Highest dispatcher peak RSS (`VmHWM`) when sampled, in MB.
+    pub dispatcher_peak_rss_mb: Option<f64>,
+    /// Redis `used_memory` when sampled.
+    pub redis_used: Option<u64>,
+    /// Its growth since before the first publish / jobs in flight.
+    pub redis_bytes_per_job: Option<f64>,
+    /// Workers started to the last job seen finished, in seconds.
+    pub drain_seconds: f64,
+    /// Succeeded jobs / `drain_seconds`.
+    pub drain_jobs_per_s: f64,
 }
 
 /// Latency percentiles, in ms (nearest rank).
@@ -223,6 +271,9 @@ pub struct Report {
     pub redis: RedisMemory,
     /// Spawned processes (spawn mode).
     pub processes: Option<Processes>,
+    /// The hold (`--hold-workers`): memory with every job accepted and
+    /// unfinished.
+    pub hold: Option<Hold>,
     /// Highest peak RSS per role, in MB.
     pub peak_rss_mb_by_role: BTreeMap<String, f64>,
     /// The bare broker loop (unless skipped).
@@ -254,6 +305,7 @@ pub fn build(
     load: LoadResult,
     bare: Option<BareReport>,
     processes: Option<Processes>,
+    hold: Option<HoldInput>,
 ) -> Report {
     let tasks_per_job = options.shape.tasks();
     let mut outcome = Outcome::default();
@@ -349,6 +401,50 @@ pub fn build(
             }
         }
     }
+    let hold = hold.map(|h| {
+        let max_of = |f: fn(&ProcessMemory) -> Option<f64>| {
+            h.memory
+                .iter()
+                .filter(|m| m.role == "dispatcher")
+                .filter_map(f)
+                .reduce(f64::max)
+        };
+        let s = &h.sample;
+        let accept_seconds = s.accept_time.as_secs_f64();
+        let drain_seconds = last_seen.map_or(0.0, |l| {
+            l.saturating_duration_since(h.workers_started).as_secs_f64()
+        });
+        Hold {
+            jobs_in_flight_at_sample: s.in_flight,
+            confirmed: s.confirmed,
+            states: s.states.clone(),
+            submit_queue_ready: s.submit_ready,
+            task_queue_ready: s.task_ready,
+            accept_seconds,
+            accept_jobs_per_s: if accept_seconds > 0.0 {
+                s.in_flight as f64 / accept_seconds
+            } else {
+                0.0
+            },
+            timed_out: s.timed_out,
+            dispatcher_rss_mb: max_of(|m| m.rss_mb),
+            dispatcher_peak_rss_mb: max_of(|m| m.peak_rss_mb),
+            memory: h.memory,
+            redis_used: s.redis_used,
+            redis_bytes_per_job: match (load.redis_used_before, s.redis_used) {
+                (Some(a), Some(b)) if s.in_flight > 0 => {
+                    Some((b as f64 - a as f64) / s.in_flight as f64)
+                }
+                _ => None,
+            },
+            drain_seconds,
+            drain_jobs_per_s: if drain_seconds > 0.0 {
+                outcome.succeeded as f64 / drain_seconds
+            } else {
+                0.0
+            },
+        }
+    });
     let latency = Latency {
         observed: Percentiles::of(observed),
         server_publish_to_finish: Percentiles::of(pub_fin),
@@ -374,6 +470,20 @@ pub fn build(
         errors.push(format!(
             "{} job(s) not finished when the watcher gave up (no job finished for {:?})",
             outcome.unfinished, options.timeout
+        ));
+    }
+    if let Some(h) = &hold
+        && (h.timed_out || h.jobs_in_flight_at_sample < h.confirmed)
+    {
+        errors.push(format!(
+            "hold: {} of {} confirmed jobs accepted and unfinished when sampled{}",
+            h.jobs_in_flight_at_sample,
+            h.confirmed,
+            if h.timed_out {
+                " (acceptance stopped progressing)"
+            } else {
+                ""
+            }
         ));
     }
     if let Some(p) = &processes {
@@ -402,7 +512,8 @@ pub fn build(
             met,
         });
     };
-    if let Some(r) = &ratios {
+    // A held run's throughput and latencies include the hold.
+    if let Some(r) = ratios.as_ref().filter(|_| hold.is_none()) {
         if options.shape == Shape::Single && options.rate.is_none() {
             check(
                 "single-task jobs/s ÷ bare msgs/s".into(),
@@ -420,7 +531,7 @@ pub fn build(
             );
         }
     }
-    if let (Some(rate), Some(obs)) = (options.rate, &latency.observed) {
+    if let (Some(rate), Some(obs), None) = (options.rate, &latency.observed, &hold) {
         check(
             format!("p50 ms at {rate} jobs/s offered"),
             obs.p50,
@@ -443,7 +554,15 @@ pub fn build(
                 50.0,
             );
         }
-        if let Some(&d) = peak_rss_mb_by_role.get("dispatcher") {
+        if let Some(d) = hold.as_ref().and_then(|h| h.dispatcher_peak_rss_mb) {
+            let n = hold.as_ref().map_or(0, |h| h.jobs_in_flight_at_sample);
+            check(
+                format!("dispatcher peak RSS MB ({n} accepted, unfinished)"),
+                d,
+                "<",
+                150.0,
+            );
+        } else if let Some(&d) = peak_rss_mb_by_role.get("dispatcher") {
             check(
                 format!("dispatcher peak RSS MB ({published} jobs published)"),
                 d,
@@ -504,6 +623,7 @@ pub fn build(
         },
         redis,
         processes,
+        hold,
         peak_rss_mb_by_role,
         bare,
         ratios,
@@ -546,6 +666,52 @@ impl Report {
                 o,
                 "  spawned: {} dispatcher(s), {} worker(s) at concurrency {}",
                 p.dispatchers, p.workers, p.concurrency
+            );
+        }
+        if let Some(h) = &self.hold {
+            let _ = writeln!(o);
+            let _ = writeln!(
+                o,
+                "hold (workers started only after every job was accepted)"
+            );
+            let states: Vec<String> = h.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            let _ = writeln!(
+                o,
+                "  jobs in flight at sample: {} of {} confirmed (accepted, not finished; states: {})",
+                h.jobs_in_flight_at_sample,
+                h.confirmed,
+                states.join(", ")
+            );
+            let ready = |n: Option<u32>| n.map_or("?".to_owned(), |n| n.to_string());
+            let _ = writeln!(
+                o,
+                "  ready messages: submit queue {}, task queue {}; accepted {:.3} s after publishing began ({} jobs/s)",
+                ready(h.submit_queue_ready),
+                ready(h.task_queue_ready),
+                h.accept_seconds,
+                per_s(h.accept_jobs_per_s)
+            );
+            for mem in &h.memory {
+                let _ = writeln!(
+                    o,
+                    "  {:<10} pid {:<8} RSS {:>7.1} MB, peak RSS {:.1} MB at sample",
+                    mem.role,
+                    mem.pid,
+                    mem.rss_mb.unwrap_or(f64::NAN),
+                    mem.peak_rss_mb.unwrap_or(f64::NAN)
+                );
+            }
+            if let (Some(used), Some(per_job)) = (h.redis_used, h.redis_bytes_per_job) {
+                let _ = writeln!(
+                    o,
+                    "  Redis used_memory at sample {used} B: {per_job:.0} B per job in flight"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "  drained in {:.3} s after the workers started ({} jobs/s); throughput and latencies below include the hold",
+                h.drain_seconds,
+                per_s(h.drain_jobs_per_s)
             );
         }
         let _ = writeln!(o);
@@ -684,7 +850,7 @@ impl Report {
             for t in &self.targets {
                 let _ = writeln!(
                     o,
-                    "  [{}] {:<48} {:>10.3} {} {}",
+                    "  [{}] {:<52} {:>10.3} {} {}",
                     if t.met { "met" } else { "MISSED" },
                     t.name,
                     t.value,

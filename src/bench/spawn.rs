@@ -10,6 +10,9 @@
 //! kept (and named in the report) otherwise. Peak resident memory is the
 //! kernel's `VmHWM` from `/proc/<pid>/status`, read just before they are
 //! stopped with SIGTERM (SIGKILL after 20 s).
+//!
+//! With `--hold-workers` the workers are started later
+//! ([`Deployment::start_workers`]), once the held jobs are accepted.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -78,8 +81,12 @@ struct Proc {
 /// directory deleted.
 pub struct Deployment {
     dir: PathBuf,
+    config_path: PathBuf,
+    options: SpawnOptions,
     procs: Vec<Proc>,
+    /// Dispatchers started so far.
     dispatchers: usize,
+    /// Workers started so far.
     workers: usize,
     keep_logs: bool,
 }
@@ -98,11 +105,13 @@ fn process_err(what: impl std::fmt::Display) -> BenchError {
 }
 
 impl Deployment {
-    /// Write the config and start the processes (not waiting for them).
+    /// Write the config and start the dispatchers and (if `with_workers`)
+    /// the workers, not waiting for them.
     pub async fn start(
         config: &Config,
         options: &SpawnOptions,
         run_id: &str,
+        with_workers: bool,
     ) -> Result<Deployment, BenchError> {
         if options.dispatchers == 0 || options.workers == 0 || options.concurrency == 0 {
             return Err(BenchError::Options(
@@ -131,44 +140,44 @@ impl Deployment {
 
         let mut deployment = Deployment {
             dir,
+            config_path,
+            options: options.clone(),
             procs: Vec::new(),
-            dispatchers: options.dispatchers,
-            workers: options.workers,
+            dispatchers: 0,
+            workers: 0,
             keep_logs: false,
         };
         for i in 0..options.dispatchers {
-            deployment.spawn(
-                &options.exe,
-                &config_path,
-                "dispatcher",
-                i,
-                &["dispatcher".into()],
-            )?;
+            deployment.spawn("dispatcher", i, &["dispatcher".into()])?;
+            deployment.dispatchers += 1;
         }
-        for i in 0..options.workers {
-            deployment.spawn(
-                &options.exe,
-                &config_path,
-                "worker",
-                i,
-                &[
-                    "worker".into(),
-                    "--concurrency".into(),
-                    options.concurrency.to_string(),
-                ],
-            )?;
+        if with_workers {
+            deployment.start_workers()?;
         }
         Ok(deployment)
     }
 
+    /// Start the workers (once; not waiting for them).
+    pub fn start_workers(&mut self) -> Result<(), BenchError> {
+        let args = [
+            "worker".to_owned(),
+            "--concurrency".to_owned(),
+            self.options.concurrency.to_string(),
+        ];
+        while self.workers < self.options.workers {
+            self.spawn("worker", self.workers, &args)?;
+            self.workers += 1;
+        }
+        Ok(())
+    }
+
     fn spawn(
         &mut self,
-        exe: &Path,
-        config_path: &Path,
         role: &'static str,
         index: usize,
         args: &[String],
     ) -> Result<(), BenchError> {
+        let exe: &Path = &self.options.exe;
         let log = self.dir.join(format!("{role}-{index}.log"));
         let out = std::fs::File::create(&log)
             .map_err(|e| process_err(format!("cannot create {}: {e}", log.display())))?;
@@ -178,7 +187,7 @@ impl Deployment {
         let mut command = Command::new(exe);
         command
             .arg("--config")
-            .arg(config_path)
+            .arg(&self.config_path)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -202,8 +211,8 @@ impl Deployment {
         Ok(())
     }
 
-    /// Wait until every dispatcher consumes the submit queue and every
-    /// worker the task queue; fail if a process exits first.
+    /// Wait until every dispatcher started consumes the submit queue and
+    /// every worker started the task queue; fail if a process exits first.
     pub async fn wait_ready(&mut self, config: &Config) -> Result<(), BenchError> {
         let names = Names::new(&config.prefix);
         let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default())
@@ -340,9 +349,17 @@ fn status_kib(status: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Consumers of `queue`, or `None` if it does not exist (a passive declare
-/// on a throwaway channel, as a missing queue closes the channel).
+/// Consumers of `queue`, or `None` if it does not exist.
 async fn consumers(conn: &Connection, queue: &str) -> Option<u32> {
+    queue_depth(conn, queue)
+        .await
+        .map(|(_, consumers)| consumers)
+}
+
+/// Ready messages (not counting unacked deliveries) and consumers of
+/// `queue`, or `None` if it does not exist (a passive declare on a
+/// throwaway channel, as a missing queue closes the channel).
+pub async fn queue_depth(conn: &Connection, queue: &str) -> Option<(u32, u32)> {
     let channel = conn.create_channel().await.ok()?;
     let info = channel
         .queue_declare(
@@ -356,7 +373,7 @@ async fn consumers(conn: &Connection, queue: &str) -> Option<u32> {
         .await
         .ok()?;
     let _ = channel.close(200, "checked".into()).await;
-    Some(info.consumer_count())
+    Some((info.message_count(), info.consumer_count()))
 }
 
 /// A live deployment must have its submit queue and `default` task queue

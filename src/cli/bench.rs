@@ -37,6 +37,12 @@ pub struct Args {
     /// Worker processes to spawn.
     #[arg(long, default_value_t = 1, requires = "spawn")]
     workers: usize,
+    /// Start the workers only after every job was accepted by the
+    /// dispatcher (recorded in Redis, its root task in the task queue);
+    /// sample memory then (the dispatcher with all jobs in flight), then
+    /// start the workers and drain.
+    #[arg(long, requires = "spawn")]
+    hold_workers: bool,
     /// Concurrency of each spawned worker.
     #[arg(long, default_value_t = 64, requires = "spawn")]
     concurrency: usize,
@@ -98,6 +104,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout_s),
         bare_messages: (!args.skip_bare).then_some(args.bare_messages),
         bare_queue_type: args.bare_queue_type,
+        hold_workers: args.hold_workers,
         ..Options::default()
     };
     let report = conveyor::bench::run(&config, options).await?;
