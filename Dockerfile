@@ -13,9 +13,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 # ca-certificates for amqps:// and rediss://; python3 for `shell` tasks
-# (examples/diamond.json runs one).
+# (examples/diamond.json runs one); curl for the health checks of /readyz.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3 \
+    && apt-get install -y --no-install-recommends ca-certificates curl python3 \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin conveyor
 COPY --from=builder /usr/local/bin/conveyor /usr/local/bin/conveyor

@@ -2,9 +2,12 @@
 //! then overridden by `CONVEYOR_*` environment variables. Every field's doc
 //! comment is the README's configuration table.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
 /// Everything a Conveyor process can be told.
@@ -15,6 +18,11 @@ pub struct Config {
     pub amqp_url: String,
     /// Redis URL (`redis://` or `rediss://`). Env `CONVEYOR_REDIS_URL`.
     pub redis_url: String,
+    /// PEM file of a private CA for `amqps://` and `rediss://`, read when
+    /// connecting: Redis then trusts only it, RabbitMQ it and the system's
+    /// roots. Without it the system roots are used (webpki's for Redis).
+    /// Env `CONVEYOR_TLS_CA_FILE` (empty turns it off).
+    pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every queue and key. Env `CONVEYOR_PREFIX`.
     pub prefix: String,
     /// Largest submit message accepted, in bytes. Env `CONVEYOR_MAX_MESSAGE_BYTES`.
@@ -36,6 +44,10 @@ pub struct Config {
     /// never block; 0 = one thread per core; n = n threads. Env
     /// `CONVEYOR_RUNTIME_THREADS`.
     pub runtime_threads: usize,
+    /// Address of the process's HTTP listener (`/healthz`, `/readyz`), e.g.
+    /// `0.0.0.0:8080`; none by default. Env `CONVEYOR_HTTP_ADDR` (empty
+    /// turns it off).
+    pub http_addr: Option<SocketAddr>,
     /// Dispatcher settings.
     pub dispatcher: DispatcherConfig,
     /// Worker settings.
@@ -131,6 +143,7 @@ impl Default for Config {
         Config {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
+            tls_ca_file: None,
             prefix: "conveyor".into(),
             max_message_bytes: 1024 * 1024,
             retention_s: 7 * 24 * 3600,
@@ -138,6 +151,7 @@ impl Default for Config {
             queue_type: QueueType::Quorum,
             delivery_limit: 20,
             runtime_threads: 1,
+            http_addr: None,
             dispatcher: DispatcherConfig::default(),
             worker: WorkerConfig::default(),
             retry: RetryConfig::default(),
@@ -219,6 +233,54 @@ pub enum ConfigError {
         /// What was expected.
         reason: String,
     },
+    /// `tls_ca_file` cannot be read or holds no usable certificate.
+    #[error("tls_ca_file {path}: {reason}")]
+    TlsCa {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The certificates of `tls_ca_file`, read and checked by [`Config::tls_ca`].
+#[derive(Debug, Clone)]
+pub struct TlsCa {
+    path: PathBuf,
+    pem: String,
+}
+
+impl TlsCa {
+    /// Read `path`: PEM text with at least one well-formed `CERTIFICATE`.
+    pub fn read(path: &Path) -> Result<TlsCa, ConfigError> {
+        let fail = |reason: String| ConfigError::TlsCa {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let mut certificates = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            cert.map_err(|e| fail(format!("invalid PEM: {e}")))?;
+            certificates += 1;
+        }
+        if certificates == 0 {
+            return Err(fail("no PEM CERTIFICATE in the file".into()));
+        }
+        Ok(TlsCa {
+            path: path.to_owned(),
+            pem,
+        })
+    }
+
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its PEM text.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
 }
 
 impl Config {
@@ -265,6 +327,9 @@ impl Config {
         if let Some(v) = get("CONVEYOR_REDIS_URL") {
             self.redis_url = v;
         }
+        if let Some(v) = get("CONVEYOR_TLS_CA_FILE") {
+            self.tls_ca_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
         if let Some(v) = get("CONVEYOR_PREFIX") {
             self.prefix = v;
         }
@@ -305,6 +370,13 @@ impl Config {
         }
         if let Some(v) = get("CONVEYOR_RUNTIME_THREADS") {
             self.runtime_threads = parse("CONVEYOR_RUNTIME_THREADS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_HTTP_ADDR") {
+            self.http_addr = if v.is_empty() {
+                None
+            } else {
+                Some(parse("CONVEYOR_HTTP_ADDR", v)?)
+            };
         }
         if let Some(v) = get("CONVEYOR_DISPATCHER_PREFETCH") {
             self.dispatcher.prefetch = parse("CONVEYOR_DISPATCHER_PREFETCH", v)?;
@@ -350,6 +422,11 @@ impl Config {
     /// The lease of a claim.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.worker.lease_ms)
+    }
+
+    /// The private CA of `tls_ca_file`, read now, if one is set.
+    pub fn tls_ca(&self) -> Result<Option<TlsCa>, ConfigError> {
+        self.tls_ca_file.as_deref().map(TlsCa::read).transpose()
     }
 }
 
@@ -403,6 +480,71 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("CONVEYOR_CONCURRENCY"), "{err}");
+    }
+
+    #[test]
+    fn a_tls_ca_file_that_cannot_be_used_is_named_with_its_path() {
+        let dir = std::env::temp_dir().join(format!("conveyor-ca-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let error = |path: &Path| {
+            let config = Config {
+                tls_ca_file: Some(path.to_owned()),
+                ..Config::default()
+            };
+            config
+                .tls_ca()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let missing = dir.join("missing.pem");
+        let err = error(&missing);
+        assert!(
+            err.starts_with(&format!("tls_ca_file {}: cannot read", missing.display())),
+            "{err}"
+        );
+        let no_cert = dir.join("key.pem");
+        let _ = std::fs::write(
+            &no_cert,
+            "-----BEGIN PRIVATE KEY-----\nAAEC\n-----END PRIVATE KEY-----\n",
+        );
+        assert!(
+            error(&no_cert).contains("no PEM CERTIFICATE"),
+            "{}",
+            error(&no_cert)
+        );
+        let garbled = dir.join("garbled.pem");
+        let _ = std::fs::write(
+            &garbled,
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        );
+        assert!(
+            error(&garbled).contains("invalid PEM"),
+            "{}",
+            error(&garbled)
+        );
+        let good = dir.join("ca.pem");
+        let pem = "-----BEGIN CERTIFICATE-----\nAAEC\n-----END CERTIFICATE-----\n";
+        let _ = std::fs::write(&good, pem);
+        let config = Config {
+            tls_ca_file: Some(good.clone()),
+            ..Config::default()
+        };
+        let ca = config.tls_ca().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ca.as_ref().map(TlsCa::pem), Some(pem));
+        assert!(Config::default().tls_ca().is_ok_and(|ca| ca.is_none()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_empty_tls_ca_file_variable_turns_it_off() {
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "CONVEYOR_TLS_CA_FILE").then(|| "/etc/ca.pem".to_string()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tls_ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        c.apply_env(|k| (k == "CONVEYOR_TLS_CA_FILE").then(String::new))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.tls_ca_file, None);
     }
 
     #[test]

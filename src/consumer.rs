@@ -27,11 +27,13 @@ pub async fn consume(
     shutdown: &mut Shutdown,
     mut hand: impl FnMut(Delivery, OwnedSemaphorePermit) -> bool,
 ) -> Option<Box<dyn Subscription>> {
+    health.set_consuming(queue, false);
     let mut retry_delay = Duration::from_millis(100);
     'subscribe: while !shutdown.is_triggered() {
         let mut subscription = match broker.subscribe(queue, prefetch).await {
             Ok(s) => {
                 tracing::info!(%queue, prefetch, "consuming");
+                health.set_consuming(queue, true);
                 retry_delay = Duration::from_millis(100);
                 s
             }
@@ -72,15 +74,18 @@ pub async fn consume(
                     }
                 }
                 Some(Err(e)) => {
+                    health.set_consuming(queue, false);
                     tracing::warn!(%queue, error = %e, "subscription failed; subscribing again");
                     continue 'subscribe;
                 }
                 None => {
+                    health.set_consuming(queue, false);
                     tracing::warn!(%queue, "subscription ended; subscribing again");
                     continue 'subscribe;
                 }
             }
         }
+        health.set_consuming(queue, false);
         let _ = subscription.cancel().await;
         return Some(subscription);
     }

@@ -5,12 +5,20 @@
 //! the store down; a probe pings it until it answers again. Meanwhile the
 //! consumers take no new deliveries (they wait at [`Health::wait_store_up`]),
 //! so nothing is acked and nothing is lost: messages stay in the broker or
-//! in the prefetch buffer until Redis is back. Readiness (for operators and
-//! a later HTTP probe) is the conjunction of store and broker health.
+//! in the prefetch buffer until Redis is back.
+//!
+//! Readiness, served at `/readyz` (see [`crate::http`]), is the conjunction
+//! of a live store ping, a connected broker, and a consumer on every queue
+//! this process should consume: after a broker reconnect a process is ready
+//! again only once its consumers are back, which is the failure operators
+//! of other job systems cannot see (workers connected but consuming
+//! nothing).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
@@ -20,9 +28,39 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct Health {
     store_up: Arc<watch::Sender<bool>>,
+    consuming: Arc<Mutex<BTreeMap<String, bool>>>,
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
 }
+
+/// What `/readyz` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Readiness {
+    /// All of the below.
+    pub ready: bool,
+    /// The store answered a ping just now.
+    pub store: bool,
+    /// The broker connection is up.
+    pub broker: bool,
+    /// Each queue this process consumes, and whether it has a consumer on
+    /// it now. Empty until the first subscription.
+    pub consuming: BTreeMap<String, bool>,
+}
+
+impl Readiness {
+    /// Not ready: the process is still connecting to the broker and store.
+    pub fn connecting() -> Readiness {
+        Readiness {
+            ready: false,
+            store: false,
+            broker: false,
+            consuming: BTreeMap::new(),
+        }
+    }
+}
+
+/// How long a readiness probe waits for the store's ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Health {
     /// Healthy until told otherwise.
@@ -30,6 +68,7 @@ impl Health {
         let (tx, _) = watch::channel(true);
         Health {
             store_up: Arc::new(tx),
+            consuming: Arc::default(),
             store,
             broker,
         }
@@ -40,9 +79,33 @@ impl Health {
         *self.store_up.borrow()
     }
 
-    /// Ready to take work: store up and broker connected.
-    pub fn is_ready(&self) -> bool {
-        self.store_up() && self.broker.is_connected()
+    /// Record whether `queue` has a live consumer of this process.
+    pub fn set_consuming(&self, queue: &str, live: bool) {
+        if let Ok(mut map) = self.consuming.lock() {
+            map.insert(queue.to_owned(), live);
+        }
+    }
+
+    /// Ready to take work: the store answers a ping now, the broker is
+    /// connected, and every queue has its consumer. A failed ping also
+    /// marks the store down, so an idle process stops taking work too.
+    pub async fn readiness(&self) -> Readiness {
+        let store = matches!(
+            tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await,
+            Ok(Ok(()))
+        );
+        if !store {
+            self.mark_store_down();
+        }
+        let broker = self.broker.is_connected();
+        let consuming = self.consuming.lock().map(|m| m.clone()).unwrap_or_default();
+        let ready = store && broker && !consuming.is_empty() && consuming.values().all(|c| *c);
+        Readiness {
+            ready,
+            store,
+            broker,
+            consuming,
+        }
     }
 
     /// A store call failed as unavailable: hold new work back and probe
@@ -75,5 +138,61 @@ impl Health {
     pub async fn wait_store_up(&self) {
         let mut rx = self.store_up.subscribe();
         let _ = rx.wait_for(|up| *up).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::names::Names;
+    use crate::store::memory::{MemoryStore, SystemClock};
+
+    fn parts() -> (Arc<MemoryStore>, Arc<MemoryBroker>, Health) {
+        let store = Arc::new(MemoryStore::new(
+            Arc::new(SystemClock),
+            Duration::from_secs(60),
+            1,
+            "test",
+        ));
+        let broker = Arc::new(MemoryBroker::reliable(Names::new("t")));
+        let health = Health::new(store.clone(), broker.clone());
+        (store, broker, health)
+    }
+
+    #[tokio::test]
+    async fn not_ready_until_every_queue_has_its_consumer() {
+        let (_, _, health) = parts();
+        assert!(!health.readiness().await.ready, "no consumer yet");
+        health.set_consuming("t.submit", false);
+        health.set_consuming("t.tasks.default", true);
+        let r = health.readiness().await;
+        assert!(!r.ready && r.store && r.broker, "{r:?}");
+        health.set_consuming("t.submit", true);
+        assert!(health.readiness().await.ready);
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_makes_it_unready_and_holds_new_work_back() {
+        let (store, _, health) = parts();
+        health.set_consuming("t.submit", true);
+        store.set_outage(true);
+        let r = health.readiness().await;
+        assert!(!r.ready && !r.store && r.broker, "{r:?}");
+        assert!(!health.store_up(), "a failed probe gates consumption too");
+        store.set_outage(false);
+        tokio::time::timeout(Duration::from_secs(5), health.wait_store_up())
+            .await
+            .unwrap_or_else(|_| panic!("store never came back up"));
+        assert!(health.readiness().await.ready);
+    }
+
+    #[tokio::test]
+    async fn a_broker_outage_makes_it_unready() {
+        let (_, broker, health) = parts();
+        health.set_consuming("t.submit", true);
+        broker.set_outage(true);
+        let r = health.readiness().await;
+        assert!(!r.ready && r.store && !r.broker, "{r:?}");
     }
 }

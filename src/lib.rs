@@ -22,6 +22,7 @@ pub mod dag;
 pub mod dispatcher;
 pub mod embedded;
 pub mod health;
+pub mod http;
 pub mod intake;
 pub mod machine;
 pub mod model;

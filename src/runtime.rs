@@ -9,8 +9,9 @@ use conveyor_handler::Registry;
 
 use crate::broker::amqp::{AmqpBroker, Topology};
 use crate::broker::{Broker, BrokerError};
-use crate::config::{Config, redact_url};
+use crate::config::{Config, ConfigError, TlsCa, redact_url};
 use crate::dispatcher::{Dispatcher, DispatcherOptions};
+use crate::http::{BindError, ProbeServer};
 use crate::intake::JobIntake;
 use crate::names::Names;
 use crate::shutdown::Shutdown;
@@ -23,10 +24,23 @@ pub const START_HINT: &str = "start them with `rabbitmq-server -detached` and \
 `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`, \
 or point CONVEYOR_AMQP_URL / CONVEYOR_REDIS_URL at running ones";
 
-/// Connect the Redis store.
+/// Connect the Redis store (reading `tls_ca_file` if set).
 pub async fn redis_store(config: &Config, by: &str, pool: usize) -> Result<RedisStore, StoreError> {
+    let tls_ca = config
+        .tls_ca()
+        .map_err(|e| StoreError::Protocol(e.to_string()))?;
+    connect_store(config, tls_ca.as_ref(), by, pool).await
+}
+
+async fn connect_store(
+    config: &Config,
+    tls_ca: Option<&TlsCa>,
+    by: &str,
+    pool: usize,
+) -> Result<RedisStore, StoreError> {
     RedisStore::connect(
         &config.redis_url,
+        tls_ca,
         Names::new(&config.prefix),
         Duration::from_secs(config.retention_s),
         pool,
@@ -35,10 +49,21 @@ pub async fn redis_store(config: &Config, by: &str, pool: usize) -> Result<Redis
     .await
 }
 
-/// Connect the AMQP broker.
+/// Connect the AMQP broker (reading `tls_ca_file` if set).
 pub async fn amqp_broker(config: &Config) -> Result<AmqpBroker, BrokerError> {
+    let tls_ca = config
+        .tls_ca()
+        .map_err(|e| BrokerError::Fatal(e.to_string()))?;
+    connect_broker(config, tls_ca.as_ref()).await
+}
+
+async fn connect_broker(
+    config: &Config,
+    tls_ca: Option<&TlsCa>,
+) -> Result<AmqpBroker, BrokerError> {
     AmqpBroker::connect(
         &config.amqp_url,
+        tls_ca,
         Topology {
             names: Names::new(&config.prefix),
             queue_type: config.queue_type,
@@ -48,20 +73,23 @@ pub async fn amqp_broker(config: &Config) -> Result<AmqpBroker, BrokerError> {
     .await
 }
 
-/// Connect both, retrying with backoff until they answer or `shutdown`.
+/// Connect both, retrying with backoff until they answer or `shutdown`
+/// (`None`). A `tls_ca_file` that cannot be used fails at once: waiting
+/// will not mend it.
 pub async fn connect_until_up(
     config: &Config,
     by: &str,
     pool: usize,
     shutdown: &Shutdown,
-) -> Option<(Arc<dyn Store>, Arc<dyn Broker>)> {
+) -> Result<Option<(Arc<dyn Store>, Arc<dyn Broker>)>, ConfigError> {
+    let tls_ca = config.tls_ca()?;
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = async {
-            let store = redis_store(config, by, pool)
+            let store = connect_store(config, tls_ca.as_ref(), by, pool)
                 .await
                 .map_err(|e| format!("Redis at {}: {e}", redact_url(&config.redis_url)))?;
-            let broker = amqp_broker(config)
+            let broker = connect_broker(config, tls_ca.as_ref())
                 .await
                 .map_err(|e| format!("RabbitMQ at {}: {e}", redact_url(&config.amqp_url)))?;
             Ok::<_, String>((
@@ -70,15 +98,23 @@ pub async fn connect_until_up(
             ))
         };
         match attempt.await {
-            Ok(parts) => return Some(parts),
+            Ok(parts) => return Ok(Some(parts)),
             Err(e) => tracing::warn!("not connected yet: {e}; {START_HINT}"),
         }
         let mut s = shutdown.clone();
         tokio::select! {
-            _ = s.wait() => return None,
+            _ = s.wait() => return Ok(None),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Serve `/healthz` and `/readyz` if the config asks for an HTTP address.
+async fn start_probes(config: &Config) -> Result<Option<ProbeServer>, BindError> {
+    match config.http_addr {
+        Some(addr) => ProbeServer::start(addr).await.map(Some),
+        None => Ok(None),
     }
 }
 
@@ -89,7 +125,8 @@ pub async fn run_dispatcher(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let id = format!("dispatcher-{}", crate::worker::new_worker_id());
-    let Some((store, broker)) = connect_until_up(config, &id, 8, &shutdown).await else {
+    let probes = start_probes(config).await?;
+    let Some((store, broker)) = connect_until_up(config, &id, 8, &shutdown).await? else {
         return Ok(());
     };
     let intake = JobIntake::new(config, registry)?;
@@ -105,6 +142,9 @@ pub async fn run_dispatcher(
             task_queues: config.worker.queues.clone(),
         },
     );
+    if let Some(p) = &probes {
+        p.attach(dispatcher.health().clone());
+    }
     let mut delay = Duration::from_millis(200);
     loop {
         match dispatcher.run(shutdown.clone()).await {
@@ -136,7 +176,8 @@ pub async fn run_worker(
         )?),
         None => None,
     };
-    let Some((store, broker)) = connect_until_up(config, &id, 4, &shutdown).await else {
+    let probes = start_probes(config).await?;
+    let Some((store, broker)) = connect_until_up(config, &id, 4, &shutdown).await? else {
         return Ok(());
     };
     let worker = Worker::new(
@@ -155,6 +196,9 @@ pub async fn run_worker(
             journal,
         },
     );
+    if let Some(p) = &probes {
+        p.attach(worker.health().clone());
+    }
     let mut delay = Duration::from_millis(200);
     loop {
         match worker.run(shutdown.clone()).await {

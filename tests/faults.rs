@@ -22,7 +22,7 @@ use common::{Client, Deployment, eventually, test_config, unique_prefix};
 use conveyor::broker::Broker;
 use conveyor::model::JobState;
 use conveyor::store::Store;
-use serde_json::json;
+use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -198,9 +198,20 @@ fn worker_process(
     lease_ms: u64,
     log: &Path,
 ) -> tokio::process::Child {
+    worker_command(d, journal, lease_ms, log)
+        .spawn()
+        .expect("spawn conveyor worker")
+}
+
+fn worker_command(
+    d: &Deployment,
+    journal: &Path,
+    lease_ms: u64,
+    log: &Path,
+) -> tokio::process::Command {
     let log = std::fs::File::create(log).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .args(["worker", "--concurrency", "16"])
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    cmd.args(["worker", "--concurrency", "16"])
         .env("CONVEYOR_PREFIX", &d.config.prefix)
         .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
         .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
@@ -209,9 +220,33 @@ fn worker_process(
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A worker process serving `/readyz` on a port of its own.
+fn probed_worker_process(
+    d: &Deployment,
+    journal: &Path,
+    log: &Path,
+) -> (tokio::process::Child, u16) {
+    let port = common::free_port();
+    let child = worker_command(d, journal, d.config.worker.lease_ms, log)
+        .env("CONVEYOR_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .spawn()
-        .expect("spawn conveyor worker")
+        .expect("spawn conveyor worker");
+    (child, port)
+}
+
+/// Wait until the process on `port` says ready (200) or not (503), and
+/// return its JSON body.
+async fn wait_readiness(port: u16, ready: bool) -> Value {
+    let what = if ready { "ready" } else { "not ready" };
+    eventually(&format!("/readyz says {what}"), WAIT, || async {
+        let (is_ready, body) = common::readiness(port).await?;
+        (is_ready == ready).then_some(body)
+    })
+    .await
 }
 
 async fn signal(child: &tokio::process::Child, sig: &str) {
@@ -279,7 +314,10 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
     d.start_dispatcher().await;
     d.start_worker(16).await;
-    d.start_worker(16).await;
+    let (mut probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
+    let before = wait_readiness(port, true).await;
+    let task_queue = d.names.task_queue("default");
+    assert_eq!(before["consuming"][&task_queue], true, "{before}");
     let client = Client::connect(&d.config.prefix).await;
     let ids = submit_sleep_jobs(&client, "a", 1000, 20).await;
     client.close().await;
@@ -302,7 +340,11 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
         "connections were dropped after the run, not in the middle of it"
     );
     assert_no_overlapping_claims(&journal, d.config.lease());
-    // Consumers are back on every queue (Celery's decade-old bug).
+    // Consumers are back on every queue (Celery's decade-old bug), and the
+    // worker process's readiness says so.
+    let after = wait_readiness(port, true).await;
+    assert_eq!(after["consuming"][&task_queue], true, "{after}");
+    assert_eq!(after["broker"], true, "{after}");
     let broker = common::connect_broker(&d.config).await;
     let names = d.names.clone();
     eventually("consumers back", WAIT, || async {
@@ -313,6 +355,28 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
         (stats.len() == 2 && stats[0].consumers == 1 && stats[1].consumers == 2).then_some(())
     })
     .await;
+    // With their prefetch re-applied (lapin's own recovery would not):
+    // RabbitMQ reports each consumer's prefetch count.
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_consumers", "-q", "queue_name", "prefetch_count"])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let prefetch_of = |queue: &str| -> Vec<String> {
+        listing
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(q, _)| *q == queue)
+            .map(|(_, p)| p.trim().to_owned())
+            .collect()
+    };
+    assert_eq!(prefetch_of(&task_queue), ["16", "16"], "{listing}");
+    assert_eq!(
+        prefetch_of(&d.names.submit_queue()),
+        [d.config.dispatcher.prefetch.to_string()],
+        "{listing}"
+    );
     // And they work: a new job after the reconnect succeeds.
     let client = Client::connect(&d.config.prefix).await;
     client
@@ -323,6 +387,8 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
         JobState::Succeeded
     );
     client.close().await;
+    signal(&probed, "-TERM").await;
+    assert!(probed.wait().await.unwrap().success());
     d.shutdown().await;
 }
 
@@ -432,14 +498,19 @@ async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
     d.start_dispatcher().await;
     d.start_worker(16).await;
-    d.start_worker(16).await;
+    let (mut probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
+    wait_readiness(port, true).await;
     let client = Client::connect(&d.config.prefix).await;
     let ids = submit_sleep_jobs(&client, "r", 1000, 20).await;
     wait_ended_runs(&journal, 200).await;
     let done_before = ended_runs(&journal);
     redis.stop().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Readiness follows the store: down while Redis is, up when it is back.
+    let down = wait_readiness(port, false).await;
+    assert_eq!(down["store"], false, "{down}");
+    assert_eq!(down["broker"], true, "{down}");
     redis.launch().await;
+    wait_readiness(port, true).await;
     let counts = assert_jobs_settled(&d, &ids).await;
     assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
     assert!(
@@ -448,6 +519,8 @@ async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     );
     assert_no_overlapping_claims(&journal, d.config.lease());
     client.close().await;
+    signal(&probed, "-TERM").await;
+    assert!(probed.wait().await.unwrap().success());
     d.shutdown().await;
 }
 

@@ -25,13 +25,17 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    DefaultConnectionBuilder,
+};
 
 use super::{
     Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
 };
-use crate::config::QueueType;
+use crate::config::{QueueType, TlsCa};
 use crate::names::Names;
 
 /// Queue arguments and names for one deployment.
@@ -52,6 +56,8 @@ pub struct Topology {
 /// owners subscribe again.
 pub struct AmqpBroker {
     url: String,
+    /// Extra trusted roots for `amqps://`, used by every (re)connection.
+    tls: OwnedTLSConfig,
     topology: Topology,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     declared: std::sync::Mutex<Vec<String>>,
@@ -91,11 +97,20 @@ fn with_heartbeat(url: &str) -> String {
 }
 
 impl AmqpBroker {
-    /// Connect to `url` (`amqp://` or `amqps://`); fails if the broker
-    /// cannot be reached now (later losses are recovered transparently).
-    pub async fn connect(url: &str, topology: Topology) -> Result<AmqpBroker, BrokerError> {
+    /// Connect to `url` (`amqp://` or `amqps://`, trusting `tls_ca` besides
+    /// the system roots); fails if the broker cannot be reached now (later
+    /// losses are recovered transparently).
+    pub async fn connect(
+        url: &str,
+        tls_ca: Option<&TlsCa>,
+        topology: Topology,
+    ) -> Result<AmqpBroker, BrokerError> {
         let broker = AmqpBroker {
             url: with_heartbeat(url),
+            tls: OwnedTLSConfig {
+                identity: None,
+                cert_chain: tls_ca.map(|ca| ca.pem().to_owned()),
+            },
             topology,
             session: tokio::sync::Mutex::new(None),
             declared: std::sync::Mutex::new(Vec::new()),
@@ -114,9 +129,16 @@ impl AmqpBroker {
             tracing::warn!("RabbitMQ connection lost; reconnecting");
         }
         *slot = None;
-        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+        let cannot =
+            |e: lapin::Error| BrokerError::Unavailable(format!("cannot connect to RabbitMQ: {e}"));
+        let connection = DefaultConnectionBuilder::new()
+            .map_err(cannot)?
+            .with_uri_str(self.url.clone())
+            .with_properties(ConnectionProperties::default())
+            .with_tls_config(self.tls.clone())
+            .connect()
             .await
-            .map_err(|e| BrokerError::Unavailable(format!("cannot connect to RabbitMQ: {e}")))?;
+            .map_err(cannot)?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())

@@ -113,6 +113,8 @@ fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Connect the store for a one-shot command, failing with how to start Redis.
 async fn store(config: &Config) -> anyhow::Result<conveyor::store::redis::RedisStore> {
+    // An unusable tls_ca_file is a configuration error, not an outage.
+    config.tls_ca()?;
     conveyor::runtime::redis_store(config, "cli", 2)
         .await
         .map_err(|e| {
@@ -126,6 +128,7 @@ async fn store(config: &Config) -> anyhow::Result<conveyor::store::redis::RedisS
 
 /// Connect the broker for a one-shot command, failing with how to start RabbitMQ.
 async fn broker(config: &Config) -> anyhow::Result<conveyor::broker::amqp::AmqpBroker> {
+    config.tls_ca()?;
     conveyor::runtime::amqp_broker(config).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach RabbitMQ at {}: {e}; {}",

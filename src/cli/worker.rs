@@ -14,6 +14,9 @@ pub struct Args {
     /// Handlers run at once.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Serve `/healthz` and `/readyz` on this address (e.g. 0.0.0.0:8080).
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
@@ -22,6 +25,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(c) = args.concurrency {
         config.worker.concurrency = c;
+    }
+    if let Some(a) = args.http_addr {
+        config.http_addr = Some(a);
     }
     let trigger = ShutdownTrigger::new();
     on_signals(trigger.clone());

@@ -24,7 +24,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{self, AsyncConnectionConfig, Cmd, Pipeline, RedisError};
+use deadpool_redis::redis::{
+    self, AsyncConnectionConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisError,
+    TlsCertificates,
+};
 use deadpool_redis::{Manager, Pool, Runtime};
 use serde_json::Value;
 
@@ -32,6 +35,7 @@ use super::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
     JobSummary, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
+use crate::config::TlsCa;
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::names::Names;
@@ -163,10 +167,12 @@ fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
 }
 
 impl RedisStore {
-    /// Connect to `url` (`redis://` or `rediss://`) with a pool of `size`
-    /// multiplexed connections, and load the scripts.
+    /// Connect to `url` (`redis://` or `rediss://`, trusting only `tls_ca`
+    /// if given) with a pool of `size` multiplexed connections, and load
+    /// the scripts.
     pub async fn connect(
         url: &str,
+        tls_ca: Option<&TlsCa>,
         names: Names,
         retention: Duration,
         size: usize,
@@ -175,7 +181,23 @@ impl RedisStore {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
-        let manager = Manager::new_with_config(url, conn_config)
+        let mut info = url
+            .into_connection_info()
+            .map_err(|e| protocol(format!("redis url: {e}")))?;
+        if let Some(ca) = tls_ca
+            && matches!(info.addr(), ConnectionAddr::TcpTls { .. })
+        {
+            // The pool's client keeps the parsed roots for every new connection.
+            let certificates = TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.pem().as_bytes().to_vec()),
+            };
+            info = redis::Client::build_with_tls(info, certificates)
+                .map_err(|e| protocol(format!("tls_ca_file {}: {e}", ca.path().display())))?
+                .get_connection_info()
+                .clone();
+        }
+        let manager = Manager::new_with_config(info, conn_config)
             .map_err(|e| protocol(format!("redis url: {e}")))?;
         let pool = Pool::builder(manager)
             .max_size(size.max(1))

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor::broker::Broker;
-use conveyor::broker::amqp::{AmqpBroker, Topology};
+use conveyor::broker::amqp::AmqpBroker;
 use conveyor::config::{Config, QueueType};
 use conveyor::dispatcher::{Dispatcher, DispatcherOptions};
 use conveyor::handler::Registry;
@@ -27,8 +27,9 @@ use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection, ConnectionProperties, DefaultConnectionBuilder};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
@@ -71,12 +72,7 @@ pub async fn connect_store(config: &Config, by: &str) -> Arc<RedisStore> {
 }
 
 pub async fn connect_broker(config: &Config) -> Arc<AmqpBroker> {
-    let topology = Topology {
-        names: Names::new(&config.prefix),
-        queue_type: config.queue_type,
-        delivery_limit: config.delivery_limit,
-    };
-    match AmqpBroker::connect(&config.amqp_url, topology).await {
+    match conveyor::runtime::amqp_broker(config).await {
         Ok(b) => Arc::new(b),
         Err(e) => panic!("cannot reach RabbitMQ: {e}. {HOW_TO_START}"),
     }
@@ -244,6 +240,29 @@ impl Client {
         let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}. {HOW_TO_START}"));
+        Self::on(conn, prefix).await
+    }
+
+    /// A client of `config`'s broker, trusting its `tls_ca_file` if set.
+    pub async fn connect_to(config: &Config) -> Client {
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: config
+                .tls_ca()
+                .expect("tls_ca_file readable")
+                .map(|ca| ca.pem().to_owned()),
+        };
+        let conn = DefaultConnectionBuilder::new()
+            .expect("lapin runtime")
+            .with_uri_str(config.amqp_url.clone())
+            .with_tls_config(tls)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach RabbitMQ at {}: {e}", config.amqp_url));
+        Self::on(conn, &config.prefix).await
+    }
+
+    async fn on(conn: Connection, prefix: &str) -> Client {
         let channel = conn.create_channel().await.expect("channel");
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -387,4 +406,41 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `GET path` on 127.0.0.1:`port` with plain HTTP/1.1: the status code and
+/// the body, or None if nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// The `/readyz` answer of the process serving on `port`: whether it said
+/// 200, and its JSON body.
+pub async fn readiness(port: u16) -> Option<(bool, Value)> {
+    let (status, body) = http_get(port, "/readyz").await?;
+    Some((status == 200, serde_json::from_str(&body).ok()?))
 }
