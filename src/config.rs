@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// AMQP URL (`amqp://` or `amqps://`). Env `CONVEYOR_AMQP_URL`.
+    /// AMQP URL (`amqp://` or `amqps://`), or several separated by commas
+    /// (the nodes of one cluster, tried in turn). Env `CONVEYOR_AMQP_URL`.
     pub amqp_url: String,
     /// Redis URL (`redis://` or `rediss://`). Env `CONVEYOR_REDIS_URL`.
     pub redis_url: String,
@@ -419,6 +420,17 @@ impl Config {
         Ok(())
     }
 
+    /// The AMQP node URLs of `amqp_url`, in the order they are tried.
+    pub fn amqp_urls(&self) -> Vec<&str> {
+        split_urls(&self.amqp_url)
+    }
+
+    /// The first of `amqp_urls`, for tools that open a plain connection of
+    /// their own (the bench, cleanup).
+    pub fn first_amqp_url(&self) -> &str {
+        self.amqp_urls().first().copied().unwrap_or(&self.amqp_url)
+    }
+
     /// The lease of a claim.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.worker.lease_ms)
@@ -430,8 +442,24 @@ impl Config {
     }
 }
 
-/// `url` with any password replaced by `***`, for logs.
+/// The URLs of a comma-separated list, trimmed, empty ones dropped.
+pub fn split_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// `url` (or a comma-separated list of them) with any password replaced
+/// by `***`, for logs.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return split_urls(url)
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -584,5 +612,9 @@ mod tests {
             "redis://127.0.0.1:6379/"
         );
         assert_eq!(redact_url("rediss://:pw@h/0"), "rediss://:***@h/0");
+        assert_eq!(
+            redact_url("amqp://u:a@h1/v, amqp://u:b@h2/v"),
+            "amqp://u:***@h1/v,amqp://u:***@h2/v"
+        );
     }
 }

@@ -337,3 +337,37 @@ async fn a_wide_fan_out_and_fan_in_hands_every_result_to_the_join() {
     client.close().await;
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_broker_nodes_is_tried_in_turn_until_one_answers() {
+    let prefix = common::unique_prefix("nodes");
+    let mut config = common::test_config(&prefix);
+    let dead = format!("amqp://guest:secret@127.0.0.1:{}/%2f", common::free_port());
+    // Every node down: the error names each one, password redacted.
+    let err = conveyor::runtime::amqp_broker(&conveyor::config::Config {
+        amqp_url: format!("{dead},{dead}"),
+        ..config.clone()
+    })
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert_eq!(err.matches("guest:***@127.0.0.1").count(), 2, "{err}");
+    assert!(!err.contains("secret"), "{err}");
+    // A dead node first: dispatcher and worker connect to the live one.
+    config.amqp_url = format!("{dead}, {}", config.amqp_url);
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let client = Client::connect(&prefix).await;
+    client
+        .submit(&json!({"id": "via-second-node", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    assert_eq!(
+        d.wait_terminal("via-second-node", WAIT).await.state,
+        JobState::Succeeded
+    );
+    client.close().await;
+    d.shutdown().await;
+}

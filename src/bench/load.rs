@@ -290,7 +290,7 @@ pub async fn start(
     };
 
     // Connect before the clock starts.
-    let amqp = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+    let amqp = Connection::connect(config.first_amqp_url(), ConnectionProperties::default())
         .await
         .map_err(broker_err("cannot connect (publisher)"))?;
     let channel = amqp.create_channel().await.map_err(broker_err("channel"))?;
@@ -380,7 +380,7 @@ impl Started {
         };
         let submit_queue = self.names.submit_queue();
         let task_queue = self.names.task_queue("default");
-        let amqp = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+        let amqp = Connection::connect(config.first_amqp_url(), ConnectionProperties::default())
             .await
             .map_err(broker_err("cannot connect (hold)"))?;
         let mut last = (0u64, 0u32);

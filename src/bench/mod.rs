@@ -309,7 +309,7 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             if matches!(options.target, Target::Spawn(_)) {
                 spawn::cleanup(&deployment_config, true).await;
             } else {
-                crate::purge::delete_queues(&deployment_config.amqp_url, &[bare_queue(&prefix)]).await;
+                crate::purge::delete_queues(deployment_config.first_amqp_url(), &[bare_queue(&prefix)]).await;
             }
             Err(BenchError::Interrupted)
         }
@@ -321,7 +321,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
     let bare = match options.bare_messages {
         Some(n) if n > 0 => {
             let result = bare::run(
-                &config.amqp_url,
+                config.first_amqp_url(),
                 &bare_queue(&config.prefix),
                 n,
                 options.bare_message_bytes,
@@ -330,7 +330,8 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             )
             .await;
             // The scratch queue goes, whatever happened.
-            crate::purge::delete_queues(&config.amqp_url, &[bare_queue(&config.prefix)]).await;
+            crate::purge::delete_queues(config.first_amqp_url(), &[bare_queue(&config.prefix)])
+                .await;
             Some(result?)
         }
         _ => None,
@@ -338,7 +339,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
 
     match &options.target {
         Target::Live { .. } => {
-            spawn::check_live(&config.amqp_url, &names, &config.worker.queues).await?;
+            spawn::check_live(config.first_amqp_url(), &names, &config.worker.queues).await?;
             let load = load::run(config, options, run_id).await?;
             Ok(report::build(
                 config, options, run_id, load, bare, None, None,

@@ -215,7 +215,7 @@ impl Deployment {
     /// every worker started the task queue; fail if a process exits first.
     pub async fn wait_ready(&mut self, config: &Config) -> Result<(), BenchError> {
         let names = Names::new(&config.prefix);
-        let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+        let conn = Connection::connect(config.first_amqp_url(), ConnectionProperties::default())
             .await
             .map_err(broker_err("cannot connect"))?;
         let deadline = Instant::now() + READY_WITHIN;
@@ -419,7 +419,7 @@ pub async fn cleanup(config: &Config, keys: bool) {
     if !config.worker.queues.iter().any(|q| q == "default") {
         queues.push(names.task_queue("default"));
     }
-    crate::purge::delete_queues(&config.amqp_url, &queues).await;
+    crate::purge::delete_queues(config.first_amqp_url(), &queues).await;
     if keys && config.prefix.starts_with("bench-") {
         crate::purge::delete_keys(&config.redis_url, &config.prefix).await;
     }

@@ -35,7 +35,7 @@ use lapin::{
 use super::{
     Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
 };
-use crate::config::{QueueType, TlsCa};
+use crate::config::{QueueType, TlsCa, redact_url, split_urls};
 use crate::names::Names;
 
 /// Queue arguments and names for one deployment.
@@ -53,9 +53,12 @@ pub struct Topology {
 /// publishing and one channel per subscription. When the connection is
 /// lost, the next call opens a new one and declares again every queue
 /// declared so far; subscriptions on the old connection end, and their
-/// owners subscribe again.
+/// owners subscribe again. Given several node URLs, a new connection tries
+/// the node that answered last first, then the others in turn.
 pub struct AmqpBroker {
-    url: String,
+    urls: Vec<String>,
+    /// Index in `urls` of the node that answered last.
+    preferred: std::sync::atomic::AtomicUsize,
     /// Extra trusted roots for `amqps://`, used by every (re)connection.
     tls: OwnedTLSConfig,
     topology: Topology,
@@ -97,16 +100,24 @@ fn with_heartbeat(url: &str) -> String {
 }
 
 impl AmqpBroker {
-    /// Connect to `url` (`amqp://` or `amqps://`, trusting `tls_ca` besides
-    /// the system roots); fails if the broker cannot be reached now (later
-    /// losses are recovered transparently).
+    /// Connect to `url` (`amqp://` or `amqps://`, or several separated by
+    /// commas: the nodes of one cluster), trusting `tls_ca` besides the
+    /// system roots; fails if no node can be reached now (later losses are
+    /// recovered transparently).
     pub async fn connect(
         url: &str,
         tls_ca: Option<&TlsCa>,
         topology: Topology,
     ) -> Result<AmqpBroker, BrokerError> {
+        let urls: Vec<String> = split_urls(url).into_iter().map(with_heartbeat).collect();
+        if urls.is_empty() {
+            return Err(BrokerError::Fatal(
+                "amqp_url (CONVEYOR_AMQP_URL) names no URL".into(),
+            ));
+        }
         let broker = AmqpBroker {
-            url: with_heartbeat(url),
+            urls,
+            preferred: std::sync::atomic::AtomicUsize::new(0),
             tls: OwnedTLSConfig {
                 identity: None,
                 cert_chain: tls_ca.map(|ca| ca.pem().to_owned()),
@@ -129,16 +140,7 @@ impl AmqpBroker {
             tracing::warn!("RabbitMQ connection lost; reconnecting");
         }
         *slot = None;
-        let cannot =
-            |e: lapin::Error| BrokerError::Unavailable(format!("cannot connect to RabbitMQ: {e}"));
-        let connection = DefaultConnectionBuilder::new()
-            .map_err(cannot)?
-            .with_uri_str(self.url.clone())
-            .with_properties(ConnectionProperties::default())
-            .with_tls_config(self.tls.clone())
-            .connect()
-            .await
-            .map_err(cannot)?;
+        let connection = self.connect_any().await?;
         let publisher = connection.create_channel().await.map_err(unavailable)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -158,6 +160,44 @@ impl AmqpBroker {
         }
         *slot = Some(session.clone());
         Ok(session)
+    }
+
+    /// A connection to the first node that accepts one, starting with the
+    /// one that answered last.
+    async fn connect_any(&self) -> Result<Connection, BrokerError> {
+        use std::sync::atomic::Ordering;
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for k in 0..self.urls.len() {
+            let i = (start + k) % self.urls.len();
+            let url = &self.urls[i];
+            let attempt = async {
+                DefaultConnectionBuilder::new()?
+                    .with_uri_str(url.clone())
+                    .with_properties(ConnectionProperties::default())
+                    .with_tls_config(self.tls.clone())
+                    .connect()
+                    .await
+            };
+            match attempt.await {
+                Ok(connection) => {
+                    if i != start {
+                        tracing::info!(node = %redact_url(url), "connected to another RabbitMQ node");
+                    }
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Err(e) => failures.push(if self.urls.len() == 1 {
+                    e.to_string()
+                } else {
+                    format!("{}: {e}", redact_url(url))
+                }),
+            }
+        }
+        Err(BrokerError::Unavailable(format!(
+            "cannot connect to RabbitMQ: {}",
+            failures.join("; ")
+        )))
     }
 
     fn work_queue_args(&self) -> FieldTable {
