@@ -23,6 +23,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, Outgoing};
 use crate::config::Config;
 use crate::dispatcher::{Dispatcher, DispatcherOptions};
+use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
 use crate::shutdown::ShutdownTrigger;
@@ -62,6 +63,7 @@ pub struct Embedded {
     trigger: ShutdownTrigger,
     tasks: JoinSet<()>,
     snapshot: Option<PathBuf>,
+    health: Health,
 }
 
 impl Embedded {
@@ -107,6 +109,7 @@ impl Embedded {
         // Tasks of a restored snapshot may have been queued in the broker
         // that died with the last process: the sweep re-offers claimed ones;
         // ready ones are re-offered here.
+        let health = dispatcher.health().clone();
         let shutdown = trigger.subscribe();
         tasks.spawn(async move {
             if let Err(e) = dispatcher.run(shutdown).await {
@@ -161,6 +164,7 @@ impl Embedded {
             trigger,
             tasks,
             snapshot: options.snapshot,
+            health,
         };
         embedded.requeue_ready().await?;
         Ok(embedded)
@@ -181,6 +185,11 @@ impl Embedded {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The dispatcher's health: what `/readyz` of `conveyor dev` reports.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// The store (for status and listing).

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+mod common;
+
 use conveyor::config::Config;
 use conveyor::embedded::{Embedded, EmbeddedOptions};
 use conveyor::model::JobState;
@@ -145,4 +147,34 @@ async fn embedded_mode_rejects_bad_jobs_like_production() {
     assert_eq!(status.state, JobState::Rejected);
     assert!(status.error.unwrap().contains("unknown handler"));
     e.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn conveyor_dev_starts_with_no_services_and_says_ready_over_http() {
+    let port = common::free_port();
+    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["dev", "--http-addr", &format!("127.0.0.1:{port}")])
+        .env("CONVEYOR_AMQP_URL", "amqp://nobody:nothing@127.0.0.1:1/%2f")
+        .env("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let body = common::eventually("conveyor dev ready", Duration::from_secs(20), || async {
+        let (ready, body) = common::readiness(port).await?;
+        ready.then_some(body)
+    })
+    .await;
+    assert_eq!(body["consuming"]["conveyor.submit"], true, "{body}");
+    assert_eq!(
+        common::http_get(port, "/healthz").await.map(|(s, _)| s),
+        Some(200)
+    );
+    let pid = dev.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(dev.wait().await.unwrap().success());
 }

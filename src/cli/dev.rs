@@ -4,8 +4,10 @@
 //! the command line are submitted at start; the server runs until Ctrl-C
 //! and logs every job that finishes.
 //!
-//! The HTTP API and status page attach to the same `Embedded` value when
-//! they land; until then `dev` is driven by job files.
+//! With `--http-addr` it serves `/healthz` and `/readyz` like a dispatcher
+//! does; the HTTP API and status page attach to the same listener and
+//! `Embedded` value when they land. Until then `dev` is driven by job
+//! files.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use conveyor::config::Config;
 use conveyor::embedded::{Embedded, EmbeddedOptions};
+use conveyor::http::ProbeServer;
 use conveyor::shutdown::{ShutdownTrigger, on_signals};
 
 /// Dev options.
@@ -31,12 +34,19 @@ pub struct Args {
     /// Concurrency of each worker.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Serve `/healthz` and `/readyz` on this address (e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let trigger = ShutdownTrigger::new();
     on_signals(trigger.clone());
     let started = std::time::Instant::now();
+    let probes = match args.http_addr.or(config.http_addr) {
+        Some(addr) => Some(ProbeServer::start(addr).await?),
+        None => None,
+    };
     let embedded = Embedded::start(
         &config,
         conveyor_builtin_handlers::registry(),
@@ -48,6 +58,9 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         },
     )
     .await?;
+    if let Some(p) = &probes {
+        p.attach(embedded.health());
+    }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         snapshot = ?args.snapshot,
