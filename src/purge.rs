@@ -7,9 +7,18 @@ use lapin::options::QueueDeleteOptions;
 use lapin::types::ShortString;
 use lapin::{Connection, ConnectionProperties};
 
-/// Delete `queues` (each on its own channel: a failed delete closes it).
+/// Delete `queues` (each on its own channel: a failed delete closes it)
+/// through the first node of `amqp_url` (one URL or a comma-separated list)
+/// that accepts a connection.
 pub async fn delete_queues(amqp_url: &str, queues: &[String]) {
-    let Ok(conn) = Connection::connect(amqp_url, ConnectionProperties::default()).await else {
+    let mut connection = None;
+    for url in crate::config::split_urls(amqp_url) {
+        if let Ok(c) = Connection::connect(url, ConnectionProperties::default()).await {
+            connection = Some(c);
+            break;
+        }
+    }
+    let Some(conn) = connection else {
         return;
     };
     for q in queues {

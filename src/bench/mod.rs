@@ -309,7 +309,7 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             if matches!(options.target, Target::Spawn(_)) {
                 spawn::cleanup(&deployment_config, true).await;
             } else {
-                crate::purge::delete_queues(deployment_config.first_amqp_url(), &[bare_queue(&prefix)]).await;
+                crate::purge::delete_queues(&deployment_config.amqp_url, &[bare_queue(&prefix)]).await;
             }
             Err(BenchError::Interrupted)
         }
@@ -330,7 +330,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             )
             .await;
             // The scratch queue goes, whatever happened.
-            crate::purge::delete_queues(config.first_amqp_url(), &[bare_queue(&config.prefix)])
+            crate::purge::delete_queues(&config.amqp_url, &[bare_queue(&config.prefix)])
                 .await;
             Some(result?)
         }

@@ -419,7 +419,7 @@ pub async fn cleanup(config: &Config, keys: bool) {
     if !config.worker.queues.iter().any(|q| q == "default") {
         queues.push(names.task_queue("default"));
     }
-    crate::purge::delete_queues(config.first_amqp_url(), &queues).await;
+    crate::purge::delete_queues(&config.amqp_url, &queues).await;
     if keys && config.prefix.starts_with("bench-") {
         crate::purge::delete_keys(&config.redis_url, &config.prefix).await;
     }

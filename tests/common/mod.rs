@@ -221,7 +221,7 @@ pub async fn cleanup(config: &Config) {
     let mut queues = vec![names.submit_queue(), names.dead_queue()];
     queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
     queues.push(names.task_queue("other"));
-    conveyor::purge::delete_queues(config.first_amqp_url(), &queues).await;
+    conveyor::purge::delete_queues(&config.amqp_url, &queues).await;
     conveyor::purge::delete_keys(&config.redis_url, &config.prefix).await;
 }
 
