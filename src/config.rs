@@ -420,15 +420,13 @@ impl Config {
         Ok(())
     }
 
-    /// The AMQP node URLs of `amqp_url`, in the order they are tried.
-    pub fn amqp_urls(&self) -> Vec<&str> {
-        split_urls(&self.amqp_url)
-    }
-
-    /// The first of `amqp_urls`, for tools that open a plain connection of
-    /// their own (the bench, cleanup).
+    /// The first node URL of `amqp_url`, for tools that open a plain
+    /// connection of their own (the bench, the test client).
     pub fn first_amqp_url(&self) -> &str {
-        self.amqp_urls().first().copied().unwrap_or(&self.amqp_url)
+        split_urls(&self.amqp_url)
+            .first()
+            .copied()
+            .unwrap_or(&self.amqp_url)
     }
 
     /// The lease of a claim.

@@ -330,8 +330,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             )
             .await;
             // The scratch queue goes, whatever happened.
-            crate::purge::delete_queues(&config.amqp_url, &[bare_queue(&config.prefix)])
-                .await;
+            crate::purge::delete_queues(&config.amqp_url, &[bare_queue(&config.prefix)]).await;
             Some(result?)
         }
         _ => None,
