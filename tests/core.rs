@@ -371,3 +371,34 @@ async fn a_list_of_broker_nodes_is_tried_in_turn_until_one_answers() {
     client.close().await;
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_keeps_quotes_backslashes_and_non_ascii_text_exactly() {
+    let mut d = Deployment::new("histtext").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let requestor = "o\"neil \\ café/日本 \t end";
+    client
+        .submit(&json!({"id": "odd-text", "requestor": requestor,
+            "tasks": [{"name": "t", "handler": "fail",
+                "params": {"permanent": true, "message": "bad \"x\"\n naïve \u{1}"}}]}))
+        .await;
+    let status = d.wait_terminal("odd-text", WAIT).await;
+    assert_eq!(status.requestor, requestor);
+    assert_eq!(
+        status.history[0].reason,
+        format!("submitted by {requestor}")
+    );
+    assert_eq!(status.state, JobState::Failed);
+    let error = status.tasks["t"].error.clone().unwrap_or_default();
+    assert!(error.contains("bad \"x\"\n naïve \u{1}"), "{error}");
+    let failed = status
+        .history
+        .iter()
+        .find(|h| h.task.as_deref() == Some("t") && h.to == "failed")
+        .map(|h| h.reason.clone());
+    assert_eq!(failed, Some(error));
+    client.close().await;
+    d.shutdown().await;
+}
