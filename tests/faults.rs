@@ -323,16 +323,7 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     client.close().await;
     wait_ended_runs(&journal, 200).await;
     let done_before = ended_runs(&journal);
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["close_all_connections", "conveyor fault injection"])
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rabbitmqctl(&["close_all_connections", "conveyor fault injection"]).await;
     let counts = assert_jobs_settled(&d, &ids).await;
     assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
     assert!(
@@ -387,6 +378,57 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
         JobState::Succeeded
     );
     client.close().await;
+    signal(&probed, "-TERM").await;
+    assert!(probed.wait().await.unwrap().success());
+    d.shutdown().await;
+}
+
+async fn rabbitmqctl(args: &[&str]) {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl must be installed for this test");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("amqprestart").await;
+    let dir = temp_dir("amqprestart");
+    let journal = dir.join("journal");
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.start_dispatcher().await;
+    d.start_worker(16).await;
+    let (mut probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
+    wait_readiness(port, true).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let ids = submit_sleep_jobs(&client, "b", 1000, 20).await;
+    client.close().await;
+    wait_ended_runs(&journal, 200).await;
+    let done_before = ended_runs(&journal);
+    // The broker application stops (queues and their messages stay on
+    // disk) and starts again, as in a rolling restart.
+    rabbitmqctl(&["stop_app"]).await;
+    let down = wait_readiness(port, false).await;
+    assert_eq!(down["broker"], false, "{down}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]).await;
+    rabbitmqctl(&["await_startup"]).await;
+    let up = wait_readiness(port, true).await;
+    assert_eq!(up["consuming"][d.names.task_queue("default")], true, "{up}");
+    let counts = assert_jobs_settled(&d, &ids).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
+    assert!(
+        done_before < 1000,
+        "the broker was restarted after the run, not in the middle of it"
+    );
+    assert_no_overlapping_claims(&journal, d.config.lease());
     signal(&probed, "-TERM").await;
     assert!(probed.wait().await.unwrap().success());
     d.shutdown().await;
