@@ -420,15 +420,6 @@ impl Config {
         Ok(())
     }
 
-    /// The first node URL of `amqp_url`, for tools that open a plain
-    /// connection of their own (the bench, the test client).
-    pub fn first_amqp_url(&self) -> &str {
-        split_urls(&self.amqp_url)
-            .first()
-            .copied()
-            .unwrap_or(&self.amqp_url)
-    }
-
     /// The lease of a claim.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.worker.lease_ms)

@@ -5,20 +5,14 @@
 
 use lapin::options::QueueDeleteOptions;
 use lapin::types::ShortString;
-use lapin::{Connection, ConnectionProperties};
+
+use crate::config::Config;
 
 /// Delete `queues` (each on its own channel: a failed delete closes it)
-/// through the first node of `amqp_url` (one URL or a comma-separated list)
-/// that accepts a connection.
-pub async fn delete_queues(amqp_url: &str, queues: &[String]) {
-    let mut connection = None;
-    for url in crate::config::split_urls(amqp_url) {
-        if let Ok(c) = Connection::connect(url, ConnectionProperties::default()).await {
-            connection = Some(c);
-            break;
-        }
-    }
-    let Some(conn) = connection else {
+/// through the first node of `config.amqp_url` that accepts a connection
+/// (with its `tls_ca_file`).
+pub async fn delete_queues(config: &Config, queues: &[String]) {
+    let Ok(conn) = crate::broker::amqp::tool_connection(config).await else {
         return;
     };
     for q in queues {
@@ -32,12 +26,13 @@ pub async fn delete_queues(amqp_url: &str, queues: &[String]) {
     let _ = conn.close(200, "purged".into()).await;
 }
 
-/// Delete every Redis key under `prefix:` (SCAN + UNLINK, never KEYS, so a
-/// shared Redis is not blocked).
-pub async fn delete_keys(redis_url: &str, prefix: &str) {
-    let Ok(client) = redis::Client::open(redis_url) else {
+/// Delete every Redis key under `<config.prefix>:` (SCAN + UNLINK, never
+/// KEYS, so a shared Redis is not blocked).
+pub async fn delete_keys(config: &Config) {
+    let Ok(client) = crate::store::redis::tool_client(config) else {
         return;
     };
+    let prefix = &config.prefix;
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return;
     };

@@ -90,6 +90,39 @@ async fn run_jobs(servers: &Servers) {
     }
     client.close().await;
     d.shutdown().await;
+    // The cleanup reached both servers through TLS with the CA too.
+    let client = conveyor::store::redis::tool_client(&config).expect("redis client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("rediss connection with the CA");
+    let (_, left): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg(format!("{}:*", config.prefix))
+        .arg("COUNT")
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SCAN");
+    assert!(left.is_empty(), "keys left after cleanup: {left:?}");
+    let amqp = conveyor::broker::amqp::tool_connection(&config)
+        .await
+        .expect("amqps connection with the CA");
+    let channel = amqp.create_channel().await.expect("channel");
+    let submit = conveyor::names::Names::new(&config.prefix).submit_queue();
+    let gone = channel
+        .queue_declare(
+            submit.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    assert!(gone.is_err(), "{submit} still exists after cleanup");
+    let _ = amqp.close(200, "bye".into()).await;
 }
 
 /// Without `tls_ca_file` the servers' certificates are not trusted: TLS is

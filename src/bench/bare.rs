@@ -24,10 +24,11 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use serde::Serialize;
 
-use super::{BenchError, broker_err};
+use super::{BenchError, amqp_connection, broker_err};
+use crate::config::Config;
 use crate::config::QueueType;
 
 /// Prefetch of the bare consumer.
@@ -61,7 +62,7 @@ pub struct BareReport {
 /// Run the loop on `queue` (which is deleted first if it exists; the
 /// caller deletes it afterwards).
 pub async fn run(
-    amqp_url: &str,
+    config: &Config,
     queue: &str,
     messages: usize,
     message_bytes: usize,
@@ -72,13 +73,8 @@ pub async fn run(
         QueueType::Classic => "classic",
         QueueType::Quorum => "quorum",
     };
-    let props = ConnectionProperties::default();
-    let publisher_conn = Connection::connect(amqp_url, props.clone())
-        .await
-        .map_err(broker_err("cannot connect (bare loop publisher)"))?;
-    let consumer_conn = Connection::connect(amqp_url, props)
-        .await
-        .map_err(broker_err("cannot connect (bare loop consumer)"))?;
+    let publisher_conn = amqp_connection(config, "cannot connect (bare loop publisher)").await?;
+    let consumer_conn = amqp_connection(config, "cannot connect (bare loop consumer)").await?;
 
     let setup = publisher_conn
         .create_channel()

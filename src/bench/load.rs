@@ -55,11 +55,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{BasicProperties, Confirmation, Connection, PublisherConfirm};
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 
-use super::{BenchError, Options, broker_err, store_err};
+use super::{BenchError, Options, amqp_connection, broker_err, store_err};
 use crate::config::Config;
 use crate::names::Names;
 
@@ -177,6 +177,11 @@ struct PublishSummary {
     refused: usize,
 }
 
+/// A Redis client for the bench (see `tool_client`).
+fn redis_client(config: &Config) -> Result<redis::Client, BenchError> {
+    crate::store::redis::tool_client(config).map_err(|e| BenchError::Store(e.to_string()))
+}
+
 /// Wall-clock µs since the epoch.
 pub fn unix_us() -> i64 {
     SystemTime::now()
@@ -187,8 +192,8 @@ pub fn unix_us() -> i64 {
 
 /// A Redis connection for the bench (10 s response time-out, for big
 /// pipelines).
-pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection, BenchError> {
-    let client = redis::Client::open(url).map_err(store_err("bad URL"))?;
+pub async fn redis_connection(config: &Config) -> Result<MultiplexedConnection, BenchError> {
+    let client = redis_client(config)?;
     client
         .get_multiplexed_async_connection_with_config(
             &AsyncConnectionConfig::new()
@@ -274,13 +279,12 @@ pub async fn start(
             .collect(),
     );
     let keys: Vec<String> = ids.iter().map(|id| names.job_key(id)).collect();
-    let mut conn = redis_connection(&config.redis_url).await?;
+    let mut conn = redis_connection(config).await?;
     let clock = clock_sync(&mut conn).await?;
     // The watcher runs on its own thread with a blocking connection, so it
     // can pause for less than the async timer's 1 ms granularity.
     let watch_conn = {
-        let client =
-            redis::Client::open(config.redis_url.as_str()).map_err(store_err("bad URL"))?;
+        let client = redis_client(config)?;
         let conn = client
             .get_connection_with_timeout(Duration::from_secs(5))
             .map_err(store_err("cannot connect (watcher)"))?;
@@ -290,9 +294,7 @@ pub async fn start(
     };
 
     // Connect before the clock starts.
-    let amqp = Connection::connect(config.first_amqp_url(), ConnectionProperties::default())
-        .await
-        .map_err(broker_err("cannot connect (publisher)"))?;
+    let amqp = amqp_connection(config, "cannot connect (publisher)").await?;
     let channel = amqp.create_channel().await.map_err(broker_err("channel"))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -380,9 +382,7 @@ impl Started {
         };
         let submit_queue = self.names.submit_queue();
         let task_queue = self.names.task_queue("default");
-        let amqp = Connection::connect(config.first_amqp_url(), ConnectionProperties::default())
-            .await
-            .map_err(broker_err("cannot connect (hold)"))?;
+        let amqp = amqp_connection(config, "cannot connect (hold)").await?;
         let mut last = (0u64, 0u32);
         let mut last_progress = Instant::now();
         let mut timed_out = false;

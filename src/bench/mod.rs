@@ -247,6 +247,13 @@ fn broker_err(what: &str) -> impl Fn(lapin::Error) -> BenchError + '_ {
     move |e| BenchError::Broker(format!("{what}: {e}"))
 }
 
+/// A raw AMQP connection for the bench (see `tool_connection`).
+async fn amqp_connection(config: &Config, what: &str) -> Result<lapin::Connection, BenchError> {
+    crate::broker::amqp::tool_connection(config)
+        .await
+        .map_err(|e| BenchError::Broker(format!("{what}: {e}")))
+}
+
 fn store_err(what: &str) -> impl Fn(redis::RedisError) -> BenchError + '_ {
     move |e| BenchError::Store(format!("{what}: {e}"))
 }
@@ -309,7 +316,7 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             if matches!(options.target, Target::Spawn(_)) {
                 spawn::cleanup(&deployment_config, true).await;
             } else {
-                crate::purge::delete_queues(&deployment_config.amqp_url, &[bare_queue(&prefix)]).await;
+                crate::purge::delete_queues(&deployment_config, &[bare_queue(&prefix)]).await;
             }
             Err(BenchError::Interrupted)
         }
@@ -321,7 +328,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
     let bare = match options.bare_messages {
         Some(n) if n > 0 => {
             let result = bare::run(
-                config.first_amqp_url(),
+                config,
                 &bare_queue(&config.prefix),
                 n,
                 options.bare_message_bytes,
@@ -330,7 +337,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             )
             .await;
             // The scratch queue goes, whatever happened.
-            crate::purge::delete_queues(&config.amqp_url, &[bare_queue(&config.prefix)]).await;
+            crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
             Some(result?)
         }
         _ => None,
@@ -338,7 +345,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
 
     match &options.target {
         Target::Live { .. } => {
-            spawn::check_live(config.first_amqp_url(), &names, &config.worker.queues).await?;
+            spawn::check_live(config, &names, &config.worker.queues).await?;
             let load = load::run(config, options, run_id).await?;
             Ok(report::build(
                 config, options, run_id, load, bare, None, None,

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use lapin::Connection;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Connection, ConnectionProperties};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
-use super::{BenchError, SpawnOptions, bare_queue, broker_err};
+use super::{BenchError, SpawnOptions, amqp_connection, bare_queue};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::names::Names;
@@ -215,9 +215,7 @@ impl Deployment {
     /// every worker started the task queue; fail if a process exits first.
     pub async fn wait_ready(&mut self, config: &Config) -> Result<(), BenchError> {
         let names = Names::new(&config.prefix);
-        let conn = Connection::connect(config.first_amqp_url(), ConnectionProperties::default())
-            .await
-            .map_err(broker_err("cannot connect"))?;
+        let conn = amqp_connection(config, "cannot connect").await?;
         let deadline = Instant::now() + READY_WITHIN;
         let result = loop {
             for p in &mut self.procs {
@@ -379,13 +377,11 @@ pub async fn queue_depth(conn: &Connection, queue: &str) -> Option<(u32, u32)> {
 /// A live deployment must have its submit queue and `default` task queue
 /// consumed, or the jobs would only pile up.
 pub async fn check_live(
-    amqp_url: &str,
+    config: &Config,
     names: &Names,
     queues: &[String],
 ) -> Result<(), BenchError> {
-    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
-        .await
-        .map_err(broker_err("cannot connect"))?;
+    let conn = amqp_connection(config, "cannot connect").await?;
     let submit = consumers(&conn, &names.submit_queue()).await;
     let tasks = consumers(&conn, &names.task_queue("default")).await;
     let _ = conn.close(200, "checked".into()).await;
@@ -419,9 +415,9 @@ pub async fn cleanup(config: &Config, keys: bool) {
     if !config.worker.queues.iter().any(|q| q == "default") {
         queues.push(names.task_queue("default"));
     }
-    crate::purge::delete_queues(&config.amqp_url, &queues).await;
+    crate::purge::delete_queues(config, &queues).await;
     if keys && config.prefix.starts_with("bench-") {
-        crate::purge::delete_keys(&config.redis_url, &config.prefix).await;
+        crate::purge::delete_keys(config).await;
     }
 }
 

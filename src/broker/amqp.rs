@@ -35,7 +35,7 @@ use lapin::{
 use super::{
     Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
 };
-use crate::config::{QueueType, TlsCa, redact_url, split_urls};
+use crate::config::{Config, QueueType, TlsCa, redact_url, split_urls};
 use crate::names::Names;
 
 /// Queue arguments and names for one deployment.
@@ -97,6 +97,38 @@ fn with_heartbeat(url: &str) -> String {
     } else {
         format!("{url}?heartbeat=15")
     }
+}
+
+/// A plain lapin connection to the first node of `config.amqp_url` that
+/// accepts one, trusting `tls_ca_file`: for tools that need raw AMQP (the
+/// bench's load and bare loop, cleanup), not for the service loops.
+pub async fn tool_connection(config: &Config) -> Result<Connection, BrokerError> {
+    let tls_ca = config
+        .tls_ca()
+        .map_err(|e| BrokerError::Fatal(e.to_string()))?;
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: tls_ca.map(|ca| ca.pem().to_owned()),
+    };
+    let mut failures = Vec::new();
+    for url in split_urls(&config.amqp_url) {
+        let attempt = async {
+            DefaultConnectionBuilder::new()?
+                .with_uri_str(url.to_owned())
+                .with_properties(ConnectionProperties::default())
+                .with_tls_config(tls.clone())
+                .connect()
+                .await
+        };
+        match attempt.await {
+            Ok(connection) => return Ok(connection),
+            Err(e) => failures.push(format!("{}: {e}", redact_url(url))),
+        }
+    }
+    Err(BrokerError::Unavailable(format!(
+        "cannot connect to RabbitMQ: {}",
+        failures.join("; ")
+    )))
 }
 
 impl AmqpBroker {

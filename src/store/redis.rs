@@ -35,7 +35,7 @@ use super::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
     JobSummary, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
-use crate::config::TlsCa;
+use crate::config::{Config, TlsCa};
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::names::Names;
@@ -166,6 +166,35 @@ fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
     s.parse().map_err(|e| protocol(format!("{e}")))
 }
 
+/// A client for `config.redis_url` trusting `tls_ca_file` (only it, as the
+/// store does): for tools that need raw Redis (the bench, cleanup).
+pub fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
+    let tls_ca = config.tls_ca().map_err(|e| protocol(e.to_string()))?;
+    let info = with_tls_ca(config.redis_url.as_str(), tls_ca.as_ref())?;
+    redis::Client::open(info).map_err(|e| protocol(format!("redis url: {e}")))
+}
+
+/// The connection info of `url`, carrying `tls_ca` as its only root for
+/// `rediss://`.
+fn with_tls_ca(url: &str, tls_ca: Option<&TlsCa>) -> Result<redis::ConnectionInfo, StoreError> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| protocol(format!("redis url: {e}")))?;
+    match tls_ca {
+        Some(ca) if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) => {
+            let certificates = TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.pem().as_bytes().to_vec()),
+            };
+            Ok(redis::Client::build_with_tls(info, certificates)
+                .map_err(|e| protocol(format!("tls_ca_file {}: {e}", ca.path().display())))?
+                .get_connection_info()
+                .clone())
+        }
+        _ => Ok(info),
+    }
+}
+
 impl RedisStore {
     /// Connect to `url` (`redis://` or `rediss://`, trusting only `tls_ca`
     /// if given) with a pool of `size` multiplexed connections, and load
@@ -181,22 +210,8 @@ impl RedisStore {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
-        let mut info = url
-            .into_connection_info()
-            .map_err(|e| protocol(format!("redis url: {e}")))?;
-        if let Some(ca) = tls_ca
-            && matches!(info.addr(), ConnectionAddr::TcpTls { .. })
-        {
-            // The pool's client keeps the parsed roots for every new connection.
-            let certificates = TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.pem().as_bytes().to_vec()),
-            };
-            info = redis::Client::build_with_tls(info, certificates)
-                .map_err(|e| protocol(format!("tls_ca_file {}: {e}", ca.path().display())))?
-                .get_connection_info()
-                .clone();
-        }
+        // The pool's client keeps the parsed roots for every new connection.
+        let info = with_tls_ca(url, tls_ca)?;
         let manager = Manager::new_with_config(info, conn_config)
             .map_err(|e| protocol(format!("redis url: {e}")))?;
         let pool = Pool::builder(manager)

@@ -27,9 +27,8 @@ use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, DefaultConnectionBuilder};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
@@ -221,8 +220,8 @@ pub async fn cleanup(config: &Config) {
     let mut queues = vec![names.submit_queue(), names.dead_queue()];
     queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
     queues.push(names.task_queue("other"));
-    conveyor::purge::delete_queues(&config.amqp_url, &queues).await;
-    conveyor::purge::delete_keys(&config.redis_url, &config.prefix).await;
+    conveyor::purge::delete_queues(config, &queues).await;
+    conveyor::purge::delete_keys(config).await;
 }
 
 /// A client that knows nothing of Conveyor's code: plain AMQP and JSON.
@@ -245,20 +244,9 @@ impl Client {
 
     /// A client of `config`'s broker, trusting its `tls_ca_file` if set.
     pub async fn connect_to(config: &Config) -> Client {
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: config
-                .tls_ca()
-                .expect("tls_ca_file readable")
-                .map(|ca| ca.pem().to_owned()),
-        };
-        let conn = DefaultConnectionBuilder::new()
-            .expect("lapin runtime")
-            .with_uri_str(config.first_amqp_url().to_owned())
-            .with_tls_config(tls)
-            .connect()
+        let conn = conveyor::broker::amqp::tool_connection(config)
             .await
-            .unwrap_or_else(|e| panic!("cannot reach RabbitMQ at {}: {e}", config.amqp_url));
+            .unwrap_or_else(|e| panic!("{e}. {HOW_TO_START}"));
         Self::on(conn, &config.prefix).await
     }
 
