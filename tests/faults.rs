@@ -305,32 +305,77 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     d.shutdown().await;
 }
 
+/// 1,000 sleep jobs running on a dispatcher, an in-process worker and a
+/// worker process serving `/readyz`, every run in a journal: the stage for
+/// an outage in the middle of a run.
+struct MidRun {
+    d: Deployment,
+    journal: PathBuf,
+    probed: tokio::process::Child,
+    port: u16,
+    ids: Vec<String>,
+    done_before: usize,
+}
+
+impl MidRun {
+    /// Start the parts, wait until the worker process is ready, submit the
+    /// jobs and return once 200 runs have ended.
+    async fn start(mut d: Deployment, name: &str) -> MidRun {
+        let dir = temp_dir(name);
+        let journal = dir.join("journal");
+        d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+        d.start_dispatcher().await;
+        d.start_worker(16).await;
+        let (probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
+        let ready = wait_readiness(port, true).await;
+        assert_eq!(
+            ready["consuming"][d.names.task_queue("default")],
+            true,
+            "{ready}"
+        );
+        let client = Client::connect(&d.config.prefix).await;
+        let ids = submit_sleep_jobs(&client, name, 1000, 20).await;
+        client.close().await;
+        wait_ended_runs(&journal, 200).await;
+        let done_before = ended_runs(&journal);
+        MidRun {
+            d,
+            journal,
+            probed,
+            port,
+            ids,
+            done_before,
+        }
+    }
+
+    /// Every job succeeded, the outage (named by `what`) came in the middle
+    /// of the run, and no task ran under two live claims at once.
+    async fn assert_nothing_lost(&self, what: &str) {
+        let counts = assert_jobs_settled(&self.d, &self.ids).await;
+        assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
+        assert!(
+            self.done_before < 1000,
+            "{what} after the run, not in the middle of it"
+        );
+        assert_no_overlapping_claims(&self.journal, self.d.config.lease());
+    }
+
+    /// Stop the worker process (it must exit 0) and the deployment.
+    async fn stop(mut self) {
+        signal(&self.probed, "-TERM").await;
+        assert!(self.probed.wait().await.unwrap().success());
+        self.d.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     let _serial = SERIAL.lock().await;
-    let mut d = Deployment::new("amqpdrop").await;
-    let dir = temp_dir("amqpdrop");
-    let journal = dir.join("journal");
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
-    d.start_dispatcher().await;
-    d.start_worker(16).await;
-    let (mut probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
-    let before = wait_readiness(port, true).await;
+    let run = MidRun::start(Deployment::new("amqpdrop").await, "amqpdrop").await;
+    let (d, port) = (&run.d, run.port);
     let task_queue = d.names.task_queue("default");
-    assert_eq!(before["consuming"][&task_queue], true, "{before}");
-    let client = Client::connect(&d.config.prefix).await;
-    let ids = submit_sleep_jobs(&client, "a", 1000, 20).await;
-    client.close().await;
-    wait_ended_runs(&journal, 200).await;
-    let done_before = ended_runs(&journal);
     rabbitmqctl(&["close_all_connections", "conveyor fault injection"]).await;
-    let counts = assert_jobs_settled(&d, &ids).await;
-    assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
-    assert!(
-        done_before < 1000,
-        "connections were dropped after the run, not in the middle of it"
-    );
-    assert_no_overlapping_claims(&journal, d.config.lease());
+    run.assert_nothing_lost("connections were dropped").await;
     // Consumers are back on every queue (Celery's decade-old bug), and the
     // worker process's readiness says so.
     let after = wait_readiness(port, true).await;
@@ -378,9 +423,7 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
         JobState::Succeeded
     );
     client.close().await;
-    signal(&probed, "-TERM").await;
-    assert!(probed.wait().await.unwrap().success());
-    d.shutdown().await;
+    run.stop().await;
 }
 
 async fn rabbitmqctl(args: &[&str]) {
@@ -399,39 +442,23 @@ async fn rabbitmqctl(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     let _serial = SERIAL.lock().await;
-    let mut d = Deployment::new("amqprestart").await;
-    let dir = temp_dir("amqprestart");
-    let journal = dir.join("journal");
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
-    d.start_dispatcher().await;
-    d.start_worker(16).await;
-    let (mut probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
-    wait_readiness(port, true).await;
-    let client = Client::connect(&d.config.prefix).await;
-    let ids = submit_sleep_jobs(&client, "b", 1000, 20).await;
-    client.close().await;
-    wait_ended_runs(&journal, 200).await;
-    let done_before = ended_runs(&journal);
+    let run = MidRun::start(Deployment::new("amqprestart").await, "amqprestart").await;
     // The broker application stops (queues and their messages stay on
     // disk) and starts again, as in a rolling restart.
     rabbitmqctl(&["stop_app"]).await;
-    let down = wait_readiness(port, false).await;
+    let down = wait_readiness(run.port, false).await;
     assert_eq!(down["broker"], false, "{down}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&["start_app"]).await;
     rabbitmqctl(&["await_startup"]).await;
-    let up = wait_readiness(port, true).await;
-    assert_eq!(up["consuming"][d.names.task_queue("default")], true, "{up}");
-    let counts = assert_jobs_settled(&d, &ids).await;
-    assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
-    assert!(
-        done_before < 1000,
-        "the broker was restarted after the run, not in the middle of it"
+    let up = wait_readiness(run.port, true).await;
+    assert_eq!(
+        up["consuming"][run.d.names.task_queue("default")],
+        true,
+        "{up}"
     );
-    assert_no_overlapping_claims(&journal, d.config.lease());
-    signal(&probed, "-TERM").await;
-    assert!(probed.wait().await.unwrap().success());
-    d.shutdown().await;
+    run.assert_nothing_lost("the broker was restarted").await;
+    run.stop().await;
 }
 
 /// A Redis server of the test's own, on its own port and directory.
@@ -534,36 +561,16 @@ async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     let redis = PrivateRedis::start(true).await;
     let mut config = test_config(&unique_prefix("redisaof"));
     config.redis_url = redis.url();
-    let mut d = Deployment::with_config(config).await;
-    let dir = temp_dir("redisaof");
-    let journal = dir.join("journal");
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
-    d.start_dispatcher().await;
-    d.start_worker(16).await;
-    let (mut probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
-    wait_readiness(port, true).await;
-    let client = Client::connect(&d.config.prefix).await;
-    let ids = submit_sleep_jobs(&client, "r", 1000, 20).await;
-    wait_ended_runs(&journal, 200).await;
-    let done_before = ended_runs(&journal);
+    let run = MidRun::start(Deployment::with_config(config).await, "redisaof").await;
     redis.stop().await;
     // Readiness follows the store: down while Redis is, up when it is back.
-    let down = wait_readiness(port, false).await;
+    let down = wait_readiness(run.port, false).await;
     assert_eq!(down["store"], false, "{down}");
     assert_eq!(down["broker"], true, "{down}");
     redis.launch().await;
-    wait_readiness(port, true).await;
-    let counts = assert_jobs_settled(&d, &ids).await;
-    assert_eq!(counts.get(&JobState::Succeeded), Some(&1000), "{counts:?}");
-    assert!(
-        done_before < 1000,
-        "Redis was stopped after the run, not in the middle of it"
-    );
-    assert_no_overlapping_claims(&journal, d.config.lease());
-    client.close().await;
-    signal(&probed, "-TERM").await;
-    assert!(probed.wait().await.unwrap().success());
-    d.shutdown().await;
+    wait_readiness(run.port, true).await;
+    run.assert_nothing_lost("Redis was stopped").await;
+    run.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
