@@ -106,22 +106,45 @@ pub async fn tool_connection(config: &Config) -> Result<Connection, BrokerError>
     let tls_ca = config
         .tls_ca()
         .map_err(|e| BrokerError::Fatal(e.to_string()))?;
-    let tls = OwnedTLSConfig {
+    let urls: Vec<String> = split_urls(&config.amqp_url)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let (_, connection) = connect_first(&urls, 0, &tls_config(tls_ca.as_ref())).await?;
+    Ok(connection)
+}
+
+/// lapin's TLS settings: `tls_ca` as an extra trusted root, if given.
+fn tls_config(tls_ca: Option<&TlsCa>) -> OwnedTLSConfig {
+    OwnedTLSConfig {
         identity: None,
         cert_chain: tls_ca.map(|ca| ca.pem().to_owned()),
-    };
+    }
+}
+
+/// A connection to the first of `urls` that accepts one, trying them in
+/// turn from index `start`: its index and the connection, or an error
+/// naming every node tried (passwords redacted).
+async fn connect_first(
+    urls: &[String],
+    start: usize,
+    tls: &OwnedTLSConfig,
+) -> Result<(usize, Connection), BrokerError> {
     let mut failures = Vec::new();
-    for url in split_urls(&config.amqp_url) {
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        let url = &urls[i];
         let attempt = async {
             DefaultConnectionBuilder::new()?
-                .with_uri_str(url.to_owned())
+                .with_uri_str(url.clone())
                 .with_properties(ConnectionProperties::default())
                 .with_tls_config(tls.clone())
                 .connect()
                 .await
         };
         match attempt.await {
-            Ok(connection) => return Ok(connection),
+            Ok(connection) => return Ok((i, connection)),
+            Err(e) if urls.len() == 1 => failures.push(e.to_string()),
             Err(e) => failures.push(format!("{}: {e}", redact_url(url))),
         }
     }
@@ -150,10 +173,7 @@ impl AmqpBroker {
         let broker = AmqpBroker {
             urls,
             preferred: std::sync::atomic::AtomicUsize::new(0),
-            tls: OwnedTLSConfig {
-                identity: None,
-                cert_chain: tls_ca.map(|ca| ca.pem().to_owned()),
-            },
+            tls: tls_config(tls_ca),
             topology,
             session: tokio::sync::Mutex::new(None),
             declared: std::sync::Mutex::new(Vec::new()),
@@ -199,37 +219,12 @@ impl AmqpBroker {
     async fn connect_any(&self) -> Result<Connection, BrokerError> {
         use std::sync::atomic::Ordering;
         let start = self.preferred.load(Ordering::Relaxed);
-        let mut failures = Vec::new();
-        for k in 0..self.urls.len() {
-            let i = (start + k) % self.urls.len();
-            let url = &self.urls[i];
-            let attempt = async {
-                DefaultConnectionBuilder::new()?
-                    .with_uri_str(url.clone())
-                    .with_properties(ConnectionProperties::default())
-                    .with_tls_config(self.tls.clone())
-                    .connect()
-                    .await
-            };
-            match attempt.await {
-                Ok(connection) => {
-                    if i != start {
-                        tracing::info!(node = %redact_url(url), "connected to another RabbitMQ node");
-                    }
-                    self.preferred.store(i, Ordering::Relaxed);
-                    return Ok(connection);
-                }
-                Err(e) => failures.push(if self.urls.len() == 1 {
-                    e.to_string()
-                } else {
-                    format!("{}: {e}", redact_url(url))
-                }),
-            }
+        let (i, connection) = connect_first(&self.urls, start, &self.tls).await?;
+        if i != start {
+            tracing::info!(node = %redact_url(&self.urls[i]), "connected to another RabbitMQ node");
         }
-        Err(BrokerError::Unavailable(format!(
-            "cannot connect to RabbitMQ: {}",
-            failures.join("; ")
-        )))
+        self.preferred.store(i, Ordering::Relaxed);
+        Ok(connection)
     }
 
     fn work_queue_args(&self) -> FieldTable {
