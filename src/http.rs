@@ -66,6 +66,14 @@ impl ProbeServer {
         })
     }
 
+    /// Start one if an address is given (`http_addr` is optional).
+    pub async fn start_if(addr: Option<SocketAddr>) -> Result<Option<ProbeServer>, BindError> {
+        match addr {
+            Some(addr) => ProbeServer::start(addr).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

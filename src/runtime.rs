@@ -11,7 +11,7 @@ use crate::broker::amqp::{AmqpBroker, Topology};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError, TlsCa, redact_url};
 use crate::dispatcher::{Dispatcher, DispatcherOptions};
-use crate::http::{BindError, ProbeServer};
+use crate::http::ProbeServer;
 use crate::intake::JobIntake;
 use crate::names::Names;
 use crate::shutdown::Shutdown;
@@ -110,14 +110,6 @@ pub async fn connect_until_up(
     }
 }
 
-/// Serve `/healthz` and `/readyz` if the config asks for an HTTP address.
-async fn start_probes(config: &Config) -> Result<Option<ProbeServer>, BindError> {
-    match config.http_addr {
-        Some(addr) => ProbeServer::start(addr).await.map(Some),
-        None => Ok(None),
-    }
-}
-
 /// Run a dispatcher until shutdown, riding out broker and store outages.
 pub async fn run_dispatcher(
     config: &Config,
@@ -125,7 +117,7 @@ pub async fn run_dispatcher(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let id = format!("dispatcher-{}", crate::worker::new_worker_id());
-    let probes = start_probes(config).await?;
+    let probes = ProbeServer::start_if(config.http_addr).await?;
     let Some((store, broker)) = connect_until_up(config, &id, 8, &shutdown).await? else {
         return Ok(());
     };
@@ -176,7 +168,7 @@ pub async fn run_worker(
         )?),
         None => None,
     };
-    let probes = start_probes(config).await?;
+    let probes = ProbeServer::start_if(config.http_addr).await?;
     let Some((store, broker)) = connect_until_up(config, &id, 4, &shutdown).await? else {
         return Ok(());
     };

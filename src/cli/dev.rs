@@ -43,10 +43,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let trigger = ShutdownTrigger::new();
     on_signals(trigger.clone());
     let started = std::time::Instant::now();
-    let probes = match args.http_addr.or(config.http_addr) {
-        Some(addr) => Some(ProbeServer::start(addr).await?),
-        None => None,
-    };
+    let probes = ProbeServer::start_if(args.http_addr.or(config.http_addr)).await?;
     let embedded = Embedded::start(
         &config,
         conveyor_builtin_handlers::registry(),
