@@ -27,6 +27,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use serde::Serialize;
 
+use super::report::Percentiles;
 use super::{BenchError, amqp_connection, broker_err};
 use crate::config::Config;
 use crate::config::QueueType;
@@ -59,6 +60,192 @@ pub struct BareReport {
     pub msgs_per_s: f64,
 }
 
+/// A bare hop at an offered rate: how long one persistent message takes
+/// from `basic.publish` to its delivery at a consumer, through one queue of
+/// the deployment's own type. Conveyor's latency from publish to
+/// `succeeded` is at least two such hops (submit, task) plus its Redis
+/// round trips, so this is the floor its latency is read against.
+#[derive(Debug, Clone, Serialize)]
+pub struct BareHopReport {
+    /// The scratch queue.
+    pub queue: String,
+    /// `classic` or `quorum`.
+    pub queue_type: &'static str,
+    /// Messages published and consumed.
+    pub messages: usize,
+    /// Body size in bytes.
+    pub message_bytes: usize,
+    /// Messages offered per second (the load's rate).
+    pub offered_rate: f64,
+    /// Publish -> delivery at the consumer, in ms.
+    pub latency_ms: Option<Percentiles>,
+}
+
+/// What a run is measured against: the bare loop's throughput, or (at an
+/// offered rate) a bare hop's latency.
+#[derive(Debug, Clone)]
+pub enum Yardstick {
+    /// [`run`].
+    Throughput(BareReport),
+    /// [`hop_latency`].
+    Hop(BareHopReport),
+}
+
+fn type_name(queue_type: QueueType) -> &'static str {
+    match queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    }
+}
+
+/// A publisher connection, a consumer on its own connection (prefetch
+/// [`PREFETCH`], manual acks) and the scratch queue they share, declared
+/// afresh.
+struct Loop {
+    publisher_conn: lapin::Connection,
+    consumer_conn: lapin::Connection,
+    publisher: lapin::Channel,
+}
+
+impl Loop {
+    async fn open(
+        config: &Config,
+        queue: &str,
+        queue_type: QueueType,
+    ) -> Result<(Loop, lapin::Consumer), BenchError> {
+        let publisher_conn =
+            amqp_connection(config, "cannot connect (bare loop publisher)").await?;
+        let consumer_conn = amqp_connection(config, "cannot connect (bare loop consumer)").await?;
+
+        let setup = publisher_conn
+            .create_channel()
+            .await
+            .map_err(broker_err("channel"))?;
+        let _ = setup
+            .queue_delete(ShortString::from(queue), QueueDeleteOptions::default())
+            .await;
+        let setup = publisher_conn
+            .create_channel()
+            .await
+            .map_err(broker_err("channel"))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(type_name(queue_type).into()),
+        );
+        setup
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(broker_err("declaring the bare queue"))?;
+        let _ = setup.close(200, "declared".into()).await;
+
+        let consumer_channel = consumer_conn
+            .create_channel()
+            .await
+            .map_err(broker_err("channel"))?;
+        consumer_channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(broker_err("basic.qos"))?;
+        let consumer = consumer_channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from("bench-bare"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(broker_err("basic.consume"))?;
+        let publisher = publisher_conn
+            .create_channel()
+            .await
+            .map_err(broker_err("channel"))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(broker_err("confirm.select"))?;
+        Ok((
+            Loop {
+                publisher_conn,
+                consumer_conn,
+                publisher,
+            },
+            consumer,
+        ))
+    }
+
+    async fn publish(&self, queue: &str, body: &[u8]) -> Result<PublisherConfirm, BenchError> {
+        self.publisher
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .map_err(broker_err("basic.publish"))
+    }
+
+    async fn close(self) {
+        let _ = self.publisher_conn.close(200, "bench done".into()).await;
+        let _ = self.consumer_conn.close(200, "bench done".into()).await;
+    }
+}
+
+/// Consume `messages` deliveries with one ack each, calling `seen` on
+/// every body; returns when the last one was acked.
+async fn consume(
+    mut consumer: lapin::Consumer,
+    messages: usize,
+    mut seen: impl FnMut(&[u8]) + Send + 'static,
+) -> Result<Instant, BenchError> {
+    let mut count = 0usize;
+    while count < messages {
+        match consumer.next().await {
+            Some(Ok(delivery)) => {
+                seen(&delivery.data);
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(broker_err("basic.ack"))?;
+                count += 1;
+            }
+            Some(Err(e)) => return Err(BenchError::Broker(format!("consuming: {e}"))),
+            None => {
+                return Err(BenchError::Broker(format!(
+                    "the bare consumer stopped after {count} of {messages} messages"
+                )));
+            }
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// Wait for the consumer, generously: the loop normally takes seconds.
+async fn join_consumer(
+    consuming: tokio::task::JoinHandle<Result<Instant, BenchError>>,
+    messages: usize,
+    expected: Duration,
+) -> Result<Instant, BenchError> {
+    let limit = expected + Duration::from_secs(60) + Duration::from_millis(messages as u64);
+    match tokio::time::timeout(limit, consuming).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(BenchError::Broker(format!("bare consumer: {join}"))),
+        Err(_) => Err(BenchError::Broker(format!(
+            "the bare loop did not consume {messages} messages within {limit:?}"
+        ))),
+    }
+}
+
 /// Run the loop on `queue` (which is deleted first if it exists; the
 /// caller deletes it afterwards).
 pub async fn run(
@@ -69,92 +256,10 @@ pub async fn run(
     window: usize,
     queue_type: QueueType,
 ) -> Result<BareReport, BenchError> {
-    let type_name = match queue_type {
-        QueueType::Classic => "classic",
-        QueueType::Quorum => "quorum",
-    };
-    let publisher_conn = amqp_connection(config, "cannot connect (bare loop publisher)").await?;
-    let consumer_conn = amqp_connection(config, "cannot connect (bare loop consumer)").await?;
+    let (bare, consumer) = Loop::open(config, queue, queue_type).await?;
+    let consuming = tokio::spawn(consume(consumer, messages, |_| {}));
 
-    let setup = publisher_conn
-        .create_channel()
-        .await
-        .map_err(broker_err("channel"))?;
-    let _ = setup
-        .queue_delete(ShortString::from(queue), QueueDeleteOptions::default())
-        .await;
-    let setup = publisher_conn
-        .create_channel()
-        .await
-        .map_err(broker_err("channel"))?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(type_name.into()),
-    );
-    setup
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .map_err(broker_err("declaring the bare queue"))?;
-    let _ = setup.close(200, "declared".into()).await;
-
-    let consumer_channel = consumer_conn
-        .create_channel()
-        .await
-        .map_err(broker_err("channel"))?;
-    consumer_channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .map_err(broker_err("basic.qos"))?;
-    let mut consumer = consumer_channel
-        .basic_consume(
-            ShortString::from(queue),
-            ShortString::from("bench-bare"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker_err("basic.consume"))?;
-    let consuming = tokio::spawn(async move {
-        let mut seen = 0usize;
-        while seen < messages {
-            match consumer.next().await {
-                Some(Ok(delivery)) => {
-                    delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map_err(broker_err("basic.ack"))?;
-                    seen += 1;
-                }
-                Some(Err(e)) => return Err(BenchError::Broker(format!("consuming: {e}"))),
-                None => {
-                    return Err(BenchError::Broker(format!(
-                        "the bare consumer stopped after {seen} of {messages} messages"
-                    )));
-                }
-            }
-        }
-        Ok::<Instant, BenchError>(Instant::now())
-    });
-
-    let publisher = publisher_conn
-        .create_channel()
-        .await
-        .map_err(broker_err("channel"))?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(broker_err("confirm.select"))?;
     let body = vec![b'x'; message_bytes];
-    let properties = BasicProperties::default().with_delivery_mode(2);
     let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
     let start = Instant::now();
     for _ in 0..messages {
@@ -163,40 +268,18 @@ pub async fn run(
         {
             check(confirm.await)?;
         }
-        let confirm = publisher
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue),
-                BasicPublishOptions::default(),
-                &body,
-                properties.clone(),
-            )
-            .await
-            .map_err(broker_err("basic.publish"))?;
-        pending.push_back(confirm);
+        pending.push_back(bare.publish(queue, &body).await?);
     }
     for confirm in pending {
         check(confirm.await)?;
     }
     let published = start.elapsed();
-
-    // Generous: the loop normally takes a few seconds.
-    let limit = Duration::from_secs(60) + Duration::from_millis(messages as u64);
-    let last_ack = match tokio::time::timeout(limit, consuming).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => return Err(BenchError::Broker(format!("bare consumer: {join}"))),
-        Err(_) => {
-            return Err(BenchError::Broker(format!(
-                "the bare loop did not consume {messages} messages within {limit:?}"
-            )));
-        }
-    };
+    let last_ack = join_consumer(consuming, messages, Duration::ZERO).await?;
     let seconds = last_ack.duration_since(start).as_secs_f64();
-    let _ = publisher_conn.close(200, "bench done".into()).await;
-    let _ = consumer_conn.close(200, "bench done".into()).await;
+    bare.close().await;
     Ok(BareReport {
         queue: queue.to_owned(),
-        queue_type: type_name,
+        queue_type: type_name(queue_type),
         messages,
         message_bytes,
         prefetch: PREFETCH,
@@ -205,6 +288,68 @@ pub async fn run(
         publish_s: published.as_secs_f64(),
         seconds,
         msgs_per_s: messages as f64 / seconds.max(1e-9),
+    })
+}
+
+/// Publish `messages` at `rate` per second to `queue` (deleted first if it
+/// exists; the caller deletes it afterwards), each carrying the time it was
+/// published, and take each one's publish -> delivery latency. Paced like
+/// the load (message `i` is due at `start + i / rate`), with the same
+/// window of unconfirmed publishes.
+pub async fn hop_latency(
+    config: &Config,
+    queue: &str,
+    messages: usize,
+    message_bytes: usize,
+    rate: f64,
+    window: usize,
+    queue_type: QueueType,
+) -> Result<BareHopReport, BenchError> {
+    let (bare, consumer) = Loop::open(config, queue, queue_type).await?;
+    let start = Instant::now();
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(messages)));
+    let sink = std::sync::Arc::clone(&samples);
+    let consuming = tokio::spawn(consume(consumer, messages, move |body| {
+        let now = start.elapsed().as_nanos();
+        if let Some(sent) = body
+            .get(..16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(u128::from_le_bytes)
+        {
+            let ms = now.saturating_sub(sent) as f64 / 1e6;
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+        }
+    }));
+
+    let mut body = vec![b'x'; message_bytes.max(16)];
+    let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
+    for i in 0..messages {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        if Instant::now() < due {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        while pending.len() >= window {
+            if let Some(confirm) = pending.pop_front() {
+                check(confirm.await)?;
+            }
+        }
+        body[..16].copy_from_slice(&start.elapsed().as_nanos().to_le_bytes());
+        pending.push_back(bare.publish(queue, &body).await?);
+    }
+    for confirm in pending {
+        check(confirm.await)?;
+    }
+    let expected = Duration::from_secs_f64(messages as f64 / rate);
+    join_consumer(consuming, messages, expected).await?;
+    bare.close().await;
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(BareHopReport {
+        queue: queue.to_owned(),
+        queue_type: type_name(queue_type),
+        messages,
+        message_bytes: body.len(),
+        offered_rate: rate,
+        latency_ms: Percentiles::of(samples),
     })
 }
 

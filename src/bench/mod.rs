@@ -6,7 +6,10 @@
 //!    `<prefix>.bench.bare` (classic by default), consumed concurrently with prefetch 200 and one
 //!    manual ack per message. Its msgs/s is what this machine's RabbitMQ can
 //!    do at best, so Conveyor's figures are also given as a ratio of it and
-//!    stay comparable across noisy machines;
+//!    stay comparable across noisy machines. With an offered rate
+//!    (`--rate`) it is replaced by the *bare hop* ([`bare::hop_latency`]):
+//!    messages at the same rate through one queue of the deployment's type,
+//!    timed from publish to delivery, the floor of each of Conveyor's hops;
 //! 2. the *load* ([`load`]): N jobs of one [`Shape`] published to
 //!    `<prefix>.submit` exactly as a client does (persistent JSON, ids
 //!    `b-<run>-<i>`, a window of unconfirmed publishes), at a fixed rate or as
@@ -325,8 +328,24 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
 
 async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<Report, BenchError> {
     let names = Names::new(&config.prefix);
-    let bare = match options.bare_messages {
-        Some(n) if n > 0 => {
+    let yardstick = match (options.bare_messages, options.rate) {
+        // At an offered rate the yardstick is a hop's latency at that
+        // rate, through a queue of the deployment's own type.
+        (Some(n), Some(rate)) if n > 0 => {
+            let result = bare::hop_latency(
+                config,
+                &bare_queue(&config.prefix),
+                n.min(options.jobs.max(1)),
+                options.bare_message_bytes,
+                rate,
+                options.confirm_window,
+                config.queue_type,
+            )
+            .await;
+            crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
+            Some(bare::Yardstick::Hop(result?))
+        }
+        (Some(n), None) if n > 0 => {
             let result = bare::run(
                 config,
                 &bare_queue(&config.prefix),
@@ -338,7 +357,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             .await;
             // The scratch queue goes, whatever happened.
             crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
-            Some(result?)
+            Some(bare::Yardstick::Throughput(result?))
         }
         _ => None,
     };
@@ -348,7 +367,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             spawn::check_live(config, &names, &config.worker.queues).await?;
             let load = load::run(config, options, run_id).await?;
             Ok(report::build(
-                config, options, run_id, load, bare, None, None,
+                config, options, run_id, load, yardstick, None, None,
             ))
         }
         Target::Spawn(spawn_options) => {
@@ -409,7 +428,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 options,
                 run_id,
                 load,
-                bare,
+                yardstick,
                 Some(processes),
                 hold,
             ))

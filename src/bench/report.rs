@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::bare::BareReport;
+use super::bare::{BareHopReport, BareReport, Yardstick};
 use super::load::{HoldSample, LoadResult};
 use super::spawn::{ProcessExit, ProcessMemory};
 use super::{Options, Shape, Target};
@@ -280,6 +280,8 @@ pub struct Report {
     pub bare: Option<BareReport>,
     /// Ratios to the bare loop.
     pub ratios: Option<Ratios>,
+    /// The bare hop at the offered rate (rate mode, unless skipped).
+    pub bare_hop: Option<BareHopReport>,
     /// The targets that apply to this run.
     pub targets: Vec<TargetCheck>,
     /// What went wrong (empty when nothing did).
@@ -303,10 +305,15 @@ pub fn build(
     options: &Options,
     run_id: &str,
     load: LoadResult,
-    bare: Option<BareReport>,
+    yardstick: Option<Yardstick>,
     processes: Option<Processes>,
     hold: Option<HoldInput>,
 ) -> Report {
+    let (bare, bare_hop) = match yardstick {
+        Some(Yardstick::Throughput(b)) => (Some(b), None),
+        Some(Yardstick::Hop(h)) => (None, Some(h)),
+        None => (None, None),
+    };
     let tasks_per_job = options.shape.tasks();
     let mut outcome = Outcome::default();
     let mut publish_reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -627,6 +634,7 @@ pub fn build(
         peak_rss_mb_by_role,
         bare,
         ratios,
+        bare_hop,
         targets,
         errors,
     }
@@ -840,9 +848,29 @@ impl Report {
                     }
                 );
             }
-            _ => {
-                let _ = writeln!(o, "bare broker loop: skipped");
-            }
+            _ => match &self.bare_hop {
+                Some(h) => {
+                    let _ = writeln!(
+                        o,
+                        "bare hop ({} queue, {} x {} B persistent at {} msgs/s, publish -> delivery)",
+                        h.queue_type, h.messages, h.message_bytes, h.offered_rate
+                    );
+                    let mut rows = String::new();
+                    pct_row(&mut rows, "bare hop", &h.latency_ms);
+                    let _ = write!(o, "{rows}");
+                    if let (Some(hop), Some(obs)) = (&h.latency_ms, &self.latency_ms.observed) {
+                        let _ = writeln!(
+                            o,
+                            "  Conveyor observed / bare hop: p50 {:.2}, p99 {:.2} hops (a job is 2 hops + 3 Redis round trips)",
+                            obs.p50 / hop.p50.max(1e-9),
+                            obs.p99 / hop.p99.max(1e-9)
+                        );
+                    }
+                }
+                None => {
+                    let _ = writeln!(o, "bare broker loop: skipped");
+                }
+            },
         }
         if !self.targets.is_empty() {
             let _ = writeln!(o);

@@ -1,0 +1,163 @@
+//! `conveyor bench` as a user runs it, against the real RabbitMQ and Redis:
+//! it starts its own dispatcher and worker, drives jobs through them,
+//! reports what it promises (outcomes, rates, latencies, memory, the bare
+//! yardstick), and leaves no queue or key behind. Small runs: what is
+//! checked is that every figure is there and consistent, never how fast
+//! this machine is.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use serde_json::Value;
+
+/// Run `conveyor bench --spawn ... --json` and parse its report.
+async fn bench(args: &[&str]) -> Value {
+    // Fail with the how-to-start message if a service is missing.
+    let config = common::test_config(&common::unique_prefix("bench"));
+    common::connect_store(&config, "bench-test").await;
+    common::connect_broker(&config).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["bench", "--spawn", "--json", "--timeout-s", "60"])
+        .args(args)
+        .env("CONVEYOR_AMQP_URL", &config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &config.redis_url)
+        .env_remove("CONVEYOR_PREFIX")
+        .output()
+        .await
+        .expect("run conveyor bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("bench printed no JSON ({e}): {stdout}"))
+}
+
+/// What the bench left under its prefix: queues (asked of the broker) and
+/// Redis keys.
+async fn leftovers(prefix: &str) -> (Vec<String>, Vec<String>) {
+    let config = common::test_config(prefix);
+    let names = conveyor::names::Names::new(prefix);
+    let conn = lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let mut queues = Vec::new();
+    for q in [
+        names.submit_queue(),
+        names.dead_queue(),
+        names.task_queue("default"),
+    ] {
+        // A passive declare of a missing queue closes the channel.
+        let ch = conn.create_channel().await.expect("channel");
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if ch
+            .queue_declare(q.as_str().into(), passive, Default::default())
+            .await
+            .is_ok()
+        {
+            queues.push(q);
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    (queues, keys)
+}
+
+fn number(report: &Value, path: &str) -> f64 {
+    report
+        .pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no number at {path} in {report}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_fast_as_possible_reports_throughput_against_the_bare_loop_and_cleans_up() {
+    let report = bench(&[
+        "--shape",
+        "fanout:3",
+        "--jobs",
+        "200",
+        "--bare-messages",
+        "2000",
+    ])
+    .await;
+
+    assert_eq!(number(&report, "/outcome/succeeded"), 200.0, "{report}");
+    assert_eq!(number(&report, "/outcome/unfinished"), 0.0);
+    assert_eq!(number(&report, "/tasks_per_job"), 5.0);
+    let jobs_per_s = number(&report, "/throughput/jobs_per_s");
+    let tasks_per_s = number(&report, "/throughput/tasks_per_s");
+    assert!(jobs_per_s > 0.0);
+    assert!((tasks_per_s / jobs_per_s - 5.0).abs() < 1e-6);
+    // The yardstick ran and the ratio is Conveyor's rate over it.
+    assert_eq!(number(&report, "/bare/messages"), 2000.0);
+    let bare = number(&report, "/bare/msgs_per_s");
+    assert!(bare > 0.0);
+    assert!((number(&report, "/ratios/tasks_per_s") - tasks_per_s / bare).abs() < 1e-6);
+    assert!(report["bare_hop"].is_null(), "no hop run without --rate");
+    // Latencies of every job, in order.
+    assert_eq!(number(&report, "/latency_ms/observed/count"), 200.0);
+    let p50 = number(&report, "/latency_ms/observed/p50");
+    let p99 = number(&report, "/latency_ms/observed/p99");
+    assert!(0.0 < p50 && p50 <= p99);
+    // The spawned processes' memory was read.
+    assert!(number(&report, "/peak_rss_mb_by_role/worker") > 1.0);
+    assert!(number(&report, "/peak_rss_mb_by_role/dispatcher") > 1.0);
+
+    let prefix = report["prefix"].as_str().expect("prefix").to_owned();
+    assert!(prefix.starts_with("bench-"));
+    let (queues, keys) = leftovers(&prefix).await;
+    assert!(queues.is_empty(), "queues left behind: {queues:?}");
+    assert!(keys.is_empty(), "keys left behind: {keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_an_offered_rate_reports_latency_next_to_a_bare_hop_of_the_same_queue_type() {
+    let report = bench(&["--shape", "single", "--jobs", "150", "--rate", "300"]).await;
+
+    assert_eq!(number(&report, "/outcome/succeeded"), 150.0, "{report}");
+    assert_eq!(number(&report, "/offered_rate"), 300.0);
+    // The throughput loop is replaced by the hop at the same rate, through
+    // a queue of the deployment's type.
+    assert!(report["bare"].is_null() && report["ratios"].is_null());
+    assert_eq!(report["bare_hop"]["queue_type"], report["queue_type"]);
+    assert_eq!(report["queue_type"], "quorum");
+    assert_eq!(number(&report, "/bare_hop/messages"), 150.0);
+    assert_eq!(number(&report, "/bare_hop/offered_rate"), 300.0);
+    assert_eq!(number(&report, "/bare_hop/latency_ms/count"), 150.0);
+    let hop_p50 = number(&report, "/bare_hop/latency_ms/p50");
+    assert!(hop_p50 > 0.0 && hop_p50 <= number(&report, "/bare_hop/latency_ms/max"));
+    // The latency targets are checked in rate mode, and only they and the
+    // memory and Redis ones (no throughput ratio without a bare loop).
+    let targets: Vec<&str> = report["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        targets.iter().any(|t| t.starts_with("p50 ms at 300")),
+        "{targets:?}"
+    );
+    assert!(
+        targets.iter().any(|t| t.starts_with("p99 ms at 300")),
+        "{targets:?}"
+    );
+    assert!(!targets.iter().any(|t| t.contains("÷ bare")), "{targets:?}");
+}
