@@ -22,13 +22,29 @@ end
 
 -- History entries are buffered and written with one RPUSH when the script
 -- ends (`flush_hist`, called by the wrapper around every script body):
--- each redis.call from Lua costs about a microsecond of its own.
+-- each redis.call from Lua costs about a microsecond of its own. Entries
+-- are put together as text: `NOW` is formatted once (Lua formats numbers
+-- with sprintf, about a microsecond each) and each distinct string is
+-- JSON-encoded once per script (a 10,000-wide release repeats the same
+-- states, reason and worker 10,000 times).
 local HIST = {}
+local NOW_JSON = string.format('%d', NOW)
+local JSON_OF = {}
+
+local function json_string(s)
+  if not s then return 'null' end
+  local j = JSON_OF[s]
+  if not j then
+    j = cjson.encode(s)
+    JSON_OF[s] = j
+  end
+  return j
+end
 
 local function hist(task, from, to, reason, by)
-  HIST[#HIST + 1] = cjson.encode({
-    at = NOW, task = task or cjson.null, from = from or cjson.null,
-    to = to, reason = reason, by = by or cjson.null })
+  HIST[#HIST + 1] = '{"at":' .. NOW_JSON .. ',"task":' .. json_string(task) ..
+    ',"from":' .. json_string(from) .. ',"to":' .. json_string(to) ..
+    ',"reason":' .. json_string(reason) .. ',"by":' .. json_string(by) .. '}'
 end
 
 -- unpack() has a small stack limit: long lists go in chunks.
@@ -66,15 +82,41 @@ end
 
 -- Task i succeeded: count it down in every dependent; those with no
 -- dependency left become ready (attempt 1) and are appended to `out`.
-local function release_dependents(i, by, out)
-  for _, d in ipairs(split_idx(hget('dp:' .. i))) do
-    local left = redis.call('HINCRBY', J, 'dl:' .. d, -1)
-    if left == 0 and hget('s:' .. d) == 'waiting' then
-      local v = redis.call('HMGET', J, 'nm:' .. d, 'q:' .. d)
-      redis.call('HSET', J, 's:' .. d, 'ready', 'a:' .. d, 1)
-      hist(v[1], 'waiting', 'ready', 'dependencies succeeded', by)
-      out[#out + 1] = d; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = '1'
+-- `dp` is task i's dependents field when the caller has read it already.
+-- Dependents are read with one HMGET and written with one HSET per chunk
+-- (a 10,000-wide fan-out releases in 20 pairs of calls, not 40,000 calls).
+local RELEASE_CHUNK = 500
+
+local function release_dependents(i, by, out, dp)
+  local deps = split_idx(dp or hget('dp:' .. i))
+  for s = 1, #deps, RELEASE_CHUNK do
+    local e = math.min(s + RELEASE_CHUNK - 1, #deps)
+    local fields = {}
+    for k = s, e do
+      local d = deps[k]
+      fields[#fields + 1] = 'dl:' .. d
+      fields[#fields + 1] = 's:' .. d
+      fields[#fields + 1] = 'nm:' .. d
+      fields[#fields + 1] = 'q:' .. d
     end
+    local v = redis.call('HMGET', J, unpack(fields))
+    local writes = {}
+    for k = s, e do
+      local d, b = deps[k], (k - s) * 4
+      local left = tonumber(v[b + 1] or '0') - 1
+      writes[#writes + 1] = 'dl:' .. d
+      -- A literal where it can be: a number would be formatted by sprintf.
+      writes[#writes + 1] = (left == 0) and '0' or tostring(left)
+      if left == 0 and v[b + 2] == 'waiting' then
+        writes[#writes + 1] = 's:' .. d
+        writes[#writes + 1] = 'ready'
+        writes[#writes + 1] = 'a:' .. d
+        writes[#writes + 1] = '1'
+        hist(v[b + 3], 'waiting', 'ready', 'dependencies succeeded', by)
+        out[#out + 1] = d; out[#out + 1] = v[b + 3]; out[#out + 1] = v[b + 4]; out[#out + 1] = '1'
+      end
+    end
+    redis.call('HSET', J, unpack(writes))
   end
   return out
 end

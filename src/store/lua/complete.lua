@@ -25,7 +25,7 @@ if kind == 'ok' then
   local fields = {'lf:' .. i, fence, 's:' .. i, 'succeeded', 'r:' .. i, ARGV[5],
     'open', open, 'v', tonumber(v[13]) + 1, 'up', NOW}
   if v[7] then
-    release_dependents(i, by, out)
+    release_dependents(i, by, out, v[7])
   end
   local st = v[9]
   if open == 0 then
