@@ -82,7 +82,7 @@ end
 
 -- Task i succeeded: count it down in every dependent; those with no
 -- dependency left become ready (attempt 1) and are appended to `out`.
--- `dp` is task i's dependents field when the caller has read it already.
+-- `dp` is the dependents field of task i when the caller has read it.
 -- Dependents are read with one HMGET and written with one HSET per chunk
 -- (a 10,000-wide fan-out releases in 20 pairs of calls, not 40,000 calls).
 local RELEASE_CHUNK = 500
