@@ -39,6 +39,7 @@ use crate::config::{Config, TlsCa};
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::names::Names;
+use redis::io::tcp::TcpSettings;
 
 #[cfg(test)]
 const COMMON: &str = include_str!("lua/common.lua");
@@ -175,11 +176,14 @@ pub fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
 }
 
 /// The connection info of `url`, carrying `tls_ca` as its only root for
-/// `rediss://`.
+/// `rediss://`, with `TCP_NODELAY` set: redis-rs leaves Nagle's algorithm
+/// on by default, which holds a request written behind another unanswered
+/// one on the multiplexed connection until the first reply's ACK.
 fn with_tls_ca(url: &str, tls_ca: Option<&TlsCa>) -> Result<redis::ConnectionInfo, StoreError> {
     let info = url
         .into_connection_info()
-        .map_err(|e| protocol(format!("redis url: {e}")))?;
+        .map_err(|e| protocol(format!("redis url: {e}")))?
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
     match tls_ca {
         Some(ca) if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) => {
             let certificates = TlsCertificates {
