@@ -88,6 +88,26 @@ fn number(report: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("no number at {path} in {report}"))
 }
 
+/// The exact latency (publish -> the µs Redis recorded the job final) is
+/// there for every job, positive, and never above what the watcher saw (an
+/// upper bound), give or take the clock offset's error.
+fn exact_latency_is_within_the_observed_bound(report: &Value, jobs: f64) {
+    assert_eq!(
+        number(report, "/latency_ms/server_publish_to_finish/count"),
+        jobs
+    );
+    let slack = number(report, "/measurement/clock_rtt_us") / 1000.0 + 0.05;
+    for q in ["p50", "p90", "p99", "max"] {
+        let exact = number(report, &format!("/latency_ms/server_publish_to_finish/{q}"));
+        let observed = number(report, &format!("/latency_ms/observed/{q}"));
+        assert!(exact > 0.0, "{q}: {exact}");
+        assert!(
+            exact <= observed + slack,
+            "{q}: exact {exact} ms above observed {observed} ms"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_fast_as_possible_reports_throughput_against_the_bare_loop_and_cleans_up() {
     let report = bench(&[
@@ -118,6 +138,7 @@ async fn as_fast_as_possible_reports_throughput_against_the_bare_loop_and_cleans
     let p50 = number(&report, "/latency_ms/observed/p50");
     let p99 = number(&report, "/latency_ms/observed/p99");
     assert!(0.0 < p50 && p50 <= p99);
+    exact_latency_is_within_the_observed_bound(&report, 200.0);
     // The spawned processes' memory was read.
     assert!(number(&report, "/peak_rss_mb_by_role/worker") > 1.0);
     assert!(number(&report, "/peak_rss_mb_by_role/dispatcher") > 1.0);
@@ -135,6 +156,7 @@ async fn at_an_offered_rate_reports_latency_next_to_a_bare_hop_of_the_same_queue
 
     assert_eq!(number(&report, "/outcome/succeeded"), 150.0, "{report}");
     assert_eq!(number(&report, "/offered_rate"), 300.0);
+    exact_latency_is_within_the_observed_bound(&report, 150.0);
     // The throughput loop is replaced by the hop at the same rate, through
     // a queue of the deployment's type.
     assert!(report["bare"].is_null() && report["ratios"].is_null());
@@ -154,11 +176,15 @@ async fn at_an_offered_rate_reports_latency_next_to_a_bare_hop_of_the_same_queue
         .filter_map(|t| t["name"].as_str())
         .collect();
     assert!(
-        targets.iter().any(|t| t.starts_with("p50 ms at 300")),
+        targets
+            .iter()
+            .any(|t| t.starts_with("p50 ms publish->succeeded at 300")),
         "{targets:?}"
     );
     assert!(
-        targets.iter().any(|t| t.starts_with("p99 ms at 300")),
+        targets
+            .iter()
+            .any(|t| t.starts_with("p99 ms publish->succeeded at 300")),
         "{targets:?}"
     );
     assert!(!targets.iter().any(|t| t.contains("÷ bare")), "{targets:?}");

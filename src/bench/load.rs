@@ -28,15 +28,16 @@
 //!   *over*-estimates by up to one poll cycle plus one Redis round trip
 //!   (the mean and longest cycle are in the report) — and by more for a
 //!   job that finished while outside the oldest `poll_window`.
-//! - `server publish->finish`: the job hash's `fin` (Redis `TIME`, ms,
-//!   written by the script that finished the job) minus the publish time,
+//! - `server publish->finish`: the job hash's `fin_us` (Redis `TIME` in µs,
+//!   taken by the script that made the job final) minus the publish time,
 //!   converted to Redis's clock with an offset measured before the run
-//!   (best of 16 `TIME` round trips). No poll error; `fin` is truncated to
-//!   the ms, so 0.5 ms is added, leaving ±0.5 ms plus the offset's error
-//!   (half the best round trip, printed).
-//! - `server create->finish`: `fin - cr`, from the dispatcher recording the
-//!   job to its end, entirely on Redis's clock (ms resolution): the part of
-//!   the latency that is Conveyor's own work after intake.
+//!   (best of 16 `TIME` round trips). This is the latency itself — publish
+//!   to the moment the job *is* `succeeded` — with no poll error; its only
+//!   error is the offset's (half the best round trip, printed). The latency
+//!   targets are checked on it; `observed` stays as an upper bound.
+//! - `server publish->create` and `create->finish`: split at the job hash's
+//!   `cr` (ms, truncated, so 0.5 ms is added): queueing in the submit queue
+//!   plus intake, and Conveyor's own work after intake.
 //!
 //! **Redis memory:** `INFO memory` `used_memory` just before the first
 //! publish and just after the last job was seen finished, divided by the
@@ -76,8 +77,8 @@ pub struct JobRecord {
     pub state: Option<String>,
     /// `cr` of the job hash (ms, Redis clock).
     pub created_ms: Option<i64>,
-    /// `fin` of the job hash (ms, Redis clock).
-    pub finished_ms: Option<i64>,
+    /// `fin_us` of the job hash (µs, Redis clock).
+    pub finished_us: Option<i64>,
     /// Why publishing it failed, if it did.
     pub publish_error: Option<String>,
 }
@@ -656,7 +657,7 @@ fn is_terminal(st: &str) -> bool {
     matches!(st, "succeeded" | "failed" | "rejected" | "cancelled")
 }
 
-/// `cr` and `fin` of every job seen finished, in pipelines of 1000.
+/// `cr` and `fin_us` of every job seen finished, in pipelines of 1000.
 async fn fetch_timestamps(
     conn: &mut MultiplexedConnection,
     keys: &[String],
@@ -668,7 +669,7 @@ async fn fetch_timestamps(
     for chunk in finished.chunks(1000) {
         let mut pipe = redis::pipe();
         for &i in chunk {
-            pipe.cmd("HMGET").arg(&keys[i]).arg("cr").arg("fin");
+            pipe.cmd("HMGET").arg(&keys[i]).arg("cr").arg("fin_us");
         }
         let rows: Vec<(Option<i64>, Option<i64>)> = pipe
             .query_async(conn)
@@ -676,7 +677,7 @@ async fn fetch_timestamps(
             .map_err(store_err("reading job timestamps"))?;
         for (&i, (cr, fin)) in chunk.iter().zip(rows) {
             jobs[i].created_ms = cr;
-            jobs[i].finished_ms = fin;
+            jobs[i].finished_us = fin;
         }
     }
     Ok(())

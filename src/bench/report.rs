@@ -165,11 +165,12 @@ pub struct Latency {
     /// Publish -> seen terminal by a poll (over-estimates by <= one poll
     /// cycle + round trip).
     pub observed: Option<Percentiles>,
-    /// Publish -> `fin`, on Redis's clock (±0.5 ms + clock offset error).
+    /// Publish -> `fin_us`, on Redis's clock (µs; clock offset error only):
+    /// the latency the targets are checked on.
     pub server_publish_to_finish: Option<Percentiles>,
     /// Publish -> `cr` (queueing in `<prefix>.submit` + intake), Redis clock.
     pub server_publish_to_create: Option<Percentiles>,
-    /// `cr` -> `fin`, Redis clock only (ms resolution).
+    /// `cr` -> `fin_us`, Redis clock only (±0.5 ms: `cr` is in ms).
     pub server_create_to_finish: Option<Percentiles>,
 }
 
@@ -353,14 +354,14 @@ pub fn build(
             last_seen = Some(last_seen.map_or(s, |l| l.max(s)));
         }
         let published_server_us = job.published_unix_us + offset;
-        if let Some(fin) = job.finished_ms {
-            pub_fin.push(((fin * 1000 + 500) - published_server_us) as f64 / 1000.0);
+        if let Some(fin) = job.finished_us {
+            pub_fin.push((fin - published_server_us) as f64 / 1000.0);
         }
         if let Some(cr) = job.created_ms {
             pub_cr.push(((cr * 1000 + 500) - published_server_us) as f64 / 1000.0);
         }
-        if let (Some(cr), Some(fin)) = (job.created_ms, job.finished_ms) {
-            cr_fin.push((fin - cr) as f64);
+        if let (Some(cr), Some(fin)) = (job.created_ms, job.finished_us) {
+            cr_fin.push((fin - (cr * 1000 + 500)) as f64 / 1000.0);
         }
     }
 
@@ -538,16 +539,19 @@ pub fn build(
             );
         }
     }
-    if let (Some(rate), Some(obs), None) = (options.rate, &latency.observed, &hold) {
+    // Publish -> succeeded as Redis recorded it (µs): the latency itself.
+    // `observed` adds the watcher's own poll delay and is only a bound.
+    if let (Some(rate), Some(fin), None) = (options.rate, &latency.server_publish_to_finish, &hold)
+    {
         check(
-            format!("p50 ms at {rate} jobs/s offered"),
-            obs.p50,
+            format!("p50 ms publish->succeeded at {rate} jobs/s offered"),
+            fin.p50,
             "<",
             2.0,
         );
         check(
-            format!("p99 ms at {rate} jobs/s offered"),
-            obs.p99,
+            format!("p99 ms publish->succeeded at {rate} jobs/s offered"),
+            fin.p99,
             "<",
             10.0,
         );
@@ -773,7 +777,7 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "  {} polls, {} HGETs (window {}, <= {:.0}/s); server clock offset {} us (+-{} us), fin/cr in ms",
+            "  {} polls, {} HGETs (window {}, <= {:.0}/s); server clock offset {} us (+-{} us); fin in us, cr in ms",
             m.polls,
             m.hgets,
             m.poll_window,
@@ -858,12 +862,14 @@ impl Report {
                     let mut rows = String::new();
                     pct_row(&mut rows, "bare hop", &h.latency_ms);
                     let _ = write!(o, "{rows}");
-                    if let (Some(hop), Some(obs)) = (&h.latency_ms, &self.latency_ms.observed) {
+                    if let (Some(hop), Some(fin)) =
+                        (&h.latency_ms, &self.latency_ms.server_publish_to_finish)
+                    {
                         let _ = writeln!(
                             o,
-                            "  Conveyor observed / bare hop: p50 {:.2}, p99 {:.2} hops (a job is 2 hops + 3 Redis round trips)",
-                            obs.p50 / hop.p50.max(1e-9),
-                            obs.p99 / hop.p99.max(1e-9)
+                            "  Conveyor publish->succeeded / bare hop: p50 {:.2}, p99 {:.2} hops (a job is 2 hops + 3 Redis round trips)",
+                            fin.p50 / hop.p50.max(1e-9),
+                            fin.p99 / hop.p99.max(1e-9)
                         );
                     }
                 }

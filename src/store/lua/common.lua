@@ -3,7 +3,8 @@
 -- job's hash tag, so every script touches exactly one Redis Cluster slot.
 --
 -- Job hash fields: id, st (job state), v (version), req, lab (labels JSON),
--- cr/up/fin (created/updated/finished ms), n (tasks), open (non-terminal
+-- cr/up (created/updated ms), fin_us (finished, µs: the moment the job
+-- reached its final state, to the microsecond, for latency measurement), n (tasks), open (non-terminal
 -- tasks), nfail, ncanc, fence (claim counter, starting at the store's epoch
 -- base so fences never repeat across a Redis that lost its data), ret
 -- (retention ms), err.
@@ -15,6 +16,11 @@
 local J, H = KEYS[1], KEYS[2]
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- The same moment in µs, as text (no number formatting).
+local function now_us()
+  return t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
+end
 
 local function hget(f)
   return redis.call('HGET', J, f)
@@ -161,7 +167,7 @@ local function settle_job(by)
   elseif tonumber(hget('ncanc')) > 0 then
     to = 'cancelled'
   end
-  redis.call('HSET', J, 'st', to, 'fin', NOW)
+  redis.call('HSET', J, 'st', to, 'fin_us', now_us())
   hist(nil, st, to, 'all tasks finished', by)
   local ret = tonumber(hget('ret'))
   redis.call('PEXPIRE', J, ret)

@@ -37,7 +37,7 @@ if kind == 'ok' then
     end
     hist(nil, st, to, 'all tasks finished', by)
     fields[#fields + 1] = 'st'; fields[#fields + 1] = to
-    fields[#fields + 1] = 'fin'; fields[#fields + 1] = NOW
+    fields[#fields + 1] = 'fin_us'; fields[#fields + 1] = now_us()
     st = to
   end
   redis.call('HSET', J, unpack(fields))

@@ -3,7 +3,7 @@
 -- Returns 1 if recorded, 0 if the id existed.
 if redis.call('EXISTS', J) == 1 then return 0 end
 redis.call('HSET', J, 'id', ARGV[1], 'st', 'rejected', 'req', ARGV[2], 'err', ARGV[3],
-  'lab', '{}', 'n', 0, 'open', 0, 'cr', NOW, 'up', NOW, 'fin', NOW, 'v', 1)
+  'lab', '{}', 'n', 0, 'open', 0, 'cr', NOW, 'up', NOW, 'fin_us', now_us(), 'v', 1)
 hist(nil, nil, 'rejected', ARGV[3], ARGV[5])
 redis.call('PEXPIRE', J, tonumber(ARGV[4]))
 redis.call('PEXPIRE', H, tonumber(ARGV[4]))
