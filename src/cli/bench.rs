@@ -62,13 +62,17 @@ pub struct Args {
     /// Give up on unfinished jobs when none has finished for this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
-    /// Messages of the bare broker loop.
+    /// Messages of the bare broker loop. With `--rate` the loop is a bare
+    /// hop instead: this many messages at most (and no more than `--jobs`),
+    /// at the same rate, through a queue of the deployment's type, timed
+    /// from publish to delivery.
     #[arg(long, default_value_t = 50_000)]
     bare_messages: usize,
-    /// Queue type of the bare loop's scratch queue: `classic` or `quorum`.
+    /// Queue type of the bare throughput loop's scratch queue: `classic` or
+    /// `quorum` (the bare hop uses the deployment's own).
     #[arg(long, default_value = "classic", value_parser = parse_queue_type)]
     bare_queue_type: QueueType,
-    /// Skip the bare broker loop.
+    /// Skip the bare broker loop (or hop).
     #[arg(long)]
     skip_bare: bool,
     /// Print one JSON object instead of a table.
