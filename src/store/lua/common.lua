@@ -1,23 +1,37 @@
--- Shared prelude of every job script (prepended at build time).
--- KEYS[1]: the job hash; KEYS[2]: the job's history list. Both carry the
--- job's hash tag, so every script touches exactly one Redis Cluster slot.
+-- Shared prelude of the Conveyor function library (every transition below
+-- is one function of it; `store/redis.rs` puts the library together).
+-- keys[1]: the job hash; keys[2]: the job's history list. Both carry the
+-- job's hash tag, so every call touches exactly one Redis Cluster slot.
 --
 -- Job hash fields: id, st (job state), v (version), req, lab (labels JSON),
--- cr/up (created/updated ms), fin_us (finished, µs: the moment the job
--- reached its final state, to the microsecond, for latency measurement), n (tasks), open (non-terminal
--- tasks), nfail, ncanc, fence (claim counter, starting at the store's epoch
--- base so fences never repeat across a Redis that lost its data), ret
--- (retention ms), err.
+-- cr/up (created/updated ms), fin_us (the microsecond the job reached its
+-- final state, for exact latency), n (tasks), open (non-terminal tasks),
+-- nfail, ncanc, fence (claim counter, starting at the store's epoch base so
+-- fences never repeat across a Redis that lost its data), ret (retention
+-- ms), err.
 -- Per task i: nm name, h handler, q queue, p params, af deps (comma list),
 -- dp dependents (comma list), dl deps left, s state, a attempt, ma max
 -- attempts, bb/bc backoff base/cap, to timeout ms, r result, e error,
 -- w worker, f fence of the live claim, lf fence of the last applied result,
 -- le lease expiry, due next retry (all as `<field>:<i>`).
-local J, H = KEYS[1], KEYS[2]
-local t = redis.call('TIME')
-local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--
+-- The library is loaded once, so the helpers below are made once; the
+-- state of one call lives in these locals, set by `begin` before every
+-- call (Redis runs one call at a time).
+local ARGV, J, H, t, NOW, NOW_JSON, HIST, JSON_OF
 
--- The same moment in µs, as text (no number formatting).
+local function begin(keys, args)
+  ARGV = args
+  J, H = keys[1], keys[2]
+  t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- Formatted once: Lua formats numbers with sprintf (~1 us each).
+  NOW_JSON = string.format('%d', NOW)
+  HIST = {}
+  JSON_OF = {}
+end
+
+-- The moment of the call in us, as text (no number formatting).
 local function now_us()
   return t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
 end
@@ -26,17 +40,12 @@ local function hget(f)
   return redis.call('HGET', J, f)
 end
 
--- History entries are buffered and written with one RPUSH when the script
--- ends (`flush_hist`, called by the wrapper around every script body):
+-- History entries are buffered and written with one RPUSH when the call
+-- ends (`flush_hist`, called by the wrapper around every function body):
 -- each redis.call from Lua costs about a microsecond of its own. Entries
--- are put together as text: `NOW` is formatted once (Lua formats numbers
--- with sprintf, about a microsecond each) and each distinct string is
--- JSON-encoded once per script (a 10,000-wide release repeats the same
--- states, reason and worker 10,000 times).
-local HIST = {}
-local NOW_JSON = string.format('%d', NOW)
-local JSON_OF = {}
-
+-- are put together as text, each distinct string JSON-encoded once per
+-- call (a 10,000-wide release repeats the same states, reason and worker
+-- 10,000 times).
 local function json_string(s)
   if not s then return 'null' end
   local j = JSON_OF[s]
