@@ -105,6 +105,7 @@ struct Loop {
     publisher_conn: lapin::Connection,
     consumer_conn: lapin::Connection,
     publisher: lapin::Channel,
+    consumer_channel: lapin::Channel,
 }
 
 impl Loop {
@@ -124,6 +125,10 @@ impl Loop {
         let _ = setup
             .queue_delete(ShortString::from(queue), QueueDeleteOptions::default())
             .await;
+        // Channels are closed explicitly, each before its connection: a
+        // channel dropped open is closed in the background, and a close
+        // racing the connection's makes lapin log a connection error.
+        let _ = setup.close(200, "deleted".into()).await;
         let setup = publisher_conn
             .create_channel()
             .await
@@ -176,6 +181,7 @@ impl Loop {
                 publisher_conn,
                 consumer_conn,
                 publisher,
+                consumer_channel,
             },
             consumer,
         ))
@@ -195,6 +201,8 @@ impl Loop {
     }
 
     async fn close(self) {
+        let _ = self.publisher.close(200, "bench done".into()).await;
+        let _ = self.consumer_channel.close(200, "bench done".into()).await;
         let _ = self.publisher_conn.close(200, "bench done".into()).await;
         let _ = self.consumer_conn.close(200, "bench done".into()).await;
     }
