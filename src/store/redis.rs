@@ -276,7 +276,7 @@ impl RedisStore {
             shared: Arc::default(),
             forgets: Arc::default(),
         };
-        store.load_scripts().await?;
+        store.load_library().await?;
         store.check_epoch().await?;
         Ok(store)
     }
@@ -352,7 +352,7 @@ impl RedisStore {
 
     /// Load the function library (`REPLACE`: loading the same library
     /// again is a no-op). Needs Redis 7.0 or later.
-    async fn load_scripts(&self) -> Result<(), StoreError> {
+    async fn load_library(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let lib = library();
         let name: String = redis::cmd("FUNCTION")
@@ -377,9 +377,17 @@ impl RedisStore {
         Ok(())
     }
 
-    fn evalsha(&self, script: Script, job: &str) -> Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.functions[script as usize])
+    /// `FCALL` of `script` on `job`'s hash and history; the caller adds
+    /// the arguments.
+    fn fcall(&self, script: Script, job: &str) -> Cmd {
+        self.fcall_sized(script, job, 0, 0)
+    }
+
+    /// [`Self::fcall`] with room for `args` more arguments of `data` bytes.
+    fn fcall_sized(&self, script: Script, job: &str, args: usize, data: usize) -> Cmd {
+        let mut cmd = Cmd::with_capacity(5 + args, 160 + data);
+        cmd.arg("FCALL")
+            .arg(&self.functions[script as usize])
             .arg(2)
             .arg(self.names.job_key(job))
             .arg(self.names.history_key(job));
@@ -394,7 +402,7 @@ impl RedisStore {
             Ok(v) => Ok(v),
             Err(e) if is_function_missing(&e) => {
                 drop(conn);
-                self.load_scripts().await?;
+                self.load_library().await?;
                 let mut conn = self.conn().await?;
                 pipe.query_async(&mut conn).await.map_err(unavailable)
             }
@@ -422,7 +430,7 @@ impl RedisStore {
         }
     }
 
-    async fn eval(&self, cmd: Cmd) -> Result<Reply, StoreError> {
+    async fn call(&self, cmd: Cmd) -> Result<Reply, StoreError> {
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
         let (reply,): (Reply,) = self.run(&pipe).await?;
@@ -445,17 +453,13 @@ impl RedisStore {
                     + 8 * (t.deps.len() + t.dependents.len())
             })
             .sum();
-        let mut cmd = Cmd::with_capacity(
+        let mut cmd = self.fcall_sized(
+            Script::Create,
+            &job.id,
             32 + 28 * job.tasks.len(),
             512 + job.labels_json.len() + data,
         );
-        cmd.arg("FCALL")
-            .arg(&self.functions[Script::Create as usize])
-            .arg(2)
-            .arg(self.names.job_key(&job.id))
-            .arg(self.names.history_key(&job.id))
-            .arg(&job.requestor)
-            .arg(&self.by);
+        cmd.arg(&job.requestor).arg(&self.by);
         let n = job.tasks.len();
         cmd.arg("id").arg(&job.id);
         cmd.arg("st").arg(JobState::Pending.as_str());
@@ -551,7 +555,7 @@ impl Store for RedisStore {
     }
 
     async fn record_rejected(&self, rejection: &Rejection) -> Result<bool, StoreError> {
-        let mut cmd = self.evalsha(Script::Reject, &rejection.id);
+        let mut cmd = self.fcall(Script::Reject, &rejection.id);
         cmd.arg(&rejection.id)
             .arg(&rejection.requestor)
             .arg(&rejection.error)
@@ -588,7 +592,7 @@ impl Store for RedisStore {
             .arg("NX")
             .arg(unix_ms() + lease_ms)
             .arg(&member);
-        let mut cmd = self.evalsha(Script::Claim, &task.job);
+        let mut cmd = self.fcall(Script::Claim, &task.job);
         cmd.arg(task.idx)
             .arg(task.attempt)
             .arg(worker)
@@ -650,7 +654,7 @@ impl Store for RedisStore {
         let lease_ms = lease.as_millis() as u64;
         let mut pipe = redis::pipe();
         for c in claims {
-            let mut cmd = self.evalsha(Script::Renew, &c.job);
+            let mut cmd = self.fcall(Script::Renew, &c.job);
             cmd.arg(c.idx).arg(c.fence).arg(lease_ms);
             pipe.add_command(cmd);
             pipe.cmd("ZADD")
@@ -671,7 +675,7 @@ impl Store for RedisStore {
         result: &AttemptResult,
     ) -> Result<Applied, StoreError> {
         let mut pipe = redis::pipe();
-        let mut cmd = self.evalsha(Script::Complete, &claim.job);
+        let mut cmd = self.fcall(Script::Complete, &claim.job);
         cmd.arg(claim.idx).arg(claim.attempt).arg(claim.fence);
         match result {
             AttemptResult::Succeeded(json) => {
@@ -714,9 +718,9 @@ impl Store for RedisStore {
         claim: &ClaimRef,
         worker: &str,
     ) -> Result<Option<TaskMessage>, StoreError> {
-        let mut cmd = self.evalsha(Script::Release, &claim.job);
+        let mut cmd = self.fcall(Script::Release, &claim.job);
         cmd.arg(claim.idx).arg(claim.fence).arg(worker);
-        let reply = self.eval(cmd).await?;
+        let reply = self.call(cmd).await?;
         match field(&reply, 0) {
             "released" => Ok(Some(TaskMessage {
                 job: claim.job.clone(),
@@ -774,9 +778,9 @@ impl Store for RedisStore {
                 });
                 continue;
             };
-            let mut cmd = self.evalsha(Script::Promote, job);
+            let mut cmd = self.fcall(Script::Promote, job);
             cmd.arg(idx).arg(attempt).arg(&self.by);
-            let reply = self.eval(cmd).await?;
+            let reply = self.call(cmd).await?;
             match field(&reply, 0) {
                 "ready" => actions.push(SweepAction {
                     publish: vec![TaskMessage {
@@ -841,9 +845,9 @@ impl Store for RedisStore {
                 });
                 continue;
             };
-            let mut cmd = self.evalsha(Script::Reclaim, job);
+            let mut cmd = self.fcall(Script::Reclaim, job);
             cmd.arg(idx).arg(attempt).arg(by);
-            let reply = self.eval(cmd).await?;
+            let reply = self.call(cmd).await?;
             match field(&reply, 0) {
                 "alive" => {
                     let le: u64 = num(&reply, 1, "lease")?;
@@ -1087,12 +1091,12 @@ impl Store for RedisStore {
     }
 
     async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError> {
-        let mut cmd = self.evalsha(Script::Poison, &task.job);
+        let mut cmd = self.fcall(Script::Poison, &task.job);
         cmd.arg(task.idx)
             .arg(task.attempt)
             .arg(reason)
             .arg(&self.by);
-        let reply = self.eval(cmd).await?;
+        let reply = self.call(cmd).await?;
         Ok(field(&reply, 0) == "failed")
     }
 }
