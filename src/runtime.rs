@@ -85,21 +85,30 @@ pub async fn connect_until_up(
     let tls_ca = config.tls_ca()?;
     let mut delay = Duration::from_millis(200);
     loop {
+        // (what failed, whether it looks like an outage)
         let attempt = async {
             let store = connect_store(config, tls_ca.as_ref(), by, pool)
                 .await
-                .map_err(|e| format!("Redis at {}: {e}", redact_url(&config.redis_url)))?;
-            let broker = connect_broker(config, tls_ca.as_ref())
-                .await
-                .map_err(|e| format!("RabbitMQ at {}: {e}", redact_url(&config.amqp_url)))?;
-            Ok::<_, String>((
+                .map_err(|e| {
+                    let what = format!("Redis at {}: {e}", redact_url(&config.redis_url));
+                    (what, e.is_retryable())
+                })?;
+            let broker = connect_broker(config, tls_ca.as_ref()).await.map_err(|e| {
+                let what = format!("RabbitMQ at {}: {e}", redact_url(&config.amqp_url));
+                (what, e.is_retryable())
+            })?;
+            Ok::<_, (String, bool)>((
                 Arc::new(store) as Arc<dyn Store>,
                 Arc::new(broker) as Arc<dyn Broker>,
             ))
         };
         match attempt.await {
             Ok(parts) => return Ok(Some(parts)),
-            Err(e) => tracing::warn!("not connected yet: {e}; {START_HINT}"),
+            // An outage gets the how-to-start hint; anything else (a Redis
+            // too old for the function library, refused credentials) is
+            // reported as it is, and retried in case it is passing.
+            Err((e, true)) => tracing::warn!("not connected yet: {e}; {START_HINT}"),
+            Err((e, false)) => tracing::error!("cannot start: {e}; retrying"),
         }
         let mut s = shutdown.clone();
         tokio::select! {

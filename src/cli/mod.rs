@@ -111,29 +111,37 @@ fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-/// Connect the store for a one-shot command, failing with how to start Redis.
+/// Connect the store for a one-shot command. An outage says how to start
+/// Redis; anything else (an unusable `tls_ca_file`, a Redis too old for
+/// the function library) says only what is wrong, since waiting or
+/// starting Redis will not mend it.
 async fn store(config: &Config) -> anyhow::Result<conveyor::store::redis::RedisStore> {
-    // An unusable tls_ca_file is a configuration error, not an outage.
-    config.tls_ca()?;
     conveyor::runtime::redis_store(config, "cli", 2)
         .await
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach Redis at {}: {e}; {}",
-                conveyor::config::redact_url(&config.redis_url),
-                conveyor::runtime::START_HINT
-            )
+            let url = conveyor::config::redact_url(&config.redis_url);
+            if e.is_retryable() {
+                anyhow::anyhow!(
+                    "cannot reach Redis at {url}: {e}; {}",
+                    conveyor::runtime::START_HINT
+                )
+            } else {
+                anyhow::anyhow!("Redis at {url}: {e}")
+            }
         })
 }
 
-/// Connect the broker for a one-shot command, failing with how to start RabbitMQ.
+/// Connect the broker for a one-shot command (errors as for [`store`]).
 async fn broker(config: &Config) -> anyhow::Result<conveyor::broker::amqp::AmqpBroker> {
-    config.tls_ca()?;
     conveyor::runtime::amqp_broker(config).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach RabbitMQ at {}: {e}; {}",
-            conveyor::config::redact_url(&config.amqp_url),
-            conveyor::runtime::START_HINT
-        )
+        let url = conveyor::config::redact_url(&config.amqp_url);
+        if e.is_retryable() {
+            anyhow::anyhow!(
+                "cannot reach RabbitMQ at {url}: {e}; {}",
+                conveyor::runtime::START_HINT
+            )
+        } else {
+            anyhow::anyhow!("RabbitMQ at {url}: {e}")
+        }
     })
 }
