@@ -131,6 +131,9 @@ async fn connect_first(
     tls: &OwnedTLSConfig,
 ) -> Result<(usize, Connection), BrokerError> {
     let mut failures = Vec::new();
+    // Nodes that answered and refused the credentials or vhost: not an
+    // outage, and no amount of waiting mends it.
+    let mut refused = 0;
     for k in 0..urls.len() {
         let i = (start + k) % urls.len();
         let url = &urls[i];
@@ -144,14 +147,27 @@ async fn connect_first(
         };
         match attempt.await {
             Ok(connection) => return Ok((i, connection)),
-            Err(e) if urls.len() == 1 => failures.push(e.to_string()),
-            Err(e) => failures.push(format!("{}: {e}", redact_url(url))),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED") {
+                    refused += 1;
+                }
+                if urls.len() == 1 {
+                    failures.push(text);
+                } else {
+                    failures.push(format!("{}: {text}", redact_url(url)));
+                }
+            }
         }
     }
-    Err(BrokerError::Unavailable(format!(
-        "cannot connect to RabbitMQ: {}",
-        failures.join("; ")
-    )))
+    let what = format!("cannot connect to RabbitMQ: {}", failures.join("; "));
+    if refused == urls.len() {
+        Err(BrokerError::Fatal(format!(
+            "{what} (check the user, password and vhost in amqp_url)"
+        )))
+    } else {
+        Err(BrokerError::Unavailable(what))
+    }
 }
 
 impl AmqpBroker {
