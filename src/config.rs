@@ -26,9 +26,11 @@ pub struct Config {
     pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every queue and key. Env `CONVEYOR_PREFIX`.
     pub prefix: String,
-    /// Largest submit message accepted, in bytes. Env `CONVEYOR_MAX_MESSAGE_BYTES`.
+    /// Largest submit message accepted, in bytes; at least 1024. Env
+    /// `CONVEYOR_MAX_MESSAGE_BYTES`.
     pub max_message_bytes: usize,
-    /// How long finished jobs are kept, in seconds. Env `CONVEYOR_RETENTION_S`.
+    /// How long finished jobs are kept, in seconds; 1 to 315 360 000 (10
+    /// years). Env `CONVEYOR_RETENTION_S`.
     pub retention_s: u64,
     /// `pretty` or `json` logs. Env `CONVEYOR_LOG_FORMAT`.
     pub log_format: LogFormat,
@@ -36,8 +38,9 @@ pub struct Config {
     /// Env `CONVEYOR_QUEUE_TYPE`.
     pub queue_type: QueueType,
     /// Broker-side delivery limit of task queues (quorum queues only): a
-    /// message delivered this often is dead-lettered by RabbitMQ itself.
-    /// Env `CONVEYOR_DELIVERY_LIMIT`.
+    /// message delivered this often is dead-lettered by RabbitMQ itself; with
+    /// quorum queues it must be greater than `worker.max_deliveries`. Env
+    /// `CONVEYOR_DELIVERY_LIMIT`.
     pub delivery_limit: u32,
     /// Async runtime threads of a `conveyor` process: 1 (the default) runs
     /// everything on one thread, which saves a cross-thread wake-up per
@@ -83,10 +86,11 @@ pub enum QueueType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DispatcherConfig {
-    /// Unacked submissions in flight per dispatcher. Env `CONVEYOR_DISPATCHER_PREFETCH`.
+    /// Unacked submissions in flight per dispatcher; at least 1. Env
+    /// `CONVEYOR_DISPATCHER_PREFETCH`.
     pub prefetch: u16,
-    /// How often retries and lapsed leases are swept, in milliseconds.
-    /// Env `CONVEYOR_SWEEP_INTERVAL_MS`.
+    /// How often retries and lapsed leases are swept, in milliseconds; at
+    /// least 10. Env `CONVEYOR_SWEEP_INTERVAL_MS`.
     pub sweep_interval_ms: u64,
 }
 
@@ -96,18 +100,19 @@ pub struct DispatcherConfig {
 pub struct WorkerConfig {
     /// Queues consumed (without prefix). Env `CONVEYOR_QUEUES` (comma-separated).
     pub queues: Vec<String>,
-    /// Handlers run at once. Env `CONVEYOR_CONCURRENCY`.
+    /// Handlers run at once; at least 1. Env `CONVEYOR_CONCURRENCY`.
     pub concurrency: usize,
     /// Lease of a claim in milliseconds; renewed every third of it while the
-    /// handler runs. Env `CONVEYOR_LEASE_MS`.
+    /// handler runs; 300 to 86 400 000 (1 day). Env `CONVEYOR_LEASE_MS`.
     pub lease_ms: u64,
     /// How long SIGTERM waits for running handlers, in seconds. Env `CONVEYOR_GRACE_S`.
     pub grace_s: u64,
-    /// Heartbeat of the worker registry, in milliseconds.
+    /// Heartbeat of the worker registry, in milliseconds; at least 100.
     pub heartbeat_ms: u64,
     /// Deliveries of one task message without an outcome before it is
-    /// treated as poison (dead-lettered, task failed). Keep it below
-    /// `delivery_limit`, the broker's own backstop. Env `CONVEYOR_MAX_DELIVERIES`.
+    /// treated as poison (dead-lettered, task failed); at least 1, and below
+    /// `delivery_limit` (the broker's own backstop) with quorum queues. Env
+    /// `CONVEYOR_MAX_DELIVERIES`.
     pub max_deliveries: u32,
 }
 
@@ -115,13 +120,16 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Most attempts including the first. Env `CONVEYOR_MAX_ATTEMPTS`.
+    /// Most attempts including the first, 1 to 100. Env `CONVEYOR_MAX_ATTEMPTS`.
     pub max_attempts: u32,
-    /// Backoff base in milliseconds. Env `CONVEYOR_BACKOFF_BASE_MS`.
+    /// Backoff base in milliseconds, at most `cap_ms`. Env
+    /// `CONVEYOR_BACKOFF_BASE_MS`.
     pub base_ms: u64,
-    /// Backoff cap in milliseconds. Env `CONVEYOR_BACKOFF_CAP_MS`.
+    /// Backoff cap in milliseconds, at most 86 400 000. Env
+    /// `CONVEYOR_BACKOFF_CAP_MS`.
     pub cap_ms: u64,
-    /// Default run time-out of one attempt in seconds. Env `CONVEYOR_TIMEOUT_S`.
+    /// Default run time-out of one attempt in seconds, > 0 and ≤ 604 800.
+    /// Env `CONVEYOR_TIMEOUT_S`.
     pub timeout_s: f64,
 }
 
@@ -129,13 +137,14 @@ pub struct RetryConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Most tasks in one job.
+    /// Most tasks in one job; at least 1.
     pub max_tasks: usize,
-    /// Longest job id, task name, queue, handler name, requestor.
+    /// Longest job id, task name, queue, handler name, requestor; at least
+    /// 36 (a generated job id).
     pub max_name_len: usize,
     /// Most labels on a job.
     pub max_labels: usize,
-    /// Largest params of one task, in bytes of JSON.
+    /// Largest params of one task, in bytes of JSON; at least 2 (`{}`).
     pub max_params_bytes: usize,
 }
 
@@ -242,7 +251,51 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Values that parse but cannot work ([`Config::validate`]).
+    #[error("invalid configuration: {}", .problems.join("; "))]
+    Invalid {
+        /// One per field, each like `worker.lease_ms = 2: must be at least
+        /// 300 (ms; ...)`: the field, its value and its limit.
+        problems: Vec<String>,
+    },
 }
+
+/// Smallest `max_message_bytes`: below 1 KiB hardly a job fits.
+pub const MIN_MESSAGE_BYTES: usize = 1024;
+/// Smallest `retention_s`: 0 would delete a job the moment it finished,
+/// before anyone could read its result.
+pub const MIN_RETENTION_S: u64 = 1;
+/// Largest `retention_s` (10 years): a finished job's keys get
+/// `PEXPIRE retention`, which must stay a sane number of milliseconds.
+pub const MAX_RETENTION_S: u64 = 10 * 365 * 24 * 3600;
+/// Smallest `dispatcher.sweep_interval_ms` (`tokio::time::interval` panics
+/// on zero; below 10 ms every dispatcher polls Redis flat out).
+pub const MIN_SWEEP_INTERVAL_MS: u64 = 10;
+/// Smallest `worker.lease_ms`: leases are renewed every third of it, and a
+/// renewal round trip must fit in that third (100 ms here) with room to
+/// spare; the fault tests use 1500 ms, the simulation 600 ms.
+pub const MIN_LEASE_MS: u64 = 300;
+/// Largest `worker.lease_ms` (1 day): the tasks of a crashed worker wait a
+/// whole lease, and a running task keeps its claim by renewal however long
+/// it runs, so a longer lease only slows recovery.
+pub const MAX_LEASE_MS: u64 = 24 * 3600 * 1000;
+/// Smallest `worker.heartbeat_ms` (`tokio::time::interval` panics on zero;
+/// the registry is for operators, 10 writes a second per worker is plenty).
+pub const MIN_HEARTBEAT_MS: u64 = 100;
+/// Largest `retry.max_attempts`, `retry.base_ms`/`cap_ms` and
+/// `retry.timeout_s`: the same bounds a job's own `retry` and `timeout_s`
+/// have in `schemas/job.schema.json`.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// See [`MAX_ATTEMPTS`].
+pub const MAX_BACKOFF_MS: u64 = 86_400_000;
+/// See [`MAX_ATTEMPTS`].
+pub const MAX_TIMEOUT_S: f64 = 604_800.0;
+/// Smallest `limits.max_name_len`: a generated job id (a UUID) is 36
+/// characters and clients submit it again to be idempotent; the default
+/// queue name `default` fits too.
+pub const MIN_NAME_LEN: usize = 36;
+/// Smallest `limits.max_params_bytes`: `{}`, the empty params, is 2 bytes.
+pub const MIN_PARAMS_BYTES: usize = 2;
 
 /// The certificates of `tls_ca_file`, read and checked by [`Config::tls_ca`].
 #[derive(Debug, Clone)]
@@ -292,7 +345,146 @@ impl Config {
             None => Config::default(),
         };
         config.apply_env(|var| std::env::var(var).ok())?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Check values that parse but cannot work: intervals that would be
+    /// zero, limits nothing fits under, a poison threshold the broker's own
+    /// delivery limit would pre-empt. The error lists every such field with
+    /// its value and its limit. [`Config::load`] calls it; call it again
+    /// after changing a loaded config.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, field: &str, value: &dyn std::fmt::Display, rule: String| {
+            if !ok {
+                problems.push(format!("{field} = {value}: {rule}"));
+            }
+        };
+        let at_least =
+            |min: &dyn std::fmt::Display, unit: &str| format!("must be at least {min}{unit}");
+
+        check(
+            self.max_message_bytes >= MIN_MESSAGE_BYTES,
+            "max_message_bytes",
+            &self.max_message_bytes,
+            at_least(&MIN_MESSAGE_BYTES, " (bytes)"),
+        );
+        check(
+            (MIN_RETENTION_S..=MAX_RETENTION_S).contains(&self.retention_s),
+            "retention_s",
+            &self.retention_s,
+            format!("must be {MIN_RETENTION_S} to {MAX_RETENTION_S} (s)"),
+        );
+        // Only quorum queues get `x-delivery-limit`; the worker must see a
+        // poison message (delivery count = max_deliveries) before the
+        // broker dead-letters it on its own.
+        if self.queue_type == QueueType::Quorum {
+            check(
+                self.delivery_limit > self.worker.max_deliveries,
+                "delivery_limit",
+                &self.delivery_limit,
+                format!(
+                    "must be greater than worker.max_deliveries ({}), or the broker \
+                     dead-letters poison messages before the worker fails their task",
+                    self.worker.max_deliveries
+                ),
+            );
+        }
+        // Zero is "unlimited" to AMQP's basic.qos: unbounded memory.
+        check(
+            self.dispatcher.prefetch >= 1,
+            "dispatcher.prefetch",
+            &self.dispatcher.prefetch,
+            at_least(&1, " (0 would be unlimited)"),
+        );
+        check(
+            self.dispatcher.sweep_interval_ms >= MIN_SWEEP_INTERVAL_MS,
+            "dispatcher.sweep_interval_ms",
+            &self.dispatcher.sweep_interval_ms,
+            at_least(&MIN_SWEEP_INTERVAL_MS, " (ms)"),
+        );
+        check(
+            self.worker.concurrency >= 1,
+            "worker.concurrency",
+            &self.worker.concurrency,
+            at_least(&1, ""),
+        );
+        check(
+            (MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.worker.lease_ms),
+            "worker.lease_ms",
+            &self.worker.lease_ms,
+            format!(
+                "must be at least {MIN_LEASE_MS} (ms; renewed every third of it) \
+                 and at most {MAX_LEASE_MS}"
+            ),
+        );
+        check(
+            self.worker.heartbeat_ms >= MIN_HEARTBEAT_MS,
+            "worker.heartbeat_ms",
+            &self.worker.heartbeat_ms,
+            at_least(&MIN_HEARTBEAT_MS, " (ms)"),
+        );
+        // A first delivery has count 0, so 0 would fail every task unrun.
+        check(
+            self.worker.max_deliveries >= 1,
+            "worker.max_deliveries",
+            &self.worker.max_deliveries,
+            at_least(&1, ""),
+        );
+        check(
+            (1..=MAX_ATTEMPTS).contains(&self.retry.max_attempts),
+            "retry.max_attempts",
+            &self.retry.max_attempts,
+            format!("must be 1 to {MAX_ATTEMPTS}"),
+        );
+        check(
+            self.retry.base_ms <= MAX_BACKOFF_MS,
+            "retry.base_ms",
+            &self.retry.base_ms,
+            format!("must be at most {MAX_BACKOFF_MS} (ms)"),
+        );
+        check(
+            self.retry.cap_ms <= MAX_BACKOFF_MS,
+            "retry.cap_ms",
+            &self.retry.cap_ms,
+            format!("must be at most {MAX_BACKOFF_MS} (ms)"),
+        );
+        check(
+            self.retry.base_ms <= self.retry.cap_ms,
+            "retry.base_ms",
+            &self.retry.base_ms,
+            format!("must not exceed retry.cap_ms ({})", self.retry.cap_ms),
+        );
+        check(
+            self.retry.timeout_s > 0.0 && self.retry.timeout_s <= MAX_TIMEOUT_S,
+            "retry.timeout_s",
+            &self.retry.timeout_s,
+            format!("must be greater than 0 and at most {MAX_TIMEOUT_S} (s)"),
+        );
+        check(
+            self.limits.max_tasks >= 1,
+            "limits.max_tasks",
+            &self.limits.max_tasks,
+            at_least(&1, " (a job has at least one task)"),
+        );
+        check(
+            self.limits.max_name_len >= MIN_NAME_LEN,
+            "limits.max_name_len",
+            &self.limits.max_name_len,
+            at_least(&MIN_NAME_LEN, " (a generated job id is 36 characters)"),
+        );
+        check(
+            self.limits.max_params_bytes >= MIN_PARAMS_BYTES,
+            "limits.max_params_bytes",
+            &self.limits.max_params_bytes,
+            at_least(&MIN_PARAMS_BYTES, " (bytes; `{}` is 2)"),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
     }
 
     /// Parse a TOML file.
@@ -562,6 +754,173 @@ mod tests {
         c.apply_env(|k| (k == "CONVEYOR_TLS_CA_FILE").then(String::new))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.tls_ca_file, None);
+    }
+
+    fn problems(config: &Config) -> Vec<String> {
+        match config.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid { problems }) => problems,
+            Err(other) => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_and_the_test_suites_settings_are_valid() {
+        assert_eq!(problems(&Config::default()), Vec::<String>::new());
+        // The smallest values tests/ use (common::test_config, the
+        // simulation, the fault tests' worker processes).
+        let mut c = Config::default();
+        c.dispatcher.sweep_interval_ms = 50;
+        c.worker.lease_ms = 600;
+        c.worker.heartbeat_ms = 500;
+        c.worker.grace_s = 0;
+        c.worker.max_deliveries = 6;
+        c.retry.base_ms = 0;
+        c.retry.cap_ms = 0;
+        c.retry.max_attempts = 1;
+        assert_eq!(problems(&c), Vec::<String>::new());
+    }
+
+    #[test]
+    fn each_unusable_value_is_named_with_its_value_and_limit() {
+        type Change = fn(&mut Config);
+        let cases: &[(Change, &str)] = &[
+            (
+                |c| c.max_message_bytes = 10,
+                "max_message_bytes = 10: must be at least 1024 (bytes)",
+            ),
+            (
+                |c| c.retention_s = 0,
+                "retention_s = 0: must be 1 to 315360000 (s)",
+            ),
+            (
+                |c| c.retention_s = u64::MAX,
+                "retention_s = 18446744073709551615: must be 1 to 315360000 (s)",
+            ),
+            (
+                |c| c.delivery_limit = 5,
+                "delivery_limit = 5: must be greater than worker.max_deliveries (5)",
+            ),
+            (
+                |c| c.dispatcher.prefetch = 0,
+                "dispatcher.prefetch = 0: must be at least 1 (0 would be unlimited)",
+            ),
+            (
+                |c| c.dispatcher.sweep_interval_ms = 0,
+                "dispatcher.sweep_interval_ms = 0: must be at least 10 (ms)",
+            ),
+            (
+                |c| c.worker.concurrency = 0,
+                "worker.concurrency = 0: must be at least 1",
+            ),
+            (
+                |c| c.worker.lease_ms = 2,
+                "worker.lease_ms = 2: must be at least 300 (ms; renewed every third of it) and at most 86400000",
+            ),
+            (
+                |c| c.worker.lease_ms = u64::MAX,
+                "worker.lease_ms = 18446744073709551615: must be at least 300",
+            ),
+            (
+                |c| c.worker.heartbeat_ms = 0,
+                "worker.heartbeat_ms = 0: must be at least 100 (ms)",
+            ),
+            (
+                |c| c.worker.max_deliveries = 0,
+                "worker.max_deliveries = 0: must be at least 1",
+            ),
+            (
+                |c| c.retry.max_attempts = 0,
+                "retry.max_attempts = 0: must be 1 to 100",
+            ),
+            (
+                |c| c.retry.max_attempts = 101,
+                "retry.max_attempts = 101: must be 1 to 100",
+            ),
+            (
+                |c| c.retry.base_ms = 2_000,
+                "retry.base_ms = 2000: must not exceed retry.cap_ms (1000)",
+            ),
+            (
+                |c| c.retry.cap_ms = 86_400_001,
+                "retry.cap_ms = 86400001: must be at most 86400000 (ms)",
+            ),
+            (
+                |c| c.retry.timeout_s = 0.0,
+                "retry.timeout_s = 0: must be greater than 0 and at most 604800 (s)",
+            ),
+            (
+                |c| c.retry.timeout_s = f64::NAN,
+                "retry.timeout_s = NaN: must be greater than 0",
+            ),
+            (
+                |c| c.retry.timeout_s = f64::INFINITY,
+                "retry.timeout_s = inf: must be greater than 0",
+            ),
+            (
+                |c| c.limits.max_tasks = 0,
+                "limits.max_tasks = 0: must be at least 1",
+            ),
+            (
+                |c| c.limits.max_name_len = 8,
+                "limits.max_name_len = 8: must be at least 36",
+            ),
+            (
+                |c| c.limits.max_params_bytes = 1,
+                "limits.max_params_bytes = 1: must be at least 2",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut c = Config::default();
+            c.retry.cap_ms = 1_000;
+            change(&mut c);
+            let found = problems(&c);
+            assert!(
+                found.len() == 1 && found[0].starts_with(expected),
+                "expected one problem starting {expected:?}, got {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut c = Config::default();
+        c.worker.lease_ms = 0;
+        c.dispatcher.sweep_interval_ms = 0;
+        let err = c
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("invalid configuration: "), "{err}");
+        assert!(
+            err.contains("dispatcher.sweep_interval_ms = 0") && err.contains("worker.lease_ms = 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_delivery_limit_only_binds_quorum_queues() {
+        let mut c = Config::default();
+        c.worker.max_deliveries = 30;
+        assert_eq!(problems(&c).len(), 1, "{:?}", problems(&c));
+        c.queue_type = QueueType::Classic;
+        assert_eq!(problems(&c), Vec::<String>::new());
+    }
+
+    #[test]
+    fn load_rejects_a_file_with_an_unusable_value() {
+        let path = std::env::temp_dir().join(format!("conveyor-cfg-{}.toml", std::process::id()));
+        let _ = std::fs::write(&path, "[worker]\nlease_ms = 2\n");
+        let err = Config::load(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains("worker.lease_ms = 2: must be at least 300"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,16 +10,34 @@
 //! - a valid job: planned (indexes, dependents, retry policy resolved) and
 //!   handed to the store.
 //!
-//! Every error names the field (`tasks[2].params.ms`) and the limit.
+//! Every error names the field (`tasks[2].params.ms`) and the limit, never
+//! echoes the offending value (schema errors are masked: a 1 MiB string
+//! reads as `value`), and is at most [`MAX_ERROR_BYTES`] long. A handler
+//! whose `validate` or `retry_defaults` panics rejects the job; the
+//! dispatcher goes on.
+//!
+//! Each retry field of a task (`max_attempts`, `base_ms`, `cap_ms`, and the
+//! time-out) is resolved on its own: the task's value, else its handler's
+//! default, else the `retry` config.
 
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Duration;
 
-use conveyor_handler::Registry;
+use conveyor_handler::{Registry, RetryDefaults};
 use serde_json::Value;
 
 use crate::config::{Config, Limits, RetryConfig};
 use crate::dag::Dag;
-use crate::model::{DeadLetterReason, JobSpec};
+use crate::model::{DeadLetterReason, JobSpec, RetryPolicy};
+
+/// The longest error text intake records, replies or puts in a header, in
+/// bytes; longer ones are cut at a character boundary and end with `…`.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// The longest text of one schema error (up to three are reported).
+const MAX_SCHEMA_ERROR_BYTES: usize = 320;
 
 /// What intake made of a submit message.
 #[derive(Debug)]
@@ -130,10 +148,13 @@ impl JobIntake {
         if body.len() > self.max_message_bytes {
             return Intake::Dead {
                 kind: DeadLetterReason::TooLarge,
-                reason: format!(
-                    "message is {} bytes; the limit (max_message_bytes) is {}",
-                    body.len(),
-                    self.max_message_bytes
+                reason: capped(
+                    format!(
+                        "message is {} bytes; the limit (max_message_bytes) is {}",
+                        body.len(),
+                        self.max_message_bytes
+                    ),
+                    MAX_ERROR_BYTES,
                 ),
             };
         }
@@ -142,7 +163,7 @@ impl JobIntake {
             Err(e) => {
                 return Intake::Dead {
                     kind: DeadLetterReason::NotJson,
-                    reason: format!("message is not JSON: {e}"),
+                    reason: capped(format!("message is not JSON: {e}"), MAX_ERROR_BYTES),
                 };
             }
         };
@@ -156,7 +177,7 @@ impl JobIntake {
             Intake::Rejected(Rejection {
                 id: id.clone().unwrap_or_else(new_job_id),
                 requestor: requestor.clone(),
-                error,
+                error: capped(error, MAX_ERROR_BYTES),
             })
         };
         if let Some(error) = self.schema_error(&value) {
@@ -173,9 +194,11 @@ impl JobIntake {
     }
 
     fn schema_error(&self, value: &Value) -> Option<String> {
+        // Masked: the message names the rule and its limit, with the
+        // instance written as `value` (it may be a megabyte of string).
         let mut errors = self.schema.iter_errors(value).take(3).map(|e| {
             let path = pointer_to_field(&e.instance_path().to_string());
-            format!("{path}: {e}")
+            capped(format!("{path}: {}", e.masked()), MAX_SCHEMA_ERROR_BYTES)
         });
         let first = errors.next()?;
         let rest: Vec<String> = errors.collect();
@@ -186,8 +209,14 @@ impl JobIntake {
         })
     }
 
-    /// Check limits, handlers, params and the DAG; resolve defaults.
+    /// Check limits, handlers, params and the DAG; resolve defaults. The
+    /// error names the field and the limit, in at most [`MAX_ERROR_BYTES`].
     pub fn plan(&self, spec: JobSpec) -> Result<PlannedJob, String> {
+        self.plan_job(spec)
+            .map_err(|error| capped(error, MAX_ERROR_BYTES))
+    }
+
+    fn plan_job(&self, spec: JobSpec) -> Result<PlannedJob, String> {
         let limits = &self.limits;
         if spec.tasks.len() > limits.max_tasks {
             return Err(format!(
@@ -233,9 +262,20 @@ impl JobIntake {
             if !task.params.is_object() {
                 return Err(format!("tasks[{i}].params: must be a JSON object"));
             }
-            handler
-                .validate(&task.params)
-                .map_err(|e| format!("tasks[{i}] ({}).{e}", task.name))?;
+            // A panicking handler costs this job, not the dispatcher.
+            let panicked = |what: &str, payload: Box<dyn Any + Send>| {
+                format!(
+                    "tasks[{i}] ({}): handler {:?} panicked in {what}: {}",
+                    task.name,
+                    task.handler,
+                    panic_message(payload.as_ref())
+                )
+            };
+            match catch_unwind(AssertUnwindSafe(|| handler.validate(&task.params))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("tasks[{i}] ({}).{e}", task.name)),
+                Err(payload) => return Err(panicked("validate", payload)),
+            }
             let params_json = task.params.to_string();
             if params_json.len() > limits.max_params_bytes {
                 return Err(format!(
@@ -246,15 +286,16 @@ impl JobIntake {
             }
             let queue = task.queue.unwrap_or_else(|| "default".to_owned());
             check_name(&format!("tasks[{i}].queue"), &queue, limits.max_name_len)?;
-            let defaults = handler.retry_defaults();
-            let policy = task.retry.unwrap_or_default();
-            let timeout_ms = match task.timeout_s {
-                Some(s) => (s * 1000.0).ceil() as u64,
-                None => defaults
-                    .timeout
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or((self.retry.timeout_s * 1000.0).ceil() as u64),
+            let defaults = match catch_unwind(AssertUnwindSafe(|| handler.retry_defaults())) {
+                Ok(defaults) => defaults,
+                Err(payload) => return Err(panicked("retry_defaults", payload)),
             };
+            let retry = resolve_retry(
+                task.retry.unwrap_or_default(),
+                task.timeout_s,
+                &defaults,
+                &self.retry,
+            );
             tasks.push(PlannedTask {
                 name: task.name,
                 handler: task.handler,
@@ -262,14 +303,10 @@ impl JobIntake {
                 params_json,
                 deps,
                 dependents,
-                max_attempts: policy
-                    .max_attempts
-                    .or(defaults.max_attempts)
-                    .unwrap_or(self.retry.max_attempts)
-                    .max(1),
-                backoff_base_ms: policy.base_ms.unwrap_or(self.retry.base_ms),
-                backoff_cap_ms: policy.cap_ms.unwrap_or(self.retry.cap_ms),
-                timeout_ms: timeout_ms.max(1),
+                max_attempts: retry.max_attempts,
+                backoff_base_ms: retry.backoff_base_ms,
+                backoff_cap_ms: retry.backoff_cap_ms,
+                timeout_ms: retry.timeout_ms,
             });
         }
         let labels_json =
@@ -281,6 +318,83 @@ impl JobIntake {
             tasks,
         })
     }
+}
+
+/// A task's retry policy with every field resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedRetry {
+    /// Most attempts, at least 1.
+    pub max_attempts: u32,
+    /// Backoff base in milliseconds.
+    pub backoff_base_ms: u64,
+    /// Backoff cap in milliseconds.
+    pub backoff_cap_ms: u64,
+    /// Run time-out of one attempt in milliseconds, at least 1.
+    pub timeout_ms: u64,
+}
+
+/// Resolve each field on its own: the task's value (`retry.*`,
+/// `timeout_s`), else the handler's default, else the `retry` config.
+pub fn resolve_retry(
+    task: RetryPolicy,
+    task_timeout_s: Option<f64>,
+    handler: &RetryDefaults,
+    config: &RetryConfig,
+) -> ResolvedRetry {
+    let timeout_ms = match (task_timeout_s, handler.timeout) {
+        (Some(s), _) => seconds_to_ms(s),
+        (None, Some(d)) => millis(d),
+        (None, None) => seconds_to_ms(config.timeout_s),
+    };
+    ResolvedRetry {
+        max_attempts: task
+            .max_attempts
+            .or(handler.max_attempts)
+            .unwrap_or(config.max_attempts)
+            .max(1),
+        backoff_base_ms: task
+            .base_ms
+            .or(handler.backoff_base.map(millis))
+            .unwrap_or(config.base_ms),
+        backoff_cap_ms: task
+            .cap_ms
+            .or(handler.backoff_cap.map(millis))
+            .unwrap_or(config.cap_ms),
+        timeout_ms: timeout_ms.max(1),
+    }
+}
+
+/// Whole milliseconds of `d`, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Seconds to milliseconds, rounded up (saturating; NaN is 0).
+fn seconds_to_ms(s: f64) -> u64 {
+    (s * 1000.0).ceil() as u64
+}
+
+/// The message of a caught panic, if it carried one.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, ending with
+/// `…` if anything was cut.
+fn capped(text: String, max: usize) -> String {
+    const MARK: &str = "…";
+    if text.len() <= max {
+        return text;
+    }
+    let mut out = truncate(&text, max.saturating_sub(MARK.len()));
+    out.push_str(MARK);
+    out
 }
 
 /// A fresh job id: a UUIDv7, so ids sort by creation time.
@@ -350,17 +464,83 @@ fn pointer_to_field(pointer: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
+    use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError};
     use serde_json::json;
 
     fn intake() -> JobIntake {
-        JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry())
-            .unwrap_or_else(|e| panic!("{e}"))
+        JobIntake::new(&Config::default(), test_registry()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn rejected(body: Value) -> String {
         match intake().accept(body.to_string().as_bytes()) {
             Intake::Rejected(r) => r.error,
             other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    /// The built-in handlers plus the misbehaving and tuned ones below.
+    fn test_registry() -> Registry {
+        conveyor_builtin_handlers::registry()
+            .with(TestHandler::PanicsInValidate)
+            .with(TestHandler::PanicsInRetryDefaults)
+            .with(TestHandler::LongError)
+            .with(TestHandler::Tuned)
+            .with(TestHandler::CapOnly)
+    }
+
+    enum TestHandler {
+        /// `validate` panics with a message.
+        PanicsInValidate,
+        /// `retry_defaults` panics with a formatted (String) message.
+        PanicsInRetryDefaults,
+        /// `validate` rejects with a 100 KB message of two-byte characters.
+        LongError,
+        /// Sets every retry default.
+        Tuned,
+        /// Sets only the backoff cap.
+        CapOnly,
+    }
+
+    #[async_trait]
+    impl Handler for TestHandler {
+        fn name(&self) -> &str {
+            match self {
+                TestHandler::PanicsInValidate => "panics-in-validate",
+                TestHandler::PanicsInRetryDefaults => "panics-in-retry-defaults",
+                TestHandler::LongError => "long-error",
+                TestHandler::Tuned => "tuned",
+                TestHandler::CapOnly => "cap-only",
+            }
+        }
+
+        fn validate(&self, _params: &Value) -> Result<(), ValidationError> {
+            match self {
+                TestHandler::PanicsInValidate => panic!("validate exploded"),
+                TestHandler::LongError => Err(ValidationError::new("params.x", "é".repeat(50_000))),
+                _ => Ok(()),
+            }
+        }
+
+        fn retry_defaults(&self) -> RetryDefaults {
+            match self {
+                TestHandler::PanicsInRetryDefaults => panic!("no defaults for {}", 42),
+                TestHandler::Tuned => RetryDefaults {
+                    max_attempts: Some(7),
+                    timeout: Some(Duration::from_secs(2)),
+                    backoff_base: Some(Duration::from_millis(10)),
+                    backoff_cap: Some(Duration::from_millis(20)),
+                },
+                TestHandler::CapOnly => RetryDefaults {
+                    backoff_cap: Some(Duration::from_millis(5_000)),
+                    ..RetryDefaults::default()
+                },
+                _ => RetryDefaults::default(),
+            }
+        }
+
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            Ok(Outcome::Done(Value::Null))
         }
     }
 
@@ -476,5 +656,114 @@ mod tests {
             Intake::Rejected(r) => assert!(r.error.contains("limits.max_tasks"), "{}", r.error),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_huge_value_is_named_by_field_and_limit_not_echoed() {
+        let huge = "x".repeat(100 * 1024);
+        let err = rejected(json!({"requestor": "me", "labels": {"note": huge},
+            "tasks": [{"name": "a", "handler": "noop"}]}));
+        assert!(err.starts_with("labels.note: "), "{err}");
+        assert!(err.contains("longer than 1024 characters"), "{err}");
+        assert!(err.len() < 100, "{} bytes: {err}", err.len());
+        assert!(!err.contains("xxxx"), "{err}");
+
+        let err = rejected(json!({"requestor": huge, "tasks": [{"name": "a", "handler": "noop"}]}));
+        assert!(
+            err.starts_with("requestor: ") && err.contains("longer than 128 characters"),
+            "{err}"
+        );
+        assert!(err.len() < 100, "{} bytes: {err}", err.len());
+    }
+
+    #[test]
+    fn a_long_error_is_cut_to_the_limit_at_a_character_boundary() {
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "a", "handler": "long-error"}
+        ]}));
+        assert!(err.starts_with("tasks[0] (a).params.x: éé"), "{err}");
+        assert!(err.len() <= MAX_ERROR_BYTES, "{} bytes", err.len());
+        assert!(err.len() > MAX_ERROR_BYTES - 8, "{} bytes", err.len());
+        assert!(err.ends_with("é…"), "{err}");
+
+        assert_eq!(capped("short".into(), 8), "short");
+        assert_eq!(capped("ab€cd".into(), 6), "ab…");
+        assert_eq!(capped("abcdefgh".into(), 7), "abcd…");
+    }
+
+    #[test]
+    fn a_handler_whose_validate_panics_rejects_only_that_job() {
+        let intake = intake();
+        let body = json!({"requestor": "me", "tasks": [
+            {"name": "ok", "handler": "noop"},
+            {"name": "bad", "handler": "panics-in-validate"}
+        ]});
+        match intake.accept(body.to_string().as_bytes()) {
+            Intake::Rejected(r) => assert_eq!(
+                r.error,
+                "tasks[1] (bad): handler \"panics-in-validate\" panicked in validate: validate exploded"
+            ),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "d", "handler": "panics-in-retry-defaults"}
+        ]}));
+        assert_eq!(
+            err,
+            "tasks[0] (d): handler \"panics-in-retry-defaults\" panicked in retry_defaults: no defaults for 42"
+        );
+        // The same intake goes on accepting jobs.
+        let ok = json!({"requestor": "me", "tasks": [{"name": "a", "handler": "noop"}]});
+        assert!(matches!(
+            intake.accept(ok.to_string().as_bytes()),
+            Intake::Valid(_)
+        ));
+    }
+
+    #[test]
+    fn each_retry_field_comes_from_the_task_then_the_handler_then_the_config() {
+        let config = Config {
+            retry: RetryConfig {
+                max_attempts: 4,
+                base_ms: 1_000,
+                cap_ms: 60_000,
+                timeout_s: 300.0,
+            },
+            ..Config::default()
+        };
+        let intake = JobIntake::new(&config, test_registry()).unwrap_or_else(|e| panic!("{e}"));
+        let body = json!({"requestor": "me", "tasks": [
+            // Nothing set: the handler's defaults.
+            {"name": "handler", "handler": "tuned"},
+            // Set by the task: its values win, field by field.
+            {"name": "task", "handler": "tuned", "timeout_s": 0.5,
+             "retry": {"max_attempts": 2, "base_ms": 100}},
+            // A handler without defaults: the config.
+            {"name": "config", "handler": "noop"},
+            // A handler with only a cap: task, handler and config mixed.
+            {"name": "mixed", "handler": "cap-only", "retry": {"base_ms": 1}}
+        ]});
+        let job = match intake.accept(body.to_string().as_bytes()) {
+            Intake::Valid(job) => job,
+            other => panic!("expected valid, got {other:?}"),
+        };
+        let policy = |t: &PlannedTask| {
+            (
+                t.max_attempts,
+                t.backoff_base_ms,
+                t.backoff_cap_ms,
+                t.timeout_ms,
+            )
+        };
+        let policies: Vec<_> = job.tasks.iter().map(policy).collect();
+        assert_eq!(
+            policies,
+            vec![
+                (7, 10, 20, 2_000),
+                (2, 100, 20, 500),
+                (4, 1_000, 60_000, 300_000),
+                (4, 1, 5_000, 300_000),
+            ]
+        );
     }
 }

@@ -2,6 +2,15 @@
 //! broker confirms. Shared by the dispatcher (submissions, sweeps) and the
 //! worker (dependents made ready by its own outcome), so both publish the
 //! same bytes the same way.
+//!
+//! Queues are declared once per process (a cache of the task queues
+//! declared so far), not before every publish. A queue deleted behind
+//! Conveyor's back (by an operator, or a `queue.delete` from a tool) makes
+//! the broker return the mandatory publish as
+//! [`BrokerError::Unroutable`]; the cache then forgets that queue, so the
+//! next attempt declares it again (declaring is idempotent) before
+//! publishing. Callers retry as for any failed publish, and ack nothing
+//! until a publish is confirmed and routed.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -64,7 +73,23 @@ impl Outbox {
         declared.extend(queues.iter().cloned());
     }
 
-    /// Publish task messages, all confirmed, or an error.
+    /// Forget that the task queue named `queue` in full (as the broker
+    /// knows it) was declared, so the next publish to it declares it again.
+    fn forget_declared(&self, queue: &str, tasks: &[TaskMessage]) {
+        let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tasks {
+            if self.names.task_queue(&t.queue) == queue && declared.remove(&t.queue) {
+                tracing::warn!(
+                    queue,
+                    "task queue is missing (deleted?); declaring it again before the next publish"
+                );
+            }
+        }
+    }
+
+    /// Publish task messages, all confirmed and routed, or an error. If the
+    /// broker returned one as unroutable, its queue is declared again by
+    /// the next call (see the module docs).
     pub async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BrokerError> {
         if tasks.is_empty() {
             return Ok(());
@@ -74,11 +99,16 @@ impl Outbox {
             .iter()
             .map(|t| Outgoing::durable(self.names.task_queue(&t.queue), t.encode()))
             .collect();
-        self.broker.publish(batch).await
+        let result = self.broker.publish(batch).await;
+        if let Err(BrokerError::Unroutable { queue, .. }) = &result {
+            self.forget_declared(queue, tasks);
+        }
+        result
     }
 
     /// Publish task messages, retrying (with backoff) while the failure is
-    /// one a retry can help. Duplicates are harmless: claims dedupe.
+    /// one a retry can help; a returned message's queue is declared again
+    /// before the next attempt. Duplicates are harmless: claims dedupe.
     pub async fn publish_tasks_until_confirmed(
         &self,
         tasks: &[TaskMessage],
@@ -98,7 +128,9 @@ impl Outbox {
     }
 
     /// Send a message that cannot be handled to `<prefix>.dead`, byte for
-    /// byte, with headers saying why and where it came from.
+    /// byte, with headers saying why and where it came from. If the dead
+    /// queue was deleted, it is declared again before the error is
+    /// returned, so the caller's retry (a requeued delivery) goes through.
     pub async fn dead_letter(
         &self,
         body: Vec<u8>,
@@ -132,6 +164,101 @@ impl Outbox {
                 HeaderValue::Text(c.to_owned()),
             ));
         }
-        self.broker.publish(vec![msg]).await
+        let result = self.broker.publish(vec![msg]).await;
+        if let Err(BrokerError::Unroutable { queue, .. }) = &result {
+            // Declaring with no task queues declares the dead and submit queues.
+            tracing::warn!(
+                queue,
+                "dead-letter queue is missing (deleted?); declaring it again"
+            );
+            if let Err(e) = self.broker.declare(&[]).await {
+                tracing::warn!(error = %e, "cannot declare the dead-letter queue again");
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+
+    fn task(job: &str, queue: &str) -> TaskMessage {
+        TaskMessage {
+            job: job.into(),
+            task: "t".into(),
+            idx: 0,
+            attempt: 1,
+            queue: queue.into(),
+        }
+    }
+
+    /// An outbox whose cache says `ghost` is declared while the broker has
+    /// no such queue: what an operator deleting the queue leaves behind.
+    fn outbox_with_a_deleted_queue() -> (MemoryBroker, Outbox) {
+        let names = Names::new("t");
+        let broker = MemoryBroker::reliable(names.clone());
+        let outbox = Outbox::new(Arc::new(broker.clone()), names);
+        outbox.mark_declared(&["ghost".to_owned()]);
+        (broker, outbox)
+    }
+
+    #[tokio::test]
+    async fn a_returned_publish_makes_the_next_one_declare_the_queue_again() {
+        let (broker, outbox) = outbox_with_a_deleted_queue();
+        let err = outbox
+            .publish_tasks(&[task("j1", "ghost")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::Unroutable { queue, .. } if queue == "t.tasks.ghost"),
+            "{err:?}"
+        );
+        assert_eq!(broker.ready_len("t.tasks.ghost").await, 0);
+        outbox.publish_tasks(&[task("j1", "ghost")]).await.unwrap();
+        assert_eq!(broker.ready_len("t.tasks.ghost").await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishing_until_confirmed_gets_through_to_a_deleted_queue() {
+        let (broker, outbox) = outbox_with_a_deleted_queue();
+        let tasks = [task("j1", "ghost"), task("j2", "default")];
+        // Virtual time: the back-off sleeps pass at once; retrying without
+        // declaring would never finish.
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            outbox.publish_tasks_until_confirmed(&tasks),
+        )
+        .await
+        .expect("the publish to a deleted queue is still retried after 10 minutes: the queue was never declared again")
+        .unwrap();
+        assert_eq!(broker.ready_len("t.tasks.ghost").await, 1);
+        assert!(broker.ready_len("t.tasks.default").await >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_to_a_deleted_dead_queue_declares_it_again() {
+        let names = Names::new("t");
+        // Nothing declared: no dead queue.
+        let broker = MemoryBroker::reliable(names.clone());
+        let outbox = Outbox::new(Arc::new(broker.clone()), names);
+        let send = || {
+            outbox.dead_letter(
+                b"x".to_vec(),
+                "t.submit",
+                DeadLetterReason::NotJson,
+                "not JSON",
+                None,
+            )
+        };
+        let err = send().await.unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::Unroutable { queue, .. } if queue == "t.dead"),
+            "{err:?}"
+        );
+        send().await.unwrap();
+        assert_eq!(broker.take_all("t.dead").await, vec![b"x".to_vec()]);
     }
 }

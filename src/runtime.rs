@@ -125,6 +125,9 @@ pub async fn run_dispatcher(
     registry: Registry,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // Again here: command-line flags and code may have changed the config
+    // since it was loaded.
+    config.validate()?;
     let id = format!("dispatcher-{}", crate::worker::new_worker_id());
     let probes = ProbeServer::start_if(config.http_addr).await?;
     let Some((store, broker)) = connect_until_up(config, &id, 8, &shutdown).await? else {
@@ -169,6 +172,15 @@ pub async fn run_worker(
     registry: Registry,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // Again here: command-line flags and code may have changed the config
+    // since it was loaded.
+    config.validate()?;
+    if config.queue_type == crate::config::QueueType::Classic {
+        tracing::warn!(
+            "queue_type = classic: RabbitMQ counts no redeliveries on classic queues, so \
+             poison messages (ones that kill a worker before its claim) are not detected"
+        );
+    }
     let id = crate::worker::new_worker_id();
     let journal = match std::env::var_os("CONVEYOR_JOURNAL") {
         Some(path) => Some(crate::worker::Journal::open(

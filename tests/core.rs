@@ -402,3 +402,166 @@ async fn history_keeps_quotes_backslashes_and_non_ascii_text_exactly() {
     client.close().await;
     d.shutdown().await;
 }
+
+/// Messages ready in `queue`, or `None` if it does not exist (a passive
+/// declare, on a channel of its own: a missing queue closes it).
+async fn ready_in(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = conn.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, "done".into()).await;
+    declared.ok().map(|q| q.message_count())
+}
+
+/// Delete `queue` as an operator would, and check that it is gone.
+async fn delete_queue(config: &conveyor::config::Config, tool: &lapin::Connection, queue: &str) {
+    conveyor::purge::delete_queues(config, &[queue.to_owned()]).await;
+    assert_eq!(ready_in(tool, queue).await, None, "{queue} was not deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_queue_deleted_by_an_operator_is_declared_again_when_the_publish_comes_back_returned()
+ {
+    let mut d = Deployment::new("deleted-queue").await;
+    d.start_dispatcher().await;
+    let tool = conveyor::broker::amqp::tool_connection(&d.config)
+        .await
+        .expect("tool connection");
+    let (tool, submit) = (&tool, d.names.submit_queue());
+    let task_queue = d.names.task_queue("default");
+    // The dispatcher has declared its topology once it consumes submissions.
+    eventually("the dispatcher consuming submissions", WAIT, || async {
+        let channel = tool.create_channel().await.ok()?;
+        let q = channel
+            .queue_declare(
+                submit.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "done".into()).await;
+        (q.consumer_count() > 0).then_some(())
+    })
+    .await;
+    delete_queue(&d.config, tool, &task_queue).await;
+
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "after-delete", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    // No worker runs (a consumer's reconnection would declare its queue):
+    // only the dispatcher's outbox can bring the queue back.
+    let q = task_queue.as_str();
+    eventually(
+        "the task routed to a task queue declared again (the dispatcher kept publishing to the \
+         deleted queue, whose publishes come back returned, without declaring it)",
+        Duration::from_secs(20),
+        || async move { ready_in(tool, q).await.filter(|&n| n > 0) },
+    )
+    .await;
+    d.start_worker(2).await;
+    let status = d.wait_terminal("after-delete", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["t"].attempts, 1);
+    // The submission was acked once its task was routed, not dead-lettered
+    // after its requeues ran out.
+    assert!(client.take_dead().await.is_none(), "a dead letter");
+    client.close().await;
+    let _ = tool.close(200, "bye".into()).await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_to_a_deleted_queue_is_published_once_the_worker_declares_it_again() {
+    let mut config = common::test_config(&common::unique_prefix("deleted-follow-up"));
+    // Leases far longer than the test: the dispatcher's sweep cannot
+    // publish the follow-up in the worker's stead.
+    config.worker.lease_ms = 600_000;
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let tool = conveyor::broker::amqp::tool_connection(&d.config)
+        .await
+        .expect("tool connection");
+    let tool = &tool;
+    let client = Client::connect(&d.config.prefix).await;
+    // `b` runs on a queue no worker consumes, so nobody else declares it.
+    let other = d.names.task_queue("other");
+    let job = |id: &str| {
+        json!({"id": id, "requestor": "r", "tasks": [
+            {"name": "a", "handler": "noop"},
+            {"name": "b", "handler": "noop", "after": ["a"], "queue": "other"}]})
+    };
+    let q = other.as_str();
+    client.submit(&job("first")).await;
+    eventually(
+        "the first job's b queued (the worker declared other)",
+        WAIT,
+        || async move { ready_in(tool, q).await.filter(|&n| n > 0) },
+    )
+    .await;
+    delete_queue(&d.config, tool, &other).await;
+
+    client.submit(&job("second")).await;
+    eventually(
+        "the second job's b routed to `other` declared again (the worker kept publishing to the \
+         deleted queue, whose publishes come back returned, without declaring it)",
+        Duration::from_secs(20),
+        || async move { ready_in(tool, q).await.filter(|&n| n > 0) },
+    )
+    .await;
+    let status = d.status("second").await.expect("second job");
+    assert_eq!(status.tasks["a"].state, TaskState::Succeeded);
+    assert_eq!(status.tasks["b"].state, TaskState::Ready);
+    client.close().await;
+    let _ = tool.close(200, "bye".into()).await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_amqp_broker_reports_a_mandatory_publish_to_a_missing_queue_as_returned() {
+    use conveyor::broker::{Broker, BrokerError, Outgoing};
+    let config = common::test_config(&common::unique_prefix("returned"));
+    // Connecting declares nothing.
+    let broker = common::connect_broker(&config).await;
+    let missing = conveyor::names::Names::new(&config.prefix).task_queue("other");
+    let err = broker
+        .publish(vec![Outgoing::durable(missing.clone(), b"{}".to_vec())])
+        .await
+        .expect_err("a mandatory publish to a missing queue must not be confirmed as queued");
+    assert!(
+        matches!(&err, BrokerError::Unroutable { queue, reason }
+            if queue == &missing && reason.contains("NO_ROUTE")),
+        "{err:?}"
+    );
+    assert!(err.is_retryable() && !err.is_unavailable(), "{err:?}");
+    // Without the mandatory flag the broker drops it without a word.
+    let mut quiet = Outgoing::durable(missing.clone(), b"{}".to_vec());
+    quiet.mandatory = false;
+    broker.publish(vec![quiet]).await.expect("dropped silently");
+    // The connection outlived the returned message: once the queue is
+    // declared, the same publish is routed.
+    broker
+        .declare(&["other".to_owned()])
+        .await
+        .expect("declare");
+    broker
+        .publish(vec![Outgoing::durable(missing.clone(), b"{}".to_vec())])
+        .await
+        .expect("routed once declared");
+    assert!(broker.is_connected());
+    common::cleanup(&config).await;
+}

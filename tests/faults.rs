@@ -522,6 +522,18 @@ impl PrivateRedis {
         .await;
     }
 
+    /// Run one `redis-cli` command against it; it must answer OK.
+    async fn cli(&self, args: &[&str]) {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli must be installed for this test");
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(answer.trim() == "OK", "redis-cli {args:?}: {answer}");
+    }
+
     async fn stop(&self) {
         let save = if self.aof { "save" } else { "nosave" };
         let _ = tokio::process::Command::new("redis-cli")
@@ -570,6 +582,35 @@ async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     redis.launch().await;
     wait_readiness(run.port, true).await;
     run.assert_nothing_lost("Redis was stopped").await;
+    run.stop().await;
+}
+
+/// A Redis that answers but will not write — a primary demoted to a replica
+/// by a failover says `READONLY`, one still loading its data after a restart
+/// says `LOADING` — is an outage, not a verdict on the work: dispatcher and
+/// workers keep their messages and wait, readiness says the store is down,
+/// and nothing is failed, lost or run twice. (Answered as a permanent error,
+/// each claim was requeued at once until the task counted as poison.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
+    let _serial = SERIAL.lock().await;
+    let redis = PrivateRedis::start(false).await;
+    let mut config = test_config(&unique_prefix("redisro"));
+    config.redis_url = redis.url();
+    let run = MidRun::start(Deployment::with_config(config).await, "redisro").await;
+    // A replica of a primary that does not exist keeps its data, serves
+    // reads and refuses every write.
+    let nowhere = common::free_port().to_string();
+    redis.cli(&["REPLICAOF", "127.0.0.1", &nowhere]).await;
+    let down = wait_readiness(run.port, false).await;
+    assert_eq!(down["store"], false, "{down}");
+    assert_eq!(down["broker"], true, "{down}");
+    // Long enough for every task message in hand to be redelivered many
+    // times over, were a refusal taken for a failure.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.cli(&["REPLICAOF", "NO", "ONE"]).await;
+    wait_readiness(run.port, true).await;
+    run.assert_nothing_lost("Redis refused writes").await;
     run.stop().await;
 }
 

@@ -34,7 +34,7 @@ use conveyor::names::Names;
 use conveyor::shutdown::ShutdownTrigger;
 use conveyor::store::memory::{Clock, MemoryStore, TokioClock};
 use conveyor::store::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Store,
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Pruned, Store,
     StoreError, SweepAction, WorkerInfo,
 };
 use conveyor::worker::{Worker, WorkerOptions};
@@ -212,6 +212,10 @@ impl Store for Partition {
     async fn heartbeat(&self, w: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
         self.check()?;
         self.inner.heartbeat(w, ttl).await
+    }
+    async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError> {
+        self.check()?;
+        self.inner.prune_expired(limit).await
     }
     async fn unregister(&self, id: &str) -> Result<(), StoreError> {
         self.check()?;

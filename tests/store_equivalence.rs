@@ -21,6 +21,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+/// A lease or retry delay that outlasts any run of this test: one that
+/// lapsed between the two stores' calls (a slow run passes 60 s) would
+/// split their answers without either being wrong.
+const LATER_MS: u64 = 3_600_000;
+
 fn normalise(mut s: JobStatus) -> JobStatus {
     s.created_ms = 0;
     s.updated_ms = 0;
@@ -112,7 +117,7 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     attempt,
                     queue: "default".into(),
                 };
-                let lease = Duration::from_millis(if rng.random_bool(0.3) { 0 } else { 60_000 });
+                let lease = Duration::from_millis(if rng.random_bool(0.3) { 0 } else { LATER_MS });
                 let a = redis.claim(&msg, "w", lease).await.unwrap();
                 let b = memory.claim(&msg, "w", lease).await.unwrap();
                 assert_eq!(a, b, "{ctx}: claim {msg:?}");
@@ -125,7 +130,11 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     0 => AttemptResult::Succeeded(format!("{{\"v\":{step}}}")),
                     1 => AttemptResult::Retry {
                         error: "flaky".into(),
-                        delay: Duration::from_millis(if rng.random_bool(0.5) { 0 } else { 60_000 }),
+                        delay: Duration::from_millis(if rng.random_bool(0.5) {
+                            0
+                        } else {
+                            LATER_MS
+                        }),
                     },
                     _ => AttemptResult::Failed("broken".into()),
                 };
@@ -133,7 +142,7 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                 let b = memory.complete(&claim, "w", &result).await.unwrap();
                 assert_eq!(a, b, "{ctx}: complete {claim:?} {result:?}");
             } else if op < 70 && !claims.is_empty() {
-                let lease = Duration::from_millis(if rng.random_bool(0.5) { 0 } else { 60_000 });
+                let lease = Duration::from_millis(if rng.random_bool(0.5) { 0 } else { LATER_MS });
                 assert_eq!(
                     redis.renew(&claims, lease).await.unwrap(),
                     memory.renew(&claims, lease).await.unwrap(),
@@ -183,5 +192,95 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
             }
         }
     }
+    common::cleanup(&config).await;
+}
+
+/// A finished job's keys expire after the retention; its entry in the index
+/// of recent jobs goes with the next pruning pass, in both stores, while a
+/// job still running keeps its entry however old it is. Small batches walk
+/// past live entries rather than stopping at them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
+    let mut config = common::test_config(&common::unique_prefix("prune"));
+    config.retention_s = 1;
+    let redis = common::connect_store(&config, "eq").await;
+    let epoch = redis.check_epoch().await.unwrap();
+    let memory = MemoryStore::new(Arc::new(SystemClock), Duration::from_secs(1), epoch, "eq");
+    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+    let stores: [(&str, Arc<dyn Store>); 2] =
+        [("redis", redis.clone()), ("memory", Arc::new(memory))];
+    for (name, store) in stores {
+        // The oldest job stays running; five after it finish.
+        let mut ids = vec!["alive".to_owned()];
+        ids.extend((0..5).map(|i| format!("done{i}")));
+        for id in &ids {
+            let body =
+                json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+            let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
+                panic!("valid job");
+            };
+            store.create_job(&planned).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for id in &ids[1..] {
+            let msg = TaskMessage {
+                job: id.clone(),
+                task: "t".into(),
+                idx: 0,
+                attempt: 1,
+                queue: "default".into(),
+            };
+            let ClaimOutcome::Claimed(c) = store
+                .claim(&msg, "w", Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
+                panic!("{name}: claim of {id}");
+            };
+            let applied = store
+                .complete(&c.claim, "w", &AttemptResult::Succeeded("{}".into()))
+                .await
+                .unwrap();
+            assert!(
+                matches!(applied, Applied::Done { .. }),
+                "{name}: {applied:?}"
+            );
+        }
+        // Nothing is old enough yet.
+        assert_eq!(store.prune_expired(2).await.unwrap().removed, 0, "{name}");
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let mut removed = 0;
+        for _ in 0..20 {
+            let pruned = store.prune_expired(2).await.unwrap();
+            removed += pruned.removed;
+            if !pruned.more {
+                break;
+            }
+        }
+        assert_eq!(removed, 5, "{name}: the five expired jobs leave the index");
+        assert!(store.job("alive").await.unwrap().is_some(), "{name}");
+        let listed: Vec<String> = store
+            .list_jobs(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(listed, vec!["alive".to_owned()], "{name}");
+    }
+    // In Redis the index itself holds only the live job now.
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(redis.names().jobs_index())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(index, vec!["alive".to_owned()]);
     common::cleanup(&config).await;
 }

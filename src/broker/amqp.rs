@@ -4,7 +4,9 @@
 //! - Every work message is persistent and published with the `mandatory`
 //!   flag on a channel in confirm mode. An unroutable message is *acked* by
 //!   the broker after being returned, so an ack carrying a returned message
-//!   is treated as a failure ([`BrokerError::Refused`]).
+//!   is treated as a failure ([`BrokerError::Unroutable`]; a nack is
+//!   [`BrokerError::Refused`]). Nothing here declares the queue again: the
+//!   caller does (the outbox forgets it declared the queue).
 //! - Confirms are pipelined: a batch is published in full, then all its
 //!   confirms are awaited together.
 //! - Queues are durable; quorum queues by default, with `x-delivery-limit`
@@ -472,16 +474,16 @@ async fn publish_on(session: &Session, batch: &[Outgoing]) -> Result<(), BrokerE
     }
     let mut first_error = None;
     for (queue, confirm) in pending {
-        let refused = |reason: String| BrokerError::Refused {
-            queue: queue.to_owned(),
-            reason,
-        };
         let err = match confirm.await {
             Ok(Confirmation::Ack(None)) => continue,
-            Ok(Confirmation::Ack(Some(ret))) => {
-                refused(format!("returned: {} {}", ret.reply_code, ret.reply_text))
-            }
-            Ok(Confirmation::Nack(_)) => refused("nacked".into()),
+            Ok(Confirmation::Ack(Some(ret))) => BrokerError::Unroutable {
+                queue: queue.to_owned(),
+                reason: format!("returned: {} {}", ret.reply_code, ret.reply_text),
+            },
+            Ok(Confirmation::Nack(_)) => BrokerError::Refused {
+                queue: queue.to_owned(),
+                reason: "nacked".into(),
+            },
             Ok(Confirmation::NotRequested) => {
                 BrokerError::Fatal("publisher confirms are not enabled".into())
             }

@@ -9,7 +9,7 @@
 //!
 //! It mirrors the RabbitMQ behaviour Conveyor relies on (see `amqp.rs`):
 //! named queues created by [`Broker::declare`]; `mandatory` publishes to a
-//! missing queue are refused, others silently dropped; deliveries pushed
+//! missing queue fail as unroutable (returned), others are silently dropped; deliveries pushed
 //! round-robin to a queue's consumers, each holding at most `prefetch`
 //! unacked ones (0 = unlimited, as in AMQP); a requeued message goes back
 //! to the head of its queue; a closed subscription ("channel") returns its
@@ -392,7 +392,7 @@ impl Broker for MemoryBroker {
             }
             if !state.queues.contains_key(&msg.queue) {
                 if msg.mandatory {
-                    first_error.get_or_insert(BrokerError::Refused {
+                    first_error.get_or_insert(BrokerError::Unroutable {
                         queue: msg.queue.clone(),
                         reason: "returned: 312 NO_ROUTE".into(),
                     });
@@ -839,13 +839,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publish_to_a_missing_queue_is_refused_when_mandatory() {
+    async fn publish_to_a_missing_queue_is_returned_when_mandatory() {
         let b = broker().await;
         let err = b
             .publish(vec![Outgoing::durable("nowhere", b"x".to_vec()), msg("ok")])
             .await
             .unwrap_err();
-        assert!(matches!(err, BrokerError::Refused { queue, .. } if queue == "nowhere"));
+        assert!(matches!(err, BrokerError::Unroutable { queue, .. } if queue == "nowhere"));
         assert_eq!(
             b.ready_len(&q()).await,
             1,

@@ -18,13 +18,24 @@ pub enum BrokerError {
     /// reconnecting and retrying can help.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    /// The broker refused a message (nack) or could not route it
-    /// (returned under the mandatory flag): the target queue may be missing.
+    /// The broker refused a message (nack): e.g. a full queue rejecting
+    /// publishes, or a queue without a leader.
     #[error("broker refused message to {queue}: {reason}")]
     Refused {
         /// The target queue.
         queue: String,
         /// What the broker said.
+        reason: String,
+    },
+    /// The broker could not route a message published with the mandatory
+    /// flag and returned it: no queue of that name exists (never declared,
+    /// or deleted since). Declaring the queue again and publishing again
+    /// helps.
+    #[error("broker returned message to {queue} as unroutable: {reason}")]
+    Unroutable {
+        /// The target queue.
+        queue: String,
+        /// What the broker said (reply code and text).
         reason: String,
     },
     /// A request the broker will never accept (bad arguments, access).
@@ -38,8 +49,15 @@ impl BrokerError {
         match self {
             BrokerError::Unavailable(_) => true,
             BrokerError::Refused { .. } => true,
+            BrokerError::Unroutable { .. } => true,
             BrokerError::Fatal(_) => false,
         }
+    }
+
+    /// Whether the connection itself failed, so that any other call made
+    /// now would fail alike; the other errors concern one message or queue.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, BrokerError::Unavailable(_))
     }
 }
 
@@ -154,7 +172,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Publish every message and wait until the broker has confirmed all of
     /// them as queued. An error means some may not be: publish again
-    /// (duplicates are harmless by design).
+    /// (duplicates are harmless by design). A mandatory message with no
+    /// queue to go to fails the call as [`BrokerError::Unroutable`]; the
+    /// broker does not declare queues on its own.
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError>;
 
     /// Consume `queue`, at most `prefetch` unacked deliveries at a time.

@@ -10,6 +10,7 @@
 //! task's outcome with the same store transition and publishes the tasks it
 //! made ready (one broker hop fewer per task; see docs/ARCHITECTURE.md).
 
+mod prune;
 mod submit;
 mod sweep;
 
@@ -96,9 +97,10 @@ impl Dispatcher {
         // Owned by this future: dropping it (a simulated crash) stops the sweep.
         let mut sweeper = JoinSet::new();
         {
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            sweeper.spawn(async move { this.sweep_forever(shutdown).await });
+            let (this, stop) = (self.clone(), shutdown.clone());
+            sweeper.spawn(async move { this.sweep_forever(stop).await });
+            let (this, stop) = (self.clone(), shutdown.clone());
+            sweeper.spawn(async move { this.prune_forever(stop).await });
         }
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         let mut in_flight = JoinSet::new();

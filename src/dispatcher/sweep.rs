@@ -2,13 +2,43 @@
 //! tasks whose claim's lease lapsed. Safe with many dispatchers at once:
 //! every action is a checked store transition, and schedule entries are
 //! forgotten only after their messages are confirmed.
+//!
+//! Entries are handled independently: one whose messages cannot be
+//! published (a queue that cannot be declared, a nack) is logged and left
+//! for the next pass, and the pass goes on with the others. Only a broker
+//! or store that is unreachable ends a pass early: every other call would
+//! fail alike.
 
+use std::collections::HashSet;
+
+use crate::broker::BrokerError;
 use crate::shutdown::Shutdown;
 use crate::store::{StoreError, SweepAction};
 
 use super::Dispatcher;
 
 const SWEEP_BATCH: usize = 500;
+
+/// One of the two schedules a pass works through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    /// `<p>:retries`: due retries to promote.
+    Retries,
+    /// `<p>:leases`: lapsed leases to reclaim.
+    Leases,
+}
+
+/// What publishing one batch of sweep actions did.
+#[derive(Debug, Default)]
+struct Published {
+    /// Entries whose messages are all confirmed: forget them.
+    done: Vec<String>,
+    /// Entries whose messages could not be published: keep them.
+    failed: Vec<String>,
+    /// The broker became unreachable: stop the pass (after forgetting
+    /// `done`).
+    unavailable: Option<BrokerError>,
+}
 
 impl Dispatcher {
     pub(super) async fn sweep_forever(&self, mut shutdown: Shutdown) {
@@ -34,42 +64,121 @@ impl Dispatcher {
     }
 
     /// One pass: due retries, then lapsed leases. Returns how many schedule
-    /// entries were acted on.
+    /// entries were acted on (their messages confirmed and the entries
+    /// forgotten). Entries that failed are left for the next pass; an error
+    /// means the store or the broker is unreachable.
     pub async fn sweep_once(&self) -> Result<usize, SweepError> {
+        let retries = self.sweep_schedule(Schedule::Retries).await?;
+        let leases = self.sweep_schedule(Schedule::Leases).await?;
+        Ok(retries + leases)
+    }
+
+    async fn due(&self, schedule: Schedule, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
+        match schedule {
+            Schedule::Retries => self.store.due_retries(limit).await,
+            Schedule::Leases => self.store.expired_leases(limit, &self.options.id).await,
+        }
+    }
+
+    async fn forget(&self, schedule: Schedule, entries: &[String]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match schedule {
+            Schedule::Retries => self.store.forget_retries(entries).await,
+            Schedule::Leases => self.store.forget_leases(entries).await,
+        }
+    }
+
+    /// Work through one schedule in batches. Entries that failed stay due,
+    /// so they come back in every later batch of this pass: the batch limit
+    /// grows by their number and they are skipped, so each batch brings
+    /// new entries. Once a whole batch's worth has failed, the rest waits
+    /// for the next pass (which starts with the failed ones again).
+    async fn sweep_schedule(&self, schedule: Schedule) -> Result<usize, SweepError> {
+        let mut failed: HashSet<String> = HashSet::new();
         let mut total = 0;
         loop {
-            let actions = self.store.due_retries(SWEEP_BATCH).await?;
-            let n = actions.len();
-            let done = self.publish_actions(&actions).await?;
-            self.store.forget_retries(&done).await?;
-            total += n;
-            if n < SWEEP_BATCH {
+            let limit = SWEEP_BATCH + failed.len();
+            let actions = self.due(schedule, limit).await?;
+            let more = actions.len() >= limit;
+            let fresh: Vec<SweepAction> = actions
+                .into_iter()
+                .filter(|a| !failed.contains(&a.entry))
+                .collect();
+            let published = self.publish_actions(&fresh).await;
+            self.forget(schedule, &published.done).await?;
+            total += published.done.len();
+            failed.extend(published.failed);
+            if let Some(e) = published.unavailable {
+                return Err(e.into());
+            }
+            if !more {
                 break;
             }
-        }
-        loop {
-            let actions = self
-                .store
-                .expired_leases(SWEEP_BATCH, &self.options.id)
-                .await?;
-            let n = actions.len();
-            let done = self.publish_actions(&actions).await?;
-            self.store.forget_leases(&done).await?;
-            total += n;
-            if n < SWEEP_BATCH {
+            if failed.len() >= SWEEP_BATCH {
+                tracing::warn!(
+                    ?schedule,
+                    failed = failed.len(),
+                    "many sweep entries failed; the rest wait for the next sweep"
+                );
                 break;
             }
         }
         Ok(total)
     }
 
-    async fn publish_actions(&self, actions: &[SweepAction]) -> Result<Vec<String>, SweepError> {
+    /// Publish the messages of `actions`: all in one batch (one round of
+    /// confirms), and if that fails for a reason other than an unreachable
+    /// broker, entry by entry, to tell the entries that can be published
+    /// from those that cannot (the ones published twice are harmless
+    /// duplicates: claims dedupe).
+    async fn publish_actions(&self, actions: &[SweepAction]) -> Published {
+        let mut published = Published::default();
         let tasks: Vec<_> = actions
             .iter()
             .flat_map(|a| a.publish.iter().cloned())
             .collect();
-        self.outbox.publish_tasks(&tasks).await?;
-        Ok(actions.iter().map(|a| a.entry.clone()).collect())
+        match self.outbox.publish_tasks(&tasks).await {
+            Ok(()) => {
+                published.done = actions.iter().map(|a| a.entry.clone()).collect();
+                return published;
+            }
+            Err(e) if e.is_unavailable() => {
+                published.unavailable = Some(e);
+                return published;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, entries = actions.len(), "sweep batch failed; publishing entry by entry");
+            }
+        }
+        for (i, action) in actions.iter().enumerate() {
+            match self.outbox.publish_tasks(&action.publish).await {
+                Ok(()) => published.done.push(action.entry.clone()),
+                Err(e) if e.is_unavailable() => {
+                    // This entry and the ones after it stay for the next pass.
+                    published
+                        .failed
+                        .extend(actions[i..].iter().map(|a| a.entry.clone()));
+                    published.unavailable = Some(e);
+                    return published;
+                }
+                Err(e) => {
+                    for task in &action.publish {
+                        tracing::warn!(
+                            error = %e,
+                            job = %task.job,
+                            task = %task.task,
+                            attempt = task.attempt,
+                            queue = %task.queue,
+                            "sweep cannot publish task; left for the next sweep"
+                        );
+                    }
+                    published.failed.push(action.entry.clone());
+                }
+            }
+        }
+        published
     }
 }
 
@@ -79,7 +188,243 @@ pub enum SweepError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The broker failed.
+    /// The broker is unreachable.
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] BrokerError),
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{Broker, Outgoing, QueueStats, Subscription};
+    use crate::config::Config;
+    use crate::dispatcher::DispatcherOptions;
+    use crate::intake::{Intake, JobIntake};
+    use crate::model::TaskMessage;
+    use crate::names::Names;
+    use crate::store::memory::{MemoryStore, TokioClock};
+    use crate::store::{AttemptResult, ClaimOutcome, Created, Store};
+
+    /// The in-process broker, nacking every message to one queue while
+    /// told to (as RabbitMQ does for a queue that rejects publishes).
+    struct Nacking {
+        inner: MemoryBroker,
+        nack: Mutex<Option<String>>,
+    }
+
+    #[async_trait]
+    impl Broker for Nacking {
+        async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+            self.inner.declare(task_queues).await
+        }
+
+        async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+            let nack = self.nack.lock().unwrap().clone();
+            let (nacked, rest): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .partition(|m| Some(&m.queue) == nack.as_ref());
+            self.inner.publish(rest).await?;
+            match nacked.first() {
+                Some(m) => Err(BrokerError::Refused {
+                    queue: m.queue.clone(),
+                    reason: "nacked".into(),
+                }),
+                None => Ok(()),
+            }
+        }
+
+        async fn subscribe(
+            &self,
+            queue: &str,
+            prefetch: u16,
+        ) -> Result<Box<dyn Subscription>, BrokerError> {
+            self.inner.subscribe(queue, prefetch).await
+        }
+
+        async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
+            self.inner.queue_stats(queues).await
+        }
+
+        fn is_connected(&self) -> bool {
+            self.inner.is_connected()
+        }
+    }
+
+    struct Setup {
+        store: Arc<MemoryStore>,
+        broker: Arc<Nacking>,
+        dispatcher: Dispatcher,
+        intake: JobIntake,
+    }
+
+    fn setup() -> Setup {
+        let names = Names::new("t");
+        let store = Arc::new(MemoryStore::new(
+            Arc::new(TokioClock::new(1_000_000)),
+            Duration::from_secs(3600),
+            1,
+            "test",
+        ));
+        let broker = Arc::new(Nacking {
+            inner: MemoryBroker::reliable(names.clone()),
+            nack: Mutex::new(None),
+        });
+        let config = Config::default();
+        let intake = JobIntake::new(&config, conveyor_builtin_handlers::registry()).unwrap();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            broker.clone(),
+            intake.clone(),
+            names,
+            DispatcherOptions {
+                id: "sweeper".into(),
+                prefetch: 1,
+                sweep_interval: Duration::from_secs(1),
+                task_queues: vec!["default".into()],
+            },
+        );
+        Setup {
+            store,
+            broker,
+            dispatcher,
+            intake,
+        }
+    }
+
+    impl Setup {
+        /// Create a one-task job on `queue` and claim its task.
+        async fn claimed(&self, job: &str, queue: &str) -> crate::store::Claimed {
+            let body = serde_json::json!({"id": job, "requestor": "r",
+                "tasks": [{"name": "t", "handler": "noop", "queue": queue}]});
+            let Intake::Valid(planned) = self.intake.accept(body.to_string().as_bytes()) else {
+                panic!("job {job} is not valid");
+            };
+            let Created::New { ready } = self.store.create_job(&planned).await.unwrap() else {
+                panic!("job {job} exists");
+            };
+            match self
+                .store
+                .claim(&ready[0], "w", Duration::from_secs(1))
+                .await
+                .unwrap()
+            {
+                ClaimOutcome::Claimed(c) => *c,
+                other => panic!("claim of {job}: {other:?}"),
+            }
+        }
+
+        /// A job on `queue` whose claim's lease will lapse.
+        async fn lapsing(&self, job: &str, queue: &str) {
+            self.claimed(job, queue).await;
+        }
+
+        /// A job on `queue` with a retry due soon.
+        async fn retrying(&self, job: &str, queue: &str) {
+            let claimed = self.claimed(job, queue).await;
+            let result = AttemptResult::Retry {
+                error: "transient".into(),
+                delay: Duration::from_millis(10),
+            };
+            self.store
+                .complete(&claimed.claim, "w", &result)
+                .await
+                .unwrap();
+            self.store.forget_claim(&claimed.claim).await.unwrap();
+        }
+
+        /// The jobs of the task messages queued in `queue`, each once.
+        async fn queued_jobs(&self, queue: &str) -> Vec<String> {
+            let mut jobs: Vec<String> = self
+                .broker
+                .inner
+                .take_all(&format!("t.tasks.{queue}"))
+                .await
+                .iter()
+                .map(|b| TaskMessage::decode(b).unwrap().job)
+                .collect();
+            jobs.sort();
+            jobs.dedup();
+            jobs
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_that_cannot_be_published_does_not_stop_the_others() {
+        let s = setup();
+        // Retries come first in a pass: the failing entry is among them.
+        s.retrying("stuck-retry", "stuck").await;
+        s.retrying("good-retry", "default").await;
+        s.lapsing("good-lease", "default").await;
+        s.lapsing("stuck-lease", "stuck").await;
+        // The cache says declared, the broker has no such queue: the
+        // publish comes back returned, and the queue is declared again.
+        s.dispatcher.outbox.mark_declared(&["deleted".to_owned()]);
+        s.lapsing("deleted-lease", "deleted").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+
+        let done = s.dispatcher.sweep_once().await.unwrap();
+        assert_eq!(done, 3, "every entry but the two nacked ones");
+        assert_eq!(
+            s.queued_jobs("default").await,
+            vec!["good-lease", "good-retry"]
+        );
+        assert_eq!(s.queued_jobs("deleted").await, vec!["deleted-lease"]);
+        assert!(s.queued_jobs("stuck").await.is_empty());
+        assert_eq!(
+            s.store.schedule_sizes(),
+            (1, 1),
+            "the failed lease and retry entries are kept"
+        );
+
+        // The next pass publishes what was left.
+        *s.broker.nack.lock().unwrap() = None;
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 2);
+        assert_eq!(
+            s.queued_jobs("stuck").await,
+            vec!["stuck-lease", "stuck-retry"]
+        );
+        assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_broker_ends_the_pass_and_keeps_the_entries() {
+        let s = setup();
+        s.retrying("r", "default").await;
+        s.lapsing("l", "default").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s.broker.inner.set_outage(true);
+        let err = s.dispatcher.sweep_once().await.unwrap_err();
+        assert!(
+            matches!(err, SweepError::Broker(BrokerError::Unavailable(_))),
+            "{err:?}"
+        );
+        assert_eq!(s.store.schedule_sizes(), (1, 1));
+        s.broker.inner.set_outage(false);
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 2);
+        assert_eq!(s.queued_jobs("default").await, vec!["l", "r"]);
+        assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_failed_entries_than_a_batch_end_the_pass_without_looping() {
+        let s = setup();
+        for i in 0..SWEEP_BATCH + 5 {
+            s.lapsing(&format!("stuck-{i:04}"), "stuck").await;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
+        assert_eq!(s.store.schedule_sizes(), (SWEEP_BATCH + 5, 0));
+        *s.broker.nack.lock().unwrap() = None;
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), SWEEP_BATCH + 5);
+        assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
 }

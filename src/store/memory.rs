@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Store,
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Pruned, Store,
     StoreError, SweepAction, WorkerInfo, entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
@@ -444,6 +444,32 @@ impl Store for MemoryStore {
             });
         }
         Ok(out)
+    }
+
+    async fn prune_expired(&self, _limit: usize) -> Result<Pruned, StoreError> {
+        // Everything is at hand: one pass over the entries old enough to
+        // have expired removes the expired records with their entries.
+        let now = self.clock.now_ms();
+        let cutoff = now.saturating_sub(self.retention_ms);
+        let mut state = self.lock()?;
+        let old: Vec<String> = state
+            .jobs_index
+            .order
+            .iter()
+            .take_while(|(score, _)| *score <= cutoff)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let mut removed = 0;
+        for id in old {
+            if state.job_mut(&id, now).is_none() {
+                state.jobs_index.remove(&id);
+                removed += 1;
+            }
+        }
+        Ok(Pruned {
+            removed,
+            more: false,
+        })
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {

@@ -241,6 +241,15 @@ pub struct HistoryEntry {
     pub by: Option<String>,
 }
 
+/// What one [`Store::prune_expired`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Index entries removed: their jobs' records had expired.
+    pub removed: usize,
+    /// Whether older entries may remain unexamined (call again).
+    pub more: bool,
+}
+
 /// A row of `conveyor list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSummary {
@@ -340,6 +349,11 @@ pub trait Store: Send + Sync + 'static {
         state: Option<JobState>,
         limit: usize,
     ) -> Result<Vec<JobSummary>, StoreError>;
+
+    /// Forget expired jobs from the index of recent jobs (a job's own keys
+    /// expire by themselves, its index entry does not), oldest first,
+    /// looking at no more than `limit` entries older than the retention.
+    async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError>;
 
     /// Register or refresh a worker; it drops out after `ttl` without refresh.
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError>;

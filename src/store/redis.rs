@@ -39,7 +39,7 @@ use serde_json::Value;
 
 use super::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
-    JobSummary, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
+    JobSummary, Pruned, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
 use crate::config::{Config, TlsCa};
 use crate::intake::{PlannedJob, Rejection};
@@ -122,6 +122,9 @@ pub struct RedisStore {
     epoch: Arc<AtomicU64>,
     shared: Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
     forgets: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Where the next [`Store::prune_expired`] resumes in the job index
+    /// (a score, ms); 0 starts from the oldest entry again.
+    prune_from: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -134,6 +137,27 @@ impl std::fmt::Debug for RedisStore {
 
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// A server error that says "not now" rather than "never": Redis is
+/// loading its data after a restart (`LOADING`), is a replica or was
+/// demoted by a failover (`READONLY`), lost its master or cluster
+/// (`MASTERDOWN`, `CLUSTERDOWN`, `TRYAGAIN`), is busy running a script
+/// (`BUSY`), or is out of memory until retention frees some (`OOM`).
+/// These are outages: the caller keeps its message and waits, as it does
+/// when the connection is gone. Other known server errors (a script's
+/// `ERR`, `NOSCRIPT`, `CROSSSLOT`, `NOPERM`) are defects no retry cures;
+/// codes redis-rs does not know are taken for outages too (see
+/// [`RedisStore::run`]).
+fn is_transient_server_error(e: &RedisError) -> bool {
+    use redis::ServerErrorKind as K;
+    match e.kind() {
+        redis::ErrorKind::Server(
+            K::BusyLoading | K::ReadOnly | K::MasterDown | K::ClusterDown | K::TryAgain,
+        ) => true,
+        redis::ErrorKind::Extension => matches!(e.code(), Some("BUSY" | "OOM" | "NOREPLICAS")),
+        _ => false,
+    }
 }
 
 fn protocol(what: impl Into<String>) -> StoreError {
@@ -275,6 +299,7 @@ impl RedisStore {
             epoch: Arc::new(AtomicU64::new(0)),
             shared: Arc::default(),
             forgets: Arc::default(),
+            prune_from: Arc::default(),
         };
         store.load_library().await?;
         store.check_epoch().await?;
@@ -288,6 +313,19 @@ impl RedisStore {
     /// starts at its epoch's base (`epoch << 20`), so fencing numbers handed
     /// out after a data loss never repeat one a worker may still hold.
     pub async fn check_epoch(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn().await?;
+        match self.read_epoch(&mut conn).await {
+            Ok(current) => Ok(current),
+            Err(e) => {
+                self.drop_shared();
+                Err(e)
+            }
+        }
+    }
+
+    /// Read (and, on empty data, start) the epoch on `conn`, and remember
+    /// it. Says so loudly when it changed.
+    async fn read_epoch(&self, conn: &mut MultiplexedConnection) -> Result<u64, StoreError> {
         let fresh: u64 = rand::random::<u32>() as u64 >> 1 | 1;
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -296,7 +334,13 @@ impl RedisStore {
             .arg("NX")
             .ignore();
         pipe.cmd("GET").arg(self.names.epoch_key());
-        let (current,): (u64,) = self.run(&pipe).await?;
+        let (current,): (u64,) = pipe.query_async(conn).await.map_err(|e| {
+            if matches!(e.kind(), redis::ErrorKind::Server(_)) && !is_transient_server_error(&e) {
+                protocol(format!("reading the epoch: {e}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
         let known = self.epoch.swap(current, Ordering::SeqCst);
         if known != 0 && known != current {
             tracing::error!(
@@ -310,8 +354,19 @@ impl RedisStore {
         Ok(current)
     }
 
-    fn epoch_base(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst) << 20
+    /// The call in hand was built for the data of epoch `built_for`; after
+    /// a fresh connection found other data, it must not be sent.
+    fn still_epoch(&self, built_for: Option<u64>) -> Result<(), StoreError> {
+        match built_for {
+            Some(built) if built != self.epoch.load(Ordering::SeqCst) => {
+                Err(StoreError::Unavailable(format!(
+                    "Redis lost its data (epoch {built} -> {}) while a call prepared \
+                     for the old data was in hand; it was not sent",
+                    self.epoch.load(Ordering::SeqCst)
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The names this store uses.
@@ -341,7 +396,11 @@ impl RedisStore {
             .get()
             .await
             .map_err(|e| StoreError::Unavailable(format!("no redis connection: {e}")))?;
-        let conn = deadpool_redis::Connection::take(pooled);
+        let mut conn = deadpool_redis::Connection::take(pooled);
+        // A fresh connection may lead to a Redis that restarted without
+        // its data since the last call: note its epoch now, so a command
+        // built for the old one (a new job's fence base) is not sent.
+        self.read_epoch(&mut conn).await?;
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
@@ -362,6 +421,7 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(|e| match e.kind() {
+                _ if is_transient_server_error(&e) => unavailable(e),
                 redis::ErrorKind::Server(_) => protocol(format!(
                     "loading the function library {}: {e} (Conveyor needs Redis 7.0 or later)",
                     lib.name
@@ -397,14 +457,33 @@ impl RedisStore {
     /// Run a pipeline; if Redis no longer has the library (restarted
     /// without its data), load it and run the pipeline once more.
     async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        self.run_for_epoch(pipe, None).await
+    }
+
+    /// [`Self::run`] of a pipeline built for the data of one epoch (it
+    /// carries fence numbers based on it): not sent if, by the time a
+    /// connection is in hand, Redis turned out to hold other data.
+    async fn run_for_epoch<T: redis::FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        built_for: Option<u64>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn().await?;
+        self.still_epoch(built_for)?;
         match pipe.query_async(&mut conn).await {
             Ok(v) => Ok(v),
             Err(e) if is_function_missing(&e) => {
                 drop(conn);
                 self.load_library().await?;
                 let mut conn = self.conn().await?;
+                self.still_epoch(built_for)?;
                 pipe.query_async(&mut conn).await.map_err(unavailable)
+            }
+            Err(e) if is_transient_server_error(&e) => {
+                // After a failover the address may now lead to the new
+                // primary: the next call connects afresh.
+                self.drop_shared();
+                Err(unavailable(e))
             }
             Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
                 Err(protocol(e.to_string()))
@@ -418,6 +497,7 @@ impl RedisStore {
                 // leaves its re-offer to the sweep.
                 self.drop_shared();
                 let mut conn = self.conn().await?;
+                self.still_epoch(built_for)?;
                 pipe.query_async(&mut conn).await.map_err(|e| {
                     self.drop_shared();
                     unavailable(e)
@@ -441,7 +521,7 @@ impl RedisStore {
     /// the job hash as field/value pairs, written straight into the command.
     /// A 10,000-task job has 130,000 fields; building them as owned strings
     /// first cost more than parsing the job (allocation dominated `perf`).
-    fn create_command(&self, job: &PlannedJob) -> Cmd {
+    fn create_command(&self, job: &PlannedJob, epoch: u64) -> Cmd {
         let data: usize = job
             .tasks
             .iter()
@@ -467,7 +547,7 @@ impl RedisStore {
         cmd.arg("lab").arg(&job.labels_json);
         cmd.arg("n").arg(n).arg("open").arg(n);
         cmd.arg("ret").arg(self.retention_ms);
-        cmd.arg("fence").arg(self.epoch_base());
+        cmd.arg("fence").arg(epoch << 20);
         // One buffer for every field name and index list.
         let mut buf = String::with_capacity(64);
         fn name(buf: &mut String, prefix: &str, i: usize) {
@@ -520,7 +600,9 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError> {
-        let cmd = self.create_command(job);
+        // Fence numbers start at the epoch's base (see `check_epoch`).
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let cmd = self.create_command(job, epoch);
         // The index lives in another slot, so it is its own command, sent in
         // the same pipeline (NX: an existing job keeps its place).
         let mut pipe = redis::pipe();
@@ -531,7 +613,7 @@ impl Store for RedisStore {
             .arg(unix_ms())
             .arg(&job.id)
             .ignore();
-        let (reply,): (Reply,) = self.run(&pipe).await?;
+        let (reply,): (Reply,) = self.run_for_epoch(&pipe, Some(epoch)).await?;
         match field(&reply, 0) {
             "created" => {
                 let ready = job
@@ -1022,6 +1104,59 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError> {
+        // No job can have expired before `retention` after its creation
+        // (the index's score): only older entries are looked at. Entries
+        // of jobs still alive are stepped over by the cursor, so a few
+        // long-running jobs do not stall the pruning behind them.
+        let cutoff = unix_ms().saturating_sub(self.retention_ms);
+        let from = self.prune_from.load(Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(self.names.jobs_index())
+            .arg(from)
+            .arg(cutoff)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let (entries,): (Vec<(String, u64)>,) = self.run(&pipe).await?;
+        let more = entries.len() >= limit;
+        let next = match entries.last() {
+            // Several entries may share the last score: start at it again.
+            Some((_, score)) if more && *score > from => *score,
+            Some((_, score)) if more => score + 1,
+            _ => 0,
+        };
+        self.prune_from.store(next, Ordering::Relaxed);
+        if entries.is_empty() {
+            return Ok(Pruned::default());
+        }
+        let mut pipe = redis::pipe();
+        for (id, _) in &entries {
+            pipe.cmd("EXISTS").arg(self.names.job_key(id));
+        }
+        let exists: Vec<bool> = self.run(&pipe).await?;
+        let gone: Vec<&str> = entries
+            .iter()
+            .zip(exists)
+            .filter(|(_, e)| !e)
+            .map(|((id, _), _)| id.as_str())
+            .collect();
+        if !gone.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(self.names.jobs_index())
+                .arg(&gone)
+                .ignore();
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(Pruned {
+            removed: gone.len(),
+            more,
+        })
+    }
+
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
         let info = serde_json::to_string(worker).map_err(|e| protocol(e.to_string()))?;
         let key = self.names.worker_key(&worker.id);
@@ -1109,6 +1244,29 @@ mod tests {
     fn schedule_entries_round_trip_even_with_pipes_in_ids() {
         assert_eq!(parse_entry(&entry("a-b", 3, 2)), Some(("a-b", 3, 2)));
         assert_eq!(parse_entry("x|y"), None);
+    }
+
+    #[test]
+    fn a_redis_that_cannot_write_now_is_an_outage_and_a_broken_call_is_not() {
+        use redis::{ErrorKind, ServerErrorKind as K};
+        let server = |kind| RedisError::from((ErrorKind::Server(kind), "from the server"));
+        let extension =
+            |code: &str| redis::make_extension_error(code.to_owned(), Some("detail".into()));
+        for kind in [
+            K::BusyLoading,
+            K::ReadOnly,
+            K::MasterDown,
+            K::ClusterDown,
+            K::TryAgain,
+        ] {
+            assert!(is_transient_server_error(&server(kind)), "{kind:?}");
+        }
+        for code in ["BUSY", "OOM", "NOREPLICAS"] {
+            assert!(is_transient_server_error(&extension(code)), "{code}");
+        }
+        for kind in [K::ResponseError, K::NoScript, K::CrossSlot, K::NoPerm] {
+            assert!(!is_transient_server_error(&server(kind)), "{kind:?}");
+        }
     }
 
     #[test]

@@ -140,13 +140,26 @@ impl ValidationError {
     }
 }
 
-/// Retry defaults a handler may ask for; a task's own policy overrides them.
+/// Retry defaults a handler may ask for. Each field is resolved on its own:
+/// the task's own value if it sets one, else this default if the handler
+/// sets one, else the global `retry` config. `None` (the default) defers to
+/// the config, so `RetryDefaults::default()` asks for nothing.
+///
+/// Backoff is full jitter: attempt *n* that fails transiently is retried
+/// after a random delay in `[0, min(backoff_cap, backoff_base × 2^(n-1))]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RetryDefaults {
     /// Most attempts, including the first.
     pub max_attempts: Option<u32>,
     /// Run time-out of one attempt.
     pub timeout: Option<Duration>,
+    /// Backoff base: the longest delay after the first failed attempt
+    /// (millisecond precision; a task's `retry.base_ms` overrides it).
+    pub backoff_base: Option<Duration>,
+    /// Backoff cap: the longest delay after any failed attempt (millisecond
+    /// precision; a task's `retry.cap_ms` overrides it).
+    pub backoff_cap: Option<Duration>,
 }
 
 /// One kind of task.
@@ -252,5 +265,50 @@ impl Registry {
     /// Whether no handler is registered.
     pub fn is_empty(&self) -> bool {
         self.handlers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Plain;
+
+    #[async_trait]
+    impl Handler for Plain {
+        fn name(&self) -> &str {
+            "plain"
+        }
+
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            Ok(Outcome::Done(Value::Null))
+        }
+    }
+
+    #[test]
+    fn a_handler_that_sets_no_retry_defaults_asks_for_nothing() {
+        assert_eq!(
+            Plain.retry_defaults(),
+            RetryDefaults {
+                max_attempts: None,
+                timeout: None,
+                backoff_base: None,
+                backoff_cap: None,
+            }
+        );
+    }
+
+    #[test]
+    fn retry_defaults_without_backoff_fields_still_deserialize() {
+        let old: Result<RetryDefaults, _> =
+            serde_json::from_str(r#"{"max_attempts": 3, "timeout": {"secs": 2, "nanos": 0}}"#);
+        assert_eq!(
+            old.ok(),
+            Some(RetryDefaults {
+                max_attempts: Some(3),
+                timeout: Some(Duration::from_secs(2)),
+                ..RetryDefaults::default()
+            })
+        );
     }
 }
