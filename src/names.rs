@@ -81,6 +81,12 @@ impl Names {
     pub fn epoch_key(&self) -> String {
         format!("{}:epoch", self.prefix)
     }
+
+    /// Set of every task queue a job accepted here has named (what
+    /// `conveyor queues` shows, besides the configured ones).
+    pub fn queues_key(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
 }
 
 #[cfg(test)]

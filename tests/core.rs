@@ -565,3 +565,56 @@ async fn the_amqp_broker_reports_a_mandatory_publish_to_a_missing_queue_as_retur
     assert!(broker.is_connected());
     common::cleanup(&config).await;
 }
+
+/// `conveyor queues` shows every queue a job has named, including one with
+/// tasks waiting and no worker reading it (the queue an operator most needs
+/// to see), not only the configured queues and those of live workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conveyor_queues_shows_a_queue_with_waiting_tasks_and_no_worker() {
+    let mut d = Deployment::new("queues-cli").await;
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "gpu-job", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop", "queue": "gpu"}]}))
+        .await;
+    eventually("the job recorded", WAIT, || async {
+        d.status("gpu-job").await.map(|_| ())
+    })
+    .await;
+    let gpu = d.names.task_queue("gpu");
+    let out = eventually(
+        "the gpu task waiting in `conveyor queues`",
+        WAIT,
+        || async {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+                .args(["queues", "--json"])
+                .env("CONVEYOR_PREFIX", &d.config.prefix)
+                .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+                .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+                .output()
+                .await
+                .expect("run conveyor queues");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            let row = stats
+                .as_array()?
+                .iter()
+                .find(|s| s["queue"] == gpu.as_str())?
+                .clone();
+            (row["ready"] == 1).then_some(row)
+        },
+    )
+    .await;
+    assert_eq!(out["consumers"], 0, "{out}");
+    assert_eq!(
+        d.store.known_queues().await.unwrap(),
+        vec!["gpu".to_owned()]
+    );
+    client.close().await;
+    d.shutdown().await;
+}

@@ -213,6 +213,10 @@ impl Store for Partition {
         self.check()?;
         self.inner.heartbeat(w, ttl).await
     }
+    async fn known_queues(&self) -> Result<Vec<String>, StoreError> {
+        self.check()?;
+        self.inner.known_queues().await
+    }
     async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError> {
         self.check()?;
         self.inner.prune_expired(limit).await

@@ -1,6 +1,8 @@
 //! `conveyor queues [--json]`: depth and consumers of every Conveyor queue,
-//! read from the broker (task queues found from the config and the worker
-//! registry).
+//! read from the broker. Task queues are found from the config, the set of
+//! queues accepted jobs have named (`<prefix>:queues`, kept by the store at
+//! job creation), and the worker registry: a queue with tasks waiting and no
+//! worker reading it shows too.
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
@@ -25,9 +27,19 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let names = Names::new(&config.prefix);
     let mut task_queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
     task_queues.extend(args.queue);
-    if let Ok(store) = super::store(&config).await {
-        for w in store.workers().await.unwrap_or_default() {
-            task_queues.extend(w.queues);
+    match super::store(&config).await {
+        Ok(store) => {
+            // Every queue a job named, and every queue a live worker reads.
+            match store.known_queues().await {
+                Ok(known) => task_queues.extend(known),
+                Err(e) => eprintln!("warning: cannot read the known task queues from Redis: {e}"),
+            }
+            for w in store.workers().await.unwrap_or_default() {
+                task_queues.extend(w.queues);
+            }
+        }
+        Err(e) => {
+            eprintln!("warning: Redis unreachable ({e}); showing only the configured task queues")
         }
     }
     let mut queues = vec![names.submit_queue(), names.dead_queue()];

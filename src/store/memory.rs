@@ -130,6 +130,8 @@ struct State {
     #[serde(skip)]
     workers: BTreeMap<String, (WorkerInfo, u64)>,
     epoch: u64,
+    #[serde(default)]
+    queues: BTreeSet<String>,
 }
 
 impl State {
@@ -238,6 +240,11 @@ impl Store for MemoryStore {
         let ready = record.ready_tasks();
         state.jobs.insert(job.id.clone(), record);
         state.jobs_index.add(&job.id, now);
+        for t in &job.tasks {
+            if !state.queues.contains(&t.queue) {
+                state.queues.insert(t.queue.clone());
+            }
+        }
         Ok(Created::New { ready })
     }
 
@@ -470,6 +477,10 @@ impl Store for MemoryStore {
             removed,
             more: false,
         })
+    }
+
+    async fn known_queues(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock()?.queues.iter().cloned().collect())
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {

@@ -355,6 +355,10 @@ pub trait Store: Send + Sync + 'static {
     /// looking at no more than `limit` entries older than the retention.
     async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError>;
 
+    /// Every task queue named by a job this store accepted (without the
+    /// prefix), sorted.
+    async fn known_queues(&self) -> Result<Vec<String>, StoreError>;
+
     /// Register or refresh a worker; it drops out after `ttl` without refresh.
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError>;
 

@@ -122,6 +122,9 @@ pub struct RedisStore {
     epoch: Arc<AtomicU64>,
     shared: Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
     forgets: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Task queues this process has added to `<prefix>:queues` (so each
+    /// is added once per process, not once per job).
+    noted_queues: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Where the next [`Store::prune_expired`] resumes in the job index
     /// (a score, ms); 0 starts from the oldest entry again.
     prune_from: Arc<AtomicU64>,
@@ -300,6 +303,7 @@ impl RedisStore {
             shared: Arc::default(),
             forgets: Arc::default(),
             prune_from: Arc::default(),
+            noted_queues: Arc::default(),
         };
         store.load_library().await?;
         store.check_epoch().await?;
@@ -343,6 +347,11 @@ impl RedisStore {
         })?;
         let known = self.epoch.swap(current, Ordering::SeqCst);
         if known != 0 && known != current {
+            // The new data has none of what this process noted.
+            self.noted_queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             tracing::error!(
                 previous = known,
                 current,
@@ -613,7 +622,30 @@ impl Store for RedisStore {
             .arg(unix_ms())
             .arg(&job.id)
             .ignore();
+        // Queues not yet noted by this process: in the same pipeline.
+        let new_queues: Vec<&str> = {
+            let noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
+            let mut new: Vec<&str> = job
+                .tasks
+                .iter()
+                .map(|t| t.queue.as_str())
+                .filter(|q| !noted.contains(*q))
+                .collect();
+            new.sort_unstable();
+            new.dedup();
+            new
+        };
+        if !new_queues.is_empty() {
+            pipe.cmd("SADD")
+                .arg(self.names.queues_key())
+                .arg(&new_queues)
+                .ignore();
+        }
         let (reply,): (Reply,) = self.run_for_epoch(&pipe, Some(epoch)).await?;
+        if !new_queues.is_empty() {
+            let mut noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
+            noted.extend(new_queues.iter().map(|q| (*q).to_owned()));
+        }
         match field(&reply, 0) {
             "created" => {
                 let ready = job
@@ -1155,6 +1187,14 @@ impl Store for RedisStore {
             removed: gone.len(),
             more,
         })
+    }
+
+    async fn known_queues(&self) -> Result<Vec<String>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SMEMBERS").arg(self.names.queues_key());
+        let (mut queues,): (Vec<String>,) = self.run(&pipe).await?;
+        queues.sort_unstable();
+        Ok(queues)
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {

@@ -220,6 +220,19 @@ pub async fn cleanup(config: &Config) {
     let mut queues = vec![names.submit_queue(), names.dead_queue()];
     queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
     queues.push(names.task_queue("other"));
+    // And every task queue a job of the test named.
+    if let Ok(client) = redis::Client::open(config.redis_url.as_str())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let known: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(names.queues_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        queues.extend(known.iter().map(|q| names.task_queue(q)));
+    }
+    queues.sort();
+    queues.dedup();
     conveyor::purge::delete_queues(config, &queues).await;
     conveyor::purge::delete_keys(config).await;
 }
