@@ -618,3 +618,44 @@ async fn conveyor_queues_shows_a_queue_with_waiting_tasks_and_no_worker() {
     client.close().await;
     d.shutdown().await;
 }
+
+/// The custom-worker example is what a user copies: its binary, run once as
+/// a dispatcher and once as a worker, runs its own `greet` handler on real
+/// services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_custom_worker_example_runs_its_own_handler() {
+    // `cargo test` builds the examples next to the test binaries.
+    let example = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples/custom_worker")))
+        .filter(|p| p.exists())
+        .expect("target/<profile>/examples/custom_worker: run the tests with `cargo test`");
+    let d = Deployment::new("custom-worker").await;
+    let spawn = |role: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(&example);
+        cmd.args(role)
+            .env("CONVEYOR_PREFIX", &d.config.prefix)
+            .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+            .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd.spawn().expect("start the example")
+    };
+    let mut dispatcher = spawn(Some("dispatcher"));
+    let mut worker = spawn(None);
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "hi", "requestor": "me",
+            "tasks": [{"name": "hi", "handler": "greet", "params": {"name": "Ada"}}]}))
+        .await;
+    let status = d.wait_terminal("hi", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["hi"].result, json!({"greeting": "hello, Ada"}));
+    for child in [&mut dispatcher, &mut worker] {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    client.close().await;
+    d.shutdown().await;
+}

@@ -624,16 +624,16 @@ impl Store for RedisStore {
             .ignore();
         // Queues not yet noted by this process: in the same pipeline.
         let new_queues: Vec<&str> = {
+            // A job names few distinct queues (most only `default`).
+            let mut named: Vec<&str> = Vec::new();
+            for t in &job.tasks {
+                if !named.contains(&t.queue.as_str()) {
+                    named.push(&t.queue);
+                }
+            }
             let noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
-            let mut new: Vec<&str> = job
-                .tasks
-                .iter()
-                .map(|t| t.queue.as_str())
-                .filter(|q| !noted.contains(*q))
-                .collect();
-            new.sort_unstable();
-            new.dedup();
-            new
+            named.retain(|q| !noted.contains(*q));
+            named
         };
         if !new_queues.is_empty() {
             pipe.cmd("SADD")
