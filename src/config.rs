@@ -294,6 +294,10 @@ pub const MAX_TIMEOUT_S: f64 = 604_800.0;
 /// characters and clients submit it again to be idempotent; the default
 /// queue name `default` fits too.
 pub const MIN_NAME_LEN: usize = 36;
+/// Largest `limits.max_name_len`: the published job schema
+/// (`schemas/job.schema.json`) caps names at 128 characters, and intake
+/// validates against it; a larger setting could not take effect.
+pub const MAX_NAME_LEN: usize = 128;
 /// Smallest `limits.max_params_bytes`: `{}`, the empty params, is 2 bytes.
 pub const MIN_PARAMS_BYTES: usize = 2;
 
@@ -469,10 +473,13 @@ impl Config {
             at_least(&1, " (a job has at least one task)"),
         );
         check(
-            self.limits.max_name_len >= MIN_NAME_LEN,
+            (MIN_NAME_LEN..=MAX_NAME_LEN).contains(&self.limits.max_name_len),
             "limits.max_name_len",
             &self.limits.max_name_len,
-            at_least(&MIN_NAME_LEN, " (a generated job id is 36 characters)"),
+            format!(
+                "must be {MIN_NAME_LEN} to {MAX_NAME_LEN} (a generated job id is 36 characters; \
+                 the job schema caps names at 128)"
+            ),
         );
         check(
             self.limits.max_params_bytes >= MIN_PARAMS_BYTES,
@@ -863,7 +870,11 @@ mod tests {
             ),
             (
                 |c| c.limits.max_name_len = 8,
-                "limits.max_name_len = 8: must be at least 36",
+                "limits.max_name_len = 8: must be 36 to 128",
+            ),
+            (
+                |c| c.limits.max_name_len = 129,
+                "limits.max_name_len = 129: must be 36 to 128",
             ),
             (
                 |c| c.limits.max_params_bytes = 1,

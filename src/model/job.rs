@@ -66,3 +66,122 @@ pub struct RetryPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cap_ms: Option<u64>,
 }
+
+/// `schemas/job.schema.json` (the file intake validates with) against
+/// these types: the same fields at every level, unknown fields refused by
+/// both, and the example job valid.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::intake::JOB_SCHEMA;
+
+    fn schema() -> (Value, jsonschema::Validator) {
+        let value: Value = serde_json::from_str(JOB_SCHEMA).unwrap();
+        let validator = jsonschema::validator_for(&value).unwrap();
+        (value, validator)
+    }
+
+    fn keys(object: &Value) -> BTreeSet<String> {
+        object.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn full() -> JobSpec {
+        JobSpec {
+            id: Some("job-1".into()),
+            requestor: "me".into(),
+            labels: BTreeMap::from([("team".into(), "a".into())]),
+            tasks: vec![
+                TaskSpec {
+                    name: "a".into(),
+                    handler: "noop".into(),
+                    params: json!({"n": 1}),
+                    after: Vec::new(),
+                    queue: None,
+                    retry: None,
+                    timeout_s: None,
+                },
+                TaskSpec {
+                    name: "b".into(),
+                    handler: "sleep".into(),
+                    params: json!({"ms": 5}),
+                    after: vec!["a".into()],
+                    queue: Some("slow".into()),
+                    retry: Some(RetryPolicy {
+                        max_attempts: Some(3),
+                        base_ms: Some(100),
+                        cap_ms: Some(1_000),
+                    }),
+                    timeout_s: Some(2.5),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_schema_has_the_fields_of_the_types_at_every_level() {
+        let (schema, validator) = schema();
+        let spec = serde_json::to_value(full()).unwrap();
+        assert!(validator.is_valid(&spec), "{spec}");
+        assert_eq!(
+            serde_json::from_value::<JobSpec>(spec.clone()).unwrap(),
+            full()
+        );
+        assert_eq!(keys(&schema["properties"]), keys(&spec));
+        let task = &schema["$defs"]["task"];
+        assert_eq!(keys(&task["properties"]), keys(&spec["tasks"][1]));
+        assert_eq!(
+            keys(&task["properties"]["retry"]["properties"]),
+            keys(&spec["tasks"][1]["retry"])
+        );
+        // Required: what has no serde default.
+        let required = |v: &Value| -> BTreeSet<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            required(&schema["required"]),
+            BTreeSet::from(["requestor".to_owned(), "tasks".to_owned()])
+        );
+        assert_eq!(
+            required(&task["required"]),
+            BTreeSet::from(["name".to_owned(), "handler".to_owned()])
+        );
+        let minimal = json!({"requestor": "me", "tasks": [{"name": "a", "handler": "noop"}]});
+        assert!(validator.is_valid(&minimal));
+        assert!(serde_json::from_value::<JobSpec>(minimal).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_every_level_by_both() {
+        let (_, validator) = schema();
+        let spec = serde_json::to_value(full()).unwrap();
+        let mut job = spec.clone();
+        job["extra"] = json!(1);
+        let mut task = spec.clone();
+        task["tasks"][0]["extra"] = json!(1);
+        let mut retry = spec.clone();
+        retry["tasks"][1]["retry"]["extra"] = json!(1);
+        for v in [job, task, retry] {
+            assert!(!validator.is_valid(&v), "{v}");
+            assert!(serde_json::from_value::<JobSpec>(v).is_err());
+        }
+    }
+
+    #[test]
+    fn the_example_job_is_valid() {
+        let (_, validator) = schema();
+        let example: Value =
+            serde_json::from_str(include_str!("../../examples/diamond.json")).unwrap();
+        assert!(validator.is_valid(&example));
+        let spec: JobSpec = serde_json::from_value(example).unwrap();
+        assert_eq!(spec.tasks.len(), 4);
+    }
+}

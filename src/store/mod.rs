@@ -205,7 +205,9 @@ pub struct JobStatus {
 pub struct TaskStatus {
     /// State.
     pub state: TaskState,
-    /// Attempts started (the current attempt's number).
+    /// The number of the task's current attempt: 0 while waiting, the one
+    /// its queued message starts when ready, the one running, the next one
+    /// when retrying, the last one once finished (see README, status).
     pub attempts: u32,
     /// Result, once succeeded.
     pub result: Value,
