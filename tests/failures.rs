@@ -1,26 +1,221 @@
 //! Failure semantics against real RabbitMQ and Redis: retries with
-//! backoff, permanent errors, panics, time-outs, lapsed leases with late
-//! outcomes, and poison messages.
+//! backoff, permanent errors, panics, time-outs, handlers that block their
+//! thread, lapsed leases with late outcomes, and poison messages.
+//!
+//! Like tests/faults.rs, each test keeps a record of truth outside Redis
+//! (the workers' execution journal, `conveyor::worker::Journal`) and
+//! asserts the invariants of docs/ARCHITECTURE.md at the end:
+//! - every accepted job is terminal, and accepted = succeeded + failed + cancelled;
+//! - no outcome was applied twice;
+//! - no task ran under two live claims at once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use common::journal::{assert_jobs_settled, assert_no_overlapping_claims, runs_of};
 use common::{Client, Deployment, eventually};
+use conveyor::broker::Broker;
+use conveyor::handler::{Handler, HandlerError, Outcome, TaskContext};
 use conveyor::model::{JobState, TaskMessage, TaskState};
+use conveyor::shutdown::ShutdownTrigger;
 use conveyor::store::{Applied, AttemptResult, ClaimOutcome, Store};
+use conveyor::worker::{Journal, Worker, WorkerOptions};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+// ------------------------------------------------------ record of truth
+
+/// A fresh journal file for one test; in-process workers started from now
+/// on write to it.
+fn open_journal(d: &mut Deployment, test: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "conveyor-failures-{test}-{:08x}.journal",
+        rand::random::<u32>()
+    ));
+    d.journal = Some(Journal::open(&path, "in-process").unwrap());
+    path
+}
+
+/// (attempt, how it ended) for each run of one task, by start. How it
+/// ended is the worker's word: `retry` for any transient end (a panic, a
+/// time-out), even on the last attempt, where the store fails the task.
+fn outcomes(path: &Path, job: &str, idx: u32) -> Vec<(u32, String)> {
+    runs_of(path, job, idx)
+        .into_iter()
+        .map(|r| (r.attempt, r.outcome.unwrap_or_else(|| "running".into())))
+        .collect()
+}
+
+fn ended(runs: &[(u32, &str)]) -> Vec<(u32, String)> {
+    runs.iter().map(|(a, o)| (*a, (*o).to_owned())).collect()
+}
+
+/// The end-of-test invariants, every worker holding the deployment's lease.
+async fn assert_invariants(
+    d: &Deployment,
+    ids: &[&str],
+    journal: &Path,
+) -> BTreeMap<JobState, usize> {
+    let counts = assert_jobs_settled(d, ids, WAIT).await;
+    assert_no_overlapping_claims(journal, |_| d.config.lease());
+    counts
+}
+
+// ------------------------------------------------- handlers that block
+
+/// Each blocking call of a handler: its attempt, and when it returned (unix
+/// ns; `None` while it blocks).
+#[derive(Clone, Default)]
+struct BlockingCalls(Arc<Mutex<Vec<BlockingCall>>>);
+
+#[derive(Debug, Clone)]
+struct BlockingCall {
+    attempt: u32,
+    end: Option<u128>,
+}
+
+impl BlockingCalls {
+    /// Block this thread for `ms`, on the record.
+    fn block(&self, attempt: u32, ms: u64) {
+        let i = {
+            let mut calls = self.0.lock().unwrap();
+            calls.push(BlockingCall { attempt, end: None });
+            calls.len() - 1
+        };
+        std::thread::sleep(Duration::from_millis(ms));
+        self.0.lock().unwrap()[i].end = Some(now_ns());
+    }
+
+    fn all(&self) -> Vec<BlockingCall> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn param_u64(params: &Value, name: &str) -> u64 {
+    params.get(name).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Blocking work done the way README asks of handlers on a one-thread
+/// runtime: inside `spawn_blocking`. Params: `ms`, how long to block.
+struct BlockInPool(BlockingCalls);
+
+#[async_trait]
+impl Handler for BlockInPool {
+    fn name(&self) -> &str {
+        "block_in_pool"
+    }
+
+    async fn run(&self, ctx: TaskContext, params: Value) -> Result<Outcome, HandlerError> {
+        let (calls, ms) = (self.0.clone(), param_u64(&params, "ms"));
+        tokio::task::spawn_blocking(move || calls.block(ctx.attempt, ms))
+            .await
+            .map_err(|e| HandlerError::transient(e.to_string()))?;
+        Ok(Outcome::Done(json!({"blocked_ms": ms})))
+    }
+}
+
+/// A handler that breaks README's rule: it blocks the thread that polls
+/// it. Params: `ms`, how long; `attempts`, on which attempts (1..=n).
+struct BlockThread(BlockingCalls);
+
+#[async_trait]
+impl Handler for BlockThread {
+    fn name(&self) -> &str {
+        "block_thread"
+    }
+
+    async fn run(&self, ctx: TaskContext, params: Value) -> Result<Outcome, HandlerError> {
+        if u64::from(ctx.attempt) <= param_u64(&params, "attempts") {
+            self.0.block(ctx.attempt, param_u64(&params, "ms"));
+        }
+        Ok(Outcome::Done(json!({"attempt": ctx.attempt})))
+    }
+}
+
+/// A worker on a runtime of one thread, as `conveyor worker` runs with the
+/// default `runtime_threads = 1`, in an OS thread of its own; its runs go
+/// to `journal` under the name "one-thread".
+struct OneThreadWorker {
+    trigger: ShutdownTrigger,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl OneThreadWorker {
+    fn start(d: &Deployment, concurrency: usize, journal: &Path) -> OneThreadWorker {
+        let (config, registry, names) = (d.config.clone(), d.registry.clone(), d.names.clone());
+        let journal = Journal::open(journal, "one-thread").unwrap();
+        let trigger = ShutdownTrigger::new();
+        let shutdown = trigger.subscribe();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let id = format!("one-thread-{}", conveyor::worker::new_worker_id());
+                let store = common::connect_store(&config, &id).await as Arc<dyn Store>;
+                let broker = common::connect_broker(&config).await as Arc<dyn Broker>;
+                let worker = Worker::new(
+                    store,
+                    broker,
+                    registry,
+                    names,
+                    WorkerOptions {
+                        id,
+                        queues: config.worker.queues.clone(),
+                        concurrency,
+                        lease: config.lease(),
+                        grace: Duration::from_secs(config.worker.grace_s),
+                        heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+                        max_deliveries: config.worker.max_deliveries,
+                        journal: Some(journal),
+                    },
+                );
+                worker
+                    .run(shutdown)
+                    .await
+                    .expect("the one-thread worker runs");
+            });
+            // Blocking calls still going in the pool are not waited for.
+            runtime.shutdown_timeout(Duration::ZERO);
+        });
+        OneThreadWorker { trigger, thread }
+    }
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        let thread = self.thread;
+        let joined = tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .unwrap();
+        assert!(joined.is_ok(), "the one-thread worker panicked");
+    }
+}
+
+// ---------------------------------------------------------------- tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_error_is_retried_with_backoff_until_it_succeeds() {
     let mut d = Deployment::new("retry").await;
+    let journal = open_journal(&mut d, "retry");
     d.start_dispatcher().await;
     d.start_worker(4).await;
     let client = Client::connect(&d.config.prefix).await;
@@ -71,6 +266,12 @@ async fn a_transient_error_is_retried_with_backoff_until_it_succeeds() {
             next_claim.at - h.at
         );
     }
+    // The record of truth agrees: three runs, two retried, one succeeded.
+    assert_eq!(
+        outcomes(&journal, "flaky", 0),
+        ended(&[(1, "retry"), (2, "retry"), (3, "succeeded")])
+    );
+    assert_invariants(&d, &["flaky"], &journal).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -78,6 +279,7 @@ async fn a_transient_error_is_retried_with_backoff_until_it_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_fails_the_task_at_once_with_its_message() {
     let mut d = Deployment::new("permanent").await;
+    let journal = open_journal(&mut d, "permanent");
     d.start_dispatcher().await;
     d.start_worker(2).await;
     let client = Client::connect(&d.config.prefix).await;
@@ -94,6 +296,9 @@ async fn a_permanent_error_fails_the_task_at_once_with_its_message() {
         Some("bad input: no such file")
     );
     assert_eq!(status.tasks["independent"].state, TaskState::Succeeded);
+    assert_eq!(outcomes(&journal, "doomed", 0), ended(&[(1, "failed")]));
+    assert_eq!(outcomes(&journal, "doomed", 1), ended(&[(1, "succeeded")]));
+    assert_invariants(&d, &["doomed"], &journal).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -101,6 +306,7 @@ async fn a_permanent_error_fails_the_task_at_once_with_its_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives() {
     let mut d = Deployment::new("panic").await;
+    let journal = open_journal(&mut d, "panic");
     d.start_dispatcher().await;
     d.start_worker(2).await;
     let client = Client::connect(&d.config.prefix).await;
@@ -125,6 +331,15 @@ async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives(
         d.wait_terminal("after-panic", WAIT).await.state,
         JobState::Succeeded
     );
+    assert_eq!(
+        outcomes(&journal, "boom", 0),
+        ended(&[(1, "retry"), (2, "retry"), (3, "retry")])
+    );
+    assert_eq!(
+        outcomes(&journal, "after-panic", 0),
+        ended(&[(1, "succeeded")])
+    );
+    assert_invariants(&d, &["boom", "after-panic"], &journal).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -132,6 +347,7 @@ async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_hangs_past_its_timeout_fails_with_the_reason() {
     let mut d = Deployment::new("hang").await;
+    let journal = open_journal(&mut d, "hang");
     d.start_dispatcher().await;
     d.start_worker(2).await;
     let client = Client::connect(&d.config.prefix).await;
@@ -144,6 +360,17 @@ async fn a_handler_that_hangs_past_its_timeout_fails_with_the_reason() {
     assert_eq!(status.state, JobState::Failed);
     let error = status.tasks["h"].error.clone().unwrap_or_default();
     assert!(error.contains("timed out after 0.3s"), "{error}");
+    // The run was stopped at its time-out (plus the worker's margin), not
+    // when the handler's 60 s sleep ended.
+    let runs = runs_of(&journal, "hung", 0);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let took = Duration::from_nanos((runs[0].end.unwrap() - runs[0].start) as u64);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "the hung run lasted {took:?}"
+    );
+    assert_eq!(runs[0].outcome.as_deref(), Some("retry"));
+    assert_invariants(&d, &["hung"], &journal).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -151,6 +378,10 @@ async fn a_handler_that_hangs_past_its_timeout_fails_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lapsed_lease_is_requeued_as_the_next_attempt_and_the_late_outcome_is_rejected() {
     let mut d = Deployment::new("lease").await;
+    let journal = open_journal(&mut d, "lease");
+    // The ghost worker keeps its journal as a real worker would.
+    let ghost_journal = Journal::open(&journal, "ghost").unwrap();
+    let ghost_lease = Duration::from_millis(300);
     d.start_dispatcher().await;
     let client = Client::connect(&d.config.prefix).await;
     client
@@ -168,14 +399,11 @@ async fn a_lapsed_lease_is_requeued_as_the_next_attempt_and_the_late_outcome_is_
         attempt: 1,
         queue: "default".into(),
     };
-    let ClaimOutcome::Claimed(ghost) = d
-        .store
-        .claim(&msg, "ghost", Duration::from_millis(300))
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(ghost) = d.store.claim(&msg, "ghost", ghost_lease).await.unwrap()
     else {
         panic!("first claim must succeed");
     };
+    ghost_journal.record('S', &ghost.claim, None);
     // A second claim of the same attempt fails while the first is live.
     assert_eq!(
         d.store
@@ -197,6 +425,7 @@ async fn a_lapsed_lease_is_requeued_as_the_next_attempt_and_the_late_outcome_is_
         status.history
     );
     // The ghost wakes up and reports: rejected, and nothing changes.
+    ghost_journal.record('E', &ghost.claim, Some("succeeded"));
     let late = d
         .store
         .complete(
@@ -210,6 +439,22 @@ async fn a_lapsed_lease_is_requeued_as_the_next_attempt_and_the_late_outcome_is_
     let after = d.status("orphan").await.unwrap();
     assert_eq!(after, status);
     assert_eq!(after.tasks["t"].result, json!({"v": 7}));
+    let runs = runs_of(&journal, "orphan", 0);
+    let by: Vec<(&str, u32)> = runs
+        .iter()
+        .map(|r| (r.worker.as_str(), r.attempt))
+        .collect();
+    assert_eq!(by, [("ghost", 1), ("in-process", 2)], "{runs:?}");
+    assert_jobs_settled(&d, &["orphan"], WAIT).await;
+    // The ghost's claim stopped being live when its short lease lapsed;
+    // the worker's claim came after that.
+    assert_no_overlapping_claims(&journal, |w| {
+        if w == "ghost" {
+            ghost_lease
+        } else {
+            d.config.lease()
+        }
+    });
     client.close().await;
     d.shutdown().await;
 }
@@ -217,6 +462,8 @@ async fn a_lapsed_lease_is_requeued_as_the_next_attempt_and_the_late_outcome_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_outcome_is_applied_once() {
     let mut d = Deployment::new("once").await;
+    let journal = open_journal(&mut d, "once");
+    let test_journal = Journal::open(&journal, "test").unwrap();
     d.start_dispatcher().await;
     let client = Client::connect(&d.config.prefix).await;
     client
@@ -233,12 +480,14 @@ async fn a_redelivered_outcome_is_applied_once() {
     };
     let ClaimOutcome::Claimed(c) = d
         .store
-        .claim(&msg, "w", Duration::from_secs(10))
+        .claim(&msg, "w", Duration::from_secs(2))
         .await
         .unwrap()
     else {
         panic!("claim");
     };
+    test_journal.record('S', &c.claim, None);
+    test_journal.record('E', &c.claim, Some("succeeded"));
     let result = AttemptResult::Succeeded("1".into());
     let first = d.store.complete(&c.claim, "w", &result).await.unwrap();
     let second = d.store.complete(&c.claim, "w", &result).await.unwrap();
@@ -267,6 +516,16 @@ async fn a_redelivered_outcome_is_applied_once() {
         .filter(|h| h.task.as_deref() == Some("a") && h.to == "succeeded")
         .count();
     assert_eq!(applied, 1);
+    // This "worker" never published the task its outcome made ready, as if
+    // it crashed right after applying it: when its lease lapses the sweep
+    // re-publishes b, and a worker finishes the job.
+    d.start_worker(2).await;
+    assert_eq!(
+        d.wait_terminal("dup", WAIT).await.state,
+        JobState::Succeeded
+    );
+    assert_eq!(outcomes(&journal, "dup", 1), ended(&[(1, "succeeded")]));
+    assert_invariants(&d, &["dup"], &journal).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -275,6 +534,7 @@ async fn a_redelivered_outcome_is_applied_once() {
 async fn a_poison_message_is_dead_lettered_and_its_task_failed_with_the_reason() {
     let mut d = Deployment::new("poison").await;
     d.config.worker.max_deliveries = 3;
+    let journal = open_journal(&mut d, "poison");
     d.start_dispatcher().await;
     let client = Client::connect(&d.config.prefix).await;
     client
@@ -329,6 +589,147 @@ async fn a_poison_message_is_dead_lettered_and_its_task_failed_with_the_reason()
         serde_json::from_slice::<TaskMessage>(&body).unwrap().job,
         "toxic"
     );
+    // Failed without ever being run.
+    assert!(runs_of(&journal, "toxic", 0).is_empty());
+    assert_invariants(&d, &["toxic"], &journal).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// README: with `runtime_threads = 1` (the default) handlers must not block
+/// their thread and should use `spawn_blocking`. A handler that does, and
+/// blocks past its time-out, on a worker with one runtime thread: each
+/// attempt is timed out at its time-out (not when the blocking call
+/// returns), the retry policy applies, and the worker keeps serving other
+/// tasks while the blocking call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocking_in_spawn_blocking_past_its_timeout_is_timed_out_and_its_worker_keeps_serving()
+ {
+    const BLOCK_MS: u64 = 6_000;
+    let mut d = Deployment::new("blockpool").await;
+    let calls = BlockingCalls::default();
+    d.registry.register(BlockInPool(calls.clone()));
+    let journal = open_journal(&mut d, "blockpool");
+    d.start_dispatcher().await;
+    let worker = OneThreadWorker::start(&d, 4, &journal);
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "blocked", "requestor": "r", "tasks": [
+            {"name": "b", "handler": "block_in_pool", "params": {"ms": BLOCK_MS}, "timeout_s": 0.3,
+             "retry": {"max_attempts": 2, "base_ms": 50, "cap_ms": 100}}]}))
+        .await;
+    eventually("the first blocking call under way", WAIT, || async {
+        (!calls.all().is_empty()).then_some(())
+    })
+    .await;
+    let served: Vec<String> = (0..10).map(|i| format!("served-{i}")).collect();
+    for id in &served {
+        client
+            .submit(
+                &json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
+            )
+            .await;
+    }
+    for id in &served {
+        assert_eq!(d.wait_terminal(id, WAIT).await.state, JobState::Succeeded);
+    }
+    let first = calls.all()[0].clone();
+    assert!(
+        first.attempt == 1 && first.end.is_none(),
+        "the other jobs must have been served while the first call blocked: {first:?}"
+    );
+    let status = d.wait_terminal("blocked", WAIT).await;
+    assert_eq!(status.state, JobState::Failed, "{status:#?}");
+    let b = &status.tasks["b"];
+    assert_eq!(b.attempts, 2);
+    let error = b.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("timed out after 0.3s") && error.contains("attempts used up"),
+        "{error}"
+    );
+    // Each attempt ended at its time-out (0.3 s plus the worker's margin),
+    // long before its blocking call returned.
+    let runs = runs_of(&journal, "blocked", 0);
+    assert_eq!(
+        outcomes(&journal, "blocked", 0),
+        ended(&[(1, "retry"), (2, "retry")])
+    );
+    for r in &runs {
+        assert_eq!(r.worker, "one-thread");
+        let took = Duration::from_nanos((r.end.unwrap() - r.start) as u64);
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(BLOCK_MS / 2),
+            "attempt {} lasted {took:?}",
+            r.attempt
+        );
+    }
+    for id in &served {
+        assert_eq!(runs_of(&journal, id, 0)[0].worker, "one-thread");
+    }
+    let mut ids: Vec<&str> = served.iter().map(String::as_str).collect();
+    ids.push("blocked");
+    let counts = assert_invariants(&d, &ids, &journal).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&served.len()));
+    worker.stop().await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A handler that breaks README's rule and blocks the only thread of its
+/// worker's runtime, for longer than its lease: the worker can neither
+/// renew the lease nor enforce the time-out meanwhile (it discards the late
+/// answer as a time-out afterwards). What still holds is what fencing
+/// promises: the lease lapses, the task is re-queued and runs again, the
+/// blocked run's late outcome is rejected, nothing is applied twice and no
+/// two live claims overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocking_its_workers_only_thread_past_its_lease_is_run_again_and_its_late_outcome_rejected()
+ {
+    let mut d = Deployment::new("blockthread").await;
+    d.config.worker.lease_ms = 1_000;
+    let calls = BlockingCalls::default();
+    d.registry.register(BlockThread(calls.clone()));
+    let journal = open_journal(&mut d, "blockthread");
+    d.start_dispatcher().await;
+    let worker = OneThreadWorker::start(&d, 4, &journal);
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "blocked", "requestor": "r", "tasks": [
+            {"name": "b", "handler": "block_thread", "params": {"ms": 2500, "attempts": 1},
+             "timeout_s": 0.3, "retry": {"max_attempts": 3, "base_ms": 50, "cap_ms": 100}}]}))
+        .await;
+    eventually("the blocking call under way", WAIT, || async {
+        (!calls.all().is_empty()).then_some(())
+    })
+    .await;
+    // Another worker, free to take the task once the lease lapses.
+    d.start_worker(2).await;
+    let status = d.wait_terminal("blocked", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    let b = &status.tasks["b"];
+    assert_eq!(b.attempts, 2);
+    assert_eq!(b.result, json!({"attempt": 2}));
+    assert!(
+        status
+            .history
+            .iter()
+            .any(|h| h.reason.starts_with("lease expired (worker one-thread-")),
+        "{:#?}",
+        status.history
+    );
+    // The blocked run did finish and report: its outcome was refused.
+    let first = eventually("the blocked run's end", WAIT, || async {
+        let runs = runs_of(&journal, "blocked", 0);
+        runs.into_iter().find(|r| r.attempt == 1 && r.end.is_some())
+    })
+    .await;
+    assert_eq!(first.worker, "one-thread");
+    // It answered long past its time-out: a time-out (transient), not the
+    // success it returned; and that outcome too was refused (stale claim).
+    assert_eq!(first.outcome.as_deref(), Some("retry"));
+    assert_eq!(d.status("blocked").await.unwrap(), status);
+    assert_invariants(&d, &["blocked"], &journal).await;
+    worker.stop().await;
     client.close().await;
     d.shutdown().await;
 }

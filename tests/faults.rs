@@ -13,11 +13,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::journal::{self, read_journal};
 use common::{Client, Deployment, eventually, test_config, unique_prefix};
 use conveyor::broker::Broker;
 use conveyor::model::JobState;
@@ -41,128 +42,18 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-// ---------------------------------------------------------------- journal
-
-#[derive(Debug, Clone)]
-struct Run {
-    fence: u64,
-    worker: String,
-    start: u128,
-    last_alive: u128,
-    end: Option<u128>,
-}
-
-/// Parse the journal into runs per (job, task index).
-fn read_journal(path: &Path) -> BTreeMap<(String, u32), Vec<Run>> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut runs: HashMap<(String, u32, u64), Run> = HashMap::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() < 7 {
-            panic!("short journal line {line:?}");
-        }
-        let (kind, job, idx, fence, ns) = (
-            f[0],
-            f[1].to_owned(),
-            f[2].parse::<u32>().unwrap(),
-            f[4].parse::<u64>().unwrap(),
-            f[5].parse::<u128>().unwrap(),
-        );
-        let run = runs.entry((job, idx, fence)).or_insert_with(|| Run {
-            fence,
-            worker: f[6].to_owned(),
-            start: ns,
-            last_alive: ns,
-            end: None,
-        });
-        match kind {
-            "S" => {
-                run.start = ns;
-                run.last_alive = run.last_alive.max(ns);
-            }
-            "R" => run.last_alive = run.last_alive.max(ns),
-            "E" => run.end = Some(ns),
-            other => panic!("unknown journal kind {other}"),
-        }
-    }
-    let mut out: BTreeMap<(String, u32), Vec<Run>> = BTreeMap::new();
-    for ((job, idx, _), run) in runs {
-        out.entry((job, idx)).or_default().push(run);
-    }
-    for runs in out.values_mut() {
-        runs.sort_by_key(|r| r.start);
-    }
-    out
-}
-
-/// No task ran under two live claims at once. A claim is live from its
-/// start until its end or until its lease lapsed after the last renewal
-/// the worker recorded, whichever is first.
+/// No task ran under two live claims at once, every worker holding
+/// `lease`; the journal must have recorded runs.
 fn assert_no_overlapping_claims(path: &Path, lease: Duration) {
-    let lease_ns = lease.as_nanos();
-    let journal = read_journal(path);
     assert!(
-        !journal.is_empty(),
+        !read_journal(path).is_empty(),
         "the journal is empty: the test recorded nothing"
     );
-    for ((job, idx), runs) in &journal {
-        for pair in runs.windows(2) {
-            let (a, b) = (&pair[0], &pair[1]);
-            let a_live_end = a.end.unwrap_or(u128::MAX).min(a.last_alive + lease_ns);
-            assert!(
-                b.start >= a_live_end,
-                "{job}/{idx}: claim {} ({}) started {} ms before claim {} ({}) stopped being live",
-                b.fence,
-                b.worker,
-                (a_live_end - b.start) / 1_000_000,
-                a.fence,
-                a.worker
-            );
-        }
-    }
+    journal::assert_no_overlapping_claims(path, |_| lease);
 }
 
-/// Every accepted job is terminal; each task's outcome and each job's end
-/// were applied once. Returns the count of jobs per state.
 async fn assert_jobs_settled(d: &Deployment, ids: &[String]) -> BTreeMap<JobState, usize> {
-    let mut counts = BTreeMap::new();
-    for id in ids {
-        let status = d.wait_terminal(id, WAIT).await;
-        *counts.entry(status.state).or_insert(0) += 1;
-        let mut terminal_per_task: HashMap<&str, usize> = HashMap::new();
-        for h in &status.history {
-            match h.task.as_deref() {
-                Some(t) if matches!(h.to.as_str(), "succeeded" | "failed" | "cancelled") => {
-                    *terminal_per_task.entry(t).or_insert(0) += 1;
-                }
-                _ => {}
-            }
-        }
-        for (task, n) in terminal_per_task {
-            assert_eq!(n, 1, "{id}/{task}: outcome applied {n} times");
-        }
-        let ends = status
-            .history
-            .iter()
-            .filter(|h| {
-                h.task.is_none()
-                    && JobState::ALL
-                        .iter()
-                        .any(|s| s.is_terminal() && s.as_str() == h.to)
-            })
-            .count();
-        assert_eq!(ends, 1, "{id}: job finished {ends} times");
-    }
-    let settled: usize = [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
-        .iter()
-        .map(|s| counts.get(s).copied().unwrap_or(0))
-        .sum();
-    assert_eq!(
-        settled,
-        ids.len(),
-        "accepted = succeeded + failed + cancelled: {counts:?}"
-    );
-    counts
+    journal::assert_jobs_settled(d, ids, WAIT).await
 }
 
 async fn submit_sleep_jobs(client: &Client, prefix: &str, n: usize, ms: u64) -> Vec<String> {

@@ -9,7 +9,13 @@
 //! - handlers fail transiently and permanently, panic, and hang past their
 //!   time-out, decided by a hash of the seed and the execution.
 //!
-//! The invariants are checked after every step and at the end. The same
+//! The invariants are checked after every step and at the end: counters,
+//! DAG readiness, each outcome applied once, applied results from the live
+//! claim, and no task run under two live claims at once (each handler run
+//! is recorded on the simulated clock with its claim, and each claim's
+//! lease with the renewals its worker saw succeed); at the end, every
+//! accepted job is terminal and the unparseable submission is in the
+//! dead-letter queue with its reason. The same
 //! seed replays exactly: a failure prints `SIM_SEED=<n>` to rerun it alone.
 //! `SIM_SEEDS=<n>` runs more seeds. Every seed that ever found a bug is in
 //! `REGRESSION_SEEDS`.
@@ -22,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conveyor::broker::memory::{FaultPlan, MemoryBroker};
-use conveyor::broker::{Broker, Outgoing};
+use conveyor::broker::memory::{FaultPlan, MemoryBroker, QueuedMessage};
+use conveyor::broker::{Broker, HeaderValue, Outgoing};
 use conveyor::config::Config;
 use conveyor::dispatcher::{Dispatcher, DispatcherOptions};
 use conveyor::handler::{Handler, HandlerError, Outcome, Registry, TaskContext};
@@ -64,18 +70,51 @@ fn fnv(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// One execution of the chaos handler.
+/// One run of the chaos handler: its claim and, on the simulated clock,
+/// when it started and when it returned or was stopped (`None` while it
+/// runs).
 #[derive(Debug, Clone)]
 struct Execution {
     job: String,
     task: String,
+    attempt: u32,
     fence: u64,
+    start: u64,
+    end: Option<u64>,
 }
+
+/// Records the end of a run when the handler's future finishes, panics or
+/// is dropped (a time-out, a crashed worker): whichever way it stops.
+struct EndOnDrop {
+    executions: Arc<Mutex<Vec<Execution>>>,
+    index: usize,
+    clock: Arc<TokioClock>,
+}
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let now = self.clock.now_ms();
+        let mut executions = self.executions.lock().unwrap_or_else(|p| p.into_inner());
+        executions[self.index].end = Some(now);
+    }
+}
+
+/// A claim's lease as its worker saw it: `last_alive` is when the lease
+/// was last set (the claim, then each renewal that succeeded), on the
+/// simulated clock (ms); the lease lapses one lease length later.
+#[derive(Debug, Clone, Copy)]
+struct ClaimLife {
+    last_alive: u64,
+}
+
+/// Every claim handed to a worker: job -> fence -> life.
+type Claims = Arc<Mutex<HashMap<String, HashMap<u64, ClaimLife>>>>;
 
 /// A handler whose behaviour is a pure function of (seed, job, task, attempt).
 struct Chaos {
     seed: u64,
     executions: Arc<Mutex<Vec<Execution>>>,
+    clock: Arc<TokioClock>,
 }
 
 #[async_trait]
@@ -85,11 +124,22 @@ impl Handler for Chaos {
     }
 
     async fn run(&self, ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
-        self.executions.lock().unwrap().push(Execution {
-            job: ctx.job_id.clone(),
-            task: ctx.task.clone(),
-            fence: ctx.fence,
-        });
+        let _end = {
+            let mut executions = self.executions.lock().unwrap();
+            executions.push(Execution {
+                job: ctx.job_id.clone(),
+                task: ctx.task.clone(),
+                attempt: ctx.attempt,
+                fence: ctx.fence,
+                start: self.clock.now_ms(),
+                end: None,
+            });
+            EndOnDrop {
+                executions: self.executions.clone(),
+                index: executions.len() - 1,
+                clock: self.clock.clone(),
+            }
+        };
         let roll = fnv(&[
             &self.seed.to_le_bytes(),
             ctx.job_id.as_bytes(),
@@ -125,10 +175,13 @@ impl Handler for Chaos {
 
 /// One process's view of the store, which the schedule can cut off (a
 /// network partition between one worker and Redis), while the rest of the
-/// system still reaches the store.
+/// system still reaches the store. It also keeps the record of the claims
+/// its worker took and the renewals that succeeded.
 struct Partition {
     inner: Arc<MemoryStore>,
     cut: Arc<AtomicBool>,
+    claims: Claims,
+    clock: Arc<TokioClock>,
 }
 
 impl Partition {
@@ -158,11 +211,33 @@ impl Store for Partition {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         self.check()?;
-        self.inner.claim(t, w, lease).await
+        let outcome = self.inner.claim(t, w, lease).await?;
+        if let ClaimOutcome::Claimed(c) = &outcome {
+            let now = self.clock.now_ms();
+            self.claims
+                .lock()
+                .unwrap()
+                .entry(c.claim.job.clone())
+                .or_default()
+                .insert(c.claim.fence, ClaimLife { last_alive: now });
+        }
+        Ok(outcome)
     }
     async fn renew(&self, c: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError> {
         self.check()?;
-        self.inner.renew(c, lease).await
+        let held = self.inner.renew(c, lease).await?;
+        let now = self.clock.now_ms();
+        let mut claims = self.claims.lock().unwrap();
+        for (claim, held) in c.iter().zip(&held) {
+            if *held
+                && let Some(life) = claims
+                    .get_mut(&claim.job)
+                    .and_then(|f| f.get_mut(&claim.fence))
+            {
+                life.last_alive = now;
+            }
+        }
+        Ok(held)
     }
     async fn complete(
         &self,
@@ -249,6 +324,7 @@ struct Sim {
     seed: u64,
     clock: Arc<TokioClock>,
     executions: Arc<Mutex<Vec<Execution>>>,
+    claims: Claims,
     config: Config,
     names: Names,
     store: Arc<MemoryStore>,
@@ -281,11 +357,13 @@ impl Sim {
         registry.register(Chaos {
             seed,
             executions: executions.clone(),
+            clock: clock.clone(),
         });
         Sim {
             seed,
             clock,
             executions,
+            claims: Claims::default(),
             config,
             names,
             store,
@@ -329,6 +407,8 @@ impl Sim {
         let view = Arc::new(Partition {
             inner: self.store.clone(),
             cut: partition.clone(),
+            claims: self.claims.clone(),
+            clock: self.clock.clone(),
         });
         let worker = Worker::new(
             view,
@@ -496,6 +576,47 @@ fn check_consistency(records: &[JobRecord], executions: &[Execution]) -> Result<
     Ok(())
 }
 
+/// No task ran under two live claims at once, as `tests/faults.rs` checks
+/// its journal: a run is live from its start until it ended or until its
+/// claim's lease lapsed after the last renewal its worker saw succeed,
+/// whichever is first; the next run of the same task must not start
+/// before that. A run still going counts as live until its lease lapses,
+/// so the check holds at any moment, not only at the end. A run under a
+/// fence no claim handed out is an error too.
+fn check_no_overlapping_claims(
+    executions: &[Execution],
+    claims: &HashMap<String, HashMap<u64, ClaimLife>>,
+    lease_ms: u64,
+) -> Result<(), String> {
+    let mut runs: HashMap<(&str, &str), Vec<(&Execution, u64)>> = HashMap::new();
+    for e in executions {
+        let Some(life) = claims.get(&e.job).and_then(|f| f.get(&e.fence)) else {
+            return Err(format!(
+                "{}/{}: attempt {} ran under fence {}, which no claim handed out",
+                e.job, e.task, e.attempt, e.fence
+            ));
+        };
+        let live_end = e.end.unwrap_or(u64::MAX).min(life.last_alive + lease_ms);
+        runs.entry((&e.job, &e.task))
+            .or_default()
+            .push((e, live_end));
+    }
+    for ((job, task), mut runs) in runs {
+        runs.sort_by_key(|(e, _)| (e.start, e.fence));
+        for pair in runs.windows(2) {
+            let ((a, a_live_end), (b, _)) = (pair[0], pair[1]);
+            if b.start < a_live_end {
+                return Err(format!(
+                    "{job}/{task}: attempt {} (fence {}) started at {} while attempt {} \
+                     (fence {}, started at {}, ended {:?}) was live until {}",
+                    b.attempt, b.fence, b.start, a.attempt, a.fence, a.start, a.end, a_live_end
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn simulate(seed: u64) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -519,13 +640,21 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         reorder: 0.1,
         publish_failure: 0.03,
     };
+    let lease_ms = config.worker.lease_ms;
     let mut sim = Sim::new(seed, config, faults).await;
-    let (store, broker, clock, executions) = (
+    let (store, broker, clock, executions, claims) = (
         sim.store.clone(),
         sim.broker.clone(),
         sim.clock.clone(),
         sim.executions.clone(),
+        sim.claims.clone(),
     );
+    let check = || -> Result<(), String> {
+        let records = store.records();
+        let execs = executions.lock().unwrap().clone();
+        check_consistency(&records, &execs)?;
+        check_no_overlapping_claims(&execs, &claims.lock().unwrap(), lease_ms)
+    };
     for _ in 0..rng.random_range(1..=2) {
         sim.start_dispatcher();
     }
@@ -548,7 +677,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             .into_bytes(),
     )
     .await;
-    sim.publish_until_confirmed(b"{not json".to_vec()).await;
+    sim.publish_until_confirmed(NOT_JSON.to_vec()).await;
 
     // The fault schedule.
     let mut outage_until: Option<u64> = None;
@@ -595,9 +724,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             }
             _ => {}
         }
-        let records = store.records();
-        let execs = executions.lock().unwrap().clone();
-        check_consistency(&records, &execs).map_err(|e| format!("step {step}: {e}"))?;
+        check().map_err(|e| format!("step {step}: {e}"))?;
     }
     store.set_outage(false);
     for (cut, _) in partitions.drain(..) {
@@ -612,11 +739,11 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         publish_failure: 0.0,
     });
     let deadline = clock.now_ms() + 600_000;
+    let mut dead: Vec<QueuedMessage> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        check()?;
         let records = store.records();
-        let execs = executions.lock().unwrap().clone();
-        check_consistency(&records, &execs)?;
         let by_id: HashMap<&str, &JobRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
         let unfinished: Vec<&String> = accepted
             .iter()
@@ -630,7 +757,13 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             if by_id.get(rejected.as_str()).map(|r| r.state) != Some(JobState::Rejected) {
                 return Err(format!("{rejected} was not recorded as rejected"));
             }
-            break;
+            // Nothing consumes the dead-letter queue: collect what is there
+            // until the unparseable submission shows up.
+            dead.extend(broker.take_messages(&sim.names.dead_queue()).await);
+            if dead.iter().any(|m| m.body == NOT_JSON) {
+                check_dead_letters(&dead, &sim.names)?;
+                break;
+            }
         }
         if clock.now_ms() > deadline {
             let states: Vec<String> = unfinished
@@ -655,15 +788,65 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
                     None => format!("{id}: not recorded"),
                 })
                 .collect();
+            if states.is_empty() {
+                return Err(format!(
+                    "{:?} never reached {} (dead letters there: {:?})",
+                    String::from_utf8_lossy(NOT_JSON),
+                    sim.names.dead_queue(),
+                    dead.iter()
+                        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+                        .collect::<Vec<_>>()
+                ));
+            }
             return Err(format!(
                 "jobs never finished (lost work):\n{}",
                 states.join("\n")
             ));
         }
     }
+    check()?;
     for r in sim.workers.drain(..).chain(sim.dispatchers.drain(..)) {
         r.trigger.trigger();
         r.handle.abort();
+    }
+    Ok(())
+}
+
+/// A submission that is not JSON: it must end in the dead-letter queue.
+const NOT_JSON: &[u8] = b"{not json";
+
+fn header<'a>(m: &'a QueuedMessage, name: &str) -> Option<&'a str> {
+    m.headers.iter().find_map(|(k, v)| match v {
+        HeaderValue::Text(t) if k == name => Some(t.as_str()),
+        _ => None,
+    })
+}
+
+/// Every dead letter says why it is there; the unparseable submission is
+/// there (perhaps more than once: a redelivered submission is dead-lettered
+/// again) as `not_json` from the submit queue, with the parser's reason.
+fn check_dead_letters(dead: &[QueuedMessage], names: &Names) -> Result<(), String> {
+    for m in dead {
+        let body = String::from_utf8_lossy(&m.body);
+        let reason = header(m, "x-conveyor-reason").unwrap_or("");
+        let kind = header(m, "x-conveyor-reason-kind").unwrap_or("");
+        if reason.is_empty() || kind.is_empty() {
+            return Err(format!(
+                "dead letter {body:?} without a reason: {:?}",
+                m.headers
+            ));
+        }
+        if m.body == NOT_JSON {
+            let source = header(m, "x-conveyor-source-queue").unwrap_or("");
+            if kind != "not_json"
+                || !reason.starts_with("message is not JSON")
+                || source != names.submit_queue()
+            {
+                return Err(format!(
+                    "{body:?} dead-lettered as {kind:?} from {source:?} with reason {reason:?}"
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -71,10 +71,24 @@ pub async fn run_attempt(handler: Arc<dyn Handler>, claimed: &Claimed) -> Attemp
         timeout: claimed.timeout,
     };
     let timeout = claimed.timeout;
+    let started = tokio::time::Instant::now();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
     let mut run = AbortOnDrop(tokio::spawn(async move { handler.run(ctx, params).await }));
-    match tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.0).await {
+    let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.0).await;
+    // A handler that blocks its thread (against the contract: blocking work
+    // belongs in `spawn_blocking`) also blocks the timer that would have
+    // stopped it; when it returns at last, its answer is late all the same.
+    let ran = started.elapsed();
+    if answer.is_ok() && ran > timeout + TIMEOUT_MARGIN {
+        return AttemptEnd::Transient(format!(
+            "timed out after {:.1}s (timeout_s): the handler blocked its thread and \
+             answered only after {:.1}s; its answer was discarded",
+            timeout.as_secs_f64(),
+            ran.as_secs_f64()
+        ));
+    }
+    match answer {
         Ok(Ok(Ok(Outcome::Done(value)))) => AttemptEnd::Succeeded(value.to_string()),
         Ok(Ok(Ok(Outcome::Started { token, .. }))) => AttemptEnd::Permanent(format!(
             "handler started outside work (token {token}), but this version of Conveyor \
@@ -104,5 +118,63 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::store::ClaimRef;
+    use async_trait::async_trait;
+    use serde_json::Value;
+
+    /// Sleeps on its thread instead of awaiting: what a handler must not do.
+    struct BlocksItsThread(Duration);
+
+    #[async_trait]
+    impl Handler for BlocksItsThread {
+        fn name(&self) -> &str {
+            "blocks"
+        }
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            std::thread::sleep(self.0);
+            Ok(Outcome::Done(Value::Null))
+        }
+    }
+
+    fn claimed(timeout: Duration) -> Claimed {
+        Claimed {
+            claim: ClaimRef {
+                job: "j".into(),
+                idx: 0,
+                attempt: 1,
+                fence: 1,
+            },
+            task: "t".into(),
+            handler: "blocks".into(),
+            params_json: "{}".into(),
+            max_attempts: 3,
+            timeout,
+            deps: Default::default(),
+            backoff: (0, 0),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_after_the_time_out_is_a_time_out_even_when_the_timer_could_not_fire() {
+        let handler = Arc::new(BlocksItsThread(TIMEOUT_MARGIN + Duration::from_millis(300)));
+        let end = run_attempt(handler, &claimed(Duration::from_millis(50))).await;
+        match end {
+            AttemptEnd::Transient(e) => assert!(e.starts_with("timed out after 0.1s"), "{e}"),
+            other => panic!("a late answer was taken: {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_in_time_is_taken() {
+        let handler = Arc::new(BlocksItsThread(Duration::from_millis(10)));
+        let end = run_attempt(handler, &claimed(Duration::from_secs(5))).await;
+        assert_eq!(end, AttemptEnd::Succeeded("null".into()));
     }
 }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod journal;
+
 use std::sync::Arc;
 use std::time::Duration;
 
