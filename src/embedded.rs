@@ -123,14 +123,8 @@ impl Embedded {
                 registry.clone(),
                 names.clone(),
                 WorkerOptions {
-                    id: format!("embedded-worker-{n}"),
-                    queues: config.worker.queues.clone(),
                     concurrency: options.concurrency,
-                    lease: config.lease(),
-                    grace: Duration::from_secs(config.worker.grace_s),
-                    heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
-                    max_deliveries: config.worker.max_deliveries,
-                    journal: None,
+                    ..WorkerOptions::from_config(config, format!("embedded-worker-{n}"))
                 },
             );
             let shutdown = trigger.subscribe();

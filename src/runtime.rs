@@ -199,14 +199,8 @@ pub async fn run_worker(
         registry,
         Names::new(&config.prefix),
         WorkerOptions {
-            id,
-            queues: config.worker.queues.clone(),
-            concurrency: config.worker.concurrency,
-            lease: config.lease(),
-            grace: Duration::from_secs(config.worker.grace_s),
-            heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
-            max_deliveries: config.worker.max_deliveries,
             journal,
+            ..WorkerOptions::from_config(config, id)
         },
     );
     if let Some(p) = &probes {

@@ -179,14 +179,9 @@ impl OneThreadWorker {
                     registry,
                     names,
                     WorkerOptions {
-                        id,
-                        queues: config.worker.queues.clone(),
                         concurrency,
-                        lease: config.lease(),
-                        grace: Duration::from_secs(config.worker.grace_s),
-                        heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
-                        max_deliveries: config.worker.max_deliveries,
                         journal: Some(journal),
+                        ..WorkerOptions::from_config(&config, id)
                     },
                 );
                 worker

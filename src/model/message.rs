@@ -348,32 +348,27 @@ mod tests {
         }
     }
 
+    /// How each value is spelt on the wire (its serde name).
+    fn wire_names<T: serde::Serialize>(all: &[T]) -> BTreeSet<String> {
+        all.iter()
+            .map(|s| {
+                serde_json::to_value(s)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// The status in every task state the machine reaches, and what
     /// `attempts` holds in each (as the README and the schema say).
     #[test]
     fn every_status_matches_the_schema() {
         let (schema, validator) = schema(STATUS);
-        let job_states: BTreeSet<String> = JobState::ALL
-            .iter()
-            .map(|s| {
-                serde_json::to_value(s)
-                    .unwrap()
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
+        let job_states = wire_names(&JobState::ALL);
         assert_eq!(strings(&schema["properties"]["state"]["enum"]), job_states);
-        let task_states: BTreeSet<String> = TaskState::ALL
-            .iter()
-            .map(|s| {
-                serde_json::to_value(s)
-                    .unwrap()
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
+        let task_states = wire_names(&TaskState::ALL);
         assert_eq!(
             strings(
                 &schema["properties"]["tasks"]["additionalProperties"]["properties"]["state"]["enum"]

@@ -61,6 +61,22 @@ pub struct WorkerOptions {
     pub journal: Option<Journal>,
 }
 
+impl WorkerOptions {
+    /// The options `config` sets for a worker named `id`, with no journal.
+    pub fn from_config(config: &crate::config::Config, id: impl Into<String>) -> WorkerOptions {
+        WorkerOptions {
+            id: id.into(),
+            queues: config.worker.queues.clone(),
+            concurrency: config.worker.concurrency,
+            lease: config.lease(),
+            grace: Duration::from_secs(config.worker.grace_s),
+            heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
+            max_deliveries: config.worker.max_deliveries,
+            journal: None,
+        }
+    }
+}
+
 /// One worker process's task loop.
 #[derive(Clone)]
 pub struct Worker {

@@ -162,14 +162,9 @@ impl Deployment {
             self.registry.clone(),
             self.names.clone(),
             WorkerOptions {
-                id: id.clone(),
-                queues: config.worker.queues.clone(),
                 concurrency,
-                lease: config.lease(),
-                grace: Duration::from_secs(config.worker.grace_s),
-                heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
-                max_deliveries: config.worker.max_deliveries,
                 journal: self.journal.clone(),
+                ..WorkerOptions::from_config(&config, id.clone())
             },
         );
         let trigger = ShutdownTrigger::new();
