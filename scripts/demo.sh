@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the main job end to end against RabbitMQ and Redis on localhost:
-# build, start a dispatcher and a worker in the background under a fresh
+# build (unless CONVEYOR_BIN names a binary), start a dispatcher and a worker in the background under a fresh
 # prefix, submit examples/diamond.json with --wait, print the result, stop both.
 # Exits with the submit command's code (0 only if the job succeeded).
 set -euo pipefail
@@ -24,10 +24,19 @@ if [ "$missing" -ne 0 ]; then
     exit 2
 fi
 
-echo "building (cargo build --release)..." >&2
-cargo build --release -q
-
-bin="${CARGO_TARGET_DIR:-target}/release/conveyor"
+# CONVEYOR_BIN runs a binary built already (CI passes the debug build it
+# has just made, rather than spend minutes on a release build).
+if [ -n "${CONVEYOR_BIN:-}" ]; then
+    bin="$CONVEYOR_BIN"
+    if [ ! -x "$bin" ]; then
+        echo "CONVEYOR_BIN=$bin is not an executable file" >&2
+        exit 2
+    fi
+else
+    echo "building (cargo build --release)..." >&2
+    cargo build --release -q
+    bin="${CARGO_TARGET_DIR:-target}/release/conveyor"
+fi
 # A fresh prefix per run, so no state of an earlier run (or of anything else
 # on this broker and Redis) is in the way. Set CONVEYOR_PREFIX to choose one.
 own_prefix=0

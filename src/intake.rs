@@ -128,14 +128,25 @@ pub struct JobIntake {
 /// The job schema, compiled into the binary: the same file clients read.
 pub const JOB_SCHEMA: &str = include_str!("../schemas/job.schema.json");
 
+/// The job schema compiled once per process: it is a constant, and
+/// compiling it costs more than accepting hundreds of jobs (embedded mode
+/// and simulations build an intake per dispatcher they start).
+fn compiled_job_schema() -> anyhow::Result<Arc<jsonschema::Validator>> {
+    static COMPILED: std::sync::OnceLock<Arc<jsonschema::Validator>> = std::sync::OnceLock::new();
+    if let Some(v) = COMPILED.get() {
+        return Ok(v.clone());
+    }
+    let schema: Value = serde_json::from_str(JOB_SCHEMA)?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| anyhow::anyhow!("job schema does not compile: {e}"))?;
+    Ok(COMPILED.get_or_init(|| Arc::new(validator)).clone())
+}
+
 impl JobIntake {
     /// Intake under `config`'s limits, knowing the handlers in `registry`.
     pub fn new(config: &Config, registry: Registry) -> anyhow::Result<JobIntake> {
-        let schema: Value = serde_json::from_str(JOB_SCHEMA)?;
-        let validator = jsonschema::validator_for(&schema)
-            .map_err(|e| anyhow::anyhow!("job schema does not compile: {e}"))?;
         Ok(JobIntake {
-            schema: Arc::new(validator),
+            schema: compiled_job_schema()?,
             registry,
             limits: config.limits.clone(),
             retry: config.retry.clone(),

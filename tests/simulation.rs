@@ -15,14 +15,16 @@
 //! is recorded on the simulated clock with its claim, and each claim's
 //! lease with the renewals its worker saw succeed); at the end, every
 //! accepted job is terminal and the unparseable submission is in the
-//! dead-letter queue with its reason. The same
+//! dead-letter queue with its reason. The per-step checks look at what
+//! changed since the previous step (job records by version; runs and
+//! claims by job); the final check looks at everything. The same
 //! seed replays exactly: a failure prints `SIM_SEED=<n>` to rerun it alone.
 //! `SIM_SEEDS=<n>` runs more seeds. Every seed that ever found a bug is in
 //! `REGRESSION_SEEDS`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,6 +91,7 @@ struct EndOnDrop {
     executions: Arc<Mutex<Vec<Execution>>>,
     index: usize,
     clock: Arc<TokioClock>,
+    changed: Changed,
 }
 
 impl Drop for EndOnDrop {
@@ -96,6 +99,7 @@ impl Drop for EndOnDrop {
         let now = self.clock.now_ms();
         let mut executions = self.executions.lock().unwrap_or_else(|p| p.into_inner());
         executions[self.index].end = Some(now);
+        mark_changed(&self.changed, &executions[self.index].job);
     }
 }
 
@@ -110,11 +114,23 @@ struct ClaimLife {
 /// Every claim handed to a worker: job -> fence -> life.
 type Claims = Arc<Mutex<HashMap<String, HashMap<u64, ClaimLife>>>>;
 
+/// The jobs whose runs or claims changed since the last check of
+/// overlapping claims: only their tasks can have started to overlap.
+type Changed = Arc<Mutex<HashSet<String>>>;
+
+fn mark_changed(changed: &Changed, job: &str) {
+    let mut changed = changed.lock().unwrap_or_else(|p| p.into_inner());
+    if !changed.contains(job) {
+        changed.insert(job.to_owned());
+    }
+}
+
 /// A handler whose behaviour is a pure function of (seed, job, task, attempt).
 struct Chaos {
     seed: u64,
     executions: Arc<Mutex<Vec<Execution>>>,
     clock: Arc<TokioClock>,
+    changed: Changed,
 }
 
 #[async_trait]
@@ -134,10 +150,12 @@ impl Handler for Chaos {
                 start: self.clock.now_ms(),
                 end: None,
             });
+            mark_changed(&self.changed, &ctx.job_id);
             EndOnDrop {
                 executions: self.executions.clone(),
                 index: executions.len() - 1,
                 clock: self.clock.clone(),
+                changed: self.changed.clone(),
             }
         };
         let roll = fnv(&[
@@ -181,6 +199,7 @@ struct Partition {
     inner: Arc<MemoryStore>,
     cut: Arc<AtomicBool>,
     claims: Claims,
+    changed: Changed,
     clock: Arc<TokioClock>,
 }
 
@@ -220,6 +239,7 @@ impl Store for Partition {
                 .entry(c.claim.job.clone())
                 .or_default()
                 .insert(c.claim.fence, ClaimLife { last_alive: now });
+            mark_changed(&self.changed, &c.claim.job);
         }
         Ok(outcome)
     }
@@ -235,6 +255,7 @@ impl Store for Partition {
                     .and_then(|f| f.get_mut(&claim.fence))
             {
                 life.last_alive = now;
+                mark_changed(&self.changed, &claim.job);
             }
         }
         Ok(held)
@@ -325,11 +346,15 @@ struct Sim {
     clock: Arc<TokioClock>,
     executions: Arc<Mutex<Vec<Execution>>>,
     claims: Claims,
+    changed: Changed,
     config: Config,
     names: Names,
     store: Arc<MemoryStore>,
     broker: Arc<MemoryBroker>,
     registry: Registry,
+    /// Built once: every dispatcher of the run shares it, as the processes
+    /// of a deployment share one schema file.
+    intake: JobIntake,
     dispatchers: Vec<Running>,
     workers: Vec<Running>,
     started: usize,
@@ -353,17 +378,23 @@ impl Sim {
             .await
             .expect("the in-process broker declares queues");
         let executions = Arc::new(Mutex::new(Vec::new()));
+        let changed = Changed::default();
         let mut registry = conveyor_builtin_handlers::registry();
         registry.register(Chaos {
             seed,
             executions: executions.clone(),
             clock: clock.clone(),
+            changed: changed.clone(),
         });
+        let intake =
+            JobIntake::new(&config, registry.clone()).expect("the default config is valid");
         Sim {
             seed,
+            intake,
             clock,
             executions,
             claims: Claims::default(),
+            changed,
             config,
             names,
             store,
@@ -380,7 +411,7 @@ impl Sim {
         let dispatcher = Dispatcher::new(
             self.store.clone(),
             self.broker.clone(),
-            JobIntake::new(&self.config, self.registry.clone()).unwrap(),
+            self.intake.clone(),
             self.names.clone(),
             DispatcherOptions {
                 id: format!("d{}", self.started),
@@ -408,6 +439,7 @@ impl Sim {
             inner: self.store.clone(),
             cut: partition.clone(),
             claims: self.claims.clone(),
+            changed: self.changed.clone(),
             clock: self.clock.clone(),
         });
         let worker = Worker::new(
@@ -464,19 +496,46 @@ fn random_job(rng: &mut StdRng, id: &str) -> Value {
     json!({"id": id, "requestor": "sim", "tasks": tasks})
 }
 
-/// The invariants that must hold at every step.
-fn check_consistency(records: &[JobRecord], executions: &[Execution]) -> Result<(), String> {
-    let mut fences_run: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
-    for e in executions {
-        fences_run
-            .entry((&e.job, &e.task))
-            .or_default()
-            .push(e.fence);
+/// What [`check_consistency`] remembers between steps: the version of each
+/// job it last found consistent, so an unchanged record is not checked
+/// again.
+#[derive(Default)]
+struct Checked {
+    versions: HashMap<String, u64>,
+}
+
+impl Checked {
+    /// Forget everything: the next check covers every record (the final one).
+    fn full() -> Checked {
+        Checked::default()
     }
+}
+
+/// The invariants that must hold at every step, over every job whose
+/// record changed since `checked` last saw it (a record changes only with
+/// its version, except a lease renewal, which no invariant depends on).
+fn check_consistency(
+    records: &mut dyn Iterator<Item = &JobRecord>,
+    executions: &[Execution],
+    checked: &mut Checked,
+) -> Result<(), String> {
+    let mut fences_run: Option<HashMap<(&str, &str), Vec<u64>>> = None;
     for job in records {
-        if job.state == JobState::Rejected {
+        if job.state == JobState::Rejected || checked.versions.get(&job.id) == Some(&job.version) {
             continue;
         }
+        check_job(job, executions, &mut fences_run)?;
+        checked.versions.insert(job.id.clone(), job.version);
+    }
+    Ok(())
+}
+
+fn check_job<'e>(
+    job: &JobRecord,
+    executions: &'e [Execution],
+    fences_run: &mut Option<HashMap<(&'e str, &'e str), Vec<u64>>>,
+) -> Result<(), String> {
+    {
         let id = &job.id;
         let open = job.tasks.iter().filter(|t| !t.state.is_terminal()).count() as u32;
         let failed = job
@@ -563,6 +622,13 @@ fn check_consistency(records: &[JobRecord], executions: &[Execution]) -> Result<
                         t.name, t.fence, t.last_fence
                     ));
                 }
+                let fences_run = fences_run.get_or_insert_with(|| {
+                    let mut run: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
+                    for e in executions {
+                        run.entry((&e.job, &e.task)).or_default().push(e.fence);
+                    }
+                    run
+                });
                 let ran = fences_run.get(&(id.as_str(), t.name.as_str()));
                 if !ran.is_some_and(|f| result_fence.is_some_and(|rf| f.contains(&rf))) {
                     return Err(format!(
@@ -587,9 +653,13 @@ fn check_no_overlapping_claims(
     executions: &[Execution],
     claims: &HashMap<String, HashMap<u64, ClaimLife>>,
     lease_ms: u64,
+    only: Option<&HashSet<String>>,
 ) -> Result<(), String> {
     let mut runs: HashMap<(&str, &str), Vec<(&Execution, u64)>> = HashMap::new();
     for e in executions {
+        if only.is_some_and(|jobs| !jobs.contains(&e.job)) {
+            continue;
+        }
         let Some(life) = claims.get(&e.job).and_then(|f| f.get(&e.fence)) else {
             return Err(format!(
                 "{}/{}: attempt {} ran under fence {}, which no claim handed out",
@@ -617,7 +687,29 @@ fn check_no_overlapping_claims(
     Ok(())
 }
 
+/// The chaos handler panics on purpose thousands of times a run; the
+/// default hook would print (and, under `RUST_BACKTRACE`, symbolise) each
+/// one. Those are silenced; any other panic is reported as usual.
+fn quiet_chaos_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if !message.starts_with("chaos: ") {
+                default(info);
+            }
+        }));
+    });
+}
+
 fn simulate(seed: u64) -> Result<(), String> {
+    quiet_chaos_panics();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -642,18 +734,25 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
     };
     let lease_ms = config.worker.lease_ms;
     let mut sim = Sim::new(seed, config, faults).await;
-    let (store, broker, clock, executions, claims) = (
+    let (store, broker, clock, executions, claims, changed) = (
         sim.store.clone(),
         sim.broker.clone(),
         sim.clock.clone(),
         sim.executions.clone(),
         sim.claims.clone(),
+        sim.changed.clone(),
     );
-    let check = || -> Result<(), String> {
-        let records = store.records();
-        let execs = executions.lock().unwrap().clone();
-        check_consistency(&records, &execs)?;
-        check_no_overlapping_claims(&execs, &claims.lock().unwrap(), lease_ms)
+    let checked = std::cell::RefCell::new(Checked::default());
+    let check = |full: bool| -> Result<(), String> {
+        let execs = executions.lock().unwrap();
+        let mut checked = checked.borrow_mut();
+        if full {
+            *checked = Checked::full();
+        }
+        store.inspect_records(|records| check_consistency(records, &execs, &mut checked))?;
+        let changed = std::mem::take(&mut *changed.lock().unwrap());
+        let only = (!full).then_some(&changed);
+        check_no_overlapping_claims(&execs, &claims.lock().unwrap(), lease_ms, only)
     };
     for _ in 0..rng.random_range(1..=2) {
         sim.start_dispatcher();
@@ -724,7 +823,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             }
             _ => {}
         }
-        check().map_err(|e| format!("step {step}: {e}"))?;
+        check(false).map_err(|e| format!("step {step}: {e}"))?;
     }
     store.set_outage(false);
     for (cut, _) in partitions.drain(..) {
@@ -742,19 +841,21 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
     let mut dead: Vec<QueuedMessage> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        check()?;
-        let records = store.records();
-        let by_id: HashMap<&str, &JobRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
-        let unfinished: Vec<&String> = accepted
-            .iter()
-            .filter(|id| {
-                !by_id
-                    .get(id.as_str())
-                    .is_some_and(|r| r.state.is_terminal())
-            })
-            .collect();
+        check(false)?;
+        let (unfinished, rejected_state) = store.inspect_records(|records| {
+            let by_id: HashMap<&str, &JobRecord> = records.map(|r| (r.id.as_str(), r)).collect();
+            let unfinished: Vec<&String> = accepted
+                .iter()
+                .filter(|id| {
+                    !by_id
+                        .get(id.as_str())
+                        .is_some_and(|r| r.state.is_terminal())
+                })
+                .collect();
+            (unfinished, by_id.get(rejected.as_str()).map(|r| r.state))
+        });
         if unfinished.is_empty() {
-            if by_id.get(rejected.as_str()).map(|r| r.state) != Some(JobState::Rejected) {
+            if rejected_state != Some(JobState::Rejected) {
                 return Err(format!("{rejected} was not recorded as rejected"));
             }
             // Nothing consumes the dead-letter queue: collect what is there
@@ -766,6 +867,9 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             }
         }
         if clock.now_ms() > deadline {
+            let records = store.records();
+            let by_id: HashMap<&str, &JobRecord> =
+                records.iter().map(|r| (r.id.as_str(), r)).collect();
             let states: Vec<String> = unfinished
                 .iter()
                 .map(|id| match by_id.get(id.as_str()) {
@@ -804,7 +908,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             ));
         }
     }
-    check()?;
+    check(true)?;
     for r in sim.workers.drain(..).chain(sim.dispatchers.drain(..)) {
         r.trigger.trigger();
         r.handle.abort();
@@ -915,6 +1019,7 @@ fn the_same_seed_replays_the_same_history() {
     // Run the same seeded scenario twice and compare every job's history,
     // timestamps included.
     fn capture(seed: u64) -> Vec<JobDigest> {
+        quiet_chaos_panics();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)

@@ -200,6 +200,17 @@ impl MemoryStore {
         state.jobs.values().cloned().collect()
     }
 
+    /// Look at every job record in place, without copying them (for
+    /// simulations that check invariants after every step). The store is
+    /// locked while `inspect` runs: it must not call the store.
+    pub fn inspect_records<R>(
+        &self,
+        inspect: impl FnOnce(&mut dyn Iterator<Item = &JobRecord>) -> R,
+    ) -> R {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        inspect(&mut state.jobs.values())
+    }
+
     /// Sizes of the lease and retry schedules.
     pub fn schedule_sizes(&self) -> (usize, usize) {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
