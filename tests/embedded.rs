@@ -7,6 +7,7 @@ use std::time::Duration;
 
 mod common;
 
+use common::scratch::Scratch;
 use conveyor::config::Config;
 use conveyor::embedded::{Embedded, EmbeddedOptions};
 use conveyor::model::JobState;
@@ -48,8 +49,7 @@ fn conveyor_run_runs_the_example_job_with_no_services_and_exits_0() {
 
 #[test]
 fn conveyor_run_exits_1_when_the_job_fails() {
-    let dir = std::env::temp_dir().join(format!("conveyor-run-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::dir("run");
     let file = dir.join("fail.json");
     std::fs::write(
         &file,
@@ -74,8 +74,7 @@ fn conveyor_run_exits_1_when_the_job_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_keeps_jobs_across_a_restart() {
-    let dir = std::env::temp_dir().join(format!("conveyor-snap-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::dir("snap");
     let snapshot = dir.join("store.json");
     let options = EmbeddedOptions {
         snapshot: Some(snapshot.clone()),

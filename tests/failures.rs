@@ -14,12 +14,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use common::journal::{assert_jobs_settled, assert_no_overlapping_claims, runs_of};
+use common::scratch::Scratch;
 use common::{Client, Deployment, eventually};
 use conveyor::broker::Broker;
 use conveyor::handler::{Handler, HandlerError, Outcome, TaskContext};
@@ -45,11 +46,8 @@ fn now_ns() -> u128 {
 
 /// A fresh journal file for one test; in-process workers started from now
 /// on write to it.
-fn open_journal(d: &mut Deployment, test: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "conveyor-failures-{test}-{:08x}.journal",
-        rand::random::<u32>()
-    ));
+fn open_journal(d: &mut Deployment, test: &str) -> Scratch {
+    let path = Scratch::file(&format!("failures-{test}.journal"));
     d.journal = Some(Journal::open(&path, "in-process").unwrap());
     path
 }

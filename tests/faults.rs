@@ -19,6 +19,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::journal::{self, read_journal};
+use common::scratch::Scratch;
 use common::{Client, Deployment, eventually, test_config, unique_prefix};
 use conveyor::broker::Broker;
 use conveyor::model::JobState;
@@ -29,10 +30,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("conveyor-{name}-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(name: &str) -> Scratch {
+    Scratch::dir(name)
 }
 
 fn now_ns() -> u128 {
@@ -201,6 +200,9 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
 /// an outage in the middle of a run.
 struct MidRun {
     d: Deployment,
+    /// Holds the journal and the worker's log (kept for the run's length,
+    /// removed when the test passes).
+    _dir: Scratch,
     journal: PathBuf,
     probed: tokio::process::Child,
     port: u16,
@@ -231,6 +233,7 @@ impl MidRun {
         let done_before = ended_runs(&journal);
         MidRun {
             d,
+            _dir: dir,
             journal,
             probed,
             port,
@@ -330,17 +333,59 @@ async fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// The RabbitMQ application stopped by a test (`rabbitmqctl stop_app`). If
+/// the test fails before starting it again, dropping this starts it, so the
+/// failure does not take every later test (and the machine's broker) down
+/// with it.
+struct BrokerAppStopped {
+    started: bool,
+}
+
+impl BrokerAppStopped {
+    async fn stop() -> BrokerAppStopped {
+        let stopped = BrokerAppStopped { started: false };
+        rabbitmqctl(&["stop_app"]).await;
+        stopped
+    }
+
+    async fn start(mut self) {
+        rabbitmqctl(&["start_app"]).await;
+        self.started = true;
+    }
+}
+
+impl Drop for BrokerAppStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            let started = std::process::Command::new("rabbitmqctl")
+                .arg("start_app")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .status();
+            eprintln!(
+                "the test stopped before restarting RabbitMQ; rabbitmqctl start_app: {started:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     let _serial = SERIAL.lock().await;
     let run = MidRun::start(Deployment::new("amqprestart").await, "amqprestart").await;
     // The broker application stops (queues and their messages stay on
     // disk) and starts again, as in a rolling restart.
-    rabbitmqctl(&["stop_app"]).await;
-    let down = wait_readiness(run.port, false).await;
-    assert_eq!(down["broker"], false, "{down}");
+    let stopped = BrokerAppStopped::stop().await;
+    // Readiness goes false as soon as the worker sees its consumers
+    // cancelled, which may come before it sees the connection close: wait
+    // for the broker itself to be reported down.
+    eventually("/readyz says the broker is down", WAIT, || async {
+        let (is_ready, body) = common::readiness(run.port).await?;
+        (!is_ready && body["broker"] == false).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"]).await;
+    stopped.start().await;
     rabbitmqctl(&["await_startup"]).await;
     let up = wait_readiness(run.port, true).await;
     assert_eq!(
@@ -355,7 +400,8 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
 /// A Redis server of the test's own, on its own port and directory.
 struct PrivateRedis {
     port: u16,
-    dir: PathBuf,
+    /// Removed after the server is shut down (fields drop after `drop`).
+    dir: Scratch,
     aof: bool,
 }
 
@@ -454,7 +500,6 @@ impl Drop for PrivateRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
