@@ -53,6 +53,17 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.rx.wait_for(|fired| *fired).await;
     }
+
+    /// Wait for the next tick of `interval`: `true` when it came, `false`
+    /// when shutdown was asked for first (checked first, so a periodic loop
+    /// `while shutdown.tick(&mut interval).await { ... }` stops at once).
+    pub async fn tick(&mut self, interval: &mut tokio::time::Interval) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.wait() => false,
+            _ = interval.tick() => true,
+        }
+    }
 }
 
 /// Fire `trigger` on SIGTERM or SIGINT.
@@ -96,5 +107,29 @@ mod tests {
         trigger.trigger();
         a.wait().await;
         assert!(b.is_triggered());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_periodic_loop_ticks_until_the_trigger_then_stops_at_once() {
+        let trigger = ShutdownTrigger::new();
+        let mut shutdown = trigger.subscribe();
+        let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
+        let start = tokio::time::Instant::now();
+        assert!(
+            shutdown.tick(&mut interval).await,
+            "the first tick is immediate"
+        );
+        assert!(shutdown.tick(&mut interval).await);
+        assert_eq!(start.elapsed(), std::time::Duration::from_secs(1));
+        trigger.trigger();
+        assert!(
+            !shutdown.tick(&mut interval).await,
+            "shutdown ends the loop"
+        );
+        assert_eq!(
+            start.elapsed(),
+            std::time::Duration::from_secs(1),
+            "no waiting for the next tick"
+        );
     }
 }

@@ -26,12 +26,7 @@ impl Dispatcher {
     pub(super) async fn prune_forever(&self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(PRUNE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait() => return,
-                _ = tick.tick() => {}
-            }
+        while shutdown.tick(&mut tick).await {
             match self.prune_once().await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(removed = n, "pruned expired jobs from the index"),

@@ -44,12 +44,7 @@ impl Dispatcher {
     pub(super) async fn sweep_forever(&self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.options.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait() => return,
-                _ = tick.tick() => {}
-            }
+        while shutdown.tick(&mut tick).await {
             // Also notices a Redis that lost its data (see RedisStore::check_epoch).
             if let Err(e) = self.store.ping().await {
                 tracing::warn!(error = %e, "store unreachable; sweep skipped");

@@ -425,12 +425,7 @@ impl Worker {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut tick = tokio::time::interval(self.options.heartbeat);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait() => return,
-                _ = tick.tick() => {}
-            }
+        while shutdown.tick(&mut tick).await {
             let info = WorkerInfo {
                 id: self.options.id.clone(),
                 host: host.clone(),
