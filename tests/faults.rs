@@ -30,10 +30,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn temp_dir(name: &str) -> Scratch {
-    Scratch::dir(name)
-}
-
 fn now_ns() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -156,7 +152,7 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     let _serial = SERIAL.lock().await;
     let mut d = Deployment::new("kill9").await;
     d.start_dispatcher().await;
-    let dir = temp_dir("kill9");
+    let dir = Scratch::dir("kill9");
     let journal = dir.join("journal");
     let lease_ms = 2000;
     let mut victim = worker_process(&d, &journal, lease_ms, &dir.join("victim.log"));
@@ -214,7 +210,7 @@ impl MidRun {
     /// Start the parts, wait until the worker process is ready, submit the
     /// jobs and return once 200 runs have ended.
     async fn start(mut d: Deployment, name: &str) -> MidRun {
-        let dir = temp_dir(name);
+        let dir = Scratch::dir(name);
         let journal = dir.join("journal");
         d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
         d.start_dispatcher().await;
@@ -410,7 +406,7 @@ impl PrivateRedis {
         let port = 20000 + (rand::random::<u16>() % 20000);
         let r = PrivateRedis {
             port,
-            dir: temp_dir("redis"),
+            dir: Scratch::dir("redis"),
             aof,
         };
         r.launch().await;
@@ -558,7 +554,7 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
     let mut config = test_config(&unique_prefix("redisnone"));
     config.redis_url = redis.url();
     let mut d = Deployment::with_config(config).await;
-    let dir = temp_dir("redisnone");
+    let dir = Scratch::dir("redisnone");
     let journal = dir.join("journal");
     d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
     d.start_dispatcher().await;
@@ -652,7 +648,7 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
 async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
     let _serial = SERIAL.lock().await;
     let mut d = Deployment::new("sigstop").await;
-    let dir = temp_dir("sigstop");
+    let dir = Scratch::dir("sigstop");
     let journal = dir.join("journal");
     d.start_dispatcher().await;
     let lease_ms = 1500;
@@ -713,7 +709,7 @@ async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
 async fn ten_thousand_garbage_messages_are_all_recorded_and_the_dispatcher_keeps_serving() {
     let _serial = SERIAL.lock().await;
     let d = Deployment::new("garbage").await;
-    let dir = temp_dir("garbage");
+    let dir = Scratch::dir("garbage");
     let mut dispatcher = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .args(["dispatcher"])
         .env("CONVEYOR_PREFIX", &d.config.prefix)

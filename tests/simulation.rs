@@ -504,13 +504,6 @@ struct Checked {
     versions: HashMap<String, u64>,
 }
 
-impl Checked {
-    /// Forget everything: the next check covers every record (the final one).
-    fn full() -> Checked {
-        Checked::default()
-    }
-}
-
 /// The invariants that must hold at every step, over every job whose
 /// record changed since `checked` last saw it (a record changes only with
 /// its version, except a lease renewal, which no invariant depends on).
@@ -747,7 +740,8 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         let execs = executions.lock().unwrap();
         let mut checked = checked.borrow_mut();
         if full {
-            *checked = Checked::full();
+            // Forget what was seen: the final check covers every record.
+            *checked = Checked::default();
         }
         store.inspect_records(|records| check_consistency(records, &execs, &mut checked))?;
         let changed = std::mem::take(&mut *changed.lock().unwrap());

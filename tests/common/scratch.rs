@@ -29,10 +29,6 @@ impl Scratch {
             dir: false,
         }
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 fn unique(name: &str) -> PathBuf {
