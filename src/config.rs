@@ -114,6 +114,12 @@ pub struct WorkerConfig {
     /// `delivery_limit` (the broker's own backstop) with quorum queues. Env
     /// `CONVEYOR_MAX_DELIVERIES`.
     pub max_deliveries: u32,
+    /// Also consume the submit queue (ahead of dispatchers) and run one
+    /// root task of each new job here, skipping its task queue: one broker
+    /// hop fewer per job. Only where this worker knows every handler jobs
+    /// may name (it validates jobs with its own). Env
+    /// `CONVEYOR_ACCEPT_SUBMISSIONS` (`true`/`false`).
+    pub accept_submissions: bool,
 }
 
 /// Default retry policy.
@@ -188,6 +194,7 @@ impl Default for WorkerConfig {
             grace_s: 30,
             heartbeat_ms: 2_000,
             max_deliveries: 5,
+            accept_submissions: false,
         }
     }
 }
@@ -603,6 +610,9 @@ impl Config {
         }
         if let Some(v) = get("CONVEYOR_MAX_DELIVERIES") {
             self.worker.max_deliveries = parse("CONVEYOR_MAX_DELIVERIES", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_ACCEPT_SUBMISSIONS") {
+            self.worker.accept_submissions = parse("CONVEYOR_ACCEPT_SUBMISSIONS", v)?;
         }
         if let Some(v) = get("CONVEYOR_MAX_ATTEMPTS") {
             self.retry.max_attempts = parse("CONVEYOR_MAX_ATTEMPTS", v)?;

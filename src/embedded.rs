@@ -94,10 +94,11 @@ impl Embedded {
         broker.declare(&config.worker.queues).await?;
         let trigger = ShutdownTrigger::new();
         let mut tasks = JoinSet::new();
+        let intake = JobIntake::new(config, registry.clone())?;
         let dispatcher = Dispatcher::new(
             store.clone(),
             broker.clone(),
-            JobIntake::new(config, registry.clone())?,
+            intake.clone(),
             names.clone(),
             DispatcherOptions {
                 id: "embedded-dispatcher".into(),
@@ -126,7 +127,10 @@ impl Embedded {
                     concurrency: options.concurrency,
                     ..WorkerOptions::from_config(config, format!("embedded-worker-{n}"))
                 },
-            );
+            )
+            // Every part shares one registry, so workers can take
+            // submissions (one hop fewer) whatever the config says.
+            .accepting_submissions(intake.clone());
             let shutdown = trigger.subscribe();
             tasks.spawn(async move {
                 if let Err(e) = worker.run(shutdown).await {

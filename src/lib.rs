@@ -6,7 +6,9 @@
 //! ([`worker`]) claim tasks under a lease, run a pluggable handler
 //! (`conveyor_handler::Handler`), apply the outcome and publish the tasks it
 //! made ready. Failures are retried with backoff ([`backoff`]); lapsed
-//! leases and due retries are swept by dispatchers.
+//! leases and due retries are swept by dispatchers. Workers may take
+//! submissions too, and run a new job's root task without publishing it
+//! (`submission.rs`, shared with the dispatcher).
 //!
 //! The broker and the store are traits; the logic above them never touches
 //! lapin or redis types. Start with `docs/ARCHITECTURE.md`.
@@ -32,6 +34,7 @@ pub mod purge;
 pub mod runtime;
 pub mod shutdown;
 pub mod store;
+pub(crate) mod submission;
 pub mod telemetry;
 pub mod worker;
 

@@ -193,7 +193,12 @@ pub async fn run_worker(
     let Some((store, broker)) = connect_until_up(config, &id, 4, &shutdown).await? else {
         return Ok(());
     };
-    let worker = Worker::new(
+    let intake = if config.worker.accept_submissions {
+        Some(JobIntake::new(config, registry.clone())?)
+    } else {
+        None
+    };
+    let mut worker = Worker::new(
         store,
         broker,
         registry,
@@ -203,6 +208,9 @@ pub async fn run_worker(
             ..WorkerOptions::from_config(config, id)
         },
     );
+    if let Some(intake) = intake {
+        worker = worker.accepting_submissions(intake);
+    }
     if let Some(p) = &probes {
         p.attach(worker.health().clone());
     }

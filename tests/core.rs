@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, Deployment, eventually};
+use conveyor::broker::Broker;
 use conveyor::model::{JobState, TaskState};
 use conveyor::store::Store;
 use serde_json::json;
@@ -108,11 +109,114 @@ async fn a_diamond_dag_hands_each_task_its_dependencies_results() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_message() {
+    let mut d = Deployment::new("takes-submissions").await;
+    // No dispatcher at all: the worker records the jobs itself.
+    let worker = d.start_worker_taking_submissions(4).await;
+    // A consumer of the task queue far above the worker's own, with room
+    // for everything: any task message published goes to it, not to the
+    // worker, and is never acked while it holds it.
+    let broker = common::connect_broker(&d.config).await;
+    let mut interceptor = broker
+        .subscribe_with_priority(&d.names.task_queue("default"), 1000, 100)
+        .await
+        .unwrap();
+    let mut client = Client::connect(&d.config.prefix).await;
+
+    client
+        .submit(&json!({"id": "one-hop", "requestor": "alice",
+            "tasks": [{"name": "only", "handler": "noop", "params": {"answer": 42}}]}))
+        .await;
+    let (_, reply) = client.reply().await;
+    assert_eq!(reply, json!({"job_id": "one-hop", "accepted": true}));
+    // It finishes, so its task never went through the task queue.
+    let status = d.wait_terminal("one-hop", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["only"].result, json!({"answer": 42}));
+    assert_eq!(
+        status.tasks["only"].worker.as_deref(),
+        Some(worker.as_str())
+    );
+    assert_eq!(status.version, 3, "create, claim, complete");
+
+    // A diamond: only its root skips the queue; the two tasks it makes
+    // ready are published, and the interceptor gets exactly those.
+    client
+        .submit(&json!({"id": "diamond", "requestor": "bob", "tasks": [
+            {"name": "a", "handler": "noop", "params": {"v": 1}},
+            {"name": "b", "handler": "noop", "after": ["a"]},
+            {"name": "c", "handler": "noop", "after": ["a"]},
+            {"name": "d", "handler": "noop", "after": ["b", "c"]}
+        ]}))
+        .await;
+    let mut intercepted = Vec::new();
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(WAIT, interceptor.next())
+            .await
+            .expect("the tasks made ready by the root are published")
+            .expect("subscription open")
+            .unwrap();
+        let task = conveyor::model::TaskMessage::decode(&delivery.body).unwrap();
+        intercepted.push(task.task);
+    }
+    intercepted.sort();
+    assert_eq!(intercepted, ["b", "c"]);
+    let status = d.status("diamond").await.unwrap();
+    assert_eq!(status.tasks["a"].state, TaskState::Succeeded);
+    // Let them go: the worker takes them back and the job finishes.
+    drop(interceptor);
+    let status = d.wait_terminal("diamond", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_consumer_gets_every_message_while_it_has_room() {
+    let d = Deployment::new("priority").await;
+    let broker = common::connect_broker(&d.config).await;
+    let queue = d.names.task_queue("default");
+    let mut low = broker.subscribe(&queue, 100).await.unwrap();
+    let mut high = broker.subscribe_with_priority(&queue, 3, 10).await.unwrap();
+    let publish = |bodies: &[&str]| {
+        let batch = bodies
+            .iter()
+            .map(|b| conveyor::broker::Outgoing::durable(queue.clone(), b.as_bytes().to_vec()))
+            .collect();
+        broker.publish(batch)
+    };
+    let body = |d: conveyor::broker::Delivery| String::from_utf8(d.body).unwrap();
+    publish(&["1", "2", "3"]).await.unwrap();
+    let mut to_high = Vec::new();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(WAIT, high.next()).await.unwrap();
+        to_high.push(body(d.unwrap().unwrap()));
+    }
+    assert_eq!(to_high, ["1", "2", "3"]);
+    // The high one is full (nothing acked): the rest go to the low one.
+    publish(&["4", "5"]).await.unwrap();
+    let mut to_low = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(WAIT, low.next()).await.unwrap();
+        to_low.push(body(d.unwrap().unwrap()));
+    }
+    assert_eq!(
+        to_low,
+        ["4", "5"],
+        "the low-priority consumer got only the overflow"
+    );
+    drop((low, high));
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_jobs_through_two_dispatchers_and_two_workers_each_apply_every_outcome_once() {
     let mut d = Deployment::new("thousand").await;
     d.start_dispatcher().await;
     d.start_dispatcher().await;
-    d.start_worker(16).await;
+    // One takes submissions too: jobs go both ways (recorded by a
+    // dispatcher, or by the worker which runs their first task itself).
+    d.start_worker_taking_submissions(16).await;
     d.start_worker(16).await;
     let client = Client::connect(&d.config.prefix).await;
     let n = 1000;

@@ -110,7 +110,8 @@ fn worker_command(
     cmd
 }
 
-/// A worker process serving `/readyz` on a port of its own.
+/// A worker process serving `/readyz` on a port of its own, taking
+/// submissions as well as tasks.
 fn probed_worker_process(
     d: &Deployment,
     journal: &Path,
@@ -119,6 +120,7 @@ fn probed_worker_process(
     let port = common::free_port();
     let child = worker_command(d, journal, d.config.worker.lease_ms, log)
         .env("CONVEYOR_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("CONVEYOR_ACCEPT_SUBMISSIONS", "true")
         .spawn()
         .expect("spawn conveyor worker");
     (child, port)
@@ -155,7 +157,12 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     let dir = Scratch::dir("kill9");
     let journal = dir.join("journal");
     let lease_ms = 2000;
-    let mut victim = worker_process(&d, &journal, lease_ms, &dir.join("victim.log"));
+    // The victim also takes submissions, so it dies holding submissions
+    // and roots it claimed without a task message, as well as tasks.
+    let mut victim = worker_command(&d, &journal, lease_ms, &dir.join("victim.log"))
+        .env("CONVEYOR_ACCEPT_SUBMISSIONS", "true")
+        .spawn()
+        .expect("spawn conveyor worker");
     let mut survivor = worker_process(&d, &journal, lease_ms, &dir.join("survivor.log"));
     let client = Client::connect(&d.config.prefix).await;
     let ids = submit_sleep_jobs(&client, "k", 2000, 100).await;
@@ -222,6 +229,7 @@ impl MidRun {
             true,
             "{ready}"
         );
+        assert_eq!(ready["consuming"][d.names.submit_queue()], true, "{ready}");
         let client = Client::connect(&d.config.prefix).await;
         let ids = submit_sleep_jobs(&client, name, 1000, 20).await;
         client.close().await;
@@ -278,7 +286,9 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
             .queue_stats(&[names.submit_queue(), names.task_queue("default")])
             .await
             .ok()?;
-        (stats.len() == 2 && stats[0].consumers == 1 && stats[1].consumers == 2).then_some(())
+        // Submissions: the dispatcher and the worker process; tasks: both
+        // workers.
+        (stats.len() == 2 && stats[0].consumers == 2 && stats[1].consumers == 2).then_some(())
     })
     .await;
     // With their prefetch re-applied (lapin's own recovery would not):
@@ -298,9 +308,11 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
             .collect()
     };
     assert_eq!(prefetch_of(&task_queue), ["16", "16"], "{listing}");
+    let mut submit_prefetches = prefetch_of(&d.names.submit_queue());
+    submit_prefetches.sort();
     assert_eq!(
-        prefetch_of(&d.names.submit_queue()),
-        [d.config.dispatcher.prefetch.to_string()],
+        submit_prefetches,
+        ["16".to_owned(), d.config.dispatcher.prefetch.to_string()],
         "{listing}"
     );
     // And they work: a new job after the reconnect succeeds.
@@ -389,6 +401,7 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
         true,
         "{up}"
     );
+    assert_eq!(up["consuming"][run.d.names.submit_queue()], true, "{up}");
     run.assert_nothing_lost("the broker was restarted").await;
     run.stop().await;
 }

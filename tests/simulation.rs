@@ -7,7 +7,9 @@
 //!   every consumer, handler and renewal dies with them) and restart;
 //! - the store goes unreachable for a while (leases lapse, work waits);
 //! - handlers fail transiently and permanently, panic, and hang past their
-//!   time-out, decided by a hash of the seed and the execution.
+//!   time-out, decided by a hash of the seed and the execution;
+//! - on odd seeds workers take submissions too, so roots of new jobs run
+//!   without a task message, and crashes hit that path as well.
 //!
 //! The invariants are checked after every step and at the end: counters,
 //! DAG readiness, each outcome applied once, applied results from the live
@@ -55,7 +57,11 @@ use tokio::task::JoinHandle;
 /// 302: a stale worker's late outcome removed the lease entry a sweep still
 /// needed to re-publish the task (lost work); fixed by leaving entries to
 /// their owner (ZADD NX on claim, no forget after a stale outcome).
-const REGRESSION_SEEDS: &[u64] = &[302];
+/// 41: a worker consuming two queues (tasks and submissions) took a permit
+/// before waiting for a delivery, so with concurrency 1 its idle task
+/// consumer held the only permit while submissions waited behind it
+/// (jobs never started); fixed by taking the delivery first.
+const REGRESSION_SEEDS: &[u64] = &[302, 41];
 
 const DEFAULT_SEEDS: u64 = 2000;
 
@@ -355,6 +361,9 @@ struct Sim {
     /// Built once: every dispatcher of the run shares it, as the processes
     /// of a deployment share one schema file.
     intake: JobIntake,
+    /// Odd seeds: workers take submissions too (and run a root of each new
+    /// job without a task message); even seeds: only dispatchers do.
+    workers_take_submissions: bool,
     dispatchers: Vec<Running>,
     workers: Vec<Running>,
     started: usize,
@@ -391,6 +400,7 @@ impl Sim {
         Sim {
             seed,
             intake,
+            workers_take_submissions: seed % 2 == 1,
             clock,
             executions,
             claims: Claims::default(),
@@ -458,6 +468,11 @@ impl Sim {
                 journal: None,
             },
         );
+        let worker = if self.workers_take_submissions {
+            worker.accepting_submissions(self.intake.clone())
+        } else {
+            worker
+        };
         let trigger = ShutdownTrigger::new();
         let shutdown = trigger.subscribe();
         let handle = tokio::spawn(async move {

@@ -419,6 +419,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 dispatchers: spawn_options.dispatchers,
                 workers: spawn_options.workers,
                 concurrency: spawn_options.concurrency,
+                workers_take_submissions: deployment_config.worker.accept_submissions,
                 memory,
                 exits: stopped.exits,
                 logs_dir: stopped.logs_dir,

@@ -23,6 +23,9 @@ pub struct Processes {
     pub workers: usize,
     /// Concurrency of each worker.
     pub concurrency: usize,
+    /// Whether workers take submissions (`worker.accept_submissions`): one
+    /// broker hop fewer per job.
+    pub workers_take_submissions: bool,
     /// Memory per process, read just before stopping them.
     pub memory: Vec<ProcessMemory>,
     /// How each stopped.
@@ -676,8 +679,15 @@ impl Report {
         if let Some(p) = &self.processes {
             let _ = writeln!(
                 o,
-                "  spawned: {} dispatcher(s), {} worker(s) at concurrency {}",
-                p.dispatchers, p.workers, p.concurrency
+                "  spawned: {} dispatcher(s), {} worker(s) at concurrency {}{}",
+                p.dispatchers,
+                p.workers,
+                p.concurrency,
+                if p.workers_take_submissions {
+                    ", workers take submissions"
+                } else {
+                    ""
+                }
             );
         }
         if let Some(h) = &self.hold {

@@ -396,13 +396,14 @@ impl Broker for AmqpBroker {
         result
     }
 
-    async fn subscribe(
+    async fn subscribe_with_priority(
         &self,
         queue: &str,
         prefetch: u16,
+        priority: i16,
     ) -> Result<Box<dyn Subscription>, BrokerError> {
         let session = self.session().await?;
-        let result = subscribe_on(&session, queue, prefetch).await;
+        let result = subscribe_on(&session, queue, prefetch, priority).await;
         if matches!(result, Err(BrokerError::Unavailable(_))) {
             self.forget(&session).await;
         }
@@ -497,10 +498,20 @@ async fn publish_on(session: &Session, batch: &[Outgoing]) -> Result<(), BrokerE
     }
 }
 
+/// `x-priority` when it is not the default (0).
+fn consumer_arguments(priority: i16) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if priority != 0 {
+        arguments.insert("x-priority".into(), AMQPValue::LongInt(i32::from(priority)));
+    }
+    arguments
+}
+
 async fn subscribe_on(
     session: &Session,
     queue: &str,
     prefetch: u16,
+    priority: i16,
 ) -> Result<Box<dyn Subscription>, BrokerError> {
     let channel = session
         .connection
@@ -516,7 +527,7 @@ async fn subscribe_on(
             ShortString::from(queue),
             ShortString::from(""),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            consumer_arguments(priority),
         )
         .await
         .map_err(unavailable)?;

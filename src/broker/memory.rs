@@ -140,6 +140,8 @@ struct Consumer {
     queue: String,
     /// 0 = unlimited.
     prefetch: u16,
+    /// Consumers of higher priority with room get every delivery.
+    priority: i16,
     /// Cleared by `cancel`: no new deliveries.
     active: bool,
     /// Pushed to this consumer but not yet returned by `next` (what sits in
@@ -195,19 +197,27 @@ impl State {
         }
     }
 
-    /// Push ready messages of `queue` to its consumers, round-robin, while
-    /// any has room under its prefetch.
+    /// Push ready messages of `queue` to its consumers while any has room
+    /// under its prefetch: to the highest priority among those with room,
+    /// round-robin among equals (as RabbitMQ does with `x-priority`).
     fn dispatch(&mut self, queue: &str) {
         let Some(q) = self.queues.get_mut(queue) else {
             return;
         };
         while !q.ready.is_empty() && !q.consumers.is_empty() {
             let n = q.consumers.len();
-            let turn = (0..n).map(|i| (q.cursor + i) % n).find(|&i| {
+            let with_room = |i: &usize| {
                 self.consumers
-                    .get(&q.consumers[i])
-                    .is_some_and(Consumer::has_room)
-            });
+                    .get(&q.consumers[*i])
+                    .filter(|c| c.has_room())
+                    .map(|c| c.priority)
+            };
+            let Some(top) = (0..n).filter_map(|i| with_room(&i)).max() else {
+                break;
+            };
+            let turn = (0..n)
+                .map(|i| (q.cursor + i) % n)
+                .find(|i| with_room(i) == Some(top));
             let Some(i) = turn else {
                 break;
             };
@@ -417,10 +427,11 @@ impl Broker for MemoryBroker {
         }
     }
 
-    async fn subscribe(
+    async fn subscribe_with_priority(
         &self,
         queue: &str,
         prefetch: u16,
+        priority: i16,
     ) -> Result<Box<dyn Subscription>, BrokerError> {
         let mut state = self.shared.lock();
         if state.down {
@@ -438,6 +449,7 @@ impl Broker for MemoryBroker {
             Consumer {
                 queue: queue.to_owned(),
                 prefetch,
+                priority,
                 active: true,
                 inbox: VecDeque::new(),
                 unacked: BTreeMap::new(),
@@ -752,6 +764,22 @@ mod tests {
         assert_eq!(next(&mut s1).await.body, b"1");
         assert_eq!(next(&mut s2).await.body, b"2");
         assert_eq!(next(&mut s2).await.body, b"3");
+    }
+
+    #[tokio::test]
+    async fn a_higher_priority_consumer_gets_everything_while_it_has_room() {
+        let b = broker().await;
+        let mut low = b.subscribe(&q(), 10).await.unwrap();
+        let mut high = b.subscribe_with_priority(&q(), 2, 10).await.unwrap();
+        publish(&b, &["1", "2", "3"]).await;
+        assert_eq!(next(&mut high).await.body, b"1");
+        assert_eq!(next(&mut high).await.body, b"2");
+        assert_eq!(
+            next(&mut low).await.body,
+            b"3",
+            "the full one is passed over"
+        );
+        assert_eq!(b.unacked_len(&q()).await, 3);
     }
 
     #[tokio::test]

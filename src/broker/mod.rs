@@ -182,6 +182,19 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         queue: &str,
         prefetch: u16,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        self.subscribe_with_priority(queue, prefetch, 0).await
+    }
+
+    /// Consume `queue` as [`Broker::subscribe`] does, at a consumer
+    /// priority: while a consumer of higher priority has room under its
+    /// prefetch, the queue's messages go to it; lower ones get messages
+    /// only when every higher one is full (RabbitMQ's `x-priority`).
+    async fn subscribe_with_priority(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        priority: i16,
     ) -> Result<Box<dyn Subscription>, BrokerError>;
 
     /// Depth and consumers of each named queue (missing queues are skipped).

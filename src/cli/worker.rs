@@ -14,6 +14,10 @@ pub struct Args {
     /// Handlers run at once.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Also take submissions and run one root task of each new job here
+    /// (one broker hop fewer); see `accept_submissions` in the config.
+    #[arg(long)]
+    accept_submissions: bool,
     /// Serve `/healthz` and `/readyz` on this address (e.g. 0.0.0.0:8080).
     #[arg(long)]
     http_addr: Option<std::net::SocketAddr>,
@@ -25,6 +29,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(c) = args.concurrency {
         config.worker.concurrency = c;
+    }
+    if args.accept_submissions {
+        config.worker.accept_submissions = true;
     }
     if let Some(a) = args.http_addr {
         config.http_addr = Some(a);

@@ -11,7 +11,6 @@
 //! made ready (one broker hop fewer per task; see docs/ARCHITECTURE.md).
 
 mod prune;
-mod submit;
 mod sweep;
 
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use crate::names::Names;
 use crate::outbox::Outbox;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
+use crate::submission::Submissions;
 
 /// Dispatcher settings.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub struct DispatcherOptions {
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     outbox: Outbox,
-    intake: JobIntake,
+    submissions: Submissions,
     names: Names,
     options: DispatcherOptions,
     health: Health,
@@ -70,11 +70,18 @@ impl Dispatcher {
         names: Names,
         options: DispatcherOptions,
     ) -> Dispatcher {
+        let health = Health::new(store.clone(), broker.clone());
+        let outbox = Outbox::new(broker, names.clone());
         Dispatcher {
-            health: Health::new(store.clone(), broker.clone()),
+            submissions: Submissions {
+                store: store.clone(),
+                outbox: outbox.clone(),
+                intake,
+                health: health.clone(),
+            },
+            health,
             store,
-            outbox: Outbox::new(broker, names.clone()),
-            intake,
+            outbox,
             names,
             options,
         }
@@ -109,13 +116,14 @@ impl Dispatcher {
             broker.as_ref(),
             &queue,
             self.options.prefetch,
+            0,
             &permits,
             &self.health,
             &mut shutdown,
             |delivery, permit| {
                 let this = self.clone();
                 in_flight.spawn(async move {
-                    this.handle_submission(delivery).await;
+                    this.submissions.handle(delivery, None).await;
                     drop(permit);
                 });
                 while in_flight.try_join_next().is_some() {}

@@ -235,12 +235,15 @@ mod tests {
             }
         }
 
-        async fn subscribe(
+        async fn subscribe_with_priority(
             &self,
             queue: &str,
             prefetch: u16,
+            priority: i16,
         ) -> Result<Box<dyn Subscription>, BrokerError> {
-            self.inner.subscribe(queue, prefetch).await
+            self.inner
+                .subscribe_with_priority(queue, prefetch, priority)
+                .await
         }
 
         async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {

@@ -12,6 +12,13 @@
 //!    claim is rejected) and returns the dependents it made ready;
 //! 5. **publish** those, confirmed, and only then drop the lease index
 //!    entry — a crash before that leaves the sweep to publish them again.
+//!
+//! A worker may also accept submissions ([`Worker::accepting_submissions`]):
+//! it then consumes the submit queue at a higher consumer priority than
+//! dispatchers, records each job as a dispatcher would, and claims one of
+//! its root tasks itself, so that task skips the task queue (one broker hop
+//! fewer per job; see `submission.rs`). From the claim on, that task's life
+//! is the one above.
 
 mod execute;
 mod journal;
@@ -27,12 +34,14 @@ use tokio::task::JoinSet;
 use crate::broker::{Broker, BrokerError, Delivery, Subscription};
 use crate::consumer::consume;
 use crate::health::Health;
+use crate::intake::JobIntake;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
 use crate::outbox::Outbox;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::redis::unix_ms;
 use crate::store::{Applied, AttemptResult, ClaimOutcome, Claimed, Store, WorkerInfo};
+use crate::submission::{RunHere, Submissions};
 
 pub use execute::{AttemptEnd, run_attempt};
 pub use journal::Journal;
@@ -87,6 +96,18 @@ pub struct Worker {
     options: WorkerOptions,
     active: ActiveClaims,
     health: Health,
+    submissions: Option<Submissions>,
+}
+
+/// The consumer priority of a worker's submit consumer: above the
+/// dispatchers' (0), so submissions go to workers while they have room
+/// and to dispatchers only when every worker is full.
+pub const SUBMISSION_PRIORITY: i16 = 10;
+
+/// A delivery handed from a consumer to the run loop.
+enum Work {
+    Task(Delivery),
+    Submission(Delivery),
 }
 
 impl Worker {
@@ -106,7 +127,25 @@ impl Worker {
             names,
             active: ActiveClaims::new(options.journal.clone()),
             options,
+            submissions: None,
         }
+    }
+
+    /// This worker also consumes the submit queue and records jobs as a
+    /// dispatcher does, validating them with `intake`, and runs one root
+    /// task of each new job itself instead of publishing it. Only for a
+    /// worker whose intake knows every handler jobs may name (the
+    /// dispatcher's registry): a job naming a handler it lacks would be
+    /// rejected. A dispatcher is still needed for the sweep (retries,
+    /// lapsed leases), and takes submissions when every worker is full.
+    pub fn accepting_submissions(mut self, intake: JobIntake) -> Worker {
+        self.submissions = Some(Submissions {
+            store: self.store.clone(),
+            outbox: self.outbox.clone(),
+            intake,
+            health: self.health.clone(),
+        });
+        self
     }
 
     /// The worker's id.
@@ -151,22 +190,36 @@ impl Worker {
         // owns every running task.
         let (tx, mut rx) = mpsc::channel(self.options.concurrency.max(1));
         let mut consumers = JoinSet::new();
-        for queue in &self.options.queues {
+        let task_queues = self.options.queues.iter().map(|q| {
+            let work: fn(Delivery) -> Work = Work::Task;
+            (self.names.task_queue(q), 0, work)
+        });
+        let submit_queue = self.submissions.is_some().then(|| {
+            let work: fn(Delivery) -> Work = Work::Submission;
+            (self.names.submit_queue(), SUBMISSION_PRIORITY, work)
+        });
+        for (queue, priority, work) in task_queues.chain(submit_queue) {
             let this = self.clone();
-            let queue = self.names.task_queue(queue);
             let shutdown = shutdown.clone();
             let permits = permits.clone();
             let tx = tx.clone();
-            consumers.spawn(async move { this.consume(queue, permits, shutdown, tx).await });
+            consumers.spawn(async move {
+                this.consume(queue, priority, permits, shutdown, tx, work)
+                    .await
+            });
         }
         drop(tx);
-        tracing::info!(worker = %self.options.id, queues = ?self.options.queues, concurrency = self.options.concurrency, "worker consuming");
+        tracing::info!(worker = %self.options.id, queues = ?self.options.queues, concurrency = self.options.concurrency,
+            submissions = self.submissions.is_some(), "worker consuming");
         let mut running = JoinSet::new();
-        while let Some((delivery, permit)) = rx.recv().await {
+        while let Some((work, permit)) = rx.recv().await {
             let this = self.clone();
             let hard_stop = hard_stop.subscribe();
             running.spawn(async move {
-                this.process(delivery, hard_stop).await;
+                match work {
+                    Work::Task(delivery) => this.process(delivery, hard_stop).await,
+                    Work::Submission(delivery) => this.accept(delivery, hard_stop).await,
+                }
                 drop(permit);
             });
             while running.try_join_next().is_some() {}
@@ -202,13 +255,15 @@ impl Worker {
     }
 
     /// One queue's consumer: passes deliveries (with their permit) to the
-    /// run loop. Returns its cancelled subscription at shutdown.
+    /// run loop as `work`. Returns its cancelled subscription at shutdown.
     async fn consume(
         &self,
         queue: String,
+        priority: i16,
         permits: Arc<Semaphore>,
         mut shutdown: Shutdown,
-        tx: mpsc::Sender<(Delivery, OwnedSemaphorePermit)>,
+        tx: mpsc::Sender<(Work, OwnedSemaphorePermit)>,
+        work: fn(Delivery) -> Work,
     ) -> Option<Box<dyn Subscription>> {
         let prefetch = u16::try_from(self.options.concurrency)
             .unwrap_or(u16::MAX)
@@ -219,16 +274,34 @@ impl Worker {
             self.outbox.broker().as_ref(),
             &queue,
             prefetch,
+            priority,
             &permits,
             &self.health,
             &mut shutdown,
-            |delivery, permit| tx.try_send((delivery, permit)).is_ok(),
+            |delivery, permit| tx.try_send((work(delivery), permit)).is_ok(),
         )
         .await
     }
 
+    /// Handle one submission; run the root task it claimed, if any.
+    async fn accept(&self, delivery: Delivery, hard_stop: Shutdown) {
+        let Some(submissions) = &self.submissions else {
+            // Not consumed without submissions; give it back regardless.
+            let _ = delivery.acker.requeue().await;
+            return;
+        };
+        let here = RunHere {
+            queues: &self.options.queues,
+            worker: &self.options.id,
+            lease: self.options.lease,
+        };
+        if let Some(claimed) = submissions.handle(delivery, Some(here)).await {
+            self.run_claimed(*claimed, hard_stop).await;
+        }
+    }
+
     /// Handle one delivery from claim to confirmed follow-ups.
-    async fn process(&self, delivery: Delivery, mut hard_stop: Shutdown) {
+    async fn process(&self, delivery: Delivery, hard_stop: Shutdown) {
         let task = match TaskMessage::decode(&delivery.body) {
             Ok(t) => t,
             Err(reason) => {
@@ -274,6 +347,11 @@ impl Worker {
             }
         };
         ack(delivery).await;
+        self.run_claimed(*claimed, hard_stop).await;
+    }
+
+    /// Run a claimed task (its delivery, if any, acked) to its outcome.
+    async fn run_claimed(&self, claimed: Claimed, mut hard_stop: Shutdown) {
         if let Some(j) = &self.options.journal {
             j.record('S', &claimed.claim, None);
         }

@@ -149,6 +149,16 @@ impl Deployment {
     }
 
     pub async fn start_worker(&mut self, concurrency: usize) -> String {
+        self.start_worker_with(concurrency, false).await
+    }
+
+    /// A worker that also takes submissions (see
+    /// `Worker::accepting_submissions`).
+    pub async fn start_worker_taking_submissions(&mut self, concurrency: usize) -> String {
+        self.start_worker_with(concurrency, true).await
+    }
+
+    async fn start_worker_with(&mut self, concurrency: usize, submissions: bool) -> String {
         let config = self.config.clone();
         let id = format!(
             "worker-{}-{}",
@@ -168,6 +178,13 @@ impl Deployment {
                 ..WorkerOptions::from_config(&config, id.clone())
             },
         );
+        let worker = if submissions {
+            worker.accepting_submissions(
+                JobIntake::new(&config, self.registry.clone()).expect("intake"),
+            )
+        } else {
+            worker
+        };
         let trigger = ShutdownTrigger::new();
         let shutdown = trigger.subscribe();
         let handle = tokio::spawn(async move {

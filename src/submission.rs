@@ -1,0 +1,204 @@
+//! Handling one submit message: parse, validate, record, publish, reply,
+//! ack. Shared by the dispatcher and by workers that accept submissions.
+//!
+//! A worker that accepts submissions saves a job a broker hop: after
+//! recording the job it claims one ready root task itself (one it can run:
+//! its queue is one the worker consumes) instead of publishing it and
+//! taking it back from the task queue. The order keeps every guarantee the
+//! dispatcher's path has:
+//!
+//! 1. the job is recorded (`create`); a crash here leaves the submission
+//!    unacked, and its redelivery finds the job and publishes its ready
+//!    tasks, the unclaimed root among them;
+//! 2. the root is claimed under a lease, like any task message's claim; a
+//!    crash from here on leaves the claim to the lease sweep;
+//! 3. the other ready tasks are published (confirmed), the reply sent;
+//! 4. the submission is acked, and the caller runs the claimed task.
+//!
+//! So the task is never run without a durable claim, and the submission is
+//! never acked before everything it started is either claimed or queued.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::broker::{Delivery, Outgoing};
+use crate::health::Health;
+use crate::intake::{Intake, JobIntake};
+use crate::model::{SubmitReply, TaskMessage};
+use crate::outbox::Outbox;
+use crate::store::{ClaimOutcome, Claimed, Created, Store, StoreError};
+
+/// What handles submissions for one process.
+#[derive(Clone)]
+pub(crate) struct Submissions {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) outbox: Outbox,
+    pub(crate) intake: JobIntake,
+    pub(crate) health: Health,
+}
+
+/// A worker taking one root task of each new job it records.
+pub(crate) struct RunHere<'a> {
+    /// The queues (without prefix) it consumes: a root on another queue is
+    /// published for the workers that do.
+    pub(crate) queues: &'a [String],
+    /// Its id, for the claim.
+    pub(crate) worker: &'a str,
+    /// The claim's lease.
+    pub(crate) lease: Duration,
+}
+
+impl Submissions {
+    /// Handle one submission; with `run_here`, claim one ready root of a
+    /// new job and return it for the caller to run (already acked). Never
+    /// panics and never drops a message: what cannot be handled now is
+    /// requeued, what can never be handled is dead-lettered or recorded as
+    /// rejected.
+    pub(crate) async fn handle(
+        &self,
+        delivery: Delivery,
+        run_here: Option<RunHere<'_>>,
+    ) -> Option<Box<Claimed>> {
+        let mut claimed = None;
+        let reply = match self.intake.accept(&delivery.body) {
+            Intake::Dead { kind, reason } => {
+                tracing::warn!(kind = kind.as_str(), %reason, "submission dead-lettered");
+                if let Err(e) = self
+                    .outbox
+                    .dead_letter(
+                        delivery.body.clone(),
+                        &delivery.queue,
+                        kind,
+                        &reason,
+                        delivery.correlation_id.as_deref(),
+                    )
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot dead-letter; requeueing");
+                    requeue(delivery).await;
+                    return None;
+                }
+                SubmitReply {
+                    job_id: None,
+                    accepted: false,
+                    error: Some(reason),
+                    existing: false,
+                }
+            }
+            Intake::Rejected(rejection) => {
+                tracing::info!(job = %rejection.id, error = %rejection.error, "job rejected");
+                if let Err(e) = self.store.record_rejected(&rejection).await {
+                    self.store_failed(delivery, e).await;
+                    return None;
+                }
+                SubmitReply {
+                    job_id: Some(rejection.id),
+                    accepted: false,
+                    error: Some(rejection.error),
+                    existing: false,
+                }
+            }
+            Intake::Valid(job) => {
+                let (mut ready, existing) = match self.store.create_job(&job).await {
+                    Ok(Created::New { ready }) => (ready, false),
+                    Ok(Created::Existing { ready, .. }) => (ready, true),
+                    Err(e) => {
+                        self.store_failed(delivery, e).await;
+                        return None;
+                    }
+                };
+                // Only a new job: an existing one's ready tasks may already
+                // be queued (a redelivered submission), and are re-published.
+                if let Some(here) = run_here.filter(|_| !existing) {
+                    match self.claim_one(&mut ready, &here).await {
+                        Ok(c) => claimed = c,
+                        Err(e) => {
+                            // The job is recorded; the redelivery finds it
+                            // existing and publishes its ready tasks.
+                            self.store_failed(delivery, e).await;
+                            return None;
+                        }
+                    }
+                }
+                if let Err(e) = self.outbox.publish_tasks(&ready).await {
+                    // The job is recorded; the redelivery finds it existing
+                    // and publishes its ready tasks again. A root claimed
+                    // here is running, not ready: it is ours to run.
+                    tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; requeueing submission");
+                    requeue(delivery).await;
+                    return claimed;
+                }
+                tracing::debug!(job = %job.id, existing, ready = ready.len(), here = claimed.is_some(), "job accepted");
+                SubmitReply {
+                    job_id: Some(job.id),
+                    accepted: true,
+                    error: None,
+                    existing,
+                }
+            }
+        };
+        if let Some(reply_to) = delivery.reply_to.as_deref().filter(|r| !r.is_empty()) {
+            let msg = Outgoing {
+                queue: reply_to.to_owned(),
+                body: serde_json::to_vec(&reply).unwrap_or_default(),
+                persistent: false,
+                mandatory: false,
+                correlation_id: delivery.correlation_id.clone(),
+                reply_to: None,
+                headers: Vec::new(),
+            };
+            if let Err(e) = self.outbox.broker().publish(vec![msg]).await {
+                tracing::warn!(error = %e, reply_to, "could not send submit reply");
+            }
+        }
+        if let Err(e) = delivery.acker.ack().await {
+            tracing::warn!(error = %e, "ack of submission failed; it will be redelivered and deduplicated");
+        }
+        claimed
+    }
+
+    /// Claim the first of `ready` that `here` can run, taking it out of the
+    /// list. A root that cannot be claimed after all (only a store that lost
+    /// the job in between) stays in the list, to be published like the rest.
+    async fn claim_one(
+        &self,
+        ready: &mut Vec<TaskMessage>,
+        here: &RunHere<'_>,
+    ) -> Result<Option<Box<Claimed>>, StoreError> {
+        let Some(position) = ready.iter().position(|t| here.queues.contains(&t.queue)) else {
+            return Ok(None);
+        };
+        let outcome = self
+            .store
+            .claim(&ready[position], here.worker, here.lease)
+            .await?;
+        match outcome {
+            ClaimOutcome::Claimed(claimed) => {
+                ready.remove(position);
+                Ok(Some(claimed))
+            }
+            other => {
+                tracing::debug!(job = %ready[position].job, ?other, "root of a new job not claimable; publishing it");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn store_failed(&self, delivery: Delivery, e: StoreError) {
+        tracing::warn!(error = %e, "store failed; requeueing submission");
+        if e.is_retryable() {
+            // Take no new submissions until Redis answers again.
+            self.health.mark_store_down();
+        } else {
+            // Not a passing outage: do not spin on it.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        requeue(delivery).await;
+    }
+}
+
+async fn requeue(delivery: Delivery) {
+    if let Err(e) = delivery.acker.requeue().await {
+        tracing::warn!(error = %e, "requeue failed; the broker will redeliver on reconnect");
+    }
+}
