@@ -1,6 +1,7 @@
 //! The consume loop the dispatcher and the worker share: subscribe (again
 //! after any broker loss, with backoff), take no delivery while the store
-//! is down, and hand each delivery on with a permit once one is free.
+//! is down, and hand each delivery on with a permit: once one is free
+//! ([`Permits::Wait`]), or if one frees within a bound ([`Permits::Within`]).
 //!
 //! Subscribing afresh after a loss is also what restores the prefetch: a
 //! new channel gets its `basic.qos` before its `basic.consume`.
@@ -14,22 +15,48 @@ use crate::broker::{Broker, Delivery, Subscription};
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 
-/// Consume `queue` at consumer `priority` (see
-/// [`Broker::subscribe_with_priority`]) until `shutdown`; `hand` takes each
-/// delivery with the permit it holds and returns false to stop. Returns
-/// the last subscription, cancelled, so its unfinished deliveries stay
-/// with the caller until it drops it.
-#[allow(clippy::too_many_arguments)]
+/// How a consumer pairs its deliveries with the process's permits.
+#[derive(Clone, Copy)]
+pub enum Permits<'a> {
+    /// Each delivery waits for a permit (work that must hold one).
+    Wait(&'a Arc<Semaphore>),
+    /// Each delivery waits for a permit at most this long, and goes on
+    /// without one after that (work that can be done another way then: a
+    /// worker's submission is then handled as a dispatcher would).
+    Within(&'a Arc<Semaphore>, Duration),
+}
+
+/// One consumer: its queue, prefetch, consumer priority (see
+/// [`Broker::subscribe_with_priority`]) and permits.
+#[derive(Clone, Copy)]
+pub struct Consumer<'a> {
+    /// The queue (full name).
+    pub queue: &'a str,
+    /// Most unacked deliveries.
+    pub prefetch: u16,
+    /// Consumer priority; 0 is the default.
+    pub priority: i16,
+    /// How deliveries get their permit.
+    pub permits: Permits<'a>,
+}
+
+/// Consume as `consumer` says until `shutdown`; `hand` takes each delivery
+/// with its permit (always one under [`Permits::Wait`]) and returns false
+/// to stop. Returns the last subscription, cancelled, so its unfinished
+/// deliveries stay with the caller until it drops it.
 pub async fn consume(
     broker: &dyn Broker,
-    queue: &str,
-    prefetch: u16,
-    priority: i16,
-    permits: &Arc<Semaphore>,
+    consumer: Consumer<'_>,
     health: &Health,
     shutdown: &mut Shutdown,
-    mut hand: impl FnMut(Delivery, OwnedSemaphorePermit) -> bool,
+    mut hand: impl FnMut(Delivery, Option<OwnedSemaphorePermit>) -> bool,
 ) -> Option<Box<dyn Subscription>> {
+    let Consumer {
+        queue,
+        prefetch,
+        priority,
+        permits,
+    } = consumer;
     health.set_consuming(queue, false);
     let mut retry_delay = Duration::from_millis(100);
     'subscribe: while !shutdown.is_triggered() {
@@ -73,12 +100,25 @@ pub async fn consume(
                     // queues, its submissions), which may be the only ones
                     // with work. A delivery given up here stays unacked and
                     // goes back when the subscription closes.
-                    let permit = tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break,
-                        p = permits.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break,
+                    let permit = match permits {
+                        Permits::Wait(permits) => tokio::select! {
+                            biased;
+                            _ = shutdown.wait() => break,
+                            p = permits.clone().acquire_owned() => match p {
+                                Ok(p) => Some(p),
+                                Err(_) => break,
+                            },
+                        },
+                        Permits::Within(permits, patience) => tokio::select! {
+                            biased;
+                            _ = shutdown.wait() => break,
+                            p = tokio::time::timeout(patience, permits.clone().acquire_owned()) => {
+                                match p {
+                                    Ok(Ok(p)) => Some(p),
+                                    Ok(Err(_)) => break,
+                                    Err(_) => None,
+                                }
+                            }
                         },
                     };
                     if !hand(delivery, permit) {

@@ -172,6 +172,40 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_busy_with_a_long_task_still_records_new_submissions_at_once() {
+    let mut d = Deployment::new("busy-takes-submissions").await;
+    // One slot, no dispatcher: the worker is the only one to take jobs.
+    d.start_worker_taking_submissions(1).await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "long", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": 10000}}]}))
+        .await;
+    eventually("the long task runs", WAIT, || async {
+        let status = d.status("long").await?;
+        (status.tasks["t"].state == TaskState::Running).then_some(())
+    })
+    .await;
+    client
+        .submit(&json!({"id": "next", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    // Recorded while the only slot is still taken, not after it frees.
+    let next = eventually("the next job is recorded", WAIT, || d.status("next")).await;
+    assert_eq!(next.state, JobState::Pending);
+    assert_eq!(
+        d.status("long").await.unwrap().tasks["t"].state,
+        TaskState::Running,
+        "the next job was recorded only once the slot was free"
+    );
+    for id in ["long", "next"] {
+        assert_eq!(d.wait_terminal(id, WAIT).await.state, JobState::Succeeded);
+    }
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_priority_consumer_gets_every_message_while_it_has_room() {
     let d = Deployment::new("priority").await;
     let broker = common::connect_broker(&d.config).await;

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError};
-use crate::consumer::consume;
+use crate::consumer::{Consumer, Permits, consume};
 use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
@@ -114,10 +114,12 @@ impl Dispatcher {
         let queue = self.names.submit_queue();
         let subscription = consume(
             broker.as_ref(),
-            &queue,
-            self.options.prefetch,
-            0,
-            &permits,
+            Consumer {
+                queue: &queue,
+                prefetch: self.options.prefetch,
+                priority: 0,
+                permits: Permits::Wait(&permits),
+            },
             &self.health,
             &mut shutdown,
             |delivery, permit| {

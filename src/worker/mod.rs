@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError, Delivery, Subscription};
-use crate::consumer::consume;
+use crate::consumer::{Consumer, Permits, consume};
 use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::model::{DeadLetterReason, TaskMessage};
@@ -103,6 +103,13 @@ pub struct Worker {
 /// dispatchers' (0), so submissions go to workers while they have room
 /// and to dispatchers only when every worker is full.
 pub const SUBMISSION_PRIORITY: i16 = 10;
+
+/// How long a submission waits for a free slot to run its root here before
+/// it is handled as a dispatcher would (recorded, root published). Long
+/// enough that under a flood of short tasks, where slots free every few
+/// milliseconds, submissions still run here; short enough that a worker
+/// whose slots are all held by long tasks records new jobs at once.
+pub const SUBMISSION_PATIENCE: Duration = Duration::from_millis(50);
 
 /// A delivery handed from a consumer to the run loop.
 enum Work {
@@ -187,24 +194,28 @@ impl Worker {
             });
         }
         // Consumers hand deliveries (with their permit) to this loop, which
-        // owns every running task.
-        let (tx, mut rx) = mpsc::channel(self.options.concurrency.max(1));
+        // owns every running task. It holds at most one item per permit,
+        // plus the submissions handed on without one (at most the submit
+        // consumer's prefetch, the concurrency), so it is never full: a
+        // send fails only when the run loop is gone.
+        let (tx, mut rx) = mpsc::channel(2 * self.options.concurrency.max(1));
         let mut consumers = JoinSet::new();
-        let task_queues = self.options.queues.iter().map(|q| {
-            let work: fn(Delivery) -> Work = Work::Task;
-            (self.names.task_queue(q), 0, work)
-        });
-        let submit_queue = self.submissions.is_some().then(|| {
-            let work: fn(Delivery) -> Work = Work::Submission;
-            (self.names.submit_queue(), SUBMISSION_PRIORITY, work)
-        });
-        for (queue, priority, work) in task_queues.chain(submit_queue) {
+        let task_queues = self
+            .options
+            .queues
+            .iter()
+            .map(|q| (self.names.task_queue(q), false));
+        let submit_queue = self
+            .submissions
+            .is_some()
+            .then(|| (self.names.submit_queue(), true));
+        for (queue, submissions) in task_queues.chain(submit_queue) {
             let this = self.clone();
             let shutdown = shutdown.clone();
             let permits = permits.clone();
             let tx = tx.clone();
             consumers.spawn(async move {
-                this.consume(queue, priority, permits, shutdown, tx, work)
+                this.consume(queue, submissions, permits, shutdown, tx)
                     .await
             });
         }
@@ -218,7 +229,9 @@ impl Worker {
             running.spawn(async move {
                 match work {
                     Work::Task(delivery) => this.process(delivery, hard_stop).await,
-                    Work::Submission(delivery) => this.accept(delivery, hard_stop).await,
+                    Work::Submission(delivery) => {
+                        this.accept(delivery, permit.is_some(), hard_stop).await;
+                    }
                 }
                 drop(permit);
             });
@@ -255,27 +268,39 @@ impl Worker {
     }
 
     /// One queue's consumer: passes deliveries (with their permit) to the
-    /// run loop as `work`. Returns its cancelled subscription at shutdown.
+    /// run loop. Returns its cancelled subscription at shutdown. Task
+    /// deliveries wait for a permit; `submissions` (the submit queue, ahead
+    /// of dispatchers) wait at most [`SUBMISSION_PATIENCE`], and are then
+    /// handled as a dispatcher would, so a worker busy with long tasks
+    /// never sits on jobs it has not recorded.
     async fn consume(
         &self,
         queue: String,
-        priority: i16,
+        submissions: bool,
         permits: Arc<Semaphore>,
         mut shutdown: Shutdown,
-        tx: mpsc::Sender<(Work, OwnedSemaphorePermit)>,
-        work: fn(Delivery) -> Work,
+        tx: mpsc::Sender<(Work, Option<OwnedSemaphorePermit>)>,
     ) -> Option<Box<dyn Subscription>> {
         let prefetch = u16::try_from(self.options.concurrency)
             .unwrap_or(u16::MAX)
             .max(1);
-        // The channel holds at most one item per permit, so it is never
-        // full; a send fails only when the run loop is gone.
+        let (priority, permits, work): (i16, Permits<'_>, fn(Delivery) -> Work) = if submissions {
+            (
+                SUBMISSION_PRIORITY,
+                Permits::Within(&permits, SUBMISSION_PATIENCE),
+                Work::Submission,
+            )
+        } else {
+            (0, Permits::Wait(&permits), Work::Task)
+        };
         consume(
             self.outbox.broker().as_ref(),
-            &queue,
-            prefetch,
-            priority,
-            &permits,
+            Consumer {
+                queue: &queue,
+                prefetch,
+                priority,
+                permits,
+            },
             &self.health,
             &mut shutdown,
             |delivery, permit| tx.try_send((work(delivery), permit)).is_ok(),
@@ -283,19 +308,20 @@ impl Worker {
         .await
     }
 
-    /// Handle one submission; run the root task it claimed, if any.
-    async fn accept(&self, delivery: Delivery, hard_stop: Shutdown) {
+    /// Handle one submission; with a permit (`run_here`), run the root task
+    /// it claimed, if any.
+    async fn accept(&self, delivery: Delivery, run_here: bool, hard_stop: Shutdown) {
         let Some(submissions) = &self.submissions else {
             // Not consumed without submissions; give it back regardless.
             let _ = delivery.acker.requeue().await;
             return;
         };
-        let here = RunHere {
+        let here = run_here.then(|| RunHere {
             queues: &self.options.queues,
             worker: &self.options.id,
             lease: self.options.lease,
-        };
-        if let Some(claimed) = submissions.handle(delivery, Some(here)).await {
+        });
+        if let Some(claimed) = submissions.handle(delivery, here).await {
             self.run_claimed(*claimed, hard_stop).await;
         }
     }
