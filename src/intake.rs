@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::config::{Config, Limits, RetryConfig};
 use crate::dag::Dag;
-use crate::model::{DeadLetterReason, JobSpec, RetryPolicy};
+use crate::model::{DeadLetterReason, JobSpec, RetryPolicy, TaskMessage};
 
 /// The longest error text intake records, replies or puts in a header, in
 /// bytes; longer ones are cut at a character boundary and end with `…`.
@@ -112,6 +112,18 @@ impl PlannedJob {
             .enumerate()
             .filter(|(_, t)| t.deps.is_empty())
             .map(|(i, _)| i as u32)
+    }
+
+    /// The message that starts attempt 1 of task `idx`.
+    pub fn task_message(&self, idx: u32) -> TaskMessage {
+        let task = &self.tasks[idx as usize];
+        TaskMessage {
+            job: self.id.clone(),
+            task: task.name.clone(),
+            idx,
+            attempt: 1,
+            queue: task.queue.clone(),
+        }
     }
 }
 

@@ -7,13 +7,18 @@
 //! taking it back from the task queue. The order keeps every guarantee the
 //! dispatcher's path has:
 //!
-//! 1. the job is recorded (`create`); a crash here leaves the submission
-//!    unacked, and its redelivery finds the job and publishes its ready
-//!    tasks, the unclaimed root among them;
-//! 2. the root is claimed under a lease, like any task message's claim; a
-//!    crash from here on leaves the claim to the lease sweep;
-//! 3. the other ready tasks are published (confirmed), the reply sent;
-//! 4. the submission is acked, and the caller runs the claimed task.
+//! 1. the job is recorded (`create`) and the root claimed under a lease,
+//!    like any task message's claim (`Store::create_job_and_claim`: one
+//!    round trip on Redis, the claim after the creation). A crash before
+//!    the claim leaves the submission unacked, and its redelivery finds
+//!    the job and publishes its ready tasks, the unclaimed root among
+//!    them; from the claim on, a crash leaves the task to the lease sweep;
+//! 2. the other ready tasks are published (confirmed), the reply sent;
+//! 3. the submission is acked, and the caller runs the claimed task.
+//!
+//! A redelivered submission claims the root too if it is still ready at
+//! attempt 1 (nobody took its message yet): the message, when it comes,
+//! finds the claim and is dropped, as any duplicate is.
 //!
 //! So the task is never run without a durable claim, and the submission is
 //! never acked before everything it started is either claimed or queued.
@@ -24,7 +29,7 @@ use std::time::Duration;
 use crate::broker::{Delivery, Outgoing};
 use crate::health::Health;
 use crate::intake::{Intake, JobIntake};
-use crate::model::{SubmitReply, TaskMessage};
+use crate::model::SubmitReply;
 use crate::outbox::Outbox;
 use crate::store::{ClaimOutcome, Claimed, Created, Store, StoreError};
 
@@ -37,7 +42,7 @@ pub(crate) struct Submissions {
     pub(crate) health: Health,
 }
 
-/// A worker taking one root task of each new job it records.
+/// A worker taking one root task of each job it records.
 pub(crate) struct RunHere<'a> {
     /// The queues (without prefix) it consumes: a root on another queue is
     /// published for the workers that do.
@@ -49,8 +54,8 @@ pub(crate) struct RunHere<'a> {
 }
 
 impl Submissions {
-    /// Handle one submission; with `run_here`, claim one ready root of a
-    /// new job and return it for the caller to run (already acked). Never
+    /// Handle one submission; with `run_here`, claim one ready root of the
+    /// job and return it for the caller to run (already acked). Never
     /// panics and never drops a message: what cannot be handled now is
     /// requeued, what can never be handled is dead-lettered or recorded as
     /// rejected.
@@ -99,27 +104,44 @@ impl Submissions {
                 }
             }
             Intake::Valid(job) => {
-                let (mut ready, existing) = match self.store.create_job(&job).await {
-                    Ok(Created::New { ready }) => (ready, false),
-                    Ok(Created::Existing { ready, .. }) => (ready, true),
+                // A root this worker can run: its queue is one it consumes.
+                let here = run_here.and_then(|here| {
+                    job.roots()
+                        .find(|&i| here.queues.contains(&job.tasks[i as usize].queue))
+                        .map(|root| (here, root))
+                });
+                let recorded = match here {
+                    Some((here, root)) => self
+                        .store
+                        .create_job_and_claim(&job, root, here.worker, here.lease)
+                        .await
+                        .map(|(created, outcome)| (created, Some(outcome))),
+                    None => self.store.create_job(&job).await.map(|c| (c, None)),
+                };
+                let (ready, existing) = match recorded {
+                    Ok((created, outcome)) => {
+                        match outcome {
+                            Some(ClaimOutcome::Claimed(c)) => claimed = Some(c),
+                            // Claimed by the message of an earlier delivery
+                            // of this submission, or already run.
+                            Some(other) => {
+                                tracing::debug!(job = %job.id, ?other, "root not claimable here");
+                            }
+                            None => {}
+                        }
+                        match created {
+                            Created::New { ready } => (ready, false),
+                            Created::Existing { ready, .. } => (ready, true),
+                        }
+                    }
                     Err(e) => {
+                        // The job may be recorded (and its root claimed):
+                        // the redelivery finds it existing and publishes its
+                        // ready tasks; a claim made is the sweep's.
                         self.store_failed(delivery, e).await;
                         return None;
                     }
                 };
-                // Only a new job: an existing one's ready tasks may already
-                // be queued (a redelivered submission), and are re-published.
-                if let Some(here) = run_here.filter(|_| !existing) {
-                    match self.claim_one(&mut ready, &here).await {
-                        Ok(c) => claimed = c,
-                        Err(e) => {
-                            // The job is recorded; the redelivery finds it
-                            // existing and publishes its ready tasks.
-                            self.store_failed(delivery, e).await;
-                            return None;
-                        }
-                    }
-                }
                 if let Err(e) = self.outbox.publish_tasks(&ready).await {
                     // The job is recorded; the redelivery finds it existing
                     // and publishes its ready tasks again. A root claimed
@@ -155,33 +177,6 @@ impl Submissions {
             tracing::warn!(error = %e, "ack of submission failed; it will be redelivered and deduplicated");
         }
         claimed
-    }
-
-    /// Claim the first of `ready` that `here` can run, taking it out of the
-    /// list. A root that cannot be claimed after all (only a store that lost
-    /// the job in between) stays in the list, to be published like the rest.
-    async fn claim_one(
-        &self,
-        ready: &mut Vec<TaskMessage>,
-        here: &RunHere<'_>,
-    ) -> Result<Option<Box<Claimed>>, StoreError> {
-        let Some(position) = ready.iter().position(|t| here.queues.contains(&t.queue)) else {
-            return Ok(None);
-        };
-        let outcome = self
-            .store
-            .claim(&ready[position], here.worker, here.lease)
-            .await?;
-        match outcome {
-            ClaimOutcome::Claimed(claimed) => {
-                ready.remove(position);
-                Ok(Some(claimed))
-            }
-            other => {
-                tracing::debug!(job = %ready[position].job, ?other, "root of a new job not claimable; publishing it");
-                Ok(None)
-            }
-        }
     }
 
     async fn store_failed(&self, delivery: Delivery, e: StoreError) {

@@ -89,9 +89,28 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                 let Intake::Valid(planned) = intake.accept(body.as_bytes()) else {
                     panic!("{ctx}: generated job invalid");
                 };
-                let a = redis.create_job(&planned).await.unwrap();
-                let b = memory.create_job(&planned).await.unwrap();
-                assert_eq!(a, b, "{ctx}: create");
+                if rng.random_bool(0.5) {
+                    let a = redis.create_job(&planned).await.unwrap();
+                    let b = memory.create_job(&planned).await.unwrap();
+                    assert_eq!(a, b, "{ctx}: create");
+                } else {
+                    // As a worker taking submissions records a job: one
+                    // pipeline on Redis, two calls on the memory store.
+                    let root = planned.roots().next().unwrap();
+                    let lease = Duration::from_millis(LATER_MS);
+                    let a = redis
+                        .create_job_and_claim(&planned, root, "w", lease)
+                        .await
+                        .unwrap();
+                    let b = memory
+                        .create_job_and_claim(&planned, root, "w", lease)
+                        .await
+                        .unwrap();
+                    assert_eq!(a, b, "{ctx}: create and claim");
+                    if let (_, ClaimOutcome::Claimed(c)) = a {
+                        claims.push(c.claim);
+                    }
+                }
                 if !jobs.iter().any(|(j, _)| *j == id) {
                     jobs.push((id, planned.tasks.len()));
                 }

@@ -79,6 +79,17 @@ pub enum Created {
     },
 }
 
+impl Created {
+    /// Without task `idx` among the ready ones if `outcome` claimed it.
+    fn without_claimed(mut self, idx: u32, outcome: &ClaimOutcome) -> Created {
+        if matches!(outcome, ClaimOutcome::Claimed(_)) {
+            let (Created::New { ready } | Created::Existing { ready, .. }) = &mut self;
+            ready.retain(|t| t.idx != idx);
+        }
+        self
+    }
+}
+
 /// One live claim of one attempt of a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRef {
@@ -294,6 +305,24 @@ pub struct WorkerInfo {
 pub trait Store: Send + Sync + 'static {
     /// Record a planned job unless its id exists.
     async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError>;
+
+    /// [`Store::create_job`], then [`Store::claim`] of attempt 1 of root
+    /// task `root` for `worker` (whether the job is new or existed: the
+    /// claim checks the task is ready at that attempt), in one round trip
+    /// where the store allows. The claimed root, if claimed, is taken out
+    /// of the ready tasks returned. A worker taking submissions runs the
+    /// root it claims this way without publishing it.
+    async fn create_job_and_claim(
+        &self,
+        job: &PlannedJob,
+        root: u32,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<(Created, ClaimOutcome), StoreError> {
+        let created = self.create_job(job).await?;
+        let outcome = self.claim(&job.task_message(root), worker, lease).await?;
+        Ok((created.without_claimed(root, &outcome), outcome))
+    }
 
     /// Record a rejected submission unless its id exists. Returns whether
     /// it was recorded.

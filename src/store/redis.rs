@@ -178,6 +178,20 @@ pub fn unix_ms() -> u64 {
 
 type Reply = Vec<Option<String>>;
 
+/// What a create call answered.
+fn created_from(job: &PlannedJob, reply: &Reply) -> Result<Created, StoreError> {
+    match field(reply, 0) {
+        "created" => Ok(Created::New {
+            ready: job.roots().map(|i| job.task_message(i)).collect(),
+        }),
+        "exists" => Ok(Created::Existing {
+            state: parse_job_state(field(reply, 1))?,
+            ready: ready_set(&job.id, reply, 2)?,
+        }),
+        other => Err(protocol(format!("create answered {other:?}"))),
+    }
+}
+
 fn field(reply: &Reply, i: usize) -> &str {
     reply.get(i).and_then(|v| v.as_deref()).unwrap_or("")
 }
@@ -465,6 +479,123 @@ impl RedisStore {
 
     /// Run a pipeline; if Redis no longer has the library (restarted
     /// without its data), load it and run the pipeline once more.
+    /// The creation of `job` for `epoch`'s fence base: the create call,
+    /// the job index (another slot, so its own command; NX: an existing
+    /// job keeps its place) and the queues this process has not noted yet
+    /// (returned, to note once the pipeline ran). One reply: the create's.
+    fn create_pipeline<'j>(&self, job: &'j PlannedJob, epoch: u64) -> (Pipeline, Vec<&'j str>) {
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.create_command(job, epoch));
+        pipe.cmd("ZADD")
+            .arg(self.names.jobs_index())
+            .arg("NX")
+            .arg(unix_ms())
+            .arg(&job.id)
+            .ignore();
+        let new_queues: Vec<&str> = {
+            // A job names few distinct queues (most only `default`).
+            let mut named: Vec<&str> = Vec::new();
+            for t in &job.tasks {
+                if !named.contains(&t.queue.as_str()) {
+                    named.push(&t.queue);
+                }
+            }
+            let noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
+            named.retain(|q| !noted.contains(*q));
+            named
+        };
+        if !new_queues.is_empty() {
+            pipe.cmd("SADD")
+                .arg(self.names.queues_key())
+                .arg(&new_queues)
+                .ignore();
+        }
+        (pipe, new_queues)
+    }
+
+    fn note_queues(&self, queues: &[&str]) {
+        if !queues.is_empty() {
+            let mut noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
+            noted.extend(queues.iter().map(|q| (*q).to_owned()));
+        }
+    }
+
+    /// The claim of `task`: its lease entry, then the claim call (two
+    /// replies: whether the entry was added, the claim's answer). Index
+    /// first: a crash between leaves an index entry the sweep drops, never
+    /// a claim the sweep cannot find. NX: an existing entry may be a
+    /// sweep's unfinished re-queue of this attempt, which must keep its
+    /// place.
+    fn add_claim(&self, pipe: &mut Pipeline, task: &TaskMessage, worker: &str, lease: Duration) {
+        let lease_ms = lease.as_millis() as u64;
+        pipe.cmd("ZADD")
+            .arg(self.names.leases())
+            .arg("NX")
+            .arg(unix_ms() + lease_ms)
+            .arg(entry(&task.job, task.idx, task.attempt));
+        let mut cmd = self.fcall(Script::Claim, &task.job);
+        cmd.arg(task.idx)
+            .arg(task.attempt)
+            .arg(worker)
+            .arg(lease_ms);
+        pipe.add_command(cmd);
+    }
+
+    /// What the replies of [`Self::add_claim`] say. A claim that is not
+    /// ours drops the lease entry if it added it; one that was there
+    /// before belongs to someone else (a live claim, or a sweep still
+    /// re-queueing this attempt) and stays.
+    async fn claim_outcome(
+        &self,
+        task: &TaskMessage,
+        added: i64,
+        reply: &Reply,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let outcome = match field(reply, 0) {
+            "claimed" => {
+                let mut deps = BTreeMap::new();
+                let mut k = 10;
+                while k + 1 < reply.len() {
+                    let value: Value =
+                        serde_json::from_str(field(reply, k + 1)).unwrap_or(Value::Null);
+                    deps.insert(field(reply, k).to_owned(), value);
+                    k += 2;
+                }
+                return Ok(ClaimOutcome::Claimed(Box::new(Claimed {
+                    claim: ClaimRef {
+                        job: task.job.clone(),
+                        idx: task.idx,
+                        attempt: task.attempt,
+                        fence: num(reply, 1, "fence")?,
+                    },
+                    handler: field(reply, 2).to_owned(),
+                    params_json: field(reply, 3).to_owned(),
+                    max_attempts: num(reply, 4, "max attempts")?,
+                    timeout: Duration::from_millis(num(reply, 5, "timeout")?),
+                    task: field(reply, 6).to_owned(),
+                    backoff: (
+                        num(reply, 8, "backoff base")?,
+                        num(reply, 9, "backoff cap")?,
+                    ),
+                    deps,
+                })));
+            }
+            "busy" => ClaimOutcome::Busy,
+            "stale" => ClaimOutcome::Stale,
+            "missing" => ClaimOutcome::Missing,
+            other => return Err(protocol(format!("claim answered {other:?}"))),
+        };
+        if added == 1 && !matches!(outcome, ClaimOutcome::Busy) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(self.names.leases())
+                .arg(entry(&task.job, task.idx, task.attempt))
+                .ignore();
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(outcome)
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
         self.run_for_epoch(pipe, None).await
     }
@@ -609,63 +740,31 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError> {
-        // Fence numbers start at the epoch's base (see `check_epoch`).
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let cmd = self.create_command(job, epoch);
-        // The index lives in another slot, so it is its own command, sent in
-        // the same pipeline (NX: an existing job keeps its place).
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        pipe.cmd("ZADD")
-            .arg(self.names.jobs_index())
-            .arg("NX")
-            .arg(unix_ms())
-            .arg(&job.id)
-            .ignore();
-        // Queues not yet noted by this process: in the same pipeline.
-        let new_queues: Vec<&str> = {
-            // A job names few distinct queues (most only `default`).
-            let mut named: Vec<&str> = Vec::new();
-            for t in &job.tasks {
-                if !named.contains(&t.queue.as_str()) {
-                    named.push(&t.queue);
-                }
-            }
-            let noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
-            named.retain(|q| !noted.contains(*q));
-            named
-        };
-        if !new_queues.is_empty() {
-            pipe.cmd("SADD")
-                .arg(self.names.queues_key())
-                .arg(&new_queues)
-                .ignore();
-        }
+        let (pipe, new_queues) = self.create_pipeline(job, epoch);
         let (reply,): (Reply,) = self.run_for_epoch(&pipe, Some(epoch)).await?;
-        if !new_queues.is_empty() {
-            let mut noted = self.noted_queues.lock().unwrap_or_else(|p| p.into_inner());
-            noted.extend(new_queues.iter().map(|q| (*q).to_owned()));
-        }
-        match field(&reply, 0) {
-            "created" => {
-                let ready = job
-                    .roots()
-                    .map(|i| TaskMessage {
-                        job: job.id.clone(),
-                        task: job.tasks[i as usize].name.clone(),
-                        idx: i,
-                        attempt: 1,
-                        queue: job.tasks[i as usize].queue.clone(),
-                    })
-                    .collect();
-                Ok(Created::New { ready })
-            }
-            "exists" => Ok(Created::Existing {
-                state: parse_job_state(field(&reply, 1))?,
-                ready: ready_set(&job.id, &reply, 2)?,
-            }),
-            other => Err(protocol(format!("create answered {other:?}"))),
-        }
+        self.note_queues(&new_queues);
+        created_from(job, &reply)
+    }
+
+    async fn create_job_and_claim(
+        &self,
+        job: &PlannedJob,
+        root: u32,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<(Created, ClaimOutcome), StoreError> {
+        // One round trip: the creation pipeline, then the claim's.
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let (mut pipe, new_queues) = self.create_pipeline(job, epoch);
+        let task = job.task_message(root);
+        self.add_claim(&mut pipe, &task, worker, lease);
+        let (created, added, claimed): (Reply, i64, Reply) =
+            self.run_for_epoch(&pipe, Some(epoch)).await?;
+        self.note_queues(&new_queues);
+        let created = created_from(job, &created)?;
+        let outcome = self.claim_outcome(&task, added, &claimed).await?;
+        Ok((created.without_claimed(root, &outcome), outcome))
     }
 
     async fn record_rejected(&self, rejection: &Rejection) -> Result<bool, StoreError> {
@@ -694,71 +793,10 @@ impl Store for RedisStore {
         worker: &str,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let lease_ms = lease.as_millis() as u64;
-        let member = entry(&task.job, task.idx, task.attempt);
-        // Index first, then claim: a crash between leaves an index entry the
-        // sweep drops, never a claim the sweep cannot find. NX: an existing
-        // entry may be a sweep's unfinished re-queue of this attempt, which
-        // must keep its place.
         let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
-            .arg(self.names.leases())
-            .arg("NX")
-            .arg(unix_ms() + lease_ms)
-            .arg(&member);
-        let mut cmd = self.fcall(Script::Claim, &task.job);
-        cmd.arg(task.idx)
-            .arg(task.attempt)
-            .arg(worker)
-            .arg(lease_ms);
-        pipe.add_command(cmd);
+        self.add_claim(&mut pipe, task, worker, lease);
         let (added, reply): (i64, Reply) = self.run(&pipe).await?;
-        let outcome = match field(&reply, 0) {
-            "claimed" => {
-                let mut deps = BTreeMap::new();
-                let mut k = 10;
-                while k + 1 < reply.len() {
-                    let value: Value =
-                        serde_json::from_str(field(&reply, k + 1)).unwrap_or(Value::Null);
-                    deps.insert(field(&reply, k).to_owned(), value);
-                    k += 2;
-                }
-                return Ok(ClaimOutcome::Claimed(Box::new(Claimed {
-                    claim: ClaimRef {
-                        job: task.job.clone(),
-                        idx: task.idx,
-                        attempt: task.attempt,
-                        fence: num(&reply, 1, "fence")?,
-                    },
-                    handler: field(&reply, 2).to_owned(),
-                    params_json: field(&reply, 3).to_owned(),
-                    max_attempts: num(&reply, 4, "max attempts")?,
-                    timeout: Duration::from_millis(num(&reply, 5, "timeout")?),
-                    task: field(&reply, 6).to_owned(),
-                    backoff: (
-                        num(&reply, 8, "backoff base")?,
-                        num(&reply, 9, "backoff cap")?,
-                    ),
-                    deps,
-                })));
-            }
-            "busy" => ClaimOutcome::Busy,
-            "stale" => ClaimOutcome::Stale,
-            "missing" => ClaimOutcome::Missing,
-            other => return Err(protocol(format!("claim answered {other:?}"))),
-        };
-        // Not ours: drop the index entry if this call added it. One that was
-        // there before belongs to someone else (a live claim, or a sweep
-        // still re-queueing this attempt) and stays.
-        if added == 1 && !matches!(outcome, ClaimOutcome::Busy) {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM")
-                .arg(self.names.leases())
-                .arg(&member)
-                .ignore();
-            self.run::<()>(&pipe).await?;
-        }
-        Ok(outcome)
+        self.claim_outcome(task, added, &reply).await
     }
 
     async fn renew(&self, claims: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError> {
