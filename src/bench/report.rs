@@ -875,11 +875,20 @@ impl Report {
                     if let (Some(hop), Some(fin)) =
                         (&h.latency_ms, &self.latency_ms.server_publish_to_finish)
                     {
+                        let one_hop = self
+                            .processes
+                            .as_ref()
+                            .is_some_and(|p| p.workers_take_submissions);
                         let _ = writeln!(
                             o,
-                            "  Conveyor publish->succeeded / bare hop: p50 {:.2}, p99 {:.2} hops (a job is 2 hops + 3 Redis round trips)",
+                            "  Conveyor publish->succeeded / bare hop: p50 {:.2}, p99 {:.2} hops (a job is {})",
                             fin.p50 / hop.p50.max(1e-9),
-                            fin.p99 / hop.p99.max(1e-9)
+                            fin.p99 / hop.p99.max(1e-9),
+                            if one_hop {
+                                "1 hop + 2 Redis round trips when a worker takes its submission"
+                            } else {
+                                "2 hops + 3 Redis round trips"
+                            }
                         );
                     }
                 }
