@@ -194,11 +194,11 @@ impl Worker {
             });
         }
         // Consumers hand deliveries (with their permit) to this loop, which
-        // owns every running task. It holds at most one item per permit,
-        // plus the submissions handed on without one (at most the submit
-        // consumer's prefetch, the concurrency), so it is never full: a
-        // send fails only when the run loop is gone.
-        let (tx, mut rx) = mpsc::channel(2 * self.options.concurrency.max(1));
+        // owns every running task. Unbounded, because what is in it is
+        // bounded already: one item per permit, plus submissions handed on
+        // without one (at most the submit consumer's prefetch per channel);
+        // a send then fails only when the run loop is gone.
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let mut consumers = JoinSet::new();
         let task_queues = self
             .options
@@ -279,7 +279,7 @@ impl Worker {
         submissions: bool,
         permits: Arc<Semaphore>,
         mut shutdown: Shutdown,
-        tx: mpsc::Sender<(Work, Option<OwnedSemaphorePermit>)>,
+        tx: mpsc::UnboundedSender<(Work, Option<OwnedSemaphorePermit>)>,
     ) -> Option<Box<dyn Subscription>> {
         let prefetch = u16::try_from(self.options.concurrency)
             .unwrap_or(u16::MAX)
@@ -303,7 +303,7 @@ impl Worker {
             },
             &self.health,
             &mut shutdown,
-            |delivery, permit| tx.try_send((work(delivery), permit)).is_ok(),
+            |delivery, permit| tx.send((work(delivery), permit)).is_ok(),
         )
         .await
     }
