@@ -479,19 +479,28 @@ impl RedisStore {
 
     /// Run a pipeline; if Redis no longer has the library (restarted
     /// without its data), load it and run the pipeline once more.
-    /// The creation of `job` for `epoch`'s fence base: the create call,
-    /// the job index (another slot, so its own command; NX: an existing
-    /// job keeps its place) and the queues this process has not noted yet
-    /// (returned, to note once the pipeline ran). One reply: the create's.
-    fn create_pipeline<'j>(&self, job: &'j PlannedJob, epoch: u64) -> (Pipeline, Vec<&'j str>) {
+    /// A pipeline of `cmd` (which records job `id`) and the job's entry in
+    /// the index of recent jobs: another slot, so its own command, sent in
+    /// the same round trip; NX, so an existing job keeps its place. One
+    /// reply: `cmd`'s.
+    fn indexed(&self, cmd: redis::Cmd, id: &str) -> Pipeline {
         let mut pipe = redis::pipe();
-        pipe.add_command(self.create_command(job, epoch));
+        pipe.add_command(cmd);
         pipe.cmd("ZADD")
             .arg(self.names.jobs_index())
             .arg("NX")
             .arg(unix_ms())
-            .arg(&job.id)
+            .arg(id)
             .ignore();
+        pipe
+    }
+
+    /// The creation of `job` for `epoch`'s fence base: the create call,
+    /// its index entry ([`Self::indexed`]) and the queues this process has
+    /// not noted yet (returned, to note once the pipeline ran). One reply:
+    /// the create's.
+    fn create_pipeline<'j>(&self, job: &'j PlannedJob, epoch: u64) -> (Pipeline, Vec<&'j str>) {
+        let mut pipe = self.indexed(self.create_command(job, epoch), &job.id);
         let new_queues: Vec<&str> = {
             // A job names few distinct queues (most only `default`).
             let mut named: Vec<&str> = Vec::new();
@@ -774,15 +783,7 @@ impl Store for RedisStore {
             .arg(&rejection.error)
             .arg(self.retention_ms)
             .arg(&self.by);
-        // The index in the same pipeline (NX: an existing id keeps its place).
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        pipe.cmd("ZADD")
-            .arg(self.names.jobs_index())
-            .arg("NX")
-            .arg(unix_ms())
-            .arg(&rejection.id)
-            .ignore();
+        let pipe = self.indexed(cmd, &rejection.id);
         let (recorded,): (i64,) = self.run(&pipe).await?;
         Ok(recorded == 1)
     }
