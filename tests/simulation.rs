@@ -361,9 +361,6 @@ struct Sim {
     /// Built once: every dispatcher of the run shares it, as the processes
     /// of a deployment share one schema file.
     intake: JobIntake,
-    /// Odd seeds: workers take submissions too (and run a root of each new
-    /// job without a task message); even seeds: only dispatchers do.
-    workers_take_submissions: bool,
     dispatchers: Vec<Running>,
     workers: Vec<Running>,
     started: usize,
@@ -400,7 +397,6 @@ impl Sim {
         Sim {
             seed,
             intake,
-            workers_take_submissions: seed % 2 == 1,
             clock,
             executions,
             claims: Claims::default(),
@@ -468,7 +464,9 @@ impl Sim {
                 journal: None,
             },
         );
-        let worker = if self.workers_take_submissions {
+        // Odd seeds: workers take submissions too (and run a root of each
+        // new job without a task message); even seeds: only dispatchers do.
+        let worker = if self.seed % 2 == 1 {
             worker.accepting_submissions(self.intake.clone())
         } else {
             worker
