@@ -100,25 +100,25 @@ pub async fn consume(
                     // queues, its submissions), which may be the only ones
                     // with work. A delivery given up here stays unacked and
                     // goes back when the subscription closes.
-                    let permit = match permits {
-                        Permits::Wait(permits) => tokio::select! {
-                            biased;
-                            _ = shutdown.wait() => break,
-                            p = permits.clone().acquire_owned() => match p {
-                                Ok(p) => Some(p),
-                                Err(_) => break,
-                            },
-                        },
-                        Permits::Within(permits, patience) => tokio::select! {
-                            biased;
-                            _ = shutdown.wait() => break,
-                            p = tokio::time::timeout(patience, permits.clone().acquire_owned()) => {
-                                match p {
-                                    Ok(Ok(p)) => Some(p),
-                                    Ok(Err(_)) => break,
-                                    Err(_) => None,
-                                }
+                    let (semaphore, patience) = match permits {
+                        Permits::Wait(s) => (s, None),
+                        Permits::Within(s, patience) => (s, Some(patience)),
+                    };
+                    let acquire = semaphore.clone().acquire_owned();
+                    let permit = tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => break,
+                        p = async {
+                            match patience {
+                                Some(patience) => tokio::time::timeout(patience, acquire).await.ok(),
+                                None => Some(acquire.await),
                             }
+                        } => match p {
+                            Some(Ok(p)) => Some(p),
+                            // The semaphore closed: the process is stopping.
+                            Some(Err(_)) => break,
+                            // Patience over: on without a permit.
+                            None => None,
                         },
                     };
                     if !hand(delivery, permit) {
