@@ -120,6 +120,15 @@ pub struct WorkerConfig {
     /// may name (it validates jobs with its own). Env
     /// `CONVEYOR_ACCEPT_SUBMISSIONS` (`true`/`false`).
     pub accept_submissions: bool,
+    /// Longest a task delivery waits in this worker for a free slot, in
+    /// milliseconds. Past it the worker gives back every task message it
+    /// holds (as new messages, so no delivery counts against them: other
+    /// workers can take them at once) and consumes again when a slot
+    /// frees. Keeps long-running tasks from stranding prefetched ones here
+    /// and from running into RabbitMQ's `consumer_timeout`. 100 to
+    /// 1,500,000 (25 minutes, under the broker's 30-minute default). Env
+    /// `CONVEYOR_HOLD_MS`.
+    pub hold_ms: u64,
 }
 
 /// Default retry policy.
@@ -195,6 +204,7 @@ impl Default for WorkerConfig {
             heartbeat_ms: 2_000,
             max_deliveries: 5,
             accept_submissions: false,
+            hold_ms: 10_000,
         }
     }
 }
@@ -289,6 +299,12 @@ pub const MAX_LEASE_MS: u64 = 24 * 3600 * 1000;
 /// Smallest `worker.heartbeat_ms` (`tokio::time::interval` panics on zero;
 /// the registry is for operators, 10 writes a second per worker is plenty).
 pub const MIN_HEARTBEAT_MS: u64 = 100;
+/// Smallest `worker.hold_ms`: below it a worker at full concurrency with
+/// short tasks would give back deliveries that were about to get a slot.
+pub const MIN_HOLD_MS: u64 = 100;
+/// Largest `worker.hold_ms` (25 minutes): a delivery held past RabbitMQ's
+/// `consumer_timeout` (30 minutes by default) closes its channel.
+pub const MAX_HOLD_MS: u64 = 25 * 60 * 1000;
 /// Largest `retry.max_attempts`, `retry.base_ms`/`cap_ms` and
 /// `retry.timeout_s`: the same bounds a job's own `retry` and `timeout_s`
 /// have in `schemas/job.schema.json`.
@@ -435,6 +451,15 @@ impl Config {
             "worker.heartbeat_ms",
             &self.worker.heartbeat_ms,
             at_least(&MIN_HEARTBEAT_MS, " (ms)"),
+        );
+        check(
+            (MIN_HOLD_MS..=MAX_HOLD_MS).contains(&self.worker.hold_ms),
+            "worker.hold_ms",
+            &self.worker.hold_ms,
+            format!(
+                "must be at least {MIN_HOLD_MS} (ms) and at most {MAX_HOLD_MS} \
+                 (under RabbitMQ's 30-minute consumer_timeout)"
+            ),
         );
         // A first delivery has count 0, so 0 would fail every task unrun.
         check(
@@ -610,6 +635,9 @@ impl Config {
         }
         if let Some(v) = get("CONVEYOR_MAX_DELIVERIES") {
             self.worker.max_deliveries = parse("CONVEYOR_MAX_DELIVERIES", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_HOLD_MS") {
+            self.worker.hold_ms = parse("CONVEYOR_HOLD_MS", v)?;
         }
         if let Some(v) = get("CONVEYOR_ACCEPT_SUBMISSIONS") {
             self.worker.accept_submissions = parse("CONVEYOR_ACCEPT_SUBMISSIONS", v)?;
@@ -845,6 +873,14 @@ mod tests {
             (
                 |c| c.worker.max_deliveries = 0,
                 "worker.max_deliveries = 0: must be at least 1",
+            ),
+            (
+                |c| c.worker.hold_ms = 99,
+                "worker.hold_ms = 99: must be at least 100 (ms) and at most 1500000",
+            ),
+            (
+                |c| c.worker.hold_ms = 1_800_000,
+                "worker.hold_ms = 1800000: must be at least 100 (ms) and at most 1500000",
             ),
             (
                 |c| c.retry.max_attempts = 0,

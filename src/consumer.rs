@@ -1,17 +1,26 @@
 //! The consume loop the dispatcher and the worker share: subscribe (again
 //! after any broker loss, with backoff), take no delivery while the store
 //! is down, and hand each delivery on with a permit: once one is free
-//! ([`Permits::Wait`]), or if one frees within a bound ([`Permits::Within`]).
+//! ([`Permits::Wait`]), if one frees within a bound ([`Permits::Within`]),
+//! or, for work that only runs with a permit, give deliveries back to the
+//! queue when they have waited too long ([`Permits::Hold`]).
+//!
+//! Deliveries are received while the loop waits for a permit, each with the
+//! moment it arrived, so "how long has this message waited here" is known
+//! for every delivery the broker has pushed (up to the prefetch), not only
+//! for the one at the head.
 //!
 //! Subscribing afresh after a loss is also what restores the prefetch: a
 //! new channel gets its `basic.qos` before its `basic.consume`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
-use crate::broker::{Broker, Delivery, Subscription};
+use crate::broker::{Broker, Delivery, Outgoing, Subscription};
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 
@@ -24,6 +33,16 @@ pub enum Permits<'a> {
     /// without one after that (work that can be done another way then: a
     /// worker's submission is then handled as a dispatcher would).
     Within(&'a Arc<Semaphore>, Duration),
+    /// Each delivery waits for a permit; when one has waited this long,
+    /// the consumer stops (cancels its subscription), gives back every
+    /// delivery it holds ([`give_back`]: to the queue, for other
+    /// consumers, with no delivery counted against them), waits until a
+    /// permit is free and subscribes again. For work whose permits may be
+    /// held for hours (a worker's long tasks): prefetched deliveries would
+    /// otherwise sit here, out of other workers' reach, until RabbitMQ's
+    /// `consumer_timeout` closed the channel and requeued them — counting a
+    /// delivery each time, until they were treated as poison.
+    Hold(&'a Arc<Semaphore>, Duration),
 }
 
 /// One consumer: its queue, prefetch, consumer priority (see
@@ -57,6 +76,11 @@ pub async fn consume(
         priority,
         permits,
     } = consumer;
+    let (semaphore, patience) = match permits {
+        Permits::Wait(s) => (s, None),
+        Permits::Within(s, patience) | Permits::Hold(s, patience) => (s, Some(patience)),
+    };
+    let holds = matches!(permits, Permits::Hold(..));
     health.set_consuming(queue, false);
     let mut retry_delay = Duration::from_millis(100);
     'subscribe: while !shutdown.is_triggered() {
@@ -81,60 +105,80 @@ pub async fn consume(
                 continue;
             }
         };
+        // Received and not yet handed on, oldest first, with when each
+        // arrived. The delivery comes first, then a permit: a consumer
+        // waiting for a permit before its next delivery would keep one
+        // from the process's other consumers (a worker's other queues, its
+        // submissions), which may be the only ones with work. What is held
+        // here when the subscription closes goes back to the queue.
+        let mut held: VecDeque<(Instant, Delivery)> = VecDeque::new();
         loop {
+            let Some(&(arrived, _)) = held.front() else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break,
+                    _ = health.wait_store_up() => {}
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break,
+                    d = subscription.next() => match d {
+                        Some(Ok(d)) => held.push_back((Instant::now(), d)),
+                        ended => {
+                            note_ended(queue, health, ended);
+                            continue 'subscribe;
+                        }
+                    },
+                }
+                continue;
+            };
+            let over = patience.map(|p| arrived + p);
+            // Nothing is handed on while the store is down: it would only
+            // come straight back (a failed claim requeues its delivery).
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
-                _ = health.wait_store_up() => {}
-            }
-            let delivery = tokio::select! {
-                biased;
-                _ = shutdown.wait() => break,
-                d = subscription.next() => d,
-            };
-            match delivery {
-                Some(Ok(delivery)) => {
-                    // The delivery first, then a permit: a consumer waiting
-                    // for a permit before its next delivery would keep one
-                    // from the process's other consumers (a worker's other
-                    // queues, its submissions), which may be the only ones
-                    // with work. A delivery given up here stays unacked and
-                    // goes back when the subscription closes.
-                    let (semaphore, patience) = match permits {
-                        Permits::Wait(s) => (s, None),
-                        Permits::Within(s, patience) => (s, Some(patience)),
-                    };
-                    let acquire = semaphore.clone().acquire_owned();
-                    let permit = tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break,
-                        p = async {
-                            match patience {
-                                Some(patience) => tokio::time::timeout(patience, acquire).await.ok(),
-                                None => Some(acquire.await),
-                            }
-                        } => match p {
-                            Some(Ok(p)) => Some(p),
-                            // The semaphore closed: the process is stopping.
-                            Some(Err(_)) => break,
-                            // Patience over: on without a permit.
-                            None => None,
-                        },
-                    };
-                    if !hand(delivery, permit) {
+                p = async {
+                    health.wait_store_up().await;
+                    semaphore.clone().acquire_owned().await
+                } => {
+                    // A closed semaphore: the process is stopping.
+                    let Ok(permit) = p else { break };
+                    if let Some((_, d)) = held.pop_front()
+                        && !hand(d, Some(permit))
+                    {
                         break;
                     }
                 }
-                Some(Err(e)) => {
+                _ = sleep_until(over), if holds => {
+                    stop_and_give_back(broker, queue, &mut subscription, held).await;
                     health.set_consuming(queue, false);
-                    tracing::warn!(%queue, error = %e, "subscription failed; subscribing again");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => break 'subscribe,
+                        // Subscribe again once a permit is free.
+                        p = semaphore.acquire() => if p.is_err() { break 'subscribe },
+                    }
                     continue 'subscribe;
                 }
-                None => {
-                    health.set_consuming(queue, false);
-                    tracing::warn!(%queue, "subscription ended; subscribing again");
-                    continue 'subscribe;
+                _ = async {
+                    sleep_until(over).await;
+                    health.wait_store_up().await;
+                }, if !holds => {
+                    // Patience over: on without a permit.
+                    if let Some((_, d)) = held.pop_front()
+                        && !hand(d, None)
+                    {
+                        break;
+                    }
                 }
+                d = subscription.next(), if held.len() < usize::from(prefetch.max(1)) => match d {
+                    Some(Ok(d)) => held.push_back((Instant::now(), d)),
+                    ended => {
+                        note_ended(queue, health, ended);
+                        continue 'subscribe;
+                    }
+                },
             }
         }
         health.set_consuming(queue, false);
@@ -142,4 +186,85 @@ pub async fn consume(
         return Some(subscription);
     }
     None
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A subscription failed or ended: say so (the caller subscribes again;
+/// what it held goes back to the queue with the old channel).
+fn note_ended(
+    queue: &str,
+    health: &Health,
+    ended: Option<Result<Delivery, crate::broker::BrokerError>>,
+) {
+    health.set_consuming(queue, false);
+    match ended {
+        Some(Err(e)) => {
+            tracing::warn!(%queue, error = %e, "subscription failed; subscribing again");
+        }
+        _ => tracing::warn!(%queue, "subscription ended; subscribing again"),
+    }
+}
+
+/// Longest wait for the deliveries a cancelled subscription still had on
+/// their way (the broker's cancel-ok ends them).
+const DRAIN_AFTER_CANCEL: Duration = Duration::from_secs(5);
+
+/// [`Permits::Hold`] ran out: cancel the subscription, collect what it still
+/// delivers, and give everything held back to the queue.
+async fn stop_and_give_back(
+    broker: &dyn Broker,
+    queue: &str,
+    subscription: &mut Box<dyn Subscription>,
+    held: VecDeque<(Instant, Delivery)>,
+) {
+    let mut deliveries: Vec<Delivery> = held.into_iter().map(|(_, d)| d).collect();
+    if subscription.cancel().await.is_ok() {
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(DRAIN_AFTER_CANCEL, subscription.next()).await
+        {
+            deliveries.push(d);
+        }
+    }
+    tracing::info!(%queue, held = deliveries.len(),
+        "no free slot for a held delivery in time; giving back what this consumer holds until a slot frees");
+    give_back(broker, deliveries).await;
+}
+
+/// Return deliveries to their queues as new messages: published (and
+/// confirmed), then acked. A requeue would count a delivery against each
+/// message on a quorum queue, and enough of those make it poison; a new
+/// message starts at zero and goes to the back of the queue. If the
+/// publish fails, each is requeued instead (duplicates are harmless: a
+/// task's claim is keyed by its attempt, a job's record by its id).
+pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let copies = deliveries
+        .iter()
+        .map(|d| Outgoing {
+            correlation_id: d.correlation_id.clone(),
+            reply_to: d.reply_to.clone(),
+            ..Outgoing::durable(d.queue.clone(), d.body.clone())
+        })
+        .collect();
+    let published = broker.publish(copies).await;
+    if let Err(e) = &published {
+        tracing::warn!(error = %e, "could not give deliveries back as new messages; requeueing them");
+    }
+    for d in deliveries {
+        let settled = match published {
+            Ok(()) => d.acker.ack().await,
+            Err(_) => d.acker.requeue().await,
+        };
+        if let Err(e) = settled {
+            tracing::debug!(error = %e, "a given-back delivery returns with its channel instead");
+        }
+    }
 }

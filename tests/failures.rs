@@ -726,3 +726,58 @@ async fn a_handler_blocking_its_workers_only_thread_past_its_lease_is_run_again_
     client.close().await;
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_every_slot_busy_gives_held_tasks_back_for_an_idle_worker_uncounted() {
+    let mut d = Deployment::new("hold").await;
+    d.config.worker.hold_ms = 500;
+    // A redelivery would be poison: the given-back task must come back as
+    // a new message, not as a requeued (counted) one.
+    d.config.worker.max_deliveries = 1;
+    let journal = open_journal(&mut d, "hold");
+    d.start_dispatcher().await;
+    let busy = d.start_worker(1).await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "long", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": 8000}}]}))
+        .await;
+    eventually("the long task runs", WAIT, || async {
+        let status = d.status("long").await?;
+        (status.tasks["t"].state == TaskState::Running).then_some(())
+    })
+    .await;
+    // The busy worker acked the long task's delivery after its claim, so
+    // it has room under its prefetch and takes the next task message too,
+    // with no slot to run it in.
+    client
+        .submit(&json!({"id": "short", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    let broker = common::connect_broker(&d.config).await;
+    let queue = d.names.task_queue("default");
+    eventually("the busy worker holds the short task", WAIT, || async {
+        let status = d.status("short").await?;
+        let stats = broker
+            .queue_stats(std::slice::from_ref(&queue))
+            .await
+            .ok()?;
+        (status.tasks["t"].state == TaskState::Ready && stats.first()?.ready == 0).then_some(())
+    })
+    .await;
+    let idle = d.start_worker(1).await;
+    let short = d.wait_terminal("short", Duration::from_secs(6)).await;
+    assert_eq!(short.state, JobState::Succeeded, "{short:#?}");
+    assert_eq!(short.tasks["t"].worker.as_deref(), Some(idle.as_str()));
+    assert_eq!(short.tasks["t"].attempts, 1);
+    let long = d.status("long").await.unwrap();
+    assert_eq!(
+        (long.tasks["t"].state, long.tasks["t"].worker.as_deref()),
+        (TaskState::Running, Some(busy.as_str())),
+        "the short task waited for the long one"
+    );
+    assert_eq!(outcomes(&journal, "short", 0), ended(&[(1, "succeeded")]));
+    assert_invariants(&d, &["long", "short"], &journal).await;
+    client.close().await;
+    d.shutdown().await;
+}

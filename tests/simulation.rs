@@ -461,6 +461,7 @@ impl Sim {
                 grace: Duration::from_millis(200),
                 heartbeat: Duration::from_millis(500),
                 max_deliveries: self.config.worker.max_deliveries,
+                hold: Duration::from_millis(self.config.worker.hold_ms),
                 journal: None,
             },
         );
@@ -732,6 +733,9 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
     };
     config.worker.lease_ms = 600;
     config.worker.max_deliveries = 6;
+    // Short, so that workers whose slots are all busy give deliveries back
+    // (and consume again) many times in every schedule.
+    config.worker.hold_ms = 150;
     config.dispatcher.sweep_interval_ms = 50;
     let faults = FaultPlan {
         duplicate: 0.05,

@@ -197,7 +197,7 @@ impl AmqpBroker {
     ) -> Result<AmqpBroker, BrokerError> {
         let urls: Vec<String> = split_urls(url)
             .into_iter()
-            .map(|u| with_connection_defaults(&u))
+            .map(with_connection_defaults)
             .collect();
         if urls.is_empty() {
             return Err(BrokerError::Fatal(

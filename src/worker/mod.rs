@@ -66,6 +66,9 @@ pub struct WorkerOptions {
     /// A task message delivered this many times without reaching a claim
     /// is poison: dead-lettered, and its task failed with the reason.
     pub max_deliveries: u32,
+    /// Longest a task delivery waits here for a free slot before the
+    /// worker gives back what it holds (see [`Permits::Hold`]).
+    pub hold: Duration,
     /// Where to journal claims, renewals and ends (see [`Journal`]).
     pub journal: Option<Journal>,
 }
@@ -81,6 +84,7 @@ impl WorkerOptions {
             grace: Duration::from_secs(config.worker.grace_s),
             heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
             max_deliveries: config.worker.max_deliveries,
+            hold: Duration::from_millis(config.worker.hold_ms),
             journal: None,
         }
     }
@@ -291,7 +295,7 @@ impl Worker {
                 Work::Submission,
             )
         } else {
-            (0, Permits::Wait(&permits), Work::Task)
+            (0, Permits::Hold(&permits, self.options.hold), Work::Task)
         };
         consume(
             self.outbox.broker().as_ref(),
