@@ -177,15 +177,7 @@ async fn a_worker_busy_with_a_long_task_still_records_new_submissions_at_once() 
     // One slot, no dispatcher: the worker is the only one to take jobs.
     d.start_worker_taking_submissions(1).await;
     let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(&json!({"id": "long", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": 10000}}]}))
-        .await;
-    eventually("the long task runs", WAIT, || async {
-        let status = d.status("long").await?;
-        (status.tasks["t"].state == TaskState::Running).then_some(())
-    })
-    .await;
+    d.start_long_task(&client, "long", 10000).await;
     client
         .submit(&json!({"id": "next", "requestor": "r",
             "tasks": [{"name": "t", "handler": "noop"}]}))

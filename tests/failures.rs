@@ -738,15 +738,7 @@ async fn a_worker_with_every_slot_busy_gives_held_tasks_back_for_an_idle_worker_
     d.start_dispatcher().await;
     let busy = d.start_worker(1).await;
     let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(&json!({"id": "long", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": 8000}}]}))
-        .await;
-    eventually("the long task runs", WAIT, || async {
-        let status = d.status("long").await?;
-        (status.tasks["t"].state == TaskState::Running).then_some(())
-    })
-    .await;
+    d.start_long_task(&client, "long", 8000).await;
     // The busy worker acked the long task's delivery after its claim, so
     // it has room under its prefetch and takes the next task message too,
     // with no slot to run it in.

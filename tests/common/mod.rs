@@ -210,6 +210,19 @@ impl Deployment {
         self.store.job(id).await.expect("status")
     }
 
+    /// Submit job `id`, one `sleep` task `t` of `ms`, and wait until it runs.
+    pub async fn start_long_task(&self, client: &Client, id: &str, ms: u64) {
+        client
+            .submit(&serde_json::json!({"id": id, "requestor": "r",
+                "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": ms}}]}))
+            .await;
+        eventually("the long task runs", Duration::from_secs(60), || async {
+            let status = self.status(id).await?;
+            (status.tasks["t"].state == conveyor::model::TaskState::Running).then_some(())
+        })
+        .await;
+    }
+
     /// Wait until the job is terminal; panic with its status if it is not
     /// within `within`.
     pub async fn wait_terminal(&self, id: &str, within: Duration) -> JobStatus {
