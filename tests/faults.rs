@@ -102,6 +102,10 @@ fn worker_command(
         .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
         .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
         .env("CONVEYOR_LEASE_MS", lease_ms.to_string())
+        .env(
+            "CONVEYOR_MAX_DELIVERIES",
+            d.config.worker.max_deliveries.to_string(),
+        )
         .env("CONVEYOR_JOURNAL", journal)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -542,6 +546,9 @@ async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
     let redis = PrivateRedis::start(false).await;
     let mut config = test_config(&unique_prefix("redisro"));
     config.redis_url = redis.url();
+    // A task message whose claim the outage refused goes back uncounted:
+    // with a limit of one delivery, a requeue would make it poison.
+    config.worker.max_deliveries = 1;
     let run = MidRun::start(Deployment::with_config(config).await, "redisro").await;
     // A replica of a primary that does not exist keeps its data, serves
     // reads and refuses every write.

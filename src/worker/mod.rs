@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError, Delivery, Subscription};
-use crate::consumer::{Consumer, Permits, consume};
+use crate::consumer::{Consumer, Permits, consume, give_back};
 use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::model::{DeadLetterReason, TaskMessage};
@@ -364,15 +364,14 @@ impl Worker {
             }
             Err(e) => {
                 // Redis is unreachable: take nothing, lose nothing. The
-                // delivery goes back and consumption pauses until Redis
-                // answers again.
-                tracing::warn!(error = %e, "claim failed; requeueing task");
+                // message goes back as a new one (an outage is not a
+                // failed delivery: requeued, it would count towards
+                // poison) and consumption pauses until Redis answers.
+                tracing::warn!(error = %e, "claim failed; giving the task message back");
                 if e.is_retryable() {
                     self.health.mark_store_down();
                 }
-                if let Err(e) = delivery.acker.requeue().await {
-                    tracing::warn!(error = %e, "requeue failed; the broker redelivers on reconnect");
-                }
+                give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
                 return;
             }
         };
