@@ -139,8 +139,9 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
     );
     assert_eq!(status.version, 3, "create, claim, complete");
 
-    // A diamond: only its root skips the queue; the two tasks it makes
-    // ready are published, and the interceptor gets exactly those.
+    // A diamond: its root skips the queue, and so does one of the two
+    // tasks the root makes ready (the worker runs it next, in the same
+    // slot); the other is published, and the interceptor gets only that.
     client
         .submit(&json!({"id": "diamond", "requestor": "bob", "tasks": [
             {"name": "a", "handler": "noop", "params": {"v": 1}},
@@ -149,18 +150,46 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
             {"name": "d", "handler": "noop", "after": ["b", "c"]}
         ]}))
         .await;
-    let mut intercepted = Vec::new();
-    for _ in 0..2 {
-        let delivery = tokio::time::timeout(WAIT, interceptor.next())
-            .await
-            .expect("the tasks made ready by the root are published")
-            .expect("subscription open")
-            .unwrap();
-        let task = conveyor::model::TaskMessage::decode(&delivery.body).unwrap();
-        intercepted.push(task.task);
+    let delivery = tokio::time::timeout(WAIT, interceptor.next())
+        .await
+        .expect("one task made ready by the root is published")
+        .expect("subscription open")
+        .unwrap();
+    let published = conveyor::model::TaskMessage::decode(&delivery.body)
+        .unwrap()
+        .task;
+    // Unacked; it goes back to the queue when the interceptor is dropped.
+    drop(delivery);
+    let here = match published.as_str() {
+        "b" => "c",
+        "c" => "b",
+        other => panic!("published {other}, not b or c"),
+    };
+    let status = eventually("the other one ran here", WAIT, || async {
+        let status = d.status("diamond").await?;
+        (status.tasks[here].state == TaskState::Succeeded).then_some(status)
+    })
+    .await;
+    assert_eq!(status.tasks[here].worker.as_deref(), Some(worker.as_str()));
+    // A chain: every step after the root runs here, none is published.
+    client
+        .submit(&json!({"id": "chain", "requestor": "carol", "tasks": [
+            {"name": "one", "handler": "noop", "params": {"step": 1}},
+            {"name": "two", "handler": "noop", "after": ["one"]},
+            {"name": "three", "handler": "noop", "after": ["two"]}
+        ]}))
+        .await;
+    let chain = d.wait_terminal("chain", WAIT).await;
+    assert_eq!(chain.state, JobState::Succeeded, "{chain:#?}");
+    for step in ["one", "two", "three"] {
+        assert_eq!(chain.tasks[step].worker.as_deref(), Some(worker.as_str()));
     }
-    intercepted.sort();
-    assert_eq!(intercepted, ["b", "c"]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), interceptor.next())
+            .await
+            .is_err(),
+        "nothing else was published: not the diamond's join (it waits for {published}), not a chain step"
+    );
     let status = d.status("diamond").await.unwrap();
     assert_eq!(status.tasks["a"].state, TaskState::Succeeded);
     // Let them go: the worker takes them back and the job finishes.

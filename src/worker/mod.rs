@@ -115,6 +115,15 @@ pub const SUBMISSION_PRIORITY: i16 = 10;
 /// whose slots are all held by long tasks records new jobs at once.
 pub const SUBMISSION_PATIENCE: Duration = Duration::from_millis(50);
 
+/// How a running task learns the worker is stopping: `graceful` when it
+/// should take on nothing new, `hard` when the grace period is over and
+/// its claim goes back.
+#[derive(Clone)]
+struct Stops {
+    graceful: Shutdown,
+    hard: Shutdown,
+}
+
 /// A delivery handed from a consumer to the run loop.
 enum Work {
     Task(Delivery),
@@ -229,12 +238,15 @@ impl Worker {
         let mut running = JoinSet::new();
         while let Some((work, permit)) = rx.recv().await {
             let this = self.clone();
-            let hard_stop = hard_stop.subscribe();
+            let stops = Stops {
+                graceful: shutdown.clone(),
+                hard: hard_stop.subscribe(),
+            };
             running.spawn(async move {
                 match work {
-                    Work::Task(delivery) => this.process(delivery, hard_stop).await,
+                    Work::Task(delivery) => this.process(delivery, stops).await,
                     Work::Submission(delivery) => {
-                        this.accept(delivery, permit.is_some(), hard_stop).await;
+                        this.accept(delivery, permit.is_some(), stops).await;
                     }
                 }
                 drop(permit);
@@ -314,7 +326,7 @@ impl Worker {
 
     /// Handle one submission; with a permit (`run_here`), run the root task
     /// it claimed, if any.
-    async fn accept(&self, delivery: Delivery, run_here: bool, hard_stop: Shutdown) {
+    async fn accept(&self, delivery: Delivery, run_here: bool, stops: Stops) {
         let Some(submissions) = &self.submissions else {
             // Not consumed without submissions; give it back regardless.
             let _ = delivery.acker.requeue().await;
@@ -326,12 +338,12 @@ impl Worker {
             lease: self.options.lease,
         });
         if let Some(claimed) = submissions.handle(delivery, here).await {
-            self.run_claimed(*claimed, hard_stop).await;
+            self.run_claimed(*claimed, stops).await;
         }
     }
 
     /// Handle one delivery from claim to confirmed follow-ups.
-    async fn process(&self, delivery: Delivery, hard_stop: Shutdown) {
+    async fn process(&self, delivery: Delivery, stops: Stops) {
         let task = match TaskMessage::decode(&delivery.body) {
             Ok(t) => t,
             Err(reason) => {
@@ -376,11 +388,23 @@ impl Worker {
             }
         };
         ack(delivery).await;
-        self.run_claimed(*claimed, hard_stop).await;
+        self.run_claimed(*claimed, stops).await;
     }
 
-    /// Run a claimed task (its delivery, if any, acked) to its outcome.
-    async fn run_claimed(&self, claimed: Claimed, mut hard_stop: Shutdown) {
+    /// Run a claimed task (its delivery, if any, acked) to its outcome,
+    /// then, in the same slot, each task its completion made ready and this
+    /// worker took on (see [`Worker::finish`]): a chain runs here without a
+    /// broker hop per step.
+    async fn run_claimed(&self, claimed: Claimed, stops: Stops) {
+        let mut next = Some(claimed);
+        while let Some(claimed) = next {
+            next = self.run_one(claimed, &stops).await;
+        }
+    }
+
+    /// Run one claimed task to its outcome; returns the task to run next
+    /// here, if its completion made one ready that this worker claimed.
+    async fn run_one(&self, claimed: Claimed, stops: &Stops) -> Option<Claimed> {
         if let Some(j) = &self.options.journal {
             j.record('S', &claimed.claim, None);
         }
@@ -392,20 +416,33 @@ impl Worker {
                 self.options.id,
                 self.registry.names().join(", ")
             ));
-            return self.finish(&claimed, end).await;
+            return self.finish(&claimed, end, &stops.graceful).await;
         };
+        let mut hard_stop = stops.hard.clone();
         let end = tokio::select! {
             biased;
             end = run_attempt(handler, &claimed) => end,
             _ = hard_stop.wait() => {
-                return self.hand_back(&claimed).await;
+                self.hand_back(&claimed).await;
+                return None;
             }
         };
-        self.finish(&claimed, end).await
+        self.finish(&claimed, end, &stops.graceful).await
     }
 
-    /// Apply an attempt's end and publish what it made ready.
-    async fn finish(&self, claimed: &Claimed, end: AttemptEnd) {
+    /// Apply an attempt's end and publish what it made ready — except one
+    /// task on a queue this worker consumes, which it claims and returns to
+    /// run next in the same slot (unless it is stopping). The claim comes
+    /// after the others are published and before this attempt's lease
+    /// entry is dropped: a crash in between leaves the sweep to publish
+    /// every ready dependent again (a duplicate of a claimed one is
+    /// dropped at its claim).
+    async fn finish(
+        &self,
+        claimed: &Claimed,
+        end: AttemptEnd,
+        stopping: &Shutdown,
+    ) -> Option<Claimed> {
         let claim = &claimed.claim;
         let result: AttemptResult = end.into_result(claimed);
         if let Some(j) = &self.options.journal {
@@ -426,11 +463,12 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(error = %e, job = %claim.job, "outcome cannot be applied; the lease sweep will retry the task");
                     self.active.remove(claim);
-                    return;
+                    return None;
                 }
             }
         };
         self.active.remove(claim);
+        let mut next = None;
         match applied {
             Applied::Done {
                 ready,
@@ -439,9 +477,26 @@ impl Worker {
                 job_state,
             } => {
                 tracing::debug!(job = %claim.job, task = %claimed.task, %task_state, %job_state, duplicate, "outcome applied");
+                let mut ready = ready;
+                let here = (!stopping.is_triggered())
+                    .then(|| {
+                        ready
+                            .iter()
+                            .position(|t| self.options.queues.contains(&t.queue))
+                    })
+                    .flatten()
+                    .map(|i| ready.swap_remove(i));
                 if let Err(e) = self.outbox.publish_tasks_until_confirmed(&ready).await {
                     tracing::error!(error = %e, job = %claim.job, "cannot publish ready tasks; the lease sweep will");
-                    return;
+                    return None;
+                }
+                if let Some(task) = here {
+                    match self.take_here(task).await {
+                        Ok(claimed) => next = claimed,
+                        // Neither claimed nor published: this attempt's
+                        // lease entry stays, for the sweep to publish it.
+                        Err(()) => return None,
+                    }
                 }
             }
             Applied::Stale => {
@@ -449,15 +504,49 @@ impl Worker {
                 // that re-queued it: leave it alone.
                 tracing::warn!(job = %claim.job, task = %claimed.task, attempt = claim.attempt, fence = claim.fence,
                     "late outcome rejected: this claim's lease lapsed and the task moved on");
-                return;
+                return None;
             }
             Applied::Missing => {
                 tracing::warn!(job = %claim.job, "job vanished before its outcome was applied");
-                return;
+                return None;
             }
         }
         if let Err(e) = self.store.forget_claim(claim).await {
             tracing::debug!(error = %e, "lease entry left for the sweep to drop");
+        }
+        next
+    }
+
+    /// Claim a task this worker's completion made ready, to run it next in
+    /// the same slot; if the claim fails for want of the store, publish its
+    /// message instead (a claim taken elsewhere, or an attempt moved on,
+    /// needs nothing).
+    /// `Err` when the task is neither claimed nor published.
+    async fn take_here(&self, task: TaskMessage) -> Result<Option<Claimed>, ()> {
+        match self
+            .store
+            .claim(&task, &self.options.id, self.options.lease)
+            .await
+        {
+            Ok(ClaimOutcome::Claimed(claimed)) => Ok(Some(*claimed)),
+            Ok(other) => {
+                tracing::debug!(job = %task.job, task = %task.task, ?other, "ready task not claimable here");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, job = %task.job, "cannot claim a ready task here; publishing it");
+                match self
+                    .outbox
+                    .publish_tasks_until_confirmed(std::slice::from_ref(&task))
+                    .await
+                {
+                    Ok(()) => Ok(None),
+                    Err(e) => {
+                        tracing::error!(error = %e, job = %task.job, "cannot publish a ready task; the lease sweep will");
+                        Err(())
+                    }
+                }
+            }
         }
     }
 
