@@ -60,7 +60,8 @@ pub struct Consumer<'a> {
 }
 
 /// Consume as `consumer` says until `shutdown`; `hand` takes each delivery
-/// with its permit (always one under [`Permits::Wait`]) and returns false
+/// with its permit (always one under [`Permits::Wait`] and
+/// [`Permits::Hold`]) and returns false
 /// to stop. Returns the last subscription, cancelled, so its unfinished
 /// deliveries stay with the caller until it drops it.
 pub async fn consume(
@@ -134,7 +135,8 @@ pub async fn consume(
             };
             let over = patience.map(|p| arrived + p);
             // Nothing is handed on while the store is down: it would only
-            // come straight back (a failed claim requeues its delivery).
+            // come straight back (a claim the store refuses sends its
+            // message back to the queue).
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
