@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::broker::{Delivery, Outgoing};
+use crate::consumer::give_back;
 use crate::health::Health;
 use crate::intake::{Intake, JobIntake};
 use crate::model::SubmitReply;
@@ -180,15 +181,20 @@ impl Submissions {
     }
 
     async fn store_failed(&self, delivery: Delivery, e: StoreError) {
-        tracing::warn!(error = %e, "store failed; requeueing submission");
         if e.is_retryable() {
-            // Take no new submissions until Redis answers again.
+            // Take no new submissions until Redis answers again. The
+            // message goes back as a new one: an outage is not a failed
+            // delivery, and the submit queue's delivery limit would count
+            // a requeue.
+            tracing::warn!(error = %e, "store unavailable; giving the submission back");
             self.health.mark_store_down();
+            give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
         } else {
             // Not a passing outage: do not spin on it.
+            tracing::warn!(error = %e, "store failed; requeueing submission");
             tokio::time::sleep(Duration::from_secs(1)).await;
+            requeue(delivery).await;
         }
-        requeue(delivery).await;
     }
 }
 

@@ -557,12 +557,22 @@ async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
     let down = wait_readiness(run.port, false).await;
     assert_eq!(down["store"], false, "{down}");
     assert_eq!(down["broker"], true, "{down}");
+    // Submissions during the outage wait in the broker (a consumer with
+    // one in hand when the store went down gives it back) and are
+    // recorded once Redis writes again.
+    let client = Client::connect(&run.d.config.prefix).await;
+    let late = submit_sleep_jobs(&client, "redisro-late", 20, 1).await;
+    client.close().await;
     // Long enough for every task message in hand to be redelivered many
     // times over, were a refusal taken for a failure.
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.cli(&["REPLICAOF", "NO", "ONE"]).await;
     wait_readiness(run.port, true).await;
     run.assert_nothing_lost("Redis refused writes").await;
+    for id in &late {
+        let status = run.d.wait_terminal(id, WAIT).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    }
     run.stop().await;
 }
 
