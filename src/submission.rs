@@ -57,9 +57,9 @@ pub(crate) struct RunHere<'a> {
 impl Submissions {
     /// Handle one submission; with `run_here`, claim one ready root of the
     /// job and return it for the caller to run (already acked). Never
-    /// panics and never drops a message: what cannot be handled now is
-    /// requeued, what can never be handled is dead-lettered or recorded as
-    /// rejected.
+    /// panics and never drops a message: what cannot be handled now goes
+    /// back to the queue (as a new message while the store is out), what
+    /// can never be handled is dead-lettered or recorded as rejected.
     pub(crate) async fn handle(
         &self,
         delivery: Delivery,
