@@ -303,3 +303,74 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
     assert_eq!(index, vec!["alive".to_owned()]);
     common::cleanup(&config).await;
 }
+
+/// A job recorded before a task's run spec was packed into one field
+/// (`x:<i>`) holds it in five (`h p bb bc to`); a store of this version
+/// claims it and reports it as it reports its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
+    let config = common::test_config(&common::unique_prefix("layout"));
+    let store = common::connect_store(&config, "eq").await;
+    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+    let body = json!({"id": "old", "requestor": "r", "tasks": [{"name": "t", "handler": "sleep",
+        "params": {"ms": 1}, "timeout_s": 7, "retry": {"base_ms": 11, "cap_ms": 13}}]});
+    let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
+        panic!("valid job");
+    };
+    store.create_job(&planned).await.unwrap();
+    let before = store.job("old").await.unwrap().unwrap();
+    // Rewrite the task's run spec as the earlier layout had it.
+    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = conveyor::names::Names::new(&config.prefix).job_key("old");
+    let x: String = redis::cmd("HGET")
+        .arg(&key)
+        .arg("x:0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(x.starts_with("11,13,7000,5,sleep"), "{x}");
+    redis::pipe()
+        .cmd("HDEL")
+        .arg(&key)
+        .arg("x:0")
+        .ignore()
+        .cmd("HSET")
+        .arg(&key)
+        .arg(&[
+            ("h:0", "sleep"),
+            ("p:0", r#"{"ms":1}"#),
+            ("bb:0", "11"),
+            ("bc:0", "13"),
+            ("to:0", "7000"),
+        ])
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.job("old").await.unwrap().unwrap(), before);
+    let msg = TaskMessage {
+        job: "old".into(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    };
+    let ClaimOutcome::Claimed(c) = store
+        .claim(&msg, "w", Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("claim");
+    };
+    assert_eq!(
+        (
+            c.handler.as_str(),
+            c.params_json.as_str(),
+            c.timeout,
+            c.backoff
+        ),
+        ("sleep", r#"{"ms":1}"#, Duration::from_secs(7), (11, 13))
+    );
+    common::cleanup(&config).await;
+}

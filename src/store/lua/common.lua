@@ -9,11 +9,13 @@
 -- nfail, ncanc, fence (claim counter, starting at the store's epoch base so
 -- fences never repeat across a Redis that lost its data), ret (retention
 -- ms), err.
--- Per task i: nm name, h handler, q queue, p params, af deps (comma list),
--- dp dependents (comma list), dl deps left, s state, a attempt, ma max
--- attempts, bb/bc backoff base/cap, to timeout ms, r result, e error,
--- w worker, f fence of the live claim, lf fence of the last applied result,
--- le lease expiry, due next retry (all as `<field>:<i>`).
+-- Per task i: nm name, q queue, x run spec (`<backoff base>,<backoff
+-- cap>,<timeout ms>,<handler length>,<handler><params>`: only claims read
+-- it, so it is one field; jobs recorded before it have h, p, bb, bc, to
+-- instead), af deps (comma list), dp dependents (comma list), dl deps
+-- left, s state, a attempt, ma max attempts, r result, e error, w worker,
+-- f fence of the live claim, lf fence of the last applied result, le lease
+-- expiry, due next retry (all as `<field>:<i>`).
 --
 -- The library is loaded once, so the helpers below are made once; the
 -- state of one call lives in these locals, set by `begin` before every
