@@ -218,6 +218,22 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
 /// of recent jobs goes with the next pruning pass, in both stores, while a
 /// job still running keeps its entry however old it is. Small batches walk
 /// past live entries rather than stopping at them.
+/// Claim attempt 1 of task `t` (index 0, queue `default`) of job `id`,
+/// for worker `w`; panics unless it is claimed.
+async fn claim_first_attempt(store: &dyn Store, id: &str) -> conveyor::store::Claimed {
+    let msg = TaskMessage {
+        job: id.to_owned(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    };
+    match store.claim(&msg, "w", Duration::from_secs(60)).await {
+        Ok(ClaimOutcome::Claimed(c)) => *c,
+        other => panic!("claim of {id}: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
     let mut config = common::test_config(&common::unique_prefix("prune"));
@@ -242,20 +258,7 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for id in &ids[1..] {
-            let msg = TaskMessage {
-                job: id.clone(),
-                task: "t".into(),
-                idx: 0,
-                attempt: 1,
-                queue: "default".into(),
-            };
-            let ClaimOutcome::Claimed(c) = store
-                .claim(&msg, "w", Duration::from_secs(60))
-                .await
-                .unwrap()
-            else {
-                panic!("{name}: claim of {id}");
-            };
+            let c = claim_first_attempt(store.as_ref(), id).await;
             let applied = store
                 .complete(&c.claim, "w", &AttemptResult::Succeeded("{}".into()))
                 .await
@@ -349,20 +352,7 @@ async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
         .await
         .unwrap();
     assert_eq!(store.job("old").await.unwrap().unwrap(), before);
-    let msg = TaskMessage {
-        job: "old".into(),
-        task: "t".into(),
-        idx: 0,
-        attempt: 1,
-        queue: "default".into(),
-    };
-    let ClaimOutcome::Claimed(c) = store
-        .claim(&msg, "w", Duration::from_secs(60))
-        .await
-        .unwrap()
-    else {
-        panic!("claim");
-    };
+    let c = claim_first_attempt(store.as_ref(), "old").await;
     assert_eq!(
         (
             c.handler.as_str(),
