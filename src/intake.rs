@@ -31,6 +31,7 @@ use serde_json::Value;
 use crate::config::{Config, Limits, RetryConfig};
 use crate::dag::Dag;
 use crate::model::{DeadLetterReason, JobSpec, RetryPolicy, TaskMessage};
+use crate::text::{capped, cut};
 
 /// The longest error text intake records, replies or puts in a header, in
 /// bytes; longer ones are cut at a character boundary and end with `…`.
@@ -194,7 +195,7 @@ impl JobIntake {
         let requestor = value
             .get("requestor")
             .and_then(Value::as_str)
-            .map(|r| truncate(r, self.limits.max_name_len))
+            .map(|r| cut(r, self.limits.max_name_len).to_owned())
             .unwrap_or_default();
         let reject = |error: String| {
             Intake::Rejected(Rejection {
@@ -408,18 +409,6 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
     }
 }
 
-/// `text` cut to at most `max` bytes at a character boundary, ending with
-/// `…` if anything was cut.
-fn capped(text: String, max: usize) -> String {
-    const MARK: &str = "…";
-    if text.len() <= max {
-        return text;
-    }
-    let mut out = truncate(&text, max.saturating_sub(MARK.len()));
-    out.push_str(MARK);
-    out
-}
-
 /// A fresh job id: a UUIDv7, so ids sort by creation time.
 pub fn new_job_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -452,14 +441,6 @@ fn usable_id(value: &Value, max: usize) -> Option<String> {
     let id = value.get("id")?.as_str()?;
     check_name("id", id, max).ok()?;
     Some(id.to_owned())
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
 
 /// `/tasks/0/handler` -> `tasks[0].handler`; empty -> `job`.
@@ -708,10 +689,6 @@ mod tests {
         assert!(err.len() <= MAX_ERROR_BYTES, "{} bytes", err.len());
         assert!(err.len() > MAX_ERROR_BYTES - 8, "{} bytes", err.len());
         assert!(err.ends_with("é…"), "{err}");
-
-        assert_eq!(capped("short".into(), 8), "short");
-        assert_eq!(capped("ab€cd".into(), 6), "ab…");
-        assert_eq!(capped("abcdefgh".into(), 7), "abcd…");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod shutdown;
 pub mod store;
 pub(crate) mod submission;
 pub mod telemetry;
+pub mod text;
 pub mod worker;
 
 pub use conveyor_handler as handler;

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::text::capped;
+
 /// A task ready to run, as published to `<prefix>.tasks.<queue>`
 /// (`schemas/task.schema.json`). It names the execution, nothing more: the
 /// worker's claim loads params and dependency results from the store, so a
@@ -84,28 +86,14 @@ impl TaskMessage {
     /// [`MAX_DECODE_ERROR_BYTES`] (the error becomes a dead letter's header,
     /// and serde's messages quote the offending value, whatever its size).
     pub fn decode(body: &[u8]) -> Result<TaskMessage, String> {
-        serde_json::from_slice(body).map_err(|e| capped(format!("task message: {e}")))
+        serde_json::from_slice(body)
+            .map_err(|e| capped(format!("task message: {e}"), MAX_DECODE_ERROR_BYTES))
     }
 }
 
 /// The longest error [`TaskMessage::decode`] returns, in bytes (as long as
 /// intake's errors may be).
 pub const MAX_DECODE_ERROR_BYTES: usize = 1024;
-
-/// `text` cut to [`MAX_DECODE_ERROR_BYTES`] at a character boundary, ending
-/// with `…` if anything was cut.
-fn capped(mut text: String) -> String {
-    const MARK: &str = "…";
-    if text.len() > MAX_DECODE_ERROR_BYTES {
-        let mut end = MAX_DECODE_ERROR_BYTES - MARK.len();
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str(MARK);
-    }
-    text
-}
 
 /// Every schema in `schemas/` but the job's (`model/job.rs` has that one)
 /// against the Rust types that write or read its messages: its properties

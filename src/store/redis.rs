@@ -225,7 +225,7 @@ impl<'a> RunSpec<'a> {
     }
 
     fn decode(x: &'a str) -> Result<RunSpec<'a>, StoreError> {
-        let bad = || protocol(format!("run spec {:?}", truncate_for_error(x)));
+        let bad = || protocol(format!("run spec {:?}", crate::text::cut(x, 80)));
         let mut parts = x.splitn(5, ',');
         let mut next_num = || -> Result<u64, StoreError> {
             parts.next().and_then(|n| n.parse().ok()).ok_or_else(bad)
@@ -245,15 +245,6 @@ impl<'a> RunSpec<'a> {
             params_json,
         })
     }
-}
-
-/// At most 80 bytes of `s`, cut at a character boundary, for an error.
-fn truncate_for_error(s: &str) -> &str {
-    let mut end = s.len().min(80);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 fn num<T: std::str::FromStr>(reply: &Reply, i: usize, what: &str) -> Result<T, StoreError> {
