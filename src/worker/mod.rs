@@ -379,11 +379,18 @@ impl Worker {
                 // message goes back as a new one (an outage is not a
                 // failed delivery: requeued, it would count towards
                 // poison) and consumption pauses until Redis answers.
-                tracing::warn!(error = %e, "claim failed; giving the task message back");
                 if e.is_retryable() {
+                    tracing::warn!(error = %e, "store unavailable; giving the task message back");
                     self.health.mark_store_down();
+                    give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
+                } else {
+                    // A call the store refuses for good: requeued, it is
+                    // counted, and turns poison instead of spinning.
+                    tracing::warn!(error = %e, "claim failed; requeueing the task message");
+                    if let Err(e) = delivery.acker.requeue().await {
+                        tracing::warn!(error = %e, "requeue failed; the broker redelivers on reconnect");
+                    }
                 }
-                give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
                 return;
             }
         };
@@ -432,11 +439,11 @@ impl Worker {
 
     /// Apply an attempt's end and publish what it made ready — except one
     /// task on a queue this worker consumes, which it claims and returns to
-    /// run next in the same slot (unless it is stopping). The claim comes
-    /// after the others are published and before this attempt's lease
-    /// entry is dropped: a crash in between leaves the sweep to publish
-    /// every ready dependent again (a duplicate of a claimed one is
-    /// dropped at its claim).
+    /// run next in the same slot (unless it is stopping). The claim and the
+    /// publishes come before this attempt's lease entry is dropped: a crash
+    /// in between leaves the sweep to publish every ready dependent again
+    /// (a copy of the claimed one is dropped at its claim), and the claimed
+    /// one, if never run, is the sweep's when its lease lapses.
     async fn finish(
         &self,
         claimed: &Claimed,
@@ -478,25 +485,34 @@ impl Worker {
             } => {
                 tracing::debug!(job = %claim.job, task = %claimed.task, %task_state, %job_state, duplicate, "outcome applied");
                 let mut ready = ready;
-                let here = (!stopping.is_triggered())
-                    .then(|| {
-                        ready
-                            .iter()
-                            .position(|t| self.options.queues.contains(&t.queue))
-                    })
-                    .flatten()
-                    .map(|i| ready.swap_remove(i));
-                if let Err(e) = self.outbox.publish_tasks_until_confirmed(&ready).await {
-                    tracing::error!(error = %e, job = %claim.job, "cannot publish ready tasks; the lease sweep will");
-                    return None;
-                }
-                if let Some(task) = here {
-                    match self.take_here(task).await {
-                        Ok(claimed) => next = claimed,
-                        // Neither claimed nor published: this attempt's
-                        // lease entry stays, for the sweep to publish it.
-                        Err(()) => return None,
+                // One ready task this worker can run goes on in this slot:
+                // claimed first; if the store will not have it, published
+                // with the rest.
+                let position = ready
+                    .iter()
+                    .position(|t| self.options.queues.contains(&t.queue));
+                if let Some(i) = position.filter(|_| !stopping.is_triggered()) {
+                    let task = ready.swap_remove(i);
+                    match self
+                        .store
+                        .claim(&task, &self.options.id, self.options.lease)
+                        .await
+                    {
+                        Ok(ClaimOutcome::Claimed(claimed)) => next = Some(*claimed),
+                        Ok(other) => {
+                            tracing::debug!(job = %task.job, task = %task.task, ?other, "ready task not claimable here");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, job = %task.job, "cannot claim a ready task here; publishing it");
+                            ready.push(task);
+                        }
                     }
+                }
+                if let Err(e) = self.outbox.publish_tasks_until_confirmed(&ready).await {
+                    // This attempt's lease entry stays: the sweep publishes
+                    // them. The task claimed here is ours to run.
+                    tracing::error!(error = %e, job = %claim.job, "cannot publish ready tasks; the lease sweep will");
+                    return next;
                 }
             }
             Applied::Stale => {
@@ -515,39 +531,6 @@ impl Worker {
             tracing::debug!(error = %e, "lease entry left for the sweep to drop");
         }
         next
-    }
-
-    /// Claim a task this worker's completion made ready, to run it next in
-    /// the same slot; if the claim fails for want of the store, publish its
-    /// message instead (a claim taken elsewhere, or an attempt moved on,
-    /// needs nothing).
-    /// `Err` when the task is neither claimed nor published.
-    async fn take_here(&self, task: TaskMessage) -> Result<Option<Claimed>, ()> {
-        match self
-            .store
-            .claim(&task, &self.options.id, self.options.lease)
-            .await
-        {
-            Ok(ClaimOutcome::Claimed(claimed)) => Ok(Some(*claimed)),
-            Ok(other) => {
-                tracing::debug!(job = %task.job, task = %task.task, ?other, "ready task not claimable here");
-                Ok(None)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, job = %task.job, "cannot claim a ready task here; publishing it");
-                match self
-                    .outbox
-                    .publish_tasks_until_confirmed(std::slice::from_ref(&task))
-                    .await
-                {
-                    Ok(()) => Ok(None),
-                    Err(e) => {
-                        tracing::error!(error = %e, job = %task.job, "cannot publish a ready task; the lease sweep will");
-                        Err(())
-                    }
-                }
-            }
-        }
     }
 
     /// Shutdown overran the grace period: give the claim back.
