@@ -114,36 +114,20 @@ pub async fn consume(
         // here when the subscription closes goes back to the queue.
         let mut held: VecDeque<(Instant, Delivery)> = VecDeque::new();
         loop {
-            let Some(&(arrived, _)) = held.front() else {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break,
-                    _ = health.wait_store_up() => {}
-                }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break,
-                    d = subscription.next() => match d {
-                        Some(Ok(d)) => held.push_back((Instant::now(), d)),
-                        ended => {
-                            note_ended(queue, health, ended);
-                            continue 'subscribe;
-                        }
-                    },
-                }
-                continue;
-            };
-            let over = patience.map(|p| arrived + p);
-            // Nothing is handed on while the store is down: it would only
-            // come straight back (a claim the store refuses sends its
-            // message back to the queue).
+            let over = held
+                .front()
+                .and_then(|&(arrived, _)| patience.map(|p| arrived + p));
+            let (idle, room) = (held.is_empty(), held.len() < usize::from(prefetch.max(1)));
+            // Nothing is received into an empty hand, nor handed on, while
+            // the store is down: it would only come straight back (a claim
+            // the store refuses sends its message back to the queue).
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
                 p = async {
                     health.wait_store_up().await;
                     semaphore.clone().acquire_owned().await
-                } => {
+                }, if !idle => {
                     // A closed semaphore: the process is stopping.
                     let Ok(permit) = p else { break };
                     if let Some((_, d)) = held.pop_front()
@@ -152,7 +136,7 @@ pub async fn consume(
                         break;
                     }
                 }
-                _ = sleep_until(over), if holds => {
+                _ = sleep_until(over), if holds && over.is_some() => {
                     stop_and_give_back(broker, queue, &mut subscription, held).await;
                     health.set_consuming(queue, false);
                     tokio::select! {
@@ -166,7 +150,7 @@ pub async fn consume(
                 _ = async {
                     sleep_until(over).await;
                     health.wait_store_up().await;
-                }, if !holds => {
+                }, if !holds && over.is_some() => {
                     // Patience over: on without a permit.
                     if let Some((_, d)) = held.pop_front()
                         && !hand(d, None)
@@ -174,10 +158,21 @@ pub async fn consume(
                         break;
                     }
                 }
-                d = subscription.next(), if held.len() < usize::from(prefetch.max(1)) => match d {
+                d = async {
+                    if idle {
+                        health.wait_store_up().await;
+                    }
+                    subscription.next().await
+                }, if room => match d {
                     Some(Ok(d)) => held.push_back((Instant::now(), d)),
-                    ended => {
-                        note_ended(queue, health, ended);
+                    Some(Err(e)) => {
+                        health.set_consuming(queue, false);
+                        tracing::warn!(%queue, error = %e, "subscription failed; subscribing again");
+                        continue 'subscribe;
+                    }
+                    None => {
+                        health.set_consuming(queue, false);
+                        tracing::warn!(%queue, "subscription ended; subscribing again");
                         continue 'subscribe;
                     }
                 },
@@ -194,22 +189,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// A subscription failed or ended: say so (the caller subscribes again;
-/// what it held goes back to the queue with the old channel).
-fn note_ended(
-    queue: &str,
-    health: &Health,
-    ended: Option<Result<Delivery, crate::broker::BrokerError>>,
-) {
-    health.set_consuming(queue, false);
-    match ended {
-        Some(Err(e)) => {
-            tracing::warn!(%queue, error = %e, "subscription failed; subscribing again");
-        }
-        _ => tracing::warn!(%queue, "subscription ended; subscribing again"),
     }
 }
 
