@@ -519,6 +519,22 @@ impl Config {
             &self.limits.max_params_bytes,
             at_least(&MIN_PARAMS_BYTES, " (bytes; `{}` is 2)"),
         );
+        // lapin reports a frame_max below AMQP's minimum only as a failed
+        // connect; the URL itself is not printed (it may hold a password).
+        for (node, url) in split_urls(&self.amqp_url).into_iter().enumerate() {
+            for (key, rule) in AMQP_URL_NUMBERS {
+                let Some(value) = url_query_value(url, key) else {
+                    continue;
+                };
+                let ok = value.parse::<u32>().is_ok_and(|n| rule.allows(n));
+                check(
+                    ok,
+                    &format!("amqp_url (node {}) {key}", node + 1),
+                    &value,
+                    rule.describe(),
+                );
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -668,6 +684,55 @@ impl Config {
     }
 }
 
+/// What a connection parameter in an AMQP URL's query may be.
+#[derive(Debug, Clone, Copy)]
+enum UrlNumber {
+    /// 0 (no limit, the broker's choice) or at least this many bytes.
+    ZeroOrAtLeast(u32),
+    /// Whole seconds up to AMQP's 16-bit limit; 0 turns heartbeats off.
+    Seconds,
+}
+
+impl UrlNumber {
+    fn allows(self, n: u32) -> bool {
+        match self {
+            UrlNumber::ZeroOrAtLeast(min) => n == 0 || n >= min,
+            UrlNumber::Seconds => n <= u32::from(u16::MAX),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            UrlNumber::ZeroOrAtLeast(min) => format!(
+                "must be 0 (the broker's maximum) or at least {min} (bytes; AMQP's smallest frame)"
+            ),
+            UrlNumber::Seconds => format!(
+                "must be a whole number of seconds up to {} (0 turns them off)",
+                u16::MAX
+            ),
+        }
+    }
+}
+
+/// AMQP's `frame-min-size`: no peer accepts a smaller `frame_max`.
+pub const AMQP_MIN_FRAME_MAX: u32 = 4096;
+
+/// Numeric connection parameters of an AMQP URL checked by
+/// [`Config::validate`].
+const AMQP_URL_NUMBERS: [(&str, UrlNumber); 2] = [
+    ("frame_max", UrlNumber::ZeroOrAtLeast(AMQP_MIN_FRAME_MAX)),
+    ("heartbeat", UrlNumber::Seconds),
+];
+
+/// The value of `key` in `url`'s query string, if it names one.
+fn url_query_value<'a>(url: &'a str, key: &str) -> Option<&'a str> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find_map(|(k, v)| (k == key).then_some(v))
+}
+
 /// The URLs of a comma-separated list, trimmed, empty ones dropped.
 pub fn split_urls(list: &str) -> Vec<&str> {
     list.split(',')
@@ -723,6 +788,43 @@ mod tests {
         assert_eq!(c.prefix, "fromenv");
         assert_eq!(c.worker.queues, vec!["a", "b"]);
         assert_eq!(c.worker.concurrency, 7);
+    }
+
+    #[test]
+    fn an_amqp_url_frame_max_below_the_protocol_minimum_is_named_without_the_url() {
+        let config = Config {
+            amqp_url: "amqp://u:secret@a/%2f?heartbeat=10,amqp://u:secret@b/%2f?frame_max=1024&heartbeat=70000"
+                .into(),
+            ..Config::default()
+        };
+        let err = config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("amqp_url (node 2) frame_max = 1024: must be 0 (the broker's maximum) or at least 4096"),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "amqp_url (node 2) heartbeat = 70000: must be a whole number of seconds up to 65535"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains("node 1"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        for fine in [
+            "amqp://h/?frame_max=4096",
+            "amqp://h/?frame_max=0&heartbeat=0",
+            "amqp://h/",
+        ] {
+            let config = Config {
+                amqp_url: fine.into(),
+                ..Config::default()
+            };
+            assert!(config.validate().is_ok(), "{fine}");
+        }
     }
 
     #[test]
