@@ -153,6 +153,38 @@ pub struct LoadResult {
     pub redis_used_after: Option<u64>,
 }
 
+/// One CSV row per job, in publish order: when it was published (bench
+/// wall clock), created and finished (Redis clock moved onto the bench's by
+/// the measured offset), all in µs since the epoch, its state, and
+/// publish-to-finish in µs. Empty cells for what did not happen.
+pub fn samples_csv(load: &LoadResult) -> String {
+    let offset = load.clock.offset_us;
+    let mut csv = String::from(
+        "job,published_unix_us,created_unix_us,finished_unix_us,state,publish_to_finish_us\n",
+    );
+    let cell = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for (i, job) in load.jobs.iter().enumerate() {
+        let published = job.published.map(|_| job.published_unix_us);
+        let created = job.created_ms.map(|ms| ms * 1000 - offset);
+        let finished = job.finished_us.map(|us| us - offset);
+        let latency = published.zip(finished).map(|(p, f)| f - p);
+        let state = job
+            .publish_error
+            .as_ref()
+            .map(|_| "publish failed")
+            .or(job.state.as_deref())
+            .unwrap_or("unfinished");
+        csv.push_str(&format!(
+            "{i},{},{},{},{state},{}\n",
+            cell(published),
+            cell(created),
+            cell(finished),
+            cell(latency)
+        ));
+    }
+    csv
+}
+
 enum Event {
     Published {
         idx: usize,
@@ -775,4 +807,48 @@ async fn publish_all(
         sent,
         refused,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_put_every_job_on_the_bench_clock_with_empty_cells_for_what_did_not_happen() {
+        let now = Instant::now();
+        let load = LoadResult {
+            jobs: vec![
+                JobRecord {
+                    published: Some(now),
+                    published_unix_us: 1_000_000,
+                    state: Some("succeeded".into()),
+                    created_ms: Some(1_001),
+                    finished_us: Some(1_002_500),
+                    ..JobRecord::default()
+                },
+                JobRecord {
+                    published: Some(now),
+                    published_unix_us: 1_000_100,
+                    ..JobRecord::default()
+                },
+                JobRecord {
+                    publish_error: Some("nacked".into()),
+                    ..JobRecord::default()
+                },
+            ],
+            // Redis runs 500 µs ahead of the bench.
+            clock: ClockSync {
+                offset_us: 500,
+                rtt_us: 20,
+            },
+            ..LoadResult::default()
+        };
+        assert_eq!(
+            samples_csv(&load),
+            "job,published_unix_us,created_unix_us,finished_unix_us,state,publish_to_finish_us\n\
+             0,1000000,1000500,1002000,succeeded,2000\n\
+             1,1000100,,,unfinished,\n\
+             2,,,,publish failed,\n"
+        );
+    }
 }

@@ -202,6 +202,8 @@ pub struct Options {
     /// Spawn mode: start the workers only once every job is accepted, and
     /// sample memory then.
     pub hold_workers: bool,
+    /// Write one CSV row per job (publish, create and finish times) here.
+    pub samples: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -222,6 +224,7 @@ impl Default for Options {
             bare_message_bytes: 100,
             bare_queue_type: QueueType::Classic,
             hold_workers: false,
+            samples: None,
         }
     }
 }
@@ -366,6 +369,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
         Target::Live { .. } => {
             spawn::check_live(config, &names, &config.worker.queues).await?;
             let load = load::run(config, options, run_id).await?;
+            write_samples(options, &load)?;
             Ok(report::build(
                 config, options, run_id, load, yardstick, None, None,
             ))
@@ -415,6 +419,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             let stopped = deployment.stop().await;
             spawn::cleanup(&deployment_config, true).await;
             let (load, hold) = result?;
+            write_samples(options, &load)?;
             let processes = report::Processes {
                 dispatchers: spawn_options.dispatchers,
                 workers: spawn_options.workers,
@@ -435,6 +440,15 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             ))
         }
     }
+}
+
+/// The per-job CSV of `--samples`, if asked for.
+fn write_samples(options: &Options, load: &load::LoadResult) -> Result<(), BenchError> {
+    let Some(path) = &options.samples else {
+        return Ok(());
+    };
+    std::fs::write(path, load::samples_csv(load))
+        .map_err(|e| BenchError::Options(format!("--samples {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -78,6 +78,11 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write one CSV row per job to this file: publish, create and
+    /// finish times (µs since the epoch, on the bench's clock), state and
+    /// publish-to-finish latency, to see when slow jobs happened.
+    #[arg(long)]
+    samples: Option<std::path::PathBuf>,
 }
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
@@ -109,6 +114,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         bare_messages: (!args.skip_bare).then_some(args.bare_messages),
         bare_queue_type: args.bare_queue_type,
         hold_workers: args.hold_workers,
+        samples: args.samples,
         ..Options::default()
     };
     let report = conveyor::bench::run(&config, options).await?;
