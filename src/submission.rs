@@ -8,11 +8,13 @@
 //! dispatcher's path has:
 //!
 //! 1. the job is recorded (`create`) and the root claimed under a lease,
-//!    like any task message's claim (`Store::create_job_and_claim`: one
-//!    round trip on Redis, the claim after the creation). A crash before
-//!    the claim leaves the submission unacked, and its redelivery finds
-//!    the job and publishes its ready tasks, the unclaimed root among
-//!    them; from the claim on, a crash leaves the task to the lease sweep;
+//!    like any task message's claim (`Store::create_job_and_claim`: on
+//!    Redis one script call that creates, then claims, after the lease
+//!    entry in the same round trip). A crash before it leaves the
+//!    submission unacked, and its redelivery starts again (a job already
+//!    recorded has its ready tasks published, the unclaimed root among
+//!    them, unless this claim takes it); from the claim on, a crash leaves
+//!    the task to the lease sweep;
 //! 2. the other ready tasks are published (confirmed), the reply sent;
 //! 3. the submission is acked, and the caller runs the claimed task.
 //!

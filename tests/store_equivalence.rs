@@ -95,7 +95,7 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     assert_eq!(a, b, "{ctx}: create");
                 } else {
                     // As a worker taking submissions records a job: one
-                    // pipeline on Redis, two calls on the memory store.
+                    // call on Redis, two on the memory store.
                     let root = planned.roots().next().unwrap();
                     let lease = Duration::from_millis(LATER_MS);
                     let a = redis

@@ -53,7 +53,7 @@ pub(crate) const COMMON: &str = include_str!("lua/common.lua");
 /// Every transition's body, by name, in [`Script`] order. Each runs as the
 /// body of a function after `begin`; its return value is the reply, after
 /// the buffered history entries are flushed.
-pub const SCRIPT_BODIES: [(&str, &str); 9] = [
+pub const SCRIPT_BODIES: [(&str, &str); 10] = [
     ("create", include_str!("lua/create.lua")),
     ("reject", include_str!("lua/reject.lua")),
     ("claim", include_str!("lua/claim.lua")),
@@ -63,6 +63,8 @@ pub const SCRIPT_BODIES: [(&str, &str); 9] = [
     ("release", include_str!("lua/release.lua")),
     ("renew", include_str!("lua/renew.lua")),
     ("poison", include_str!("lua/poison.lua")),
+    // Calls `body_create` and `body_claim`, so it comes after both.
+    ("create_claim", include_str!("lua/create_claim.lua")),
 ];
 
 /// The function library: its name (`conveyor_` + 16 hex digits of the
@@ -108,6 +110,7 @@ enum Script {
     Release,
     Renew,
     Poison,
+    CreateClaim,
 }
 
 /// The Redis implementation of [`Store`].
@@ -116,7 +119,7 @@ pub struct RedisStore {
     pool: Pool,
     names: Names,
     /// Function name of each [`Script`].
-    functions: [String; 9],
+    functions: [String; 10],
     retention_ms: u64,
     by: String,
     epoch: Arc<AtomicU64>,
@@ -528,30 +531,50 @@ impl RedisStore {
         cmd
     }
 
-    /// Run a pipeline; if Redis no longer has the library (restarted
-    /// without its data), load it and run the pipeline once more.
     /// A pipeline of `cmd` (which records job `id`) and the job's entry in
-    /// the index of recent jobs: another slot, so its own command, sent in
-    /// the same round trip; NX, so an existing job keeps its place. One
-    /// reply: `cmd`'s.
+    /// the index of recent jobs ([`Self::add_index_entry`]). One reply:
+    /// `cmd`'s.
     fn indexed(&self, cmd: redis::Cmd, id: &str) -> Pipeline {
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
+        self.add_index_entry(&mut pipe, id);
+        pipe
+    }
+
+    /// Job `id`'s entry in the index of recent jobs: another slot than the
+    /// job's, so its own command, sent in the same round trip; NX, so an
+    /// existing job keeps its place. No reply.
+    fn add_index_entry(&self, pipe: &mut Pipeline, id: &str) {
         pipe.cmd("ZADD")
             .arg(self.names.jobs_index())
             .arg("NX")
             .arg(unix_ms())
             .arg(id)
             .ignore();
-        pipe
     }
 
-    /// The creation of `job` for `epoch`'s fence base: the create call,
-    /// its index entry ([`Self::indexed`]) and the queues this process has
-    /// not noted yet (returned, to note once the pipeline ran). One reply:
-    /// the create's.
+    /// The creation of `job` for `epoch`'s fence base
+    /// ([`Self::index_creation`] of a create call). One reply: the
+    /// create's.
     fn create_pipeline<'j>(&self, job: &'j PlannedJob, epoch: u64) -> (Pipeline, Vec<&'j str>) {
-        let mut pipe = self.indexed(self.create_command(job, epoch), &job.id);
+        let mut pipe = redis::pipe();
+        let create = self.create_command(Script::Create, job, epoch);
+        let new_queues = self.index_creation(&mut pipe, create, job);
+        (pipe, new_queues)
+    }
+
+    /// `create` (a call that records `job`) added to `pipe` with the job's
+    /// index entry ([`Self::add_index_entry`]) and the queues this process has not
+    /// noted yet (returned, to note once the pipeline ran). One reply:
+    /// `create`'s.
+    fn index_creation<'j>(
+        &self,
+        pipe: &mut Pipeline,
+        create: Cmd,
+        job: &'j PlannedJob,
+    ) -> Vec<&'j str> {
+        pipe.add_command(create);
+        self.add_index_entry(pipe, &job.id);
         let new_queues: Vec<&str> = {
             // A job names few distinct queues (most only `default`).
             let mut named: Vec<&str> = Vec::new();
@@ -570,7 +593,7 @@ impl RedisStore {
                 .arg(&new_queues)
                 .ignore();
         }
-        (pipe, new_queues)
+        new_queues
     }
 
     fn note_queues(&self, queues: &[&str]) {
@@ -588,17 +611,23 @@ impl RedisStore {
     /// place.
     fn add_claim(&self, pipe: &mut Pipeline, task: &TaskMessage, worker: &str, lease: Duration) {
         let lease_ms = lease.as_millis() as u64;
-        pipe.cmd("ZADD")
-            .arg(self.names.leases())
-            .arg("NX")
-            .arg(unix_ms() + lease_ms)
-            .arg(entry(&task.job, task.idx, task.attempt));
+        self.add_lease_entry(pipe, task, lease_ms);
         let mut cmd = self.fcall(Script::Claim, &task.job);
         cmd.arg(task.idx)
             .arg(task.attempt)
             .arg(worker)
             .arg(lease_ms);
         pipe.add_command(cmd);
+    }
+
+    /// The lease entry of a claim of `task` (one reply: whether it was
+    /// added); see [`Self::add_claim`].
+    fn add_lease_entry(&self, pipe: &mut Pipeline, task: &TaskMessage, lease_ms: u64) {
+        pipe.cmd("ZADD")
+            .arg(self.names.leases())
+            .arg("NX")
+            .arg(unix_ms() + lease_ms)
+            .arg(entry(&task.job, task.idx, task.attempt));
     }
 
     /// What the replies of [`Self::add_claim`] say. A claim that is not
@@ -719,7 +748,7 @@ impl RedisStore {
     /// the job hash as field/value pairs, written straight into the command.
     /// A 10,000-task job has 130,000 fields; building them as owned strings
     /// first cost more than parsing the job (allocation dominated `perf`).
-    fn create_command(&self, job: &PlannedJob, epoch: u64) -> Cmd {
+    fn create_command(&self, script: Script, job: &PlannedJob, epoch: u64) -> Cmd {
         let data: usize = job
             .tasks
             .iter()
@@ -732,9 +761,9 @@ impl RedisStore {
             })
             .sum();
         let mut cmd = self.fcall_sized(
-            Script::Create,
+            script,
             &job.id,
-            32 + 28 * job.tasks.len(),
+            36 + 28 * job.tasks.len(),
             512 + job.labels_json.len() + data,
         );
         cmd.arg(&job.requestor).arg(&self.by);
@@ -804,12 +833,21 @@ impl Store for RedisStore {
         worker: &str,
         lease: Duration,
     ) -> Result<(Created, ClaimOutcome), StoreError> {
-        // One round trip: the creation pipeline, then the claim's.
+        // One round trip: the lease entry (first, as for any claim), then
+        // one call that creates and claims, and the creation's index entry.
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let (mut pipe, new_queues) = self.create_pipeline(job, epoch);
         let task = job.task_message(root);
-        self.add_claim(&mut pipe, &task, worker, lease);
-        let (created, added, claimed): (Reply, i64, Reply) =
+        let lease_ms = lease.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        self.add_lease_entry(&mut pipe, &task, lease_ms);
+        let mut create = self.create_command(Script::CreateClaim, job, epoch);
+        create
+            .arg(task.idx)
+            .arg(task.attempt)
+            .arg(worker)
+            .arg(lease_ms);
+        let new_queues = self.index_creation(&mut pipe, create, job);
+        let (added, (created, claimed)): (i64, (Reply, Reply)) =
             self.run_for_epoch(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
         let created = created_from(job, &created)?;

@@ -20,10 +20,12 @@
 -- The library is loaded once, so the helpers below are made once; the
 -- state of one call lives in these locals, set by `begin` before every
 -- call (Redis runs one call at a time).
-local ARGV, J, H, t, NOW, NOW_JSON, HIST, JSON_OF
+local ARGV, LAST, J, H, t, NOW, NOW_JSON, HIST, JSON_OF
 
 local function begin(keys, args)
   ARGV = args
+  -- The last argument of the call's own (create_claim appends more).
+  LAST = #args
   J, H = keys[1], keys[2]
   t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -17,8 +17,8 @@ if redis.call('EXISTS', J) == 1 then
 end
 -- HSET in chunks: Lua's unpack has a small stack limit.
 local chunk = 4000
-for s = 3, #ARGV, chunk do
-  local e = math.min(s + chunk - 1, #ARGV)
+for s = 3, LAST, chunk do
+  local e = math.min(s + chunk - 1, LAST)
   redis.call('HSET', J, unpack(ARGV, s, e))
 end
 redis.call('HSET', J, 'cr', NOW, 'up', NOW, 'v', 1, 'nfail', 0, 'ncanc', 0)

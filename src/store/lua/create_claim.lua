@@ -1,0 +1,14 @@
+-- create_claim: create, then claim the root task a worker taking the
+-- submission runs in place, in one call (one script dispatch, one history
+-- write, fields just written read back from memory).
+-- ARGV as create's, followed by the claim's four (idx, attempt, worker,
+-- lease ms). The claim runs whether the job was new or existed (a job
+-- recorded before whose root is still ready is claimed like any message
+-- of it). Returns {create's reply, claim's reply}.
+local n = #ARGV
+local claim_args = {ARGV[n - 3], ARGV[n - 2], ARGV[n - 1], ARGV[n]}
+LAST = n - 4
+local created = body_create()
+ARGV = claim_args
+local claimed = body_claim()
+return {created, claimed}
