@@ -17,7 +17,9 @@ pub struct Config {
     /// AMQP URL (`amqp://` or `amqps://`), or several separated by commas
     /// (the nodes of one cluster, tried in turn). Env `CONVEYOR_AMQP_URL`.
     pub amqp_url: String,
-    /// Redis URL (`redis://` or `rediss://`). Env `CONVEYOR_REDIS_URL`.
+    /// Redis URL (`redis://` or `rediss://`), or several separated by
+    /// commas (a primary and its replicas: the one that says it is the
+    /// primary is used, and a failover followed). Env `CONVEYOR_REDIS_URL`.
     pub redis_url: String,
     /// PEM file of a private CA for `amqps://` and `rediss://`, read when
     /// connecting: Redis then trusts only it, RabbitMQ it and the system's

@@ -29,7 +29,7 @@ pub async fn delete_queues(config: &Config, queues: &[String]) {
 /// Delete every Redis key under `<config.prefix>:` (SCAN + UNLINK, never
 /// KEYS, so a shared Redis is not blocked).
 pub async fn delete_keys(config: &Config) {
-    let Ok(client) = crate::store::redis::tool_client(config) else {
+    let Ok(client) = crate::store::redis::tool_client(config).await else {
         return;
     };
     let prefix = &config.prefix;

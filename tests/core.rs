@@ -498,9 +498,28 @@ async fn a_wide_fan_out_and_fan_in_hands_every_result_to_the_join() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_list_of_broker_nodes_is_tried_in_turn_until_one_answers() {
+async fn lists_of_broker_and_redis_nodes_are_tried_in_turn_until_one_answers() {
     let prefix = common::unique_prefix("nodes");
     let mut config = common::test_config(&prefix);
+    let dead_redis = format!("redis://:secret@127.0.0.1:{}/", common::free_port());
+    let err = conveyor::runtime::redis_store(
+        &conveyor::config::Config {
+            redis_url: format!("{dead_redis},{dead_redis}"),
+            ..config.clone()
+        },
+        "t",
+        1,
+    )
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        err.contains("no Redis node answered as the primary (node 1: ")
+            && err.contains("; node 2: "),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "{err}");
     let dead = format!("amqp://guest:secret@127.0.0.1:{}/%2f", common::free_port());
     // Every node down: the error names each one, password redacted.
     let err = conveyor::runtime::amqp_broker(&conveyor::config::Config {
@@ -515,6 +534,7 @@ async fn a_list_of_broker_nodes_is_tried_in_turn_until_one_answers() {
     assert!(!err.contains("secret"), "{err}");
     // A dead node first: dispatcher and worker connect to the live one.
     config.amqp_url = format!("{dead}, {}", config.amqp_url);
+    config.redis_url = format!("{dead_redis}, {}", config.redis_url);
     let mut d = Deployment::with_config(config).await;
     d.start_dispatcher().await;
     d.start_worker(4).await;

@@ -472,6 +472,16 @@ impl PrivateRedis {
         .await;
     }
 
+    /// A section of its `INFO`.
+    async fn info(&self, section: &str) -> String {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "INFO", section])
+            .output()
+            .await
+            .expect("redis-cli must be installed for this test");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Run one `redis-cli` command against it; it must answer OK.
     async fn cli(&self, args: &[&str]) {
         let out = tokio::process::Command::new("redis-cli")
@@ -573,6 +583,48 @@ async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
         let status = run.d.wait_terminal(id, WAIT).await;
         assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
     }
+    run.stop().await;
+}
+
+/// `redis_url` naming a primary and its replica (the replica first): the
+/// store works on whichever node says it is the primary, and follows a
+/// failover mid-run without a restart. The failover is Redis's own
+/// coordinated `FAILOVER` (writes paused until the replica has caught up,
+/// then the roles swap), so no write is lost; the old primary then answers
+/// writes with `READONLY`, which sends every process to the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_failover_between_the_nodes_of_redis_url_is_followed_mid_run() {
+    let _serial = SERIAL.lock().await;
+    let primary = PrivateRedis::start(false).await;
+    let replica = PrivateRedis::start(false).await;
+    replica
+        .cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()])
+        .await;
+    eventually("replica in sync", WAIT, || async {
+        (replica.info("replication").await)
+            .contains("master_link_status:up")
+            .then_some(())
+    })
+    .await;
+    let mut config = test_config(&unique_prefix("failover"));
+    config.redis_url = format!("{},{}", replica.url(), primary.url());
+    let run = MidRun::start(Deployment::with_config(config).await, "failover").await;
+    primary.cli(&["FAILOVER"]).await;
+    eventually("roles swapped", WAIT, || async {
+        (replica.info("replication").await)
+            .contains("role:master")
+            .then_some(())
+    })
+    .await;
+    run.assert_nothing_lost("the failover").await;
+    // The jobs are on the node that is the primary now.
+    let recorded = tokio::process::Command::new("redis-cli")
+        .args(["-p", &replica.port.to_string(), "ZCARD"])
+        .arg(run.d.names.jobs_index())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&recorded.stdout).trim(), "1000");
     run.stop().await;
 }
 

@@ -91,7 +91,9 @@ async fn run_jobs(servers: &Servers) {
     client.close().await;
     d.shutdown().await;
     // The cleanup reached both servers through TLS with the CA too.
-    let client = conveyor::store::redis::tool_client(&config).expect("redis client");
+    let client = conveyor::store::redis::tool_client(&config)
+        .await
+        .expect("redis client");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await

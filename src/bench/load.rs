@@ -211,8 +211,10 @@ struct PublishSummary {
 }
 
 /// A Redis client for the bench (see `tool_client`).
-fn redis_client(config: &Config) -> Result<redis::Client, BenchError> {
-    crate::store::redis::tool_client(config).map_err(|e| BenchError::Store(e.to_string()))
+async fn redis_client(config: &Config) -> Result<redis::Client, BenchError> {
+    crate::store::redis::tool_client(config)
+        .await
+        .map_err(|e| BenchError::Store(e.to_string()))
 }
 
 /// Wall-clock µs since the epoch.
@@ -226,7 +228,7 @@ pub fn unix_us() -> i64 {
 /// A Redis connection for the bench (10 s response time-out, for big
 /// pipelines).
 pub async fn redis_connection(config: &Config) -> Result<MultiplexedConnection, BenchError> {
-    let client = redis_client(config)?;
+    let client = redis_client(config).await?;
     client
         .get_multiplexed_async_connection_with_config(
             &AsyncConnectionConfig::new()
@@ -317,7 +319,7 @@ pub async fn start(
     // The watcher runs on its own thread with a blocking connection, so it
     // can pause for less than the async timer's 1 ms granularity.
     let watch_conn = {
-        let client = redis_client(config)?;
+        let client = redis_client(config).await?;
         let conn = client
             .get_connection_with_timeout(Duration::from_secs(5))
             .map_err(store_err("cannot connect (watcher)"))?;

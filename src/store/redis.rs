@@ -21,11 +21,17 @@
 //!   promoted task's message is confirmed.
 //! - `<p>:jobs` (id by creation time) feeds `list`; entries whose job
 //!   expired are pruned when listed.
+//!
+//! `redis_url` may name several nodes (a primary and its replicas): a
+//! connection goes to the first, starting from the one that answered last,
+//! that says it is the primary (`ROLE`). After a failover the old primary
+//! answers writes with `READONLY`, an outage to the caller, and the next
+//! call finds the new one.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -41,7 +47,7 @@ use super::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
     JobSummary, Pruned, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
-use crate::config::{Config, TlsCa};
+use crate::config::{Config, TlsCa, split_urls};
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::names::Names;
@@ -116,7 +122,10 @@ enum Script {
 /// The Redis implementation of [`Store`].
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
+    /// One pool per node of `redis_url`, in the order given.
+    nodes: Arc<[Pool]>,
+    /// The node that last answered as the primary: tried first.
+    primary: Arc<AtomicUsize>,
     names: Names,
     /// Function name of each [`Script`].
     functions: [String; 10],
@@ -284,12 +293,56 @@ fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
     s.parse().map_err(|e| protocol(format!("{e}")))
 }
 
-/// A client for `config.redis_url` trusting `tls_ca_file` (only it, as the
-/// store does): for tools that need raw Redis (the bench, cleanup).
-pub fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
+/// A client for the primary among the nodes of `config.redis_url`,
+/// trusting `tls_ca_file` (only it, as the store does): for tools that need
+/// raw Redis (the bench, cleanup).
+pub async fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
     let tls_ca = config.tls_ca().map_err(|e| protocol(e.to_string()))?;
-    let info = with_tls_ca(config.redis_url.as_str(), tls_ca.as_ref())?;
-    redis::Client::open(info).map_err(|e| protocol(format!("redis url: {e}")))
+    let urls = split_urls(&config.redis_url);
+    let mut refused = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let info = with_tls_ca(url, tls_ca.as_ref())?;
+        let client = redis::Client::open(info).map_err(|e| protocol(format!("redis url: {e}")))?;
+        if urls.len() == 1 {
+            return Ok(client);
+        }
+        let answer = match client.get_multiplexed_async_connection().await {
+            Ok(mut conn) => is_primary(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(true) => return Ok(client),
+            Ok(false) => refused.push(format!("node {}: a replica", i + 1)),
+            Err(e) => refused.push(format!("node {}: {e}", i + 1)),
+        }
+    }
+    Err(no_primary(&refused))
+}
+
+/// Whether the node behind `conn` is a primary (`ROLE`). A user not
+/// allowed `ROLE` cannot tell: taken for a primary, and a replica then
+/// answers writes with `READONLY`, which moves the store on.
+async fn is_primary(conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
+    match redis::cmd("ROLE")
+        .query_async::<Vec<redis::Value>>(conn)
+        .await
+    {
+        Ok(role) => Ok(match role.first() {
+            Some(redis::Value::BulkString(b)) => b.as_slice() == b"master",
+            Some(redis::Value::SimpleString(s)) => s == "master",
+            _ => false,
+        }),
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// No node of the list could be used, with why for each.
+fn no_primary(refused: &[String]) -> StoreError {
+    StoreError::Unavailable(format!(
+        "no Redis node answered as the primary ({})",
+        refused.join("; ")
+    ))
 }
 
 /// The connection info of `url`, carrying `tls_ca` as its only root for
@@ -336,8 +389,9 @@ fn join_indexes<'a>(buf: &'a mut String, v: &[u32]) -> &'a str {
 
 impl RedisStore {
     /// Connect to `url` (`redis://` or `rediss://`, trusting only `tls_ca`
-    /// if given) with a pool of `size` multiplexed connections, and load
-    /// the scripts.
+    /// if given; or several such URLs separated by commas, the nodes of one
+    /// primary and its replicas) with a pool of `size` multiplexed
+    /// connections per node, and load the scripts.
     pub async fn connect(
         url: &str,
         tls_ca: Option<&TlsCa>,
@@ -349,20 +403,30 @@ impl RedisStore {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
-        // The pool's client keeps the parsed roots for every new connection.
-        let info = with_tls_ca(url, tls_ca)?;
-        let manager = Manager::new_with_config(info, conn_config)
-            .map_err(|e| protocol(format!("redis url: {e}")))?;
-        let pool = Pool::builder(manager)
-            .max_size(size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| protocol(format!("redis pool: {e}")))?;
+        let urls = split_urls(url);
+        if urls.is_empty() {
+            return Err(protocol("redis url: none given"));
+        }
+        let mut nodes = Vec::with_capacity(urls.len());
+        for url in urls {
+            // The pool's client keeps the parsed roots for every new
+            // connection.
+            let info = with_tls_ca(url, tls_ca)?;
+            let manager = Manager::new_with_config(info, conn_config.clone())
+                .map_err(|e| protocol(format!("redis url: {e}")))?;
+            let pool = Pool::builder(manager)
+                .max_size(size.max(1))
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(10)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .build()
+                .map_err(|e| protocol(format!("redis pool: {e}")))?;
+            nodes.push(pool);
+        }
         let functions = SCRIPT_BODIES.map(|(name, _)| format!("{}_{name}", library().name));
         let store = RedisStore {
-            pool,
+            nodes: nodes.into(),
+            primary: Arc::default(),
             names,
             functions,
             retention_ms: retention.as_millis() as u64,
@@ -468,18 +532,53 @@ impl RedisStore {
         {
             return Ok(c.clone());
         }
-        let pooled = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("no redis connection: {e}")))?;
-        let mut conn = deadpool_redis::Connection::take(pooled);
+        let mut conn = self.connect_primary().await?;
         // A fresh connection may lead to a Redis that restarted without
         // its data since the last call: note its epoch now, so a command
         // built for the old one (a new job's fence base) is not sent.
         self.read_epoch(&mut conn).await?;
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// A new connection to the primary: with one node, that node; with
+    /// several, the first that says it is the primary, starting from the
+    /// one that did last.
+    async fn connect_primary(&self) -> Result<MultiplexedConnection, StoreError> {
+        let n = self.nodes.len();
+        let start = self.primary.load(Ordering::Relaxed) % n.max(1);
+        let mut refused = Vec::new();
+        for k in 0..n {
+            let i = (start + k) % n;
+            let mut conn = match self.nodes[i].get().await {
+                Ok(pooled) => deadpool_redis::Connection::take(pooled),
+                Err(e) if n == 1 => {
+                    return Err(StoreError::Unavailable(format!("no redis connection: {e}")));
+                }
+                Err(e) => {
+                    refused.push(format!("node {}: {e}", i + 1));
+                    continue;
+                }
+            };
+            if n > 1 {
+                match is_primary(&mut conn).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        refused.push(format!("node {}: a replica", i + 1));
+                        continue;
+                    }
+                    Err(e) => {
+                        refused.push(format!("node {}: {e}", i + 1));
+                        continue;
+                    }
+                }
+                if self.primary.swap(i, Ordering::Relaxed) != i {
+                    tracing::info!(node = i + 1, "Redis primary is node {} of redis_url", i + 1);
+                }
+            }
+            return Ok(conn);
+        }
+        Err(no_primary(&refused))
     }
 
     fn drop_shared(&self) {
