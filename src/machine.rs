@@ -127,6 +127,20 @@ pub enum Reclaim {
     Gone,
 }
 
+/// 2^51: above every epoch's fence base (`epoch << 20`, epoch < 2^31).
+pub const FENCE_FLOOR: u64 = 1 << 51;
+
+/// The least fence a claim at `now_ms` gets (`claim.lua`): above every
+/// epoch base and rising with time, so that fences handed out after the
+/// store lost recent writes (a Redis crash under `appendfsync everysec`, an
+/// unplanned failover, a snapshot older than the crash) exceed every fence
+/// handed out before them, lost or not: a lost claim's worker can never
+/// complete under a number handed to another. Below 2^53 (exact in Lua)
+/// until the year 2184.
+pub fn fence_floor(now_ms: u64) -> u64 {
+    FENCE_FLOOR + now_ms.saturating_mul(1000)
+}
+
 impl JobRecord {
     /// A new job from its plan (`create.lua`).
     pub fn create(
@@ -382,7 +396,7 @@ impl JobRecord {
             TaskState::Ready => {}
             _ => return ClaimOutcome::Stale,
         }
-        self.fence += 1;
+        self.fence = (self.fence + 1).max(fence_floor(now));
         let fence = self.fence;
         let t = &mut self.tasks[idx as usize];
         t.state = TaskState::Running;

@@ -38,6 +38,29 @@ fn normalise(mut s: JobStatus) -> JobStatus {
     s
 }
 
+/// The two stores' answers to a claim must be the same but for the fence:
+/// a fence is at least the claim's moment (`machine::fence_floor`), and
+/// each store reads its own clock. Returns both claims, to go on with.
+fn same_claim(a: ClaimOutcome, b: ClaimOutcome, ctx: &str) -> Option<(ClaimRef, ClaimRef)> {
+    match (a, b) {
+        (ClaimOutcome::Claimed(a), ClaimOutcome::Claimed(b)) => {
+            let (fa, fb) = (a.claim.fence, b.claim.fence);
+            assert!(
+                fa > conveyor::machine::FENCE_FLOOR && fb > conveyor::machine::FENCE_FLOOR,
+                "{ctx}: fences {fa} and {fb} under the floor"
+            );
+            let mut b_as_a = b.clone();
+            b_as_a.claim.fence = fa;
+            assert_eq!(a, b_as_a, "{ctx}");
+            Some((a.claim, b.claim))
+        }
+        (a, b) => {
+            assert_eq!(a, b, "{ctx}");
+            None
+        }
+    }
+}
+
 fn sorted(mut actions: Vec<SweepAction>) -> Vec<SweepAction> {
     actions.sort_by(|a, b| a.entry.cmp(&b.entry));
     actions
@@ -74,7 +97,8 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
     for seed in 0..seeds {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut jobs: Vec<(String, usize)> = Vec::new();
-        let mut claims: Vec<ClaimRef> = Vec::new();
+        // Each claim as Redis and as the memory store handed it out.
+        let mut claims: Vec<(ClaimRef, ClaimRef)> = Vec::new();
         for step in 0..40 {
             let ctx = format!("seed {seed} step {step}");
             let op = rng.random_range(0..100);
@@ -98,18 +122,16 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     // call on Redis, two on the memory store.
                     let root = planned.roots().next().unwrap();
                     let lease = Duration::from_millis(LATER_MS);
-                    let a = redis
+                    let (created_a, a) = redis
                         .create_job_and_claim(&planned, root, "w", lease)
                         .await
                         .unwrap();
-                    let b = memory
+                    let (created_b, b) = memory
                         .create_job_and_claim(&planned, root, "w", lease)
                         .await
                         .unwrap();
-                    assert_eq!(a, b, "{ctx}: create and claim");
-                    if let (_, ClaimOutcome::Claimed(c)) = a {
-                        claims.push(c.claim);
-                    }
+                    assert_eq!(created_a, created_b, "{ctx}: create and claim");
+                    claims.extend(same_claim(a, b, &format!("{ctx}: create and claim")));
                 }
                 if !jobs.iter().any(|(j, _)| *j == id) {
                     jobs.push((id, planned.tasks.len()));
@@ -139,12 +161,9 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                 let lease = Duration::from_millis(if rng.random_bool(0.3) { 0 } else { LATER_MS });
                 let a = redis.claim(&msg, "w", lease).await.unwrap();
                 let b = memory.claim(&msg, "w", lease).await.unwrap();
-                assert_eq!(a, b, "{ctx}: claim {msg:?}");
-                if let ClaimOutcome::Claimed(c) = a {
-                    claims.push(c.claim);
-                }
+                claims.extend(same_claim(a, b, &format!("{ctx}: claim {msg:?}")));
             } else if op < 65 && !claims.is_empty() {
-                let claim = claims[rng.random_range(0..claims.len())].clone();
+                let (claim, claim_b) = claims[rng.random_range(0..claims.len())].clone();
                 let result = match rng.random_range(0..3) {
                     0 => AttemptResult::Succeeded(format!("{{\"v\":{step}}}")),
                     1 => AttemptResult::Retry {
@@ -158,20 +177,22 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     _ => AttemptResult::Failed("broken".into()),
                 };
                 let a: Applied = redis.complete(&claim, "w", &result).await.unwrap();
-                let b = memory.complete(&claim, "w", &result).await.unwrap();
+                let b = memory.complete(&claim_b, "w", &result).await.unwrap();
                 assert_eq!(a, b, "{ctx}: complete {claim:?} {result:?}");
             } else if op < 70 && !claims.is_empty() {
                 let lease = Duration::from_millis(if rng.random_bool(0.5) { 0 } else { LATER_MS });
+                let (of_redis, of_memory): (Vec<ClaimRef>, Vec<ClaimRef>) =
+                    claims.iter().cloned().unzip();
                 assert_eq!(
-                    redis.renew(&claims, lease).await.unwrap(),
-                    memory.renew(&claims, lease).await.unwrap(),
+                    redis.renew(&of_redis, lease).await.unwrap(),
+                    memory.renew(&of_memory, lease).await.unwrap(),
                     "{ctx}: renew"
                 );
             } else if op < 75 && !claims.is_empty() {
-                let claim = claims[rng.random_range(0..claims.len())].clone();
+                let (claim, claim_b) = claims[rng.random_range(0..claims.len())].clone();
                 assert_eq!(
                     redis.release(&claim, "w").await.unwrap(),
-                    memory.release(&claim, "w").await.unwrap(),
+                    memory.release(&claim_b, "w").await.unwrap(),
                     "{ctx}: release"
                 );
             } else if op < 85 {
@@ -362,5 +383,63 @@ async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
         ),
         ("sleep", r#"{"ms":1}"#, Duration::from_secs(7), (11, 13))
     );
+    common::cleanup(&config).await;
+}
+
+/// Redis may lose its latest writes and keep the rest (a crash under
+/// `appendfsync everysec`, an unplanned failover to a replica that lagged).
+/// A claim lost that way must never be handed out again under the same
+/// fencing number: its worker may still be running, and its outcome must
+/// then be refused rather than taken for the new claim's. Here the job's
+/// hash is put back as it was before a claim, and the task claimed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_record_redis_lost_is_never_handed_out_again_under_its_fence() {
+    let config = common::test_config(&common::unique_prefix("lostclaim"));
+    let store = common::connect_store(&config, "eq").await;
+    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+    let body = json!({"id": "lost", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
+        panic!("valid job");
+    };
+    store.create_job(&planned).await.unwrap();
+    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = conveyor::names::Names::new(&config.prefix).job_key("lost");
+    let before: Vec<u8> = redis::cmd("DUMP")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lost = claim_first_attempt(store.as_ref(), "lost").await;
+    // The claim's write is lost: the hash is as it was before it.
+    redis::cmd("RESTORE")
+        .arg(&key)
+        .arg(0)
+        .arg(before)
+        .arg("REPLACE")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let again = claim_first_attempt(store.as_ref(), "lost").await;
+    assert!(
+        again.claim.fence > lost.claim.fence,
+        "fence {} handed out again after {} was lost",
+        again.claim.fence,
+        lost.claim.fence
+    );
+    // The lost claim's outcome is refused; the live one's is applied.
+    let ok = AttemptResult::Succeeded("{}".into());
+    assert_eq!(
+        store.complete(&lost.claim, "w", &ok).await.unwrap(),
+        Applied::Stale
+    );
+    assert!(matches!(
+        store.complete(&again.claim, "w", &ok).await.unwrap(),
+        Applied::Done {
+            duplicate: false,
+            ..
+        }
+    ));
     common::cleanup(&config).await;
 }

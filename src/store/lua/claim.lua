@@ -19,7 +19,10 @@ if not x then
   local o = redis.call('HMGET', J, 'bb:' .. i, 'bc:' .. i, 'to:' .. i, 'h:' .. i, 'p:' .. i)
   x = o[1] .. ',' .. o[2] .. ',' .. o[3] .. ',' .. #o[4] .. ',' .. o[4] .. o[5]
 end
-local fence = tonumber(d[8]) + 1
+-- Above the job's last fence, and above the claim's moment (see
+-- FENCE_FLOOR in common.lua): a claim whose record a crash or failover
+-- lost is never handed out again under the same number.
+local fence = math.max(tonumber(d[8]) + 1, FENCE_FLOOR + NOW * 1000)
 local le = NOW + tonumber(ARGV[4])
 local fence_s, le_s = string.format('%d', fence), string.format('%d', le)
 hist(d[5], 'ready', 'running', 'claimed, attempt ' .. ARGV[2], ARGV[3])

@@ -22,6 +22,14 @@
 -- call (Redis runs one call at a time).
 local ARGV, LAST, J, H, t, NOW, NOW_JSON, HIST, JSON_OF
 
+-- 2^51: above every epoch's fence base (`epoch << 20`, epoch < 2^31). A
+-- claim's fence is at least this plus the claim's moment in ms * 1000, so
+-- fences handed out after Redis lost recent writes (a crash under
+-- `appendfsync everysec`, an unplanned failover) exceed every fence handed
+-- out before, lost or not; below 2^53, so exact as a Lua number, until
+-- the year 2184. Mirrored by `machine.rs` (`fence_floor`).
+local FENCE_FLOOR = 2251799813685248
+
 local function begin(keys, args)
   ARGV = args
   -- The last argument of the call's own (create_claim appends more).
