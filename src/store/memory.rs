@@ -364,10 +364,7 @@ impl Store for MemoryStore {
                     publish: vec![msg],
                 }),
                 Promotion::Later(due) => state.retries.add(&e, due),
-                Promotion::Gone => actions.push(SweepAction {
-                    entry: e,
-                    publish: Vec::new(),
-                }),
+                Promotion::Gone => actions.push(SweepAction::forget(e)),
             }
         }
         Ok(actions)
@@ -403,10 +400,7 @@ impl Store for MemoryStore {
                     entry: e,
                     publish: ready,
                 }),
-                Reclaim::Failed | Reclaim::Gone => actions.push(SweepAction {
-                    entry: e,
-                    publish: Vec::new(),
-                }),
+                Reclaim::Failed | Reclaim::Gone => actions.push(SweepAction::forget(e)),
             }
         }
         Ok(actions)

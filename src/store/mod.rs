@@ -185,6 +185,16 @@ pub struct SweepAction {
     pub publish: Vec<TaskMessage>,
 }
 
+impl SweepAction {
+    /// An entry with nothing to publish: forget it.
+    pub fn forget(entry: String) -> SweepAction {
+        SweepAction {
+            entry,
+            publish: Vec::new(),
+        }
+    }
+}
+
 /// A job as `conveyor status` shows it (`schemas/status.schema.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {

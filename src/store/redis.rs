@@ -581,6 +581,45 @@ impl RedisStore {
         Err(no_primary(&refused))
     }
 
+    /// Up to `limit` entries of a schedule index (`<p>:retries`,
+    /// `<p>:leases`) whose time has come, earliest first.
+    async fn due_entries(&self, index: String, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(index)
+            .arg("-inf")
+            .arg(unix_ms())
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let (entries,): (Vec<String>,) = self.run(&pipe).await?;
+        Ok(entries)
+    }
+
+    /// Move `entry` of a schedule index to `at` (ms), if it is still there
+    /// (`XX`: a forgotten entry is not brought back).
+    async fn rescore(&self, index: String, at: u64, entry: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(index)
+            .arg("XX")
+            .arg(at)
+            .arg(entry)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
+    /// Drop `entries` from a schedule index.
+    async fn forget_entries(&self, index: String, entries: &[String]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(index).arg(entries).ignore();
+        self.run::<()>(&pipe).await
+    }
+
     fn drop_shared(&self) {
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -1090,23 +1129,11 @@ impl Store for RedisStore {
     }
 
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGE")
-            .arg(self.names.retries())
-            .arg("-inf")
-            .arg(unix_ms())
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
-        let (entries,): (Vec<String>,) = self.run(&pipe).await?;
+        let entries = self.due_entries(self.names.retries(), limit).await?;
         let mut actions = Vec::with_capacity(entries.len());
         for e in entries {
             let Some((job, idx, attempt)) = parse_entry(&e) else {
-                actions.push(SweepAction {
-                    entry: e,
-                    publish: Vec::new(),
-                });
+                actions.push(SweepAction::forget(e));
                 continue;
             };
             let mut cmd = self.fcall(Script::Promote, job);
@@ -1126,18 +1153,9 @@ impl Store for RedisStore {
                 "later" => {
                     // Scheduled by a clock ahead of Redis's: re-score it.
                     let due: u64 = num(&reply, 1, "due")?;
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("ZADD")
-                        .arg(self.names.retries())
-                        .arg(due)
-                        .arg(&e)
-                        .ignore();
-                    self.run::<()>(&pipe).await?;
+                    self.rescore(self.names.retries(), due, &e).await?;
                 }
-                "gone" => actions.push(SweepAction {
-                    entry: e,
-                    publish: Vec::new(),
-                }),
+                "gone" => actions.push(SweepAction::forget(e)),
                 other => return Err(protocol(format!("promote answered {other:?}"))),
             }
         }
@@ -1145,35 +1163,15 @@ impl Store for RedisStore {
     }
 
     async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREM")
-            .arg(self.names.retries())
-            .arg(entries)
-            .ignore();
-        self.run::<()>(&pipe).await
+        self.forget_entries(self.names.retries(), entries).await
     }
 
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGE")
-            .arg(self.names.leases())
-            .arg("-inf")
-            .arg(unix_ms())
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
-        let (entries,): (Vec<String>,) = self.run(&pipe).await?;
+        let entries = self.due_entries(self.names.leases(), limit).await?;
         let mut actions = Vec::with_capacity(entries.len());
         for e in entries {
             let Some((job, idx, attempt)) = parse_entry(&e) else {
-                actions.push(SweepAction {
-                    entry: e,
-                    publish: Vec::new(),
-                });
+                actions.push(SweepAction::forget(e));
                 continue;
             };
             let mut cmd = self.fcall(Script::Reclaim, job);
@@ -1182,14 +1180,7 @@ impl Store for RedisStore {
             match field(&reply, 0) {
                 "alive" => {
                     let le: u64 = num(&reply, 1, "lease")?;
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("ZADD")
-                        .arg(self.names.leases())
-                        .arg("XX")
-                        .arg(le)
-                        .arg(&e)
-                        .ignore();
-                    self.run::<()>(&pipe).await?;
+                    self.rescore(self.names.leases(), le, &e).await?;
                 }
                 "requeued" => {
                     tracing::warn!(
@@ -1212,10 +1203,7 @@ impl Store for RedisStore {
                     publish: ready_set(job, &reply, 1)?,
                     entry: e,
                 }),
-                "failed" | "gone" => actions.push(SweepAction {
-                    entry: e,
-                    publish: Vec::new(),
-                }),
+                "failed" | "gone" => actions.push(SweepAction::forget(e)),
                 other => return Err(protocol(format!("reclaim answered {other:?}"))),
             }
         }
@@ -1223,15 +1211,7 @@ impl Store for RedisStore {
     }
 
     async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREM")
-            .arg(self.names.leases())
-            .arg(entries)
-            .ignore();
-        self.run::<()>(&pipe).await
+        self.forget_entries(self.names.leases(), entries).await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
