@@ -6,9 +6,10 @@
 -- Job hash fields: id, st (job state), v (version), req, lab (labels JSON),
 -- cr/up (created/updated ms), fin_us (the microsecond the job reached its
 -- final state, for exact latency), n (tasks), open (non-terminal tasks),
--- nfail, ncanc, fence (claim counter, starting at the store's epoch base so
--- fences never repeat across a Redis that lost its data), ret (retention
--- ms), err.
+-- nfail, ncanc, fence (the last fence handed out: starts at the store's
+-- epoch base, and a claim takes the larger of it + 1 and FENCE_FLOOR + its
+-- moment, so fences never repeat across a Redis that lost its data or its
+-- latest writes), ret (retention ms), err.
 -- Per task i: nm name, q queue, x run spec (`<backoff base>,<backoff
 -- cap>,<timeout ms>,<handler length>,<handler><params>`: only claims read
 -- it, so it is one field; jobs recorded before it have h, p, bb, bc, to
