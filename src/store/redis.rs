@@ -702,9 +702,9 @@ impl RedisStore {
     }
 
     /// `create` (a call that records `job`) added to `pipe` with the job's
-    /// index entry ([`Self::add_index_entry`]) and the queues this process has not
-    /// noted yet (returned, to note once the pipeline ran). One reply:
-    /// `create`'s.
+    /// index entry ([`Self::add_index_entry`]) and the queues this process
+    /// has not noted yet (returned, to note once the pipeline ran). One
+    /// reply: `create`'s.
     fn index_creation<'j>(
         &self,
         pipe: &mut Pipeline,
@@ -821,6 +821,8 @@ impl RedisStore {
         Ok(outcome)
     }
 
+    /// Run a pipeline; if Redis no longer has the library (restarted
+    /// without its data), load it and run the pipeline once more.
     async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
         self.run_for_epoch(pipe, None).await
     }
@@ -845,8 +847,9 @@ impl RedisStore {
                 pipe.query_async(&mut conn).await.map_err(unavailable)
             }
             Err(e) if is_transient_server_error(&e) => {
-                // After a failover the address may now lead to the new
-                // primary: the next call connects afresh.
+                // After a failover the primary is another node (or, behind
+                // one address, another server): the next call connects
+                // afresh and finds it.
                 self.drop_shared();
                 Err(unavailable(e))
             }
