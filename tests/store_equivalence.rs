@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor::config::Config;
-use conveyor::intake::{Intake, JobIntake, Rejection};
+use conveyor::intake::{Intake, JobIntake, PlannedJob, Rejection};
 use conveyor::model::TaskMessage;
 use conveyor::store::memory::{MemoryStore, SystemClock};
 use conveyor::store::{
@@ -64,6 +64,16 @@ fn same_claim(a: ClaimOutcome, b: ClaimOutcome, ctx: &str) -> Option<(ClaimRef, 
 fn sorted(mut actions: Vec<SweepAction>) -> Vec<SweepAction> {
     actions.sort_by(|a, b| a.entry.cmp(&b.entry));
     actions
+}
+
+/// `body` as the intake of the built-in handlers plans it; panics unless
+/// the job is valid.
+fn plan(body: &serde_json::Value) -> PlannedJob {
+    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+    let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
+        panic!("invalid job: {body}");
+    };
+    planned
 }
 
 fn random_job(rng: &mut StdRng, id: &str) -> serde_json::Value {
@@ -262,7 +272,6 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
     let redis = common::connect_store(&config, "eq").await;
     let epoch = redis.check_epoch().await.unwrap();
     let memory = MemoryStore::new(Arc::new(SystemClock), Duration::from_secs(1), epoch, "eq");
-    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
     let stores: [(&str, Arc<dyn Store>); 2] =
         [("redis", redis.clone()), ("memory", Arc::new(memory))];
     for (name, store) in stores {
@@ -272,10 +281,7 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
         for id in &ids {
             let body =
                 json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
-            let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
-                panic!("valid job");
-            };
-            store.create_job(&planned).await.unwrap();
+            store.create_job(&plan(&body)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for id in &ids[1..] {
@@ -335,13 +341,9 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
 async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
     let config = common::test_config(&common::unique_prefix("layout"));
     let store = common::connect_store(&config, "eq").await;
-    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
     let body = json!({"id": "old", "requestor": "r", "tasks": [{"name": "t", "handler": "sleep",
         "params": {"ms": 1}, "timeout_s": 7, "retry": {"base_ms": 11, "cap_ms": 13}}]});
-    let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
-        panic!("valid job");
-    };
-    store.create_job(&planned).await.unwrap();
+    store.create_job(&plan(&body)).await.unwrap();
     let before = store.job("old").await.unwrap().unwrap();
     // Rewrite the task's run spec as the earlier layout had it.
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
@@ -396,12 +398,8 @@ async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
 async fn a_claim_whose_record_redis_lost_is_never_handed_out_again_under_its_fence() {
     let config = common::test_config(&common::unique_prefix("lostclaim"));
     let store = common::connect_store(&config, "eq").await;
-    let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
     let body = json!({"id": "lost", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
-    let Intake::Valid(planned) = intake.accept(body.to_string().as_bytes()) else {
-        panic!("valid job");
-    };
-    store.create_job(&planned).await.unwrap();
+    store.create_job(&plan(&body)).await.unwrap();
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let key = conveyor::names::Names::new(&config.prefix).job_key("lost");
