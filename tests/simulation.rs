@@ -283,6 +283,10 @@ impl Store for Partition {
         self.check()?;
         self.inner.forget_claim(c).await
     }
+    async fn recheck(&self, c: &ClaimRef) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.recheck(c).await
+    }
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
         self.check()?;
         self.inner.due_retries(limit).await

@@ -205,6 +205,10 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     memory.release(&claim_b, "w").await.unwrap(),
                     "{ctx}: release"
                 );
+            } else if op < 78 && !claims.is_empty() {
+                let (claim, claim_b) = claims[rng.random_range(0..claims.len())].clone();
+                redis.recheck(&claim).await.unwrap();
+                memory.recheck(&claim_b).await.unwrap();
             } else if op < 85 {
                 let a = sorted(redis.due_retries(1000).await.unwrap());
                 let b = sorted(memory.due_retries(1000).await.unwrap());
@@ -388,6 +392,58 @@ async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
     common::cleanup(&config).await;
 }
 
+/// A one-task job `lost`, its first attempt claimed, and a way to lose
+/// that claim as Redis loses its latest writes.
+struct LostClaim {
+    config: Config,
+    store: Arc<conveyor::store::redis::RedisStore>,
+    conn: redis::aio::MultiplexedConnection,
+    /// The job hash as it was before the claim (`DUMP`).
+    before: Vec<u8>,
+    claimed: conveyor::store::Claimed,
+}
+
+impl LostClaim {
+    async fn new(test: &str) -> LostClaim {
+        let config = common::test_config(&common::unique_prefix(test));
+        let store = common::connect_store(&config, "eq").await;
+        let body =
+            json!({"id": "lost", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+        store.create_job(&plan(&body)).await.unwrap();
+        let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let before: Vec<u8> = redis::cmd("DUMP")
+            .arg(store.names().job_key("lost"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let claimed = claim_first_attempt(store.as_ref(), "lost").await;
+        LostClaim {
+            config,
+            store,
+            conn,
+            before,
+            claimed,
+        }
+    }
+
+    /// Put the job hash back as it was before the claim; with
+    /// `with_lease_entry`, the lease index loses the claim's entry too.
+    async fn lose(&mut self, with_lease_entry: bool) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("RESTORE")
+            .arg(self.store.names().job_key("lost"))
+            .arg(0)
+            .arg(&self.before)
+            .arg("REPLACE")
+            .ignore();
+        if with_lease_entry {
+            pipe.cmd("DEL").arg(self.store.names().leases()).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn).await.unwrap();
+    }
+}
+
 /// Redis may lose its latest writes and keep the rest (a crash under
 /// `appendfsync everysec`, an unplanned failover to a replica that lagged).
 /// A claim lost that way must never be handed out again under the same
@@ -396,40 +452,22 @@ async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
 /// hash is put back as it was before a claim, and the task claimed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_record_redis_lost_is_never_handed_out_again_under_its_fence() {
-    let config = common::test_config(&common::unique_prefix("lostclaim"));
-    let store = common::connect_store(&config, "eq").await;
-    let body = json!({"id": "lost", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
-    store.create_job(&plan(&body)).await.unwrap();
-    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = conveyor::names::Names::new(&config.prefix).job_key("lost");
-    let before: Vec<u8> = redis::cmd("DUMP")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let lost = claim_first_attempt(store.as_ref(), "lost").await;
-    // The claim's write is lost: the hash is as it was before it.
-    redis::cmd("RESTORE")
-        .arg(&key)
-        .arg(0)
-        .arg(before)
-        .arg("REPLACE")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    let mut lost = LostClaim::new("lostclaim").await;
+    lost.lose(false).await;
     tokio::time::sleep(Duration::from_millis(2)).await;
+    let store = lost.store.clone();
     let again = claim_first_attempt(store.as_ref(), "lost").await;
+    let first = &lost.claimed.claim;
     assert!(
-        again.claim.fence > lost.claim.fence,
+        again.claim.fence > first.fence,
         "fence {} handed out again after {} was lost",
         again.claim.fence,
-        lost.claim.fence
+        first.fence
     );
     // The lost claim's outcome is refused; the live one's is applied.
     let ok = AttemptResult::Succeeded("{}".into());
     assert_eq!(
-        store.complete(&lost.claim, "w", &ok).await.unwrap(),
+        store.complete(first, "w", &ok).await.unwrap(),
         Applied::Stale
     );
     assert!(matches!(
@@ -439,5 +477,42 @@ async fn a_claim_whose_record_redis_lost_is_never_handed_out_again_under_its_fen
             ..
         }
     ));
-    common::cleanup(&config).await;
+    common::cleanup(&lost.config).await;
+}
+
+/// The same loss, taking the claim's lease entry with it (both were among
+/// the lost writes): the task is ready at its attempt, its message was
+/// acked when it was claimed, and nothing would ever offer it again. The
+/// refused outcome has the sweep recheck the attempt, which offers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_claim_and_lease_entry_redis_lost_is_offered_again_once_its_outcome_is_refused()
+ {
+    let mut lost = LostClaim::new("lostentry").await;
+    lost.lose(true).await;
+    let store = lost.store.clone();
+    // Nothing left that would run the task.
+    assert_eq!(
+        store.expired_leases(100, "sweep").await.unwrap(),
+        Vec::new()
+    );
+    let claim = &lost.claimed.claim;
+    let ok = AttemptResult::Succeeded("{}".into());
+    assert_eq!(
+        store.complete(claim, "w", &ok).await.unwrap(),
+        Applied::Stale
+    );
+    store.recheck(claim).await.unwrap();
+    let actions = store.expired_leases(100, "sweep").await.unwrap();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(
+        actions[0].publish,
+        vec![TaskMessage {
+            job: "lost".into(),
+            task: "t".into(),
+            idx: 0,
+            attempt: 1,
+            queue: "default".into(),
+        }]
+    );
+    common::cleanup(&lost.config).await;
 }

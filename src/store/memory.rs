@@ -346,6 +346,15 @@ impl Store for MemoryStore {
             .await
     }
 
+    async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        state
+            .leases
+            .add_new(&entry(&claim.job, claim.idx, claim.attempt), now);
+        Ok(())
+    }
+
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
         let now = self.clock.now_ms();
         let mut state = self.lock()?;
@@ -363,7 +372,7 @@ impl Store for MemoryStore {
                     entry: e,
                     publish: vec![msg],
                 }),
-                Promotion::Later(due) => state.retries.add(&e, due),
+                Promotion::Later(due) => state.retries.add_existing(&e, due),
                 Promotion::Gone => actions.push(SweepAction::forget(e)),
             }
         }
@@ -391,7 +400,7 @@ impl Store for MemoryStore {
                 None => Reclaim::Gone,
             };
             match reclaim {
-                Reclaim::Alive(le) => state.leases.add(&e, le),
+                Reclaim::Alive(le) => state.leases.add_existing(&e, le),
                 Reclaim::Requeued(msg) => actions.push(SweepAction {
                     entry: e,
                     publish: vec![msg],

@@ -368,6 +368,15 @@ pub trait Store: Send + Sync + 'static {
     /// Forget the lease index entry of a claim whose follow-ups are confirmed.
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
+    /// Have the sweep look at this claim's attempt at its next pass: add the
+    /// attempt's lease entry, due now, unless one is there. For a claim
+    /// whose outcome was refused as stale: if the store lost the claim (a
+    /// crash or failover that lost its latest writes, lease entry and all),
+    /// the task is ready at this attempt with its message already acked,
+    /// and the sweep's reclaim offers it again; in every other case it
+    /// drops the entry.
+    async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError>;
+
     /// Promote retries that are due; publish, then `forget_retries`.
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError>;
 

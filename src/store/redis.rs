@@ -1131,6 +1131,17 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.names.leases())
+            .arg("NX")
+            .arg(unix_ms())
+            .arg(entry(&claim.job, claim.idx, claim.attempt))
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
         let entries = self.due_entries(self.names.retries(), limit).await?;
         let mut actions = Vec::with_capacity(entries.len());

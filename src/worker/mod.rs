@@ -516,10 +516,17 @@ impl Worker {
                 }
             }
             Applied::Stale => {
-                // The lease entry of this attempt now belongs to the sweep
-                // that re-queued it: leave it alone.
+                // The lease entry of this attempt belongs to the sweep now:
+                // not forgotten, and put back if gone. Usually the task moved
+                // on (the lease lapsed) and the sweep just drops it; but if
+                // the store lost this claim with its latest writes, the task
+                // is ready at this attempt with no message left, and the
+                // sweep offers it again.
                 tracing::warn!(job = %claim.job, task = %claimed.task, attempt = claim.attempt, fence = claim.fence,
-                    "late outcome rejected: this claim's lease lapsed and the task moved on");
+                    "late outcome rejected: this claim is no longer the task's live claim");
+                if let Err(e) = self.store.recheck(claim).await {
+                    tracing::warn!(error = %e, job = %claim.job, "cannot have the sweep recheck a refused claim");
+                }
                 return None;
             }
             Applied::Missing => {
