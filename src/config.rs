@@ -727,7 +727,7 @@ const AMQP_URL_NUMBERS: [(&str, UrlNumber); 2] = [
 ];
 
 /// The value of `key` in `url`'s query string, if it names one.
-fn url_query_value<'a>(url: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn url_query_value<'a>(url: &'a str, key: &str) -> Option<&'a str> {
     let (_, query) = url.split_once('?')?;
     query
         .split('&')

@@ -38,7 +38,7 @@ use lapin::{
 use super::{
     Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
 };
-use crate::config::{Config, QueueType, TlsCa, redact_url, split_urls};
+use crate::config::{Config, QueueType, TlsCa, redact_url, split_urls, url_query_value};
 use crate::names::Names;
 
 /// Queue arguments and names for one deployment.
@@ -106,7 +106,7 @@ const FRAME_MAX: u32 = 32 * 1024;
 fn with_connection_defaults(url: &str) -> String {
     let mut url = url.to_owned();
     for (key, value) in [("heartbeat", HEARTBEAT_S), ("frame_max", FRAME_MAX)] {
-        if !url.contains(&format!("{key}=")) {
+        if url_query_value(&url, key).is_none() {
             let sep = if url.contains('?') { '&' } else { '?' };
             url = format!("{url}{sep}{key}={value}");
         }
@@ -777,6 +777,11 @@ mod tests {
         assert_eq!(
             with_connection_defaults("amqp://h/?heartbeat=5&frame_max=131072"),
             "amqp://h/?heartbeat=5&frame_max=131072"
+        );
+        // Only the query counts: a password is not a setting.
+        assert_eq!(
+            with_connection_defaults("amqp://u:heartbeat=1@h/"),
+            "amqp://u:heartbeat=1@h/?heartbeat=15&frame_max=32768"
         );
     }
 }

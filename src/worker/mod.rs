@@ -478,13 +478,12 @@ impl Worker {
         let mut next = None;
         match applied {
             Applied::Done {
-                ready,
+                mut ready,
                 duplicate,
                 task_state,
                 job_state,
             } => {
                 tracing::debug!(job = %claim.job, task = %claimed.task, %task_state, %job_state, duplicate, "outcome applied");
-                let mut ready = ready;
                 // One ready task this worker can run goes on in this slot:
                 // claimed first; if the store will not have it, published
                 // with the rest.
