@@ -204,7 +204,7 @@ fn created_from(job: &PlannedJob, reply: &Reply) -> Result<Created, StoreError> 
     }
 }
 
-fn field(reply: &Reply, i: usize) -> &str {
+fn field(reply: &[Option<String>], i: usize) -> &str {
     reply.get(i).and_then(|v| v.as_deref()).unwrap_or("")
 }
 
@@ -259,7 +259,11 @@ impl<'a> RunSpec<'a> {
     }
 }
 
-fn num<T: std::str::FromStr>(reply: &Reply, i: usize, what: &str) -> Result<T, StoreError> {
+fn num<T: std::str::FromStr>(
+    reply: &[Option<String>],
+    i: usize,
+    what: &str,
+) -> Result<T, StoreError> {
     field(reply, i)
         .parse()
         .map_err(|_| protocol(format!("{what}: not a number: {:?}", field(reply, i))))
@@ -273,13 +277,12 @@ fn ready_set(job: &str, reply: &Reply, start: usize) -> Result<Vec<TaskMessage>,
     }
     rest.chunks(4)
         .map(|c| {
-            let c: Reply = c.to_vec();
             Ok(TaskMessage {
                 job: job.to_owned(),
-                idx: num(&c, 0, "ready idx")?,
-                task: field(&c, 1).to_owned(),
-                queue: field(&c, 2).to_owned(),
-                attempt: num(&c, 3, "ready attempt")?,
+                idx: num(c, 0, "ready idx")?,
+                task: field(c, 1).to_owned(),
+                queue: field(c, 2).to_owned(),
+                attempt: num(c, 3, "ready attempt")?,
             })
         })
         .collect()
