@@ -108,8 +108,10 @@ impl Embedded {
             },
         );
         // Tasks of a restored snapshot may have been queued in the broker
-        // that died with the last process: the sweep re-offers claimed ones;
-        // ready ones are re-offered here.
+        // that died with the last process: the snapshot names another
+        // store, so the dispatcher's first sweep audits every unfinished
+        // job (`Store::audit_due`) and offers its ready and lapsed tasks
+        // again, as after a Redis restart.
         let health = dispatcher.health().clone();
         let shutdown = trigger.subscribe();
         tasks.spawn(async move {
@@ -164,25 +166,7 @@ impl Embedded {
             snapshot: options.snapshot,
             health,
         };
-        embedded.requeue_ready().await?;
         Ok(embedded)
-    }
-
-    /// Publish every ready task of every stored job (after a restore, the
-    /// old process's queue is gone; duplicates are harmless).
-    async fn requeue_ready(&self) -> anyhow::Result<()> {
-        let ready: Vec<_> = self
-            .store
-            .records()
-            .iter()
-            .flat_map(|j| j.ready_tasks())
-            .collect();
-        if !ready.is_empty() {
-            crate::outbox::Outbox::new(self.broker.clone(), self.names.clone())
-                .publish_tasks(&ready)
-                .await?;
-        }
-        Ok(())
     }
 
     /// The dispatcher's health: what `/readyz` of `conveyor dev` reports.

@@ -16,7 +16,8 @@ use serde_json::Value;
 use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::store::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, HistoryEntry, JobStatus, TaskStatus,
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, HistoryEntry, JobStatus,
+    ScheduleEntry, ScheduleIndex, TaskStatus, entry,
 };
 
 /// One job and all its tasks, as the store keeps it.
@@ -275,6 +276,33 @@ impl JobRecord {
             attempt: t.attempt,
             queue: t.queue.clone(),
         }
+    }
+
+    /// The schedule entries this job's record calls for (the audit after a
+    /// store server change puts back those the indexes lack): a running
+    /// task's lease entry at its lease's expiry, a retrying task's retry
+    /// entry at its due time, a ready task's lease entry due `now` (the
+    /// sweep's reclaim then offers the attempt again). None once the job
+    /// is finished.
+    pub fn schedule_entries(&self, now: u64) -> Vec<ScheduleEntry> {
+        if self.state.is_terminal() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            let (index, at_ms) = match t.state {
+                TaskState::Running => (ScheduleIndex::Leases, t.lease_expiry.unwrap_or(now)),
+                TaskState::Ready => (ScheduleIndex::Leases, now),
+                TaskState::Retrying => (ScheduleIndex::Retries, t.due.unwrap_or(now)),
+                _ => continue,
+            };
+            out.push(ScheduleEntry {
+                index,
+                entry: entry(&self.id, i as u32, t.attempt),
+                at_ms,
+            });
+        }
+        out
     }
 
     /// Every task currently ready (for re-publishing on resubmission).

@@ -82,6 +82,12 @@ impl Names {
         format!("{}:epoch", self.prefix)
     }
 
+    /// The key naming the Redis server (`run_id`) the last complete audit
+    /// of the job index was of (see `Store::audit_due`).
+    pub fn audited_key(&self) -> String {
+        format!("{}:audited", self.prefix)
+    }
+
     /// Set of every task queue a job accepted here has named (what
     /// `conveyor queues` shows, besides the configured ones).
     pub fn queues_key(&self) -> String {

@@ -13,6 +13,18 @@ use conveyor::embedded::{Embedded, EmbeddedOptions};
 use conveyor::model::JobState;
 use serde_json::json;
 
+/// An embedded deployment of the built-in handlers, keeping its store in
+/// `snapshot`.
+async fn start_with_snapshot(config: &Config, snapshot: &std::path::Path) -> Embedded {
+    let options = EmbeddedOptions {
+        snapshot: Some(snapshot.to_owned()),
+        ..EmbeddedOptions::default()
+    };
+    Embedded::start(config, conveyor_builtin_handlers::registry(), options)
+        .await
+        .unwrap()
+}
+
 async fn wait_terminal(e: &Embedded, id: &str) -> conveyor::store::JobStatus {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -76,19 +88,9 @@ fn conveyor_run_exits_1_when_the_job_fails() {
 async fn a_snapshot_keeps_jobs_across_a_restart() {
     let dir = Scratch::dir("snap");
     let snapshot = dir.join("store.json");
-    let options = EmbeddedOptions {
-        snapshot: Some(snapshot.clone()),
-        ..EmbeddedOptions::default()
-    };
     let config = Config::default();
 
-    let first = Embedded::start(
-        &config,
-        conveyor_builtin_handlers::registry(),
-        options.clone(),
-    )
-    .await
-    .unwrap();
+    let first = start_with_snapshot(&config, &snapshot).await;
     first
         .submit(json!({"id": "kept", "requestor": "t", "tasks": [{"name": "a", "handler": "noop", "params": {"x": 1}}]}).to_string().into_bytes())
         .await
@@ -100,9 +102,7 @@ async fn a_snapshot_keeps_jobs_across_a_restart() {
     first.shutdown().await.unwrap();
     assert!(snapshot.exists());
 
-    let second = Embedded::start(&config, conveyor_builtin_handlers::registry(), options)
-        .await
-        .unwrap();
+    let second = start_with_snapshot(&config, &snapshot).await;
     let status = second
         .store()
         .job("kept")
@@ -122,6 +122,51 @@ async fn a_snapshot_keeps_jobs_across_a_restart() {
     assert_eq!(
         wait_terminal(&second, "after").await.state,
         JobState::Succeeded
+    );
+    second.shutdown().await.unwrap();
+}
+
+/// A job unfinished when the process stops is finished by the next one:
+/// the task its worker handed back (no grace period) is ready in the
+/// snapshot, its message gone with the old process's broker. The snapshot
+/// names another store, so the new dispatcher audits every unfinished job
+/// and offers that task again, exactly as after a Redis restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_unfinished_at_a_restart_is_finished_from_the_snapshot() {
+    let dir = Scratch::dir("snaprun");
+    let snapshot = dir.join("store.json");
+    let mut config = Config::default();
+    config.worker.grace_s = 0;
+    let first = start_with_snapshot(&config, &snapshot).await;
+    first
+        .submit(
+            json!({"id": "half", "requestor": "t", "tasks": [
+                {"name": "a", "handler": "sleep", "params": {"ms": 1500}},
+                {"name": "b", "handler": "noop", "after": ["a"]}]})
+            .to_string()
+            .into_bytes(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while first
+        .store()
+        .job("half")
+        .await
+        .unwrap()
+        .is_none_or(|s| s.tasks["a"].state != conveyor::model::TaskState::Running)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "a never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.shutdown().await.unwrap();
+
+    let second = start_with_snapshot(&config, &snapshot).await;
+    let status = wait_terminal(&second, "half").await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(
+        status.tasks["b"].state,
+        conveyor::model::TaskState::Succeeded
     );
     second.shutdown().await.unwrap();
 }

@@ -628,6 +628,85 @@ async fn a_redis_failover_between_the_nodes_of_redis_url_is_followed_mid_run() {
     run.stop().await;
 }
 
+/// Redis may come back from a crash (`appendfsync everysec`) or a failover
+/// to a replica that lagged without its latest writes. Here those are a
+/// claim and its lease entry, and the worker that held the claim was killed
+/// too, its task message long acked: nothing would ever offer the task
+/// again. The loss comes with a restart, so the server is new to the
+/// deployment; the dispatcher audits the unfinished jobs, the sweep offers
+/// the task again, and it runs to the end under a higher fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_redis_lost_with_its_worker_is_run_again_after_the_restart() {
+    let _serial = SERIAL.lock().await;
+    let redis = PrivateRedis::start(true).await;
+    let mut config = test_config(&unique_prefix("redislost"));
+    config.redis_url = redis.url();
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "lost", "requestor": "r", "tasks": [
+            {"name": "t", "handler": "sleep", "params": {"ms": 1000}}]}))
+        .await;
+    eventually("the job recorded", WAIT, || d.status("lost")).await;
+    // The job's keys as they were before the claim.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys = [d.names.job_key("lost"), d.names.history_key("lost")];
+    let mut before = Vec::new();
+    for key in &keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        before.push(dump);
+    }
+    let dir = Scratch::dir("redislost");
+    let journal = dir.join("journal");
+    let mut victim = worker_process(&d, &journal, 2000, &dir.join("victim.log"));
+    eventually("the task running", WAIT, || async {
+        let status = d.status("lost").await?;
+        (status.tasks["t"].state == conveyor::model::TaskState::Running).then_some(())
+    })
+    .await;
+    signal(&victim, "-KILL").await;
+    let _ = victim.wait().await;
+    // Redis loses the claim's writes: the job's keys as before, the lease
+    // entry gone. Then it restarts (from its append-only file).
+    let mut pipe = redis::pipe();
+    for (key, dump) in keys.iter().zip(&before) {
+        pipe.cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump)
+            .arg("REPLACE")
+            .ignore();
+    }
+    pipe.cmd("DEL").arg(d.names.leases()).ignore();
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+    drop(conn);
+    redis.stop().await;
+    redis.launch().await;
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.start_worker(2).await;
+    let status = d.wait_terminal("lost", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    let runs = journal::runs_of(&journal, "lost", 0);
+    assert_eq!(runs.len(), 2, "the victim's run and the new one: {runs:?}");
+    assert_eq!(runs[0].end, None, "the victim was killed mid-run: {runs:?}");
+    assert!(runs[1].end.is_some(), "{runs:?}");
+    assert!(
+        runs[1].fence > runs[0].fence,
+        "the new claim's fence must exceed the lost one's: {runs:?}"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead_lettered_not_run()
 {

@@ -44,8 +44,8 @@ use conveyor::names::Names;
 use conveyor::shutdown::ShutdownTrigger;
 use conveyor::store::memory::{Clock, MemoryStore, TokioClock};
 use conveyor::store::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Pruned, Store,
-    StoreError, SweepAction, WorkerInfo,
+    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary,
+    Pruned, Store, StoreError, SweepAction, WorkerInfo,
 };
 use conveyor::worker::{Worker, WorkerOptions};
 use rand::rngs::StdRng;
@@ -286,6 +286,22 @@ impl Store for Partition {
     async fn recheck(&self, c: &ClaimRef) -> Result<(), StoreError> {
         self.check()?;
         self.inner.recheck(c).await
+    }
+    async fn audit_due(&self) -> Result<Option<String>, StoreError> {
+        self.check()?;
+        self.inner.audit_due().await
+    }
+    async fn audit_jobs(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        self.check()?;
+        self.inner.audit_jobs(cursor, limit).await
+    }
+    async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.audit_done(server).await
     }
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
         self.check()?;

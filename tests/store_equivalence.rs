@@ -15,7 +15,7 @@ use conveyor::intake::{Intake, JobIntake, PlannedJob, Rejection};
 use conveyor::model::TaskMessage;
 use conveyor::store::memory::{MemoryStore, SystemClock};
 use conveyor::store::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, JobStatus, Store, SweepAction,
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, JobStatus, ScheduleIndex, Store, SweepAction,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -66,6 +66,18 @@ fn sorted(mut actions: Vec<SweepAction>) -> Vec<SweepAction> {
     actions
 }
 
+/// The Redis store of `config` and a memory store of the same epoch and
+/// retention, to drive side by side.
+async fn redis_and_memory(
+    config: &Config,
+) -> (Arc<conveyor::store::redis::RedisStore>, MemoryStore) {
+    let redis = common::connect_store(config, "eq").await;
+    let epoch = redis.check_epoch().await.unwrap();
+    let retention = Duration::from_secs(config.retention_s);
+    let memory = MemoryStore::new(Arc::new(SystemClock), retention, epoch, "eq");
+    (redis, memory)
+}
+
 /// `body` as the intake of the built-in handlers plans it; panics unless
 /// the job is valid.
 fn plan(body: &serde_json::Value) -> PlannedJob {
@@ -91,17 +103,30 @@ fn random_job(rng: &mut StdRng, id: &str) -> serde_json::Value {
     json!({"id": id, "requestor": "eq", "tasks": tasks})
 }
 
+/// A whole audit of `store`'s job index: the schedule entries its records
+/// call for (index and entry, sorted) and how many were added.
+async fn audit_all(store: &dyn Store) -> (Vec<(ScheduleIndex, String)>, usize) {
+    let (mut wanted, mut added) = (Vec::new(), 0);
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.audit_jobs(cursor.as_deref(), 7).await.unwrap();
+        wanted.extend(page.wanted.into_iter().map(|e| (e.index, e.entry)));
+        added += page.added;
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    wanted.sort();
+    // A walk may meet an entry twice (`ZSCAN` promises at least once).
+    wanted.dedup();
+    (wanted, added)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_and_memory_stores_agree_on_every_transition() {
     let config = common::test_config(&common::unique_prefix("equiv"));
-    let redis = common::connect_store(&config, "eq").await;
-    let epoch = redis.check_epoch().await.unwrap();
-    let memory = MemoryStore::new(
-        Arc::new(SystemClock),
-        Duration::from_secs(3600),
-        epoch,
-        "eq",
-    );
+    let (redis, memory) = redis_and_memory(&config).await;
     let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
     let seeds = 150u64;
     for seed in 0..seeds {
@@ -223,7 +248,7 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                 let entries: Vec<String> = a.iter().map(|x| x.entry.clone()).collect();
                 redis.forget_leases(&entries).await.unwrap();
                 memory.forget_leases(&entries).await.unwrap();
-            } else {
+            } else if op < 98 {
                 let (job, n) = jobs[rng.random_range(0..jobs.len())].clone();
                 let idx = rng.random_range(0..n as u32);
                 let msg = TaskMessage {
@@ -238,6 +263,14 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                     memory.fail_poisoned(&msg, "poison").await.unwrap(),
                     "{ctx}: poison"
                 );
+            } else {
+                // The two walk the job index in different orders and read
+                // their own clocks: the entries called for and the number
+                // added are what must agree.
+                let (a, added_a) = audit_all(redis.as_ref()).await;
+                let (b, added_b) = audit_all(&memory).await;
+                assert_eq!(a, b, "{ctx}: audit");
+                assert_eq!(added_a, added_b, "{ctx}: audit added");
             }
             for (id, _) in &jobs {
                 let a = redis.job(id).await.unwrap().map(normalise);
@@ -273,9 +306,7 @@ async fn claim_first_attempt(store: &dyn Store, id: &str) -> conveyor::store::Cl
 async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
     let mut config = common::test_config(&common::unique_prefix("prune"));
     config.retention_s = 1;
-    let redis = common::connect_store(&config, "eq").await;
-    let epoch = redis.check_epoch().await.unwrap();
-    let memory = MemoryStore::new(Arc::new(SystemClock), Duration::from_secs(1), epoch, "eq");
+    let (redis, memory) = redis_and_memory(&config).await;
     let stores: [(&str, Arc<dyn Store>); 2] =
         [("redis", redis.clone()), ("memory", Arc::new(memory))];
     for (name, store) in stores {
@@ -427,6 +458,22 @@ impl LostClaim {
         }
     }
 
+    /// The sweep's next pass offers the lost claim's attempt again.
+    async fn assert_offered_again(&self) {
+        let actions = self.store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        assert_eq!(
+            actions[0].publish,
+            vec![TaskMessage {
+                job: "lost".into(),
+                task: "t".into(),
+                idx: 0,
+                attempt: 1,
+                queue: "default".into(),
+            }]
+        );
+    }
+
     /// Put the job hash back as it was before the claim; with
     /// `with_lease_entry`, the lease index loses the claim's entry too.
     async fn lose(&mut self, with_lease_entry: bool) {
@@ -502,17 +549,146 @@ async fn a_task_whose_claim_and_lease_entry_redis_lost_is_offered_again_once_its
         Applied::Stale
     );
     store.recheck(claim).await.unwrap();
-    let actions = store.expired_leases(100, "sweep").await.unwrap();
-    assert_eq!(actions.len(), 1, "{actions:?}");
+    lost.assert_offered_again().await;
+    common::cleanup(&lost.config).await;
+}
+
+/// The same loss, and the claim's worker died with it: no outcome will
+/// ever be refused, so nothing rechecks the attempt. The lost writes came
+/// with a restart or a failover, so the store's server is new to the
+/// deployment: the audit that follows puts back the lease entry the ready
+/// task calls for, due now, and the sweep offers the task again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_claim_is_lost_with_its_worker_the_audit_of_the_new_server_offers_the_task_again() {
+    let mut lost = LostClaim::new("lostaudit").await;
+    let store = lost.store.clone();
+    // This deployment has not audited this server yet.
+    let server = store.audit_due().await.unwrap().expect("an audit is due");
+    store.audit_done(&server).await.unwrap();
+    assert_eq!(store.audit_due().await.unwrap(), None);
+    lost.lose(true).await;
+    // As if Redis came back as another process: forget which server the
+    // last audit was of (a real restart is `tests/faults.rs`'s).
+    redis::cmd("DEL")
+        .arg(store.names().audited_key())
+        .query_async::<()>(&mut lost.conn)
+        .await
+        .unwrap();
     assert_eq!(
-        actions[0].publish,
-        vec![TaskMessage {
-            job: "lost".into(),
-            task: "t".into(),
-            idx: 0,
+        store.expired_leases(100, "sweep").await.unwrap(),
+        Vec::new(),
+        "nothing left that would run the task"
+    );
+    let server = store.audit_due().await.unwrap().expect("an audit is due");
+    let page = store.audit_jobs(None, 100).await.unwrap();
+    assert_eq!(page.jobs, 1);
+    assert_eq!(page.added, 1);
+    assert_eq!(page.next, None);
+    assert_eq!(
+        page.wanted
+            .iter()
+            .map(|e| (e.index, e.entry.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(ScheduleIndex::Leases, "lost|0|1")]
+    );
+    store.audit_done(&server).await.unwrap();
+    assert_eq!(store.audit_due().await.unwrap(), None);
+    lost.assert_offered_again().await;
+    // Claimed again under a higher fence; the lost claim's late outcome,
+    // were its worker alive after all, is refused.
+    let again = claim_first_attempt(store.as_ref(), "lost").await;
+    assert!(again.claim.fence > lost.claimed.claim.fence);
+    let ok = AttemptResult::Succeeded("{}".into());
+    assert_eq!(
+        store.complete(&lost.claimed.claim, "w", &ok).await.unwrap(),
+        Applied::Stale
+    );
+    // A second audit changes nothing: the running task's entry is there.
+    let page = store.audit_jobs(None, 100).await.unwrap();
+    assert_eq!(page.added, 0, "{page:?}");
+    common::cleanup(&lost.config).await;
+}
+
+/// What the audit asks of each task, in both stores: a running task its
+/// lease entry at the lease's expiry, a retrying one its retry entry at
+/// its due time, a ready one a lease entry due now; a waiting task and a
+/// finished job nothing. Only what the indexes lack is added: here the
+/// ready task's entry (claims and retries index themselves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
+    let config = common::test_config(&common::unique_prefix("auditask"));
+    let (redis, memory) = redis_and_memory(&config).await;
+    let stores: [(&str, Arc<dyn Store>); 2] =
+        [("redis", redis.clone()), ("memory", Arc::new(memory))];
+    for (name, store) in stores {
+        let body = json!({"id": "mixed", "requestor": "r", "tasks": [
+            {"name": "run", "handler": "noop"},
+            {"name": "retry", "handler": "noop"},
+            {"name": "ready", "handler": "noop"},
+            {"name": "wait", "handler": "noop", "after": ["ready"]}]});
+        store.create_job(&plan(&body)).await.unwrap();
+        let done =
+            json!({"id": "done", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+        store.create_job(&plan(&done)).await.unwrap();
+        let c = claim_first_attempt(store.as_ref(), "done").await;
+        store
+            .complete(&c.claim, "w", &AttemptResult::Succeeded("{}".into()))
+            .await
+            .unwrap();
+        let claim = |idx: u32, task: &str| TaskMessage {
+            job: "mixed".into(),
+            task: task.into(),
+            idx,
             attempt: 1,
             queue: "default".into(),
-        }]
-    );
-    common::cleanup(&lost.config).await;
+        };
+        let lease = Duration::from_secs(60);
+        let start = conveyor::store::redis::unix_ms();
+        let ClaimOutcome::Claimed(_) = store.claim(&claim(0, "run"), "w", lease).await.unwrap()
+        else {
+            panic!("{name}: run not claimed");
+        };
+        let ClaimOutcome::Claimed(retried) =
+            store.claim(&claim(1, "retry"), "w", lease).await.unwrap()
+        else {
+            panic!("{name}: retry not claimed");
+        };
+        let retry = AttemptResult::Retry {
+            error: "flaky".into(),
+            delay: Duration::from_millis(LATER_MS),
+        };
+        store.complete(&retried.claim, "w", &retry).await.unwrap();
+        let page = store.audit_jobs(None, 100).await.unwrap();
+        let end = conveyor::store::redis::unix_ms();
+        assert_eq!(page.jobs, 2, "{name}");
+        assert_eq!(page.next, None, "{name}");
+        let mut wanted = page.wanted.clone();
+        wanted.sort_by(|a, b| a.entry.cmp(&b.entry));
+        let got: Vec<(ScheduleIndex, &str)> =
+            wanted.iter().map(|e| (e.index, e.entry.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ScheduleIndex::Leases, "mixed|0|1"),
+                (ScheduleIndex::Retries, "mixed|1|2"),
+                (ScheduleIndex::Leases, "mixed|2|1"),
+            ],
+            "{name}"
+        );
+        let within = |at: u64, from: u64, to: u64| at >= from && at <= to;
+        assert!(
+            within(wanted[0].at_ms, start + 60_000, end + 60_000),
+            "{name}: {wanted:?}"
+        );
+        assert!(
+            within(wanted[1].at_ms, start + LATER_MS, end + LATER_MS),
+            "{name}: {wanted:?}"
+        );
+        assert!(within(wanted[2].at_ms, start, end), "{name}: {wanted:?}");
+        assert_eq!(
+            page.added, 1,
+            "{name}: only the ready task lacked its entry"
+        );
+    }
+    common::cleanup(&config).await;
 }

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary, Pruned, Store,
-    StoreError, SweepAction, WorkerInfo, entry, parse_entry,
+    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary,
+    Pruned, ScheduleIndex, Store, StoreError, SweepAction, WorkerInfo, entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
 use crate::machine::{JobRecord, Promotion, Reclaim};
@@ -132,6 +132,10 @@ struct State {
     epoch: u64,
     #[serde(default)]
     queues: BTreeSet<String>,
+    /// The store whose audit last completed (`Store::audit_done`): a
+    /// restored snapshot names the store that wrote it.
+    #[serde(default)]
+    audited: Option<String>,
 }
 
 impl State {
@@ -153,6 +157,11 @@ pub struct MemoryStore {
     retention_ms: u64,
     by: String,
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// This store's identity, the counterpart of a Redis server's
+    /// `run_id`: a snapshot restored here was written by another, so its
+    /// jobs are audited (their ready tasks' messages died with the broker
+    /// of the process that wrote it).
+    server: String,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -179,6 +188,7 @@ impl MemoryStore {
             retention_ms: retention.as_millis() as u64,
             by: by.into(),
             down: Arc::default(),
+            server: new_server_identity(),
         }
     }
 
@@ -234,6 +244,17 @@ impl MemoryStore {
         *state = restored;
         Ok(())
     }
+}
+
+/// A name no other memory store of this or an earlier process has had.
+fn new_server_identity() -> String {
+    static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STORES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "memory-{}-{}-{n}",
+        std::process::id(),
+        super::redis::unix_ms()
+    )
 }
 
 #[async_trait]
@@ -522,6 +543,56 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.lock().map(|_| ())
+    }
+
+    async fn audit_due(&self) -> Result<Option<String>, StoreError> {
+        let state = self.lock()?;
+        Ok((state.audited.as_deref() != Some(self.server.as_str())).then(|| self.server.clone()))
+    }
+
+    async fn audit_jobs(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        use std::ops::Bound;
+        let now = self.clock.now_ms();
+        let mut state = self.lock()?;
+        let from = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut ids: Vec<String> = state
+            .jobs_index
+            .scores
+            .range::<str, _>((from, Bound::Unbounded))
+            .take(limit.max(1) + 1)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let more = ids.len() > limit.max(1);
+        ids.truncate(limit.max(1));
+        let mut page = AuditPage {
+            jobs: ids.len(),
+            next: if more { ids.last().cloned() } else { None },
+            ..AuditPage::default()
+        };
+        for id in &ids {
+            if let Some(job) = state.job_mut(id, now) {
+                page.wanted.extend(job.schedule_entries(now));
+            }
+        }
+        for e in &page.wanted {
+            let index = match e.index {
+                ScheduleIndex::Leases => &mut state.leases,
+                ScheduleIndex::Retries => &mut state.retries,
+            };
+            if index.add_new(&e.entry, e.at_ms) {
+                page.added += 1;
+            }
+        }
+        Ok(page)
+    }
+
+    async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
+        self.lock()?.audited = Some(server.to_owned());
+        Ok(())
     }
 
     async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError> {

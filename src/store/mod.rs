@@ -195,6 +195,41 @@ impl SweepAction {
     }
 }
 
+/// The schedule index an entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ScheduleIndex {
+    /// `<p>:leases`: claims to look at once their lease lapses (and ready
+    /// tasks to offer again, due at once).
+    Leases,
+    /// `<p>:retries`: retries to promote when due.
+    Retries,
+}
+
+/// An entry a job's record calls for in a schedule index: what an audit
+/// puts back when the index lacks it ([`Store::audit_jobs`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ScheduleEntry {
+    /// The index.
+    pub index: ScheduleIndex,
+    /// `job|idx|attempt`.
+    pub entry: String,
+    /// When it is due, Unix ms.
+    pub at_ms: u64,
+}
+
+/// What one page of an audit found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditPage {
+    /// Job index entries looked at (finished and expired jobs included).
+    pub jobs: usize,
+    /// The schedule entries the unfinished ones call for.
+    pub wanted: Vec<ScheduleEntry>,
+    /// How many of those the indexes lacked and were given.
+    pub added: usize,
+    /// Where the next page starts; `None` once the job index is walked.
+    pub next: Option<String>,
+}
+
 /// A job as `conveyor status` shows it (`schemas/status.schema.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
@@ -389,6 +424,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forget lease entries whose follow-ups are confirmed.
     async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError>;
+
+    /// The store's server, if it is not the one the last complete audit
+    /// was of (Redis: its `run_id`, so a restart or a failover to another
+    /// node). Such a server may have come back without its latest writes
+    /// (a crash under `appendfsync everysec`, a replica that lagged): a
+    /// claim whose lease entry went with it, its message acked and its
+    /// worker gone, would wait forever. An audit finds it.
+    async fn audit_due(&self) -> Result<Option<String>, StoreError>;
+
+    /// One page of the audit: up to about `limit` entries of the job index
+    /// from `cursor` (`None`: the start). For every unfinished job, the
+    /// schedule entries its record calls for are added where the indexes
+    /// lack them (never moved: an existing entry is the better hint): a
+    /// running task's lease entry at its lease's expiry, a retrying task's
+    /// retry entry at its due time, and a ready task's lease entry due now,
+    /// which has the sweep offer the attempt again (a duplicate of a
+    /// message still queued is harmless: claims dedupe). Idempotent; jobs
+    /// created or changed while the walk goes on need nothing from it.
+    async fn audit_jobs(&self, cursor: Option<&str>, limit: usize)
+    -> Result<AuditPage, StoreError>;
+
+    /// Record that the audit of `server` (from [`Store::audit_due`]) is
+    /// complete.
+    async fn audit_done(&self, server: &str) -> Result<(), StoreError>;
 
     /// A job's full status.
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError>;

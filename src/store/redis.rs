@@ -44,8 +44,9 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use serde_json::Value;
 
 use super::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry, JobStatus,
-    JobSummary, Pruned, Store, StoreError, SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
+    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry,
+    JobStatus, JobSummary, Pruned, ScheduleEntry, ScheduleIndex, Store, StoreError, SweepAction,
+    TaskStatus, WorkerInfo, entry, parse_entry,
 };
 use crate::config::{Config, TlsCa, split_urls};
 use crate::intake::{PlannedJob, Rejection};
@@ -59,7 +60,7 @@ pub(crate) const COMMON: &str = include_str!("lua/common.lua");
 /// Every transition's body, by name, in [`Script`] order. Each runs as the
 /// body of a function after `begin`; its return value is the reply, after
 /// the buffered history entries are flushed.
-pub const SCRIPT_BODIES: [(&str, &str); 10] = [
+pub const SCRIPT_BODIES: [(&str, &str); 11] = [
     ("create", include_str!("lua/create.lua")),
     ("reject", include_str!("lua/reject.lua")),
     ("claim", include_str!("lua/claim.lua")),
@@ -71,7 +72,17 @@ pub const SCRIPT_BODIES: [(&str, &str); 10] = [
     ("poison", include_str!("lua/poison.lua")),
     // Calls `body_create` and `body_claim`, so it comes after both.
     ("create_claim", include_str!("lua/create_claim.lua")),
+    ("audit", include_str!("lua/audit.lua")),
 ];
+
+/// The `run_id` line of `INFO server`: 40 hex digits, new with every start
+/// of a Redis process, so a restart or another node shows as a new one.
+fn run_id(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+}
 
 /// The function library: its name (`conveyor_` + 16 hex digits of the
 /// digest of its code) and its source, as `FUNCTION LOAD` takes it.
@@ -117,6 +128,7 @@ enum Script {
     Renew,
     Poison,
     CreateClaim,
+    Audit,
 }
 
 /// The Redis implementation of [`Store`].
@@ -128,7 +140,7 @@ pub struct RedisStore {
     primary: Arc<AtomicUsize>,
     names: Names,
     /// Function name of each [`Script`].
-    functions: [String; 10],
+    functions: [String; 11],
     retention_ms: u64,
     by: String,
     epoch: Arc<AtomicU64>,
@@ -1484,6 +1496,88 @@ impl Store for RedisStore {
         self.check_epoch().await.map(|_| ())
     }
 
+    async fn audit_due(&self) -> Result<Option<String>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("INFO").arg("server");
+        pipe.cmd("GET").arg(self.names.audited_key());
+        let (info, audited): (String, Option<String>) = self.run(&pipe).await?;
+        let server = run_id(&info)
+            .ok_or_else(|| protocol("INFO server has no run_id"))?
+            .to_owned();
+        Ok((audited.as_deref() != Some(server.as_str())).then_some(server))
+    }
+
+    async fn audit_jobs(
+        &self,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<AuditPage, StoreError> {
+        // ZSCAN returns every entry present for the whole walk at least
+        // once, whatever is added or pruned meanwhile.
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZSCAN")
+            .arg(self.names.jobs_index())
+            .arg(cursor.unwrap_or("0"))
+            .arg("COUNT")
+            .arg(limit.max(1));
+        let ((next, flat),): ((String, Vec<String>),) = self.run(&pipe).await?;
+        let ids: Vec<&String> = flat.iter().step_by(2).collect();
+        let mut page = AuditPage {
+            jobs: ids.len(),
+            next: (next != "0").then_some(next),
+            ..AuditPage::default()
+        };
+        if ids.is_empty() {
+            return Ok(page);
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.add_command(self.fcall(Script::Audit, id));
+        }
+        let replies: Vec<Reply> = self.run(&pipe).await?;
+        for (id, reply) in ids.iter().zip(&replies) {
+            for k in (0..reply.len() / 4).map(|k| k * 4) {
+                let index = match field(reply, k) {
+                    "l" => ScheduleIndex::Leases,
+                    "r" => ScheduleIndex::Retries,
+                    other => return Err(protocol(format!("audit answered {other:?}"))),
+                };
+                page.wanted.push(ScheduleEntry {
+                    index,
+                    entry: entry(id, num(reply, k + 1, "idx")?, num(reply, k + 2, "attempt")?),
+                    at_ms: num(reply, k + 3, "due")?,
+                });
+            }
+        }
+        if page.wanted.is_empty() {
+            return Ok(page);
+        }
+        let mut pipe = redis::pipe();
+        for e in &page.wanted {
+            let index = match e.index {
+                ScheduleIndex::Leases => self.names.leases(),
+                ScheduleIndex::Retries => self.names.retries(),
+            };
+            pipe.cmd("ZADD")
+                .arg(index)
+                .arg("NX")
+                .arg(e.at_ms)
+                .arg(&e.entry);
+        }
+        let added: Vec<usize> = self.run(&pipe).await?;
+        page.added = added.iter().sum();
+        Ok(page)
+    }
+
+    async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.names.audited_key())
+            .arg(server)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
     async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError> {
         let mut cmd = self.fcall(Script::Poison, &task.job);
         cmd.arg(task.idx)
@@ -1562,6 +1656,14 @@ mod tests {
         for kind in [K::ResponseError, K::NoScript, K::CrossSlot, K::NoPerm] {
             assert!(!is_transient_server_error(&server(kind)), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn the_server_is_named_by_the_run_id_line_of_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:3f2a9c\r\ntcp_port:6379\r\n";
+        assert_eq!(run_id(info), Some("3f2a9c"));
+        assert_eq!(run_id("# Server\r\nrun_id:\r\n"), None);
+        assert_eq!(run_id("# Server\r\nredis_version:7.0.15\r\n"), None);
     }
 
     #[test]

@@ -1,0 +1,43 @@
+-- audit: the schedule entries this job's record calls for (after Redis
+-- restarted or failed over: it may have lost its latest writes, and with
+-- them a claim and its lease entry while the claim's message was acked).
+-- No arguments. Writes nothing: the indexes live in other slots, so the
+-- caller adds what they lack (ZADD NX).
+-- Returns {} for a job that is gone or finished, else {index, idx,
+-- attempt, due ms}* with index 'l' (`<p>:leases`) or 'r' (`<p>:retries`):
+-- - running: its claim's lease entry at the lease's expiry;
+-- - ready: a lease entry due now (reclaim offers the attempt again);
+-- - retrying: its retry entry at its due time.
+-- Mirrors `JobRecord::schedule_entries` in machine.rs.
+local st = hget('st')
+if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'rejected' then
+  return {}
+end
+local n = tonumber(hget('n') or '0')
+local out = {}
+for s = 0, n - 1, RELEASE_CHUNK do
+  local e = math.min(s + RELEASE_CHUNK - 1, n - 1)
+  local fields = {}
+  for i = s, e do
+    fields[#fields + 1] = 's:' .. i
+    fields[#fields + 1] = 'a:' .. i
+    fields[#fields + 1] = 'le:' .. i
+    fields[#fields + 1] = 'due:' .. i
+  end
+  local v = redis.call('HMGET', J, unpack(fields))
+  for i = s, e do
+    local b = (i - s) * 4
+    local state, a = v[b + 1], v[b + 2]
+    if state == 'running' then
+      out[#out + 1] = 'l'; out[#out + 1] = tostring(i); out[#out + 1] = a
+      out[#out + 1] = v[b + 3] or NOW_JSON
+    elseif state == 'ready' then
+      out[#out + 1] = 'l'; out[#out + 1] = tostring(i); out[#out + 1] = a
+      out[#out + 1] = NOW_JSON
+    elseif state == 'retrying' then
+      out[#out + 1] = 'r'; out[#out + 1] = tostring(i); out[#out + 1] = a
+      out[#out + 1] = v[b + 4] or NOW_JSON
+    end
+  end
+end
+return out
