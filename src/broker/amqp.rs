@@ -115,15 +115,16 @@ fn with_connection_defaults(url: &str) -> String {
 }
 
 /// A plain lapin connection to the first node of `config.amqp_url` that
-/// accepts one, trusting `tls_ca_file`: for tools that need raw AMQP (the
-/// bench's load and bare loop, cleanup), not for the service loops.
+/// accepts one, trusting `tls_ca_file`, with the services' heartbeat and
+/// frame size unless the URL names its own: for tools that need raw AMQP
+/// (the bench's load and bare loop, cleanup), not for the service loops.
 pub async fn tool_connection(config: &Config) -> Result<Connection, BrokerError> {
     let tls_ca = config
         .tls_ca()
         .map_err(|e| BrokerError::Fatal(e.to_string()))?;
     let urls: Vec<String> = split_urls(&config.amqp_url)
         .into_iter()
-        .map(str::to_owned)
+        .map(with_connection_defaults)
         .collect();
     let (_, connection) = connect_first(&urls, 0, &tls_config(tls_ca.as_ref())).await?;
     Ok(connection)
