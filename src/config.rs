@@ -21,6 +21,16 @@ pub struct Config {
     /// commas (a primary and its replicas: the one that says it is the
     /// primary is used, and a failover followed). Env `CONVEYOR_REDIS_URL`.
     pub redis_url: String,
+    /// Replicas that must have a job's record before its submission is
+    /// acked (Redis `WAIT`, one round for every creation in flight): with
+    /// 1 or more, a failover to such a replica cannot lose an accepted
+    /// job. 0 (the default) acks once the primary has it. Env
+    /// `CONVEYOR_REDIS_WAIT_REPLICAS`.
+    pub redis_wait_replicas: u32,
+    /// How long a creation waits for `redis_wait_replicas`, in ms (1 to
+    /// 60 000); short of them, the submission goes back to its queue and
+    /// is taken again. Env `CONVEYOR_REDIS_WAIT_TIMEOUT_MS`.
+    pub redis_wait_timeout_ms: u64,
     /// PEM file of a private CA for `amqps://` and `rediss://`, read when
     /// connecting: Redis then trusts only it, RabbitMQ it and the system's
     /// roots. Without it the system roots are used (webpki's for Redis).
@@ -170,6 +180,8 @@ impl Default for Config {
         Config {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 1000,
             tls_ca_file: None,
             prefix: "conveyor".into(),
             max_message_bytes: 1024 * 1024,
@@ -287,6 +299,9 @@ pub const MIN_RETENTION_S: u64 = 1;
 /// Largest `retention_s` (10 years): a finished job's keys get
 /// `PEXPIRE retention`, which must stay a sane number of milliseconds.
 pub const MAX_RETENTION_S: u64 = 10 * 365 * 24 * 3600;
+/// Largest `redis_wait_timeout_ms` (a minute): a submission waits that
+/// long in hand for its replicas; 0 would be `WAIT`'s "for ever".
+pub const MAX_REDIS_WAIT_TIMEOUT_MS: u64 = 60_000;
 /// Smallest `dispatcher.sweep_interval_ms` (`tokio::time::interval` panics
 /// on zero; below 10 ms every dispatcher polls Redis flat out).
 pub const MIN_SWEEP_INTERVAL_MS: u64 = 10;
@@ -404,6 +419,12 @@ impl Config {
             "retention_s",
             &self.retention_s,
             format!("must be {MIN_RETENTION_S} to {MAX_RETENTION_S} (s)"),
+        );
+        check(
+            (1..=MAX_REDIS_WAIT_TIMEOUT_MS).contains(&self.redis_wait_timeout_ms),
+            "redis_wait_timeout_ms",
+            &self.redis_wait_timeout_ms,
+            format!("must be 1 to {MAX_REDIS_WAIT_TIMEOUT_MS} (ms; 0 would wait for ever)"),
         );
         // Only quorum queues get `x-delivery-limit`; the worker must see a
         // poison message (delivery count = max_deliveries) before the
@@ -576,6 +597,12 @@ impl Config {
         }
         if let Some(v) = get("CONVEYOR_REDIS_URL") {
             self.redis_url = v;
+        }
+        if let Some(v) = get("CONVEYOR_REDIS_WAIT_REPLICAS") {
+            self.redis_wait_replicas = parse("CONVEYOR_REDIS_WAIT_REPLICAS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_REDIS_WAIT_TIMEOUT_MS") {
+            self.redis_wait_timeout_ms = parse("CONVEYOR_REDIS_WAIT_TIMEOUT_MS", v)?;
         }
         if let Some(v) = get("CONVEYOR_TLS_CA_FILE") {
             self.tls_ca_file = (!v.is_empty()).then(|| PathBuf::from(v));
@@ -949,6 +976,10 @@ mod tests {
             (
                 |c| c.delivery_limit = 5,
                 "delivery_limit = 5: must be greater than worker.max_deliveries (5)",
+            ),
+            (
+                |c| c.redis_wait_timeout_ms = 0,
+                "redis_wait_timeout_ms = 0: must be 1 to 60000 (ms; 0 would wait for ever)",
             ),
             (
                 |c| c.dispatcher.prefetch = 0,

@@ -82,6 +82,13 @@ impl Names {
         format!("{}:epoch", self.prefix)
     }
 
+    /// A counter each replica wait round increments: a write of its own,
+    /// so the `WAIT` after it covers every write Redis ran before it (see
+    /// `redis_wait_replicas`).
+    pub fn replicated_key(&self) -> String {
+        format!("{}:replicated", self.prefix)
+    }
+
     /// The key naming the Redis server (`run_id`) the last complete audit
     /// of the job index was of (see `Store::audit_due`).
     pub fn audited_key(&self) -> String {

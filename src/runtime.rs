@@ -38,7 +38,7 @@ async fn connect_store(
     by: &str,
     pool: usize,
 ) -> Result<RedisStore, StoreError> {
-    RedisStore::connect(
+    let store = RedisStore::connect(
         &config.redis_url,
         tls_ca,
         Names::new(&config.prefix),
@@ -46,7 +46,11 @@ async fn connect_store(
         pool,
         by,
     )
-    .await
+    .await?;
+    Ok(store.with_replica_wait(
+        config.redis_wait_replicas,
+        Duration::from_millis(config.redis_wait_timeout_ms),
+    ))
 }
 
 /// Connect the AMQP broker (reading `tls_ca_file` if set).

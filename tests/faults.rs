@@ -595,17 +595,7 @@ async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_failover_between_the_nodes_of_redis_url_is_followed_mid_run() {
     let _serial = SERIAL.lock().await;
-    let primary = PrivateRedis::start(false).await;
-    let replica = PrivateRedis::start(false).await;
-    replica
-        .cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()])
-        .await;
-    eventually("replica in sync", WAIT, || async {
-        (replica.info("replication").await)
-            .contains("master_link_status:up")
-            .then_some(())
-    })
-    .await;
+    let (primary, replica) = primary_and_replica().await;
     let mut config = test_config(&unique_prefix("failover"));
     config.redis_url = format!("{},{}", replica.url(), primary.url());
     let run = MidRun::start(Deployment::with_config(config).await, "failover").await;
@@ -703,6 +693,92 @@ async fn a_claim_redis_lost_with_its_worker_is_run_again_after_the_restart() {
         runs[1].fence > runs[0].fence,
         "the new claim's fence must exceed the lost one's: {runs:?}"
     );
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A primary of the test's own with one replica in sync.
+async fn primary_and_replica() -> (PrivateRedis, PrivateRedis) {
+    let primary = PrivateRedis::start(false).await;
+    let replica = PrivateRedis::start(false).await;
+    follow(&replica, &primary).await;
+    (primary, replica)
+}
+
+/// Make `replica` a replica of `primary` and wait until it is in sync.
+async fn follow(replica: &PrivateRedis, primary: &PrivateRedis) {
+    replica
+        .cli(&["REPLICAOF", "127.0.0.1", &primary.port.to_string()])
+        .await;
+    eventually("replica in sync", WAIT, || async {
+        (replica.info("replication").await)
+            .contains("master_link_status:up")
+            .then_some(())
+    })
+    .await;
+}
+
+/// With `redis_wait_replicas = 1` a submission is acked (and answered)
+/// only once a replica has its job: an unplanned failover right after the
+/// reply cannot lose it. While the replica is away, submissions wait in
+/// the broker, unanswered; when it is back they are accepted and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_its_job() {
+    let _serial = SERIAL.lock().await;
+    let (primary, replica) = primary_and_replica().await;
+    let mut config = test_config(&unique_prefix("waitrepl"));
+    config.redis_url = primary.url();
+    config.redis_wait_replicas = 1;
+    config.redis_wait_timeout_ms = 200;
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+    let job =
+        |id: &str| json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    client.submit(&job("before")).await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(
+        (corr.as_str(), &reply["accepted"]),
+        ("before", &json!(true)),
+        "{reply}"
+    );
+    assert_eq!(
+        d.wait_terminal("before", WAIT).await.state,
+        JobState::Succeeded
+    );
+
+    replica.stop().await;
+    client.submit(&job("during")).await;
+    let early = tokio::time::timeout(Duration::from_secs(3), client.reply()).await;
+    assert!(
+        early.is_err(),
+        "a submission was answered with no replica to have it: {early:?}"
+    );
+    // Recorded on the primary, but neither acked nor run: its task is
+    // published only after the creation returns.
+    let status = d.status("during").await.expect("recorded on the primary");
+    assert_eq!(status.tasks["t"].state, conveyor::model::TaskState::Ready);
+
+    replica.launch().await;
+    follow(&replica, &primary).await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(
+        (corr.as_str(), &reply["accepted"]),
+        ("during", &json!(true)),
+        "{reply}"
+    );
+    assert_eq!(
+        d.wait_terminal("during", WAIT).await.state,
+        JobState::Succeeded
+    );
+    let on_replica = tokio::process::Command::new("redis-cli")
+        .args(["-p", &replica.port.to_string(), "EXISTS"])
+        .arg(d.names.job_key("during"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&on_replica.stdout).trim(), "1");
     client.close().await;
     d.shutdown().await;
 }

@@ -40,7 +40,7 @@ pub(crate) fn parse_entry(entry: &str) -> Option<(&str, u32, u32)> {
 }
 
 /// Why a store operation failed, and whether trying again can help.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached or timed out; retry later.
     #[error("store unavailable: {0}")]

@@ -152,6 +152,16 @@ pub struct RedisStore {
     /// Where the next [`Store::prune_expired`] resumes in the job index
     /// (a score, ms); 0 starts from the oldest entry again.
     prune_from: Arc<AtomicU64>,
+    /// Replicas a job's creation waits for ([`RedisStore::with_replica_wait`]).
+    replica_wait: Option<ReplicaWait>,
+}
+
+/// The way to the task that runs replica wait rounds: each request is
+/// answered by the first round that starts after it arrives.
+#[derive(Clone)]
+struct ReplicaWait {
+    requests:
+        tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -451,10 +461,102 @@ impl RedisStore {
             forgets: Arc::default(),
             prune_from: Arc::default(),
             noted_queues: Arc::default(),
+            replica_wait: None,
         };
         store.load_library().await?;
         store.check_epoch().await?;
         Ok(store)
+    }
+
+    /// Have every job creation (and rejection record) wait until
+    /// `replicas` replicas have it, at most `timeout`, before it returns:
+    /// the caller acks the submission only then, so a failover to such a
+    /// replica cannot lose an accepted job. Short of them the call fails
+    /// as `Unavailable` (the job stays recorded on the primary; the
+    /// submission goes back and finds it existing). Creations in flight
+    /// share rounds: one task increments `<p>:replicated` on a connection
+    /// of its own and sends `WAIT`, which covers every write Redis ran
+    /// before that increment, for all who asked before the round began.
+    /// 0 replicas: no waiting. Must be called in a tokio runtime.
+    pub fn with_replica_wait(mut self, replicas: u32, timeout: Duration) -> RedisStore {
+        if replicas == 0 {
+            self.replica_wait = None;
+            return self;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // The task's own copy has no replica wait: no cycle keeps it alive
+        // once every other copy of the store is dropped.
+        let rounds = RedisStore {
+            replica_wait: None,
+            ..self.clone()
+        };
+        tokio::spawn(rounds.replica_rounds(replicas, timeout, rx));
+        self.replica_wait = Some(ReplicaWait { requests: tx });
+        self
+    }
+
+    async fn replica_rounds(
+        self,
+        replicas: u32,
+        timeout: Duration,
+        mut requests: tokio::sync::mpsc::UnboundedReceiver<
+            tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+        >,
+    ) {
+        let mut conn: Option<MultiplexedConnection> = None;
+        while let Some(first) = requests.recv().await {
+            let mut waiting = vec![first];
+            while let Ok(more) = requests.try_recv() {
+                waiting.push(more);
+            }
+            let result = self.replica_round(&mut conn, replicas, timeout).await;
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, waiting = waiting.len(), "replica wait failed");
+            }
+            for w in waiting {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
+    /// One round: a write of its own, then `WAIT` on the same connection.
+    async fn replica_round(
+        &self,
+        conn: &mut Option<MultiplexedConnection>,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<(), StoreError> {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(self.connect_primary().await?),
+        };
+        let timeout_ms = timeout.as_millis().max(1) as u64;
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR").arg(self.names.replicated_key()).ignore();
+        pipe.cmd("WAIT").arg(replicas).arg(timeout_ms);
+        let acked: Result<(u32,), RedisError> = pipe.query_async(c).await;
+        match acked {
+            Ok((acked,)) if acked >= replicas => Ok(()),
+            Ok((acked,)) => Err(StoreError::Unavailable(format!(
+                "{acked} of the {replicas} replicas redis_wait_replicas asks for \
+                 acknowledged the write within {timeout_ms} ms"
+            ))),
+            Err(e) => {
+                *conn = None;
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// Wait for the replicas of [`Self::with_replica_wait`], if any.
+    async fn replicated(&self) -> Result<(), StoreError> {
+        let Some(wait) = &self.replica_wait else {
+            return Ok(());
+        };
+        let stopped = || StoreError::Unavailable("the replica wait task stopped".into());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        wait.requests.send(tx).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// The epoch of the Redis data this store works on: a random number
@@ -979,6 +1081,7 @@ impl Store for RedisStore {
         let (pipe, new_queues) = self.create_pipeline(job, epoch);
         let (reply,): (Reply,) = self.run_for_epoch(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
+        self.replicated().await?;
         created_from(job, &reply)
     }
 
@@ -1006,6 +1109,9 @@ impl Store for RedisStore {
         let (added, (created, claimed)): (i64, (Reply, Reply)) =
             self.run_for_epoch(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
+        // Short of replicas the claim made is the sweep's when its lease
+        // lapses (the submission comes back and finds the job existing).
+        self.replicated().await?;
         let created = created_from(job, &created)?;
         let outcome = self.claim_outcome(&task, added, &claimed).await?;
         Ok((created.without_claimed(root, &outcome), outcome))
@@ -1020,6 +1126,7 @@ impl Store for RedisStore {
             .arg(&self.by);
         let pipe = self.indexed(cmd, &rejection.id);
         let (recorded,): (i64,) = self.run(&pipe).await?;
+        self.replicated().await?;
         Ok(recorded == 1)
     }
 
