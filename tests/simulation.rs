@@ -5,7 +5,10 @@
 //! - broker connections drop (unacked deliveries come back);
 //! - workers and dispatchers crash at any point (their futures are dropped:
 //!   every consumer, handler and renewal dies with them) and restart;
-//! - the store goes unreachable for a while (leases lapse, work waits);
+//! - the store goes unreachable for a while (leases lapse, work waits),
+//!   and its server restarts with its data (every dispatcher then audits
+//!   the unfinished jobs: schedule entries put back, ready tasks offered
+//!   again);
 //! - handlers fail transiently and permanently, panic, and hang past their
 //!   time-out, decided by a hash of the seed and the execution;
 //! - on odd seeds workers take submissions too, so roots of new jobs run
@@ -812,6 +815,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
     // The fault schedule.
     let mut outage_until: Option<u64> = None;
     let mut partitions: Vec<(Arc<AtomicBool>, u64)> = Vec::new();
+    let mut restarts = 0;
     for step in 0..150 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..=25))).await;
         let now = clock.now_ms();
@@ -851,6 +855,12 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
                 let cut = sim.workers[w].partition.clone();
                 cut.store(true, Ordering::SeqCst);
                 partitions.push((cut, now + rng.random_range(100..=2000)));
+            }
+            // The store's server restarts with its data: the dispatchers
+            // audit every unfinished job amid the rest.
+            105..=112 => {
+                store.restart();
+                restarts += 1;
             }
             _ => {}
         }
@@ -940,6 +950,23 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         }
     }
     check(true)?;
+    if restarts > 0 {
+        // The last restart's audit is done (a dispatcher sweeps every 50 ms).
+        let mut due = store.audit_due().await.map_err(|e| e.to_string())?;
+        for _ in 0..20 {
+            if due.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            due = store.audit_due().await.map_err(|e| e.to_string())?;
+        }
+        if due.is_some() {
+            return Err(format!(
+                "the store restarted {restarts} times and no audit followed the last"
+            ));
+        }
+        SEEDS_WITH_AUDITS.fetch_add(1, Ordering::Relaxed);
+    }
     for r in sim.workers.drain(..).chain(sim.dispatchers.drain(..)) {
         r.trigger.trigger();
         r.handle.abort();
@@ -997,6 +1024,9 @@ fn seeds() -> Vec<u64> {
     REGRESSION_SEEDS.iter().copied().chain(0..n).collect()
 }
 
+/// Seeds whose store restarted and whose dispatchers audited it.
+static SEEDS_WITH_AUDITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[test]
 fn the_invariants_hold_under_thousands_of_fault_schedules() {
     let seeds = seeds();
@@ -1042,6 +1072,13 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    // The schedule reached the audit path (a store restart) in many seeds.
+    let audited = SEEDS_WITH_AUDITS.load(Ordering::Relaxed);
+    assert!(
+        audited * 4 >= seeds.len(),
+        "only {audited} of {} seeds restarted the store and audited it",
+        seeds.len()
     );
 }
 

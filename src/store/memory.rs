@@ -161,7 +161,7 @@ pub struct MemoryStore {
     /// `run_id`: a snapshot restored here was written by another, so its
     /// jobs are audited (their ready tasks' messages died with the broker
     /// of the process that wrote it).
-    server: String,
+    server: Arc<Mutex<String>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -188,7 +188,7 @@ impl MemoryStore {
             retention_ms: retention.as_millis() as u64,
             by: by.into(),
             down: Arc::default(),
-            server: new_server_identity(),
+            server: Arc::new(Mutex::new(new_server_identity())),
         }
     }
 
@@ -197,6 +197,20 @@ impl MemoryStore {
             return Err(StoreError::Unavailable("simulated store outage".into()));
         }
         Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Simulate the store's server restarting with all its data: it is a
+    /// new server to the deployment, so the next sweep audits every
+    /// unfinished job (as after a Redis restart).
+    pub fn restart(&self) {
+        *self.server.lock().unwrap_or_else(|p| p.into_inner()) = new_server_identity();
+    }
+
+    fn server(&self) -> String {
+        self.server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Simulate an outage: every call fails as unavailable while `down`.
@@ -547,7 +561,8 @@ impl Store for MemoryStore {
 
     async fn audit_due(&self) -> Result<Option<String>, StoreError> {
         let state = self.lock()?;
-        Ok((state.audited.as_deref() != Some(self.server.as_str())).then(|| self.server.clone()))
+        let server = self.server();
+        Ok((state.audited.as_deref() != Some(server.as_str())).then_some(server))
     }
 
     async fn audit_jobs(
