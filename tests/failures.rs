@@ -452,6 +452,76 @@ async fn a_lapsed_lease_is_requeued_as_the_next_attempt_and_the_late_outcome_is_
     d.shutdown().await;
 }
 
+/// A worker whose claim is lost while its handler runs (its lease lapsed
+/// and the task moved on, after a partition or a pause; or the store lost
+/// it) stops that run at its next renewal rather than finish it beside the
+/// new claim's run: here a `shell` task, its whole process group killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_claim_is_lost_is_stopped_at_the_next_renewal() {
+    let mut d = Deployment::new("lostrun").await;
+    // Renewed every third of it.
+    d.config.worker.lease_ms = 900;
+    let journal = open_journal(&mut d, "lostrun");
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let dir = Scratch::dir("lostrun");
+    let beat = dir.join("beat");
+    // A child in the background that touches a file every 50 ms, and a
+    // long sleep in front.
+    let script = format!(
+        "(while true; do touch {}; sleep 0.05; done) & sleep 30",
+        beat.display()
+    );
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "moved", "requestor": "r", "tasks": [
+            {"name": "t", "handler": "shell", "timeout_s": 60, "retry": {"max_attempts": 1},
+             "params": {"command": "sh", "args": ["-c", script]}}]}))
+        .await;
+    eventually("the shell task beating", WAIT, || async {
+        beat.exists().then_some(())
+    })
+    .await;
+    // Another claim takes the task over (its fence replaces this one's),
+    // as the sweep and a second worker would after a lapsed lease.
+    let mut conn = redis::Client::open(d.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let taken_over = std::time::Instant::now();
+    redis::cmd("HSET")
+        .arg(d.names.job_key("moved"))
+        .arg("f:0")
+        .arg("1")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let run = eventually("the run stopped", WAIT, || async {
+        runs_of(&journal, "moved", 0)
+            .into_iter()
+            .find(|r| r.end.is_some())
+    })
+    .await;
+    let stopped_after = taken_over.elapsed();
+    assert!(
+        stopped_after < Duration::from_secs(5),
+        "stopped {stopped_after:?} after the claim moved on: it ran to its end"
+    );
+    assert_eq!(run.outcome.as_deref(), Some("retry"), "{run:?}");
+    // The whole process group is gone: the background child beats no more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last = std::fs::metadata(&beat).unwrap().modified().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        std::fs::metadata(&beat).unwrap().modified().unwrap(),
+        last,
+        "the shell task's background child outlived its stopped run"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_outcome_is_applied_once() {
     let mut d = Deployment::new("once").await;

@@ -5,14 +5,34 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use super::Journal;
 use crate::store::{ClaimRef, Store};
 
-/// Claims held by this worker, keyed by (job, task index).
+/// One claim held, and the signal that tells its run it is lost.
+struct Held {
+    claim: ClaimRef,
+    lost: Arc<Notify>,
+}
+
+/// Claims held by this worker, keyed by (job, task index), each with the
+/// signal that tells its run the claim is lost.
 #[derive(Clone)]
 pub(super) struct ActiveClaims {
-    inner: Arc<Mutex<BTreeMap<(String, u32), ClaimRef>>>,
+    inner: Arc<Mutex<BTreeMap<(String, u32), Held>>>,
     journal: Option<Journal>,
+}
+
+/// Fires when a renewal finds the claim no longer held (its lease lapsed
+/// and the task moved on, or the store lost it): the run should stop,
+/// since another claim may be running the task.
+pub(super) struct ClaimLost(Arc<Notify>);
+
+impl ClaimLost {
+    pub(super) async fn wait(&self) {
+        self.0.notified().await;
+    }
 }
 
 impl ActiveClaims {
@@ -23,9 +43,18 @@ impl ActiveClaims {
         }
     }
 
-    pub(super) fn insert(&self, claim: ClaimRef) {
+    /// Renew `claim` from now on; the returned signal fires if it is lost.
+    pub(super) fn insert(&self, claim: ClaimRef) -> ClaimLost {
+        let lost = Arc::new(Notify::new());
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert((claim.job.clone(), claim.idx), claim);
+        map.insert(
+            (claim.job.clone(), claim.idx),
+            Held {
+                claim,
+                lost: lost.clone(),
+            },
+        );
+        ClaimLost(lost)
     }
 
     pub(super) fn remove(&self, claim: &ClaimRef) {
@@ -37,14 +66,24 @@ impl ActiveClaims {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn contains(&self, claim: &ClaimRef) -> bool {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&(claim.job.clone(), claim.idx)) == Some(claim)
+    /// Take `claim` out if it is still the one held for its task, and tell
+    /// its run it is lost. Returns whether it was there.
+    fn lose(&self, claim: &ClaimRef) -> bool {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (claim.job.clone(), claim.idx);
+        if map.get(&key).is_none_or(|held| held.claim != *claim) {
+            return false;
+        }
+        if let Some(held) = map.remove(&key) {
+            // Stored if the run is not waiting yet: it sees it when it does.
+            held.lost.notify_one();
+        }
+        true
     }
 
     fn snapshot(&self) -> Vec<ClaimRef> {
         let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.values().cloned().collect()
+        map.values().map(|held| held.claim.clone()).collect()
     }
 
     pub(super) async fn renew_forever(&self, store: Arc<dyn Store>, lease: Duration) {
@@ -64,12 +103,12 @@ impl ActiveClaims {
                             if let Some(j) = &self.journal {
                                 j.record('R', claim, None);
                             }
-                        } else if self.contains(claim) {
-                            // Stop renewing it: its lease entry is the sweep's now.
-                            self.remove(claim);
-                            // Still ours by our books, no longer by the store's.
+                        } else if self.lose(claim) {
+                            // Still ours by our books, no longer by the
+                            // store's: renewed no more (its lease entry is
+                            // the sweep's now), and its run is stopped.
                             tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence,
-                                "claim lost (lease lapsed and the task moved on); its outcome will be rejected");
+                                "claim lost (lease lapsed and the task moved on, or the store lost it); stopping its run");
                         }
                     }
                 }

@@ -415,7 +415,7 @@ impl Worker {
         if let Some(j) = &self.options.journal {
             j.record('S', &claimed.claim, None);
         }
-        self.active.insert(claimed.claim.clone());
+        let lost = self.active.insert(claimed.claim.clone());
         let Some(handler) = self.registry.get(&claimed.handler).cloned() else {
             let end = AttemptEnd::Permanent(format!(
                 "no handler {:?} on worker {} (it has: {})",
@@ -433,6 +433,12 @@ impl Worker {
                 self.hand_back(&claimed).await;
                 return None;
             }
+            // Another claim may be running the task now: stop this run (its
+            // handler task is aborted; a shell task's process group killed).
+            // Its outcome is then refused like any late one.
+            _ = lost.wait() => AttemptEnd::Transient(
+                "claim lost (lease lapsed and the task moved on, or the store lost it): run stopped".into(),
+            ),
         };
         self.finish(&claimed, end, &stops.graceful).await
     }
