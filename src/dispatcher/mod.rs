@@ -1,5 +1,6 @@
 //! The dispatcher: turns submissions into recorded jobs and queued tasks,
-//! and keeps time-driven work moving (due retries, lapsed leases).
+//! and keeps time-driven work moving (due retries, lapsed leases, the
+//! audit after a Redis server change).
 //!
 //! It holds nothing it cannot rebuild from Redis, so any number can run at
 //! once: every step is an idempotent store transition followed by publishes
@@ -10,6 +11,7 @@
 //! task's outcome with the same store transition and publishes the tasks it
 //! made ready (one broker hop fewer per task; see docs/ARCHITECTURE.md).
 
+mod audit;
 mod prune;
 mod sweep;
 
@@ -108,6 +110,8 @@ impl Dispatcher {
             sweeper.spawn(async move { this.sweep_forever(stop).await });
             let (this, stop) = (self.clone(), shutdown.clone());
             sweeper.spawn(async move { this.prune_forever(stop).await });
+            let (this, stop) = (self.clone(), shutdown.clone());
+            sweeper.spawn(async move { this.audit_forever(stop).await });
         }
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         let mut in_flight = JoinSet::new();

@@ -19,10 +19,6 @@ use super::Dispatcher;
 
 const SWEEP_BATCH: usize = 500;
 
-/// Job index entries per page of an audit (one `ZSCAN`, one pipeline of
-/// audit calls, one of `ZADD NX`).
-const AUDIT_BATCH: usize = 200;
-
 /// One of the two schedules a pass works through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Schedule {
@@ -54,54 +50,12 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "store unreachable; sweep skipped");
                 continue;
             }
-            if let Err(e) = self.audit_if_due().await {
-                tracing::warn!(error = %e, "audit failed; will retry");
-                continue;
-            }
             match self.sweep_once().await {
                 Ok(n) if n > 0 => tracing::debug!(actions = n, "sweep"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
             }
         }
-    }
-
-    /// If the store's server is not the one the last complete audit was
-    /// of (a restart, a failover: it may have lost its latest writes), walk
-    /// the job index and put back the schedule entries unfinished jobs call
-    /// for, so the sweep that follows offers again what lost writes left
-    /// stranded (a claim lost with its lease entry while its worker died).
-    /// Every dispatcher that sees the change audits (idempotent); one that
-    /// dies midway leaves the audit due for the next pass. Returns whether
-    /// an audit ran.
-    pub async fn audit_if_due(&self) -> Result<bool, StoreError> {
-        let Some(server) = self.store.audit_due().await? else {
-            return Ok(false);
-        };
-        tracing::info!(
-            server = %server,
-            "store server is new to this deployment (restart or failover): auditing unfinished jobs"
-        );
-        let (mut jobs, mut wanted, mut added) = (0, 0, 0);
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .audit_jobs(cursor.as_deref(), AUDIT_BATCH)
-                .await?;
-            jobs += page.jobs;
-            wanted += page.wanted.len();
-            added += page.added;
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
-        }
-        self.store.audit_done(&server).await?;
-        // Ready tasks have no schedule entry in the normal course: each
-        // gets one now, and its message is published once more.
-        tracing::info!(jobs, wanted, added, "audit done");
-        Ok(true)
     }
 
     /// One pass: due retries, then lapsed leases. Returns how many schedule

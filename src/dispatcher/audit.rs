@@ -1,0 +1,70 @@
+//! The audit after a Redis server change (the `start-up recovery from the
+//! store` of nog's observer, for a store that may have lost its latest
+//! writes). Lost writes always come with a restart or a failover, so a
+//! server the deployment has not audited yet may hold records whose
+//! schedule entries went with those writes: a claim lost with its lease
+//! entry while its worker died, its message long acked, would wait for
+//! ever. The audit walks the job index and has the store put back what
+//! every unfinished job's record calls for; the sweep then does the rest.
+//!
+//! It runs in its own loop beside the sweep, so a large job index (about a
+//! second per 100,000 jobs kept) does not hold up retries and lapsed leases.
+
+use crate::shutdown::Shutdown;
+use crate::store::StoreError;
+
+use super::Dispatcher;
+
+/// Job index entries per page of an audit (one `ZSCAN`, one pipeline of
+/// audit calls, one of `ZADD NX`).
+const AUDIT_BATCH: usize = 200;
+
+impl Dispatcher {
+    pub(super) async fn audit_forever(&self, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(self.options.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while shutdown.tick(&mut tick).await {
+            if let Err(e) = self.audit_if_due().await {
+                tracing::warn!(error = %e, "audit failed; will retry");
+            }
+        }
+    }
+
+    /// If the store's server is not the one the last complete audit was
+    /// of (a restart, a failover: it may have lost its latest writes), walk
+    /// the job index and put back the schedule entries unfinished jobs call
+    /// for, so the sweep that follows offers again what lost writes left
+    /// stranded (a claim lost with its lease entry while its worker died).
+    /// Every dispatcher that sees the change audits (idempotent); one that
+    /// dies midway leaves the audit due for the next pass. Returns whether
+    /// an audit ran.
+    pub async fn audit_if_due(&self) -> Result<bool, StoreError> {
+        let Some(server) = self.store.audit_due().await? else {
+            return Ok(false);
+        };
+        tracing::info!(
+            server = %server,
+            "store server is new to this deployment (restart or failover): auditing unfinished jobs"
+        );
+        let (mut jobs, mut wanted, mut added) = (0, 0, 0);
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .audit_jobs(cursor.as_deref(), AUDIT_BATCH)
+                .await?;
+            jobs += page.jobs;
+            wanted += page.wanted.len();
+            added += page.added;
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        self.store.audit_done(&server).await?;
+        // Ready tasks have no schedule entry in the normal course: each
+        // gets one now, and its message is published once more.
+        tracing::info!(jobs, wanted, added, "audit done");
+        Ok(true)
+    }
+}
