@@ -732,7 +732,8 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
     config.redis_wait_timeout_ms = 200;
     let mut d = Deployment::with_config(config).await;
     d.start_dispatcher().await;
-    d.start_worker(4).await;
+    // Takes the submissions ahead of the dispatcher, claiming each root.
+    d.start_worker_taking_submissions(4).await;
     let mut client = Client::connect(&d.config.prefix).await;
     let job =
         |id: &str| json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
@@ -755,10 +756,17 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
         early.is_err(),
         "a submission was answered with no replica to have it: {early:?}"
     );
-    // Recorded on the primary, but neither acked nor run: its task is
-    // published only after the creation returns.
+    // Recorded on the primary, but neither acked nor run: its root is
+    // run (or published) only after the creation returns, and a root the
+    // worker claimed meanwhile is handed back each time.
     let status = d.status("during").await.expect("recorded on the primary");
-    assert_eq!(status.tasks["t"].state, conveyor::model::TaskState::Ready);
+    assert!(
+        matches!(
+            status.tasks["t"].state,
+            conveyor::model::TaskState::Ready | conveyor::model::TaskState::Running
+        ),
+        "{status:#?}"
+    );
 
     replica.launch().await;
     follow(&replica, &primary).await;
@@ -768,9 +776,18 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
         ("during", &json!(true)),
         "{reply}"
     );
-    assert_eq!(
-        d.wait_terminal("during", WAIT).await.state,
-        JobState::Succeeded
+    let status = d.wait_terminal("during", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded);
+    // The roots claimed while the replica was away were handed back, not
+    // left to lapse.
+    assert_eq!(status.tasks["t"].attempts, 1, "{status:#?}");
+    assert!(
+        !status
+            .history
+            .iter()
+            .any(|h| h.reason.contains("lease expired")),
+        "{:#?}",
+        status.history
     );
     let on_replica = tokio::process::Command::new("redis-cli")
         .args(["-p", &replica.port.to_string(), "EXISTS"])

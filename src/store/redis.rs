@@ -1109,11 +1109,19 @@ impl Store for RedisStore {
         let (added, (created, claimed)): (i64, (Reply, Reply)) =
             self.run_for_epoch(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
-        // Short of replicas the claim made is the sweep's when its lease
-        // lapses (the submission comes back and finds the job existing).
-        self.replicated().await?;
         let created = created_from(job, &created)?;
         let outcome = self.claim_outcome(&task, added, &claimed).await?;
+        if let Err(e) = self.replicated().await {
+            // Short of replicas the submission goes back; the root claimed
+            // is handed back too, ready for the redelivery to claim again
+            // (else it would wait for its lease to lapse).
+            if let ClaimOutcome::Claimed(c) = &outcome
+                && let Err(release) = self.release(&c.claim, worker).await
+            {
+                tracing::debug!(error = %release, "root claim left to lapse");
+            }
+            return Err(e);
+        }
         Ok((created.without_claimed(root, &outcome), outcome))
     }
 
