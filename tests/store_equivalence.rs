@@ -692,3 +692,49 @@ async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
     }
     common::cleanup(&config).await;
 }
+
+/// The usual refused outcome is a lapsed lease's: the task moved on (here
+/// to attempt 2, queued by the sweep). Its recheck leaves the sweep
+/// nothing to do, in both stores: no second copy of attempt 2's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_offer() {
+    let config = common::test_config(&common::unique_prefix("recheckmoved"));
+    let (redis, memory) = redis_and_memory(&config).await;
+    let stores: [(&str, Arc<dyn Store>); 2] =
+        [("redis", redis.clone()), ("memory", Arc::new(memory))];
+    for (name, store) in stores {
+        let body =
+            json!({"id": "moved", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+        store.create_job(&plan(&body)).await.unwrap();
+        let msg = TaskMessage {
+            job: "moved".into(),
+            task: "t".into(),
+            idx: 0,
+            attempt: 1,
+            queue: "default".into(),
+        };
+        let ClaimOutcome::Claimed(first) = store.claim(&msg, "w", Duration::ZERO).await.unwrap()
+        else {
+            panic!("{name}: not claimed");
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let swept = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(swept.len(), 1, "{name}: {swept:?}");
+        assert_eq!(swept[0].publish[0].attempt, 2, "{name}: {swept:?}");
+        let entries: Vec<String> = swept.iter().map(|a| a.entry.clone()).collect();
+        store.forget_leases(&entries).await.unwrap();
+        let late = AttemptResult::Succeeded("{}".into());
+        assert_eq!(
+            store.complete(&first.claim, "w", &late).await.unwrap(),
+            Applied::Stale,
+            "{name}"
+        );
+        store.recheck(&first.claim).await.unwrap();
+        assert_eq!(
+            store.expired_leases(100, "sweep").await.unwrap(),
+            Vec::new(),
+            "{name}: attempt 2's message offered twice"
+        );
+    }
+    common::cleanup(&config).await;
+}

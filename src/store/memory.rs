@@ -384,9 +384,16 @@ impl Store for MemoryStore {
     async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError> {
         let now = self.clock.now_ms();
         let mut state = self.lock()?;
-        state
-            .leases
-            .add_new(&entry(&claim.job, claim.idx, claim.attempt), now);
+        let ready_again = state.job_mut(&claim.job, now).is_some_and(|j| {
+            j.tasks.get(claim.idx as usize).is_some_and(|t| {
+                t.state == crate::model::TaskState::Ready && t.attempt == claim.attempt
+            })
+        });
+        if ready_again {
+            state
+                .leases
+                .add_new(&entry(&claim.job, claim.idx, claim.attempt), now);
+        }
         Ok(())
     }
 

@@ -403,13 +403,12 @@ pub trait Store: Send + Sync + 'static {
     /// Forget the lease index entry of a claim whose follow-ups are confirmed.
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
-    /// Have the sweep look at this claim's attempt at its next pass: add the
-    /// attempt's lease entry, due now, unless one is there. For a claim
-    /// whose outcome was refused as stale: if the store lost the claim (a
-    /// crash or failover that lost its latest writes, lease entry and all),
-    /// the task is ready at this attempt with its message already acked,
-    /// and the sweep's reclaim offers it again; in every other case it
-    /// drops the entry.
+    /// For a claim whose outcome was refused as stale: if the task is ready
+    /// at this very attempt, the store lost the claim (a crash or failover
+    /// that lost its latest writes, lease entry and all) and its message
+    /// was acked, so have the sweep offer it again: add the attempt's lease
+    /// entry, due now, unless one is there. In every other case (the usual
+    /// one: the lease lapsed and the task moved on) do nothing.
     async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
     /// Promote retries that are due; publish, then `forget_retries`.

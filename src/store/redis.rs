@@ -1262,6 +1262,17 @@ impl Store for RedisStore {
     }
 
     async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError> {
+        // A plain read first (the lease index is in another slot than the
+        // job): only a task ready at this very attempt needs the sweep.
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.names.job_key(&claim.job))
+            .arg(format!("s:{}", claim.idx))
+            .arg(format!("a:{}", claim.idx));
+        let ((state, attempt),): ((Option<String>, Option<u32>),) = self.run(&pipe).await?;
+        if state.as_deref() != Some("ready") || attempt != Some(claim.attempt) {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(self.names.leases())
