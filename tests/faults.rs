@@ -410,6 +410,17 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     run.stop().await;
 }
 
+/// A port in 20000..32000 that nothing listens on now.
+fn listen_port() -> u16 {
+    for _ in 0..100 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
+}
+
 /// A Redis server of the test's own, on its own port and directory.
 struct PrivateRedis {
     port: u16,
@@ -420,21 +431,40 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start(aof: bool) -> PrivateRedis {
-        let port = 20000 + (rand::random::<u16>() % 20000);
-        let r = PrivateRedis {
-            port,
-            dir: Scratch::dir("redis"),
-            aof,
-        };
-        r.launch().await;
-        r
+        // Below the kernel's ephemeral range (32768 and up here), so no
+        // outgoing connection takes the port, now or when the server is
+        // started again on it; another listener could still, and then
+        // another port is tried (a random one in the old 20000-40000
+        // range was taken now and then: "bind: Address already in use").
+        for _ in 0..5 {
+            let r = PrivateRedis {
+                port: listen_port(),
+                dir: Scratch::dir("redis"),
+                aof,
+            };
+            if r.try_launch().await {
+                return r;
+            }
+        }
+        panic!("no private redis-server came up on any of 5 free ports");
     }
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Start it again (same port, same directory); it must come up.
     async fn launch(&self) {
+        assert!(
+            self.try_launch().await,
+            "private redis-server on port {} did not come back up; its log:\n{}",
+            self.port,
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+
+    /// Start the server; whether it answers within 20 s.
+    async fn try_launch(&self) -> bool {
         let status = tokio::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -459,17 +489,24 @@ impl PrivateRedis {
             .status()
             .await
             .expect("redis-server must be installed for this test");
-        assert!(status.success());
+        if !status.success() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let url = self.url();
-        eventually("private redis up", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(url.as_str())
+                && let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return true;
             }
-        })
-        .await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
     }
 
     /// A section of its `INFO`.
