@@ -502,18 +502,19 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A free port in 20000..45000 for Erlang distribution (its CLI tools use
-/// the port + 10000 and up).
+/// A free port in 20000..22700 for Erlang distribution (its CLI tools use
+/// the port + 10000 and up): both below the kernel's ephemeral range
+/// (32768 and up here), so no outgoing connection takes them meanwhile.
 fn dist_port() -> u16 {
     for _ in 0..200 {
-        let port = 20_000 + rand::random::<u16>() % 25_000;
+        let port = 20_000 + rand::random::<u16>() % 2_700;
         if TcpListener::bind(("127.0.0.1", port)).is_ok()
             && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
         {
             return port;
         }
     }
-    panic!("no free port for Erlang distribution in 20000..45000");
+    panic!("no free port for Erlang distribution in 20000..22700");
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
