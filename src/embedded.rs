@@ -109,9 +109,9 @@ impl Embedded {
         );
         // Tasks of a restored snapshot may have been queued in the broker
         // that died with the last process: the snapshot names another
-        // store, so the dispatcher's first sweep audits every unfinished
-        // job (`Store::audit_due`) and offers its ready and lapsed tasks
-        // again, as after a Redis restart.
+        // store, so the dispatcher audits every unfinished job at once
+        // (`Store::audit_due`) and its sweep offers their ready and lapsed
+        // tasks again, as after a Redis restart.
         let health = dispatcher.health().clone();
         let shutdown = trigger.subscribe();
         tasks.spawn(async move {
