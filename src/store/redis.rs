@@ -539,7 +539,8 @@ impl RedisStore {
             Ok((acked,)) if acked >= replicas => Ok(()),
             Ok((acked,)) => Err(StoreError::Unavailable(format!(
                 "{acked} of the {replicas} replicas redis_wait_replicas asks for \
-                 acknowledged the write within {timeout_ms} ms"
+                 acknowledged the write within {timeout_ms} ms (submissions wait until \
+                 enough replicas are connected and in sync; see INFO replication)"
             ))),
             Err(e) => {
                 *conn = None;
