@@ -6,9 +6,13 @@
 //! - workers and dispatchers crash at any point (their futures are dropped:
 //!   every consumer, handler and renewal dies with them) and restart;
 //! - the store goes unreachable for a while (leases lapse, work waits),
-//!   and its server restarts with its data (every dispatcher then audits
-//!   the unfinished jobs: schedule entries put back, ready tasks offered
-//!   again);
+//!   its server restarts with its data (every dispatcher then audits the
+//!   unfinished jobs: schedule entries put back, ready tasks offered
+//!   again), and it loses a running task's claim with its latest writes
+//!   (the task ready again at that attempt, the lease entry gone, the
+//!   server new: the live worker's outcome is refused or its run stopped,
+//!   and the recheck or the audit offers the task again; the lost claim
+//!   counts as live only until the loss);
 //! - handlers fail transiently and permanently, panic, and hang past their
 //!   time-out, decided by a hash of the seed and the execution;
 //! - on odd seeds workers take submissions too, so roots of new jobs run
@@ -64,7 +68,11 @@ use tokio::task::JoinHandle;
 /// before waiting for a delivery, so with concurrency 1 its idle task
 /// consumer held the only permit while submissions waited behind it
 /// (jobs never started); fixed by taking the delivery first.
-const REGRESSION_SEEDS: &[u64] = &[302, 41];
+/// 4869: a worker started the handler of a claim the store had already
+/// lost, beside the new claim's run, and the overlap check counted the
+/// lost claim as live (a checker bug: a claim the store lost is live to
+/// no one; its run is stopped at the worker's next renewal).
+const REGRESSION_SEEDS: &[u64] = &[302, 41, 4869];
 
 const DEFAULT_SEEDS: u64 = 2000;
 
@@ -118,6 +126,9 @@ impl Drop for EndOnDrop {
 #[derive(Debug, Clone, Copy)]
 struct ClaimLife {
     last_alive: u64,
+    /// When the store lost this claim (a simulated loss of its latest
+    /// writes): no longer live from then on, whatever its worker does.
+    lost_at: Option<u64>,
 }
 
 /// Every claim handed to a worker: job -> fence -> life.
@@ -247,7 +258,13 @@ impl Store for Partition {
                 .unwrap()
                 .entry(c.claim.job.clone())
                 .or_default()
-                .insert(c.claim.fence, ClaimLife { last_alive: now });
+                .insert(
+                    c.claim.fence,
+                    ClaimLife {
+                        last_alive: now,
+                        lost_at: None,
+                    },
+                );
             mark_changed(&self.changed, &c.claim.job);
         }
         Ok(outcome)
@@ -696,7 +713,16 @@ fn check_no_overlapping_claims(
                 e.job, e.task, e.attempt, e.fence
             ));
         };
-        let live_end = e.end.unwrap_or(u64::MAX).min(life.last_alive + lease_ms);
+        if life.lost_at.is_some_and(|lost| e.start >= lost) {
+            // Started under a claim the store had already lost: live to no
+            // one (its worker learns of it at its next renewal).
+            continue;
+        }
+        let live_end = e
+            .end
+            .unwrap_or(u64::MAX)
+            .min(life.last_alive + lease_ms)
+            .min(life.lost_at.unwrap_or(u64::MAX));
         runs.entry((&e.job, &e.task))
             .or_default()
             .push((e, live_end));
@@ -816,6 +842,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
     let mut outage_until: Option<u64> = None;
     let mut partitions: Vec<(Arc<AtomicBool>, u64)> = Vec::new();
     let mut restarts = 0;
+    let mut lost_claims = 0;
     for step in 0..150 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..=25))).await;
         let now = clock.now_ms();
@@ -861,6 +888,40 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             105..=112 => {
                 store.restart();
                 restarts += 1;
+            }
+            // The store loses a running task's claim with its latest
+            // writes (and comes back as a new server): its worker, if
+            // alive, has its outcome refused or its run stopped; either
+            // way the task is offered again (recheck, audit).
+            113..=120 => {
+                let running: Vec<(String, u32)> = store.inspect_records(|records| {
+                    records
+                        .flat_map(|r| {
+                            r.tasks
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, t)| t.state == TaskState::Running)
+                                .map(|(i, _)| (r.id.clone(), i as u32))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect()
+                });
+                if !running.is_empty() {
+                    let (job, idx) = &running[rng.random_range(0..running.len())];
+                    if let Some(lost) = store.lose_claim(job, *idx) {
+                        if let Some(life) = claims
+                            .lock()
+                            .unwrap()
+                            .get_mut(job)
+                            .and_then(|f| f.get_mut(&lost.fence))
+                        {
+                            life.lost_at = Some(now);
+                        }
+                        mark_changed(&changed, job);
+                        restarts += 1;
+                        lost_claims += 1;
+                    }
+                }
             }
             _ => {}
         }
@@ -967,6 +1028,9 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         }
         SEEDS_WITH_AUDITS.fetch_add(1, Ordering::Relaxed);
     }
+    if lost_claims > 0 {
+        SEEDS_WITH_LOST_CLAIMS.fetch_add(1, Ordering::Relaxed);
+    }
     for r in sim.workers.drain(..).chain(sim.dispatchers.drain(..)) {
         r.trigger.trigger();
         r.handle.abort();
@@ -1026,6 +1090,10 @@ fn seeds() -> Vec<u64> {
 
 /// Seeds whose store restarted and whose dispatchers audited it.
 static SEEDS_WITH_AUDITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Seeds whose store lost a running task's claim (and which still ended
+/// with every job finished and every invariant held).
+static SEEDS_WITH_LOST_CLAIMS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 #[test]
 fn the_invariants_hold_under_thousands_of_fault_schedules() {
@@ -1078,6 +1146,12 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     assert!(
         audited * 4 >= seeds.len(),
         "only {audited} of {} seeds restarted the store and audited it",
+        seeds.len()
+    );
+    let lost = SEEDS_WITH_LOST_CLAIMS.load(Ordering::Relaxed);
+    assert!(
+        lost * 5 >= seeds.len(),
+        "only {lost} of {} seeds had the store lose a running claim",
         seeds.len()
     );
 }

@@ -206,6 +206,35 @@ impl MemoryStore {
         *self.server.lock().unwrap_or_else(|p| p.into_inner()) = new_server_identity();
     }
 
+    /// Simulate Redis losing a claim with its latest writes (a crash under
+    /// `appendfsync everysec`, an unplanned failover) and coming back as a
+    /// server new to the deployment: task `idx` of `job`, if running, is
+    /// ready again at the claim's attempt, the claim's lease entry is gone,
+    /// and an audit is due. Returns the claim lost. For simulations.
+    pub fn lose_claim(&self, job: &str, idx: u32) -> Option<ClaimRef> {
+        let now = self.clock.now_ms();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let record = state.job_mut(job, now)?;
+        let task = record.tasks.get_mut(idx as usize)?;
+        if task.state != crate::model::TaskState::Running {
+            return None;
+        }
+        let lost = ClaimRef {
+            job: job.to_owned(),
+            idx,
+            attempt: task.attempt,
+            fence: task.fence?,
+        };
+        task.state = crate::model::TaskState::Ready;
+        task.fence = None;
+        task.lease_expiry = None;
+        record.version += 1;
+        state.leases.remove(&entry(job, idx, lost.attempt));
+        drop(state);
+        self.restart();
+        Some(lost)
+    }
+
     fn server(&self) -> String {
         self.server
             .lock()
