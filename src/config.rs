@@ -810,6 +810,8 @@ mod tests {
             ("CONVEYOR_PREFIX", "fromenv"),
             ("CONVEYOR_QUEUES", "a, b"),
             ("CONVEYOR_CONCURRENCY", "7"),
+            ("CONVEYOR_REDIS_WAIT_REPLICAS", "1"),
+            ("CONVEYOR_REDIS_WAIT_TIMEOUT_MS", "250"),
         ]
         .into();
         c.apply_env(|k| env.get(k).map(|v| v.to_string()))
@@ -817,6 +819,7 @@ mod tests {
         assert_eq!(c.prefix, "fromenv");
         assert_eq!(c.worker.queues, vec!["a", "b"]);
         assert_eq!(c.worker.concurrency, 7);
+        assert_eq!((c.redis_wait_replicas, c.redis_wait_timeout_ms), (1, 250));
     }
 
     #[test]
