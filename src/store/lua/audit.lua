@@ -15,6 +15,9 @@ if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == '
 end
 local n = tonumber(hget('n') or '0')
 local out = {}
+local function want(index, i, a, due)
+  out[#out + 1] = index; out[#out + 1] = tostring(i); out[#out + 1] = a; out[#out + 1] = due
+end
 for s = 0, n - 1, RELEASE_CHUNK do
   local e = math.min(s + RELEASE_CHUNK - 1, n - 1)
   local fields = {}
@@ -29,14 +32,11 @@ for s = 0, n - 1, RELEASE_CHUNK do
     local b = (i - s) * 4
     local state, a = v[b + 1], v[b + 2]
     if state == 'running' then
-      out[#out + 1] = 'l'; out[#out + 1] = tostring(i); out[#out + 1] = a
-      out[#out + 1] = v[b + 3] or NOW_JSON
+      want('l', i, a, v[b + 3] or NOW_JSON)
     elseif state == 'ready' then
-      out[#out + 1] = 'l'; out[#out + 1] = tostring(i); out[#out + 1] = a
-      out[#out + 1] = NOW_JSON
+      want('l', i, a, NOW_JSON)
     elseif state == 'retrying' then
-      out[#out + 1] = 'r'; out[#out + 1] = tostring(i); out[#out + 1] = a
-      out[#out + 1] = v[b + 4] or NOW_JSON
+      want('r', i, a, v[b + 4] or NOW_JSON)
     end
   end
 end
