@@ -22,6 +22,7 @@ use common::journal::{self, read_journal};
 use common::scratch::Scratch;
 use common::{Client, Deployment, eventually, test_config, unique_prefix};
 use conveyor::broker::Broker;
+use conveyor::config::Config;
 use conveyor::model::JobState;
 use conveyor::store::Store;
 use serde_json::{Value, json};
@@ -453,6 +454,13 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The test config of `test` (a unique prefix) on this server.
+    fn config(&self, test: &str) -> Config {
+        let mut config = test_config(&unique_prefix(test));
+        config.redis_url = self.url();
+        config
+    }
+
     /// Start it again (same port, same directory); it must come up.
     async fn launch(&self) {
         assert!(
@@ -567,8 +575,7 @@ impl Drop for PrivateRedis {
 async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let redis = PrivateRedis::start(true).await;
-    let mut config = test_config(&unique_prefix("redisaof"));
-    config.redis_url = redis.url();
+    let config = redis.config("redisaof");
     let run = MidRun::start(Deployment::with_config(config).await, "redisaof").await;
     redis.stop().await;
     // Readiness follows the store: down while Redis is, up when it is back.
@@ -591,8 +598,7 @@ async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
 async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
     let _serial = SERIAL.lock().await;
     let redis = PrivateRedis::start(false).await;
-    let mut config = test_config(&unique_prefix("redisro"));
-    config.redis_url = redis.url();
+    let mut config = redis.config("redisro");
     // A task message whose claim the outage refused goes back uncounted:
     // with a limit of one delivery, a requeue would make it poison.
     config.worker.max_deliveries = 1;
@@ -666,8 +672,7 @@ async fn a_redis_failover_between_the_nodes_of_redis_url_is_followed_mid_run() {
 async fn a_claim_redis_lost_with_its_worker_is_run_again_after_the_restart() {
     let _serial = SERIAL.lock().await;
     let redis = PrivateRedis::start(true).await;
-    let mut config = test_config(&unique_prefix("redislost"));
-    config.redis_url = redis.url();
+    let config = redis.config("redislost");
     let mut d = Deployment::with_config(config).await;
     d.start_dispatcher().await;
     let client = Client::connect(&d.config.prefix).await;
@@ -763,8 +768,7 @@ async fn follow(replica: &PrivateRedis, primary: &PrivateRedis) {
 async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_its_job() {
     let _serial = SERIAL.lock().await;
     let (primary, replica) = primary_and_replica().await;
-    let mut config = test_config(&unique_prefix("waitrepl"));
-    config.redis_url = primary.url();
+    let mut config = primary.config("waitrepl");
     config.redis_wait_replicas = 1;
     config.redis_wait_timeout_ms = 200;
     let mut d = Deployment::with_config(config).await;
@@ -842,8 +846,7 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
 {
     let _serial = SERIAL.lock().await;
     let redis = PrivateRedis::start(false).await;
-    let mut config = test_config(&unique_prefix("redisnone"));
-    config.redis_url = redis.url();
+    let config = redis.config("redisnone");
     let mut d = Deployment::with_config(config).await;
     let dir = Scratch::dir("redisnone");
     let journal = dir.join("journal");
