@@ -78,6 +78,12 @@ async fn redis_and_memory(
     (redis, memory)
 }
 
+/// [`redis_and_memory`] as named stores, to run one scenario on each.
+async fn side_by_side(config: &Config) -> [(&'static str, Arc<dyn Store>); 2] {
+    let (redis, memory) = redis_and_memory(config).await;
+    [("redis", redis), ("memory", Arc::new(memory))]
+}
+
 /// `body` as the intake of the built-in handlers plans it; panics unless
 /// the job is valid.
 fn plan(body: &serde_json::Value) -> PlannedJob {
@@ -306,9 +312,7 @@ async fn claim_first_attempt(store: &dyn Store, id: &str) -> conveyor::store::Cl
 async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
     let mut config = common::test_config(&common::unique_prefix("prune"));
     config.retention_s = 1;
-    let (redis, memory) = redis_and_memory(&config).await;
-    let stores: [(&str, Arc<dyn Store>); 2] =
-        [("redis", redis.clone()), ("memory", Arc::new(memory))];
+    let stores = side_by_side(&config).await;
     for (name, store) in stores {
         // The oldest job stays running; five after it finish.
         let mut ids = vec!["alive".to_owned()];
@@ -359,7 +363,7 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
         .await
         .unwrap();
     let index: Vec<String> = redis::cmd("ZRANGE")
-        .arg(redis.names().jobs_index())
+        .arg(conveyor::names::Names::new(&config.prefix).jobs_index())
         .arg(0)
         .arg(-1)
         .query_async(&mut conn)
@@ -617,9 +621,7 @@ async fn after_a_claim_is_lost_with_its_worker_the_audit_of_the_new_server_offer
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
     let config = common::test_config(&common::unique_prefix("auditask"));
-    let (redis, memory) = redis_and_memory(&config).await;
-    let stores: [(&str, Arc<dyn Store>); 2] =
-        [("redis", redis.clone()), ("memory", Arc::new(memory))];
+    let stores = side_by_side(&config).await;
     for (name, store) in stores {
         let body = json!({"id": "mixed", "requestor": "r", "tasks": [
             {"name": "run", "handler": "noop"},
@@ -699,9 +701,7 @@ async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_offer() {
     let config = common::test_config(&common::unique_prefix("recheckmoved"));
-    let (redis, memory) = redis_and_memory(&config).await;
-    let stores: [(&str, Arc<dyn Store>); 2] =
-        [("redis", redis.clone()), ("memory", Arc::new(memory))];
+    let stores = side_by_side(&config).await;
     for (name, store) in stores {
         let body =
             json!({"id": "moved", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
