@@ -24,8 +24,18 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(self.options.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while shutdown.tick(&mut tick).await {
-            if let Err(e) = self.audit_if_due().await {
-                tracing::warn!(error = %e, "audit failed; will retry");
+            match self.audit_if_due().await {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "audit failed; will retry");
+                }
+                Err(e) => {
+                    // Asking again would fail alike, twice a second.
+                    tracing::error!(error = %e,
+                        "audit impossible on this store: after a Redis restart or failover, \
+                         tasks whose claims it lost wait until a worker's outcome is refused");
+                    return;
+                }
             }
         }
     }

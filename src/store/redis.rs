@@ -1629,7 +1629,12 @@ impl Store for RedisStore {
         pipe.cmd("GET").arg(self.names.audited_key());
         let (info, audited): (String, Option<String>) = self.run(&pipe).await?;
         let server = run_id(&info)
-            .ok_or_else(|| protocol("INFO server has no run_id"))?
+            .ok_or_else(|| {
+                protocol(
+                    "INFO server has no run_id line (Conveyor needs Redis 7.0 or later, \
+                     which names each server process there)",
+                )
+            })?
             .to_owned();
         Ok((audited.as_deref() != Some(server.as_str())).then_some(server))
     }
