@@ -203,6 +203,65 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     d.shutdown().await;
 }
 
+/// Whether process `pid` still runs (exists and is not a zombie waiting to
+/// be reaped).
+fn pid_runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
+/// A `shell` task's program and its background helper die with a worker
+/// killed by `kill -9`, before the lease lapses and the next attempt runs
+/// elsewhere: the old attempt never runs beside the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_task_dies_with_its_worker_killed_by_kill_9_and_runs_again_elsewhere() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("shellkill9").await;
+    d.start_dispatcher().await;
+    let dir = Scratch::dir("shellkill9");
+    let pids = dir.join("pids");
+    let lease_ms = 1500;
+    let mut victim = worker_process(&d, &dir.join("journal"), lease_ms, &dir.join("victim.log"));
+    // The first attempt writes its own pid and its helper's, then waits
+    // for the helper (ten minutes); the next attempt succeeds at once.
+    let script = format!(
+        r#"if [ "$CONVEYOR_ATTEMPT" = 1 ]; then sleep 600 & echo "$$ $!" > {p}.tmp; mv {p}.tmp {p}; wait; fi; echo "{{\"attempt\": $CONVEYOR_ATTEMPT}}""#,
+        p = pids.display()
+    );
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "orphan", "requestor": "r", "tasks": [
+            {"name": "t", "handler": "shell", "timeout_s": 900,
+             "params": {"command": "sh", "args": ["-c", script]}}]}))
+        .await;
+    let (program, helper): (i32, i32) = eventually("the first attempt running", WAIT, || async {
+        let text = std::fs::read_to_string(&pids).ok()?;
+        let (a, b) = text.trim().split_once(' ')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    })
+    .await;
+    assert!(pid_runs(program) && pid_runs(helper));
+
+    signal(&victim, "-KILL").await;
+    let _ = victim.wait().await;
+
+    eventually(
+        "the program and its helper gone",
+        Duration::from_secs(10),
+        || async { (!pid_runs(program) && !pid_runs(helper)).then_some(()) },
+    )
+    .await;
+    d.config.worker.lease_ms = lease_ms;
+    d.start_worker(2).await;
+    let status = d.wait_terminal("orphan", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["t"].result, json!({"attempt": 2}));
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// 1,000 sleep jobs running on a dispatcher, an in-process worker and a
 /// worker process serving `/readyz`, every run in a journal: the stage for
 /// an outage in the middle of a run.

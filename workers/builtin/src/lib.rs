@@ -19,6 +19,7 @@
 use conveyor_handler::Registry;
 
 pub mod fail;
+mod group_watch;
 pub mod noop;
 pub mod shell;
 pub mod sleep;
@@ -49,6 +50,18 @@ pub(crate) fn test_ctx(attempt: u32) -> conveyor_handler::TaskContext {
         fence: 1,
         deps: std::collections::BTreeMap::new(),
         timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+/// Whether process `pid` no longer runs: gone, or a zombie waiting for
+/// whatever reaps orphans here.
+#[cfg(test)]
+pub(crate) fn pid_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
     }
 }
 

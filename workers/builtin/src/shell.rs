@@ -64,6 +64,12 @@
 //! note that a background process holding the program's stdout or stderr
 //! open keeps the task running (until it exits or the time-out) because the
 //! handler reads both to their end.
+//!
+//! The group also dies when the worker process itself dies, even by
+//! `kill -9`: a small watchdog process started with the first `shell` run
+//! kills every group whose run had not ended once the worker's end of its
+//! pipe closes (see `group_watch.rs`), so a lapsed lease never leaves the
+//! old attempt running beside the new one.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -79,6 +85,8 @@ use nix::unistd::Pid;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
+
+use crate::group_watch;
 
 /// The longest `command` accepted, in bytes.
 pub const MAX_COMMAND_BYTES: usize = 4096;
@@ -238,9 +246,13 @@ enum Stop {
 /// `run` future dropped mid-flight takes the program's helpers down too.
 /// Disarmed once the leader is reaped: its pid (and so the group id) may be
 /// reused after that.
+/// While it lives, the group is also registered with the process-group
+/// watchdog (see [`crate::group_watch`]), which kills it if the worker
+/// process dies before the run ends.
 struct GroupGuard {
     pgid: Option<Pid>,
     armed: bool,
+    _watched: Option<group_watch::Watched>,
 }
 
 impl GroupGuard {
@@ -452,9 +464,11 @@ impl Handler for Shell {
         }
         let mut child = cmd.spawn().map_err(|e| spawn_error(&p, &e))?;
         let pid = child.id();
+        let pgid = pid.and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
         let mut guard = GroupGuard {
-            pgid: pid.and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw),
+            pgid,
             armed: true,
+            _watched: pgid.and_then(group_watch::watch),
         };
         tracing::debug!(
             job_id = %ctx.job_id, task = %ctx.task, command = %p.command, pid,
@@ -527,7 +541,7 @@ impl Handler for Shell {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::test_ctx;
+    use crate::{pid_gone, test_ctx};
     use std::path::PathBuf;
     use std::time::Instant;
 
@@ -549,17 +563,6 @@ mod tests {
             "conveyor-shell-{tag}-{}-{nanos}",
             std::process::id()
         ))
-    }
-
-    /// Whether `pid` is gone: no `/proc/<pid>`, or only a zombie waiting for
-    /// whatever reaps orphans here (it no longer runs either way).
-    fn pid_gone(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-        }
     }
 
     /// Reads the pid the script wrote, waiting for it to appear.

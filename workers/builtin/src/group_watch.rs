@@ -1,0 +1,280 @@
+//! The process-group watchdog: a `shell` task's processes die with the
+//! worker that started them, even when the worker dies by `kill -9`.
+//!
+//! # Why
+//!
+//! A `shell` program runs as the leader of its own process group, and the
+//! handler kills that group on time-out or when its run is dropped. None of
+//! that runs when the worker itself is killed outright (`kill -9`, the OOM
+//! killer, a crash): the program would go on running, reparented to init,
+//! while the task's lease lapses and another worker runs the next attempt —
+//! the same task running twice at once, which Conveyor promises never
+//! happens. Nothing inside a dead process can act, so something outside it
+//! must.
+//!
+//! # How
+//!
+//! The first `shell` run of a worker process starts one small `sh` process,
+//! in a process group of its own and deaf to `SIGHUP`/`SIGINT`/`SIGTERM`,
+//! whose stdin is a pipe held only by the worker. The worker writes
+//! `+ <pgid>` when a program starts and `- <pgid>` when its run ends. When
+//! the worker dies, however it dies, the kernel closes its end of the pipe;
+//! the watchdog reads end of file and sends `SIGKILL` to every group still
+//! registered, then exits. A worker that exits normally closes the pipe the
+//! same way, with no group left registered (every run's guard has already
+//! killed or released its group).
+//!
+//! The pipe is close-on-exec, so the programs themselves never hold it open.
+//! A plain `sh` needs nothing installed and costs one line written per
+//! program started or ended; it is not in the program's group, so killing
+//! a group never kills the watchdog.
+//!
+//! # Limits
+//!
+//! A worker killed in the microseconds between starting a program and
+//! registering it leaves that program alone. A program that ended
+//! successfully is unregistered, so helpers it left in the background on
+//! purpose are not touched (as during the worker's life). If the watchdog
+//! cannot be started (no `/bin/sh`), `shell` tasks still run, without this
+//! protection, and the worker says so once in its log. If the watchdog is
+//! killed, the next `shell` run starts a new one; groups registered with the
+//! old one are then unprotected until they end.
+
+use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use nix::unistd::Pid;
+
+/// The watchdog's program: a set of process groups kept in a string, and
+/// `SIGKILL` for each of them once stdin ends.
+pub(crate) const SCRIPT: &str = r#"trap '' HUP INT TERM QUIT PIPE
+groups=
+while read -r op pgid; do
+  case $op in
+    +) groups="$groups $pgid" ;;
+    -) kept=
+       for g in $groups; do [ "$g" = "$pgid" ] || kept="$kept $g"; done
+       groups=$kept ;;
+  esac
+done
+for g in $groups; do kill -s KILL -- "-$g" 2>/dev/null; done
+"#;
+
+/// The running watchdog: its process and the write end of its stdin.
+pub(crate) struct Watchdog {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl Watchdog {
+    /// Start a watchdog process.
+    pub(crate) fn spawn() -> io::Result<Watchdog> {
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", SCRIPT, "conveyor-group-watch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        match child.stdin.take() {
+            Some(stdin) => Ok(Watchdog { child, stdin }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(io::Error::other("the watchdog started without its stdin"))
+            }
+        }
+    }
+
+    /// The watchdog's process id.
+    #[cfg(test)]
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Tell the watchdog that `pgid` started (`'+'`) or ended (`'-'`).
+    pub(crate) fn tell(&mut self, op: char, pgid: Pid) -> io::Result<()> {
+        // One short line: a pipe takes it whole and at once unless the
+        // watchdog stopped reading, so this does not block in practice.
+        self.stdin
+            .write_all(format!("{op} {}\n", pgid.as_raw()).as_bytes())
+    }
+
+    /// Close the pipe as a dying worker would, and wait for the watchdog to
+    /// act and exit.
+    #[cfg(test)]
+    pub(crate) fn close_and_wait(self) -> io::Result<std::process::ExitStatus> {
+        let Watchdog { mut child, stdin } = self;
+        drop(stdin);
+        child.wait()
+    }
+}
+
+/// This process's watchdog, started by the first `shell` run.
+static WATCHDOG: Mutex<Option<Watchdog>> = Mutex::new(None);
+/// Whether "cannot start the watchdog" was logged already.
+static SPAWN_FAILURE_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// A process group registered with the watchdog; unregistered on drop.
+pub(crate) struct Watched {
+    pgid: Pid,
+}
+
+/// Register `pgid` with this process's watchdog (starting it if needed), so
+/// that the group is killed if this process dies before the returned value
+/// is dropped. `None` when no watchdog could be started; the reason is
+/// logged once.
+pub(crate) fn watch(pgid: Pid) -> Option<Watched> {
+    let mut slot = WATCHDOG.lock().unwrap_or_else(PoisonError::into_inner);
+    if slot.is_none() {
+        match Watchdog::spawn() {
+            Ok(watchdog) => *slot = Some(watchdog),
+            Err(e) => {
+                if !SPAWN_FAILURE_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "shell: cannot start the process-group watchdog (/bin/sh); shell \
+                         programs will outlive this worker if it is killed"
+                    );
+                }
+                return None;
+            }
+        }
+    }
+    let watchdog = slot.as_mut()?;
+    match watchdog.tell('+', pgid) {
+        Ok(()) => Some(Watched { pgid }),
+        Err(e) => {
+            tracing::warn!(
+                error = %e, pid = watchdog.child.id(),
+                "shell: the process-group watchdog is gone; the next shell run starts another"
+            );
+            if let Some(mut dead) = slot.take() {
+                let _ = dead.child.try_wait();
+            }
+            None
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let mut slot = WATCHDOG.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(watchdog) = slot.as_mut()
+            && let Err(e) = watchdog.tell('-', self.pgid)
+        {
+            tracing::debug!(error = %e, "shell: the process-group watchdog is gone");
+            if let Some(mut dead) = slot.take() {
+                let _ = dead.child.try_wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::pid_gone;
+    use std::time::{Duration, Instant};
+
+    /// A program with a background helper, in a process group of its own:
+    /// what a `shell` task looks like. Returns (leader, helper) pids.
+    fn task_group() -> (Child, i32) {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 600 & echo $!; wait"])
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        io::BufRead::read_line(
+            &mut io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        (child, line.trim().parse().unwrap())
+    }
+
+    fn wait_gone(pid: i32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if pid_gone(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn pgid_of(child: &Child) -> Pid {
+        Pid::from_raw(i32::try_from(child.id()).unwrap())
+    }
+
+    #[test]
+    fn when_the_pipe_closes_every_registered_group_is_killed_helpers_included() {
+        let mut watchdog = Watchdog::spawn().unwrap();
+        let (mut first, first_helper) = task_group();
+        let (mut second, second_helper) = task_group();
+        watchdog.tell('+', pgid_of(&first)).unwrap();
+        watchdog.tell('+', pgid_of(&second)).unwrap();
+
+        assert!(watchdog.close_and_wait().unwrap().success());
+
+        assert!(first.wait().unwrap().code().is_none(), "killed by a signal");
+        assert!(
+            second.wait().unwrap().code().is_none(),
+            "killed by a signal"
+        );
+        assert!(wait_gone(first_helper), "helper {first_helper} survived");
+        assert!(wait_gone(second_helper), "helper {second_helper} survived");
+    }
+
+    #[test]
+    fn a_group_that_ended_its_run_is_left_alone() {
+        let mut watchdog = Watchdog::spawn().unwrap();
+        let (mut released, released_helper) = task_group();
+        let (mut watched, watched_helper) = task_group();
+        watchdog.tell('+', pgid_of(&released)).unwrap();
+        watchdog.tell('+', pgid_of(&watched)).unwrap();
+        watchdog.tell('-', pgid_of(&released)).unwrap();
+
+        assert!(watchdog.close_and_wait().unwrap().success());
+
+        assert!(watched.wait().unwrap().code().is_none());
+        assert!(wait_gone(watched_helper));
+        assert!(
+            !pid_gone(released_helper),
+            "the released group was killed too"
+        );
+        assert!(released.try_wait().unwrap().is_none(), "still running");
+        nix::sys::signal::killpg(pgid_of(&released), nix::sys::signal::Signal::SIGKILL).unwrap();
+        released.wait().unwrap();
+    }
+
+    #[test]
+    fn the_watchdog_ignores_the_signals_a_terminal_sends_its_worker() {
+        let mut watchdog = Watchdog::spawn().unwrap();
+        let (mut task, helper) = task_group();
+        watchdog.tell('+', pgid_of(&task)).unwrap();
+        let pid = Pid::from_raw(i32::try_from(watchdog.pid()).unwrap());
+        // Give sh the moment it needs to run its first line, the `trap`.
+        std::thread::sleep(Duration::from_millis(200));
+        for signal in [
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::Signal::SIGHUP,
+        ] {
+            nix::sys::signal::kill(pid, signal).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!pid_gone(pid.as_raw()), "the watchdog died of a signal");
+
+        assert!(watchdog.close_and_wait().unwrap().success());
+        assert!(task.wait().unwrap().code().is_none());
+        assert!(wait_gone(helper));
+    }
+}
