@@ -831,6 +831,7 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
     config.redis_wait_replicas = 1;
     config.redis_wait_timeout_ms = 200;
     let mut d = Deployment::with_config(config).await;
+    assert_eq!(d.store.connected_replicas().await.unwrap(), 1);
     d.start_dispatcher().await;
     // Takes the submissions ahead of the dispatcher, claiming each root.
     d.start_worker_taking_submissions(4).await;
@@ -850,6 +851,10 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
     );
 
     replica.stop().await;
+    eventually("the primary counting no replica", WAIT, || async {
+        (d.store.connected_replicas().await.ok()? == 0).then_some(())
+    })
+    .await;
     client.submit(&job("during")).await;
     let early = tokio::time::timeout(Duration::from_secs(3), client.reply()).await;
     assert!(

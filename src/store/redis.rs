@@ -78,10 +78,20 @@ pub const SCRIPT_BODIES: [(&str, &str); 11] = [
 /// The `run_id` line of `INFO server`: 40 hex digits, new with every start
 /// of a Redis process, so a restart or another node shows as a new one.
 fn run_id(info: &str) -> Option<&str> {
+    info_field(info, "run_id").filter(|id| !id.is_empty())
+}
+
+/// The `connected_slaves` line of `INFO replication`: how many replicas
+/// are connected to this primary.
+fn connected_replicas(info: &str) -> Option<u32> {
+    info_field(info, "connected_slaves").and_then(|n| n.parse().ok())
+}
+
+/// The value of `field` in an `INFO` reply (`field:value` lines).
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .map(str::trim)
-        .filter(|id| !id.is_empty())
 }
 
 /// The function library: its name (`conveyor_` + 16 hex digits of the
@@ -503,6 +513,18 @@ impl RedisStore {
             tokio::sync::oneshot::Sender<Result<(), StoreError>>,
         >,
     ) {
+        match self.connected_replicas().await {
+            Ok(connected) if connected < replicas => tracing::warn!(
+                connected,
+                redis_wait_replicas = replicas,
+                "the Redis primary has fewer replicas than redis_wait_replicas asks for: \
+                 submissions will wait in the broker, unanswered, until enough replicas \
+                 connect (see INFO replication), or lower redis_wait_replicas"
+            ),
+            Ok(_) => {}
+            // The first submission's wait will say what is wrong.
+            Err(e) => tracing::debug!(error = %e, "cannot count the Redis replicas"),
+        }
         let mut conn: Option<MultiplexedConnection> = None;
         while let Some(first) = requests.recv().await {
             let mut waiting = vec![first];
@@ -517,6 +539,16 @@ impl RedisStore {
                 let _ = w.send(result.clone());
             }
         }
+    }
+
+    /// How many replicas the primary has connected (`INFO replication`);
+    /// `redis_wait_replicas` above it makes every submission wait.
+    pub async fn connected_replicas(&self) -> Result<u32, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("INFO").arg("replication");
+        let (info,): (String,) = self.run(&pipe).await?;
+        connected_replicas(&info)
+            .ok_or_else(|| protocol("INFO replication has no connected_slaves line"))
     }
 
     /// One round: a write of its own, then `WAIT` on the same connection.
@@ -1796,6 +1828,15 @@ mod tests {
         assert_eq!(run_id(info), Some("3f2a9c"));
         assert_eq!(run_id("# Server\r\nrun_id:\r\n"), None);
         assert_eq!(run_id("# Server\r\nredis_version:7.0.15\r\n"), None);
+        assert_eq!(run_id("# Server\r\nrun_id_old:3f\r\n"), None);
+    }
+
+    #[test]
+    fn the_replicas_of_a_primary_are_counted_by_info_replication() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+                    slave0:ip=127.0.0.1,port=7001,state=online\r\n";
+        assert_eq!(connected_replicas(info), Some(2));
+        assert_eq!(connected_replicas("# Replication\r\nrole:slave\r\n"), None);
     }
 
     #[test]
