@@ -19,7 +19,9 @@ pub struct Config {
     pub amqp_url: String,
     /// Redis URL (`redis://` or `rediss://`), or several separated by
     /// commas (a primary and its replicas: the one that says it is the
-    /// primary is used, and a failover followed). Env `CONVEYOR_REDIS_URL`.
+    /// primary is used, and a failover followed), or the sentinels that
+    /// know the primary (`redis+sentinel://s1,s2/service`, see
+    /// `store::sentinel`). Env `CONVEYOR_REDIS_URL`.
     pub redis_url: String,
     /// Replicas that must have a job's record before its submission is
     /// acked (Redis `WAIT`, one round for every creation in flight): with
@@ -558,6 +560,10 @@ impl Config {
                 );
             }
         }
+        // Its own errors name the part that is wrong, never the password.
+        if let Some(Err(e)) = crate::store::sentinel::SentinelUrl::parse(&self.redis_url) {
+            problems.push(e);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -780,8 +786,13 @@ pub fn redact_url(url: &str) -> String {
             .collect::<Vec<_>>()
             .join(",");
     }
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, Some(redact_query(query))),
+        None => (url, None),
+    };
+    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return format!("{url}{query}");
     };
     let (authority, tail) = match rest.find('/') {
         Some(i) => rest.split_at(i),
@@ -790,10 +801,23 @@ pub fn redact_url(url: &str) -> String {
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{tail}")
+            format!("{scheme}://{user}:***@{host}{tail}{query}")
         }
-        None => url.to_owned(),
+        None => format!("{url}{query}"),
     }
+}
+
+/// A URL's query with the value of every parameter whose name ends in
+/// `password` (e.g. a Sentinel URL's `sentinel_password`) replaced by `***`.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.ends_with("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -822,6 +846,15 @@ mod tests {
         assert_eq!((c.redis_wait_replicas, c.redis_wait_timeout_ms), (1, 250));
     }
 
+    /// What `validate` says of `config`; empty when it passes.
+    fn validation_error(config: &Config) -> String {
+        config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn an_amqp_url_frame_max_below_the_protocol_minimum_is_named_without_the_url() {
         let config = Config {
@@ -829,11 +862,7 @@ mod tests {
                 .into(),
             ..Config::default()
         };
-        let err = config
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = validation_error(&config);
         assert!(
             err.contains("amqp_url (node 2) frame_max = 1024: must be 0 (the broker's maximum) or at least 4096"),
             "{err}"
@@ -857,6 +886,25 @@ mod tests {
             };
             assert!(config.validate().is_ok(), "{fine}");
         }
+    }
+
+    #[test]
+    fn a_sentinel_redis_url_that_does_not_parse_is_named_without_the_url() {
+        let config = Config {
+            redis_url: "redis+sentinel://app:secret@s1:265o/svc".into(),
+            ..Config::default()
+        };
+        let err = validation_error(&config);
+        assert!(
+            err.contains("redis_url: sentinel `s1:265o` has port `265o`"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        let config = Config {
+            redis_url: "redis+sentinel://app:secret@s1:26380,s2/svc/2".into(),
+            ..Config::default()
+        };
+        assert!(config.validate().is_ok());
     }
 
     #[test]
@@ -1158,6 +1206,18 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u:a@h1/v, amqp://u:b@h2/v"),
             "amqp://u:***@h1/v,amqp://u:***@h2/v"
+        );
+        assert_eq!(
+            redact_url("redis+sentinel://app:pw@s1,s2:26380/svc?sentinel_password=spw"),
+            "redis+sentinel://app:***@s1,s2:26380/svc?sentinel_password=***"
+        );
+        assert_eq!(
+            redact_url("redis+sentinel://s1/svc?sentinel_username=w&sentinel_password=x"),
+            "redis+sentinel://s1/svc?sentinel_username=w&sentinel_password=***"
+        );
+        assert_eq!(
+            redact_url("amqp://h/v?heartbeat=15"),
+            "amqp://h/v?heartbeat=15"
         );
     }
 }

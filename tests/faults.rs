@@ -481,6 +481,28 @@ fn listen_port() -> u16 {
     panic!("no free port in 20000..32000");
 }
 
+/// `redis-cli -p <port> <args>` (a Redis server or a sentinel): its
+/// output.
+async fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli must be installed for this test");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Shut the Redis server or sentinel on `port` down, without saving,
+/// whether or not it runs (for `Drop`).
+fn shut_down_redis(port: u16) {
+    let _ = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "shutdown", "nosave"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// A Redis server of the test's own, on its own port and directory.
 struct PrivateRedis {
     port: u16,
@@ -578,32 +600,18 @@ impl PrivateRedis {
 
     /// A section of its `INFO`.
     async fn info(&self, section: &str) -> String {
-        let out = tokio::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "INFO", section])
-            .output()
-            .await
-            .expect("redis-cli must be installed for this test");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(self.port, &["INFO", section]).await
     }
 
     /// Run one `redis-cli` command against it; it must answer OK.
     async fn cli(&self, args: &[&str]) {
-        let out = tokio::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .expect("redis-cli must be installed for this test");
-        let answer = String::from_utf8_lossy(&out.stdout);
+        let answer = redis_cli(self.port, args).await;
         assert!(answer.trim() == "OK", "redis-cli {args:?}: {answer}");
     }
 
     async fn stop(&self) {
         let save = if self.aof { "save" } else { "nosave" };
-        let _ = tokio::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown", save])
-            .status()
-            .await;
+        redis_cli(self.port, &["shutdown", save]).await;
         let url = self.url();
         eventually("private redis down", Duration::from_secs(20), || {
             let url = url.clone();
@@ -622,11 +630,7 @@ impl PrivateRedis {
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown", "nosave"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        shut_down_redis(self.port);
     }
 }
 
@@ -710,13 +714,113 @@ async fn a_redis_failover_between_the_nodes_of_redis_url_is_followed_mid_run() {
     .await;
     run.assert_nothing_lost("the failover").await;
     // The jobs are on the node that is the primary now.
-    let recorded = tokio::process::Command::new("redis-cli")
-        .args(["-p", &replica.port.to_string(), "ZCARD"])
-        .arg(run.d.names.jobs_index())
-        .output()
+    let recorded = redis_cli(replica.port, &["ZCARD", &run.d.names.jobs_index()]).await;
+    assert_eq!(recorded.trim(), "1000");
+    run.stop().await;
+}
+
+/// A Redis Sentinel of the test's own, monitoring `primary` as `svc`
+/// (quorum 1: it alone decides that the primary is down and promotes a
+/// replica).
+struct PrivateSentinel {
+    port: u16,
+    /// Its config (which it rewrites), log and pid file; removed after the
+    /// sentinel is shut down.
+    _dir: Scratch,
+}
+
+impl PrivateSentinel {
+    async fn start(primary: &PrivateRedis) -> PrivateSentinel {
+        let dir = Scratch::dir("sentinel");
+        let port = listen_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize yes\ndir {dir}\n\
+                 pidfile {dir}/pid\nlogfile {dir}/log\n\
+                 sentinel monitor svc 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds svc 1000\n\
+                 sentinel failover-timeout svc 10000\n",
+                dir = dir.display(),
+                primary = primary.port,
+            ),
+        )
+        .unwrap();
+        let status = tokio::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .status()
+            .await
+            .expect("redis-server must be installed for this test");
+        assert!(status.success(), "redis-server --sentinel did not start");
+        let sentinel = PrivateSentinel { port, _dir: dir };
+        eventually("the sentinel answering", WAIT, || async {
+            let out = sentinel.cli(&["PING"]).await;
+            (out.trim() == "PONG").then_some(())
+        })
+        .await;
+        sentinel
+    }
+
+    /// `redis-cli` against the sentinel; its output.
+    async fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args).await
+    }
+
+    /// The port of the node it names the primary of `svc`.
+    async fn primary_port(&self) -> Option<u16> {
+        let out = self
+            .cli(&["SENTINEL", "get-master-addr-by-name", "svc"])
+            .await;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for PrivateSentinel {
+    fn drop(&mut self) {
+        shut_down_redis(self.port);
+    }
+}
+
+/// `redis_url` naming a Sentinel instead of the nodes: the store works on
+/// the primary the sentinel names, and when that primary goes down
+/// mid-run (shut down, so it first lets its replica catch up) the sentinel
+/// promotes the replica and every process follows it without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_lost_behind_sentinel_mid_run_is_replaced_by_the_replica_it_promotes() {
+    let _serial = SERIAL.lock().await;
+    let (primary, replica) = primary_and_replica().await;
+    let sentinel = PrivateSentinel::start(&primary).await;
+    eventually("the sentinel knowing the replica", WAIT, || async {
+        let out = sentinel.cli(&["SENTINEL", "replicas", "svc"]).await;
+        out.contains(&replica.port.to_string()).then_some(())
+    })
+    .await;
+    let mut config = test_config(&unique_prefix("sentinel"));
+    config.redis_url = format!("redis+sentinel://127.0.0.1:{}/svc", sentinel.port);
+    let run = MidRun::start(Deployment::with_config(config).await, "sentinel").await;
+    primary.stop().await;
+    eventually("the replica promoted", WAIT, || async {
+        (sentinel.primary_port().await? == replica.port).then_some(())
+    })
+    .await;
+    run.assert_nothing_lost("the primary was lost").await;
+    // Tools (bench, cleanup) find the new primary through the sentinel too.
+    let tool = conveyor::store::redis::tool_client(&run.d.config)
         .await
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&recorded.stdout).trim(), "1000");
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut tool.get_multiplexed_async_connection().await.unwrap())
+        .await
+        .unwrap();
+    assert!(
+        info.contains(&format!("tcp_port:{}", replica.port)),
+        "{info}"
+    );
+    let recorded = redis_cli(replica.port, &["ZCARD", &run.d.names.jobs_index()]).await;
+    assert_eq!(recorded.trim(), "1000");
     run.stop().await;
 }
 
@@ -894,13 +998,8 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
         "{:#?}",
         status.history
     );
-    let on_replica = tokio::process::Command::new("redis-cli")
-        .args(["-p", &replica.port.to_string(), "EXISTS"])
-        .arg(d.names.job_key("during"))
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&on_replica.stdout).trim(), "1");
+    let on_replica = redis_cli(replica.port, &["EXISTS", &d.names.job_key("during")]).await;
+    assert_eq!(on_replica.trim(), "1");
     client.close().await;
     d.shutdown().await;
 }

@@ -14,6 +14,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod sentinel;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

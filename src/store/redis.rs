@@ -24,9 +24,11 @@
 //!
 //! `redis_url` may name several nodes (a primary and its replicas): a
 //! connection goes to the first, starting from the one that answered last,
-//! that says it is the primary (`ROLE`). After a failover the old primary
-//! answers writes with `READONLY`, an outage to the caller, and the next
-//! call finds the new one.
+//! that says it is the primary (`ROLE`). Or it may name Redis Sentinels
+//! (`redis+sentinel://`, see [`super::sentinel`]), which say where the
+//! primary is. After a failover the old primary answers writes with
+//! `READONLY`, an outage to the caller, and the next call finds the new
+//! one.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,6 +45,7 @@ use deadpool_redis::redis::{
 use deadpool_redis::{Manager, Pool, Runtime};
 use serde_json::Value;
 
+use super::sentinel::SentinelUrl;
 use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry,
     JobStatus, JobSummary, Pruned, ScheduleEntry, ScheduleIndex, Store, StoreError, SweepAction,
@@ -144,8 +147,8 @@ enum Script {
 /// The Redis implementation of [`Store`].
 #[derive(Clone)]
 pub struct RedisStore {
-    /// One pool per node of `redis_url`, in the order given.
-    nodes: Arc<[Pool]>,
+    /// Where the nodes are: listed in `redis_url`, or named by sentinels.
+    nodes: Nodes,
     /// The node that last answered as the primary: tried first.
     primary: Arc<AtomicUsize>,
     names: Names,
@@ -333,6 +336,12 @@ fn parse_task_state(s: &str) -> Result<TaskState, StoreError> {
 /// raw Redis (the bench, cleanup).
 pub async fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
     let tls_ca = config.tls_ca().map_err(|e| protocol(e.to_string()))?;
+    if let Some(url) = SentinelUrl::parse(&config.redis_url) {
+        let url = url.map_err(protocol)?;
+        let (host, port) = primary_address(&url, tls_ca.as_ref()).await?;
+        let info = with_tls_ca(&url.node_url(&host, port), tls_ca.as_ref())?;
+        return redis::Client::open(info).map_err(|e| protocol(format!("redis url: {e}")));
+    }
     let urls = split_urls(&config.redis_url);
     let mut refused = Vec::new();
     for (i, url) in urls.iter().enumerate() {
@@ -352,6 +361,144 @@ pub async fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
         }
     }
     Err(no_primary(&refused))
+}
+
+/// Where a store's Redis nodes are.
+#[derive(Clone)]
+enum Nodes {
+    /// One pool per node of `redis_url`, in the order given.
+    Listed(Arc<[Pool]>),
+    /// Nodes the sentinels of a `redis+sentinel://` URL name.
+    Sentinel(Arc<SentinelNodes>),
+}
+
+/// The nodes behind Sentinel: a pool per address the sentinels have named
+/// as the primary (a handful over a deployment's life).
+struct SentinelNodes {
+    url: SentinelUrl,
+    tls_ca: Option<TlsCa>,
+    conn_config: AsyncConnectionConfig,
+    pool_size: usize,
+    pools: std::sync::Mutex<Vec<(String, Pool)>>,
+    /// The address last found to be the primary, for logging changes.
+    primary: std::sync::Mutex<Option<String>>,
+}
+
+impl SentinelNodes {
+    /// A connection to the primary the sentinels name, checked with `ROLE`.
+    async fn connect_primary(&self) -> Result<MultiplexedConnection, StoreError> {
+        let (host, port) = primary_address(&self.url, self.tls_ca.as_ref()).await?;
+        let address = format!("{host}:{port}");
+        let pool = self.pool(&address, &self.url.node_url(&host, port))?;
+        let mut conn = match pool.get().await {
+            Ok(pooled) => deadpool_redis::Connection::take(pooled),
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "no connection to the Redis primary {address} the sentinels named: {e}"
+                )));
+            }
+        };
+        match is_primary(&mut conn).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(StoreError::Unavailable(format!(
+                    "the sentinels named {address} the primary of `{}`, but it is a replica \
+                     (a failover under way?)",
+                    self.url.service
+                )));
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        let mut last = self.primary.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_deref() != Some(address.as_str()) {
+            tracing::info!(
+                primary = %address, service = %self.url.service,
+                "Redis primary found through Sentinel"
+            );
+            *last = Some(address);
+        }
+        Ok(conn)
+    }
+
+    /// The pool of the node at `address` (`url`), made on first use.
+    fn pool(&self, address: &str, url: &str) -> Result<Pool, StoreError> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, pool)) = pools.iter().find(|(a, _)| a == address) {
+            return Ok(pool.clone());
+        }
+        let pool = node_pool(
+            with_tls_ca(url, self.tls_ca.as_ref())?,
+            &self.conn_config,
+            self.pool_size,
+        )?;
+        pools.push((address.to_owned(), pool.clone()));
+        Ok(pool)
+    }
+}
+
+/// Ask the sentinels of `url`, in turn, where the primary of its service
+/// is: the first answer.
+async fn primary_address(
+    url: &SentinelUrl,
+    tls_ca: Option<&TlsCa>,
+) -> Result<(String, u16), StoreError> {
+    let mut refused = Vec::new();
+    for sentinel in &url.sentinels {
+        match ask_sentinel(url, sentinel, tls_ca).await {
+            Ok(address) => return Ok(address),
+            Err(e) => refused.push(format!("sentinel {sentinel}: {e}")),
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "no sentinel named the Redis primary of `{}` ({})",
+        url.service,
+        refused.join("; ")
+    )))
+}
+
+async fn ask_sentinel(
+    url: &SentinelUrl,
+    sentinel: &str,
+    tls_ca: Option<&TlsCa>,
+) -> Result<(String, u16), String> {
+    let info = with_tls_ca(&url.sentinel_url(sentinel), tls_ca).map_err(|e| e.to_string())?;
+    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer: Option<(String, String)> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(&url.service)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (host, port) = answer.ok_or_else(|| format!("does not monitor `{}`", url.service))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("answered port `{port}`, not a number"))?;
+    Ok((host, port))
+}
+
+/// A pool of `size` multiplexed connections to the node of `info`.
+fn node_pool(
+    info: redis::ConnectionInfo,
+    conn_config: &AsyncConnectionConfig,
+    size: usize,
+) -> Result<Pool, StoreError> {
+    // The pool's client keeps the parsed roots for every new connection.
+    let manager = Manager::new_with_config(info, conn_config.clone())
+        .map_err(|e| protocol(format!("redis url: {e}")))?;
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| protocol(format!("redis pool: {e}")))
 }
 
 /// Whether the node behind `conn` is a primary (`ROLE`). A user not
@@ -438,29 +585,30 @@ impl RedisStore {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
-        let urls = split_urls(url);
-        if urls.is_empty() {
-            return Err(protocol("redis url: none given"));
-        }
-        let mut nodes = Vec::with_capacity(urls.len());
-        for url in urls {
-            // The pool's client keeps the parsed roots for every new
-            // connection.
-            let info = with_tls_ca(url, tls_ca)?;
-            let manager = Manager::new_with_config(info, conn_config.clone())
-                .map_err(|e| protocol(format!("redis url: {e}")))?;
-            let pool = Pool::builder(manager)
-                .max_size(size.max(1))
-                .runtime(Runtime::Tokio1)
-                .wait_timeout(Some(Duration::from_secs(10)))
-                .create_timeout(Some(Duration::from_secs(5)))
-                .build()
-                .map_err(|e| protocol(format!("redis pool: {e}")))?;
-            nodes.push(pool);
-        }
+        let nodes = match SentinelUrl::parse(url) {
+            Some(sentinel) => Nodes::Sentinel(Arc::new(SentinelNodes {
+                url: sentinel.map_err(protocol)?,
+                tls_ca: tls_ca.cloned(),
+                conn_config,
+                pool_size: size,
+                pools: std::sync::Mutex::default(),
+                primary: std::sync::Mutex::default(),
+            })),
+            None => {
+                let urls = split_urls(url);
+                if urls.is_empty() {
+                    return Err(protocol("redis url: none given"));
+                }
+                let pools = urls
+                    .into_iter()
+                    .map(|url| node_pool(with_tls_ca(url, tls_ca)?, &conn_config, size))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Nodes::Listed(pools.into())
+            }
+        };
         let functions = SCRIPT_BODIES.map(|(name, _)| format!("{}_{name}", library().name));
         let store = RedisStore {
-            nodes: nodes.into(),
+            nodes,
             primary: Arc::default(),
             names,
             functions,
@@ -693,14 +841,18 @@ impl RedisStore {
 
     /// A new connection to the primary: with one node, that node; with
     /// several, the first that says it is the primary, starting from the
-    /// one that did last.
+    /// one that did last; with sentinels, the node they name.
     async fn connect_primary(&self) -> Result<MultiplexedConnection, StoreError> {
-        let n = self.nodes.len();
+        let nodes = match &self.nodes {
+            Nodes::Listed(nodes) => nodes,
+            Nodes::Sentinel(sentinel) => return sentinel.connect_primary().await,
+        };
+        let n = nodes.len();
         let start = self.primary.load(Ordering::Relaxed) % n.max(1);
         let mut refused = Vec::new();
         for k in 0..n {
             let i = (start + k) % n;
-            let mut conn = match self.nodes[i].get().await {
+            let mut conn = match nodes[i].get().await {
                 Ok(pooled) => deadpool_redis::Connection::take(pooled),
                 Err(e) if n == 1 => {
                     return Err(StoreError::Unavailable(format!("no redis connection: {e}")));
