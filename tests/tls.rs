@@ -17,14 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::rabbit::{RABBITMQ_SERVER, RabbitNode};
 use common::{Client, Deployment, test_config, unique_prefix};
 use conveyor::config::Config;
 use conveyor::model::{JobState, TaskState};
 use serde_json::json;
 
 const OPENSSL: &str = "/usr/bin/openssl";
-const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-const RABBITMQCTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 const WAIT: Duration = Duration::from_secs(60);
 
 #[test]
@@ -159,16 +158,8 @@ struct Servers {
     dir: PathBuf,
     redis: Option<Child>,
     redis_port: u16,
-    rabbit: Option<Rabbit>,
+    rabbit: Option<RabbitNode>,
     amqp_port: u16,
-}
-
-/// A RabbitMQ node started detached: its name and the environment that
-/// `rabbitmqctl` needs to reach it.
-struct Rabbit {
-    node: String,
-    env: Vec<(String, PathBuf)>,
-    pid_file: PathBuf,
 }
 
 impl Servers {
@@ -240,100 +231,31 @@ impl Servers {
     }
 
     fn start_rabbit(&mut self) {
-        let dir = self.dir.join("rabbitmq");
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home).expect("rabbitmq home");
-        let cookie = home.join(".erlang.cookie");
-        std::fs::write(
-            &cookie,
-            format!("CONVEYORTLS{:016x}", rand::random::<u64>()),
-        )
-        .expect("erlang cookie");
-        std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))
-            .expect("cookie mode");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
-        // Our own env file, so /etc/rabbitmq/rabbitmq-env.conf (which names
-        // the machine's node) is not read; dist traffic stays on loopback.
-        std::fs::write(
-            dir.join("rabbitmq-env.conf"),
-            "ERL_EPMD_ADDRESS=127.0.0.1\n\
-             export ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n",
-        )
-        .expect("rabbitmq-env.conf");
         self.amqp_port = free_port();
         let ca = self.dir.join("ca.pem");
         let cert = self.dir.join("server.pem");
         let key = self.dir.join("server.key");
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp = none\n\
-                 listeners.ssl.default = 127.0.0.1:{}\n\
-                 ssl_options.cacertfile = {}\n\
-                 ssl_options.certfile = {}\n\
-                 ssl_options.keyfile = {}\n\
-                 ssl_options.verify = verify_none\n\
-                 ssl_options.fail_if_no_peer_cert = false\n",
-                self.amqp_port,
-                ca.display(),
-                cert.display(),
-                key.display()
-            ),
-        )
-        .expect("rabbitmq.conf");
-        let node = format!("conveyor-tls-{}@localhost", std::process::id());
-        let pid_file = dir.join("rabbit.pid");
-        let env: Vec<(String, PathBuf)> = vec![
-            ("HOME".into(), home),
-            ("RABBITMQ_NODENAME".into(), node.clone().into()),
-            // The CLI takes ports from dist + 10000 on: stay below 55000.
-            ("RABBITMQ_DIST_PORT".into(), dist_port().to_string().into()),
-            (
-                "RABBITMQ_CONF_ENV_FILE".into(),
-                dir.join("rabbitmq-env.conf"),
-            ),
-            ("RABBITMQ_CONFIG_FILE".into(), dir.join("rabbitmq.conf")),
-            (
-                "RABBITMQ_ADVANCED_CONFIG_FILE".into(),
-                dir.join("advanced.config"),
-            ),
-            ("RABBITMQ_MNESIA_BASE".into(), dir.join("mnesia")),
-            ("RABBITMQ_LOG_BASE".into(), dir.join("log")),
-            (
-                "RABBITMQ_ENABLED_PLUGINS_FILE".into(),
-                dir.join("enabled_plugins"),
-            ),
-            ("RABBITMQ_PID_FILE".into(), pid_file.clone()),
-        ];
-        let status = Command::new(RABBITMQ_SERVER)
-            .arg("-detached")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run rabbitmq-server");
-        assert!(status.success(), "rabbitmq-server -detached: {status}");
-        self.rabbit = Some(Rabbit {
-            node,
-            env,
-            pid_file,
-        });
-        let rabbit = self.rabbit.as_ref().expect("just set");
-        // `wait` waits for the pid file, then for the node to boot.
-        let out = rabbit.ctl(&[
-            "wait",
-            "--timeout",
-            "90",
-            &rabbit.pid_file.to_string_lossy(),
-        ]);
-        assert!(
-            out.status.success(),
-            "RabbitMQ node {} did not start: {}{}\nlogs in {}",
-            rabbit.node,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            dir.join("log").display()
+        let conf = format!(
+            "listeners.tcp = none\n\
+             listeners.ssl.default = 127.0.0.1:{}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\n",
+            self.amqp_port,
+            ca.display(),
+            cert.display(),
+            key.display()
         );
+        let rabbit = RabbitNode::launch(
+            &self.dir.join("rabbitmq"),
+            &format!("conveyor-tls-{}", std::process::id()),
+            &format!("CONVEYORTLS{:016x}", rand::random::<u64>()),
+            &conf,
+        );
+        rabbit.wait_booted();
+        self.rabbit = Some(rabbit);
         let port = self.amqp_port;
         wait_for(&format!("RabbitMQ (TLS) on port {port}"), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -371,28 +293,10 @@ async fn kill_redis_clients(config: &Config) {
     assert!(killed > 0, "no Redis connection to kill");
 }
 
-impl Rabbit {
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(RABBITMQCTL)
-            .args(["-n", &self.node])
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("run rabbitmqctl")
-    }
-}
-
 impl Drop for Servers {
     fn drop(&mut self) {
-        if let Some(rabbit) = self.rabbit.take() {
-            // `stop <pid file>` returns once the node's process has exited.
-            let pid_file = rabbit.pid_file.to_string_lossy().into_owned();
-            let stopped = rabbit.ctl(&["stop", &pid_file]).status.success();
-            if !stopped && let Ok(pid) = std::fs::read_to_string(&rabbit.pid_file) {
-                eprintln!("rabbitmqctl stop failed; killing node pid {}", pid.trim());
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
-        }
+        // Stopped (and waited for) when dropped.
+        drop(self.rabbit.take());
         if let Some(mut redis) = self.redis.take() {
             let _ = redis.kill();
             let _ = redis.wait();
@@ -500,21 +404,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-/// A free port in 20000..22700 for Erlang distribution (its CLI tools use
-/// the port + 10000 and up): both below the kernel's ephemeral range
-/// (32768 and up here), so no outgoing connection takes them meanwhile.
-fn dist_port() -> u16 {
-    for _ in 0..200 {
-        let port = 20_000 + rand::random::<u16>() % 2_700;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free port for Erlang distribution in 20000..22700");
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {

@@ -9,6 +9,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod journal;
+pub mod rabbit;
 pub mod scratch;
 
 use std::sync::Arc;
