@@ -824,6 +824,62 @@ async fn a_primary_lost_behind_sentinel_mid_run_is_replaced_by_the_replica_it_pr
     run.stop().await;
 }
 
+/// A Redis outage longer than a lease does not doom the runs it spans: the
+/// worker retries its failed renewals every 100 ms, renews its claim as
+/// soon as Redis answers again, and a claim no sweep took over meanwhile
+/// is still its own; the run finishes as the task's first and only
+/// attempt. (No dispatcher runs until the renewal: a worker takes the
+/// submission, so nothing could take the claim over first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_renewed_after_a_redis_outage_longer_than_its_lease_is_kept() {
+    let _serial = SERIAL.lock().await;
+    let redis = PrivateRedis::start(true).await;
+    let mut config = redis.config("outlived");
+    config.worker.lease_ms = 1500;
+    let mut d = Deployment::with_config(config).await;
+    let dir = Scratch::dir("outlived");
+    let journal = dir.join("journal");
+    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.start_worker_taking_submissions(2).await;
+    let client = Client::connect_to(&d.config).await;
+    client
+        .submit(&json!({"id": "outlived", "requestor": "r", "tasks": [
+            {"name": "t", "handler": "sleep", "params": {"ms": 6000}}]}))
+        .await;
+    eventually("the task running", WAIT, || async {
+        let s = d.status("outlived").await?;
+        (s.tasks["t"].state == conveyor::model::TaskState::Running).then_some(())
+    })
+    .await;
+
+    redis.stop().await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    redis.launch().await;
+    let back = now_ns();
+    let run = eventually("the claim renewed after the outage", WAIT, || async {
+        let runs = journal::runs_of(&journal, "outlived", 0);
+        runs.into_iter().find(|r| r.last_alive > back)
+    })
+    .await;
+    assert!(
+        run.end.is_none(),
+        "the run ended before its renewal: {run:?}"
+    );
+
+    d.start_dispatcher().await;
+    let status = d.wait_terminal("outlived", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["t"].attempts, 1, "{status:#?}");
+    assert!(
+        !status.history.iter().any(|h| h.reason.contains("lease")),
+        "{:#?}",
+        status.history
+    );
+    assert_no_overlapping_claims(&journal, Duration::from_millis(1500));
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// Redis may come back from a crash (`appendfsync everysec`) or a failover
 /// to a replica that lagged without its latest writes. Here those are a
 /// claim and its lease entry, and the worker that held the claim was killed

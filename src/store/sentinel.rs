@@ -19,7 +19,9 @@
 //!   `redis://` URL; sentinels that require a password of their own take
 //!   it from `sentinel_password` (and `sentinel_username`);
 //! - `rediss+sentinel://` speaks TLS to the sentinels and to the nodes
-//!   (trusting `tls_ca_file` when set).
+//!   (trusting `tls_ca_file` when set); a node's certificate must then be
+//!   valid for the address the sentinels announce, an IP address unless
+//!   they run with `announce-hostnames yes`.
 //!
 //! # Discovery
 //!

@@ -1,5 +1,14 @@
 //! The claims a worker holds, and the loop that renews their leases while
-//! handlers run. One renewal call per period covers every live claim.
+//! handlers run. One renewal call per period (a third of the lease) covers
+//! every live claim.
+//!
+//! A renewal that fails (the store unreachable) is tried again after
+//! [`RENEW_RETRY`], not a whole period later. Once the store is back, a
+//! claim whose lease lapsed meanwhile is renewed before a dispatcher's sweep
+//! (every `sweep_interval_ms`, 500 by default) takes it over, so its run
+//! survives the outage; and if the sweep was first, the worker learns that
+//! its claim is lost and stops the run within about that retry, instead of
+//! running beside the new claim for up to a third of a lease.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +18,9 @@ use tokio::sync::Notify;
 
 use super::Journal;
 use crate::store::{ClaimRef, Store};
+
+/// How soon a failed renewal is tried again (at most a period).
+pub(super) const RENEW_RETRY: Duration = Duration::from_millis(100);
 
 /// One claim held, and the signal that tells its run it is lost.
 struct Held {
@@ -89,15 +101,22 @@ impl ActiveClaims {
     pub(super) async fn renew_forever(&self, store: Arc<dyn Store>, lease: Duration) {
         // Renews through shutdown too: handlers may still be running in the
         // grace period. The worker aborts this task when it exits.
-        let mut tick = tokio::time::interval(lease / 3);
+        let period = lease / 3;
+        let retry = RENEW_RETRY.min(period);
+        let mut failing = false;
+        let mut next = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            tokio::time::sleep_until(next).await;
+            next += period;
             let claims = self.snapshot();
             if claims.is_empty() {
                 continue;
             }
             match store.renew(&claims, lease).await {
                 Ok(held) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("lease renewal works again");
+                    }
                     for (claim, held) in claims.iter().zip(held) {
                         if held {
                             if let Some(j) = &self.journal {
@@ -112,8 +131,99 @@ impl ActiveClaims {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(error = %e, retry_ms = retry.as_millis() as u64,
+                            "lease renewal failed; trying again until the store answers");
+                    } else {
+                        tracing::debug!(error = %e, "lease renewal failed again");
+                    }
+                    next = tokio::time::Instant::now() + retry;
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::intake::{Intake, JobIntake};
+    use crate::store::memory::{MemoryStore, TokioClock};
+    use crate::store::{ClaimOutcome, Created};
+
+    const LEASE: Duration = Duration::from_millis(3_000);
+    const BASE_MS: u64 = 1_000_000;
+
+    /// A store on tokio's paused clock holding one running task, and its
+    /// claim.
+    async fn store_with_a_claim() -> (Arc<MemoryStore>, ClaimRef) {
+        let store = Arc::new(MemoryStore::new(
+            Arc::new(TokioClock::new(BASE_MS)),
+            Duration::from_secs(3600),
+            1,
+            "test",
+        ));
+        let intake =
+            JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+        let body = r#"{"id": "j", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}"#;
+        let Intake::Valid(planned) = intake.accept(body.as_bytes()) else {
+            panic!("the job is not valid");
+        };
+        let Created::New { ready } = store.create_job(&planned).await.unwrap() else {
+            panic!("the job exists");
+        };
+        let ClaimOutcome::Claimed(claimed) = store.claim(&ready[0], "w", LEASE).await.unwrap()
+        else {
+            panic!("the claim failed");
+        };
+        (store, claimed.claim)
+    }
+
+    /// The claim's lease expiry, in ms after the clock's base.
+    fn expiry(store: &MemoryStore) -> u64 {
+        let expiry = store.inspect_records(|records| {
+            let mut found = None;
+            for record in records {
+                found = found.or(record.tasks[0].lease_expiry);
+            }
+            found
+        });
+        expiry.expect("a running task") - BASE_MS
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_is_tried_again_soon_not_a_period_later() {
+        let (store, claim) = store_with_a_claim().await;
+        let active = ActiveClaims::new(None);
+        let lost = active.insert(claim);
+        let renewing = {
+            let (active, store) = (active.clone(), store.clone());
+            tokio::spawn(async move { active.renew_forever(store, LEASE).await })
+        };
+        // Renewed at once, then every second (a third of the lease).
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(expiry(&store), 3_000);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(expiry(&store), 4_000);
+        // The store goes away past the lease, and comes back at 5,050 ms.
+        store.set_outage(true);
+        tokio::time::sleep(Duration::from_millis(4_040)).await;
+        store.set_outage(false);
+        // Renewed at the next retry (5,100 ms), not at the next period.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(expiry(&store), 5_100 + 3_000);
+        // And every period again from there.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(expiry(&store), 6_100 + 3_000);
+        assert!(
+            tokio::time::timeout(Duration::ZERO, lost.wait())
+                .await
+                .is_err(),
+            "the claim was renewed, not lost"
+        );
+        renewing.abort();
     }
 }
