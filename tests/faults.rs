@@ -825,11 +825,10 @@ async fn a_primary_lost_behind_sentinel_mid_run_is_replaced_by_the_replica_it_pr
 }
 
 /// A Redis outage longer than a lease does not doom the runs it spans: the
-/// worker retries its failed renewals every 100 ms, renews its claim as
-/// soon as Redis answers again, and a claim no sweep took over meanwhile
-/// is still its own; the run finishes as the task's first and only
-/// attempt. (No dispatcher runs until the renewal: a worker takes the
-/// submission, so nothing could take the claim over first.)
+/// worker retries its failed renewals every 100 ms and renews its claim as
+/// soon as Redis answers again, while the dispatcher, which saw the outage
+/// too, leaves lapsed leases alone for a moment before reclaiming them; the
+/// run finishes as the task's first and only attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_renewed_after_a_redis_outage_longer_than_its_lease_is_kept() {
     let _serial = SERIAL.lock().await;
@@ -840,7 +839,8 @@ async fn a_claim_renewed_after_a_redis_outage_longer_than_its_lease_is_kept() {
     let dir = Scratch::dir("outlived");
     let journal = dir.join("journal");
     d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
-    d.start_worker_taking_submissions(2).await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
     let client = Client::connect_to(&d.config).await;
     client
         .submit(&json!({"id": "outlived", "requestor": "r", "tasks": [

@@ -3,6 +3,13 @@
 //! every action is a checked store transition, and schedule entries are
 //! forgotten only after their messages are confirmed.
 //!
+//! After the store was unreachable, lapsed leases are left alone for
+//! [`RECLAIM_GRACE`] once it answers again: the workers could not renew
+//! through the outage either, and a live one renews its claims within
+//! about 100 ms of the store's return (see `worker/leases.rs`), so its runs
+//! go on instead of being taken over as dead. Due retries are promoted at
+//! once.
+//!
 //! Entries are handled independently: one whose messages cannot be
 //! published (a queue that cannot be declared, a nack) is logged and left
 //! for the next pass, and the pass goes on with the others. Only a broker
@@ -18,6 +25,19 @@ use crate::store::{StoreError, SweepAction};
 use super::Dispatcher;
 
 const SWEEP_BATCH: usize = 500;
+
+/// How long lapsed leases are left to their workers' renewals after the
+/// store was unreachable: ten of a worker's retries.
+pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the sweep loop remembers from one pass to the next.
+#[derive(Debug, Default)]
+struct SweepLoop {
+    /// The store was unreachable at the last pass.
+    store_down: bool,
+    /// Lapsed leases are not reclaimed before this (after an outage).
+    reclaim_from: Option<tokio::time::Instant>,
+}
 
 /// One of the two schedules a pass works through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,17 +64,45 @@ impl Dispatcher {
     pub(super) async fn sweep_forever(&self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.options.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut state = SweepLoop::default();
         while shutdown.tick(&mut tick).await {
-            // Also notices a Redis that lost its data (see RedisStore::check_epoch).
-            if let Err(e) = self.store.ping().await {
-                tracing::warn!(error = %e, "store unreachable; sweep skipped");
-                continue;
+            self.sweep_tick(&mut state).await;
+        }
+    }
+
+    /// One tick of the sweep loop: a pass, unless the store is unreachable;
+    /// without lapsed leases for [`RECLAIM_GRACE`] after it was.
+    async fn sweep_tick(&self, state: &mut SweepLoop) {
+        // Also notices a Redis that lost its data (see RedisStore::check_epoch).
+        if let Err(e) = self.store.ping().await {
+            if !std::mem::replace(&mut state.store_down, true) {
+                tracing::warn!(error = %e, "store unreachable; sweep skipped until it answers");
             }
-            match self.sweep_once().await {
-                Ok(n) if n > 0 => tracing::debug!(actions = n, "sweep"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if std::mem::take(&mut state.store_down) {
+            tracing::info!(
+                grace_ms = RECLAIM_GRACE.as_millis() as u64,
+                "store answers again; lapsed leases are left to their workers' renewals for a moment"
+            );
+            state.reclaim_from = Some(now + RECLAIM_GRACE);
+        }
+        let leases = match state.reclaim_from {
+            Some(from) if now < from => false,
+            _ => {
+                state.reclaim_from = None;
+                true
             }
+        };
+        match self.sweep_pass(leases).await {
+            Ok(n) if n > 0 => tracing::debug!(actions = n, "sweep"),
+            Ok(_) => {}
+            Err(SweepError::Store(e)) if e.is_retryable() => {
+                tracing::warn!(error = %e, "sweep failed; will retry");
+                state.store_down = true;
+            }
+            Err(e) => tracing::warn!(error = %e, "sweep failed; will retry"),
         }
     }
 
@@ -63,7 +111,15 @@ impl Dispatcher {
     /// forgotten). Entries that failed are left for the next pass; an error
     /// means the store or the broker is unreachable.
     pub async fn sweep_once(&self) -> Result<usize, SweepError> {
+        self.sweep_pass(true).await
+    }
+
+    /// A pass: due retries, then lapsed leases if `leases`.
+    async fn sweep_pass(&self, leases: bool) -> Result<usize, SweepError> {
         let retries = self.sweep_schedule(Schedule::Retries).await?;
+        if !leases {
+            return Ok(retries);
+        }
         let leases = self.sweep_schedule(Schedule::Leases).await?;
         Ok(retries + leases)
     }
@@ -409,6 +465,63 @@ mod tests {
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 2);
         assert_eq!(s.queued_jobs("default").await, vec!["l", "r"]);
         assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_store_outage_lapsed_leases_are_left_to_their_workers_for_a_moment() {
+        let s = setup();
+        let mut state = SweepLoop::default();
+        s.retrying("r", "default").await;
+        s.lapsing("l", "default").await;
+        s.store.set_outage(true);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.store.schedule_sizes(), (1, 1), "nothing swept while down");
+
+        // Back: the due retry is promoted at once, the lapsed lease kept.
+        s.store.set_outage(false);
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["r"]);
+        assert_eq!(s.store.schedule_sizes(), (1, 0));
+        tokio::time::advance(RECLAIM_GRACE - Duration::from_millis(1)).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.store.schedule_sizes(), (1, 0), "still within the grace");
+
+        // Its worker did not renew it within the grace: reclaimed.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["l"]);
+        assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_renewed_within_the_grace_after_an_outage_is_not_reclaimed() {
+        let s = setup();
+        let mut state = SweepLoop::default();
+        let claimed = s.claimed("kept", "default").await;
+        s.store.set_outage(true);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        s.store.set_outage(false);
+        s.dispatcher.sweep_tick(&mut state).await;
+        // The worker renews its lapsed lease as soon as the store answers.
+        let held = s
+            .store
+            .renew(std::slice::from_ref(&claimed.claim), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(held, vec![true]);
+        tokio::time::advance(RECLAIM_GRACE).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert!(s.queued_jobs("default").await.is_empty());
+        let running = s.store.inspect_records(|records| {
+            let mut states = Vec::new();
+            for r in records {
+                states.push((r.tasks[0].state, r.tasks[0].attempt));
+            }
+            states
+        });
+        assert_eq!(running, vec![(crate::model::TaskState::Running, 1)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -56,22 +56,38 @@ impl ActiveClaims {
     }
 
     /// Renew `claim` from now on; the returned signal fires if it is lost.
+    ///
+    /// A claim this worker still holds for the same task is an older
+    /// attempt's that the store has already taken back (it granted this
+    /// one): its run is told it is lost. Keeping both under one key, as the
+    /// first versions did, left the older run going and let its end remove
+    /// the newer claim, which then went unrenewed until its lease lapsed.
     pub(super) fn insert(&self, claim: ClaimRef) -> ClaimLost {
         let lost = Arc::new(Notify::new());
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(
+        let older = map.insert(
             (claim.job.clone(), claim.idx),
             Held {
-                claim,
+                claim: claim.clone(),
                 lost: lost.clone(),
             },
         );
+        if let Some(older) = older {
+            tracing::warn!(job = %claim.job, idx = claim.idx, fence = older.claim.fence,
+                new_fence = claim.fence, "claim superseded by this worker's newer claim of the task; stopping its run");
+            older.lost.notify_one();
+        }
         ClaimLost(lost)
     }
 
+    /// Stop renewing `claim` (its run ended), if it is still the one held
+    /// for its task.
     pub(super) fn remove(&self, claim: &ClaimRef) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&(claim.job.clone(), claim.idx));
+        let key = (claim.job.clone(), claim.idx);
+        if map.get(&key).is_some_and(|held| held.claim == *claim) {
+            map.remove(&key);
+        }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -192,6 +208,37 @@ mod tests {
             found
         });
         expiry.expect("a running task") - BASE_MS
+    }
+
+    fn claim_of(attempt: u32, fence: u64) -> ClaimRef {
+        ClaimRef {
+            job: "j".into(),
+            idx: 0,
+            attempt,
+            fence,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_claim_of_the_same_task_stops_the_older_run_and_outlives_its_end() {
+        let active = ActiveClaims::new(None);
+        let (older, newer) = (claim_of(1, 10), claim_of(2, 11));
+        let older_lost = active.insert(older.clone());
+        let newer_lost = active.insert(newer.clone());
+        tokio::time::timeout(Duration::from_secs(1), older_lost.wait())
+            .await
+            .expect("the older run is told its claim is lost");
+        // The older run ends: the newer claim is still renewed.
+        active.remove(&older);
+        assert_eq!(active.snapshot(), vec![newer.clone()]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), newer_lost.wait())
+                .await
+                .is_err(),
+            "the newer claim is not lost"
+        );
+        active.remove(&newer);
+        assert!(active.snapshot().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
