@@ -18,6 +18,11 @@
 //! - on odd seeds workers take submissions too, so roots of new jobs run
 //!   without a task message, and crashes hit that path as well.
 //!
+//! At the end, every lease that lapsed must have had a cause: its worker
+//! crashed, was cut off, or the store was down between its last renewal
+//! and the reclaim (or the store lost the claim); a live, connected
+//! worker's claims never lapse.
+//!
 //! The invariants are checked after every step and at the end: counters,
 //! DAG readiness, each outcome applied once, applied results from the live
 //! claim, and no task run under two live claims at once (each handler run
@@ -72,7 +77,14 @@ use tokio::task::JoinHandle;
 /// lost, beside the new claim's run, and the overlap check counted the
 /// lost claim as live (a checker bug: a claim the store lost is live to
 /// no one; its run is stopped at the worker's next renewal).
-const REGRESSION_SEEDS: &[u64] = &[302, 41, 4869];
+/// 37, 1263: a worker claimed the next attempt of a task whose older claim
+/// it still held (lost to a sweep while it was cut off); the older run's
+/// end dropped the newer claim from renewal, whose lease lapsed while the
+/// worker was alive and connected, attempt after attempt (1263: until the
+/// task failed, attempts used up); fixed by keeping claims per task, the
+/// newer stopping the older run. Found once the simulation required every
+/// lapse to have a cause (`check_lapses_were_caused`).
+const REGRESSION_SEEDS: &[u64] = &[302, 41, 4869, 37, 1263];
 
 const DEFAULT_SEEDS: u64 = 2000;
 
@@ -123,8 +135,12 @@ impl Drop for EndOnDrop {
 /// A claim's lease as its worker saw it: `last_alive` is when the lease
 /// was last set (the claim, then each renewal that succeeded), on the
 /// simulated clock (ms); the lease lapses one lease length later.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ClaimLife {
+    /// The worker that holds it, the task (index) and attempt.
+    worker: String,
+    idx: u32,
+    attempt: u32,
     last_alive: u64,
     /// When the store lost this claim (a simulated loss of its latest
     /// writes): no longer live from then on, whatever its worker does.
@@ -261,6 +277,9 @@ impl Store for Partition {
                 .insert(
                     c.claim.fence,
                     ClaimLife {
+                        worker: w.to_owned(),
+                        idx: c.claim.idx,
+                        attempt: c.claim.attempt,
                         last_alive: now,
                         lost_at: None,
                     },
@@ -382,6 +401,7 @@ impl Store for Partition {
 }
 
 struct Running {
+    id: String,
     trigger: ShutdownTrigger,
     handle: JoinHandle<()>,
     partition: Arc<AtomicBool>,
@@ -472,6 +492,7 @@ impl Sim {
             let _ = dispatcher.run(shutdown).await;
         });
         self.dispatchers.push(Running {
+            id: format!("d{}", self.started),
             trigger,
             handle,
             partition: Arc::default(),
@@ -518,6 +539,7 @@ impl Sim {
             let _ = worker.run(shutdown).await;
         });
         self.workers.push(Running {
+            id: format!("w{}", self.started),
             trigger,
             handle,
             partition,
@@ -689,6 +711,91 @@ fn check_job<'e>(
     Ok(())
 }
 
+/// What kept workers from renewing their leases, on the simulated clock
+/// (ms): the only reasons a claim's lease may lapse.
+#[derive(Debug, Default)]
+struct Disturbances {
+    /// When each crashed worker was crashed.
+    crashes: HashMap<String, u64>,
+    /// (worker, from, to): cut off from the store.
+    partitions: Vec<(String, u64, u64)>,
+    /// (from, to): the store unreachable for everyone.
+    outages: Vec<(u64, u64)>,
+}
+
+impl Disturbances {
+    /// Whether `worker` was kept from renewing at some time in `from..=to`.
+    fn hindered(&self, worker: &str, from: u64, to: u64) -> bool {
+        self.crashes.get(worker).is_some_and(|&at| at <= to)
+            || self
+                .partitions
+                .iter()
+                .any(|(w, a, b)| w == worker && *a <= to && *b >= from)
+            || self.outages.iter().any(|(a, b)| *a <= to && *b >= from)
+    }
+}
+
+/// A lease lapses only when its worker could not renew it: the worker
+/// crashed, was cut off from the store, or the store was down, between the
+/// last renewal it saw succeed and the reclaim; or the store lost the
+/// claim. A lease of a live, connected worker that lapses anyway means the
+/// worker stopped renewing a claim it holds (as when an older run's end
+/// dropped a newer claim of the same task: tenth session), and the task is
+/// retried, or failed, for nothing.
+fn check_lapses_were_caused(
+    records: &[JobRecord],
+    claims: &HashMap<String, HashMap<u64, ClaimLife>>,
+    disturbances: &Disturbances,
+) -> Result<(), String> {
+    for r in records {
+        for h in &r.history {
+            let (Some(task), true) = (&h.task, h.reason.starts_with("lease expired")) else {
+                continue;
+            };
+            let idx = r
+                .tasks
+                .iter()
+                .position(|t| &t.name == task)
+                .ok_or_else(|| format!("{}: history names unknown task {task}", r.id))?
+                as u32;
+            let lapsed = match h.reason.split_once("; attempt ") {
+                Some((_, next)) => next
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .map(|n| n - 1),
+                None => h
+                    .reason
+                    .split_once("attempts used up (")
+                    .and_then(|(_, rest)| rest.split(' ').next())
+                    .and_then(|n| n.parse().ok()),
+            }
+            .ok_or_else(|| format!("{}/{task}: unparsed reason {:?}", r.id, h.reason))?;
+            let life = claims
+                .get(&r.id)
+                .into_iter()
+                .flatten()
+                .filter(|(_, l)| l.idx == idx && l.attempt == lapsed)
+                .max_by_key(|(fence, _)| **fence)
+                .map(|(_, l)| l)
+                .ok_or_else(|| {
+                    format!("{}/{task}: attempt {lapsed} lapsed, never claimed", r.id)
+                })?;
+            if life.lost_at.is_some() || disturbances.hindered(&life.worker, life.last_alive, h.at)
+            {
+                LAPSES_CHECKED.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            return Err(format!(
+                "{}/{task}: attempt {lapsed}'s lease lapsed at {} ({:?}) although its worker {} \
+                 was alive and reached the store from its last renewal at {} on",
+                r.id, h.at, h.reason, life.worker, life.last_alive
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// No task ran under two live claims at once, as `tests/faults.rs` checks
 /// its journal: a run is live from its start until it ended or until its
 /// claim's lease lapsed after the last renewal its worker saw succeed,
@@ -840,7 +947,9 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
 
     // The fault schedule.
     let mut outage_until: Option<u64> = None;
-    let mut partitions: Vec<(Arc<AtomicBool>, u64)> = Vec::new();
+    let mut outage_from = 0;
+    let mut partitions: Vec<(Arc<AtomicBool>, u64, String, u64)> = Vec::new();
+    let mut disturbances = Disturbances::default();
     let mut restarts = 0;
     let mut lost_claims = 0;
     for step in 0..150 {
@@ -849,10 +958,12 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         if outage_until.is_some_and(|t| now >= t) {
             store.set_outage(false);
             outage_until = None;
+            disturbances.outages.push((outage_from, now));
         }
-        partitions.retain(|(cut, until)| {
+        partitions.retain(|(cut, until, worker, from)| {
             if now >= *until {
                 cut.store(false, Ordering::SeqCst);
+                disturbances.partitions.push((worker.clone(), *from, now));
                 false
             } else {
                 true
@@ -862,7 +973,9 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         match roll {
             0..=24 if !sim.workers.is_empty() => {
                 let victim = rng.random_range(0..sim.workers.len());
-                sim.workers.swap_remove(victim).handle.abort();
+                let crashed = sim.workers.swap_remove(victim);
+                crashed.handle.abort();
+                disturbances.crashes.insert(crashed.id, now);
                 let c = rng.random_range(1..=4);
                 sim.start_worker(c);
             }
@@ -874,6 +987,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
             35..=54 => broker.drop_connections().await,
             55..=64 if outage_until.is_none() => {
                 store.set_outage(true);
+                outage_from = now;
                 outage_until = Some(now + rng.random_range(10..=800));
             }
             65..=104 if !sim.workers.is_empty() => {
@@ -881,7 +995,8 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
                 let w = rng.random_range(0..sim.workers.len());
                 let cut = sim.workers[w].partition.clone();
                 cut.store(true, Ordering::SeqCst);
-                partitions.push((cut, now + rng.random_range(100..=2000)));
+                let until = now + rng.random_range(100..=2000);
+                partitions.push((cut, until, sim.workers[w].id.clone(), now));
             }
             // The store's server restarts with its data: the dispatchers
             // audit every unfinished job amid the rest.
@@ -927,9 +1042,14 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         }
         check(false).map_err(|e| format!("step {step}: {e}"))?;
     }
+    let now = clock.now_ms();
+    if outage_until.take().is_some() {
+        disturbances.outages.push((outage_from, now));
+    }
     store.set_outage(false);
-    for (cut, _) in partitions.drain(..) {
+    for (cut, _, worker, from) in partitions.drain(..) {
         cut.store(false, Ordering::SeqCst);
+        disturbances.partitions.push((worker, from, now));
     }
 
     // Quiet period: faults stop (the broker still duplicates and reorders);
@@ -1011,6 +1131,7 @@ async fn simulate_async(seed: u64) -> Result<(), String> {
         }
     }
     check(true)?;
+    check_lapses_were_caused(&store.records(), &claims.lock().unwrap(), &disturbances)?;
     if restarts > 0 {
         // The last restart's audit is done (a dispatcher sweeps every 50 ms).
         let mut due = store.audit_due().await.map_err(|e| e.to_string())?;
@@ -1094,6 +1215,8 @@ static SEEDS_WITH_AUDITS: std::sync::atomic::AtomicUsize = std::sync::atomic::At
 /// with every job finished and every invariant held).
 static SEEDS_WITH_LOST_CLAIMS: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
+/// Lapsed leases found caused by a crash, a partition or an outage.
+static LAPSES_CHECKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[test]
 fn the_invariants_hold_under_thousands_of_fault_schedules() {
@@ -1152,6 +1275,13 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     assert!(
         lost * 5 >= seeds.len(),
         "only {lost} of {} seeds had the store lose a running claim",
+        seeds.len()
+    );
+    // Leases lapsed, each for a reason, in many seeds.
+    let lapses = LAPSES_CHECKED.load(Ordering::Relaxed);
+    assert!(
+        lapses >= seeds.len() / 2,
+        "only {lapses} lapsed leases in {} seeds: the lapse check saw too few",
         seeds.len()
     );
 }
