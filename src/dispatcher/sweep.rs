@@ -7,8 +7,9 @@
 //! [`RECLAIM_GRACE`] once it answers again: the workers could not renew
 //! through the outage either, and a live one renews its claims within
 //! about 100 ms of the store's return (see `worker/leases.rs`), so its runs
-//! go on instead of being taken over as dead. Due retries are promoted at
-//! once.
+//! go on instead of being taken over as dead. A dispatcher that has just
+//! started waits as long, since it cannot know whether the store was down
+//! a moment ago. Due retries are promoted at once.
 //!
 //! Entries are handled independently: one whose messages cannot be
 //! published (a queue that cannot be declared, a nack) is logged and left
@@ -35,8 +36,19 @@ pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1)
 struct SweepLoop {
     /// The store was unreachable at the last pass.
     store_down: bool,
-    /// Lapsed leases are not reclaimed before this (after an outage).
+    /// Lapsed leases are not reclaimed before this (after an outage, or
+    /// the dispatcher's start).
     reclaim_from: Option<tokio::time::Instant>,
+}
+
+impl SweepLoop {
+    /// The loop of a dispatcher starting now.
+    fn starting() -> SweepLoop {
+        SweepLoop {
+            store_down: false,
+            reclaim_from: Some(tokio::time::Instant::now() + RECLAIM_GRACE),
+        }
+    }
 }
 
 /// One of the two schedules a pass works through.
@@ -64,14 +76,15 @@ impl Dispatcher {
     pub(super) async fn sweep_forever(&self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.options.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut state = SweepLoop::default();
+        let mut state = SweepLoop::starting();
         while shutdown.tick(&mut tick).await {
             self.sweep_tick(&mut state).await;
         }
     }
 
     /// One tick of the sweep loop: a pass, unless the store is unreachable;
-    /// without lapsed leases for [`RECLAIM_GRACE`] after it was.
+    /// without lapsed leases for [`RECLAIM_GRACE`] after it was (or after
+    /// the start).
     async fn sweep_tick(&self, state: &mut SweepLoop) {
         // Also notices a Redis that lost its data (see RedisStore::check_epoch).
         if let Err(e) = self.store.ping().await {
@@ -522,6 +535,20 @@ mod tests {
             states
         });
         assert_eq!(running, vec![(crate::model::TaskState::Running, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatcher_just_started_leaves_lapsed_leases_for_a_moment() {
+        let s = setup();
+        s.lapsing("l", "default").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let mut state = SweepLoop::starting();
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.store.schedule_sizes(), (1, 0));
+        tokio::time::advance(RECLAIM_GRACE).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["l"]);
+        assert_eq!(s.store.schedule_sizes(), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
