@@ -4,10 +4,12 @@
 //!
 //! A renewal that fails (the store unreachable) is tried again after
 //! [`RENEW_RETRY`], not a whole period later. Once the store is back, a
-//! claim whose lease lapsed meanwhile is renewed before a dispatcher's sweep
-//! (every `sweep_interval_ms`, 500 by default) takes it over, so its run
-//! survives the outage; and if the sweep was first, the worker learns that
-//! its claim is lost and stops the run within about that retry, instead of
+//! claim whose lease lapsed meanwhile is renewed within about that retry,
+//! well inside the second in which dispatchers leave lapsed leases alone
+//! after an outage (`dispatcher/sweep.rs`, `RECLAIM_GRACE`), so its run
+//! survives the outage; and should a sweep be first all the same (a
+//! dispatcher that did not see the outage), the worker learns that its
+//! claim is lost and stops the run within about that retry, instead of
 //! running beside the new claim for up to a third of a lease.
 
 use std::collections::BTreeMap;
