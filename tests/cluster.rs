@@ -125,17 +125,12 @@ async fn a_cluster_node_lost_mid_run_loses_nothing_and_runs_nothing_twice_at_onc
         ids.push(id);
     }
     client.close().await;
-    let ended_runs = || {
-        std::fs::read_to_string(&journal_path)
-            .map(|j| j.lines().filter(|l| l.starts_with("E ")).count())
-            .unwrap_or(0)
-    };
     common::eventually("200 runs ended", WAIT, || async {
-        (ended_runs() >= 200).then_some(())
+        (journal::ended_runs(&journal_path) >= 200).then_some(())
     })
     .await;
 
-    let ended_before = ended_runs();
+    let ended_before = journal::ended_runs(&journal_path);
     tokio::task::block_in_place(|| cluster.nodes[0].stop());
 
     let counts = journal::assert_jobs_settled(&d, &ids, WAIT).await;

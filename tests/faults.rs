@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::journal::{self, read_journal};
+use common::journal::{self, ended_runs, read_journal};
 use common::scratch::Scratch;
 use common::{Client, Deployment, eventually, test_config, unique_prefix};
 use conveyor::broker::Broker;
@@ -63,13 +63,6 @@ async fn submit_sleep_jobs(client: &Client, prefix: &str, n: usize, ms: u64) -> 
         ids.push(id);
     }
     ids
-}
-
-/// How many runs the journal says have ended: a cheap progress signal.
-fn ended_runs(journal: &Path) -> usize {
-    std::fs::read_to_string(journal)
-        .map(|j| j.lines().filter(|l| l.starts_with("E ")).count())
-        .unwrap_or(0)
 }
 
 async fn wait_ended_runs(journal: &Path, n: usize) {

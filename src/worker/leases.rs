@@ -66,17 +66,19 @@ impl ActiveClaims {
     /// the newer claim, which then went unrenewed until its lease lapsed.
     pub(super) fn insert(&self, claim: ClaimRef) -> ClaimLost {
         let lost = Arc::new(Notify::new());
+        let new_fence = claim.fence;
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let older = map.insert(
             (claim.job.clone(), claim.idx),
             Held {
-                claim: claim.clone(),
+                claim,
                 lost: lost.clone(),
             },
         );
         if let Some(older) = older {
-            tracing::warn!(job = %claim.job, idx = claim.idx, fence = older.claim.fence,
-                new_fence = claim.fence, "claim superseded by this worker's newer claim of the task; stopping its run");
+            let claim = &older.claim;
+            tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence, new_fence,
+                "claim superseded by this worker's newer claim of the task; stopping its run");
             older.lost.notify_one();
         }
         ClaimLost(lost)

@@ -69,6 +69,13 @@ pub fn read_journal(path: &Path) -> BTreeMap<(String, u32), Vec<Run>> {
     out
 }
 
+/// How many runs the journal says have ended: a cheap progress signal.
+pub fn ended_runs(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|j| j.lines().filter(|l| l.starts_with("E ")).count())
+        .unwrap_or(0)
+}
+
 /// The runs of one task, by start.
 pub fn runs_of(path: &Path, job: &str, idx: u32) -> Vec<Run> {
     read_journal(path)
