@@ -149,8 +149,6 @@ enum Script {
 pub struct RedisStore {
     /// Where the nodes are: listed in `redis_url`, or named by sentinels.
     nodes: Nodes,
-    /// The node that last answered as the primary: tried first.
-    primary: Arc<AtomicUsize>,
     names: Names,
     /// Function name of each [`Script`].
     functions: [String; 11],
@@ -366,8 +364,9 @@ pub async fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
 /// Where a store's Redis nodes are.
 #[derive(Clone)]
 enum Nodes {
-    /// One pool per node of `redis_url`, in the order given.
-    Listed(Arc<[Pool]>),
+    /// One pool per node of `redis_url`, in the order given, and the node
+    /// that last answered as the primary (tried first).
+    Listed(Arc<[Pool]>, Arc<AtomicUsize>),
     /// Nodes the sentinels of a `redis+sentinel://` URL name.
     Sentinel(Arc<SentinelNodes>),
 }
@@ -603,13 +602,12 @@ impl RedisStore {
                     .into_iter()
                     .map(|url| node_pool(with_tls_ca(url, tls_ca)?, &conn_config, size))
                     .collect::<Result<Vec<_>, _>>()?;
-                Nodes::Listed(pools.into())
+                Nodes::Listed(pools.into(), Arc::default())
             }
         };
         let functions = SCRIPT_BODIES.map(|(name, _)| format!("{}_{name}", library().name));
         let store = RedisStore {
             nodes,
-            primary: Arc::default(),
             names,
             functions,
             retention_ms: retention.as_millis() as u64,
@@ -843,12 +841,12 @@ impl RedisStore {
     /// several, the first that says it is the primary, starting from the
     /// one that did last; with sentinels, the node they name.
     async fn connect_primary(&self) -> Result<MultiplexedConnection, StoreError> {
-        let nodes = match &self.nodes {
-            Nodes::Listed(nodes) => nodes,
+        let (nodes, primary) = match &self.nodes {
+            Nodes::Listed(nodes, primary) => (nodes, primary),
             Nodes::Sentinel(sentinel) => return sentinel.connect_primary().await,
         };
         let n = nodes.len();
-        let start = self.primary.load(Ordering::Relaxed) % n.max(1);
+        let start = primary.load(Ordering::Relaxed) % n.max(1);
         let mut refused = Vec::new();
         for k in 0..n {
             let i = (start + k) % n;
@@ -874,7 +872,7 @@ impl RedisStore {
                         continue;
                     }
                 }
-                if self.primary.swap(i, Ordering::Relaxed) != i {
+                if primary.swap(i, Ordering::Relaxed) != i {
                     tracing::info!(node = i + 1, "Redis primary is node {} of redis_url", i + 1);
                 }
             }
