@@ -255,6 +255,68 @@ async fn a_shell_task_dies_with_its_worker_killed_by_kill_9_and_runs_again_elsew
     d.shutdown().await;
 }
 
+/// A worker cut off from Redis (alone: the dispatcher still reaches it)
+/// for longer than its lease: the sweep takes the task over as attempt 2,
+/// and once the worker reaches Redis again it stops attempt 1's run,
+/// instead of finishing it, and runs attempt 2, whose claim it keeps
+/// renewing to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_redis_past_its_lease_stops_its_run_and_runs_the_next_attempt() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("cutoff").await;
+    d.start_dispatcher().await;
+    let redis_port: u16 = (d.config.redis_url.trim_end_matches('/').rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("redis_url names a port");
+    let cutter = common::cutter::Cutter::start(redis_port).await;
+    let dir = Scratch::dir("cutoff");
+    let journal = dir.join("journal");
+    let lease_ms = 1500;
+    let mut worker = worker_command(&d, &journal, lease_ms, &dir.join("worker.log"))
+        .env("CONVEYOR_REDIS_URL", cutter.redis_url())
+        .spawn()
+        .expect("spawn conveyor worker");
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "cutoff", "requestor": "r", "tasks": [
+            {"name": "t", "handler": "sleep", "params": {"ms": 8000},
+             "retry": {"max_attempts": 3}}]}))
+        .await;
+    eventually("the task running on the worker", WAIT, || async {
+        let s = d.status("cutoff").await?;
+        (s.tasks["t"].state == conveyor::model::TaskState::Running).then_some(())
+    })
+    .await;
+
+    cutter.cut();
+    eventually("the sweep taking the task over", WAIT, || async {
+        let s = d.status("cutoff").await?;
+        (s.tasks["t"].attempts == 2).then_some(())
+    })
+    .await;
+    cutter.heal();
+
+    let status = d.wait_terminal("cutoff", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["t"].attempts, 2, "{status:#?}");
+    let runs = journal::runs_of(&journal, "cutoff", 0);
+    let first = runs.iter().find(|r| r.attempt == 1).expect("attempt 1 ran");
+    let ran_ms = first
+        .end
+        .expect("attempt 1's run ended")
+        .saturating_sub(first.start)
+        / 1_000_000;
+    assert!(
+        ran_ms < 7_000,
+        "attempt 1 ran {ran_ms} ms of its 8,000: it was finished, not stopped ({runs:?})"
+    );
+    assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
+    signal(&worker, "-TERM").await;
+    assert!(worker.wait().await.unwrap().success());
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// 1,000 sleep jobs running on a dispatcher, an in-process worker and a
 /// worker process serving `/readyz`, every run in a journal: the stage for
 /// an outage in the middle of a run.

@@ -8,6 +8,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cutter;
 pub mod journal;
 pub mod rabbit;
 pub mod scratch;

@@ -1,0 +1,83 @@
+//! A TCP forwarder a test can cut: one process reaches a server through
+//! it, and the test cuts that process off (every connection through it
+//! closed, new ones closed as soon as they are accepted) while the rest of
+//! the deployment still reaches the server directly. A network partition
+//! between one worker and Redis, made for real.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub struct Cutter {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Cutter {
+    /// Forward 127.0.0.1:<a free port> to 127.0.0.1:`target`.
+    pub async fn start(target: u16) -> Cutter {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the forwarder");
+        let port = listener.local_addr().expect("its address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (cut, links) = (cut.clone(), links.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    // Checked under the lock `cut` drains with, so no link
+                    // starts after a cut and survives it.
+                    let mut live = links.lock().unwrap();
+                    if cut.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    live.push(tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    }));
+                }
+            }
+        });
+        Cutter {
+            port,
+            cut,
+            links,
+            accept,
+        }
+    }
+
+    /// A `redis://` URL through the forwarder.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Close every connection through it, and every new one until
+    /// [`Cutter::heal`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            // Dropping the link's task drops both of its sockets.
+            link.abort();
+        }
+    }
+
+    /// Forward new connections again.
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
