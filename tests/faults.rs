@@ -879,6 +879,65 @@ async fn a_primary_lost_behind_sentinel_mid_run_is_replaced_by_the_replica_it_pr
     run.stop().await;
 }
 
+/// A split brain behind Sentinel: the replica is made a primary and the
+/// sentinel told to serve it, while the old primary goes on as a primary,
+/// reachable and taking writes (as when it is cut off from the sentinels
+/// but not from Conveyor). Nothing makes the old one refuse a write, yet
+/// every process moves to the primary the sentinel names within a few
+/// seconds, because it asks the sentinels every two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_a_new_primary_is_followed_even_while_the_old_one_takes_writes() {
+    let _serial = SERIAL.lock().await;
+    let (primary, replica) = primary_and_replica().await;
+    let sentinel = PrivateSentinel::start(&primary).await;
+    let mut config = test_config(&unique_prefix("splitbrain"));
+    config.redis_url = format!("redis+sentinel://127.0.0.1:{}/svc", sentinel.port);
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let client = Client::connect_to(&d.config).await;
+    let job =
+        |id: &str| json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    client.submit(&job("before")).await;
+    assert_eq!(
+        d.wait_terminal("before", WAIT).await.state,
+        JobState::Succeeded
+    );
+
+    replica.cli(&["REPLICAOF", "NO", "ONE"]).await;
+    assert_eq!(
+        sentinel.cli(&["SENTINEL", "REMOVE", "svc"]).await.trim(),
+        "OK"
+    );
+    let monitor = replica.port.to_string();
+    assert_eq!(
+        sentinel
+            .cli(&["SENTINEL", "MONITOR", "svc", "127.0.0.1", &monitor, "1"])
+            .await
+            .trim(),
+        "OK"
+    );
+    assert!(primary.info("replication").await.contains("role:master"));
+
+    // Every process leaves the old primary (its connections close), though
+    // nothing there refused a write; what they wrote to it meanwhile is
+    // what a split brain loses.
+    eventually("every process off the old primary", WAIT, || async {
+        let clients = redis_cli(primary.port, &["CLIENT", "LIST"]).await;
+        // This redis-cli is the one client left.
+        (clients.lines().count() <= 1).then_some(clients)
+    })
+    .await;
+    client.submit(&job("after")).await;
+    let status = d.wait_terminal("after", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    let key = d.names.job_key("after");
+    assert_eq!(redis_cli(replica.port, &["EXISTS", &key]).await.trim(), "1");
+    assert_eq!(redis_cli(primary.port, &["EXISTS", &key]).await.trim(), "0");
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// A Redis outage longer than a lease does not doom the runs it spans: the
 /// worker retries its failed renewals every 100 ms and renews its claim as
 /// soon as Redis answers again, while the dispatcher, which saw the outage

@@ -435,6 +435,50 @@ impl SentinelNodes {
     }
 }
 
+/// How often a store behind Sentinel asks whether the primary moved.
+const SENTINEL_CHECK: Duration = Duration::from_secs(2);
+
+/// While the store lives, ask its sentinels every [`SENTINEL_CHECK`] where
+/// the primary is; if they name another node than the one the store's
+/// connection goes to, drop that connection, so the next call connects to
+/// (and checks) the one they name. This covers a primary the sentinels
+/// replaced without its knowing (cut off from them, still reachable from
+/// here, still taking writes): the store would otherwise write to it until
+/// it is demoted, and lose those writes then.
+async fn watch_sentinels(
+    nodes: std::sync::Weak<SentinelNodes>,
+    shared: std::sync::Weak<std::sync::Mutex<Option<MultiplexedConnection>>>,
+) {
+    let mut tick = tokio::time::interval(SENTINEL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(nodes) = nodes.upgrade() else {
+            return;
+        };
+        // Sentinels out of reach have nothing to say; the store's own
+        // calls tell whether the primary is.
+        let Ok((host, port)) = primary_address(&nodes.url, nodes.tls_ca.as_ref()).await else {
+            continue;
+        };
+        let named = format!("{host}:{port}");
+        let current = nodes
+            .primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if current.as_ref().is_some_and(|c| *c != named) {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            tracing::info!(was = current.as_deref().unwrap_or("?"), now = %named,
+                service = %nodes.url.service, "the sentinels name another Redis primary; reconnecting");
+            *shared.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+}
+
 /// Ask the sentinels of `url`, in turn, where the primary of its service
 /// is: the first answer.
 async fn primary_address(
@@ -621,6 +665,12 @@ impl RedisStore {
         };
         store.load_library().await?;
         store.check_epoch().await?;
+        if let Nodes::Sentinel(nodes) = &store.nodes {
+            tokio::spawn(watch_sentinels(
+                Arc::downgrade(nodes),
+                Arc::downgrade(&store.shared),
+            ));
+        }
         Ok(store)
     }
 

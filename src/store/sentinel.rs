@@ -31,8 +31,10 @@
 //! (a sentinel may not yet know of a failover). The store does this
 //! whenever it needs a new connection: at start, and after its connection
 //! broke or the node answered `READONLY` (a demoted primary), so it follows
-//! a failover without a restart. Password and URL are never logged
-//! unredacted.
+//! a failover without a restart. It also asks every 2 s, and drops its
+//! connection when the sentinels name another node: a primary they
+//! replaced without its knowing refuses nothing. Password and URL are
+//! never logged unredacted.
 
 use std::fmt;
 
