@@ -92,7 +92,7 @@ async fn a_cluster_node_lost_mid_run_loses_nothing_and_runs_nothing_twice_at_onc
     let mut d = Deployment::with_config(config).await;
     let dir = Scratch::dir("cluster-journal");
     let journal_path = dir.join("journal");
-    d.journal = Some(conveyor::worker::Journal::open(&journal_path, "in-process").unwrap());
+    d.journal_to(&journal_path);
     d.start_dispatcher().await;
     d.start_worker(16).await;
     d.start_worker(16).await;

@@ -48,7 +48,7 @@ fn now_ns() -> u128 {
 /// on write to it.
 fn open_journal(d: &mut Deployment, test: &str) -> Scratch {
     let path = Scratch::file(&format!("failures-{test}.journal"));
-    d.journal = Some(Journal::open(&path, "in-process").unwrap());
+    d.journal_to(&path);
     path
 }
 

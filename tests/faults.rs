@@ -338,7 +338,7 @@ impl MidRun {
     async fn start(mut d: Deployment, name: &str) -> MidRun {
         let dir = Scratch::dir(name);
         let journal = dir.join("journal");
-        d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+        d.journal_to(&journal);
         d.start_dispatcher().await;
         d.start_worker(16).await;
         let (probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
@@ -952,7 +952,7 @@ async fn a_claim_renewed_after_a_redis_outage_longer_than_its_lease_is_kept() {
     let mut d = Deployment::with_config(config).await;
     let dir = Scratch::dir("outlived");
     let journal = dir.join("journal");
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.journal_to(&journal);
     d.start_dispatcher().await;
     d.start_worker(2).await;
     let client = Client::connect_to(&d.config).await;
@@ -1056,7 +1056,7 @@ async fn a_claim_redis_lost_with_its_worker_is_run_again_after_the_restart() {
     drop(conn);
     redis.stop().await;
     redis.launch().await;
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.journal_to(&journal);
     d.start_worker(2).await;
     let status = d.wait_terminal("lost", WAIT).await;
     assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
@@ -1183,7 +1183,7 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
     let mut d = Deployment::with_config(config).await;
     let dir = Scratch::dir("redisnone");
     let journal = dir.join("journal");
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.journal_to(&journal);
     d.start_dispatcher().await;
     let client = Client::connect(&d.config.prefix).await;
     // Chains of two slow tasks, so work is queued when the data goes.
@@ -1293,7 +1293,7 @@ async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
     })
     .await;
     signal(&paused, "-STOP").await;
-    d.journal = Some(conveyor::worker::Journal::open(&journal, "in-process").unwrap());
+    d.journal_to(&journal);
     d.config.worker.lease_ms = lease_ms;
     let second = d.start_worker(4).await;
     eventually("the task re-claimed by another worker", WAIT, || async {

@@ -105,6 +105,14 @@ impl Deployment {
         Self::with_config(test_config(&unique_prefix(test))).await
     }
 
+    /// In-process workers started from now on record their runs in the
+    /// journal at `path` (as `in-process`).
+    pub fn journal_to(&mut self, path: &std::path::Path) {
+        self.journal = Some(
+            conveyor::worker::Journal::open(path, "in-process").expect("open the test's journal"),
+        );
+    }
+
     pub async fn with_config(config: Config) -> Deployment {
         let store = connect_store(&config, "test").await;
         let broker = connect_broker(&config).await;
