@@ -853,6 +853,17 @@ async fn a_primary_lost_behind_sentinel_mid_run_is_replaced_by_the_replica_it_pr
     })
     .await;
     let mut config = test_config(&unique_prefix("sentinel"));
+    // A service the sentinel does not monitor is refused, saying so.
+    config.redis_url = format!("redis+sentinel://127.0.0.1:{}/nosuch", sentinel.port);
+    let refused = conveyor::runtime::redis_store(&config, "test", 1)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains("does not monitor `nosuch` (check the service name"),
+        "{refused}"
+    );
     config.redis_url = format!("redis+sentinel://127.0.0.1:{}/svc", sentinel.port);
     let run = MidRun::start(Deployment::with_config(config).await, "sentinel").await;
     primary.stop().await;

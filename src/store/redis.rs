@@ -86,7 +86,7 @@ fn run_id(info: &str) -> Option<&str> {
 
 /// The `connected_slaves` line of `INFO replication`: how many replicas
 /// are connected to this primary.
-fn connected_replicas(info: &str) -> Option<u32> {
+fn replicas_in_info(info: &str) -> Option<u32> {
     info_field(info, "connected_slaves").and_then(|n| n.parse().ok())
 }
 
@@ -519,7 +519,12 @@ async fn ask_sentinel(
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
-    let (host, port) = answer.ok_or_else(|| format!("does not monitor `{}`", url.service))?;
+    let (host, port) = answer.ok_or_else(|| {
+        format!(
+            "does not monitor `{}` (check the service name after the sentinels in redis_url)",
+            url.service
+        )
+    })?;
     let port = port
         .parse()
         .map_err(|_| format!("answered port `{port}`, not a number"))?;
@@ -743,7 +748,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("INFO").arg("replication");
         let (info,): (String,) = self.run(&pipe).await?;
-        connected_replicas(&info)
+        replicas_in_info(&info)
             .ok_or_else(|| protocol("INFO replication has no connected_slaves line"))
     }
 
@@ -2035,8 +2040,8 @@ mod tests {
     fn the_replicas_of_a_primary_are_counted_by_info_replication() {
         let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
                     slave0:ip=127.0.0.1,port=7001,state=online\r\n";
-        assert_eq!(connected_replicas(info), Some(2));
-        assert_eq!(connected_replicas("# Replication\r\nrole:slave\r\n"), None);
+        assert_eq!(replicas_in_info(info), Some(2));
+        assert_eq!(replicas_in_info("# Replication\r\nrole:slave\r\n"), None);
     }
 
     #[test]

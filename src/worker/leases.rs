@@ -13,6 +13,7 @@
 //! running beside the new claim for up to a third of a lease.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,9 +89,10 @@ impl ActiveClaims {
     /// for its task.
     pub(super) fn remove(&self, claim: &ClaimRef) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (claim.job.clone(), claim.idx);
-        if map.get(&key).is_some_and(|held| held.claim == *claim) {
-            map.remove(&key);
+        if let Entry::Occupied(held) = map.entry((claim.job.clone(), claim.idx))
+            && held.get().claim == *claim
+        {
+            held.remove();
         }
     }
 
