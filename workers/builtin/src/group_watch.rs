@@ -152,11 +152,17 @@ pub(crate) fn watch(pgid: Pid) -> Option<Watched> {
                 error = %e, pid = watchdog.child.id(),
                 "shell: the process-group watchdog is gone; the next shell run starts another"
             );
-            if let Some(mut dead) = slot.take() {
-                let _ = dead.child.try_wait();
-            }
+            retire(&mut slot);
             None
         }
+    }
+}
+
+/// Forget a watchdog that no longer reads its pipe (reaped if it has
+/// exited), so that the next `shell` run starts another.
+fn retire(slot: &mut Option<Watchdog>) {
+    if let Some(mut dead) = slot.take() {
+        let _ = dead.child.try_wait();
     }
 }
 
@@ -167,9 +173,7 @@ impl Drop for Watched {
             && let Err(e) = watchdog.tell('-', self.pgid)
         {
             tracing::debug!(error = %e, "shell: the process-group watchdog is gone");
-            if let Some(mut dead) = slot.take() {
-                let _ = dead.child.try_wait();
-            }
+            retire(&mut slot);
         }
     }
 }
