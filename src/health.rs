@@ -12,7 +12,10 @@
 //! this process should consume: after a broker reconnect a process is ready
 //! again only once its consumers are back, which is the failure operators
 //! of other job systems cannot see (workers connected but consuming
-//! nothing).
+//! nothing). With `redis_wait_replicas` set, it also needs that many
+//! replicas connected to the primary: with fewer, every submission waits
+//! in the broker, unanswered, and the process looks healthy while doing
+//! nothing useful.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::broker::Broker;
-use crate::store::Store;
+use crate::store::{Replicas, Store};
 
 /// Shared health of one process's store connection.
 #[derive(Clone)]
@@ -45,6 +48,10 @@ pub struct Readiness {
     /// Each queue this process consumes, and whether it has a consumer on
     /// it now. Empty until the first subscription.
     pub consuming: BTreeMap<String, bool>,
+    /// The replicas job creations wait for and how many are connected;
+    /// absent when creations wait for none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Replicas>,
 }
 
 impl Readiness {
@@ -55,6 +62,7 @@ impl Readiness {
             store: false,
             broker: false,
             consuming: BTreeMap::new(),
+            replicas: None,
         }
     }
 }
@@ -86,25 +94,35 @@ impl Health {
         }
     }
 
-    /// Ready to take work: the store answers a ping now, the broker is
-    /// connected, and every queue has its consumer. A failed ping also
-    /// marks the store down, so an idle process stops taking work too.
+    /// Ready to take work: the store answers a ping now (and has the
+    /// replicas creations wait for, if any), the broker is connected, and
+    /// every queue has its consumer. A failed ping also marks the store
+    /// down, so an idle process stops taking work too.
     pub async fn readiness(&self) -> Readiness {
-        let store = matches!(
-            tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await,
-            Ok(Ok(()))
-        );
+        let probe = async {
+            self.store.ping().await?;
+            self.store.replicas().await
+        };
+        let (store, replicas) = match tokio::time::timeout(PING_TIMEOUT, probe).await {
+            Ok(Ok(replicas)) => (true, replicas),
+            _ => (false, None),
+        };
         if !store {
             self.mark_store_down();
         }
         let broker = self.broker.is_connected();
         let consuming = self.consuming.lock().map(|m| m.clone()).unwrap_or_default();
-        let ready = store && broker && !consuming.is_empty() && consuming.values().all(|c| *c);
+        let ready = store
+            && replicas.is_none_or(|r| r.enough())
+            && broker
+            && !consuming.is_empty()
+            && consuming.values().all(|c| *c);
         Readiness {
             ready,
             store,
             broker,
             consuming,
+            replicas,
         }
     }
 

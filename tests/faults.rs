@@ -24,7 +24,7 @@ use common::{Client, Deployment, eventually, test_config, unique_prefix};
 use conveyor::broker::Broker;
 use conveyor::config::Config;
 use conveyor::model::JobState;
-use conveyor::store::Store;
+use conveyor::store::{Replicas, Store};
 use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -1107,7 +1107,8 @@ async fn follow(replica: &PrivateRedis, primary: &PrivateRedis) {
 /// With `redis_wait_replicas = 1` a submission is acked (and answered)
 /// only once a replica has its job: an unplanned failover right after the
 /// reply cannot lose it. While the replica is away, submissions wait in
-/// the broker, unanswered; when it is back they are accepted and run.
+/// the broker, unanswered, and readiness says why; when it is back they
+/// are accepted and run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_its_job() {
     let _serial = SERIAL.lock().await;
@@ -1117,6 +1118,19 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
     config.redis_wait_timeout_ms = 200;
     let mut d = Deployment::with_config(config).await;
     assert_eq!(d.store.connected_replicas().await.unwrap(), 1);
+    // Readiness as a process of this deployment computes it, on its store.
+    let health =
+        conveyor::health::Health::new(d.store.clone(), common::connect_broker(&d.config).await);
+    health.set_consuming("waitrepl.submit", true);
+    let ready = health.readiness().await;
+    assert!(ready.ready, "{ready:?}");
+    assert_eq!(
+        ready.replicas,
+        Some(Replicas {
+            wanted: 1,
+            connected: 1
+        })
+    );
     d.start_dispatcher().await;
     // Takes the submissions ahead of the dispatcher, claiming each root.
     d.start_worker_taking_submissions(4).await;
@@ -1146,6 +1160,15 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
         early.is_err(),
         "a submission was answered with no replica to have it: {early:?}"
     );
+    let short = health.readiness().await;
+    assert!(!short.ready && short.store && short.broker, "{short:?}");
+    assert_eq!(
+        short.replicas,
+        Some(Replicas {
+            wanted: 1,
+            connected: 0
+        })
+    );
     // Recorded on the primary, but neither acked nor run: its root is
     // run (or published) only after the creation returns, and a root the
     // worker claimed meanwhile is handed back each time.
@@ -1168,6 +1191,8 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
     );
     let status = d.wait_terminal("during", WAIT).await;
     assert_eq!(status.state, JobState::Succeeded);
+    let back = health.readiness().await;
+    assert!(back.ready, "{back:?}");
     // The roots claimed while the replica was away were handed back, not
     // left to lapse.
     assert_eq!(status.tasks["t"].attempts, 1, "{status:#?}");

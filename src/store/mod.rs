@@ -309,6 +309,23 @@ pub struct Pruned {
     pub more: bool,
 }
 
+/// A store's replicas against the number a job's creation waits for
+/// (`redis_wait_replicas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replicas {
+    /// How many replicas each creation waits for.
+    pub wanted: u32,
+    /// How many the primary has connected now.
+    pub connected: u32,
+}
+
+impl Replicas {
+    /// Enough replicas are connected for creations to complete.
+    pub fn enough(&self) -> bool {
+        self.connected >= self.wanted
+    }
+}
+
 /// A row of `conveyor list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSummary {
@@ -480,6 +497,14 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store answers (and, for Redis, whether it still holds
     /// the data it held: see `RedisStore::check_epoch`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The replicas a job's creation waits for and how many the store has
+    /// connected now; `None` when creations wait for none (the default, and
+    /// always the case for a store without replicas). Fewer connected than
+    /// wanted means every creation waits, so readiness reports it.
+    async fn replicas(&self) -> Result<Option<Replicas>, StoreError> {
+        Ok(None)
+    }
 
     /// Fail a task whose message was delivered too often without an
     /// outcome (a poison message), if it is still waiting at that attempt.

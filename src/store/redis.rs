@@ -43,13 +43,14 @@ use deadpool_redis::redis::{
     TlsCertificates,
 };
 use deadpool_redis::{Manager, Pool, Runtime};
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::sentinel::SentinelUrl;
 use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry,
-    JobStatus, JobSummary, Pruned, ScheduleEntry, ScheduleIndex, Store, StoreError, SweepAction,
-    TaskStatus, WorkerInfo, entry, parse_entry,
+    JobStatus, JobSummary, Pruned, Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError,
+    SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
 use crate::config::{Config, TlsCa, split_urls};
 use crate::intake::{PlannedJob, Rejection};
@@ -171,6 +172,8 @@ pub struct RedisStore {
 /// answered by the first round that starts after it arrives.
 #[derive(Clone)]
 struct ReplicaWait {
+    /// How many replicas each round waits for.
+    replicas: u32,
     requests:
         tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
 }
@@ -438,22 +441,48 @@ impl SentinelNodes {
 /// How often a store behind Sentinel asks whether the primary moved.
 const SENTINEL_CHECK: Duration = Duration::from_secs(2);
 
-/// While the store lives, ask its sentinels every [`SENTINEL_CHECK`] where
-/// the primary is; if they name another node than the one the store's
+/// How long a subscription to a sentinel's `+switch-master` is kept before
+/// it is made again: a sentinel that vanished without closing the
+/// connection (a partition) is subscribed to afresh this often.
+const SENTINEL_SUBSCRIPTION: Duration = Duration::from_secs(30);
+
+/// While the store lives, ask its sentinels where the primary is every
+/// [`SENTINEL_CHECK`], and at once whenever one of them announces a
+/// failover of the service (`+switch-master`, subscribed to on each
+/// sentinel); if they name another node than the one the store's
 /// connection goes to, drop that connection, so the next call connects to
 /// (and checks) the one they name. This covers a primary the sentinels
 /// replaced without its knowing (cut off from them, still reachable from
 /// here, still taking writes): the store would otherwise write to it until
-/// it is demoted, and lose those writes then.
+/// it is demoted, and lose those writes then. The announcement makes that
+/// window the time the message takes; the polling is there for a sentinel
+/// whose announcement did not arrive.
 async fn watch_sentinels(
     nodes: std::sync::Weak<SentinelNodes>,
     shared: std::sync::Weak<std::sync::Mutex<Option<MultiplexedConnection>>>,
 ) {
+    let announced = Arc::new(tokio::sync::Notify::new());
+    // Dropped (and so aborted) with this task, when the store is gone.
+    let mut subscriptions = tokio::task::JoinSet::new();
+    if let Some(nodes) = nodes.upgrade() {
+        for sentinel in &nodes.url.sentinels {
+            let announced = announced.clone();
+            subscriptions.spawn(follow_announcements(
+                nodes.url.clone(),
+                sentinel.clone(),
+                nodes.tls_ca.clone(),
+                move || announced.notify_one(),
+            ));
+        }
+    }
     let mut tick = tokio::time::interval(SENTINEL_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = announced.notified() => tick.reset(),
+        }
         let Some(nodes) = nodes.upgrade() else {
             return;
         };
@@ -476,6 +505,62 @@ async fn watch_sentinels(
                 service = %nodes.url.service, "the sentinels name another Redis primary; reconnecting");
             *shared.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+    }
+}
+
+/// Subscribe to `sentinel`'s `+switch-master` announcements and call
+/// `announced` on each one for `url`'s service; subscribe again when the
+/// connection ends, fails, or is [`SENTINEL_SUBSCRIPTION`] old.
+async fn follow_announcements(
+    url: SentinelUrl,
+    sentinel: String,
+    tls_ca: Option<TlsCa>,
+    announced: impl Fn(),
+) {
+    let mut failures = 0u32;
+    loop {
+        match subscribe_announcements(&url, &sentinel, tls_ca.as_ref()).await {
+            Ok(pubsub) => {
+                failures = 0;
+                let mut messages = pubsub.into_on_message();
+                let until = tokio::time::Instant::now() + SENTINEL_SUBSCRIPTION;
+                while let Ok(Some(message)) = tokio::time::timeout_at(until, messages.next()).await
+                {
+                    // "<service> <old ip> <old port> <new ip> <new port>"
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    if payload.split(' ').next() == Some(url.service.as_str()) {
+                        tracing::debug!(%sentinel, %payload, "a sentinel announced a failover");
+                        announced();
+                    }
+                }
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::debug!(%sentinel, error = %e, "cannot subscribe to the sentinel's failovers");
+                // The polling covers the time this is down.
+                let pause = SENTINEL_CHECK.saturating_mul(failures.min(15));
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+async fn subscribe_announcements(
+    url: &SentinelUrl,
+    sentinel: &str,
+    tls_ca: Option<&TlsCa>,
+) -> Result<redis::aio::PubSub, String> {
+    let info = with_tls_ca(&url.sentinel_url(sentinel), tls_ca).map_err(|e| e.to_string())?;
+    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
+    let subscribe = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe("+switch-master").await?;
+        Ok::<_, RedisError>(pubsub)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), subscribe).await {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 2 s".to_owned()),
     }
 }
 
@@ -702,7 +787,10 @@ impl RedisStore {
             ..self.clone()
         };
         tokio::spawn(rounds.replica_rounds(replicas, timeout, rx));
-        self.replica_wait = Some(ReplicaWait { requests: tx });
+        self.replica_wait = Some(ReplicaWait {
+            replicas,
+            requests: tx,
+        });
         self
     }
 
@@ -1860,6 +1948,16 @@ impl Store for RedisStore {
         self.check_epoch().await.map(|_| ())
     }
 
+    async fn replicas(&self) -> Result<Option<Replicas>, StoreError> {
+        let Some(wait) = &self.replica_wait else {
+            return Ok(None);
+        };
+        Ok(Some(Replicas {
+            wanted: wait.replicas,
+            connected: self.connected_replicas().await?,
+        }))
+    }
+
     async fn audit_due(&self) -> Result<Option<String>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("INFO").arg("server");
@@ -1959,8 +2057,70 @@ impl Store for RedisStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// A plain Redis stands in for the sentinel (a sentinel takes no
+    /// `PUBLISH`): the subscription is the same.
+    #[tokio::test]
+    async fn a_failover_announced_for_the_service_is_followed_and_others_are_not() {
+        let service = format!("svc-{}", std::process::id());
+        let url = SentinelUrl::parse(&format!("redis+sentinel://127.0.0.1:6379/{service}"))
+            .and_then(Result::ok)
+            .expect("a sentinel url");
+        let heard = Arc::new(AtomicUsize::new(0));
+        let counter = heard.clone();
+        let follower = tokio::spawn(follow_announcements(
+            url,
+            "127.0.0.1:6379".to_owned(),
+            None,
+            move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        let client = redis::Client::open("redis://127.0.0.1:6379/").expect("a redis url");
+        let conn = match client.get_multiplexed_async_connection().await {
+            Ok(conn) => conn,
+            Err(e) => panic!(
+                "cannot reach Redis at 127.0.0.1:6379: {e}; {}",
+                crate::runtime::START_HINT
+            ),
+        };
+        let publish = |payload: String| {
+            let mut conn = conn.clone();
+            async move {
+                let receivers: u32 = redis::cmd("PUBLISH")
+                    .arg("+switch-master")
+                    .arg(payload)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("PUBLISH");
+                receivers
+            }
+        };
+        // Subscribed once a published announcement has a receiver.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while publish(format!("{service}-not 127.0.0.1 1 127.0.0.1 2")).await == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for payload in [
+            format!("{service} 127.0.0.1 1 127.0.0.1 2"),
+            format!("other-{service} 127.0.0.1 1 127.0.0.1 2"),
+            format!("{service} 127.0.0.1 2 127.0.0.1 1"),
+        ] {
+            publish(payload).await;
+        }
+        // Delivered in order on one connection: once the last is heard,
+        // so was everything before it.
+        while heard.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "announcements lost");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(heard.load(Ordering::SeqCst), 2, "another service's counted");
+        follower.abort();
+    }
 
     #[test]
     fn a_run_spec_round_trips_whatever_the_handler_name_and_params_hold() {
