@@ -29,12 +29,25 @@
 //! program started or ended; it is not in the program's group, so killing
 //! a group never kills the watchdog.
 //!
+//! # The gate
+//!
+//! A program's process group is known only once the program is started,
+//! so a worker killed between starting it and registering its group would
+//! leave it running, unwatched. So the program is not started directly:
+//! `/bin/sh` runs [`GATE`] in the new group, which waits for a `go` line
+//! on stdin and only then `exec`s the program in its place (same process,
+//! same group, the rest of stdin left for the program). The worker writes
+//! `go` after the group is registered — a registration written to the
+//! watchdog's pipe is read by it even if the worker dies the next instant.
+//! A worker that dies before that closes the gate's stdin, and the gate
+//! exits without running anything. The cost is one `sh` started per
+//! program (about a millisecond).
+//!
 //! # Limits
 //!
-//! A worker killed in the microseconds between starting a program and
-//! registering it leaves that program alone. A program that ended
-//! successfully is unregistered, so helpers it left in the background on
-//! purpose are not touched (as during the worker's life). If the watchdog
+//! A program that ended successfully is unregistered, so helpers it left
+//! in the background on purpose are not touched (as during the worker's
+//! life). If the watchdog
 //! cannot be started (no `/bin/sh`), `shell` tasks still run, without this
 //! protection, and the worker says so once in its log. If the watchdog is
 //! killed, the next `shell` run starts a new one; groups registered with the
@@ -62,6 +75,41 @@ while read -r op pgid; do
 done
 for g in $groups; do kill -s KILL -- "-$g" 2>/dev/null; done
 "#;
+
+/// The gate's program (see the module documentation): `"$@"` is the
+/// task's command and arguments, never interpreted by the shell.
+pub(crate) const GATE: &str = r#"IFS= read -r gate && [ "$gate" = go ] || exit 125
+exec "$@""#;
+
+/// The gate's `$0`, which its shell puts first in its own error messages.
+pub(crate) const GATE_NAME: &str = "conveyor-shell";
+
+/// What the worker writes to a gate once the program's group is watched.
+pub(crate) const GATE_OPEN: &[u8] = b"go\n";
+
+/// Whether programs can be started through the gate (there is a `/bin/sh`;
+/// without one there is no watchdog either, and programs start directly).
+pub(crate) fn gate_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::path::Path::new("/bin/sh").exists())
+}
+
+/// Why the gate could not `exec` the program, if that is how a gated
+/// program ended: the shell's exit status 126 (found but not executable)
+/// or 127 (not found), with its message naming itself on stderr. The
+/// reason is the message without the shell's prefix.
+pub(crate) fn exec_failure(code: Option<i32>, stderr: &[u8]) -> Option<String> {
+    if !matches!(code, Some(126 | 127)) {
+        return None;
+    }
+    let text = String::from_utf8_lossy(stderr);
+    let line = text.trim().strip_prefix(GATE_NAME)?.strip_prefix(':')?;
+    // dash: "conveyor-shell: 1: exec: prog: not found";
+    // bash: "conveyor-shell: line 1: exec: prog: not found".
+    let reason = line.split_once("exec: ").map_or(line, |(_, rest)| rest);
+    let reason = reason.rsplit_once(": ").map_or(reason, |(_, why)| why);
+    Some(reason.trim().to_owned())
+}
 
 /// The running watchdog: its process and the write end of its stdin.
 pub(crate) struct Watchdog {
@@ -216,6 +264,21 @@ mod tests {
 
     fn pgid_of(child: &Child) -> Pid {
         Pid::from_raw(i32::try_from(child.id()).unwrap())
+    }
+
+    #[test]
+    fn an_exec_failure_is_told_from_a_program_exiting_126_or_127() {
+        let dash = b"conveyor-shell: 1: exec: prog: not found\n";
+        let bash = b"conveyor-shell: line 1: exec: /opt/x: Permission denied\n";
+        assert_eq!(exec_failure(Some(127), dash).as_deref(), Some("not found"));
+        assert_eq!(
+            exec_failure(Some(126), bash).as_deref(),
+            Some("Permission denied")
+        );
+        assert_eq!(exec_failure(Some(1), dash), None);
+        assert_eq!(exec_failure(None, dash), None);
+        assert_eq!(exec_failure(Some(127), b"prog: not found\n"), None);
+        assert_eq!(exec_failure(Some(127), b""), None);
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! ```
 //!
 //! - `command` (required, non-empty, at most 4096 bytes): the program, found
-//!   on `PATH` like `execvp`. There is **no shell interpretation**: to use
-//!   pipes or `$VARS`, run `"command": "sh", "args": ["-c", "..."]`.
+//!   on `PATH` like `execvp` (an executable file without `#!` runs under
+//!   `sh`). There is **no shell interpretation**: to use pipes or `$VARS`,
+//!   run `"command": "sh", "args": ["-c", "..."]`.
 //! - `args` (at most 1000 strings): its arguments.
 //! - `env`: variables added to the worker's own environment (which the
 //!   program inherits, so do not keep secrets there that tasks must not see).
@@ -69,7 +70,10 @@
 //! `kill -9`: a small watchdog process started with the first `shell` run
 //! kills every group whose run had not ended once the worker's end of its
 //! pipe closes (see `group_watch.rs`), so a lapsed lease never leaves the
-//! old attempt running beside the new one.
+//! old attempt running beside the new one. The program is started through
+//! a gate (`sh` waiting for a `go` line on stdin before it `exec`s the
+//! program) and the worker opens it only once the group is registered, so
+//! a worker dying in between leaves nothing running.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -358,12 +362,22 @@ fn describe_tail((tail, truncated): &(Vec<u8>, bool)) -> String {
     }
 }
 
+/// The command that starts `p`'s program, and whether it goes through the
+/// watchdog's gate (see `group_watch.rs`): `sh` waiting for `go` on stdin
+/// before it `exec`s the program, so that no program runs before its group
+/// is watched.
+fn command(p: &ShellParams) -> (Command, bool) {
+    if group_watch::gate_available() {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", group_watch::GATE, group_watch::GATE_NAME])
+            .arg(&p.command);
+        (cmd, true)
+    } else {
+        (Command::new(&p.command), false)
+    }
+}
+
 fn spawn_error(p: &ShellParams, e: &io::Error) -> HandlerError {
-    let place = match &p.cwd {
-        Some(cwd) => format!(" in `{cwd}`"),
-        None => String::new(),
-    };
-    let msg = format!("shell: cannot start `{}`{place}: {e}", p.command);
     // Running out of processes, memory or file descriptors passes; a missing
     // or non-executable program does not.
     let transient = e.raw_os_error().map(Errno::from_raw).is_some_and(|errno| {
@@ -372,6 +386,16 @@ fn spawn_error(p: &ShellParams, e: &io::Error) -> HandlerError {
             Errno::EAGAIN | Errno::ENOMEM | Errno::EMFILE | Errno::ENFILE | Errno::ETXTBSY
         )
     });
+    start_failure(p, e, transient)
+}
+
+/// "cannot start `command` [in `cwd`]: why".
+fn start_failure(p: &ShellParams, why: &dyn std::fmt::Display, transient: bool) -> HandlerError {
+    let place = match &p.cwd {
+        Some(cwd) => format!(" in `{cwd}`"),
+        None => String::new(),
+    };
+    let msg = format!("shell: cannot start `{}`{place}: {why}", p.command);
     if transient {
         HandlerError::Transient(msg)
     } else {
@@ -447,7 +471,7 @@ impl Handler for Shell {
         }
         .map_err(|e| HandlerError::permanent(format!("shell: cannot encode stdin: {e}")))?;
 
-        let mut cmd = Command::new(&p.command);
+        let (mut cmd, gated) = command(&p);
         cmd.args(&p.args)
             .env("CONVEYOR_JOB_ID", &ctx.job_id)
             .env("CONVEYOR_TASK", &ctx.task)
@@ -463,6 +487,12 @@ impl Handler for Shell {
             cmd.current_dir(cwd);
         }
         let mut child = cmd.spawn().map_err(|e| spawn_error(&p, &e))?;
+        // Opens the gate (after the group is registered just below).
+        let input = if gated {
+            [group_watch::GATE_OPEN, &input].concat()
+        } else {
+            input
+        };
         let pid = child.id();
         let pgid = pid.and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
         let mut guard = GroupGuard {
@@ -499,6 +529,11 @@ impl Handler for Shell {
         match finished {
             Ok(Ok((status, stdout, stderr))) => {
                 guard.armed = false;
+                if gated && let Some(why) = group_watch::exec_failure(status.code(), &stderr.0) {
+                    // As from a direct spawn: a program being written passes.
+                    let transient = why == "Text file busy";
+                    return Err(start_failure(&p, &why, transient));
+                }
                 tracing::debug!(
                     job_id = %ctx.job_id, task = %ctx.task, command = %p.command, %status,
                     "shell: finished"
@@ -699,11 +734,81 @@ mod tests {
     #[tokio::test]
     async fn missing_command_is_permanent() {
         let out = run(json!({"command": "conveyor-no-such-program-xyz"})).await;
+        assert_eq!(
+            out,
+            Err(HandlerError::Permanent(
+                "shell: cannot start `conveyor-no-such-program-xyz`: not found".to_owned()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_cwd_is_permanent_and_named() {
+        let out = run(json!({"command": "true", "cwd": "/conveyor/no/such/dir"})).await;
         assert!(
             matches!(&out, Err(HandlerError::Permanent(m))
-                if m.starts_with("shell: cannot start `conveyor-no-such-program-xyz`")),
+                if m.starts_with("shell: cannot start `true` in `/conveyor/no/such/dir`: ")),
             "{out:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_executable_is_permanent() {
+        let file = temp_path("noexec");
+        std::fs::write(&file, "echo hi\n").unwrap();
+        let out = run(json!({"command": file.to_str().unwrap()})).await;
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(
+            out,
+            Err(HandlerError::Permanent(format!(
+                "shell: cannot start `{}`: Permission denied",
+                file.display()
+            )))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_program_exiting_127_itself_is_not_taken_for_a_missing_one() {
+        let out = run(sh("echo 'conveyor: nothing to do' >&2; exit 127")).await;
+        assert_eq!(
+            out,
+            Err(HandlerError::Permanent(
+                "shell: `sh` exited with status 127; stderr tail: conveyor: nothing to do"
+                    .to_owned()
+            ))
+        );
+    }
+
+    /// The gate holds the program back until the worker says `go`: a
+    /// worker that dies first (its end of stdin closes) leaves nothing
+    /// running, not even briefly, whether or not the group was watched.
+    #[tokio::test]
+    async fn a_program_does_not_start_before_the_worker_opens_its_gate() {
+        let marker = temp_path("gate");
+        let params = parse(&sh(&format!("touch '{}'", marker.display()))).unwrap();
+        let (mut cmd, gated) = command(&params);
+        assert!(gated, "/bin/sh is on every machine this runs on");
+        cmd.args(&params.args)
+            .stdin(Stdio::piped())
+            .process_group(0);
+        let mut closed = cmd.spawn().unwrap();
+        drop(closed.stdin.take());
+        let status = closed.wait().await.unwrap();
+        assert_eq!(status.code(), Some(125));
+        assert!(!marker.exists(), "the program ran without a go");
+
+        // The same, opened: the program runs, in the gate's process.
+        let (mut cmd, _) = command(&params);
+        cmd.args(&params.args)
+            .stdin(Stdio::piped())
+            .process_group(0);
+        let mut opened = cmd.spawn().unwrap();
+        let mut stdin = opened.stdin.take().unwrap();
+        stdin.write_all(group_watch::GATE_OPEN).await.unwrap();
+        drop(stdin);
+        assert!(opened.wait().await.unwrap().success());
+        assert!(marker.exists(), "the program did not run after go");
+        let _ = std::fs::remove_file(&marker);
     }
 
     #[tokio::test]
