@@ -295,16 +295,102 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
 /// Claim attempt 1 of task `t` (index 0, queue `default`) of job `id`,
 /// for worker `w`; panics unless it is claimed.
 async fn claim_first_attempt(store: &dyn Store, id: &str) -> conveyor::store::Claimed {
+    claim_first_attempt_of(store, id, 0, "t").await
+}
+
+/// Claims that arrive together go to Redis in one round, one call per
+/// job, and are answered as the memory store answers them one by one:
+/// each child of a fan-out claimed once, with its dependency's result, a
+/// second delivery of the same attempt busy, an old attempt stale, a task
+/// of a job that does not exist missing.
+#[tokio::test]
+async fn claims_that_arrive_together_are_answered_as_one_by_one() {
+    let config = common::test_config(&common::unique_prefix("rounds"));
+    let (redis, memory) = redis_and_memory(&config).await;
+    let children = 40;
+    let mut tasks = vec![json!({"name": "root", "handler": "noop", "params": {"n": 7}})];
+    tasks.extend(
+        (0..children)
+            .map(|i| json!({"name": format!("c{i}"), "handler": "noop", "after": ["root"]})),
+    );
+    let job = plan(&json!({"id": "fan", "requestor": "eq", "tasks": tasks}));
+    let lease = Duration::from_millis(LATER_MS);
+    let stores: [&dyn Store; 2] = [redis.as_ref(), &memory];
+    for store in stores {
+        store.create_job(&job).await.unwrap();
+        let root = claim_first_attempt_of(store, "fan", 0, "root").await;
+        let applied = store
+            .complete(
+                &root.claim,
+                "w",
+                &AttemptResult::Succeeded(r#"{"n":7}"#.into()),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(applied, Applied::Done { ref ready, .. } if ready.len() == children));
+    }
+    let message = |idx: u32, attempt: u32| TaskMessage {
+        job: "fan".to_owned(),
+        task: format!("c{}", idx.saturating_sub(1)),
+        idx,
+        attempt,
+        queue: "default".into(),
+    };
+    let mut messages: Vec<TaskMessage> = (1..=children as u32).map(|i| message(i, 1)).collect();
+    messages.insert(5, message(3, 1));
+    messages.push(message(7, 2));
+    messages.push(TaskMessage {
+        job: "no-such-job".into(),
+        ..message(1, 1)
+    });
+
+    let rounds_before = redis.claim_rounds_sent();
+    let together =
+        futures::future::join_all(messages.iter().map(|m| redis.claim(m, "w", lease))).await;
+    assert_eq!(
+        redis.claim_rounds_sent() - rounds_before,
+        1,
+        "{} claims made at once went in more than one round",
+        messages.len()
+    );
+    let mut fences = Vec::new();
+    for (m, a) in messages.iter().zip(together) {
+        let b = memory.claim(m, "w", lease).await.unwrap();
+        let ctx = format!("claim of {} attempt {}", m.task, m.attempt);
+        let a = a.unwrap();
+        if let ClaimOutcome::Claimed(c) = &a {
+            assert_eq!(c.deps.get("root"), Some(&json!({"n": 7})), "{ctx}");
+            fences.push(c.claim.fence);
+        }
+        same_claim(a, b, &ctx);
+    }
+    assert_eq!(fences.len(), children, "each child claimed once");
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fences rise: {fences:?}"
+    );
+    let a = normalise(redis.job("fan").await.unwrap().unwrap());
+    let b = normalise(memory.job("fan").await.unwrap().unwrap());
+    assert_eq!(a, b);
+    common::cleanup(&config).await;
+}
+
+async fn claim_first_attempt_of(
+    store: &dyn Store,
+    id: &str,
+    idx: u32,
+    task: &str,
+) -> conveyor::store::Claimed {
     let msg = TaskMessage {
         job: id.to_owned(),
-        task: "t".into(),
-        idx: 0,
+        task: task.into(),
+        idx,
         attempt: 1,
         queue: "default".into(),
     };
     match store.claim(&msg, "w", Duration::from_secs(60)).await {
         Ok(ClaimOutcome::Claimed(c)) => *c,
-        other => panic!("claim of {id}: {other:?}"),
+        other => panic!("claim of {id} {task}: {other:?}"),
     }
 }
 

@@ -166,7 +166,26 @@ pub struct RedisStore {
     prune_from: Arc<AtomicU64>,
     /// Replicas a job's creation waits for ([`RedisStore::with_replica_wait`]).
     replica_wait: Option<ReplicaWait>,
+    /// The way to the task that sends claims in rounds (see
+    /// [`Store::claim`]); `None` in that task's own copy.
+    claim_rounds: Option<tokio::sync::mpsc::UnboundedSender<ClaimRequest>>,
+    /// Claim rounds sent so far.
+    claim_rounds_sent: Arc<AtomicU64>,
 }
+
+/// A claim waiting for the next round of claims.
+struct ClaimRequest {
+    task: TaskMessage,
+    worker: String,
+    lease_ms: u64,
+    answer: tokio::sync::oneshot::Sender<Result<ClaimOutcome, StoreError>>,
+}
+
+/// The most claims sent in one round.
+const CLAIM_ROUND_MAX: usize = 256;
+/// The most claim rounds out at once: enough to keep Redis and the
+/// connection busy, few enough that claims arriving together wait for one.
+const CLAIM_ROUNDS_OUT: usize = 4;
 
 /// The way to the task that runs replica wait rounds: each request is
 /// answered by the first round that starts after it arrives.
@@ -225,6 +244,45 @@ pub fn unix_ms() -> u64 {
 }
 
 type Reply = Vec<Option<String>>;
+
+/// The replies of a claim round's pipeline ([`RedisStore::claim_round`]):
+/// `requests` lease entries' (whether added), then one list of claim
+/// replies per call of `calls`, handed back per request in round order.
+fn claim_replies(
+    values: Vec<redis::Value>,
+    requests: usize,
+    calls: &[Vec<usize>],
+) -> Result<Vec<(i64, Reply)>, StoreError> {
+    if values.len() != requests + calls.len() {
+        return Err(protocol(format!(
+            "a claim round of {requests} claims in {} calls had {} replies",
+            calls.len(),
+            values.len()
+        )));
+    }
+    let mut values = values.into_iter();
+    let mut out: Vec<(i64, Reply)> = Vec::with_capacity(requests);
+    for value in values.by_ref().take(requests) {
+        let added: i64 = redis::from_redis_value(value)
+            .map_err(|e| protocol(format!("a claim's lease entry answered {e}")))?;
+        out.push((added, Reply::new()));
+    }
+    for (call, value) in calls.iter().zip(values) {
+        let replies: Vec<Reply> =
+            redis::from_redis_value(value).map_err(|e| protocol(format!("claim answered {e}")))?;
+        if replies.len() != call.len() {
+            return Err(protocol(format!(
+                "claim answered {} replies for {} claims",
+                replies.len(),
+                call.len()
+            )));
+        }
+        for (&k, reply) in call.iter().zip(replies) {
+            out[k].1 = reply;
+        }
+    }
+    Ok(out)
+}
 
 /// What a create call answered.
 fn created_from(job: &PlannedJob, reply: &Reply) -> Result<Created, StoreError> {
@@ -740,7 +798,7 @@ impl RedisStore {
             }
         };
         let functions = SCRIPT_BODIES.map(|(name, _)| format!("{}_{name}", library().name));
-        let store = RedisStore {
+        let mut store = RedisStore {
             nodes,
             names,
             functions,
@@ -752,6 +810,8 @@ impl RedisStore {
             prune_from: Arc::default(),
             noted_queues: Arc::default(),
             replica_wait: None,
+            claim_rounds: None,
+            claim_rounds_sent: Arc::default(),
         };
         store.load_library().await?;
         store.check_epoch().await?;
@@ -761,6 +821,11 @@ impl RedisStore {
                 Arc::downgrade(&store.shared),
             ));
         }
+        // The task's own copy sends its rounds directly: no cycle keeps
+        // it alive once every other copy of the store is dropped.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(store.clone().claim_rounds(rx));
+        store.claim_rounds = Some(tx);
         Ok(store)
     }
 
@@ -784,6 +849,7 @@ impl RedisStore {
         // once every other copy of the store is dropped.
         let rounds = RedisStore {
             replica_wait: None,
+            claim_rounds: None,
             ..self.clone()
         };
         tokio::spawn(rounds.replica_rounds(replicas, timeout, rx));
@@ -1184,21 +1250,106 @@ impl RedisStore {
         }
     }
 
-    /// The claim of `task`: its lease entry, then the claim call (two
-    /// replies: whether the entry was added, the claim's answer). Index
-    /// first: a crash between leaves an index entry the sweep drops, never
-    /// a claim the sweep cannot find. NX: an existing entry may be a
-    /// sweep's unfinished re-queue of this attempt, which must keep its
-    /// place.
-    fn add_claim(&self, pipe: &mut Pipeline, task: &TaskMessage, worker: &str, lease: Duration) {
-        let lease_ms = lease.as_millis() as u64;
-        self.add_lease_entry(pipe, task, lease_ms);
+    /// Send claims as they come, in rounds: with [`CLAIM_ROUNDS_OUT`]
+    /// rounds out, the next takes every claim that arrived meanwhile (up to
+    /// [`CLAIM_ROUND_MAX`]), so a lone claim goes at once and a burst (a
+    /// fan-out's children, delivered together) shares round trips and
+    /// script calls. Ends when every other copy of the store is dropped.
+    async fn claim_rounds(self, mut requests: tokio::sync::mpsc::UnboundedReceiver<ClaimRequest>) {
+        let out = Arc::new(tokio::sync::Semaphore::new(CLAIM_ROUNDS_OUT));
+        while let Some(first) = requests.recv().await {
+            let Ok(permit) = out.clone().acquire_owned().await else {
+                return;
+            };
+            let mut round = vec![first];
+            while round.len() < CLAIM_ROUND_MAX {
+                match requests.try_recv() {
+                    Ok(more) => round.push(more),
+                    Err(_) => break,
+                }
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.claim_round(round).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// One round: every claim's lease entry, then one claim call per job
+    /// (and worker and lease) for all of its claims in the round, in one
+    /// pipeline. Lease entries first: a crash between leaves an index
+    /// entry the sweep drops, never a claim the sweep cannot find. NX: an
+    /// existing entry may be a sweep's unfinished re-queue of this
+    /// attempt, which must keep its place.
+    async fn claim_round(&self, round: Vec<ClaimRequest>) {
+        self.claim_rounds_sent.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        // (first request, every request) of each call, in round order.
+        let mut calls: Vec<Vec<usize>> = Vec::new();
+        for (k, r) in round.iter().enumerate() {
+            self.add_lease_entry(&mut pipe, &r.task, r.lease_ms);
+            let same = |c: &&mut Vec<usize>| {
+                let f = &round[c[0]];
+                f.task.job == r.task.job && f.worker == r.worker && f.lease_ms == r.lease_ms
+            };
+            match calls.iter_mut().find(same) {
+                Some(call) => call.push(k),
+                None => calls.push(vec![k]),
+            }
+        }
+        for call in &calls {
+            let first = &round[call[0]];
+            let mut cmd = self.fcall_sized(Script::Claim, &first.task.job, 2 + 2 * call.len(), 0);
+            cmd.arg(&first.worker).arg(first.lease_ms);
+            for &k in call {
+                cmd.arg(round[k].task.idx).arg(round[k].task.attempt);
+            }
+            pipe.add_command(cmd);
+        }
+        let replies = self
+            .run::<Vec<redis::Value>>(&pipe)
+            .await
+            .and_then(|values| claim_replies(values, round.len(), &calls));
+        match replies {
+            Ok(replies) => {
+                for (r, (added, reply)) in round.into_iter().zip(replies) {
+                    let outcome = self.claim_outcome(&r.task, added, &reply).await;
+                    let _ = r.answer.send(outcome);
+                }
+            }
+            Err(e) => {
+                for r in round {
+                    let _ = r.answer.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// How many claim rounds this store (and its copies) sent: against
+    /// the claims made, how well claims that arrive together are batched.
+    pub fn claim_rounds_sent(&self) -> u64 {
+        self.claim_rounds_sent.load(Ordering::Relaxed)
+    }
+
+    /// The claim of `task` on its own, not in a round (the round task's own
+    /// copy of the store): the same pipeline as a round of one.
+    async fn claim_alone(
+        &self,
+        task: &TaskMessage,
+        worker: &str,
+        lease_ms: u64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let mut pipe = redis::pipe();
+        self.add_lease_entry(&mut pipe, task, lease_ms);
         let mut cmd = self.fcall(Script::Claim, &task.job);
-        cmd.arg(task.idx)
-            .arg(task.attempt)
-            .arg(worker)
-            .arg(lease_ms);
+        cmd.arg(worker)
+            .arg(lease_ms)
+            .arg(task.idx)
+            .arg(task.attempt);
         pipe.add_command(cmd);
+        let (added, (reply,)): (i64, (Reply,)) = self.run(&pipe).await?;
+        self.claim_outcome(task, added, &reply).await
     }
 
     /// The lease entry of a claim of `task` (one reply: whether it was
@@ -1464,16 +1615,33 @@ impl Store for RedisStore {
         Ok(recorded == 1)
     }
 
+    /// Claims are sent in rounds (see [`RedisStore::claim_rounds`]): the
+    /// answer comes when the round that took this claim has run.
     async fn claim(
         &self,
         task: &TaskMessage,
         worker: &str,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let mut pipe = redis::pipe();
-        self.add_claim(&mut pipe, task, worker, lease);
-        let (added, reply): (i64, Reply) = self.run(&pipe).await?;
-        self.claim_outcome(task, added, &reply).await
+        let lease_ms = lease.as_millis() as u64;
+        let Some(rounds) = &self.claim_rounds else {
+            return self.claim_alone(task, worker, lease_ms).await;
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let request = ClaimRequest {
+            task: task.clone(),
+            worker: worker.to_owned(),
+            lease_ms,
+            answer,
+        };
+        if rounds.send(request).is_err() {
+            return self.claim_alone(task, worker, lease_ms).await;
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the claim round ended without an answer".to_owned(),
+            ))
+        })
     }
 
     async fn renew(&self, claims: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError> {

@@ -1,51 +1,90 @@
--- claim: take the attempt a task message names.
--- ARGV[1] idx, ARGV[2] attempt, ARGV[3] worker, ARGV[4] lease ms.
--- Checks: the task is `ready` at exactly this attempt.
--- Returns {'claimed', fence, run spec (x), max attempts, name, lease expiry,
---          dep name, dep result, ...}
+-- claim: take the attempts task messages name: one or more tasks of the
+-- job in one call (a worker's claims that arrive together are sent as one
+-- round: see `RedisStore::claim`).
+-- ARGV[1] worker, ARGV[2] lease ms, then (idx, attempt) pairs.
+-- Checks, for each pair in turn: the task is `ready` at exactly this
+-- attempt (and was not claimed by an earlier pair of the same call).
+-- Returns one reply per pair, in order: {'claimed', fence, run spec (x),
+--          max attempts, name, lease expiry, dep name, dep result, ...}
 --      or {'busy'} (a live claim holds it), {'stale'} (attempt over),
 --      or {'missing'} (no such job or task).
--- One HMGET reads everything, one HSET writes everything (hot path).
-local i = ARGV[1]
-local d = redis.call('HMGET', J, 's:' .. i, 'a:' .. i, 'x:' .. i, 'ma:' .. i, 'nm:' .. i,
-  'af:' .. i, 'st', 'fence', 'v')
-if not d[1] then return {'missing'} end
-if d[2] ~= ARGV[2] then return {'stale'} end
-if d[1] == 'running' then return {'busy'} end
-if d[1] ~= 'ready' then return {'stale'} end
-local x = d[3]
-if not x then
-  -- A job recorded before run specs were packed: its fields one by one.
-  local o = redis.call('HMGET', J, 'bb:' .. i, 'bc:' .. i, 'to:' .. i, 'h:' .. i, 'p:' .. i)
-  x = o[1] .. ',' .. o[2] .. ',' .. o[3] .. ',' .. #o[4] .. ',' .. o[4] .. o[5]
-end
--- Above the job's last fence, and above the claim's moment (see
--- FENCE_FLOOR in common.lua): a claim whose record a crash or failover
--- lost is never handed out again under the same number.
-local fence = math.max(tonumber(d[8]) + 1, FENCE_FLOOR + NOW * 1000)
-local le = NOW + tonumber(ARGV[4])
-local fence_s, le_s = string.format('%d', fence), string.format('%d', le)
-hist(d[5], 'ready', 'running', 'claimed, attempt ' .. ARGV[2], ARGV[3])
-local st = d[7]
-if st == 'pending' then
-  st = 'running'
-  hist(nil, 'pending', 'running', 'first task claimed', ARGV[3])
-end
-redis.call('HSET', J, 's:' .. i, 'running', 'w:' .. i, ARGV[3], 'f:' .. i, fence_s,
-  'le:' .. i, le_s, 'fence', fence_s, 'st', st, 'v', tonumber(d[9]) + 1, 'up', NOW)
-local out = {'claimed', fence_s, x, d[4], d[5], le_s}
-local deps = split_idx(d[6])
-if #deps > 0 then
-  local fields = {}
-  for _, dep in ipairs(deps) do
-    fields[#fields + 1] = 'nm:' .. dep
-    fields[#fields + 1] = 'r:' .. dep
+-- One HMGET per task reads its fields (the first also the job's), and one
+-- HSET at the end writes every claim (hot path: a call costs a few
+-- microseconds before it does anything, each redis.call about one more).
+local by, lease = ARGV[1], tonumber(ARGV[2])
+local le_s = string.format('%d', NOW + lease)
+local st, fence, version
+local writes, replies, taken = {}, {}, {}
+for k = 3, #ARGV - 1, 2 do
+  local i, attempt = ARGV[k], ARGV[k + 1]
+  local d
+  if st == nil then
+    d = redis.call('HMGET', J, 's:' .. i, 'a:' .. i, 'x:' .. i, 'ma:' .. i, 'nm:' .. i,
+      'af:' .. i, 'st', 'fence', 'v')
+    st, fence, version = d[7], tonumber(d[8]), tonumber(d[9])
+  else
+    d = redis.call('HMGET', J, 's:' .. i, 'a:' .. i, 'x:' .. i, 'ma:' .. i, 'nm:' .. i,
+      'af:' .. i)
   end
-  for s = 1, #fields, CHUNK do
-    local r = redis.call('HMGET', J, unpack(fields, s, math.min(s + CHUNK - 1, #fields)))
-    for k = 1, #r, 2 do
-      out[#out + 1] = r[k]; out[#out + 1] = r[k + 1] or 'null'
+  local reply
+  if not d[1] then
+    reply = {'missing'}
+  elseif d[2] ~= attempt then
+    reply = {'stale'}
+  elseif d[1] == 'running' or taken[i] then
+    reply = {'busy'}
+  elseif d[1] ~= 'ready' then
+    reply = {'stale'}
+  else
+    taken[i] = true
+    local x = d[3]
+    if not x then
+      -- A job recorded before run specs were packed: its fields one by one.
+      local o = redis.call('HMGET', J, 'bb:' .. i, 'bc:' .. i, 'to:' .. i, 'h:' .. i, 'p:' .. i)
+      x = o[1] .. ',' .. o[2] .. ',' .. o[3] .. ',' .. #o[4] .. ',' .. o[4] .. o[5]
+    end
+    -- Above the job's last fence, and above the claim's moment (see
+    -- FENCE_FLOOR in common.lua): a claim whose record a crash or failover
+    -- lost is never handed out again under the same number.
+    fence = math.max(fence + 1, FENCE_FLOOR + NOW * 1000)
+    local fence_s = string.format('%d', fence)
+    hist(d[5], 'ready', 'running', 'claimed, attempt ' .. attempt, by)
+    if st == 'pending' then
+      st = 'running'
+      hist(nil, 'pending', 'running', 'first task claimed', by)
+    end
+    version = version + 1
+    local n = #writes
+    writes[n + 1] = 's:' .. i; writes[n + 2] = 'running'
+    writes[n + 3] = 'w:' .. i; writes[n + 4] = by
+    writes[n + 5] = 'f:' .. i; writes[n + 6] = fence_s
+    writes[n + 7] = 'le:' .. i; writes[n + 8] = le_s
+    reply = {'claimed', fence_s, x, d[4], d[5], le_s}
+    local deps = split_idx(d[6])
+    if #deps > 0 then
+      local fields = {}
+      for _, dep in ipairs(deps) do
+        fields[#fields + 1] = 'nm:' .. dep
+        fields[#fields + 1] = 'r:' .. dep
+      end
+      for s = 1, #fields, CHUNK do
+        local r = redis.call('HMGET', J, unpack(fields, s, math.min(s + CHUNK - 1, #fields)))
+        for m = 1, #r, 2 do
+          reply[#reply + 1] = r[m]; reply[#reply + 1] = r[m + 1] or 'null'
+        end
+      end
     end
   end
+  replies[#replies + 1] = reply
 end
-return out
+if #writes > 0 then
+  local n = #writes
+  writes[n + 1] = 'fence'; writes[n + 2] = string.format('%d', fence)
+  writes[n + 3] = 'st'; writes[n + 4] = st
+  writes[n + 5] = 'v'; writes[n + 6] = string.format('%d', version)
+  writes[n + 7] = 'up'; writes[n + 8] = NOW_JSON
+  for s = 1, #writes, CHUNK do
+    redis.call('HSET', J, unpack(writes, s, math.min(s + CHUNK - 1, #writes)))
+  end
+end
+return replies

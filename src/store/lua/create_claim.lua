@@ -6,9 +6,9 @@
 -- recorded before whose root is still ready is claimed like any message
 -- of it). Returns {create's reply, claim's reply}.
 local n = #ARGV
-local claim_args = {ARGV[n - 3], ARGV[n - 2], ARGV[n - 1], ARGV[n]}
+local claim_args = {ARGV[n - 1], ARGV[n], ARGV[n - 3], ARGV[n - 2]}
 LAST = n - 4
 local created = body_create()
 ARGV = claim_args
 local claimed = body_claim()
-return {created, claimed}
+return {created, claimed[1]}
