@@ -1285,17 +1285,19 @@ impl RedisStore {
     async fn claim_round(&self, round: Vec<ClaimRequest>) {
         self.claim_rounds_sent.fetch_add(1, Ordering::Relaxed);
         let mut pipe = redis::pipe();
-        // (first request, every request) of each call, in round order.
+        // The requests of each call (places in the round), in round order.
         let mut calls: Vec<Vec<usize>> = Vec::new();
+        let mut call_of: std::collections::HashMap<(&str, &str, u64), usize> =
+            std::collections::HashMap::with_capacity(round.len());
         for (k, r) in round.iter().enumerate() {
             self.add_lease_entry(&mut pipe, &r.task, r.lease_ms);
-            let same = |c: &&mut Vec<usize>| {
-                let f = &round[c[0]];
-                f.task.job == r.task.job && f.worker == r.worker && f.lease_ms == r.lease_ms
-            };
-            match calls.iter_mut().find(same) {
-                Some(call) => call.push(k),
-                None => calls.push(vec![k]),
+            let key = (r.task.job.as_str(), r.worker.as_str(), r.lease_ms);
+            match call_of.get(&key) {
+                Some(&c) => calls[c].push(k),
+                None => {
+                    call_of.insert(key, calls.len());
+                    calls.push(vec![k]);
+                }
             }
         }
         for call in &calls {
