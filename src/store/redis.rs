@@ -61,7 +61,7 @@ use redis::io::tcp::TcpSettings;
 /// The library's shared prelude: per-call state and helpers.
 pub(crate) const COMMON: &str = include_str!("lua/common.lua");
 
-/// Every transition's body, by name, in [`Script`] order. Each runs as the
+/// Every transition's body, by name, in `Script` order. Each runs as the
 /// body of a function after `begin`; its return value is the reply, after
 /// the buffered history entries are flushed.
 pub const SCRIPT_BODIES: [(&str, &str); 11] = [
@@ -1617,7 +1617,7 @@ impl Store for RedisStore {
         Ok(recorded == 1)
     }
 
-    /// Claims are sent in rounds (see [`RedisStore::claim_rounds`]): the
+    /// Claims are sent in rounds (see `RedisStore::claim_rounds`): the
     /// answer comes when the round that took this claim has run.
     async fn claim(
         &self,
