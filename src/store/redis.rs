@@ -1334,28 +1334,8 @@ impl RedisStore {
         self.claim_rounds_sent.load(Ordering::Relaxed)
     }
 
-    /// The claim of `task` on its own, not in a round (the round task's own
-    /// copy of the store): the same pipeline as a round of one.
-    async fn claim_alone(
-        &self,
-        task: &TaskMessage,
-        worker: &str,
-        lease_ms: u64,
-    ) -> Result<ClaimOutcome, StoreError> {
-        let mut pipe = redis::pipe();
-        self.add_lease_entry(&mut pipe, task, lease_ms);
-        let mut cmd = self.fcall(Script::Claim, &task.job);
-        cmd.arg(worker)
-            .arg(lease_ms)
-            .arg(task.idx)
-            .arg(task.attempt);
-        pipe.add_command(cmd);
-        let (added, (reply,)): (i64, (Reply,)) = self.run(&pipe).await?;
-        self.claim_outcome(task, added, &reply).await
-    }
-
     /// The lease entry of a claim of `task` (one reply: whether it was
-    /// added); see [`Self::add_claim`].
+    /// added); see [`Self::claim_round`].
     fn add_lease_entry(&self, pipe: &mut Pipeline, task: &TaskMessage, lease_ms: u64) {
         pipe.cmd("ZADD")
             .arg(self.names.leases())
@@ -1364,7 +1344,7 @@ impl RedisStore {
             .arg(entry(&task.job, task.idx, task.attempt));
     }
 
-    /// What the replies of [`Self::add_claim`] say. A claim that is not
+    /// What a claim round's replies say of one claim. A claim that is not
     /// ours drops the lease entry if it added it; one that was there
     /// before belongs to someone else (a live claim, or a sweep still
     /// re-queueing this attempt) and stays.
@@ -1618,26 +1598,29 @@ impl Store for RedisStore {
     }
 
     /// Claims are sent in rounds (see `RedisStore::claim_rounds`): the
-    /// answer comes when the round that took this claim has run.
+    /// answer comes when the round that took this claim has run. A copy of
+    /// the store without the round task (the task's own) runs a round of
+    /// one itself.
     async fn claim(
         &self,
         task: &TaskMessage,
         worker: &str,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let lease_ms = lease.as_millis() as u64;
-        let Some(rounds) = &self.claim_rounds else {
-            return self.claim_alone(task, worker, lease_ms).await;
-        };
         let (answer, answered) = tokio::sync::oneshot::channel();
         let request = ClaimRequest {
             task: task.clone(),
             worker: worker.to_owned(),
-            lease_ms,
+            lease_ms: lease.as_millis() as u64,
             answer,
         };
-        if rounds.send(request).is_err() {
-            return self.claim_alone(task, worker, lease_ms).await;
+        match &self.claim_rounds {
+            Some(rounds) => {
+                if let Err(unsent) = rounds.send(request) {
+                    self.claim_round(vec![unsent.0]).await;
+                }
+            }
+            None => self.claim_round(vec![request]).await,
         }
         answered.await.unwrap_or_else(|_| {
             Err(StoreError::Unavailable(
