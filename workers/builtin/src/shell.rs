@@ -459,19 +459,28 @@ impl Handler for Shell {
 
     async fn run(&self, ctx: TaskContext, params: Value) -> Result<Outcome, HandlerError> {
         let p = parse(&params).map_err(|e| HandlerError::permanent(format!("shell: {e}")))?;
-        let input = match &p.stdin {
-            Some(stdin) => serde_json::to_vec(stdin),
-            None => serde_json::to_vec(&json!({
-                "params": params,
-                "deps": ctx.deps,
-                "job_id": ctx.job_id,
-                "task": ctx.task,
-                "attempt": ctx.attempt,
-            })),
+        let (mut cmd, gated) = command(&p);
+        // A gated program's stdin starts with the line that opens its gate,
+        // written once the group is registered (just after the spawn).
+        let mut input = if gated {
+            group_watch::GATE_OPEN.to_vec()
+        } else {
+            Vec::new()
+        };
+        match &p.stdin {
+            Some(stdin) => serde_json::to_writer(&mut input, stdin),
+            None => serde_json::to_writer(
+                &mut input,
+                &json!({
+                    "params": params,
+                    "deps": ctx.deps,
+                    "job_id": ctx.job_id,
+                    "task": ctx.task,
+                    "attempt": ctx.attempt,
+                }),
+            ),
         }
         .map_err(|e| HandlerError::permanent(format!("shell: cannot encode stdin: {e}")))?;
-
-        let (mut cmd, gated) = command(&p);
         cmd.args(&p.args)
             .env("CONVEYOR_JOB_ID", &ctx.job_id)
             .env("CONVEYOR_TASK", &ctx.task)
@@ -487,12 +496,6 @@ impl Handler for Shell {
             cmd.current_dir(cwd);
         }
         let mut child = cmd.spawn().map_err(|e| spawn_error(&p, &e))?;
-        // Opens the gate (after the group is registered just below).
-        let input = if gated {
-            [group_watch::GATE_OPEN, &input].concat()
-        } else {
-            input
-        };
         let pid = child.id();
         let pgid = pid.and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
         let mut guard = GroupGuard {
