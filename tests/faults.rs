@@ -166,7 +166,7 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     let ids = submit_sleep_jobs(&client, "k", 2000, 100).await;
     wait_ended_runs(&journal, 500).await;
     signal(&victim, "-KILL").await;
-    let _ = victim.wait().await;
+    common::exited(&mut victim, "the worker killed with kill -9", None).await;
     let counts = assert_jobs_settled(&d, &ids).await;
     assert_eq!(counts.get(&JobState::Succeeded), Some(&2000), "{counts:?}");
     assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
@@ -191,7 +191,12 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
         cut_short.len()
     );
     signal(&survivor, "-TERM").await;
-    let _ = survivor.wait().await;
+    common::exited(
+        &mut survivor,
+        "the surviving worker",
+        Some(&dir.join("survivor.log")),
+    )
+    .await;
     client.close().await;
     d.shutdown().await;
 }
@@ -238,7 +243,7 @@ async fn a_shell_task_dies_with_its_worker_killed_by_kill_9_and_runs_again_elsew
     assert!(pid_runs(program) && pid_runs(helper));
 
     signal(&victim, "-KILL").await;
-    let _ = victim.wait().await;
+    common::exited(&mut victim, "the worker killed with kill -9", None).await;
 
     eventually(
         "the program and its helper gone",
@@ -312,7 +317,11 @@ async fn a_worker_cut_off_from_redis_past_its_lease_stops_its_run_and_runs_the_n
     );
     assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
     signal(&worker, "-TERM").await;
-    assert!(worker.wait().await.unwrap().success());
+    assert!(
+        common::exited(&mut worker, "the worker", Some(&dir.join("worker.log")))
+            .await
+            .success()
+    );
     client.close().await;
     d.shutdown().await;
 }
@@ -380,7 +389,9 @@ impl MidRun {
     /// Stop the worker process (it must exit 0) and the deployment.
     async fn stop(mut self) {
         signal(&self.probed, "-TERM").await;
-        assert!(self.probed.wait().await.unwrap().success());
+        let log = self._dir.join("worker.log");
+        let exit = common::exited(&mut self.probed, "the worker process", Some(&log)).await;
+        assert!(exit.success(), "the worker process exited with {exit}");
         self.d.shutdown().await;
     }
 }
@@ -448,10 +459,13 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
 }
 
 async fn rabbitmqctl(args: &[&str]) {
-    let out = tokio::process::Command::new("rabbitmqctl")
+    let run = tokio::process::Command::new("rabbitmqctl")
         .args(args)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
         .await
+        .unwrap_or_else(|_| panic!("rabbitmqctl {args:?} did not finish within 120 s"))
         .expect("rabbitmqctl must be installed for this test");
     assert!(
         out.status.success(),
@@ -1050,7 +1064,7 @@ async fn a_claim_redis_lost_with_its_worker_is_run_again_after_the_restart() {
     })
     .await;
     signal(&victim, "-KILL").await;
-    let _ = victim.wait().await;
+    common::exited(&mut victim, "the worker killed with kill -9", None).await;
     // Redis loses the claim's writes: the job's keys as before, the lease
     // entry gone. Then it restarts (from its append-only file).
     let mut pipe = redis::pipe();
@@ -1363,7 +1377,7 @@ async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
     assert_jobs_settled(&d, &["stopped".to_owned()]).await;
     assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
     signal(&paused, "-TERM").await;
-    let _ = paused.wait().await;
+    common::exited(&mut paused, "the resumed worker", Some(&log)).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -1463,7 +1477,7 @@ async fn ten_thousand_garbage_messages_are_all_recorded_and_the_dispatcher_keeps
     assert!(peak_mb < 256, "dispatcher peak RSS {peak_mb} MB");
     assert!(now_mb < 128, "dispatcher RSS after the flood {now_mb} MB");
     signal(&dispatcher, "-TERM").await;
-    let exit = dispatcher.wait().await.unwrap();
+    let exit = common::exited(&mut dispatcher, "the dispatcher", None).await;
     assert!(exit.success(), "{exit:?}");
     client.close().await;
     d.shutdown().await;

@@ -20,6 +20,7 @@
 //!   re-declares consumers but not the prefetch).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -81,6 +82,41 @@ impl std::fmt::Debug for AmqpBroker {
             .field("prefix", &self.topology.names.prefix())
             .finish()
     }
+}
+
+/// Longest wait for RabbitMQ to open a connection (TCP, TLS and the AMQP
+/// handshake): lapin has no bound of its own, and a node that accepts a
+/// socket but never answers (one starting or stopping its application)
+/// would hold the session, and every call waiting for it, for good.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait for RabbitMQ to answer one channel method (open, qos,
+/// consume, cancel, declare, close, ack). Heartbeats catch a dead peer only
+/// on a connection that finished its handshake, and a method sent on a
+/// channel the broker is closing may never be answered.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait for one batch to be published and confirmed: far more than
+/// any batch a healthy broker takes (10,000 messages take well under a
+/// second here); past it the publish is an outage (a broker blocking
+/// publishers for a memory alarm, or a connection gone quiet) and the
+/// caller retries it, which repeats at most messages that are harmless
+/// twice.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `call` (named by `what`, for the error), or [`BrokerError::Unavailable`]
+/// once `limit` has passed without an answer.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(BrokerError::Unavailable(format!(
+            "RabbitMQ did not answer {what} within {} s",
+            limit.as_secs()
+        )))
+    })
 }
 
 fn unavailable(e: lapin::Error) -> BrokerError {
@@ -161,19 +197,24 @@ async fn connect_first(
                 .connect()
                 .await
         };
-        match attempt.await {
-            Ok(connection) => return Ok((i, connection)),
-            Err(e) => {
+        let text = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(connection)) => return Ok((i, connection)),
+            Ok(Err(e)) => {
                 let text = e.to_string();
                 if text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED") {
                     refused += 1;
                 }
-                if urls.len() == 1 {
-                    failures.push(text);
-                } else {
-                    failures.push(format!("{}: {text}", redact_url(url)));
-                }
+                text
             }
+            Err(_) => format!(
+                "no answer to the AMQP handshake within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        };
+        if urls.len() == 1 {
+            failures.push(text);
+        } else {
+            failures.push(format!("{}: {text}", redact_url(url)));
         }
     }
     let what = format!("cannot connect to RabbitMQ: {}", failures.join("; "));
@@ -228,11 +269,17 @@ impl AmqpBroker {
         }
         *slot = None;
         let connection = self.connect_any().await?;
-        let publisher = connection.create_channel().await.map_err(unavailable)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(unavailable)?;
+        let publisher = within(CALL_TIMEOUT, "opening a channel", async {
+            connection.create_channel().await.map_err(unavailable)
+        })
+        .await?;
+        within(CALL_TIMEOUT, "confirm.select", async {
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(unavailable)
+        })
+        .await?;
         let session = Arc::new(Session {
             connection,
             publisher,
@@ -325,28 +372,45 @@ impl AmqpBroker {
 }
 
 async fn declare_queue(session: &Session, name: &str, args: FieldTable) -> Result<(), BrokerError> {
-    let channel = session
-        .connection
-        .create_channel()
-        .await
-        .map_err(unavailable)?;
-    channel
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .map_err(|e| {
-            BrokerError::Fatal(format!(
-                "cannot declare queue {name} (if it exists with other arguments, delete it or use another prefix): {e}"
-            ))
-        })?;
-    let _ = channel.close(200, "declared".into()).await;
+    let channel = open_channel(session).await?;
+    within(CALL_TIMEOUT, "queue.declare", async {
+        channel
+            .queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(|e| {
+                BrokerError::Fatal(format!(
+                    "cannot declare queue {name} (if it exists with other arguments, delete it or use another prefix): {e}"
+                ))
+            })
+    })
+    .await?;
+    close_channel(&channel, "declared").await;
     Ok(())
+}
+
+/// A new channel on the session's connection.
+async fn open_channel(session: &Session) -> Result<Channel, BrokerError> {
+    within(CALL_TIMEOUT, "opening a channel", async {
+        session
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)
+    })
+    .await
+}
+
+/// Close a channel that served its purpose; an error or no answer leaves
+/// it to the connection (nothing on it is waiting).
+async fn close_channel(channel: &Channel, reason: &str) {
+    let _ = tokio::time::timeout(CALL_TIMEOUT, channel.close(200, reason.into())).await;
 }
 
 fn properties(msg: &Outgoing) -> BasicProperties {
@@ -406,7 +470,15 @@ impl Broker for AmqpBroker {
 
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
         let session = self.session().await?;
-        let result = publish_on(&session, &batch).await;
+        let result = tokio::time::timeout(PUBLISH_TIMEOUT, publish_on(&session, &batch))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Unavailable(format!(
+                    "RabbitMQ did not take and confirm a batch of {} messages within {} s",
+                    batch.len(),
+                    PUBLISH_TIMEOUT.as_secs()
+                )))
+            });
         if matches!(result, Err(BrokerError::Unavailable(_))) {
             self.forget(&session).await;
         }
@@ -433,28 +505,27 @@ impl Broker for AmqpBroker {
         for q in queues {
             // A passive declare of a missing queue closes its channel, so
             // each query gets a throwaway channel.
-            let channel = session
-                .connection
-                .create_channel()
-                .await
-                .map_err(unavailable)?;
-            if let Ok(info) = channel
-                .queue_declare(
-                    ShortString::from(q.as_str()),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-            {
+            let channel = open_channel(&session).await?;
+            let declared = within(CALL_TIMEOUT, "a passive queue.declare", async {
+                Ok(channel
+                    .queue_declare(
+                        ShortString::from(q.as_str()),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await)
+            })
+            .await?;
+            if let Ok(info) = declared {
                 out.push(QueueStats {
                     queue: q.clone(),
                     ready: info.message_count(),
                     consumers: info.consumer_count(),
                 });
-                let _ = channel.close(200, "done".into()).await;
+                close_channel(&channel, "done").await;
             }
         }
         Ok(out)
@@ -555,24 +626,26 @@ async fn subscribe_on(
     prefetch: u16,
     priority: i16,
 ) -> Result<Box<dyn Subscription>, BrokerError> {
-    let channel = session
-        .connection
-        .create_channel()
-        .await
-        .map_err(unavailable)?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(unavailable)?;
-    let consumer = channel
-        .basic_consume(
-            ShortString::from(queue),
-            ShortString::from(""),
-            BasicConsumeOptions::default(),
-            consumer_arguments(priority),
-        )
-        .await
-        .map_err(unavailable)?;
+    let channel = open_channel(session).await?;
+    within(CALL_TIMEOUT, "basic.qos", async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(unavailable)
+    })
+    .await?;
+    let consumer = within(CALL_TIMEOUT, "basic.consume", async {
+        channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                consumer_arguments(priority),
+            )
+            .await
+            .map_err(unavailable)
+    })
+    .await?;
     Ok(Box::new(AmqpSubscription {
         queue: queue.to_owned(),
         acks: Arc::new(AckBatcher {
@@ -656,18 +729,24 @@ impl AckBatcher {
             plan_acks(&mut state)
         };
         if let Some(tag) = upto
-            && let Err(e) = self
-                .channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await
+            && let Err(e) = within(CALL_TIMEOUT, "basic.ack", async {
+                self.channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(unavailable)
+            })
+            .await
         {
             tracing::debug!(error = %e, "ack lost; the deliveries come back and are deduplicated");
         }
         for tag in singles {
-            if let Err(e) = self
-                .channel
-                .basic_ack(tag, BasicAckOptions::default())
-                .await
+            if let Err(e) = within(CALL_TIMEOUT, "basic.ack", async {
+                self.channel
+                    .basic_ack(tag, BasicAckOptions::default())
+                    .await
+                    .map_err(unavailable)
+            })
+            .await
             {
                 tracing::debug!(error = %e, "ack lost; the delivery comes back and is deduplicated");
             }
@@ -677,11 +756,13 @@ impl AckBatcher {
     async fn requeue(&self, tag: u64) -> Result<(), BrokerError> {
         // The tag stays outstanding until the reject is on its way: a
         // multiple ack sent meanwhile must not cover (and so drop) it.
-        let result = self
-            .channel
-            .basic_reject(tag, BasicRejectOptions { requeue: true })
-            .await
-            .map_err(unavailable);
+        let result = within(CALL_TIMEOUT, "basic.reject", async {
+            self.channel
+                .basic_reject(tag, BasicRejectOptions { requeue: true })
+                .await
+                .map_err(unavailable)
+        })
+        .await;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.outstanding.remove(&tag);
         result
@@ -738,14 +819,18 @@ impl Subscription for AmqpSubscription {
     }
 
     async fn cancel(&mut self) -> Result<(), BrokerError> {
-        self.channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await
-            .map_err(unavailable)
+        within(CALL_TIMEOUT, "basic.cancel", async {
+            self.channel
+                .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(unavailable)
+        })
+        .await
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -763,6 +848,34 @@ mod tests {
         state.outstanding.insert(1);
         state.acked.insert(2);
         assert_eq!(plan_acks(&mut state), (None, vec![2]));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_takes_the_socket_and_never_answers_is_given_up_on() {
+        // A listener that accepts connections and says nothing: a node
+        // whose application is starting or stopping can look like this.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let urls = [format!("amqp://guest:guest@127.0.0.1:{port}/%2f")];
+        let started = std::time::Instant::now();
+        let outcome = connect_first(&urls, 0, &tls_config(None)).await;
+        let waited = started.elapsed();
+        silent.abort();
+        match outcome {
+            Err(BrokerError::Unavailable(e)) => assert!(
+                e.contains("no answer to the AMQP handshake within 10 s"),
+                "{e}"
+            ),
+            Err(e) => panic!("not an outage: {e}"),
+            Ok(_) => panic!("connected to a listener that never spoke AMQP"),
+        }
+        assert!(waited >= CONNECT_TIMEOUT, "gave up after {waited:?}");
     }
 
     #[test]

@@ -83,8 +83,41 @@ pub async fn connect_broker(config: &Config) -> Arc<AmqpBroker> {
 }
 
 struct Running {
+    /// "worker" or "dispatcher", for a part that does not stop.
+    what: &'static str,
     trigger: ShutdownTrigger,
     handle: JoinHandle<()>,
+}
+
+/// How long a dispatcher, worker or process told to stop may take: the
+/// test config's grace period (5 s), the hard stop after it (at most 30 s)
+/// and room for a slow machine. A part that takes longer hangs, and the
+/// test says so instead of waiting for ever.
+pub const STOP_WITHIN: Duration = Duration::from_secs(90);
+
+/// Wait for `child` (named by `what`), which was told to stop, to exit;
+/// panic if it has not within [`STOP_WITHIN`], with the tail of its log if
+/// it writes one.
+pub async fn exited(
+    child: &mut tokio::process::Child,
+    what: &str,
+    log: Option<&std::path::Path>,
+) -> std::process::ExitStatus {
+    match tokio::time::timeout(STOP_WITHIN, child.wait()).await {
+        Ok(status) => status.expect("wait for a child process"),
+        Err(_) => {
+            let tail = log
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .map(|text| {
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                })
+                .unwrap_or_default();
+            panic!(
+                "{what} did not exit within {STOP_WITHIN:?} of being told to stop; its log ends:\n{tail}"
+            )
+        }
+    }
 }
 
 /// A deployment under one prefix: its dispatchers and workers run as tasks
@@ -155,7 +188,11 @@ impl Deployment {
                 panic!("dispatcher failed: {e}");
             }
         });
-        self.dispatchers.push(Running { trigger, handle });
+        self.dispatchers.push(Running {
+            what: "dispatcher",
+            trigger,
+            handle,
+        });
     }
 
     pub async fn start_worker(&mut self, concurrency: usize) -> String {
@@ -202,7 +239,11 @@ impl Deployment {
                 panic!("worker failed: {e}");
             }
         });
-        self.workers.push(Running { trigger, handle });
+        self.workers.push(Running {
+            what: "worker",
+            trigger,
+            handle,
+        });
         id
     }
 
@@ -211,7 +252,13 @@ impl Deployment {
     pub async fn shutdown(mut self) {
         for r in self.workers.drain(..).chain(self.dispatchers.drain(..)) {
             r.trigger.trigger();
-            r.handle.await.expect("clean stop");
+            match tokio::time::timeout(STOP_WITHIN, r.handle).await {
+                Ok(stopped) => stopped.expect("clean stop"),
+                Err(_) => panic!(
+                    "an in-process {} did not stop within {STOP_WITHIN:?} of its shutdown",
+                    r.what
+                ),
+            }
         }
         cleanup(&self.config).await;
     }
@@ -285,12 +332,23 @@ pub struct Client {
     dead_queue: String,
 }
 
+/// `call` (named by `what`), or a panic saying RabbitMQ did not answer
+/// within 30 s: the test client's calls have no bound of their own.
+async fn answered<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .unwrap_or_else(|_| panic!("RabbitMQ did not answer the test client's {what} within 30 s"))
+}
+
 impl Client {
     pub async fn connect(prefix: &str) -> Client {
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}. {HOW_TO_START}"));
-        Self::on(conn, prefix).await
+        let conn = answered(
+            "connection",
+            Connection::connect(AMQP_URL, ConnectionProperties::default()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach RabbitMQ: {e}. {HOW_TO_START}"));
+        answered("set-up", Self::on(conn, prefix)).await
     }
 
     /// A client of `config`'s broker, trusting its `tls_ca_file` if set.
@@ -298,7 +356,7 @@ impl Client {
         let conn = conveyor::broker::amqp::tool_connection(config)
             .await
             .unwrap_or_else(|e| panic!("{e}. {HOW_TO_START}"));
-        Self::on(conn, &config.prefix).await
+        answered("set-up", Self::on(conn, &config.prefix)).await
     }
 
     async fn on(conn: Connection, prefix: &str) -> Client {
@@ -359,18 +417,21 @@ impl Client {
     }
 
     async fn publish_with(&self, body: &[u8], props: BasicProperties) {
-        self.channel
-            .basic_publish(
-                "".into(),
-                self.submit_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    self.submit_queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm")
+        };
+        answered("publish", publish).await;
     }
 
     pub async fn submit(&self, job: &Value) {
@@ -425,7 +486,10 @@ impl Client {
     }
 
     pub async fn close(self) {
-        let _ = self.conn.close(200, "bye".into()).await;
+        // Closing is best effort: a broker that does not answer leaves the
+        // connection to be dropped.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), self.conn.close(200, "bye".into())).await;
     }
 }
 
@@ -437,7 +501,12 @@ where
 {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if let Some(v) = f().await {
+        // A check that hangs (a call nothing answers) fails the wait too.
+        let checked = tokio::time::timeout_at(deadline + Duration::from_secs(10), f()).await;
+        let Ok(checked) = checked else {
+            panic!("timed out after {within:?} waiting for {what} (the last check did not return)");
+        };
+        if let Some(v) = checked {
             return v;
         }
         if tokio::time::Instant::now() > deadline {
