@@ -86,6 +86,11 @@ pub fn main() -> ExitCode {
             Command::Dev(args) => dev::run(config, args).await,
         }
     });
+    // Dropping the runtime would wait for every blocking task (a handler's
+    // `spawn_blocking`, a file write, a name lookup) with no bound: the
+    // command's work is done, so a stuck one must not keep the process
+    // from exiting.
+    runtime.shutdown_timeout(RUNTIME_STOP);
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -94,6 +99,10 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// Longest wait, once a command has finished, for the runtime's blocking
+/// tasks to end before the process exits anyway.
+const RUNTIME_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The async runtime: a multi-thread one by default; `runtime_threads = 1`
 /// runs everything on the main thread (fewer cross-thread wake-ups per
