@@ -474,37 +474,50 @@ async fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-/// The RabbitMQ application stopped by a test (`rabbitmqctl stop_app`). If
-/// the test fails before starting it again, dropping this starts it, so the
-/// failure does not take every later test (and the machine's broker) down
-/// with it.
-struct BrokerAppStopped {
-    started: bool,
+/// A change a test made to the machine's RabbitMQ with `rabbitmqctl`, and
+/// the command that undoes it. If the test fails before undoing it,
+/// dropping this does, so the failure does not take every later test (and
+/// the machine's broker) down with it.
+struct BrokerChange {
+    undo: Vec<String>,
+    undone: bool,
 }
 
-impl BrokerAppStopped {
-    async fn stop() -> BrokerAppStopped {
-        let stopped = BrokerAppStopped { started: false };
-        rabbitmqctl(&["stop_app"]).await;
-        stopped
+impl BrokerChange {
+    /// `rabbitmqctl <change>`, undone by `rabbitmqctl <undo>`.
+    async fn make(change: &[&str], undo: &[&str]) -> BrokerChange {
+        let made = BrokerChange {
+            undo: undo.iter().map(|a| (*a).to_owned()).collect(),
+            undone: false,
+        };
+        rabbitmqctl(change).await;
+        made
     }
 
-    async fn start(mut self) {
-        rabbitmqctl(&["start_app"]).await;
-        self.started = true;
+    /// The RabbitMQ application stopped (`stop_app`; queues and their
+    /// messages stay on disk), to be started again.
+    async fn stop_app() -> BrokerChange {
+        BrokerChange::make(&["stop_app"], &["start_app"]).await
+    }
+
+    async fn undo(mut self) {
+        let undo: Vec<&str> = self.undo.iter().map(String::as_str).collect();
+        rabbitmqctl(&undo).await;
+        self.undone = true;
     }
 }
 
-impl Drop for BrokerAppStopped {
+impl Drop for BrokerChange {
     fn drop(&mut self) {
-        if !self.started {
-            let started = std::process::Command::new("rabbitmqctl")
-                .arg("start_app")
+        if !self.undone {
+            let undone = std::process::Command::new("rabbitmqctl")
+                .args(&self.undo)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .status();
             eprintln!(
-                "the test stopped before restarting RabbitMQ; rabbitmqctl start_app: {started:?}"
+                "the test stopped before undoing its change to RabbitMQ; rabbitmqctl {:?}: {undone:?}",
+                self.undo
             );
         }
     }
@@ -516,7 +529,7 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     let run = MidRun::start(Deployment::new("amqprestart").await, "amqprestart").await;
     // The broker application stops (queues and their messages stay on
     // disk) and starts again, as in a rolling restart.
-    let stopped = BrokerAppStopped::stop().await;
+    let stopped = BrokerChange::stop_app().await;
     // Readiness goes false as soon as the worker sees its consumers
     // cancelled, which may come before it sees the connection close: wait
     // for the broker itself to be reported down.
@@ -526,7 +539,7 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stopped.start().await;
+    stopped.undo().await;
     rabbitmqctl(&["await_startup"]).await;
     let up = wait_readiness(run.port, true).await;
     assert_eq!(
@@ -537,6 +550,103 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     assert_eq!(up["consuming"][run.d.names.submit_queue()], true, "{up}");
     run.assert_nothing_lost("the broker was restarted").await;
     run.stop().await;
+}
+
+/// A memory alarm raised on the machine's RabbitMQ: its high watermark
+/// set far below what it uses, to be set back to what it was. RabbitMQ
+/// blocks every connection that publishes until the alarm clears.
+async fn raise_memory_alarm() -> BrokerChange {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+        .output()
+        .await
+        .expect("rabbitmqctl must be installed for this test");
+    let watermark = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        watermark.parse::<f64>().is_ok(),
+        "the broker's memory watermark is not a fraction: {watermark:?}"
+    );
+    BrokerChange::make(
+        &["set_vm_memory_high_watermark", "0.00001"],
+        &["set_vm_memory_high_watermark", &watermark],
+    )
+    .await
+}
+
+/// RabbitMQ blocking publishers for a memory alarm longer than a publish
+/// may wait (30 s): the blocked publishes fail as an outage and are
+/// retried on a new connection, which the broker blocks too, until the
+/// alarm clears; then every job finishes, with nothing lost and nothing
+/// run twice at once. Each job is a fan-out whose root is still running
+/// when the alarm is in force: its end publishes the children (a worker
+/// keeps one and publishes the others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_blocking_publishers_past_the_publish_bound_is_waited_out() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("memalarm").await;
+    let dir = Scratch::dir("memalarm");
+    let journal = dir.join("journal");
+    d.journal_to(&journal);
+    d.start_dispatcher().await;
+    d.start_worker(16).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let (jobs, children) = (16, 8);
+    let mut ids = Vec::new();
+    for i in 0..jobs {
+        let id = format!("memalarm-{i}");
+        let mut tasks = vec![json!({"name": "root", "handler": "sleep", "params": {"ms": 6000}})];
+        tasks.extend((0..children).map(|c| {
+            json!({"name": format!("c{c}"), "handler": "sleep", "params": {"ms": 50}, "after": ["root"]})
+        }));
+        let all: Vec<String> = (0..children).map(|c| format!("c{c}")).collect();
+        tasks.push(json!({"name": "join", "handler": "noop", "after": all}));
+        client
+            .submit(&json!({"id": id, "requestor": "faults", "tasks": tasks}))
+            .await;
+        ids.push(id);
+    }
+    client.close().await;
+    eventually("every root running", WAIT, || async {
+        (read_journal(&journal).len() == jobs).then_some(())
+    })
+    .await;
+    let alarm = raise_memory_alarm().await;
+    eventually("the memory alarm in force", WAIT, || async {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(["eval", "rabbit_alarm:get_alarms()."])
+            .output()
+            .await
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains("memory")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        ended_runs(&journal),
+        0,
+        "a root ended before the alarm was in force"
+    );
+    // The roots end about 6 s after they started, and their publishes
+    // wait until they are given up on 30 s later, then again on a new
+    // connection.
+    tokio::time::sleep(Duration::from_secs(42)).await;
+    alarm.undo().await;
+    let cleared = now_ns();
+    let counts = assert_jobs_settled(&d, &ids).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&jobs), "{counts:?}");
+    // The published children waited for the alarm to clear.
+    let started_after = read_journal(&journal)
+        .values()
+        .flatten()
+        .filter(|r| r.start > cleared)
+        .count();
+    assert!(
+        started_after >= jobs * (children - 1),
+        "only {started_after} runs started after the alarm cleared"
+    );
+    assert_no_overlapping_claims(&journal, d.config.lease());
+    d.shutdown().await;
 }
 
 /// A port in 20000..32000 that nothing listens on now.
