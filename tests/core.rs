@@ -833,7 +833,7 @@ async fn the_custom_worker_example_runs_its_own_handler() {
     assert_eq!(status.tasks["hi"].result, json!({"greeting": "hello, Ada"}));
     for child in [&mut dispatcher, &mut worker] {
         let _ = child.start_kill();
-        let _ = child.wait().await;
+        common::exited(child, "an example process killed", None).await;
     }
     client.close().await;
     d.shutdown().await;

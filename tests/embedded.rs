@@ -220,5 +220,9 @@ async fn conveyor_dev_starts_with_no_services_and_says_ready_over_http() {
         .args(["-INT", &pid])
         .status()
         .unwrap();
-    assert!(dev.wait().await.unwrap().success());
+    assert!(
+        common::exited(&mut dev, "conveyor dev", None)
+            .await
+            .success()
+    );
 }

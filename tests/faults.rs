@@ -663,11 +663,14 @@ fn listen_port() -> u16 {
 /// `redis-cli -p <port> <args>` (a Redis server or a sentinel): its
 /// output.
 async fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("redis-cli")
+    let run = tokio::process::Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
         .await
+        .unwrap_or_else(|_| panic!("redis-cli -p {port} {args:?} did not finish within 30 s"))
         .expect("redis-cli must be installed for this test");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
