@@ -396,6 +396,89 @@ impl MidRun {
     }
 }
 
+/// A worker process whose link to RabbitMQ goes silent (nothing crosses,
+/// nothing is closed: packets dropped on the way) finds it dead by its
+/// heartbeats, and its reconnects, accepted and never answered, give up at
+/// the handshake bound and try again. Through all of it `/readyz` says the
+/// broker is down (a reconnect in progress is not a connection); once the
+/// link heals the worker consumes again, and nothing is lost or run twice
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_link_to_rabbitmq_goes_silent_is_not_ready_until_it_heals() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("amqpsilent").await;
+    let dir = Scratch::dir("amqpsilent");
+    let journal = dir.join("journal");
+    d.journal_to(&journal);
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let amqp_port: u16 = (d.config.amqp_url.split('@').next_back())
+        .and_then(|host| host.split(['/', '?']).next())
+        .and_then(|host| host.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("amqp_url names a port");
+    let cutter = common::cutter::Cutter::start(amqp_port).await;
+    let port = common::free_port();
+    let log = dir.join("worker.log");
+    let mut worker = worker_command(&d, &journal, d.config.worker.lease_ms, &log)
+        .env(
+            "CONVEYOR_AMQP_URL",
+            format!(
+                "amqp://guest:guest@127.0.0.1:{}/%2f?heartbeat=2",
+                cutter.port
+            ),
+        )
+        .env("CONVEYOR_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .spawn()
+        .expect("spawn conveyor worker");
+    wait_readiness(port, true).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let mut ids = submit_sleep_jobs(&client, "amqpsilent", 400, 50).await;
+    wait_ended_runs(&journal, 100).await;
+
+    cutter.silence();
+    eventually("/readyz says the broker is down", WAIT, || async {
+        let (is_ready, body) = common::readiness(port).await?;
+        (!is_ready && body["broker"] == false).then_some(())
+    })
+    .await;
+    // Longer than a handshake may take (10 s): reconnects under way the
+    // whole time, and never reported as a connection.
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < until {
+        let (is_ready, body) = common::readiness(port)
+            .await
+            .expect("the worker answers /readyz");
+        assert!(!is_ready && body["broker"] == false, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    cutter.heal();
+    let up = wait_readiness(port, true).await;
+    assert_eq!(up["consuming"][d.names.task_queue("default")], true, "{up}");
+    let healed = now_ns();
+    // The worker process takes work again: with the in-process worker's
+    // four slots busy, it runs some of these.
+    ids.extend(submit_sleep_jobs(&client, "amqpsilent-after", 100, 200).await);
+    client.close().await;
+    let counts = assert_jobs_settled(&d, &ids).await;
+    assert_eq!(counts.get(&JobState::Succeeded), Some(&500), "{counts:?}");
+    let by_the_process = read_journal(&journal)
+        .values()
+        .flatten()
+        .filter(|r| r.start > healed && r.worker != "in-process")
+        .count();
+    assert!(
+        by_the_process > 0,
+        "the healed worker process ran nothing after the link came back"
+    );
+    assert_no_overlapping_claims(&journal, d.config.lease());
+    signal(&worker, "-TERM").await;
+    let exit = common::exited(&mut worker, "the worker", Some(&log)).await;
+    assert!(exit.success(), "the worker exited with {exit}");
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     let _serial = SERIAL.lock().await;

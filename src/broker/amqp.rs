@@ -67,6 +67,10 @@ pub struct AmqpBroker {
     tls: OwnedTLSConfig,
     topology: Topology,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// Whether a session is up, for [`Broker::is_connected`] while the
+    /// session lock is held (a reconnect holds it for as long as the
+    /// handshake takes: up to [`CONNECT_TIMEOUT`] a node).
+    live: std::sync::atomic::AtomicBool,
     declared: std::sync::Mutex<Vec<String>>,
 }
 
@@ -252,6 +256,7 @@ impl AmqpBroker {
             tls: tls_config(tls_ca),
             topology,
             session: tokio::sync::Mutex::new(None),
+            live: std::sync::atomic::AtomicBool::new(false),
             declared: std::sync::Mutex::new(Vec::new()),
         };
         broker.session().await?;
@@ -268,6 +273,7 @@ impl AmqpBroker {
             tracing::warn!("RabbitMQ connection lost; reconnecting");
         }
         *slot = None;
+        self.live.store(false, std::sync::atomic::Ordering::Relaxed);
         let connection = self.connect_any().await?;
         let publisher = within(CALL_TIMEOUT, "opening a channel", async {
             connection.create_channel().await.map_err(unavailable)
@@ -293,6 +299,7 @@ impl AmqpBroker {
             self.declare_all(&session, &declared).await?;
         }
         *slot = Some(session.clone());
+        self.live.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(session)
     }
 
@@ -367,6 +374,7 @@ impl AmqpBroker {
         let mut slot = self.session.lock().await;
         if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, failed)) {
             *slot = None;
+            self.live.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -532,13 +540,14 @@ impl Broker for AmqpBroker {
     }
 
     fn is_connected(&self) -> bool {
-        self.session
-            .try_lock()
-            .map(|s| {
-                s.as_ref()
-                    .is_some_and(|s| s.connection.status().connected())
-            })
-            .unwrap_or(true)
+        // The lock is held for a moment by every call, and for as long as
+        // a handshake takes by a reconnect: `live` says which.
+        match self.session.try_lock() {
+            Ok(slot) => slot
+                .as_ref()
+                .is_some_and(|s| s.connection.status().connected()),
+            Err(_) => self.live.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 }
 

@@ -3,6 +3,11 @@
 //! closed, new ones closed as soon as they are accepted) while the rest of
 //! the deployment still reaches the server directly. A network partition
 //! between one worker and Redis, made for real.
+//!
+//! It can also go silent ([`Cutter::silence`]): every connection stays
+//! open and nothing crosses, and new ones are accepted and never answered,
+//! as when packets are dropped on the way. Nothing tells either side the
+//! link is dead: only heartbeats and time-outs can.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +18,9 @@ use tokio::task::JoinHandle;
 pub struct Cutter {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    silent: tokio::sync::watch::Sender<bool>,
+    /// Connections accepted while silent, held open unanswered.
+    held: Arc<Mutex<Vec<TcpStream>>>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -25,9 +33,12 @@ impl Cutter {
             .expect("bind the forwarder");
         let port = listener.local_addr().expect("its address").port();
         let cut = Arc::new(AtomicBool::new(false));
+        let (silent, _) = tokio::sync::watch::channel(false);
+        let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn({
-            let (cut, links) = (cut.clone(), links.clone());
+            let (cut, links, held, silent) =
+                (cut.clone(), links.clone(), held.clone(), silent.clone());
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     // Checked under the lock `cut` drains with, so no link
@@ -37,10 +48,21 @@ impl Cutter {
                         drop(inbound);
                         continue;
                     }
+                    if *silent.borrow() {
+                        held.lock().unwrap().push(inbound);
+                        continue;
+                    }
+                    let mut silenced = silent.subscribe();
                     live.push(tokio::spawn(async move {
                         if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                _ = async { drop(silenced.wait_for(|s| *s).await) } => {
+                                    // Both sockets stay open, and nothing
+                                    // crosses, until the link is dropped.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
                         }
                     }));
                 }
@@ -49,6 +71,8 @@ impl Cutter {
         Cutter {
             port,
             cut,
+            silent,
+            held,
             links,
             accept,
         }
@@ -69,8 +93,20 @@ impl Cutter {
         }
     }
 
-    /// Forward new connections again.
+    /// Forward nothing, on every connection, old or new, and close none.
+    pub fn silence(&self) {
+        self.silent.send_replace(true);
+    }
+
+    /// Forward new connections again; close every connection left open
+    /// by [`Cutter::silence`].
     pub fn heal(&self) {
+        let mut live = self.links.lock().unwrap();
+        for link in live.drain(..) {
+            link.abort();
+        }
+        self.held.lock().unwrap().clear();
+        self.silent.send_replace(false);
         self.cut.store(false, Ordering::SeqCst);
     }
 }
