@@ -211,7 +211,7 @@ async fn connect_first(
                 text
             }
             Err(_) => format!(
-                "no answer to the AMQP handshake within {} s",
+                "no answer to the AMQP handshake within {} s (is the node starting or stopping, or is this not its AMQP port?)",
                 CONNECT_TIMEOUT.as_secs()
             ),
         };
