@@ -11,6 +11,10 @@ use std::process::{Command, Output, Stdio};
 pub const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 pub const RABBITMQCTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 
+/// Longest a `rabbitmqctl` against a test's own node may take: more than
+/// the 90 s [`RabbitNode::wait_booted`] gives a node to boot.
+const CTL_WITHIN_S: u32 = 150;
+
 /// A RabbitMQ node started detached: its name and the environment that
 /// `rabbitmqctl` needs to reach it. Stopped when dropped.
 pub struct RabbitNode {
@@ -103,9 +107,12 @@ impl RabbitNode {
         );
     }
 
-    /// Run `rabbitmqctl -n <node> <args>`.
+    /// Run `rabbitmqctl -n <node> <args>`, stopped (exit status 124)
+    /// if it has not finished within [`CTL_WITHIN_S`]: a node that never
+    /// answers fails the test instead of hanging it.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(RABBITMQCTL)
+        Command::new("timeout")
+            .args(["--kill-after=5", &CTL_WITHIN_S.to_string(), RABBITMQCTL])
             .args(["-n", &self.node])
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -117,9 +124,14 @@ impl RabbitNode {
     /// Run `rabbitmqctl`; it must succeed.
     pub fn ctl_ok(&self, args: &[&str]) {
         let out = self.ctl(args);
+        let timed_out = if out.status.code() == Some(124) {
+            format!(" (did not finish within {CTL_WITHIN_S} s)")
+        } else {
+            String::new()
+        };
         assert!(
             out.status.success(),
-            "rabbitmqctl -n {} {}: {}{}",
+            "rabbitmqctl -n {} {}{timed_out}: {}{}",
             self.node,
             args.join(" "),
             String::from_utf8_lossy(&out.stdout),
