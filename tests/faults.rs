@@ -326,6 +326,19 @@ async fn a_worker_cut_off_from_redis_past_its_lease_stops_its_run_and_runs_the_n
     d.shutdown().await;
 }
 
+/// `d` with a dispatcher and an in-process worker of `slots` slots that
+/// records its runs in a journal in a scratch directory named `name`:
+/// the deployment, the directory (kept for the test's length) and the
+/// journal's path.
+async fn journaled(mut d: Deployment, name: &str, slots: usize) -> (Deployment, Scratch, PathBuf) {
+    let dir = Scratch::dir(name);
+    let journal = dir.join("journal");
+    d.journal_to(&journal);
+    d.start_dispatcher().await;
+    d.start_worker(slots).await;
+    (d, dir, journal)
+}
+
 /// 1,000 sleep jobs running on a dispatcher, an in-process worker and a
 /// worker process serving `/readyz`, every run in a journal: the stage for
 /// an outage in the middle of a run.
@@ -344,12 +357,8 @@ struct MidRun {
 impl MidRun {
     /// Start the parts, wait until the worker process is ready, submit the
     /// jobs and return once 200 runs have ended.
-    async fn start(mut d: Deployment, name: &str) -> MidRun {
-        let dir = Scratch::dir(name);
-        let journal = dir.join("journal");
-        d.journal_to(&journal);
-        d.start_dispatcher().await;
-        d.start_worker(16).await;
+    async fn start(d: Deployment, name: &str) -> MidRun {
+        let (d, dir, journal) = journaled(d, name, 16).await;
         let (probed, port) = probed_worker_process(&d, &journal, &dir.join("worker.log"));
         let ready = wait_readiness(port, true).await;
         assert_eq!(
@@ -406,12 +415,7 @@ impl MidRun {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_link_to_rabbitmq_goes_silent_is_not_ready_until_it_heals() {
     let _serial = SERIAL.lock().await;
-    let mut d = Deployment::new("amqpsilent").await;
-    let dir = Scratch::dir("amqpsilent");
-    let journal = dir.join("journal");
-    d.journal_to(&journal);
-    d.start_dispatcher().await;
-    d.start_worker(4).await;
+    let (d, dir, journal) = journaled(Deployment::new("amqpsilent").await, "amqpsilent", 4).await;
     let amqp_port: u16 = (d.config.amqp_url.split('@').next_back())
         .and_then(|host| host.split(['/', '?']).next())
         .and_then(|host| host.rsplit(':').next())
@@ -666,12 +670,7 @@ async fn raise_memory_alarm() -> BrokerChange {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_blocking_publishers_past_the_publish_bound_is_waited_out() {
     let _serial = SERIAL.lock().await;
-    let mut d = Deployment::new("memalarm").await;
-    let dir = Scratch::dir("memalarm");
-    let journal = dir.join("journal");
-    d.journal_to(&journal);
-    d.start_dispatcher().await;
-    d.start_worker(16).await;
+    let (d, _dir, journal) = journaled(Deployment::new("memalarm").await, "memalarm", 16).await;
     let client = Client::connect(&d.config.prefix).await;
     let (jobs, children) = (16, 8);
     let mut ids = Vec::new();
@@ -1170,12 +1169,8 @@ async fn a_claim_renewed_after_a_redis_outage_longer_than_its_lease_is_kept() {
     let redis = PrivateRedis::start(true).await;
     let mut config = redis.config("outlived");
     config.worker.lease_ms = 1500;
-    let mut d = Deployment::with_config(config).await;
-    let dir = Scratch::dir("outlived");
-    let journal = dir.join("journal");
-    d.journal_to(&journal);
-    d.start_dispatcher().await;
-    d.start_worker(2).await;
+    let (mut d, _dir, journal) =
+        journaled(Deployment::with_config(config).await, "outlived", 2).await;
     let client = Client::connect_to(&d.config).await;
     client
         .submit(&json!({"id": "outlived", "requestor": "r", "tasks": [
