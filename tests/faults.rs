@@ -135,6 +135,16 @@ async fn wait_readiness(port: u16, ready: bool) -> Value {
     .await
 }
 
+/// The port a test service URL names (`scheme://[user:pass@]host:port/...`).
+fn port_of(url: &str) -> u16 {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    (host_port.split(['/', '?']).next())
+        .and_then(|hp| hp.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{url} names no port"))
+}
+
 async fn signal(child: &tokio::process::Child, sig: &str) {
     let pid = child.id().expect("running").to_string();
     let ok = tokio::process::Command::new("kill")
@@ -270,9 +280,7 @@ async fn a_worker_cut_off_from_redis_past_its_lease_stops_its_run_and_runs_the_n
     let _serial = SERIAL.lock().await;
     let mut d = Deployment::new("cutoff").await;
     d.start_dispatcher().await;
-    let redis_port: u16 = (d.config.redis_url.trim_end_matches('/').rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("redis_url names a port");
+    let redis_port = port_of(&d.config.redis_url);
     let cutter = common::cutter::Cutter::start(redis_port).await;
     let dir = Scratch::dir("cutoff");
     let journal = dir.join("journal");
@@ -416,11 +424,7 @@ impl MidRun {
 async fn a_worker_whose_link_to_rabbitmq_goes_silent_is_not_ready_until_it_heals() {
     let _serial = SERIAL.lock().await;
     let (d, dir, journal) = journaled(Deployment::new("amqpsilent").await, "amqpsilent", 4).await;
-    let amqp_port: u16 = (d.config.amqp_url.split('@').next_back())
-        .and_then(|host| host.split(['/', '?']).next())
-        .and_then(|host| host.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("amqp_url names a port");
+    let amqp_port = port_of(&d.config.amqp_url);
     let cutter = common::cutter::Cutter::start(amqp_port).await;
     let port = common::free_port();
     let log = dir.join("worker.log");
