@@ -31,10 +31,11 @@ use std::time::Duration;
 use crate::broker::{Delivery, Outgoing};
 use crate::consumer::give_back;
 use crate::health::Health;
-use crate::intake::{Intake, JobIntake};
-use crate::model::SubmitReply;
+use crate::intake::{Intake, JobIntake, MAX_ERROR_BYTES};
+use crate::model::{JobState, SubmitReply};
 use crate::outbox::Outbox;
 use crate::store::{ClaimOutcome, Claimed, Created, Store, StoreError};
+use crate::text::capped;
 
 /// What handles submissions for one process.
 #[derive(Clone)]
@@ -95,15 +96,20 @@ impl Submissions {
             }
             Intake::Rejected(rejection) => {
                 tracing::info!(job = %rejection.id, error = %rejection.error, "job rejected");
-                if let Err(e) = self.store.record_rejected(&rejection).await {
-                    self.store_failed(delivery, e).await;
-                    return None;
-                }
-                SubmitReply {
-                    job_id: Some(rejection.id),
-                    accepted: false,
-                    error: Some(rejection.error),
-                    existing: false,
+                match self.store.record_rejected(&rejection).await {
+                    Ok(true) => SubmitReply {
+                        job_id: Some(rejection.id),
+                        accepted: false,
+                        error: Some(rejection.error),
+                        existing: false,
+                    },
+                    // The id is taken: the answer is the job recorded
+                    // under it, which this message does not change.
+                    Ok(false) => self.existing_reply(rejection.id, None).await,
+                    Err(e) => {
+                        self.store_failed(delivery, e).await;
+                        return None;
+                    }
                 }
             }
             Intake::Valid(job) => {
@@ -121,7 +127,7 @@ impl Submissions {
                         .map(|(created, outcome)| (created, Some(outcome))),
                     None => self.store.create_job(&job).await.map(|c| (c, None)),
                 };
-                let (ready, existing) = match recorded {
+                let (ready, existing_state) = match recorded {
                     Ok((created, outcome)) => {
                         match outcome {
                             Some(ClaimOutcome::Claimed(c)) => claimed = Some(c),
@@ -133,8 +139,8 @@ impl Submissions {
                             None => {}
                         }
                         match created {
-                            Created::New { ready } => (ready, false),
-                            Created::Existing { ready, .. } => (ready, true),
+                            Created::New { ready } => (ready, None),
+                            Created::Existing { ready, state } => (ready, Some(state)),
                         }
                     }
                     Err(e) => {
@@ -153,12 +159,15 @@ impl Submissions {
                     requeue(delivery).await;
                     return claimed;
                 }
-                tracing::debug!(job = %job.id, existing, ready = ready.len(), here = claimed.is_some(), "job accepted");
-                SubmitReply {
-                    job_id: Some(job.id),
-                    accepted: true,
-                    error: None,
-                    existing,
+                tracing::debug!(job = %job.id, existing = ?existing_state, ready = ready.len(), here = claimed.is_some(), "job accepted");
+                match existing_state {
+                    None => SubmitReply {
+                        job_id: Some(job.id),
+                        accepted: true,
+                        error: None,
+                        existing: false,
+                    },
+                    Some(state) => self.existing_reply(job.id, Some(state)).await,
                 }
             }
         };
@@ -180,6 +189,46 @@ impl Submissions {
             tracing::warn!(error = %e, "ack of submission failed; it will be redelivered and deduplicated");
         }
         claimed
+    }
+
+    /// The answer to a submission whose id is taken: the job recorded
+    /// under it, unchanged. A job is accepted (`existing`); a refusal
+    /// recorded under the id stays a refusal, with its error, so a client
+    /// that resubmits a corrected job under the same id learns that it
+    /// needs a new one instead of waiting for a job that never runs.
+    async fn existing_reply(&self, id: String, known: Option<JobState>) -> SubmitReply {
+        let (state, recorded_error) = match known {
+            Some(state) if state != JobState::Rejected => (Some(state), None),
+            _ => match self.store.job(&id).await {
+                Ok(Some(status)) => (Some(status.state), status.error),
+                Ok(None) => (known, None),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "cannot read the job under a taken id");
+                    (known, None)
+                }
+            },
+        };
+        if state == Some(JobState::Rejected) {
+            let why = recorded_error.unwrap_or_else(|| "see its status".to_owned());
+            return SubmitReply {
+                error: Some(capped(
+                    format!(
+                        "id {id:?} is taken by a submission that was rejected, and stays \
+                         so: submit the job under a new id (the rejection: {why})"
+                    ),
+                    MAX_ERROR_BYTES,
+                )),
+                job_id: Some(id),
+                accepted: false,
+                existing: true,
+            };
+        }
+        SubmitReply {
+            job_id: Some(id),
+            accepted: true,
+            error: None,
+            existing: true,
+        }
     }
 
     async fn store_failed(&self, delivery: Delivery, e: StoreError) {

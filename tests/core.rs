@@ -440,6 +440,73 @@ async fn resubmitting_an_existing_id_returns_the_existing_job_and_changes_nothin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_resubmission_of_a_running_job_is_answered_with_that_job() {
+    let mut d = Deployment::new("idem-bad").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "busy", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": 1500}}]}))
+        .await;
+    let (_, first) = client.reply().await;
+    assert_eq!(first, json!({"job_id": "busy", "accepted": true}));
+
+    client
+        .submit(&json!({"id": "busy", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "no-such-handler"}]}))
+        .await;
+    let (_, second) = client.reply().await;
+    assert_eq!(
+        second,
+        json!({"job_id": "busy", "accepted": true, "existing": true}),
+        "the id names a running job, which the invalid body does not change"
+    );
+    let done = d.wait_terminal("busy", WAIT).await;
+    assert_eq!(done.state, JobState::Succeeded);
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrected_resubmission_under_a_rejected_id_is_told_the_id_stays_rejected() {
+    let mut d = Deployment::new("idem-rej").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "oops", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "no-such-handler"}]}))
+        .await;
+    let (_, first) = client.reply().await;
+    assert_eq!(first["accepted"], false, "{first}");
+    let rejected = d.wait_terminal("oops", WAIT).await;
+    assert_eq!(rejected.state, JobState::Rejected);
+
+    client
+        .submit(&json!({"id": "oops", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    let (_, second) = client.reply().await;
+    assert_eq!(second["job_id"], "oops", "{second}");
+    assert_eq!(second["accepted"], false, "{second}");
+    assert_eq!(second["existing"], true, "{second}");
+    let error = second["error"].as_str().unwrap_or_default();
+    assert!(error.contains("new id"), "{error}");
+    assert!(
+        error.contains("no-such-handler"),
+        "the recorded rejection: {error}"
+    );
+    assert_eq!(
+        d.status("oops").await.unwrap(),
+        rejected,
+        "a resubmission must change nothing"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_task_that_times_out_fails_with_the_reason() {
     let mut d = Deployment::new("timeout").await;
     d.start_dispatcher().await;

@@ -36,7 +36,8 @@ pub struct SubmitReply {
     /// dead-lettered submission (too large, not JSON): nothing was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
-    /// Whether the job was accepted (or already existed).
+    /// Whether the job was accepted (or already existed as an accepted
+    /// job; an id holding a rejected submission stays rejected).
     pub accepted: bool,
     /// Why not, when not accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
