@@ -137,7 +137,9 @@ pub async fn consume(
                     }
                 }
                 _ = sleep_until(over), if holds && over.is_some() => {
-                    stop_and_give_back(broker, queue, &mut subscription, held).await;
+                    tracing::info!(%queue, held = held.len(),
+                        "no free slot for a held delivery in time; giving back what this consumer holds until a slot frees");
+                    stop_and_give_back(broker, &mut subscription, held).await;
                     health.set_consuming(queue, false);
                     tokio::select! {
                         biased;
@@ -179,7 +181,12 @@ pub async fn consume(
             }
         }
         health.set_consuming(queue, false);
-        let _ = subscription.cancel().await;
+        // Stopping: what was received and never started goes back as new
+        // messages, not with the channel (each such requeue would count a
+        // delivery against it, and a message caught by a few rolling
+        // restarts would turn poison without ever having run).
+        tracing::info!(%queue, held = held.len(), "stopping; giving back deliveries not started");
+        stop_and_give_back(broker, &mut subscription, held).await;
         return Some(subscription);
     }
     None
@@ -196,11 +203,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// their way (the broker's cancel-ok ends them).
 const DRAIN_AFTER_CANCEL: Duration = Duration::from_secs(5);
 
-/// [`Permits::Hold`] ran out: cancel the subscription, collect what it still
-/// delivers, and give everything held back to the queue.
+/// Cancel the subscription, collect what it still delivers, and give
+/// everything held back to the queue ([`Permits::Hold`] ran out, or the
+/// consumer is stopping).
 async fn stop_and_give_back(
     broker: &dyn Broker,
-    queue: &str,
     subscription: &mut Box<dyn Subscription>,
     held: VecDeque<(Instant, Delivery)>,
 ) {
@@ -212,8 +219,6 @@ async fn stop_and_give_back(
             deliveries.push(d);
         }
     }
-    tracing::info!(%queue, held = deliveries.len(),
-        "no free slot for a held delivery in time; giving back what this consumer holds until a slot frees");
     give_back(broker, deliveries).await;
 }
 

@@ -203,6 +203,23 @@ impl OneThreadWorker {
     }
 }
 
+/// Messages in `queue`, ready and unacked together, as RabbitMQ counts
+/// them (`None` while it cannot say).
+async fn messages_in(queue: &str) -> Option<u64> {
+    let out = tokio::process::Command::new("timeout")
+        .args(["60", "rabbitmqctl", "list_queues", "-q", "name", "messages"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then(|| fields.next()?.parse().ok())?
+        })
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -793,6 +810,91 @@ async fn a_handler_blocking_its_workers_only_thread_past_its_lease_is_run_again_
     assert_eq!(d.status("blocked").await.unwrap(), status);
     assert_invariants(&d, &["blocked"], &journal).await;
     worker.stop().await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A duplicate of a task message that has run, delivered past the limit,
+/// is no task's last hope: it is dropped as any stale duplicate is, not
+/// dead-lettered as poison (its task was never failed, and an operator
+/// reading the dead-letter queue would look for a failure that is not
+/// there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_duplicate_delivered_past_the_limit_is_dropped_not_dead_lettered() {
+    let mut d = Deployment::new("stale-poison").await;
+    d.config.worker.max_deliveries = 1;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(
+            &json!({"id": "ran", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
+        )
+        .await;
+    let done = d.wait_terminal("ran", WAIT).await;
+    assert_eq!(done.state, JobState::Succeeded);
+
+    // A consumer ahead of the worker (higher priority) takes the duplicate
+    // first, stops consuming and gives it back counted: the worker gets
+    // it with one delivery behind it, the limit.
+    let conn = lapin::Connection::connect(common::AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let queue = d.names.task_queue("default");
+    let mut ahead = FieldTable::default();
+    ahead.insert("x-priority".into(), lapin::types::AMQPValue::LongInt(1000));
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "ahead".into(),
+            BasicConsumeOptions::default(),
+            ahead,
+        )
+        .await
+        .unwrap();
+    let duplicate = TaskMessage {
+        job: "ran".into(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    };
+    let broker = common::connect_broker(&d.config).await;
+    broker
+        .publish(vec![conveyor::broker::Outgoing::durable(
+            queue.clone(),
+            duplicate.encode(),
+        )])
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    ch.basic_cancel(
+        "ahead".into(),
+        lapin::options::BasicCancelOptions::default(),
+    )
+    .await
+    .unwrap();
+    delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    eventually("the worker settles the duplicate", WAIT, || async {
+        (messages_in(&queue).await? == 0).then_some(())
+    })
+    .await;
+    assert!(
+        client.take_dead().await.is_none(),
+        "a stale duplicate is not poison"
+    );
+    assert_eq!(d.status("ran").await.unwrap(), done, "nothing changed");
+    let _ = conn.close(200, "done".into()).await;
     client.close().await;
     d.shutdown().await;
 }

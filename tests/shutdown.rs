@@ -9,13 +9,26 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+const WAIT: Duration = Duration::from_secs(30);
+
 use common::{Client, Deployment, eventually};
-use conveyor::model::JobState;
+use conveyor::broker::Broker;
+use conveyor::model::{JobState, TaskState};
 use serde_json::json;
 
 fn spawn_worker_process(d: &Deployment, grace_s: u64) -> tokio::process::Child {
+    spawn_worker_process_with(d, grace_s, 4, &[])
+}
+
+fn spawn_worker_process_with(
+    d: &Deployment,
+    grace_s: u64,
+    concurrency: usize,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .args(["worker", "--concurrency", "4"])
+        .args(["worker", "--concurrency", &concurrency.to_string()])
+        .envs(env.iter().copied())
         .env("CONVEYOR_PREFIX", &d.config.prefix)
         .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
         .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
@@ -109,6 +122,66 @@ async fn a_worker_stopped_with_sigterm_finishes_or_hands_back_its_tasks_and_noth
     assert!(
         handed_back >= 1,
         "a 4 s task running at SIGTERM with 1 s grace must be handed back"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A task message a worker received but had no slot for when it was told
+/// to stop goes back to the queue as a new message, not with the closing
+/// channel: each such requeue would count a delivery against it, and a
+/// message caught by a few rolling restarts would be failed as poison
+/// without ever having run. Here one counted delivery is already poison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_in_a_stopped_workers_hand_goes_back_uncounted() {
+    let mut d = Deployment::new("sigterm-held").await;
+    d.config.worker.max_deliveries = 1;
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+    let mut child = spawn_worker_process_with(
+        &d,
+        1,
+        1,
+        &[
+            ("CONVEYOR_MAX_DELIVERIES", "1"),
+            ("CONVEYOR_HOLD_MS", "600000"),
+        ],
+    );
+    d.start_long_task(&client, "busy", 4000).await;
+    // The worker acked the long task's message after claiming it, so it
+    // has room under its prefetch for the next message, and no slot.
+    client
+        .submit(&json!({"id": "waiting", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    let broker = common::connect_broker(&d.config).await;
+    let queue = d.names.task_queue("default");
+    eventually("the worker holds the waiting task", WAIT, || async {
+        let status = d.status("waiting").await?;
+        let stats = broker
+            .queue_stats(std::slice::from_ref(&queue))
+            .await
+            .ok()?;
+        let queued = stats.first()?;
+        (status.tasks["t"].state == TaskState::Ready && queued.ready == 0).then_some(())
+    })
+    .await;
+    sigterm(&child).await;
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("worker exits within grace + hand-back")
+        .expect("wait");
+    assert!(exit.success(), "worker exit status {exit:?}");
+
+    d.start_worker(2).await;
+    for id in ["waiting", "busy"] {
+        let status = d.wait_terminal(id, WAIT).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        assert_eq!(status.tasks["t"].attempts, 1, "{status:#?}");
+    }
+    assert!(
+        client.take_dead().await.is_none(),
+        "nothing is dead-lettered"
     );
     client.close().await;
     d.shutdown().await;

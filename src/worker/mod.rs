@@ -352,9 +352,14 @@ impl Worker {
                     .await;
             }
         };
-        if delivery.delivery_count >= self.options.max_deliveries {
-            return self.poisoned(delivery, task).await;
-        }
+        let delivery = if delivery.delivery_count >= self.options.max_deliveries {
+            match self.poisoned(delivery, &task).await {
+                Some(delivery) => delivery,
+                None => return,
+            }
+        } else {
+            delivery
+        };
         let claimed = match self
             .store
             .claim(&task, &self.options.id, self.options.lease)
@@ -575,22 +580,30 @@ impl Worker {
 
     /// A message delivered too often without an outcome: dead-letter it and
     /// fail its task, so the job finishes instead of waiting forever.
-    async fn poisoned(&self, delivery: Delivery, task: TaskMessage) {
+    /// A message delivered too often: fail its task and dead-letter it, if
+    /// the task still waits for this attempt. Otherwise the message is no
+    /// task's last hope (a duplicate of an attempt that ran or runs, or of
+    /// a job that has no record) and is handed back, for the claim to
+    /// settle as it settles any such message.
+    async fn poisoned(&self, delivery: Delivery, task: &TaskMessage) -> Option<Delivery> {
         let reason = format!(
             "poison message: delivered {} times without an outcome (limit {})",
             delivery.delivery_count, self.options.max_deliveries
         );
-        match self.store.fail_poisoned(&task, &reason).await {
-            Ok(failed) => {
-                tracing::warn!(job = %task.job, task = %task.task, failed, "{reason}");
+        match self.store.fail_poisoned(task, &reason).await {
+            Ok(true) => {
+                tracing::warn!(job = %task.job, task = %task.task, "{reason}");
                 self.dead_letter(delivery, DeadLetterReason::Poison, &reason)
                     .await;
+                None
             }
+            Ok(false) => Some(delivery),
             Err(e) => {
                 if e.is_retryable() {
                     self.health.mark_store_down();
                 }
                 let _ = delivery.acker.requeue().await;
+                None
             }
         }
     }
