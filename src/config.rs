@@ -336,6 +336,10 @@ pub const MAX_TIMEOUT_S: f64 = 604_800.0;
 /// characters and clients submit it again to be idempotent; the default
 /// queue name `default` fits too.
 pub const MIN_NAME_LEN: usize = 36;
+
+/// Longest `prefix`, in bytes: a task queue's name is the prefix, `.tasks.`
+/// and a queue of up to [`MAX_NAME_LEN`], within AMQP's 255.
+pub const MAX_PREFIX_LEN: usize = 64;
 /// Largest `limits.max_name_len`: the published job schema
 /// (`schemas/job.schema.json`) caps names at 128 characters, and intake
 /// validates against it; a larger setting could not take effect.
@@ -410,6 +414,24 @@ impl Config {
         let at_least =
             |min: &dyn std::fmt::Display, unit: &str| format!("must be at least {min}{unit}");
 
+        // The prefix starts every queue name (at most 255 bytes, with a
+        // task queue's own name of up to 128 after it) and every Redis key,
+        // where braces would break the hash tag that keeps a job's keys in
+        // one slot.
+        check(
+            !self.prefix.is_empty()
+                && self.prefix.len() <= MAX_PREFIX_LEN
+                && self
+                    .prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+            "prefix",
+            &format!("{:?}", self.prefix),
+            format!(
+                "must be 1 to {MAX_PREFIX_LEN} bytes of letters, digits, '.', '_' and '-' \
+                 (it starts every queue name and Redis key)"
+            ),
+        );
         check(
             self.max_message_bytes >= MIN_MESSAGE_BYTES,
             "max_message_bytes",
@@ -705,6 +727,21 @@ impl Config {
         if let Some(v) = get("CONVEYOR_TIMEOUT_S") {
             self.retry.timeout_s = parse("CONVEYOR_TIMEOUT_S", v)?;
         }
+        if let Some(v) = get("CONVEYOR_HEARTBEAT_MS") {
+            self.worker.heartbeat_ms = parse("CONVEYOR_HEARTBEAT_MS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_TASKS") {
+            self.limits.max_tasks = parse("CONVEYOR_MAX_TASKS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_NAME_LEN") {
+            self.limits.max_name_len = parse("CONVEYOR_MAX_NAME_LEN", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_LABELS") {
+            self.limits.max_labels = parse("CONVEYOR_MAX_LABELS", v)?;
+        }
+        if let Some(v) = get("CONVEYOR_MAX_PARAMS_BYTES") {
+            self.limits.max_params_bytes = parse("CONVEYOR_MAX_PARAMS_BYTES", v)?;
+        }
         Ok(())
     }
 
@@ -836,6 +873,11 @@ mod tests {
             ("CONVEYOR_CONCURRENCY", "7"),
             ("CONVEYOR_REDIS_WAIT_REPLICAS", "1"),
             ("CONVEYOR_REDIS_WAIT_TIMEOUT_MS", "250"),
+            ("CONVEYOR_HEARTBEAT_MS", "500"),
+            ("CONVEYOR_MAX_TASKS", "10"),
+            ("CONVEYOR_MAX_NAME_LEN", "40"),
+            ("CONVEYOR_MAX_LABELS", "3"),
+            ("CONVEYOR_MAX_PARAMS_BYTES", "4096"),
         ]
         .into();
         c.apply_env(|k| env.get(k).map(|v| v.to_string()))
@@ -844,6 +886,38 @@ mod tests {
         assert_eq!(c.worker.queues, vec!["a", "b"]);
         assert_eq!(c.worker.concurrency, 7);
         assert_eq!((c.redis_wait_replicas, c.redis_wait_timeout_ms), (1, 250));
+        assert_eq!(c.worker.heartbeat_ms, 500);
+        assert_eq!(
+            (
+                c.limits.max_tasks,
+                c.limits.max_name_len,
+                c.limits.max_labels,
+                c.limits.max_params_bytes
+            ),
+            (10, 40, 3, 4096)
+        );
+    }
+
+    #[test]
+    fn a_prefix_that_would_break_queue_names_or_the_hash_tag_is_refused_naming_the_rule() {
+        for bad in ["", "a{b}", "has space", &"p".repeat(MAX_PREFIX_LEN + 1)] {
+            let config = Config {
+                prefix: bad.to_owned(),
+                ..Config::default()
+            };
+            let error = validation_error(&config);
+            assert!(
+                error.contains("prefix = ") && error.contains("1 to 64 bytes of letters"),
+                "{bad:?}: {error}"
+            );
+        }
+        for good in ["conveyor", "test-core-0a1b2c3d", "team_a.prod"] {
+            let config = Config {
+                prefix: good.to_owned(),
+                ..Config::default()
+            };
+            assert_eq!(validation_error(&config), "", "{good:?}");
+        }
     }
 
     /// What `validate` says of `config`; empty when it passes.
