@@ -418,6 +418,12 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
 
+/// Whether `id` is one a job can be recorded under (at most `max_name_len`
+/// bytes of letters, digits, '.', '_', ':' and '-'); the error says why not.
+pub fn check_job_id(id: &str, max_name_len: usize) -> Result<(), String> {
+    check_name("id", id, max_name_len)
+}
+
 fn check_name(field: &str, value: &str, max: usize) -> Result<(), String> {
     if value.is_empty() {
         return Err(format!("{field}: must not be empty"));

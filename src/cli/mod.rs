@@ -4,6 +4,7 @@
 mod bench;
 mod dev;
 mod dispatcher;
+mod job_file;
 mod list;
 mod queues;
 mod run;

@@ -17,7 +17,6 @@ use conveyor::embedded::{Embedded, EmbeddedOptions};
 use conveyor::model::JobState;
 use conveyor::names::Names;
 use conveyor::store::Store;
-use serde_json::Value;
 
 /// Run options.
 #[derive(Debug, clap::Args)]
@@ -42,19 +41,11 @@ pub struct Args {
 }
 
 pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let mut job: serde_json::Map<String, Value> = serde_json::from_slice(&text)
-        .with_context(|| format!("{} is not a JSON object", args.file.display()))?;
-    let id = match job.get("id").and_then(Value::as_str) {
-        Some(id) => id.to_owned(),
-        None => {
-            let id = conveyor::intake::new_job_id();
-            job.insert("id".into(), Value::String(id.clone()));
-            id
-        }
-    };
-    let body = serde_json::to_vec(&job)?;
+    let file = super::job_file::read(&args.file, &config)?;
+    let id = file
+        .follow
+        .map_err(|why| anyhow::anyhow!("cannot run {}: {why}", args.file.display()))?;
+    let body = file.body;
     let deadline = Duration::from_secs(args.timeout_s);
     match (args.amqp_url, args.redis_url) {
         (None, None) => {

@@ -11,7 +11,6 @@ use conveyor::config::Config;
 use conveyor::model::JobState;
 use conveyor::names::Names;
 use conveyor::store::Store;
-use serde_json::Value;
 
 /// Submit options.
 #[derive(Debug, clap::Args)]
@@ -30,35 +29,20 @@ pub struct Args {
 }
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    // Give the job an id if the file has none, so it can be followed.
-    let mut body = text.clone();
-    let mut id = None;
-    if let Ok(Value::Object(mut job)) = serde_json::from_slice::<Value>(&text) {
-        match job.get("id").and_then(Value::as_str) {
-            Some(existing) => id = Some(existing.to_owned()),
-            None => {
-                let new = conveyor::intake::new_job_id();
-                job.insert("id".into(), Value::String(new.clone()));
-                id = Some(new);
-                body = serde_json::to_vec(&job)?;
-            }
-        }
-    }
+    let file = super::job_file::read(&args.file, &config)?;
     let broker = super::broker(&config).await?;
     let names = Names::new(&config.prefix);
     broker.declare(&[]).await?;
     broker
-        .publish(vec![Outgoing::durable(names.submit_queue(), body)])
+        .publish(vec![Outgoing::durable(names.submit_queue(), file.body)])
         .await
         .context("publishing the job")?;
-    let Some(id) = id else {
-        println!(
-            "published; the file is not a JSON object, so it will be dead-lettered to {}",
-            names.dead_queue()
-        );
-        return Ok(ExitCode::FAILURE);
+    let id = match file.follow {
+        Ok(id) => id,
+        Err(why) => {
+            println!("published, but {why}");
+            return Ok(ExitCode::FAILURE);
+        }
     };
     println!("{id}");
     if !args.wait {

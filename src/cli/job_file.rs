@@ -1,0 +1,156 @@
+//! Job files as `submit` and `run` send them: read, given an id when they
+//! have none (so the command can follow the job), and checked for what
+//! would keep the job from ever appearing under that id — a file over the
+//! size limit or not JSON is dead-lettered, one that is not a JSON object
+//! or has an id the dispatcher cannot use is rejected under a generated
+//! id. Those are told at once, instead of waited for until the time-out.
+
+use std::path::Path;
+
+use anyhow::Context;
+use conveyor::config::Config;
+use conveyor::names::Names;
+use serde_json::Value;
+
+/// A job file ready to publish.
+pub struct JobFile {
+    /// The message body: the file, with an `id` added if it had none.
+    pub body: Vec<u8>,
+    /// The id the job will be recorded under, or why it will not be.
+    pub follow: Result<String, String>,
+}
+
+/// Read `path` and prepare it for submission under `config`.
+pub fn read(path: &Path, config: &Config) -> anyhow::Result<JobFile> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(prepare(text, config))
+}
+
+fn prepare(text: Vec<u8>, config: &Config) -> JobFile {
+    let dead = Names::new(&config.prefix).dead_queue();
+    let too_large = |len: usize| {
+        format!(
+            "it is {len} bytes; the limit (max_message_bytes) is {}, so it is dead-lettered to {dead}",
+            config.max_message_bytes
+        )
+    };
+    if text.len() > config.max_message_bytes {
+        let why = too_large(text.len());
+        return refused(text, why);
+    }
+    let mut job = match serde_json::from_slice::<Value>(&text) {
+        Ok(Value::Object(job)) => job,
+        Ok(_) => {
+            return refused(
+                text,
+                "it is JSON, not an object, so the dispatcher rejects it under a generated id"
+                    .to_owned(),
+            );
+        }
+        Err(e) => {
+            return refused(
+                text,
+                format!("it is not JSON ({e}), so it is dead-lettered to {dead}"),
+            );
+        }
+    };
+    let (body, id) = match job.get("id") {
+        None => {
+            let id = conveyor::intake::new_job_id();
+            job.insert("id".into(), Value::String(id.clone()));
+            (serde_json::to_vec(&job).unwrap_or(text), id)
+        }
+        Some(Value::String(id)) => {
+            if let Err(why) = conveyor::intake::check_job_id(id, config.limits.max_name_len) {
+                return refused(
+                    text,
+                    format!("{why}, so the dispatcher rejects the job under a generated id"),
+                );
+            }
+            (text, id.clone())
+        }
+        Some(other) => {
+            return refused(
+                text,
+                format!(
+                    "id: {other} is not a string, so the dispatcher rejects the job under a \
+                     generated id"
+                ),
+            );
+        }
+    };
+    if body.len() > config.max_message_bytes {
+        let why = too_large(body.len());
+        return refused(body, why);
+    }
+    JobFile {
+        body,
+        follow: Ok(id),
+    }
+}
+
+fn refused(body: Vec<u8>, why: String) -> JobFile {
+    JobFile {
+        body,
+        follow: Err(why),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            max_message_bytes: 1024,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn a_file_without_an_id_is_given_one_to_follow() {
+        let file = prepare(br#"{"requestor": "r", "tasks": []}"#.to_vec(), &config());
+        let id = file.follow.unwrap();
+        let body: Value = serde_json::from_slice(&file.body).unwrap();
+        assert_eq!(body["id"], id.as_str());
+        assert_eq!(body["requestor"], "r");
+    }
+
+    #[test]
+    fn a_file_with_a_usable_id_is_sent_unchanged() {
+        let text = br#"{"id": "mine", "requestor": "r", "tasks": []}"#.to_vec();
+        let file = prepare(text.clone(), &config());
+        assert_eq!(file.follow.unwrap(), "mine");
+        assert_eq!(file.body, text);
+    }
+
+    #[test]
+    fn what_would_never_be_recorded_under_the_files_id_says_what_happens_instead() {
+        let cases: [(&[u8], &str); 5] = [
+            (br#"{"id": 5, "tasks": []}"#, "id: 5 is not a string"),
+            (
+                br#"{"id": "bad id", "tasks": []}"#,
+                "rejects the job under a generated id",
+            ),
+            (b"[1, 2]", "JSON, not an object"),
+            (b"{oops", "dead-lettered to conveyor.dead"),
+            (&[b' '; 2000], "the limit (max_message_bytes) is 1024"),
+        ];
+        for (text, says) in cases {
+            let file = prepare(text.to_vec(), &config());
+            let why = file.follow.unwrap_err();
+            assert!(why.contains(says), "{why}");
+            assert_eq!(file.body, text, "sent as it is");
+        }
+    }
+
+    #[test]
+    fn an_id_added_to_a_file_just_under_the_limit_is_measured_after() {
+        let pad = "x".repeat(1024 - 40);
+        let text = format!(r#"{{"requestor": "{pad}"}}"#);
+        assert!(text.len() <= 1024);
+        let why = prepare(text.into_bytes(), &config()).follow.unwrap_err();
+        assert!(why.contains("max_message_bytes"), "{why}");
+    }
+}

@@ -1,0 +1,240 @@
+//! The `conveyor` commands a user drives a deployment with — `submit`,
+//! `status`, `list` and `run` against RabbitMQ and Redis — run as the
+//! binary, against a deployment of this test's own prefix, and read back
+//! as a user (or a script parsing `--json`) reads them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::Deployment;
+use common::scratch::Scratch;
+use serde_json::{Value, json};
+
+/// A command that has not finished in this long is stuck.
+const WITHIN: Duration = Duration::from_secs(60);
+
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run `conveyor ARGS` against `d`'s services and prefix.
+async fn conveyor(d: &Deployment, args: &[&str]) -> Ran {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(args)
+        .env("CONVEYOR_PREFIX", &d.config.prefix)
+        .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WITHIN, run)
+        .await
+        .unwrap_or_else(|_| panic!("conveyor {args:?} did not finish within {WITHIN:?}"))
+        .expect("run conveyor");
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn job_file(dir: &Path, name: &str, job: &Value) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec(job).unwrap()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn keys(v: &Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("an object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    k.sort_unstable();
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_status_and_list_answer_in_the_documented_shapes() {
+    let mut d = Deployment::new("cli").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let dir = Scratch::dir("cli");
+    let file = job_file(
+        &dir,
+        "pair.json",
+        &json!({"id": "pair", "requestor": "cli-test", "labels": {"team": "a"}, "tasks": [
+            {"name": "first", "handler": "noop", "params": {"n": 1}},
+            {"name": "second", "handler": "noop", "after": ["first"], "params": {"n": 2}}]}),
+    );
+
+    let submitted = conveyor(&d, &["submit", &file, "--wait", "--json"]).await;
+    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
+    // The id first, then the final status as JSON.
+    let (id_line, status_json) = submitted.stdout.split_once('\n').unwrap();
+    assert_eq!(id_line, "pair");
+    let status: Value = serde_json::from_str(status_json).expect("status JSON");
+    assert_eq!(status["state"], "succeeded");
+    for key in [
+        "history",
+        "id",
+        "labels",
+        "requestor",
+        "state",
+        "tasks",
+        "version",
+    ] {
+        assert!(keys(&status).contains(&key), "{key} in {status}");
+    }
+    assert_eq!(status["labels"], json!({"team": "a"}));
+    let second = &status["tasks"]["second"];
+    for key in ["attempts", "error", "result", "state", "worker"] {
+        assert!(keys(second).contains(&key), "{key} in {second}");
+    }
+    assert_eq!(second["result"], json!({"n": 2}));
+    assert_eq!(second["attempts"], 1);
+    for h in status["history"].as_array().unwrap() {
+        for key in ["at", "from", "reason", "task", "to"] {
+            assert!(keys(h).contains(&key), "{key} in {h}");
+        }
+    }
+
+    let again = conveyor(&d, &["status", "pair", "--json"]).await;
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert_eq!(
+        serde_json::from_str::<Value>(&again.stdout).unwrap(),
+        status
+    );
+    let table = conveyor(&d, &["status", "pair"]).await;
+    assert_eq!(table.code, Some(0), "{}", table.stderr);
+    assert!(
+        table.stdout.contains("job pair  state succeeded"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("second") && l.contains("succeeded")),
+        "{}",
+        table.stdout
+    );
+    let unknown = conveyor(&d, &["status", "no-such-job"]).await;
+    assert_ne!(unknown.code, Some(0));
+
+    // A rejected job: `--wait` ends at once with its error and exit 1.
+    let bad = job_file(
+        &dir,
+        "bad.json",
+        &json!({"id": "bad", "requestor": "cli-test",
+            "tasks": [{"name": "t", "handler": "no-such-handler"}]}),
+    );
+    let refused = conveyor(&d, &["submit", &bad, "--wait"]).await;
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused.stdout.contains("state rejected") && refused.stdout.contains("no-such-handler"),
+        "{}",
+        refused.stdout
+    );
+
+    let listed = conveyor(&d, &["list", "--state", "succeeded", "--json"]).await;
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let ids: Vec<String> = serde_json::from_str::<Vec<Value>>(&listed.stdout)
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, vec!["pair"]);
+    let rejected = conveyor(&d, &["list", "--state", "rejected"]).await;
+    assert!(
+        rejected.stdout.lines().any(|l| l.starts_with("bad ")),
+        "{}",
+        rejected.stdout
+    );
+    assert!(!rejected.stdout.contains("pair"), "{}", rejected.stdout);
+    d.shutdown().await;
+}
+
+/// A file whose job could never be followed under its id is published, as
+/// any client's would be, and the command says at once what becomes of it
+/// instead of waiting for a job that never appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_says_at_once_when_the_files_job_will_not_appear_under_its_id() {
+    let mut d = Deployment::new("cli-unfollowable").await;
+    d.start_dispatcher().await;
+    let dir = Scratch::dir("cli");
+    let numeric = job_file(
+        &dir,
+        "numeric.json",
+        &json!({"id": 5, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
+    );
+    let started = std::time::Instant::now();
+    let told = conveyor(&d, &["submit", &numeric, "--wait"]).await;
+    assert_eq!(told.code, Some(1), "{}", told.stderr);
+    assert!(
+        told.stdout.contains("id: 5 is not a string"),
+        "{}",
+        told.stdout
+    );
+    let big = dir.join("big.json");
+    std::fs::write(&big, vec![b' '; 2 * 1024 * 1024]).unwrap();
+    let told = conveyor(&d, &["submit", big.to_str().unwrap(), "--wait"]).await;
+    assert_eq!(told.code, Some(1), "{}", told.stderr);
+    assert!(told.stdout.contains("max_message_bytes"), "{}", told.stdout);
+    assert!(started.elapsed() < WITHIN, "told, not waited out");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_against_a_deployment_follows_the_job_to_its_results() {
+    let mut d = Deployment::new("cli-run").await;
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/diamond.json");
+    let amqp = d.config.amqp_url.clone();
+    let redis = d.config.redis_url.clone();
+    let ran = conveyor(
+        &d,
+        &[
+            "run",
+            example,
+            "--amqp-url",
+            &amqp,
+            "--redis-url",
+            &redis,
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert!(
+        !ran.stderr.contains("in-process"),
+        "ran against the deployment: {}",
+        ran.stderr
+    );
+    // Progress as it happens, on stderr.
+    assert!(
+        ran.stderr.contains("double") && ran.stderr.contains("-> succeeded"),
+        "{}",
+        ran.stderr
+    );
+    let status: Value = serde_json::from_str(&ran.stdout).expect("status JSON");
+    assert_eq!(status["state"], "succeeded");
+    assert_eq!(status["tasks"]["double"]["result"], json!({"value": 42}));
+    // It ran on this deployment: the job is in its Redis.
+    let id = status["id"].as_str().unwrap();
+    assert_eq!(
+        d.status(id).await.unwrap().state,
+        conveyor::model::JobState::Succeeded
+    );
+    d.shutdown().await;
+}
