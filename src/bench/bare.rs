@@ -6,8 +6,10 @@
 //!   Conveyor's own queues are quorum queues by default, which cost more
 //!   per message; `--bare-queue-type quorum` compares like with like.
 //! - A consumer on its own connection, prefetch 200, manual acks: **one
-//!   `basic.ack` per message** (`multiple = false`), as Conveyor's workers
-//!   and dispatcher ack each delivery.
+//!   `basic.ack` per message** (`multiple = false`), the plain loop the
+//!   issue describes. Conveyor itself coalesces acks (one `multiple` ack
+//!   for the deliveries settled together), which the yardstick does not
+//!   get: it is the broker doing the simplest safe thing, not a rival.
 //! - A publisher on another connection in confirm mode: persistent
 //!   messages through the default exchange, pipelined, at most `window`
 //!   unconfirmed at once (the oldest confirm is awaited when the window is
