@@ -140,6 +140,7 @@ async fn a_cluster_node_lost_mid_run_loses_nothing_and_runs_nothing_twice_at_onc
         "the node was stopped after the run ({ended_before} runs had ended), not in it"
     );
     journal::assert_no_overlapping_claims(&journal_path, |_| d.config.lease());
+    journal::assert_every_success_was_run(&d, &ids, &journal_path).await;
     // The queues live on, led by the nodes still up.
     let leaders = cluster.nodes[1].ctl(&["list_queues", "name", "leader"]);
     let leaders = String::from_utf8_lossy(&leaders.stdout).into_owned();

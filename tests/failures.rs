@@ -74,6 +74,7 @@ async fn assert_invariants(
 ) -> BTreeMap<JobState, usize> {
     let counts = assert_jobs_settled(d, ids, WAIT).await;
     assert_no_overlapping_claims(journal, |_| d.config.lease());
+    common::journal::assert_every_success_was_run(d, ids, journal).await;
     counts
 }
 

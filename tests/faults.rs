@@ -180,6 +180,7 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     let counts = assert_jobs_settled(&d, &ids).await;
     assert_eq!(counts.get(&JobState::Succeeded), Some(&2000), "{counts:?}");
     assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
+    journal::assert_every_success_was_run(&d, &ids, &journal).await;
     // The victim died holding claims; each of those tasks ran again.
     let journal_runs = read_journal(&journal);
     let cut_short: Vec<_> = journal_runs
@@ -401,6 +402,7 @@ impl MidRun {
             "{what} after the run, not in the middle of it"
         );
         assert_no_overlapping_claims(&self.journal, self.d.config.lease());
+        journal::assert_every_success_was_run(&self.d, &self.ids, &self.journal).await;
     }
 
     /// Stop the worker process (it must exit 0) and the deployment.
@@ -481,6 +483,7 @@ async fn a_worker_whose_link_to_rabbitmq_goes_silent_is_not_ready_until_it_heals
         "the healed worker process ran nothing after the link came back"
     );
     assert_no_overlapping_claims(&journal, d.config.lease());
+    journal::assert_every_success_was_run(&d, &ids, &journal).await;
     signal(&worker, "-TERM").await;
     let exit = common::exited(&mut worker, "the worker", Some(&log)).await;
     assert!(exit.success(), "the worker exited with {exit}");
@@ -732,6 +735,7 @@ async fn a_memory_alarm_blocking_publishers_past_the_publish_bound_is_waited_out
         "only {started_after} runs started after the alarm cleared"
     );
     assert_no_overlapping_claims(&journal, d.config.lease());
+    journal::assert_every_success_was_run(&d, &ids, &journal).await;
     d.shutdown().await;
 }
 
@@ -1500,6 +1504,8 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
         missing > 0,
         "queued tasks of vanished jobs must be dead-lettered"
     );
+    assert_no_overlapping_claims(&journal, d.config.lease());
+    journal::assert_every_success_was_run(&d, &["fresh"], &journal).await;
     // No run of a vanished job started after the data was lost.
     for ((job, idx), runs) in read_journal(&journal) {
         if job == "fresh" {
@@ -1571,6 +1577,7 @@ async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
     assert!(log_text.contains("late outcome rejected"));
     assert_jobs_settled(&d, &["stopped".to_owned()]).await;
     assert_no_overlapping_claims(&journal, Duration::from_millis(lease_ms));
+    journal::assert_every_success_was_run(&d, &["stopped"], &journal).await;
     signal(&paused, "-TERM").await;
     common::exited(&mut paused, "the resumed worker", Some(&log)).await;
     client.close().await;

@@ -153,3 +153,42 @@ pub async fn assert_jobs_settled(
     );
     counts
 }
+
+/// Every task Redis records as succeeded got its result from a run the
+/// journal saw end `succeeded` at the attempt Redis counts last: the store
+/// applied no outcome that no handler produced (the journal is written
+/// before each outcome goes to the store, outside it). The journal knows
+/// tasks by index and the status by name, so per job and attempt: no more
+/// tasks succeeded in Redis than tasks with a successful run in the journal.
+pub async fn assert_every_success_was_run(d: &Deployment, ids: &[impl AsRef<str>], path: &Path) {
+    let journal = read_journal(path);
+    for id in ids {
+        let id = id.as_ref();
+        let status = d
+            .status(id)
+            .await
+            .unwrap_or_else(|| panic!("{id}: no record"));
+        let mut recorded: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+        for (name, task) in &status.tasks {
+            if task.state == conveyor::model::TaskState::Succeeded {
+                recorded.entry(task.attempts).or_default().push(name);
+            }
+        }
+        for (attempt, names) in recorded {
+            let run = journal
+                .iter()
+                .filter(|((job, _), runs)| {
+                    job == id
+                        && runs.iter().any(|r| {
+                            r.attempt == attempt && r.outcome.as_deref() == Some("succeeded")
+                        })
+                })
+                .count();
+            assert!(
+                names.len() <= run,
+                "{id}: {names:?} succeeded at attempt {attempt} in Redis, but the journal has \
+                 only {run} task(s) of the job with a successful run at that attempt"
+            );
+        }
+    }
+}
