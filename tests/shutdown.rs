@@ -186,3 +186,68 @@ async fn a_task_waiting_in_a_stopped_workers_hand_goes_back_uncounted() {
     client.close().await;
     d.shutdown().await;
 }
+
+/// A worker process registers itself in Redis (id, host, queues,
+/// handlers, concurrency, start, heartbeat) and keeps its heartbeat fresh;
+/// one stopped with SIGTERM takes itself out of the registry, and one
+/// killed outright drops out once its entry's time to live (three
+/// heartbeats) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_with_heartbeats_and_leave_the_registry_when_they_stop_or_die() {
+    use conveyor::store::{Store, WorkerInfo};
+    let d = Deployment::new("registry").await;
+    let fast = [("CONVEYOR_HEARTBEAT_MS", "200")];
+    let mut stopped = spawn_worker_process_with(&d, 1, 3, &fast);
+    let mut killed = spawn_worker_process_with(&d, 1, 5, &fast);
+    let store = d.store.clone();
+    let registered = move |n: usize| {
+        let store = store.clone();
+        async move {
+            let workers = store.workers().await.ok()?;
+            (workers.len() == n).then_some(workers)
+        }
+    };
+    let first: Vec<WorkerInfo> =
+        eventually("both workers registered", WAIT, || registered(2)).await;
+    for w in &first {
+        assert_eq!(w.queues, vec!["default"], "{w:?}");
+        for handler in ["fail", "noop", "shell", "sleep"] {
+            assert!(w.handlers.iter().any(|h| h == handler), "{w:?}");
+        }
+        assert!(!w.host.is_empty() && !w.id.is_empty(), "{w:?}");
+        assert!(w.started_ms <= w.heartbeat_ms, "{w:?}");
+    }
+    let mut concurrency: Vec<usize> = first.iter().map(|w| w.concurrency).collect();
+    concurrency.sort_unstable();
+    assert_eq!(concurrency, vec![3, 5]);
+    eventually("heartbeats move on", WAIT, || async {
+        let now = d.store.workers().await.ok()?;
+        now.iter()
+            .all(|w| {
+                first
+                    .iter()
+                    .any(|f| f.id == w.id && f.heartbeat_ms < w.heartbeat_ms)
+            })
+            .then_some(())
+    })
+    .await;
+
+    sigterm(&stopped).await;
+    let exit = tokio::time::timeout(WAIT, stopped.wait())
+        .await
+        .expect("the worker exits")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    let left = d.store.workers().await.unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "unregistered at once on a clean stop: {left:?}"
+    );
+    assert_eq!(left[0].concurrency, 5);
+
+    killed.start_kill().expect("kill -9");
+    let _ = killed.wait().await;
+    eventually("the killed worker's entry lapses", WAIT, || registered(0)).await;
+    d.shutdown().await;
+}
