@@ -226,3 +226,94 @@ async fn conveyor_dev_starts_with_no_services_and_says_ready_over_http() {
             .success()
     );
 }
+
+/// Log lines of a `conveyor dev` run with `CONVEYOR_LOG_FORMAT=json`
+/// whose message is `message`, as JSON.
+fn dev_log_lines(log: &std::path::Path, message: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == message)
+        .collect()
+}
+
+fn spawn_dev(
+    snapshot: &std::path::Path,
+    log: &std::path::Path,
+    jobs: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .arg("dev")
+        .arg("--snapshot")
+        .arg(snapshot)
+        .args(jobs)
+        .env("CONVEYOR_LOG_FORMAT", "json")
+        .env("CONVEYOR_AMQP_URL", "amqp://nobody:nothing@127.0.0.1:1/%2f")
+        .env("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn interrupt(dev: &mut tokio::process::Child, log: &std::path::Path) {
+    let pid = dev.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(
+        common::exited(dev, "conveyor dev", Some(log))
+            .await
+            .success()
+    );
+}
+
+/// `conveyor dev JOB.json --snapshot FILE` runs the job file it is given,
+/// logs the job's end, and a second `conveyor dev` on the same snapshot
+/// (given no job file) still has the job.
+#[tokio::test]
+async fn conveyor_dev_runs_job_files_and_keeps_their_jobs_in_its_snapshot_across_a_restart() {
+    let dir = Scratch::dir("dev-snapshot");
+    let snapshot = dir.join("store.snapshot");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/diamond.json");
+    let first_log = dir.join("first.log");
+    let mut first = spawn_dev(&snapshot, &first_log, &[example]);
+    let finished = common::eventually(
+        "the example job finished",
+        Duration::from_secs(30),
+        || async { dev_log_lines(&first_log, "job finished").into_iter().next() },
+    )
+    .await;
+    assert_eq!(finished["fields"]["state"], "succeeded", "{finished}");
+    let id = finished["fields"]["job"].as_str().unwrap().to_owned();
+    let started = dev_log_lines(
+        &first_log,
+        "conveyor dev running in-process (no RabbitMQ or Redis; production uses both); Ctrl-C stops",
+    );
+    assert_eq!(started.len(), 1, "the start is logged once, with its time");
+    assert!(
+        started[0]["fields"]["elapsed_ms"].is_u64(),
+        "{}",
+        started[0]
+    );
+    interrupt(&mut first, &first_log).await;
+    assert!(snapshot.exists(), "a snapshot written at the stop");
+
+    let second_log = dir.join("second.log");
+    let mut second = spawn_dev(&snapshot, &second_log, &[]);
+    let kept = common::eventually(
+        "the job found in the snapshot",
+        Duration::from_secs(30),
+        || async {
+            dev_log_lines(&second_log, "job finished")
+                .into_iter()
+                .find(|l| l["fields"]["job"] == id.as_str())
+        },
+    )
+    .await;
+    assert_eq!(kept["fields"]["state"], "succeeded", "{kept}");
+    interrupt(&mut second, &second_log).await;
+}
