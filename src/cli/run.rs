@@ -88,6 +88,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+const FOLLOW_PAUSE_MIN: Duration = Duration::from_millis(20);
+const FOLLOW_PAUSE_MAX: Duration = Duration::from_millis(250);
+
 /// Print history as it happens until the job is terminal; then the result.
 async fn follow(
     store: Arc<dyn Store>,
@@ -97,6 +100,10 @@ async fn follow(
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut seen = 0;
+    // Each look reads the whole status: look often while the job moves,
+    // less often (up to 4 times a second) while it does not, so a long
+    // task of a big job is not re-read 50 times a second.
+    let mut pause = FOLLOW_PAUSE_MIN;
     loop {
         if let Some(status) = store.job(id).await? {
             for h in status.history.iter().skip(seen) {
@@ -109,6 +116,11 @@ async fn follow(
                     h.reason
                 );
             }
+            pause = if status.history.len() > seen {
+                FOLLOW_PAUSE_MIN
+            } else {
+                (pause * 2).min(FOLLOW_PAUSE_MAX)
+            };
             seen = status.history.len();
             if status.state.is_terminal() {
                 if json {
@@ -139,6 +151,6 @@ async fn follow(
         if started.elapsed() > within {
             anyhow::bail!("job {id} did not finish within {}s", within.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
     }
 }
