@@ -824,3 +824,63 @@ async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_of
     }
     common::cleanup(&config).await;
 }
+
+/// A task the sweep offers again at the same attempt (here: handed back,
+/// its lease entry left for the sweep) can be claimed between the sweep's
+/// read and its forget of the entry. The claim owns the entry then: the
+/// forget leaves it, so the sweep still finds the claim once its lease
+/// lapses. (Forgotten, it left a running claim no sweep would find: the
+/// simulation's seed 21.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_entry() {
+    let config = common::test_config(&common::unique_prefix("reoffer"));
+    for (name, store) in side_by_side(&config).await {
+        let body =
+            json!({"id": "again", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+        store.create_job(&plan(&body)).await.unwrap();
+        let msg = TaskMessage {
+            job: "again".into(),
+            task: "t".into(),
+            idx: 0,
+            attempt: 1,
+            queue: "default".into(),
+        };
+        let first = match store.claim(&msg, "w1", Duration::from_millis(1)).await {
+            Ok(ClaimOutcome::Claimed(c)) => c.claim,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert!(
+            store.release(&first, "w1").await.unwrap().is_some(),
+            "{name}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let offered = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(offered.len(), 1, "{name}: {offered:?}");
+        assert_eq!(offered[0].publish, vec![msg.clone()], "{name}");
+        // Claimed from a message already queued, before the sweep forgets.
+        let lease = Duration::from_millis(300);
+        assert!(
+            matches!(
+                store.claim(&msg, "w2", lease).await,
+                Ok(ClaimOutcome::Claimed(_))
+            ),
+            "{name}"
+        );
+        store
+            .forget_leases(&[offered[0].entry.clone()])
+            .await
+            .unwrap();
+        // w2 dies: its lease lapses, and the sweep finds the claim.
+        tokio::time::sleep(lease + Duration::from_millis(100)).await;
+        let swept = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(
+            swept
+                .iter()
+                .flat_map(|a| a.publish.clone())
+                .collect::<Vec<_>>(),
+            vec![TaskMessage { attempt: 2, ..msg }],
+            "{name}: the lapsed claim is re-queued as attempt 2"
+        );
+    }
+    common::cleanup(&config).await;
+}

@@ -28,7 +28,9 @@
 //!   a current-thread runtime) is reproducible from its seed.
 //!
 //! All state sits behind one mutex, never held across an `.await`; waiting
-//! consumers are woken through a [`Notify`] per subscription.
+//! consumers are woken through a [`Notify`] per subscription. Calls never
+//! wait on anything else, unless a simulation asks them to yield to the
+//! runtime after their work ([`MemoryBroker::yield_after_calls`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +44,7 @@ use super::{
     Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
 };
 use crate::names::Names;
+use crate::store::memory::YieldPoints;
 
 /// Which faults to inject, as probabilities in `0.0..=1.0` (values outside
 /// are clamped; `NaN` counts as 0). The default injects none.
@@ -104,6 +107,9 @@ impl std::fmt::Debug for MemoryBroker {
 
 struct Shared {
     state: Mutex<State>,
+    /// Off unless a simulation seeds them: their own generator, so that
+    /// the fault decisions do not depend on whether they are on.
+    yields: YieldPoints,
 }
 
 impl Shared {
@@ -112,6 +118,15 @@ impl Shared {
     /// so a poisoned lock is taken over.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state, unless the broker is down (a simulated outage).
+    fn lock_up(&self) -> Result<MutexGuard<'_, State>, BrokerError> {
+        let state = self.lock();
+        if state.down {
+            return Err(outage());
+        }
+        Ok(state)
     }
 }
 
@@ -285,6 +300,7 @@ impl MemoryBroker {
                     consumers: BTreeMap::new(),
                     next_id: 0,
                 }),
+                yields: YieldPoints::default(),
             }),
         }
     }
@@ -292,6 +308,17 @@ impl MemoryBroker {
     /// A broker that injects no faults.
     pub fn reliable(names: Names) -> MemoryBroker {
         MemoryBroker::new(names, 0, FaultPlan::default())
+    }
+
+    /// For simulations: from now on every [`Broker`] call, every ack,
+    /// requeue and cancel yields to the runtime after its work, and every
+    /// subscription's `next` before it looks for a delivery (never after
+    /// taking one: it stays cancel-safe), a number of times drawn from a
+    /// generator seeded with `seed` (`None`: never, the default), so that a
+    /// crash can land between a publish's effect and its caller seeing the
+    /// confirm, and so between any two calls of a caller.
+    pub fn yield_after_calls(&self, seed: Option<u64>) {
+        self.shared.yields.seed(seed);
     }
 
     /// Replace the fault plan (e.g. to let a simulation drain without
@@ -371,60 +398,64 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
-        let mut state = self.shared.lock();
-        if state.down {
-            return Err(outage());
-        }
-        state.declare_queue(&self.names.dead_queue());
-        state.declare_queue(&self.names.submit_queue());
-        for q in task_queues {
-            state.declare_queue(&self.names.task_queue(q));
-        }
-        Ok(())
+        self.shared
+            .yields
+            .after(|| {
+                let mut state = self.shared.lock_up()?;
+                state.declare_queue(&self.names.dead_queue());
+                state.declare_queue(&self.names.submit_queue());
+                for q in task_queues {
+                    state.declare_queue(&self.names.task_queue(q));
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
-        let mut state = self.shared.lock();
-        if state.down {
-            return Err(outage());
-        }
-        let faults = state.faults;
-        let lost_confirm_at = if state.chance(faults.publish_failure) {
-            Some(state.rng.random_range(0..=batch.len()))
-        } else {
-            None
-        };
-        let mut touched = BTreeSet::new();
-        let mut first_error = None;
-        for (i, msg) in batch.iter().enumerate() {
-            if lost_confirm_at == Some(i) {
-                break;
-            }
-            if !state.queues.contains_key(&msg.queue) {
-                if msg.mandatory {
-                    first_error.get_or_insert(BrokerError::Unroutable {
-                        queue: msg.queue.clone(),
-                        reason: "returned: 312 NO_ROUTE".into(),
-                    });
+        self.shared
+            .yields
+            .after(|| {
+                let mut state = self.shared.lock_up()?;
+                let faults = state.faults;
+                let lost_confirm_at = if state.chance(faults.publish_failure) {
+                    Some(state.rng.random_range(0..=batch.len()))
+                } else {
+                    None
+                };
+                let mut touched = BTreeSet::new();
+                let mut first_error = None;
+                for (i, msg) in batch.iter().enumerate() {
+                    if lost_confirm_at == Some(i) {
+                        break;
+                    }
+                    if !state.queues.contains_key(&msg.queue) {
+                        if msg.mandatory {
+                            first_error.get_or_insert(BrokerError::Unroutable {
+                                queue: msg.queue.clone(),
+                                reason: "returned: 312 NO_ROUTE".into(),
+                            });
+                        }
+                        continue;
+                    }
+                    let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
+                    for _ in 0..copies {
+                        state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));
+                    }
+                    touched.insert(msg.queue.as_str());
                 }
-                continue;
-            }
-            let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
-            for _ in 0..copies {
-                state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));
-            }
-            touched.insert(msg.queue.as_str());
-        }
-        for queue in touched {
-            state.dispatch(queue);
-        }
-        if lost_confirm_at.is_some() {
-            return Err(unavailable("simulated lost publisher confirm"));
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+                for queue in touched {
+                    state.dispatch(queue);
+                }
+                if lost_confirm_at.is_some() {
+                    return Err(unavailable("simulated lost publisher confirm"));
+                }
+                match first_error {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            })
+            .await
     }
 
     async fn subscribe_with_priority(
@@ -433,55 +464,59 @@ impl Broker for MemoryBroker {
         prefetch: u16,
         priority: i16,
     ) -> Result<Box<dyn Subscription>, BrokerError> {
-        let mut state = self.shared.lock();
-        if state.down {
-            return Err(outage());
-        }
-        if !state.queues.contains_key(queue) {
-            return Err(unavailable(&format!(
-                "NOT_FOUND - no queue '{queue}' (like a closed channel)"
-            )));
-        }
-        let id = state.new_id();
-        let wake = Arc::new(Notify::new());
-        state.consumers.insert(
-            id,
-            Consumer {
-                queue: queue.to_owned(),
-                prefetch,
-                priority,
-                active: true,
-                inbox: VecDeque::new(),
-                unacked: BTreeMap::new(),
-                wake: wake.clone(),
-            },
-        );
-        if let Some(q) = state.queues.get_mut(queue) {
-            q.consumers.push(id);
-        }
-        state.dispatch(queue);
-        Ok(Box::new(MemorySubscription {
-            shared: self.shared.clone(),
-            id,
-            wake,
-        }))
+        self.shared
+            .yields
+            .after(|| -> Result<Box<dyn Subscription>, BrokerError> {
+                let mut state = self.shared.lock_up()?;
+                if !state.queues.contains_key(queue) {
+                    return Err(unavailable(&format!(
+                        "NOT_FOUND - no queue '{queue}' (like a closed channel)"
+                    )));
+                }
+                let id = state.new_id();
+                let wake = Arc::new(Notify::new());
+                state.consumers.insert(
+                    id,
+                    Consumer {
+                        queue: queue.to_owned(),
+                        prefetch,
+                        priority,
+                        active: true,
+                        inbox: VecDeque::new(),
+                        unacked: BTreeMap::new(),
+                        wake: wake.clone(),
+                    },
+                );
+                if let Some(q) = state.queues.get_mut(queue) {
+                    q.consumers.push(id);
+                }
+                state.dispatch(queue);
+                Ok(Box::new(MemorySubscription {
+                    shared: self.shared.clone(),
+                    id,
+                    wake,
+                }))
+            })
+            .await
     }
 
     async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
-        let state = self.shared.lock();
-        if state.down {
-            return Err(outage());
-        }
-        Ok(queues
-            .iter()
-            .filter_map(|name| {
-                state.queues.get(name).map(|q| QueueStats {
-                    queue: name.clone(),
-                    ready: u32::try_from(q.ready.len()).unwrap_or(u32::MAX),
-                    consumers: u32::try_from(q.consumers.len()).unwrap_or(u32::MAX),
-                })
+        self.shared
+            .yields
+            .after(|| {
+                let state = self.shared.lock_up()?;
+                Ok(queues
+                    .iter()
+                    .filter_map(|name| {
+                        state.queues.get(name).map(|q| QueueStats {
+                            queue: name.clone(),
+                            ready: u32::try_from(q.ready.len()).unwrap_or(u32::MAX),
+                            consumers: u32::try_from(q.consumers.len()).unwrap_or(u32::MAX),
+                        })
+                    })
+                    .collect())
             })
-            .collect())
+            .await
     }
 
     fn is_connected(&self) -> bool {
@@ -512,6 +547,7 @@ impl Subscription for MemorySubscription {
     /// Cancel-safe: a message leaves the consumer's buffer only in the
     /// same critical section that returns it, with no `.await` after.
     async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        self.shared.yields.point().await;
         loop {
             {
                 let mut state = self.shared.lock();
@@ -545,17 +581,22 @@ impl Subscription for MemorySubscription {
     }
 
     async fn cancel(&mut self) -> Result<(), BrokerError> {
-        let mut state = self.shared.lock();
-        let Some(consumer) = state.consumers.get_mut(&self.id) else {
-            return Err(unavailable("subscription closed"));
-        };
-        consumer.active = false;
-        consumer.wake.notify_one();
-        let queue = consumer.queue.clone();
-        if let Some(q) = state.queues.get_mut(&queue) {
-            q.consumers.retain(|&c| c != self.id);
-        }
-        Ok(())
+        self.shared
+            .yields
+            .after(|| {
+                let mut state = self.shared.lock();
+                let Some(consumer) = state.consumers.get_mut(&self.id) else {
+                    return Err(unavailable("subscription closed"));
+                };
+                consumer.active = false;
+                consumer.wake.notify_one();
+                let queue = consumer.queue.clone();
+                if let Some(q) = state.queues.get_mut(&queue) {
+                    q.consumers.retain(|&c| c != self.id);
+                }
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -585,21 +626,31 @@ impl MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        let mut state = self.shared.lock();
-        let (queue, _) = self.settle(&mut state)?;
-        state.dispatch(&queue);
-        Ok(())
+        self.shared
+            .yields
+            .after(|| {
+                let mut state = self.shared.lock();
+                let (queue, _) = self.settle(&mut state)?;
+                state.dispatch(&queue);
+                Ok(())
+            })
+            .await
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        let mut state = self.shared.lock();
-        let (queue, mut msg) = self.settle(&mut state)?;
-        msg.delivery_count = msg.delivery_count.saturating_add(1);
-        if let Some(q) = state.queues.get_mut(&queue) {
-            q.ready.push_front(msg);
-        }
-        state.dispatch(&queue);
-        Ok(())
+        self.shared
+            .yields
+            .after(|| {
+                let mut state = self.shared.lock();
+                let (queue, mut msg) = self.settle(&mut state)?;
+                msg.delivery_count = msg.delivery_count.saturating_add(1);
+                if let Some(q) = state.queues.get_mut(&queue) {
+                    q.ready.push_front(msg);
+                }
+                state.dispatch(&queue);
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -979,6 +1030,49 @@ mod tests {
         }
         assert_eq!(b.unacked_len(&q()).await, 1);
         let d = next(&mut sub).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 0));
+    }
+
+    #[tokio::test]
+    async fn calls_yield_only_when_a_simulation_asks() {
+        let b = broker().await;
+        // The embedded mode's calls complete at their first poll.
+        for i in 0..20 {
+            assert!(futures::poll!(b.publish(vec![msg(&i.to_string())])).is_ready());
+        }
+        b.yield_after_calls(Some(7));
+        let mut yielded = 0;
+        for i in 20..40 {
+            let mut call = b.publish(vec![msg(&i.to_string())]);
+            if futures::poll!(&mut call).is_pending() {
+                // The effect is done before the yield: the message is queued
+                // although its caller has not seen the confirm.
+                assert_eq!(b.ready_len(&q()).await, i + 1);
+                yielded += 1;
+                call.await.unwrap();
+            }
+        }
+        assert!(yielded > 0, "some calls yielded");
+        b.yield_after_calls(None);
+        assert!(futures::poll!(b.publish(vec![msg("last")])).is_ready());
+    }
+
+    #[tokio::test]
+    async fn next_dropped_at_its_yield_keeps_the_message() {
+        let b = broker().await;
+        b.yield_after_calls(Some(3));
+        publish(&b, &["a"]).await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let mut dropped = 0;
+        let d = loop {
+            let mut n = sub.next();
+            match futures::poll!(&mut n) {
+                std::task::Poll::Ready(d) => break d.unwrap().unwrap(),
+                // Cancelled while it yields, before it looked.
+                std::task::Poll::Pending => dropped += 1,
+            }
+        };
+        assert!(dropped > 0, "some nexts yielded");
         assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 0));
     }
 

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -66,6 +68,49 @@ impl Clock for TokioClock {
     }
 }
 
+/// Where a simulation lets the runtime switch tasks inside the in-process
+/// store's and broker's calls. Their work never waits, so without these a
+/// caller runs from one real wait to the next in one go, and a simulated
+/// crash (its task aborted) can land only where it really waits. While
+/// seeded, every call yields to the runtime after its work, 0 to 2 times
+/// (drawn from the seeded generator, so a run on a current-thread runtime
+/// replays exactly): other tasks run, and a crash can land, between a
+/// call's effect and its caller seeing the answer (as when a process dies
+/// with a Redis reply or a publisher confirm in flight), so between any
+/// two calls of a caller. (Yielding before the work as well cost the
+/// simulation a fifth more time and found nothing more.) Off unless
+/// seeded: the embedded mode's calls complete without yielding.
+#[derive(Debug, Default)]
+pub(crate) struct YieldPoints {
+    rng: Mutex<Option<StdRng>>,
+}
+
+impl YieldPoints {
+    /// Yield after every call from now on, drawing from `seed`; `None`
+    /// turns the yields off.
+    pub(crate) fn seed(&self, seed: Option<u64>) {
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = seed.map(StdRng::seed_from_u64);
+    }
+
+    /// One yield point: yields 0 to 2 times while seeded, else none.
+    pub(crate) async fn point(&self) {
+        let times = match self.rng.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(rng) => rng.random_range(0..=2),
+            None => 0,
+        };
+        for _ in 0..times {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// `work` (which must not wait), then a yield point.
+    pub(crate) async fn after<T>(&self, work: impl FnOnce() -> T) -> T {
+        let out = work();
+        self.point().await;
+        out
+    }
+}
+
 /// A sorted set: members by score, like a Redis ZSET.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ScoredSet {
@@ -89,6 +134,30 @@ impl ScoredSet {
         }
         self.add(member, score);
         true
+    }
+
+    /// Add, or raise the score of a present member to `score` if that is
+    /// higher (ZADD GT); whether it was added.
+    fn add_or_raise(&mut self, member: &str, score: u64) -> bool {
+        match self.scores.get(member) {
+            None => {
+                self.add(member, score);
+                true
+            }
+            Some(&old) => {
+                if score > old {
+                    self.add(member, score);
+                }
+                false
+            }
+        }
+    }
+
+    /// Remove `member` if its score is at most `max_score`.
+    fn remove_due(&mut self, member: &str, max_score: u64) {
+        if self.scores.get(member).is_some_and(|&s| s <= max_score) {
+            self.remove(member);
+        }
     }
 
     fn add_existing(&mut self, member: &str, score: u64) {
@@ -162,6 +231,8 @@ pub struct MemoryStore {
     /// jobs are audited (their ready tasks' messages died with the broker
     /// of the process that wrote it).
     server: Arc<Mutex<String>>,
+    /// Off unless a simulation seeds them ([`MemoryStore::yield_after_calls`]).
+    yields: Arc<YieldPoints>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -189,7 +260,17 @@ impl MemoryStore {
             by: by.into(),
             down: Arc::default(),
             server: Arc::new(Mutex::new(new_server_identity())),
+            yields: Arc::default(),
         }
+    }
+
+    /// For simulations: from now on every [`Store`] call yields to the
+    /// runtime after its work, a number of times drawn from a generator
+    /// seeded with `seed` (`None`: never, the default), so that a crash can
+    /// land between a call's effect and its caller seeing the answer, and
+    /// so between any two calls of a caller (see `YieldPoints`).
+    pub fn yield_after_calls(&self, seed: Option<u64>) {
+        self.yields.seed(seed);
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
@@ -264,6 +345,15 @@ impl MemoryStore {
         inspect(&mut state.jobs.values())
     }
 
+    /// The score (lease expiry, ms) of the lease schedule's entry for
+    /// `attempt` of task `idx` of `job`, if it has one, as `ZSCORE` reads
+    /// it (for simulations: a running claim without its entry is one no
+    /// sweep would find if its worker died).
+    pub fn lease_entry(&self, job: &str, idx: u32, attempt: u32) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.leases.scores.get(&entry(job, idx, attempt)).copied()
+    }
+
     /// Sizes of the lease and retry schedules.
     pub fn schedule_sizes(&self) -> (usize, usize) {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -303,36 +393,45 @@ fn new_server_identity() -> String {
 #[async_trait]
 impl Store for MemoryStore {
     async fn create_job(&self, job: &PlannedJob) -> Result<Created, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        if let Some(existing) = state.job_mut(&job.id, now) {
-            return Ok(Created::Existing {
-                state: existing.state,
-                ready: existing.ready_tasks(),
-            });
-        }
-        let record = JobRecord::create(job, now, self.retention_ms, state.epoch << 20, &self.by);
-        let ready = record.ready_tasks();
-        state.jobs.insert(job.id.clone(), record);
-        state.jobs_index.add(&job.id, now);
-        for t in &job.tasks {
-            if !state.queues.contains(&t.queue) {
-                state.queues.insert(t.queue.clone());
-            }
-        }
-        Ok(Created::New { ready })
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                if let Some(existing) = state.job_mut(&job.id, now) {
+                    return Ok(Created::Existing {
+                        state: existing.state,
+                        ready: existing.ready_tasks(),
+                    });
+                }
+                let record =
+                    JobRecord::create(job, now, self.retention_ms, state.epoch << 20, &self.by);
+                let ready = record.ready_tasks();
+                state.jobs.insert(job.id.clone(), record);
+                state.jobs_index.add(&job.id, now);
+                for t in &job.tasks {
+                    if !state.queues.contains(&t.queue) {
+                        state.queues.insert(t.queue.clone());
+                    }
+                }
+                Ok(Created::New { ready })
+            })
+            .await
     }
 
     async fn record_rejected(&self, rejection: &Rejection) -> Result<bool, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        if state.job_mut(&rejection.id, now).is_some() {
-            return Ok(false);
-        }
-        let record = JobRecord::rejected(rejection, now, self.retention_ms, &self.by);
-        state.jobs.insert(rejection.id.clone(), record);
-        state.jobs_index.add(&rejection.id, now);
-        Ok(true)
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                if state.job_mut(&rejection.id, now).is_some() {
+                    return Ok(false);
+                }
+                let record = JobRecord::rejected(rejection, now, self.retention_ms, &self.by);
+                state.jobs.insert(rejection.id.clone(), record);
+                state.jobs_index.add(&rejection.id, now);
+                Ok(true)
+            })
+            .await
     }
 
     async fn claim(
@@ -341,36 +440,44 @@ impl Store for MemoryStore {
         worker: &str,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        let now = self.clock.now_ms();
-        let lease_ms = lease.as_millis() as u64;
-        let member = entry(&task.job, task.idx, task.attempt);
-        let mut state = self.lock()?;
-        let added = state.leases.add_new(&member, now + lease_ms);
-        let outcome = match state.job_mut(&task.job, now) {
-            Some(job) => job.claim(task.idx, task.attempt, worker, lease_ms, now),
-            None => ClaimOutcome::Missing,
-        };
-        if added && !matches!(outcome, ClaimOutcome::Claimed(_) | ClaimOutcome::Busy) {
-            state.leases.remove(&member);
-        }
-        Ok(outcome)
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let lease_ms = lease.as_millis() as u64;
+                let member = entry(&task.job, task.idx, task.attempt);
+                let mut state = self.lock()?;
+                let added = state.leases.add_or_raise(&member, now + lease_ms);
+                let outcome = match state.job_mut(&task.job, now) {
+                    Some(job) => job.claim(task.idx, task.attempt, worker, lease_ms, now),
+                    None => ClaimOutcome::Missing,
+                };
+                if added && !matches!(outcome, ClaimOutcome::Claimed(_) | ClaimOutcome::Busy) {
+                    state.leases.remove(&member);
+                }
+                Ok(outcome)
+            })
+            .await
     }
 
     async fn renew(&self, claims: &[ClaimRef], lease: Duration) -> Result<Vec<bool>, StoreError> {
-        let now = self.clock.now_ms();
-        let lease_ms = lease.as_millis() as u64;
-        let mut state = self.lock()?;
-        let mut held = Vec::with_capacity(claims.len());
-        for c in claims {
-            let renewed = state
-                .job_mut(&c.job, now)
-                .and_then(|j| j.renew(c.idx, c.fence, lease_ms, now));
-            state
-                .leases
-                .add_existing(&entry(&c.job, c.idx, c.attempt), now + lease_ms);
-            held.push(renewed.is_some());
-        }
-        Ok(held)
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let lease_ms = lease.as_millis() as u64;
+                let mut state = self.lock()?;
+                let mut held = Vec::with_capacity(claims.len());
+                for c in claims {
+                    let renewed = state
+                        .job_mut(&c.job, now)
+                        .and_then(|j| j.renew(c.idx, c.fence, lease_ms, now));
+                    state
+                        .leases
+                        .add_existing(&entry(&c.job, c.idx, c.attempt), now + lease_ms);
+                    held.push(renewed.is_some());
+                }
+                Ok(held)
+            })
+            .await
     }
 
     async fn complete(
@@ -379,18 +486,22 @@ impl Store for MemoryStore {
         worker: &str,
         result: &AttemptResult,
     ) -> Result<Applied, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        if let AttemptResult::Retry { delay, .. } = result {
-            let due = now + delay.as_millis() as u64;
-            state
-                .retries
-                .add(&entry(&claim.job, claim.idx, claim.attempt + 1), due);
-        }
-        Ok(match state.job_mut(&claim.job, now) {
-            Some(job) => job.complete(claim, result, worker, now),
-            None => Applied::Missing,
-        })
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                if let AttemptResult::Retry { delay, .. } = result {
+                    let due = now + delay.as_millis() as u64;
+                    state
+                        .retries
+                        .add(&entry(&claim.job, claim.idx, claim.attempt + 1), due);
+                }
+                Ok(match state.job_mut(&claim.job, now) {
+                    Some(job) => job.complete(claim, result, worker, now),
+                    None => Applied::Missing,
+                })
+            })
+            .await
     }
 
     async fn release(
@@ -398,106 +509,142 @@ impl Store for MemoryStore {
         claim: &ClaimRef,
         worker: &str,
     ) -> Result<Option<TaskMessage>, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        Ok(state
-            .job_mut(&claim.job, now)
-            .and_then(|j| j.release(claim.idx, claim.fence, worker, now)))
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                Ok(state
+                    .job_mut(&claim.job, now)
+                    .and_then(|j| j.release(claim.idx, claim.fence, worker, now)))
+            })
+            .await
     }
 
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError> {
-        self.forget_leases(&[entry(&claim.job, claim.idx, claim.attempt)])
+        self.yields
+            .after(|| {
+                let mut state = self.lock()?;
+                state
+                    .leases
+                    .remove(&entry(&claim.job, claim.idx, claim.attempt));
+                Ok(())
+            })
             .await
     }
 
     async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        let ready_again = state.job_mut(&claim.job, now).is_some_and(|j| {
-            j.tasks.get(claim.idx as usize).is_some_and(|t| {
-                t.state == crate::model::TaskState::Ready && t.attempt == claim.attempt
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                let ready_again = state.job_mut(&claim.job, now).is_some_and(|j| {
+                    j.tasks.get(claim.idx as usize).is_some_and(|t| {
+                        t.state == crate::model::TaskState::Ready && t.attempt == claim.attempt
+                    })
+                });
+                if ready_again {
+                    state
+                        .leases
+                        .add_new(&entry(&claim.job, claim.idx, claim.attempt), now);
+                }
+                Ok(())
             })
-        });
-        if ready_again {
-            state
-                .leases
-                .add_new(&entry(&claim.job, claim.idx, claim.attempt), now);
-        }
-        Ok(())
+            .await
     }
 
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        let mut actions = Vec::new();
-        for e in state.retries.due(now, limit) {
-            let promotion = match parse_entry(&e) {
-                Some((job, idx, attempt)) => match state.job_mut(job, now) {
-                    Some(j) => j.promote(idx, attempt, now, &self.by),
-                    None => Promotion::Gone,
-                },
-                None => Promotion::Gone,
-            };
-            match promotion {
-                Promotion::Ready(msg) => actions.push(SweepAction {
-                    entry: e,
-                    publish: vec![msg],
-                }),
-                Promotion::Later(due) => state.retries.add_existing(&e, due),
-                Promotion::Gone => actions.push(SweepAction::forget(e)),
-            }
-        }
-        Ok(actions)
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                let mut actions = Vec::new();
+                for e in state.retries.due(now, limit) {
+                    let promotion = match parse_entry(&e) {
+                        Some((job, idx, attempt)) => match state.job_mut(job, now) {
+                            Some(j) => j.promote(idx, attempt, now, &self.by),
+                            None => Promotion::Gone,
+                        },
+                        None => Promotion::Gone,
+                    };
+                    match promotion {
+                        Promotion::Ready(msg) => actions.push(SweepAction {
+                            entry: e,
+                            publish: vec![msg],
+                        }),
+                        Promotion::Later(due) => state.retries.add_existing(&e, due),
+                        Promotion::Gone => actions.push(SweepAction::forget(e)),
+                    }
+                }
+                Ok(actions)
+            })
+            .await
     }
 
     async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError> {
-        let mut state = self.lock()?;
-        for e in entries {
-            state.retries.remove(e);
-        }
-        Ok(())
+        self.yields
+            .after(|| {
+                let mut state = self.lock()?;
+                for e in entries {
+                    state.retries.remove(e);
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        let mut actions = Vec::new();
-        for e in state.leases.due(now, limit) {
-            let reclaim = match parse_entry(&e) {
-                Some((job, idx, attempt)) => match state.job_mut(job, now) {
-                    Some(j) => j.reclaim(idx, attempt, now, by),
-                    None => Reclaim::Gone,
-                },
-                None => Reclaim::Gone,
-            };
-            match reclaim {
-                Reclaim::Alive(le) => state.leases.add_existing(&e, le),
-                Reclaim::Requeued(msg) => actions.push(SweepAction {
-                    entry: e,
-                    publish: vec![msg],
-                }),
-                Reclaim::Done(ready) => actions.push(SweepAction {
-                    entry: e,
-                    publish: ready,
-                }),
-                Reclaim::Failed | Reclaim::Gone => actions.push(SweepAction::forget(e)),
-            }
-        }
-        Ok(actions)
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                let mut actions = Vec::new();
+                for e in state.leases.due(now, limit) {
+                    let reclaim = match parse_entry(&e) {
+                        Some((job, idx, attempt)) => match state.job_mut(job, now) {
+                            Some(j) => j.reclaim(idx, attempt, now, by),
+                            None => Reclaim::Gone,
+                        },
+                        None => Reclaim::Gone,
+                    };
+                    match reclaim {
+                        Reclaim::Alive(le) => state.leases.add_existing(&e, le),
+                        Reclaim::Requeued(msg) => actions.push(SweepAction {
+                            entry: e,
+                            publish: vec![msg],
+                        }),
+                        Reclaim::Done(ready) => actions.push(SweepAction {
+                            entry: e,
+                            publish: ready,
+                        }),
+                        Reclaim::Failed | Reclaim::Gone => actions.push(SweepAction::forget(e)),
+                    }
+                }
+                Ok(actions)
+            })
+            .await
     }
 
     async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
-        let mut state = self.lock()?;
-        for e in entries {
-            state.leases.remove(e);
-        }
-        Ok(())
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                for e in entries {
+                    state.leases.remove_due(e, now);
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        Ok(state.job_mut(id, now).map(|j| j.status()))
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                Ok(state.job_mut(id, now).map(|j| j.status()))
+            })
+            .await
     }
 
     async fn list_jobs(
@@ -505,100 +652,126 @@ impl Store for MemoryStore {
         filter: Option<JobState>,
         limit: usize,
     ) -> Result<Vec<JobSummary>, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        let ids: Vec<String> = state
-            .jobs_index
-            .order
-            .iter()
-            .rev()
-            .map(|(_, id)| id.clone())
-            .collect();
-        let mut out = Vec::new();
-        for id in ids {
-            if out.len() >= limit {
-                break;
-            }
-            let Some(job) = state.job_mut(&id, now) else {
-                state.jobs_index.remove(&id);
-                continue;
-            };
-            if filter.is_some_and(|s| s != job.state) {
-                continue;
-            }
-            out.push(JobSummary {
-                id: job.id.clone(),
-                state: job.state,
-                requestor: job.requestor.clone(),
-                tasks: job.tasks.len() as u32,
-                created_ms: job.created_ms,
-                updated_ms: job.updated_ms,
-            });
-        }
-        Ok(out)
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                let ids: Vec<String> = state
+                    .jobs_index
+                    .order
+                    .iter()
+                    .rev()
+                    .map(|(_, id)| id.clone())
+                    .collect();
+                let mut out = Vec::new();
+                for id in ids {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let Some(job) = state.job_mut(&id, now) else {
+                        state.jobs_index.remove(&id);
+                        continue;
+                    };
+                    if filter.is_some_and(|s| s != job.state) {
+                        continue;
+                    }
+                    out.push(JobSummary {
+                        id: job.id.clone(),
+                        state: job.state,
+                        requestor: job.requestor.clone(),
+                        tasks: job.tasks.len() as u32,
+                        created_ms: job.created_ms,
+                        updated_ms: job.updated_ms,
+                    });
+                }
+                Ok(out)
+            })
+            .await
     }
 
     async fn prune_expired(&self, _limit: usize) -> Result<Pruned, StoreError> {
-        // Everything is at hand: one pass over the entries old enough to
-        // have expired removes the expired records with their entries.
-        let now = self.clock.now_ms();
-        let cutoff = now.saturating_sub(self.retention_ms);
-        let mut state = self.lock()?;
-        let old: Vec<String> = state
-            .jobs_index
-            .order
-            .iter()
-            .take_while(|(score, _)| *score <= cutoff)
-            .map(|(_, id)| id.clone())
-            .collect();
-        let mut removed = 0;
-        for id in old {
-            if state.job_mut(&id, now).is_none() {
-                state.jobs_index.remove(&id);
-                removed += 1;
-            }
-        }
-        Ok(Pruned {
-            removed,
-            more: false,
-        })
+        self.yields
+            .after(|| {
+                // Everything is at hand: one pass over the entries old enough to
+                // have expired removes the expired records with their entries.
+                let now = self.clock.now_ms();
+                let cutoff = now.saturating_sub(self.retention_ms);
+                let mut state = self.lock()?;
+                let old: Vec<String> = state
+                    .jobs_index
+                    .order
+                    .iter()
+                    .take_while(|(score, _)| *score <= cutoff)
+                    .map(|(_, id)| id.clone())
+                    .collect();
+                let mut removed = 0;
+                for id in old {
+                    if state.job_mut(&id, now).is_none() {
+                        state.jobs_index.remove(&id);
+                        removed += 1;
+                    }
+                }
+                Ok(Pruned {
+                    removed,
+                    more: false,
+                })
+            })
+            .await
     }
 
     async fn known_queues(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self.lock()?.queues.iter().cloned().collect())
+        self.yields
+            .after(|| Ok(self.lock()?.queues.iter().cloned().collect()))
+            .await
     }
 
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        state.workers.insert(
-            worker.id.clone(),
-            (worker.clone(), now + ttl.as_millis() as u64),
-        );
-        Ok(())
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                state.workers.insert(
+                    worker.id.clone(),
+                    (worker.clone(), now + ttl.as_millis() as u64),
+                );
+                Ok(())
+            })
+            .await
     }
 
     async fn unregister(&self, worker_id: &str) -> Result<(), StoreError> {
-        let mut state = self.lock()?;
-        state.workers.remove(worker_id);
-        Ok(())
+        self.yields
+            .after(|| {
+                let mut state = self.lock()?;
+                state.workers.remove(worker_id);
+                Ok(())
+            })
+            .await
     }
 
     async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        state.workers.retain(|_, (_, expires)| *expires > now);
-        Ok(state.workers.values().map(|(w, _)| w.clone()).collect())
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                state.workers.retain(|_, (_, expires)| *expires > now);
+                Ok(state.workers.values().map(|(w, _)| w.clone()).collect())
+            })
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.lock().map(|_| ())
+        self.yields.after(|| self.lock().map(|_| ())).await
     }
 
     async fn audit_due(&self) -> Result<Option<String>, StoreError> {
-        let state = self.lock()?;
-        let server = self.server();
-        Ok((state.audited.as_deref() != Some(server.as_str())).then_some(server))
+        self.yields
+            .after(|| {
+                let state = self.lock()?;
+                let server = self.server();
+                Ok((state.audited.as_deref() != Some(server.as_str())).then_some(server))
+            })
+            .await
     }
 
     async fn audit_jobs(
@@ -606,51 +779,63 @@ impl Store for MemoryStore {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<AuditPage, StoreError> {
-        use std::ops::Bound;
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        let from = cursor.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut ids: Vec<String> = state
-            .jobs_index
-            .scores
-            .range::<str, _>((from, Bound::Unbounded))
-            .take(limit.max(1) + 1)
-            .map(|(id, _)| id.clone())
-            .collect();
-        let more = ids.len() > limit.max(1);
-        ids.truncate(limit.max(1));
-        let mut page = AuditPage {
-            jobs: ids.len(),
-            next: if more { ids.last().cloned() } else { None },
-            ..AuditPage::default()
-        };
-        for id in &ids {
-            if let Some(job) = state.job_mut(id, now) {
-                page.wanted.extend(job.schedule_entries(now));
-            }
-        }
-        for e in &page.wanted {
-            let index = match e.index {
-                ScheduleIndex::Leases => &mut state.leases,
-                ScheduleIndex::Retries => &mut state.retries,
-            };
-            if index.add_new(&e.entry, e.at_ms) {
-                page.added += 1;
-            }
-        }
-        Ok(page)
+        self.yields
+            .after(|| {
+                use std::ops::Bound;
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                let from = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+                let mut ids: Vec<String> = state
+                    .jobs_index
+                    .scores
+                    .range::<str, _>((from, Bound::Unbounded))
+                    .take(limit.max(1) + 1)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let more = ids.len() > limit.max(1);
+                ids.truncate(limit.max(1));
+                let mut page = AuditPage {
+                    jobs: ids.len(),
+                    next: if more { ids.last().cloned() } else { None },
+                    ..AuditPage::default()
+                };
+                for id in &ids {
+                    if let Some(job) = state.job_mut(id, now) {
+                        page.wanted.extend(job.schedule_entries(now));
+                    }
+                }
+                for e in &page.wanted {
+                    let index = match e.index {
+                        ScheduleIndex::Leases => &mut state.leases,
+                        ScheduleIndex::Retries => &mut state.retries,
+                    };
+                    if index.add_new(&e.entry, e.at_ms) {
+                        page.added += 1;
+                    }
+                }
+                Ok(page)
+            })
+            .await
     }
 
     async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
-        self.lock()?.audited = Some(server.to_owned());
-        Ok(())
+        self.yields
+            .after(|| {
+                self.lock()?.audited = Some(server.to_owned());
+                Ok(())
+            })
+            .await
     }
 
     async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError> {
-        let now = self.clock.now_ms();
-        let mut state = self.lock()?;
-        Ok(state
-            .job_mut(&task.job, now)
-            .is_some_and(|j| j.poison(task.idx, task.attempt, reason, now, &self.by)))
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let mut state = self.lock()?;
+                Ok(state
+                    .job_mut(&task.job, now)
+                    .is_some_and(|j| j.poison(task.idx, task.attempt, reason, now, &self.by)))
+            })
+            .await
     }
 }

@@ -418,7 +418,9 @@ pub trait Store: Send + Sync + 'static {
         worker: &str,
     ) -> Result<Option<TaskMessage>, StoreError>;
 
-    /// Forget the lease index entry of a claim whose follow-ups are confirmed.
+    /// Forget the lease index entry of a claim whose follow-ups are
+    /// confirmed. Only for an attempt that is over (applied, or refused):
+    /// no later claim can take it, so none can own the entry by then.
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
     /// For a claim whose outcome was refused as stale: if the task is ready
@@ -439,7 +441,10 @@ pub trait Store: Send + Sync + 'static {
     /// of finished tasks whose follow-ups may not have been published.
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError>;
 
-    /// Forget lease entries whose follow-ups are confirmed.
+    /// Forget lease entries whose follow-ups are confirmed, each only if it
+    /// is still due: a task the sweep offered again at the same attempt
+    /// may have been claimed since, and the claim (which keeps an existing
+    /// entry, moved to its own expiry) owns the entry now.
     async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError>;
 
     /// The store's server, if it is not the one the last complete audit

@@ -64,7 +64,7 @@ pub(crate) const COMMON: &str = include_str!("lua/common.lua");
 /// Every transition's body, by name, in `Script` order. Each runs as the
 /// body of a function after `begin`; its return value is the reply, after
 /// the buffered history entries are flushed.
-pub const SCRIPT_BODIES: [(&str, &str); 11] = [
+pub const SCRIPT_BODIES: [(&str, &str); 12] = [
     ("create", include_str!("lua/create.lua")),
     ("reject", include_str!("lua/reject.lua")),
     ("claim", include_str!("lua/claim.lua")),
@@ -77,6 +77,7 @@ pub const SCRIPT_BODIES: [(&str, &str); 11] = [
     // Calls `body_create` and `body_claim`, so it comes after both.
     ("create_claim", include_str!("lua/create_claim.lua")),
     ("audit", include_str!("lua/audit.lua")),
+    ("forget_due", include_str!("lua/forget_due.lua")),
 ];
 
 /// The `run_id` line of `INFO server`: 40 hex digits, new with every start
@@ -143,6 +144,7 @@ enum Script {
     Poison,
     CreateClaim,
     Audit,
+    ForgetDue,
 }
 
 /// The Redis implementation of [`Store`].
@@ -152,7 +154,7 @@ pub struct RedisStore {
     nodes: Nodes,
     names: Names,
     /// Function name of each [`Script`].
-    functions: [String; 11],
+    functions: [String; 12],
     retention_ms: u64,
     by: String,
     epoch: Arc<AtomicU64>,
@@ -1279,9 +1281,12 @@ impl RedisStore {
     /// One round: every claim's lease entry, then one claim call per job
     /// (and worker and lease) for all of its claims in the round, in one
     /// pipeline. Lease entries first: a crash between leaves an index
-    /// entry the sweep drops, never a claim the sweep cannot find. NX: an
-    /// existing entry may be a sweep's unfinished re-queue of this
-    /// attempt, which must keep its place.
+    /// entry the sweep drops, never a claim the sweep cannot find. `GT`:
+    /// an existing entry (a sweep's unfinished re-queue of this attempt, a
+    /// handed-back claim's) is kept, and moved to this claim's expiry if
+    /// that is later, so a sweep that read it as due and is about to
+    /// forget it finds it no longer due and leaves it (see
+    /// [`Store::forget_leases`]).
     async fn claim_round(&self, round: Vec<ClaimRequest>) {
         self.claim_rounds_sent.fetch_add(1, Ordering::Relaxed);
         let mut pipe = redis::pipe();
@@ -1339,7 +1344,7 @@ impl RedisStore {
     fn add_lease_entry(&self, pipe: &mut Pipeline, task: &TaskMessage, lease_ms: u64) {
         pipe.cmd("ZADD")
             .arg(self.names.leases())
-            .arg("NX")
+            .arg("GT")
             .arg(unix_ms() + lease_ms)
             .arg(entry(&task.job, task.idx, task.attempt));
     }
@@ -1845,7 +1850,19 @@ impl Store for RedisStore {
     }
 
     async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
-        self.forget_entries(self.names.leases(), entries).await
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Still due now, by the clock the claims score their entries with.
+        let mut pipe = redis::pipe();
+        pipe.cmd("FCALL")
+            .arg(&self.functions[Script::ForgetDue as usize])
+            .arg(1)
+            .arg(self.names.leases())
+            .arg(unix_ms())
+            .arg(entries)
+            .ignore();
+        self.run::<()>(&pipe).await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {

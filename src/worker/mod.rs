@@ -550,7 +550,12 @@ impl Worker {
         next
     }
 
-    /// Shutdown overran the grace period: give the claim back.
+    /// Shutdown overran the grace period: give the claim back. The lease
+    /// entry stays: the attempt is ready again, and a claim of it taken
+    /// from the message published here may already own the entry
+    /// (forgetting it would leave that claim unfindable by the sweep).
+    /// Once due, the sweep offers the task again if it still waits (a
+    /// harmless duplicate) and drops the entry if it is still due.
     async fn hand_back(&self, claimed: &Claimed) {
         let claim = &claimed.claim;
         self.active.remove(claim);
@@ -558,29 +563,25 @@ impl Worker {
             j.record('E', claim, Some("handed_back"));
         }
         match self.store.release(claim, &self.options.id).await {
-            Ok(Some(msg)) => {
-                if let Err(e) = self.outbox.publish_tasks(&[msg]).await {
-                    tracing::warn!(error = %e, "could not re-publish handed-back task; the lease sweep will");
-                    return;
+            Ok(Some(msg)) => match self.outbox.publish_tasks(&[msg]).await {
+                Ok(()) => {
+                    tracing::info!(job = %claim.job, task = %claimed.task, "task handed back");
                 }
-                tracing::info!(job = %claim.job, task = %claimed.task, "task handed back");
-            }
-            Ok(None) => {
-                // Not held (any more): whoever holds the entry now, or the
-                // sweep, takes care of the task.
-                return;
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not re-publish handed-back task; the lease sweep will");
+                }
+            },
+            // Not held (any more): whoever holds it now, or the sweep,
+            // takes care of the task.
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "could not release claim; its lease will lapse");
-                return;
             }
         }
-        let _ = self.store.forget_claim(claim).await;
     }
 
-    /// A message delivered too often without an outcome: dead-letter it and
-    /// fail its task, so the job finishes instead of waiting forever.
-    /// A message delivered too often: fail its task and dead-letter it, if
+    /// A message delivered too often without an outcome: fail its task (so
+    /// the job finishes instead of waiting forever) and dead-letter it, if
     /// the task still waits for this attempt. Otherwise the message is no
     /// task's last hope (a duplicate of an attempt that ran or runs, or of
     /// a job that has no record) and is handed back, for the claim to
