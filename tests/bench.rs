@@ -108,6 +108,16 @@ fn exact_latency_is_within_the_observed_bound(report: &Value, jobs: f64) {
     }
 }
 
+/// The names of the targets a report judged.
+fn target_names(report: &Value) -> Vec<&str> {
+    report["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_fast_as_possible_reports_throughput_against_the_bare_loop_and_cleans_up() {
     let report = bench(&[
@@ -144,12 +154,7 @@ async fn as_fast_as_possible_reports_throughput_against_the_bare_loop_and_cleans
     assert!(number(&report, "/peak_rss_mb_by_role/dispatcher") > 1.0);
     // Judged only against the targets set for this workload: a fan-out of
     // 3 is not the 10,000-task one, 200 jobs are not 100,000 in flight.
-    let targets: Vec<&str> = report["targets"]
-        .as_array()
-        .expect("targets")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
+    let targets = target_names(&report);
     assert!(
         targets.iter().any(|t| t.starts_with("worker peak RSS")),
         "{targets:?}"
@@ -188,12 +193,7 @@ async fn at_an_offered_rate_reports_latency_next_to_a_bare_hop_of_the_same_queue
     // The latency targets are checked at the rate they are set for, and
     // only they and the memory and Redis ones (no throughput ratio without
     // a bare loop).
-    let targets: Vec<&str> = report["targets"]
-        .as_array()
-        .expect("targets")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
+    let targets = target_names(&report);
     assert!(
         targets
             .iter()

@@ -221,6 +221,15 @@ async fn messages_in(queue: &str) -> Option<u64> {
         })
 }
 
+/// The next delivery of a test's own lapin consumer.
+async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the consumer is open")
+        .expect("a delivery")
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,11 +653,7 @@ async fn a_poison_message_is_dead_lettered_and_its_task_failed_with_the_reason()
         .await
         .unwrap();
     for _ in 0..3 {
-        let delivery = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let delivery = next_delivery(&mut consumer).await;
         delivery
             .acker
             .reject(BasicRejectOptions { requeue: true })
@@ -870,11 +875,7 @@ async fn a_stale_duplicate_delivered_past_the_limit_is_dropped_not_dead_lettered
         )])
         .await
         .unwrap();
-    let delivery = tokio::time::timeout(WAIT, consumer.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let delivery = next_delivery(&mut consumer).await;
     ch.basic_cancel(
         "ahead".into(),
         lapin::options::BasicCancelOptions::default(),
@@ -919,17 +920,7 @@ async fn a_worker_with_every_slot_busy_gives_held_tasks_back_for_an_idle_worker_
         .submit(&json!({"id": "short", "requestor": "r",
             "tasks": [{"name": "t", "handler": "noop"}]}))
         .await;
-    let broker = common::connect_broker(&d.config).await;
-    let queue = d.names.task_queue("default");
-    eventually("the busy worker holds the short task", WAIT, || async {
-        let status = d.status("short").await?;
-        let stats = broker
-            .queue_stats(std::slice::from_ref(&queue))
-            .await
-            .ok()?;
-        (status.tasks["t"].state == TaskState::Ready && stats.first()?.ready == 0).then_some(())
-    })
-    .await;
+    d.wait_until_held("short").await;
     let idle = d.start_worker(1).await;
     let short = d.wait_terminal("short", Duration::from_secs(6)).await;
     assert_eq!(short.state, JobState::Succeeded, "{short:#?}");

@@ -12,8 +12,7 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 
 use common::{Client, Deployment, eventually};
-use conveyor::broker::Broker;
-use conveyor::model::{JobState, TaskState};
+use conveyor::model::JobState;
 use serde_json::json;
 
 fn spawn_worker_process(d: &Deployment, grace_s: u64) -> tokio::process::Child {
@@ -50,6 +49,17 @@ async fn sigterm(child: &tokio::process::Child) {
         .await
         .expect("kill");
     assert!(status.success());
+}
+
+/// SIGTERM, then the worker exits 0 within its grace period and the
+/// hand-back.
+async fn stop_with_sigterm(child: &mut tokio::process::Child) {
+    sigterm(child).await;
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("worker exits within grace + hand-back")
+        .expect("wait");
+    assert!(exit.success(), "worker exit status {exit:?}");
 }
 
 async fn running_tasks(d: &Deployment, ids: &[String]) -> usize {
@@ -89,12 +99,7 @@ async fn a_worker_stopped_with_sigterm_finishes_or_hands_back_its_tasks_and_noth
         || async { (running_tasks(&d, &ids).await >= 2).then_some(()) },
     )
     .await;
-    sigterm(&child).await;
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("worker exits within grace + hand-back")
-        .expect("wait");
-    assert!(exit.success(), "worker exit status {exit:?}");
+    stop_with_sigterm(&mut child).await;
 
     // Another worker picks up whatever was handed back or never started.
     d.start_worker(8).await;
@@ -154,24 +159,8 @@ async fn a_task_waiting_in_a_stopped_workers_hand_goes_back_uncounted() {
         .submit(&json!({"id": "waiting", "requestor": "r",
             "tasks": [{"name": "t", "handler": "noop"}]}))
         .await;
-    let broker = common::connect_broker(&d.config).await;
-    let queue = d.names.task_queue("default");
-    eventually("the worker holds the waiting task", WAIT, || async {
-        let status = d.status("waiting").await?;
-        let stats = broker
-            .queue_stats(std::slice::from_ref(&queue))
-            .await
-            .ok()?;
-        let queued = stats.first()?;
-        (status.tasks["t"].state == TaskState::Ready && queued.ready == 0).then_some(())
-    })
-    .await;
-    sigterm(&child).await;
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("worker exits within grace + hand-back")
-        .expect("wait");
-    assert!(exit.success(), "worker exit status {exit:?}");
+    d.wait_until_held("waiting").await;
+    stop_with_sigterm(&mut child).await;
 
     d.start_worker(2).await;
     for id in ["waiting", "busy"] {
@@ -232,12 +221,7 @@ async fn workers_register_with_heartbeats_and_leave_the_registry_when_they_stop_
     })
     .await;
 
-    sigterm(&stopped).await;
-    let exit = tokio::time::timeout(WAIT, stopped.wait())
-        .await
-        .expect("the worker exits")
-        .expect("wait");
-    assert!(exit.success(), "{exit:?}");
+    stop_with_sigterm(&mut stopped).await;
     let left = d.store.workers().await.unwrap();
     assert_eq!(
         left.len(),

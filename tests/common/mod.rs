@@ -280,6 +280,28 @@ impl Deployment {
         .await;
     }
 
+    /// Wait until task `t` of job `id` is ready and its message is in no
+    /// queue: a worker holds it, received and not started.
+    pub async fn wait_until_held(&self, id: &str) {
+        let broker = connect_broker(&self.config).await;
+        let queue = self.names.task_queue("default");
+        eventually(
+            "a worker holds the task",
+            Duration::from_secs(30),
+            || async {
+                let status = self.status(id).await?;
+                let stats = broker
+                    .queue_stats(std::slice::from_ref(&queue))
+                    .await
+                    .ok()?;
+                (status.tasks["t"].state == conveyor::model::TaskState::Ready
+                    && stats.first()?.ready == 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Wait until the job is terminal; panic with its status if it is not
     /// within `within`.
     pub async fn wait_terminal(&self, id: &str, within: Duration) -> JobStatus {
