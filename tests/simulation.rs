@@ -977,13 +977,9 @@ fn attempt_named(to: &str, reason: &str) -> Option<u32> {
     }
 }
 
-/// Every running task's claim has its entry in the lease schedule: the
-/// sweep finds lapsed claims only through it, so a claim without one
-/// whose worker dies leaves its task running for ever (until an audit,
-/// which only a store server change brings). Checked over every record
-/// at every step: removing an entry changes no record's version.
-fn check_running_tasks_are_scheduled(store: &MemoryStore) -> Result<(), String> {
-    let running: Vec<(String, u32, u32, Option<u64>)> = store.inspect_records(|records| {
+/// Every running task: job, index, attempt and the fence of its claim.
+fn running_tasks(store: &MemoryStore) -> Vec<(String, u32, u32, Option<u64>)> {
+    store.inspect_records(|records| {
         records
             .flat_map(|r| {
                 r.tasks
@@ -994,7 +990,16 @@ fn check_running_tasks_are_scheduled(store: &MemoryStore) -> Result<(), String> 
                     .collect::<Vec<_>>()
             })
             .collect()
-    });
+    })
+}
+
+/// Every running task's claim has its entry in the lease schedule: the
+/// sweep finds lapsed claims only through it, so a claim without one
+/// whose worker dies leaves its task running for ever (until an audit,
+/// which only a store server change brings). Checked over every record
+/// at every step: removing an entry changes no record's version.
+fn check_running_tasks_are_scheduled(store: &MemoryStore) -> Result<(), String> {
+    let running = running_tasks(store);
     for (job, idx, attempt, fence) in running {
         if store.lease_entry(&job, idx, attempt).is_none() {
             return Err(format!(
@@ -1355,18 +1360,10 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
             // alive, has its outcome refused or its run stopped; either
             // way the task is offered again (recheck, audit).
             113..=120 => {
-                let running: Vec<(String, u32)> = store.inspect_records(|records| {
-                    records
-                        .flat_map(|r| {
-                            r.tasks
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, t)| t.state == TaskState::Running)
-                                .map(|(i, _)| (r.id.clone(), i as u32))
-                                .collect::<Vec<_>>()
-                        })
-                        .collect()
-                });
+                let running: Vec<(String, u32)> = running_tasks(&store)
+                    .into_iter()
+                    .map(|(job, idx, _, _)| (job, idx))
+                    .collect();
                 if !running.is_empty() {
                     let (job, idx) = &running[rng.random_range(0..running.len())];
                     if let Some(lost) = store.lose_claim(job, *idx) {
