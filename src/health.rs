@@ -18,35 +18,23 @@
 //! nothing useful.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::broker::Broker;
+use crate::flag::Flag;
 use crate::store::{Replicas, Store};
 
 /// Shared health of one process's store connection.
 #[derive(Clone)]
 pub struct Health {
-    store_up: Arc<StoreGate>,
+    /// Whether the store is up (see [`Flag`] for why not a `watch`).
+    store_up: Arc<Flag>,
     consuming: Arc<Mutex<BTreeMap<String, bool>>>,
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
-}
-
-/// Whether the store is up, and a wake-up for those waiting for it. Not a
-/// `watch` channel: tokio spreads a `watch`'s waiters over several queues
-/// picked at random, so the order in which they wake (which consumer takes
-/// the next delivery first) differed from run to run, and a simulation
-/// seed did not always replay exactly. `Notify` wakes its waiters in a
-/// fixed order.
-#[derive(Default)]
-struct StoreGate {
-    up: AtomicBool,
-    changed: Notify,
 }
 
 /// What `/readyz` answers.
@@ -87,10 +75,7 @@ impl Health {
     /// Healthy until told otherwise.
     pub fn new(store: Arc<dyn Store>, broker: Arc<dyn Broker>) -> Health {
         Health {
-            store_up: Arc::new(StoreGate {
-                up: AtomicBool::new(true),
-                changed: Notify::new(),
-            }),
+            store_up: Arc::new(Flag::new(true)),
             consuming: Arc::default(),
             store,
             broker,
@@ -99,7 +84,7 @@ impl Health {
 
     /// Whether the store answered last time it was asked.
     pub fn store_up(&self) -> bool {
-        self.store_up.up.load(Ordering::SeqCst)
+        self.store_up.get()
     }
 
     /// Record whether `queue` has a live consumer of this process.
@@ -144,7 +129,7 @@ impl Health {
     /// A store call failed as unavailable: hold new work back and probe
     /// until the store answers.
     pub fn mark_store_down(&self) {
-        let was_up = self.store_up.up.swap(false, Ordering::SeqCst);
+        let was_up = self.store_up.set(false);
         if !was_up {
             return;
         }
@@ -157,8 +142,7 @@ impl Health {
                 match this.store.ping().await {
                     Ok(()) => {
                         tracing::info!("store reachable again: resuming");
-                        this.store_up.up.store(true, Ordering::SeqCst);
-                        this.store_up.changed.notify_waiters();
+                        this.store_up.set(true);
                         return;
                     }
                     Err(e) => tracing::debug!(error = %e, "store still unreachable"),
@@ -170,17 +154,7 @@ impl Health {
 
     /// Wait until the store is up.
     pub async fn wait_store_up(&self) {
-        loop {
-            // Registered before the check, so a wake-up between the two
-            // is not missed.
-            let changed = self.store_up.changed.notified();
-            let mut changed = std::pin::pin!(changed);
-            changed.as_mut().enable();
-            if self.store_up() {
-                return;
-            }
-            changed.await;
-        }
+        self.store_up.wait_for(true).await;
     }
 }
 

@@ -23,6 +23,7 @@ pub mod consumer;
 pub mod dag;
 pub mod dispatcher;
 pub mod embedded;
+pub mod flag;
 pub mod health;
 pub mod http;
 pub mod intake;

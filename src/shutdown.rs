@@ -1,39 +1,57 @@
 //! Shutdown as a value: every long-running task holds a [`Shutdown`] and
 //! stops taking new work when it fires (as mini-redis does). No global flags.
 
-use tokio::sync::watch;
+use std::sync::Arc;
 
-/// Fires shutdown for every [`Shutdown`] made from it.
+use crate::flag::Flag;
+
+/// Fires shutdown for every [`Shutdown`] made from it; when its last
+/// clone is dropped, that fires it too (a process whose trigger is gone
+/// has no one left to stop it otherwise).
 #[derive(Debug, Clone)]
 pub struct ShutdownTrigger {
-    tx: std::sync::Arc<watch::Sender<bool>>,
+    owner: Arc<TriggerOwner>,
 }
 
-/// A handle that learns when shutdown was asked for.
+/// Shared by a trigger's clones: fires on drop of the last.
+#[derive(Debug)]
+struct TriggerOwner {
+    fired: Arc<Flag>,
+}
+
+impl Drop for TriggerOwner {
+    fn drop(&mut self) {
+        self.fired.set(true);
+    }
+}
+
+/// A handle that learns when shutdown was asked for. A [`Flag`], not a
+/// `watch`: waiters wake in a fixed order (see [`crate::flag`]).
 #[derive(Debug, Clone)]
 pub struct Shutdown {
-    rx: watch::Receiver<bool>,
+    fired: Arc<Flag>,
 }
 
 impl ShutdownTrigger {
     /// A trigger that has not fired.
     pub fn new() -> ShutdownTrigger {
-        let (tx, _) = watch::channel(false);
         ShutdownTrigger {
-            tx: std::sync::Arc::new(tx),
+            owner: Arc::new(TriggerOwner {
+                fired: Arc::new(Flag::new(false)),
+            }),
         }
     }
 
     /// A handle to hand to a task.
     pub fn subscribe(&self) -> Shutdown {
         Shutdown {
-            rx: self.tx.subscribe(),
+            fired: self.owner.fired.clone(),
         }
     }
 
     /// Ask every holder to stop.
     pub fn trigger(&self) {
-        self.tx.send_replace(true);
+        self.owner.fired.set(true);
     }
 }
 
@@ -46,12 +64,12 @@ impl Default for ShutdownTrigger {
 impl Shutdown {
     /// Whether shutdown was asked for.
     pub fn is_triggered(&self) -> bool {
-        *self.rx.borrow()
+        self.fired.get()
     }
 
     /// Wait until shutdown is asked for (or every trigger is gone).
     pub async fn wait(&mut self) {
-        let _ = self.rx.wait_for(|fired| *fired).await;
+        self.fired.wait_for(true).await;
     }
 
     /// Wait for the next tick of `interval`: `true` when it came, `false`
@@ -97,6 +115,18 @@ pub fn on_signals(trigger: ShutdownTrigger) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn dropping_every_clone_of_the_trigger_fires_it() {
+        let trigger = ShutdownTrigger::new();
+        let other = trigger.clone();
+        let mut shutdown = trigger.subscribe();
+        drop(trigger);
+        assert!(!shutdown.is_triggered(), "a clone is left");
+        drop(other);
+        assert!(shutdown.is_triggered());
+        shutdown.wait().await;
+    }
 
     #[tokio::test]
     async fn every_handle_sees_the_trigger() {
