@@ -172,11 +172,7 @@ async fn submit_says_at_once_when_the_files_job_will_not_appear_under_its_id() {
     let mut d = Deployment::new("cli-unfollowable").await;
     d.start_dispatcher().await;
     let dir = Scratch::dir("cli");
-    let numeric = job_file(
-        &dir,
-        "numeric.json",
-        &json!({"id": 5, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
-    );
+    let numeric = job_file(&dir, "numeric.json", &common::noop_job(5));
     let started = std::time::Instant::now();
     let told = conveyor(&d, &["submit", &numeric, "--wait"]).await;
     assert_eq!(told.code, Some(1), "{}", told.stderr);

@@ -207,10 +207,7 @@ async fn a_worker_busy_with_a_long_task_still_records_new_submissions_at_once() 
     d.start_worker_taking_submissions(1).await;
     let client = Client::connect(&d.config.prefix).await;
     d.start_long_task(&client, "long", 10000).await;
-    client
-        .submit(&json!({"id": "next", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("next")).await;
     // Recorded while the only slot is still taken, not after it frees.
     let next = eventually("the next job is recorded", WAIT, || d.status("next")).await;
     assert_eq!(next.state, JobState::Pending);
@@ -400,10 +397,7 @@ async fn unparseable_and_oversized_messages_are_dead_lettered_and_the_dispatcher
     assert_eq!(second.0["x-conveyor-reason-kind"], "too_large");
     assert_eq!(second.1.len(), big.len());
 
-    client
-        .submit(&json!({"id": "after-garbage", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("after-garbage")).await;
     assert_eq!(
         d.wait_terminal("after-garbage", WAIT).await.state,
         JobState::Succeeded
@@ -483,10 +477,7 @@ async fn a_corrected_resubmission_under_a_rejected_id_is_told_the_id_stays_rejec
     let rejected = d.wait_terminal("oops", WAIT).await;
     assert_eq!(rejected.state, JobState::Rejected);
 
-    client
-        .submit(&json!({"id": "oops", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("oops")).await;
     let (_, second) = client.reply().await;
     assert_eq!(second["job_id"], "oops", "{second}");
     assert_eq!(second["accepted"], false, "{second}");
@@ -606,10 +597,7 @@ async fn lists_of_broker_and_redis_nodes_are_tried_in_turn_until_one_answers() {
     d.start_dispatcher().await;
     d.start_worker(4).await;
     let client = Client::connect(&prefix).await;
-    client
-        .submit(&json!({"id": "via-second-node", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("via-second-node")).await;
     assert_eq!(
         d.wait_terminal("via-second-node", WAIT).await.state,
         JobState::Succeeded
@@ -704,10 +692,7 @@ async fn a_task_queue_deleted_by_an_operator_is_declared_again_when_the_publish_
     delete_queue(&d.config, tool, &task_queue).await;
 
     let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(&json!({"id": "after-delete", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("after-delete")).await;
     // No worker runs (a consumer's reconnection would declare its queue):
     // only the dispatcher's outbox can bring the queue back.
     let q = task_queue.as_str();

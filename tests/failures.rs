@@ -344,9 +344,7 @@ async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives(
         error.contains("handler panicked") && error.contains("attempts used up"),
         "{error}"
     );
-    client
-        .submit(&json!({"id": "after-panic", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("after-panic")).await;
     assert_eq!(
         d.wait_terminal("after-panic", WAIT).await.state,
         JobState::Succeeded
@@ -627,11 +625,7 @@ async fn a_poison_message_is_dead_lettered_and_its_task_failed_with_the_reason()
     let journal = open_journal(&mut d, "poison");
     d.start_dispatcher().await;
     let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(
-            &json!({"id": "toxic", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
-        )
-        .await;
+    client.submit(&common::noop_job("toxic")).await;
     eventually("the job recorded", WAIT, || async {
         d.status("toxic").await
     })
@@ -710,11 +704,7 @@ async fn a_handler_blocking_in_spawn_blocking_past_its_timeout_is_timed_out_and_
     .await;
     let served: Vec<String> = (0..10).map(|i| format!("served-{i}")).collect();
     for id in &served {
-        client
-            .submit(
-                &json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
-            )
-            .await;
+        client.submit(&common::noop_job(id)).await;
     }
     for id in &served {
         assert_eq!(d.wait_terminal(id, WAIT).await.state, JobState::Succeeded);
@@ -832,11 +822,7 @@ async fn a_stale_duplicate_delivered_past_the_limit_is_dropped_not_dead_lettered
     d.start_dispatcher().await;
     d.start_worker(2).await;
     let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(
-            &json!({"id": "ran", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
-        )
-        .await;
+    client.submit(&common::noop_job("ran")).await;
     let done = d.wait_terminal("ran", WAIT).await;
     assert_eq!(done.state, JobState::Succeeded);
 
@@ -916,10 +902,7 @@ async fn a_worker_with_every_slot_busy_gives_held_tasks_back_for_an_idle_worker_
     // The busy worker acked the long task's delivery after its claim, so
     // it has room under its prefetch and takes the next task message too,
     // with no slot to run it in.
-    client
-        .submit(&json!({"id": "short", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("short")).await;
     d.wait_until_held("short").await;
     let idle = d.start_worker(1).await;
     let short = d.wait_terminal("short", Duration::from_secs(6)).await;

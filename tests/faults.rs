@@ -541,9 +541,7 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     );
     // And they work: a new job after the reconnect succeeds.
     let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(&json!({"id": "after-drop", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("after-drop")).await;
     assert_eq!(
         d.wait_terminal("after-drop", WAIT).await.state,
         JobState::Succeeded
@@ -1124,8 +1122,7 @@ async fn behind_sentinel_a_new_primary_is_followed_even_while_the_old_one_takes_
     d.start_dispatcher().await;
     d.start_worker(4).await;
     let client = Client::connect_to(&d.config).await;
-    let job =
-        |id: &str| json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    let job = |id: &str| common::noop_job(id);
     client.submit(&job("before")).await;
     assert_eq!(
         d.wait_terminal("before", WAIT).await.state,
@@ -1348,8 +1345,7 @@ async fn with_redis_wait_replicas_a_submission_is_acked_only_once_a_replica_has_
     // Takes the submissions ahead of the dispatcher, claiming each root.
     d.start_worker_taking_submissions(4).await;
     let mut client = Client::connect(&d.config.prefix).await;
-    let job =
-        |id: &str| json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    let job = |id: &str| common::noop_job(id);
     client.submit(&job("before")).await;
     let (corr, reply) = client.reply().await;
     assert_eq!(
@@ -1466,11 +1462,7 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
     let restarted_at = now_ns();
     redis.launch().await;
     // A new job after the loss runs normally.
-    client
-        .submit(
-            &json!({"id": "fresh", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}),
-        )
-        .await;
+    client.submit(&common::noop_job("fresh")).await;
     assert_eq!(
         d.wait_terminal("fresh", WAIT).await.state,
         JobState::Succeeded
@@ -1633,7 +1625,7 @@ async fn ten_thousand_garbage_messages_are_all_recorded_and_the_dispatcher_keeps
         }
         client.publish_no_reply(&body).await;
     }
-    let valid = json!({"id": "valid-after-garbage", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+    let valid = common::noop_job("valid-after-garbage");
     client.submit(&valid).await;
     let mut d = d;
     d.start_worker(2).await;

@@ -155,10 +155,7 @@ async fn a_task_waiting_in_a_stopped_workers_hand_goes_back_uncounted() {
     d.start_long_task(&client, "busy", 4000).await;
     // The worker acked the long task's message after claiming it, so it
     // has room under its prefetch for the next message, and no slot.
-    client
-        .submit(&json!({"id": "waiting", "requestor": "r",
-            "tasks": [{"name": "t", "handler": "noop"}]}))
-        .await;
+    client.submit(&common::noop_job("waiting")).await;
     d.wait_until_held("waiting").await;
     stop_with_sigterm(&mut child).await;
 

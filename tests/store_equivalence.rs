@@ -298,6 +298,22 @@ async fn claim_first_attempt(store: &dyn Store, id: &str) -> conveyor::store::Cl
     claim_first_attempt_of(store, id, 0, "t").await
 }
 
+/// Record job `id` (one `noop` task `t`) in `store`; the message of its
+/// first attempt.
+async fn create_noop_job(store: &dyn Store, id: &str) -> TaskMessage {
+    store
+        .create_job(&plan(&common::noop_job(id)))
+        .await
+        .unwrap();
+    TaskMessage {
+        job: id.to_owned(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    }
+}
+
 /// Claims that arrive together go to Redis in one round, one call per
 /// job, and are answered as the memory store answers them one by one:
 /// each child of a fan-out claimed once, with its dependency's result, a
@@ -404,8 +420,7 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
         let mut ids = vec!["alive".to_owned()];
         ids.extend((0..5).map(|i| format!("done{i}")));
         for id in &ids {
-            let body =
-                json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+            let body = common::noop_job(id);
             store.create_job(&plan(&body)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -528,8 +543,7 @@ impl LostClaim {
     async fn new(test: &str) -> LostClaim {
         let config = common::test_config(&common::unique_prefix(test));
         let store = common::connect_store(&config, "eq").await;
-        let body =
-            json!({"id": "lost", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+        let body = common::noop_job("lost");
         store.create_job(&plan(&body)).await.unwrap();
         let client = redis::Client::open(config.redis_url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -715,8 +729,7 @@ async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
             {"name": "ready", "handler": "noop"},
             {"name": "wait", "handler": "noop", "after": ["ready"]}]});
         store.create_job(&plan(&body)).await.unwrap();
-        let done =
-            json!({"id": "done", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
+        let done = common::noop_job("done");
         store.create_job(&plan(&done)).await.unwrap();
         let c = claim_first_attempt(store.as_ref(), "done").await;
         store
@@ -789,16 +802,7 @@ async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_of
     let config = common::test_config(&common::unique_prefix("recheckmoved"));
     let stores = side_by_side(&config).await;
     for (name, store) in stores {
-        let body =
-            json!({"id": "moved", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
-        store.create_job(&plan(&body)).await.unwrap();
-        let msg = TaskMessage {
-            job: "moved".into(),
-            task: "t".into(),
-            idx: 0,
-            attempt: 1,
-            queue: "default".into(),
-        };
+        let msg = create_noop_job(store.as_ref(), "moved").await;
         let ClaimOutcome::Claimed(first) = store.claim(&msg, "w", Duration::ZERO).await.unwrap()
         else {
             panic!("{name}: not claimed");
@@ -835,16 +839,7 @@ async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_of
 async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_entry() {
     let config = common::test_config(&common::unique_prefix("reoffer"));
     for (name, store) in side_by_side(&config).await {
-        let body =
-            json!({"id": "again", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]});
-        store.create_job(&plan(&body)).await.unwrap();
-        let msg = TaskMessage {
-            job: "again".into(),
-            task: "t".into(),
-            idx: 0,
-            attempt: 1,
-            queue: "default".into(),
-        };
+        let msg = create_noop_job(store.as_ref(), "again").await;
         let first = match store.claim(&msg, "w1", Duration::from_millis(1)).await {
             Ok(ClaimOutcome::Claimed(c)) => c.claim,
             other => panic!("{name}: {other:?}"),

@@ -44,6 +44,11 @@ const HOW_TO_START: &str = "integration tests need RabbitMQ on 127.0.0.1:5672 an
 127.0.0.1:6379: start them with `rabbitmq-server -detached` and `redis-server --daemonize yes \
 --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no` (or run .ci/run)";
 
+/// Job `id`: one `noop` task `t` (requestor `r`).
+pub fn noop_job(id: impl serde::Serialize) -> serde_json::Value {
+    serde_json::json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]})
+}
+
 /// A prefix no other test run uses.
 pub fn unique_prefix(test: &str) -> String {
     let short: String = format!("{:08x}", rand::random::<u32>());
