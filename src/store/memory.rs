@@ -82,6 +82,8 @@ impl Clock for TokioClock {
 /// seeded: the embedded mode's calls complete without yielding.
 #[derive(Debug, Default)]
 pub(crate) struct YieldPoints {
+    /// Whether seeded: read first, so unseeded calls take no lock.
+    on: std::sync::atomic::AtomicBool,
     rng: Mutex<Option<StdRng>>,
 }
 
@@ -90,10 +92,15 @@ impl YieldPoints {
     /// turns the yields off.
     pub(crate) fn seed(&self, seed: Option<u64>) {
         *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = seed.map(StdRng::seed_from_u64);
+        self.on
+            .store(seed.is_some(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// One yield point: yields 0 to 2 times while seeded, else none.
     pub(crate) async fn point(&self) {
+        if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let times = match self.rng.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             Some(rng) => rng.random_range(0..=2),
             None => 0,
