@@ -235,8 +235,7 @@ pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
     let copies = deliveries
         .iter()
         .map(|d| Outgoing {
-            correlation_id: d.correlation_id.clone(),
-            reply_to: d.reply_to.clone(),
+            properties: d.properties.for_copy(),
             ..Outgoing::durable(d.queue.clone(), d.body.clone())
         })
         .collect();
@@ -252,5 +251,50 @@ pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
         if let Err(e) = settled {
             tracing::debug!(error = %e, "a given-back delivery returns with its channel instead");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{HeaderValue, Properties};
+    use crate::names::Names;
+
+    /// A delivery given back is a new message: its publisher's properties
+    /// go with it, the broker's count of its deliveries does not (a copy
+    /// that kept `x-delivery-count` would read as redelivered, and on a
+    /// quorum queue count toward poison, from its first delivery).
+    #[tokio::test]
+    async fn a_given_back_delivery_keeps_its_properties_but_not_its_delivery_count() {
+        let names = Names::new("t");
+        let broker = MemoryBroker::reliable(names.clone());
+        broker.declare(&[]).await.unwrap();
+        let submit = names.submit_queue();
+        let mut msg = Outgoing::durable(submit.clone(), b"{}".to_vec());
+        msg.properties = Properties {
+            correlation_id: Some("c".into()),
+            reply_to: Some("replies".into()),
+            message_id: Some("m".into()),
+            headers: vec![
+                ("tenant".into(), HeaderValue::Text("acme".into())),
+                ("x-delivery-count".into(), HeaderValue::Int(2)),
+            ],
+            ..Properties::json()
+        };
+        broker.publish(vec![msg.clone()]).await.unwrap();
+        let mut sub = broker.subscribe(&submit, 1).await.unwrap();
+        let delivery = sub.next().await.unwrap().unwrap();
+        sub.cancel().await.unwrap();
+
+        give_back(&broker, vec![delivery]).await;
+
+        let back = broker.take_messages(&submit).await;
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].delivery_count, 0, "a new message");
+        let mut expected = msg.properties.clone();
+        expected.headers.retain(|(k, _)| k != "x-delivery-count");
+        assert_eq!(back[0].properties, expected);
     }
 }

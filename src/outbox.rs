@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::broker::{Broker, BrokerError, HeaderValue, Outgoing};
+use crate::broker::{Broker, BrokerError, HeaderValue, Outgoing, Properties};
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
 use crate::store::redis::unix_ms;
@@ -128,41 +128,40 @@ impl Outbox {
     }
 
     /// Send a message that cannot be handled to `<prefix>.dead`, byte for
-    /// byte, with headers saying why and where it came from. If the dead
-    /// queue was deleted, it is declared again before the error is
-    /// returned, so the caller's retry (a requeued delivery) goes through.
+    /// byte and with its properties (content type, correlation id, headers
+    /// and the rest: see [`Properties::for_copy`]), adding headers that say
+    /// why and where it came from, so that an operator can read it and
+    /// publish it again as it was. If the dead queue was deleted, it is
+    /// declared again before the error is returned, so the caller's retry
+    /// (a requeued delivery) goes through.
     pub async fn dead_letter(
         &self,
         body: Vec<u8>,
+        properties: &Properties,
         source_queue: &str,
         kind: DeadLetterReason,
         reason: &str,
-        correlation_id: Option<&str>,
     ) -> Result<(), BrokerError> {
         let mut msg = Outgoing::durable(self.names.dead_queue(), body);
-        msg.headers = vec![
-            (
-                "x-conveyor-reason".into(),
-                HeaderValue::Text(reason.to_owned()),
-            ),
-            (
-                "x-conveyor-reason-kind".into(),
-                HeaderValue::Text(kind.as_str().to_owned()),
-            ),
-            (
-                "x-conveyor-source-queue".into(),
-                HeaderValue::Text(source_queue.to_owned()),
-            ),
-            (
-                "x-conveyor-dead-at-ms".into(),
-                HeaderValue::Int(unix_ms() as i64),
-            ),
-        ];
-        if let Some(c) = correlation_id {
-            msg.headers.push((
-                "x-conveyor-original-correlation-id".into(),
-                HeaderValue::Text(c.to_owned()),
-            ));
+        msg.properties = properties.for_copy();
+        let p = &mut msg.properties;
+        p.set_header("x-conveyor-reason", HeaderValue::Text(reason.to_owned()));
+        p.set_header(
+            "x-conveyor-reason-kind",
+            HeaderValue::Text(kind.as_str().to_owned()),
+        );
+        p.set_header(
+            "x-conveyor-source-queue",
+            HeaderValue::Text(source_queue.to_owned()),
+        );
+        p.set_header("x-conveyor-dead-at-ms", HeaderValue::Int(unix_ms() as i64));
+        match properties.correlation_id.clone() {
+            Some(c) => p.set_header("x-conveyor-original-correlation-id", HeaderValue::Text(c)),
+            // A message dead-lettered before (and published again) may
+            // carry the header of an earlier correlation id.
+            None => p
+                .headers
+                .retain(|(k, _)| k != "x-conveyor-original-correlation-id"),
         }
         let result = self.broker.publish(vec![msg]).await;
         if let Err(BrokerError::Unroutable { queue, .. }) = &result {
@@ -244,13 +243,14 @@ mod tests {
         // Nothing declared: no dead queue.
         let broker = MemoryBroker::reliable(names.clone());
         let outbox = Outbox::new(Arc::new(broker.clone()), names);
+        let none = Properties::default();
         let send = || {
             outbox.dead_letter(
                 b"x".to_vec(),
+                &none,
                 "t.submit",
                 DeadLetterReason::NotJson,
                 "not JSON",
-                None,
             )
         };
         let err = send().await.unwrap_err();
@@ -260,5 +260,78 @@ mod tests {
         );
         send().await.unwrap();
         assert_eq!(broker.take_all("t.dead").await, vec![b"x".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_keeps_what_its_publisher_set_and_says_why_anew() {
+        let names = Names::new("t");
+        let broker = MemoryBroker::reliable(names.clone());
+        broker.declare(&[]).await.unwrap();
+        let outbox = Outbox::new(Arc::new(broker.clone()), names);
+        let original = Properties {
+            content_type: Some("text/plain".into()),
+            content_encoding: Some("gzip".into()),
+            correlation_id: Some("c-7".into()),
+            reply_to: Some("amq.gen-reply".into()),
+            message_id: Some("m-1".into()),
+            timestamp: Some(1_700_000_000),
+            kind: Some("report".into()),
+            app_id: Some("billing".into()),
+            priority: Some(3),
+            headers: vec![
+                ("tenant".into(), HeaderValue::Text("acme".into())),
+                (
+                    "trace".into(),
+                    HeaderValue::Table(vec![("span".into(), HeaderValue::Int(9))]),
+                ),
+                // The broker's count of deliveries, and the reason an
+                // earlier dead-lettering gave: neither is this copy's.
+                ("x-delivery-count".into(), HeaderValue::Int(4)),
+                ("x-conveyor-reason".into(), HeaderValue::Text("old".into())),
+            ],
+        };
+        outbox
+            .dead_letter(
+                b"%".to_vec(),
+                &original,
+                "t.submit",
+                DeadLetterReason::NotJson,
+                "not JSON",
+            )
+            .await
+            .unwrap();
+        let dead = broker.take_messages("t.dead").await;
+        assert_eq!(dead.len(), 1);
+        let got = &dead[0].properties;
+        assert_eq!(dead[0].body, b"%".to_vec());
+        assert_eq!(
+            Properties {
+                headers: Vec::new(),
+                ..got.clone()
+            },
+            Properties {
+                headers: Vec::new(),
+                ..original.clone()
+            },
+            "every property but the headers is kept as published"
+        );
+        assert_eq!(got.header("tenant"), original.header("tenant"));
+        assert_eq!(got.header("trace"), original.header("trace"));
+        assert_eq!(got.header("x-delivery-count"), None);
+        assert_eq!(
+            got.header("x-conveyor-reason"),
+            Some(&HeaderValue::Text("not JSON".into()))
+        );
+        assert_eq!(
+            got.headers
+                .iter()
+                .filter(|(k, _)| k == "x-conveyor-reason")
+                .count(),
+            1
+        );
+        assert_eq!(
+            got.header("x-conveyor-original-correlation-id"),
+            Some(&HeaderValue::Text("c-7".into()))
+        );
     }
 }

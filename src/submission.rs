@@ -28,7 +28,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{Delivery, Outgoing};
+use crate::broker::{Delivery, Outgoing, Properties};
 use crate::consumer::give_back;
 use crate::health::Health;
 use crate::intake::{Intake, JobIntake, MAX_ERROR_BYTES};
@@ -76,10 +76,10 @@ impl Submissions {
                     .outbox
                     .dead_letter(
                         delivery.body.clone(),
+                        &delivery.properties,
                         &delivery.queue,
                         kind,
                         &reason,
-                        delivery.correlation_id.as_deref(),
                     )
                     .await
                 {
@@ -171,15 +171,17 @@ impl Submissions {
                 }
             }
         };
-        if let Some(reply_to) = delivery.reply_to.as_deref().filter(|r| !r.is_empty()) {
+        let reply_to = delivery.properties.reply_to.as_deref();
+        if let Some(reply_to) = reply_to.filter(|r| !r.is_empty()) {
             let msg = Outgoing {
                 queue: reply_to.to_owned(),
                 body: serde_json::to_vec(&reply).unwrap_or_default(),
                 persistent: false,
                 mandatory: false,
-                correlation_id: delivery.correlation_id.clone(),
-                reply_to: None,
-                headers: Vec::new(),
+                properties: Properties {
+                    correlation_id: delivery.properties.correlation_id.clone(),
+                    ..Properties::json()
+                },
             };
             if let Err(e) = self.outbox.broker().publish(vec![msg]).await {
                 tracing::warn!(error = %e, reply_to, "could not send submit reply");

@@ -406,6 +406,94 @@ async fn unparseable_and_oversized_messages_are_dead_lettered_and_the_dispatcher
     d.shutdown().await;
 }
 
+/// An operator reads a dead letter and may publish it again as it was:
+/// it keeps every property its publisher set (expiration and user id
+/// aside), its headers of every type, and gains Conveyor's reasons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_keeps_the_properties_and_headers_its_publisher_set() {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+    let mut d = Deployment::new("deadprops").await;
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+
+    let mut trace = FieldTable::default();
+    trace.insert("span".into(), AMQPValue::LongLongInt(42));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(LongString::from("acme")),
+    );
+    headers.insert("retry".into(), AMQPValue::Boolean(true));
+    headers.insert("weight".into(), AMQPValue::Double(0.25));
+    headers.insert("trace".into(), AMQPValue::FieldTable(trace));
+    headers.insert(
+        "hops".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![
+            AMQPValue::LongInt(1),
+            AMQPValue::LongString(LongString::from("two")),
+        ])),
+    );
+    // A reason left by an earlier dead-lettering is replaced, not doubled.
+    headers.insert(
+        "x-conveyor-reason".into(),
+        AMQPValue::LongString(LongString::from("an old reason")),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("text/plain".into())
+        .with_content_encoding("identity".into())
+        .with_correlation_id("corr-9".into())
+        .with_message_id("msg-1".into())
+        .with_timestamp(1_700_000_000)
+        .with_type("nightly-report".into())
+        .with_app_id("billing".into())
+        .with_priority(3)
+        .with_headers(headers);
+    client.publish_with(b"%PDF-1.7", props).await;
+
+    let dead = eventually("the dead letter", WAIT, || client.take_dead_delivery()).await;
+    assert_eq!(dead.data, b"%PDF-1.7");
+    let p = &dead.properties;
+    let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    assert_eq!(text(p.content_type()).as_deref(), Some("text/plain"));
+    assert_eq!(text(p.content_encoding()).as_deref(), Some("identity"));
+    assert_eq!(text(p.correlation_id()).as_deref(), Some("corr-9"));
+    assert_eq!(text(p.message_id()).as_deref(), Some("msg-1"));
+    assert_eq!(*p.timestamp(), Some(1_700_000_000));
+    assert_eq!(text(p.kind()).as_deref(), Some("nightly-report"));
+    assert_eq!(text(p.app_id()).as_deref(), Some("billing"));
+    assert_eq!(*p.priority(), Some(3));
+    assert_eq!(*p.delivery_mode(), Some(2), "dead letters are persistent");
+    let h = p.headers().clone().expect("headers");
+    let h = h.inner();
+    let long = |name: &str| match h.get(name) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(long("tenant"), "acme");
+    assert_eq!(h.get("retry"), Some(&AMQPValue::Boolean(true)));
+    assert_eq!(h.get("weight"), Some(&AMQPValue::Double(0.25)));
+    match h.get("trace") {
+        Some(AMQPValue::FieldTable(t)) => {
+            assert_eq!(t.inner().get("span"), Some(&AMQPValue::LongLongInt(42)))
+        }
+        other => panic!("trace: {other:?}"),
+    }
+    match h.get("hops") {
+        Some(AMQPValue::FieldArray(items)) => assert_eq!(items.as_slice().len(), 2),
+        other => panic!("hops: {other:?}"),
+    }
+    assert!(long("x-conveyor-reason").contains("not JSON"));
+    assert_eq!(long("x-conveyor-reason-kind"), "not_json");
+    assert_eq!(long("x-conveyor-original-correlation-id"), "corr-9");
+    assert_eq!(
+        long("x-conveyor-source-queue"),
+        format!("{}.submit", d.config.prefix)
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmitting_an_existing_id_returns_the_existing_job_and_changes_nothing() {
     let mut d = Deployment::new("idem").await;

@@ -1637,10 +1637,10 @@ async fn land_crash(calls: &Calls, rng: &mut StdRng) -> bool {
 const NOT_JSON: &[u8] = b"{not json";
 
 fn header<'a>(m: &'a QueuedMessage, name: &str) -> Option<&'a str> {
-    m.headers.iter().find_map(|(k, v)| match v {
-        HeaderValue::Text(t) if k == name => Some(t.as_str()),
+    match m.properties.header(name)? {
+        HeaderValue::Text(t) => Some(t.as_str()),
         _ => None,
-    })
+    }
 }
 
 /// Every dead letter says why it is there; the unparseable submission is
@@ -1654,7 +1654,7 @@ fn check_dead_letters(dead: &[QueuedMessage], names: &Names) -> Result<(), Strin
         if reason.is_empty() || kind.is_empty() {
             return Err(format!(
                 "dead letter {body:?} without a reason: {:?}",
-                m.headers
+                m.properties.headers
             ));
         }
         if m.body == NOT_JSON {

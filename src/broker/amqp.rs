@@ -30,14 +30,15 @@ use lapin::options::{
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     DefaultConnectionBuilder, PublisherConfirm,
 };
 
 use super::{
-    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
+    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, Properties, QueueStats,
+    Subscription,
 };
 use crate::config::{Config, QueueType, TlsCa, redact_url, split_urls, url_query_value};
 use crate::names::Names;
@@ -422,28 +423,140 @@ async fn close_channel(channel: &Channel, reason: &str) {
 }
 
 fn properties(msg: &Outgoing) -> BasicProperties {
-    let mut props = BasicProperties::default().with_content_type("application/json".into());
+    let p = &msg.properties;
+    let mut props = BasicProperties::default();
     if msg.persistent {
         props = props.with_delivery_mode(2);
     }
-    if let Some(c) = &msg.correlation_id {
-        props = props.with_correlation_id(c.as_str().into());
+    if let Some(v) = p.content_type.as_deref().and_then(short) {
+        props = props.with_content_type(v);
     }
-    if let Some(r) = &msg.reply_to {
-        props = props.with_reply_to(r.as_str().into());
+    if let Some(v) = p.content_encoding.as_deref().and_then(short) {
+        props = props.with_content_encoding(v);
     }
-    if !msg.headers.is_empty() {
-        let mut table = FieldTable::default();
-        for (k, v) in &msg.headers {
-            let value = match v {
-                HeaderValue::Text(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-                HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
-            };
-            table.insert(k.as_str().into(), value);
-        }
-        props = props.with_headers(table);
+    if let Some(v) = p.correlation_id.as_deref().and_then(short) {
+        props = props.with_correlation_id(v);
+    }
+    if let Some(v) = p.reply_to.as_deref().and_then(short) {
+        props = props.with_reply_to(v);
+    }
+    if let Some(v) = p.message_id.as_deref().and_then(short) {
+        props = props.with_message_id(v);
+    }
+    if let Some(v) = p.timestamp {
+        props = props.with_timestamp(v);
+    }
+    if let Some(v) = p.kind.as_deref().and_then(short) {
+        props = props.with_type(v);
+    }
+    if let Some(v) = p.app_id.as_deref().and_then(short) {
+        props = props.with_app_id(v);
+    }
+    if let Some(v) = p.priority {
+        props = props.with_priority(v);
+    }
+    if !p.headers.is_empty() {
+        props = props.with_headers(field_table(&p.headers));
     }
     props
+}
+
+/// `s` as an AMQP short string; `None` (the property or header left out)
+/// past its 255-byte limit. What Conveyor copies came from the broker as
+/// short strings, so only a caller's own over-long value is dropped.
+fn short(s: &str) -> Option<ShortString> {
+    ShortString::try_new(s).ok()
+}
+
+fn field_table(headers: &[(String, HeaderValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        if let Some(key) = short(k) {
+            table.insert(key, amqp_value(v));
+        }
+    }
+    table
+}
+
+fn amqp_value(value: &HeaderValue) -> AMQPValue {
+    match value {
+        HeaderValue::Text(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
+        HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
+        HeaderValue::Float(f) => AMQPValue::Double(*f),
+        HeaderValue::Decimal { scale, value } => AMQPValue::DecimalValue(DecimalValue {
+            scale: *scale,
+            value: *value,
+        }),
+        HeaderValue::Timestamp(t) => AMQPValue::Timestamp(*t),
+        HeaderValue::Bytes(b) => AMQPValue::ByteArray(ByteArray::from(b.as_slice())),
+        HeaderValue::List(items) => {
+            AMQPValue::FieldArray(items.iter().map(amqp_value).collect::<Vec<_>>().into())
+        }
+        HeaderValue::Table(entries) => AMQPValue::FieldTable(field_table(entries)),
+        HeaderValue::Void => AMQPValue::Void,
+    }
+}
+
+fn header_value(value: &AMQPValue) -> HeaderValue {
+    match value {
+        AMQPValue::Boolean(b) => HeaderValue::Bool(*b),
+        AMQPValue::ShortShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::ShortUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongUInt(i) => HeaderValue::Int(i64::from(*i)),
+        AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
+        AMQPValue::Float(f) => HeaderValue::Float(f64::from(*f)),
+        AMQPValue::Double(f) => HeaderValue::Float(*f),
+        AMQPValue::DecimalValue(d) => HeaderValue::Decimal {
+            scale: d.scale,
+            value: d.value,
+        },
+        AMQPValue::ShortString(s) => HeaderValue::Text(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+            Ok(text) => HeaderValue::Text(text.to_owned()),
+            Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
+        },
+        AMQPValue::FieldArray(items) => {
+            HeaderValue::List(items.as_slice().iter().map(header_value).collect())
+        }
+        AMQPValue::Timestamp(t) => HeaderValue::Timestamp(*t),
+        AMQPValue::FieldTable(table) => HeaderValue::Table(header_entries(table)),
+        AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
+        AMQPValue::Void => HeaderValue::Void,
+    }
+}
+
+fn header_entries(table: &FieldTable) -> Vec<(String, HeaderValue)> {
+    table
+        .inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), header_value(v)))
+        .collect()
+}
+
+/// What a delivered message says about itself, as Conveyor's neutral
+/// [`Properties`] (`expiration` and `user_id` are not kept: see there).
+fn delivered_properties(props: &BasicProperties) -> Properties {
+    let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    Properties {
+        content_type: text(props.content_type()),
+        content_encoding: text(props.content_encoding()),
+        correlation_id: text(props.correlation_id()),
+        reply_to: text(props.reply_to()),
+        message_id: text(props.message_id()),
+        timestamp: *props.timestamp(),
+        kind: text(props.kind()),
+        app_id: text(props.app_id()),
+        priority: *props.priority(),
+        headers: props
+            .headers()
+            .as_ref()
+            .map(header_entries)
+            .unwrap_or_default(),
+    }
 }
 
 fn header_count(props: &BasicProperties, name: &str) -> u32 {
@@ -804,16 +917,7 @@ impl Subscription for AmqpSubscription {
         };
         Some(Ok(Delivery {
             queue: self.queue.clone(),
-            reply_to: delivery
-                .properties
-                .reply_to()
-                .as_ref()
-                .map(|s| s.to_string()),
-            correlation_id: delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|s| s.to_string()),
+            properties: delivered_properties(&delivery.properties),
             delivery_count: header_count(&delivery.properties, "x-delivery-count"),
             redelivered: delivery.redelivered,
             body: delivery.data,

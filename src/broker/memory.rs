@@ -40,9 +40,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
-use super::{
-    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, QueueStats, Subscription,
-};
+use super::{Acker, Broker, BrokerError, Delivery, Outgoing, Properties, QueueStats, Subscription};
 use crate::names::Names;
 use crate::store::memory::YieldPoints;
 
@@ -63,16 +61,12 @@ pub struct FaultPlan {
 }
 
 /// A message waiting in a queue (or held by a consumer).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueuedMessage {
     /// Payload.
     pub body: Vec<u8>,
-    /// AMQP reply-to.
-    pub reply_to: Option<String>,
-    /// AMQP correlation id.
-    pub correlation_id: Option<String>,
-    /// Headers as published.
-    pub headers: Vec<(String, HeaderValue)>,
+    /// Properties and headers as published.
+    pub properties: Properties,
     /// How many times it was delivered and given back.
     pub delivery_count: u32,
 }
@@ -81,9 +75,7 @@ impl QueuedMessage {
     fn from_outgoing(msg: &Outgoing) -> QueuedMessage {
         QueuedMessage {
             body: msg.body.clone(),
-            reply_to: msg.reply_to.clone(),
-            correlation_id: msg.correlation_id.clone(),
-            headers: msg.headers.clone(),
+            properties: msg.properties.clone(),
             delivery_count: 0,
         }
     }
@@ -557,8 +549,7 @@ impl Subscription for MemorySubscription {
                     let delivery = Delivery {
                         queue: consumer.queue.clone(),
                         body: msg.body.clone(),
-                        reply_to: msg.reply_to.clone(),
-                        correlation_id: msg.correlation_id.clone(),
+                        properties: msg.properties.clone(),
                         delivery_count: msg.delivery_count,
                         redelivered: msg.delivery_count > 0,
                         acker: Box::new(MemoryAcker {
@@ -662,6 +653,7 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
+    use crate::broker::HeaderValue;
 
     fn names() -> Names {
         Names::new("t")
@@ -704,15 +696,14 @@ mod tests {
     async fn a_published_message_is_delivered_with_its_properties() {
         let b = broker().await;
         let mut out = msg("hello");
-        out.reply_to = Some("replies".into());
-        out.correlation_id = Some("c1".into());
-        b.publish(vec![out]).await.unwrap();
+        out.properties.reply_to = Some("replies".into());
+        out.properties.correlation_id = Some("c1".into());
+        b.publish(vec![out.clone()]).await.unwrap();
         let mut sub = b.subscribe(&q(), 10).await.unwrap();
         let d = next(&mut sub).await;
         assert_eq!(d.body, b"hello");
         assert_eq!(d.queue, q());
-        assert_eq!(d.reply_to.as_deref(), Some("replies"));
-        assert_eq!(d.correlation_id.as_deref(), Some("c1"));
+        assert_eq!(d.properties, out.properties);
         assert_eq!((d.delivery_count, d.redelivered), (0, false));
         assert_eq!(b.unacked_len(&q()).await, 1);
         d.acker.ack().await.unwrap();
@@ -979,11 +970,12 @@ mod tests {
     async fn take_messages_keeps_headers() {
         let b = broker().await;
         let mut dead = Outgoing::durable(names().dead_queue(), b"x".to_vec());
-        dead.headers = vec![("x-conveyor-reason".into(), HeaderValue::Text("bad".into()))];
+        dead.properties.headers =
+            vec![("x-conveyor-reason".into(), HeaderValue::Text("bad".into()))];
         b.publish(vec![dead.clone()]).await.unwrap();
         let taken = b.take_messages(&names().dead_queue()).await;
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].headers, dead.headers);
+        assert_eq!(taken[0].properties, dead.properties);
         assert_eq!(b.ready_len(&names().dead_queue()).await, 0);
     }
 

@@ -61,17 +61,107 @@ impl BrokerError {
     }
 }
 
-/// A header value on an outgoing message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A header value, as AMQP field tables carry them. Every type RabbitMQ
+/// sends has a variant, so a message passed through Conveyor (given back
+/// to its queue, or dead-lettered) keeps its headers; the integer types
+/// of every width are one [`HeaderValue::Int`].
+#[derive(Debug, Clone, PartialEq)]
 pub enum HeaderValue {
     /// Text.
     Text(String),
     /// Integer.
     Int(i64),
+    /// Boolean.
+    Bool(bool),
+    /// Floating point.
+    Float(f64),
+    /// A decimal: `value` / 10^`scale`.
+    Decimal {
+        /// Digits after the point.
+        scale: u8,
+        /// The unscaled value.
+        value: u32,
+    },
+    /// A timestamp, Unix seconds.
+    Timestamp(u64),
+    /// Raw bytes (also text that is not UTF-8).
+    Bytes(Vec<u8>),
+    /// A list of values.
+    List(Vec<HeaderValue>),
+    /// A nested table.
+    Table(Vec<(String, HeaderValue)>),
+    /// No value.
+    Void,
+}
+
+/// What a message says about itself beside its body: the AMQP basic
+/// properties Conveyor reads or carries through. Persistence and the
+/// mandatory flag are on [`Outgoing`]; a message's `expiration` and
+/// `user_id` are never carried (a dead letter must not expire, and the
+/// broker refuses a `user_id` that is not the publishing connection's).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Properties {
+    /// MIME type of the body.
+    pub content_type: Option<String>,
+    /// Encoding of the body.
+    pub content_encoding: Option<String>,
+    /// AMQP correlation id.
+    pub correlation_id: Option<String>,
+    /// AMQP reply-to.
+    pub reply_to: Option<String>,
+    /// The publisher's message id.
+    pub message_id: Option<String>,
+    /// The publisher's timestamp, Unix seconds.
+    pub timestamp: Option<u64>,
+    /// The publisher's message type (AMQP `type`).
+    pub kind: Option<String>,
+    /// The publishing application.
+    pub app_id: Option<String>,
+    /// Message priority.
+    pub priority: Option<u8>,
+    /// Headers, in order.
+    pub headers: Vec<(String, HeaderValue)>,
+}
+
+/// Headers the broker writes on a delivery, which a copy published again
+/// must not carry: a copy is a new message.
+const BROKER_DELIVERY_HEADERS: &[&str] = &["x-delivery-count"];
+
+impl Properties {
+    /// The properties of a JSON message Conveyor writes.
+    pub fn json() -> Properties {
+        Properties {
+            content_type: Some("application/json".into()),
+            ..Properties::default()
+        }
+    }
+
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&HeaderValue> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// Set header `name` to `value`, replacing any value it had.
+    pub fn set_header(&mut self, name: &str, value: HeaderValue) {
+        match self.headers.iter_mut().find(|(k, _)| k == name) {
+            Some(slot) => slot.1 = value,
+            None => self.headers.push((name.to_owned(), value)),
+        }
+    }
+
+    /// These properties for a copy of a delivered message published again
+    /// (given back, or dead-lettered): the broker's per-delivery headers
+    /// dropped, everything the publisher set kept.
+    pub fn for_copy(&self) -> Properties {
+        let mut copy = self.clone();
+        copy.headers
+            .retain(|(k, _)| !BROKER_DELIVERY_HEADERS.contains(&k.as_str()));
+        copy
+    }
 }
 
 /// A message to publish through the default exchange to `queue`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
     /// Target queue name (the routing key on the default exchange).
     pub queue: String,
@@ -81,12 +171,8 @@ pub struct Outgoing {
     pub persistent: bool,
     /// Treat "no queue to route to" as a failure.
     pub mandatory: bool,
-    /// AMQP correlation id.
-    pub correlation_id: Option<String>,
-    /// AMQP reply-to.
-    pub reply_to: Option<String>,
-    /// Extra headers.
-    pub headers: Vec<(String, HeaderValue)>,
+    /// Content type, correlation id, reply-to, headers and the rest.
+    pub properties: Properties,
 }
 
 impl Outgoing {
@@ -97,9 +183,7 @@ impl Outgoing {
             body,
             persistent: true,
             mandatory: true,
-            correlation_id: None,
-            reply_to: None,
-            headers: Vec::new(),
+            properties: Properties::json(),
         }
     }
 }
@@ -119,10 +203,9 @@ pub struct Delivery {
     pub queue: String,
     /// Payload.
     pub body: Vec<u8>,
-    /// AMQP reply-to.
-    pub reply_to: Option<String>,
-    /// AMQP correlation id.
-    pub correlation_id: Option<String>,
+    /// Content type, correlation id, reply-to, headers and the rest, as
+    /// published (the broker's own `x-delivery-count` header included).
+    pub properties: Properties,
     /// How many times the broker delivered it before (quorum queues count;
     /// classic queues only say "at least once" through `redelivered`).
     pub delivery_count: u32,

@@ -613,7 +613,13 @@ impl Worker {
         tracing::warn!(kind = kind.as_str(), reason, "task message dead-lettered");
         match self
             .outbox
-            .dead_letter(delivery.body.clone(), &delivery.queue, kind, reason, None)
+            .dead_letter(
+                delivery.body.clone(),
+                &delivery.properties,
+                &delivery.queue,
+                kind,
+                reason,
+            )
             .await
         {
             Ok(()) => ack(delivery).await,

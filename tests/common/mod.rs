@@ -443,7 +443,8 @@ impl Client {
         self.publish_with(body, props).await;
     }
 
-    async fn publish_with(&self, body: &[u8], props: BasicProperties) {
+    /// Publish raw bytes to the submit queue with the properties given.
+    pub async fn publish_with(&self, body: &[u8], props: BasicProperties) {
         let publish = async {
             self.channel
                 .basic_publish(
@@ -487,6 +488,18 @@ impl Client {
             corr,
             serde_json::from_slice(&d.data).expect("reply is JSON"),
         )
+    }
+
+    /// Take one message from the dead-letter queue, as the broker gives it.
+    pub async fn take_dead_delivery(&self) -> Option<lapin::message::Delivery> {
+        self.channel
+            .basic_get(
+                self.dead_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic_get")
+            .map(|m| m.delivery)
     }
 
     /// Take one message from the dead-letter queue: (headers, body).
