@@ -879,3 +879,115 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
     }
     common::cleanup(&config).await;
 }
+
+/// Now by Redis's own clock, ms, and the members of schedule index `key`
+/// with their scores.
+async fn redis_now_and_index(config: &Config, key: String) -> (u64, Vec<(String, f64)>) {
+    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut redis).await.unwrap();
+    let index: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    (secs * 1000 + micros / 1000, index)
+}
+
+/// Hosts whose clocks are hours apart still agree on when a lease lapsed
+/// and when a retry is due: the schedule indexes are scored by Redis's
+/// clock, which each store reads as its own plus an offset measured
+/// against `TIME`. (Scored by the local clock, a worker an hour ahead
+/// would hide its lapsed lease and its due retry from a sweep an hour
+/// behind for two hours.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retries() {
+    const HOUR_MS: i64 = 3_600_000;
+    let config = common::test_config(&common::unique_prefix("clocks"));
+    let names = conveyor::names::Names::new(&config.prefix);
+    let with_skew = |by: &'static str, skew_ms: i64| {
+        let config = config.clone();
+        async move {
+            conveyor::runtime::redis_store(&config, by, 2)
+                .await
+                .unwrap_or_else(|e| panic!("cannot reach Redis: {e}. {}", common::HOW_TO_START))
+                .with_clock_skew(skew_ms)
+                .await
+                .unwrap()
+        }
+    };
+    let worker = with_skew("worker", HOUR_MS).await;
+    let sweep = with_skew("sweep", -HOUR_MS).await;
+
+    // A claim by the worker an hour ahead: its lease entry is due a lease
+    // from now by Redis's clock.
+    let lease = Duration::from_millis(300);
+    let held = create_noop_job(&worker, "held").await;
+    assert!(matches!(
+        worker.claim(&held, "w", lease).await,
+        Ok(ClaimOutcome::Claimed(_))
+    ));
+    let (now, leases) = redis_now_and_index(&config, names.leases()).await;
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let due_in = leases[0].1 as i64 - now as i64;
+    assert!(
+        (0..=2_000).contains(&due_in),
+        "the lease entry is due {due_in} ms from Redis's now, not {} ms",
+        lease.as_millis()
+    );
+
+    // The worker dies; the sweep an hour behind finds the lapsed lease.
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let swept = sweep.expired_leases(100, "sweep").await.unwrap();
+    assert_eq!(
+        swept
+            .iter()
+            .flat_map(|a| a.publish.clone())
+            .collect::<Vec<_>>(),
+        vec![TaskMessage { attempt: 2, ..held }],
+        "the lapsed claim is offered again as attempt 2"
+    );
+
+    // A transient failure reported by the worker an hour ahead: its retry
+    // is due after the delay by Redis's clock, and the sweep an hour
+    // behind promotes it then.
+    let failing = create_noop_job(&worker, "failing").await;
+    let claim = match worker
+        .claim(&failing, "w", Duration::from_millis(LATER_MS))
+        .await
+    {
+        Ok(ClaimOutcome::Claimed(c)) => c.claim,
+        other => panic!("{other:?}"),
+    };
+    let delay = Duration::from_millis(200);
+    let result = AttemptResult::Retry {
+        error: "try again".into(),
+        delay,
+    };
+    worker.complete(&claim, "w", &result).await.unwrap();
+    let (now, retries) = redis_now_and_index(&config, names.retries()).await;
+    assert_eq!(retries.len(), 1, "{retries:?}");
+    let due_in = retries[0].1 as i64 - now as i64;
+    assert!(
+        (0..=2_000).contains(&due_in),
+        "the retry is due {due_in} ms from Redis's now, not {} ms",
+        delay.as_millis()
+    );
+    tokio::time::sleep(delay + Duration::from_millis(200)).await;
+    let promoted = sweep.due_retries(100).await.unwrap();
+    assert_eq!(
+        promoted
+            .iter()
+            .flat_map(|a| a.publish.clone())
+            .collect::<Vec<_>>(),
+        vec![TaskMessage {
+            attempt: 2,
+            ..failing
+        }],
+        "the retry is promoted once due"
+    );
+    common::cleanup(&config).await;
+}

@@ -22,6 +22,10 @@
 //! - `<p>:jobs` (id by creation time) feeds `list`; entries whose job
 //!   expired are pruned when listed.
 //!
+//! Every index is scored by Redis's clock as this process reads it
+//! ([`RedisClock`]: the local clock plus an offset measured against
+//! `TIME`), so hosts whose clocks disagree agree on what is due.
+//!
 //! `redis_url` may name several nodes (a primary and its replicas): a
 //! connection goes to the first, starting from the one that answered last,
 //! that says it is the primary (`ROLE`). Or it may name Redis Sentinels
@@ -33,7 +37,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -173,6 +177,8 @@ pub struct RedisStore {
     claim_rounds: Option<tokio::sync::mpsc::UnboundedSender<ClaimRequest>>,
     /// Claim rounds sent so far.
     claim_rounds_sent: Arc<AtomicU64>,
+    /// Redis's clock, for the scores of the cross-job indexes.
+    clock: Arc<RedisClock>,
 }
 
 /// A claim waiting for the next round of claims.
@@ -236,13 +242,79 @@ fn protocol(what: impl Into<String>) -> StoreError {
     StoreError::Protocol(what.into())
 }
 
-/// Unix time in ms by this process's clock (indexes only; transitions use
-/// the Redis server's clock).
+/// Unix time in ms by this process's clock. The store's indexes are
+/// scored by [`RedisClock`] instead, and transitions use Redis's `TIME`.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Redis's clock, as this process reads it: the local clock plus an
+/// offset measured against `TIME` with every epoch read (at connect, on a
+/// fresh connection, with each ping) and at least every
+/// [`CLOCK_REFRESH_MS`]. The cross-job indexes (retries due, lease
+/// expiries, the job index) are scored and read by it, so hosts whose
+/// clocks disagree still agree on when a retry is due or a lease lapsed:
+/// the transitions inside Redis use its `TIME` already.
+#[derive(Debug, Default)]
+struct RedisClock {
+    /// Redis's time minus the local clock's, ms.
+    offset_ms: AtomicI64,
+    /// When (by the local clock) the offset was last measured.
+    measured_at_ms: AtomicU64,
+    /// A refresh is under way.
+    refreshing: AtomicBool,
+    /// Added to the system clock: how tests give a process a wrong clock.
+    skew_ms: AtomicI64,
+}
+
+/// How old the measured offset may grow before a refresh is started.
+const CLOCK_REFRESH_MS: u64 = 30_000;
+/// An offset past this is logged as a warning: the host's clock is off.
+const CLOCK_WARN_MS: i64 = 1_000;
+
+impl RedisClock {
+    fn local_ms(&self) -> u64 {
+        unix_ms().saturating_add_signed(self.skew_ms.load(Ordering::Relaxed))
+    }
+
+    /// Redis's time when the local clock reads `local`.
+    fn at(&self, local: u64) -> u64 {
+        local.saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether, the local clock reading `local`, a refresh should start
+    /// (and this caller starts it).
+    fn claim_refresh(&self, local: u64) -> bool {
+        let age = local.saturating_sub(self.measured_at_ms.load(Ordering::Relaxed));
+        age > CLOCK_REFRESH_MS
+            && self
+                .refreshing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Note Redis's `TIME` (`secs`, `micros`) read between the local
+    /// moments `sent` and `answered`: the reading is taken to be from the
+    /// middle of the round trip.
+    fn observe(&self, sent: u64, answered: u64, secs: u64, micros: u64) {
+        let redis_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let local_ms = sent + answered.saturating_sub(sent) / 2;
+        let offset = redis_ms as i64 - local_ms as i64;
+        let before = self.offset_ms.swap(offset, Ordering::Relaxed);
+        self.measured_at_ms.store(answered, Ordering::Relaxed);
+        self.refreshing.store(false, Ordering::Release);
+        if offset.abs() > CLOCK_WARN_MS && (offset - before).abs() > CLOCK_WARN_MS {
+            tracing::warn!(
+                offset_ms = offset,
+                "this host's clock differs from Redis's by more than {CLOCK_WARN_MS} ms; \
+                 retries and leases are scheduled by Redis's clock, but check the \
+                 host's time service (NTP)"
+            );
+        }
+    }
 }
 
 type Reply = Vec<Option<String>>;
@@ -814,6 +886,7 @@ impl RedisStore {
             replica_wait: None,
             claim_rounds: None,
             claim_rounds_sent: Arc::default(),
+            clock: Arc::default(),
         };
         store.load_library().await?;
         store.check_epoch().await?;
@@ -977,13 +1050,19 @@ impl RedisStore {
             .arg("NX")
             .ignore();
         pipe.cmd("GET").arg(self.names.epoch_key());
-        let (current,): (u64,) = pipe.query_async(conn).await.map_err(|e| {
-            if matches!(e.kind(), redis::ErrorKind::Server(_)) && !is_transient_server_error(&e) {
-                protocol(format!("reading the epoch: {e}"))
-            } else {
-                unavailable(e)
-            }
-        })?;
+        pipe.cmd("TIME");
+        let sent = self.clock.local_ms();
+        let (current, (secs, micros)): (u64, (u64, u64)) =
+            pipe.query_async(conn).await.map_err(|e| {
+                if matches!(e.kind(), redis::ErrorKind::Server(_)) && !is_transient_server_error(&e)
+                {
+                    protocol(format!("reading the epoch: {e}"))
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        self.clock
+            .observe(sent, self.clock.local_ms(), secs, micros);
         let known = self.epoch.swap(current, Ordering::SeqCst);
         if known != 0 && known != current {
             // The new data has none of what this process noted.
@@ -1000,6 +1079,32 @@ impl RedisStore {
             );
         }
         Ok(current)
+    }
+
+    /// Now by Redis's clock (see [`RedisClock`]), for index scores. An
+    /// offset older than [`CLOCK_REFRESH_MS`] is measured again in the
+    /// background (an epoch read); until then the last one stands.
+    fn now_ms(&self) -> u64 {
+        let local = self.clock.local_ms();
+        if self.clock.claim_refresh(local) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.check_epoch().await {
+                    tracing::debug!(error = %e, "could not read Redis's clock; trying again later");
+                }
+                this.clock.refreshing.store(false, Ordering::Release);
+            });
+        }
+        self.clock.at(local)
+    }
+
+    /// Pretend this host's clock runs `skew_ms` ahead of the system's
+    /// (behind, if negative), and measure Redis's clock against it: how a
+    /// test gives a process a wrong clock.
+    pub async fn with_clock_skew(self, skew_ms: i64) -> Result<RedisStore, StoreError> {
+        self.clock.skew_ms.store(skew_ms, Ordering::Relaxed);
+        self.check_epoch().await?;
+        Ok(self)
     }
 
     /// The call in hand was built for the data of epoch `built_for`; after
@@ -1099,7 +1204,7 @@ impl RedisStore {
         pipe.cmd("ZRANGE")
             .arg(index)
             .arg("-inf")
-            .arg(unix_ms())
+            .arg(self.now_ms())
             .arg("BYSCORE")
             .arg("LIMIT")
             .arg(0)
@@ -1197,7 +1302,7 @@ impl RedisStore {
         pipe.cmd("ZADD")
             .arg(self.names.jobs_index())
             .arg("NX")
-            .arg(unix_ms())
+            .arg(self.now_ms())
             .arg(id)
             .ignore();
     }
@@ -1345,7 +1450,7 @@ impl RedisStore {
         pipe.cmd("ZADD")
             .arg(self.names.leases())
             .arg("GT")
-            .arg(unix_ms() + lease_ms)
+            .arg(self.now_ms() + lease_ms)
             .arg(entry(&task.job, task.idx, task.attempt));
     }
 
@@ -1647,7 +1752,7 @@ impl Store for RedisStore {
             pipe.cmd("ZADD")
                 .arg(self.names.leases())
                 .arg("XX")
-                .arg(unix_ms() + lease_ms)
+                .arg(self.now_ms() + lease_ms)
                 .arg(entry(&c.job, c.idx, c.attempt))
                 .ignore();
         }
@@ -1675,7 +1780,7 @@ impl Store for RedisStore {
                 // recorded in the job with nothing to wake it.
                 pipe.cmd("ZADD")
                     .arg(self.names.retries())
-                    .arg(unix_ms() + delay_ms)
+                    .arg(self.now_ms() + delay_ms)
                     .arg(entry(&claim.job, claim.idx, claim.attempt + 1))
                     .ignore();
                 cmd.arg("retry").arg(error).arg(delay_ms);
@@ -1761,7 +1866,7 @@ impl Store for RedisStore {
         pipe.cmd("ZADD")
             .arg(self.names.leases())
             .arg("NX")
-            .arg(unix_ms())
+            .arg(self.now_ms())
             .arg(entry(&claim.job, claim.idx, claim.attempt))
             .ignore();
         self.run::<()>(&pipe).await
@@ -1859,7 +1964,7 @@ impl Store for RedisStore {
             .arg(&self.functions[Script::ForgetDue as usize])
             .arg(1)
             .arg(self.names.leases())
-            .arg(unix_ms())
+            .arg(self.now_ms())
             .arg(entries)
             .ignore();
         self.run::<()>(&pipe).await
@@ -1994,7 +2099,7 @@ impl Store for RedisStore {
         // (the index's score): only older entries are looked at. Entries
         // of jobs still alive are stepped over by the cursor, so a few
         // long-running jobs do not stall the pruning behind them.
-        let cutoff = unix_ms().saturating_sub(self.retention_ms);
+        let cutoff = self.now_ms().saturating_sub(self.retention_ms);
         let from = self.prune_from.load(Ordering::Relaxed);
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGEBYSCORE")
@@ -2355,6 +2460,29 @@ mod tests {
         for kind in [K::ResponseError, K::NoScript, K::CrossSlot, K::NoPerm] {
             assert!(!is_transient_server_error(&server(kind)), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn redis_time_is_read_as_of_the_middle_of_the_round_trip() {
+        let clock = RedisClock::default();
+        // Sent at local 1,000 ms, answered at 1,010: Redis said 2.005 s.
+        clock.observe(1_000, 1_010, 2, 5_000);
+        assert_eq!(clock.offset_ms.load(Ordering::Relaxed), 2_005 - 1_005);
+        assert_eq!(clock.at(5_000), 6_000);
+    }
+
+    #[test]
+    fn one_caller_refreshes_a_stale_offset_at_a_time() {
+        let clock = RedisClock::default();
+        let now = clock.local_ms();
+        assert!(clock.claim_refresh(now), "never measured: stale");
+        assert!(!clock.claim_refresh(now), "a refresh is under way");
+        clock.observe(now, now, now / 1000, (now % 1000) * 1000);
+        assert!(!clock.claim_refresh(now), "just measured");
+        assert!(
+            clock.claim_refresh(now + CLOCK_REFRESH_MS + 1),
+            "stale again {CLOCK_REFRESH_MS} ms later"
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
-const HOW_TO_START: &str = "integration tests need RabbitMQ on 127.0.0.1:5672 and Redis on \
+pub const HOW_TO_START: &str = "integration tests need RabbitMQ on 127.0.0.1:5672 and Redis on \
 127.0.0.1:6379: start them with `rabbitmq-server -detached` and `redis-server --daemonize yes \
 --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no` (or run .ci/run)";
 
