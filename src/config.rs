@@ -162,7 +162,8 @@ pub struct RetryConfig {
     pub timeout_s: f64,
 }
 
-/// Limits on submitted jobs; each error names the field and the limit.
+/// Limits on submitted jobs, and on what their handlers return; each
+/// error names the field and the limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -175,6 +176,10 @@ pub struct Limits {
     pub max_labels: usize,
     /// Largest params of one task, in bytes of JSON; at least 2 (`{}`).
     pub max_params_bytes: usize,
+    /// Largest result of one task, in bytes of JSON, enforced by the
+    /// worker: a larger one fails the task (permanently) with an error
+    /// naming the limit. At least 4 (`null`).
+    pub max_result_bytes: usize,
 }
 
 impl Default for Config {
@@ -243,6 +248,7 @@ impl Default for Limits {
             max_name_len: 128,
             max_labels: 64,
             max_params_bytes: 256 * 1024,
+            max_result_bytes: 1024 * 1024,
         }
     }
 }
@@ -346,6 +352,8 @@ pub const MAX_PREFIX_LEN: usize = 64;
 pub const MAX_NAME_LEN: usize = 128;
 /// Smallest `limits.max_params_bytes`: `{}`, the empty params, is 2 bytes.
 pub const MIN_PARAMS_BYTES: usize = 2;
+/// Smallest `limits.max_result_bytes`: `null`, the empty result, is 4 bytes.
+pub const MIN_RESULT_BYTES: usize = 4;
 
 /// The certificates of `tls_ca_file`, read and checked by [`Config::tls_ca`].
 #[derive(Debug, Clone)]
@@ -566,6 +574,12 @@ impl Config {
             &self.limits.max_params_bytes,
             at_least(&MIN_PARAMS_BYTES, " (bytes; `{}` is 2)"),
         );
+        check(
+            self.limits.max_result_bytes >= MIN_RESULT_BYTES,
+            "limits.max_result_bytes",
+            &self.limits.max_result_bytes,
+            at_least(&MIN_RESULT_BYTES, " (bytes; `null` is 4)"),
+        );
         // lapin reports a frame_max below AMQP's minimum only as a failed
         // connect; the URL itself is not printed (it may hold a password).
         for (node, url) in split_urls(&self.amqp_url).into_iter().enumerate() {
@@ -742,6 +756,9 @@ impl Config {
         if let Some(v) = get("CONVEYOR_MAX_PARAMS_BYTES") {
             self.limits.max_params_bytes = parse("CONVEYOR_MAX_PARAMS_BYTES", v)?;
         }
+        if let Some(v) = get("CONVEYOR_MAX_RESULT_BYTES") {
+            self.limits.max_result_bytes = parse("CONVEYOR_MAX_RESULT_BYTES", v)?;
+        }
         Ok(())
     }
 
@@ -878,6 +895,7 @@ mod tests {
             ("CONVEYOR_MAX_NAME_LEN", "40"),
             ("CONVEYOR_MAX_LABELS", "3"),
             ("CONVEYOR_MAX_PARAMS_BYTES", "4096"),
+            ("CONVEYOR_MAX_RESULT_BYTES", "8192"),
         ]
         .into();
         c.apply_env(|k| env.get(k).map(|v| v.to_string()))
@@ -892,9 +910,10 @@ mod tests {
                 c.limits.max_tasks,
                 c.limits.max_name_len,
                 c.limits.max_labels,
-                c.limits.max_params_bytes
+                c.limits.max_params_bytes,
+                c.limits.max_result_bytes
             ),
-            (10, 40, 3, 4096)
+            (10, 40, 3, 4096, 8192)
         );
     }
 
@@ -1185,6 +1204,10 @@ mod tests {
             (
                 |c| c.limits.max_params_bytes = 1,
                 "limits.max_params_bytes = 1: must be at least 2",
+            ),
+            (
+                |c| c.limits.max_result_bytes = 3,
+                "limits.max_result_bytes = 3: must be at least 4",
             ),
         ];
         for (change, expected) in cases {

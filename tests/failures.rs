@@ -323,6 +323,74 @@ async fn a_permanent_error_fails_the_task_at_once_with_its_message() {
     d.shutdown().await;
 }
 
+/// What a handler returns is bounded before it reaches Redis: a result
+/// over `limits.max_result_bytes` fails its task for good naming the limit
+/// (and the task after it, as any failure does), an error text is cut to
+/// 8 KiB in the status and the history alike, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_limit_fails_its_task_and_a_long_error_is_cut() {
+    let mut config = common::test_config(&common::unique_prefix("bounds"));
+    config.limits.max_result_bytes = 1024;
+    let mut d = Deployment::with_config(config).await;
+    let journal = open_journal(&mut d, "bounds");
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let big = json!({"blob": "x".repeat(2_000)});
+    let loud = format!("disk full: {}", "y".repeat(100_000));
+    client
+        .submit(&json!({"id": "bounded", "requestor": "r", "tasks": [
+            {"name": "big", "handler": "noop", "params": big},
+            {"name": "after", "handler": "noop", "after": ["big"]},
+            {"name": "loud", "handler": "fail", "params": {"permanent": true, "message": loud}},
+            {"name": "small", "handler": "noop", "params": {"n": 1}}]}))
+        .await;
+    let status = d.wait_terminal("bounded", WAIT).await;
+    assert_eq!(status.state, JobState::Failed);
+
+    let task = &status.tasks["big"];
+    assert_eq!((task.state, task.attempts), (TaskState::Failed, 1));
+    assert_eq!(task.result, Value::Null);
+    let expected = format!(
+        "result is {} bytes of JSON, over limits.max_result_bytes (1024)",
+        big.to_string().len()
+    );
+    let error = task.error.as_deref().unwrap_or_default();
+    assert!(error.starts_with(&expected), "{error}");
+    assert_eq!(
+        status.tasks["after"].error.as_deref(),
+        Some("dependency failed: big")
+    );
+
+    let error = status.tasks["loud"].error.clone().unwrap_or_default();
+    assert!(error.len() <= 8 * 1024, "{} bytes", error.len());
+    assert!(error.starts_with("disk full: yyy"), "{error:.40}");
+    assert!(error.contains(" bytes cut ...] "), "{error:.40}");
+    let recorded = status
+        .history
+        .iter()
+        .find(|h| h.task.as_deref() == Some("loud") && h.to == "failed")
+        .expect("the loud task's failure in the history");
+    assert!(
+        recorded.reason.len() <= 8 * 1024 + 100,
+        "{}",
+        recorded.reason.len()
+    );
+
+    assert_eq!(status.tasks["small"].state, TaskState::Succeeded);
+    assert_eq!(status.tasks["small"].result, json!({"n": 1}));
+    assert_eq!(outcomes(&journal, "bounded", 0), ended(&[(1, "failed")]));
+    assert_invariants(&d, &["bounded"], &journal).await;
+
+    client.submit(&common::noop_job("next")).await;
+    assert_eq!(
+        d.wait_terminal("next", WAIT).await.state,
+        JobState::Succeeded
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives() {
     let mut d = Deployment::new("panic").await;

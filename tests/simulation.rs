@@ -683,6 +683,7 @@ impl Sim {
                 heartbeat: Duration::from_millis(500),
                 max_deliveries: self.config.worker.max_deliveries,
                 hold: Duration::from_millis(self.config.worker.hold_ms),
+                max_result_bytes: self.config.limits.max_result_bytes,
                 journal: None,
             },
         );

@@ -1,6 +1,9 @@
 //! Running one attempt of a handler: params parsed once, a run time-out,
 //! a panic caught and turned into a failed attempt, and the handler's
-//! answer mapped to what the store records.
+//! answer mapped to what the store records — within bounds: a result over
+//! `limits.max_result_bytes` fails the task, and an error text is cut to
+//! [`MAX_ERROR_BYTES`], since both are kept in Redis (an error once per
+//! attempt, in the history too) and a result is handed to every dependent.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -55,8 +58,57 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// "timed out" error before the worker stops it.
 const TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
 
-/// Run `handler` on a claimed task. Never panics.
-pub async fn run_attempt(handler: Arc<dyn Handler>, claimed: &Claimed) -> AttemptEnd {
+/// The longest error text kept of an attempt, in bytes: longer ones keep
+/// their beginning and end (where a cause and a stderr tail are) with a
+/// note of what was cut between.
+pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// `error` cut to [`MAX_ERROR_BYTES`] (at character boundaries), saying
+/// how much was cut.
+pub fn bounded_error(error: String) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let keep = (MAX_ERROR_BYTES - 64) / 2;
+    let mut head = keep;
+    while !error.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = error.len() - keep;
+    while !error.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} [... {} bytes cut ...] {}",
+        &error[..head],
+        tail - head,
+        &error[tail..]
+    )
+}
+
+/// Run `handler` on a claimed task; a result longer than
+/// `max_result_bytes` (as JSON) fails the attempt for good. Never panics.
+pub async fn run_attempt(
+    handler: Arc<dyn Handler>,
+    claimed: &Claimed,
+    max_result_bytes: usize,
+) -> AttemptEnd {
+    match answer_of(handler, claimed).await {
+        AttemptEnd::Succeeded(json) if json.len() > max_result_bytes => {
+            AttemptEnd::Permanent(format!(
+                "result is {} bytes of JSON, over limits.max_result_bytes ({max_result_bytes}): \
+                 keep large outputs elsewhere (a file, an object store) and return where they are",
+                json.len()
+            ))
+        }
+        AttemptEnd::Succeeded(json) => AttemptEnd::Succeeded(json),
+        AttemptEnd::Transient(e) => AttemptEnd::Transient(bounded_error(e)),
+        AttemptEnd::Permanent(e) => AttemptEnd::Permanent(bounded_error(e)),
+    }
+}
+
+/// What the handler answered, as an attempt's end.
+async fn answer_of(handler: Arc<dyn Handler>, claimed: &Claimed) -> AttemptEnd {
     let params = match serde_json::from_str(&claimed.params_json) {
         Ok(p) => p,
         Err(e) => return AttemptEnd::Permanent(format!("stored params are not JSON: {e}")),
@@ -164,7 +216,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn an_answer_after_the_time_out_is_a_time_out_even_when_the_timer_could_not_fire() {
         let handler = Arc::new(BlocksItsThread(TIMEOUT_MARGIN + Duration::from_millis(300)));
-        let end = run_attempt(handler, &claimed(Duration::from_millis(50))).await;
+        let end = run_attempt(handler, &claimed(Duration::from_millis(50)), 64).await;
         match end {
             AttemptEnd::Transient(e) => assert!(e.starts_with("timed out after 0.1s"), "{e}"),
             other => panic!("a late answer was taken: {other:?}"),
@@ -174,7 +226,68 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn an_answer_in_time_is_taken() {
         let handler = Arc::new(BlocksItsThread(Duration::from_millis(10)));
-        let end = run_attempt(handler, &claimed(Duration::from_secs(5))).await;
+        let end = run_attempt(handler, &claimed(Duration::from_secs(5)), 64).await;
         assert_eq!(end, AttemptEnd::Succeeded("null".into()));
+    }
+
+    /// Answers with what it was built with.
+    struct Answers(Result<Value, HandlerError>);
+
+    #[async_trait]
+    impl Handler for Answers {
+        fn name(&self) -> &str {
+            "answers"
+        }
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            self.0.clone().map(Outcome::Done)
+        }
+    }
+
+    async fn end_of(answer: Result<Value, HandlerError>, max_result_bytes: usize) -> AttemptEnd {
+        let handler = Arc::new(Answers(answer));
+        run_attempt(handler, &claimed(Duration::from_secs(5)), max_result_bytes).await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_result_over_the_limit_fails_the_task_naming_the_limit() {
+        let result = Value::String("x".repeat(100));
+        assert_eq!(
+            end_of(Ok(result.clone()), 102).await,
+            AttemptEnd::Succeeded(result.to_string()),
+            "102 bytes with the quotes: at the limit"
+        );
+        match end_of(Ok(result), 101).await {
+            AttemptEnd::Permanent(e) => assert!(
+                e.starts_with("result is 102 bytes of JSON, over limits.max_result_bytes (101)"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_error_keeps_its_beginning_and_end_and_says_what_was_cut() {
+        let long = format!(
+            "cause: disk full\n{}\nlast line of stderr",
+            "é".repeat(10_000)
+        );
+        let kept = match end_of(Err(HandlerError::Transient(long.clone())), 64).await {
+            AttemptEnd::Transient(e) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(kept.len() <= MAX_ERROR_BYTES, "{} bytes", kept.len());
+        assert!(kept.starts_with("cause: disk full\n"), "{kept:.40}");
+        assert!(kept.ends_with("\nlast line of stderr"));
+        // What was kept and what was cut add up to the whole.
+        let (head, rest) = kept.split_once(" [... ").unwrap();
+        let (cut, tail) = rest.split_once(" bytes cut ...] ").unwrap();
+        let cut: usize = cut.parse().unwrap();
+        assert_eq!(head.len() + cut + tail.len(), long.len());
+        assert!(long.starts_with(head) && long.ends_with(tail));
+        let short = "a short error".to_owned();
+        assert_eq!(
+            end_of(Err(HandlerError::Permanent(short.clone())), 64).await,
+            AttemptEnd::Permanent(HandlerError::Permanent(short).to_string())
+        );
     }
 }

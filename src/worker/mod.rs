@@ -69,6 +69,8 @@ pub struct WorkerOptions {
     /// Longest a task delivery waits here for a free slot before the
     /// worker gives back what it holds (see [`Permits::Hold`]).
     pub hold: Duration,
+    /// Largest result of one task, in bytes of JSON (`limits.max_result_bytes`).
+    pub max_result_bytes: usize,
     /// Where to journal claims, renewals and ends (see [`Journal`]).
     pub journal: Option<Journal>,
 }
@@ -85,6 +87,7 @@ impl WorkerOptions {
             heartbeat: Duration::from_millis(config.worker.heartbeat_ms),
             max_deliveries: config.worker.max_deliveries,
             hold: Duration::from_millis(config.worker.hold_ms),
+            max_result_bytes: config.limits.max_result_bytes,
             journal: None,
         }
     }
@@ -433,7 +436,7 @@ impl Worker {
         let mut hard_stop = stops.hard.clone();
         let end = tokio::select! {
             biased;
-            end = run_attempt(handler, &claimed) => end,
+            end = run_attempt(handler, &claimed, self.options.max_result_bytes) => end,
             _ = hard_stop.wait() => {
                 self.hand_back(&claimed).await;
                 return None;
