@@ -286,9 +286,10 @@ impl RedisClock {
     }
 
     /// Whether, the local clock reading `local`, a refresh should start
-    /// (and this caller starts it).
+    /// (and this caller starts it): the offset is old, or the local clock
+    /// went back past the moment it was measured (a clock set back).
     fn claim_refresh(&self, local: u64) -> bool {
-        let age = local.saturating_sub(self.measured_at_ms.load(Ordering::Relaxed));
+        let age = local.abs_diff(self.measured_at_ms.load(Ordering::Relaxed));
         age > CLOCK_REFRESH_MS
             && self
                 .refreshing
@@ -2482,6 +2483,11 @@ mod tests {
         assert!(
             clock.claim_refresh(now + CLOCK_REFRESH_MS + 1),
             "stale again {CLOCK_REFRESH_MS} ms later"
+        );
+        clock.observe(now, now, now / 1000, (now % 1000) * 1000);
+        assert!(
+            clock.claim_refresh(now - 3_600_000),
+            "stale at once when the local clock is set back an hour"
         );
     }
 
