@@ -89,18 +89,46 @@ async fn submit_sleep_jobs_at_once(
     ids
 }
 
-/// Wait until the worker process `pid` has a run in the journal that it
-/// started and has not ended: it holds a claim.
-async fn wait_holding_a_claim(journal: &Path, pid: u32) {
+/// Stop worker process `child` (SIGSTOP) at a moment it holds a claim:
+/// stopped, it cannot add to the journal, which shows a run it started and
+/// has not ended. Otherwise it is let go on (SIGCONT) and stopped again
+/// shortly, until it is caught holding one. A kill that follows finds it
+/// holding that claim: a worker left running between a look at the
+/// journal and the kill may finish what it held (and, giving held
+/// messages back, start nothing new for a while).
+async fn stop_holding_a_claim(child: &tokio::process::Child, journal: &Path) {
+    let pid = child.id().expect("the worker runs");
     let marker = format!("-{pid}-");
-    eventually(&format!("worker {pid} holding a claim"), WAIT, || async {
-        read_journal(journal)
-            .values()
-            .flatten()
-            .any(|r| r.end.is_none() && r.worker.contains(&marker))
-            .then_some(())
-    })
+    eventually(
+        &format!("worker {pid} stopped holding a claim"),
+        WAIT,
+        || async {
+            signal(child, "-STOP").await;
+            eventually("the worker stopped", Duration::from_secs(5), || async {
+                pid_stopped(pid).then_some(())
+            })
+            .await;
+            let holding = read_journal(journal)
+                .values()
+                .flatten()
+                .any(|r| r.end.is_none() && r.worker.contains(&marker));
+            if holding {
+                return Some(());
+            }
+            signal(child, "-CONT").await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            None
+        },
+    )
     .await;
+}
+
+/// Whether process `pid` is stopped by a signal.
+fn pid_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    })
 }
 
 async fn wait_ended_runs(journal: &Path, n: usize) {
@@ -213,7 +241,7 @@ async fn kill_9_of_a_worker_mid_run_loses_nothing_and_runs_nothing_twice_at_once
     let client = Client::connect(&d.config.prefix).await;
     let ids = submit_sleep_jobs_at_once(&client, "k", 2000, 100).await;
     wait_ended_runs(&journal, 500).await;
-    wait_holding_a_claim(&journal, victim.id().expect("the victim runs")).await;
+    stop_holding_a_claim(&victim, &journal).await;
     signal(&victim, "-KILL").await;
     common::exited(&mut victim, "the worker killed with kill -9", None).await;
     let counts = assert_jobs_settled(&d, &ids).await;
