@@ -559,20 +559,6 @@ fn delivered_properties(props: &BasicProperties) -> Properties {
     }
 }
 
-fn header_count(props: &BasicProperties, name: &str) -> u32 {
-    let Some(headers) = props.headers() else {
-        return 0;
-    };
-    match headers.inner().get(name) {
-        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::LongUInt(n)) => *n,
-        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::ShortUInt(n)) => u32::from(*n),
-        _ => 0,
-    }
-}
-
 #[async_trait]
 impl Broker for AmqpBroker {
     async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
@@ -915,10 +901,11 @@ impl Subscription for AmqpSubscription {
             Ok(d) => d,
             Err(e) => return Some(Err(unavailable(e))),
         };
+        let properties = delivered_properties(&delivery.properties);
         Some(Ok(Delivery {
             queue: self.queue.clone(),
-            properties: delivered_properties(&delivery.properties),
-            delivery_count: header_count(&delivery.properties, "x-delivery-count"),
+            delivery_count: properties.delivery_count(),
+            properties,
             redelivered: delivery.redelivered,
             body: delivery.data,
             acker: {

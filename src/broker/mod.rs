@@ -123,9 +123,13 @@ pub struct Properties {
     pub headers: Vec<(String, HeaderValue)>,
 }
 
+/// The header in which RabbitMQ's quorum queues count a message's earlier
+/// deliveries.
+const DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// Headers the broker writes on a delivery, which a copy published again
 /// must not carry: a copy is a new message.
-const BROKER_DELIVERY_HEADERS: &[&str] = &["x-delivery-count"];
+const BROKER_DELIVERY_HEADERS: &[&str] = &[DELIVERY_COUNT];
 
 impl Properties {
     /// The properties of a JSON message Conveyor writes.
@@ -146,6 +150,16 @@ impl Properties {
         match self.headers.iter_mut().find(|(k, _)| k == name) {
             Some(slot) => slot.1 = value,
             None => self.headers.push((name.to_owned(), value)),
+        }
+    }
+
+    /// How many times the broker says it delivered the message before
+    /// (`x-delivery-count`, which quorum queues set on redeliveries); 0
+    /// without the header.
+    pub fn delivery_count(&self) -> u32 {
+        match self.header(DELIVERY_COUNT) {
+            Some(HeaderValue::Int(n)) => u32::try_from((*n).max(0)).unwrap_or(u32::MAX),
+            _ => 0,
         }
     }
 
@@ -285,4 +299,26 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the connection is up.
     fn is_connected(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delivery_count_is_read_from_the_brokers_header() {
+        let with = |v: HeaderValue| Properties {
+            headers: vec![(DELIVERY_COUNT.into(), v)],
+            ..Properties::json()
+        };
+        assert_eq!(Properties::json().delivery_count(), 0, "never redelivered");
+        assert_eq!(with(HeaderValue::Int(3)).delivery_count(), 3);
+        assert_eq!(with(HeaderValue::Int(-1)).delivery_count(), 0);
+        assert_eq!(with(HeaderValue::Text("3".into())).delivery_count(), 0);
+        assert_eq!(
+            with(HeaderValue::Int(3)).for_copy().delivery_count(),
+            0,
+            "a copy is new"
+        );
+    }
 }
