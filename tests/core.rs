@@ -397,11 +397,7 @@ async fn unparseable_and_oversized_messages_are_dead_lettered_and_the_dispatcher
     assert_eq!(second.0["x-conveyor-reason-kind"], "too_large");
     assert_eq!(second.1.len(), big.len());
 
-    client.submit(&common::noop_job("after-garbage")).await;
-    assert_eq!(
-        d.wait_terminal("after-garbage", WAIT).await.state,
-        JobState::Succeeded
-    );
+    d.assert_serves(&client, "after-garbage", WAIT).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -685,11 +681,7 @@ async fn lists_of_broker_and_redis_nodes_are_tried_in_turn_until_one_answers() {
     d.start_dispatcher().await;
     d.start_worker(4).await;
     let client = Client::connect(&prefix).await;
-    client.submit(&common::noop_job("via-second-node")).await;
-    assert_eq!(
-        d.wait_terminal("via-second-node", WAIT).await.state,
-        JobState::Succeeded
-    );
+    d.assert_serves(&client, "via-second-node", WAIT).await;
     client.close().await;
     d.shutdown().await;
 }

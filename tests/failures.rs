@@ -382,11 +382,7 @@ async fn a_result_over_the_limit_fails_its_task_and_a_long_error_is_cut() {
     assert_eq!(outcomes(&journal, "bounded", 0), ended(&[(1, "failed")]));
     assert_invariants(&d, &["bounded"], &journal).await;
 
-    client.submit(&common::noop_job("next")).await;
-    assert_eq!(
-        d.wait_terminal("next", WAIT).await.state,
-        JobState::Succeeded
-    );
+    d.assert_serves(&client, "next", WAIT).await;
     client.close().await;
     d.shutdown().await;
 }
@@ -412,11 +408,7 @@ async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives(
         error.contains("handler panicked") && error.contains("attempts used up"),
         "{error}"
     );
-    client.submit(&common::noop_job("after-panic")).await;
-    assert_eq!(
-        d.wait_terminal("after-panic", WAIT).await.state,
-        JobState::Succeeded
-    );
+    d.assert_serves(&client, "after-panic", WAIT).await;
     assert_eq!(
         outcomes(&journal, "boom", 0),
         ended(&[(1, "retry"), (2, "retry"), (3, "retry")])

@@ -52,17 +52,10 @@ async fn assert_jobs_settled(d: &Deployment, ids: &[String]) -> BTreeMap<JobStat
     journal::assert_jobs_settled(d, ids, WAIT).await
 }
 
+/// Submit `n` jobs of one `sleep` task of `ms` each, ids `<prefix>-<i>`,
+/// one publish at a time; their ids.
 async fn submit_sleep_jobs(client: &Client, prefix: &str, n: usize, ms: u64) -> Vec<String> {
-    let mut ids = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = format!("{prefix}-{i}");
-        client
-            .submit(&json!({"id": id, "requestor": "faults",
-                "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": ms}}]}))
-            .await;
-        ids.push(id);
-    }
-    ids
+    submit_sleep_jobs_in_flight(client, prefix, n, ms, 1).await
 }
 
 /// As [`submit_sleep_jobs`], with the publishes in flight together (up
@@ -75,6 +68,16 @@ async fn submit_sleep_jobs_at_once(
     n: usize,
     ms: u64,
 ) -> Vec<String> {
+    submit_sleep_jobs_in_flight(client, prefix, n, ms, 200).await
+}
+
+async fn submit_sleep_jobs_in_flight(
+    client: &Client,
+    prefix: &str,
+    n: usize,
+    ms: u64,
+    in_flight: usize,
+) -> Vec<String> {
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let jobs: Vec<Value> = ids
         .iter()
@@ -83,7 +86,7 @@ async fn submit_sleep_jobs_at_once(
                 "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": ms}}]})
         })
         .collect();
-    for chunk in jobs.chunks(200) {
+    for chunk in jobs.chunks(in_flight) {
         futures::future::join_all(chunk.iter().map(|job| client.submit(job))).await;
     }
     ids
@@ -611,11 +614,7 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     );
     // And they work: a new job after the reconnect succeeds.
     let client = Client::connect(&d.config.prefix).await;
-    client.submit(&common::noop_job("after-drop")).await;
-    assert_eq!(
-        d.wait_terminal("after-drop", WAIT).await.state,
-        JobState::Succeeded
-    );
+    d.assert_serves(&client, "after-drop", WAIT).await;
     client.close().await;
     run.stop().await;
 }
@@ -1532,11 +1531,7 @@ async fn redis_restarted_without_its_data_is_noticed_and_vanished_tasks_are_dead
     let restarted_at = now_ns();
     redis.launch().await;
     // A new job after the loss runs normally.
-    client.submit(&common::noop_job("fresh")).await;
-    assert_eq!(
-        d.wait_terminal("fresh", WAIT).await.state,
-        JobState::Succeeded
-    );
+    d.assert_serves(&client, "fresh", WAIT).await;
     // The loss was noticed: a new epoch, so new fences never repeat old ones.
     let epoch_after = eventually("a new epoch", WAIT, || async {
         let e = d.store.check_epoch().await.ok()?;

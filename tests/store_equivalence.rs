@@ -880,21 +880,22 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
     common::cleanup(&config).await;
 }
 
-/// Now by Redis's own clock, ms, and the members of schedule index `key`
-/// with their scores.
-async fn redis_now_and_index(config: &Config, key: String) -> (u64, Vec<(String, f64)>) {
+/// How far past Redis's own now, ms, the one entry of schedule index
+/// `key` is due.
+async fn due_in_by_redis_clock(config: &Config, key: String) -> i64 {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut redis).await.unwrap();
     let index: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(key)
+        .arg(&key)
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")
         .query_async(&mut redis)
         .await
         .unwrap();
-    (secs * 1000 + micros / 1000, index)
+    assert_eq!(index.len(), 1, "{key}: {index:?}");
+    index[0].1 as i64 - (secs * 1000 + micros / 1000) as i64
 }
 
 /// Hosts whose clocks are hours apart still agree on when a lease lapsed
@@ -930,9 +931,7 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
         worker.claim(&held, "w", lease).await,
         Ok(ClaimOutcome::Claimed(_))
     ));
-    let (now, leases) = redis_now_and_index(&config, names.leases()).await;
-    assert_eq!(leases.len(), 1, "{leases:?}");
-    let due_in = leases[0].1 as i64 - now as i64;
+    let due_in = due_in_by_redis_clock(&config, names.leases()).await;
     assert!(
         (0..=2_000).contains(&due_in),
         "the lease entry is due {due_in} ms from Redis's now, not {} ms",
@@ -968,9 +967,7 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
         delay,
     };
     worker.complete(&claim, "w", &result).await.unwrap();
-    let (now, retries) = redis_now_and_index(&config, names.retries()).await;
-    assert_eq!(retries.len(), 1, "{retries:?}");
-    let due_in = retries[0].1 as i64 - now as i64;
+    let due_in = due_in_by_redis_clock(&config, names.retries()).await;
     assert!(
         (0..=2_000).contains(&due_in),
         "the retry is due {due_in} ms from Redis's now, not {} ms",

@@ -22,6 +22,7 @@ use conveyor::config::{Config, QueueType};
 use conveyor::dispatcher::{Dispatcher, DispatcherOptions};
 use conveyor::handler::Registry;
 use conveyor::intake::JobIntake;
+use conveyor::model::JobState;
 use conveyor::names::Names;
 use conveyor::shutdown::ShutdownTrigger;
 use conveyor::store::redis::RedisStore;
@@ -323,6 +324,14 @@ impl Deployment {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The deployment still serves: a one-`noop`-task job `id` that
+    /// `client` submits now succeeds within `within`.
+    pub async fn assert_serves(&self, client: &Client, id: &str, within: Duration) {
+        client.submit(&noop_job(id)).await;
+        let status = self.wait_terminal(id, within).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
     }
 }
 
