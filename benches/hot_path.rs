@@ -152,7 +152,7 @@ const FENCE_BASE: u64 = 1 << 20;
 
 fn claim(record: &mut JobRecord, idx: u32) -> ClaimRef {
     let attempt = record.tasks[idx as usize].attempt;
-    match record.claim(idx, attempt, "w-bench", LEASE_MS, NOW) {
+    match record.claim(idx, attempt, "w-bench", LEASE_MS, u64::MAX, NOW) {
         ClaimOutcome::Claimed(c) => c.claim,
         other => panic!("claim of task {idx}: {other:?}"),
     }
@@ -198,7 +198,7 @@ fn machine_single(c: &mut Criterion) {
     g.bench_function("claim", |b| {
         b.iter_batched_ref(
             || created.clone(),
-            |r| r.claim(0, 1, "w-bench", LEASE_MS, NOW),
+            |r| r.claim(0, 1, "w-bench", LEASE_MS, u64::MAX, NOW),
             BatchSize::SmallInput,
         )
     });

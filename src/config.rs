@@ -180,6 +180,12 @@ pub struct Limits {
     /// worker: a larger one fails the task (permanently) with an error
     /// naming the limit. At least 4 (`null`).
     pub max_result_bytes: usize,
+    /// Most bytes of JSON of the dependency results one task is handed (a
+    /// join's inputs), enforced at its claim: over it, the task fails
+    /// (permanently) with an error naming the limit, and the results are
+    /// never read out of the store. At least `max_result_bytes`, so that a
+    /// task with one dependency never meets it.
+    pub max_inputs_bytes: usize,
 }
 
 impl Default for Config {
@@ -249,6 +255,7 @@ impl Default for Limits {
             max_labels: 64,
             max_params_bytes: 256 * 1024,
             max_result_bytes: 1024 * 1024,
+            max_inputs_bytes: crate::store::DEFAULT_MAX_INPUTS_BYTES as usize,
         }
     }
 }
@@ -580,6 +587,15 @@ impl Config {
             &self.limits.max_result_bytes,
             at_least(&MIN_RESULT_BYTES, " (bytes; `null` is 4)"),
         );
+        check(
+            self.limits.max_inputs_bytes >= self.limits.max_result_bytes,
+            "limits.max_inputs_bytes",
+            &self.limits.max_inputs_bytes,
+            format!(
+                "must be at least limits.max_result_bytes ({})",
+                self.limits.max_result_bytes
+            ),
+        );
         // lapin reports a frame_max below AMQP's minimum only as a failed
         // connect; the URL itself is not printed (it may hold a password).
         for (node, url) in split_urls(&self.amqp_url).into_iter().enumerate() {
@@ -759,6 +775,9 @@ impl Config {
         if let Some(v) = get("CONVEYOR_MAX_RESULT_BYTES") {
             self.limits.max_result_bytes = parse("CONVEYOR_MAX_RESULT_BYTES", v)?;
         }
+        if let Some(v) = get("CONVEYOR_MAX_INPUTS_BYTES") {
+            self.limits.max_inputs_bytes = parse("CONVEYOR_MAX_INPUTS_BYTES", v)?;
+        }
         Ok(())
     }
 
@@ -896,6 +915,7 @@ mod tests {
             ("CONVEYOR_MAX_LABELS", "3"),
             ("CONVEYOR_MAX_PARAMS_BYTES", "4096"),
             ("CONVEYOR_MAX_RESULT_BYTES", "8192"),
+            ("CONVEYOR_MAX_INPUTS_BYTES", "65536"),
         ]
         .into();
         c.apply_env(|k| env.get(k).map(|v| v.to_string()))
@@ -911,9 +931,10 @@ mod tests {
                 c.limits.max_name_len,
                 c.limits.max_labels,
                 c.limits.max_params_bytes,
-                c.limits.max_result_bytes
+                c.limits.max_result_bytes,
+                c.limits.max_inputs_bytes
             ),
-            (10, 40, 3, 4096, 8192)
+            (10, 40, 3, 4096, 8192, 65536)
         );
     }
 
@@ -1208,6 +1229,10 @@ mod tests {
             (
                 |c| c.limits.max_result_bytes = 3,
                 "limits.max_result_bytes = 3: must be at least 4",
+            ),
+            (
+                |c| c.limits.max_inputs_bytes = 1024,
+                "limits.max_inputs_bytes = 1024: must be at least limits.max_result_bytes (1048576)",
             ),
         ];
         for (change, expected) in cases {

@@ -75,12 +75,15 @@ impl Embedded {
         options: EmbeddedOptions,
     ) -> anyhow::Result<Embedded> {
         let names = Names::new(&config.prefix);
-        let store = Arc::new(MemoryStore::new(
-            Arc::new(SystemClock),
-            Duration::from_secs(config.retention_s),
-            u64::from(rand::random::<u32>() >> 1 | 1),
-            "embedded",
-        ));
+        let store = Arc::new(
+            MemoryStore::new(
+                Arc::new(SystemClock),
+                Duration::from_secs(config.retention_s),
+                u64::from(rand::random::<u32>() >> 1 | 1),
+                "embedded",
+            )
+            .with_max_inputs_bytes(config.limits.max_inputs_bytes as u64),
+        );
         if let Some(path) = &options.snapshot
             && path.exists()
         {

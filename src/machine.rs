@@ -17,7 +17,7 @@ use crate::intake::{PlannedJob, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::store::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, HistoryEntry, JobStatus,
-    ScheduleEntry, ScheduleIndex, TaskStatus, entry,
+    OversizedInputs, ScheduleEntry, ScheduleIndex, TaskStatus, entry,
 };
 
 /// One job and all its tasks, as the store keeps it.
@@ -404,13 +404,15 @@ impl JobRecord {
         self.tasks.get(idx as usize)
     }
 
-    /// `claim.lua`.
+    /// `claim.lua`: dependency results are handed out up to
+    /// `max_inputs_bytes` of them together, none past it.
     pub fn claim(
         &mut self,
         idx: u32,
         attempt: u32,
         worker: &str,
         lease_ms: u64,
+        max_inputs_bytes: u64,
         now: u64,
     ) -> ClaimOutcome {
         let Some(t) = self.task(idx) else {
@@ -452,9 +454,25 @@ impl JobRecord {
         }
         self.bump(now);
         let t = &self.tasks[idx as usize];
+        let inputs_bytes: u64 = t
+            .deps
+            .iter()
+            .map(|&d| {
+                self.tasks[d as usize]
+                    .result
+                    .as_ref()
+                    .map_or(4, |r| r.len() as u64)
+            })
+            .sum();
+        let oversized_inputs = (inputs_bytes > max_inputs_bytes).then_some(OversizedInputs {
+            deps: t.deps.len(),
+            bytes: inputs_bytes,
+            limit: max_inputs_bytes,
+        });
         let deps = t
             .deps
             .iter()
+            .filter(|_| oversized_inputs.is_none())
             .map(|&d| {
                 let dep = &self.tasks[d as usize];
                 let value = dep
@@ -478,6 +496,7 @@ impl JobRecord {
             max_attempts: t.max_attempts,
             timeout: std::time::Duration::from_millis(t.timeout_ms),
             deps,
+            oversized_inputs,
             backoff: (t.backoff_base_ms, t.backoff_cap_ms),
         }))
     }

@@ -47,10 +47,12 @@ async fn connect_store(
         by,
     )
     .await?;
-    Ok(store.with_replica_wait(
-        config.redis_wait_replicas,
-        Duration::from_millis(config.redis_wait_timeout_ms),
-    ))
+    Ok(store
+        .with_max_inputs_bytes(config.limits.max_inputs_bytes as u64)
+        .with_replica_wait(
+            config.redis_wait_replicas,
+            Duration::from_millis(config.redis_wait_timeout_ms),
+        ))
 }
 
 /// Connect the AMQP broker (reading `tls_ca_file` if set).

@@ -387,6 +387,67 @@ async fn a_result_over_the_limit_fails_its_task_and_a_long_error_is_cut() {
     d.shutdown().await;
 }
 
+/// What a join is handed is bounded too: a task whose dependencies'
+/// results together pass `limits.max_inputs_bytes` fails for good naming
+/// the limit and what they total, without its handler running (the claim
+/// does not read them out of Redis), and its dependents fail after it; a
+/// task over fewer of the same results runs with all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_whose_inputs_pass_the_limit_fails_and_a_smaller_one_runs() {
+    let mut config = common::test_config(&common::unique_prefix("inputs"));
+    config.limits.max_result_bytes = 1024;
+    config.limits.max_inputs_bytes = 2048;
+    let mut d = Deployment::with_config(config).await;
+    let journal = open_journal(&mut d, "inputs");
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let client = Client::connect(&d.config.prefix).await;
+    let part = |n: u32| json!({"n": n, "blob": "x".repeat(900)});
+    let each = part(0).to_string().len();
+    client
+        .submit(&json!({"id": "joins", "requestor": "r", "tasks": [
+            {"name": "p0", "handler": "noop", "params": part(0)},
+            {"name": "p1", "handler": "noop", "params": part(1)},
+            {"name": "p2", "handler": "noop", "params": part(2)},
+            {"name": "all", "handler": "noop", "after": ["p0", "p1", "p2"]},
+            {"name": "after-all", "handler": "noop", "after": ["all"]},
+            {"name": "two", "handler": "shell", "after": ["p0", "p1"],
+             "params": {"command": "python3", "args": ["-c",
+                "import json,sys; d=json.load(sys.stdin)['deps']; \
+                 print(json.dumps({k: len(v['blob']) for k, v in d.items()}))"]}}]}))
+        .await;
+    let status = d.wait_terminal("joins", WAIT).await;
+    assert_eq!(status.state, JobState::Failed);
+
+    let all = &status.tasks["all"];
+    assert_eq!((all.state, all.attempts), (TaskState::Failed, 1));
+    let expected = format!(
+        "the results of its 3 dependencies total {} bytes of JSON, over \
+         limits.max_inputs_bytes (2048)",
+        3 * each
+    );
+    let error = all.error.as_deref().unwrap_or_default();
+    assert!(error.starts_with(&expected), "{error}");
+    assert_eq!(
+        status.tasks["after-all"].error.as_deref(),
+        Some("dependency failed: all")
+    );
+    let two = &status.tasks["two"];
+    assert_eq!(two.state, TaskState::Succeeded, "{:?}", two.error);
+    assert_eq!(
+        two.result,
+        json!({"p0": 900, "p1": 900}),
+        "both inputs whole"
+    );
+    assert_eq!(outcomes(&journal, "joins", 5), ended(&[(1, "succeeded")]));
+    assert!(2 * each <= 2048 && 3 * each > 2048, "{each} bytes a part");
+    assert_invariants(&d, &["joins"], &journal).await;
+
+    d.assert_serves(&client, "next", WAIT).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_counts_as_a_failed_attempt_and_the_worker_survives() {
     let mut d = Deployment::new("panic").await;

@@ -574,12 +574,10 @@ impl Sim {
     async fn new(seed: u64, config: Config, faults: FaultPlan) -> Sim {
         let names = Names::new(&config.prefix);
         let clock = Arc::new(TokioClock::new(1_800_000_000_000));
-        let store = Arc::new(MemoryStore::new(
-            clock.clone(),
-            Duration::from_secs(3600),
-            1,
-            "sim",
-        ));
+        let store = Arc::new(
+            MemoryStore::new(clock.clone(), Duration::from_secs(3600), 1, "sim")
+                .with_max_inputs_bytes(config.limits.max_inputs_bytes as u64),
+        );
         let broker = Arc::new(MemoryBroker::new(names.clone(), seed, faults));
         // Every store and broker call yields to the runtime after its work
         // (0 to 2 times, drawn from generators of their own seeded from the
@@ -1858,7 +1856,7 @@ fn retried_once() -> JobRecord {
         panic!("a valid job");
     };
     let mut job = JobRecord::create(&planned, 0, 3_600_000, 0, "test");
-    let ClaimOutcome::Claimed(first) = job.claim(0, 1, "w1", 600, 10) else {
+    let ClaimOutcome::Claimed(first) = job.claim(0, 1, "w1", 600, u64::MAX, 10) else {
         panic!("attempt 1 is ready");
     };
     let retry = AttemptResult::Retry {
@@ -1871,7 +1869,7 @@ fn retried_once() -> JobRecord {
     ));
     assert!(matches!(job.promote(0, 2, 30, "d1"), Promotion::Ready(_)));
     assert!(matches!(
-        job.claim(0, 2, "w2", 600, 40),
+        job.claim(0, 2, "w2", 600, u64::MAX, 40),
         ClaimOutcome::Claimed(_)
     ));
     job

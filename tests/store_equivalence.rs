@@ -288,10 +288,6 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
     common::cleanup(&config).await;
 }
 
-/// A finished job's keys expire after the retention; its entry in the index
-/// of recent jobs goes with the next pruning pass, in both stores, while a
-/// job still running keeps its entry however old it is. Small batches walk
-/// past live entries rather than stopping at them.
 /// Claim attempt 1 of task `t` (index 0, queue `default`) of job `id`,
 /// for worker `w`; panics unless it is claimed.
 async fn claim_first_attempt(store: &dyn Store, id: &str) -> conveyor::store::Claimed {
@@ -391,6 +387,82 @@ async fn claims_that_arrive_together_are_answered_as_one_by_one() {
     common::cleanup(&config).await;
 }
 
+/// A join is handed its dependencies' results up to
+/// `limits.max_inputs_bytes` of them together. Past it the join is still
+/// claimed, with none of them read and what they total (Redis reads them a
+/// few dozen at a time and measures the rest, here past its first read);
+/// at exactly the limit, all of them. Both stores agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_is_handed_its_inputs_up_to_the_limit_and_none_past_it() {
+    let parts = 100;
+    // Each part's result is 20 bytes of JSON: 2,000 bytes for the join.
+    let result = |i: usize| format!(r#"{{"v":"{i:0>12}"}}"#);
+    let mut tasks: Vec<_> = (0..parts)
+        .map(|i| json!({"name": format!("p{i}"), "handler": "noop"}))
+        .collect();
+    let all: Vec<String> = (0..parts).map(|i| format!("p{i}")).collect();
+    tasks.push(json!({"name": "join", "handler": "noop", "after": all}));
+    tasks.push(json!({"name": "pair", "handler": "noop", "after": ["p0", "p1"]}));
+    let job = plan(&json!({"id": "big-join", "requestor": "eq", "tasks": tasks}));
+    for (limit, over) in [(1_000u64, true), (2_000, false)] {
+        let mut config = common::test_config(&common::unique_prefix("inputs"));
+        config.limits.max_result_bytes = 64;
+        config.limits.max_inputs_bytes = limit as usize;
+        let (redis, memory) = redis_and_memory(&config).await;
+        let memory = memory.with_max_inputs_bytes(limit);
+        let stores: [&dyn Store; 2] = [redis.as_ref(), &memory];
+        let mut claims = Vec::new();
+        for store in stores {
+            store.create_job(&job).await.unwrap();
+            for i in 0..parts {
+                let part =
+                    claim_first_attempt_of(store, "big-join", i as u32, &format!("p{i}")).await;
+                let done = AttemptResult::Succeeded(result(i));
+                store.complete(&part.claim, "w", &done).await.unwrap();
+            }
+            let join = claim_first_attempt_of(store, "big-join", parts as u32, "join").await;
+            let pair = claim_first_attempt_of(store, "big-join", parts as u32 + 1, "pair").await;
+            claims.push((join, pair));
+        }
+        let ctx = format!("limit {limit}");
+        let (memory_claims, redis_claims) = (claims.pop().unwrap(), claims.pop().unwrap());
+        let (join, pair) = &redis_claims;
+        if over {
+            assert_eq!(
+                join.oversized_inputs,
+                Some(conveyor::store::OversizedInputs {
+                    deps: parts,
+                    bytes: 2_000,
+                    limit
+                }),
+                "{ctx}"
+            );
+            assert!(
+                join.deps.is_empty(),
+                "{ctx}: read {} results",
+                join.deps.len()
+            );
+        } else {
+            assert_eq!(join.oversized_inputs, None, "{ctx}");
+            assert_eq!(join.deps.len(), parts, "{ctx}");
+            assert_eq!(join.deps["p99"], json!({"v": "000000000099"}), "{ctx}");
+        }
+        assert_eq!(pair.oversized_inputs, None, "{ctx}");
+        assert_eq!(pair.deps["p1"], json!({"v": "000000000001"}), "{ctx}");
+        same_claim(
+            ClaimOutcome::Claimed(Box::new(redis_claims.0)),
+            ClaimOutcome::Claimed(Box::new(memory_claims.0)),
+            &format!("{ctx}: join"),
+        );
+        same_claim(
+            ClaimOutcome::Claimed(Box::new(redis_claims.1)),
+            ClaimOutcome::Claimed(Box::new(memory_claims.1)),
+            &format!("{ctx}: pair"),
+        );
+        common::cleanup(&config).await;
+    }
+}
+
 async fn claim_first_attempt_of(
     store: &dyn Store,
     id: &str,
@@ -410,6 +482,10 @@ async fn claim_first_attempt_of(
     }
 }
 
+/// A finished job's keys expire after the retention; its entry in the index
+/// of recent jobs goes with the next pruning pass, in both stores, while a
+/// job still running keeps its entry however old it is. Small batches walk
+/// past live entries rather than stopping at them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
     let mut config = common::test_config(&common::unique_prefix("prune"));

@@ -331,7 +331,7 @@ mod tests {
 
     fn claim(record: &mut JobRecord, idx: u32, now: u64) -> ClaimRef {
         let attempt = record.tasks[idx as usize].attempt;
-        match record.claim(idx, attempt, "w-1", 10_000, now) {
+        match record.claim(idx, attempt, "w-1", 10_000, u64::MAX, now) {
             ClaimOutcome::Claimed(c) => c.claim,
             other => panic!("claim of {idx}: {other:?}"),
         }

@@ -11,6 +11,7 @@
 //! sharing state between processes, or surviving a crash between snapshots.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,8 +21,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary,
-    Pruned, ScheduleIndex, Store, StoreError, SweepAction, WorkerInfo, entry, parse_entry,
+    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, DEFAULT_MAX_INPUTS_BYTES,
+    JobStatus, JobSummary, Pruned, ScheduleIndex, Store, StoreError, SweepAction, WorkerInfo,
+    entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
 use crate::machine::{JobRecord, Promotion, Reclaim};
@@ -240,6 +242,8 @@ pub struct MemoryStore {
     server: Arc<Mutex<String>>,
     /// Off unless a simulation seeds them ([`MemoryStore::yield_after_calls`]).
     yields: Arc<YieldPoints>,
+    /// Most bytes of dependency results a claim hands out.
+    max_inputs_bytes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -268,7 +272,15 @@ impl MemoryStore {
             down: Arc::default(),
             server: Arc::new(Mutex::new(new_server_identity())),
             yields: Arc::default(),
+            max_inputs_bytes: Arc::new(AtomicU64::new(DEFAULT_MAX_INPUTS_BYTES)),
         }
+    }
+
+    /// Hand out at most `bytes` of dependency results per claimed task, as
+    /// [`RedisStore::with_max_inputs_bytes`](super::redis::RedisStore::with_max_inputs_bytes).
+    pub fn with_max_inputs_bytes(self, bytes: u64) -> MemoryStore {
+        self.max_inputs_bytes.store(bytes, Ordering::Relaxed);
+        self
     }
 
     /// For simulations: from now on every [`Store`] call yields to the
@@ -455,7 +467,14 @@ impl Store for MemoryStore {
                 let mut state = self.lock()?;
                 let added = state.leases.add_or_raise(&member, now + lease_ms);
                 let outcome = match state.job_mut(&task.job, now) {
-                    Some(job) => job.claim(task.idx, task.attempt, worker, lease_ms, now),
+                    Some(job) => job.claim(
+                        task.idx,
+                        task.attempt,
+                        worker,
+                        lease_ms,
+                        self.max_inputs_bytes.load(Ordering::Relaxed),
+                        now,
+                    ),
                     None => ClaimOutcome::Missing,
                 };
                 if added && !matches!(outcome, ClaimOutcome::Claimed(_) | ClaimOutcome::Busy) {

@@ -119,11 +119,44 @@ pub struct Claimed {
     pub max_attempts: u32,
     /// Run time-out of this attempt.
     pub timeout: Duration,
-    /// Dependency results by task name.
+    /// Dependency results by task name (none when `oversized_inputs`).
     pub deps: BTreeMap<String, Value>,
+    /// Set when the dependency results together exceed the store's
+    /// inputs limit: the claim holds, but none were read, and the attempt
+    /// must fail for good (see [`OversizedInputs::error`]).
+    pub oversized_inputs: Option<OversizedInputs>,
     /// Backoff base and cap for a transient error.
     pub backoff: (u64, u64),
 }
+
+/// A task whose dependencies' results are, together, too many bytes to
+/// hand to its handler (`limits.max_inputs_bytes`): a join over thousands
+/// of tasks with large results would otherwise be read whole out of the
+/// store and into a worker, once per attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OversizedInputs {
+    /// How many dependencies the task has.
+    pub deps: usize,
+    /// Their results' bytes of JSON, together.
+    pub bytes: u64,
+    /// The limit they exceed.
+    pub limit: u64,
+}
+
+impl OversizedInputs {
+    /// What the failed attempt records.
+    pub fn error(&self) -> String {
+        format!(
+            "the results of its {} dependencies total {} bytes of JSON, over \
+             limits.max_inputs_bytes ({}): have them return where large outputs are \
+             rather than the outputs",
+            self.deps, self.bytes, self.limit
+        )
+    }
+}
+
+/// The default `limits.max_inputs_bytes`, for a store not told otherwise.
+pub const DEFAULT_MAX_INPUTS_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq)]

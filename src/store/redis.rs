@@ -52,9 +52,10 @@ use serde_json::Value;
 
 use super::sentinel::SentinelUrl;
 use super::{
-    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created, HistoryEntry,
-    JobStatus, JobSummary, Pruned, Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError,
-    SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
+    Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created,
+    DEFAULT_MAX_INPUTS_BYTES, HistoryEntry, JobStatus, JobSummary, OversizedInputs, Pruned,
+    Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError, SweepAction, TaskStatus, WorkerInfo,
+    entry, parse_entry,
 };
 use crate::config::{Config, TlsCa, split_urls};
 use crate::intake::{PlannedJob, Rejection};
@@ -179,6 +180,9 @@ pub struct RedisStore {
     claim_rounds_sent: Arc<AtomicU64>,
     /// Redis's clock, for the scores of the cross-job indexes.
     clock: Arc<RedisClock>,
+    /// Most bytes of dependency results a claim hands out (shared with
+    /// the claim rounds' copy).
+    max_inputs_bytes: Arc<AtomicU64>,
 }
 
 /// A claim waiting for the next round of claims.
@@ -888,6 +892,7 @@ impl RedisStore {
             claim_rounds: None,
             claim_rounds_sent: Arc::default(),
             clock: Arc::default(),
+            max_inputs_bytes: Arc::new(AtomicU64::new(DEFAULT_MAX_INPUTS_BYTES)),
         };
         store.load_library().await?;
         store.check_epoch().await?;
@@ -903,6 +908,15 @@ impl RedisStore {
         tokio::spawn(store.clone().claim_rounds(rx));
         store.claim_rounds = Some(tx);
         Ok(store)
+    }
+
+    /// Hand out at most `bytes` of dependency results per claimed task
+    /// (`limits.max_inputs_bytes`; [`DEFAULT_MAX_INPUTS_BYTES`] unless
+    /// told): a task whose dependencies' results are more is claimed with
+    /// none of them read and [`Claimed::oversized_inputs`] set.
+    pub fn with_max_inputs_bytes(self, bytes: u64) -> RedisStore {
+        self.max_inputs_bytes.store(bytes, Ordering::Relaxed);
+        self
     }
 
     /// Have every job creation (and rejection record) wait until
@@ -1413,8 +1427,10 @@ impl RedisStore {
         }
         for call in &calls {
             let first = &round[call[0]];
-            let mut cmd = self.fcall_sized(Script::Claim, &first.task.job, 2 + 2 * call.len(), 0);
-            cmd.arg(&first.worker).arg(first.lease_ms);
+            let mut cmd = self.fcall_sized(Script::Claim, &first.task.job, 3 + 2 * call.len(), 0);
+            cmd.arg(&first.worker)
+                .arg(first.lease_ms)
+                .arg(self.max_inputs_bytes.load(Ordering::Relaxed));
             for &k in call {
                 cmd.arg(round[k].task.idx).arg(round[k].task.attempt);
             }
@@ -1469,7 +1485,15 @@ impl RedisStore {
             "claimed" => {
                 let spec = RunSpec::decode(field(reply, 2))?;
                 let mut deps = BTreeMap::new();
-                let mut k = 6;
+                let oversized_inputs = match field(reply, 6) {
+                    "" => None,
+                    _ => Some(OversizedInputs {
+                        deps: num(reply, 7, "dependencies")?,
+                        bytes: num(reply, 6, "inputs bytes")?,
+                        limit: self.max_inputs_bytes.load(Ordering::Relaxed),
+                    }),
+                };
+                let mut k = 7;
                 while k + 1 < reply.len() {
                     let value: Value =
                         serde_json::from_str(field(reply, k + 1)).unwrap_or(Value::Null);
@@ -1490,6 +1514,7 @@ impl RedisStore {
                     task: field(reply, 4).to_owned(),
                     backoff: (spec.backoff_base_ms, spec.backoff_cap_ms),
                     deps,
+                    oversized_inputs,
                 })));
             }
             "busy" => ClaimOutcome::Busy,
@@ -1674,7 +1699,8 @@ impl Store for RedisStore {
             .arg(task.idx)
             .arg(task.attempt)
             .arg(worker)
-            .arg(lease_ms);
+            .arg(lease_ms)
+            .arg(self.max_inputs_bytes.load(Ordering::Relaxed));
         let new_queues = self.index_creation(&mut pipe, create, job);
         let (added, (created, claimed)): (i64, (Reply, Reply)) =
             self.run_for_epoch(&pipe, Some(epoch)).await?;

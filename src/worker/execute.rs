@@ -4,6 +4,9 @@
 //! `limits.max_result_bytes` fails the task, and an error text is cut to
 //! [`MAX_ERROR_BYTES`], since both are kept in Redis (an error once per
 //! attempt, in the history too) and a result is handed to every dependent.
+//! A join whose dependencies' results together pass
+//! `limits.max_inputs_bytes` is failed without running (the store's claim
+//! did not read them).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -87,12 +90,17 @@ pub fn bounded_error(error: String) -> String {
 }
 
 /// Run `handler` on a claimed task; a result longer than
-/// `max_result_bytes` (as JSON) fails the attempt for good. Never panics.
+/// `max_result_bytes` (as JSON) fails the attempt for good, and so does a
+/// claim whose dependency results were too large to hand over (the
+/// handler is not run). Never panics.
 pub async fn run_attempt(
     handler: Arc<dyn Handler>,
     claimed: &Claimed,
     max_result_bytes: usize,
 ) -> AttemptEnd {
+    if let Some(oversized) = &claimed.oversized_inputs {
+        return AttemptEnd::Permanent(oversized.error());
+    }
     match answer_of(handler, claimed).await {
         AttemptEnd::Succeeded(json) if json.len() > max_result_bytes => {
             AttemptEnd::Permanent(format!(
@@ -177,9 +185,10 @@ impl<T> Drop for AbortOnDrop<T> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::store::ClaimRef;
+    use crate::store::{ClaimRef, OversizedInputs};
     use async_trait::async_trait;
     use serde_json::Value;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Sleeps on its thread instead of awaiting: what a handler must not do.
     struct BlocksItsThread(Duration);
@@ -209,6 +218,7 @@ mod tests {
             max_attempts: 3,
             timeout,
             deps: Default::default(),
+            oversized_inputs: None,
             backoff: (0, 0),
         }
     }
@@ -230,8 +240,18 @@ mod tests {
         assert_eq!(end, AttemptEnd::Succeeded("null".into()));
     }
 
-    /// Answers with what it was built with.
-    struct Answers(Result<Value, HandlerError>);
+    /// Answers with what it was built with, counting its runs.
+    struct Answers(Result<Value, HandlerError>, AtomicUsize);
+
+    impl Answers {
+        fn new(answer: Result<Value, HandlerError>) -> Answers {
+            Answers(answer, AtomicUsize::new(0))
+        }
+
+        fn runs(&self) -> usize {
+            self.1.load(Ordering::SeqCst)
+        }
+    }
 
     #[async_trait]
     impl Handler for Answers {
@@ -239,12 +259,13 @@ mod tests {
             "answers"
         }
         async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
             self.0.clone().map(Outcome::Done)
         }
     }
 
     async fn end_of(answer: Result<Value, HandlerError>, max_result_bytes: usize) -> AttemptEnd {
-        let handler = Arc::new(Answers(answer));
+        let handler = Arc::new(Answers::new(answer));
         run_attempt(handler, &claimed(Duration::from_secs(5)), max_result_bytes).await
     }
 
@@ -263,6 +284,28 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_claim_whose_inputs_were_too_large_fails_for_good_without_running_the_handler() {
+        let handler = Arc::new(Answers::new(Ok(Value::Null)));
+        let mut claim = claimed(Duration::from_secs(5));
+        claim.oversized_inputs = Some(OversizedInputs {
+            deps: 3,
+            bytes: 3_000,
+            limit: 2_048,
+        });
+        match run_attempt(handler.clone(), &claim, 64).await {
+            AttemptEnd::Permanent(e) => assert!(
+                e.starts_with(
+                    "the results of its 3 dependencies total 3000 bytes of JSON, \
+                     over limits.max_inputs_bytes (2048)"
+                ),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(handler.runs(), 0, "the handler ran");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -1,21 +1,25 @@
 -- claim: take the attempts task messages name: one or more tasks of the
 -- job in one call (a worker's claims that arrive together are sent as one
 -- round: see `RedisStore::claim`).
--- ARGV[1] worker, ARGV[2] lease ms, then (idx, attempt) pairs.
+-- ARGV[1] worker, ARGV[2] lease ms, ARGV[3] most bytes of dependency
+-- results to hand out per task, then (idx, attempt) pairs.
 -- Checks, for each pair in turn: the task is `ready` at exactly this
 -- attempt (and was not claimed by an earlier pair of the same call).
 -- Returns one reply per pair, in order: {'claimed', fence, run spec (x),
---          max attempts, name, lease expiry, dep name, dep result, ...}
+--          max attempts, name, lease expiry, '', dep name, dep result, ...}
+--      or, when the dependency results together exceed ARGV[3], the claim
+--          made but {'claimed', fence, x, max attempts, name, lease
+--          expiry, their total bytes, how many} (the worker fails it);
 --      or {'busy'} (a live claim holds it), {'stale'} (attempt over),
 --      or {'missing'} (no such job or task).
 -- One HMGET per task reads its fields (the first also the job's), and one
 -- HSET at the end writes every claim (hot path: a call costs a few
 -- microseconds before it does anything, each redis.call about one more).
-local by, lease = ARGV[1], tonumber(ARGV[2])
+local by, lease, max_in = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local le_s = string.format('%d', NOW + lease)
 local st, fence, version
 local writes, replies, taken = {}, {}, {}
-for k = 3, #ARGV - 1, 2 do
+for k = 4, #ARGV - 1, 2 do
   local i, attempt = ARGV[k], ARGV[k + 1]
   local d
   if st == nil then
@@ -59,7 +63,7 @@ for k = 3, #ARGV - 1, 2 do
     writes[n + 3] = 'w:' .. i; writes[n + 4] = by
     writes[n + 5] = 'f:' .. i; writes[n + 6] = fence_s
     writes[n + 7] = 'le:' .. i; writes[n + 8] = le_s
-    reply = {'claimed', fence_s, x, d[4], d[5], le_s}
+    reply = {'claimed', fence_s, x, d[4], d[5], le_s, ''}
     local deps = split_idx(d[6])
     if #deps > 0 then
       local fields = {}
@@ -67,11 +71,30 @@ for k = 3, #ARGV - 1, 2 do
         fields[#fields + 1] = 'nm:' .. dep
         fields[#fields + 1] = 'r:' .. dep
       end
-      for s = 1, #fields, CHUNK do
-        local r = redis.call('HMGET', J, unpack(fields, s, math.min(s + CHUNK - 1, #fields)))
-        for m = 1, #r, 2 do
-          reply[#reply + 1] = r[m]; reply[#reply + 1] = r[m + 1] or 'null'
+      -- Results are read a few at a time and counted as they come: past
+      -- the limit the rest are only measured (HSTRLEN), so a join over
+      -- large results never holds more than the limit and one read.
+      local total, over = 0, false
+      for s = 1, #fields, RESULT_CHUNK do
+        local e = math.min(s + RESULT_CHUNK - 1, #fields)
+        if over then
+          for m = s + 1, e, 2 do
+            local l = redis.call('HSTRLEN', J, fields[m])
+            total = total + (l > 0 and l or 4)
+          end
+        else
+          local r = redis.call('HMGET', J, unpack(fields, s, e))
+          for m = 1, #r, 2 do
+            local v = r[m + 1] or 'null'
+            total = total + #v
+            reply[#reply + 1] = r[m]; reply[#reply + 1] = v
+          end
+          over = total > max_in
         end
+      end
+      if over then
+        reply = {'claimed', fence_s, x, d[4], d[5], le_s, string.format('%d', total),
+          string.format('%d', #deps)}
       end
     end
   end

@@ -77,6 +77,9 @@ end
 
 -- unpack() has a small stack limit: long lists go in chunks.
 local CHUNK = 1000
+-- Fields per read of dependency results (name and result: 64 tasks'),
+-- which may each be `limits.max_result_bytes` long.
+local RESULT_CHUNK = 128
 
 local function flush_hist()
   for s = 1, #HIST, CHUNK do
