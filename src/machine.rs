@@ -469,20 +469,23 @@ impl JobRecord {
             bytes: inputs_bytes,
             limit: max_inputs_bytes,
         });
-        let deps = t
-            .deps
-            .iter()
-            .filter(|_| oversized_inputs.is_none())
-            .map(|&d| {
-                let dep = &self.tasks[d as usize];
-                let value = dep
-                    .result
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r).ok())
-                    .unwrap_or(Value::Null);
-                (dep.name.clone(), value)
-            })
-            .collect::<BTreeMap<_, _>>();
+        // Past the limit none are read, as in `claim.lua`.
+        let deps = if oversized_inputs.is_some() {
+            BTreeMap::new()
+        } else {
+            t.deps
+                .iter()
+                .map(|&d| {
+                    let dep = &self.tasks[d as usize];
+                    let value = dep
+                        .result
+                        .as_deref()
+                        .and_then(|r| serde_json::from_str(r).ok())
+                        .unwrap_or(Value::Null);
+                    (dep.name.clone(), value)
+                })
+                .collect()
+        };
         ClaimOutcome::Claimed(Box::new(Claimed {
             claim: ClaimRef {
                 job: self.id.clone(),
