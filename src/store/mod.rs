@@ -148,8 +148,9 @@ impl OversizedInputs {
     pub fn error(&self) -> String {
         format!(
             "the results of its {} dependencies total {} bytes of JSON, over \
-             limits.max_inputs_bytes ({}): have them return where large outputs are \
-             rather than the outputs",
+             limits.max_inputs_bytes ({}): have the dependencies return where large \
+             outputs are kept (a path, an object key) rather than the outputs, or raise \
+             the limit",
             self.deps, self.bytes, self.limit
         )
     }
