@@ -11,7 +11,6 @@
 //! sharing state between processes, or surviving a crash between snapshots.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -243,7 +242,7 @@ pub struct MemoryStore {
     /// Off unless a simulation seeds them ([`MemoryStore::yield_after_calls`]).
     yields: Arc<YieldPoints>,
     /// Most bytes of dependency results a claim hands out.
-    max_inputs_bytes: Arc<AtomicU64>,
+    max_inputs_bytes: u64,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -272,15 +271,17 @@ impl MemoryStore {
             down: Arc::default(),
             server: Arc::new(Mutex::new(new_server_identity())),
             yields: Arc::default(),
-            max_inputs_bytes: Arc::new(AtomicU64::new(DEFAULT_MAX_INPUTS_BYTES)),
+            max_inputs_bytes: DEFAULT_MAX_INPUTS_BYTES,
         }
     }
 
     /// Hand out at most `bytes` of dependency results per claimed task, as
     /// [`RedisStore::with_max_inputs_bytes`](super::redis::RedisStore::with_max_inputs_bytes).
     pub fn with_max_inputs_bytes(self, bytes: u64) -> MemoryStore {
-        self.max_inputs_bytes.store(bytes, Ordering::Relaxed);
-        self
+        MemoryStore {
+            max_inputs_bytes: bytes,
+            ..self
+        }
     }
 
     /// For simulations: from now on every [`Store`] call yields to the
@@ -472,7 +473,7 @@ impl Store for MemoryStore {
                         task.attempt,
                         worker,
                         lease_ms,
-                        self.max_inputs_bytes.load(Ordering::Relaxed),
+                        self.max_inputs_bytes,
                         now,
                     ),
                     None => ClaimOutcome::Missing,
