@@ -404,6 +404,7 @@ async fn a_join_whose_inputs_pass_the_limit_fails_and_a_smaller_one_runs() {
     let client = Client::connect(&d.config.prefix).await;
     let part = |n: u32| json!({"n": n, "blob": "x".repeat(900)});
     let each = part(0).to_string().len();
+    assert!(2 * each <= 2048 && 3 * each > 2048, "{each} bytes a part");
     client
         .submit(&json!({"id": "joins", "requestor": "r", "tasks": [
             {"name": "p0", "handler": "noop", "params": part(0)},
@@ -440,7 +441,6 @@ async fn a_join_whose_inputs_pass_the_limit_fails_and_a_smaller_one_runs() {
         "both inputs whole"
     );
     assert_eq!(outcomes(&journal, "joins", 5), ended(&[(1, "succeeded")]));
-    assert!(2 * each <= 2048 && 3 * each > 2048, "{each} bytes a part");
     assert_invariants(&d, &["joins"], &journal).await;
 
     d.assert_serves(&client, "next", WAIT).await;
