@@ -130,9 +130,10 @@ pub struct WorkerConfig {
     pub max_deliveries: u32,
     /// Also consume the submit queue (ahead of dispatchers) and run one
     /// root task of each new job here, skipping its task queue: one broker
-    /// hop fewer per job. Only where this worker knows every handler jobs
-    /// may name (it validates jobs with its own). Env
-    /// `CONVEYOR_ACCEPT_SUBMISSIONS` (`true`/`false`).
+    /// hop fewer per job. On by default: a submission the worker would
+    /// refuse (by its own registry) is referred to the dispatchers, so
+    /// refusals are theirs. Env `CONVEYOR_ACCEPT_SUBMISSIONS`
+    /// (`true`/`false`).
     pub accept_submissions: bool,
     /// Longest a task delivery waits in this worker for a free slot, in
     /// milliseconds. Past it the worker gives back every task message it
@@ -230,7 +231,7 @@ impl Default for WorkerConfig {
             grace_s: 30,
             heartbeat_ms: 2_000,
             max_deliveries: 5,
-            accept_submissions: false,
+            accept_submissions: true,
             hold_ms: 10_000,
         }
     }

@@ -31,6 +31,16 @@ impl Names {
         format!("{}.submit", self.prefix)
     }
 
+    /// The durable queue of submissions workers refer to the dispatchers:
+    /// every one a worker would refuse (not JSON, too large, or not a
+    /// valid job by the worker's own registry). Only dispatchers consume
+    /// it, so a refusal is always a dispatcher's verdict, and a worker
+    /// built with fewer handlers than the dispatchers never rejects a job
+    /// they accept.
+    pub fn referred_queue(&self) -> String {
+        format!("{}.submit.referred", self.prefix)
+    }
+
     /// The durable queue of messages that could not be handled.
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.prefix)

@@ -44,6 +44,11 @@ impl Outbox {
         &self.broker
     }
 
+    /// The deployment's names.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     /// Declare task queues this process has not declared yet (a job may
     /// name a queue no worker has consumed so far; its tasks wait there).
     async fn ensure_queues(&self, tasks: &[TaskMessage]) -> Result<(), BrokerError> {

@@ -24,6 +24,15 @@
 //!
 //! So the task is never run without a durable claim, and the submission is
 //! never acked before everything it started is either claimed or queued.
+//!
+//! A worker refuses nothing itself. A submission it would dead-letter or
+//! reject (by its own registry, which may lack handlers the dispatchers
+//! have) is *referred*: published, byte for byte with its properties, to
+//! `<prefix>.submit.referred`, which only dispatchers consume, and acked
+//! once that publish is confirmed. So every refusal is a dispatcher's
+//! verdict, whatever handlers a worker binary was built with, and taking
+//! submissions can be on by default. A referral costs the refused
+//! message one more hop; valid jobs never take it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +53,9 @@ pub(crate) struct Submissions {
     pub(crate) outbox: Outbox,
     pub(crate) intake: JobIntake,
     pub(crate) health: Health,
+    /// Refer what this process would refuse to the dispatchers instead of
+    /// refusing it (a worker); a dispatcher refuses for itself.
+    pub(crate) refer_refusals: bool,
 }
 
 /// A worker taking one root task of each job it records.
@@ -69,15 +81,22 @@ impl Submissions {
         run_here: Option<RunHere<'_>>,
     ) -> Option<Box<Claimed>> {
         let mut claimed = None;
-        let reply = match self.intake.accept(&delivery.body) {
+        let verdict = self.intake.accept(&delivery.body);
+        if self.refer_refusals && !matches!(verdict, Intake::Valid(_)) {
+            self.refer(delivery).await;
+            return None;
+        }
+        let reply = match verdict {
             Intake::Dead { kind, reason } => {
                 tracing::warn!(kind = kind.as_str(), %reason, "submission dead-lettered");
+                // Where its publisher put it, also when a worker referred it.
+                let source = self.outbox.names().submit_queue();
                 if let Err(e) = self
                     .outbox
                     .dead_letter(
                         delivery.body.clone(),
                         &delivery.properties,
-                        &delivery.queue,
+                        &source,
                         kind,
                         &reason,
                     )
@@ -230,6 +249,31 @@ impl Submissions {
             accepted: true,
             error: None,
             existing: true,
+        }
+    }
+
+    /// Hand a submission this process would refuse to the dispatchers: a
+    /// copy (its publisher's properties kept, so the reply still reaches
+    /// `reply_to`) published to the referred queue, then the original
+    /// acked. If the publish fails the original is requeued; a copy
+    /// confirmed but not acked comes back as a duplicate, which the
+    /// dispatcher answers as it would any resubmission.
+    async fn refer(&self, delivery: Delivery) {
+        let copy = Outgoing {
+            properties: delivery.properties.for_copy(),
+            ..Outgoing::durable(self.outbox.names().referred_queue(), delivery.body.clone())
+        };
+        match self.outbox.broker().publish(vec![copy]).await {
+            Ok(()) => {
+                tracing::debug!("submission referred to the dispatchers");
+                if let Err(e) = delivery.acker.ack().await {
+                    tracing::warn!(error = %e, "ack of a referred submission failed; it will be redelivered");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not refer a submission to the dispatchers; requeueing it");
+                requeue(delivery).await;
+            }
         }
     }
 

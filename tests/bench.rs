@@ -50,6 +50,7 @@ async fn leftovers(prefix: &str) -> (Vec<String>, Vec<String>) {
     let mut queues = Vec::new();
     for q in [
         names.submit_queue(),
+        names.referred_queue(),
         names.dead_queue(),
         names.task_queue("default"),
     ] {

@@ -200,6 +200,100 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
     d.shutdown().await;
 }
 
+/// A worker refuses nothing itself: what it would reject by its own
+/// registry, or dead-letter, it refers to the dispatchers, whose verdict
+/// it is. A worker built with fewer handlers than the dispatchers never
+/// rejects a job they accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refers_what_it_would_refuse_to_the_dispatchers() {
+    let mut d = Deployment::new("refers").await;
+    // A worker that knows only `noop`, and no dispatcher yet.
+    let full = std::mem::replace(
+        &mut d.registry,
+        conveyor_handler::Registry::new().with(conveyor_builtin_handlers::Noop),
+    );
+    let worker = d.start_worker_taking_submissions(2).await;
+    d.registry = full;
+    let mut client = Client::connect(&d.config.prefix).await;
+    let referred = d.names.referred_queue();
+    let tool = lapin::Connection::connect(&d.config.amqp_url, Default::default())
+        .await
+        .unwrap();
+
+    // A job the worker cannot validate (it lacks `sleep`; the task waits
+    // on a queue nobody consumes), one no registry knows, and bytes that
+    // are not JSON: all three wait in the referred queue, none refused.
+    let needs_sleep = json!({"id": "needs-sleep", "requestor": "alice", "tasks": [
+        {"name": "t", "handler": "sleep", "params": {"ms": 1}, "queue": "other"}]});
+    let unknown = json!({"id": "unknown", "requestor": "bob", "tasks": [
+        {"name": "t", "handler": "no-such-handler", "params": {}}]});
+    client
+        .publish_raw(needs_sleep.to_string().as_bytes(), "needs-sleep")
+        .await;
+    client
+        .publish_raw(unknown.to_string().as_bytes(), "unknown")
+        .await;
+    client.publish_raw(b"{not json", "garbage").await;
+    eventually("three submissions referred", WAIT, || async {
+        (ready_in(&tool, &referred).await? == 3).then_some(())
+    })
+    .await;
+    for id in ["needs-sleep", "unknown"] {
+        assert!(d.status(id).await.is_none(), "{id} recorded by the worker");
+    }
+    assert!(
+        client.take_dead().await.is_none(),
+        "dead-lettered by the worker"
+    );
+
+    // The dispatcher gives each its verdict: accepted by its registry,
+    // rejected naming the handler, dead-lettered as from the submit queue.
+    d.start_dispatcher().await;
+    let mut replies = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let (corr, reply) = client.reply().await;
+        replies.insert(corr, reply);
+    }
+    let accepted = d.status("needs-sleep").await.expect("recorded");
+    assert_eq!(accepted.state, JobState::Pending, "{accepted:#?}");
+    assert_eq!(accepted.tasks["t"].state, TaskState::Ready);
+    let rejected = d.status("unknown").await.expect("recorded");
+    assert_eq!(rejected.state, JobState::Rejected);
+    assert!(
+        rejected
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no-such-handler"),
+        "{rejected:#?}"
+    );
+    assert_eq!(
+        replies["needs-sleep"],
+        json!({"job_id": "needs-sleep", "accepted": true})
+    );
+    assert_eq!(replies["unknown"]["accepted"], json!(false), "{replies:?}");
+    assert_eq!(replies["garbage"]["accepted"], json!(false), "{replies:?}");
+    let dead = eventually("the garbage is dead-lettered", WAIT, || client.take_dead()).await;
+    assert_eq!(dead.0["x-conveyor-reason-kind"], "not_json");
+    assert_eq!(
+        dead.0["x-conveyor-source-queue"],
+        d.names.submit_queue(),
+        "where its publisher put it"
+    );
+    assert_eq!(dead.1, b"{not json");
+    assert_eq!(ready_in(&tool, &referred).await, Some(0));
+
+    // A job the worker can run still skips the dispatcher and the task queue.
+    client.submit(&common::noop_job("runs-here")).await;
+    let status = d.wait_terminal("runs-here", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(status.tasks["t"].worker.as_deref(), Some(worker.as_str()));
+    assert_eq!(status.version, 3, "create, claim, complete");
+    let _ = tool.close(200, "done".into()).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_busy_with_a_long_task_still_records_new_submissions_at_once() {
     let mut d = Deployment::new("busy-takes-submissions").await;

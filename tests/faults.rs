@@ -580,12 +580,17 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     let names = d.names.clone();
     eventually("consumers back", WAIT, || async {
         let stats = broker
-            .queue_stats(&[names.submit_queue(), names.task_queue("default")])
+            .queue_stats(&[
+                names.submit_queue(),
+                names.referred_queue(),
+                names.task_queue("default"),
+            ])
             .await
             .ok()?;
-        // Submissions: the dispatcher and the worker process; tasks: both
-        // workers.
-        (stats.len() == 2 && stats[0].consumers == 2 && stats[1].consumers == 2).then_some(())
+        // Submissions: the dispatcher and both workers; referred
+        // submissions: the dispatcher; tasks: both workers.
+        let consumers: Vec<u32> = stats.iter().map(|s| s.consumers).collect();
+        (consumers == [3, 1, 2]).then_some(())
     })
     .await;
     // With their prefetch re-applied (lapin's own recovery would not):
@@ -605,11 +610,19 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
             .collect()
     };
     assert_eq!(prefetch_of(&task_queue), ["16", "16"], "{listing}");
+    let dispatcher_prefetch = d.config.dispatcher.prefetch.to_string();
     let mut submit_prefetches = prefetch_of(&d.names.submit_queue());
     submit_prefetches.sort();
+    let mut expected = [
+        "16".to_owned(),
+        "16".to_owned(),
+        dispatcher_prefetch.clone(),
+    ];
+    expected.sort();
+    assert_eq!(submit_prefetches, expected, "{listing}");
     assert_eq!(
-        submit_prefetches,
-        ["16".to_owned(), d.config.dispatcher.prefetch.to_string()],
+        prefetch_of(&d.names.referred_queue()),
+        [dispatcher_prefetch],
         "{listing}"
     );
     // And they work: a new job after the reconnect succeeds.

@@ -223,9 +223,11 @@ impl Deployment {
                     break_err(p, status)?;
                 }
             }
-            let submit = consumers(&conn, &names.submit_queue()).await;
+            // Only dispatchers consume the referred queue (workers consume
+            // the submit queue too).
+            let dispatchers = consumers(&conn, &names.referred_queue()).await;
             let tasks = consumers(&conn, &names.task_queue("default")).await;
-            if submit.unwrap_or(0) as usize >= self.dispatchers
+            if dispatchers.unwrap_or(0) as usize >= self.dispatchers
                 && tasks.unwrap_or(0) as usize >= self.workers
             {
                 break Ok(());
@@ -233,7 +235,7 @@ impl Deployment {
             if Instant::now() > deadline {
                 break Err(process_err(format!(
                     "not consuming within {READY_WITHIN:?} ({} of {} dispatchers, {} of {} workers); logs in {}",
-                    submit.unwrap_or(0),
+                    dispatchers.unwrap_or(0),
                     self.dispatchers,
                     tasks.unwrap_or(0),
                     self.workers,
@@ -382,7 +384,8 @@ pub async fn check_live(
     queues: &[String],
 ) -> Result<(), BenchError> {
     let conn = amqp_connection(config, "cannot connect").await?;
-    let submit = consumers(&conn, &names.submit_queue()).await;
+    // Only dispatchers consume the referred queue.
+    let dispatchers = consumers(&conn, &names.referred_queue()).await;
     let tasks = consumers(&conn, &names.task_queue("default")).await;
     let _ = conn.close(200, "checked".into()).await;
     let missing = |q: String, n: Option<u32>, who: &str| match n {
@@ -395,7 +398,7 @@ pub async fn check_live(
         ))),
         Some(_) => Ok(()),
     };
-    missing(names.submit_queue(), submit, "dispatcher")?;
+    missing(names.referred_queue(), dispatchers, "dispatcher")?;
     if !queues.iter().any(|q| q == "default") {
         tracing::warn!("the config's worker queues do not include `default`, where bench tasks go");
     }
@@ -408,6 +411,7 @@ pub async fn cleanup(config: &Config, keys: bool) {
     let names = Names::new(&config.prefix);
     let mut queues = vec![
         names.submit_queue(),
+        names.referred_queue(),
         names.dead_queue(),
         bare_queue(&config.prefix),
     ];

@@ -364,6 +364,7 @@ impl AmqpBroker {
         }
         declare_queue(session, &names.dead_queue(), dead_args).await?;
         declare_queue(session, &names.submit_queue(), self.work_queue_args()).await?;
+        declare_queue(session, &names.referred_queue(), self.work_queue_args()).await?;
         for q in task_queues {
             declare_queue(session, &names.task_queue(q), self.work_queue_args()).await?;
         }

@@ -396,6 +396,7 @@ impl Broker for MemoryBroker {
                 let mut state = self.shared.lock_up()?;
                 state.declare_queue(&self.names.dead_queue());
                 state.declare_queue(&self.names.submit_queue());
+                state.declare_queue(&self.names.referred_queue());
                 for q in task_queues {
                     state.declare_queue(&self.names.task_queue(q));
                 }
@@ -936,17 +937,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn declare_creates_submit_dead_and_task_queues() {
+    async fn declare_creates_submit_referred_dead_and_task_queues() {
         let b = broker().await;
         let all = vec![
             names().submit_queue(),
+            names().referred_queue(),
             names().dead_queue(),
             q(),
             names().task_queue("other"),
         ];
         let stats = b.queue_stats(&all).await.unwrap();
         let listed: Vec<&str> = stats.iter().map(|s| s.queue.as_str()).collect();
-        assert_eq!(listed, vec!["t.submit", "t.dead", "t.tasks.default"]);
+        assert_eq!(
+            listed,
+            vec!["t.submit", "t.submit.referred", "t.dead", "t.tasks.default"]
+        );
         assert!(b.subscribe("t.tasks.other", 1).await.is_err());
     }
 

@@ -264,7 +264,8 @@ pub struct QueueStats {
 /// in-process one serves the embedded mode and simulations.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Declare Conveyor's queues: submit, dead, and the task queues named.
+    /// Declare Conveyor's queues: submit, referred, dead, and the task
+    /// queues named.
     async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError>;
 
     /// Publish every message and wait until the broker has confirmed all of

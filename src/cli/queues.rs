@@ -42,7 +42,11 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
             eprintln!("warning: Redis unreachable ({e}); showing only the configured task queues")
         }
     }
-    let mut queues = vec![names.submit_queue(), names.dead_queue()];
+    let mut queues = vec![
+        names.submit_queue(),
+        names.referred_queue(),
+        names.dead_queue(),
+    ];
     queues.extend(task_queues.iter().map(|q| names.task_queue(q)));
     let broker = super::broker(&config).await?;
     let stats = broker.queue_stats(&queues).await?;

@@ -14,10 +14,12 @@ pub struct Args {
     /// Handlers run at once.
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Also take submissions and run one root task of each new job here
-    /// (one broker hop fewer); see `accept_submissions` in the config.
-    #[arg(long)]
-    accept_submissions: bool,
+    /// Whether to take submissions and run one root task of each new job
+    /// here (one broker hop fewer; on by default): `--accept-submissions
+    /// false` leaves them to the dispatchers. See `accept_submissions` in
+    /// the config.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    accept_submissions: Option<bool>,
     /// Serve `/healthz` and `/readyz` on this address (e.g. 0.0.0.0:8080).
     #[arg(long)]
     http_addr: Option<std::net::SocketAddr>,
@@ -30,8 +32,8 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     if let Some(c) = args.concurrency {
         config.worker.concurrency = c;
     }
-    if args.accept_submissions {
-        config.worker.accept_submissions = true;
+    if let Some(accept) = args.accept_submissions {
+        config.worker.accept_submissions = accept;
     }
     if let Some(a) = args.http_addr {
         config.http_addr = Some(a);

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Subscription};
 use crate::consumer::{Consumer, Permits, consume};
 use crate::health::Health;
 use crate::intake::JobIntake;
@@ -80,6 +80,7 @@ impl Dispatcher {
                 outbox: outbox.clone(),
                 intake,
                 health: health.clone(),
+                refer_refusals: false,
             },
             health,
             store,
@@ -98,7 +99,7 @@ impl Dispatcher {
     /// are ridden out: the subscription is made again (with its prefetch)
     /// on a fresh connection. In-flight submissions finish before it
     /// returns. Fails only if the topology cannot be declared at start.
-    pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), DispatcherError> {
+    pub async fn run(&self, shutdown: Shutdown) -> Result<(), DispatcherError> {
         let broker = self.outbox.broker().clone();
         broker.declare(&self.options.task_queues).await?;
         self.outbox.mark_declared(&self.options.task_queues);
@@ -114,15 +115,35 @@ impl Dispatcher {
             sweeper.spawn(async move { this.audit_forever(stop).await });
         }
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
+        // Clients' submissions, and those workers referred here (see
+        // `submission.rs`): one pool of permits for both.
+        let (submitted, referred) = tokio::join!(
+            self.consume_submissions(self.names.submit_queue(), &permits, shutdown.clone()),
+            self.consume_submissions(self.names.referred_queue(), &permits, shutdown.clone()),
+        );
+        drop((submitted, referred));
+        sweeper.abort_all();
+        Ok(())
+    }
+
+    /// Consume one queue of submissions until `shutdown` fires; returns
+    /// once the submissions in flight are handled, with the cancelled
+    /// subscription (kept until then, so nothing is handed back early).
+    async fn consume_submissions(
+        &self,
+        queue: String,
+        permits: &Arc<Semaphore>,
+        mut shutdown: Shutdown,
+    ) -> Option<Box<dyn Subscription>> {
+        let broker = self.outbox.broker().clone();
         let mut in_flight = JoinSet::new();
-        let queue = self.names.submit_queue();
         let subscription = consume(
             broker.as_ref(),
             Consumer {
                 queue: &queue,
                 prefetch: self.options.prefetch,
                 priority: 0,
-                permits: Permits::Wait(&permits),
+                permits: Permits::Wait(permits),
             },
             &self.health,
             &mut shutdown,
@@ -138,8 +159,6 @@ impl Dispatcher {
         )
         .await;
         while in_flight.join_next().await.is_some() {}
-        drop(subscription);
-        sweeper.abort_all();
-        Ok(())
+        subscription
     }
 }

@@ -167,6 +167,7 @@ impl Worker {
             outbox: self.outbox.clone(),
             intake,
             health: self.health.clone(),
+            refer_refusals: true,
         });
         self
     }

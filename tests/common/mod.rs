@@ -201,7 +201,15 @@ impl Deployment {
         });
     }
 
+    /// A worker as the config makes it: taking submissions unless
+    /// `worker.accept_submissions` is off (it is on by default).
     pub async fn start_worker(&mut self, concurrency: usize) -> String {
+        let submissions = self.config.worker.accept_submissions;
+        self.start_worker_with(concurrency, submissions).await
+    }
+
+    /// A worker that leaves every submission to the dispatchers.
+    pub async fn start_worker_without_submissions(&mut self, concurrency: usize) -> String {
         self.start_worker_with(concurrency, false).await
     }
 
@@ -338,7 +346,11 @@ impl Deployment {
 /// Delete a deployment's queues and Redis keys.
 pub async fn cleanup(config: &Config) {
     let names = Names::new(&config.prefix);
-    let mut queues = vec![names.submit_queue(), names.dead_queue()];
+    let mut queues = vec![
+        names.submit_queue(),
+        names.referred_queue(),
+        names.dead_queue(),
+    ];
     queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
     queues.push(names.task_queue("other"));
     // And every task queue a job of the test named.
