@@ -300,3 +300,156 @@ async fn requeue(delivery: Delivery) {
         tracing::warn!(error = %e, "requeue failed; the broker will redeliver on reconnect");
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::broker::Broker;
+    use crate::broker::memory::MemoryBroker;
+    use crate::config::Config;
+    use crate::names::Names;
+    use crate::store::memory::{MemoryStore, SystemClock};
+
+    struct Setup {
+        names: Names,
+        store: Arc<MemoryStore>,
+        broker: Arc<MemoryBroker>,
+        /// As a worker has them: refusals referred.
+        submissions: Submissions,
+    }
+
+    async fn setup() -> Setup {
+        let names = Names::new("t");
+        let store = Arc::new(MemoryStore::new(
+            Arc::new(SystemClock),
+            Duration::from_secs(60),
+            1,
+            "test",
+        ));
+        let broker = Arc::new(MemoryBroker::reliable(names.clone()));
+        broker.declare(&["default".to_owned()]).await.unwrap();
+        let registry = conveyor_handler::Registry::new();
+        let submissions = Submissions {
+            store: store.clone(),
+            outbox: Outbox::new(broker.clone(), names.clone()),
+            intake: JobIntake::new(&Config::default(), registry).unwrap(),
+            health: Health::new(store.clone(), broker.clone()),
+            refer_refusals: true,
+        };
+        Setup {
+            names,
+            store,
+            broker,
+            submissions,
+        }
+    }
+
+    /// Publish `body` to the submit queue as a client would (asking for a
+    /// reply) and take its delivery.
+    async fn delivered(
+        s: &Setup,
+        body: &[u8],
+    ) -> (Delivery, Properties, Box<dyn crate::broker::Subscription>) {
+        let submit = s.names.submit_queue();
+        let properties = Properties {
+            reply_to: Some("replies".into()),
+            correlation_id: Some("c-1".into()),
+            ..Properties::json()
+        };
+        let msg = Outgoing {
+            properties: properties.clone(),
+            ..Outgoing::durable(submit.clone(), body.to_vec())
+        };
+        s.broker.publish(vec![msg]).await.unwrap();
+        let mut sub = s.broker.subscribe(&submit, 1).await.unwrap();
+        let delivery = sub.next().await.unwrap().unwrap();
+        (delivery, properties, sub)
+    }
+
+    #[tokio::test]
+    async fn a_worker_refers_what_it_would_refuse_to_the_dispatchers_and_records_nothing() {
+        let s = setup().await;
+        // Not JSON, and a job naming a handler this registry lacks.
+        let unknown =
+            br#"{"id": "j", "requestor": "r", "tasks": [{"name": "t", "handler": "sleep"}]}"#;
+        for body in [&b"{not json"[..], &unknown[..]] {
+            let (delivery, properties, _sub) = delivered(&s, body).await;
+
+            assert!(s.submissions.handle(delivery, None).await.is_none());
+
+            let referred = s.broker.take_messages(&s.names.referred_queue()).await;
+            assert_eq!(referred.len(), 1);
+            assert_eq!(referred[0].body, body, "byte for byte");
+            assert_eq!(
+                referred[0].properties, properties,
+                "its reply still reaches the client"
+            );
+            let submit = s.names.submit_queue();
+            assert_eq!(s.broker.ready_len(&submit).await, 0);
+            assert_eq!(
+                s.broker.unacked_len(&submit).await,
+                0,
+                "acked: {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(
+            s.store.job("j").await.unwrap().is_none(),
+            "not rejected here"
+        );
+        assert!(s.broker.take_all(&s.names.dead_queue()).await.is_empty());
+        assert!(
+            s.broker.take_all("replies").await.is_empty(),
+            "no verdict, so no reply"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_referral_the_broker_does_not_take_leaves_the_submission_queued() {
+        let s = setup().await;
+        let (delivery, _, _sub) = delivered(&s, b"{not json").await;
+        s.broker.set_outage(true);
+
+        assert!(s.submissions.handle(delivery, None).await.is_none());
+
+        s.broker.set_outage(false);
+        assert_eq!(
+            s.broker.ready_len(&s.names.submit_queue()).await,
+            1,
+            "not lost"
+        );
+        assert_eq!(s.broker.ready_len(&s.names.referred_queue()).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_dispatcher_dead_letters_a_referred_message_as_from_the_submit_queue() {
+        let mut s = setup().await;
+        s.submissions.refer_refusals = false;
+        let referred = s.names.referred_queue();
+        s.broker
+            .publish(vec![Outgoing::durable(
+                referred.clone(),
+                b"{not json".to_vec(),
+            )])
+            .await
+            .unwrap();
+        let mut sub = s.broker.subscribe(&referred, 1).await.unwrap();
+        let delivery = sub.next().await.unwrap().unwrap();
+
+        s.submissions.handle(delivery, None).await;
+
+        let dead = s.broker.take_messages(&s.names.dead_queue()).await;
+        assert_eq!(dead.len(), 1);
+        let source = dead[0]
+            .properties
+            .headers
+            .iter()
+            .find(|(k, _)| k == "x-conveyor-source-queue")
+            .map(|(_, v)| v.clone());
+        assert_eq!(
+            source,
+            Some(crate::broker::HeaderValue::Text(s.names.submit_queue()))
+        );
+    }
+}
