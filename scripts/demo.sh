@@ -54,7 +54,7 @@ keep_logs=1
 forget_prefix() {
     local q
     if command -v rabbitmqctl >/dev/null 2>&1; then
-        for q in submit dead tasks.default; do
+        for q in submit submit.referred dead tasks.default; do
             rabbitmqctl -q delete_queue "$CONVEYOR_PREFIX.$q" >/dev/null 2>&1 || true
         done
     fi
