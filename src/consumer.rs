@@ -229,19 +229,33 @@ async fn stop_and_give_back(
 /// publish fails, each is requeued instead (duplicates are harmless: a
 /// task's claim is keyed by its attempt, a job's record by its id).
 pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
+    copy_then_ack(broker, deliveries, None).await;
+}
+
+/// Publish a copy of every delivery (its publisher's properties kept) to
+/// `queue`, or back to its own queue when `None`; once the broker confirms
+/// them, ack the originals. If the publish fails, requeue the originals
+/// instead and return false. Nothing is lost either way: a copy confirmed
+/// whose original's ack is lost is a duplicate, which every consumer
+/// deduplicates.
+pub async fn copy_then_ack(
+    broker: &dyn Broker,
+    deliveries: Vec<Delivery>,
+    queue: Option<&str>,
+) -> bool {
     if deliveries.is_empty() {
-        return;
+        return true;
     }
     let copies = deliveries
         .iter()
         .map(|d| Outgoing {
             properties: d.properties.for_copy(),
-            ..Outgoing::durable(d.queue.clone(), d.body.clone())
+            ..Outgoing::durable(queue.unwrap_or(&d.queue).to_owned(), d.body.clone())
         })
         .collect();
     let published = broker.publish(copies).await;
     if let Err(e) = &published {
-        tracing::warn!(error = %e, "could not give deliveries back as new messages; requeueing them");
+        tracing::warn!(error = %e, "publishing copies of deliveries failed; requeueing the originals");
     }
     for d in deliveries {
         let settled = match published {
@@ -249,9 +263,10 @@ pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
             Err(_) => d.acker.requeue().await,
         };
         if let Err(e) = settled {
-            tracing::debug!(error = %e, "a given-back delivery returns with its channel instead");
+            tracing::debug!(error = %e, "a delivery returns with its channel instead");
         }
     }
+    published.is_ok()
 }
 
 #[cfg(test)]

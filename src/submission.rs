@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::broker::{Delivery, Outgoing, Properties};
-use crate::consumer::give_back;
+use crate::consumer::{copy_then_ack, give_back};
 use crate::health::Health;
 use crate::intake::{Intake, JobIntake, MAX_ERROR_BYTES};
 use crate::model::{JobState, SubmitReply};
@@ -255,25 +255,12 @@ impl Submissions {
     /// Hand a submission this process would refuse to the dispatchers: a
     /// copy (its publisher's properties kept, so the reply still reaches
     /// `reply_to`) published to the referred queue, then the original
-    /// acked. If the publish fails the original is requeued; a copy
-    /// confirmed but not acked comes back as a duplicate, which the
-    /// dispatcher answers as it would any resubmission.
+    /// acked; if the publish fails, the original is requeued.
     async fn refer(&self, delivery: Delivery) {
-        let copy = Outgoing {
-            properties: delivery.properties.for_copy(),
-            ..Outgoing::durable(self.outbox.names().referred_queue(), delivery.body.clone())
-        };
-        match self.outbox.broker().publish(vec![copy]).await {
-            Ok(()) => {
-                tracing::debug!("submission referred to the dispatchers");
-                if let Err(e) = delivery.acker.ack().await {
-                    tracing::warn!(error = %e, "ack of a referred submission failed; it will be redelivered");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not refer a submission to the dispatchers; requeueing it");
-                requeue(delivery).await;
-            }
+        let referred = self.outbox.names().referred_queue();
+        let broker = self.outbox.broker().as_ref();
+        if copy_then_ack(broker, vec![delivery], Some(&referred)).await {
+            tracing::debug!("submission referred to the dispatchers");
         }
     }
 
