@@ -23,7 +23,10 @@
 //! - handlers fail transiently and permanently, panic, and hang past their
 //!   time-out, decided by a hash of the seed and the execution;
 //! - on odd seeds workers take submissions too, so roots of new jobs run
-//!   without a task message, and crashes hit that path as well.
+//!   without a task message, and crashes hit that path as well; about half
+//!   of those workers validate with an intake that lacks the jobs' handler
+//!   and refer every submission to the dispatchers, which must record each
+//!   referred job (once) from its unchanged bytes.
 //!
 //! At the end, every lease that lapsed must have had a cause: its worker
 //! crashed or was cut off between its last renewal and the reclaim (or the
@@ -557,6 +560,13 @@ struct Sim {
     /// Built once: every dispatcher of the run shares it, as the processes
     /// of a deployment share one schema file.
     intake: JobIntake,
+    /// The intake of a worker whose registry lacks `chaos`, the handler of
+    /// every accepted job: it refers them all to the dispatchers. (Its
+    /// worker still runs the tasks it is sent; a real deployment keeps such
+    /// a worker off the queues of handlers it lacks.)
+    narrow_intake: JobIntake,
+    /// Every submission's body as published.
+    submitted: Vec<Vec<u8>>,
     dispatchers: Vec<Running>,
     workers: Vec<Running>,
     /// Workers told to stop, until they have.
@@ -600,9 +610,14 @@ impl Sim {
         });
         let intake =
             JobIntake::new(&config, registry.clone()).expect("the default config is valid");
+        let narrow_intake = JobIntake::new(&config, conveyor_builtin_handlers::registry())
+            .expect("the default config is valid");
+        broker.tap(&names.referred_queue(), REFERRED_TAP).await;
         Sim {
             seed,
             intake,
+            narrow_intake,
+            submitted: Vec::new(),
             clock,
             executions,
             claims: Claims::default(),
@@ -686,11 +701,19 @@ impl Sim {
             },
         );
         // Odd seeds: workers take submissions too (and run a root of each
-        // new job without a task message); even seeds: only dispatchers do.
-        let worker = if self.seed % 2 == 1 {
-            worker.accepting_submissions(self.intake.clone())
-        } else {
-            worker
+        // new job without a task message), or, drawn by a hash (so the
+        // schedule's generator is not touched), refer every one they get;
+        // even seeds: only dispatchers take them.
+        let narrow = fnv(&[
+            b"narrow intake",
+            &self.seed.to_le_bytes(),
+            &self.started.to_le_bytes(),
+        ])
+        .is_multiple_of(2);
+        let worker = match (self.seed % 2 == 1, narrow) {
+            (true, false) => worker.accepting_submissions(self.intake.clone()),
+            (true, true) => worker.accepting_submissions(self.narrow_intake.clone()),
+            (false, _) => worker,
         };
         let trigger = ShutdownTrigger::new();
         let shutdown = trigger.subscribe();
@@ -712,7 +735,8 @@ impl Sim {
         });
     }
 
-    async fn publish_until_confirmed(&self, body: Vec<u8>) {
+    async fn publish_until_confirmed(&mut self, body: Vec<u8>) {
+        self.submitted.push(body.clone());
         loop {
             let msg = Outgoing::durable(self.names.submit_queue(), body.clone());
             if self.broker.publish(vec![msg]).await.is_ok() {
@@ -1220,6 +1244,8 @@ struct Run {
     /// with its history, every handler run (the journal), every claim
     /// with its renewals, and the faults the schedule injected.
     trace: Vec<String>,
+    /// Accepted jobs a worker referred to the dispatchers.
+    referred_jobs: usize,
     /// The store restarted (or lost a claim) and an audit followed.
     audited: bool,
     /// The store lost a running claim.
@@ -1542,6 +1568,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
             ));
         }
     }
+    let referred_jobs = check_referrals(&sim, &accepted_ids).await?;
     stopped_workers += collect_stopped(&mut sim.stopping, &mut disturbances, &mut faults_log);
     check(true)?;
     let lapses =
@@ -1594,6 +1621,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         .count();
     Ok(Run {
         trace,
+        referred_jobs,
         audited: restarts > 0,
         lost_claim: lost_claims > 0,
         lapses,
@@ -1634,6 +1662,50 @@ async fn land_crash(calls: &Calls, rng: &mut StdRng) -> bool {
 
 /// A submission that is not JSON: it must end in the dead-letter queue.
 const NOT_JSON: &[u8] = b"{not json";
+
+/// Where the simulation's broker copies what is published to the referred
+/// queue (see [`MemoryBroker::tap`]).
+const REFERRED_TAP: &str = "sim.tap.referred";
+
+/// Once every accepted job is finished: the dispatchers take every
+/// referred submission (the referred queue drains); only workers refer (none
+/// on even seeds, where no worker takes submissions); a referral is the
+/// submission's bytes unchanged. Returns how many referrals were of
+/// accepted jobs.
+async fn check_referrals(sim: &Sim, accepted: &HashSet<String>) -> Result<usize, String> {
+    let referred = sim.names.referred_queue();
+    let deadline = sim.clock.now_ms() + 60_000;
+    while sim.broker.ready_len(&referred).await + sim.broker.unacked_len(&referred).await > 0 {
+        if sim.clock.now_ms() > deadline {
+            return Err(format!(
+                "{} referred submissions left in {referred}: no dispatcher took them",
+                sim.broker.ready_len(&referred).await + sim.broker.unacked_len(&referred).await
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tapped = sim.broker.take_messages(REFERRED_TAP).await;
+    if sim.seed.is_multiple_of(2) && !tapped.is_empty() {
+        return Err(format!(
+            "{} submissions referred, but no worker takes submissions on even seeds",
+            tapped.len()
+        ));
+    }
+    let mut jobs = 0;
+    for m in &tapped {
+        if !sim.submitted.contains(&m.body) {
+            return Err(format!(
+                "a referral's body is not a submission's: {:?}",
+                String::from_utf8_lossy(&m.body)
+            ));
+        }
+        let id = serde_json::from_slice::<Value>(&m.body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned));
+        jobs += usize::from(id.is_some_and(|id| accepted.contains(&id)));
+    }
+    Ok(jobs)
+}
 
 fn header<'a>(m: &'a QueuedMessage, name: &str) -> Option<&'a str> {
     match m.properties.header(name)? {
@@ -1761,11 +1833,14 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     let crashes = count(|r| r.crashes);
     let inside = count(|r| r.crashes_inside_calls);
     let (stops, hand_backs) = (count(|r| r.stops), count(|r| r.hand_backs));
+    let referring = count(|r| usize::from(r.referred_jobs > 0));
     eprintln!(
         "{} seeds: {audited} audited a restarted store, {lost} lost a claim; {lapses} lapsed \
          leases, each caused; {crashes} crashes, {inside} of them inside a store call; {stops} \
-         workers stopped, handing back {hand_backs} tasks",
-        seeds.len()
+         workers stopped, handing back {hand_backs} tasks; {referring} had workers refer jobs \
+         ({} referrals)",
+        seeds.len(),
+        count(|r| r.referred_jobs)
     );
     if replay {
         // Seeds given one by one say nothing about how often the schedule
@@ -1794,6 +1869,12 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     assert!(
         inside * 10 >= crashes,
         "only {inside} of {crashes} crashes landed inside a store call"
+    );
+    // Workers referred accepted jobs to the dispatchers in many seeds.
+    assert!(
+        referring * 8 >= seeds.len(),
+        "only {referring} of {} seeds had a worker refer a job",
+        seeds.len()
     );
     // Workers were stopped gracefully in most seeds, some with tasks past
     // their grace period to hand back.

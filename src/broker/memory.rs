@@ -132,6 +132,9 @@ struct State {
     consumers: BTreeMap<u64, Consumer>,
     /// Source of subscription ids and delivery tags.
     next_id: u64,
+    /// Queue -> the queue that also gets every message published to it
+    /// (see [`MemoryBroker::tap`]).
+    taps: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -291,6 +294,7 @@ impl MemoryBroker {
                     queues: BTreeMap::new(),
                     consumers: BTreeMap::new(),
                     next_id: 0,
+                    taps: BTreeMap::new(),
                 }),
                 yields: YieldPoints::default(),
             }),
@@ -343,6 +347,17 @@ impl MemoryBroker {
         if down {
             state.drop_connections();
         }
+    }
+
+    /// From now on, every message published to `queue` is also put, once
+    /// and unchanged (whatever the faults do to the original), in the
+    /// queue `tap`, created if missing: as a second queue bound to the same
+    /// routing key gets it on RabbitMQ. A test reads there what was sent
+    /// to a queue whose consumers take it away (e.g. the referred queue).
+    pub async fn tap(&self, queue: &str, tap: &str) {
+        let mut state = self.shared.lock();
+        state.declare_queue(tap);
+        state.taps.insert(queue.to_owned(), tap.to_owned());
     }
 
     /// Messages ready in `queue` (0 if it does not exist).
@@ -436,6 +451,11 @@ impl Broker for MemoryBroker {
                         state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));
                     }
                     touched.insert(msg.queue.as_str());
+                    if let Some(tap) = state.taps.get(&msg.queue).cloned()
+                        && let Some(q) = state.queues.get_mut(&tap)
+                    {
+                        q.ready.push_back(QueuedMessage::from_outgoing(msg));
+                    }
                 }
                 for queue in touched {
                     state.dispatch(queue);
@@ -666,6 +686,14 @@ mod tests {
 
     async fn broker() -> MemoryBroker {
         let b = MemoryBroker::reliable(names());
+        b.declare(&["default".to_owned()]).await.unwrap();
+        b
+    }
+
+    /// A broker with the default task queue, injecting `faults` drawn
+    /// from `seed`.
+    async fn faulty(seed: u64, faults: FaultPlan) -> MemoryBroker {
+        let b = MemoryBroker::new(names(), seed, faults);
         b.declare(&["default".to_owned()]).await.unwrap();
         b
     }
@@ -1079,8 +1107,7 @@ mod tests {
             reorder: 0.2,
             publish_failure: 0.2,
         };
-        let b = MemoryBroker::new(names(), seed, faults);
-        b.declare(&["default".to_owned()]).await.unwrap();
+        let b = faulty(seed, faults).await;
         let mut confirmed = Vec::new();
         for batch in 0..50 {
             let msgs = (0..4).map(|i| msg(&format!("{batch}.{i}"))).collect();
@@ -1109,8 +1136,7 @@ mod tests {
             publish_failure: 1.0,
             ..FaultPlan::default()
         };
-        let b = MemoryBroker::new(names(), 3, faults);
-        b.declare(&["default".to_owned()]).await.unwrap();
+        let b = faulty(3, faults).await;
         for _ in 0..20 {
             let batch: Vec<Outgoing> = (0..5).map(|i| msg(&i.to_string())).collect();
             assert!(matches!(
@@ -1133,8 +1159,7 @@ mod tests {
             reorder: 1.0,
             ..FaultPlan::default()
         };
-        let b = MemoryBroker::new(names(), 11, faults);
-        b.declare(&["default".to_owned()]).await.unwrap();
+        let b = faulty(11, faults).await;
         let bodies: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
         let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
         publish(&b, &refs).await;
@@ -1152,13 +1177,36 @@ mod tests {
             duplicate: 1.0,
             ..FaultPlan::default()
         };
-        let b = MemoryBroker::new(names(), 1, faults);
-        b.declare(&["default".to_owned()]).await.unwrap();
+        let b = faulty(1, faults).await;
         publish(&b, &["a", "b"]).await;
         assert_eq!(
             b.take_all(&q()).await,
             vec![b"a".to_vec(), b"a".to_vec(), b"b".to_vec(), b"b".to_vec()]
         );
+    }
+
+    #[tokio::test]
+    async fn a_tap_gets_one_unchanged_copy_of_each_message_published_after_it() {
+        let faults = FaultPlan {
+            duplicate: 1.0,
+            ..FaultPlan::default()
+        };
+        let b = faulty(1, faults).await;
+        publish(&b, &["before"]).await;
+        b.tap(&q(), "tap").await;
+        let mut sub = b.subscribe(&q(), 0).await.unwrap();
+        let mut out = msg("after");
+        out.properties.correlation_id = Some("c1".into());
+        b.publish(vec![out.clone()]).await.unwrap();
+        // The consumer takes the originals (duplicated by the fault) away;
+        // the tap keeps its one copy.
+        for _ in 0..4 {
+            next(&mut sub).await.acker.ack().await.unwrap();
+        }
+        let tapped = b.take_messages("tap").await;
+        assert_eq!(tapped.len(), 1);
+        assert_eq!(tapped[0].body, b"after");
+        assert_eq!(tapped[0].properties, out.properties);
     }
 
     #[test]

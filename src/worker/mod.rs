@@ -156,11 +156,13 @@ impl Worker {
 
     /// This worker also consumes the submit queue and records jobs as a
     /// dispatcher does, validating them with `intake`, and runs one root
-    /// task of each new job itself instead of publishing it. Only for a
-    /// worker whose intake knows every handler jobs may name (the
-    /// dispatcher's registry): a job naming a handler it lacks would be
-    /// rejected. A dispatcher is still needed for the sweep (retries,
-    /// lapsed leases), and takes submissions when every worker is full.
+    /// task of each new job itself instead of publishing it. What `intake`
+    /// would refuse (a job naming a handler it lacks, bad input of any
+    /// kind) is not judged here: it is referred, unchanged, to
+    /// `<prefix>.submit.referred`, for the dispatchers to record or
+    /// dead-letter with their own registry. A dispatcher is still needed
+    /// for those, for the sweep (retries, lapsed leases), and takes
+    /// submissions when every worker is full.
     pub fn accepting_submissions(mut self, intake: JobIntake) -> Worker {
         self.submissions = Some(Submissions {
             store: self.store.clone(),
