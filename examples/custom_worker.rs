@@ -13,14 +13,38 @@
 //! with `greet.json` holding
 //! `{"requestor": "me", "tasks": [{"name": "hi", "handler": "greet", "params": {"name": "Ada"}}]}`.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use conveyor::config::Config;
 use conveyor::shutdown::{ShutdownTrigger, on_signals};
 use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError};
 use serde_json::{Value, json};
 
-/// `greet`: `{"name": "Ada"}` in, `{"greeting": "hello, Ada"}` out.
+/// Longest `pause_ms` a job may ask for: one hour.
+const MAX_PAUSE_MS: u64 = 3_600_000;
+
+/// `greet`: `{"name": "Ada"}` in, `{"greeting": "hello, Ada"}` out. An
+/// optional `pause_ms` stands for blocking work (a C library, a slow
+/// disk): it runs on tokio's blocking threads, never on the runtime's.
 struct Greet;
+
+/// The params, checked.
+fn parse(params: &Value) -> Result<(&str, u64), ValidationError> {
+    let Some(Value::String(name)) = params.get("name") else {
+        return Err(ValidationError::new("params.name", "required, a string"));
+    };
+    let pause_ms = match params.get("pause_ms") {
+        None => 0,
+        Some(v) => v.as_u64().filter(|ms| *ms <= MAX_PAUSE_MS).ok_or_else(|| {
+            ValidationError::new(
+                "params.pause_ms",
+                format!("an integer from 0 to {MAX_PAUSE_MS}"),
+            )
+        })?,
+    };
+    Ok((name, pause_ms))
+}
 
 #[async_trait]
 impl Handler for Greet {
@@ -29,33 +53,37 @@ impl Handler for Greet {
     }
 
     fn validate(&self, params: &Value) -> Result<(), ValidationError> {
-        match params.get("name") {
-            Some(Value::String(_)) => Ok(()),
-            _ => Err(ValidationError::new("params.name", "required, a string")),
-        }
+        parse(params).map(|_| ())
     }
 
     async fn run(&self, _ctx: TaskContext, params: Value) -> Result<Outcome, HandlerError> {
-        let name = params
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| HandlerError::permanent("params.name: required, a string"))?;
-        Ok(Outcome::Done(
-            json!({ "greeting": format!("hello, {name}") }),
-        ))
+        let (name, pause_ms) =
+            parse(&params).map_err(|e| HandlerError::permanent(e.to_string()))?;
+        let greeting = format!("hello, {name}");
+        let greeting = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(pause_ms));
+            greeting
+        })
+        .await
+        .map_err(|e| HandlerError::transient(format!("the blocking work failed: {e}")))?;
+        Ok(Outcome::Done(json!({ "greeting": greeting })))
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Not `#[tokio::main]`: `conveyor::runtime::block_on` builds the runtime
+/// the config asks for and, once the worker has stopped, does not wait
+/// forever for blocking work still running (its task was handed back).
+fn main() -> anyhow::Result<()> {
     let config = Config::load(None)?;
     conveyor::telemetry::init(config.log_format, "info");
     let registry = conveyor_builtin_handlers::registry().with(Greet);
-    let trigger = ShutdownTrigger::new();
-    on_signals(trigger.clone());
-    if std::env::args().nth(1).as_deref() == Some("dispatcher") {
-        conveyor::runtime::run_dispatcher(&config, registry, trigger.subscribe()).await
-    } else {
-        conveyor::runtime::run_worker(&config, registry, trigger.subscribe()).await
-    }
+    conveyor::runtime::block_on(config.runtime_threads, async move {
+        let trigger = ShutdownTrigger::new();
+        on_signals(trigger.clone());
+        if std::env::args().nth(1).as_deref() == Some("dispatcher") {
+            conveyor::runtime::run_dispatcher(&config, registry, trigger.subscribe()).await
+        } else {
+            conveyor::runtime::run_worker(&config, registry, trigger.subscribe()).await
+        }
+    })?
 }

@@ -19,6 +19,37 @@ use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 use crate::worker::{Worker, WorkerOptions};
 
+/// Longest wait, once the main future has finished, for the runtime's
+/// blocking tasks to end before [`block_on`] returns anyway.
+pub const RUNTIME_STOP: Duration = Duration::from_secs(5);
+
+/// Run `main` to its end on a runtime of `threads` threads (`runtime_threads`
+/// in the config: 0 = one per core; 1 = everything on this thread, fewer
+/// cross-thread wake-ups per message at the price of handlers that must not
+/// block), then stop the runtime.
+///
+/// A process's `main` should use this rather than `#[tokio::main]`, whose
+/// runtime, when dropped, waits for every blocking task with no bound: a
+/// handler's `spawn_blocking` stuck on a file or a lookup would keep a
+/// stopped worker from exiting after its tasks were handed back. Here
+/// such a task gets [`RUNTIME_STOP`], then is left behind, and the process
+/// can exit.
+pub fn block_on<F: Future>(threads: usize, main: F) -> std::io::Result<F::Output> {
+    let runtime = match threads {
+        0 => tokio::runtime::Runtime::new()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    let output = runtime.block_on(main);
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    Ok(output)
+}
+
 /// How to start the services when a connection cannot be made.
 pub const START_HINT: &str = "start them with `rabbitmq-server -detached` and \
 `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`, \

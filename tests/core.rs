@@ -1029,12 +1029,7 @@ async fn conveyor_queues_shows_a_queue_with_waiting_tasks_and_no_worker() {
 /// services.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_custom_worker_example_runs_its_own_handler() {
-    // `cargo test` builds the examples next to the test binaries.
-    let example = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples/custom_worker")))
-        .filter(|p| p.exists())
-        .expect("target/<profile>/examples/custom_worker: run the tests with `cargo test`");
+    let example = common::example_binary("custom_worker");
     let d = Deployment::new("custom-worker").await;
     let spawn = |role: Option<&str>| {
         let mut cmd = tokio::process::Command::new(&example);
@@ -1057,6 +1052,20 @@ async fn the_custom_worker_example_runs_its_own_handler() {
     let status = d.wait_terminal("hi", WAIT).await;
     assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
     assert_eq!(status.tasks["hi"].result, json!({"greeting": "hello, Ada"}));
+    // Its handler's own validation names the field and the limit.
+    client
+        .submit(
+            &json!({"id": "too-long", "requestor": "me", "tasks": [{"name": "hi",
+            "handler": "greet", "params": {"name": "Ada", "pause_ms": 3_600_001}}]}),
+        )
+        .await;
+    let status = d.wait_terminal("too-long", WAIT).await;
+    assert_eq!(status.state, JobState::Rejected, "{status:#?}");
+    let error = status.error.unwrap_or_default();
+    assert!(
+        error.contains("params.pause_ms") && error.contains("3600000"),
+        "{error}"
+    );
     for child in [&mut dispatcher, &mut worker] {
         let _ = child.start_kill();
         common::exited(child, "an example process killed", None).await;

@@ -12,6 +12,7 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 
 use common::{Client, Deployment, eventually};
+use conveyor::broker::Broker;
 use conveyor::model::JobState;
 use serde_json::json;
 
@@ -127,6 +128,76 @@ async fn a_worker_stopped_with_sigterm_finishes_or_hands_back_its_tasks_and_noth
     assert!(
         handed_back >= 1,
         "a 4 s task running at SIGTERM with 1 s grace must be handed back"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A user's worker binary (the custom-worker example) stopped while its
+/// handler's blocking work runs hands the task back after its grace period
+/// and exits: its runtime (`conveyor::runtime::block_on`) waits at most
+/// `RUNTIME_STOP` for the blocking thread, where `#[tokio::main]` would
+/// wait for the rest of that work, here an hour. The task is ready again
+/// at the same attempt, its message back in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_handler_blocks_a_thread_hands_its_task_back_and_exits() {
+    let d = Deployment::new("sigterm-blocking").await;
+    let client = Client::connect(&d.config.prefix).await;
+    let mut worker = tokio::process::Command::new(common::example_binary("custom_worker"))
+        .env("CONVEYOR_PREFIX", &d.config.prefix)
+        .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+        .env("CONVEYOR_GRACE_S", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the custom-worker example");
+    // The worker takes the submission itself (it knows `greet`).
+    client
+        .submit(
+            &json!({"id": "stuck", "requestor": "me", "tasks": [{"name": "hi",
+            "handler": "greet", "params": {"name": "Ada", "pause_ms": 3_600_000}}]}),
+        )
+        .await;
+    eventually(
+        "the greet task to be running",
+        Duration::from_secs(30),
+        || async { (running_tasks(&d, &["stuck".to_owned()]).await == 1).then_some(()) },
+    )
+    .await;
+    sigterm(&worker).await;
+    let stop = conveyor::runtime::RUNTIME_STOP + Duration::from_secs(1 + 20);
+    let exit = tokio::time::timeout(stop, worker.wait())
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the worker did not exit within {stop:?}: it waits for its blocking thread")
+        })
+        .expect("wait");
+    assert!(exit.success(), "worker exit status {exit:?}");
+
+    let status = d.status("stuck").await.expect("the job is recorded");
+    let hi = &status.tasks["hi"];
+    assert_eq!(hi.state, conveyor::model::TaskState::Ready, "{status:#?}");
+    assert_eq!(
+        hi.attempts, 1,
+        "the handed-back attempt is offered again as itself, not counted as failed: {status:#?}"
+    );
+    assert!(
+        status
+            .history
+            .iter()
+            .any(|h| h.reason.contains("handed back")),
+        "{status:#?}"
+    );
+    let broker = common::connect_broker(&d.config).await;
+    let queued = broker
+        .queue_stats(&[d.names.task_queue("default")])
+        .await
+        .expect("queue stats");
+    assert_eq!(
+        queued[0].ready, 1,
+        "the handed-back task's message is queued"
     );
     client.close().await;
     d.shutdown().await;

@@ -67,14 +67,8 @@ pub fn main() -> ExitCode {
         _ => "warn",
     };
     conveyor::telemetry::init(config.log_format, level);
-    let runtime = match build_runtime(config.runtime_threads) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
+    let threads = config.runtime_threads;
+    let result = conveyor::runtime::block_on(threads, async move {
         match cli.command {
             Command::Dispatcher(args) => dispatcher::run(config, args).await,
             Command::Worker(args) => worker::run(config, args).await,
@@ -87,37 +81,16 @@ pub fn main() -> ExitCode {
             Command::Dev(args) => dev::run(config, args).await,
         }
     });
-    // Dropping the runtime would wait for every blocking task (a handler's
-    // `spawn_blocking`, a file write, a name lookup) with no bound: the
-    // command's work is done, so a stuck one must not keep the process
-    // from exiting.
-    runtime.shutdown_timeout(RUNTIME_STOP);
     match result {
-        Ok(code) => code,
-        Err(e) => {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Longest wait, once a command has finished, for the runtime's blocking
-/// tasks to end before the process exits anyway.
-const RUNTIME_STOP: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The async runtime: a multi-thread one by default; `runtime_threads = 1`
-/// runs everything on the main thread (fewer cross-thread wake-ups per
-/// message, at the price of handlers that must not block).
-fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads {
-        0 => tokio::runtime::Runtime::new(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -126,6 +126,18 @@ pub async fn exited(
     }
 }
 
+/// The built example `name` (`cargo test` builds the examples next to the
+/// test binaries).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("target/<profile>/examples/{name}: run the tests with `cargo test`")
+        })
+}
+
 /// A deployment under one prefix: its dispatchers and workers run as tasks
 /// in this process, on the production code paths.
 pub struct Deployment {
