@@ -11,7 +11,7 @@ use common::{Client, Deployment, eventually};
 use conveyor::broker::Broker;
 use conveyor::model::{JobState, TaskState};
 use conveyor::store::Store;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -238,6 +238,15 @@ async fn a_worker_refers_what_it_would_refuse_to_the_dispatchers() {
         (ready_in(&tool, &referred).await? == 3).then_some(())
     })
     .await;
+    // An operator sees them waiting, and that no dispatcher reads them.
+    let row = conveyor_queues_row(&d, &referred)
+        .await
+        .expect("`conveyor queues` lists the referred queue");
+    assert_eq!(
+        (&row["ready"], &row["consumers"]),
+        (&json!(3), &json!(0)),
+        "{row}"
+    );
     for id in ["needs-sleep", "unknown"] {
         assert!(d.status(id).await.is_none(), "{id} recorded by the worker");
     }
@@ -971,6 +980,29 @@ async fn the_amqp_broker_reports_a_mandatory_publish_to_a_missing_queue_as_retur
     common::cleanup(&config).await;
 }
 
+/// The row of `queue` in what `conveyor queues --json` prints, if listed.
+async fn conveyor_queues_row(d: &Deployment, queue: &str) -> Option<Value> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["queues", "--json"])
+        .env("CONVEYOR_PREFIX", &d.config.prefix)
+        .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
+        .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
+        .output()
+        .await
+        .expect("run conveyor queues");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    stats
+        .as_array()?
+        .iter()
+        .find(|s| s["queue"] == queue)
+        .cloned()
+}
+
 /// `conveyor queues` shows every queue a job has named, including one with
 /// tasks waiting and no worker reading it (the queue an operator most needs
 /// to see), not only the configured queues and those of live workers.
@@ -992,25 +1024,7 @@ async fn conveyor_queues_shows_a_queue_with_waiting_tasks_and_no_worker() {
         "the gpu task waiting in `conveyor queues`",
         WAIT,
         || async {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-                .args(["queues", "--json"])
-                .env("CONVEYOR_PREFIX", &d.config.prefix)
-                .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
-                .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
-                .output()
-                .await
-                .expect("run conveyor queues");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-            let row = stats
-                .as_array()?
-                .iter()
-                .find(|s| s["queue"] == gpu.as_str())?
-                .clone();
+            let row = conveyor_queues_row(&d, &gpu).await?;
             (row["ready"] == 1).then_some(row)
         },
     )
