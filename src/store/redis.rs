@@ -23,7 +23,7 @@
 //!   expired are pruned when listed.
 //!
 //! Every index is scored by Redis's clock as this process reads it
-//! ([`RedisClock`]: the local clock plus an offset measured against
+//! (`RedisClock`: the local clock plus an offset measured against
 //! `TIME`), so hosts whose clocks disagree agree on what is due.
 //!
 //! `redis_url` may name several nodes (a primary and its replicas): a
@@ -247,7 +247,7 @@ fn protocol(what: impl Into<String>) -> StoreError {
 }
 
 /// Unix time in ms by this process's clock. The store's indexes are
-/// scored by [`RedisClock`] instead, and transitions use Redis's `TIME`.
+/// scored by `RedisClock` instead, and transitions use Redis's `TIME`.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
