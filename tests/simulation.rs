@@ -1886,7 +1886,8 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
 }
 
 /// Seeds replayed twice by [`the_same_seed_replays_the_same_run`]; among
-/// them, odd (workers take submissions) and even, and every kind of fault.
+/// them, odd (workers take submissions, some referring them) and even,
+/// and every kind of fault.
 /// 947 ran differently the second time while `Health::wait_store_up`
 /// waited on a tokio `watch` (whose waiters wake in a random order); all
 /// 2,000 default seeds replay exactly since it waits on a `Flag`.
@@ -1897,7 +1898,7 @@ fn the_same_seed_replays_the_same_run() {
     // The real schedule, faults and all, run twice per seed: every job's
     // record and history (timestamps included), every handler run, every
     // claim with its renewals and every fault injected must be the same.
-    let mut reached = (0, 0, 0, 0);
+    let mut reached = (0, 0, 0, 0, 0);
     for &seed in REPLAYED_SEEDS {
         let first = simulate(seed).unwrap_or_else(|e| panic!("SIM_SEED={seed}: {e}"));
         let second = simulate(seed).unwrap_or_else(|e| panic!("SIM_SEED={seed}: {e}"));
@@ -1916,12 +1917,14 @@ fn the_same_seed_replays_the_same_run() {
         reached.1 += usize::from(first.audited);
         reached.2 += usize::from(first.lost_claim);
         reached.3 += first.lapses;
+        reached.4 += first.referred_jobs;
     }
-    let (inside, audited, lost, lapses) = reached;
+    let (inside, audited, lost, lapses, referred) = reached;
     assert!(
-        inside > 0 && audited > 0 && lost > 0 && lapses > 0,
-        "the replayed seeds must include every kind of fault: {inside} crashes inside a store \
-         call, {audited} audited restarts, {lost} lost claims, {lapses} lapsed leases"
+        inside > 0 && audited > 0 && lost > 0 && lapses > 0 && referred > 0,
+        "the replayed seeds must include every kind of fault, and referrals: {inside} crashes \
+         inside a store call, {audited} audited restarts, {lost} lost claims, {lapses} lapsed \
+         leases, {referred} jobs referred"
     );
 }
 
