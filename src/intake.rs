@@ -772,4 +772,251 @@ mod tests {
             ]
         );
     }
+
+    /// Whatever arrives, intake answers without panicking, and each answer
+    /// keeps its promises: a dead letter or a rejection says why in at
+    /// most [`MAX_ERROR_BYTES`], a rejection is recorded under an id a job
+    /// can have, and a planned job is a sound DAG of known handlers.
+    mod properties {
+        use std::collections::BTreeMap;
+
+        use proptest::collection::{btree_map, vec};
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::{intake, test_registry};
+        use crate::config::Config;
+        use crate::intake::{Intake, MAX_ERROR_BYTES, PlannedJob, check_job_id};
+        use crate::model::DeadLetterReason;
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    btree_map(".{0,8}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Something that is not a usable name: empty or odd characters,
+        /// too long, or not a string at all.
+        fn bad_name() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                ".{0,6}".prop_map(Value::from),
+                Just(Value::from("n".repeat(200))),
+                any_json(),
+            ]
+        }
+
+        /// A task waits for an earlier one (always a sound DAG) or, now
+        /// and then, for any index: a later task (perhaps a cycle), itself,
+        /// or one that does not exist.
+        fn after() -> impl Strategy<Value = Vec<(prop::sample::Index, Option<usize>)>> {
+            let any_index = proptest::option::weighted(0.05, 0usize..7);
+            vec((any::<prop::sample::Index>(), any_index), 0..3)
+        }
+
+        /// One task: its name if not `t<index>`, the object without its
+        /// name and `after`, and what it waits for (see [`after`]).
+        type TaskParts = (
+            Option<Value>,
+            Value,
+            Vec<(prop::sample::Index, Option<usize>)>,
+        );
+
+        fn task() -> impl Strategy<Value = TaskParts> {
+            // Mostly handlers that take these params; now and then one
+            // that refuses them, panics, is unknown, or is not a string.
+            let handler = prop_oneof![
+                80 => Just(json!("noop")),
+                10 => Just(json!("tuned")),
+                1 => Just(json!("sleep")),
+                1 => Just(json!("fail")),
+                1 => Just(json!("shell")),
+                1 => Just(json!("long-error")),
+                1 => Just(json!("panics-in-validate")),
+                1 => Just(json!("nope")),
+                1 => any_json(),
+            ];
+            let params = prop_oneof![
+                30 => Just(json!({"x": 1})),
+                1 => (0i64..10_000).prop_map(|ms| json!({"ms": ms})),
+                1 => any_json(),
+            ];
+            let retry = prop_oneof![
+                7 => (1u32..10, 0u64..1000, 0u64..100_000).prop_map(|(a, b, c)| {
+                    json!({"max_attempts": a, "base_ms": b, "cap_ms": c})
+                }),
+                1 => any_json(),
+            ];
+            let queue = prop_oneof![3 => "[a-z]{1,5}".prop_map(Value::from), 1 => bad_name()];
+            (
+                proptest::option::weighted(0.01, bad_name()),
+                handler,
+                proptest::option::weighted(0.8, params),
+                proptest::option::weighted(0.1, queue),
+                proptest::option::weighted(0.2, retry),
+                after(),
+            )
+                .prop_map(|(name, handler, params, queue, retry, after)| {
+                    let mut t = json!({"handler": handler});
+                    for (key, value) in [("params", params), ("queue", queue), ("retry", retry)] {
+                        if let Some(v) = value {
+                            t[key] = v;
+                        }
+                    }
+                    (name, t, after)
+                })
+        }
+
+        /// The task list: `t0`, `t1`, ... each waiting as [`after`] says.
+        fn tasks() -> impl Strategy<Value = Value> {
+            let count = prop_oneof![1 => Just(0usize), 20 => 1usize..6];
+            count.prop_flat_map(|n| vec(task(), n)).prop_map(|tasks| {
+                let tasks = tasks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (name, mut t, after))| {
+                        t["name"] = name.unwrap_or_else(|| json!(format!("t{i}")));
+                        let after: Vec<String> = after
+                            .into_iter()
+                            .filter_map(|(earlier, any)| any.or((i > 0).then(|| earlier.index(i))))
+                            .map(|j| format!("t{j}"))
+                            .collect();
+                        if !after.is_empty() {
+                            t["after"] = json!(after);
+                        }
+                        t
+                    });
+                Value::Array(tasks.collect())
+            })
+        }
+
+        /// Mostly a valid job, with each field now and then wrong or
+        /// missing (about half the cases are planned).
+        fn job() -> impl Strategy<Value = Value> {
+            let id = prop_oneof![10 => "[a-z0-9-]{1,12}".prop_map(Value::from), 1 => bad_name()];
+            let labels = prop_oneof![
+                10 => btree_map("[a-z]{1,4}", ".{0,6}", 0..4)
+                    .prop_map(|m: BTreeMap<String, String>| json!(m)),
+                1 => any_json(),
+            ];
+            (
+                proptest::option::weighted(0.5, id),
+                prop_oneof![20 => "[a-z ]{1,10}".prop_map(Value::from), 1 => any_json()],
+                proptest::option::weighted(0.5, labels),
+                prop_oneof![30 => tasks(), 1 => any_json()],
+                proptest::option::weighted(0.03, any_json()),
+            )
+                .prop_map(|(id, requestor, labels, tasks, extra)| {
+                    let mut j = json!({"requestor": requestor, "tasks": tasks});
+                    for (key, value) in [("id", id), ("labels", labels), ("extra", extra)] {
+                        if let Some(v) = value {
+                            j[key] = v;
+                        }
+                    }
+                    j
+                })
+        }
+
+        /// A planned job: unique names, known handlers, object params,
+        /// dependencies that point at other tasks and are mirrored by
+        /// dependents, and an order in which every task's deps come first.
+        fn check_planned(job: &PlannedJob) -> Result<(), TestCaseError> {
+            let n = job.tasks.len();
+            prop_assert!(n > 0);
+            prop_assert!(check_job_id(&job.id, Config::default().limits.max_name_len).is_ok());
+            let registry = test_registry();
+            let mut names = std::collections::HashSet::new();
+            for (i, t) in job.tasks.iter().enumerate() {
+                prop_assert!(names.insert(t.name.as_str()), "duplicate name {}", t.name);
+                prop_assert!(registry.get(&t.handler).is_some(), "handler {}", t.handler);
+                let params: Value = serde_json::from_str(&t.params_json)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(params.is_object());
+                prop_assert!(t.max_attempts >= 1 && t.timeout_ms >= 1);
+                for &d in &t.deps {
+                    prop_assert!((d as usize) < n && d as usize != i);
+                    prop_assert!(job.tasks[d as usize].dependents.contains(&(i as u32)));
+                }
+                for &d in &t.dependents {
+                    prop_assert!(job.tasks[d as usize].deps.contains(&(i as u32)));
+                }
+            }
+            // Kahn: every task is reached from the roots.
+            let mut waiting: Vec<usize> = job.tasks.iter().map(|t| t.deps.len()).collect();
+            let mut ready: Vec<u32> = job.roots().collect();
+            let mut done = 0;
+            while let Some(i) = ready.pop() {
+                done += 1;
+                for &d in &job.tasks[i as usize].dependents {
+                    waiting[d as usize] -= 1;
+                    if waiting[d as usize] == 0 {
+                        ready.push(d);
+                    }
+                }
+            }
+            prop_assert_eq!(done, n, "a cycle was planned");
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn every_job_shaped_message_gets_a_sound_plan_or_a_recorded_reason(job in job()) {
+                let body = job.to_string();
+                match intake().accept(body.as_bytes()) {
+                    Intake::Dead { kind, reason } => {
+                        prop_assert!(false, "valid JSON dead-lettered as {kind:?}: {reason}");
+                    }
+                    Intake::Rejected(r) => {
+                        prop_assert!(!r.error.is_empty() && r.error.len() <= MAX_ERROR_BYTES);
+                        prop_assert!(r.error.contains(": "), "no field named: {}", r.error);
+                        let max = Config::default().limits.max_name_len;
+                        prop_assert!(check_job_id(&r.id, max).is_ok(), "id {:?}", r.id);
+                        prop_assert!(r.requestor.len() <= max);
+                        if let Some(id) = job.get("id").and_then(Value::as_str)
+                            && check_job_id(id, max).is_ok()
+                        {
+                            prop_assert_eq!(&r.id, id);
+                        }
+                    }
+                    Intake::Valid(planned) => check_planned(&planned)?,
+                }
+            }
+
+            #[test]
+            fn bytes_that_are_not_json_are_dead_letters_with_a_reason(
+                job in job(),
+                cut in any::<prop::sample::Index>(),
+                noise in vec(any::<u8>(), 0..32),
+            ) {
+                let text = job.to_string();
+                let mut body = text.as_bytes()[..cut.index(text.len())].to_vec();
+                body.extend(noise);
+                let outcome = intake().accept(&body);
+                if serde_json::from_slice::<Value>(&body).is_ok() {
+                    let dead = matches!(outcome, Intake::Dead { .. });
+                    prop_assert!(!dead, "JSON dead-lettered");
+                } else {
+                    match outcome {
+                        Intake::Dead { kind: DeadLetterReason::NotJson, reason } => {
+                            prop_assert!(reason.starts_with("message is not JSON"));
+                            prop_assert!(reason.len() <= MAX_ERROR_BYTES);
+                        }
+                        other => prop_assert!(false, "not JSON, yet {other:?}"),
+                    }
+                }
+            }
+        }
+    }
 }
