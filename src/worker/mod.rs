@@ -30,6 +30,7 @@ use std::time::Duration;
 use conveyor_handler::Registry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, Delivery, Subscription};
 use crate::consumer::{Consumer, Permits, consume, give_back};
@@ -40,7 +41,7 @@ use crate::names::Names;
 use crate::outbox::Outbox;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::redis::unix_ms;
-use crate::store::{Applied, AttemptResult, ClaimOutcome, Claimed, Store, WorkerInfo};
+use crate::store::{Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Store, WorkerInfo};
 use crate::submission::{RunHere, Submissions};
 
 pub use execute::{AttemptEnd, run_attempt};
@@ -343,8 +344,9 @@ impl Worker {
             worker: &self.options.id,
             lease: self.options.lease,
         });
+        let asked = Instant::now();
         if let Some(claimed) = submissions.handle(delivery, here).await {
-            self.run_claimed(*claimed, stops).await;
+            self.run_claimed(*claimed, asked, stops).await;
         }
     }
 
@@ -366,6 +368,7 @@ impl Worker {
         } else {
             delivery
         };
+        let asked = Instant::now();
         let claimed = match self
             .store
             .claim(&task, &self.options.id, self.options.lease)
@@ -406,23 +409,63 @@ impl Worker {
             }
         };
         ack(delivery).await;
-        self.run_claimed(*claimed, stops).await;
+        self.run_claimed(*claimed, asked, stops).await;
     }
 
-    /// Run a claimed task (its delivery, if any, acked) to its outcome,
-    /// then, in the same slot, each task its completion made ready and this
-    /// worker took on (see [`Worker::finish`]): a chain runs here without a
-    /// broker hop per step.
-    async fn run_claimed(&self, claimed: Claimed, stops: Stops) {
-        let mut next = Some(claimed);
-        while let Some(claimed) = next {
-            next = self.run_one(claimed, &stops).await;
+    /// Run a claimed task (its delivery, if any, acked; the claim asked
+    /// for at `asked`) to its outcome, then, in the same slot, each task its
+    /// completion made ready and this worker took on (see
+    /// [`Worker::finish`]): a chain runs here without a broker hop per step.
+    async fn run_claimed(&self, claimed: Claimed, asked: Instant, stops: Stops) {
+        let mut next = Some((claimed, asked));
+        while let Some((claimed, asked)) = next {
+            next = self.run_one(claimed, asked, &stops).await;
+        }
+    }
+
+    /// Whether a claim asked for at `asked` may have lapsed before its run
+    /// starts and been taken over, so that running it now would run the
+    /// task beside the claim that took it over. A claim is renewed only
+    /// once its run has started; until then its lease runs down while the
+    /// worker acks, publishes and replies, normally for milliseconds, but a
+    /// process paused or starved past a renewal period (a third of the
+    /// lease) renews it first. False when it is still held, and when the
+    /// store cannot say (the renewals stop the run if it turns out lost).
+    async fn lapsed_before_its_run(&self, claim: &ClaimRef, asked: Instant) -> bool {
+        if asked.elapsed() < self.options.lease / 3 {
+            return false;
+        }
+        match self
+            .store
+            .renew(std::slice::from_ref(claim), self.options.lease)
+            .await
+        {
+            Ok(held) if held.first() == Some(&false) => {
+                tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence,
+                    stalled_ms = asked.elapsed().as_millis() as u64,
+                    "claim lost before its run started (this worker stalled past its lease); not running it");
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot renew a stalled claim before its run; running it");
+                false
+            }
         }
     }
 
     /// Run one claimed task to its outcome; returns the task to run next
-    /// here, if its completion made one ready that this worker claimed.
-    async fn run_one(&self, claimed: Claimed, stops: &Stops) -> Option<Claimed> {
+    /// here (and when its claim was asked for), if its completion made one
+    /// ready that this worker claimed.
+    async fn run_one(
+        &self,
+        claimed: Claimed,
+        asked: Instant,
+        stops: &Stops,
+    ) -> Option<(Claimed, Instant)> {
+        if self.lapsed_before_its_run(&claimed.claim, asked).await {
+            return None;
+        }
         if let Some(j) = &self.options.journal {
             j.record('S', &claimed.claim, None);
         }
@@ -466,7 +509,7 @@ impl Worker {
         claimed: &Claimed,
         end: AttemptEnd,
         stopping: &Shutdown,
-    ) -> Option<Claimed> {
+    ) -> Option<(Claimed, Instant)> {
         let claim = &claimed.claim;
         let result: AttemptResult = end.into_result(claimed);
         if let Some(j) = &self.options.journal {
@@ -509,12 +552,13 @@ impl Worker {
                     .position(|t| self.options.queues.contains(&t.queue));
                 if let Some(i) = position.filter(|_| !stopping.is_triggered()) {
                     let task = ready.swap_remove(i);
+                    let asked = Instant::now();
                     match self
                         .store
                         .claim(&task, &self.options.id, self.options.lease)
                         .await
                     {
-                        Ok(ClaimOutcome::Claimed(claimed)) => next = Some(*claimed),
+                        Ok(ClaimOutcome::Claimed(claimed)) => next = Some((*claimed, asked)),
                         Ok(other) => {
                             tracing::debug!(job = %task.job, task = %task.task, ?other, "ready task not claimable here");
                         }
@@ -676,4 +720,143 @@ pub fn new_worker_id() -> String {
         .unwrap_or_else(|_| "worker".into());
     let suffix: u32 = rand::random();
     format!("{host}-{}-{suffix:08x}", std::process::id())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::broker::Outgoing;
+    use crate::broker::memory::{FaultPlan, MemoryBroker};
+    use crate::config::Config;
+    use crate::dispatcher::{Dispatcher, DispatcherOptions};
+    use crate::model::JobState;
+    use crate::store::memory::{MemoryStore, TokioClock};
+
+    const LEASE: Duration = Duration::from_millis(600);
+
+    /// Records every run as (task, attempt). Task `t0` also takes the
+    /// broker away for ten leases when it runs.
+    struct Recorder {
+        runs: Arc<Mutex<Vec<(String, u32)>>>,
+        broker: Arc<MemoryBroker>,
+    }
+
+    #[async_trait]
+    impl Handler for Recorder {
+        fn name(&self) -> &str {
+            "record"
+        }
+
+        async fn run(&self, ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            self.runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((ctx.task.clone(), ctx.attempt));
+            if ctx.task == "t0" {
+                self.broker.set_outage(true);
+                let broker = self.broker.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(LEASE * 10).await;
+                    broker.set_outage(false);
+                });
+            }
+            Ok(Outcome::Done(json!({})))
+        }
+    }
+
+    /// A worker that claims its next task and then cannot start it for
+    /// longer than a lease (here: publishing the task's sibling waits out
+    /// a broker outage; a process paused by SIGSTOP is the other case)
+    /// finds the claim taken over and does not run it: the task's only run
+    /// is the attempt the sweep offered again.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_lapsed_before_its_run_started_is_not_run() {
+        let names = Names::new("stall");
+        let clock = Arc::new(TokioClock::new(1_800_000_000_000));
+        let store = Arc::new(MemoryStore::new(
+            clock,
+            Duration::from_secs(3600),
+            1,
+            "test",
+        ));
+        let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let registry = Registry::new().with(Recorder {
+            runs: runs.clone(),
+            broker: broker.clone(),
+        });
+        let config = Config::default();
+        let intake = JobIntake::new(&config, registry.clone()).unwrap();
+        let queues = vec!["default".to_owned()];
+        broker.declare(&queues).await.unwrap();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            broker.clone(),
+            intake,
+            names.clone(),
+            DispatcherOptions {
+                id: "d".into(),
+                prefetch: 8,
+                sweep_interval: Duration::from_millis(50),
+                task_queues: queues.clone(),
+            },
+        );
+        let worker = Worker::new(
+            store.clone(),
+            broker.clone(),
+            registry,
+            names.clone(),
+            WorkerOptions {
+                lease: LEASE,
+                concurrency: 1,
+                queues,
+                ..WorkerOptions::from_config(&config, "w")
+            },
+        );
+        let stop = ShutdownTrigger::new();
+        let (d, w) = (stop.subscribe(), stop.subscribe());
+        let dispatcher = tokio::spawn(async move { dispatcher.run(d).await });
+        let worker = tokio::spawn(async move { worker.run(w).await });
+        let job = json!({"id": "j", "requestor": "me", "tasks": [
+            {"name": "t0", "handler": "record"},
+            {"name": "t1", "handler": "record", "after": ["t0"]},
+            {"name": "t2", "handler": "record", "after": ["t0"]}]});
+        broker
+            .publish(vec![Outgoing::durable(
+                names.submit_queue(),
+                job.to_string().into_bytes(),
+            )])
+            .await
+            .unwrap();
+
+        let status = loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(s) = store.job("j").await.unwrap()
+                && s.state.is_terminal()
+            {
+                break s;
+            }
+        };
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        let mut runs = runs.lock().unwrap().clone();
+        runs.sort();
+        // t0 made t1 ready, which the worker claimed to run next, and t2,
+        // whose publish waited out the outage; meanwhile t1's first
+        // claim lapsed and the sweep offered it again as attempt 2.
+        assert_eq!(status.tasks["t1"].attempts, 2, "{status:#?}");
+        assert_eq!(
+            runs,
+            vec![("t0".into(), 1), ("t1".into(), 2), ("t2".into(), 1)],
+            "{status:#?}"
+        );
+        stop.trigger();
+        let _ = tokio::join!(dispatcher, worker);
+    }
 }
