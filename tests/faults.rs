@@ -1607,11 +1607,24 @@ async fn a_worker_paused_past_its_lease_has_its_late_outcome_rejected() {
         .submit(&json!({"id": "stopped", "requestor": "r",
             "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": 2500}}]}))
         .await;
-    let first = eventually("the task running on the paused worker", WAIT, || async {
-        let s = d.status("stopped").await?;
-        let t = &s.tasks["s"];
-        (t.state == conveyor::model::TaskState::Running).then(|| t.worker.clone())?
-    })
+    // Stopped once its journal shows the run started: a stop between the
+    // claim and the run is another case (the resumed worker renews the
+    // stalled claim first, finds it taken over and runs nothing: see
+    // `worker/mod.rs::a_claim_that_lapsed_before_its_run_started_is_not_run`).
+    let first = eventually(
+        "the task's run started on the paused worker",
+        WAIT,
+        || async {
+            let run = journal::runs_of(&journal, "stopped", 0)
+                .into_iter()
+                .next()?;
+            let s = d.status("stopped").await?;
+            let t = &s.tasks["s"];
+            (t.state == conveyor::model::TaskState::Running
+                && t.worker.as_deref() == Some(&run.worker))
+            .then_some(run.worker)
+        },
+    )
     .await;
     signal(&paused, "-STOP").await;
     d.journal_to(&journal);
