@@ -1675,11 +1675,14 @@ const REFERRED_TAP: &str = "sim.tap.referred";
 async fn check_referrals(sim: &Sim, accepted: &HashSet<String>) -> Result<usize, String> {
     let referred = sim.names.referred_queue();
     let deadline = sim.clock.now_ms() + 60_000;
-    while sim.broker.ready_len(&referred).await + sim.broker.unacked_len(&referred).await > 0 {
+    loop {
+        let left = sim.broker.ready_len(&referred).await + sim.broker.unacked_len(&referred).await;
+        if left == 0 {
+            break;
+        }
         if sim.clock.now_ms() > deadline {
             return Err(format!(
-                "{} referred submissions left in {referred}: no dispatcher took them",
-                sim.broker.ready_len(&referred).await + sim.broker.unacked_len(&referred).await
+                "{left} referred submissions left in {referred}: no dispatcher took them"
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
