@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 /// The longest sleep accepted: one day, in milliseconds.
 pub const MAX_MS: u64 = 86_400_000;
 
-/// The `sleep` handler. Params: `{"ms": <integer 0..=86400000>}`.
+/// The `sleep` handler. Params: `{"ms": <integer 0..=86400000>}` and
+/// nothing else (an unknown field is an error, as in `fail` and `shell`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sleep;
 
@@ -26,6 +27,12 @@ fn parse_ms(params: &Value) -> Result<u64, ValidationError> {
             "must be an object like {\"ms\": 1000}",
         ));
     };
+    if let Some(key) = obj.keys().find(|k| k.as_str() != "ms") {
+        return Err(ValidationError::new(
+            format!("params.{key}"),
+            "unknown field; expected only ms",
+        ));
+    }
     let Some(ms) = obj.get("ms") else {
         return Err(ValidationError::new(
             "params.ms",
@@ -81,6 +88,11 @@ mod tests {
             );
         }
         assert!(matches!(Sleep.validate(&json!(5)), Err(e) if e.field == "params"));
+        // A misspelt field is named, not ignored: `{"ms": 5, "msx": 60000}`
+        // must not quietly sleep 5 ms.
+        assert!(
+            matches!(Sleep.validate(&json!({"ms": 5, "msx": 60000})), Err(e) if e.field == "params.msx" && e.message.contains("unknown field"))
+        );
     }
 
     #[tokio::test]
