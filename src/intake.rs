@@ -30,15 +30,20 @@ use serde_json::Value;
 
 use crate::config::{Config, Limits, RetryConfig};
 use crate::dag::Dag;
-use crate::model::{DeadLetterReason, JobSpec, RetryPolicy, TaskMessage};
+use crate::model::{DeadLetterReason, JobSpec, RetryPolicy, TaskMessage, TaskSpec};
 use crate::text::{capped, cut};
 
 /// The longest error text intake records, replies or puts in a header, in
 /// bytes; longer ones are cut at a character boundary and end with `…`.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
-/// The longest text of one schema error (up to three are reported).
-const MAX_SCHEMA_ERROR_BYTES: usize = 320;
+/// The longest text of one error where a rejection lists several (up to
+/// three schema errors, or up to [`MAX_TASK_ERRORS`] task errors), so that
+/// all of them fit in [`MAX_ERROR_BYTES`].
+const MAX_LISTED_ERROR_BYTES: usize = 320;
+
+/// The most task errors one rejection names; the rest are counted.
+const MAX_TASK_ERRORS: usize = 3;
 
 /// What intake made of a submit message.
 #[derive(Debug)]
@@ -222,7 +227,7 @@ impl JobIntake {
         // instance written as `value` (it may be a megabyte of string).
         let mut errors = self.schema.iter_errors(value).take(3).map(|e| {
             let path = pointer_to_field(&e.instance_path().to_string());
-            capped(format!("{path}: {}", e.masked()), MAX_SCHEMA_ERROR_BYTES)
+            capped(format!("{path}: {}", e.masked()), MAX_LISTED_ERROR_BYTES)
         });
         let first = errors.next()?;
         let rest: Vec<String> = errors.collect();
@@ -268,70 +273,35 @@ impl JobIntake {
             .collect();
         let dag = Dag::build(&names, &after).map_err(|e| e.to_string())?;
 
+        // Every task is checked, so one rejection names up to
+        // MAX_TASK_ERRORS problems rather than one per round trip.
         let mut tasks = Vec::with_capacity(spec.tasks.len());
+        let mut errors = Vec::new();
+        let mut more_errors = 0usize;
         for (i, (task, (deps, dependents))) in spec
             .tasks
             .into_iter()
             .zip(dag.deps.into_iter().zip(dag.dependents))
             .enumerate()
         {
-            check_name(&format!("tasks[{i}].name"), &task.name, limits.max_name_len)?;
-            let Some(handler) = self.registry.get(&task.handler) else {
-                return Err(format!(
-                    "tasks[{i}].handler: unknown handler {:?} (known: {})",
-                    task.handler,
-                    self.registry.names().join(", ")
-                ));
-            };
-            if !task.params.is_object() {
-                return Err(format!("tasks[{i}].params: must be a JSON object"));
+            match self.plan_task(i, task, deps, dependents) {
+                Ok(task) => tasks.push(task),
+                Err(error) if errors.len() < MAX_TASK_ERRORS => errors.push(error),
+                Err(_) => more_errors += 1,
             }
-            // A panicking handler costs this job, not the dispatcher.
-            let panicked = |what: &str, payload: Box<dyn Any + Send>| {
-                format!(
-                    "tasks[{i}] ({}): handler {:?} panicked in {what}: {}",
-                    task.name,
-                    task.handler,
-                    panic_message(payload.as_ref())
-                )
-            };
-            match catch_unwind(AssertUnwindSafe(|| handler.validate(&task.params))) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(format!("tasks[{i}] ({}).{e}", task.name)),
-                Err(payload) => return Err(panicked("validate", payload)),
+        }
+        if errors.len() == 1 {
+            return Err(errors.swap_remove(0));
+        }
+        if !errors.is_empty() {
+            let mut listed: Vec<String> = errors
+                .into_iter()
+                .map(|e| capped(e, MAX_LISTED_ERROR_BYTES))
+                .collect();
+            if more_errors > 0 {
+                listed.push(format!("and {more_errors} more tasks"));
             }
-            let params_json = task.params.to_string();
-            if params_json.len() > limits.max_params_bytes {
-                return Err(format!(
-                    "tasks[{i}].params: {} bytes; the limit (limits.max_params_bytes) is {}",
-                    params_json.len(),
-                    limits.max_params_bytes
-                ));
-            }
-            let queue = task.queue.unwrap_or_else(|| "default".to_owned());
-            check_name(&format!("tasks[{i}].queue"), &queue, limits.max_name_len)?;
-            let defaults = match catch_unwind(AssertUnwindSafe(|| handler.retry_defaults())) {
-                Ok(defaults) => defaults,
-                Err(payload) => return Err(panicked("retry_defaults", payload)),
-            };
-            let retry = resolve_retry(
-                task.retry.unwrap_or_default(),
-                task.timeout_s,
-                &defaults,
-                &self.retry,
-            );
-            tasks.push(PlannedTask {
-                name: task.name,
-                handler: task.handler,
-                queue,
-                params_json,
-                deps,
-                dependents,
-                max_attempts: retry.max_attempts,
-                backoff_base_ms: retry.backoff_base_ms,
-                backoff_cap_ms: retry.backoff_cap_ms,
-                timeout_ms: retry.timeout_ms,
-            });
+            return Err(listed.join("; "));
         }
         let labels_json =
             serde_json::to_string(&spec.labels).map_err(|e| format!("labels: {e}"))?;
@@ -340,6 +310,74 @@ impl JobIntake {
             requestor: spec.requestor,
             labels_json,
             tasks,
+        })
+    }
+
+    /// Check one task (`i` its index) and resolve its defaults.
+    fn plan_task(
+        &self,
+        i: usize,
+        task: TaskSpec,
+        deps: Vec<u32>,
+        dependents: Vec<u32>,
+    ) -> Result<PlannedTask, String> {
+        let limits = &self.limits;
+        check_name(&format!("tasks[{i}].name"), &task.name, limits.max_name_len)?;
+        let Some(handler) = self.registry.get(&task.handler) else {
+            return Err(format!(
+                "tasks[{i}].handler: unknown handler {:?} (known: {})",
+                task.handler,
+                self.registry.names().join(", ")
+            ));
+        };
+        if !task.params.is_object() {
+            return Err(format!("tasks[{i}].params: must be a JSON object"));
+        }
+        // A panicking handler costs this job, not the dispatcher.
+        let panicked = |what: &str, payload: Box<dyn Any + Send>| {
+            format!(
+                "tasks[{i}] ({}): handler {:?} panicked in {what}: {}",
+                task.name,
+                task.handler,
+                panic_message(payload.as_ref())
+            )
+        };
+        match catch_unwind(AssertUnwindSafe(|| handler.validate(&task.params))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("tasks[{i}] ({}).{e}", task.name)),
+            Err(payload) => return Err(panicked("validate", payload)),
+        }
+        let params_json = task.params.to_string();
+        if params_json.len() > limits.max_params_bytes {
+            return Err(format!(
+                "tasks[{i}].params: {} bytes; the limit (limits.max_params_bytes) is {}",
+                params_json.len(),
+                limits.max_params_bytes
+            ));
+        }
+        let queue = task.queue.unwrap_or_else(|| "default".to_owned());
+        check_name(&format!("tasks[{i}].queue"), &queue, limits.max_name_len)?;
+        let defaults = match catch_unwind(AssertUnwindSafe(|| handler.retry_defaults())) {
+            Ok(defaults) => defaults,
+            Err(payload) => return Err(panicked("retry_defaults", payload)),
+        };
+        let retry = resolve_retry(
+            task.retry.unwrap_or_default(),
+            task.timeout_s,
+            &defaults,
+            &self.retry,
+        );
+        Ok(PlannedTask {
+            name: task.name,
+            handler: task.handler,
+            queue,
+            params_json,
+            deps,
+            dependents,
+            max_attempts: retry.max_attempts,
+            backoff_base_ms: retry.backoff_base_ms,
+            backoff_cap_ms: retry.backoff_cap_ms,
+            timeout_ms: retry.timeout_ms,
         })
     }
 }
@@ -592,6 +630,35 @@ mod tests {
             err.contains("tasks[0]") && err.contains("params.ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_task_is_checked_and_up_to_three_errors_are_named() {
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "a", "handler": "sleep", "params": {"ms": -5}},
+            {"name": "b", "handler": "noop"},
+            {"name": "c", "handler": "nope"},
+            {"name": "d", "handler": "sleep", "params": {"ms": "soon"}},
+            {"name": "e", "handler": "nope"},
+            {"name": "f", "handler": "nope"}
+        ]}));
+        let listed: Vec<&str> = err.split("; ").collect();
+        assert_eq!(listed.len(), 4, "{err}");
+        assert!(listed[0].starts_with("tasks[0] (a).params.ms: "), "{err}");
+        assert!(
+            listed[1].starts_with("tasks[2].handler: unknown handler \"nope\""),
+            "{err}"
+        );
+        assert!(listed[2].starts_with("tasks[3] (d).params.ms: "), "{err}");
+        assert_eq!(listed[3], "and 2 more tasks", "{err}");
+
+        // Several long errors are each cut so that all fit.
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "a", "handler": "long-error"},
+            {"name": "b", "handler": "long-error"}
+        ]}));
+        assert!(err.len() <= MAX_ERROR_BYTES, "{} bytes", err.len());
+        assert!(err.contains("; tasks[1] (b).params.x: éé"), "{err}");
     }
 
     #[test]
