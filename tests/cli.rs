@@ -234,3 +234,56 @@ async fn run_against_a_deployment_follows_the_job_to_its_results() {
     );
     d.shutdown().await;
 }
+
+/// `conveyor queues` for a prefix nothing has declared queues under says so
+/// in one line, without the broker's channel errors (a passive declare of a
+/// missing queue closes its channel); once a dispatcher has started, its
+/// queues are listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors() {
+    let config = common::test_config(&common::unique_prefix("cli-queues"));
+    let queues = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .arg("queues")
+            .env("CONVEYOR_PREFIX", &config.prefix)
+            .env("CONVEYOR_AMQP_URL", &config.amqp_url)
+            .env("CONVEYOR_REDIS_URL", &config.redis_url)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+    };
+    let out = tokio::time::timeout(WITHIN, queues())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "the header only: {stdout}");
+    let submit = format!("{}.submit", config.prefix);
+    assert!(
+        stderr.starts_with("note: RabbitMQ has none of these queues")
+            && stderr.contains(&submit)
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    let mut d = Deployment::with_config(config.clone()).await;
+    d.start_dispatcher().await;
+    let out = tokio::time::timeout(WITHIN, queues())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.lines().any(|l| l.starts_with(&submit)), "{stdout}");
+    d.shutdown().await;
+}

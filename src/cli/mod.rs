@@ -61,10 +61,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One-shot commands print results; their logs are for trouble only.
+    // One-shot commands print results; their logs are for trouble only,
+    // and not lapin's: every broker error reaches the command's own error
+    // message, and `queues` asking for a queue that does not exist closes
+    // a channel, which lapin logs as an error (RUST_LOG overrides this).
     let level = match cli.command {
         Command::Dispatcher(_) | Command::Worker(_) | Command::Dev(_) => "info",
-        _ => "warn",
+        _ => "warn,lapin=off",
     };
     conveyor::telemetry::init(config.log_format, level);
     let threads = config.runtime_threads;

@@ -2,7 +2,8 @@
 //! read from the broker. Task queues are found from the config, the set of
 //! queues accepted jobs have named (`<prefix>:queues`, kept by the store at
 //! job creation), and the worker registry: a queue with tasks waiting and no
-//! worker reading it shows too.
+//! worker reading it shows too. A queue RabbitMQ does not have is left out
+//! (when none exists, a note says what declares them).
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
@@ -50,6 +51,13 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     queues.extend(task_queues.iter().map(|q| names.task_queue(q)));
     let broker = super::broker(&config).await?;
     let stats = broker.queue_stats(&queues).await?;
+    if stats.is_empty() {
+        eprintln!(
+            "note: RabbitMQ has none of these queues ({}); a dispatcher or worker with prefix {:?} declares them as it starts",
+            queues.join(", "),
+            config.prefix
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(ExitCode::SUCCESS);
