@@ -51,6 +51,21 @@ fn job_file(dir: &Path, name: &str, job: &Value) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Whether `s` reads as an offset in seconds like `+0.034s`.
+fn is_offset(s: &str) -> bool {
+    let Some((secs, ms)) = s
+        .strip_prefix('+')
+        .and_then(|s| s.strip_suffix('s'))
+        .and_then(|s| s.split_once('.'))
+    else {
+        return false;
+    };
+    !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
+        && ms.len() == 3
+        && ms.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn keys(v: &Value) -> Vec<&str> {
     let mut k: Vec<&str> = v
         .as_object()
@@ -128,6 +143,26 @@ async fn submit_wait_status_and_list_answer_in_the_documented_shapes() {
         "{}",
         table.stdout
     );
+    // Times read as dates and offsets, not Unix milliseconds.
+    let created = status["created_ms"].as_u64().unwrap();
+    assert!(
+        table.stdout.contains("\ncreated 20") && table.stdout.contains(" UTC  updated 20"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        !table.stdout.contains(&created.to_string()),
+        "{}",
+        table.stdout
+    );
+    let history = table.stdout.split_once("\nhistory").unwrap().1;
+    assert!(
+        history
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().next().is_some_and(is_offset)),
+        "{history}"
+    );
     let unknown = conveyor(&d, &["status", "no-such-job"]).await;
     assert_ne!(unknown.code, Some(0));
 
@@ -161,6 +196,7 @@ async fn submit_wait_status_and_list_answer_in_the_documented_shapes() {
         rejected.stdout
     );
     assert!(!rejected.stdout.contains("pair"), "{}", rejected.stdout);
+    assert!(rejected.stdout.contains(" UTC"), "{}", rejected.stdout);
     d.shutdown().await;
 }
 

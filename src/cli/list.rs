@@ -35,7 +35,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<40} {:<10} {:>6} {:<20} CREATED_MS",
+        "{:<40} {:<10} {:>6} {:<20} CREATED",
         "ID", "STATE", "TASKS", "REQUESTOR"
     );
     for j in jobs {
@@ -45,7 +45,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
             j.state.as_str(),
             j.tasks,
             j.requestor,
-            j.created_ms
+            super::when::utc(j.created_ms)
         );
     }
     Ok(ExitCode::SUCCESS)

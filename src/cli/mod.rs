@@ -10,6 +10,7 @@ mod queues;
 mod run;
 mod status;
 mod submit;
+mod when;
 mod worker;
 
 use std::path::PathBuf;

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use conveyor::config::Config;
 use conveyor::store::{JobStatus, Store};
 
+use super::when;
+
 /// Status options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,6 +44,12 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
         "job {}  state {}  version {}  requestor {}",
         status.id, status.state, status.version, status.requestor
     );
+    println!(
+        "created {}  updated {} ({})",
+        when::utc(status.created_ms),
+        when::utc(status.updated_ms),
+        when::offset(status.updated_ms, status.created_ms)
+    );
     if !status.labels.is_empty() {
         let labels: Vec<String> = status
             .labels
@@ -64,7 +72,10 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
             (_, r) if !r.is_null() => r.to_string(),
             _ => String::new(),
         };
-        let detail: String = detail.chars().take(80).collect();
+        let mut detail: String = detail.chars().take(80).collect();
+        if let Some(due) = t.next_attempt_at_ms {
+            detail = format!("next attempt at {}; {detail}", when::utc(due));
+        }
         println!(
             "{:<24} {:<10} {:>8}  {:<24} {}",
             name,
@@ -75,11 +86,11 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("history:");
+    println!("history (time since created):");
     for h in &status.history {
         println!(
-            "  {}  {:<16} {:>10} -> {:<10} {}",
-            h.at,
+            "  {:>10}  {:<16} {:>10} -> {:<10} {}",
+            when::offset(h.at, status.created_ms),
             h.task.as_deref().unwrap_or("(job)"),
             h.from.as_deref().unwrap_or("-"),
             h.to,
