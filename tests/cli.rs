@@ -274,13 +274,14 @@ async fn run_against_a_deployment_follows_the_job_to_its_results() {
 /// `conveyor queues` for a prefix nothing has declared queues under says so
 /// in one line, without the broker's channel errors (a passive declare of a
 /// missing queue closes its channel); once a dispatcher has started, its
-/// queues are listed.
+/// queues are listed, and a queue asked for that does not exist is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors() {
     let config = common::test_config(&common::unique_prefix("cli-queues"));
-    let queues = || {
+    let queues = |more: &[&str]| {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
             .arg("queues")
+            .args(more)
             .env("CONVEYOR_PREFIX", &config.prefix)
             .env("CONVEYOR_AMQP_URL", &config.amqp_url)
             .env("CONVEYOR_REDIS_URL", &config.redis_url)
@@ -289,7 +290,7 @@ async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors(
             .kill_on_drop(true)
             .output()
     };
-    let out = tokio::time::timeout(WITHIN, queues())
+    let out = tokio::time::timeout(WITHIN, queues(&[]))
         .await
         .unwrap()
         .unwrap();
@@ -309,7 +310,7 @@ async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors(
 
     let mut d = Deployment::with_config(config.clone()).await;
     d.start_dispatcher().await;
-    let out = tokio::time::timeout(WITHIN, queues())
+    let out = tokio::time::timeout(WITHIN, queues(&[]))
         .await
         .unwrap()
         .unwrap();
@@ -321,5 +322,26 @@ async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors(
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.lines().any(|l| l.starts_with(&submit)), "{stdout}");
+
+    // A queue asked for that does not exist (a typo) is named, not
+    // silently missing from the table.
+    let out = tokio::time::timeout(WITHIN, queues(&["--queue", "gpux"]))
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "note: RabbitMQ has no queue {}.tasks.gpux;",
+            config.prefix
+        )),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&submit))
+    );
     d.shutdown().await;
 }

@@ -3,7 +3,8 @@
 //! queues accepted jobs have named (`<prefix>:queues`, kept by the store at
 //! job creation), and the worker registry: a queue with tasks waiting and no
 //! worker reading it shows too. A queue RabbitMQ does not have is left out
-//! (when none exists, a note says what declares them).
+//! of the table and named in a note on stderr (a misspelt `--queue`, or a
+//! prefix nothing runs under), which says what declares it.
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
@@ -51,10 +52,20 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     queues.extend(task_queues.iter().map(|q| names.task_queue(q)));
     let broker = super::broker(&config).await?;
     let stats = broker.queue_stats(&queues).await?;
-    if stats.is_empty() {
+    let absent: Vec<&str> = queues
+        .iter()
+        .filter(|q| !stats.iter().any(|s| &s.queue == *q))
+        .map(String::as_str)
+        .collect();
+    if !absent.is_empty() {
+        let which = if stats.is_empty() {
+            "none of these queues"
+        } else {
+            "no queue"
+        };
         eprintln!(
-            "note: RabbitMQ has none of these queues ({}); a dispatcher or worker with prefix {:?} declares them as it starts",
-            queues.join(", "),
+            "note: RabbitMQ has {which} {}; a dispatcher or worker with prefix {:?} declares them (a task queue before its first task)",
+            absent.join(", "),
             config.prefix
         );
     }
