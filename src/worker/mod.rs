@@ -836,14 +836,24 @@ mod tests {
             .await
             .unwrap();
 
-        let status = loop {
+        // Bounded: a job that never finishes fails the test (the clock is
+        // paused, so an unbounded wait would spin for ever).
+        let mut status = None;
+        for _ in 0..(LEASE * 100).as_millis() / 50 {
             tokio::time::sleep(Duration::from_millis(50)).await;
             if let Some(s) = store.job("j").await.unwrap()
                 && s.state.is_terminal()
             {
-                break s;
+                status = Some(s);
+                break;
             }
-        };
+        }
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "job j not finished within 100 leases: {:#?}",
+                runs.lock().unwrap()
+            )
+        });
         assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
         let mut runs = runs.lock().unwrap().clone();
         runs.sort();
