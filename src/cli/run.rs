@@ -18,6 +18,8 @@ use conveyor::model::JobState;
 use conveyor::names::Names;
 use conveyor::store::Store;
 
+use super::when;
+
 /// Run options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -107,9 +109,12 @@ async fn follow(
     loop {
         if let Some(status) = store.job(id).await? {
             for h in status.history.iter().skip(seen) {
+                // The transition's own time, as `status` shows it: the
+                // moment this loop saw it would bunch a poll's worth
+                // together.
                 eprintln!(
-                    "[{:>7.3}s] {:<16} {:>10} -> {:<10} {}",
-                    started.elapsed().as_secs_f64(),
+                    "[{:>9}] {:<16} {:>10} -> {:<10} {}",
+                    when::offset(h.at, status.created_ms),
                     h.task.as_deref().unwrap_or("(job)"),
                     h.from.as_deref().unwrap_or("-"),
                     h.to,
