@@ -82,6 +82,16 @@ impl Shutdown {
             _ = interval.tick() => true,
         }
     }
+
+    /// Wait until `deadline`: `true` when it came, `false` when shutdown
+    /// was asked for first (checked first, as in [`Shutdown::tick`]).
+    pub async fn sleep_until(&mut self, deadline: tokio::time::Instant) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.wait() => false,
+            _ = tokio::time::sleep_until(deadline) => true,
+        }
+    }
 }
 
 /// Fire `trigger` on SIGTERM or SIGINT.
@@ -137,6 +147,19 @@ mod tests {
         trigger.trigger();
         a.wait().await;
         assert!(b.is_triggered());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_ends_at_its_deadline_or_at_once_on_the_trigger() {
+        let trigger = ShutdownTrigger::new();
+        let mut shutdown = trigger.subscribe();
+        let start = tokio::time::Instant::now();
+        let second = std::time::Duration::from_secs(1);
+        assert!(shutdown.sleep_until(start + second).await);
+        assert_eq!(start.elapsed(), second);
+        trigger.trigger();
+        assert!(!shutdown.sleep_until(start + 10 * second).await);
+        assert_eq!(start.elapsed(), second, "shutdown does not wait");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1049,7 +1049,19 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
         "the retry is due {due_in} ms from Redis's now, not {} ms",
         delay.as_millis()
     );
+    // The sweep an hour behind reads when it falls due by Redis's clock
+    // too (to wake for it rather than at its next pass).
+    let next = sweep.next_retry_in().await.unwrap();
+    assert!(
+        next.is_some_and(|n| !n.is_zero() && n <= delay + Duration::from_millis(50)),
+        "the retry is due in {next:?} by the sweep's reading, not about {delay:?}"
+    );
     tokio::time::sleep(delay + Duration::from_millis(200)).await;
+    assert_eq!(
+        sweep.next_retry_in().await.unwrap(),
+        Some(Duration::ZERO),
+        "past due"
+    );
     let promoted = sweep.due_retries(100).await.unwrap();
     assert_eq!(
         promoted
@@ -1062,5 +1074,8 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
         }],
         "the retry is promoted once due"
     );
+    let entries: Vec<String> = promoted.into_iter().map(|a| a.entry).collect();
+    sweep.forget_retries(&entries).await.unwrap();
+    assert_eq!(sweep.next_retry_in().await.unwrap(), None, "none left");
     common::cleanup(&config).await;
 }

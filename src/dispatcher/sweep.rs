@@ -11,6 +11,18 @@
 //! started waits as long, since it cannot know whether the store was down
 //! a moment ago. Due retries are promoted at once.
 //!
+//! Passes come every `sweep_interval`, and in between when a retry falls
+//! due sooner, so a retry starts at the time its status shows rather than
+//! up to an interval later: after each pass, and every [`RETRY_PEEK`]
+//! while it waits for the next, the loop reads when the earliest retry
+//! falls due (`Store::next_retry_in`, one cheap read) and moves the next
+//! pass to that moment if it is sooner. Such early passes are at least [`MIN_PASS_GAP`] apart (a burst
+//! of retries due at scattered moments is taken in rounds, not one pass
+//! each), and each dispatcher wakes a few ms after the due time, by an
+//! amount of its own ([`retry_spread`]), so that several dispatchers do
+//! not all promote and publish the same retry (which would be harmless,
+//! claims dedupe, but wasteful).
+//!
 //! Entries are handled independently: one whose messages cannot be
 //! published (a queue that cannot be declared, a nack) is logged and left
 //! for the next pass, and the pass goes on with the others. Only a broker
@@ -31,6 +43,29 @@ const SWEEP_BATCH: usize = 500;
 /// store was unreachable: ten of a worker's retries.
 pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often the loop, waiting for its next pass, reads when the earliest
+/// retry falls due (only when the interval is longer).
+pub const RETRY_PEEK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The least time from one pass's start to the next's when a retry falls
+/// due before the next regular pass.
+pub const MIN_PASS_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The most a dispatcher waits past a retry's due time (see
+/// [`retry_spread`]).
+const MAX_RETRY_SPREAD: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How long after a retry's due time the dispatcher `id` wakes for it: a
+/// fixed amount per dispatcher in `0..=min(MAX_RETRY_SPREAD, interval/10)`,
+/// taken from its id (not at random: simulations replay exactly).
+pub fn retry_spread(id: &str, interval: std::time::Duration) -> std::time::Duration {
+    use std::hash::{Hash, Hasher};
+    let most = MAX_RETRY_SPREAD.min(interval / 10).as_micros() as u64;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    std::time::Duration::from_micros(h.finish() % (most + 1))
+}
+
 /// What the sweep loop remembers from one pass to the next.
 #[derive(Debug, Default)]
 struct SweepLoop {
@@ -39,6 +74,10 @@ struct SweepLoop {
     /// Lapsed leases are not reclaimed before this (after an outage, or
     /// the dispatcher's start).
     reclaim_from: Option<tokio::time::Instant>,
+    /// The last pass left a retry due (one it could not publish): a due
+    /// retry seen between passes may be that one, which the regular pass
+    /// tries again, so it does not bring the pass forward.
+    retry_left_due: bool,
 }
 
 impl SweepLoop {
@@ -47,6 +86,7 @@ impl SweepLoop {
         SweepLoop {
             store_down: false,
             reclaim_from: Some(tokio::time::Instant::now() + RECLAIM_GRACE),
+            retry_left_due: false,
         }
     }
 }
@@ -74,12 +114,68 @@ struct Published {
 
 impl Dispatcher {
     pub(super) async fn sweep_forever(&self, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(self.options.sweep_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = SweepLoop::starting();
-        while shutdown.tick(&mut tick).await {
+        let mut last = tokio::time::Instant::now();
+        let mut pass_at = last;
+        loop {
+            let peek_at = tokio::time::Instant::now() + RETRY_PEEK;
+            if pass_at > peek_at {
+                if !shutdown.sleep_until(peek_at).await {
+                    return;
+                }
+                pass_at = self
+                    .sooner_for_retry(&mut state, false, last, pass_at)
+                    .await;
+                continue;
+            }
+            if !shutdown.sleep_until(pass_at).await {
+                return;
+            }
+            last = tokio::time::Instant::now();
             self.sweep_tick(&mut state).await;
+            pass_at = last + self.options.sweep_interval;
+            pass_at = self.sooner_for_retry(&mut state, true, last, pass_at).await;
         }
+    }
+
+    /// The next pass's time, `pass_at`, moved to when the earliest retry
+    /// falls due (plus this dispatcher's [`retry_spread`]) if that is
+    /// sooner, but not before [`MIN_PASS_GAP`] after the pass that started
+    /// at `last`. Right `after_pass`, a retry already due is one the pass
+    /// could not publish: that is recorded, and until a pass publishes it
+    /// the regular passes try it again (as they do every failed entry)
+    /// and a due retry does not bring them forward.
+    async fn sooner_for_retry(
+        &self,
+        state: &mut SweepLoop,
+        after_pass: bool,
+        last: tokio::time::Instant,
+        pass_at: tokio::time::Instant,
+    ) -> tokio::time::Instant {
+        if state.store_down {
+            return pass_at;
+        }
+        let due_in = match self.store.next_retry_in().await {
+            Ok(due_in) => due_in,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read when the next retry is due; sweeping at the regular time");
+                return pass_at;
+            }
+        };
+        if after_pass {
+            state.retry_left_due = due_in.is_some_and(|d| d.is_zero());
+        }
+        let Some(due_in) = due_in else {
+            return pass_at;
+        };
+        if due_in.is_zero() && state.retry_left_due {
+            return pass_at;
+        }
+        let now = tokio::time::Instant::now();
+        let spread = retry_spread(&self.options.id, self.options.sweep_interval);
+        (now + due_in + spread)
+            .max(last + MIN_PASS_GAP)
+            .min(pass_at)
     }
 
     /// One tick of the sweep loop: a pass, unless the store is unreachable;
@@ -281,6 +377,8 @@ mod tests {
     struct Nacking {
         inner: MemoryBroker,
         nack: Mutex<Option<String>>,
+        /// Batches nacked so far.
+        nacked: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
@@ -296,10 +394,14 @@ mod tests {
                 .partition(|m| Some(&m.queue) == nack.as_ref());
             self.inner.publish(rest).await?;
             match nacked.first() {
-                Some(m) => Err(BrokerError::Refused {
-                    queue: m.queue.clone(),
-                    reason: "nacked".into(),
-                }),
+                Some(m) => {
+                    self.nacked
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Err(BrokerError::Refused {
+                        queue: m.queue.clone(),
+                        reason: "nacked".into(),
+                    })
+                }
                 None => Ok(()),
             }
         }
@@ -342,6 +444,7 @@ mod tests {
         let broker = Arc::new(Nacking {
             inner: MemoryBroker::reliable(names.clone()),
             nack: Mutex::new(None),
+            nacked: Default::default(),
         });
         let config = Config::default();
         let intake = JobIntake::new(&config, conveyor_builtin_handlers::registry()).unwrap();
@@ -394,10 +497,16 @@ mod tests {
 
         /// A job on `queue` with a retry due soon.
         async fn retrying(&self, job: &str, queue: &str) {
+            self.retrying_in(job, queue, Duration::from_millis(10))
+                .await;
+        }
+
+        /// A job on `queue` with a retry due in `delay`.
+        async fn retrying_in(&self, job: &str, queue: &str, delay: Duration) {
             let claimed = self.claimed(job, queue).await;
             let result = AttemptResult::Retry {
                 error: "transient".into(),
-                delay: Duration::from_millis(10),
+                delay,
             };
             self.store
                 .complete(&claimed.claim, "w", &result)
@@ -420,6 +529,160 @@ mod tests {
             jobs.dedup();
             jobs
         }
+    }
+
+    /// Run the sweep loop of `s` until `until` (paused clock) and return
+    /// when (since the start) each job's task message was queued.
+    async fn sweep_until(s: &Setup, until: Duration, queue: &str) -> Vec<(Duration, String)> {
+        let sweeping = Sweeping::start(s);
+        let seen = sweeping.watch(s, until, queue).await;
+        sweeping.stop().await;
+        seen
+    }
+
+    /// A sweep loop running in the background.
+    struct Sweeping {
+        trigger: crate::shutdown::ShutdownTrigger,
+        task: tokio::task::JoinHandle<()>,
+        start: tokio::time::Instant,
+    }
+
+    impl Sweeping {
+        fn start(s: &Setup) -> Sweeping {
+            let trigger = crate::shutdown::ShutdownTrigger::new();
+            let (dispatcher, stop) = (s.dispatcher.clone(), trigger.subscribe());
+            Sweeping {
+                trigger,
+                task: tokio::spawn(async move { dispatcher.sweep_forever(stop).await }),
+                start: tokio::time::Instant::now(),
+            }
+        }
+
+        /// When (since the loop started) each job's task message was
+        /// queued in `queue`, watched until `until` after the start.
+        async fn watch(&self, s: &Setup, until: Duration, queue: &str) -> Vec<(Duration, String)> {
+            let mut seen = Vec::new();
+            while self.start.elapsed() < until {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                for job in s.queued_jobs(queue).await {
+                    seen.push((self.start.elapsed(), job));
+                }
+            }
+            seen
+        }
+
+        async fn stop(self) {
+            self.trigger.trigger();
+            self.task.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_scheduled_after_a_pass_is_promoted_when_due_not_at_the_next_pass() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        assert!(interval > 4 * RETRY_PEEK);
+        let sweeping = Sweeping::start(&s);
+        // The first pass ran at the start; the next is an interval later.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let due = Duration::from_millis(5) + interval / 5;
+        s.retrying_in("r", "default", interval / 5).await;
+        let seen = sweeping.watch(&s, 2 * interval, "default").await;
+        sweeping.stop().await;
+        let spread = retry_spread(&s.dispatcher.options.id, interval);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].0 >= due + spread && seen[0].0 <= due + spread + Duration::from_millis(2),
+            "promoted at {:?}, due at {due:?} (+{spread:?})",
+            seen[0].0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_cannot_be_published_is_tried_at_the_regular_passes_only() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        s.retrying_in("stuck", "stuck", Duration::from_millis(10))
+            .await;
+        tokio::time::advance(Duration::from_millis(20)).await;
+        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        let sweeping = Sweeping::start(&s);
+        sweeping
+            .watch(&s, 3 * interval - Duration::from_millis(1), "stuck")
+            .await;
+        // Passes at 0, 1 and 2 intervals, each trying the batch and then
+        // the entry alone: not one pass per peek.
+        let nacked = s.broker.nacked.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(nacked, 6, "three passes");
+        // Once it can be published, the next regular pass does.
+        *s.broker.nack.lock().unwrap() = None;
+        let seen = sweeping.watch(&s, 4 * interval, "stuck").await;
+        sweeping.stop().await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(seen[0].0 >= 3 * interval && seen[0].0 <= 3 * interval + Duration::from_millis(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_falling_due_between_passes_is_promoted_when_due_not_at_the_next_pass() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        let spread = retry_spread(&s.dispatcher.options.id, interval);
+        assert!(spread <= MAX_RETRY_SPREAD.min(interval / 10));
+        // Due 1.3 intervals from now: the pass at 1 interval sees it.
+        let due = interval * 13 / 10;
+        s.retrying_in("r", "default", due).await;
+        let seen = sweep_until(&s, 3 * interval, "default").await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let (at, job) = &seen[0];
+        assert_eq!(job, "r");
+        assert!(
+            *at >= due + spread && *at <= due + spread + Duration::from_millis(2),
+            "promoted at {at:?}, due at {due:?} (+{spread:?}); the regular pass was at {:?}",
+            2 * interval
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_due_in_a_burst_are_promoted_in_passes_at_least_a_gap_apart() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        // Due 1 ms apart, from 1.5 intervals on.
+        for i in 0..30u32 {
+            let due = interval * 3 / 2 + Duration::from_millis(u64::from(i));
+            s.retrying_in(&format!("r{i:02}"), "default", due).await;
+        }
+        let seen = sweep_until(&s, 3 * interval, "default").await;
+        assert_eq!(seen.len(), 30, "{seen:?}");
+        let mut passes: Vec<Duration> = seen.iter().map(|(at, _)| *at).collect();
+        passes.dedup();
+        // 30 ms of due times in passes at least 10 ms apart: four at most,
+        // the last within a gap (and the spread) of the last due time.
+        assert!(passes.len() > 1 && passes.len() <= 4, "{passes:?}");
+        for pair in passes.windows(2) {
+            assert!(pair[1] - pair[0] >= MIN_PASS_GAP, "{passes:?}");
+        }
+        let last_due = interval * 3 / 2 + Duration::from_millis(29);
+        let spread = retry_spread(&s.dispatcher.options.id, interval);
+        assert!(
+            passes[passes.len() - 1] <= last_due + spread + MIN_PASS_GAP,
+            "{passes:?}"
+        );
+    }
+
+    #[test]
+    fn dispatchers_wake_for_a_retry_at_moments_of_their_own_within_the_bound() {
+        let interval = Duration::from_millis(500);
+        let spreads: std::collections::HashSet<Duration> = (0..20)
+            .map(|i| retry_spread(&format!("dispatcher-{i}"), interval))
+            .collect();
+        assert!(spreads.len() > 10, "ids spread out: {spreads:?}");
+        assert!(spreads.iter().all(|s| *s <= MAX_RETRY_SPREAD));
+        assert_eq!(
+            retry_spread("d", interval),
+            retry_spread("d", interval),
+            "the same id, the same moment"
+        );
+        assert!(retry_spread("d", Duration::from_millis(10)) <= Duration::from_millis(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -189,6 +189,11 @@ impl ScoredSet {
             .collect()
     }
 
+    /// The lowest score, if any member.
+    fn first_score(&self) -> Option<u64> {
+        self.order.first().map(|(s, _)| *s)
+    }
+
     fn rebuild(&mut self) {
         self.order = self.scores.iter().map(|(m, s)| (*s, m.clone())).collect();
     }
@@ -603,6 +608,19 @@ impl Store for MemoryStore {
                     }
                 }
                 Ok(actions)
+            })
+            .await
+    }
+
+    async fn next_retry_in(&self) -> Result<Option<Duration>, StoreError> {
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                let state = self.lock()?;
+                Ok(state
+                    .retries
+                    .first_score()
+                    .map(|due| Duration::from_millis(due.saturating_sub(now))))
             })
             .await
     }

@@ -1937,6 +1937,19 @@ impl Store for RedisStore {
         self.forget_entries(self.names.retries(), entries).await
     }
 
+    async fn next_retry_in(&self) -> Result<Option<Duration>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(self.names.retries())
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES");
+        let (first,): (Vec<(String, u64)>,) = self.run(&pipe).await?;
+        Ok(first
+            .first()
+            .map(|(_, due)| Duration::from_millis(due.saturating_sub(self.now_ms()))))
+    }
+
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
         let entries = self.due_entries(self.names.leases(), limit).await?;
         let mut actions = Vec::with_capacity(entries.len());
