@@ -39,16 +39,52 @@ pub enum DagError {
     Cycle(Vec<String>),
 }
 
+impl DagError {
+    /// The task the error is about; `None` for a cycle (the job's).
+    pub fn task(&self) -> Option<usize> {
+        match self {
+            DagError::DuplicateName { index, .. } | DagError::UnknownDependency { index, .. } => {
+                Some(*index)
+            }
+            DagError::Cycle(_) => None,
+        }
+    }
+}
+
+/// Every reason a set of `after` edges is not a DAG: each duplicate name
+/// and each unknown dependency, in task order, or else the first cycle
+/// found (looked for only in edges otherwise sound). Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DagErrors(pub Vec<DagError>);
+
+impl std::fmt::Display for DagErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DagErrors {}
+
 impl Dag {
     /// Build the graph of tasks `names` whose `after` lists are `after`.
-    pub fn build<S: AsRef<str>>(names: &[S], after: &[Vec<S>]) -> Result<Dag, DagError> {
+    pub fn build<S: AsRef<str>>(names: &[S], after: &[Vec<S>]) -> Result<Dag, DagErrors> {
+        let mut errors = Vec::new();
         let mut index: HashMap<&str, u32> = HashMap::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
-            if index.insert(name.as_ref(), i as u32).is_some() {
-                return Err(DagError::DuplicateName {
+            // The first task of a name keeps it: `after` entries mean that one.
+            if index.contains_key(name.as_ref()) {
+                errors.push(DagError::DuplicateName {
                     index: i,
                     name: name.as_ref().to_owned(),
                 });
+            } else {
+                index.insert(name.as_ref(), i as u32);
             }
         }
         let mut deps = vec![Vec::new(); names.len()];
@@ -58,11 +94,12 @@ impl Dag {
             seen.clear();
             for (position, dep) in list.iter().enumerate() {
                 let Some(&d) = index.get(dep.as_ref()) else {
-                    return Err(DagError::UnknownDependency {
+                    errors.push(DagError::UnknownDependency {
                         index: i,
                         position,
                         name: dep.as_ref().to_owned(),
                     });
+                    continue;
                 };
                 // A set, not `contains`: a join after 10,000 tasks would
                 // otherwise cost 50 million comparisons.
@@ -72,14 +109,19 @@ impl Dag {
                 }
             }
         }
+        if !errors.is_empty() {
+            // Task order: a task's duplicate name before its unknown deps.
+            errors.sort_by_key(|e| e.task());
+            return Err(DagErrors(errors));
+        }
         let dag = Dag { deps, dependents };
         if let Some(cycle) = dag.find_cycle() {
-            return Err(DagError::Cycle(
+            return Err(DagErrors(vec![DagError::Cycle(
                 cycle
                     .into_iter()
                     .map(|i| names[i as usize].as_ref().to_owned())
                     .collect(),
-            ));
+            )]));
         }
         Ok(dag)
     }
@@ -141,7 +183,12 @@ impl Dag {
 mod tests {
     use super::*;
 
+    /// The graph, or its first error.
     fn build(names: &[&str], after: &[&[&str]]) -> Result<Dag, DagError> {
+        build_all(names, after).map_err(|mut e| e.0.swap_remove(0))
+    }
+
+    fn build_all(names: &[&str], after: &[&[&str]]) -> Result<Dag, DagErrors> {
         let after: Vec<Vec<&str>> = after.iter().map(|a| a.to_vec()).collect();
         Dag::build(names, &after)
     }
@@ -187,6 +234,38 @@ mod tests {
             build(&["a", "a"], &[&[], &[]]),
             Err(DagError::DuplicateName { index: 1, .. })
         ));
+    }
+
+    #[test]
+    fn every_duplicate_name_and_unknown_dependency_is_named_in_task_order() {
+        let err = build_all(
+            &["a", "b", "a", "c", "b"],
+            &[&[], &["x"], &[], &["a", "y", "z"], &["b"]],
+        )
+        .err();
+        assert_eq!(
+            err.map(|e| e.to_string()).as_deref(),
+            Some(
+                "tasks[1].after[0]: unknown task \"x\"; \
+                 tasks[2].name: duplicate task name \"a\"; \
+                 tasks[3].after[1]: unknown task \"y\"; \
+                 tasks[3].after[2]: unknown task \"z\"; \
+                 tasks[4].name: duplicate task name \"b\""
+            )
+        );
+    }
+
+    #[test]
+    fn a_cycle_is_looked_for_only_in_edges_otherwise_sound() {
+        let err = build_all(&["a", "b"], &[&["b"], &["a", "nope"]]).err();
+        assert_eq!(
+            err.map(|e| e.0),
+            Some(vec![DagError::UnknownDependency {
+                index: 1,
+                position: 1,
+                name: "nope".into()
+            }])
+        );
     }
 
     proptest::proptest! {

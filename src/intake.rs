@@ -271,23 +271,51 @@ impl JobIntake {
             .iter()
             .map(|t| t.after.iter().map(String::as_str).collect())
             .collect();
-        let dag = Dag::build(&names, &after).map_err(|e| e.to_string())?;
-
         // Every task is checked, so one rejection names up to
-        // MAX_TASK_ERRORS problems rather than one per round trip.
-        let mut tasks = Vec::with_capacity(spec.tasks.len());
+        // MAX_TASK_ERRORS problems rather than one per round trip: a
+        // cycle first (the job's), then each task's first, in task order,
+        // its place in the graph (a duplicate name, an unknown `after`)
+        // before its own fields.
+        let n = spec.tasks.len();
+        let (deps, dependents, dag_errors) = match Dag::build(&names, &after) {
+            Ok(dag) => (dag.deps, dag.dependents, Vec::new()),
+            Err(e) => (vec![Vec::new(); n], vec![Vec::new(); n], e.0),
+        };
         let mut errors = Vec::new();
         let mut more_errors = 0usize;
-        for (i, (task, (deps, dependents))) in spec
+        let mut note = |error: String| {
+            if errors.len() < MAX_TASK_ERRORS {
+                errors.push(error);
+            } else {
+                more_errors += 1;
+            }
+        };
+        let mut task_dag_errors: Vec<Option<String>> = vec![None; n];
+        for e in dag_errors {
+            match e.task() {
+                None => note(e.to_string()),
+                Some(i) => {
+                    if let Some(slot @ None) = task_dag_errors.get_mut(i) {
+                        *slot = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        let mut tasks = Vec::with_capacity(n);
+        for (i, ((task, (deps, dependents)), dag_error)) in spec
             .tasks
             .into_iter()
-            .zip(dag.deps.into_iter().zip(dag.dependents))
+            .zip(deps.into_iter().zip(dependents))
+            .zip(task_dag_errors)
             .enumerate()
         {
+            if let Some(error) = dag_error {
+                note(error);
+                continue;
+            }
             match self.plan_task(i, task, deps, dependents) {
                 Ok(task) => tasks.push(task),
-                Err(error) if errors.len() < MAX_TASK_ERRORS => errors.push(error),
-                Err(_) => more_errors += 1,
+                Err(error) => note(error),
             }
         }
         if errors.len() == 1 {
@@ -667,6 +695,39 @@ mod tests {
         assert!(err.starts_with("tasks[0].name"), "{err}");
         let err = rejected(json!({"tasks": []}));
         assert!(err.contains("requestor"), "{err}");
+    }
+
+    #[test]
+    fn graph_errors_and_field_errors_are_named_together_in_task_order() {
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "a", "handler": "nope"},
+            {"name": "b", "handler": "noop", "after": ["ghost"]},
+            {"name": "a", "handler": "noop"},
+            {"name": "d", "handler": "noop", "after": ["phantom"]}
+        ]}));
+        let listed: Vec<&str> = err.split("; ").collect();
+        assert_eq!(listed.len(), 4, "{err}");
+        assert!(
+            listed[0].starts_with("tasks[0].handler: unknown handler \"nope\""),
+            "{err}"
+        );
+        assert_eq!(
+            listed[1..],
+            [
+                "tasks[1].after[0]: unknown task \"ghost\"",
+                "tasks[2].name: duplicate task name \"a\"",
+                "and 1 more tasks"
+            ]
+        );
+        // A cycle is the job's: named first, with the tasks' own errors.
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "a", "handler": "noop", "after": ["b"]},
+            {"name": "b", "handler": "sleep", "params": {"ms": -1}, "after": ["a"]}
+        ]}));
+        let listed: Vec<&str> = err.split("; ").collect();
+        assert_eq!(listed.len(), 2, "{err}");
+        assert!(listed[0].starts_with("tasks: dependency cycle "), "{err}");
+        assert!(listed[1].starts_with("tasks[1] (b).params.ms: "), "{err}");
     }
 
     #[test]
