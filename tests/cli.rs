@@ -271,6 +271,75 @@ async fn run_against_a_deployment_follows_the_job_to_its_results() {
     d.shutdown().await;
 }
 
+/// A user following a job that nothing will move is told which queue it
+/// waits in and what would consume it, instead of waiting out the time-out
+/// in silence; once something consumes every queue, nothing is noted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_in_a_queue_nothing_consumes_is_explained_while_it_waits() {
+    let mut config = common::test_config(&common::unique_prefix("cli-stalls"));
+    config.worker.queues = vec!["default".into(), "gpu".into()];
+    let mut d = Deployment::with_config(config).await;
+    let prefix = d.config.prefix.clone();
+    let dir = Scratch::dir("cli");
+    let on_gpu = |id: &str| {
+        json!({"id": id, "requestor": "r",
+            "tasks": [{"name": "render", "handler": "noop", "queue": "gpu"}]})
+    };
+    let first = job_file(&dir, "first.json", &on_gpu("first"));
+
+    // Nothing runs: the submission waits in the submit queue.
+    let told = conveyor(&d, &["submit", &first]).await;
+    assert_eq!(told.code, Some(0), "{}", told.stderr);
+    assert!(
+        told.stderr
+            .starts_with(&format!("note: nothing consumes {prefix}.submit now")),
+        "{}",
+        told.stderr
+    );
+
+    // A dispatcher records it; no worker consumes the task's queue.
+    d.start_dispatcher().await;
+    let told = conveyor(&d, &["submit", &first, "--wait", "--timeout-s", "3"]).await;
+    assert_eq!(told.code, Some(1), "{}", told.stderr);
+    let note =
+        format!("note: task render is ready in {prefix}.tasks.gpu, which no worker consumes now");
+    assert!(told.stderr.contains(&note), "{}", told.stderr);
+    assert!(
+        told.stderr.contains("--queues gpu"),
+        "says what would consume it: {}",
+        told.stderr
+    );
+    assert!(
+        !told.stderr.contains("nothing consumes"),
+        "the dispatcher consumes the submit queue: {}",
+        told.stderr
+    );
+    assert_eq!(
+        told.stderr.matches("note:").count(),
+        1,
+        "once per queue: {}",
+        told.stderr
+    );
+
+    // A worker on the queue: both jobs run, and nothing is noted.
+    d.start_worker(4).await;
+    let second = job_file(&dir, "second.json", &on_gpu("second"));
+    let amqp = d.config.amqp_url.clone();
+    let redis = d.config.redis_url.clone();
+    let ran = conveyor(
+        &d,
+        &["run", &second, "--amqp-url", &amqp, "--redis-url", &redis],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("note:"), "{}", ran.stderr);
+    assert_eq!(
+        d.wait_terminal("first", WITHIN).await.state,
+        conveyor::model::JobState::Succeeded
+    );
+    d.shutdown().await;
+}
+
 /// `conveyor queues` for a prefix nothing has declared queues under says so
 /// in one line, without the broker's channel errors (a passive declare of a
 /// missing queue closes its channel); once a dispatcher has started, its

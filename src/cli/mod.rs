@@ -8,6 +8,7 @@ mod job_file;
 mod list;
 mod queues;
 mod run;
+mod stalls;
 mod status;
 mod submit;
 mod when;

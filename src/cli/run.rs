@@ -18,6 +18,7 @@ use conveyor::model::JobState;
 use conveyor::names::Names;
 use conveyor::store::Store;
 
+use super::stalls::Stalls;
 use super::when;
 
 /// Run options.
@@ -65,24 +66,23 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
             )
             .await?;
             embedded.submit(body).await?;
-            let result = follow(embedded.store(), &id, deadline, args.json).await;
+            let result = follow(embedded.store(), None, &id, deadline, args.json).await;
             embedded.shutdown().await?;
             result
         }
         (Some(amqp), Some(redis)) => {
             config.amqp_url = amqp;
             config.redis_url = redis;
-            let broker = super::broker(&config).await?;
+            let broker = Arc::new(super::broker(&config).await?);
+            let names = Names::new(&config.prefix);
             broker.declare(&[]).await?;
             broker
-                .publish(vec![Outgoing::durable(
-                    Names::new(&config.prefix).submit_queue(),
-                    body,
-                )])
+                .publish(vec![Outgoing::durable(names.submit_queue(), body)])
                 .await
                 .context("publishing the job")?;
             let store = Arc::new(super::store(&config).await?);
-            follow(store, &id, deadline, args.json).await
+            let stalls = Stalls::new(broker, names);
+            follow(store, Some(stalls), &id, deadline, args.json).await
         }
         _ => {
             anyhow::bail!("--amqp-url and --redis-url go together (or neither, to run in-process)")
@@ -94,8 +94,11 @@ const FOLLOW_PAUSE_MIN: Duration = Duration::from_millis(20);
 const FOLLOW_PAUSE_MAX: Duration = Duration::from_millis(250);
 
 /// Print history as it happens until the job is terminal; then the result.
+/// With `stalls` (a deployment), note queues the job waits in that nothing
+/// consumes.
 async fn follow(
     store: Arc<dyn Store>,
+    mut stalls: Option<Stalls>,
     id: &str,
     within: Duration,
     json: bool,
@@ -107,7 +110,11 @@ async fn follow(
     // task of a big job is not re-read 50 times a second.
     let mut pause = FOLLOW_PAUSE_MIN;
     loop {
-        if let Some(status) = store.job(id).await? {
+        let status = store.job(id).await?;
+        if let Some(stalls) = stalls.as_mut() {
+            stalls.look(status.as_ref()).await;
+        }
+        if let Some(status) = status {
             for h in status.history.iter().skip(seen) {
                 // The transition's own time, as `status` shows it: the
                 // moment this loop saw it would bunch a poll's worth

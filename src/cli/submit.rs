@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +12,8 @@ use conveyor::config::Config;
 use conveyor::model::JobState;
 use conveyor::names::Names;
 use conveyor::store::Store;
+
+use super::stalls::Stalls;
 
 /// Submit options.
 #[derive(Debug, clap::Args)]
@@ -30,7 +33,7 @@ pub struct Args {
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let file = super::job_file::read(&args.file, &config)?;
-    let broker = super::broker(&config).await?;
+    let broker = Arc::new(super::broker(&config).await?);
     let names = Names::new(&config.prefix);
     broker.declare(&[]).await?;
     broker
@@ -45,13 +48,17 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     println!("{id}");
+    let mut stalls = Stalls::new(broker, names);
+    stalls.look(None).await;
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
     let store = super::store(&config).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
     loop {
-        if let Some(status) = store.job(&id).await?
+        let status = store.job(&id).await?;
+        stalls.look(status.as_ref()).await;
+        if let Some(status) = status
             && status.state.is_terminal()
         {
             super::status::print(&status, args.json)?;
