@@ -74,9 +74,9 @@ struct SweepLoop {
     /// Lapsed leases are not reclaimed before this (after an outage, or
     /// the dispatcher's start).
     reclaim_from: Option<tokio::time::Instant>,
-    /// The last pass left a retry due (one it could not publish): a due
-    /// retry seen between passes may be that one, which the regular pass
-    /// tries again, so it does not bring the pass forward.
+    /// The last pass left a retry due (one it could not publish, or it
+    /// ended early): a due retry seen after it may be that one, which the
+    /// regular pass tries again, so it does not bring the pass forward.
     retry_left_due: bool,
 }
 
@@ -98,6 +98,17 @@ enum Schedule {
     Retries,
     /// `<p>:leases`: lapsed leases to reclaim.
     Leases,
+}
+
+/// What a pass, or its work through one schedule, did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Swept {
+    /// Entries acted on: their messages confirmed, the entries forgotten.
+    done: usize,
+    /// Due entries left for the next pass (their messages could not be
+    /// published, or too many failed to go on): of the retries schedule,
+    /// for a whole pass.
+    left: usize,
 }
 
 /// What publishing one batch of sweep actions did.
@@ -123,9 +134,7 @@ impl Dispatcher {
                 if !shutdown.sleep_until(peek_at).await {
                     return;
                 }
-                pass_at = self
-                    .sooner_for_retry(&mut state, false, last, pass_at)
-                    .await;
+                pass_at = self.sooner_for_retry(&state, last, pass_at).await;
                 continue;
             }
             if !shutdown.sleep_until(pass_at).await {
@@ -134,21 +143,19 @@ impl Dispatcher {
             last = tokio::time::Instant::now();
             self.sweep_tick(&mut state).await;
             pass_at = last + self.options.sweep_interval;
-            pass_at = self.sooner_for_retry(&mut state, true, last, pass_at).await;
+            pass_at = self.sooner_for_retry(&state, last, pass_at).await;
         }
     }
 
     /// The next pass's time, `pass_at`, moved to when the earliest retry
     /// falls due (plus this dispatcher's [`retry_spread`]) if that is
     /// sooner, but not before [`MIN_PASS_GAP`] after the pass that started
-    /// at `last`. Right `after_pass`, a retry already due is one the pass
-    /// could not publish: that is recorded, and until a pass publishes it
-    /// the regular passes try it again (as they do every failed entry)
-    /// and a due retry does not bring them forward.
+    /// at `last`. While the last pass left a retry due, a due retry may be
+    /// that one: the regular passes try it again (as they do every failed
+    /// entry), and a due retry does not bring them forward.
     async fn sooner_for_retry(
         &self,
-        state: &mut SweepLoop,
-        after_pass: bool,
+        state: &SweepLoop,
         last: tokio::time::Instant,
         pass_at: tokio::time::Instant,
     ) -> tokio::time::Instant {
@@ -162,9 +169,6 @@ impl Dispatcher {
                 return pass_at;
             }
         };
-        if after_pass {
-            state.retry_left_due = due_in.is_some_and(|d| d.is_zero());
-        }
         let Some(due_in) = due_in else {
             return pass_at;
         };
@@ -204,9 +208,15 @@ impl Dispatcher {
                 true
             }
         };
+        // A pass that ends early may leave retries due.
+        state.retry_left_due = true;
         match self.sweep_pass(leases).await {
-            Ok(n) if n > 0 => tracing::debug!(actions = n, "sweep"),
-            Ok(_) => {}
+            Ok(swept) => {
+                state.retry_left_due = swept.left > 0;
+                if swept.done > 0 {
+                    tracing::debug!(actions = swept.done, "sweep");
+                }
+            }
             Err(SweepError::Store(e)) if e.is_retryable() => {
                 tracing::warn!(error = %e, "sweep failed; will retry");
                 state.store_down = true;
@@ -220,17 +230,21 @@ impl Dispatcher {
     /// forgotten). Entries that failed are left for the next pass; an error
     /// means the store or the broker is unreachable.
     pub async fn sweep_once(&self) -> Result<usize, SweepError> {
-        self.sweep_pass(true).await
+        Ok(self.sweep_pass(true).await?.done)
     }
 
-    /// A pass: due retries, then lapsed leases if `leases`.
-    async fn sweep_pass(&self, leases: bool) -> Result<usize, SweepError> {
+    /// A pass: due retries, then lapsed leases if `leases`. `left` counts
+    /// the retries left due only.
+    async fn sweep_pass(&self, leases: bool) -> Result<Swept, SweepError> {
         let retries = self.sweep_schedule(Schedule::Retries).await?;
         if !leases {
             return Ok(retries);
         }
         let leases = self.sweep_schedule(Schedule::Leases).await?;
-        Ok(retries + leases)
+        Ok(Swept {
+            done: retries.done + leases.done,
+            left: retries.left,
+        })
     }
 
     async fn due(&self, schedule: Schedule, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
@@ -255,7 +269,7 @@ impl Dispatcher {
     /// grows by their number and they are skipped, so each batch brings
     /// new entries. Once a whole batch's worth has failed, the rest waits
     /// for the next pass (which starts with the failed ones again).
-    async fn sweep_schedule(&self, schedule: Schedule) -> Result<usize, SweepError> {
+    async fn sweep_schedule(&self, schedule: Schedule) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
         let mut total = 0;
         loop {
@@ -285,7 +299,10 @@ impl Dispatcher {
                 break;
             }
         }
-        Ok(total)
+        Ok(Swept {
+            done: total,
+            left: failed.len(),
+        })
     }
 
     /// Publish the messages of `actions`: all in one batch (one round of
@@ -594,6 +611,24 @@ mod tests {
         assert!(
             seen[0].0 >= due + spread && seen[0].0 <= due + spread + Duration::from_millis(2),
             "promoted at {:?}, due at {due:?} (+{spread:?})",
+            seen[0].0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_due_at_once_is_promoted_at_the_next_look_not_the_next_pass() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        let sweeping = Sweeping::start(&s);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.retrying_in("now", "default", Duration::ZERO).await;
+        let seen = sweeping.watch(&s, interval, "default").await;
+        sweeping.stop().await;
+        let spread = retry_spread(&s.dispatcher.options.id, interval);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].0 <= RETRY_PEEK + spread + Duration::from_millis(2),
+            "promoted at {:?}",
             seen[0].0
         );
     }
