@@ -52,8 +52,9 @@ impl DagError {
 }
 
 /// Every reason a set of `after` edges is not a DAG: each duplicate name
-/// and each unknown dependency, in task order, or else the first cycle
-/// found (looked for only in edges otherwise sound). Never empty.
+/// and each unknown dependency, in task order, then the first cycle found
+/// among the known edges (not looked for when names are duplicated: which
+/// task an `after` entry means is then unclear). Never empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DagErrors(pub Vec<DagError>);
 
@@ -109,21 +110,25 @@ impl Dag {
                 }
             }
         }
-        if !errors.is_empty() {
-            // Task order: a task's duplicate name before its unknown deps.
-            errors.sort_by_key(|e| e.task());
-            return Err(DagErrors(errors));
-        }
+        // Task order: a task's duplicate name before its unknown deps.
+        errors.sort_by_key(|e| e.task());
         let dag = Dag { deps, dependents };
-        if let Some(cycle) = dag.find_cycle() {
-            return Err(DagErrors(vec![DagError::Cycle(
+        let duplicated = errors
+            .iter()
+            .any(|e| matches!(e, DagError::DuplicateName { .. }));
+        if !duplicated && let Some(cycle) = dag.find_cycle() {
+            errors.push(DagError::Cycle(
                 cycle
                     .into_iter()
                     .map(|i| names[i as usize].as_ref().to_owned())
                     .collect(),
-            )]));
+            ));
         }
-        Ok(dag)
+        if errors.is_empty() {
+            Ok(dag)
+        } else {
+            Err(DagErrors(errors))
+        }
     }
 
     /// The tasks with no dependencies: ready at submission.
@@ -256,14 +261,29 @@ mod tests {
     }
 
     #[test]
-    fn a_cycle_is_looked_for_only_in_edges_otherwise_sound() {
+    fn a_cycle_among_the_known_edges_is_named_after_the_unknown_ones() {
         let err = build_all(&["a", "b"], &[&["b"], &["a", "nope"]]).err();
         assert_eq!(
             err.map(|e| e.0),
-            Some(vec![DagError::UnknownDependency {
+            Some(vec![
+                DagError::UnknownDependency {
+                    index: 1,
+                    position: 1,
+                    name: "nope".into()
+                },
+                DagError::Cycle(vec!["a".into(), "b".into(), "a".into()])
+            ])
+        );
+    }
+
+    #[test]
+    fn no_cycle_is_looked_for_while_names_are_duplicated() {
+        let err = build_all(&["a", "a"], &[&["a"], &[]]).err();
+        assert_eq!(
+            err.map(|e| e.0),
+            Some(vec![DagError::DuplicateName {
                 index: 1,
-                position: 1,
-                name: "nope".into()
+                name: "a".into()
             }])
         );
     }
