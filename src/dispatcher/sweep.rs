@@ -594,42 +594,49 @@ mod tests {
         }
     }
 
+    /// When the tests below schedule their retry: after the loop's first
+    /// pass, which it makes at once.
+    const AFTER_FIRST_PASS: Duration = Duration::from_millis(5);
+
+    /// Start the sweep loop of `s`, schedule a retry due in `delay`
+    /// [`AFTER_FIRST_PASS`], and return when (since the loop started) its
+    /// task message was queued.
+    async fn promoted_when_scheduled_after_a_pass(s: &Setup, delay: Duration) -> Duration {
+        let sweeping = Sweeping::start(s);
+        tokio::time::sleep(AFTER_FIRST_PASS).await;
+        s.retrying_in("r", "default", delay).await;
+        let interval = s.dispatcher.options.sweep_interval;
+        let seen = sweeping.watch(s, 2 * interval, "default").await;
+        sweeping.stop().await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        seen[0].0
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_retry_scheduled_after_a_pass_is_promoted_when_due_not_at_the_next_pass() {
         let s = setup();
         let interval = s.dispatcher.options.sweep_interval;
         assert!(interval > 4 * RETRY_PEEK);
-        let sweeping = Sweeping::start(&s);
-        // The first pass ran at the start; the next is an interval later.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let due = Duration::from_millis(5) + interval / 5;
-        s.retrying_in("r", "default", interval / 5).await;
-        let seen = sweeping.watch(&s, 2 * interval, "default").await;
-        sweeping.stop().await;
+        let at = promoted_when_scheduled_after_a_pass(&s, interval / 5).await;
+        let due = AFTER_FIRST_PASS + interval / 5;
         let spread = retry_spread(&s.dispatcher.options.id, interval);
-        assert_eq!(seen.len(), 1, "{seen:?}");
         assert!(
-            seen[0].0 >= due + spread && seen[0].0 <= due + spread + Duration::from_millis(2),
-            "promoted at {:?}, due at {due:?} (+{spread:?})",
-            seen[0].0
+            at >= due + spread && at <= due + spread + Duration::from_millis(2),
+            "promoted at {at:?}, due at {due:?} (+{spread:?})"
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_due_at_once_is_promoted_at_the_next_look_not_the_next_pass() {
         let s = setup();
-        let interval = s.dispatcher.options.sweep_interval;
-        let sweeping = Sweeping::start(&s);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        s.retrying_in("now", "default", Duration::ZERO).await;
-        let seen = sweeping.watch(&s, interval, "default").await;
-        sweeping.stop().await;
-        let spread = retry_spread(&s.dispatcher.options.id, interval);
-        assert_eq!(seen.len(), 1, "{seen:?}");
+        let at = promoted_when_scheduled_after_a_pass(&s, Duration::ZERO).await;
+        let spread = retry_spread(
+            &s.dispatcher.options.id,
+            s.dispatcher.options.sweep_interval,
+        );
         assert!(
-            seen[0].0 <= RETRY_PEEK + spread + Duration::from_millis(2),
-            "promoted at {:?}",
-            seen[0].0
+            at <= RETRY_PEEK + spread + Duration::from_millis(2),
+            "promoted at {at:?}"
         );
     }
 
