@@ -290,7 +290,12 @@ impl JobIntake {
                 more_errors += 1;
             }
         };
-        let mut task_dag_errors: Vec<Option<String>> = vec![None; n];
+        // Each task's first graph error; empty (no allocation) for a valid
+        // graph, the usual case.
+        let mut task_dag_errors: Vec<Option<String>> = Vec::new();
+        if !dag_errors.is_empty() {
+            task_dag_errors.resize(n, None);
+        }
         for e in dag_errors {
             match e.task() {
                 None => note(e.to_string()),
@@ -302,14 +307,13 @@ impl JobIntake {
             }
         }
         let mut tasks = Vec::with_capacity(n);
-        for (i, ((task, (deps, dependents)), dag_error)) in spec
+        for (i, (task, (deps, dependents))) in spec
             .tasks
             .into_iter()
             .zip(deps.into_iter().zip(dependents))
-            .zip(task_dag_errors)
             .enumerate()
         {
-            if let Some(error) = dag_error {
+            if let Some(error) = task_dag_errors.get_mut(i).and_then(Option::take) {
                 note(error);
                 continue;
             }
