@@ -2,6 +2,7 @@
 //! ready set. Pure functions, used at submission; the store's scripts keep
 //! per-task counters of unfinished dependencies derived from this plan.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 /// A job's dependency graph over task indexes.
@@ -79,13 +80,14 @@ impl Dag {
         let mut index: HashMap<&str, u32> = HashMap::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
             // The first task of a name keeps it: `after` entries mean that one.
-            if index.contains_key(name.as_ref()) {
-                errors.push(DagError::DuplicateName {
+            match index.entry(name.as_ref()) {
+                Entry::Occupied(_) => errors.push(DagError::DuplicateName {
                     index: i,
                     name: name.as_ref().to_owned(),
-                });
-            } else {
-                index.insert(name.as_ref(), i as u32);
+                }),
+                Entry::Vacant(slot) => {
+                    slot.insert(i as u32);
+                }
             }
         }
         let mut deps = vec![Vec::new(); names.len()];
