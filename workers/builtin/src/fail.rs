@@ -48,12 +48,7 @@ fn parse(params: &Value) -> Result<FailParams, ValidationError> {
             "must be an object with at least one of times, permanent, panic",
         ));
     };
-    if let Some(key) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(ValidationError::new(
-            format!("params.{key}"),
-            format!("unknown field; expected one of {}", KEYS.join(", ")),
-        ));
-    }
+    crate::reject_unknown_fields(obj, &KEYS)?;
     if !["times", "permanent", "panic"]
         .iter()
         .any(|k| obj.contains_key(*k))

@@ -39,6 +39,25 @@ pub fn registry() -> Registry {
         .with(Shell)
 }
 
+/// Refuse a params field outside `known`, naming it (`params.<key>`): a
+/// misspelt field is an error at submission, not quietly ignored.
+pub(crate) fn reject_unknown_fields(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    known: &[&str],
+) -> Result<(), conveyor_handler::ValidationError> {
+    let Some(key) = obj.keys().find(|k| !known.contains(&k.as_str())) else {
+        return Ok(());
+    };
+    let expected = match known {
+        [only] => format!("expected only {only}"),
+        _ => format!("expected one of {}", known.join(", ")),
+    };
+    Err(conveyor_handler::ValidationError::new(
+        format!("params.{key}"),
+        format!("unknown field; {expected}"),
+    ))
+}
+
 /// A task context for unit tests.
 #[cfg(test)]
 pub(crate) fn test_ctx(attempt: u32) -> conveyor_handler::TaskContext {

@@ -132,12 +132,7 @@ fn parse(params: &Value) -> Result<ShellParams, ValidationError> {
             "must be an object like {\"command\": \"prog\", \"args\": [\"arg\"]}",
         ));
     };
-    if let Some(key) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(ValidationError::new(
-            format!("params.{key}"),
-            format!("unknown field; expected one of {}", KEYS.join(", ")),
-        ));
-    }
+    crate::reject_unknown_fields(obj, &KEYS)?;
     let command = parse_command(obj)?;
     let args = parse_args(obj)?;
     let env = parse_env(obj)?;

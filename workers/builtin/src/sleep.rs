@@ -27,12 +27,7 @@ fn parse_ms(params: &Value) -> Result<u64, ValidationError> {
             "must be an object like {\"ms\": 1000}",
         ));
     };
-    if let Some(key) = obj.keys().find(|k| k.as_str() != "ms") {
-        return Err(ValidationError::new(
-            format!("params.{key}"),
-            "unknown field; expected only ms",
-        ));
-    }
+    crate::reject_unknown_fields(obj, &["ms"])?;
     let Some(ms) = obj.get("ms") else {
         return Err(ValidationError::new(
             "params.ms",
