@@ -290,22 +290,14 @@ impl JobIntake {
                 more_errors += 1;
             }
         };
-        // Each task's first graph error; empty (no allocation) for a valid
-        // graph, the usual case.
-        let mut task_dag_errors: Vec<Option<String>> = Vec::new();
-        if !dag_errors.is_empty() {
-            task_dag_errors.resize(n, None);
+        // The graph's errors come in task order (DagErrors): the job's (a
+        // cycle) are noted now, each task's first at its turn below.
+        let (job_dag_errors, task_dag_errors): (Vec<_>, Vec<_>) =
+            dag_errors.into_iter().partition(|e| e.task().is_none());
+        for e in job_dag_errors {
+            note(e.to_string());
         }
-        for e in dag_errors {
-            match e.task() {
-                None => note(e.to_string()),
-                Some(i) => {
-                    if let Some(slot @ None) = task_dag_errors.get_mut(i) {
-                        *slot = Some(e.to_string());
-                    }
-                }
-            }
-        }
+        let mut task_dag_errors = task_dag_errors.into_iter().peekable();
         let mut tasks = Vec::with_capacity(n);
         for (i, (task, (deps, dependents))) in spec
             .tasks
@@ -313,8 +305,12 @@ impl JobIntake {
             .zip(deps.into_iter().zip(dependents))
             .enumerate()
         {
-            if let Some(error) = task_dag_errors.get_mut(i).and_then(Option::take) {
-                note(error);
+            let mut graph_error = None;
+            while let Some(e) = task_dag_errors.next_if(|e| e.task() == Some(i)) {
+                graph_error.get_or_insert(e);
+            }
+            if let Some(e) = graph_error {
+                note(e.to_string());
                 continue;
             }
             match self.plan_task(i, task, deps, dependents) {
@@ -723,6 +719,15 @@ mod tests {
                 "and 1 more tasks"
             ]
         );
+        // A task's first graph error stands for all of its own.
+        let err = rejected(json!({"requestor": "me", "tasks": [
+            {"name": "a", "handler": "noop", "after": ["x", "y"]},
+            {"name": "b", "handler": "sleep", "params": {"ms": -1}}
+        ]}));
+        let listed: Vec<&str> = err.split("; ").collect();
+        assert_eq!(listed.len(), 2, "{err}");
+        assert_eq!(listed[0], "tasks[0].after[0]: unknown task \"x\"");
+        assert!(listed[1].starts_with("tasks[1] (b).params.ms: "), "{err}");
         // A cycle is the job's: named first, with the tasks' own errors.
         let err = rejected(json!({"requestor": "me", "tasks": [
             {"name": "a", "handler": "noop", "after": ["b"]},
