@@ -4,6 +4,7 @@
 mod bench;
 mod dev;
 mod dispatcher;
+mod follow;
 mod job_file;
 mod list;
 mod queues;

@@ -7,19 +7,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
-use conveyor::broker::{Broker, Outgoing};
 use conveyor::config::Config;
 use conveyor::embedded::{Embedded, EmbeddedOptions};
-use conveyor::model::JobState;
-use conveyor::names::Names;
+use conveyor::model::{JobState, TaskState};
 use conveyor::store::Store;
 
 use super::stalls::Stalls;
-use super::when;
+use super::{follow, status, when};
 
 /// Run options.
 #[derive(Debug, clap::Args)]
@@ -49,7 +45,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         .follow
         .map_err(|why| anyhow::anyhow!("cannot run {}: {why}", args.file.display()))?;
     let body = file.body;
-    let deadline = Duration::from_secs(args.timeout_s);
+    let within = Duration::from_secs(args.timeout_s);
     match (args.amqp_url, args.redis_url) {
         (None, None) => {
             eprintln!(
@@ -66,23 +62,17 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
             )
             .await?;
             embedded.submit(body).await?;
-            let result = follow(embedded.store(), None, &id, deadline, args.json).await;
+            let result =
+                show_until_finished(&*embedded.store(), None, &id, within, args.json).await;
             embedded.shutdown().await?;
             result
         }
         (Some(amqp), Some(redis)) => {
             config.amqp_url = amqp;
             config.redis_url = redis;
-            let broker = Arc::new(super::broker(&config).await?);
-            let names = Names::new(&config.prefix);
-            broker.declare(&[]).await?;
-            broker
-                .publish(vec![Outgoing::durable(names.submit_queue(), body)])
-                .await
-                .context("publishing the job")?;
-            let store = Arc::new(super::store(&config).await?);
-            let stalls = Stalls::new(broker, names);
-            follow(store, Some(stalls), &id, deadline, args.json).await
+            let stalls = follow::publish(&config, body).await?;
+            let store = super::store(&config).await?;
+            show_until_finished(&store, Some(stalls), &id, within, args.json).await
         }
         _ => {
             anyhow::bail!("--amqp-url and --redis-url go together (or neither, to run in-process)")
@@ -90,79 +80,46 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-const FOLLOW_PAUSE_MIN: Duration = Duration::from_millis(20);
-const FOLLOW_PAUSE_MAX: Duration = Duration::from_millis(250);
-
-/// Print history as it happens until the job is terminal; then the result.
-/// With `stalls` (a deployment), note queues the job waits in that nothing
-/// consumes.
-async fn follow(
-    store: Arc<dyn Store>,
-    mut stalls: Option<Stalls>,
+/// Print each transition as it happens (on stderr, stdout being the
+/// result's) until the job is finished; then its result.
+async fn show_until_finished(
+    store: &dyn Store,
+    stalls: Option<Stalls>,
     id: &str,
     within: Duration,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
-    let mut seen = 0;
-    // Each look reads the whole status: look often while the job moves,
-    // less often (up to 4 times a second) while it does not, so a long
-    // task of a big job is not re-read 50 times a second.
-    let mut pause = FOLLOW_PAUSE_MIN;
-    loop {
-        let status = store.job(id).await?;
-        if let Some(stalls) = stalls.as_mut() {
-            stalls.look(status.as_ref()).await;
+    let status = follow::until_finished(store, stalls, id, within, |status, seen| {
+        for h in status.history.iter().skip(seen) {
+            // The transition's own time, as `status` shows it: the moment
+            // a read saw it would bunch a poll's worth together.
+            eprintln!(
+                "[{:>9}] {}",
+                when::offset(h.at, status.created_ms),
+                status::transition(h)
+            );
         }
-        if let Some(status) = status {
-            for h in status.history.iter().skip(seen) {
-                // The transition's own time, as `status` shows it: the
-                // moment this loop saw it would bunch a poll's worth
-                // together.
-                eprintln!(
-                    "[{:>9}] {:<16} {:>10} -> {:<10} {}",
-                    when::offset(h.at, status.created_ms),
-                    h.task.as_deref().unwrap_or("(job)"),
-                    h.from.as_deref().unwrap_or("-"),
-                    h.to,
-                    h.reason
-                );
-            }
-            pause = if status.history.len() > seen {
-                FOLLOW_PAUSE_MIN
-            } else {
-                (pause * 2).min(FOLLOW_PAUSE_MAX)
-            };
-            seen = status.history.len();
-            if status.state.is_terminal() {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
-                } else {
-                    println!();
-                    println!("job {} {}", status.id, status.state);
-                    if let Some(e) = &status.error {
-                        println!("error: {e}");
-                    }
-                    for (name, t) in &status.tasks {
-                        match (&t.state, &t.error) {
-                            (conveyor::model::TaskState::Succeeded, _) => {
-                                println!("  {name}: {}", t.result)
-                            }
-                            (state, Some(e)) => println!("  {name}: {state}: {e}"),
-                            (state, None) => println!("  {name}: {state}"),
-                        }
-                    }
-                }
-                return Ok(if status.state == JobState::Succeeded {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!();
+        println!("job {} {}", status.id, status.state);
+        if let Some(e) = &status.error {
+            println!("error: {e}");
+        }
+        for (name, t) in &status.tasks {
+            match (&t.state, &t.error) {
+                (TaskState::Succeeded, _) => println!("  {name}: {}", t.result),
+                (state, Some(e)) => println!("  {name}: {state}: {e}"),
+                (state, None) => println!("  {name}: {state}"),
             }
         }
-        if started.elapsed() > within {
-            anyhow::bail!("job {id} did not finish within {}s", within.as_secs());
-        }
-        tokio::time::sleep(pause).await;
     }
+    Ok(if status.state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

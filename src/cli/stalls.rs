@@ -22,6 +22,11 @@ use tokio::time::Instant;
 /// its job waits in.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a waiting command lets processes that may be starting beside
+/// it begin to consume before its first look (see
+/// [`Stalls::first_look_after`]).
+pub const STARTING_GRACE: Duration = Duration::from_secs(1);
+
 /// The queues a followed job waits in, and which were noted.
 pub struct Stalls {
     broker: Arc<dyn Broker>,
@@ -40,13 +45,29 @@ impl Stalls {
         }
     }
 
+    /// Make the first look wait `grace` from now: a command that will keep
+    /// waiting gives a dispatcher or worker started just before it (as in a
+    /// script that starts all three at once) the moment it takes to
+    /// consume, rather than note a queue that is about to be served.
+    pub fn first_look_after(&mut self, grace: Duration) {
+        self.next_look = self.next_look.max(Instant::now() + grace);
+    }
+
     /// Look now (if it is time) at the queues the job waits in: the submit
     /// queue while it is not recorded (`status` is `None`), else the
     /// queues of its ready tasks; note those no process consumes.
     pub async fn look(&mut self, status: Option<&JobStatus>) {
+        for note in self.notes(status).await {
+            eprintln!("{note}");
+        }
+    }
+
+    /// The notes [`Stalls::look`] prints: none unless it is time to look,
+    /// and none for a queue noted before.
+    async fn notes(&mut self, status: Option<&JobStatus>) -> Vec<String> {
         let now = Instant::now();
         if now < self.next_look {
-            return;
+            return Vec::new();
         }
         self.next_look = now + LOOK_EVERY;
         let waiting: Vec<(String, Option<(&str, &str)>)> = match status {
@@ -69,19 +90,21 @@ impl Stalls {
             .filter(|q| !self.noted.contains(q))
             .collect();
         if queues.is_empty() {
-            return;
+            return Vec::new();
         }
         // Cannot tell: say nothing rather than something wrong.
         let Ok(stats) = self.broker.queue_stats(&queues).await else {
-            return;
+            return Vec::new();
         };
+        let mut notes = Vec::new();
         for (queue, task) in waiting {
             let consumed = stats.iter().any(|s| s.queue == queue && s.consumers > 0);
             if consumed || !self.noted.insert(queue.clone()) {
                 continue;
             }
-            eprintln!("{}", note(&queue, self.names.prefix(), task));
+            notes.push(note(&queue, self.names.prefix(), task));
         }
+        notes
     }
 }
 
@@ -102,8 +125,40 @@ fn note(queue: &str, prefix: &str, task: Option<(&str, &str)>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use conveyor::broker::memory::MemoryBroker;
+
+    /// Stalls of prefix `p` on an in-process broker where the submit queue
+    /// is declared and nothing consumes it.
+    async fn unconsumed_submit_queue() -> Stalls {
+        let names = Names::new("p");
+        let broker = MemoryBroker::reliable(names.clone());
+        broker.declare(&[]).await.unwrap();
+        Stalls::new(Arc::new(broker), names)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_nothing_consumes_is_noted_at_the_first_look_and_only_once() {
+        let mut stalls = unconsumed_submit_queue().await;
+        let notes = stalls.notes(None).await;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("note: nothing consumes p.submit now"));
+        tokio::time::advance(LOOK_EVERY).await;
+        assert_eq!(stalls.notes(None).await, Vec::<String>::new());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_command_gives_starting_processes_a_grace_before_its_first_look() {
+        let mut stalls = unconsumed_submit_queue().await;
+        stalls.first_look_after(STARTING_GRACE);
+        assert!(stalls.notes(None).await.is_empty());
+        tokio::time::advance(STARTING_GRACE - Duration::from_millis(1)).await;
+        assert!(stalls.notes(None).await.is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(stalls.notes(None).await.len(), 1);
+    }
 
     #[test]
     fn the_notes_name_the_queue_and_what_would_consume_it() {

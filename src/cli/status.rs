@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use conveyor::config::Config;
-use conveyor::store::{JobStatus, Store};
+use conveyor::store::{HistoryEntry, JobStatus, Store};
 
 use super::when;
 
@@ -89,13 +89,22 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
     println!("history (time since created):");
     for h in &status.history {
         println!(
-            "  {:>10}  {:<16} {:>10} -> {:<10} {}",
+            "  {:>10}  {}",
             when::offset(h.at, status.created_ms),
-            h.task.as_deref().unwrap_or("(job)"),
-            h.from.as_deref().unwrap_or("-"),
-            h.to,
-            h.reason
+            transition(h)
         );
     }
     Ok(())
+}
+
+/// One history entry without its time: task, from, to and reason in
+/// columns (the job's own entries name no task).
+pub fn transition(h: &HistoryEntry) -> String {
+    format!(
+        "{:<16} {:>10} -> {:<10} {}",
+        h.task.as_deref().unwrap_or("(job)"),
+        h.from.as_deref().unwrap_or("-"),
+        h.to,
+        h.reason
+    )
 }

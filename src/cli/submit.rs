@@ -3,17 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use conveyor::broker::{Broker, Outgoing};
 use conveyor::config::Config;
 use conveyor::model::JobState;
-use conveyor::names::Names;
-use conveyor::store::Store;
 
-use super::stalls::Stalls;
+use super::follow;
 
 /// Submit options.
 #[derive(Debug, clap::Args)]
@@ -33,13 +28,7 @@ pub struct Args {
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let file = super::job_file::read(&args.file, &config)?;
-    let broker = Arc::new(super::broker(&config).await?);
-    let names = Names::new(&config.prefix);
-    broker.declare(&[]).await?;
-    broker
-        .publish(vec![Outgoing::durable(names.submit_queue(), file.body)])
-        .await
-        .context("publishing the job")?;
+    let mut stalls = follow::publish(&config, file.body).await?;
     let id = match file.follow {
         Ok(id) => id,
         Err(why) => {
@@ -48,32 +37,18 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     println!("{id}");
-    let mut stalls = Stalls::new(broker, names);
-    stalls.look(None).await;
     if !args.wait {
+        // The one chance to say that nothing will take the job.
+        stalls.look(None).await;
         return Ok(ExitCode::SUCCESS);
     }
     let store = super::store(&config).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
-    loop {
-        let status = store.job(&id).await?;
-        stalls.look(status.as_ref()).await;
-        if let Some(status) = status
-            && status.state.is_terminal()
-        {
-            super::status::print(&status, args.json)?;
-            return Ok(if status.state == JobState::Succeeded {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "job {id} did not finish within {}s (is a dispatcher and a worker running?)",
-                args.timeout_s
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let within = Duration::from_secs(args.timeout_s);
+    let status = follow::until_finished(&store, Some(stalls), &id, within, |_, _| {}).await?;
+    super::status::print(&status, args.json)?;
+    Ok(if status.state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -1,0 +1,147 @@
+//! Publishing a job file the way any client does, and following the job in
+//! the store until it finishes: shared by `submit --wait` and `run` (in
+//! process or against a deployment), which differ only in what they print
+//! on the way and at the end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use conveyor::broker::{Broker, Outgoing};
+use conveyor::config::Config;
+use conveyor::names::Names;
+use conveyor::store::{JobStatus, Store};
+use tokio::time::Instant;
+
+use super::stalls::{STARTING_GRACE, Stalls};
+
+/// Publish `body` to the deployment's submit queue (persistent, through
+/// the default exchange) and hand back the broker as the [`Stalls`] that
+/// will explain any wait that follows.
+pub async fn publish(config: &Config, body: Vec<u8>) -> anyhow::Result<Stalls> {
+    let broker = Arc::new(super::broker(config).await?);
+    let names = Names::new(&config.prefix);
+    broker.declare(&[]).await?;
+    broker
+        .publish(vec![Outgoing::durable(names.submit_queue(), body)])
+        .await
+        .context("publishing the job")?;
+    Ok(Stalls::new(broker, names))
+}
+
+const PAUSE_MIN: Duration = Duration::from_millis(20);
+const PAUSE_MAX: Duration = Duration::from_millis(250);
+
+/// Read the job `id` until it is finished, and return its final status.
+/// `moved` sees each status read whose history grew, with how many of its
+/// entries it saw before. With `stalls` (a deployment), queues the job
+/// waits in that nothing consumes are noted on stderr, from
+/// [`STARTING_GRACE`] on. Gives up after `within`.
+pub async fn until_finished(
+    store: &dyn Store,
+    mut stalls: Option<Stalls>,
+    id: &str,
+    within: Duration,
+    mut moved: impl FnMut(&JobStatus, usize),
+) -> anyhow::Result<JobStatus> {
+    let deadline = Instant::now() + within;
+    if let Some(stalls) = stalls.as_mut() {
+        stalls.first_look_after(STARTING_GRACE);
+    }
+    let mut seen = 0;
+    // Each look reads the whole status: look often while the job moves,
+    // less often (up to 4 times a second) while it does not, so a long
+    // task of a big job is not re-read 50 times a second.
+    let mut pause = PAUSE_MIN;
+    loop {
+        let status = store.job(id).await?;
+        if let Some(stalls) = stalls.as_mut() {
+            stalls.look(status.as_ref()).await;
+        }
+        pause = (pause * 2).min(PAUSE_MAX);
+        if let Some(status) = status {
+            if status.history.len() > seen {
+                moved(&status, seen);
+                seen = status.history.len();
+                pause = PAUSE_MIN;
+            }
+            if status.state.is_terminal() {
+                return Ok(status);
+            }
+        }
+        if Instant::now() >= deadline {
+            let hint = if stalls.is_some() {
+                " (`conveyor queues` shows which queues have consumers)"
+            } else {
+                ""
+            };
+            anyhow::bail!("job {id} did not finish within {}s{hint}", within.as_secs());
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use conveyor::embedded::{Embedded, EmbeddedOptions};
+    use conveyor::model::JobState;
+    use conveyor::store::HistoryEntry;
+    use serde_json::json;
+
+    /// A whole Conveyor in this process, with the built-in handlers.
+    async fn embedded() -> Embedded {
+        Embedded::start(
+            &Config::default(),
+            conveyor_builtin_handlers::registry(),
+            EmbeddedOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_job_is_returned_and_each_transition_is_seen_once_in_order() {
+        let embedded = embedded().await;
+        let job = json!({"id": "chain", "requestor": "r", "tasks": [
+            {"name": "first", "handler": "sleep", "params": {"ms": 50}},
+            {"name": "second", "handler": "noop", "after": ["first"]}]});
+        embedded
+            .submit(serde_json::to_vec(&job).unwrap())
+            .await
+            .unwrap();
+        let mut shown: Vec<HistoryEntry> = Vec::new();
+        let status = until_finished(
+            &*embedded.store(),
+            None,
+            "chain",
+            Duration::from_secs(30),
+            |status, seen| shown.extend(status.history[seen..].iter().cloned()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status.state, JobState::Succeeded);
+        assert_eq!(shown, status.history);
+        embedded.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_does_not_finish_is_given_up_naming_it() {
+        let embedded = embedded().await;
+        let err = until_finished(
+            &*embedded.store(),
+            None,
+            "never-submitted",
+            Duration::from_millis(100),
+            |_, _| panic!("a job never submitted has no history"),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "job never-submitted did not finish within 0s"
+        );
+        embedded.shutdown().await.unwrap();
+    }
+}
