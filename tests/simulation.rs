@@ -485,9 +485,9 @@ impl Store for Partition {
         let _call = self.enter()?;
         self.inner.forget_retries(e).await
     }
-    async fn next_retry_in(&self) -> Result<Option<Duration>, StoreError> {
+    async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError> {
         let _call = self.enter()?;
-        self.inner.next_retry_in().await
+        self.inner.next_retry_in(skip).await
     }
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
         let _call = self.enter()?;

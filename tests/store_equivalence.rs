@@ -905,6 +905,52 @@ async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_of
     common::cleanup(&config).await;
 }
 
+/// When the next retry falls due is read past the earliest ones the sweep
+/// skips (those it could not publish): the `skip`th retry in due order,
+/// the same on both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_retry_is_read_past_the_earliest_ones_skipped() {
+    let config = common::test_config(&common::unique_prefix("nextretry"));
+    let stores = side_by_side(&config).await;
+    for (name, store) in stores {
+        assert_eq!(store.next_retry_in(0).await.unwrap(), None, "{name}");
+        let delays = [LATER_MS, 0, LATER_MS / 2];
+        for (i, delay) in delays.into_iter().enumerate() {
+            let id = format!("r{i}");
+            create_noop_job(store.as_ref(), &id).await;
+            let claimed = claim_first_attempt(store.as_ref(), &id).await;
+            let result = AttemptResult::Retry {
+                error: "transient".into(),
+                delay: Duration::from_millis(delay),
+            };
+            store.complete(&claimed.claim, "w", &result).await.unwrap();
+        }
+        let due_in = |skip| {
+            let store = store.clone();
+            async move {
+                store
+                    .next_retry_in(skip)
+                    .await
+                    .unwrap()
+                    .map(|d| d.as_millis() as u64)
+            }
+        };
+        assert_eq!(due_in(0).await, Some(0), "{name}: due now, skip none");
+        let second = due_in(1).await.unwrap();
+        assert!(
+            (LATER_MS / 2 - 60_000..=LATER_MS / 2).contains(&second),
+            "{name}: past the one due now, the half-hour one: {second} ms"
+        );
+        let third = due_in(2).await.unwrap();
+        assert!(
+            (LATER_MS - 60_000..=LATER_MS).contains(&third),
+            "{name}: then the hour one: {third} ms"
+        );
+        assert_eq!(due_in(3).await, None, "{name}: none past all three");
+    }
+    common::cleanup(&config).await;
+}
+
 /// A task the sweep offers again at the same attempt (here: handed back,
 /// its lease entry left for the sweep) can be claimed between the sweep's
 /// read and its forget of the entry. The claim owns the entry then: the
@@ -1051,14 +1097,14 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
     );
     // The sweep an hour behind reads when it falls due by Redis's clock
     // too (to wake for it rather than at its next pass).
-    let next = sweep.next_retry_in().await.unwrap();
+    let next = sweep.next_retry_in(0).await.unwrap();
     assert!(
         next.is_some_and(|n| !n.is_zero() && n <= delay + Duration::from_millis(50)),
         "the retry is due in {next:?} by the sweep's reading, not about {delay:?}"
     );
     tokio::time::sleep(delay + Duration::from_millis(200)).await;
     assert_eq!(
-        sweep.next_retry_in().await.unwrap(),
+        sweep.next_retry_in(0).await.unwrap(),
         Some(Duration::ZERO),
         "past due"
     );
@@ -1076,6 +1122,6 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
     );
     let entries: Vec<String> = promoted.into_iter().map(|a| a.entry).collect();
     sweep.forget_retries(&entries).await.unwrap();
-    assert_eq!(sweep.next_retry_in().await.unwrap(), None, "none left");
+    assert_eq!(sweep.next_retry_in(0).await.unwrap(), None, "none left");
     common::cleanup(&config).await;
 }

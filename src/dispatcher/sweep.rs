@@ -25,7 +25,10 @@
 //!
 //! Entries are handled independently: one whose messages cannot be
 //! published (a queue that cannot be declared, a nack) is logged and left
-//! for the next pass, and the pass goes on with the others. Only a broker
+//! for the next regular pass, and the pass goes on with the others; the
+//! loop then looks past the retries left so for the next one to wake for,
+//! so a stuck retry neither holds the others back nor is tried at every
+//! look. Only a broker
 //! or store that is unreachable ends a pass early: every other call would
 //! fail alike.
 
@@ -74,10 +77,13 @@ struct SweepLoop {
     /// Lapsed leases are not reclaimed before this (after an outage, or
     /// the dispatcher's start).
     reclaim_from: Option<tokio::time::Instant>,
-    /// The last pass left a retry due (one it could not publish, or it
-    /// ended early): a due retry seen after it may be that one, which the
-    /// regular pass tries again, so it does not bring the pass forward.
-    retry_left_due: bool,
+    /// How many retries the last pass left due because their messages
+    /// could not be published: the earliest in the schedule, tried again
+    /// by the regular passes, so the loop looks past them for the next
+    /// retry to wake for. `None` when the last pass ended before it had
+    /// seen every due retry: then a due retry may be one it left, and
+    /// none brings the pass forward.
+    retries_left: Option<usize>,
 }
 
 impl SweepLoop {
@@ -86,7 +92,7 @@ impl SweepLoop {
         SweepLoop {
             store_down: false,
             reclaim_from: Some(tokio::time::Instant::now() + RECLAIM_GRACE),
-            retry_left_due: false,
+            retries_left: Some(0),
         }
     }
 }
@@ -105,10 +111,11 @@ enum Schedule {
 struct Swept {
     /// Entries acted on: their messages confirmed, the entries forgotten.
     done: usize,
-    /// Due entries left for the next pass (their messages could not be
-    /// published, or too many failed to go on): of the retries schedule,
-    /// for a whole pass.
-    left: usize,
+    /// Due entries left for the next pass because their messages could
+    /// not be published; `None` when it stopped (too many failed) before
+    /// it had seen every due entry. Of the retries schedule, for a whole
+    /// pass.
+    left: Option<usize>,
 }
 
 /// What publishing one batch of sweep actions did.
@@ -150,9 +157,11 @@ impl Dispatcher {
     /// The next pass's time, `pass_at`, moved to when the earliest retry
     /// falls due (plus this dispatcher's [`retry_spread`]) if that is
     /// sooner, but not before [`MIN_PASS_GAP`] after the pass that started
-    /// at `last`. While the last pass left a retry due, a due retry may be
-    /// that one: the regular passes try it again (as they do every failed
-    /// entry), and a due retry does not bring them forward.
+    /// at `last`. The retries the last pass could not publish are the
+    /// earliest, still due: the regular passes try them again (as they do
+    /// every failed entry), and the loop looks past them. When the last
+    /// pass ended early it cannot tell them from others, and a due retry
+    /// does not bring the pass forward.
     async fn sooner_for_retry(
         &self,
         state: &SweepLoop,
@@ -162,7 +171,8 @@ impl Dispatcher {
         if state.store_down {
             return pass_at;
         }
-        let due_in = match self.store.next_retry_in().await {
+        let skip = state.retries_left.unwrap_or(0);
+        let due_in = match self.store.next_retry_in(skip).await {
             Ok(due_in) => due_in,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read when the next retry is due; sweeping at the regular time");
@@ -172,7 +182,7 @@ impl Dispatcher {
         let Some(due_in) = due_in else {
             return pass_at;
         };
-        if due_in.is_zero() && state.retry_left_due {
+        if due_in.is_zero() && state.retries_left.is_none() {
             return pass_at;
         }
         let now = tokio::time::Instant::now();
@@ -209,10 +219,10 @@ impl Dispatcher {
             }
         };
         // A pass that ends early may leave retries due.
-        state.retry_left_due = true;
+        state.retries_left = None;
         match self.sweep_pass(leases).await {
             Ok(swept) => {
-                state.retry_left_due = swept.left > 0;
+                state.retries_left = swept.left;
                 if swept.done > 0 {
                     tracing::debug!(actions = swept.done, "sweep");
                 }
@@ -233,8 +243,8 @@ impl Dispatcher {
         Ok(self.sweep_pass(true).await?.done)
     }
 
-    /// A pass: due retries, then lapsed leases if `leases`. `left` counts
-    /// the retries left due only.
+    /// A pass: due retries, then lapsed leases if `leases`. `left` is of
+    /// the retries only.
     async fn sweep_pass(&self, leases: bool) -> Result<Swept, SweepError> {
         let retries = self.sweep_schedule(Schedule::Retries).await?;
         if !leases {
@@ -272,6 +282,7 @@ impl Dispatcher {
     async fn sweep_schedule(&self, schedule: Schedule) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
         let mut total = 0;
+        let mut seen_all = true;
         loop {
             let limit = SWEEP_BATCH + failed.len();
             let actions = self.due(schedule, limit).await?;
@@ -296,12 +307,13 @@ impl Dispatcher {
                     failed = failed.len(),
                     "many sweep entries failed; the rest wait for the next sweep"
                 );
+                seen_all = false;
                 break;
             }
         }
         Ok(Swept {
             done: total,
-            left: failed.len(),
+            left: seen_all.then_some(failed.len()),
         })
     }
 
@@ -664,16 +676,14 @@ mod tests {
         assert!(seen[0].0 >= 3 * interval && seen[0].0 <= 3 * interval + Duration::from_millis(2));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_retry_falling_due_between_passes_is_promoted_when_due_not_at_the_next_pass() {
-        let s = setup();
+    /// Run the sweep loop of `s` for three intervals and check that the
+    /// retry of job "r", due `due` after the start, is promoted once, when
+    /// due (plus the spread): not at the regular pass after.
+    async fn promoted_when_due(s: &Setup, due: Duration) {
         let interval = s.dispatcher.options.sweep_interval;
         let spread = retry_spread(&s.dispatcher.options.id, interval);
         assert!(spread <= MAX_RETRY_SPREAD.min(interval / 10));
-        // Due 1.3 intervals from now: the pass at 1 interval sees it.
-        let due = interval * 13 / 10;
-        s.retrying_in("r", "default", due).await;
-        let seen = sweep_until(&s, 3 * interval, "default").await;
+        let seen = sweep_until(s, 3 * interval, "default").await;
         assert_eq!(seen.len(), 1, "{seen:?}");
         let (at, job) = &seen[0];
         assert_eq!(job, "r");
@@ -682,6 +692,33 @@ mod tests {
             "promoted at {at:?}, due at {due:?} (+{spread:?}); the regular pass was at {:?}",
             2 * interval
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_cannot_be_published_does_not_hold_back_the_others() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        s.retrying_in("stuck", "stuck", Duration::ZERO).await;
+        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        // Due 1.3 intervals from now, behind the stuck one.
+        let due = interval * 13 / 10;
+        s.retrying_in("r", "default", due).await;
+        promoted_when_due(&s, due).await;
+        // Passes at 0, 1 and 2 intervals and the one for "r", each trying
+        // the stuck retry's batch and then the entry alone.
+        let nacked = s.broker.nacked.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(nacked, 8, "four passes");
+        assert!(s.queued_jobs("stuck").await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_falling_due_between_passes_is_promoted_when_due_not_at_the_next_pass() {
+        let s = setup();
+        let interval = s.dispatcher.options.sweep_interval;
+        // Due 1.3 intervals from now: the pass at 1 interval sees it.
+        let due = interval * 13 / 10;
+        s.retrying_in("r", "default", due).await;
+        promoted_when_due(&s, due).await;
     }
 
     #[tokio::test(start_paused = true)]

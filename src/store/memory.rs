@@ -189,9 +189,9 @@ impl ScoredSet {
             .collect()
     }
 
-    /// The lowest score, if any member.
-    fn first_score(&self) -> Option<u64> {
-        self.order.first().map(|(s, _)| *s)
+    /// The score of the member after the `skip` lowest, if any.
+    fn score_after(&self, skip: usize) -> Option<u64> {
+        self.order.iter().nth(skip).map(|(s, _)| *s)
     }
 
     fn rebuild(&mut self) {
@@ -612,14 +612,14 @@ impl Store for MemoryStore {
             .await
     }
 
-    async fn next_retry_in(&self) -> Result<Option<Duration>, StoreError> {
+    async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError> {
         self.yields
             .after(|| {
                 let now = self.clock.now_ms();
                 let state = self.lock()?;
                 Ok(state
                     .retries
-                    .first_score()
+                    .score_after(skip)
                     .map(|due| Duration::from_millis(due.saturating_sub(now))))
             })
             .await

@@ -471,11 +471,14 @@ pub trait Store: Send + Sync + 'static {
     /// Forget retry entries whose messages are confirmed.
     async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError>;
 
-    /// How long until the earliest scheduled retry is due, by the clock
-    /// the schedule is scored with (zero when one is due already); `None`
-    /// when none is scheduled. The sweep wakes for it rather than at its
-    /// next pass, so a retry starts when its status says it will.
-    async fn next_retry_in(&self) -> Result<Option<Duration>, StoreError>;
+    /// How long until the earliest scheduled retry after the `skip`
+    /// earliest is due, by the clock the schedule is scored with (zero
+    /// when it is due already); `None` when there is no such retry. The
+    /// sweep wakes for it rather than at its next pass, so a retry starts
+    /// when its status says it will; it skips the retries its last pass
+    /// left due (their messages could not be published), which are the
+    /// earliest.
+    async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError>;
 
     /// Re-queue (or fail) tasks whose lease lapsed, and re-offer dependents
     /// of finished tasks whose follow-ups may not have been published.

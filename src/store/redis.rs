@@ -1937,12 +1937,12 @@ impl Store for RedisStore {
         self.forget_entries(self.names.retries(), entries).await
     }
 
-    async fn next_retry_in(&self) -> Result<Option<Duration>, StoreError> {
+    async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE")
             .arg(self.names.retries())
-            .arg(0)
-            .arg(0)
+            .arg(skip)
+            .arg(skip)
             .arg("WITHSCORES");
         let (first,): (Vec<(String, u64)>,) = self.run(&pipe).await?;
         Ok(first
