@@ -1263,6 +1263,8 @@ struct Run {
     /// Workers told to stop that stopped, and the tasks they handed back.
     stops: usize,
     hand_backs: usize,
+    /// Messages the broker refused (nacked).
+    refused: usize,
 }
 
 fn simulate(seed: u64) -> Result<Run, String> {
@@ -1295,10 +1297,21 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
     } else {
         50
     };
+    // Every fourth seed (others than the sweep's) also has the broker
+    // refuse a message now and then (a nack), to every publisher: the
+    // intake's ready tasks and replies, a worker's follow-ups, hand-backs
+    // and dead letters, the sweep's retries. Chosen by the seed, as above:
+    // a fault with no chance draws nothing from the broker's generator.
+    let refuse = if seed % 4 == 1 && !REGRESSION_SEEDS.contains(&seed) {
+        0.05
+    } else {
+        0.0
+    };
     let faults = FaultPlan {
         duplicate: 0.05,
         reorder: 0.1,
         publish_failure: 0.03,
+        refuse,
     };
     let lease_ms = config.worker.lease_ms;
     let mut sim = Sim::new(seed, config, faults).await;
@@ -1497,6 +1510,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         duplicate: 0.05,
         reorder: 0.1,
         publish_failure: 0.0,
+        refuse: 0.0,
     });
     let deadline = clock.now_ms() + 600_000;
     let mut dead: Vec<QueuedMessage> = Vec::new();
@@ -1641,6 +1655,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         crashes_inside_calls,
         stops: stopped_workers,
         hand_backs,
+        refused: broker.refused(),
     })
 }
 
@@ -1849,13 +1864,15 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     let inside = count(|r| r.crashes_inside_calls);
     let (stops, hand_backs) = (count(|r| r.stops), count(|r| r.hand_backs));
     let referring = count(|r| usize::from(r.referred_jobs > 0));
+    let refusing = count(|r| usize::from(r.refused > 0));
     eprintln!(
         "{} seeds: {audited} audited a restarted store, {lost} lost a claim; {lapses} lapsed \
          leases, each caused; {crashes} crashes, {inside} of them inside a store call; {stops} \
          workers stopped, handing back {hand_backs} tasks; {referring} had workers refer jobs \
-         ({} referrals)",
+         ({} referrals); {refusing} had the broker refuse messages ({} refused)",
         seeds.len(),
-        count(|r| r.referred_jobs)
+        count(|r| r.referred_jobs),
+        count(|r| r.refused)
     );
     if replay {
         // Seeds given one by one say nothing about how often the schedule
@@ -1889,6 +1906,13 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     assert!(
         referring * 8 >= seeds.len(),
         "only {referring} of {} seeds had a worker refer a job",
+        seeds.len()
+    );
+    // The broker refused messages in half or more of the seeds that have
+    // it do so (every fourth).
+    assert!(
+        refusing * 8 >= seeds.len(),
+        "only {refusing} of {} seeds had the broker refuse a message",
         seeds.len()
     );
     // Workers were stopped gracefully in most seeds, some with tasks past

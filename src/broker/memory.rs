@@ -58,6 +58,11 @@ pub struct FaultPlan {
     /// possibly none) and then fails with [`BrokerError::Unavailable`], as
     /// when confirms never arrive.
     pub publish_failure: f64,
+    /// A published message is refused (nacked) and not queued, as
+    /// RabbitMQ does for a queue at its length limit that rejects
+    /// publishes, or a quorum queue without a leader; the rest of its
+    /// batch is queued, and `publish` fails with [`BrokerError::Refused`].
+    pub refuse: f64,
 }
 
 /// A message waiting in a queue (or held by a consumer).
@@ -135,6 +140,8 @@ struct State {
     /// Queue -> the queue that also gets every message published to it
     /// (see [`MemoryBroker::tap`]).
     taps: BTreeMap<String, String>,
+    /// Messages refused so far (the `refuse` fault).
+    refused: usize,
 }
 
 #[derive(Default)]
@@ -295,6 +302,7 @@ impl MemoryBroker {
                     consumers: BTreeMap::new(),
                     next_id: 0,
                     taps: BTreeMap::new(),
+                    refused: 0,
                 }),
                 yields: YieldPoints::default(),
             }),
@@ -321,6 +329,12 @@ impl MemoryBroker {
     /// faults); the random sequence carries on.
     pub fn set_faults(&self, faults: FaultPlan) {
         self.shared.lock().faults = faults;
+    }
+
+    /// How many published messages were refused (the `refuse` fault) so
+    /// far.
+    pub fn refused(&self) -> usize {
+        self.shared.lock().refused
     }
 
     /// Create `name` if it does not exist (e.g. a client's reply queue).
@@ -444,6 +458,14 @@ impl Broker for MemoryBroker {
                                 reason: "returned: 312 NO_ROUTE".into(),
                             });
                         }
+                        continue;
+                    }
+                    if state.chance(faults.refuse) {
+                        state.refused += 1;
+                        first_error.get_or_insert(BrokerError::Refused {
+                            queue: msg.queue.clone(),
+                            reason: "simulated nack".into(),
+                        });
                         continue;
                     }
                     let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
@@ -1106,6 +1128,7 @@ mod tests {
             duplicate: 0.2,
             reorder: 0.2,
             publish_failure: 0.2,
+            refuse: 0.0,
         };
         let b = faulty(seed, faults).await;
         let mut confirmed = Vec::new();
@@ -1151,6 +1174,42 @@ mod tests {
         }
         b.set_faults(FaultPlan::default());
         publish(&b, &["fine"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_message_is_not_queued_and_the_rest_of_its_batch_is() {
+        let faults = FaultPlan {
+            refuse: 0.1,
+            ..FaultPlan::default()
+        };
+        let b = faulty(5, faults).await;
+        let mut refused = 0;
+        let mut queued_total = 0;
+        for batch in 0..20 {
+            let msgs: Vec<Outgoing> = (0..4).map(|i| msg(&format!("{batch}.{i}"))).collect();
+            let result = b.publish(msgs).await;
+            let queued = b.take_all(&q()).await.len();
+            queued_total += queued;
+            match result {
+                Ok(()) => assert_eq!(queued, 4),
+                Err(BrokerError::Refused { queue, .. }) => {
+                    assert_eq!(queue, q());
+                    assert!(queued < 4);
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            refused > 0 && refused < 20,
+            "{refused} of 20 batches refused"
+        );
+        assert_eq!(
+            b.refused() + queued_total,
+            80,
+            "each message queued or refused"
+        );
+        assert!(queued_total > 0, "some messages were queued");
     }
 
     #[tokio::test]
@@ -1215,6 +1274,7 @@ mod tests {
             duplicate: f64::NAN,
             reorder: 2.0,
             publish_failure: -1.0,
+            refuse: f64::NEG_INFINITY,
         };
         let b = MemoryBroker::new(names(), 0, faults);
         let rt = tokio::runtime::Builder::new_current_thread()
