@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::broker::{Broker, Delivery, Outgoing, Subscription};
+use crate::broker::{Broker, BrokerError, Delivery, Outgoing, Subscription};
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 
@@ -243,8 +243,29 @@ pub async fn copy_then_ack(
     deliveries: Vec<Delivery>,
     queue: Option<&str>,
 ) -> bool {
+    match try_copy_then_ack(broker, deliveries, queue).await {
+        Ok(()) => true,
+        Err((deliveries, e)) => {
+            tracing::warn!(error = %e, "publishing copies of deliveries failed; requeueing the originals");
+            for d in deliveries {
+                if let Err(e) = d.acker.requeue().await {
+                    tracing::debug!(error = %e, "a delivery returns with its channel instead");
+                }
+            }
+            false
+        }
+    }
+}
+
+/// [`copy_then_ack`], but if the publish fails the originals, unsettled,
+/// come back to the caller with the error, to settle as it sees fit.
+pub async fn try_copy_then_ack(
+    broker: &dyn Broker,
+    deliveries: Vec<Delivery>,
+    queue: Option<&str>,
+) -> Result<(), (Vec<Delivery>, BrokerError)> {
     if deliveries.is_empty() {
-        return true;
+        return Ok(());
     }
     let copies = deliveries
         .iter()
@@ -253,20 +274,15 @@ pub async fn copy_then_ack(
             ..Outgoing::durable(queue.unwrap_or(&d.queue).to_owned(), d.body.clone())
         })
         .collect();
-    let published = broker.publish(copies).await;
-    if let Err(e) = &published {
-        tracing::warn!(error = %e, "publishing copies of deliveries failed; requeueing the originals");
+    if let Err(e) = broker.publish(copies).await {
+        return Err((deliveries, e));
     }
     for d in deliveries {
-        let settled = match published {
-            Ok(()) => d.acker.ack().await,
-            Err(_) => d.acker.requeue().await,
-        };
-        if let Err(e) = settled {
+        if let Err(e) = d.acker.ack().await {
             tracing::debug!(error = %e, "a delivery returns with its channel instead");
         }
     }
-    published.is_ok()
+    Ok(())
 }
 
 #[cfg(test)]

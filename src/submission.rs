@@ -37,14 +37,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{Delivery, Outgoing, Properties};
-use crate::consumer::{copy_then_ack, give_back};
+use crate::broker::{BrokerError, Delivery, Outgoing, Properties};
+use crate::consumer::{give_back, try_copy_then_ack};
 use crate::health::Health;
 use crate::intake::{Intake, JobIntake, MAX_ERROR_BYTES};
 use crate::model::{JobState, SubmitReply};
 use crate::outbox::Outbox;
 use crate::store::{ClaimOutcome, Claimed, Created, Store, StoreError};
 use crate::text::capped;
+
+/// How long a submission whose messages the broker refused waits before
+/// it goes back to its queue (see [`Submissions::retry_later`]).
+pub(crate) const BROKER_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 
 /// What handles submissions for one process.
 #[derive(Clone)]
@@ -73,8 +77,11 @@ impl Submissions {
     /// Handle one submission; with `run_here`, claim one ready root of the
     /// job and return it for the caller to run (already acked). Never
     /// panics and never drops a message: what cannot be handled now goes
-    /// back to the queue (as a new message while the store is out), what
-    /// can never be handled is dead-lettered or recorded as rejected.
+    /// back to the queue, what can never be handled is dead-lettered or
+    /// recorded as rejected. While the store is out, or the broker refuses
+    /// a message the submission causes, it goes back as a new message (its
+    /// delivery count from zero), so that a passing condition never
+    /// carries it past the submit queue's delivery limit.
     pub(crate) async fn handle(
         &self,
         delivery: Delivery,
@@ -102,8 +109,8 @@ impl Submissions {
                     )
                     .await
                 {
-                    tracing::error!(error = %e, "cannot dead-letter; requeueing");
-                    requeue(delivery).await;
+                    tracing::error!(error = %e, "cannot dead-letter the submission now; trying again later");
+                    self.retry_later(delivery, &e).await;
                     return None;
                 }
                 SubmitReply {
@@ -171,11 +178,12 @@ impl Submissions {
                     }
                 };
                 if let Err(e) = self.outbox.publish_tasks(&ready).await {
-                    // The job is recorded; the redelivery finds it existing
-                    // and publishes its ready tasks again. A root claimed
-                    // here is running, not ready: it is ours to run.
-                    tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; requeueing submission");
-                    requeue(delivery).await;
+                    // The job is recorded; the submission, taken again,
+                    // finds it existing and publishes its ready tasks
+                    // again. A root claimed here is running, not ready: it
+                    // is ours to run.
+                    tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; the submission will be taken again");
+                    self.retry_later(delivery, &e).await;
                     return claimed;
                 }
                 tracing::debug!(job = %job.id, existing = ?existing_state, ready = ready.len(), here = claimed.is_some(), "job accepted");
@@ -255,13 +263,37 @@ impl Submissions {
     /// Hand a submission this process would refuse to the dispatchers: a
     /// copy (its publisher's properties kept, so the reply still reaches
     /// `reply_to`) published to the referred queue, then the original
-    /// acked; if the publish fails, the original is requeued.
+    /// acked; if the publish fails, the original is tried again later.
     async fn refer(&self, delivery: Delivery) {
         let referred = self.outbox.names().referred_queue();
         let broker = self.outbox.broker().as_ref();
-        if copy_then_ack(broker, vec![delivery], Some(&referred)).await {
-            tracing::debug!("submission referred to the dispatchers");
+        match try_copy_then_ack(broker, vec![delivery], Some(&referred)).await {
+            Ok(()) => tracing::debug!("submission referred to the dispatchers"),
+            Err((deliveries, e)) => {
+                tracing::warn!(error = %e, "cannot refer the submission now; trying again later");
+                for delivery in deliveries {
+                    self.retry_later(delivery, &e).await;
+                }
+            }
         }
+    }
+
+    /// Put back a submission that cannot be finished now because the
+    /// broker would not take a message it causes (a queue at its length
+    /// limit refuses publishes; a deleted queue returns them). Requeued,
+    /// it would come straight back, again and again, each time counted as
+    /// a delivery, and past the submit queue's delivery limit RabbitMQ
+    /// would dead-letter it: a job recorded whose ready tasks no one
+    /// publishes. Instead it waits [`BROKER_REFUSAL_PAUSE`] and goes to
+    /// the back of its queue as a new message. When the connection is
+    /// lost, the broker takes it back anyway.
+    async fn retry_later(&self, delivery: Delivery, e: &BrokerError) {
+        if e.is_unavailable() {
+            requeue(delivery).await;
+            return;
+        }
+        tokio::time::sleep(BROKER_REFUSAL_PAUSE).await;
+        give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
     }
 
     async fn store_failed(&self, delivery: Delivery, e: StoreError) {

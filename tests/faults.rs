@@ -21,9 +21,9 @@ use std::time::Duration;
 use common::journal::{self, ended_runs, read_journal};
 use common::scratch::Scratch;
 use common::{Client, Deployment, eventually, test_config, unique_prefix};
-use conveyor::broker::Broker;
+use conveyor::broker::{Broker, BrokerError, Outgoing};
 use conveyor::config::Config;
-use conveyor::model::JobState;
+use conveyor::model::{JobState, TaskState};
 use conveyor::store::{Replicas, Store};
 use serde_json::{Value, json};
 
@@ -724,6 +724,108 @@ async fn a_rabbitmq_restart_mid_run_loses_nothing_and_readiness_follows_it() {
     assert_eq!(up["consuming"][run.d.names.submit_queue()], true, "{up}");
     run.assert_nothing_lost("the broker was restarted").await;
     run.stop().await;
+}
+
+/// A task queue at its length limit (a policy with `overflow:
+/// reject-publish`, the filler message already in it) refuses every
+/// message published to it, for longer than a lease. Nothing is lost and
+/// nothing fails for it: a submission whose root goes there is taken
+/// again and again (as a new message each time, never past the submit
+/// queue's delivery limit, where RabbitMQ would dead-letter it and leave
+/// its job recorded with no task message), and a worker whose completion
+/// made a task ready there, and claimed another to run next, keeps that
+/// claim renewed while it waits (not taken over as a dead worker's). Once
+/// the queue has room, both jobs succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_queue_refusing_publishes_past_a_lease_loses_nothing_and_fails_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut config = test_config(&unique_prefix("fullqueue"));
+    config.worker.lease_ms = 1_000;
+    let mut d = Deployment::with_config(config).await;
+    let side = d.names.task_queue("side");
+    let broker = common::connect_broker(&d.config).await;
+    broker.declare(&["side".to_owned()]).await.unwrap();
+    broker
+        .publish(vec![Outgoing::durable(side.clone(), b"filler".to_vec())])
+        .await
+        .unwrap();
+    let policy = format!("{}-full", d.config.prefix);
+    let full = BrokerChange::make(
+        &[
+            "set_policy",
+            &policy,
+            &format!("^{}$", side.replace('.', "\\.")),
+            r#"{"max-length":1,"overflow":"reject-publish"}"#,
+            "--apply-to",
+            "queues",
+        ],
+        &["clear_policy", &policy],
+    )
+    .await;
+    eventually("the side queue refuses publishes", WAIT, || async {
+        let probe = Outgoing::durable(side.clone(), b"probe".to_vec());
+        match broker.publish(vec![probe]).await {
+            Err(BrokerError::Refused { .. }) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+
+    d.start_dispatcher().await;
+    d.start_worker(4).await;
+    let client = Client::connect_to(&d.config).await;
+    client
+        .submit(&json!({"id": "direct", "requestor": "r",
+            "tasks": [{"name": "there", "handler": "noop", "queue": "side"}]}))
+        .await;
+    client
+        .submit(&json!({"id": "spread", "requestor": "r", "tasks": [
+            {"name": "root", "handler": "noop"},
+            {"name": "here", "handler": "noop", "after": ["root"]},
+            {"name": "there", "handler": "noop", "queue": "side", "after": ["root"]}]}))
+        .await;
+    // Three leases of refusals.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        client.take_dead().await.is_none(),
+        "nothing is dead-lettered while the queue is full"
+    );
+    let direct = d.status("direct").await.expect("the job is recorded");
+    assert_eq!(direct.state, JobState::Pending);
+    let spread = d.status("spread").await.expect("the job is recorded");
+    assert_eq!(spread.tasks["root"].state, TaskState::Succeeded);
+    assert_eq!(
+        spread.tasks["here"].state,
+        TaskState::Running,
+        "{spread:#?}"
+    );
+
+    // Room again; the filler (not a task message) is dead-lettered by the
+    // worker that takes it.
+    full.undo().await;
+    d.config.worker.queues = vec!["default".into(), "side".into()];
+    d.start_worker(4).await;
+    for id in ["direct", "spread"] {
+        let status = d.wait_terminal(id, WAIT).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        for (name, task) in &status.tasks {
+            assert_eq!(task.attempts, 1, "{id}/{name} ran once: {status:#?}");
+        }
+        assert!(
+            status.history.iter().all(|h| !h.reason.contains("lease")),
+            "no lease lapsed: {:#?}",
+            status.history
+        );
+    }
+    while let Some((headers, body)) = client.take_dead().await {
+        assert!(
+            body == b"filler" || body == b"probe",
+            "only the test's own messages are dead-lettered: {headers:?} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    client.close().await;
+    d.shutdown().await;
 }
 
 /// A memory alarm raised on the machine's RabbitMQ: its high watermark

@@ -593,6 +593,10 @@ impl Sim {
                 .with_max_inputs_bytes(config.limits.max_inputs_bytes as u64),
         );
         let broker = Arc::new(MemoryBroker::new(names.clone(), seed, faults));
+        // As RabbitMQ's quorum queues with `x-delivery-limit`: a message
+        // returned too often is dead-lettered by the broker itself, with no
+        // reason of Conveyor's (which the dead-letter check refuses).
+        broker.set_delivery_limit(Some(config.delivery_limit));
         // Every store and broker call yields to the runtime after its work
         // (0 to 2 times, drawn from generators of their own seeded from the
         // seed): other tasks run, and crashes land, between any two calls,
@@ -1265,6 +1269,8 @@ struct Run {
     hand_backs: usize,
     /// Messages the broker refused (nacked).
     refused: usize,
+    /// Times the task queue filled up.
+    full_windows: usize,
 }
 
 fn simulate(seed: u64) -> Result<Run, String> {
@@ -1366,6 +1372,10 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
 
     // The fault schedule.
     let mut outage_until: Option<u64> = None;
+    // The task queue at its length limit, refusing every publish, until.
+    let task_queue = sim.names.task_queue("default");
+    let mut full_until: Option<u64> = None;
+    let mut full_windows = 0;
     let mut partitions: Vec<(Arc<AtomicBool>, u64, String, u64)> = Vec::new();
     let mut disturbances = Disturbances::default();
     let mut restarts = 0;
@@ -1380,6 +1390,10 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         if outage_until.is_some_and(|t| now >= t) {
             store.set_outage(false);
             outage_until = None;
+        }
+        if full_until.is_some_and(|t| now >= t) {
+            broker.set_full(&task_queue, false);
+            full_until = None;
         }
         partitions.retain(|(cut, until, worker, from)| {
             if now >= *until {
@@ -1493,12 +1507,24 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
                     }
                 }
             }
+            // The task queue fills up (at its length limit, rejecting
+            // publishes): every message to it is refused for a while, by
+            // whoever publishes it. (Not in the regression seeds, whose
+            // schedules stay as they were.)
+            136..=145 if full_until.is_none() && !REGRESSION_SEEDS.contains(&seed) => {
+                let until = now + rng.random_range(50..=1500);
+                broker.set_full(&task_queue, true);
+                full_until = Some(until);
+                full_windows += 1;
+                faults_log.push(format!("{now}: task queue full until {until}"));
+            }
             _ => {}
         }
         check(false).map_err(|e| format!("step {step}: {e}"))?;
     }
     let now = clock.now_ms();
     store.set_outage(false);
+    broker.set_full(&task_queue, false);
     for (cut, _, worker, from) in partitions.drain(..) {
         cut.store(false, Ordering::SeqCst);
         disturbances.partitions.push((worker, from, now));
@@ -1656,6 +1682,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         stops: stopped_workers,
         hand_backs,
         refused: broker.refused(),
+        full_windows,
     })
 }
 
@@ -1865,14 +1892,17 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     let (stops, hand_backs) = (count(|r| r.stops), count(|r| r.hand_backs));
     let referring = count(|r| usize::from(r.referred_jobs > 0));
     let refusing = count(|r| usize::from(r.refused > 0));
+    let filling = count(|r| usize::from(r.full_windows > 0));
     eprintln!(
         "{} seeds: {audited} audited a restarted store, {lost} lost a claim; {lapses} lapsed \
          leases, each caused; {crashes} crashes, {inside} of them inside a store call; {stops} \
          workers stopped, handing back {hand_backs} tasks; {referring} had workers refer jobs \
-         ({} referrals); {refusing} had the broker refuse messages ({} refused)",
+         ({} referrals); {refusing} had the broker refuse messages ({} refused), {filling} \
+         had the task queue fill up ({} times)",
         seeds.len(),
         count(|r| r.referred_jobs),
-        count(|r| r.refused)
+        count(|r| r.refused),
+        count(|r| r.full_windows)
     );
     if replay {
         // Seeds given one by one say nothing about how often the schedule
@@ -1913,6 +1943,12 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     assert!(
         refusing * 8 >= seeds.len(),
         "only {refusing} of {} seeds had the broker refuse a message",
+        seeds.len()
+    );
+    // The task queue filled up in half or more of the seeds.
+    assert!(
+        filling * 2 >= seeds.len(),
+        "only {filling} of {} seeds had the task queue fill up",
         seeds.len()
     );
     // Workers were stopped gracefully in most seeds, some with tasks past

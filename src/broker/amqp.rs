@@ -12,6 +12,10 @@
 //! - Queues are durable; quorum queues by default, with `x-delivery-limit`
 //!   set explicitly (3.10 has no default) and dead-lettering to
 //!   `<prefix>.dead` through the default exchange.
+//! - A quorum queue that refused (nacked) a channel's message, at its
+//!   length limit with `overflow: reject-publish`, goes on refusing that
+//!   channel's messages even once it has room again (3.10): publishes go
+//!   through a new channel after a refusal.
 //! - Heartbeats are 15 s unless the URL says otherwise.
 //! - Recovery is not left to lapin: a lost connection ends every
 //!   subscription and fails the publishes under way; the next call opens a
@@ -78,7 +82,63 @@ pub struct AmqpBroker {
 /// One connection and its publishing channel.
 struct Session {
     connection: Connection,
-    publisher: Channel,
+    /// The confirm-mode channel publishes go through; a new one after a
+    /// refusal (see [`Session::replace_publisher`]).
+    publisher: std::sync::Mutex<Channel>,
+}
+
+impl Session {
+    /// The channel to publish on now.
+    fn publisher(&self) -> Channel {
+        self.publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Publish through a new channel from now on, unless `refused` was
+    /// replaced already. A quorum queue that refused a message (at its
+    /// length limit, `overflow: reject-publish`) goes on refusing every
+    /// message that channel sends it, even once it has room again or its
+    /// limit is gone (RabbitMQ 3.10); a new channel is served normally.
+    /// The old channel closes when the last publish on it lets go of it.
+    async fn replace_publisher(&self, refused: &Channel) {
+        if self.publisher().id() != refused.id() {
+            return;
+        }
+        match open_confirm_channel(&self.connection).await {
+            Ok(fresh) => {
+                let mut publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
+                if publisher.id() == refused.id() {
+                    tracing::debug!(
+                        old = refused.id(),
+                        new = fresh.id(),
+                        "publishing on a new channel after a refusal"
+                    );
+                    *publisher = fresh;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot open a new publishing channel; keeping the old one");
+            }
+        }
+    }
+}
+
+/// A new channel of `connection` in confirm mode.
+async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = within(CALL_TIMEOUT, "opening a channel", async {
+        connection.create_channel().await.map_err(unavailable)
+    })
+    .await?;
+    within(CALL_TIMEOUT, "confirm.select", async {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)
+    })
+    .await?;
+    Ok(channel)
 }
 
 impl std::fmt::Debug for AmqpBroker {
@@ -268,7 +328,7 @@ impl AmqpBroker {
     async fn session(&self) -> Result<Arc<Session>, BrokerError> {
         let mut slot = self.session.lock().await;
         if let Some(session) = slot.as_ref() {
-            if session.connection.status().connected() && session.publisher.status().connected() {
+            if session.connection.status().connected() && session.publisher().status().connected() {
                 return Ok(session.clone());
             }
             tracing::warn!("RabbitMQ connection lost; reconnecting");
@@ -276,20 +336,10 @@ impl AmqpBroker {
         *slot = None;
         self.live.store(false, std::sync::atomic::Ordering::Relaxed);
         let connection = self.connect_any().await?;
-        let publisher = within(CALL_TIMEOUT, "opening a channel", async {
-            connection.create_channel().await.map_err(unavailable)
-        })
-        .await?;
-        within(CALL_TIMEOUT, "confirm.select", async {
-            publisher
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(unavailable)
-        })
-        .await?;
+        let publisher = open_confirm_channel(&connection).await?;
         let session = Arc::new(Session {
             connection,
-            publisher,
+            publisher: std::sync::Mutex::new(publisher),
         });
         let declared = self
             .declared
@@ -578,7 +628,8 @@ impl Broker for AmqpBroker {
 
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
         let session = self.session().await?;
-        let result = tokio::time::timeout(PUBLISH_TIMEOUT, publish_on(&session, &batch))
+        let publisher = session.publisher();
+        let result = tokio::time::timeout(PUBLISH_TIMEOUT, publish_on(&publisher, &batch))
             .await
             .unwrap_or_else(|_| {
                 Err(BrokerError::Unavailable(format!(
@@ -587,8 +638,10 @@ impl Broker for AmqpBroker {
                     PUBLISH_TIMEOUT.as_secs()
                 )))
             });
-        if matches!(result, Err(BrokerError::Unavailable(_))) {
-            self.forget(&session).await;
+        match &result {
+            Err(BrokerError::Unavailable(_)) => self.forget(&session).await,
+            Err(BrokerError::Refused { .. }) => session.replace_publisher(&publisher).await,
+            _ => {}
         }
         result
     }
@@ -659,7 +712,7 @@ impl Broker for AmqpBroker {
 /// order.
 const PUBLISH_WINDOW: usize = 256;
 
-async fn publish_on(session: &Session, batch: &[Outgoing]) -> Result<(), BrokerError> {
+async fn publish_on(publisher: &Channel, batch: &[Outgoing]) -> Result<(), BrokerError> {
     let mut pending = Vec::with_capacity(batch.len());
     let mut in_flight = FuturesOrdered::new();
     for msg in batch {
@@ -668,7 +721,7 @@ async fn publish_on(session: &Session, batch: &[Outgoing]) -> Result<(), BrokerE
         {
             pending.push(sent?);
         }
-        in_flight.push_back(publish_one(session, msg));
+        in_flight.push_back(publish_one(publisher, msg));
     }
     while let Some(sent) = in_flight.next().await {
         pending.push(sent?);
@@ -700,11 +753,10 @@ async fn publish_on(session: &Session, batch: &[Outgoing]) -> Result<(), BrokerE
 
 /// Hand one message to lapin: its queue and the confirm to wait for.
 async fn publish_one<'a>(
-    session: &Session,
+    publisher: &Channel,
     msg: &'a Outgoing,
 ) -> Result<(&'a str, PublisherConfirm), BrokerError> {
-    let confirm = session
-        .publisher
+    let confirm = publisher
         .basic_publish(
             ShortString::from(""),
             ShortString::from(msg.queue.as_str()),

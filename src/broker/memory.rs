@@ -14,13 +14,17 @@
 //! unacked ones (0 = unlimited, as in AMQP); a requeued message goes back
 //! to the head of its queue; a closed subscription ("channel") returns its
 //! unacked deliveries; `delivery_count` counts every return, like quorum
-//! queues' `x-delivery-count`.
+//! queues' `x-delivery-count`. With a delivery limit set
+//! ([`MemoryBroker::set_delivery_limit`], as the simulation does), a
+//! message of the submit, referred or a task queue returned more times
+//! than the limit goes to `<prefix>.dead` instead, as a quorum queue with
+//! `x-delivery-limit` dead-letters it.
 //!
 //! How it differs from RabbitMQ:
 //! - nothing is persisted: the queues live and die with the process;
-//! - no priorities, TTLs, exchanges other than the default one, queue
-//!   arguments, `x-delivery-limit` or dead-lettering by the broker (Conveyor
-//!   dead-letters by publishing to `<prefix>.dead` itself);
+//! - no priorities, TTLs, exchanges other than the default one, or queue
+//!   arguments; no delivery limit unless one is set (Conveyor dead-letters
+//!   by publishing to `<prefix>.dead` itself);
 //! - headers are kept on queued messages (see [`MemoryBroker::take_messages`])
 //!   but [`Delivery`] does not carry them, as with the AMQP broker;
 //! - faults are injected from a [`FaultPlan`]; every random decision comes
@@ -40,7 +44,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
-use super::{Acker, Broker, BrokerError, Delivery, Outgoing, Properties, QueueStats, Subscription};
+use super::{
+    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, Properties, QueueStats,
+    Subscription,
+};
 use crate::names::Names;
 use crate::store::memory::YieldPoints;
 
@@ -140,12 +147,20 @@ struct State {
     /// Queue -> the queue that also gets every message published to it
     /// (see [`MemoryBroker::tap`]).
     taps: BTreeMap<String, String>,
-    /// Messages refused so far (the `refuse` fault).
+    /// Messages refused so far (the `refuse` fault, and full queues).
     refused: usize,
+    /// Queues refusing every publish (see [`MemoryBroker::set_full`]).
+    full: BTreeSet<String>,
+    /// Returns after which a message of a work queue is dead-lettered.
+    delivery_limit: Option<u32>,
+    /// Where such messages go.
+    dead_queue: String,
 }
 
 #[derive(Default)]
 struct Queue {
+    /// A work queue (submit, referred, tasks): the delivery limit applies.
+    limited: bool,
     ready: VecDeque<QueuedMessage>,
     /// Ids of the consumers receiving new deliveries, in round-robin order.
     consumers: Vec<u64>,
@@ -268,10 +283,39 @@ impl State {
             .into_values()
             .chain(consumer.inbox)
             .collect();
-        for mut msg in held.into_iter().rev() {
-            msg.delivery_count = msg.delivery_count.saturating_add(1);
-            q.ready.push_front(msg);
+        let queue = consumer.queue;
+        for msg in held.into_iter().rev() {
+            self.give_back(&queue, msg);
         }
+    }
+
+    /// Return `msg` to the head of `queue`, counting the delivery; past
+    /// the delivery limit, a work queue's message goes to the dead queue
+    /// instead.
+    fn give_back(&mut self, queue: &str, mut msg: QueuedMessage) {
+        msg.delivery_count = msg.delivery_count.saturating_add(1);
+        let Some(q) = self.queues.get_mut(queue) else {
+            return;
+        };
+        let over = self
+            .delivery_limit
+            .is_some_and(|limit| msg.delivery_count > limit);
+        if !(q.limited && over) {
+            q.ready.push_front(msg);
+            return;
+        }
+        msg.properties.set_header(
+            "x-first-death-reason",
+            HeaderValue::Text("delivery_limit".into()),
+        );
+        msg.properties
+            .set_header("x-first-death-queue", HeaderValue::Text(queue.to_owned()));
+        msg.delivery_count = 0;
+        let dead = self.dead_queue.clone();
+        if let Some(d) = self.queues.get_mut(&dead) {
+            d.ready.push_back(msg);
+        }
+        self.dispatch(&dead);
     }
 
     /// Every subscription ends (see [`State::close`]).
@@ -285,12 +329,18 @@ impl State {
     fn declare_queue(&mut self, name: &str) {
         self.queues.entry(name.to_owned()).or_default();
     }
+
+    /// Declare a work queue: one the delivery limit applies to.
+    fn declare_work_queue(&mut self, name: &str) {
+        self.queues.entry(name.to_owned()).or_default().limited = true;
+    }
 }
 
 impl MemoryBroker {
     /// A broker for the deployment `names`, injecting `faults` with
     /// decisions drawn from a generator seeded with `seed`.
     pub fn new(names: Names, seed: u64, faults: FaultPlan) -> MemoryBroker {
+        let dead_queue = names.dead_queue();
         MemoryBroker {
             names,
             shared: Arc::new(Shared {
@@ -303,6 +353,9 @@ impl MemoryBroker {
                     next_id: 0,
                     taps: BTreeMap::new(),
                     refused: 0,
+                    full: BTreeSet::new(),
+                    delivery_limit: None,
+                    dead_queue,
                 }),
                 yields: YieldPoints::default(),
             }),
@@ -329,6 +382,25 @@ impl MemoryBroker {
     /// faults); the random sequence carries on.
     pub fn set_faults(&self, faults: FaultPlan) {
         self.shared.lock().faults = faults;
+    }
+
+    /// Dead-letter a message of the submit, referred or a task queue once
+    /// it has been returned more than `limit` times (`None`, the default:
+    /// never), as RabbitMQ's quorum queues do with `x-delivery-limit`.
+    pub fn set_delivery_limit(&self, limit: Option<u32>) {
+        self.shared.lock().delivery_limit = limit;
+    }
+
+    /// Make `queue` refuse (nack) every message published to it while
+    /// `full`, as RabbitMQ does for a queue at its length limit with
+    /// `overflow: reject-publish`. Draws nothing from the fault generator.
+    pub fn set_full(&self, queue: &str, full: bool) {
+        let mut state = self.shared.lock();
+        if full {
+            state.full.insert(queue.to_owned());
+        } else {
+            state.full.remove(queue);
+        }
     }
 
     /// How many published messages were refused (the `refuse` fault) so
@@ -424,10 +496,10 @@ impl Broker for MemoryBroker {
             .after(|| {
                 let mut state = self.shared.lock_up()?;
                 state.declare_queue(&self.names.dead_queue());
-                state.declare_queue(&self.names.submit_queue());
-                state.declare_queue(&self.names.referred_queue());
+                state.declare_work_queue(&self.names.submit_queue());
+                state.declare_work_queue(&self.names.referred_queue());
                 for q in task_queues {
-                    state.declare_queue(&self.names.task_queue(q));
+                    state.declare_work_queue(&self.names.task_queue(q));
                 }
                 Ok(())
             })
@@ -460,7 +532,7 @@ impl Broker for MemoryBroker {
                         }
                         continue;
                     }
-                    if state.chance(faults.refuse) {
+                    if state.full.contains(&msg.queue) || state.chance(faults.refuse) {
                         state.refused += 1;
                         first_error.get_or_insert(BrokerError::Refused {
                             queue: msg.queue.clone(),
@@ -676,11 +748,8 @@ impl Acker for MemoryAcker {
             .yields
             .after(|| {
                 let mut state = self.shared.lock();
-                let (queue, mut msg) = self.settle(&mut state)?;
-                msg.delivery_count = msg.delivery_count.saturating_add(1);
-                if let Some(q) = state.queues.get_mut(&queue) {
-                    q.ready.push_front(msg);
-                }
+                let (queue, msg) = self.settle(&mut state)?;
+                state.give_back(&queue, msg);
                 state.dispatch(&queue);
                 Ok(())
             })
@@ -770,6 +839,46 @@ mod tests {
         tokio::task::yield_now().await;
         publish(&b, &["late"]).await;
         assert_eq!(waiter.await.unwrap(), b"late");
+    }
+
+    #[tokio::test]
+    async fn a_message_returned_more_often_than_the_delivery_limit_is_dead_lettered() {
+        let b = broker().await;
+        b.set_delivery_limit(Some(2));
+        publish(&b, &["a"]).await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        // Two returns are within the limit; the third is past it.
+        next(&mut sub).await.acker.requeue().await.unwrap();
+        drop(sub);
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"a"[..], 2));
+        d.acker.requeue().await.unwrap();
+        assert_eq!(b.ready_len(&q()).await, 0);
+        let dead = b.take_messages(&names().dead_queue()).await;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].body, b"a");
+        let reason = dead[0]
+            .properties
+            .headers
+            .iter()
+            .find(|(k, _)| k == "x-first-death-reason");
+        assert_eq!(
+            reason.map(|(_, v)| v),
+            Some(&HeaderValue::Text("delivery_limit".into()))
+        );
+
+        // A queue Conveyor does not declare as a work queue (a client's
+        // reply queue) has no limit.
+        b.declare_queue("replies").await;
+        b.publish(vec![Outgoing::durable("replies".to_owned(), b"r".to_vec())])
+            .await
+            .unwrap();
+        let mut sub = b.subscribe("replies", 1).await.unwrap();
+        for _ in 0..3 {
+            next(&mut sub).await.acker.requeue().await.unwrap();
+        }
+        assert_eq!(next(&mut sub).await.delivery_count, 3);
     }
 
     #[tokio::test]

@@ -46,7 +46,7 @@ use crate::submission::{RunHere, Submissions};
 
 pub use execute::{AttemptEnd, run_attempt};
 pub use journal::Journal;
-use leases::ActiveClaims;
+use leases::{ActiveClaims, ClaimLost};
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -126,6 +126,14 @@ pub const SUBMISSION_PATIENCE: Duration = Duration::from_millis(50);
 struct Stops {
     graceful: Shutdown,
     hard: Shutdown,
+}
+
+/// A claimed task to run in a slot: its claim (renewed from when it was
+/// taken), when the claim was asked for, and the signal that it is lost.
+struct NextRun {
+    claimed: Claimed,
+    asked: Instant,
+    lost: ClaimLost,
 }
 
 /// A delivery handed from a consumer to the run loop.
@@ -417,9 +425,14 @@ impl Worker {
     /// completion made ready and this worker took on (see
     /// [`Worker::finish`]): a chain runs here without a broker hop per step.
     async fn run_claimed(&self, claimed: Claimed, asked: Instant, stops: Stops) {
-        let mut next = Some((claimed, asked));
-        while let Some((claimed, asked)) = next {
-            next = self.run_one(claimed, asked, &stops).await;
+        let lost = self.active.insert(claimed.claim.clone());
+        let mut next = Some(NextRun {
+            claimed,
+            asked,
+            lost,
+        });
+        while let Some(run) = next {
+            next = self.run_one(run, &stops).await;
         }
     }
 
@@ -455,21 +468,20 @@ impl Worker {
     }
 
     /// Run one claimed task to its outcome; returns the task to run next
-    /// here (and when its claim was asked for), if its completion made one
-    /// ready that this worker claimed.
-    async fn run_one(
-        &self,
-        claimed: Claimed,
-        asked: Instant,
-        stops: &Stops,
-    ) -> Option<(Claimed, Instant)> {
+    /// here, if its completion made one ready that this worker claimed.
+    async fn run_one(&self, run: NextRun, stops: &Stops) -> Option<NextRun> {
+        let NextRun {
+            claimed,
+            asked,
+            lost,
+        } = run;
         if self.lapsed_before_its_run(&claimed.claim, asked).await {
+            self.active.remove(&claimed.claim);
             return None;
         }
         if let Some(j) = &self.options.journal {
             j.record('S', &claimed.claim, None);
         }
-        let lost = self.active.insert(claimed.claim.clone());
         let Some(handler) = self.registry.get(&claimed.handler).cloned() else {
             let end = AttemptEnd::Permanent(format!(
                 "no handler {:?} on worker {} (it has: {})",
@@ -477,7 +489,7 @@ impl Worker {
                 self.options.id,
                 self.registry.names().join(", ")
             ));
-            return self.finish(&claimed, end, &stops.graceful).await;
+            return self.finish(&claimed, end, stops).await;
         };
         let mut hard_stop = stops.hard.clone();
         let end = tokio::select! {
@@ -494,7 +506,7 @@ impl Worker {
                 "claim lost (lease lapsed and the task moved on, or the store lost it): run stopped".into(),
             ),
         };
-        self.finish(&claimed, end, &stops.graceful).await
+        self.finish(&claimed, end, stops).await
     }
 
     /// Apply an attempt's end and publish what it made ready — except one
@@ -504,12 +516,15 @@ impl Worker {
     /// in between leaves the sweep to publish every ready dependent again
     /// (a copy of the claimed one is dropped at its claim), and the claimed
     /// one, if never run, is the sweep's when its lease lapses.
-    async fn finish(
-        &self,
-        claimed: &Claimed,
-        end: AttemptEnd,
-        stopping: &Shutdown,
-    ) -> Option<(Claimed, Instant)> {
+    ///
+    /// The claimed one's lease is renewed from its claim on, not from its
+    /// run: the publishes may wait on the broker (a queue at its length
+    /// limit refuses them until it has room) for longer than a lease, and
+    /// a task whose worker is alive must not be taken over as a dead
+    /// worker's. A hard stop ends that wait: the claimed task is handed
+    /// back, and this attempt's lease entry, kept, has the sweep publish
+    /// the rest.
+    async fn finish(&self, claimed: &Claimed, end: AttemptEnd, stops: &Stops) -> Option<NextRun> {
         let claim = &claimed.claim;
         let result: AttemptResult = end.into_result(claimed);
         if let Some(j) = &self.options.journal {
@@ -550,7 +565,7 @@ impl Worker {
                 let position = ready
                     .iter()
                     .position(|t| self.options.queues.contains(&t.queue));
-                if let Some(i) = position.filter(|_| !stopping.is_triggered()) {
+                if let Some(i) = position.filter(|_| !stops.graceful.is_triggered()) {
                     let task = ready.swap_remove(i);
                     let asked = Instant::now();
                     match self
@@ -558,7 +573,14 @@ impl Worker {
                         .claim(&task, &self.options.id, self.options.lease)
                         .await
                     {
-                        Ok(ClaimOutcome::Claimed(claimed)) => next = Some((*claimed, asked)),
+                        Ok(ClaimOutcome::Claimed(claimed)) => {
+                            let lost = self.active.insert(claimed.claim.clone());
+                            next = Some(NextRun {
+                                claimed: *claimed,
+                                asked,
+                                lost,
+                            });
+                        }
                         Ok(other) => {
                             tracing::debug!(job = %task.job, task = %task.task, ?other, "ready task not claimable here");
                         }
@@ -568,7 +590,21 @@ impl Worker {
                         }
                     }
                 }
-                if let Err(e) = self.outbox.publish_tasks_until_confirmed(&ready).await {
+                let mut hard_stop = stops.hard.clone();
+                let published = tokio::select! {
+                    biased;
+                    published = self.outbox.publish_tasks_until_confirmed(&ready) => published,
+                    _ = hard_stop.wait() => {
+                        // This attempt's lease entry stays: the sweep
+                        // publishes them.
+                        tracing::warn!(job = %claim.job, "stopped while publishing ready tasks; the lease sweep will");
+                        if let Some(run) = next {
+                            self.hand_back(&run.claimed).await;
+                        }
+                        return None;
+                    }
+                };
+                if let Err(e) = published {
                     // This attempt's lease entry stays: the sweep publishes
                     // them. The task claimed here is ours to run.
                     tracing::error!(error = %e, job = %claim.job, "cannot publish ready tasks; the lease sweep will");
@@ -741,6 +777,17 @@ mod tests {
 
     const LEASE: Duration = Duration::from_millis(600);
 
+    /// An empty in-process store on the (paused) tokio clock.
+    fn memory_store() -> Arc<MemoryStore> {
+        let clock = Arc::new(TokioClock::new(1_800_000_000_000));
+        Arc::new(MemoryStore::new(
+            clock,
+            Duration::from_secs(3600),
+            1,
+            "test",
+        ))
+    }
+
     /// Records every run as (task, attempt). Task `t0` also takes the
     /// broker away for ten leases when it runs.
     struct Recorder {
@@ -772,20 +819,14 @@ mod tests {
     }
 
     /// A worker that claims its next task and then cannot start it for
-    /// longer than a lease (here: publishing the task's sibling waits out
-    /// a broker outage; a process paused by SIGSTOP is the other case)
-    /// finds the claim taken over and does not run it: the task's only run
-    /// is the attempt the sweep offered again.
+    /// longer than a lease (publishing the task's sibling waits out a
+    /// broker outage) keeps the claim renewed meanwhile: the task runs
+    /// once, under that claim, rather than being taken over as a dead
+    /// worker's and run again as attempt 2.
     #[tokio::test(start_paused = true)]
-    async fn a_claim_that_lapsed_before_its_run_started_is_not_run() {
+    async fn a_claim_taken_to_run_next_is_renewed_while_its_sibling_waits_for_the_broker() {
         let names = Names::new("stall");
-        let clock = Arc::new(TokioClock::new(1_800_000_000_000));
-        let store = Arc::new(MemoryStore::new(
-            clock,
-            Duration::from_secs(3600),
-            1,
-            "test",
-        ));
+        let store = memory_store();
         let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
         let runs = Arc::new(Mutex::new(Vec::new()));
         let registry = Registry::new().with(Recorder {
@@ -858,15 +899,76 @@ mod tests {
         let mut runs = runs.lock().unwrap().clone();
         runs.sort();
         // t0 made t1 ready, which the worker claimed to run next, and t2,
-        // whose publish waited out the outage; meanwhile t1's first
-        // claim lapsed and the sweep offered it again as attempt 2.
-        assert_eq!(status.tasks["t1"].attempts, 2, "{status:#?}");
+        // whose publish waited out the outage of ten leases; t1's claim
+        // was renewed all along.
+        assert_eq!(status.tasks["t1"].attempts, 1, "{status:#?}");
+        assert!(
+            status.history.iter().all(|h| !h.reason.contains("lease")),
+            "{status:#?}"
+        );
         assert_eq!(
             runs,
-            vec![("t0".into(), 1), ("t1".into(), 2), ("t2".into(), 1)],
+            vec![("t0".into(), 1), ("t1".into(), 1), ("t2".into(), 1)],
             "{status:#?}"
         );
         stop.trigger();
         let _ = tokio::join!(dispatcher, worker);
+    }
+
+    /// A worker that could not start a claimed task for longer than its
+    /// lease (a process paused by SIGSTOP, whose renewals stopped too)
+    /// asks the store before running it: a claim the sweep took over is
+    /// not run; one still held is.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_lapsed_before_its_run_started_is_not_run() {
+        let names = Names::new("stall");
+        let store = memory_store();
+        let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
+        let config = Config::default();
+        let registry = conveyor_builtin_handlers::registry();
+        let intake = JobIntake::new(&config, registry.clone()).unwrap();
+        let worker = Worker::new(
+            store.clone(),
+            broker,
+            registry,
+            names,
+            WorkerOptions {
+                lease: LEASE,
+                ..WorkerOptions::from_config(&config, "w")
+            },
+        );
+        let mut claims = Vec::new();
+        for id in ["lapsed", "held"] {
+            let body = json!({"id": id, "requestor": "me",
+                "tasks": [{"name": "t", "handler": "noop"}]});
+            let crate::intake::Intake::Valid(job) = intake.accept(body.to_string().as_bytes())
+            else {
+                panic!("{id} is valid");
+            };
+            let crate::store::Created::New { ready } = store.create_job(&job).await.unwrap() else {
+                panic!("{id} is new");
+            };
+            let ClaimOutcome::Claimed(claimed) = store.claim(&ready[0], "w", LEASE).await.unwrap()
+            else {
+                panic!("{id} is claimable");
+            };
+            claims.push((claimed.claim, Instant::now()));
+        }
+        tokio::time::advance(LEASE * 2).await;
+        // The sweep takes the first claim over; the second is renewed (by
+        // its worker, late) before the sweep gets to it.
+        store.renew(&[claims[1].0.clone()], LEASE).await.unwrap();
+        let taken = store.expired_leases(10, "sweep").await.unwrap();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert!(
+            worker
+                .lapsed_before_its_run(&claims[0].0, claims[0].1)
+                .await
+        );
+        assert!(
+            !worker
+                .lapsed_before_its_run(&claims[1].0, claims[1].1)
+                .await
+        );
     }
 }
