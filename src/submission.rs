@@ -110,7 +110,7 @@ impl Submissions {
                     .await
                 {
                     tracing::error!(error = %e, "cannot dead-letter the submission now; trying again later");
-                    self.retry_later(delivery, &e).await;
+                    self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE).await;
                     return None;
                 }
                 SubmitReply {
@@ -181,9 +181,17 @@ impl Submissions {
                     // The job is recorded; the submission, taken again,
                     // finds it existing and publishes its ready tasks
                     // again. A root claimed here is running, not ready: it
-                    // is ours to run.
+                    // is ours to run, and must not wait (its lease runs
+                    // down unrenewed until its run): the submission goes
+                    // back at once, and taken again, finds the root
+                    // claimed and waits as any other.
                     tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; the submission will be taken again");
-                    self.retry_later(delivery, &e).await;
+                    let pause = if claimed.is_some() {
+                        Duration::ZERO
+                    } else {
+                        BROKER_REFUSAL_PAUSE
+                    };
+                    self.retry_later(delivery, &e, pause).await;
                     return claimed;
                 }
                 tracing::debug!(job = %job.id, existing = ?existing_state, ready = ready.len(), here = claimed.is_some(), "job accepted");
@@ -272,7 +280,7 @@ impl Submissions {
             Err((deliveries, e)) => {
                 tracing::warn!(error = %e, "cannot refer the submission now; trying again later");
                 for delivery in deliveries {
-                    self.retry_later(delivery, &e).await;
+                    self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE).await;
                 }
             }
         }
@@ -284,15 +292,16 @@ impl Submissions {
     /// it would come straight back, again and again, each time counted as
     /// a delivery, and past the submit queue's delivery limit RabbitMQ
     /// would dead-letter it: a job recorded whose ready tasks no one
-    /// publishes. Instead it waits [`BROKER_REFUSAL_PAUSE`] and goes to
-    /// the back of its queue as a new message. When the connection is
-    /// lost, the broker takes it back anyway.
-    async fn retry_later(&self, delivery: Delivery, e: &BrokerError) {
+    /// publishes. Instead it waits `pause` ([`BROKER_REFUSAL_PAUSE`],
+    /// unless a claimed root must not wait) and goes to the back of its
+    /// queue as a new message. When the connection is lost, the broker
+    /// takes it back anyway.
+    async fn retry_later(&self, delivery: Delivery, e: &BrokerError, pause: Duration) {
         if e.is_unavailable() {
             requeue(delivery).await;
             return;
         }
-        tokio::time::sleep(BROKER_REFUSAL_PAUSE).await;
+        tokio::time::sleep(pause).await;
         give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
     }
 
