@@ -48,7 +48,7 @@ use crate::text::capped;
 
 /// How long a submission whose messages the broker refused waits before
 /// it goes back to its queue (see [`Submissions::retry_later`]).
-pub(crate) const BROKER_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
+const BROKER_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 
 /// What handles submissions for one process.
 #[derive(Clone)]

@@ -285,14 +285,15 @@ impl State {
             .collect();
         let queue = consumer.queue;
         for msg in held.into_iter().rev() {
-            self.give_back(&queue, msg);
+            self.return_to_queue(&queue, msg);
         }
     }
 
-    /// Return `msg` to the head of `queue`, counting the delivery; past
-    /// the delivery limit, a work queue's message goes to the dead queue
-    /// instead.
-    fn give_back(&mut self, queue: &str, mut msg: QueuedMessage) {
+    /// Return `msg` to the head of `queue` (a requeue, or its channel
+    /// closed), counting the delivery; past the delivery limit, a work
+    /// queue's message goes to the dead queue instead. (Not
+    /// `consumer::give_back`, which publishes a new message.)
+    fn return_to_queue(&mut self, queue: &str, mut msg: QueuedMessage) {
         msg.delivery_count = msg.delivery_count.saturating_add(1);
         let Some(q) = self.queues.get_mut(queue) else {
             return;
@@ -403,8 +404,8 @@ impl MemoryBroker {
         }
     }
 
-    /// How many published messages were refused (the `refuse` fault) so
-    /// far.
+    /// How many published messages were refused so far (the `refuse`
+    /// fault, and queues made full with [`MemoryBroker::set_full`]).
     pub fn refused(&self) -> usize {
         self.shared.lock().refused
     }
@@ -749,7 +750,7 @@ impl Acker for MemoryAcker {
             .after(|| {
                 let mut state = self.shared.lock();
                 let (queue, msg) = self.settle(&mut state)?;
-                state.give_back(&queue, msg);
+                state.return_to_queue(&queue, msg);
                 state.dispatch(&queue);
                 Ok(())
             })
@@ -1283,6 +1284,25 @@ mod tests {
         }
         b.set_faults(FaultPlan::default());
         publish(&b, &["fine"]).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_every_message_to_it_until_it_has_room() {
+        let b = broker().await;
+        b.declare_queue("other").await;
+        b.set_full(&q(), true);
+        let to_other = Outgoing::durable("other".to_owned(), b"o".to_vec());
+        let result = b.publish(vec![msg("a"), to_other, msg("b")]).await;
+        assert!(
+            matches!(&result, Err(BrokerError::Refused { queue, .. }) if *queue == q()),
+            "{result:?}"
+        );
+        assert_eq!(b.ready_len(&q()).await, 0);
+        assert_eq!(b.take_all("other").await, vec![b"o".to_vec()]);
+        assert_eq!(b.refused(), 2);
+        b.set_full(&q(), false);
+        publish(&b, &["c"]).await;
+        assert_eq!(b.take_all(&q()).await, vec![b"c".to_vec()]);
     }
 
     #[tokio::test]
