@@ -3,7 +3,9 @@
 //! is down, and hand each delivery on with a permit: once one is free
 //! ([`Permits::Wait`]), if one frees within a bound ([`Permits::Within`]),
 //! or, for work that only runs with a permit, give deliveries back to the
-//! queue when they have waited too long ([`Permits::Hold`]).
+//! queue when they have waited too long ([`Permits::Hold`]), or keep
+//! them, still handing them on as permits free, while the queue refuses
+//! them back (at a length limit).
 //!
 //! Deliveries are received while the loop waits for a permit, each with the
 //! moment it arrived, so "how long has this message waited here" is known
@@ -37,7 +39,10 @@ pub enum Permits<'a> {
     /// the consumer stops (cancels its subscription), gives back every
     /// delivery it holds ([`give_back`]: to the queue, for other
     /// consumers, with no delivery counted against them), waits until a
-    /// permit is free and subscribes again. For work whose permits may be
+    /// permit is free and subscribes again. If the queue refuses them (at a
+    /// length limit), it keeps them instead — handed on as permits free,
+    /// given back again after each further wait of this long — for up to
+    /// [`KEEP_REFUSED_AT_MOST`]. For work whose permits may be
     /// held for hours (a worker's long tasks): prefetched deliveries would
     /// otherwise sit here, out of other workers' reach, until RabbitMQ's
     /// `consumer_timeout` closed the channel and requeued them — counting a
@@ -113,10 +118,30 @@ pub async fn consume(
         // submissions), which may be the only ones with work. What is held
         // here when the subscription closes goes back to the queue.
         let mut held: VecDeque<(Instant, Delivery)> = VecDeque::new();
+        // Set when the subscription was cancelled to give back what is held
+        // and the queue refused the copies (at a length limit): the
+        // deliveries stay held, handed on as permits free, and the give-back
+        // is tried again at this moment. Requeued instead, each would count
+        // a delivery, and a task that never ran would turn poison.
+        let mut give_back_again: Option<Instant> = None;
         loop {
-            let over = held
-                .front()
-                .and_then(|&(arrived, _)| patience.map(|p| arrived + p));
+            let subscribed = give_back_again.is_none();
+            if !subscribed && held.is_empty() {
+                // Everything kept has been handed on: consume again once a
+                // permit is free.
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break 'subscribe,
+                    p = semaphore.acquire() => if p.is_err() { break 'subscribe },
+                }
+                continue 'subscribe;
+            }
+            let over = if subscribed {
+                held.front()
+                    .and_then(|&(arrived, _)| patience.map(|p| arrived + p))
+            } else {
+                give_back_again
+            };
             let (idle, room) = (held.is_empty(), held.len() < usize::from(prefetch.max(1)));
             // Nothing is received into an empty hand, nor handed on, while
             // the store is down: it would only come straight back (a claim
@@ -137,10 +162,17 @@ pub async fn consume(
                     }
                 }
                 _ = sleep_until(over), if holds && over.is_some() => {
-                    tracing::info!(%queue, held = held.len(),
-                        "no free slot for a held delivery in time; giving back what this consumer holds until a slot frees");
-                    stop_and_give_back(broker, &mut subscription, held).await;
-                    health.set_consuming(queue, false);
+                    if subscribed {
+                        tracing::info!(%queue, held = held.len(),
+                            "no free slot for a held delivery in time; giving back what this consumer holds until a slot frees");
+                        cancel_and_drain(&mut subscription, &mut held).await;
+                        health.set_consuming(queue, false);
+                    }
+                    if let Some(kept) = give_back_unless_refused(broker, held, patience).await {
+                        (held, give_back_again) = (kept, Some(Instant::now() + patience.unwrap_or_default()));
+                        continue;
+                    }
+                    held = VecDeque::new();
                     tokio::select! {
                         biased;
                         _ = shutdown.wait() => break 'subscribe,
@@ -165,7 +197,7 @@ pub async fn consume(
                         health.wait_store_up().await;
                     }
                     subscription.next().await
-                }, if room => match d {
+                }, if room && subscribed => match d {
                     Some(Ok(d)) => held.push_back((Instant::now(), d)),
                     Some(Err(e)) => {
                         health.set_consuming(queue, false);
@@ -186,7 +218,10 @@ pub async fn consume(
         // delivery against it, and a message caught by a few rolling
         // restarts would turn poison without ever having run).
         tracing::info!(%queue, held = held.len(), "stopping; giving back deliveries not started");
-        stop_and_give_back(broker, &mut subscription, held).await;
+        if give_back_again.is_none() {
+            cancel_and_drain(&mut subscription, &mut held).await;
+        }
+        give_back(broker, held.into_iter().map(|(_, d)| d).collect()).await;
         return Some(subscription);
     }
     None
@@ -203,23 +238,50 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// their way (the broker's cancel-ok ends them).
 const DRAIN_AFTER_CANCEL: Duration = Duration::from_secs(5);
 
-/// Cancel the subscription, collect what it still delivers, and give
-/// everything held back to the queue ([`Permits::Hold`] ran out, or the
-/// consumer is stopping).
-async fn stop_and_give_back(
-    broker: &dyn Broker,
+/// Cancel the subscription and add to `held` what it still delivers
+/// ([`Permits::Hold`] ran out, or the consumer is stopping).
+async fn cancel_and_drain(
     subscription: &mut Box<dyn Subscription>,
-    held: VecDeque<(Instant, Delivery)>,
+    held: &mut VecDeque<(Instant, Delivery)>,
 ) {
-    let mut deliveries: Vec<Delivery> = held.into_iter().map(|(_, d)| d).collect();
     if subscription.cancel().await.is_ok() {
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(DRAIN_AFTER_CANCEL, subscription.next()).await
         {
-            deliveries.push(d);
+            held.push_back((Instant::now(), d));
         }
     }
-    give_back(broker, deliveries).await;
+}
+
+/// Longest a delivery is kept while its queue refuses the copies that
+/// would give it back: past it, it is requeued (and counted) rather than
+/// held into RabbitMQ's `consumer_timeout` (30 minutes by default), which
+/// would close the channel and requeue everything on it.
+pub const KEEP_REFUSED_AT_MOST: Duration = Duration::from_millis(crate::config::MAX_HOLD_MS);
+
+/// Give `held` back to its queue ([`give_back`]); but when the broker
+/// refuses the copies (a queue at its length limit), return the
+/// deliveries, unsettled, to keep a while longer — unless the oldest would
+/// have been kept past [`KEEP_REFUSED_AT_MOST`] by the next try, after
+/// `patience`. Any other failure requeues them, as [`give_back`] does.
+async fn give_back_unless_refused(
+    broker: &dyn Broker,
+    held: VecDeque<(Instant, Delivery)>,
+    patience: Option<Duration>,
+) -> Option<VecDeque<(Instant, Delivery)>> {
+    let (arrivals, deliveries): (Vec<Instant>, Vec<Delivery>) = held.into_iter().unzip();
+    let oldest = arrivals.iter().min().copied();
+    let (deliveries, e) = try_copy_then_ack(broker, deliveries, None).await.err()?;
+    let next_try = Instant::now() + patience.unwrap_or_default();
+    let keep = matches!(e, BrokerError::Refused { .. })
+        && oldest.is_some_and(|oldest| next_try < oldest + KEEP_REFUSED_AT_MOST);
+    if keep {
+        tracing::warn!(held = deliveries.len(), error = %e,
+            "the queue refuses the copies that would give back what this consumer holds; keeping them, handing them on as slots free, and trying again");
+        return Some(arrivals.into_iter().zip(deliveries).collect());
+    }
+    requeue_after_failed_copy(deliveries, &e).await;
+    None
 }
 
 /// Return deliveries to their queues as new messages: published (and
@@ -246,13 +308,17 @@ pub async fn copy_then_ack(
     match try_copy_then_ack(broker, deliveries, queue).await {
         Ok(()) => true,
         Err((deliveries, e)) => {
-            tracing::warn!(error = %e, "publishing copies of deliveries failed; requeueing the originals");
-            for d in deliveries {
-                if let Err(e) = d.acker.requeue().await {
-                    tracing::debug!(error = %e, "a delivery returns with its channel instead");
-                }
-            }
+            requeue_after_failed_copy(deliveries, &e).await;
             false
+        }
+    }
+}
+
+async fn requeue_after_failed_copy(deliveries: Vec<Delivery>, e: &BrokerError) {
+    tracing::warn!(error = %e, "publishing copies of deliveries failed; requeueing the originals");
+    for d in deliveries {
+        if let Err(e) = d.acker.requeue().await {
+            tracing::debug!(error = %e, "a delivery returns with its channel instead");
         }
     }
 }
@@ -292,6 +358,147 @@ mod tests {
     use crate::broker::memory::MemoryBroker;
     use crate::broker::{HeaderValue, Properties};
     use crate::names::Names;
+    use crate::shutdown::ShutdownTrigger;
+    use crate::store::memory::{MemoryStore, TokioClock};
+    use tokio::sync::mpsc;
+
+    /// A consumer whose only permit stays taken gives back what it holds
+    /// after its patience. While the queue refuses the copies (at a length
+    /// limit), it keeps the deliveries instead of requeueing them — a
+    /// requeue counts a delivery, and enough of those fail a task that
+    /// never ran — hands them on as permits free, and gives the rest back,
+    /// as new messages, once the queue has room.
+    struct HoldingConsumer {
+        broker: Arc<MemoryBroker>,
+        queue: String,
+        /// The consumer's only permit, taken by the test.
+        busy: OwnedSemaphorePermit,
+        handed: mpsc::UnboundedReceiver<(Delivery, Option<OwnedSemaphorePermit>)>,
+        trigger: ShutdownTrigger,
+        consuming: tokio::task::JoinHandle<()>,
+    }
+
+    const PATIENCE: Duration = Duration::from_millis(100);
+
+    /// A consumer of a task queue holding messages "1", "2" and "3", its
+    /// permit taken, the queue full: all three are prefetched and wait.
+    async fn holding_three_while_the_queue_is_full() -> HoldingConsumer {
+        let names = Names::new("t");
+        let broker = Arc::new(MemoryBroker::reliable(names.clone()));
+        let queue = names.task_queue("default");
+        broker.declare(&["default".to_owned()]).await.unwrap();
+        for body in ["1", "2", "3"] {
+            let msg = Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
+            broker.publish(vec![msg]).await.unwrap();
+        }
+        let clock = Arc::new(TokioClock::new(1_800_000_000_000));
+        let store = Arc::new(MemoryStore::new(clock, Duration::from_secs(3600), 1, "t"));
+        let health = Health::new(store, broker.clone());
+        let semaphore = Arc::new(Semaphore::new(1));
+        let busy = semaphore.clone().acquire_owned().await.unwrap();
+        let trigger = ShutdownTrigger::new();
+        let mut shutdown = trigger.subscribe();
+        let (handed, handed_rx) = mpsc::unbounded_channel();
+        let consuming = tokio::spawn({
+            let (broker, queue, semaphore) = (broker.clone(), queue.clone(), semaphore.clone());
+            async move {
+                let consumer = Consumer {
+                    queue: &queue,
+                    prefetch: 10,
+                    priority: 0,
+                    permits: Permits::Hold(&semaphore, PATIENCE),
+                };
+                consume(broker.as_ref(), consumer, &health, &mut shutdown, |d, p| {
+                    handed.send((d, p)).is_ok()
+                })
+                .await;
+            }
+        });
+        broker.set_full(&queue, true);
+        tokio::time::sleep(PATIENCE / 2).await;
+        assert_eq!(broker.unacked_len(&queue).await, 3, "all three prefetched");
+        HoldingConsumer {
+            broker,
+            queue,
+            busy,
+            handed: handed_rx,
+            trigger,
+            consuming,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_deliveries_the_queue_refuses_to_take_back_are_kept_not_requeued() {
+        let HoldingConsumer {
+            broker,
+            queue,
+            busy,
+            handed: mut handed_rx,
+            trigger,
+            consuming,
+        } = holding_three_while_the_queue_is_full().await;
+        let patience = PATIENCE;
+
+        // Many tries at giving them back, each refused.
+        tokio::time::sleep(patience * 20).await;
+        assert!(
+            broker.refused() >= 3 * 10,
+            "tried again and again: {}",
+            broker.refused()
+        );
+        assert_eq!(broker.ready_len(&queue).await, 0, "none requeued");
+        assert_eq!(broker.unacked_len(&queue).await, 3, "all three kept");
+
+        // A permit frees: the oldest is handed on, never counted as
+        // redelivered.
+        drop(busy);
+        let (first, permit) = handed_rx.recv().await.unwrap();
+        assert!(permit.is_some());
+        assert_eq!(first.body, b"1");
+        assert_eq!((first.delivery_count, first.redelivered), (0, false));
+        first.acker.ack().await.unwrap();
+
+        // Room in the queue: the other two go back as new messages at the
+        // next try, while the permit stays taken.
+        broker.set_full(&queue, false);
+        tokio::time::sleep(patience * 2).await;
+        let back = broker.take_messages(&queue).await;
+        let bodies: Vec<&[u8]> = back.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(bodies, [b"2".as_slice(), b"3".as_slice()]);
+        assert!(back.iter().all(|m| m.delivery_count == 0));
+        assert_eq!(broker.unacked_len(&queue).await, 0);
+        assert!(handed_rx.try_recv().is_err(), "nothing else handed on");
+
+        trigger.trigger();
+        drop(permit);
+        consuming.await.unwrap();
+    }
+
+    /// Kept past [`KEEP_REFUSED_AT_MOST`], a delivery would run into
+    /// RabbitMQ's `consumer_timeout`, which closes the channel and
+    /// requeues everything on it: before that, what the queue still
+    /// refuses is requeued (each counted once) and the consumer waits for
+    /// a permit.
+    #[tokio::test(start_paused = true)]
+    async fn held_deliveries_the_queue_refuses_for_too_long_are_requeued() {
+        let h = holding_three_while_the_queue_is_full().await;
+        tokio::time::sleep(KEEP_REFUSED_AT_MOST - PATIENCE * 3).await;
+        assert_eq!(h.broker.ready_len(&h.queue).await, 0, "still kept");
+        tokio::time::sleep(PATIENCE * 3).await;
+        let back = h.broker.take_messages(&h.queue).await;
+        let mut bodies: Vec<&[u8]> = back.iter().map(|m| m.body.as_slice()).collect();
+        bodies.sort();
+        assert_eq!(bodies, [b"1".as_slice(), b"2".as_slice(), b"3".as_slice()]);
+        assert!(
+            back.iter().all(|m| m.delivery_count == 1),
+            "requeued, counted"
+        );
+        assert_eq!(h.broker.unacked_len(&h.queue).await, 0);
+
+        h.trigger.trigger();
+        drop(h.busy);
+        h.consuming.await.unwrap();
+    }
 
     /// A delivery given back is a new message: its publisher's properties
     /// go with it, the broker's count of its deliveries does not (a copy

@@ -674,6 +674,25 @@ impl BrokerChange {
         BrokerChange::make(&["stop_app"], &["start_app"]).await
     }
 
+    /// A policy (named after the test's `prefix`) limiting `queue` to one
+    /// ready message and refusing publishes past it, as an operator's
+    /// `max-length` with `overflow: reject-publish` does.
+    async fn length_limit_of_one(prefix: &str, queue: &str) -> BrokerChange {
+        let policy = format!("{prefix}-full");
+        BrokerChange::make(
+            &[
+                "set_policy",
+                &policy,
+                &format!("^{}$", queue.replace('.', "\\.")),
+                r#"{"max-length":1,"overflow":"reject-publish"}"#,
+                "--apply-to",
+                "queues",
+            ],
+            &["clear_policy", &policy],
+        )
+        .await
+    }
+
     async fn undo(mut self) {
         let undo: Vec<&str> = self.undo.iter().map(String::as_str).collect();
         rabbitmqctl(&undo).await;
@@ -749,19 +768,7 @@ async fn a_task_queue_refusing_publishes_past_a_lease_loses_nothing_and_fails_no
         .publish(vec![Outgoing::durable(side.clone(), b"filler".to_vec())])
         .await
         .unwrap();
-    let policy = format!("{}-full", d.config.prefix);
-    let full = BrokerChange::make(
-        &[
-            "set_policy",
-            &policy,
-            &format!("^{}$", side.replace('.', "\\.")),
-            r#"{"max-length":1,"overflow":"reject-publish"}"#,
-            "--apply-to",
-            "queues",
-        ],
-        &["clear_policy", &policy],
-    )
-    .await;
+    let full = BrokerChange::length_limit_of_one(&d.config.prefix, &side).await;
     eventually("the side queue refuses publishes", WAIT, || async {
         let probe = Outgoing::durable(side.clone(), b"probe".to_vec());
         match broker.publish(vec![probe]).await {
@@ -824,6 +831,82 @@ async fn a_task_queue_refusing_publishes_past_a_lease_loses_nothing_and_fails_no
             String::from_utf8_lossy(&body)
         );
     }
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A worker whose only slot runs a long task holds the next task message
+/// the broker sends it, and past `worker.hold_ms` gives it back as a new
+/// message. While the queue is at its length limit and refuses that copy,
+/// the worker keeps the delivery — requeued, it would count a delivery,
+/// and at `worker.max_deliveries` (1 here) a task that never ran would be
+/// failed as poison — and runs it once its slot frees: once, succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_task_its_full_queue_will_not_take_back_waits_for_a_slot_and_runs_once() {
+    let _serial = SERIAL.lock().await;
+    let mut config = test_config(&unique_prefix("holdfull"));
+    config.worker.hold_ms = 2_000;
+    config.worker.max_deliveries = 1;
+    config.worker.accept_submissions = false;
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(1).await;
+    let client = Client::connect_to(&d.config).await;
+    d.start_long_task(&client, "long", 8_000).await;
+
+    let queue = d.names.task_queue("default");
+    let full = BrokerChange::length_limit_of_one(&d.config.prefix, &queue).await;
+    client
+        .submit(&json!({"id": "next", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]}))
+        .await;
+    d.wait_until_held("next").await;
+    // The queue fills up behind the held message, before the worker's
+    // hold runs out.
+    let broker = common::connect_broker(&d.config).await;
+    let filler = Outgoing::durable(queue.clone(), b"filler".to_vec());
+    if let Err(e) = broker.publish(vec![filler]).await {
+        panic!(
+            "the worker gave its held message back before the queue was full \
+             (worker.hold_ms too short for this machine?): {e}"
+        );
+    }
+    // A quorum queue starts refusing once past its limit: a probe or two
+    // may go in first.
+    let mut probes_in = 0;
+    loop {
+        let probe = Outgoing::durable(queue.clone(), b"probe".to_vec());
+        match broker.publish(vec![probe]).await {
+            Err(BrokerError::Refused { .. }) => break,
+            Ok(()) => probes_in += 1,
+            Err(e) => panic!("publishing a probe: {e}"),
+        }
+        assert!(
+            probes_in < 5,
+            "the task queue does not refuse publishes past its length limit"
+        );
+    }
+
+    for id in ["long", "next"] {
+        let status = d.wait_terminal(id, WAIT).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        assert_eq!(status.tasks["t"].attempts, 1, "{status:#?}");
+    }
+    full.undo().await;
+    // The filler and probes, taken by the worker once its slot is free,
+    // are not task messages: dead-lettered, and nothing else.
+    for _ in 0..=probes_in {
+        let (headers, body) = eventually("the test's messages dead-lettered", WAIT, || {
+            client.take_dead()
+        })
+        .await;
+        assert!(
+            body == b"filler" || body == b"probe",
+            "only the test's own messages are dead-lettered: {headers:?} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    assert!(client.take_dead().await.is_none());
     client.close().await;
     d.shutdown().await;
 }
