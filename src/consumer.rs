@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::broker::{Broker, BrokerError, Delivery, Outgoing, Subscription};
+use crate::broker::{Broker, BrokerError, Delivery, Outgoing, PartlyPublished, Subscription};
 use crate::health::Health;
 use crate::shutdown::Shutdown;
 
@@ -260,36 +260,39 @@ async fn cancel_and_drain(
 pub const KEEP_REFUSED_AT_MOST: Duration = Duration::from_millis(crate::config::MAX_HOLD_MS);
 
 /// Give `held` back to its queue ([`give_back`]); but when the broker
-/// refuses the copies (a queue at its length limit), return the
-/// deliveries, unsettled, to keep a while longer — unless the oldest would
-/// have been kept past [`KEEP_REFUSED_AT_MOST`] by the next try, after
-/// `patience`. Any other failure requeues them, as [`give_back`] does.
+/// refuses copies (a queue at its length limit), return the deliveries
+/// whose copies it did not confirm, unsettled, to keep a while longer —
+/// unless the oldest would have been kept past [`KEEP_REFUSED_AT_MOST`] by
+/// the next try, after `patience`. Any other failure requeues them, as
+/// [`give_back`] does.
 async fn give_back_unless_refused(
     broker: &dyn Broker,
     held: VecDeque<(Instant, Delivery)>,
     patience: Option<Duration>,
 ) -> Option<VecDeque<(Instant, Delivery)>> {
-    let (arrivals, deliveries): (Vec<Instant>, Vec<Delivery>) = held.into_iter().unzip();
-    let oldest = arrivals.iter().min().copied();
-    let (deliveries, e) = try_copy_then_ack(broker, deliveries, None).await.err()?;
+    let (kept, e) = copy_then_ack_tagged(broker, held.into(), None)
+        .await
+        .err()?;
+    let oldest = kept.iter().map(|&(arrived, _)| arrived).min();
     let next_try = Instant::now() + patience.unwrap_or_default();
     let keep = matches!(e, BrokerError::Refused { .. })
         && oldest.is_some_and(|oldest| next_try < oldest + KEEP_REFUSED_AT_MOST);
     if keep {
-        tracing::warn!(held = deliveries.len(), error = %e,
+        tracing::warn!(held = kept.len(), error = %e,
             "the queue refuses the copies that would give back what this consumer holds; keeping them, handing them on as slots free, and trying again");
-        return Some(arrivals.into_iter().zip(deliveries).collect());
+        return Some(kept.into());
     }
-    requeue_after_failed_copy(deliveries, &e).await;
+    requeue_after_failed_copy(kept.into_iter().map(|(_, d)| d).collect(), &e).await;
     None
 }
 
 /// Return deliveries to their queues as new messages: published (and
 /// confirmed), then acked. A requeue would count a delivery against each
 /// message on a quorum queue, and enough of those make it poison; a new
-/// message starts at zero and goes to the back of the queue. If the
-/// publish fails, each is requeued instead (duplicates are harmless: a
-/// task's claim is keyed by its attempt, a job's record by its id).
+/// message starts at zero and goes to the back of the queue. Those whose
+/// copies the broker does not confirm are requeued instead (duplicates
+/// are harmless: a task's claim is keyed by its attempt, a job's record by
+/// its id).
 pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
     copy_then_ack(broker, deliveries, None).await;
 }
@@ -297,7 +300,8 @@ pub async fn give_back(broker: &dyn Broker, deliveries: Vec<Delivery>) {
 /// Publish a copy of every delivery (its publisher's properties kept) to
 /// `queue`, or back to its own queue when `None`; once the broker confirms
 /// them, ack the originals. If the publish fails, requeue the originals
-/// instead and return false. Nothing is lost either way: a copy confirmed
+/// whose copies were not confirmed (ack the others) and return false.
+/// Nothing is lost either way: a copy confirmed
 /// whose original's ack is lost is a duplicate, which every consumer
 /// deduplicates.
 pub async fn copy_then_ack(
@@ -323,32 +327,57 @@ async fn requeue_after_failed_copy(deliveries: Vec<Delivery>, e: &BrokerError) {
     }
 }
 
-/// [`copy_then_ack`], but if the publish fails the originals, unsettled,
-/// come back to the caller with the error, to settle as it sees fit.
+/// [`copy_then_ack`], but if the publish fails the originals whose copies
+/// the broker did not confirm come back, unsettled, to the caller with the
+/// error, to settle as it sees fit (those it confirmed are acked).
 pub async fn try_copy_then_ack(
     broker: &dyn Broker,
     deliveries: Vec<Delivery>,
     queue: Option<&str>,
 ) -> Result<(), (Vec<Delivery>, BrokerError)> {
+    let tagged = deliveries.into_iter().map(|d| ((), d)).collect();
+    copy_then_ack_tagged(broker, tagged, queue)
+        .await
+        .map_err(|(rest, e)| (rest.into_iter().map(|((), d)| d).collect(), e))
+}
+
+/// [`try_copy_then_ack`] for deliveries that carry something of the
+/// caller's with them (when each arrived).
+async fn copy_then_ack_tagged<T>(
+    broker: &dyn Broker,
+    deliveries: Vec<(T, Delivery)>,
+    queue: Option<&str>,
+) -> Result<(), (Vec<(T, Delivery)>, BrokerError)> {
     if deliveries.is_empty() {
         return Ok(());
     }
     let copies = deliveries
         .iter()
-        .map(|d| Outgoing {
+        .map(|(_, d)| Outgoing {
             properties: d.properties.for_copy(),
             ..Outgoing::durable(queue.unwrap_or(&d.queue).to_owned(), d.body.clone())
         })
         .collect();
-    if let Err(e) = broker.publish(copies).await {
-        return Err((deliveries, e));
-    }
-    for d in deliveries {
+    let (settled, unsettled) = match broker.publish_each(copies).await {
+        Ok(()) => (deliveries, None),
+        Err(PartlyPublished { error, confirmed }) => {
+            let (settled, rest): (Vec<_>, Vec<_>) = deliveries
+                .into_iter()
+                .zip(confirmed)
+                .partition(|(_, confirmed)| *confirmed);
+            let settled = settled.into_iter().map(|(d, _)| d).collect();
+            (
+                settled,
+                Some((rest.into_iter().map(|(d, _)| d).collect(), error)),
+            )
+        }
+    };
+    for (_, d) in settled {
         if let Err(e) = d.acker.ack().await {
             tracing::debug!(error = %e, "a delivery returns with its channel instead");
         }
     }
-    Ok(())
+    unsettled.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -368,6 +397,40 @@ mod tests {
     /// requeue counts a delivery, and enough of those fail a task that
     /// never ran — hands them on as permits free, and gives the rest back,
     /// as new messages, once the queue has room.
+    /// Copies the broker confirms settle their originals even when others
+    /// of the batch are refused: only the refused come back, so trying
+    /// again queues no duplicates of the others.
+    #[tokio::test]
+    async fn only_the_deliveries_whose_copies_were_refused_come_back_unsettled() {
+        let names = Names::new("t");
+        let broker = MemoryBroker::reliable(names.clone());
+        broker
+            .declare(&["full".to_owned(), "open".to_owned()])
+            .await
+            .unwrap();
+        let (full, open) = (names.task_queue("full"), names.task_queue("open"));
+        let (mut deliveries, mut subscriptions) = (Vec::new(), Vec::new());
+        for queue in [&full, &open] {
+            let msg = Outgoing::durable(queue.clone(), queue.as_bytes().to_vec());
+            broker.publish(vec![msg]).await.unwrap();
+            let mut sub = broker.subscribe(queue, 1).await.unwrap();
+            deliveries.push(sub.next().await.unwrap().unwrap());
+            sub.cancel().await.unwrap();
+            subscriptions.push(sub); // its deliveries stay unacked, not returned
+        }
+        broker.set_full(&full, true);
+
+        let (back, e) = try_copy_then_ack(&broker, deliveries, None)
+            .await
+            .expect_err("one copy refused");
+        assert!(matches!(e, BrokerError::Refused { .. }), "{e:?}");
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].queue, full);
+        assert_eq!(broker.unacked_len(&full).await, 1, "not settled");
+        assert_eq!(broker.unacked_len(&open).await, 0, "acked");
+        assert_eq!(broker.take_messages(&open).await.len(), 1, "its copy");
+    }
+
     struct HoldingConsumer {
         broker: Arc<MemoryBroker>,
         queue: String,

@@ -980,6 +980,45 @@ async fn the_amqp_broker_reports_a_mandatory_publish_to_a_missing_queue_as_retur
     common::cleanup(&config).await;
 }
 
+/// A batch the broker takes only in part says which messages it took, so
+/// a caller tries again with the others alone (a worker giving back what
+/// it holds to a queue that refuses some of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_amqp_broker_says_which_messages_of_a_batch_it_confirmed() {
+    use conveyor::broker::{Broker, BrokerError, Outgoing, PartlyPublished};
+    let config = common::test_config(&common::unique_prefix("partly"));
+    let broker = common::connect_broker(&config).await;
+    broker
+        .declare(&["default".to_owned()])
+        .await
+        .expect("declare");
+    let names = conveyor::names::Names::new(&config.prefix);
+    let (queued, missing) = (names.task_queue("default"), names.task_queue("other"));
+    let batch = [&queued, &missing, &queued, &missing, &queued]
+        .map(|q| Outgoing::durable(q.clone(), b"{}".to_vec()))
+        .to_vec();
+    let partly = broker
+        .publish_each(batch)
+        .await
+        .expect_err("two messages have no queue");
+    assert!(
+        matches!(&partly.error, BrokerError::Unroutable { queue, .. } if queue == &missing),
+        "{partly:?}"
+    );
+    let PartlyPublished { confirmed, .. } = partly;
+    assert_eq!(confirmed, [true, false, true, false, true]);
+    let stats = broker.queue_stats(&[queued]).await.expect("stats");
+    assert_eq!(stats[0].ready, 3, "the confirmed ones are queued");
+    broker
+        .publish_each(vec![Outgoing::durable(
+            names.submit_queue(),
+            b"{}".to_vec(),
+        )])
+        .await
+        .expect("a batch wholly taken");
+    common::cleanup(&config).await;
+}
+
 /// The row of `queue` in what `conveyor queues --json` prints, if listed.
 async fn conveyor_queues_row(d: &Deployment, queue: &str) -> Option<Value> {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))

@@ -41,8 +41,8 @@ use lapin::{
 };
 
 use super::{
-    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, Properties, QueueStats,
-    Subscription,
+    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, PartlyPublished, Properties,
+    QueueStats, Subscription,
 };
 use crate::config::{Config, QueueType, TlsCa, redact_url, split_urls, url_query_value};
 use crate::names::Names;
@@ -627,20 +627,36 @@ impl Broker for AmqpBroker {
     }
 
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
-        let session = self.session().await?;
+        self.publish_each(batch).await.map_err(|p| p.error)
+    }
+
+    async fn publish_each(&self, batch: Vec<Outgoing>) -> Result<(), PartlyPublished> {
+        let session = self
+            .session()
+            .await
+            .map_err(|e| PartlyPublished::none_of(batch.len(), e))?;
         let publisher = session.publisher();
         let result = tokio::time::timeout(PUBLISH_TIMEOUT, publish_on(&publisher, &batch))
             .await
             .unwrap_or_else(|_| {
-                Err(BrokerError::Unavailable(format!(
-                    "RabbitMQ did not take and confirm a batch of {} messages within {} s",
+                Err(PartlyPublished::none_of(
                     batch.len(),
-                    PUBLISH_TIMEOUT.as_secs()
-                )))
+                    BrokerError::Unavailable(format!(
+                        "RabbitMQ did not take and confirm a batch of {} messages within {} s",
+                        batch.len(),
+                        PUBLISH_TIMEOUT.as_secs()
+                    )),
+                ))
             });
         match &result {
-            Err(BrokerError::Unavailable(_)) => self.forget(&session).await,
-            Err(BrokerError::Refused { .. }) => session.replace_publisher(&publisher).await,
+            Err(PartlyPublished {
+                error: BrokerError::Unavailable(_),
+                ..
+            }) => self.forget(&session).await,
+            Err(PartlyPublished {
+                error: BrokerError::Refused { .. },
+                ..
+            }) => session.replace_publisher(&publisher).await,
             _ => {}
         }
         result
@@ -712,24 +728,33 @@ impl Broker for AmqpBroker {
 /// order.
 const PUBLISH_WINDOW: usize = 256;
 
-async fn publish_on(publisher: &Channel, batch: &[Outgoing]) -> Result<(), BrokerError> {
+async fn publish_on(publisher: &Channel, batch: &[Outgoing]) -> Result<(), PartlyPublished> {
+    let unsent = |e: BrokerError| PartlyPublished::none_of(batch.len(), e);
     let mut pending = Vec::with_capacity(batch.len());
     let mut in_flight = FuturesOrdered::new();
     for msg in batch {
+        in_flight.push_back(publish_one(publisher, msg));
         if in_flight.len() >= PUBLISH_WINDOW
             && let Some(sent) = in_flight.next().await
         {
-            pending.push(sent?);
+            pending.push(sent.map_err(unsent)?);
         }
-        in_flight.push_back(publish_one(publisher, msg));
     }
     while let Some(sent) = in_flight.next().await {
-        pending.push(sent?);
+        pending.push(sent.map_err(unsent)?);
     }
+    // Which were confirmed, kept from the first failure on (all before
+    // it were): nothing to allocate for a batch wholly confirmed.
+    let mut confirmed: Option<Vec<bool>> = None;
     let mut first_error = None;
-    for (queue, confirm) in pending {
+    for (i, (queue, confirm)) in pending.into_iter().enumerate() {
         let err = match confirm.await {
-            Ok(Confirmation::Ack(None)) => continue,
+            Ok(Confirmation::Ack(None)) => {
+                if let Some(confirmed) = &mut confirmed {
+                    confirmed.push(true);
+                }
+                continue;
+            }
             Ok(Confirmation::Ack(Some(ret))) => BrokerError::Unroutable {
                 queue: queue.to_owned(),
                 reason: format!("returned: {} {}", ret.reply_code, ret.reply_text),
@@ -743,11 +768,12 @@ async fn publish_on(publisher: &Channel, batch: &[Outgoing]) -> Result<(), Broke
             }
             Err(e) => unavailable(e),
         };
+        confirmed.get_or_insert_with(|| vec![true; i]).push(false);
         first_error.get_or_insert(err);
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match (first_error, confirmed) {
+        (Some(error), Some(confirmed)) => Err(PartlyPublished { error, confirmed }),
+        _ => Ok(()),
     }
 }
 

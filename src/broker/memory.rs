@@ -45,8 +45,8 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
 
 use super::{
-    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, Properties, QueueStats,
-    Subscription,
+    Acker, Broker, BrokerError, Delivery, HeaderValue, Outgoing, PartlyPublished, Properties,
+    QueueStats, Subscription,
 };
 use crate::names::Names;
 use crate::store::memory::YieldPoints;
@@ -508,10 +508,17 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+        self.publish_each(batch).await.map_err(|p| p.error)
+    }
+
+    async fn publish_each(&self, batch: Vec<Outgoing>) -> Result<(), PartlyPublished> {
         self.shared
             .yields
             .after(|| {
-                let mut state = self.shared.lock_up()?;
+                let mut state = self
+                    .shared
+                    .lock_up()
+                    .map_err(|e| PartlyPublished::none_of(batch.len(), e))?;
                 let faults = state.faults;
                 let lost_confirm_at = if state.chance(faults.publish_failure) {
                     Some(state.rng.random_range(0..=batch.len()))
@@ -520,6 +527,9 @@ impl Broker for MemoryBroker {
                 };
                 let mut touched = BTreeSet::new();
                 let mut first_error = None;
+                // Unroutable messages not published as mandatory are
+                // confirmed (and dropped), as RabbitMQ does.
+                let mut confirmed = vec![false; batch.len()];
                 for (i, msg) in batch.iter().enumerate() {
                     if lost_confirm_at == Some(i) {
                         break;
@@ -530,6 +540,8 @@ impl Broker for MemoryBroker {
                                 queue: msg.queue.clone(),
                                 reason: "returned: 312 NO_ROUTE".into(),
                             });
+                        } else {
+                            confirmed[i] = true;
                         }
                         continue;
                     }
@@ -541,6 +553,7 @@ impl Broker for MemoryBroker {
                         });
                         continue;
                     }
+                    confirmed[i] = true;
                     let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
                     for _ in 0..copies {
                         state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));
@@ -556,10 +569,13 @@ impl Broker for MemoryBroker {
                     state.dispatch(queue);
                 }
                 if lost_confirm_at.is_some() {
-                    return Err(unavailable("simulated lost publisher confirm"));
+                    return Err(PartlyPublished::none_of(
+                        batch.len(),
+                        unavailable("simulated lost publisher confirm"),
+                    ));
                 }
                 match first_error {
-                    Some(e) => Err(e),
+                    Some(error) => Err(PartlyPublished { error, confirmed }),
                     None => Ok(()),
                 }
             })
@@ -1286,15 +1302,19 @@ mod tests {
         publish(&b, &["fine"]).await;
     }
 
+    /// ... and says which messages of a batch it took.
     #[tokio::test]
     async fn a_full_queue_refuses_every_message_to_it_until_it_has_room() {
         let b = broker().await;
         b.declare_queue("other").await;
         b.set_full(&q(), true);
         let to_other = Outgoing::durable("other".to_owned(), b"o".to_vec());
-        let result = b.publish(vec![msg("a"), to_other, msg("b")]).await;
+        let result = b.publish_each(vec![msg("a"), to_other, msg("b")]).await;
         assert!(
-            matches!(&result, Err(BrokerError::Refused { queue, .. }) if *queue == q()),
+            matches!(&result, Err(PartlyPublished {
+                error: BrokerError::Refused { queue, .. },
+                confirmed,
+            }) if *queue == q() && confirmed == &[false, true, false]),
             "{result:?}"
         );
         assert_eq!(b.ready_len(&q()).await, 0);

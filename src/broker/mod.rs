@@ -260,6 +260,26 @@ pub struct QueueStats {
     pub consumers: u32,
 }
 
+/// A batch not wholly confirmed ([`Broker::publish_each`]).
+#[derive(Debug)]
+pub struct PartlyPublished {
+    /// The first failure.
+    pub error: BrokerError,
+    /// One entry per message of the batch, in order: whether the broker
+    /// confirmed it as queued. The others may be queued or not.
+    pub confirmed: Vec<bool>,
+}
+
+impl PartlyPublished {
+    /// Nothing of a batch of `sent` messages known to be queued.
+    pub fn none_of(sent: usize, error: BrokerError) -> PartlyPublished {
+        PartlyPublished {
+            error,
+            confirmed: vec![false; sent],
+        }
+    }
+}
+
 /// Moves messages. The AMQP implementation talks to RabbitMQ; an
 /// in-process one serves the embedded mode and simulations.
 #[async_trait]
@@ -274,6 +294,18 @@ pub trait Broker: Send + Sync + 'static {
     /// queue to go to fails the call as [`BrokerError::Unroutable`]; the
     /// broker does not declare queues on its own.
     async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError>;
+
+    /// [`Broker::publish`], saying on failure which messages the broker
+    /// did confirm as queued, so that a caller can settle those and try
+    /// again only with the others (not every message of the batch, which
+    /// would queue duplicates of the confirmed ones each time). By default
+    /// none is known to be confirmed.
+    async fn publish_each(&self, batch: Vec<Outgoing>) -> Result<(), PartlyPublished> {
+        let sent = batch.len();
+        self.publish(batch)
+            .await
+            .map_err(|error| PartlyPublished::none_of(sent, error))
+    }
 
     /// Consume `queue`, at most `prefetch` unacked deliveries at a time.
     async fn subscribe(
