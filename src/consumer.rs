@@ -168,8 +168,9 @@ pub async fn consume(
                         cancel_and_drain(&mut subscription, &mut held).await;
                         health.set_consuming(queue, false);
                     }
-                    if let Some(kept) = give_back_unless_refused(broker, held, patience).await {
-                        (held, give_back_again) = (kept, Some(Instant::now() + patience.unwrap_or_default()));
+                    let next_try = Instant::now() + patience.unwrap_or_default();
+                    if let Some(kept) = give_back_unless_refused(broker, held, next_try).await {
+                        (held, give_back_again) = (kept, Some(next_try));
                         continue;
                     }
                     held = VecDeque::new();
@@ -263,18 +264,17 @@ pub const KEEP_REFUSED_AT_MOST: Duration = Duration::from_millis(crate::config::
 /// refuses copies (a queue at its length limit), return the deliveries
 /// whose copies it did not confirm, unsettled, to keep a while longer —
 /// unless the oldest would have been kept past [`KEEP_REFUSED_AT_MOST`] by
-/// the next try, after `patience`. Any other failure requeues them, as
+/// the next try, at `next_try`. Any other failure requeues them, as
 /// [`give_back`] does.
 async fn give_back_unless_refused(
     broker: &dyn Broker,
     held: VecDeque<(Instant, Delivery)>,
-    patience: Option<Duration>,
+    next_try: Instant,
 ) -> Option<VecDeque<(Instant, Delivery)>> {
     let (kept, e) = copy_then_ack_tagged(broker, held.into(), None)
         .await
         .err()?;
     let oldest = kept.iter().map(|&(arrived, _)| arrived).min();
-    let next_try = Instant::now() + patience.unwrap_or_default();
     let keep = matches!(e, BrokerError::Refused { .. })
         && oldest.is_some_and(|oldest| next_try < oldest + KEEP_REFUSED_AT_MOST);
     if keep {
