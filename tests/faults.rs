@@ -865,12 +865,10 @@ async fn a_held_task_its_full_queue_will_not_take_back_waits_for_a_slot_and_runs
     // hold runs out.
     let broker = common::connect_broker(&d.config).await;
     let filler = Outgoing::durable(queue.clone(), b"filler".to_vec());
-    if let Err(e) = broker.publish(vec![filler]).await {
-        panic!(
-            "the worker gave its held message back before the queue was full \
-             (worker.hold_ms too short for this machine?): {e}"
-        );
-    }
+    broker
+        .publish(vec![filler])
+        .await
+        .expect("the filler queued");
     // A quorum queue starts refusing once past its limit: a probe or two
     // may go in first.
     let mut probes_in = 0;
@@ -886,6 +884,17 @@ async fn a_held_task_its_full_queue_will_not_take_back_waits_for_a_slot_and_runs
             "the task queue does not refuse publishes past its length limit"
         );
     }
+    let stats = broker
+        .queue_stats(std::slice::from_ref(&queue))
+        .await
+        .unwrap();
+    assert_eq!(
+        stats[0].ready,
+        1 + probes_in,
+        "only the test's messages are ready: the worker still holds its task \
+         (if it gave it back before the queue was full, worker.hold_ms is too \
+         short for this machine)"
+    );
 
     for id in ["long", "next"] {
         let status = d.wait_terminal(id, WAIT).await;
