@@ -279,7 +279,7 @@ async fn give_back_unless_refused(
         && oldest.is_some_and(|oldest| next_try < oldest + KEEP_REFUSED_AT_MOST);
     if keep {
         tracing::warn!(held = kept.len(), error = %e,
-            "the queue refuses the copies that would give back what this consumer holds; keeping them, handing them on as slots free, and trying again");
+            "the queue refuses the copies that would give back what this consumer holds (at its length limit: raise its max-length policy, or add workers); keeping them, handing them on as slots free, and trying again");
         return Some(kept.into());
     }
     requeue_after_failed_copy(kept.into_iter().map(|(_, d)| d).collect(), &e).await;
