@@ -14,6 +14,17 @@
 //!
 //! Subscribing afresh after a loss is also what restores the prefetch: a
 //! new channel gets its `basic.qos` before its `basic.consume`.
+//!
+//! A [`Permits::Hold`] consumer that had to give back what it held (its
+//! permits all taken by long work) subscribes again with a prefetch no
+//! wider than the permits free at that moment, and widens it as more free.
+//! With its full prefetch, every slot that freed in a saturated worker would
+//! pull a whole prefetch of messages out of the queue, run one, keep the
+//! rest out of other workers' reach for the patience, and then send them to
+//! the back of the queue: work would circulate, and lose its order, instead
+//! of waiting its turn. RabbitMQ applies a consumer's prefetch only when it
+//! subscribes (quorum queues have no channel-wide prefetch to change), so
+//! widening is a new subscription, the old one cancelled.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -67,15 +78,16 @@ pub struct Consumer<'a> {
 /// Consume as `consumer` says until `shutdown`; `hand` takes each delivery
 /// with its permit (always one under [`Permits::Wait`] and
 /// [`Permits::Hold`]) and returns false
-/// to stop. Returns the last subscription, cancelled, so its unfinished
-/// deliveries stay with the caller until it drops it.
+/// to stop. Returns the last subscription, cancelled, with those cancelled
+/// shortly before it, so their unfinished deliveries stay with the caller
+/// until it drops them.
 pub async fn consume(
     broker: &dyn Broker,
     consumer: Consumer<'_>,
     health: &Health,
     shutdown: &mut Shutdown,
     mut hand: impl FnMut(Delivery, Option<OwnedSemaphorePermit>) -> bool,
-) -> Option<Box<dyn Subscription>> {
+) -> Vec<Box<dyn Subscription>> {
     let Consumer {
         queue,
         prefetch,
@@ -87,15 +99,26 @@ pub async fn consume(
         Permits::Within(s, patience) | Permits::Hold(s, patience) => (s, Some(patience)),
     };
     let holds = matches!(permits, Permits::Hold(..));
+    let prefetch = prefetch.max(1);
     health.set_consuming(queue, false);
     let mut retry_delay = Duration::from_millis(100);
+    // Set when a Hold consumer gave back what it held: its next
+    // subscription's prefetch is the permits free then, widened as more
+    // free, until it is `prefetch` again.
+    let mut narrow = false;
+    let mut retired = Retired::default();
     'subscribe: while !shutdown.is_triggered() {
+        let mut window = if narrow {
+            window_for(semaphore.available_permits(), prefetch)
+        } else {
+            prefetch
+        };
         let mut subscription = match broker
-            .subscribe_with_priority(queue, prefetch, priority)
+            .subscribe_with_priority(queue, window, priority)
             .await
         {
             Ok(s) => {
-                tracing::info!(%queue, prefetch, priority, "consuming");
+                tracing::info!(%queue, prefetch = window, priority, "consuming");
                 health.set_consuming(queue, true);
                 retry_delay = Duration::from_millis(100);
                 s
@@ -124,17 +147,49 @@ pub async fn consume(
         // is tried again at this moment. Requeued instead, each would count
         // a delivery, and a task that never ran would turn poison.
         let mut give_back_again: Option<Instant> = None;
+        // No wider subscription is tried before this (one failed).
+        let mut widen_after = Instant::now();
         loop {
             let subscribed = give_back_again.is_none();
             if !subscribed && held.is_empty() {
                 // Everything kept has been handed on: consume again once a
                 // permit is free.
+                retired.keep(subscription);
                 tokio::select! {
                     biased;
                     _ = shutdown.wait() => break 'subscribe,
                     p = semaphore.acquire() => if p.is_err() { break 'subscribe },
                 }
                 continue 'subscribe;
+            }
+            // A narrowed window keeping up, with more permits free than it
+            // is wide: subscribe again, as wide as the permits free and at
+            // least twice as wide as before (so a consumer whose slots free
+            // one by one subscribes a few times, not once per slot), at
+            // most `prefetch`. The old subscription is cancelled; what it
+            // still delivers is held here.
+            if subscribed
+                && window < prefetch
+                && held.is_empty()
+                && semaphore.available_permits() > usize::from(window)
+                && Instant::now() >= widen_after
+            {
+                let free = semaphore.available_permits().max(2 * usize::from(window));
+                let wider = window_for(free, prefetch);
+                match broker.subscribe_with_priority(queue, wider, priority).await {
+                    Ok(new) => {
+                        tracing::debug!(%queue, from = window, to = wider, "slots freed; widening the prefetch");
+                        let mut old = std::mem::replace(&mut subscription, new);
+                        cancel_and_drain(&mut old, &mut held).await;
+                        retired.keep(old);
+                        window = wider;
+                        narrow = window < prefetch;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%queue, error = %e, "cannot subscribe with a wider prefetch; keeping the narrow one a while");
+                        widen_after = Instant::now() + WIDEN_RETRY;
+                    }
+                }
             }
             let over = if subscribed {
                 held.front()
@@ -169,11 +224,13 @@ pub async fn consume(
                         health.set_consuming(queue, false);
                     }
                     let next_try = Instant::now() + patience.unwrap_or_default();
+                    narrow = true;
                     if let Some(kept) = give_back_unless_refused(broker, held, next_try).await {
                         (held, give_back_again) = (kept, Some(next_try));
                         continue;
                     }
                     held = VecDeque::new();
+                    retired.keep(subscription);
                     tokio::select! {
                         biased;
                         _ = shutdown.wait() => break 'subscribe,
@@ -223,9 +280,46 @@ pub async fn consume(
             cancel_and_drain(&mut subscription, &mut held).await;
         }
         give_back(broker, held.into_iter().map(|(_, d)| d).collect()).await;
-        return Some(subscription);
+        retired.keep(subscription);
+        break;
     }
-    None
+    retired.into_vec()
+}
+
+/// The prefetch of a narrowed subscription: the permits free, at least one,
+/// at most the consumer's prefetch.
+fn window_for(free: usize, prefetch: u16) -> u16 {
+    u16::try_from(free).unwrap_or(u16::MAX).clamp(1, prefetch)
+}
+
+/// How long a consumer keeps its narrow prefetch after a wider
+/// subscription failed (the broker is likely going away; if not, it tries
+/// again after this).
+const WIDEN_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a cancelled subscription is kept after it was replaced: its
+/// last deliveries, handed on, are claimed and settled well within it.
+/// Dropping a subscription may close its channel (the in-process broker
+/// closes it at once), which would send back the deliveries it still has
+/// unacked.
+const KEEP_RETIRED: Duration = Duration::from_secs(60);
+
+/// Cancelled subscriptions, kept for [`KEEP_RETIRED`] (the last of them
+/// until the consumer returns).
+#[derive(Default)]
+struct Retired(Vec<(Instant, Box<dyn Subscription>)>);
+
+impl Retired {
+    fn keep(&mut self, subscription: Box<dyn Subscription>) {
+        let now = Instant::now();
+        self.0
+            .retain(|&(at, _)| now.saturating_duration_since(at) < KEEP_RETIRED);
+        self.0.push((now, subscription));
+    }
+
+    fn into_vec(self) -> Vec<Box<dyn Subscription>> {
+        self.0.into_iter().map(|(_, s)| s).collect()
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -434,31 +528,34 @@ mod tests {
     struct HoldingConsumer {
         broker: Arc<MemoryBroker>,
         queue: String,
-        /// The consumer's only permit, taken by the test.
-        busy: OwnedSemaphorePermit,
+        /// The consumer's permits, all taken by the test.
+        busy: Vec<OwnedSemaphorePermit>,
         handed: mpsc::UnboundedReceiver<(Delivery, Option<OwnedSemaphorePermit>)>,
         trigger: ShutdownTrigger,
-        consuming: tokio::task::JoinHandle<()>,
+        consuming: tokio::task::JoinHandle<Vec<Box<dyn Subscription>>>,
     }
 
     const PATIENCE: Duration = Duration::from_millis(100);
 
-    /// A consumer of a task queue holding messages "1", "2" and "3", its
-    /// permit taken, the queue full: all three are prefetched and wait.
-    async fn holding_three_while_the_queue_is_full() -> HoldingConsumer {
+    /// A [`Permits::Hold`] consumer of a task queue holding `bodies`, with
+    /// `slots` permits, all taken by the test.
+    async fn holding_consumer(bodies: &[&str], slots: usize, prefetch: u16) -> HoldingConsumer {
         let names = Names::new("t");
         let broker = Arc::new(MemoryBroker::reliable(names.clone()));
         let queue = names.task_queue("default");
         broker.declare(&["default".to_owned()]).await.unwrap();
-        for body in ["1", "2", "3"] {
+        for body in bodies {
             let msg = Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
             broker.publish(vec![msg]).await.unwrap();
         }
         let clock = Arc::new(TokioClock::new(1_800_000_000_000));
         let store = Arc::new(MemoryStore::new(clock, Duration::from_secs(3600), 1, "t"));
         let health = Health::new(store, broker.clone());
-        let semaphore = Arc::new(Semaphore::new(1));
-        let busy = semaphore.clone().acquire_owned().await.unwrap();
+        let semaphore = Arc::new(Semaphore::new(slots));
+        let mut busy = Vec::new();
+        for _ in 0..slots {
+            busy.push(semaphore.clone().acquire_owned().await.unwrap());
+        }
         let trigger = ShutdownTrigger::new();
         let mut shutdown = trigger.subscribe();
         let (handed, handed_rx) = mpsc::unbounded_channel();
@@ -467,19 +564,16 @@ mod tests {
             async move {
                 let consumer = Consumer {
                     queue: &queue,
-                    prefetch: 10,
+                    prefetch,
                     priority: 0,
                     permits: Permits::Hold(&semaphore, PATIENCE),
                 };
                 consume(broker.as_ref(), consumer, &health, &mut shutdown, |d, p| {
                     handed.send((d, p)).is_ok()
                 })
-                .await;
+                .await
             }
         });
-        broker.set_full(&queue, true);
-        tokio::time::sleep(PATIENCE / 2).await;
-        assert_eq!(broker.unacked_len(&queue).await, 3, "all three prefetched");
         HoldingConsumer {
             broker,
             queue,
@@ -488,6 +582,20 @@ mod tests {
             trigger,
             consuming,
         }
+    }
+
+    /// A consumer of a task queue holding messages "1", "2" and "3", its
+    /// permit taken, the queue full: all three are prefetched and wait.
+    async fn holding_three_while_the_queue_is_full() -> HoldingConsumer {
+        let h = holding_consumer(&["1", "2", "3"], 1, 10).await;
+        h.broker.set_full(&h.queue, true);
+        tokio::time::sleep(PATIENCE / 2).await;
+        assert_eq!(
+            h.broker.unacked_len(&h.queue).await,
+            3,
+            "all three prefetched"
+        );
+        h
     }
 
     #[tokio::test(start_paused = true)]
@@ -561,6 +669,77 @@ mod tests {
         h.trigger.trigger();
         drop(h.busy);
         h.consuming.await.unwrap();
+    }
+
+    /// A worker whose slots all stay busy gives back what it holds and,
+    /// when a slot frees, subscribes again with a prefetch of the slots
+    /// free (one), not its full prefetch: a freed slot takes one message
+    /// out of the queue, not a prefetch's worth to keep from other workers
+    /// and then send to the back of the queue. As more slots free, it
+    /// subscribes wider, up to its full prefetch.
+    #[tokio::test(start_paused = true)]
+    async fn after_giving_back_a_consumer_takes_no_more_than_its_free_permits_and_widens_as_they_free()
+     {
+        let bodies: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+        let bodies: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        let HoldingConsumer {
+            broker,
+            queue,
+            mut busy,
+            handed: mut handed_rx,
+            trigger,
+            consuming,
+        } = holding_consumer(&bodies, 8, 8).await;
+        tokio::time::sleep(PATIENCE / 2).await;
+        assert_eq!(broker.prefetches(&queue).await, [8]);
+        assert_eq!(broker.unacked_len(&queue).await, 8, "a full prefetch waits");
+
+        // Every slot still busy: what it holds goes back.
+        tokio::time::sleep(PATIENCE).await;
+        assert_eq!(broker.unacked_len(&queue).await, 0, "given back");
+        assert_eq!(broker.ready_len(&queue).await, 40);
+        assert_eq!(broker.prefetches(&queue).await, Vec::<u16>::new());
+
+        // One slot frees: one message runs (acked, as a claim acks it),
+        // and one more waits for the next slot — not seven.
+        busy.pop();
+        let (first, permit) = handed_rx.recv().await.unwrap();
+        first.acker.ack().await.unwrap();
+        busy.push(permit.unwrap());
+        tokio::time::sleep(PATIENCE / 2).await;
+        assert_eq!(broker.prefetches(&queue).await, [1]);
+        assert_eq!(broker.unacked_len(&queue).await, 1, "one waits for a slot");
+        assert_eq!(broker.ready_len(&queue).await, 38);
+
+        // Six slots free: the waiting message runs; with five still free
+        // (twice its window or more) it subscribes five wide, five more
+        // run, and five wait for the next slots.
+        busy.truncate(2);
+        for _ in 0..6 {
+            let (d, permit) = handed_rx.recv().await.unwrap();
+            d.acker.ack().await.unwrap();
+            busy.push(permit.unwrap());
+        }
+        tokio::time::sleep(PATIENCE / 2).await;
+        assert_eq!(broker.prefetches(&queue).await, [5]);
+        assert!(handed_rx.try_recv().is_err(), "no slot free");
+        assert_eq!(broker.unacked_len(&queue).await, 5);
+        assert_eq!(broker.ready_len(&queue).await, 40 - 1 - 6 - 5);
+
+        // All free: back to its full prefetch, and everything runs.
+        busy.clear();
+        let mut ran = 7;
+        while ran < 40 {
+            let (d, _permit) = handed_rx.recv().await.unwrap();
+            d.acker.ack().await.unwrap();
+            ran += 1;
+        }
+        assert_eq!(broker.prefetches(&queue).await, [8]);
+        assert_eq!(broker.ready_len(&queue).await, 0);
+
+        trigger.trigger();
+        let subscriptions = consuming.await.unwrap();
+        assert!(!subscriptions.is_empty(), "the last one returned");
     }
 
     /// A delivery given back is a new message: its publisher's properties

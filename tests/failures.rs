@@ -1008,6 +1008,91 @@ async fn a_stale_duplicate_delivered_past_the_limit_is_dropped_not_dead_lettered
     d.shutdown().await;
 }
 
+/// A worker whose slots are all busy with long tasks gives back what it
+/// holds and, when one slot frees, takes one queued task to run and at
+/// most one more to wait for the next slot: not a whole prefetch (its
+/// concurrency) to keep from other workers and then send to the back of
+/// the queue. Nothing is counted as redelivered, and every task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_worker_whose_slot_frees_takes_one_queued_task_not_a_prefetch_of_them() {
+    let mut d = Deployment::new("narrow").await;
+    d.config.worker.hold_ms = 300;
+    d.config.worker.max_deliveries = 1;
+    let journal = open_journal(&mut d, "narrow");
+    d.start_dispatcher().await;
+    d.start_worker_without_submissions(4).await;
+    let client = Client::connect(&d.config.prefix).await;
+    d.start_long_task(&client, "first", 2_500).await;
+    for i in 0..3 {
+        d.start_long_task(&client, &format!("long-{i}"), 6_000)
+            .await;
+    }
+    let queued: Vec<String> = (0..6).map(|i| format!("queued-{i}")).collect();
+    for id in &queued {
+        client
+            .submit(&json!({"id": id, "requestor": "r",
+                "tasks": [{"name": "t", "handler": "sleep", "params": {"ms": 3_000}}]}))
+            .await;
+    }
+    let broker = common::connect_broker(&d.config).await;
+    let queue = d.names.task_queue("default");
+    let ready = || async {
+        broker
+            .queue_stats(std::slice::from_ref(&queue))
+            .await
+            .ok()
+            .and_then(|stats| stats.first().map(|s| s.ready))
+    };
+    eventually("the queued tasks are given back", WAIT, || async {
+        (ready().await? == 6).then_some(())
+    })
+    .await;
+
+    // The short task ends and frees a slot: one queued task runs in it;
+    // watch the queue while the worker is full again.
+    let first = d.wait_terminal("first", WAIT).await;
+    assert_eq!(first.state, JobState::Succeeded, "{first:#?}");
+    let mut fewest = u32::MAX;
+    let watch_until = tokio::time::Instant::now() + Duration::from_millis(1_200);
+    while tokio::time::Instant::now() < watch_until {
+        if let Some(n) = ready().await {
+            fewest = fewest.min(n);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fewest >= 6 - 2,
+        "with one slot free the worker took {} of the queued tasks out of \
+         the queue at once (one to run, one to wait for a slot at most)",
+        6 - fewest
+    );
+    let running = eventually("one queued task runs", WAIT, || async {
+        let mut running = Vec::new();
+        for id in &queued {
+            if d.status(id).await?.tasks["t"].state == TaskState::Running {
+                running.push(id.clone());
+            }
+        }
+        (!running.is_empty()).then_some(running)
+    })
+    .await;
+    assert_eq!(running.len(), 1, "{running:?}");
+
+    let ids: Vec<&str> = ["first", "long-0", "long-1", "long-2"]
+        .into_iter()
+        .chain(queued.iter().map(String::as_str))
+        .collect();
+    for id in &ids {
+        let status = d.wait_terminal(id, WAIT).await;
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        assert_eq!(status.tasks["t"].attempts, 1, "{status:#?}");
+    }
+    assert_invariants(&d, &ids, &journal).await;
+    assert!(client.take_dead().await.is_none(), "nothing turned poison");
+    client.close().await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_every_slot_busy_gives_held_tasks_back_for_an_idle_worker_uncounted() {
     let mut d = Deployment::new("hold").await;

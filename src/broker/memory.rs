@@ -468,6 +468,20 @@ impl MemoryBroker {
             .sum()
     }
 
+    /// The prefetch of each subscription of `queue` still taking
+    /// deliveries (not cancelled), oldest first.
+    pub async fn prefetches(&self, queue: &str) -> Vec<u16> {
+        let state = self.shared.lock();
+        let mut active: Vec<_> = state
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.queue == queue && c.active)
+            .map(|(&id, c)| (id, c.prefetch))
+            .collect();
+        active.sort_unstable();
+        active.into_iter().map(|(_, prefetch)| prefetch).collect()
+    }
+
     /// Remove and return the ready messages of `queue`, head first.
     pub async fn take_messages(&self, queue: &str) -> Vec<QueuedMessage> {
         self.shared

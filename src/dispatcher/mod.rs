@@ -128,13 +128,13 @@ impl Dispatcher {
 
     /// Consume one queue of submissions until `shutdown` fires; returns
     /// once the submissions in flight are handled, with the cancelled
-    /// subscription (kept until then, so nothing is handed back early).
+    /// subscriptions (kept until then, so nothing is handed back early).
     async fn consume_submissions(
         &self,
         queue: String,
         permits: &Arc<Semaphore>,
         mut shutdown: Shutdown,
-    ) -> Option<Box<dyn Subscription>> {
+    ) -> Vec<Box<dyn Subscription>> {
         let broker = self.outbox.broker().clone();
         let mut in_flight = JoinSet::new();
         let subscription = consume(

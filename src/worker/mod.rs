@@ -272,8 +272,8 @@ impl Worker {
         // until the end, so unfinished deliveries are not handed back early).
         let mut subscriptions = Vec::new();
         while let Some(done) = consumers.join_next().await {
-            if let Ok(Some(s)) = done {
-                subscriptions.push(s);
+            if let Ok(s) = done {
+                subscriptions.extend(s);
             }
         }
         let drain = async { while running.join_next().await.is_some() {} };
@@ -299,7 +299,7 @@ impl Worker {
     }
 
     /// One queue's consumer: passes deliveries (with their permit) to the
-    /// run loop. Returns its cancelled subscription at shutdown. Task
+    /// run loop. Returns its cancelled subscriptions at shutdown. Task
     /// deliveries wait for a permit; `submissions` (the submit queue, ahead
     /// of dispatchers) wait at most [`SUBMISSION_PATIENCE`], and are then
     /// handled as a dispatcher would, so a worker busy with long tasks
@@ -311,7 +311,7 @@ impl Worker {
         permits: Arc<Semaphore>,
         mut shutdown: Shutdown,
         tx: mpsc::UnboundedSender<(Work, Option<OwnedSemaphorePermit>)>,
-    ) -> Option<Box<dyn Subscription>> {
+    ) -> Vec<Box<dyn Subscription>> {
         let prefetch = u16::try_from(self.options.concurrency)
             .unwrap_or(u16::MAX)
             .max(1);
