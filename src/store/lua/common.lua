@@ -1,5 +1,5 @@
 -- Shared prelude of the Conveyor function library (every transition below
--- is one function of it; `store/redis.rs` puts the library together).
+-- is one function of it; `store/redis/functions.rs` puts the library together).
 -- keys[1]: the job hash; keys[2]: the job's history list. Both carry the
 -- job's hash tag, so every call touches exactly one Redis Cluster slot.
 --
