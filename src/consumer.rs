@@ -197,7 +197,7 @@ pub async fn consume(
             } else {
                 give_back_again
             };
-            let (idle, room) = (held.is_empty(), held.len() < usize::from(prefetch.max(1)));
+            let (idle, room) = (held.is_empty(), held.len() < usize::from(prefetch));
             // Nothing is received into an empty hand, nor handed on, while
             // the store is down: it would only come straight back (a claim
             // the store refuses sends its message back to the queue).

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::Journal;
 use crate::store::{ClaimRef, Store};
@@ -29,6 +30,9 @@ pub(super) const RENEW_RETRY: Duration = Duration::from_millis(100);
 struct Held {
     claim: ClaimRef,
     lost: Arc<Notify>,
+    /// When the claim, or the last renewal of it the store confirmed, was
+    /// asked for: its lease runs for at least a lease from then.
+    confirmed: Instant,
 }
 
 /// Claims held by this worker, keyed by (job, task index), each with the
@@ -58,14 +62,15 @@ impl ActiveClaims {
         }
     }
 
-    /// Renew `claim` from now on; the returned signal fires if it is lost.
+    /// Renew `claim`, asked for at `asked`, from now on; the returned
+    /// signal fires if it is lost.
     ///
     /// A claim this worker still holds for the same task is an older
     /// attempt's that the store has already taken back (it granted this
     /// one): its run is told it is lost. Keeping both under one key, as the
     /// first versions did, left the older run going and let its end remove
     /// the newer claim, which then went unrenewed until its lease lapsed.
-    pub(super) fn insert(&self, claim: ClaimRef) -> ClaimLost {
+    pub(super) fn insert(&self, claim: ClaimRef, asked: Instant) -> ClaimLost {
         let lost = Arc::new(Notify::new());
         let new_fence = claim.fence;
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -74,6 +79,7 @@ impl ActiveClaims {
             Held {
                 claim,
                 lost: lost.clone(),
+                confirmed: asked,
             },
         );
         if let Some(older) = older {
@@ -93,6 +99,25 @@ impl ActiveClaims {
             && held.get().claim == *claim
         {
             held.remove();
+        }
+    }
+
+    /// When `claim` (if held) or its last renewal the store confirmed was
+    /// asked for.
+    pub(super) fn confirmed(&self, claim: &ClaimRef) -> Option<Instant> {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(claim.job.clone(), claim.idx))
+            .filter(|held| held.claim == *claim)
+            .map(|held| held.confirmed)
+    }
+
+    /// Note that the store confirmed `claim`'s renewal asked for at `asked`.
+    pub(super) fn confirm(&self, claim: &ClaimRef, asked: Instant) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = map.get_mut(&(claim.job.clone(), claim.idx))
+            && held.claim == *claim
+        {
+            held.confirmed = held.confirmed.max(asked);
         }
     }
 
@@ -134,6 +159,7 @@ impl ActiveClaims {
             if claims.is_empty() {
                 continue;
             }
+            let asked = Instant::now();
             match store.renew(&claims, lease).await {
                 Ok(held) => {
                     if std::mem::take(&mut failing) {
@@ -141,6 +167,7 @@ impl ActiveClaims {
                     }
                     for (claim, held) in claims.iter().zip(held) {
                         if held {
+                            self.confirm(claim, asked);
                             if let Some(j) = &self.journal {
                                 j.record('R', claim, None);
                             }
@@ -229,8 +256,8 @@ mod tests {
     async fn a_newer_claim_of_the_same_task_stops_the_older_run_and_outlives_its_end() {
         let active = ActiveClaims::new(None);
         let (older, newer) = (claim_of(1, 10), claim_of(2, 11));
-        let older_lost = active.insert(older.clone());
-        let newer_lost = active.insert(newer.clone());
+        let older_lost = active.insert(older.clone(), Instant::now());
+        let newer_lost = active.insert(newer.clone(), Instant::now());
         tokio::time::timeout(Duration::from_secs(1), older_lost.wait())
             .await
             .expect("the older run is told its claim is lost");
@@ -251,7 +278,7 @@ mod tests {
     async fn a_failed_renewal_is_tried_again_soon_not_a_period_later() {
         let (store, claim) = store_with_a_claim().await;
         let active = ActiveClaims::new(None);
-        let lost = active.insert(claim);
+        let lost = active.insert(claim, Instant::now());
         let renewing = {
             let (active, store) = (active.clone(), store.clone());
             tokio::spawn(async move { active.renew_forever(store, LEASE).await })

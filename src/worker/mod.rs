@@ -425,7 +425,7 @@ impl Worker {
     /// completion made ready and this worker took on (see
     /// [`Worker::finish`]): a chain runs here without a broker hop per step.
     async fn run_claimed(&self, claimed: Claimed, asked: Instant, stops: Stops) {
-        let lost = self.active.insert(claimed.claim.clone());
+        let lost = self.active.insert(claimed.claim.clone(), asked);
         let mut next = Some(NextRun {
             claimed,
             asked,
@@ -438,31 +438,61 @@ impl Worker {
 
     /// Whether a claim asked for at `asked` may have lapsed before its run
     /// starts and been taken over, so that running it now would run the
-    /// task beside the claim that took it over. A claim is renewed only
-    /// once its run has started; until then its lease runs down while the
-    /// worker acks, publishes and replies, normally for milliseconds, but a
-    /// process paused or starved past a renewal period (a third of the
-    /// lease) renews it first. False when it is still held, and when the
-    /// store cannot say (the renewals stop the run if it turns out lost).
-    async fn lapsed_before_its_run(&self, claim: &ClaimRef, asked: Instant) -> bool {
-        if asked.elapsed() < self.options.lease / 3 {
+    /// task beside the claim that took it over. Its lease runs down from
+    /// its claim, or from its last renewal the store confirmed (a claim
+    /// taken to run next is renewed while the worker publishes what its
+    /// previous run made ready), normally for milliseconds before the run,
+    /// but a process paused or starved past a renewal period (a third of
+    /// the lease) renews it first. False when it is still held. When the
+    /// store cannot say: false while the last confirmation is less than a
+    /// lease old (the claim is live; the renewals stop the run if it turns
+    /// out lost); past that a sweep may have handed the task to another
+    /// claim, so the run waits for the renewals to reach the store and say
+    /// (`lost`, or a fresh confirmation), and is not run on a hard stop.
+    async fn lapsed_before_its_run(
+        &self,
+        claim: &ClaimRef,
+        asked: Instant,
+        lost: &ClaimLost,
+        stops: &Stops,
+    ) -> bool {
+        let lease = self.options.lease;
+        let confirmed = self.active.confirmed(claim).unwrap_or(asked);
+        if confirmed.elapsed() < lease / 3 {
             return false;
         }
-        match self
-            .store
-            .renew(std::slice::from_ref(claim), self.options.lease)
-            .await
-        {
+        let renewing = Instant::now();
+        let e = match self.store.renew(std::slice::from_ref(claim), lease).await {
             Ok(held) if held.first() == Some(&false) => {
                 tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence,
-                    stalled_ms = asked.elapsed().as_millis() as u64,
+                    stalled_ms = confirmed.elapsed().as_millis() as u64,
                     "claim lost before its run started (this worker stalled past its lease); not running it");
-                true
+                return true;
             }
-            Ok(_) => false,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot renew a stalled claim before its run; running it");
-                false
+            Ok(_) => {
+                self.active.confirm(claim, renewing);
+                return false;
+            }
+            Err(e) if confirmed.elapsed() < lease => {
+                tracing::debug!(error = %e, "cannot renew a stalled claim before its run; it is live still: running it");
+                return false;
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(job = %claim.job, idx = claim.idx, fence = claim.fence, error = %e,
+            unconfirmed_ms = confirmed.elapsed().as_millis() as u64,
+            "a claim unconfirmed for longer than its lease may have been taken over; waiting for the store to say before running it");
+        let mut hard_stop = stops.hard.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = hard_stop.wait() => return true,
+                () = lost.wait() => return true,
+                () = tokio::time::sleep(leases::RENEW_RETRY) => {
+                    if self.active.confirmed(claim).is_some_and(|c| c.elapsed() < lease) {
+                        return false;
+                    }
+                }
             }
         }
     }
@@ -475,7 +505,10 @@ impl Worker {
             asked,
             lost,
         } = run;
-        if self.lapsed_before_its_run(&claimed.claim, asked).await {
+        if self
+            .lapsed_before_its_run(&claimed.claim, asked, &lost, stops)
+            .await
+        {
             self.active.remove(&claimed.claim);
             return None;
         }
@@ -574,7 +607,7 @@ impl Worker {
                         .await
                     {
                         Ok(ClaimOutcome::Claimed(claimed)) => {
-                            let lost = self.active.insert(claimed.claim.clone());
+                            let lost = self.active.insert(claimed.claim.clone(), asked);
                             next = Some(NextRun {
                                 claimed: *claimed,
                                 asked,
@@ -915,12 +948,9 @@ mod tests {
         let _ = tokio::join!(dispatcher, worker);
     }
 
-    /// A worker that could not start a claimed task for longer than its
-    /// lease (a process paused by SIGSTOP, whose renewals stopped too)
-    /// asks the store before running it: a claim the sweep took over is
-    /// not run; one still held is.
-    #[tokio::test(start_paused = true)]
-    async fn a_claim_that_lapsed_before_its_run_started_is_not_run() {
+    /// A worker, its store, and two claims of one-task jobs taken at the
+    /// same moment, neither in the worker's books yet.
+    async fn worker_with_two_claims() -> (Worker, Arc<MemoryStore>, Vec<(ClaimRef, Instant)>) {
         let names = Names::new("stall");
         let store = memory_store();
         let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
@@ -954,21 +984,97 @@ mod tests {
             };
             claims.push((claimed.claim, Instant::now()));
         }
+        (worker, store, claims)
+    }
+
+    fn stops() -> (ShutdownTrigger, Stops) {
+        let trigger = ShutdownTrigger::new();
+        let stops = Stops {
+            graceful: trigger.subscribe(),
+            hard: trigger.subscribe(),
+        };
+        (trigger, stops)
+    }
+
+    /// A worker that could not start a claimed task for longer than its
+    /// lease (a process paused by SIGSTOP, whose renewals stopped too)
+    /// asks the store before running it: a claim the sweep took over is
+    /// not run; one still held is.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_lapsed_before_its_run_started_is_not_run() {
+        let (worker, store, claims) = worker_with_two_claims().await;
+        let (_trigger, stops) = stops();
+        let lost: Vec<ClaimLost> = claims
+            .iter()
+            .map(|(claim, asked)| worker.active.insert(claim.clone(), *asked))
+            .collect();
         tokio::time::advance(LEASE * 2).await;
         // The sweep takes the first claim over; the second is renewed (by
         // its worker, late) before the sweep gets to it.
         store.renew(&[claims[1].0.clone()], LEASE).await.unwrap();
         let taken = store.expired_leases(10, "sweep").await.unwrap();
         assert_eq!(taken.len(), 1, "{taken:?}");
+        let (lapsed, held) = (&claims[0], &claims[1]);
         assert!(
             worker
-                .lapsed_before_its_run(&claims[0].0, claims[0].1)
+                .lapsed_before_its_run(&lapsed.0, lapsed.1, &lost[0], &stops)
                 .await
         );
         assert!(
             !worker
-                .lapsed_before_its_run(&claims[1].0, claims[1].1)
+                .lapsed_before_its_run(&held.0, held.1, &lost[1], &stops)
                 .await
         );
+    }
+
+    /// The same while the store cannot be reached: a claim unconfirmed for
+    /// longer than its lease may have been taken over (a sweep of another
+    /// dispatcher, before this worker lost the store), so its run waits
+    /// for the renewals to reach the store. When they do, the claim taken
+    /// over is not run and the one still held is. (Run at once, the first
+    /// would have run beside the claim that took it over.)
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_claim_is_not_run_while_the_store_cannot_say_whether_it_is_held() {
+        let (worker, store, claims) = worker_with_two_claims().await;
+        let (_trigger, stops) = stops();
+        let mut checks = Vec::new();
+        tokio::time::advance(LEASE * 2).await;
+        store.set_outage(true);
+        for (claim, asked) in &claims {
+            let lost = worker.active.insert(claim.clone(), *asked);
+            let (worker, claim, asked, stops) =
+                (worker.clone(), claim.clone(), *asked, stops.clone());
+            checks.push(tokio::spawn(async move {
+                worker
+                    .lapsed_before_its_run(&claim, asked, &lost, &stops)
+                    .await
+            }));
+        }
+        let renewals = tokio::spawn({
+            let (active, store) = (worker.active.clone(), store.clone());
+            async move { active.renew_forever(store, LEASE).await }
+        });
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(
+            checks.iter().all(|c| !c.is_finished()),
+            "neither runs nor gives up while the store is out"
+        );
+
+        // Back: the second claim's renewal gets there before the sweep,
+        // which takes the first over; then the worker's renewals run.
+        store.set_outage(false);
+        store.renew(&[claims[1].0.clone()], LEASE).await.unwrap();
+        let taken = store.expired_leases(10, "sweep").await.unwrap();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        let mut verdicts = Vec::new();
+        for check in checks {
+            verdicts.push(check.await.unwrap());
+        }
+        assert_eq!(
+            verdicts,
+            [true, false],
+            "the taken-over claim is not run; the held one is"
+        );
+        renewals.abort();
     }
 }
