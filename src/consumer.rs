@@ -301,20 +301,30 @@ const WIDEN_RETRY: Duration = Duration::from_secs(1);
 /// last deliveries, handed on, are claimed and settled well within it.
 /// Dropping a subscription may close its channel (the in-process broker
 /// closes it at once), which would send back the deliveries it still has
-/// unacked.
-const KEEP_RETIRED: Duration = Duration::from_secs(60);
+/// unacked: harmless (a claim deduplicates them), but each counts a
+/// delivery. (An AMQP channel stays open anyway while a delivery of it is
+/// unsettled.)
+const KEEP_RETIRED: Duration = Duration::from_secs(5);
+
+/// The most cancelled subscriptions kept at once (each may hold a
+/// channel): a consumer whose slots free and fill again many times a
+/// second drops the oldest first.
+const KEEP_RETIRED_AT_MOST: usize = 16;
 
 /// Cancelled subscriptions, kept for [`KEEP_RETIRED`] (the last of them
-/// until the consumer returns).
+/// until the consumer returns), at most [`KEEP_RETIRED_AT_MOST`].
 #[derive(Default)]
-struct Retired(Vec<(Instant, Box<dyn Subscription>)>);
+struct Retired(VecDeque<(Instant, Box<dyn Subscription>)>);
 
 impl Retired {
     fn keep(&mut self, subscription: Box<dyn Subscription>) {
         let now = Instant::now();
         self.0
             .retain(|&(at, _)| now.saturating_duration_since(at) < KEEP_RETIRED);
-        self.0.push((now, subscription));
+        if self.0.len() >= KEEP_RETIRED_AT_MOST {
+            self.0.pop_front();
+        }
+        self.0.push_back((now, subscription));
     }
 
     fn into_vec(self) -> Vec<Box<dyn Subscription>> {

@@ -457,6 +457,10 @@ impl Worker {
         stops: &Stops,
     ) -> bool {
         let lease = self.options.lease;
+        // The claim itself is fresh: the usual case, with no lookup.
+        if asked.elapsed() < lease / 3 {
+            return false;
+        }
         let confirmed = self.active.confirmed(claim).unwrap_or(asked);
         if confirmed.elapsed() < lease / 3 {
             return false;
