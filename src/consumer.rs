@@ -141,8 +141,8 @@ pub async fn consume(
         // submissions), which may be the only ones with work. What is held
         // here when the subscription closes goes back to the queue.
         let mut held: VecDeque<(Instant, Delivery)> = VecDeque::new();
-        // Set when the subscription was cancelled to give back what is held
-        // and the queue refused the copies (at a length limit): the
+        // Set when the subscription was cancelled to give back what is
+        // held. If the queue refused the copies (at a length limit), the
         // deliveries stay held, handed on as permits free, and the give-back
         // is tried again at this moment. Requeued instead, each would count
         // a delivery, and a task that never ran would turn poison.
@@ -152,8 +152,8 @@ pub async fn consume(
         loop {
             let subscribed = give_back_again.is_none();
             if !subscribed && held.is_empty() {
-                // Everything kept has been handed on: consume again once a
-                // permit is free.
+                // Everything was given back, or every delivery kept has
+                // been handed on: consume again once a permit is free.
                 retired.keep(subscription);
                 tokio::select! {
                     biased;
@@ -225,19 +225,13 @@ pub async fn consume(
                     }
                     let next_try = Instant::now() + patience.unwrap_or_default();
                     narrow = true;
-                    if let Some(kept) = give_back_unless_refused(broker, held, next_try).await {
-                        (held, give_back_again) = (kept, Some(next_try));
-                        continue;
-                    }
-                    held = VecDeque::new();
-                    retired.keep(subscription);
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break 'subscribe,
-                        // Subscribe again once a permit is free.
-                        p = semaphore.acquire() => if p.is_err() { break 'subscribe },
-                    }
-                    continue 'subscribe;
+                    // What the queue refused is kept, handed on as permits
+                    // free and given back again at `next_try`; with nothing
+                    // kept, the loop consumes again once a permit is free.
+                    held = give_back_unless_refused(broker, held, next_try)
+                        .await
+                        .unwrap_or_default();
+                    give_back_again = Some(next_try);
                 }
                 _ = async {
                     sleep_until(over).await;
