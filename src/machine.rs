@@ -109,6 +109,12 @@ pub enum Promotion {
     Ready(TaskMessage),
     /// Not yet due (at this time, ms).
     Later(u64),
+    /// The task is still at the attempt before, unfinished: the entry may
+    /// be a retry whose outcome is on its way (scheduled first, applied
+    /// second), or a refused outcome's. Keep it, to look again later: the
+    /// outcome, once applied, moves it to its own due time, and once the
+    /// task has moved on it is gone.
+    Pending,
     /// Nothing to do: forget the entry.
     Gone,
 }
@@ -610,6 +616,9 @@ impl JobRecord {
         let Some(t) = self.task(idx) else {
             return Promotion::Gone;
         };
+        if t.attempt + 1 == attempt && !t.state.is_terminal() {
+            return Promotion::Pending;
+        }
         if t.attempt != attempt {
             return Promotion::Gone;
         }

@@ -54,7 +54,8 @@
 //! `conveyor::flag`). A failure
 //! prints `SIM_SEED=<n>` to rerun it alone (`SIM_SEED=<n>,<m>` for
 //! several), held to the invariants only. `SIM_SEEDS=<n>` runs the range
-//! `0..n` instead of `0..2000`; a range is also held to coverage checks
+//! `0..n` instead of `0..2000` (`SIM_SEEDS=<from>..<to>` any other
+//! range, to try seeds not tried before); a range is also held to coverage checks
 //! (enough seeds restarted the store, lost a claim, let leases lapse,
 //! crashed a process inside a store call). A seed names a run only under
 //! the schedule and code of its day: changing either changes what every
@@ -140,7 +141,17 @@ use tokio::task::JoinHandle;
 /// mechanism under 4845 too. Fixed where it is decided
 /// (`lapsed_before_its_run`): a claim unconfirmed for more than a lease
 /// waits for the renewals to reach the store and say whether it is held.
-const REGRESSION_SEEDS: &[u64] = &[21, 302, 41, 4869, 37, 1263, 4845, 3573, 40704, 57149];
+/// 182924 (twenty-third session, in seeds 120,000 to 240,000): a claim the
+/// store lost was refused its outcome (a retry, whose entry is scheduled
+/// before the outcome is applied); the sweep read that entry while the
+/// task's next claim, at the same attempt, ran, and was to forget it as
+/// gone; that claim's own retry, applied in between, scheduled the same
+/// entry, and the forget dropped it: the task stayed `retrying` with
+/// nothing to wake it. Fixed in `promote`: an entry whose task is still at
+/// the attempt before, unfinished, is kept and looked at again.
+const REGRESSION_SEEDS: &[u64] = &[
+    21, 302, 41, 4869, 37, 1263, 4845, 3573, 40704, 57149, 182924,
+];
 
 /// The regression seeds found before the sweep interval, broker
 /// refusals and full task queues joined the schedule: those stay out of
@@ -1055,13 +1066,18 @@ fn attempt_named(to: &str, reason: &str) -> Option<u32> {
 
 /// Every running task: job, index, attempt and the fence of its claim.
 fn running_tasks(store: &MemoryStore) -> Vec<(String, u32, u32, Option<u64>)> {
+    tasks_in(store, TaskState::Running)
+}
+
+/// Every task in `state`: (job, index, attempt, fence).
+fn tasks_in(store: &MemoryStore, state: TaskState) -> Vec<(String, u32, u32, Option<u64>)> {
     store.inspect_records(|records| {
         records
             .flat_map(|r| {
                 r.tasks
                     .iter()
                     .enumerate()
-                    .filter(|(_, t)| t.state == TaskState::Running)
+                    .filter(|(_, t)| t.state == state)
                     .map(|(i, t)| (r.id.clone(), i as u32, t.attempt, t.fence))
                     .collect::<Vec<_>>()
             })
@@ -1072,15 +1088,25 @@ fn running_tasks(store: &MemoryStore) -> Vec<(String, u32, u32, Option<u64>)> {
 /// Every running task's claim has its entry in the lease schedule: the
 /// sweep finds lapsed claims only through it, so a claim without one
 /// whose worker dies leaves its task running for ever (until an audit,
-/// which only a store server change brings). Checked over every record
-/// at every step: removing an entry changes no record's version.
-fn check_running_tasks_are_scheduled(store: &MemoryStore) -> Result<(), String> {
-    let running = running_tasks(store);
-    for (job, idx, attempt, fence) in running {
+/// which only a store server change brings). And every retrying task has
+/// its entry in the retry schedule, the only way its next attempt starts
+/// (seed 182924 found it forgotten only when its job never finished).
+/// Checked over every record at every step: removing an entry changes no
+/// record's version.
+fn check_running_and_retrying_tasks_are_scheduled(store: &MemoryStore) -> Result<(), String> {
+    for (job, idx, attempt, fence) in running_tasks(store) {
         if store.lease_entry(&job, idx, attempt).is_none() {
             return Err(format!(
                 "{job}/{idx}: running at attempt {attempt} (fence {fence:?}) with no entry in \
                  the lease schedule: if its worker dies, no sweep reclaims it"
+            ));
+        }
+    }
+    for (job, idx, attempt, _) in tasks_in(store, TaskState::Retrying) {
+        if store.retry_entry(&job, idx, attempt).is_none() {
+            return Err(format!(
+                "{job}/{idx}: retrying, attempt {attempt} next, with no entry in the retry \
+                 schedule: no sweep will start it"
             ));
         }
     }
@@ -1385,7 +1411,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         store.inspect_records(|records| {
             check_consistency(records, &accepted_ids, &execs, &mut checked)
         })?;
-        check_running_tasks_are_scheduled(&store)?;
+        check_running_and_retrying_tasks_are_scheduled(&store)?;
         let changed = std::mem::take(&mut *changed.lock().unwrap());
         let only = (!full).then_some(&changed);
         check_no_overlapping_claims(&execs, &claims.lock().unwrap(), lease_ms, only)
@@ -1823,7 +1849,7 @@ fn check_dead_letters(dead: &[QueuedMessage], names: &Names) -> Result<(), Strin
 
 /// The seeds to run: `SIM_SEED=<n>[,<n>...]` replays the seeds given, and
 /// nothing else; otherwise the regression seeds, then `0..SIM_SEEDS`
-/// (2,000 unless set): a range.
+/// (2,000 unless set) or `SIM_SEEDS=<from>..<to>`: a range.
 struct Seeds {
     seeds: Vec<u64>,
     /// Given one by one: held to the invariants only, not to the coverage
@@ -1846,15 +1872,21 @@ fn seeds() -> Seeds {
             replay: true,
         };
     }
-    let n = std::env::var("SIM_SEEDS")
+    let range = std::env::var("SIM_SEEDS")
         .ok()
         .map(|s| {
-            s.parse()
-                .unwrap_or_else(|_| panic!("SIM_SEEDS={s:?}: not a number of seeds"))
+            let bad = || panic!("SIM_SEEDS={s:?}: not a number of seeds nor a range <from>..<to>");
+            match s.split_once("..") {
+                Some((from, to)) => {
+                    from.trim().parse().unwrap_or_else(|_| bad())
+                        ..to.trim().parse().unwrap_or_else(|_| bad())
+                }
+                None => 0..s.trim().parse().unwrap_or_else(|_| bad()),
+            }
         })
-        .unwrap_or(DEFAULT_SEEDS);
+        .unwrap_or(0..DEFAULT_SEEDS);
     Seeds {
-        seeds: REGRESSION_SEEDS.iter().copied().chain(0..n).collect(),
+        seeds: REGRESSION_SEEDS.iter().copied().chain(range).collect(),
         replay: false,
     }
 }

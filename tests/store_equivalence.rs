@@ -61,6 +61,11 @@ fn same_claim(a: ClaimOutcome, b: ClaimOutcome, ctx: &str) -> Option<(ClaimRef, 
     }
 }
 
+/// Every message the sweep's actions publish, in order.
+fn published(actions: &[SweepAction]) -> Vec<TaskMessage> {
+    actions.iter().flat_map(|a| a.publish.clone()).collect()
+}
+
 fn sorted(mut actions: Vec<SweepAction>) -> Vec<SweepAction> {
     actions.sort_by(|a, b| a.entry.cmp(&b.entry));
     actions
@@ -905,6 +910,68 @@ async fn a_refused_outcome_of_a_task_that_moved_on_gives_the_sweep_nothing_to_of
     common::cleanup(&config).await;
 }
 
+/// A retry entry the sweep reads while its task is still at the attempt
+/// before (here: a refused outcome's, scheduled before it was refused) is
+/// kept, not forgotten: the live claim's outcome, applied between the
+/// sweep's read and its forget, schedules the same entry, and forgetting
+/// it then left the task `retrying` with nothing to wake it (the
+/// simulation's seed 182924). It is looked at again a second later, or at
+/// the due time the applied outcome gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_entry_read_before_its_outcome_is_applied_is_kept_for_that_outcome() {
+    let config = common::test_config(&common::unique_prefix("pendingretry"));
+    for (name, store) in side_by_side(&config).await {
+        let msg = create_noop_job(store.as_ref(), "pending").await;
+        let live = claim_first_attempt(store.as_ref(), "pending").await.claim;
+        let retry_now = AttemptResult::Retry {
+            error: "transient".into(),
+            delay: Duration::ZERO,
+        };
+        // An older claim's outcome: refused, but its retry entry (attempt
+        // 2) was scheduled first, as every retry's is.
+        let refused = ClaimRef {
+            fence: live.fence - 1,
+            ..live.clone()
+        };
+        assert_eq!(
+            store.complete(&refused, "old", &retry_now).await.unwrap(),
+            Applied::Stale,
+            "{name}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The sweep reads it while attempt 1 still runs: nothing to do yet.
+        let early = store.due_retries(100).await.unwrap();
+        assert_eq!(early, Vec::new(), "{name}: attempt 1 is still running");
+        assert!(
+            store.next_retry_in(0).await.unwrap().is_some(),
+            "{name}: the entry is kept"
+        );
+        // The live claim's outcome is applied; then the sweep forgets
+        // whatever its read gave it to forget (nothing).
+        let applied = store.complete(&live, "w", &retry_now).await.unwrap();
+        assert!(
+            matches!(
+                applied,
+                Applied::Done {
+                    duplicate: false,
+                    ..
+                }
+            ),
+            "{name}: {applied:?}"
+        );
+        let forget: Vec<String> = early.iter().map(|a| a.entry.clone()).collect();
+        store.forget_retries(&forget).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let promoted = store.due_retries(100).await.unwrap();
+        assert_eq!(
+            published(&promoted),
+            vec![TaskMessage { attempt: 2, ..msg }],
+            "{name}: attempt 2 is offered at its due time"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
 /// When the next retry falls due is read past the earliest ones the sweep
 /// skips (those it could not publish): the `skip`th retry in due order,
 /// the same on both stores.
@@ -991,10 +1058,7 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
         tokio::time::sleep(lease + Duration::from_millis(100)).await;
         let swept = store.expired_leases(100, "sweep").await.unwrap();
         assert_eq!(
-            swept
-                .iter()
-                .flat_map(|a| a.publish.clone())
-                .collect::<Vec<_>>(),
+            published(&swept),
             vec![TaskMessage { attempt: 2, ..msg }],
             "{name}: the lapsed claim is re-queued as attempt 2"
         );
@@ -1064,10 +1128,7 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
     let swept = sweep.expired_leases(100, "sweep").await.unwrap();
     assert_eq!(
-        swept
-            .iter()
-            .flat_map(|a| a.publish.clone())
-            .collect::<Vec<_>>(),
+        published(&swept),
         vec![TaskMessage { attempt: 2, ..held }],
         "the lapsed claim is offered again as attempt 2"
     );
@@ -1110,10 +1171,7 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
     );
     let promoted = sweep.due_retries(100).await.unwrap();
     assert_eq!(
-        promoted
-            .iter()
-            .flat_map(|a| a.publish.clone())
-            .collect::<Vec<_>>(),
+        published(&promoted),
         vec![TaskMessage {
             attempt: 2,
             ..failing

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, DEFAULT_MAX_INPUTS_BYTES,
-    JobStatus, JobSummary, Pruned, ScheduleIndex, Store, StoreError, SweepAction, WorkerInfo,
-    entry, parse_entry,
+    JobStatus, JobSummary, PENDING_RETRY_RECHECK, Pruned, ScheduleIndex, Store, StoreError,
+    SweepAction, WorkerInfo, entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
 use crate::machine::{JobRecord, Promotion, Reclaim};
@@ -379,6 +379,14 @@ impl MemoryStore {
         state.leases.scores.get(&entry(job, idx, attempt)).copied()
     }
 
+    /// The score (due time, ms) of the retry schedule's entry for `attempt`
+    /// of task `idx` of `job`, if it has one (for simulations: a retrying
+    /// task without its entry is one no sweep would ever promote).
+    pub fn retry_entry(&self, job: &str, idx: u32, attempt: u32) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.retries.scores.get(&entry(job, idx, attempt)).copied()
+    }
+
     /// Sizes of the lease and retry schedules.
     pub fn schedule_sizes(&self) -> (usize, usize) {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -604,6 +612,9 @@ impl Store for MemoryStore {
                             publish: vec![msg],
                         }),
                         Promotion::Later(due) => state.retries.add_existing(&e, due),
+                        Promotion::Pending => state
+                            .retries
+                            .add_existing(&e, now + PENDING_RETRY_RECHECK.as_millis() as u64),
                         Promotion::Gone => actions.push(SweepAction::forget(e)),
                     }
                 }

@@ -159,6 +159,15 @@ impl OversizedInputs {
 /// The default `limits.max_inputs_bytes`, for a store not told otherwise.
 pub const DEFAULT_MAX_INPUTS_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How much later the sweep looks again at a due retry entry whose task is
+/// still at the attempt before ([`crate::machine::Promotion::Pending`]).
+/// Such an entry is rare (a refused outcome's, or one read in the moment
+/// between a retry's scheduling and its applying), so looking once a
+/// second costs little; the applied outcome moves the entry to its own due
+/// time, unless it lands in that moment too, when the retry starts up to
+/// this much late.
+pub const PENDING_RETRY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimOutcome {
@@ -465,7 +474,13 @@ pub trait Store: Send + Sync + 'static {
     /// one: the lease lapsed and the task moved on) do nothing.
     async fn recheck(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
-    /// Promote retries that are due; publish, then `forget_retries`.
+    /// Promote retries that are due; publish, then `forget_retries`. An
+    /// entry of a task still at the attempt before (its retry's outcome
+    /// perhaps not applied yet) gives no action: it is kept and looked at
+    /// again [`PENDING_RETRY_RECHECK`] later, unless an outcome moved it
+    /// meanwhile. Forgetting it lost the retry of an outcome applied between
+    /// the read and the forget: the task stayed `retrying` with nothing to
+    /// wake it (the simulation's seed 182924).
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError>;
 
     /// Forget retry entries whose messages are confirmed.

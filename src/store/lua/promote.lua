@@ -1,10 +1,18 @@
 -- promote: a scheduled retry is due; make the task ready again.
 -- ARGV[1] idx, ARGV[2] attempt (the one to start), ARGV[3] by.
 -- Idempotent: a task already ready at this attempt is offered again.
--- Returns {'ready', name, queue}, {'later', due ms}, or {'gone'}.
+-- Returns {'ready', name, queue}, {'later', due ms}, {'pending'} (the task
+-- is still at the attempt before, unfinished: the entry may be a retry
+-- whose outcome is on its way, scheduled before it is applied, or a
+-- refused outcome's; the caller keeps it and looks again later), or
+-- {'gone'}.
 if redis.call('EXISTS', J) == 0 then return {'gone'} end
 local i = ARGV[1]
 local v = redis.call('HMGET', J, 's:' .. i, 'a:' .. i, 'due:' .. i, 'nm:' .. i, 'q:' .. i)
+if tonumber(v[2]) and tonumber(v[2]) + 1 == tonumber(ARGV[2])
+    and v[1] ~= 'succeeded' and v[1] ~= 'failed' and v[1] ~= 'cancelled' then
+  return {'pending'}
+end
 if v[2] ~= ARGV[2] then return {'gone'} end
 if v[1] == 'ready' then return {'ready', v[4], v[5]} end
 if v[1] ~= 'retrying' then return {'gone'} end

@@ -11,7 +11,7 @@ pub(crate) const COMMON: &str = include_str!("../lua/common.lua");
 /// Every transition's body, by name, in `Script` order. Each runs as the
 /// body of a function after `begin`; its return value is the reply, after
 /// the buffered history entries are flushed.
-pub const SCRIPT_BODIES: [(&str, &str); 12] = [
+pub const SCRIPT_BODIES: [(&str, &str); 13] = [
     ("create", include_str!("../lua/create.lua")),
     ("reject", include_str!("../lua/reject.lua")),
     ("claim", include_str!("../lua/claim.lua")),
@@ -25,6 +25,7 @@ pub const SCRIPT_BODIES: [(&str, &str); 12] = [
     ("create_claim", include_str!("../lua/create_claim.lua")),
     ("audit", include_str!("../lua/audit.lua")),
     ("forget_due", include_str!("../lua/forget_due.lua")),
+    ("defer_due", include_str!("../lua/defer_due.lua")),
 ];
 
 /// The function library: its name (`conveyor_` + 16 hex digits of the
@@ -73,6 +74,7 @@ pub(super) enum Script {
     CreateClaim,
     Audit,
     ForgetDue,
+    DeferDue,
 }
 
 /// Redis answered that the function called does not exist: it lost the

@@ -52,9 +52,9 @@ use serde_json::Value;
 
 use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created,
-    DEFAULT_MAX_INPUTS_BYTES, HistoryEntry, JobStatus, JobSummary, OversizedInputs, Pruned,
-    Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError, SweepAction, TaskStatus, WorkerInfo,
-    entry, parse_entry,
+    DEFAULT_MAX_INPUTS_BYTES, HistoryEntry, JobStatus, JobSummary, OversizedInputs,
+    PENDING_RETRY_RECHECK, Pruned, Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError,
+    SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
 };
 use crate::config::TlsCa;
 use crate::intake::{PlannedJob, Rejection};
@@ -86,7 +86,7 @@ pub struct RedisStore {
     nodes: Nodes,
     names: Names,
     /// Function name of each [`Script`].
-    functions: [String; 12],
+    functions: [String; SCRIPT_BODIES.len()],
     retention_ms: u64,
     by: String,
     epoch: Arc<AtomicU64>,
@@ -525,12 +525,17 @@ impl RedisStore {
 
     /// Up to `limit` entries of a schedule index (`<p>:retries`,
     /// `<p>:leases`) whose time has come, earliest first.
-    async fn due_entries(&self, index: String, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn due_entries(
+        &self,
+        index: String,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE")
             .arg(index)
             .arg("-inf")
-            .arg(self.now_ms())
+            .arg(now)
             .arg("BYSCORE")
             .arg("LIMIT")
             .arg(0)
@@ -1211,8 +1216,12 @@ impl Store for RedisStore {
     }
 
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
-        let entries = self.due_entries(self.names.retries(), limit).await?;
+        let read_at = self.now_ms();
+        let entries = self
+            .due_entries(self.names.retries(), read_at, limit)
+            .await?;
         let mut actions = Vec::with_capacity(entries.len());
+        let mut pending = Vec::new();
         for e in entries {
             let Some((job, idx, attempt)) = parse_entry(&e) else {
                 actions.push(SweepAction::forget(e));
@@ -1237,9 +1246,24 @@ impl Store for RedisStore {
                     let due: u64 = num(&reply, 1, "due")?;
                     self.rescore(self.names.retries(), due, &e).await?;
                 }
+                "pending" => pending.push(e),
                 "gone" => actions.push(SweepAction::forget(e)),
                 other => return Err(protocol(format!("promote answered {other:?}"))),
             }
+        }
+        if !pending.is_empty() {
+            // Only those still due as read: one an outcome moved meanwhile
+            // keeps its new due time.
+            let mut pipe = redis::pipe();
+            pipe.cmd("FCALL")
+                .arg(&self.functions[Script::DeferDue as usize])
+                .arg(1)
+                .arg(self.names.retries())
+                .arg(read_at)
+                .arg(self.now_ms() + PENDING_RETRY_RECHECK.as_millis() as u64)
+                .arg(&pending)
+                .ignore();
+            self.run::<()>(&pipe).await?;
         }
         Ok(actions)
     }
@@ -1262,7 +1286,9 @@ impl Store for RedisStore {
     }
 
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
-        let entries = self.due_entries(self.names.leases(), limit).await?;
+        let entries = self
+            .due_entries(self.names.leases(), self.now_ms(), limit)
+            .await?;
         let mut actions = Vec::with_capacity(entries.len());
         for e in entries {
             let Some((job, idx, attempt)) = parse_entry(&e) else {
