@@ -408,6 +408,75 @@ async fn a_worker_cut_off_from_redis_past_its_lease_stops_its_run_and_runs_the_n
     d.shutdown().await;
 }
 
+/// A worker told to stop (SIGTERM) while cut off from Redis, its task
+/// still running when its grace period ends: the release of its claim
+/// cannot reach Redis, so the worker asks again until Redis answers (here
+/// a second later, well inside the lease) and hands the task back then,
+/// uncounted, instead of leaving its lease to lapse, which would cost
+/// the task an attempt and a lease's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopping_while_cut_off_from_redis_hands_its_task_back_once_redis_answers() {
+    let _serial = SERIAL.lock().await;
+    let mut d = Deployment::new("stopcut").await;
+    d.start_dispatcher().await;
+    let cutter = common::cutter::Cutter::start(port_of(&d.config.redis_url)).await;
+    let dir = Scratch::dir("stopcut");
+    let journal = dir.join("journal");
+    let log = dir.join("worker.log");
+    // Renewed every 2 s: the lease from the last renewal before the cut
+    // outlasts the grace period (1 s) and the cut (2 s) by at least 2 s.
+    let lease_ms = 6000;
+    let mut worker = worker_command(&d, &journal, lease_ms, &log)
+        .env("CONVEYOR_REDIS_URL", cutter.redis_url())
+        .env("CONVEYOR_GRACE_S", "1")
+        .spawn()
+        .expect("spawn conveyor worker");
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "stopcut", "requestor": "r", "tasks": [
+            {"name": "t", "handler": "sleep", "params": {"ms": 5000}}]}))
+        .await;
+    eventually("the task running on the worker", WAIT, || async {
+        let runs = journal::runs_of(&journal, "stopcut", 0);
+        runs.first().map(|r| r.attempt)
+    })
+    .await;
+
+    cutter.cut();
+    signal(&worker, "-TERM").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cutter.heal();
+    assert!(
+        common::exited(&mut worker, "the worker", Some(&log))
+            .await
+            .success()
+    );
+
+    let status = d.status("stopcut").await.expect("recorded");
+    let handed_back =
+        |s: &conveyor::store::JobStatus| s.history.iter().any(|h| h.reason.contains("handed back"));
+    assert!(
+        handed_back(&status),
+        "the task was not handed back by the time its worker exited: {status:#?}"
+    );
+    d.start_worker(4).await;
+    let status = d.wait_terminal("stopcut", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(
+        status.tasks["t"].attempts, 1,
+        "the handed-back attempt does not count: {status:#?}"
+    );
+    assert!(
+        !status
+            .history
+            .iter()
+            .any(|h| h.reason.contains("lease expired")),
+        "{status:#?}"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// `d` with a dispatcher and an in-process worker of `slots` slots that
 /// records its runs in a journal in a scratch directory named `name`:
 /// the deployment, the directory (kept for the test's length) and the

@@ -91,6 +91,20 @@ impl ActiveClaims {
         ClaimLost(lost)
     }
 
+    /// Renew `claim` again, confirmed at `confirmed`, after [`Self::remove`]
+    /// took it out (a release the store did not answer), unless another
+    /// claim of its task is held by now.
+    pub(super) fn put_back(&self, claim: &ClaimRef, confirmed: Instant) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Entry::Vacant(vacant) = map.entry((claim.job.clone(), claim.idx)) {
+            vacant.insert(Held {
+                claim: claim.clone(),
+                lost: Arc::new(Notify::new()),
+                confirmed,
+            });
+        }
+    }
+
     /// Stop renewing `claim` (its run ended), if it is still the one held
     /// for its task.
     pub(super) fn remove(&self, claim: &ClaimRef) {

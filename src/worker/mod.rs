@@ -679,13 +679,40 @@ impl Worker {
     /// (forgetting it would leave that claim unfindable by the sweep).
     /// Once due, the sweep offers the task again if it still waits (a
     /// harmless duplicate) and drops the entry if it is still due.
+    ///
+    /// A store that cannot be reached is asked again every
+    /// [`leases::RENEW_RETRY`], the claim renewed meanwhile, until the
+    /// lease from its last confirmed renewal runs out: a worker that gave
+    /// up at once, and lived on to finish its other tasks, let a lease
+    /// lapse that it could have released a moment later, which costs the
+    /// task an attempt and a lease's wait (the simulation's seed 242835).
     async fn hand_back(&self, claimed: &Claimed) {
         let claim = &claimed.claim;
-        self.active.remove(claim);
         if let Some(j) = &self.options.journal {
             j.record('E', claim, Some("handed_back"));
         }
-        match self.store.release(claim, &self.options.id).await {
+        let lease_ends = self.active.confirmed(claim).map(|c| c + self.options.lease);
+        let released = loop {
+            // Out of the renewals while the release is asked: a renewal
+            // after it would find the claim gone and call it lost.
+            let confirmed = self.active.confirmed(claim);
+            self.active.remove(claim);
+            match self.store.release(claim, &self.options.id).await {
+                Err(e)
+                    if e.is_retryable()
+                        && lease_ends
+                            .is_some_and(|end| Instant::now() + leases::RENEW_RETRY < end) =>
+                {
+                    tracing::debug!(error = %e, job = %claim.job, "cannot release claim yet; asking again");
+                    if let Some(confirmed) = confirmed {
+                        self.active.put_back(claim, confirmed);
+                    }
+                    tokio::time::sleep(leases::RENEW_RETRY).await;
+                }
+                released => break released,
+            }
+        };
+        match released {
             Ok(Some(msg)) => match self.outbox.publish_tasks(&[msg]).await {
                 Ok(()) => {
                     tracing::info!(job = %claim.job, task = %claimed.task, "task handed back");
