@@ -453,10 +453,11 @@ async fn a_worker_stopping_while_cut_off_from_redis_hands_its_task_back_once_red
     );
 
     let status = d.status("stopcut").await.expect("recorded");
-    let handed_back =
-        |s: &conveyor::store::JobStatus| s.history.iter().any(|h| h.reason.contains("handed back"));
     assert!(
-        handed_back(&status),
+        status
+            .history
+            .iter()
+            .any(|h| h.reason.contains("handed back")),
         "the task was not handed back by the time its worker exited: {status:#?}"
     );
     d.start_worker(4).await;
