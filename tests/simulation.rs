@@ -165,6 +165,26 @@ const REGRESSION_SEEDS: &[u64] = &[
 /// them, so that each keeps the schedule that found its bug.
 const EARLIER_SCHEDULE_SEEDS: &[u64] = &[21, 302, 41, 4869, 37, 1263];
 
+/// The regression seeds found before a quarter of the seeds spread their
+/// tasks over two queues: those keep every task on `default`.
+const ONE_QUEUE_SEEDS: &[u64] = &[
+    21, 302, 41, 4869, 37, 1263, 4845, 3573, 40704, 57149, 182924, 242835, 455769,
+];
+
+/// The second task queue of the seeds that have two.
+const OTHER_QUEUE: &str = "other";
+
+/// Whether `seed`'s jobs spread their tasks over `default` and
+/// [`OTHER_QUEUE`], and its workers consume one or both: a dependent made
+/// ready on a queue its worker does not consume is published, not run
+/// next in the slot; a worker taking a submission runs a root on a queue
+/// it consumes, or none; queues are declared as jobs first name them; and
+/// tasks wait in a queue while no worker consumes it. Drawn by a hash, so
+/// that no seed's schedule generator is touched.
+fn two_queues(seed: u64) -> bool {
+    !ONE_QUEUE_SEEDS.contains(&seed) && hashed_below(&[b"two queues", &seed.to_le_bytes()], 4) == 0
+}
+
 const DEFAULT_SEEDS: u64 = 2000;
 
 fn fnv(parts: &[&[u8]]) -> u64 {
@@ -178,6 +198,17 @@ fn fnv(parts: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+/// A number below `n` drawn by a hash of `parts`: FNV mixed once more
+/// (splitmix64's finaliser), since FNV's low bits depend only on the low
+/// bits of each input byte (`fnv(..) % 4` of a seed follows `seed % 4` for
+/// seeds below 256) and its middle bits barely move with the last byte.
+fn hashed_below(parts: &[&[u8]], n: u64) -> u64 {
+    let mut z = fnv(parts);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % n
 }
 
 /// One run of the chaos handler: its claim and, on the simulated clock,
@@ -725,7 +756,32 @@ impl Sim {
         });
     }
 
+    /// A worker on the seed's task queues: with [`two_queues`], one or both
+    /// of them (drawn by a hash, so the schedule's generator is not
+    /// touched), else `default`.
     fn start_worker(&mut self, concurrency: usize) {
+        let both = vec!["default".to_string(), OTHER_QUEUE.to_string()];
+        let queues = if two_queues(self.seed) {
+            let draw = hashed_below(
+                &[
+                    b"worker queues",
+                    &self.seed.to_le_bytes(),
+                    &(self.started + 1).to_le_bytes(),
+                ],
+                4,
+            );
+            match draw {
+                0 => vec!["default".to_string()],
+                1 => vec![OTHER_QUEUE.to_string()],
+                _ => both,
+            }
+        } else {
+            self.config.worker.queues.clone()
+        };
+        self.start_worker_on(concurrency, queues);
+    }
+
+    fn start_worker_on(&mut self, concurrency: usize, queues: Vec<String>) {
         self.started += 1;
         let (view, partition, calls) = self.view();
         let worker = Worker::new(
@@ -735,7 +791,7 @@ impl Sim {
             self.names.clone(),
             WorkerOptions {
                 id: format!("w{}", self.started),
-                queues: self.config.worker.queues.clone(),
+                queues,
                 concurrency,
                 lease: self.config.lease(),
                 grace: Duration::from_millis(200),
@@ -793,7 +849,10 @@ impl Sim {
     }
 }
 
-fn random_job(rng: &mut StdRng, id: &str) -> Value {
+/// A job of one to five chaos tasks, each after some of those before it;
+/// with `two_queues`, each on `default` or [`OTHER_QUEUE`] (by a hash of
+/// its name, so the generator draws the same either way).
+fn random_job(rng: &mut StdRng, id: &str, two_queues: bool) -> Value {
     let n = rng.random_range(1..=5);
     let tasks: Vec<Value> = (0..n)
         .map(|i| {
@@ -801,8 +860,14 @@ fn random_job(rng: &mut StdRng, id: &str) -> Value {
                 .filter(|_| rng.random_bool(0.5))
                 .map(|d| format!("t{d}"))
                 .collect();
-            json!({"name": format!("t{i}"), "handler": "chaos", "after": after, "timeout_s": 2,
-                "retry": {"max_attempts": rng.random_range(1..=4), "base_ms": 10, "cap_ms": 200}})
+            let name = format!("t{i}");
+            let mut task = json!({"name": name, "handler": "chaos", "after": after, "timeout_s": 2,
+                "retry": {"max_attempts": rng.random_range(1..=4), "base_ms": 10, "cap_ms": 200}});
+            if two_queues && hashed_below(&[b"task queue", id.as_bytes(), name.as_bytes()], 2) == 1
+            {
+                task["queue"] = json!(OTHER_QUEUE);
+            }
+            task
         })
         .collect();
     json!({"id": id, "requestor": "sim", "tasks": tasks})
@@ -1324,6 +1389,8 @@ struct Run {
     refused: usize,
     /// Times the task queue filled up.
     full_windows: usize,
+    /// Tasks on [`OTHER_QUEUE`] that ran (its seed has [`two_queues`]).
+    other_queue_runs: usize,
 }
 
 fn simulate(seed: u64) -> Result<Run, String> {
@@ -1394,7 +1461,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
     let mut accepted = Vec::new();
     for j in 0..rng.random_range(3..=8) {
         let id = format!("s{seed}-j{j}");
-        let job = random_job(&mut rng, &id);
+        let job = random_job(&mut rng, &id, two_queues(seed));
         sim.publish_until_confirmed(job.to_string().into_bytes())
             .await;
         accepted.push(id);
@@ -1593,6 +1660,11 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         publish_failure: 0.0,
         refuse: 0.0,
     });
+    // With two queues, a queue may have had no consumer since the last
+    // crash or stop took its workers: one worker on both finishes the rest.
+    if two_queues(seed) {
+        sim.start_worker_on(2, vec!["default".into(), OTHER_QUEUE.into()]);
+    }
     let deadline = clock.now_ms() + 600_000;
     let mut dead: Vec<QueuedMessage> = Vec::new();
     loop {
@@ -1706,7 +1778,13 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         r.handle.abort();
     }
     let mut trace = faults_log;
-    for r in store.records() {
+    let records = store.records();
+    let other_queue_runs = records
+        .iter()
+        .flat_map(|r| &r.tasks)
+        .filter(|t| t.queue == OTHER_QUEUE && t.attempt > 0)
+        .count();
+    for r in records {
         trace.push(format!("{} {} v{} {:?}", r.id, r.state, r.version, r.tasks));
         trace.extend(r.history.iter().map(|h| format!("{} {h:?}", r.id)));
     }
@@ -1738,6 +1816,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         hand_backs,
         refused: broker.refused(),
         full_windows,
+        other_queue_runs,
     })
 }
 
@@ -1979,12 +2058,15 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     let referring = count(|r| usize::from(r.referred_jobs > 0));
     let refusing = count(|r| usize::from(r.refused > 0));
     let filling = count(|r| usize::from(r.full_windows > 0));
+    let spreading = count(|r| usize::from(r.other_queue_runs > 0));
+    let other_runs = count(|r| r.other_queue_runs);
     eprintln!(
         "{} seeds: {audited} audited a restarted store, {lost} lost a claim; {lapses} lapsed \
          leases, each caused; {crashes} crashes, {inside} of them inside a store call; {stops} \
          workers stopped, handing back {hand_backs} tasks; {referring} had workers refer jobs \
          ({} referrals); {refusing} had the broker refuse messages ({} refused), {filling} \
-         had the task queue fill up ({} times)",
+         had the task queue fill up ({} times), {spreading} ran tasks on a second queue \
+         ({other_runs} tasks)",
         seeds.len(),
         count(|r| r.referred_jobs),
         count(|r| r.refused),
@@ -2035,6 +2117,13 @@ fn the_invariants_hold_under_thousands_of_fault_schedules() {
     assert!(
         filling * 2 >= seeds.len(),
         "only {filling} of {} seeds had the task queue fill up",
+        seeds.len()
+    );
+    // Tasks ran on a second queue in most of the seeds that have two (a
+    // quarter).
+    assert!(
+        spreading * 8 >= seeds.len(),
+        "only {spreading} of {} seeds ran a task on a second queue",
         seeds.len()
     );
     // Workers were stopped gracefully in most seeds, some with tasks past
