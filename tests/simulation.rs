@@ -156,8 +156,15 @@ use tokio::task::JoinHandle;
 /// work) while the lease it could have released a moment later lapsed.
 /// Fixed in `hand_back`: the release is asked again until the lease from
 /// the last confirmed renewal runs out, the claim renewed meanwhile.
+/// 151837, 154336 (twenty-fourth session, in seeds 40,000 to 280,000,
+/// once store calls could be slow): the store lost a task's claim twice;
+/// the audit put its lease entry back, due at once, between a slow
+/// dispatcher's read of that entry (before the second claim) and its
+/// forget, which dropped it as still due; the task stayed ready with no
+/// message. Fixed in `forget_leases`: an entry goes only if its score is
+/// at most the time it was read.
 const REGRESSION_SEEDS: &[u64] = &[
-    21, 302, 41, 4869, 37, 1263, 4845, 3573, 40704, 57149, 182924, 242835, 455769,
+    21, 302, 41, 4869, 37, 1263, 4845, 3573, 40704, 57149, 182924, 242835, 455769, 151837, 154336,
 ];
 
 /// The regression seeds found before the sweep interval, broker
@@ -589,9 +596,10 @@ impl Store for Partition {
         self.answered(self.inner.expired_leases(limit, by).await)
             .await
     }
-    async fn forget_leases(&self, e: &[String]) -> Result<(), StoreError> {
+    async fn forget_leases(&self, e: &[String], read_at: u64) -> Result<(), StoreError> {
         let _call = self.enter().await?;
-        self.answered(self.inner.forget_leases(e).await).await
+        self.answered(self.inner.forget_leases(e, read_at).await)
+            .await
     }
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
         let _call = self.enter().await?;

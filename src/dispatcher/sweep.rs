@@ -264,13 +264,18 @@ impl Dispatcher {
         }
     }
 
-    async fn forget(&self, schedule: Schedule, entries: &[String]) -> Result<(), StoreError> {
+    async fn forget(
+        &self,
+        schedule: Schedule,
+        entries: &[String],
+        read_at: u64,
+    ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         match schedule {
             Schedule::Retries => self.store.forget_retries(entries).await,
-            Schedule::Leases => self.store.forget_leases(entries).await,
+            Schedule::Leases => self.store.forget_leases(entries, read_at).await,
         }
     }
 
@@ -287,12 +292,14 @@ impl Dispatcher {
             let limit = SWEEP_BATCH + failed.len();
             let actions = self.due(schedule, limit).await?;
             let more = actions.len() >= limit;
+            // One read: every action of the batch has its time.
+            let read_at = actions.iter().map(|a| a.read_at).min().unwrap_or(0);
             let fresh: Vec<SweepAction> = actions
                 .into_iter()
                 .filter(|a| !failed.contains(&a.entry))
                 .collect();
             let published = self.publish_actions(&fresh).await;
-            self.forget(schedule, &published.done).await?;
+            self.forget(schedule, &published.done, read_at).await?;
             total += published.done.len();
             failed.extend(published.failed);
             if let Some(e) = published.unavailable {

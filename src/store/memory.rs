@@ -610,12 +610,13 @@ impl Store for MemoryStore {
                         Promotion::Ready(msg) => actions.push(SweepAction {
                             entry: e,
                             publish: vec![msg],
+                            read_at: now,
                         }),
                         Promotion::Later(due) => state.retries.add_existing(&e, due),
                         Promotion::Pending => state
                             .retries
                             .add_existing(&e, now + PENDING_RETRY_RECHECK.as_millis() as u64),
-                        Promotion::Gone => actions.push(SweepAction::forget(e)),
+                        Promotion::Gone => actions.push(SweepAction::forget(e, now)),
                     }
                 }
                 Ok(actions)
@@ -667,12 +668,16 @@ impl Store for MemoryStore {
                         Reclaim::Requeued(msg) => actions.push(SweepAction {
                             entry: e,
                             publish: vec![msg],
+                            read_at: now,
                         }),
                         Reclaim::Done(ready) => actions.push(SweepAction {
                             entry: e,
                             publish: ready,
+                            read_at: now,
                         }),
-                        Reclaim::Failed | Reclaim::Gone => actions.push(SweepAction::forget(e)),
+                        Reclaim::Failed | Reclaim::Gone => {
+                            actions.push(SweepAction::forget(e, now))
+                        }
                     }
                 }
                 Ok(actions)
@@ -680,13 +685,12 @@ impl Store for MemoryStore {
             .await
     }
 
-    async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
+    async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError> {
         self.yields
             .after(|| {
-                let now = self.clock.now_ms();
                 let mut state = self.lock()?;
                 for e in entries {
-                    state.leases.remove_due(e, now);
+                    state.leases.remove_due(e, read_at);
                 }
                 Ok(())
             })

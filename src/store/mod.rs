@@ -221,23 +221,37 @@ pub enum Applied {
 
 /// A cross-job schedule entry the sweep acted on, to forget once its
 /// follow-up messages are confirmed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SweepAction {
     /// The schedule entry (opaque).
     pub entry: String,
     /// Messages to publish before forgetting the entry.
     pub publish: Vec<TaskMessage>,
+    /// When the entry was read as due, by the clock the index is scored
+    /// with: forgetting it drops it only if its score is still at most
+    /// this, so an entry put back or moved since (by an audit, a recheck,
+    /// a claim) stays. Not part of what the action is (equality).
+    pub read_at: u64,
 }
 
 impl SweepAction {
     /// An entry with nothing to publish: forget it.
-    pub fn forget(entry: String) -> SweepAction {
+    pub fn forget(entry: String, read_at: u64) -> SweepAction {
         SweepAction {
             entry,
             publish: Vec::new(),
+            read_at,
         }
     }
 }
+
+impl PartialEq for SweepAction {
+    fn eq(&self, other: &SweepAction) -> bool {
+        self.entry == other.entry && self.publish == other.publish
+    }
+}
+
+impl Eq for SweepAction {}
 
 /// The schedule index an entry belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -499,11 +513,14 @@ pub trait Store: Send + Sync + 'static {
     /// of finished tasks whose follow-ups may not have been published.
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError>;
 
-    /// Forget lease entries whose follow-ups are confirmed, each only if it
-    /// is still due: a task the sweep offered again at the same attempt
-    /// may have been claimed since, and the claim (which keeps an existing
-    /// entry, moved to its own expiry) owns the entry now.
-    async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError>;
+    /// Forget lease entries whose follow-ups are confirmed, each only if its
+    /// score is still at most `read_at` (when they were read as due): a
+    /// task the sweep offered again at the same attempt may have been
+    /// claimed since, and the claim (which keeps an existing entry, moved
+    /// to its own expiry) owns the entry now; or the claim was lost with a
+    /// store's latest writes and the audit (or a recheck) put the entry
+    /// back, due at once, for the task to be offered again.
+    async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError>;
 
     /// The store's server, if it is not the one the last complete audit
     /// was of (Redis: its `run_id`, so a restart or a failover to another

@@ -1185,7 +1185,7 @@ impl Store for RedisStore {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 let batch =
                     std::mem::take(&mut *this.forgets.lock().unwrap_or_else(|p| p.into_inner()));
-                if let Err(e) = this.forget_leases(&batch).await {
+                if let Err(e) = this.forget_leases(&batch, this.now_ms()).await {
                     tracing::debug!(error = %e, entries = batch.len(), "lease entries left for the sweep");
                 }
             });
@@ -1224,7 +1224,7 @@ impl Store for RedisStore {
         let mut pending = Vec::new();
         for e in entries {
             let Some((job, idx, attempt)) = parse_entry(&e) else {
-                actions.push(SweepAction::forget(e));
+                actions.push(SweepAction::forget(e, read_at));
                 continue;
             };
             let mut cmd = self.fcall(Script::Promote, job);
@@ -1240,6 +1240,7 @@ impl Store for RedisStore {
                         queue: field(&reply, 2).to_owned(),
                     }],
                     entry: e,
+                    read_at,
                 }),
                 "later" => {
                     // Scheduled by a clock ahead of Redis's: re-score it.
@@ -1247,7 +1248,7 @@ impl Store for RedisStore {
                     self.rescore(self.names.retries(), due, &e).await?;
                 }
                 "pending" => pending.push(e),
-                "gone" => actions.push(SweepAction::forget(e)),
+                "gone" => actions.push(SweepAction::forget(e, read_at)),
                 other => return Err(protocol(format!("promote answered {other:?}"))),
             }
         }
@@ -1286,13 +1287,14 @@ impl Store for RedisStore {
     }
 
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {
+        let read_at = self.now_ms();
         let entries = self
-            .due_entries(self.names.leases(), self.now_ms(), limit)
+            .due_entries(self.names.leases(), read_at, limit)
             .await?;
         let mut actions = Vec::with_capacity(entries.len());
         for e in entries {
             let Some((job, idx, attempt)) = parse_entry(&e) else {
-                actions.push(SweepAction::forget(e));
+                actions.push(SweepAction::forget(e, read_at));
                 continue;
             };
             let mut cmd = self.fcall(Script::Reclaim, job);
@@ -1318,30 +1320,33 @@ impl Store for RedisStore {
                             attempt: num(&reply, 3, "attempt")?,
                         }],
                         entry: e,
+                        read_at,
                     });
                 }
                 "done" => actions.push(SweepAction {
                     publish: ready_set(job, &reply, 1)?,
                     entry: e,
+                    read_at,
                 }),
-                "failed" | "gone" => actions.push(SweepAction::forget(e)),
+                "failed" | "gone" => actions.push(SweepAction::forget(e, read_at)),
                 other => return Err(protocol(format!("reclaim answered {other:?}"))),
             }
         }
         Ok(actions)
     }
 
-    async fn forget_leases(&self, entries: &[String]) -> Result<(), StoreError> {
+    async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
-        // Still due now, by the clock the claims score their entries with.
+        // Still due when read, by the clock the claims score their entries
+        // with.
         let mut pipe = redis::pipe();
         pipe.cmd("FCALL")
             .arg(&self.functions[Script::ForgetDue as usize])
             .arg(1)
             .arg(self.names.leases())
-            .arg(self.now_ms())
+            .arg(read_at)
             .arg(entries)
             .ignore();
         self.run::<()>(&pipe).await
