@@ -1022,6 +1022,25 @@ async fn the_next_retry_is_read_past_the_earliest_ones_skipped() {
     common::cleanup(&config).await;
 }
 
+/// A job whose one task was claimed and handed back, its lease entry left
+/// for the sweep, and the sweep's read of that entry: the task offered
+/// again at attempt 1.
+async fn offered_again(store: &dyn Store, name: &str) -> (TaskMessage, SweepAction) {
+    let msg = create_noop_job(store, "again").await;
+    let first = match store.claim(&msg, "w1", Duration::from_millis(1)).await {
+        Ok(ClaimOutcome::Claimed(c)) => c.claim,
+        other => panic!("{name}: {other:?}"),
+    };
+    assert!(
+        store.release(&first, "w1").await.unwrap().is_some(),
+        "{name}"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut offered = store.expired_leases(100, "sweep").await.unwrap();
+    assert_eq!(published(&offered), vec![msg.clone()], "{name}");
+    (msg, offered.remove(0))
+}
+
 /// A task the sweep offers again at the same attempt (here: handed back,
 /// its lease entry left for the sweep) can be claimed between the sweep's
 /// read and its forget of the entry. The claim owns the entry then: the
@@ -1032,19 +1051,7 @@ async fn the_next_retry_is_read_past_the_earliest_ones_skipped() {
 async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_entry() {
     let config = common::test_config(&common::unique_prefix("reoffer"));
     for (name, store) in side_by_side(&config).await {
-        let msg = create_noop_job(store.as_ref(), "again").await;
-        let first = match store.claim(&msg, "w1", Duration::from_millis(1)).await {
-            Ok(ClaimOutcome::Claimed(c)) => c.claim,
-            other => panic!("{name}: {other:?}"),
-        };
-        assert!(
-            store.release(&first, "w1").await.unwrap().is_some(),
-            "{name}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let offered = store.expired_leases(100, "sweep").await.unwrap();
-        assert_eq!(offered.len(), 1, "{name}: {offered:?}");
-        assert_eq!(offered[0].publish, vec![msg.clone()], "{name}");
+        let (msg, offered) = offered_again(store.as_ref(), name).await;
         // Claimed from a message already queued, before the sweep forgets.
         let lease = Duration::from_millis(300);
         assert!(
@@ -1055,7 +1062,7 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
             "{name}"
         );
         store
-            .forget_leases(&[offered[0].entry.clone()], offered[0].read_at)
+            .forget_leases(std::slice::from_ref(&offered.entry), offered.read_at)
             .await
             .unwrap();
         // w2 dies: its lease lapses, and the sweep finds the claim.
@@ -1082,18 +1089,7 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
 async fn an_entry_moved_after_the_sweep_read_it_is_kept_by_its_forget_even_when_due_again() {
     let config = common::test_config(&common::unique_prefix("moved-due"));
     for (name, store) in side_by_side(&config).await {
-        let msg = create_noop_job(store.as_ref(), "again").await;
-        let first = match store.claim(&msg, "w1", Duration::from_millis(1)).await {
-            Ok(ClaimOutcome::Claimed(c)) => c.claim,
-            other => panic!("{name}: {other:?}"),
-        };
-        assert!(
-            store.release(&first, "w1").await.unwrap().is_some(),
-            "{name}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let offered = store.expired_leases(100, "sweep").await.unwrap();
-        assert_eq!(published(&offered), vec![msg.clone()], "{name}");
+        let (msg, offered) = offered_again(store.as_ref(), name).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         // Claimed from the message already queued; its lease lapses (its
         // worker died) before the slow sweep forgets what it read.
@@ -1106,7 +1102,7 @@ async fn an_entry_moved_after_the_sweep_read_it_is_kept_by_its_forget_even_when_
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
         store
-            .forget_leases(&[offered[0].entry.clone()], offered[0].read_at)
+            .forget_leases(std::slice::from_ref(&offered.entry), offered.read_at)
             .await
             .unwrap();
         let swept = store.expired_leases(100, "sweep").await.unwrap();
