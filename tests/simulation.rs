@@ -357,9 +357,7 @@ impl Handler for Chaos {
 /// to land inside one.
 struct Partition {
     inner: Arc<MemoryStore>,
-    cut: Arc<AtomicBool>,
-    slow_ms: Arc<AtomicU64>,
-    calls: Arc<Calls>,
+    link: Link,
     claims: Claims,
     changed: Changed,
     clock: Arc<TokioClock>,
@@ -371,12 +369,12 @@ impl Partition {
     /// while the store yielded inside it), its request on its way for half
     /// of `slow_ms`.
     async fn enter(&self) -> Result<InCall, StoreError> {
-        if self.cut.load(Ordering::SeqCst) {
+        if self.link.cut.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("simulated partition".into()));
         }
-        self.calls.count.fetch_add(1, Ordering::SeqCst);
-        self.calls.entered.notify_one();
-        let call = InCall(self.calls.clone());
+        self.link.calls.count.fetch_add(1, Ordering::SeqCst);
+        self.link.calls.entered.notify_one();
+        let call = InCall(self.link.calls.clone());
         self.on_the_way().await;
         Ok(call)
     }
@@ -389,7 +387,7 @@ impl Partition {
     }
 
     async fn on_the_way(&self) {
-        let half = self.slow_ms.load(Ordering::SeqCst) / 2;
+        let half = self.link.slow_ms.load(Ordering::SeqCst) / 2;
         if half > 0 {
             tokio::time::sleep(Duration::from_millis(half)).await;
         }
@@ -655,7 +653,7 @@ struct Running {
 
 /// A process's link to the store (see [`Partition`]): cut off or not, how
 /// slow, and its calls in progress.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Link {
     cut: Arc<AtomicBool>,
     slow_ms: Arc<AtomicU64>,
@@ -760,9 +758,7 @@ impl Sim {
         let link = Link::default();
         let view = Arc::new(Partition {
             inner: self.store.clone(),
-            cut: Arc::clone(&link.cut),
-            slow_ms: Arc::clone(&link.slow_ms),
-            calls: Arc::clone(&link.calls),
+            link: link.clone(),
             claims: self.claims.clone(),
             changed: self.changed.clone(),
             clock: self.clock.clone(),
