@@ -299,7 +299,7 @@ impl JobRecord {
             let (index, at_ms) = match t.state {
                 TaskState::Running => (ScheduleIndex::Leases, t.lease_expiry.unwrap_or(now)),
                 TaskState::Ready => (ScheduleIndex::Leases, now),
-                TaskState::Retrying => (ScheduleIndex::Retries, t.due.unwrap_or(now)),
+                TaskState::Retrying => (ScheduleIndex::Retries, t.due.unwrap_or(now).max(now)),
                 _ => continue,
             };
             out.push(ScheduleEntry {

@@ -581,9 +581,10 @@ impl Store for Partition {
         let _call = self.enter().await?;
         self.answered(self.inner.due_retries(limit).await).await
     }
-    async fn forget_retries(&self, e: &[String]) -> Result<(), StoreError> {
+    async fn forget_retries(&self, e: &[String], read_at: u64) -> Result<(), StoreError> {
         let _call = self.enter().await?;
-        self.answered(self.inner.forget_retries(e).await).await
+        self.answered(self.inner.forget_retries(e, read_at).await)
+            .await
     }
     async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError> {
         let _call = self.enter().await?;

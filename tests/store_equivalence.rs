@@ -147,6 +147,8 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
         let mut claims: Vec<(ClaimRef, ClaimRef)> = Vec::new();
         for step in 0..40 {
             let ctx = format!("seed {seed} step {step}");
+            // When a sweep read its actions, by the clock of the store it read.
+            let read_at = |actions: &[SweepAction]| actions.first().map_or(0, |x| x.read_at);
             let op = rng.random_range(0..100);
             if jobs.is_empty() || op < 10 {
                 // Create (sometimes a duplicate id).
@@ -250,14 +252,13 @@ async fn redis_and_memory_stores_agree_on_every_transition() {
                 let b = sorted(memory.due_retries(1000).await.unwrap());
                 assert_eq!(a, b, "{ctx}: due retries");
                 let entries: Vec<String> = a.iter().map(|x| x.entry.clone()).collect();
-                redis.forget_retries(&entries).await.unwrap();
-                memory.forget_retries(&entries).await.unwrap();
+                redis.forget_retries(&entries, read_at(&a)).await.unwrap();
+                memory.forget_retries(&entries, read_at(&b)).await.unwrap();
             } else if op < 95 {
                 let a = sorted(redis.expired_leases(1000, "sweep").await.unwrap());
                 let b = sorted(memory.expired_leases(1000, "sweep").await.unwrap());
                 assert_eq!(a, b, "{ctx}: expired leases");
                 let entries: Vec<String> = a.iter().map(|x| x.entry.clone()).collect();
-                let read_at = |actions: &[SweepAction]| actions.first().map_or(0, |x| x.read_at);
                 redis.forget_leases(&entries, read_at(&a)).await.unwrap();
                 memory.forget_leases(&entries, read_at(&b)).await.unwrap();
             } else if op < 98 {
@@ -964,7 +965,8 @@ async fn a_retry_entry_read_before_its_outcome_is_applied_is_kept_for_that_outco
             "{name}: {applied:?}"
         );
         let forget: Vec<String> = early.iter().map(|a| a.entry.clone()).collect();
-        store.forget_retries(&forget).await.unwrap();
+        let read_at = early.first().map_or(0, |a| a.read_at);
+        store.forget_retries(&forget, read_at).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         let promoted = store.due_retries(100).await.unwrap();
         assert_eq!(
@@ -1115,6 +1117,144 @@ async fn an_entry_moved_after_the_sweep_read_it_is_kept_by_its_forget_even_when_
     common::cleanup(&config).await;
 }
 
+/// A store's way back to how it was before its latest writes (a Redis
+/// crash under `appendfsync everysec`, an unplanned failover to a replica
+/// that lagged), as a new server the deployment has not audited.
+enum Snapshot {
+    /// The job hash as `DUMP` gave it.
+    Redis {
+        conn: redis::aio::MultiplexedConnection,
+        key: String,
+        audited_key: String,
+        before: Vec<u8>,
+    },
+    Memory(MemoryStore, Vec<u8>),
+}
+
+impl Snapshot {
+    async fn of_redis(
+        store: &conveyor::store::redis::RedisStore,
+        config: &Config,
+        job: &str,
+    ) -> Snapshot {
+        let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let key = store.names().job_key(job);
+        let before: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        Snapshot::Redis {
+            conn,
+            key,
+            audited_key: store.names().audited_key(),
+            before,
+        }
+    }
+
+    /// Lose every write since the snapshot; the server is new to the
+    /// deployment, so an audit is due.
+    async fn lose_later_writes(self) {
+        match self {
+            Snapshot::Redis {
+                mut conn,
+                key,
+                audited_key,
+                before,
+            } => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("RESTORE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(&before)
+                    .arg("REPLACE")
+                    .ignore();
+                // As if Redis came back as another process (a real restart
+                // is `tests/faults.rs`'s).
+                pipe.cmd("DEL").arg(&audited_key).ignore();
+                pipe.query_async::<()>(&mut conn).await.unwrap();
+            }
+            Snapshot::Memory(store, before) => {
+                store.restore(&before).unwrap();
+                store.restart();
+            }
+        }
+    }
+}
+
+/// A retry's promotion can be among the writes a store loses: the sweep
+/// read the entry, promoted the task and published its message, and the
+/// store comes back with the task `retrying` again. The message is refused
+/// as stale, so only the entry can wake the task. The audit of the new
+/// server raises the entry to now, and the sweep's forget (of entries
+/// still as it read them) then keeps it, so the retry is promoted again.
+/// Until the twenty-fifth session the audit left a present entry as it
+/// was and the forget dropped it whatever its score: the task stayed
+/// `retrying` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audit() {
+    let config = common::test_config(&common::unique_prefix("lostpromo"));
+    let (redis, memory) = redis_and_memory(&config).await;
+    let stores: [(&str, Arc<dyn Store>); 2] = [
+        ("redis", redis.clone()),
+        ("memory", Arc::new(memory.clone())),
+    ];
+    for (name, store) in stores {
+        // This deployment has audited this server already.
+        let server = store.audit_due().await.unwrap().expect("an audit is due");
+        store.audit_done(&server).await.unwrap();
+        let msg = create_noop_job(store.as_ref(), "promo").await;
+        let claim = claim_first_attempt(store.as_ref(), "promo").await.claim;
+        let retry_now = AttemptResult::Retry {
+            error: "transient".into(),
+            delay: Duration::ZERO,
+        };
+        let applied = store.complete(&claim, "w", &retry_now).await.unwrap();
+        assert!(
+            matches!(applied, Applied::Done { .. }),
+            "{name}: {applied:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let snapshot = match name {
+            "redis" => Snapshot::of_redis(&redis, &config, "promo").await,
+            _ => Snapshot::Memory(memory.clone(), memory.snapshot().unwrap()),
+        };
+        let second = TaskMessage { attempt: 2, ..msg };
+        let promoted = store.due_retries(100).await.unwrap();
+        assert_eq!(published(&promoted), vec![second.clone()], "{name}");
+        snapshot.lose_later_writes().await;
+        // The message published for the promotion finds the task
+        // `retrying`: refused, and acked by its worker.
+        assert!(
+            matches!(
+                store.claim(&second, "w2", Duration::from_secs(30)).await,
+                Ok(ClaimOutcome::Stale)
+            ),
+            "{name}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let server = store.audit_due().await.unwrap().expect("an audit is due");
+        let page = store.audit_jobs(None, 100).await.unwrap();
+        assert_eq!(page.added, 0, "{name}: the entry is there: {page:?}");
+        store.audit_done(&server).await.unwrap();
+        // The sweep that promoted it forgets what it read.
+        let entries: Vec<String> = promoted.iter().map(|a| a.entry.clone()).collect();
+        store
+            .forget_retries(&entries, promoted[0].read_at)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = store.due_retries(100).await.unwrap();
+        assert_eq!(
+            published(&again),
+            vec![second],
+            "{name}: the retry is promoted again"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
 /// How far past Redis's own now, ms, the one entry of schedule index
 /// `key` is due.
 async fn due_in_by_redis_clock(config: &Config, key: String) -> i64 {
@@ -1227,8 +1367,9 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
         }],
         "the retry is promoted once due"
     );
+    let read_at = promoted.first().map_or(0, |a| a.read_at);
     let entries: Vec<String> = promoted.into_iter().map(|a| a.entry).collect();
-    sweep.forget_retries(&entries).await.unwrap();
+    sweep.forget_retries(&entries, read_at).await.unwrap();
     assert_eq!(sweep.next_retry_in(0).await.unwrap(), None, "none left");
     common::cleanup(&config).await;
 }

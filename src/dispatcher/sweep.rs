@@ -274,7 +274,7 @@ impl Dispatcher {
             return Ok(());
         }
         match schedule {
-            Schedule::Retries => self.store.forget_retries(entries).await,
+            Schedule::Retries => self.store.forget_retries(entries, read_at).await,
             Schedule::Leases => self.store.forget_leases(entries, read_at).await,
         }
     }

@@ -637,12 +637,12 @@ impl Store for MemoryStore {
             .await
     }
 
-    async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError> {
+    async fn forget_retries(&self, entries: &[String], read_at: u64) -> Result<(), StoreError> {
         self.yields
             .after(|| {
                 let mut state = self.lock()?;
                 for e in entries {
-                    state.retries.remove(e);
+                    state.retries.remove_due(e, read_at);
                 }
                 Ok(())
             })
@@ -869,7 +869,7 @@ impl Store for MemoryStore {
                         ScheduleIndex::Leases => &mut state.leases,
                         ScheduleIndex::Retries => &mut state.retries,
                     };
-                    if index.add_new(&e.entry, e.at_ms) {
+                    if index.add_or_raise(&e.entry, e.at_ms) {
                         page.added += 1;
                     }
                 }

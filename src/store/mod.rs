@@ -497,8 +497,14 @@ pub trait Store: Send + Sync + 'static {
     /// wake it (the simulation's seed 182924).
     async fn due_retries(&self, limit: usize) -> Result<Vec<SweepAction>, StoreError>;
 
-    /// Forget retry entries whose messages are confirmed.
-    async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError>;
+    /// Forget retry entries whose messages are confirmed, each only if its
+    /// score is still at most `read_at` (when they were read as due): the
+    /// store may have lost the promotion with its latest writes, and the
+    /// audit raised the entry (see [`Store::audit_jobs`]) for the retry to
+    /// be promoted again; dropping it would leave the task `retrying` with
+    /// nothing to wake it (its message, already published, is refused as
+    /// stale).
+    async fn forget_retries(&self, entries: &[String], read_at: u64) -> Result<(), StoreError>;
 
     /// How long until the earliest scheduled retry after the `skip`
     /// earliest is due, by the clock the schedule is scored with (zero
@@ -533,12 +539,17 @@ pub trait Store: Send + Sync + 'static {
     /// One page of the audit: up to about `limit` entries of the job index
     /// from `cursor` (`None`: the start). For every unfinished job, the
     /// schedule entries its record calls for are added where the indexes
-    /// lack them (never moved: an existing entry is the better hint): a
-    /// running task's lease entry at its lease's expiry, a retrying task's
-    /// retry entry at its due time, and a ready task's lease entry due now,
-    /// which has the sweep offer the attempt again (a duplicate of a
-    /// message still queued is harmless: claims dedupe). Idempotent; jobs
-    /// created or changed while the walk goes on need nothing from it.
+    /// lack them, or raised to the wanted time where they hold them lower
+    /// (never lowered: a later time there is the better hint): a running
+    /// task's lease entry at its lease's expiry, a retrying task's retry
+    /// entry at its due time (now, if that is past), and a ready task's
+    /// lease entry due now, which has the sweep offer the attempt again (a
+    /// duplicate of a message still queued is harmless: claims dedupe).
+    /// Raised, because an entry left as it was may be one a sweep read as
+    /// due before the store lost its latest writes: that sweep's forget
+    /// (of entries still as it read them) would drop what the audit meant
+    /// to keep. `added` counts only entries that were missing. Idempotent;
+    /// jobs created or changed while the walk goes on need nothing from it.
     async fn audit_jobs(&self, cursor: Option<&str>, limit: usize)
     -> Result<AuditPage, StoreError>;
 

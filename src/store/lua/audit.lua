@@ -2,12 +2,15 @@
 -- restarted or failed over: it may have lost its latest writes, and with
 -- them a claim and its lease entry while the claim's message was acked).
 -- No arguments. Writes nothing: the indexes live in other slots, so the
--- caller adds what they lack (ZADD NX).
+-- caller adds what they lack, or raises an entry to the wanted time (ZADD
+-- GT): an entry that stays as it was may be one a sweep read as due before
+-- the loss, and its forget (of entries still as it read them) would then
+-- drop it.
 -- Returns {} for a job that is gone or finished, else {index, idx,
 -- attempt, due ms}* with index 'l' (`<p>:leases`) or 'r' (`<p>:retries`):
 -- - running: its claim's lease entry at the lease's expiry;
 -- - ready: a lease entry due now (reclaim offers the attempt again);
--- - retrying: its retry entry at its due time.
+-- - retrying: its retry entry at its due time, or now if that is past.
 -- Mirrors `JobRecord::schedule_entries` in machine.rs.
 local st = hget('st')
 if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'rejected' then
@@ -36,7 +39,8 @@ for s = 0, n - 1, RELEASE_CHUNK do
     elseif state == 'ready' then
       want('l', i, a, NOW_JSON)
     elseif state == 'retrying' then
-      want('r', i, a, v[b + 4] or NOW_JSON)
+      local due = tonumber(v[b + 4])
+      want('r', i, a, (due and due > NOW) and v[b + 4] or NOW_JSON)
     end
   end
 end

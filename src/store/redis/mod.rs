@@ -557,13 +557,26 @@ impl RedisStore {
         self.run::<()>(&pipe).await
     }
 
-    /// Drop `entries` from a schedule index.
-    async fn forget_entries(&self, index: String, entries: &[String]) -> Result<(), StoreError> {
+    /// Drop `entries` from a schedule index, each only if its score is
+    /// still at most `read_at` (when the sweep read them as due, by the
+    /// clock the index is scored with).
+    async fn forget_due(
+        &self,
+        index: String,
+        entries: &[String],
+        read_at: u64,
+    ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("ZREM").arg(index).arg(entries).ignore();
+        pipe.cmd("FCALL")
+            .arg(&self.functions[Script::ForgetDue as usize])
+            .arg(1)
+            .arg(index)
+            .arg(read_at)
+            .arg(entries)
+            .ignore();
         self.run::<()>(&pipe).await
     }
 
@@ -1269,8 +1282,9 @@ impl Store for RedisStore {
         Ok(actions)
     }
 
-    async fn forget_retries(&self, entries: &[String]) -> Result<(), StoreError> {
-        self.forget_entries(self.names.retries(), entries).await
+    async fn forget_retries(&self, entries: &[String], read_at: u64) -> Result<(), StoreError> {
+        self.forget_due(self.names.retries(), entries, read_at)
+            .await
     }
 
     async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError> {
@@ -1336,20 +1350,7 @@ impl Store for RedisStore {
     }
 
     async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        // Still due when read, by the clock the claims score their entries
-        // with.
-        let mut pipe = redis::pipe();
-        pipe.cmd("FCALL")
-            .arg(&self.functions[Script::ForgetDue as usize])
-            .arg(1)
-            .arg(self.names.leases())
-            .arg(read_at)
-            .arg(entries)
-            .ignore();
-        self.run::<()>(&pipe).await
+        self.forget_due(self.names.leases(), entries, read_at).await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
@@ -1682,9 +1683,10 @@ impl Store for RedisStore {
                 ScheduleIndex::Leases => self.names.leases(),
                 ScheduleIndex::Retries => self.names.retries(),
             };
+            // Added, or raised to the wanted time: see `Store::audit_jobs`.
             pipe.cmd("ZADD")
                 .arg(index)
-                .arg("NX")
+                .arg("GT")
                 .arg(e.at_ms)
                 .arg(&e.entry);
         }
