@@ -341,6 +341,73 @@ impl MemoryStore {
         Some(lost)
     }
 
+    /// Simulate Redis losing a retry's promotion with its latest writes
+    /// (and what followed it on the task: a claim of the promoted attempt,
+    /// the sweep's forget of the retry entry) and coming back as a server
+    /// new to the deployment: task `idx` of `job`, if its attempt started
+    /// with a promotion at most `within_ms` ago and has not ended, is
+    /// `retrying` again at that attempt, due when it was promoted, with its
+    /// retry entry and without a lease entry; an audit is due. The promoted
+    /// attempt's message, published already, finds the task `retrying` and
+    /// is refused as stale. Returns the attempt and the claim lost, if the
+    /// task was running. For simulations.
+    pub fn lose_promotion(
+        &self,
+        job: &str,
+        idx: u32,
+        within_ms: u64,
+    ) -> Option<(u32, Option<ClaimRef>)> {
+        use crate::model::TaskState;
+        let now = self.clock.now_ms();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let record = state.job_mut(job, now)?;
+        let task = record.tasks.get(idx as usize)?;
+        if !matches!(task.state, TaskState::Ready | TaskState::Running) {
+            return None;
+        }
+        let attempt = task.attempt;
+        let promoted = format!("retry due, attempt {attempt}");
+        let promoted_at = record
+            .history
+            .iter()
+            .rev()
+            .find(|h| {
+                h.task.as_deref() == Some(task.name.as_str())
+                    && h.from.as_deref() == Some("retrying")
+            })
+            .filter(|h| h.reason == promoted && h.at + within_ms >= now)?
+            .at;
+        let lost = match (task.state, task.fence) {
+            (TaskState::Running, Some(fence)) => Some(ClaimRef {
+                job: job.to_owned(),
+                idx,
+                attempt,
+                fence,
+            }),
+            _ => None,
+        };
+        let task = &mut record.tasks[idx as usize];
+        task.state = TaskState::Retrying;
+        task.due = Some(promoted_at);
+        task.fence = None;
+        task.lease_expiry = None;
+        record.version += 1;
+        let e = entry(job, idx, attempt);
+        state.leases.remove(&e);
+        state.retries.add_new(&e, promoted_at);
+        drop(state);
+        self.restart();
+        Some((attempt, lost))
+    }
+
+    /// Whether the store's server has not been audited yet (an outage
+    /// aside, [`Store::audit_due`] would name it). Until it is, the indexes
+    /// may lack entries that lost writes took with them. For simulations.
+    pub fn audit_pending(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.audited.as_deref() != Some(self.server().as_str())
+    }
+
     fn server(&self) -> String {
         self.server
             .lock()

@@ -11,6 +11,8 @@
 -- - running: its claim's lease entry at the lease's expiry;
 -- - ready: a lease entry due now (reclaim offers the attempt again);
 -- - retrying: its retry entry at its due time, or now if that is past.
+-- "Now" is a millisecond on: past the time of any sweep's read before
+-- this call, even one in the same millisecond.
 -- Mirrors `JobRecord::schedule_entries` in machine.rs.
 local st = hget('st')
 if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'rejected' then
@@ -18,6 +20,7 @@ if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == '
 end
 local n = tonumber(hget('n') or '0')
 local out = {}
+local soon = string.format('%d', NOW + 1)
 local function want(index, i, a, due)
   out[#out + 1] = index; out[#out + 1] = tostring(i); out[#out + 1] = a; out[#out + 1] = due
 end
@@ -35,12 +38,12 @@ for s = 0, n - 1, RELEASE_CHUNK do
     local b = (i - s) * 4
     local state, a = v[b + 1], v[b + 2]
     if state == 'running' then
-      want('l', i, a, v[b + 3] or NOW_JSON)
+      want('l', i, a, v[b + 3] or soon)
     elseif state == 'ready' then
-      want('l', i, a, NOW_JSON)
+      want('l', i, a, soon)
     elseif state == 'retrying' then
       local due = tonumber(v[b + 4])
-      want('r', i, a, (due and due > NOW) and v[b + 4] or NOW_JSON)
+      want('r', i, a, (due and due > NOW) and v[b + 4] or soon)
     end
   end
 end
