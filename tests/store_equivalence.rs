@@ -611,14 +611,56 @@ async fn a_job_recorded_in_the_earlier_layout_is_claimed_and_shown_the_same() {
     common::cleanup(&config).await;
 }
 
+/// A job's hash in Redis as `DUMP` gave it, to put back as Redis would
+/// after losing its latest writes (a crash under `appendfsync everysec`,
+/// an unplanned failover to a replica that lagged).
+struct JobDump {
+    conn: redis::aio::MultiplexedConnection,
+    key: String,
+    before: Vec<u8>,
+}
+
+impl JobDump {
+    async fn take(
+        config: &Config,
+        store: &conveyor::store::redis::RedisStore,
+        job: &str,
+    ) -> JobDump {
+        let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let key = store.names().job_key(job);
+        let before: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        JobDump { conn, key, before }
+    }
+
+    /// Put the hash back as it was, and delete the keys `lost` too (what
+    /// else the lost writes took).
+    async fn restore(&mut self, lost: &[String]) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("RESTORE")
+            .arg(&self.key)
+            .arg(0)
+            .arg(&self.before)
+            .arg("REPLACE")
+            .ignore();
+        for key in lost {
+            pipe.cmd("DEL").arg(key).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn).await.unwrap();
+    }
+}
+
 /// A one-task job `lost`, its first attempt claimed, and a way to lose
 /// that claim as Redis loses its latest writes.
 struct LostClaim {
     config: Config,
     store: Arc<conveyor::store::redis::RedisStore>,
-    conn: redis::aio::MultiplexedConnection,
-    /// The job hash as it was before the claim (`DUMP`).
-    before: Vec<u8>,
+    /// The job hash as it was before the claim.
+    before: JobDump,
     claimed: conveyor::store::Claimed,
 }
 
@@ -628,18 +670,11 @@ impl LostClaim {
         let store = common::connect_store(&config, "eq").await;
         let body = common::noop_job("lost");
         store.create_job(&plan(&body)).await.unwrap();
-        let client = redis::Client::open(config.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let before: Vec<u8> = redis::cmd("DUMP")
-            .arg(store.names().job_key("lost"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let before = JobDump::take(&config, &store, "lost").await;
         let claimed = claim_first_attempt(store.as_ref(), "lost").await;
         LostClaim {
             config,
             store,
-            conn,
             before,
             claimed,
         }
@@ -664,17 +699,13 @@ impl LostClaim {
     /// Put the job hash back as it was before the claim; with
     /// `with_lease_entry`, the lease index loses the claim's entry too.
     async fn lose(&mut self, with_lease_entry: bool) {
-        let mut pipe = redis::pipe();
-        pipe.cmd("RESTORE")
-            .arg(self.store.names().job_key("lost"))
-            .arg(0)
-            .arg(&self.before)
-            .arg("REPLACE")
-            .ignore();
-        if with_lease_entry {
-            pipe.cmd("DEL").arg(self.store.names().leases()).ignore();
-        }
-        pipe.query_async::<()>(&mut self.conn).await.unwrap();
+        let leases = self.store.names().leases();
+        let lost = if with_lease_entry {
+            vec![leases]
+        } else {
+            vec![]
+        };
+        self.before.restore(&lost).await;
     }
 }
 
@@ -758,7 +789,7 @@ async fn after_a_claim_is_lost_with_its_worker_the_audit_of_the_new_server_offer
     // last audit was of (a real restart is `tests/faults.rs`'s).
     redis::cmd("DEL")
         .arg(store.names().audited_key())
-        .query_async::<()>(&mut lost.conn)
+        .query_async::<()>(&mut lost.before.conn)
         .await
         .unwrap();
     assert_eq!(
@@ -1047,6 +1078,17 @@ async fn offered_again(store: &dyn Store, name: &str) -> (TaskMessage, SweepActi
     (msg, offered.remove(0))
 }
 
+/// The sweep's next pass finds the lapsed claim of `msg`'s attempt 1 and
+/// re-queues the task as attempt 2.
+async fn assert_lapsed_claim_requeued(store: &dyn Store, msg: TaskMessage, name: &str) {
+    let swept = store.expired_leases(100, "sweep").await.unwrap();
+    assert_eq!(
+        published(&swept),
+        vec![TaskMessage { attempt: 2, ..msg }],
+        "{name}: the lapsed claim is found and re-queued as attempt 2"
+    );
+}
+
 /// A task the sweep offers again at the same attempt (here: handed back,
 /// its lease entry left for the sweep) can be claimed between the sweep's
 /// read and its forget of the entry. The claim owns the entry then: the
@@ -1073,12 +1115,7 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
             .unwrap();
         // w2 dies: its lease lapses, and the sweep finds the claim.
         tokio::time::sleep(lease + Duration::from_millis(100)).await;
-        let swept = store.expired_leases(100, "sweep").await.unwrap();
-        assert_eq!(
-            published(&swept),
-            vec![TaskMessage { attempt: 2, ..msg }],
-            "{name}: the lapsed claim is re-queued as attempt 2"
-        );
+        assert_lapsed_claim_requeued(store.as_ref(), msg, name).await;
     }
     common::cleanup(&config).await;
 }
@@ -1111,74 +1148,27 @@ async fn an_entry_moved_after_the_sweep_read_it_is_kept_by_its_forget_even_when_
             .forget_leases(std::slice::from_ref(&offered.entry), offered.read_at)
             .await
             .unwrap();
-        let swept = store.expired_leases(100, "sweep").await.unwrap();
-        assert_eq!(
-            published(&swept),
-            vec![TaskMessage { attempt: 2, ..msg }],
-            "{name}: the lapsed claim is found and re-queued as attempt 2"
-        );
+        assert_lapsed_claim_requeued(store.as_ref(), msg, name).await;
     }
     common::cleanup(&config).await;
 }
 
-/// A store's way back to how it was before its latest writes (a Redis
-/// crash under `appendfsync everysec`, an unplanned failover to a replica
-/// that lagged), as a new server the deployment has not audited.
+/// A store's way back to how it was before its latest writes, as a new
+/// server the deployment has not audited.
 enum Snapshot {
-    /// The job hash as `DUMP` gave it.
-    Redis {
-        conn: redis::aio::MultiplexedConnection,
-        key: String,
-        audited_key: String,
-        before: Vec<u8>,
-    },
+    /// The job's hash, and the key naming the server last audited.
+    Redis(JobDump, String),
     Memory(MemoryStore, Vec<u8>),
 }
 
 impl Snapshot {
-    async fn of_redis(
-        store: &conveyor::store::redis::RedisStore,
-        config: &Config,
-        job: &str,
-    ) -> Snapshot {
-        let client = redis::Client::open(config.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let key = store.names().job_key(job);
-        let before: Vec<u8> = redis::cmd("DUMP")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        Snapshot::Redis {
-            conn,
-            key,
-            audited_key: store.names().audited_key(),
-            before,
-        }
-    }
-
     /// Lose every write since the snapshot; the server is new to the
     /// deployment, so an audit is due.
     async fn lose_later_writes(self) {
         match self {
-            Snapshot::Redis {
-                mut conn,
-                key,
-                audited_key,
-                before,
-            } => {
-                let mut pipe = redis::pipe();
-                pipe.cmd("RESTORE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(&before)
-                    .arg("REPLACE")
-                    .ignore();
-                // As if Redis came back as another process (a real restart
-                // is `tests/faults.rs`'s).
-                pipe.cmd("DEL").arg(&audited_key).ignore();
-                pipe.query_async::<()>(&mut conn).await.unwrap();
-            }
+            // As if Redis came back as another process (a real restart is
+            // `tests/faults.rs`'s): the server last audited is forgotten.
+            Snapshot::Redis(mut job, audited_key) => job.restore(&[audited_key]).await,
             Snapshot::Memory(store, before) => {
                 store.restore(&before).unwrap();
                 store.restart();
@@ -1221,7 +1211,10 @@ async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audi
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
         let snapshot = match name {
-            "redis" => Snapshot::of_redis(&redis, &config, "promo").await,
+            "redis" => Snapshot::Redis(
+                JobDump::take(&config, &redis, "promo").await,
+                redis.names().audited_key(),
+            ),
             _ => Snapshot::Memory(memory.clone(), memory.snapshot().unwrap()),
         };
         let second = TaskMessage { attempt: 2, ..msg };
