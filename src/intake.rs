@@ -86,7 +86,7 @@ pub struct PlannedJob {
 }
 
 /// One task of a planned job.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedTask {
     /// Name in the job.
     pub name: String,

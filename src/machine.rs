@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::intake::{PlannedJob, Rejection};
+use crate::intake::{PlannedJob, PlannedTask, Rejection};
 use crate::model::{JobState, TaskMessage, TaskState};
 use crate::store::{
     Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, HistoryEntry, JobStatus,
@@ -57,35 +57,21 @@ pub struct JobRecord {
     pub history: Vec<HistoryEntry>,
 }
 
-/// One task of a [`JobRecord`].
+/// One task of a [`JobRecord`]: its plan, as the job gave it, and where
+/// it stands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
-    /// Name.
-    pub name: String,
-    /// Handler.
-    pub handler: String,
-    /// Queue.
-    pub queue: String,
-    /// Params JSON.
-    pub params_json: String,
-    /// Tasks it waits for.
-    pub deps: Vec<u32>,
-    /// Tasks waiting for it.
-    pub dependents: Vec<u32>,
+    /// What the job asked for: name, handler, queue, params, dependencies
+    /// and retry policy (flattened: the snapshot file keeps one object per
+    /// task).
+    #[serde(flatten)]
+    pub plan: PlannedTask,
     /// Dependencies not yet succeeded.
     pub deps_left: u32,
     /// State.
     pub state: TaskState,
     /// Current attempt (0 while waiting).
     pub attempt: u32,
-    /// Most attempts.
-    pub max_attempts: u32,
-    /// Backoff base, ms.
-    pub backoff_base_ms: u64,
-    /// Backoff cap, ms.
-    pub backoff_cap_ms: u64,
-    /// Run time-out, ms.
-    pub timeout_ms: u64,
     /// Result JSON.
     pub result: Option<String>,
     /// Last error.
@@ -163,12 +149,7 @@ impl JobRecord {
             .map(|t| {
                 let ready = t.deps.is_empty();
                 TaskRecord {
-                    name: t.name.clone(),
-                    handler: t.handler.clone(),
-                    queue: t.queue.clone(),
-                    params_json: t.params_json.clone(),
-                    deps: t.deps.clone(),
-                    dependents: t.dependents.clone(),
+                    plan: t.clone(),
                     deps_left: t.deps.len() as u32,
                     state: if ready {
                         TaskState::Ready
@@ -176,10 +157,6 @@ impl JobRecord {
                         TaskState::Waiting
                     },
                     attempt: u32::from(ready),
-                    max_attempts: t.max_attempts,
-                    backoff_base_ms: t.backoff_base_ms,
-                    backoff_cap_ms: t.backoff_cap_ms,
-                    timeout_ms: t.timeout_ms,
                     result: None,
                     error: None,
                     worker: None,
@@ -257,7 +234,7 @@ impl JobRecord {
         reason: String,
         by: &str,
     ) {
-        let task = task.map(|i| self.tasks[i as usize].name.clone());
+        let task = task.map(|i| self.tasks[i as usize].plan.name.clone());
         self.history.push(HistoryEntry {
             at,
             task,
@@ -277,10 +254,10 @@ impl JobRecord {
         let t = &self.tasks[idx as usize];
         TaskMessage {
             job: self.id.clone(),
-            task: t.name.clone(),
+            task: t.plan.name.clone(),
             idx,
             attempt: t.attempt,
-            queue: t.queue.clone(),
+            queue: t.plan.queue.clone(),
         }
     }
 
@@ -324,6 +301,7 @@ impl JobRecord {
 
     fn ready_dependents(&self, idx: u32) -> Vec<TaskMessage> {
         self.tasks[idx as usize]
+            .plan
             .dependents
             .iter()
             .filter(|&&d| self.tasks[d as usize].state == TaskState::Ready)
@@ -333,7 +311,7 @@ impl JobRecord {
 
     fn release_dependents(&mut self, idx: u32, now: u64, by: &str) -> Vec<TaskMessage> {
         let mut ready = Vec::new();
-        for d in self.tasks[idx as usize].dependents.clone() {
+        for d in self.tasks[idx as usize].plan.dependents.clone() {
             let t = &mut self.tasks[d as usize];
             t.deps_left = t.deps_left.saturating_sub(1);
             if t.deps_left == 0 && t.state == TaskState::Waiting {
@@ -354,8 +332,8 @@ impl JobRecord {
     }
 
     fn fail_dependents(&mut self, idx: u32, now: u64, by: &str) {
-        let reason = format!("dependency failed: {}", self.tasks[idx as usize].name);
-        let mut queue: Vec<u32> = self.tasks[idx as usize].dependents.clone();
+        let reason = format!("dependency failed: {}", self.tasks[idx as usize].plan.name);
+        let mut queue: Vec<u32> = self.tasks[idx as usize].plan.dependents.clone();
         let mut head = 0;
         while head < queue.len() {
             let d = queue[head];
@@ -367,7 +345,7 @@ impl JobRecord {
                 self.hist(now, Some(d), Some("waiting"), "failed", reason.clone(), by);
                 self.open -= 1;
                 self.nfail += 1;
-                queue.extend(self.tasks[d as usize].dependents.iter().copied());
+                queue.extend(self.tasks[d as usize].plan.dependents.iter().copied());
             }
         }
     }
@@ -464,6 +442,7 @@ impl JobRecord {
         self.bump(now);
         let t = &self.tasks[idx as usize];
         let inputs_bytes: u64 = t
+            .plan
             .deps
             .iter()
             .map(|&d| {
@@ -474,7 +453,7 @@ impl JobRecord {
             })
             .sum();
         let oversized_inputs = (inputs_bytes > max_inputs_bytes).then_some(OversizedInputs {
-            deps: t.deps.len(),
+            deps: t.plan.deps.len(),
             bytes: inputs_bytes,
             limit: max_inputs_bytes,
         });
@@ -482,7 +461,8 @@ impl JobRecord {
         let deps = if oversized_inputs.is_some() {
             BTreeMap::new()
         } else {
-            t.deps
+            t.plan
+                .deps
                 .iter()
                 .map(|&d| {
                     let dep = &self.tasks[d as usize];
@@ -491,7 +471,7 @@ impl JobRecord {
                         .as_deref()
                         .and_then(|r| serde_json::from_str(r).ok())
                         .unwrap_or(Value::Null);
-                    (dep.name.clone(), value)
+                    (dep.plan.name.clone(), value)
                 })
                 .collect()
         };
@@ -502,14 +482,14 @@ impl JobRecord {
                 attempt,
                 fence,
             },
-            task: t.name.clone(),
-            handler: t.handler.clone(),
-            params_json: t.params_json.clone(),
-            max_attempts: t.max_attempts,
-            timeout: std::time::Duration::from_millis(t.timeout_ms),
+            task: t.plan.name.clone(),
+            handler: t.plan.handler.clone(),
+            params_json: t.plan.params_json.clone(),
+            max_attempts: t.plan.max_attempts,
+            timeout: std::time::Duration::from_millis(t.plan.timeout_ms),
             deps,
             oversized_inputs,
-            backoff: (t.backoff_base_ms, t.backoff_cap_ms),
+            backoff: (t.plan.backoff_base_ms, t.plan.backoff_cap_ms),
         }))
     }
 
@@ -549,7 +529,7 @@ impl JobRecord {
         {
             return Applied::Stale;
         }
-        let max_attempts = t.max_attempts;
+        let max_attempts = t.plan.max_attempts;
         let t = &mut self.tasks[idx as usize];
         t.last_fence = Some(claim.fence);
         t.lease_expiry = None;
@@ -663,7 +643,7 @@ impl JobRecord {
                 "lease expired (worker {})",
                 t.worker.as_deref().unwrap_or("?")
             );
-            if t.attempt < t.max_attempts {
+            if t.attempt < t.plan.max_attempts {
                 let t = &mut self.tasks[idx as usize];
                 t.state = TaskState::Ready;
                 t.attempt += 1;
@@ -683,7 +663,7 @@ impl JobRecord {
             }
             let reason = format!(
                 "{reason}; attempts used up ({} of {})",
-                t.attempt, t.max_attempts
+                t.attempt, t.plan.max_attempts
             );
             self.fail_task(idx, "running", reason, now, by);
             self.bump(now);
@@ -749,7 +729,7 @@ impl JobRecord {
                 .iter()
                 .map(|t| {
                     (
-                        t.name.clone(),
+                        t.plan.name.clone(),
                         TaskStatus {
                             state: t.state,
                             attempts: t.attempt,
@@ -760,9 +740,9 @@ impl JobRecord {
                                 .unwrap_or(Value::Null),
                             error: t.error.clone(),
                             worker: t.worker.clone(),
-                            handler: t.handler.clone(),
-                            queue: t.queue.clone(),
-                            max_attempts: t.max_attempts,
+                            handler: t.plan.handler.clone(),
+                            queue: t.plan.queue.clone(),
+                            max_attempts: t.plan.max_attempts,
                             next_attempt_at_ms: if t.state == TaskState::Retrying {
                                 t.due
                             } else {

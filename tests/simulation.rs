@@ -1064,17 +1064,18 @@ fn check_job<'e>(
         check_each_claim_ends_once(job)?;
         for t in &job.tasks {
             let deps_done = t
+                .plan
                 .deps
                 .iter()
                 .filter(|&&d| job.tasks[d as usize].state == TaskState::Succeeded)
                 .count() as u32;
-            let deps_pending = t.deps.len() as u32 - deps_done;
+            let deps_pending = t.plan.deps.len() as u32 - deps_done;
             let waiting_wrongly =
                 t.state == TaskState::Waiting && (t.deps_left != deps_pending || deps_pending == 0);
             if waiting_wrongly {
                 return Err(format!(
                     "{id}/{}: waiting with {} counted and {deps_pending} pending deps",
-                    t.name, t.deps_left
+                    t.plan.name, t.deps_left
                 ));
             }
             let started = matches!(
@@ -1084,11 +1085,14 @@ fn check_job<'e>(
             if started && deps_pending != 0 {
                 return Err(format!(
                     "{id}/{}: {} before its dependencies succeeded",
-                    t.name, t.state
+                    t.plan.name, t.state
                 ));
             }
             if t.state == TaskState::Running && (t.fence.is_none() || t.lease_expiry.is_none()) {
-                return Err(format!("{id}/{}: running without fence or lease", t.name));
+                return Err(format!(
+                    "{id}/{}: running without fence or lease",
+                    t.plan.name
+                ));
             }
             if t.state == TaskState::Succeeded {
                 // The applied result came from the claim that was live: its
@@ -1099,7 +1103,7 @@ fn check_job<'e>(
                 if result_fence != t.fence || t.last_fence != t.fence {
                     return Err(format!(
                         "{id}/{}: result from fence {result_fence:?}, live claim fence {:?}, applied {:?}",
-                        t.name, t.fence, t.last_fence
+                        t.plan.name, t.fence, t.last_fence
                     ));
                 }
                 let fences_run = fences_run.get_or_insert_with(|| {
@@ -1109,11 +1113,11 @@ fn check_job<'e>(
                     }
                     run
                 });
-                let ran = fences_run.get(&(id.as_str(), t.name.as_str()));
+                let ran = fences_run.get(&(id.as_str(), t.plan.name.as_str()));
                 if !ran.is_some_and(|f| result_fence.is_some_and(|rf| f.contains(&rf))) {
                     return Err(format!(
                         "{id}/{}: result with fence {result_fence:?} that never ran",
-                        t.name
+                        t.plan.name
                     ));
                 }
             }
@@ -1325,7 +1329,7 @@ fn check_lapses_were_caused(
             let idx = r
                 .tasks
                 .iter()
-                .position(|t| &t.name == task)
+                .position(|t| &t.plan.name == task)
                 .ok_or_else(|| format!("{}: history names unknown task {task}", r.id))?
                 as u32;
             let lapsed = match h.reason.split_once("; attempt ") {
@@ -1876,7 +1880,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
                         r.state,
                         r.tasks
                             .iter()
-                            .map(|t| (t.name.as_str(), t.state, t.attempt))
+                            .map(|t| (t.plan.name.as_str(), t.state, t.attempt))
                             .collect::<Vec<_>>(),
                         r.history
                             .iter()
@@ -1941,7 +1945,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
     let other_queue_runs = records
         .iter()
         .flat_map(|r| &r.tasks)
-        .filter(|t| t.queue == OTHER_QUEUE && t.attempt > 0)
+        .filter(|t| t.plan.queue == OTHER_QUEUE && t.attempt > 0)
         .count();
     for r in records {
         trace.push(format!("{} {} v{} {:?}", r.id, r.state, r.version, r.tasks));

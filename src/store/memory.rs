@@ -372,7 +372,7 @@ impl MemoryStore {
             .iter()
             .rev()
             .find(|h| {
-                h.task.as_deref() == Some(task.name.as_str())
+                h.task.as_deref() == Some(task.plan.name.as_str())
                     && h.from.as_deref() == Some("retrying")
             })
             .filter(|h| h.reason == promoted && h.at + within_ms >= now)?
