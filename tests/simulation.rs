@@ -19,7 +19,13 @@
 //!   (the task ready again at that attempt, the lease entry gone, the
 //!   server new: the live worker's outcome is refused or its run stopped,
 //!   and the recheck or the audit offers the task again; the lost claim
-//!   counts as live only until the loss);
+//!   counts as live only until the loss), or a retry's promotion (the
+//!   task `retrying` again, its promoted message stale);
+//! - one worker is cut off from the store for longer than a lease; the
+//!   store answers one process slowly (20–200 ms a call), or stalls one
+//!   worker (700–2,000 ms a call, longer than a lease); the task queue
+//!   fills up and refuses publishes for a while; workers are told to stop
+//!   (SIGTERM) and hand back what they hold;
 //! - handlers fail transiently and permanently, panic, and hang past their
 //!   time-out, decided by a hash of the seed and the execution;
 //! - on odd seeds workers take submissions too, so roots of new jobs run
@@ -29,8 +35,8 @@
 //!   referred job (once) from its unchanged bytes.
 //!
 //! At the end, every lease that lapsed must have had a cause: its worker
-//! crashed or was cut off between its last renewal and the reclaim (or the
-//! store lost the claim). A live, connected worker's claims never lapse,
+//! crashed, was cut off, slowed or stalled between its last renewal and
+//! the reclaim (or the store lost the claim). A live, connected worker's claims never lapse,
 //! not even through a store outage longer than the lease.
 //!
 //! The invariants are checked after every step and at the end: counters
