@@ -1423,24 +1423,32 @@ fn slow_down(
     Some((ms, now + rng.random_range(window)))
 }
 
-/// A slow link's window ends: calls go at full speed again, but those on
-/// their way still take their time, so its process stays hindered until
-/// the last of them is answered (up to the whole delay after the window).
-/// Returns that time, and the list of the window's kind (a stall or a
-/// slow link) to record it in.
-fn slow_link_ended<'a>(
-    slow_ms: &AtomicU64,
-    now: u64,
+/// A window in which the store answers one process slowly.
+struct SlowLink {
+    /// The process's link: each call's delay there and back, ms.
+    slow_ms: Arc<AtomicU64>,
+    /// When the window ends.
+    until: u64,
+    process: String,
+    /// When the window began.
+    from: u64,
+    /// Whether more slowly than a lease (a stalled worker).
     stall: bool,
-    disturbances: &'a mut Disturbances,
-) -> (u64, &'a mut Vec<(String, u64, u64)>) {
-    let delay = slow_ms.swap(0, Ordering::SeqCst);
-    let kind = if stall {
-        &mut disturbances.stalls
-    } else {
-        &mut disturbances.partitions
-    };
-    (now + delay, kind)
+}
+
+impl SlowLink {
+    /// The window ends: calls go at full speed again, but those on their
+    /// way still take their time, so its process stays hindered until the
+    /// last of them is answered (up to the whole delay after the window).
+    fn end(&self, now: u64, disturbances: &mut Disturbances) {
+        let calls_answered = now + self.slow_ms.swap(0, Ordering::SeqCst);
+        let windows = if self.stall {
+            &mut disturbances.stalls
+        } else {
+            &mut disturbances.partitions
+        };
+        windows.push((self.process.clone(), self.from, calls_answered));
+    }
 }
 
 /// Lapsed leases found caused, and how many of them lapsed while their
@@ -1667,9 +1675,7 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
     let mut full_until: Option<u64> = None;
     let mut full_windows = 0;
     let mut partitions: Vec<(Arc<AtomicBool>, u64, String, u64)> = Vec::new();
-    // Processes the store answers slowly: (slow_ms, until, process, from,
-    // whether more slowly than a lease).
-    let mut slow_links: Vec<(Arc<AtomicU64>, u64, String, u64, bool)> = Vec::new();
+    let mut slow_links: Vec<SlowLink> = Vec::new();
     let mut slow_windows = 0;
     let mut stalls = 0;
     let mut disturbances = Disturbances::default();
@@ -1700,10 +1706,9 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
                 true
             }
         });
-        slow_links.retain(|(slow_ms, until, process, from, stall)| {
-            if now >= *until {
-                let (calls_landed, kind) = slow_link_ended(slow_ms, now, *stall, &mut disturbances);
-                kind.push((process.clone(), *from, calls_landed));
+        slow_links.retain(|link| {
+            if now >= link.until {
+                link.end(now, &mut disturbances);
                 false
             } else {
                 true
@@ -1839,7 +1844,13 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
                     faults_log.push(format!(
                         "{now}: {process} answered in {ms} ms until {until}"
                     ));
-                    slow_links.push((slow_ms.clone(), until, process.clone(), now, false));
+                    slow_links.push(SlowLink {
+                        slow_ms: slow_ms.clone(),
+                        until,
+                        process: process.clone(),
+                        from: now,
+                        stall: false,
+                    });
                     slow_windows += 1;
                 }
             }
@@ -1897,7 +1908,13 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
                     faults_log.push(format!(
                         "{now}: {worker} stalled, answered in {ms} ms until {until}"
                     ));
-                    slow_links.push((slow_ms.clone(), until, worker.clone(), now, true));
+                    slow_links.push(SlowLink {
+                        slow_ms: slow_ms.clone(),
+                        until,
+                        process: worker.clone(),
+                        from: now,
+                        stall: true,
+                    });
                     stalls += 1;
                 }
             }
@@ -1912,9 +1929,8 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         cut.store(false, Ordering::SeqCst);
         disturbances.partitions.push((worker, from, now));
     }
-    for (slow_ms, _, process, from, stall) in slow_links.drain(..) {
-        let (calls_landed, kind) = slow_link_ended(&slow_ms, now, stall, &mut disturbances);
-        kind.push((process, from, calls_landed));
+    for link in slow_links.drain(..) {
+        link.end(now, &mut disturbances);
     }
 
     // Quiet period: faults stop (the broker still duplicates and reorders);
