@@ -101,6 +101,18 @@ async fn a_snapshot_keeps_jobs_across_a_restart() {
     );
     first.shutdown().await.unwrap();
     assert!(snapshot.exists());
+    // Each task's plan (name, handler, params, policy) sits at the top of
+    // its object, as in snapshots written before the plan became a field
+    // of its own: those still load.
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&snapshot).unwrap()).unwrap();
+    let task = &written["jobs"]["kept"]["tasks"][0];
+    assert_eq!(
+        (task["name"].as_str(), task["handler"].as_str()),
+        (Some("a"), Some("noop")),
+        "{task}"
+    );
+    assert!(task.get("plan").is_none(), "{task}");
 
     let second = start_with_snapshot(&config, &snapshot).await;
     let status = second
