@@ -3,10 +3,21 @@
 //! Broker facts this code is shaped by (RabbitMQ 3.10 and later):
 //! - Every work message is persistent and published with the `mandatory`
 //!   flag on a channel in confirm mode. An unroutable message is *acked* by
-//!   the broker after being returned, so an ack carrying a returned message
-//!   is treated as a failure ([`BrokerError::Unroutable`]; a nack is
-//!   [`BrokerError::Refused`]). Nothing here declares the queue again: the
-//!   caller does (the outbox forgets it declared the queue).
+//!   the broker after being returned, so a returned message is a failure
+//!   ([`BrokerError::Unroutable`]; a nack is [`BrokerError::Refused`]).
+//!   Nothing here declares the queue again: the caller does (the outbox
+//!   forgets it declared the queue).
+//! - lapin hands a returned message to whichever confirm of its channel it
+//!   settles next, not to the returned message's own: to the confirm of
+//!   another message settled by the same multiple ack (in no set order), or
+//!   of another caller's batch. So a batch has a confirm channel to itself
+//!   from its first publish to its last confirm ([`Publishers`]), and every
+//!   message of the batch addressed to a queue a return names counts as
+//!   returned, whichever confirm carried the return (a message that was in
+//!   fact routed is then published twice, which is harmless). Trusting
+//!   lapin's pairing on one shared channel reported about one publish in 25
+//!   to a missing queue as confirmed under concurrent publishing (`core.rs`
+//!   tests it).
 //! - Confirms are pipelined: a batch is published in full, then all its
 //!   confirms are awaited together.
 //! - Queues are durable; quorum queues by default, with `x-delivery-limit`
@@ -29,6 +40,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -79,48 +91,102 @@ pub struct AmqpBroker {
     declared: std::sync::Mutex<Vec<String>>,
 }
 
-/// One connection and its publishing channel.
+/// One connection and its publishing channels.
 struct Session {
     connection: Connection,
-    /// The confirm-mode channel publishes go through; a new one after a
-    /// refusal (see [`Session::replace_publisher`]).
-    publisher: std::sync::Mutex<Channel>,
+    publishers: Publishers,
 }
 
-impl Session {
-    /// The channel to publish on now.
-    fn publisher(&self) -> Channel {
-        self.publisher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+/// Most confirm channels one connection publishes through at once; a
+/// batch past them waits for one to be free. Each batch in flight holds
+/// one (see the module docs), so this bounds the channels a burst of
+/// concurrent publishers opens (RabbitMQ allows 2,047 a connection).
+const MAX_PUBLISH_CHANNELS: usize = 64;
+
+/// The confirm-mode channels of one connection: each batch takes one to
+/// itself and gives it back once every confirm of the batch has settled,
+/// so every returned message a batch's confirms carry is one of its own.
+struct Publishers {
+    idle: std::sync::Mutex<Vec<Channel>>,
+    in_use: tokio::sync::Semaphore,
+}
+
+impl Publishers {
+    fn new(first: Channel) -> Publishers {
+        Publishers {
+            idle: std::sync::Mutex::new(vec![first]),
+            in_use: tokio::sync::Semaphore::new(MAX_PUBLISH_CHANNELS),
+        }
     }
 
-    /// Publish through a new channel from now on, unless `refused` was
-    /// replaced already. A quorum queue that refused a message (at its
-    /// length limit, `overflow: reject-publish`) goes on refusing every
-    /// message that channel sends it, even once it has room again or its
-    /// limit is gone (RabbitMQ 3.10); a new channel is served normally.
-    /// The old channel closes when the last publish on it lets go of it.
-    async fn replace_publisher(&self, refused: &Channel) {
-        if self.publisher().id() != refused.id() {
-            return;
-        }
-        match open_confirm_channel(&self.connection).await {
-            Ok(fresh) => {
-                let mut publisher = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
-                if publisher.id() == refused.id() {
-                    tracing::debug!(
-                        old = refused.id(),
-                        new = fresh.id(),
-                        "publishing on a new channel after a refusal"
-                    );
-                    *publisher = fresh;
-                }
+    /// A channel no other batch is publishing on: an idle one, or a new
+    /// one of `connection`.
+    async fn take<'a>(
+        &'a self,
+        connection: &Connection,
+    ) -> Result<PublishChannel<'a>, BrokerError> {
+        let permit =
+            self.in_use.acquire().await.map_err(|_| {
+                BrokerError::Unavailable("the publishing channels are closed".into())
+            })?;
+        let idle = loop {
+            let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match next {
+                Some(channel) if channel.status().connected() => break Some(channel),
+                // Closed by the broker since (a channel error): let it go.
+                Some(_) => continue,
+                None => break None,
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot open a new publishing channel; keeping the old one");
-            }
+        };
+        let channel = match idle {
+            Some(channel) => channel,
+            None => open_confirm_channel(connection).await?,
+        };
+        Ok(PublishChannel {
+            channel,
+            given_back: false,
+            pool: self,
+            _permit: permit,
+        })
+    }
+}
+
+/// A confirm channel one batch has to itself. [`PublishChannel::give_back`]
+/// returns it for the next batch once every confirm of this one settled;
+/// dropped otherwise (a batch timed out, refused, or cut short), it is
+/// closed, so a late return or confirm of its batch can never be taken for
+/// another's.
+struct PublishChannel<'a> {
+    channel: Channel,
+    given_back: bool,
+    pool: &'a Publishers,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl PublishChannel<'_> {
+    /// Every confirm of the batch settled: the next batch may use it.
+    fn give_back(mut self) {
+        self.given_back = true;
+        self.pool
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.channel.clone());
+    }
+}
+
+impl Drop for PublishChannel<'_> {
+    fn drop(&mut self) {
+        // Also after a refusal: a quorum queue that refused a message (at
+        // its length limit, `overflow: reject-publish`) goes on refusing
+        // every message that channel sends it, even once it has room again
+        // or its limit is gone (RabbitMQ 3.10); a new channel is served
+        // normally.
+        if !self.given_back
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let channel = self.channel.clone();
+            runtime.spawn(async move { close_channel(&channel, "publish cut short").await });
         }
     }
 }
@@ -328,7 +394,7 @@ impl AmqpBroker {
     async fn session(&self) -> Result<Arc<Session>, BrokerError> {
         let mut slot = self.session.lock().await;
         if let Some(session) = slot.as_ref() {
-            if session.connection.status().connected() && session.publisher().status().connected() {
+            if session.connection.status().connected() {
                 return Ok(session.clone());
             }
             tracing::warn!("RabbitMQ connection lost; reconnecting");
@@ -339,7 +405,7 @@ impl AmqpBroker {
         let publisher = open_confirm_channel(&connection).await?;
         let session = Arc::new(Session {
             connection,
-            publisher: std::sync::Mutex::new(publisher),
+            publishers: Publishers::new(publisher),
         });
         let declared = self
             .declared
@@ -635,29 +701,31 @@ impl Broker for AmqpBroker {
             .session()
             .await
             .map_err(|e| PartlyPublished::none_of(batch.len(), e))?;
-        let publisher = session.publisher();
-        let result = tokio::time::timeout(PUBLISH_TIMEOUT, publish_on(&publisher, &batch))
-            .await
-            .unwrap_or_else(|_| {
-                Err(PartlyPublished::none_of(
+        let result = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            let publisher = session
+                .publishers
+                .take(&session.connection)
+                .await
+                .map_err(|e| PartlyPublished::none_of(batch.len(), e))?;
+            publish_on(publisher, &batch).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(PartlyPublished::none_of(
+                batch.len(),
+                BrokerError::Unavailable(format!(
+                    "RabbitMQ did not take and confirm a batch of {} messages within {} s",
                     batch.len(),
-                    BrokerError::Unavailable(format!(
-                        "RabbitMQ did not take and confirm a batch of {} messages within {} s",
-                        batch.len(),
-                        PUBLISH_TIMEOUT.as_secs()
-                    )),
-                ))
-            });
-        match &result {
-            Err(PartlyPublished {
-                error: BrokerError::Unavailable(_),
-                ..
-            }) => self.forget(&session).await,
-            Err(PartlyPublished {
-                error: BrokerError::Refused { .. },
-                ..
-            }) => session.replace_publisher(&publisher).await,
-            _ => {}
+                    PUBLISH_TIMEOUT.as_secs()
+                )),
+            ))
+        });
+        if let Err(PartlyPublished {
+            error: BrokerError::Unavailable(_),
+            ..
+        }) = &result
+        {
+            self.forget(&session).await;
         }
         result
     }
@@ -728,12 +796,15 @@ impl Broker for AmqpBroker {
 /// order.
 const PUBLISH_WINDOW: usize = 256;
 
-async fn publish_on(publisher: &Channel, batch: &[Outgoing]) -> Result<(), PartlyPublished> {
+async fn publish_on(
+    publisher: PublishChannel<'_>,
+    batch: &[Outgoing],
+) -> Result<(), PartlyPublished> {
     let unsent = |e: BrokerError| PartlyPublished::none_of(batch.len(), e);
     let mut pending = Vec::with_capacity(batch.len());
     let mut in_flight = FuturesOrdered::new();
     for msg in batch {
-        in_flight.push_back(publish_one(publisher, msg));
+        in_flight.push_back(publish_one(&publisher.channel, msg));
         if in_flight.len() >= PUBLISH_WINDOW
             && let Some(sent) = in_flight.next().await
         {
@@ -743,45 +814,72 @@ async fn publish_on(publisher: &Channel, batch: &[Outgoing]) -> Result<(), Partl
     while let Some(sent) = in_flight.next().await {
         pending.push(sent.map_err(unsent)?);
     }
-    // Which were confirmed, kept from the first failure on (all before
-    // it were): nothing to allocate for a batch wholly confirmed.
-    let mut confirmed: Option<Vec<bool>> = None;
-    let mut first_error = None;
-    for (i, (queue, confirm)) in pending.into_iter().enumerate() {
+    drop(in_flight);
+    // Nothing to allocate for a batch wholly confirmed.
+    let mut failed: Vec<(usize, BrokerError)> = Vec::new();
+    let mut returned: Vec<BasicReturnMessage> = Vec::new();
+    for (i, confirm) in pending.into_iter().enumerate() {
         let err = match confirm.await {
-            Ok(Confirmation::Ack(None)) => {
-                if let Some(confirmed) = &mut confirmed {
-                    confirmed.push(true);
-                }
+            Ok(Confirmation::Ack(None)) => continue,
+            Ok(Confirmation::Ack(Some(ret))) => {
+                // Whose it is is settled below, by the queue it names.
+                returned.push(ret);
                 continue;
             }
-            Ok(Confirmation::Ack(Some(ret))) => BrokerError::Unroutable {
-                queue: queue.to_owned(),
-                reason: format!("returned: {} {}", ret.reply_code, ret.reply_text),
-            },
-            Ok(Confirmation::Nack(_)) => BrokerError::Refused {
-                queue: queue.to_owned(),
-                reason: "nacked".into(),
-            },
+            Ok(Confirmation::Nack(ret)) => {
+                returned.extend(ret);
+                BrokerError::Refused {
+                    queue: batch[i].queue.clone(),
+                    reason: "nacked".into(),
+                }
+            }
             Ok(Confirmation::NotRequested) => {
                 BrokerError::Fatal("publisher confirms are not enabled".into())
             }
             Err(e) => unavailable(e),
         };
-        confirmed.get_or_insert_with(|| vec![true; i]).push(false);
-        first_error.get_or_insert(err);
+        failed.push((i, err));
     }
-    match (first_error, confirmed) {
-        (Some(error), Some(confirmed)) => Err(PartlyPublished { error, confirmed }),
-        _ => Ok(()),
+    if failed.is_empty() && returned.is_empty() {
+        publisher.give_back();
+        return Ok(());
+    }
+    // Every confirm settled and none refused: the channel serves the next
+    // batch. Dropped, it closes (see `PublishChannel`).
+    if failed.is_empty() {
+        publisher.give_back();
+    }
+    let mut confirmed = vec![true; batch.len()];
+    for &(i, _) in &failed {
+        confirmed[i] = false;
+    }
+    let mut first_error = failed.into_iter().next();
+    for ret in &returned {
+        let queue = ret.delivery.routing_key.as_str();
+        for (i, msg) in batch.iter().enumerate() {
+            if msg.queue == queue && confirmed[i] {
+                confirmed[i] = false;
+                if first_error.as_ref().is_none_or(|(first, _)| i < *first) {
+                    let reason = format!("returned: {} {}", ret.reply_code, ret.reply_text);
+                    first_error = Some((
+                        i,
+                        BrokerError::Unroutable {
+                            queue: msg.queue.clone(),
+                            reason,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    match first_error {
+        Some((_, error)) => Err(PartlyPublished { error, confirmed }),
+        None => Ok(()),
     }
 }
 
 /// Hand one message to lapin: its queue and the confirm to wait for.
-async fn publish_one<'a>(
-    publisher: &Channel,
-    msg: &'a Outgoing,
-) -> Result<(&'a str, PublisherConfirm), BrokerError> {
+async fn publish_one(publisher: &Channel, msg: &Outgoing) -> Result<PublisherConfirm, BrokerError> {
     let confirm = publisher
         .basic_publish(
             ShortString::from(""),
@@ -795,7 +893,7 @@ async fn publish_one<'a>(
         )
         .await
         .map_err(unavailable)?;
-    Ok((msg.queue.as_str(), confirm))
+    Ok(confirm)
 }
 
 /// `x-priority` when it is not the default (0).
