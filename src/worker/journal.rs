@@ -1,5 +1,5 @@
-//! An optional execution journal: one line per claim taken, lease renewed
-//! and handler finished, appended to a file outside Redis.
+//! An optional execution journal: one line per run started, lease renewed
+//! and claim ended, appended to a file outside Redis.
 //!
 //! It exists so that what ran, when, and under which claim can be audited
 //! (and checked by the fault-injection tests) independently of the store
@@ -8,10 +8,16 @@
 //! can share one file:
 //!
 //! ```text
-//! S <job> <idx> <attempt> <fence> <unix ns> <worker>     claim taken
+//! S <job> <idx> <attempt> <fence> <unix ns> <worker>     run started
 //! R <job> <idx> <attempt> <fence> <unix ns> <worker>     lease renewed
-//! E <job> <idx> <attempt> <fence> <unix ns> <worker> <succeeded|retry|failed>
+//! E <job> <idx> <attempt> <fence> <unix ns> <worker> <outcome>
 //! ```
+//!
+//! `S` is written as the handler starts, under a claim already taken (and
+//! checked not to have lapsed); `E` ends the claim with its outcome
+//! (`succeeded`, `retry`, `failed`, or `handed_back` when a stopping
+//! worker gives the claim back). A claim handed back before its run began
+//! has an `E` without an `S`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

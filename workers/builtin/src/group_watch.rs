@@ -50,8 +50,9 @@
 //! life). If the watchdog
 //! cannot be started (no `/bin/sh`), `shell` tasks still run, without this
 //! protection, and the worker says so once in its log. If the watchdog is
-//! killed, the next `shell` run starts a new one; groups registered with the
-//! old one are then unprotected until they end.
+//! killed, the next `shell` run finds it gone and starts a new one before
+//! its program runs; groups registered with the old one are then
+//! unprotected until they end.
 
 use std::io::{self, Write};
 use std::os::unix::process::CommandExt;
@@ -169,6 +170,7 @@ static SPAWN_FAILURE_LOGGED: AtomicBool = AtomicBool::new(false);
 /// A process group registered with the watchdog; unregistered on drop.
 pub(crate) struct Watched {
     pgid: Pid,
+    slot: &'static Mutex<Option<Watchdog>>,
 }
 
 /// Register `pgid` with this process's watchdog (starting it if needed), so
@@ -176,34 +178,43 @@ pub(crate) struct Watched {
 /// is dropped. `None` when no watchdog could be started; the reason is
 /// logged once.
 pub(crate) fn watch(pgid: Pid) -> Option<Watched> {
-    let mut slot = WATCHDOG.lock().unwrap_or_else(PoisonError::into_inner);
-    if slot.is_none() {
-        match Watchdog::spawn() {
-            Ok(watchdog) => *slot = Some(watchdog),
-            Err(e) => {
-                if !SPAWN_FAILURE_LOGGED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        error = %e,
-                        "shell: cannot start the process-group watchdog (/bin/sh); shell \
-                         programs will outlive this worker if it is killed"
-                    );
+    watch_with(&WATCHDOG, pgid)
+}
+
+/// [`watch`] with the watchdog kept in `slot`.
+fn watch_with(slot: &'static Mutex<Option<Watchdog>>, pgid: Pid) -> Option<Watched> {
+    let mut watchdog = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    // A watchdog found gone (killed since the last run) is replaced at
+    // once, so the run that finds it gone is watched too.
+    for _ in 0..2 {
+        if watchdog.is_none() {
+            match Watchdog::spawn() {
+                Ok(started) => *watchdog = Some(started),
+                Err(e) => {
+                    if !SPAWN_FAILURE_LOGGED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %e,
+                            "shell: cannot start the process-group watchdog (/bin/sh); shell \
+                             programs will outlive this worker if it is killed"
+                        );
+                    }
+                    return None;
                 }
-                return None;
+            }
+        }
+        let running = watchdog.as_mut()?;
+        match running.tell('+', pgid) {
+            Ok(()) => return Some(Watched { pgid, slot }),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e, pid = running.child.id(),
+                    "shell: the process-group watchdog is gone; starting another"
+                );
+                retire(&mut watchdog);
             }
         }
     }
-    let watchdog = slot.as_mut()?;
-    match watchdog.tell('+', pgid) {
-        Ok(()) => Some(Watched { pgid }),
-        Err(e) => {
-            tracing::warn!(
-                error = %e, pid = watchdog.child.id(),
-                "shell: the process-group watchdog is gone; the next shell run starts another"
-            );
-            retire(&mut slot);
-            None
-        }
-    }
+    None
 }
 
 /// Forget a watchdog that no longer reads its pipe (reaped if it has
@@ -216,7 +227,7 @@ fn retire(slot: &mut Option<Watchdog>) {
 
 impl Drop for Watched {
     fn drop(&mut self) {
-        let mut slot = WATCHDOG.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(watchdog) = slot.as_mut()
             && let Err(e) = watchdog.tell('-', self.pgid)
         {
@@ -298,6 +309,31 @@ mod tests {
         );
         assert!(wait_gone(first_helper), "helper {first_helper} survived");
         assert!(wait_gone(second_helper), "helper {second_helper} survived");
+    }
+
+    #[test]
+    fn a_run_that_finds_the_watchdog_killed_starts_another_that_watches_it() {
+        static SLOT: Mutex<Option<Watchdog>> = Mutex::new(None);
+        let (mut earlier, _) = task_group();
+        drop(watch_with(&SLOT, pgid_of(&earlier)).expect("watched"));
+        let killed = {
+            let mut slot = SLOT.lock().unwrap();
+            let watchdog = slot.as_mut().expect("started by the first run");
+            watchdog.child.kill().unwrap();
+            watchdog.child.wait().unwrap();
+            watchdog.pid()
+        };
+        let (mut group, helper) = task_group();
+        let watched = watch_with(&SLOT, pgid_of(&group)).expect("watched by a new watchdog");
+        let watchdog = SLOT.lock().unwrap().take().expect("a new watchdog");
+        assert_ne!(watchdog.pid(), killed);
+        // The worker dies: the new watchdog kills the group it registered.
+        assert!(watchdog.close_and_wait().unwrap().success());
+        assert!(group.wait().unwrap().code().is_none(), "killed by a signal");
+        assert!(wait_gone(helper), "helper {helper} survived");
+        drop(watched);
+        nix::sys::signal::killpg(pgid_of(&earlier), nix::sys::signal::Signal::SIGKILL).unwrap();
+        earlier.wait().unwrap();
     }
 
     #[test]

@@ -44,7 +44,9 @@
 //! | is killed by a signal              | transient error naming the signal         |
 //! | outlives `ctx.timeout`             | transient error; process group killed     |
 //! | writes more than 16 MiB to stdout  | permanent error; process group killed     |
-//! | cannot be started                  | permanent error naming command and cause  |
+//! | cannot be started                  | permanent error naming command and cause; |
+//! |                                    | transient when out of processes, memory   |
+//! |                                    | or file descriptors, or the file is busy  |
 //!
 //! Exit code 75 is `EX_TEMPFAIL` from `sysexits.h` ("temporary failure;
 //! user is invited to retry"), the conventional way for a program to say
