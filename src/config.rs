@@ -576,6 +576,26 @@ impl Config {
                  the job schema caps names at 128)"
             ),
         );
+        // A worker's queue is a task queue's own name, under the rules a
+        // job's `queue` follows (a longer one would pass AMQP's 255-byte
+        // limit with the prefix, and one with other characters could never
+        // receive a task).
+        for queue in &self.worker.queues {
+            check(
+                !queue.is_empty()
+                    && queue.len() <= self.limits.max_name_len
+                    && queue
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')),
+                "worker.queues",
+                &format!("{queue:?}"),
+                format!(
+                    "each must be 1 to limits.max_name_len ({}) bytes of letters, digits, \
+                     '.', '_', ':' and '-' (a job's `queue` follows the same rules)",
+                    self.limits.max_name_len
+                ),
+            );
+        }
         check(
             self.limits.max_params_bytes >= MIN_PARAMS_BYTES,
             "limits.max_params_bytes",
@@ -860,25 +880,26 @@ pub fn redact_url(url: &str) -> String {
             .collect::<Vec<_>>()
             .join(",");
     }
-    let (url, query) = match url.split_once('?') {
-        Some((url, query)) => (url, Some(redact_query(query))),
-        None => (url, None),
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (&url[..scheme.len() + 3], rest),
+        None => ("", url),
     };
-    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return format!("{url}{query}");
-    };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{tail}{query}")
+    // The password runs from the first ':' to the *last* '@': a password
+    // holding '/', '?' or '@' unencoded (or a URL missing its "//") must
+    // not end it early and print the rest of it. A ':' before the last
+    // '@' that is not a password's (a port, with an '@' in the query)
+    // hides more than it needs to, never less.
+    let (masked, tail) = match (rest.find(':'), rest.rfind('@')) {
+        (Some(colon), Some(at)) if colon < at => {
+            (format!("{}:***@", &rest[..colon]), &rest[at + 1..])
         }
-        None => format!("{url}{query}"),
-    }
+        _ => (String::new(), rest),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => format!("{path}?{}", redact_query(query)),
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{masked}{tail}")
 }
 
 /// A URL's query with the value of every parameter whose name ends in
@@ -1224,6 +1245,14 @@ mod tests {
                 "limits.max_name_len = 129: must be 36 to 128",
             ),
             (
+                |c| c.worker.queues = vec!["default".into(), "x".repeat(129)],
+                "worker.queues = \"xxxx",
+            ),
+            (
+                |c| c.worker.queues = vec!["a b".into()],
+                "worker.queues = \"a b\": each must be 1 to limits.max_name_len (128) bytes",
+            ),
+            (
                 |c| c.limits.max_params_bytes = 1,
                 "limits.max_params_bytes = 1: must be at least 2",
             ),
@@ -1342,5 +1371,20 @@ mod tests {
             redact_url("amqp://h/v?heartbeat=15"),
             "amqp://h/v?heartbeat=15"
         );
+        // A password holding what ends a URL's parts, unencoded, or a URL
+        // without its "//": nothing of the password shows.
+        for (url, shown) in [
+            ("amqp://guest:pa/ss@host/vh", "amqp://guest:***@host/vh"),
+            ("amqp://guest:pa?ss@host/vh", "amqp://guest:***@host/vh"),
+            ("amqp://guest:p@ss@host/vh", "amqp://guest:***@host/vh"),
+            ("amqp:guest:secret@host/", "amqp:***@host/"),
+            ("amqp://user@host/vh", "amqp://user@host/vh"),
+            (
+                "redis+sentinel://s1/svc?sentinel_password=p@ss",
+                "redis+sentinel://s1/svc?sentinel_password=***",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 }

@@ -212,6 +212,13 @@ pub async fn run_worker(
     // Again here: command-line flags and code may have changed the config
     // since it was loaded.
     config.validate()?;
+    // A dispatcher's config may name no queues; a worker's must give it
+    // something to consume, or it would stop as soon as it started.
+    anyhow::ensure!(
+        !config.worker.queues.is_empty() || config.worker.accept_submissions,
+        "worker.queues (CONVEYOR_QUEUES, --queues) names no queue and \
+         worker.accept_submissions is false: this worker would have nothing to consume"
+    );
     if config.queue_type == crate::config::QueueType::Classic {
         tracing::warn!(
             "queue_type = classic: RabbitMQ counts no redeliveries on classic queues, so \

@@ -414,3 +414,28 @@ async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors(
     );
     d.shutdown().await;
 }
+
+/// A worker given nothing to consume (no task queue, and submissions left
+/// to the dispatchers) refuses to start, saying why, instead of stopping
+/// at once with exit 0 as if told to; an unusable queue name is named.
+#[test]
+fn a_worker_with_nothing_to_consume_or_an_unusable_queue_name_does_not_start() {
+    let worker = |queues: &str, accept: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .arg("worker")
+            .env("CONVEYOR_QUEUES", queues)
+            .env("CONVEYOR_ACCEPT_SUBMISSIONS", accept)
+            .env("CONVEYOR_PREFIX", "test-cli-nothing")
+            .output()
+            .expect("run conveyor worker")
+    };
+    let idle = worker(",", "false");
+    let said = String::from_utf8_lossy(&idle.stderr);
+    assert_eq!(idle.status.code(), Some(1), "{said}");
+    assert!(said.contains("would have nothing to consume"), "{said}");
+    let long = worker(&"q".repeat(200), "true");
+    let said = String::from_utf8_lossy(&long.stderr);
+    assert_eq!(long.status.code(), Some(2), "a configuration error: {said}");
+    assert!(said.contains("worker.queues = \"qqq"), "{said}");
+    assert!(said.contains("limits.max_name_len (128)"), "{said}");
+}

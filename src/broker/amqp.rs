@@ -88,7 +88,10 @@ pub struct AmqpBroker {
     /// session lock is held (a reconnect holds it for as long as the
     /// handshake takes: up to [`CONNECT_TIMEOUT`] a node).
     live: std::sync::atomic::AtomicBool,
-    declared: std::sync::Mutex<Vec<String>>,
+    /// The task queues declared so far, once [`Broker::declare`] succeeded
+    /// (with none, the base queues alone were): a new connection declares
+    /// them again.
+    declared: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 /// One connection and its publishing channels.
@@ -384,7 +387,7 @@ impl AmqpBroker {
             topology,
             session: tokio::sync::Mutex::new(None),
             live: std::sync::atomic::AtomicBool::new(false),
-            declared: std::sync::Mutex::new(Vec::new()),
+            declared: std::sync::Mutex::new(None),
         };
         broker.session().await?;
         Ok(broker)
@@ -412,7 +415,7 @@ impl AmqpBroker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if !declared.is_empty() {
+        if let Some(declared) = declared {
             self.declare_all(&session, &declared).await?;
         }
         *slot = Some(session.clone());
@@ -683,6 +686,7 @@ impl Broker for AmqpBroker {
         let result = self.declare_all(&session, task_queues).await;
         if result.is_ok() {
             let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
+            let declared = declared.get_or_insert_with(Vec::new);
             for q in task_queues {
                 if !declared.contains(q) {
                     declared.push(q.clone());
