@@ -25,8 +25,9 @@
 //! - no priorities, TTLs, exchanges other than the default one, or queue
 //!   arguments; no delivery limit unless one is set (Conveyor dead-letters
 //!   by publishing to `<prefix>.dead` itself);
-//! - headers are kept on queued messages (see [`MemoryBroker::take_messages`])
-//!   but [`Delivery`] does not carry them, as with the AMQP broker;
+//! - a [`Delivery`] carries its message's properties and headers as
+//!   published, as with the AMQP broker, but no `x-delivery-count` header
+//!   of the broker's own (its count is in [`Delivery::delivery_count`]);
 //! - faults are injected from a [`FaultPlan`]; every random decision comes
 //!   from one seeded [`StdRng`], so a run driven in the same order (e.g. on
 //!   a current-thread runtime) is reproducible from its seed.

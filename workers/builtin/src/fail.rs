@@ -18,7 +18,7 @@
 //! a task that succeeds at once.
 
 use async_trait::async_trait;
-use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError};
+use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError, described};
 use serde_json::{Value, json};
 
 /// The most planned transient failures `times` accepts.
@@ -67,7 +67,10 @@ fn parse(params: &Value) -> Result<FailParams, ValidationError> {
             .ok_or_else(|| {
                 ValidationError::new(
                     "params.times",
-                    format!("must be an integer 0..={MAX_TIMES}, got {times}"),
+                    format!(
+                        "must be an integer 0..={MAX_TIMES}, got {}",
+                        described(times)
+                    ),
                 )
             })?;
     }
@@ -76,14 +79,17 @@ fn parse(params: &Value) -> Result<FailParams, ValidationError> {
             *slot = v.as_bool().ok_or_else(|| {
                 ValidationError::new(
                     format!("params.{key}"),
-                    format!("must be a boolean, got {v}"),
+                    format!("must be a boolean, got {}", described(v)),
                 )
             })?;
         }
     }
     if let Some(m) = obj.get("message") {
         let m = m.as_str().ok_or_else(|| {
-            ValidationError::new("params.message", format!("must be a string, got {m}"))
+            ValidationError::new(
+                "params.message",
+                format!("must be a string, got {}", described(m)),
+            )
         })?;
         out.message = Some(m.to_owned());
     }

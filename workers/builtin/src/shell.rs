@@ -84,7 +84,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError};
+use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError, described};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -144,7 +144,10 @@ fn parse(params: &Value) -> Result<ShellParams, ValidationError> {
         Some(v) => {
             return Err(ValidationError::new(
                 "params.cwd",
-                format!("must be a non-empty string without NUL bytes, got {v}"),
+                format!(
+                    "must be a non-empty string without NUL bytes, got {}",
+                    described(v)
+                ),
             ));
         }
     };
@@ -175,7 +178,7 @@ fn parse_command(obj: &Map<String, Value>) -> Result<String, ValidationError> {
         )),
         Some(v) => Err(ValidationError::new(
             "params.command",
-            format!("must be {limit}, got {v}"),
+            format!("must be {limit}, got {}", described(v)),
         )),
     }
 }
@@ -187,7 +190,10 @@ fn parse_args(obj: &Map<String, Value>) -> Result<Vec<String>, ValidationError> 
     let Some(args) = args.as_array() else {
         return Err(ValidationError::new(
             "params.args",
-            format!("must be an array of at most {MAX_ARGS} strings, got {args}"),
+            format!(
+                "must be an array of at most {MAX_ARGS} strings, got {}",
+                described(args)
+            ),
         ));
     };
     if args.len() > MAX_ARGS {
@@ -202,7 +208,7 @@ fn parse_args(obj: &Map<String, Value>) -> Result<Vec<String>, ValidationError> 
             Value::String(s) if !s.contains('\0') => Ok(s.clone()),
             _ => Err(ValidationError::new(
                 format!("params.args[{i}]"),
-                format!("must be a string without NUL bytes, got {a}"),
+                format!("must be a string without NUL bytes, got {}", described(a)),
             )),
         })
         .collect()
@@ -215,7 +221,7 @@ fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Valid
     let Some(env) = env.as_object() else {
         return Err(ValidationError::new(
             "params.env",
-            format!("must be an object of string values, got {env}"),
+            format!("must be an object of string values, got {}", described(env)),
         ));
     };
     env.iter()
@@ -230,7 +236,7 @@ fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Valid
                 Value::String(s) if !s.contains('\0') => Ok((k.clone(), s.clone())),
                 _ => Err(ValidationError::new(
                     format!("params.env.{k}"),
-                    format!("must be a string without NUL bytes, got {v}"),
+                    format!("must be a string without NUL bytes, got {}", described(v)),
                 )),
             }
         })
@@ -885,6 +891,15 @@ mod tests {
         assert_eq!(err(json!({"command": "x", "cwd": 1})).field, "params.cwd");
         assert_eq!(err(json!({"command": "x", "arg": []})).field, "params.arg");
         assert_eq!(err(json!("ls")).field, "params");
+        // A rejected value is described, never quoted: it may be a secret.
+        let e = err(json!({"command": "x", "env": {"DB_PASSWORD": "s3cr\u{0}et"}}));
+        assert_eq!(e.field, "params.env.DB_PASSWORD");
+        assert_eq!(
+            e.message,
+            "must be a string without NUL bytes, got a string of 7 bytes"
+        );
+        let e = err(json!({"command": "x", "args": {"token": "s3cret"}}));
+        assert!(e.message.ends_with("got an object of 1 fields"), "{e}");
         assert!(
             Shell
                 .validate(&json!({

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError};
+use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError, described};
 use serde_json::{Value, json};
 
 /// The longest sleep accepted: one day, in milliseconds.
@@ -38,7 +38,10 @@ fn parse_ms(params: &Value) -> Result<u64, ValidationError> {
         Some(ms) if ms <= MAX_MS => Ok(ms),
         _ => Err(ValidationError::new(
             "params.ms",
-            format!("must be an integer 0..={MAX_MS} (milliseconds), got {ms}"),
+            format!(
+                "must be an integer 0..={MAX_MS} (milliseconds), got {}",
+                described(ms)
+            ),
         )),
     }
 }

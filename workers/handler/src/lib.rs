@@ -140,6 +140,19 @@ impl ValidationError {
     }
 }
 
+/// `value` as a [`ValidationError`] may quote it after "got": numbers,
+/// booleans and `null` as they are, a string, array or object by its kind
+/// and size only. Its content may be large, or a secret (an environment
+/// variable's value), and rejections are logged, stored and sent back.
+pub fn described(value: &Value) -> String {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => value.to_string(),
+        Value::String(s) => format!("a string of {} bytes", s.len()),
+        Value::Array(a) => format!("an array of {} items", a.len()),
+        Value::Object(o) => format!("an object of {} fields", o.len()),
+    }
+}
+
 /// Retry defaults a handler may ask for. Each field is resolved on its own:
 /// the task's own value if it sets one, else this default if the handler
 /// sets one, else the global `retry` config. `None` (the default) defers to
