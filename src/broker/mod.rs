@@ -12,7 +12,7 @@ pub mod memory;
 use async_trait::async_trait;
 
 /// Why a broker operation failed, and whether trying again can help.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// The connection or channel is gone, or the broker is unreachable;
     /// reconnecting and retrying can help.
