@@ -1120,6 +1120,51 @@ async fn a_claim_taken_while_the_sweep_offers_its_task_again_keeps_its_lease_ent
     common::cleanup(&config).await;
 }
 
+/// A worker whose outcome was applied drops its claim's lease entry, live
+/// as its score still is: once the lease has passed, the sweep finds
+/// nothing to reclaim (nor a dependent to publish again). Until the
+/// twenty-seventh session Redis kept every such entry (its forget compared
+/// the entry's score, the claim's expiry, with the worker's now), and the
+/// sweep reclaimed each finished attempt a lease later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_claims_lease_entry_is_dropped_by_its_worker() {
+    let config = common::test_config(&common::unique_prefix("forget"));
+    for (name, store) in side_by_side(&config).await {
+        let id = format!("chain-{name}");
+        store
+            .create_job(&plan(&json!({"id": id, "requestor": "r", "tasks": [
+                {"name": "a", "handler": "noop"},
+                {"name": "b", "handler": "noop", "after": ["a"]}]})))
+            .await
+            .unwrap();
+        let msg = TaskMessage {
+            job: id.clone(),
+            task: "a".into(),
+            idx: 0,
+            attempt: 1,
+            queue: "default".into(),
+        };
+        let lease = Duration::from_millis(300);
+        let Ok(ClaimOutcome::Claimed(claimed)) = store.claim(&msg, "w", lease).await else {
+            panic!("{name}: a is claimable");
+        };
+        let done = AttemptResult::Succeeded("{}".into());
+        let applied = store.complete(&claimed.claim, "w", &done).await.unwrap();
+        assert!(
+            matches!(applied, Applied::Done { .. }),
+            "{name}: {applied:?}"
+        );
+        store.forget_claim(&claimed.claim).await.unwrap();
+        tokio::time::sleep(lease + Duration::from_millis(200)).await;
+        let due = store.expired_leases(1000, "sweep").await.unwrap();
+        assert!(
+            due.is_empty(),
+            "{name}: the sweep reclaims a finished attempt: {due:?}"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
 /// The sweep forgets an entry only if it is still as it read it: one put
 /// back or moved since stays, even when it is due again by the time of
 /// the forget (a slow sweep, a claim whose lease already lapsed). Until

@@ -16,7 +16,7 @@ use crate::store::StoreError;
 use super::Dispatcher;
 
 /// Job index entries per page of an audit (one `ZSCAN`, one pipeline of
-/// audit calls, one of `ZADD NX`).
+/// audit calls, one of `ZADD GT`).
 const AUDIT_BATCH: usize = 200;
 
 impl Dispatcher {

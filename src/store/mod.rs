@@ -476,8 +476,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<TaskMessage>, StoreError>;
 
     /// Forget the lease index entry of a claim whose follow-ups are
-    /// confirmed. Only for an attempt that is over (applied, or refused):
-    /// no later claim can take it, so none can own the entry by then.
+    /// confirmed, whatever its score. Only for an attempt whose outcome was
+    /// applied: no later claim can take it, so none can own the entry by
+    /// then. (A refused claim's entry may be the sweep's last way to the
+    /// task: see [`Store::recheck`].)
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
     /// For a claim whose outcome was refused as stale: if the task is ready

@@ -743,8 +743,12 @@ impl RedisStore {
         let mut calls: Vec<Vec<usize>> = Vec::new();
         let mut call_of: std::collections::HashMap<(&str, &str, u64), usize> =
             std::collections::HashMap::with_capacity(round.len());
+        // The score each claim's lease entry is given.
+        let mut expiries = Vec::with_capacity(round.len());
         for (k, r) in round.iter().enumerate() {
-            self.add_lease_entry(&mut pipe, &r.task, r.lease_ms);
+            let expiry = self.now_ms() + r.lease_ms;
+            expiries.push(expiry);
+            self.add_lease_entry(&mut pipe, &r.task, expiry);
             let key = (r.task.job.as_str(), r.worker.as_str(), r.lease_ms);
             match call_of.get(&key) {
                 Some(&c) => calls[c].push(k),
@@ -771,8 +775,8 @@ impl RedisStore {
             .and_then(|values| claim_replies(values, round.len(), &calls));
         match replies {
             Ok(replies) => {
-                for (r, (added, reply)) in round.into_iter().zip(replies) {
-                    let outcome = self.claim_outcome(&r.task, added, &reply).await;
+                for ((r, (added, reply)), expiry) in round.into_iter().zip(replies).zip(expiries) {
+                    let outcome = self.claim_outcome(&r.task, added, expiry, &reply).await;
                     let _ = r.answer.send(outcome);
                 }
             }
@@ -792,11 +796,11 @@ impl RedisStore {
 
     /// The lease entry of a claim of `task` (one reply: whether it was
     /// added); see [`Self::claim_round`].
-    fn add_lease_entry(&self, pipe: &mut Pipeline, task: &TaskMessage, lease_ms: u64) {
+    fn add_lease_entry(&self, pipe: &mut Pipeline, task: &TaskMessage, expiry: u64) {
         pipe.cmd("ZADD")
             .arg(self.names.leases())
             .arg("GT")
-            .arg(self.now_ms() + lease_ms)
+            .arg(expiry)
             .arg(entry(&task.job, task.idx, task.attempt));
     }
 
@@ -808,6 +812,7 @@ impl RedisStore {
         &self,
         task: &TaskMessage,
         added: i64,
+        expiry: u64,
         reply: &Reply,
     ) -> Result<ClaimOutcome, StoreError> {
         let outcome = match field(reply, 0) {
@@ -852,12 +857,11 @@ impl RedisStore {
             other => return Err(protocol(format!("claim answered {other:?}"))),
         };
         if added == 1 && !matches!(outcome, ClaimOutcome::Busy) {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM")
-                .arg(self.names.leases())
-                .arg(entry(&task.job, task.idx, task.attempt))
-                .ignore();
-            self.run::<()>(&pipe).await?;
+            // Only as this claim left it: a claim of the same attempt taken
+            // since (the task offered again in between, after the store lost
+            // a promotion) raised it to its own expiry and owns it now.
+            self.forget_leases(&[entry(&task.job, task.idx, task.attempt)], expiry)
+                .await?;
         }
         Ok(outcome)
     }
@@ -1022,7 +1026,8 @@ impl Store for RedisStore {
         let task = job.task_message(root);
         let lease_ms = lease.as_millis() as u64;
         let mut pipe = redis::pipe();
-        self.add_lease_entry(&mut pipe, &task, lease_ms);
+        let expiry = self.now_ms() + lease_ms;
+        self.add_lease_entry(&mut pipe, &task, expiry);
         let mut create = self.create_command(Script::CreateClaim, job, epoch);
         create
             .arg(task.idx)
@@ -1035,7 +1040,7 @@ impl Store for RedisStore {
             self.run_for_epoch(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
         let created = created_from(job, &created)?;
-        let outcome = self.claim_outcome(&task, added, &claimed).await?;
+        let outcome = self.claim_outcome(&task, added, expiry, &claimed).await?;
         if let Err(e) = self.replicated().await {
             // Short of replicas the submission goes back; the root claimed
             // is handed back too, ready for the redelivery to claim again
@@ -1198,7 +1203,12 @@ impl Store for RedisStore {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 let batch =
                     std::mem::take(&mut *this.forgets.lock().unwrap_or_else(|p| p.into_inner()));
-                if let Err(e) = this.forget_leases(&batch, this.now_ms()).await {
+                // Whatever their scores: each is a claim's own, of an
+                // attempt that is over, so no later claim can own it (a
+                // live claim's entry is scored at its expiry, later than
+                // now, so comparing with now kept every one of them, for
+                // the sweep to reclaim a lease later one by one).
+                if let Err(e) = this.forget_leases(&batch, u64::MAX).await {
                     tracing::debug!(error = %e, entries = batch.len(), "lease entries left for the sweep");
                 }
             });
