@@ -10,11 +10,12 @@
 //! - lapin hands a returned message to whichever confirm of its channel it
 //!   settles next, not to the returned message's own: to the confirm of
 //!   another message settled by the same multiple ack (in no set order), or
-//!   of another caller's batch. So a batch has a confirm channel to itself
-//!   from its first publish to its last confirm ([`Publishers`]), and every
-//!   message of the batch addressed to a queue a return names counts as
-//!   returned, whichever confirm carried the return (a message that was in
-//!   fact routed is then published twice, which is harmless). Trusting
+//!   of another caller's batch. So the batches that go out together (a
+//!   group, see [`publish_group`]) have a confirm channel to themselves
+//!   from their first publish to their last confirm ([`Publishers`]), and
+//!   every message of the group addressed to a queue a return names counts
+//!   as returned, whichever confirm carried the return (a message that was
+//!   in fact routed is then published twice, which is harmless). Trusting
 //!   lapin's pairing on one shared channel reported about one publish in 25
 //!   to a missing queue as confirmed under concurrent publishing (`core.rs`
 //!   tests it).
@@ -198,18 +199,12 @@ fn publish_group_boxed(
     Box::pin(publish_group(session, group))
 }
 
-/// Most confirm channels one connection publishes through at once; a
-/// batch past them waits for one to be free. Each batch in flight holds
-/// one (see the module docs), so this bounds the channels a burst of
-/// concurrent publishers opens (RabbitMQ allows 2,047 a connection).
-const MAX_PUBLISH_CHANNELS: usize = 64;
-
-/// The confirm-mode channels of one connection: each batch takes one to
-/// itself and gives it back once every confirm of the batch has settled,
-/// so every returned message a batch's confirms carry is one of its own.
+/// The confirm-mode channels of one connection: each group of batches
+/// takes one to itself and gives it back once every confirm of the group
+/// has settled, so every returned message a group's confirms carry is one
+/// of its own. At most [`MAX_GROUPS_OUT`] are in use at once.
 struct Publishers {
     idle: std::sync::Mutex<Vec<Channel>>,
-    in_use: tokio::sync::Semaphore,
     groups: std::sync::Mutex<Groups>,
 }
 
@@ -240,7 +235,6 @@ impl Publishers {
     fn new(first: Channel) -> Publishers {
         Publishers {
             idle: std::sync::Mutex::new(vec![first]),
-            in_use: tokio::sync::Semaphore::new(MAX_PUBLISH_CHANNELS),
             groups: std::sync::Mutex::new(Groups::default()),
         }
     }
@@ -260,16 +254,12 @@ impl Publishers {
         groups.next_group()
     }
 
-    /// A channel no other batch is publishing on: an idle one, or a new
+    /// A channel no other group is publishing on: an idle one, or a new
     /// one of `connection`.
     async fn take<'a>(
         &'a self,
         connection: &Connection,
     ) -> Result<PublishChannel<'a>, BrokerError> {
-        let permit =
-            self.in_use.acquire().await.map_err(|_| {
-                BrokerError::Unavailable("the publishing channels are closed".into())
-            })?;
         let idle = loop {
             let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match next {
@@ -287,25 +277,23 @@ impl Publishers {
             channel,
             given_back: false,
             pool: self,
-            _permit: permit,
         })
     }
 }
 
-/// A confirm channel one batch has to itself. [`PublishChannel::give_back`]
-/// returns it for the next batch once every confirm of this one settled;
+/// A confirm channel one group has to itself. [`PublishChannel::give_back`]
+/// returns it for the next group once every confirm of this one settled;
 /// dropped otherwise (a batch timed out, refused, or cut short), it is
-/// closed, so a late return or confirm of its batch can never be taken for
+/// closed, so a late return or confirm of its group can never be taken for
 /// another's.
 struct PublishChannel<'a> {
     channel: Channel,
     given_back: bool,
     pool: &'a Publishers,
-    _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl PublishChannel<'_> {
-    /// Every confirm of the batch settled: the next batch may use it.
+    /// Every confirm of the group settled: the next group may use it.
     fn give_back(mut self) {
         self.given_back = true;
         self.pool
