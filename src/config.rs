@@ -584,9 +584,7 @@ impl Config {
             check(
                 !queue.is_empty()
                     && queue.len() <= self.limits.max_name_len
-                    && queue
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')),
+                    && queue.chars().all(crate::intake::is_name_char),
                 "worker.queues",
                 &format!("{queue:?}"),
                 format!(

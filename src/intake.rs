@@ -480,7 +480,8 @@ pub fn new_job_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-fn is_name_char(c: char) -> bool {
+/// Whether `c` may be part of a job's id or a task's name or queue.
+pub(crate) fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
 

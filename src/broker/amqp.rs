@@ -228,7 +228,7 @@ struct Request {
 /// the single-task bench about 9% of its throughput).
 const MAX_GROUPS_OUT: usize = 4;
 
-/// Most messages of one group beyond its first batch.
+/// Most messages in one group, unless its first batch alone has more.
 const MAX_GROUP_MESSAGES: usize = 4096;
 
 impl Publishers {
