@@ -11,8 +11,8 @@
 //!   settles next, not to the returned message's own: to the confirm of
 //!   another message settled by the same multiple ack (in no set order), or
 //!   of another caller's batch. So the batches that go out together (a
-//!   group, see [`publish_group`]) have a confirm channel to themselves
-//!   from their first publish to their last confirm ([`Publishers`]), and
+//!   group, see `publish_group`) have a confirm channel to themselves
+//!   from their first publish to their last confirm (`Publishers`), and
 //!   every message of the group addressed to a queue a return names counts
 //!   as returned, whichever confirm carried the return (a message that was
 //!   in fact routed is then published twice, which is harmless). Trusting
