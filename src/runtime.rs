@@ -217,7 +217,9 @@ pub async fn run_worker(
     anyhow::ensure!(
         !config.worker.queues.is_empty() || config.worker.accept_submissions,
         "worker.queues (CONVEYOR_QUEUES, --queues) names no queue and \
-         worker.accept_submissions is false: this worker would have nothing to consume"
+         worker.accept_submissions is false: this worker would have nothing to consume; \
+         name a task queue, or set worker.accept_submissions = true \
+         (CONVEYOR_ACCEPT_SUBMISSIONS=true)"
     );
     if config.queue_type == crate::config::QueueType::Classic {
         tracing::warn!(
