@@ -220,8 +220,11 @@ pub async fn consume(
                     if subscribed {
                         tracing::info!(%queue, held = held.len(),
                             "no free slot for a held delivery in time; giving back what this consumer holds until a slot frees");
+                        // Still ready: a pause for want of a free slot is
+                        // the consumer working as meant, not a fault (a
+                        // health check that took it for one would have a
+                        // busy worker replaced).
                         cancel_and_drain(&mut subscription, &mut held).await;
-                        health.set_consuming(queue, false);
                     }
                     let next_try = Instant::now() + patience.unwrap_or_default();
                     narrow = true;
@@ -254,11 +257,13 @@ pub async fn consume(
                     Some(Err(e)) => {
                         health.set_consuming(queue, false);
                         tracing::warn!(%queue, error = %e, "subscription failed; subscribing again");
+                        requeue_held(&mut held).await;
                         continue 'subscribe;
                     }
                     None => {
                         health.set_consuming(queue, false);
                         tracing::warn!(%queue, "subscription ended; subscribing again");
+                        requeue_held(&mut held).await;
                         continue 'subscribe;
                     }
                 },
@@ -339,6 +344,19 @@ const DRAIN_AFTER_CANCEL: Duration = Duration::from_secs(5);
 
 /// Cancel the subscription and add to `held` what it still delivers
 /// ([`Permits::Hold`] ran out, or the consumer is stopping).
+/// Settle what a subscription that ended still held: requeued, so a
+/// consumer cancelled by the server (its queue deleted, a failover) on a
+/// channel that stays open does not leave them unacked until RabbitMQ's
+/// `consumer_timeout` closes the channel. On a channel that is gone the
+/// requeue fails, and the broker has requeued them already.
+async fn requeue_held(held: &mut VecDeque<(Instant, Delivery)>) {
+    for (_, d) in held.drain(..) {
+        if let Err(e) = d.acker.requeue().await {
+            tracing::debug!(error = %e, "a held delivery returns with its channel instead");
+        }
+    }
+}
+
 async fn cancel_and_drain(
     subscription: &mut Box<dyn Subscription>,
     held: &mut VecDeque<(Instant, Delivery)>,

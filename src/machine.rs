@@ -264,7 +264,8 @@ impl JobRecord {
     /// The schedule entries this job's record calls for (the audit after a
     /// store server change puts back those the indexes lack, and raises
     /// those they hold lower): a running task's lease entry at its lease's
-    /// expiry, a retrying task's retry entry at its due time, a ready
+    /// expiry (now if that is past: see `audit.lua`), a retrying task's
+    /// retry entry at its due time, a ready
     /// task's lease entry due now (the sweep's reclaim then offers the
     /// attempt again). "Now" is `now` + 1 ms, past any sweep's read before
     /// the audit, even in the same millisecond; a retry past due is due
@@ -277,7 +278,10 @@ impl JobRecord {
         let soon = now + 1;
         for (i, t) in self.tasks.iter().enumerate() {
             let (index, at_ms) = match t.state {
-                TaskState::Running => (ScheduleIndex::Leases, t.lease_expiry.unwrap_or(soon)),
+                TaskState::Running => (
+                    ScheduleIndex::Leases,
+                    t.lease_expiry.unwrap_or(soon).max(soon),
+                ),
                 TaskState::Ready => (ScheduleIndex::Leases, soon),
                 TaskState::Retrying => (ScheduleIndex::Retries, t.due.unwrap_or(soon).max(soon)),
                 _ => continue,

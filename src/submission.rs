@@ -43,7 +43,7 @@ use crate::health::Health;
 use crate::intake::{Intake, JobIntake, MAX_ERROR_BYTES};
 use crate::model::{JobState, SubmitReply};
 use crate::outbox::Outbox;
-use crate::store::{ClaimOutcome, Claimed, Created, Store, StoreError};
+use crate::store::{ClaimOutcome, ClaimRef, Claimed, Created, Store, StoreError};
 use crate::text::capped;
 
 /// How long a submission whose messages the broker refused waits before
@@ -63,6 +63,7 @@ pub(crate) struct Submissions {
 }
 
 /// A worker taking one root task of each job it records.
+#[derive(Clone, Copy)]
 pub(crate) struct RunHere<'a> {
     /// The queues (without prefix) it consumes: a root on another queue is
     /// published for the workers that do.
@@ -71,6 +72,10 @@ pub(crate) struct RunHere<'a> {
     pub(crate) worker: &'a str,
     /// The claim's lease.
     pub(crate) lease: Duration,
+    /// Told of a claim as soon as it is made, before the job's other ready
+    /// tasks are published and the reply sent (each may wait on the broker
+    /// for longer than a lease): the worker renews it from then on.
+    pub(crate) claimed: &'a (dyn Fn(&ClaimRef) + Sync),
 }
 
 impl Submissions {
@@ -156,7 +161,12 @@ impl Submissions {
                 let (ready, existing_state) = match recorded {
                     Ok((created, outcome)) => {
                         match outcome {
-                            Some(ClaimOutcome::Claimed(c)) => claimed = Some(c),
+                            Some(ClaimOutcome::Claimed(c)) => {
+                                if let Some((here, _)) = here {
+                                    (here.claimed)(&c.claim);
+                                }
+                                claimed = Some(c);
+                            }
                             // Claimed by the message of an earlier delivery
                             // of this submission, or already run.
                             Some(other) => {

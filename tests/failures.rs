@@ -797,6 +797,71 @@ async fn a_poison_message_is_dead_lettered_and_its_task_failed_with_the_reason()
     d.shutdown().await;
 }
 
+/// Publish to `queue`, as a dispatcher would, the message of attempt 1
+/// of task `t` (index 0) of job `job`; the message.
+async fn publish_first_attempt(d: &Deployment, queue: &str, job: &str) -> TaskMessage {
+    let message = TaskMessage {
+        job: job.into(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    };
+    let broker = common::connect_broker(&d.config).await;
+    broker
+        .publish(vec![conveyor::broker::Outgoing::durable(
+            queue,
+            message.encode(),
+        )])
+        .await
+        .unwrap();
+    message
+}
+
+/// A task whose job record the store cannot act on (here a ready task
+/// with no fence or version, as a corruption or another version might
+/// leave it) is dead-lettered at its first delivery with the store's
+/// error, instead of going back to its queue to loop (for ever on a
+/// classic queue, which counts no deliveries); the worker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_record_the_store_cannot_act_on_is_dead_lettered_with_the_error() {
+    let mut d = Deployment::new("unusable").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let mut redis = redis::Client::open(d.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(d.names.job_key("broken"))
+        .arg(&[
+            "id", "broken", "st", "pending", "n", "1", "s:0", "ready", "a:0", "1", "x:0", "1",
+        ])
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    let message = publish_first_attempt(&d, &d.names.task_queue("default"), "broken").await;
+    let client = Client::connect(&d.config.prefix).await;
+    let (headers, body) = eventually("the dead letter", WAIT, || client.take_dead()).await;
+    assert_eq!(
+        headers["x-conveyor-reason-kind"], "unusable_record",
+        "{headers:?}"
+    );
+    let reason = headers["x-conveyor-reason"].clone();
+    assert!(
+        reason.contains("cannot claim task t of job broken"),
+        "{reason}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<TaskMessage>(&body).unwrap(),
+        message
+    );
+    d.assert_serves(&client, "after-unusable", WAIT).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// README: with `runtime_threads = 1` (the default) handlers must not block
 /// their thread and should use `spawn_blocking`. A handler that does, and
 /// blocks past its time-out, on a worker with one runtime thread: each
@@ -967,21 +1032,7 @@ async fn a_stale_duplicate_delivered_past_the_limit_is_dropped_not_dead_lettered
         )
         .await
         .unwrap();
-    let duplicate = TaskMessage {
-        job: "ran".into(),
-        task: "t".into(),
-        idx: 0,
-        attempt: 1,
-        queue: "default".into(),
-    };
-    let broker = common::connect_broker(&d.config).await;
-    broker
-        .publish(vec![conveyor::broker::Outgoing::durable(
-            queue.clone(),
-            duplicate.encode(),
-        )])
-        .await
-        .unwrap();
+    publish_first_attempt(&d, &queue, "ran").await;
     let delivery = next_delivery(&mut consumer).await;
     ch.basic_cancel(
         "ahead".into(),

@@ -702,6 +702,38 @@ async fn dropped_broker_connections_are_recovered_and_consumers_come_back() {
     run.stop().await;
 }
 
+/// A broker that declared only the base queues (a client that submits,
+/// a dispatcher before its first task queue) declares them again when it
+/// reconnects: a submission queue deleted while the connection was down
+/// is back, and a submission after the reconnect is routed, not returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_declares_the_base_queues_even_with_no_task_queue_declared() {
+    let _serial = SERIAL.lock().await;
+    let config = test_config(&unique_prefix("redeclare"));
+    let names = conveyor::names::Names::new(&config.prefix);
+    let broker = common::connect_broker(&config).await;
+    broker.declare(&[]).await.expect("the base queues declared");
+    conveyor::purge::delete_queues(&config, &[names.submit_queue()]).await;
+    rabbitmqctl(&["close_all_connections", "conveyor fault injection"]).await;
+    eventually("a submission routed after the reconnect", WAIT, || async {
+        let job = Outgoing::durable(names.submit_queue(), b"{}".to_vec());
+        match broker.publish(vec![job]).await {
+            Ok(()) => Some(()),
+            Err(BrokerError::Unroutable { .. }) => {
+                panic!("the reconnect did not declare the submission queue again")
+            }
+            Err(_) => None,
+        }
+    })
+    .await;
+    eventually("the submission waits in its queue", WAIT, || async {
+        let stats = broker.queue_stats(&[names.submit_queue()]).await.ok()?;
+        (stats.first()?.ready == 1).then_some(())
+    })
+    .await;
+    common::cleanup(&config).await;
+}
+
 async fn rabbitmqctl(args: &[&str]) {
     let run = tokio::process::Command::new("rabbitmqctl")
         .args(args)

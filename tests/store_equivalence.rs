@@ -394,6 +394,106 @@ async fn claims_that_arrive_together_are_answered_as_one_by_one() {
     common::cleanup(&config).await;
 }
 
+/// Plant a job `id` whose record the claim script cannot act on (a ready
+/// task with no fence or version: as another version, or a corruption,
+/// might leave it), and its task's message.
+async fn plant_unusable_job(config: &Config, id: &str) -> TaskMessage {
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(names.job_key(id))
+        .arg(&[
+            "id", id, "st", "pending", "n", "1", "s:0", "ready", "a:0", "1", "x:0", "1",
+        ])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    TaskMessage {
+        job: id.to_owned(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    }
+}
+
+/// A claim on a record the script fails on is refused for good, as its
+/// own: the claims that shared its round (one pipeline, which the one
+/// error fails whole) are asked again alone and answered as if it had
+/// not been there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_on_an_unusable_record_fails_alone_not_the_claims_beside_it() {
+    let config = common::test_config(&common::unique_prefix("unusable"));
+    let redis = common::connect_store(&config, "eq").await;
+    let broken = plant_unusable_job(&config, "broken").await;
+    let mut messages = vec![broken];
+    for i in 0..5 {
+        messages.push(create_noop_job(redis.as_ref(), &format!("fine-{i}")).await);
+    }
+    let lease = Duration::from_secs(30);
+    let rounds_before = redis.claim_rounds_sent();
+    let together =
+        futures::future::join_all(messages.iter().map(|m| redis.claim(m, "w", lease))).await;
+    assert_eq!(
+        redis.claim_rounds_sent() - rounds_before,
+        1,
+        "the claims shared one round"
+    );
+    let mut answers = together.into_iter();
+    let refused = answers.next().unwrap();
+    assert!(
+        matches!(&refused, Err(e) if !e.is_retryable()),
+        "{refused:?}"
+    );
+    for (m, a) in messages[1..].iter().zip(answers) {
+        assert!(
+            matches!(a, Ok(ClaimOutcome::Claimed(_))),
+            "{}: {a:?}",
+            m.job
+        );
+    }
+    common::cleanup(&config).await;
+}
+
+/// Claims sent together after Redis lost the function library (a restart
+/// without its data, `FUNCTION FLUSH`) load it again and are answered:
+/// the round's pipeline comes back whole (each call's error its own), so
+/// the store looks for the missing function in its replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_sent_after_redis_lost_the_functions_load_them_again() {
+    let config = common::test_config(&common::unique_prefix("noflib"));
+    let redis = common::connect_store(&config, "eq").await;
+    let mut messages = Vec::new();
+    for i in 0..3 {
+        messages.push(create_noop_job(redis.as_ref(), &format!("j-{i}")).await);
+    }
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(30);
+    let together =
+        futures::future::join_all(messages.iter().map(|m| redis.claim(m, "w", lease))).await;
+    for (m, a) in messages.iter().zip(together) {
+        assert!(
+            matches!(a, Ok(ClaimOutcome::Claimed(_))),
+            "{}: {a:?}",
+            m.job
+        );
+    }
+    common::cleanup(&config).await;
+}
+
 /// A join is handed its dependencies' results up to
 /// `limits.max_inputs_bytes` of them together. Past it the join is still
 /// claimed, with none of them read and what they total (Redis reads them a
@@ -680,8 +780,12 @@ impl LostClaim {
         }
     }
 
-    /// The sweep's next pass offers the lost claim's attempt again.
+    /// The sweep's next pass offers the lost claim's attempt again. (A
+    /// few ms on: the audit asks for the entry a millisecond past Redis's
+    /// now, and the store reads Redis's clock as its own plus an offset
+    /// measured to about a millisecond.)
     async fn assert_offered_again(&self) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
         let actions = self.store.expired_leases(100, "sweep").await.unwrap();
         assert_eq!(actions.len(), 1, "{actions:?}");
         assert_eq!(
@@ -1165,6 +1269,93 @@ async fn a_finished_claims_lease_entry_is_dropped_by_its_worker() {
     common::cleanup(&config).await;
 }
 
+/// A rejected submission's record and its history expire after the
+/// retention, as a finished job's do. (Until the twenty-eighth session the
+/// history list had its expiry set before it existed, and the history of
+/// every rejected submission stayed in Redis for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_submissions_history_expires_with_its_record() {
+    let config = common::test_config(&common::unique_prefix("rejexpire"));
+    let store = common::connect_store(&config, "eq").await;
+    let rejection = Rejection {
+        id: "refused".into(),
+        requestor: "eq".into(),
+        error: "tasks[0].handler: unknown handler \"nope\"".into(),
+    };
+    assert!(store.record_rejected(&rejection).await.unwrap());
+    let status = store.job("refused").await.unwrap().expect("recorded");
+    assert_eq!(status.history.len(), 1, "{status:?}");
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let retention_ms = (config.retention_s * 1000) as i64;
+    for key in [names.job_key("refused"), names.history_key("refused")] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 0 && ttl <= retention_ms,
+            "{key} expires in {ttl} ms; the retention is {retention_ms} ms"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
+/// A claim that is refused (its job does not exist, its attempt is not
+/// the task's current one) takes back the lease entry it added, so the
+/// sweep never has to read it; a second claim of a live attempt (busy)
+/// leaves the entry of the claim that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_claim_leaves_no_lease_entry_behind() {
+    let config = common::test_config(&common::unique_prefix("refused-entry"));
+    let store = common::connect_store(&config, "eq").await;
+    let msg = create_noop_job(store.as_ref(), "held").await;
+    let lease = Duration::from_secs(60);
+    assert!(matches!(
+        store.claim(&msg, "w1", lease).await,
+        Ok(ClaimOutcome::Claimed(_))
+    ));
+    let busy = store.claim(&msg, "w2", lease).await;
+    assert!(matches!(busy, Ok(ClaimOutcome::Busy)), "{busy:?}");
+    let stale = TaskMessage {
+        attempt: 0,
+        ..msg.clone()
+    };
+    let refused = store.claim(&stale, "w3", lease).await;
+    assert!(matches!(refused, Ok(ClaimOutcome::Stale)), "{refused:?}");
+    let nowhere = TaskMessage {
+        job: "no-such-job".into(),
+        ..msg.clone()
+    };
+    let refused = store.claim(&nowhere, "w4", lease).await;
+    assert!(matches!(refused, Ok(ClaimOutcome::Missing)), "{refused:?}");
+
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entries: Vec<String> = redis::cmd("ZRANGE")
+        .arg(conveyor::names::Names::new(&config.prefix).leases())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        entries.len(),
+        1,
+        "only the live claim's entry stays: {entries:?}"
+    );
+    assert!(entries[0].starts_with("held"), "{entries:?}");
+    common::cleanup(&config).await;
+}
+
 /// The sweep forgets an entry only if it is still as it read it: one put
 /// back or moved since stays, even when it is due again by the time of
 /// the forget (a slow sweep, a claim whose lease already lapsed). Until
@@ -1207,6 +1398,24 @@ enum Snapshot {
 }
 
 impl Snapshot {
+    /// Job `job` of store `name` (one of [`lost_writes_stores`]) as it is
+    /// now.
+    async fn take(
+        name: &str,
+        config: &Config,
+        redis: &conveyor::store::redis::RedisStore,
+        memory: &MemoryStore,
+        job: &str,
+    ) -> Snapshot {
+        match name {
+            "redis" => Snapshot::Redis(
+                JobDump::take(config, redis, job).await,
+                redis.names().audited_key(),
+            ),
+            _ => Snapshot::Memory(memory.clone(), memory.snapshot().unwrap()),
+        }
+    }
+
     /// Lose every write since the snapshot; the server is new to the
     /// deployment, so an audit is due.
     async fn lose_later_writes(self) {
@@ -1222,6 +1431,37 @@ impl Snapshot {
     }
 }
 
+/// Both stores, each with the audit of its server done (the deployment
+/// has seen it), named for [`Snapshot::take`].
+async fn lost_writes_stores(
+    config: &Config,
+) -> (
+    Arc<conveyor::store::redis::RedisStore>,
+    MemoryStore,
+    [(&'static str, Arc<dyn Store>); 2],
+) {
+    let (redis, memory) = redis_and_memory(config).await;
+    let stores: [(&str, Arc<dyn Store>); 2] = [
+        ("redis", redis.clone()),
+        ("memory", Arc::new(memory.clone())),
+    ];
+    for (_, store) in &stores {
+        let server = store.audit_due().await.unwrap().expect("an audit is due");
+        store.audit_done(&server).await.unwrap();
+    }
+    (redis, memory, stores)
+}
+
+/// The audit of a server new to the deployment (after
+/// [`Snapshot::lose_later_writes`]), done in one page; what it found.
+async fn audit_new_server(store: &dyn Store) -> conveyor::store::AuditPage {
+    let server = store.audit_due().await.unwrap().expect("an audit is due");
+    let page = store.audit_jobs(None, 100).await.unwrap();
+    assert_eq!(page.next, None);
+    store.audit_done(&server).await.unwrap();
+    page
+}
+
 /// A retry's promotion can be among the writes a store loses: the sweep
 /// read the entry, promoted the task and published its message, and the
 /// store comes back with the task `retrying` again. The message is refused
@@ -1234,15 +1474,8 @@ impl Snapshot {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audit() {
     let config = common::test_config(&common::unique_prefix("lostpromo"));
-    let (redis, memory) = redis_and_memory(&config).await;
-    let stores: [(&str, Arc<dyn Store>); 2] = [
-        ("redis", redis.clone()),
-        ("memory", Arc::new(memory.clone())),
-    ];
+    let (redis, memory, stores) = lost_writes_stores(&config).await;
     for (name, store) in stores {
-        // This deployment has audited this server already.
-        let server = store.audit_due().await.unwrap().expect("an audit is due");
-        store.audit_done(&server).await.unwrap();
         let msg = create_noop_job(store.as_ref(), "promo").await;
         let claim = claim_first_attempt(store.as_ref(), "promo").await.claim;
         let retry_now = AttemptResult::Retry {
@@ -1255,13 +1488,7 @@ async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audi
             "{name}: {applied:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let snapshot = match name {
-            "redis" => Snapshot::Redis(
-                JobDump::take(&config, &redis, "promo").await,
-                redis.names().audited_key(),
-            ),
-            _ => Snapshot::Memory(memory.clone(), memory.snapshot().unwrap()),
-        };
+        let snapshot = Snapshot::take(name, &config, &redis, &memory, "promo").await;
         let second = TaskMessage { attempt: 2, ..msg };
         let promoted = store.due_retries(100).await.unwrap();
         assert_eq!(published(&promoted), vec![second.clone()], "{name}");
@@ -1276,10 +1503,8 @@ async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audi
             "{name}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let server = store.audit_due().await.unwrap().expect("an audit is due");
-        let page = store.audit_jobs(None, 100).await.unwrap();
+        let page = audit_new_server(store.as_ref()).await;
         assert_eq!(page.added, 0, "{name}: the entry is there: {page:?}");
-        store.audit_done(&server).await.unwrap();
         // The sweep that promoted it forgets what it read.
         let entries: Vec<String> = promoted.iter().map(|a| a.entry.clone()).collect();
         store
@@ -1294,6 +1519,199 @@ async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audi
             "{name}: the retry is promoted again"
         );
     }
+    common::cleanup(&config).await;
+}
+
+/// A sweep's reclaim of a lapsed lease can be among the writes a store
+/// loses: the sweep read the entry, re-queued the task as its next
+/// attempt and published that message, and the store comes back with the
+/// task running at the old attempt, its lease long lapsed. The message is
+/// refused as stale, so only the entry can wake the task. The audit of
+/// the new server raises the entry to now (not to the lapsed expiry, which
+/// is before the sweep's read), so the sweep's forget keeps it and the
+/// task is re-queued again. Until the twenty-eighth session the audit
+/// asked for the entry at the lapsed expiry, the forget dropped it, and
+/// the task stayed running with nothing to find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaim_the_store_lost_is_made_again_after_the_audit() {
+    let config = common::test_config(&common::unique_prefix("lostreclaim"));
+    let (redis, memory, stores) = lost_writes_stores(&config).await;
+    for (name, store) in stores {
+        let msg = create_noop_job(store.as_ref(), "reclaimed").await;
+        let lapsing = store.claim(&msg, "w1", Duration::from_millis(1)).await;
+        assert!(
+            matches!(lapsing, Ok(ClaimOutcome::Claimed(_))),
+            "{name}: {lapsing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let snapshot = Snapshot::take(name, &config, &redis, &memory, "reclaimed").await;
+        let second = TaskMessage {
+            attempt: 2,
+            ..msg.clone()
+        };
+        let reclaimed = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(published(&reclaimed), vec![second.clone()], "{name}");
+        snapshot.lose_later_writes().await;
+        assert!(
+            matches!(
+                store.claim(&second, "w2", Duration::from_secs(30)).await,
+                Ok(ClaimOutcome::Stale)
+            ),
+            "{name}: the re-queued attempt's message finds the task at attempt 1"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let page = audit_new_server(store.as_ref()).await;
+        assert_eq!(page.added, 0, "{name}: the entry is there: {page:?}");
+        // The sweep that reclaimed it forgets what it read.
+        let entries: Vec<String> = reclaimed.iter().map(|a| a.entry.clone()).collect();
+        store
+            .forget_leases(&entries, reclaimed[0].read_at)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(
+            published(&again),
+            vec![second],
+            "{name}: the lapsed claim is reclaimed again"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
+/// A completion can be among the writes a store loses, after its worker
+/// was told it was applied: the store comes back with the task running
+/// under the finished claim, whose worker has moved on and will never
+/// renew it. The lease entry (kept or put back by the audit) is the
+/// sweep's only way to the task, so the worker's forget of its finished
+/// claim leaves it, and the task is re-queued once the lease lapses.
+/// (Until the twenty-eighth session the forget dropped the entry whatever
+/// the record said, and the task stayed running for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_claims_lease_entry_stays_if_the_store_lost_its_outcome() {
+    let config = common::test_config(&common::unique_prefix("lostdone"));
+    let (redis, memory, stores) = lost_writes_stores(&config).await;
+    for (name, store) in stores {
+        let msg = create_noop_job(store.as_ref(), "undone").await;
+        let claimed = match store.claim(&msg, "w1", Duration::from_millis(50)).await {
+            Ok(ClaimOutcome::Claimed(c)) => c,
+            other => panic!("{name}: {other:?}"),
+        };
+        let snapshot = Snapshot::take(name, &config, &redis, &memory, "undone").await;
+        let done = AttemptResult::Succeeded("{}".into());
+        let applied = store.complete(&claimed.claim, "w1", &done).await.unwrap();
+        assert!(
+            matches!(applied, Applied::Done { .. }),
+            "{name}: {applied:?}"
+        );
+        snapshot.lose_later_writes().await;
+        audit_new_server(store.as_ref()).await;
+        store.forget_claim(&claimed.claim).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let swept = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(
+            published(&swept),
+            vec![TaskMessage { attempt: 2, ..msg }],
+            "{name}: the lapsed claim whose outcome was lost is found and re-queued"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
+/// A schedule entry whose job record the store cannot act on (written by
+/// another version, or corrupt: here a retrying task with no due time,
+/// which the promote script fails on) is set aside for a while, and the
+/// due entries beside it are acted on. Until the twenty-eighth session the
+/// error ended the whole read, and as the earliest due entry it ended
+/// every later pass too: no retry was promoted and, the sweep's pass
+/// ending there, no lapsed lease reclaimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept() {
+    let config = common::test_config(&common::unique_prefix("broken-entry"));
+    let store = common::connect_store(&config, "eq").await;
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::pipe()
+        .cmd("HSET")
+        .arg(names.job_key("broken"))
+        .arg(&[
+            "id", "broken", "st", "running", "n", "1", "s:0", "retrying", "a:0", "2",
+        ])
+        .ignore()
+        .cmd("ZADD")
+        .arg(names.retries())
+        .arg(0)
+        .arg("broken|0|2")
+        .ignore()
+        .cmd("ZADD")
+        .arg(names.leases())
+        .arg(0)
+        .arg("broken|0|2")
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    // Beside it, a retry due now and a lapsed lease.
+    let msg = create_noop_job(store.as_ref(), "retried").await;
+    let claim = claim_first_attempt(store.as_ref(), "retried").await.claim;
+    let retry_now = AttemptResult::Retry {
+        error: "transient".into(),
+        delay: Duration::ZERO,
+    };
+    store.complete(&claim, "w", &retry_now).await.unwrap();
+    let lapsing = create_noop_job(store.as_ref(), "lapsed").await;
+    assert!(matches!(
+        store.claim(&lapsing, "w", Duration::from_millis(1)).await,
+        Ok(ClaimOutcome::Claimed(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    let promoted = store
+        .due_retries(100)
+        .await
+        .expect("the other retries are read");
+    assert_eq!(
+        published(&promoted),
+        vec![TaskMessage { attempt: 2, ..msg }]
+    );
+    let reclaimed = store
+        .expired_leases(100, "sweep")
+        .await
+        .expect("the other leases are read");
+    let requeued: Vec<TaskMessage> = published(&reclaimed)
+        .into_iter()
+        .filter(|m| m.job == "lapsed")
+        .collect();
+    assert_eq!(
+        requeued,
+        vec![TaskMessage {
+            attempt: 2,
+            ..lapsing
+        }]
+    );
+    // Set aside for a while, not dropped: a fixed record is acted on.
+    let score: f64 = redis::cmd("ZSCORE")
+        .arg(names.retries())
+        .arg("broken|0|2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    assert!(
+        score as u64 > secs * 1000 + 30_000,
+        "the broken entry is due again at {score}, now is {secs} s"
+    );
+    // Once the sweep forgets what it promoted, nothing is due.
+    let entries: Vec<String> = promoted.iter().map(|a| a.entry.clone()).collect();
+    store
+        .forget_retries(&entries, promoted[0].read_at)
+        .await
+        .unwrap();
+    assert_eq!(store.due_retries(100).await.unwrap(), Vec::new());
     common::cleanup(&config).await;
 }
 

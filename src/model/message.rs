@@ -61,6 +61,9 @@ pub enum DeadLetterReason {
     JobMissing,
     /// Redelivered too often without an outcome.
     Poison,
+    /// A task whose job record the store cannot act on (a script error
+    /// on it: corrupt, or written by another version); no retry cures it.
+    UnusableRecord,
 }
 
 impl DeadLetterReason {
@@ -72,6 +75,7 @@ impl DeadLetterReason {
             DeadLetterReason::BadTaskMessage => "bad_task_message",
             DeadLetterReason::JobMissing => "job_missing",
             DeadLetterReason::Poison => "poison",
+            DeadLetterReason::UnusableRecord => "unusable_record",
         }
     }
 }
@@ -303,6 +307,7 @@ mod tests {
             DeadLetterReason::BadTaskMessage,
             DeadLetterReason::JobMissing,
             DeadLetterReason::Poison,
+            DeadLetterReason::UnusableRecord,
         ];
         for r in reasons {
             assert_eq!(serde_json::to_value(r).unwrap(), json!(r.as_str()));

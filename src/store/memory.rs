@@ -630,10 +630,23 @@ impl Store for MemoryStore {
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError> {
         self.yields
             .after(|| {
+                let now = self.clock.now_ms();
                 let mut state = self.lock()?;
-                state
-                    .leases
-                    .remove(&entry(&claim.job, claim.idx, claim.attempt));
+                // Only once the record shows the attempt over: see
+                // `RedisStore::forget_finished_claims`.
+                let open = state.job_mut(&claim.job, now).is_some_and(|j| {
+                    j.tasks.get(claim.idx as usize).is_some_and(|t| {
+                        matches!(
+                            t.state,
+                            crate::model::TaskState::Running | crate::model::TaskState::Ready
+                        ) && t.attempt == claim.attempt
+                    })
+                });
+                if !open {
+                    state
+                        .leases
+                        .remove(&entry(&claim.job, claim.idx, claim.attempt));
+                }
                 Ok(())
             })
             .await

@@ -478,8 +478,10 @@ pub trait Store: Send + Sync + 'static {
     /// Forget the lease index entry of a claim whose follow-ups are
     /// confirmed, whatever its score. Only for an attempt whose outcome was
     /// applied: no later claim can take it, so none can own the entry by
-    /// then. (A refused claim's entry may be the sweep's last way to the
-    /// task: see [`Store::recheck`].)
+    /// then. Kept if the job's record shows the attempt still running or
+    /// ready: the store lost the outcome since (a failover), and the entry
+    /// is the sweep's way to the task. (A refused claim's entry may be the
+    /// sweep's last way to the task: see [`Store::recheck`].)
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError>;
 
     /// For a claim whose outcome was refused as stale: if the task is ready

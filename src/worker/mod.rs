@@ -347,14 +347,32 @@ impl Worker {
             let _ = delivery.acker.requeue().await;
             return;
         };
+        let asked = Instant::now();
+        // Renewed from its claim on, while the submission's other ready
+        // tasks are published and its reply sent (a broker that blocks
+        // publishers holds those up for longer than a lease).
+        let registered: std::sync::Mutex<Option<(ClaimRef, ClaimLost)>> = Default::default();
+        let register = |claim: &ClaimRef| {
+            let lost = self.active.insert(claim.clone(), asked);
+            *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some((claim.clone(), lost));
+        };
         let here = run_here.then(|| RunHere {
             queues: &self.options.queues,
             worker: &self.options.id,
             lease: self.options.lease,
+            claimed: &register,
         });
-        let asked = Instant::now();
-        if let Some(claimed) = submissions.handle(delivery, here).await {
-            self.run_claimed(*claimed, asked, stops).await;
+        let claimed = submissions.handle(delivery, here).await;
+        let registered = registered.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (claimed, registered) {
+            (Some(claimed), Some((claim, lost))) if claim == claimed.claim => {
+                self.run_from(*claimed, asked, lost, stops).await;
+            }
+            (Some(claimed), _) => self.run_claimed(*claimed, asked, stops).await,
+            // A claim made and not handed over to run (no path does so
+            // today) is not renewed for ever: the sweep takes it back.
+            (None, Some((claim, _))) => self.active.remove(&claim),
+            (None, None) => {}
         }
     }
 
@@ -405,15 +423,22 @@ impl Worker {
                     tracing::warn!(error = %e, "store unavailable; giving the task message back");
                     self.health.mark_store_down();
                     give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
-                } else {
-                    // A call the store refuses for good: requeued, it is
-                    // counted, and turns poison instead of spinning.
-                    tracing::warn!(error = %e, "claim failed; requeueing the task message");
-                    if let Err(e) = delivery.acker.requeue().await {
-                        tracing::warn!(error = %e, "requeue failed; the broker redelivers on reconnect");
-                    }
+                    return;
                 }
-                return;
+                // A claim the store refuses for good (a script error on a
+                // corrupt record, or one another version wrote): no retry
+                // cures it, and requeued it would loop (for ever on a
+                // classic queue, which counts no deliveries). Dead-lettered
+                // with the error, to publish again once the record is
+                // mended; the task stays as its record is.
+                let reason = format!(
+                    "the store cannot claim task {} of job {}: {e}",
+                    task.task, task.job
+                );
+                tracing::error!(job = %task.job, task = %task.task, error = %e, "claim refused for good; task message dead-lettered");
+                return self
+                    .dead_letter(delivery, DeadLetterReason::UnusableRecord, &reason)
+                    .await;
             }
         };
         ack(delivery).await;
@@ -426,6 +451,11 @@ impl Worker {
     /// [`Worker::finish`]): a chain runs here without a broker hop per step.
     async fn run_claimed(&self, claimed: Claimed, asked: Instant, stops: Stops) {
         let lost = self.active.insert(claimed.claim.clone(), asked);
+        self.run_from(claimed, asked, lost, stops).await;
+    }
+
+    /// [`Self::run_claimed`] of a claim renewed already, `lost` its signal.
+    async fn run_from(&self, claimed: Claimed, asked: Instant, lost: ClaimLost, stops: Stops) {
         let mut next = Some(NextRun {
             claimed,
             asked,
@@ -529,9 +559,13 @@ impl Worker {
             return self.finish(&claimed, end, stops).await;
         };
         let mut hard_stop = stops.hard.clone();
+        // The stops first: a run already stopped (a hard stop reached while
+        // the slot published, a claim found lost or replaced before its run
+        // started) never starts its handler, which on a multi-threaded
+        // runtime could start at once (a shell task fork its program)
+        // before the abort reached it.
         let end = tokio::select! {
             biased;
-            end = run_attempt(handler, &claimed, self.options.max_result_bytes) => end,
             _ = hard_stop.wait() => {
                 self.hand_back(&claimed).await;
                 return None;
@@ -542,6 +576,7 @@ impl Worker {
             _ = lost.wait() => AttemptEnd::Transient(
                 "claim lost (lease lapsed and the task moved on, or the store lost it): run stopped".into(),
             ),
+            end = run_attempt(handler, &claimed, self.options.max_result_bytes) => end,
         };
         self.finish(&claimed, end, stops).await
     }
@@ -749,11 +784,20 @@ impl Worker {
                 None
             }
             Ok(false) => Some(delivery),
-            Err(e) => {
-                if e.is_retryable() {
-                    self.health.mark_store_down();
-                }
+            Err(e) if e.is_retryable() => {
+                self.health.mark_store_down();
                 let _ = delivery.acker.requeue().await;
+                None
+            }
+            Err(e) => {
+                // The store refuses for good to fail the task (its record
+                // is corrupt or of another version): the message still
+                // must not loop, so it goes to the dead-letter queue with
+                // both reasons, and the task stays as its record is.
+                let reason = format!("{reason}; the store refused to fail the task: {e}");
+                tracing::error!(job = %task.job, task = %task.task, "{reason}");
+                self.dead_letter(delivery, DeadLetterReason::UnusableRecord, &reason)
+                    .await;
                 None
             }
         }
@@ -852,6 +896,21 @@ mod tests {
         ))
     }
 
+    /// The status of job `id` once it is finished. Bounded: a job that
+    /// never finishes fails the test (the clock is paused, so an unbounded
+    /// wait would spin for ever).
+    async fn finished_within_100_leases(store: &dyn Store, id: &str) -> crate::store::JobStatus {
+        for _ in 0..(LEASE * 100).as_millis() / 50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(s) = store.job(id).await.unwrap()
+                && s.state.is_terminal()
+            {
+                return s;
+            }
+        }
+        panic!("job {id} not finished within 100 leases");
+    }
+
     /// Records every run as (task, attempt). Task `t0` also takes the
     /// broker away for ten leases when it runs.
     struct Recorder {
@@ -941,24 +1000,7 @@ mod tests {
             .await
             .unwrap();
 
-        // Bounded: a job that never finishes fails the test (the clock is
-        // paused, so an unbounded wait would spin for ever).
-        let mut status = None;
-        for _ in 0..(LEASE * 100).as_millis() / 50 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if let Some(s) = store.job("j").await.unwrap()
-                && s.state.is_terminal()
-            {
-                status = Some(s);
-                break;
-            }
-        }
-        let status = status.unwrap_or_else(|| {
-            panic!(
-                "job j not finished within 100 leases: {:#?}",
-                runs.lock().unwrap()
-            )
-        });
+        let status = finished_within_100_leases(store.as_ref(), "j").await;
         assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
         let mut runs = runs.lock().unwrap().clone();
         runs.sort();
@@ -1107,5 +1149,141 @@ mod tests {
             "the taken-over claim is not run; the held one is"
         );
         renewals.abort();
+    }
+
+    /// A broker whose first publish to a task queue waits three leases
+    /// before going through (RabbitMQ blocking publishers for a memory
+    /// alarm, say); it counts the publishes it held up.
+    struct FirstTaskPublishStalls {
+        inner: Arc<MemoryBroker>,
+        tasks_prefix: String,
+        stalled: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Broker for FirstTaskPublishStalls {
+        async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+            self.inner.declare(task_queues).await
+        }
+
+        async fn publish(&self, batch: Vec<crate::broker::Outgoing>) -> Result<(), BrokerError> {
+            use std::sync::atomic::Ordering;
+            if batch
+                .iter()
+                .any(|m| m.queue.starts_with(&self.tasks_prefix))
+                && self.stalled.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                tokio::time::sleep(LEASE * 3).await;
+            }
+            self.inner.publish(batch).await
+        }
+
+        async fn subscribe_with_priority(
+            &self,
+            queue: &str,
+            prefetch: u16,
+            priority: i16,
+        ) -> Result<Box<dyn Subscription>, BrokerError> {
+            self.inner
+                .subscribe_with_priority(queue, prefetch, priority)
+                .await
+        }
+
+        async fn queue_stats(
+            &self,
+            queues: &[String],
+        ) -> Result<Vec<crate::broker::QueueStats>, BrokerError> {
+            self.inner.queue_stats(queues).await
+        }
+
+        fn is_connected(&self) -> bool {
+            self.inner.is_connected()
+        }
+    }
+
+    /// A worker that claims a submitted job's root to run here, and then
+    /// waits on the broker for longer than a lease to publish the job's
+    /// other root, keeps the claim renewed from the moment it was made: the
+    /// root runs once, under that claim. (Until the twenty-eighth session
+    /// the claim was renewed only from its run, and the sweep took it over
+    /// as a dead worker's: the root's attempt 1 was lost, or the task
+    /// failed with one attempt allowed.)
+    #[tokio::test(start_paused = true)]
+    async fn a_root_claimed_from_a_submission_is_renewed_while_its_siblings_are_published() {
+        let names = Names::new("slowroots");
+        let store = memory_store();
+        let inner = Arc::new(MemoryBroker::reliable(names.clone()));
+        let broker = Arc::new(FirstTaskPublishStalls {
+            inner: inner.clone(),
+            tasks_prefix: names.task_queue(""),
+            stalled: Default::default(),
+        });
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let registry = Registry::new().with(Recorder {
+            runs: runs.clone(),
+            broker: inner.clone(),
+        });
+        let config = Config::default();
+        let queues = vec!["default".to_owned()];
+        inner.declare(&queues).await.unwrap();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            inner.clone(),
+            JobIntake::new(&config, registry.clone()).unwrap(),
+            names.clone(),
+            DispatcherOptions {
+                id: "d".into(),
+                prefetch: 8,
+                sweep_interval: Duration::from_millis(50),
+                task_queues: queues.clone(),
+            },
+        );
+        let worker = Worker::new(
+            store.clone(),
+            broker.clone(),
+            registry.clone(),
+            names.clone(),
+            WorkerOptions {
+                lease: LEASE,
+                concurrency: 1,
+                queues,
+                ..WorkerOptions::from_config(&config, "w")
+            },
+        )
+        .accepting_submissions(JobIntake::new(&config, registry).unwrap());
+        let stop = ShutdownTrigger::new();
+        let (d, w) = (stop.subscribe(), stop.subscribe());
+        let worker = tokio::spawn(async move { worker.run(w).await });
+        // The worker consumes before the dispatcher starts, so the
+        // submission is its own.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let dispatcher = tokio::spawn(async move { dispatcher.run(d).await });
+        let job = json!({"id": "j", "requestor": "me", "tasks": [
+            {"name": "a", "handler": "record", "retry": {"max_attempts": 1}},
+            {"name": "b", "handler": "record", "retry": {"max_attempts": 1}}]});
+        inner
+            .publish(vec![crate::broker::Outgoing::durable(
+                names.submit_queue(),
+                job.to_string().into_bytes(),
+            )])
+            .await
+            .unwrap();
+
+        let status = finished_within_100_leases(store.as_ref(), "j").await;
+        assert_eq!(
+            broker.stalled.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the worker took the submission and published the other root"
+        );
+        assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+        assert!(
+            status.history.iter().all(|h| !h.reason.contains("lease")),
+            "{status:#?}"
+        );
+        let mut runs = runs.lock().unwrap().clone();
+        runs.sort();
+        assert_eq!(runs, vec![("a".into(), 1), ("b".into(), 1)]);
+        stop.trigger();
+        let _ = tokio::join!(dispatcher, worker);
     }
 }

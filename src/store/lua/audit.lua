@@ -8,7 +8,11 @@
 -- drop it.
 -- Returns {} for a job that is gone or finished, else {index, idx,
 -- attempt, due ms}* with index 'l' (`<p>:leases`) or 'r' (`<p>:retries`):
--- - running: its claim's lease entry at the lease's expiry;
+-- - running: its claim's lease entry at the lease's expiry, or now if
+--   that is past (an entry at a lapsed expiry may be one a sweep read
+--   before the loss, when the lease had lapsed, and reclaimed on the lost
+--   data: its forget of entries still as read would drop it, leaving the
+--   task running with nothing to find it);
 -- - ready: a lease entry due now (reclaim offers the attempt again);
 -- - retrying: its retry entry at its due time, or now if that is past.
 -- "Now" is a millisecond on: past the time of any sweep's read before
@@ -38,7 +42,8 @@ for s = 0, n - 1, RELEASE_CHUNK do
     local b = (i - s) * 4
     local state, a = v[b + 1], v[b + 2]
     if state == 'running' then
-      want('l', i, a, v[b + 3] or soon)
+      local le = tonumber(v[b + 3])
+      want('l', i, a, (le and le > NOW) and v[b + 3] or soon)
     elseif state == 'ready' then
       want('l', i, a, soon)
     elseif state == 'retrying' then

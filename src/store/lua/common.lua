@@ -81,10 +81,13 @@ local CHUNK = 1000
 -- which may each be `limits.max_result_bytes` long.
 local RESULT_CHUNK = 128
 
+-- Push the buffered history entries (after the body, and by a body that
+-- must set the list's expiry: PEXPIRE on a list not yet there does nothing).
 local function flush_hist()
   for s = 1, #HIST, CHUNK do
     redis.call('RPUSH', H, unpack(HIST, s, math.min(s + CHUNK - 1, #HIST)))
   end
+  HIST = {}
 end
 
 local function bump()

@@ -91,7 +91,7 @@ pub struct RedisStore {
     by: String,
     epoch: Arc<AtomicU64>,
     shared: Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
-    forgets: Arc<std::sync::Mutex<Vec<String>>>,
+    forgets: Arc<std::sync::Mutex<Vec<ClaimRef>>>,
     /// Task queues this process has added to `<prefix>:queues` (so each
     /// is added once per process, not once per job).
     noted_queues: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -125,6 +125,11 @@ const CLAIM_ROUND_MAX: usize = 256;
 /// The most claim rounds out at once: enough to keep Redis and the
 /// connection busy, few enough that claims arriving together wait for one.
 const CLAIM_ROUNDS_OUT: usize = 4;
+
+/// How long a schedule entry the store cannot act on is set aside before
+/// the sweep tries it again (see `RedisStore::set_aside`): long enough not
+/// to fill the log, short enough that a fixed record is soon acted on.
+const BROKEN_ENTRY_RECHECK: Duration = Duration::from_secs(60);
 
 /// The way to the task that runs replica wait rounds: each request is
 /// answered by the first round that starts after it arrives.
@@ -557,6 +562,28 @@ impl RedisStore {
         self.run::<()>(&pipe).await
     }
 
+    /// After a sweep's call on one schedule entry failed: if the store is
+    /// unreachable, the error (the pass ends, the entry stays due). If the
+    /// store answered something this code cannot act on (a job record
+    /// another version wrote, a corrupt hash, a script error), the entry
+    /// alone is moved [`BROKEN_ENTRY_RECHECK`] on, logged, and the pass goes
+    /// on: as the earliest due it would otherwise end every pass before
+    /// any lapsed lease behind it was reclaimed.
+    async fn set_aside(
+        &self,
+        index: String,
+        entry: &str,
+        err: StoreError,
+    ) -> Result<(), StoreError> {
+        if err.is_retryable() {
+            return Err(err);
+        }
+        tracing::error!(%entry, error = %err, recheck_in = ?BROKEN_ENTRY_RECHECK,
+            "schedule entry the store cannot act on; set aside");
+        let at = self.now_ms() + BROKEN_ENTRY_RECHECK.as_millis() as u64;
+        self.rescore(index, at, entry).await
+    }
+
     /// Drop `entries` from a schedule index, each only if its score is
     /// still at most `read_at` (when the sweep read them as due, by the
     /// clock the index is scored with).
@@ -739,6 +766,9 @@ impl RedisStore {
     async fn claim_round(&self, round: Vec<ClaimRequest>) {
         self.claim_rounds_sent.fetch_add(1, Ordering::Relaxed);
         let mut pipe = redis::pipe();
+        // Each call's error its own (see `claim_replies`): a round fails
+        // whole only when Redis cannot be reached.
+        pipe.ignore_errors();
         // The requests of each call (places in the round), in round order.
         let mut calls: Vec<Vec<usize>> = Vec::new();
         let mut call_of: std::collections::HashMap<(&str, &str, u64), usize> =
@@ -769,14 +799,45 @@ impl RedisStore {
             }
             pipe.add_command(cmd);
         }
-        let replies = self
-            .run::<Vec<redis::Value>>(&pipe)
-            .await
-            .and_then(|values| claim_replies(values, round.len(), &calls));
+        let mut values = self.run::<Vec<redis::Value>>(&pipe).await;
+        // Sent with `ignore_errors`, a pipeline comes back whole even when
+        // Redis lost the function library: load it and send the round
+        // again (the lease entries repeat harmlessly; no claim ran).
+        let lost_library = |v: &redis::Value| match v {
+            redis::Value::ServerError(e) => is_function_missing(&e.clone().into()),
+            _ => false,
+        };
+        if values.as_ref().is_ok_and(|v| v.iter().any(lost_library)) {
+            values = match self.load_library().await {
+                Ok(()) => self.run::<Vec<redis::Value>>(&pipe).await,
+                Err(e) => Err(e),
+            };
+        }
+        let classify = |e: RedisError| {
+            if is_transient_server_error(&e) {
+                self.drop_shared();
+                unavailable(e)
+            } else {
+                protocol(e.to_string())
+            }
+        };
+        let replies =
+            values.and_then(|values| claim_replies(values, round.len(), &calls, classify));
         match replies {
             Ok(replies) => {
                 for ((r, (added, reply)), expiry) in round.into_iter().zip(replies).zip(expiries) {
-                    let outcome = self.claim_outcome(&r.task, added, expiry, &reply).await;
+                    let outcome = match reply {
+                        Ok(reply) => self.claim_outcome(&r.task, added, expiry, &reply).await,
+                        Err(e) => {
+                            // No claim was made: the entry it added goes,
+                            // as a refused claim's does.
+                            if added == 1 {
+                                let entry = entry(&r.task.job, r.task.idx, r.task.attempt);
+                                let _ = self.forget_leases(&[entry], expiry).await;
+                            }
+                            Err(e)
+                        }
+                    };
                     let _ = r.answer.send(outcome);
                 }
             }
@@ -792,6 +853,42 @@ impl RedisStore {
     /// the claims made, how well claims that arrive together are batched.
     pub fn claim_rounds_sent(&self) -> u64 {
         self.claim_rounds_sent.load(Ordering::Relaxed)
+    }
+
+    /// Drop the lease entries of `claims` whose attempts the job records
+    /// show over, whatever their scores: no later claim can take such an
+    /// attempt, so none owns its entry (a live claim's entry is scored at
+    /// its expiry, later than now, so comparing with now kept every one of
+    /// them, for the sweep to reclaim a lease later one by one). A claim
+    /// whose task is still `running` or `ready` at its attempt had its
+    /// outcome applied on a server that lost it since (a failover): its
+    /// entry, which the audit of the new server put back or kept, is the
+    /// sweep's only way to the task, and stays.
+    async fn forget_finished_claims(&self, claims: &[ClaimRef]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for c in claims {
+            pipe.cmd("HMGET")
+                .arg(self.names.job_key(&c.job))
+                .arg(format!("s:{}", c.idx))
+                .arg(format!("a:{}", c.idx));
+        }
+        let records: Vec<(Option<String>, Option<u32>)> = self.run(&pipe).await?;
+        let over: Vec<String> = claims
+            .iter()
+            .zip(records)
+            .filter(|(c, (state, attempt))| {
+                let open = matches!(state.as_deref(), Some("running" | "ready"));
+                !(open && *attempt == Some(c.attempt))
+            })
+            .map(|(c, _)| entry(&c.job, c.idx, c.attempt))
+            .collect();
+        if over.len() < claims.len() {
+            tracing::warn!(
+                kept = claims.len() - over.len(),
+                "finished attempts the store shows unfinished (it lost writes): their lease entries stay for the sweep"
+            );
+        }
+        self.forget_leases(&over, u64::MAX).await
     }
 
     /// The lease entry of a claim of `task` (one reply: whether it was
@@ -1188,13 +1285,13 @@ impl Store for RedisStore {
     }
 
     async fn forget_claim(&self, claim: &ClaimRef) -> Result<(), StoreError> {
-        // Batched: the first entry of a batch schedules one ZREM for every
-        // entry that arrives within the next 2 ms. Dropping a lease entry is
-        // not on any job's critical path, and an entry a crash leaves behind
-        // is dropped by the sweep.
+        // Batched: the first entry of a batch schedules one read and one
+        // ZREM for every entry that arrives within the next 2 ms. Dropping
+        // a lease entry is not on any job's critical path, and an entry a
+        // crash leaves behind is dropped by the sweep.
         let first = {
             let mut pending = self.forgets.lock().unwrap_or_else(|p| p.into_inner());
-            pending.push(entry(&claim.job, claim.idx, claim.attempt));
+            pending.push(claim.clone());
             pending.len() == 1
         };
         if first {
@@ -1203,12 +1300,7 @@ impl Store for RedisStore {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 let batch =
                     std::mem::take(&mut *this.forgets.lock().unwrap_or_else(|p| p.into_inner()));
-                // Whatever their scores: each is a claim's own, of an
-                // attempt that is over, so no later claim can own it (a
-                // live claim's entry is scored at its expiry, later than
-                // now, so comparing with now kept every one of them, for
-                // the sweep to reclaim a lease later one by one).
-                if let Err(e) = this.forget_leases(&batch, u64::MAX).await {
+                if let Err(e) = this.forget_finished_claims(&batch).await {
                     tracing::debug!(error = %e, entries = batch.len(), "lease entries left for the sweep");
                 }
             });
@@ -1252,7 +1344,13 @@ impl Store for RedisStore {
             };
             let mut cmd = self.fcall(Script::Promote, job);
             cmd.arg(idx).arg(attempt).arg(&self.by);
-            let reply = self.call(cmd).await?;
+            let reply = match self.call(cmd).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    self.set_aside(self.names.retries(), &e, err).await?;
+                    continue;
+                }
+            };
             match field(&reply, 0) {
                 "ready" => actions.push(SweepAction {
                     publish: vec![TaskMessage {
@@ -1272,7 +1370,10 @@ impl Store for RedisStore {
                 }
                 "pending" => pending.push(e),
                 "gone" => actions.push(SweepAction::forget(e, read_at)),
-                other => return Err(protocol(format!("promote answered {other:?}"))),
+                other => {
+                    let err = protocol(format!("promote answered {other:?}"));
+                    self.set_aside(self.names.retries(), &e, err).await?;
+                }
             }
         }
         if !pending.is_empty() {
@@ -1323,7 +1424,13 @@ impl Store for RedisStore {
             };
             let mut cmd = self.fcall(Script::Reclaim, job);
             cmd.arg(idx).arg(attempt).arg(by);
-            let reply = self.call(cmd).await?;
+            let reply = match self.call(cmd).await {
+                Ok(reply) => reply,
+                Err(err) => {
+                    self.set_aside(self.names.leases(), &e, err).await?;
+                    continue;
+                }
+            };
             match field(&reply, 0) {
                 "alive" => {
                     let le: u64 = num(&reply, 1, "lease")?;
@@ -1353,7 +1460,10 @@ impl Store for RedisStore {
                     read_at,
                 }),
                 "failed" | "gone" => actions.push(SweepAction::forget(e, read_at)),
-                other => return Err(protocol(format!("reclaim answered {other:?}"))),
+                other => {
+                    let err = protocol(format!("reclaim answered {other:?}"));
+                    self.set_aside(self.names.leases(), &e, err).await?;
+                }
             }
         }
         Ok(actions)

@@ -32,14 +32,23 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 
 pub(super) type Reply = Vec<Option<String>>;
 
-/// The replies of a claim round's pipeline ([`super::RedisStore::claim_round`]):
-/// `requests` lease entries' (whether added), then one list of claim
-/// replies per call of `calls`, handed back per request in round order.
+/// One claim's part of a round's replies: whether its lease entry was
+/// added, and its call's reply or error.
+pub(super) type ClaimReply = (i64, Result<Reply, StoreError>);
+
+/// The replies of a claim round's pipeline ([`super::RedisStore::claim_round`]),
+/// sent with `ignore_errors` so that one call's error (a script failing on
+/// one job's record) is that call's alone: `requests` lease entries'
+/// (whether added), then one list of claim replies per call of `calls`,
+/// handed back per request in round order, each with its own error if its
+/// lease entry or its call failed (`classify` says which kind). Only a
+/// round whose replies do not have its shape is an error as a whole.
 pub(super) fn claim_replies(
     values: Vec<redis::Value>,
     requests: usize,
     calls: &[Vec<usize>],
-) -> Result<Vec<(i64, Reply)>, StoreError> {
+    classify: impl Fn(redis::RedisError) -> StoreError,
+) -> Result<Vec<ClaimReply>, StoreError> {
     if values.len() != requests + calls.len() {
         return Err(protocol(format!(
             "a claim round of {requests} claims in {} calls had {} replies",
@@ -48,24 +57,45 @@ pub(super) fn claim_replies(
         )));
     }
     let mut values = values.into_iter();
-    let mut out: Vec<(i64, Reply)> = Vec::with_capacity(requests);
+    let mut out: Vec<ClaimReply> = Vec::with_capacity(requests);
     for value in values.by_ref().take(requests) {
-        let added: i64 = redis::from_redis_value(value)
-            .map_err(|e| protocol(format!("a claim's lease entry answered {e}")))?;
-        out.push((added, Reply::new()));
+        match value {
+            redis::Value::ServerError(e) => out.push((0, Err(classify(e.into())))),
+            value => {
+                let added: i64 = redis::from_redis_value(value)
+                    .map_err(|e| protocol(format!("a claim's lease entry answered {e}")))?;
+                out.push((added, Ok(Reply::new())));
+            }
+        }
     }
     for (call, value) in calls.iter().zip(values) {
-        let replies: Vec<Reply> =
-            redis::from_redis_value(value).map_err(|e| protocol(format!("claim answered {e}")))?;
-        if replies.len() != call.len() {
-            return Err(protocol(format!(
-                "claim answered {} replies for {} claims",
-                replies.len(),
-                call.len()
-            )));
-        }
-        for (&k, reply) in call.iter().zip(replies) {
-            out[k].1 = reply;
+        let replies: Result<Vec<Reply>, StoreError> = match value {
+            redis::Value::ServerError(e) => Err(classify(e.into())),
+            value => {
+                redis::from_redis_value(value).map_err(|e| protocol(format!("claim answered {e}")))
+            }
+        };
+        match replies {
+            Ok(replies) if replies.len() == call.len() => {
+                for (&k, reply) in call.iter().zip(replies) {
+                    // A claim whose lease entry failed keeps that error.
+                    if out[k].1.is_ok() {
+                        out[k].1 = Ok(reply);
+                    }
+                }
+            }
+            Ok(replies) => {
+                return Err(protocol(format!(
+                    "claim answered {} replies for {} claims",
+                    replies.len(),
+                    call.len()
+                )));
+            }
+            Err(e) => {
+                for &k in call {
+                    out[k].1 = Err(e.clone());
+                }
+            }
         }
     }
     Ok(out)
