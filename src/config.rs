@@ -584,12 +584,14 @@ impl Config {
             check(
                 !queue.is_empty()
                     && queue.len() <= self.limits.max_name_len
-                    && queue.chars().all(crate::intake::is_name_char),
+                    && queue.chars().all(crate::intake::is_name_char)
+                    && queue.starts_with(|c: char| c.is_ascii_alphanumeric()),
                 "worker.queues",
                 &format!("{queue:?}"),
                 format!(
                     "each must be 1 to limits.max_name_len ({}) bytes of letters, digits, \
-                     '.', '_', ':' and '-' (a job's `queue` follows the same rules)",
+                     '.', '_', ':' and '-', starting with a letter or a digit (a job's \
+                     `queue` follows the same rules)",
                     self.limits.max_name_len
                 ),
             );

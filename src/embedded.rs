@@ -94,6 +94,11 @@ impl Embedded {
                 .map_err(|e| anyhow::anyhow!("snapshot {} is unusable: {e}", path.display()))?;
         }
         let broker = Arc::new(MemoryBroker::reliable(names.clone()));
+        // As RabbitMQ's quorum queues: a message returned past the limit is
+        // dead-lettered, so dev mode shows what production would.
+        if config.queue_type == crate::config::QueueType::Quorum {
+            broker.set_delivery_limit(Some(config.delivery_limit));
+        }
         broker.declare(&config.worker.queues).await?;
         let trigger = ShutdownTrigger::new();
         let mut tasks = JoinSet::new();

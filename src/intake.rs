@@ -212,9 +212,15 @@ impl JobIntake {
         if let Some(error) = self.schema_error(&value) {
             return reject(error);
         }
-        let spec: JobSpec = match serde_json::from_value(value) {
+        let spec: JobSpec = match serde_path_to_error::deserialize(value) {
             Ok(spec) => spec,
-            Err(e) => return reject(format!("job: {e}")),
+            Err(e) => {
+                let field = match e.path().to_string() {
+                    path if path == "." => "job".to_owned(),
+                    path => path,
+                };
+                return reject(format!("{field}: {}", e.inner()));
+            }
         };
         match self.plan(spec) {
             Ok(job) => Intake::Valid(job),
@@ -486,7 +492,8 @@ pub(crate) fn is_name_char(c: char) -> bool {
 }
 
 /// Whether `id` is one a job can be recorded under (at most `max_name_len`
-/// bytes of letters, digits, '.', '_', ':' and '-'); the error says why not.
+/// bytes of letters, digits, '.', '_', ':' and '-', starting with a letter
+/// or a digit); the error says why not.
 pub fn check_job_id(id: &str, max_name_len: usize) -> Result<(), String> {
     check_name("id", id, max_name_len)
 }
@@ -504,6 +511,13 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), String> {
     if field != "requestor" && !value.chars().all(is_name_char) {
         return Err(format!(
             "{field}: {value:?} may only contain letters, digits, '.', '_', ':' and '-'"
+        ));
+    }
+    // As the schema's pattern: no name reads as a command-line flag (`-x`)
+    // or a hidden file (`.x`).
+    if field != "requestor" && !value.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "{field}: {value:?} must start with a letter or a digit"
         ));
     }
     Ok(())
@@ -691,6 +705,25 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_number_written_with_a_fraction_is_taken_as_that_number() {
+        let body = json!({"requestor": "me", "tasks": [{"name": "a", "handler": "noop",
+            "retry": {"max_attempts": 3.0, "base_ms": 1e3, "cap_ms": 2000}}]});
+        match intake().accept(body.to_string().as_bytes()) {
+            Intake::Valid(job) => {
+                assert_eq!(job.tasks[0].max_attempts, 3);
+                assert_eq!(job.tasks[0].backoff_base_ms, 1000);
+                assert_eq!(job.tasks[0].backoff_cap_ms, 2000);
+            }
+            other => panic!("expected valid, got {other:?}"),
+        }
+        let err = rejected(
+            json!({"requestor": "me", "tasks": [{"name": "a", "handler": "noop",
+            "retry": {"max_attempts": 2.5}}]}),
+        );
+        assert!(err.starts_with("tasks[0].retry.max_attempts"), "{err}");
+    }
+
+    #[test]
     fn schema_errors_name_the_field() {
         let err = rejected(json!({"requestor": "me", "tasks": [{"name": 5, "handler": "noop"}]}));
         assert!(err.starts_with("tasks[0].name"), "{err}");
@@ -747,6 +780,18 @@ mod tests {
             {"name": "b", "handler": "noop", "after": ["a"]}
         ]}));
         assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn a_name_must_start_with_a_letter_or_a_digit_as_the_schema_says() {
+        assert!(check_job_id("-x", 128).is_err_and(|e| e.contains("must start")));
+        assert!(check_job_id(".x", 128).is_err());
+        assert!(check_job_id("x-.", 128).is_ok());
+        // An id the schema refuses is not one to record the rejection under.
+        match intake().accept(br#"{"id": "-x", "requestor": "r", "tasks": []}"#) {
+            Intake::Rejected(r) => assert_ne!(r.id, "-x"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
     }
 
     #[test]

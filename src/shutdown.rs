@@ -97,29 +97,45 @@ impl Shutdown {
 /// Fire `trigger` on SIGTERM or SIGINT.
 pub fn on_signals(trigger: ShutdownTrigger) {
     tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let term = signal(SignalKind::terminate());
-            let int = signal(SignalKind::interrupt());
-            match (term, int) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-                    }
-                }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        let signal = stop_signal(false).await;
+        tracing::info!("{signal}: shutting down");
         trigger.trigger();
     });
+}
+
+/// Wait for SIGTERM or SIGINT (Ctrl-C), and SIGHUP too if `hangup` (a
+/// command whose terminal or supervisor goes away must still clean up
+/// after itself: `conveyor bench --spawn` stops its children); the
+/// signal's name.
+pub async fn stop_signal(hangup: bool) -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        // SIGHUP keeps its default action (the process ends) unless asked
+        // for: a handler registered and never read would ignore it.
+        let hup = if hangup {
+            signal(SignalKind::hangup()).ok()
+        } else {
+            None
+        };
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        if let (Ok(mut term), Ok(mut int)) = (term, int) {
+            let hup_signal = async {
+                match hup {
+                    Some(mut hup) => hup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            return tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup_signal => "SIGHUP",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "Ctrl-C"
 }
 
 #[cfg(test)]

@@ -13,21 +13,36 @@ use serde_json::Value;
 
 /// Run `conveyor bench --spawn ... --json` and parse its report.
 async fn bench(args: &[&str]) -> Value {
+    bench_with(args, &[]).await
+}
+
+/// The `conveyor bench --spawn` command of this test run, with `args`.
+async fn bench_command(args: &[&str]) -> tokio::process::Command {
     // Fail with the how-to-start message if a service is missing.
     let config = common::test_config(&common::unique_prefix("bench"));
     common::connect_store(&config, "bench-test").await;
     common::connect_broker(&config).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+    // The service check above left this test's own epoch key.
+    common::cleanup(&config).await;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    command
         .args(["bench", "--spawn", "--json", "--timeout-s", "60"])
         .args(args)
         .env("CONVEYOR_AMQP_URL", &config.amqp_url)
         .env("CONVEYOR_REDIS_URL", &config.redis_url)
         .env_remove("CONVEYOR_PREFIX")
+        .env_remove("CONVEYOR_HTTP_ADDR");
+    command
+}
+
+/// [`bench`] with these environment variables set.
+async fn bench_with(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let out = bench_command(args)
+        .await
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("run conveyor bench");
-    // The service check above left this test's own epoch key.
-    common::cleanup(&config).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -176,7 +191,18 @@ async fn as_fast_as_possible_reports_throughput_against_the_bare_loop_and_cleans
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_an_offered_rate_reports_latency_next_to_a_bare_hop_of_the_same_queue_type() {
-    let report = bench(&["--shape", "single", "--jobs", "150", "--rate", "1000"]).await;
+    // With a probe address for the bench itself, which its children do
+    // not inherit (each would bind it, and all but the first exit).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let report = bench_with(
+        &["--shape", "single", "--jobs", "150", "--rate", "1000"],
+        &[("CONVEYOR_HTTP_ADDR", addr.as_str())],
+    )
+    .await;
 
     assert_eq!(number(&report, "/outcome/succeeded"), 150.0, "{report}");
     assert_eq!(number(&report, "/offered_rate"), 1000.0);
@@ -208,4 +234,69 @@ async fn at_an_offered_rate_reports_latency_next_to_a_bare_hop_of_the_same_queue
         "{targets:?}"
     );
     assert!(!targets.iter().any(|t| t.contains("÷ bare")), "{targets:?}");
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // `pid (comm) state ppid ...`: the fields after the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A bench stopped by SIGTERM (a supervisor, `timeout`, CI) stops the
+/// dispatcher and worker it started and deletes what they left, as it does
+/// on Ctrl-C. (Until the twenty-eighth session only Ctrl-C was handled:
+/// SIGTERM ended the bench at once and its children ran on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bench_stopped_by_sigterm_stops_its_children_and_cleans_up() {
+    let child = bench_command(&["--skip-bare", "--jobs", "1000000", "--rate", "200"])
+        .await
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start conveyor bench");
+    let pid = child.id().expect("a pid");
+    let children = common::eventually(
+        "the dispatcher and worker started",
+        std::time::Duration::from_secs(60),
+        || async {
+            let children = children_of(pid);
+            (children.len() >= 2).then_some(children)
+        },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the bench exits within 60 s of SIGTERM")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    for c in children {
+        let alive = std::fs::read_to_string(format!("/proc/{c}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        });
+        assert!(
+            !alive,
+            "child {c} of the bench runs on after it was stopped"
+        );
+    }
 }

@@ -25,8 +25,14 @@ struct Ran {
 
 /// Run `conveyor ARGS` against `d`'s services and prefix.
 async fn conveyor(d: &Deployment, args: &[&str]) -> Ran {
+    conveyor_with(d, args, &[]).await
+}
+
+/// [`conveyor`] with these environment variables set too.
+async fn conveyor_with(d: &Deployment, args: &[&str], env: &[(&str, &str)]) -> Ran {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .args(args)
+        .envs(env.iter().copied())
         .env("CONVEYOR_PREFIX", &d.config.prefix)
         .env("CONVEYOR_AMQP_URL", &d.config.amqp_url)
         .env("CONVEYOR_REDIS_URL", &d.config.redis_url)
@@ -223,6 +229,27 @@ async fn submit_says_at_once_when_the_files_job_will_not_appear_under_its_id() {
     assert_eq!(told.code, Some(1), "{}", told.stderr);
     assert!(told.stdout.contains("max_message_bytes"), "{}", told.stdout);
     assert!(started.elapsed() < WITHIN, "told, not waited out");
+    d.shutdown().await;
+}
+
+/// A client whose config says other queue arguments than the deployment
+/// was declared with (here a delivery limit of 7 against its 20) cannot
+/// declare the queues, and need not: it publishes to them as they are, as
+/// any client does, and the job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_publishes_to_queues_declared_with_other_arguments_than_its_own() {
+    let mut d = Deployment::new("cli-otherargs").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let dir = Scratch::dir("cli");
+    let file = job_file(&dir, "job.json", &common::noop_job("otherargs"));
+    let ran = conveyor_with(
+        &d,
+        &["submit", &file, "--wait", "--timeout-s", "60"],
+        &[("CONVEYOR_DELIVERY_LIMIT", "7")],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}\n{}", ran.stdout, ran.stderr);
     d.shutdown().await;
 }
 

@@ -244,7 +244,7 @@ pub enum BenchError {
     /// Starting, watching or stopping the spawned processes failed.
     #[error("spawned deployment: {0}")]
     Process(String),
-    /// Interrupted (Ctrl-C); everything started was cleaned up.
+    /// Interrupted (Ctrl-C, SIGTERM, SIGHUP); everything started was cleaned up.
     #[error("interrupted")]
     Interrupted,
 }
@@ -312,11 +312,14 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
     };
     let mut deployment_config = config.clone();
     deployment_config.prefix = prefix.clone();
+    // The bench's own probe address is not its children's: each would bind
+    // it, and all but the first exit at start-up.
+    deployment_config.http_addr = None;
 
     let work = run_inner(&deployment_config, &options, &run_id);
     tokio::select! {
         result = work => result,
-        _ = tokio::signal::ctrl_c() => {
+        _ = crate::shutdown::stop_signal(true) => {
             // `run_inner` was dropped mid-way: its children die with it
             // (kill_on_drop); delete what they left.
             if matches!(options.target, Target::Spawn(_)) {
@@ -416,7 +419,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             }
             .await;
             let memory = deployment.memory();
-            let stopped = deployment.stop().await;
+            let stopped = deployment.stop(result.is_err()).await;
             spawn::cleanup(&deployment_config, true).await;
             let (load, hold) = result?;
             write_samples(options, &load)?;

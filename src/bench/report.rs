@@ -158,6 +158,10 @@ pub struct Outcome {
     pub unfinished: usize,
     /// Jobs whose publish failed.
     pub publish_failed: usize,
+    /// Jobs never published: the watcher gave up first (at an offered
+    /// rate, nothing finished for the time-out while the publisher waited
+    /// for its next slot).
+    pub unpublished: usize,
 }
 
 /// Completed work per second.
@@ -351,6 +355,8 @@ pub fn build(
             _ => {
                 if job.published.is_some() {
                     outcome.unfinished += 1;
+                } else {
+                    outcome.unpublished += 1;
                 }
                 continue;
             }
@@ -490,6 +496,12 @@ pub fn build(
         errors.push(format!(
             "{} job(s) not finished when the watcher gave up (no job finished for {:?})",
             outcome.unfinished, options.timeout
+        ));
+    }
+    if outcome.unpublished > 0 {
+        errors.push(format!(
+            "{} job(s) never published: the watcher gave up first (no job finished for {:?})",
+            outcome.unpublished, options.timeout
         ));
     }
     if let Some(h) = &hold
@@ -814,8 +826,14 @@ impl Report {
         let oc = &self.outcome;
         let _ = writeln!(
             o,
-            "  succeeded {}  failed {}  rejected {}  cancelled {}  unfinished {}  publish failed {}",
-            oc.succeeded, oc.failed, oc.rejected, oc.cancelled, oc.unfinished, oc.publish_failed
+            "  succeeded {}  failed {}  rejected {}  cancelled {}  unfinished {}  publish failed {}  unpublished {}",
+            oc.succeeded,
+            oc.failed,
+            oc.rejected,
+            oc.cancelled,
+            oc.unfinished,
+            oc.publish_failed,
+            oc.unpublished
         );
         let _ = writeln!(o);
         let _ = writeln!(o, "memory");

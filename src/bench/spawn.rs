@@ -265,22 +265,24 @@ impl Deployment {
             .collect()
     }
 
-    /// SIGTERM every process, wait (SIGKILL after 20 s); delete the logs if
-    /// every process stopped cleanly.
-    pub async fn stop(mut self) -> Stopped {
+    /// SIGTERM every process, wait (SIGKILL those still running 20 s on);
+    /// delete the logs unless `keep_logs` (the run failed: an error names
+    /// them) or a process did not stop cleanly.
+    pub async fn stop(mut self, keep_logs: bool) -> Stopped {
         for p in &self.procs {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(p.pid.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            // Only a child not reaped yet: once reaped (it exited during
+            // start-up) its pid may be another process's.
+            if let Some(pid) = p.child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
         }
+        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
         let mut exits = Vec::new();
         for p in &mut self.procs {
-            let (status, clean) = match tokio::time::timeout(STOP_WITHIN, p.child.wait()).await {
+            let (status, clean) = match tokio::time::timeout_at(deadline, p.child.wait()).await {
                 Ok(Ok(s)) => (s.to_string(), s.success()),
                 Ok(Err(e)) => (format!("wait failed: {e}"), false),
                 Err(_) => {
@@ -299,7 +301,7 @@ impl Deployment {
             });
         }
         // Drop deletes the directory unless a process did not stop cleanly.
-        self.keep_logs = !exits.iter().all(|e| e.clean);
+        self.keep_logs = keep_logs || !exits.iter().all(|e| e.clean);
         let logs_dir = self.keep_logs.then(|| self.dir.display().to_string());
         Stopped { exits, logs_dir }
     }

@@ -21,7 +21,14 @@ use super::stalls::{STARTING_GRACE, Stalls};
 pub async fn publish(config: &Config, body: Vec<u8>) -> anyhow::Result<Stalls> {
     let broker = Arc::new(super::broker(config).await?);
     let names = Names::new(&config.prefix);
-    broker.declare(&[]).await?;
+    // Declared so a job submitted before any dispatcher ever ran waits in
+    // its queue. A deployment whose queues were declared with other
+    // arguments (another `queue_type` or `delivery_limit` than this
+    // command's config) refuses the declare: publish all the same, as any
+    // client does (a queue that is truly missing fails the publish).
+    if let Err(e) = broker.declare(&[]).await {
+        tracing::debug!(error = %e, "cannot declare the queues; publishing to them as they are");
+    }
     broker
         .publish(vec![Outgoing::durable(names.submit_queue(), body)])
         .await

@@ -70,8 +70,10 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         (Some(amqp), Some(redis)) => {
             config.amqp_url = amqp;
             config.redis_url = redis;
-            let stalls = follow::publish(&config, body).await?;
+            // Redis first: one that cannot be reached fails the command
+            // before the job is published.
             let store = super::store(&config).await?;
+            let stalls = follow::publish(&config, body).await?;
             show_until_finished(&store, Some(stalls), &id, within, args.json).await
         }
         _ => {

@@ -28,6 +28,13 @@ pub struct Args {
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let file = super::job_file::read(&args.file, &config)?;
+    // Redis first when the job is to be followed: a store that cannot be
+    // reached fails the command before anything is published (a retry of a
+    // file with no id would otherwise submit the job again).
+    let store = match args.wait {
+        true => Some(super::store(&config).await?),
+        false => None,
+    };
     let mut stalls = follow::publish(&config, file.body).await?;
     let id = match file.follow {
         Ok(id) => id,
@@ -42,7 +49,9 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         stalls.look(None).await;
         return Ok(ExitCode::SUCCESS);
     }
-    let store = super::store(&config).await?;
+    let Some(store) = store else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let within = Duration::from_secs(args.timeout_s);
     let status = follow::until_finished(&store, Some(stalls), &id, within, |_, _| {}).await?;
     super::status::print(&status, args.json)?;
