@@ -41,12 +41,20 @@ async fn wait_terminal(e: &Embedded, id: &str) -> conveyor::store::JobStatus {
     }
 }
 
-#[test]
-fn conveyor_run_runs_the_example_job_with_no_services_and_exits_0() {
+/// `conveyor run FILE --json` in process, with broker and Redis URLs that
+/// lead nowhere (with `password` in them); its final status, once it
+/// exited 0.
+fn run_in_process(file: &str, password: &str) -> serde_json::Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-        .args(["run", "examples/diamond.json", "--json"])
-        .env("CONVEYOR_AMQP_URL", "amqp://nobody:nothing@127.0.0.1:1/%2f")
-        .env("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/")
+        .args(["run", file, "--json"])
+        .env(
+            "CONVEYOR_AMQP_URL",
+            format!("amqp://nobody:{password}@127.0.0.1:1/%2f"),
+        )
+        .env(
+            "CONVEYOR_REDIS_URL",
+            format!("redis://:{password}@127.0.0.1:1/"),
+        )
         .output()
         .unwrap();
     assert!(
@@ -54,9 +62,38 @@ fn conveyor_run_runs_the_example_job_with_no_services_and_exits_0() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn conveyor_run_runs_the_example_job_with_no_services_and_exits_0() {
+    let status = run_in_process("examples/diamond.json", "nothing");
     assert_eq!(status["state"], "succeeded");
     assert_eq!(status["tasks"]["double"]["result"], json!({"value": 42}));
+}
+
+/// A `shell` program sees its run's four `CONVEYOR_*` variables and none
+/// of the worker's own settings: the Redis URL's password never reaches
+/// what a task prints (its stderr tail goes into the job's status).
+#[test]
+fn a_shell_program_never_sees_the_workers_conveyor_settings() {
+    let dir = Scratch::dir("run");
+    let file = dir.join("env.json");
+    let script = "env | grep '^CONVEYOR_' | cut -d= -f1 | sort | tr '\\n' ' ' \
+        | sed 's/^/\"/; s/ $/\"/'";
+    std::fs::write(
+        &file,
+        json!({"requestor": "t", "tasks": [{"name": "e", "handler": "shell",
+            "params": {"command": "sh", "args": ["-c", script]}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let status = run_in_process(file.to_str().unwrap(), "hunter2");
+    assert_eq!(
+        status["tasks"]["e"]["result"],
+        json!("CONVEYOR_ATTEMPT CONVEYOR_FENCE CONVEYOR_JOB_ID CONVEYOR_TASK"),
+        "{status}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Notes for a user following a job that nothing will move: `submit` and
 //! `run` against a deployment publish and then wait, and without a
-//! dispatcher (or a worker taking submissions) on the submit queue, or a
+//! dispatcher (or a worker taking submissions) on the submit queue, a
+//! dispatcher for a job a worker referred to the dispatchers, or a
 //! worker on a ready task's queue, they would wait out their whole
 //! time-out in silence. The broker knows who consumes what, so the
 //! command says so, once per queue, on stderr (stdout stays the job's).
@@ -70,8 +71,12 @@ impl Stalls {
             return Vec::new();
         }
         self.next_look = now + LOOK_EVERY;
+        let referred = self.names.referred_queue();
         let waiting: Vec<(String, Option<(&str, &str)>)> = match status {
-            None => vec![(self.names.submit_queue(), None)],
+            // The referred queue too: a worker hands the dispatchers a job
+            // it cannot take itself (a handler it lacks), and without one
+            // the job waits there.
+            None => vec![(self.names.submit_queue(), None), (referred.clone(), None)],
             Some(status) => status
                 .tasks
                 .iter()
@@ -98,11 +103,21 @@ impl Stalls {
         };
         let mut notes = Vec::new();
         for (queue, task) in waiting {
-            let consumed = stats.iter().any(|s| s.queue == queue && s.consumers > 0);
-            if consumed || !self.noted.insert(queue.clone()) {
+            let Some(stat) = stats.iter().find(|s| s.queue == queue) else {
+                continue;
+            };
+            // The referred queue only when something waits in it: with
+            // workers taking submissions, no dispatcher is needed until one
+            // is referred.
+            let stalled = stat.consumers == 0 && (queue != referred || stat.ready > 0);
+            if !stalled || !self.noted.insert(queue.clone()) {
                 continue;
             }
-            notes.push(note(&queue, self.names.prefix(), task));
+            notes.push(if queue == referred {
+                referred_note(&queue, self.names.prefix())
+            } else {
+                note(&queue, self.names.prefix(), task)
+            });
         }
         notes
     }
@@ -122,6 +137,16 @@ fn note(queue: &str, prefix: &str, task: Option<(&str, &str)>) -> String {
              waits there until a worker runs with --queues {short} (and prefix {prefix:?})"
         ),
     }
+}
+
+/// The note for the referred queue, where a job waits that no dispatcher
+/// takes.
+fn referred_note(queue: &str, prefix: &str) -> String {
+    format!(
+        "note: a submission waits in {queue}, where workers hand the dispatchers the jobs \
+         they cannot take themselves (a handler they lack), and no dispatcher runs with \
+         prefix {prefix:?} on this RabbitMQ; it waits there until one starts"
+    )
 }
 
 #[cfg(test)]
@@ -158,6 +183,29 @@ mod tests {
         assert!(stalls.notes(None).await.is_empty());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(stalls.notes(None).await.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_submission_referred_to_no_dispatcher_is_noted_and_an_empty_referred_queue_is_not() {
+        let mut stalls = unconsumed_submit_queue().await;
+        let notes = stalls.notes(None).await;
+        assert_eq!(notes.len(), 1, "only the submit queue: {notes:?}");
+        // A worker consumes submissions now, and referred one.
+        let names = Names::new("p");
+        let broker = MemoryBroker::reliable(names.clone());
+        broker.declare(&[]).await.unwrap();
+        let _worker = broker.subscribe(&names.submit_queue(), 1).await.unwrap();
+        broker
+            .publish(vec![conveyor::broker::Outgoing::durable(
+                names.referred_queue(),
+                b"{}".to_vec(),
+            )])
+            .await
+            .unwrap();
+        let mut stalls = Stalls::new(Arc::new(broker), names);
+        let notes = stalls.notes(None).await;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("note: a submission waits in p.submit.referred"));
     }
 
     #[test]

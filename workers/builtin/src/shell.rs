@@ -16,8 +16,11 @@
 //!   `sh`). There is **no shell interpretation**: to use pipes or `$VARS`,
 //!   run `"command": "sh", "args": ["-c", "..."]`.
 //! - `args` (at most 1000 strings): its arguments.
-//! - `env`: variables added to the worker's own environment (which the
-//!   program inherits, so do not keep secrets there that tasks must not see).
+//! - `env`: variables added to the worker's own environment, which the
+//!   program inherits — except Conveyor's own settings (every
+//!   `CONVEYOR_*` variable: the broker and Redis URLs carry passwords),
+//!   which it never sees. Names starting with `CONVEYOR_` are refused here:
+//!   the four below are the run's own.
 //! - `cwd`: the directory to run in; the worker's own by default.
 //! - `stdin`: any JSON, written to the program's stdin as JSON. Without it
 //!   the program gets `{"params": <these params>, "deps": {<task>: <result>},
@@ -62,7 +65,9 @@
 //! — or when the `run` future is dropped, e.g. because the worker gave up on
 //! the task or is shutting down — the whole group gets `SIGKILL`, not just
 //! the program: a script's background helpers (`sleep 30 &`, a spawned
-//! server) die with it instead of lingering on the worker host. Processes
+//! server) die with it instead of lingering on the worker host; so do
+//! those left by a program that *failed* (a non-zero exit, a signal),
+//! whose attempt may run again. Processes
 //! left in the background after a *successful* exit are not touched, but
 //! note that a background process holding the program's stdout or stderr
 //! open keeps the task running (until it exits or the time-out) because the
@@ -214,6 +219,10 @@ fn parse_args(obj: &Map<String, Value>) -> Result<Vec<String>, ValidationError> 
         .collect()
 }
 
+/// The prefix of Conveyor's own environment variables: the worker's
+/// settings are not passed on, and the run's own are set by the handler.
+const CONVEYOR_ENV: &str = "CONVEYOR_";
+
 fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, ValidationError> {
     let Some(env) = obj.get("env") else {
         return Ok(BTreeMap::new());
@@ -230,6 +239,13 @@ fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Valid
                 return Err(ValidationError::new(
                     format!("params.env.{k}"),
                     "variable names must be non-empty, without '=' or NUL bytes",
+                ));
+            }
+            if k.starts_with(CONVEYOR_ENV) {
+                return Err(ValidationError::new(
+                    format!("params.env.{k}"),
+                    "names starting with CONVEYOR_ are the run's own (its job, task, attempt \
+                     and fencing number)",
                 ));
             }
             match v {
@@ -380,15 +396,22 @@ fn command(p: &ShellParams) -> (Command, bool) {
     }
 }
 
+/// Why a program could not start that passes: out of processes, memory or
+/// file descriptors, or the file is being written. A missing or
+/// non-executable program does not pass.
+const TRANSIENT_START_ERRNOS: [Errno; 5] = [
+    Errno::EAGAIN,
+    Errno::ENOMEM,
+    Errno::EMFILE,
+    Errno::ENFILE,
+    Errno::ETXTBSY,
+];
+
 fn spawn_error(p: &ShellParams, e: &io::Error) -> HandlerError {
-    // Running out of processes, memory or file descriptors passes; a missing
-    // or non-executable program does not.
-    let transient = e.raw_os_error().map(Errno::from_raw).is_some_and(|errno| {
-        matches!(
-            errno,
-            Errno::EAGAIN | Errno::ENOMEM | Errno::EMFILE | Errno::ENFILE | Errno::ETXTBSY
-        )
-    });
+    let transient = e
+        .raw_os_error()
+        .map(Errno::from_raw)
+        .is_some_and(|errno| TRANSIENT_START_ERRNOS.contains(&errno));
     start_failure(p, e, transient)
 }
 
@@ -484,6 +507,14 @@ impl Handler for Shell {
             ),
         }
         .map_err(|e| HandlerError::permanent(format!("shell: cannot encode stdin: {e}")))?;
+        // The worker's own settings stay with the worker: its broker and
+        // Redis URLs carry passwords, and a program's stderr ends up in the
+        // job's status.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(|n| n.starts_with(CONVEYOR_ENV)) {
+                cmd.env_remove(name);
+            }
+        }
         cmd.args(&p.args)
             .env("CONVEYOR_JOB_ID", &ctx.job_id)
             .env("CONVEYOR_TASK", &ctx.task)
@@ -534,10 +565,20 @@ impl Handler for Shell {
 
         match finished {
             Ok(Ok((status, stdout, stderr))) => {
+                // A program that failed takes its background helpers with
+                // it: its attempt may run again (or another task be retried
+                // after it), and must not run beside what the failed one
+                // left. (The group outlives its reaped leader only while a
+                // member is left, so the number names no other group.)
+                if !status.success() {
+                    guard.kill();
+                }
                 guard.armed = false;
                 if gated && let Some(why) = group_watch::exec_failure(status.code(), &stderr.0) {
-                    // As from a direct spawn: a program being written passes.
-                    let transient = why == "Text file busy";
+                    // As from a direct spawn (the shell says strerror's
+                    // words): a program being written, or a host out of
+                    // processes, memory or file descriptors, passes.
+                    let transient = TRANSIENT_START_ERRNOS.iter().any(|e| e.desc() == why);
                     return Err(start_failure(&p, &why, transient));
                 }
                 tracing::debug!(
@@ -847,6 +888,29 @@ mod tests {
         let pid = read_pid(&file).await;
         let _ = std::fs::remove_file(&file);
         assert_gone_within_2s(pid).await;
+    }
+
+    #[tokio::test]
+    async fn a_program_that_fails_takes_its_background_helpers_with_it() {
+        for (name, exit) in [("fails-75", "exit 75"), ("fails-1", "exit 1")] {
+            let file = temp_path(name);
+            let params = sh(&format!(
+                "sleep 30 >/dev/null 2>&1 </dev/null & echo $! > '{}'; {exit}",
+                file.display()
+            ));
+            assert!(run(params).await.is_err());
+            let pid = read_pid(&file).await;
+            let _ = std::fs::remove_file(&file);
+            assert_gone_within_2s(pid).await;
+        }
+    }
+
+    #[test]
+    fn a_job_cannot_set_the_runs_own_variables() {
+        let e = Shell
+            .validate(&json!({"command": "true", "env": {"CONVEYOR_FENCE": "1"}}))
+            .unwrap_err();
+        assert_eq!(e.field, "params.env.CONVEYOR_FENCE");
     }
 
     #[tokio::test]
