@@ -170,6 +170,10 @@ pub struct RetryConfig {
 pub struct Limits {
     /// Most tasks in one job; at least 1.
     pub max_tasks: usize,
+    /// Most distinct queues the tasks of one job name; at least 1. Each
+    /// queue a job names is declared on the broker (a quorum queue is a
+    /// consensus group of its own), so a job must not make thousands.
+    pub max_queues_per_job: usize,
     /// Longest job id, task name, queue, handler name, requestor; at least
     /// 36 (a generated job id).
     pub max_name_len: usize,
@@ -252,6 +256,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_tasks: 20_000,
+            max_queues_per_job: 16,
             max_name_len: 128,
             max_labels: 64,
             max_params_bytes: 256 * 1024,
@@ -448,6 +453,21 @@ impl Config {
                  (it starts every queue name and Redis key)"
             ),
         );
+        // Queue names join the prefix and the rest with '.', as a job's
+        // queue may: deployment `a`'s task queue `submit` would be
+        // deployment `a.tasks`'s submit queue. No prefix with a `tasks`
+        // segment rules every such meeting out. `amq.` names are
+        // RabbitMQ's own (declaring one is refused).
+        check(
+            !self.prefix.split('.').any(|segment| segment == "tasks")
+                && self.prefix != "amq"
+                && !self.prefix.starts_with("amq."),
+            "prefix",
+            &format!("{:?}", self.prefix),
+            "must not have a segment `tasks` (another deployment's task queue would be named \
+             as one of its queues) nor be or start with `amq.` (RabbitMQ's own names)"
+                .to_owned(),
+        );
         check(
             self.max_message_bytes >= MIN_MESSAGE_BYTES,
             "max_message_bytes",
@@ -566,6 +586,12 @@ impl Config {
             "limits.max_tasks",
             &self.limits.max_tasks,
             at_least(&1, " (a job has at least one task)"),
+        );
+        check(
+            self.limits.max_queues_per_job >= 1,
+            "limits.max_queues_per_job",
+            &self.limits.max_queues_per_job,
+            at_least(&1, " (a job's tasks run on at least one queue)"),
         );
         check(
             (MIN_NAME_LEN..=MAX_NAME_LEN).contains(&self.limits.max_name_len),
@@ -784,6 +810,9 @@ impl Config {
         if let Some(v) = get("CONVEYOR_MAX_TASKS") {
             self.limits.max_tasks = parse("CONVEYOR_MAX_TASKS", v)?;
         }
+        if let Some(v) = get("CONVEYOR_MAX_QUEUES_PER_JOB") {
+            self.limits.max_queues_per_job = parse("CONVEYOR_MAX_QUEUES_PER_JOB", v)?;
+        }
         if let Some(v) = get("CONVEYOR_MAX_NAME_LEN") {
             self.limits.max_name_len = parse("CONVEYOR_MAX_NAME_LEN", v)?;
         }
@@ -933,6 +962,7 @@ mod tests {
             ("CONVEYOR_REDIS_WAIT_TIMEOUT_MS", "250"),
             ("CONVEYOR_HEARTBEAT_MS", "500"),
             ("CONVEYOR_MAX_TASKS", "10"),
+            ("CONVEYOR_MAX_QUEUES_PER_JOB", "2"),
             ("CONVEYOR_MAX_NAME_LEN", "40"),
             ("CONVEYOR_MAX_LABELS", "3"),
             ("CONVEYOR_MAX_PARAMS_BYTES", "4096"),
@@ -947,6 +977,7 @@ mod tests {
         assert_eq!(c.worker.concurrency, 7);
         assert_eq!((c.redis_wait_replicas, c.redis_wait_timeout_ms), (1, 250));
         assert_eq!(c.worker.heartbeat_ms, 500);
+        assert_eq!(c.limits.max_queues_per_job, 2);
         assert_eq!(
             (
                 c.limits.max_tasks,
@@ -973,7 +1004,26 @@ mod tests {
                 "{bad:?}: {error}"
             );
         }
-        for good in ["conveyor", "test-core-0a1b2c3d", "team_a.prod"] {
+        // Deployment `a`'s task queues `submit` and `tasks.default` would be
+        // `a.tasks`'s submit and default task queues.
+        for bad in ["a.tasks", "x.tasks.y", "tasks", "amq", "amq.x"] {
+            let config = Config {
+                prefix: bad.to_owned(),
+                ..Config::default()
+            };
+            let error = validation_error(&config);
+            assert!(
+                error.contains("prefix = ") && error.contains("segment `tasks`"),
+                "{bad:?}: {error}"
+            );
+        }
+        for good in [
+            "conveyor",
+            "test-core-0a1b2c3d",
+            "team_a.prod",
+            "my-tasks",
+            "amqp",
+        ] {
             let config = Config {
                 prefix: good.to_owned(),
                 ..Config::default()
@@ -1235,6 +1285,10 @@ mod tests {
             (
                 |c| c.limits.max_tasks = 0,
                 "limits.max_tasks = 0: must be at least 1",
+            ),
+            (
+                |c| c.limits.max_queues_per_job = 0,
+                "limits.max_queues_per_job = 0: must be at least 1",
             ),
             (
                 |c| c.limits.max_name_len = 8,

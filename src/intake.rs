@@ -271,6 +271,20 @@ impl JobIntake {
         if let Some(id) = &spec.id {
             check_name("id", id, limits.max_name_len)?;
         }
+        // Each queue a job names is declared on the broker.
+        let mut queues = std::collections::HashSet::new();
+        for (i, task) in spec.tasks.iter().enumerate() {
+            if queues.insert(task.queue.as_deref().unwrap_or("default"))
+                && queues.len() > limits.max_queues_per_job
+            {
+                return Err(format!(
+                    "tasks[{i}].queue: the job's {}th queue; the limit \
+                     (limits.max_queues_per_job) is {}",
+                    queues.len(),
+                    limits.max_queues_per_job
+                ));
+            }
+        }
         let names: Vec<&str> = spec.tasks.iter().map(|t| t.name.as_str()).collect();
         let after: Vec<Vec<&str>> = spec
             .tasks
@@ -771,6 +785,27 @@ mod tests {
         assert_eq!(listed.len(), 2, "{err}");
         assert!(listed[0].starts_with("tasks: dependency cycle "), "{err}");
         assert!(listed[1].starts_with("tasks[1] (b).params.ms: "), "{err}");
+    }
+
+    #[test]
+    fn a_job_naming_more_queues_than_the_limit_is_rejected_at_the_first_past_it() {
+        let tasks: Vec<Value> = (0..17)
+            .map(|i| json!({"name": format!("t{i}"), "handler": "noop", "queue": format!("q{i}")}))
+            .collect();
+        let err = rejected(json!({"requestor": "me", "tasks": tasks}));
+        assert_eq!(
+            err,
+            "tasks[16].queue: the job's 17th queue; the limit (limits.max_queues_per_job) is 16"
+        );
+        // Many tasks on a few queues are fine.
+        let tasks: Vec<Value> = (0..40)
+            .map(|i| json!({"name": format!("t{i}"), "handler": "noop", "queue": format!("q{}", i % 16)}))
+            .collect();
+        let body = json!({"requestor": "me", "tasks": tasks});
+        assert!(matches!(
+            intake().accept(body.to_string().as_bytes()),
+            Intake::Valid(_)
+        ));
     }
 
     #[test]
