@@ -586,7 +586,7 @@ pub trait Store: Send + Sync + 'static {
     /// Remove a worker from the registry (clean shutdown).
     async fn unregister(&self, worker_id: &str) -> Result<(), StoreError>;
 
-    /// Registered, live workers.
+    /// Registered, live workers, by id.
     async fn workers(&self) -> Result<Vec<WorkerInfo>, StoreError>;
 
     /// Whether the store answers (and, for Redis, whether it still holds

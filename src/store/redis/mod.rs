@@ -1719,6 +1719,7 @@ impl Store for RedisStore {
                 .ignore();
             self.run::<()>(&pipe).await?;
         }
+        live.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(live)
     }
 
