@@ -608,10 +608,7 @@ impl Config {
         // receive a task).
         for queue in &self.worker.queues {
             check(
-                !queue.is_empty()
-                    && queue.len() <= self.limits.max_name_len
-                    && queue.chars().all(crate::intake::is_name_char)
-                    && queue.starts_with(|c: char| c.is_ascii_alphanumeric()),
+                crate::intake::check_queue_name(queue, self.limits.max_name_len).is_ok(),
                 "worker.queues",
                 &format!("{queue:?}"),
                 format!(

@@ -124,6 +124,9 @@ pub async fn consume(
                 s
             }
             Err(e) => {
+                // Not consuming (also after a pause for want of a slot,
+                // which left the readiness as it was).
+                health.set_consuming(queue, false);
                 tracing::warn!(%queue, error = %e, "cannot subscribe; retrying");
                 tokio::select! {
                     biased;
@@ -342,8 +345,6 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// their way (the broker's cancel-ok ends them).
 const DRAIN_AFTER_CANCEL: Duration = Duration::from_secs(5);
 
-/// Cancel the subscription and add to `held` what it still delivers
-/// ([`Permits::Hold`] ran out, or the consumer is stopping).
 /// Settle what a subscription that ended still held: requeued, so a
 /// consumer cancelled by the server (its queue deleted, a failover) on a
 /// channel that stays open does not leave them unacked until RabbitMQ's
@@ -357,6 +358,8 @@ async fn requeue_held(held: &mut VecDeque<(Instant, Delivery)>) {
     }
 }
 
+/// Cancel the subscription and add to `held` what it still delivers
+/// ([`Permits::Hold`] ran out, or the consumer is stopping).
 async fn cancel_and_drain(
     subscription: &mut Box<dyn Subscription>,
     held: &mut VecDeque<(Instant, Delivery)>,

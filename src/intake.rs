@@ -278,10 +278,9 @@ impl JobIntake {
                 && queues.len() > limits.max_queues_per_job
             {
                 return Err(format!(
-                    "tasks[{i}].queue: the job's {}th queue; the limit \
-                     (limits.max_queues_per_job) is {}",
-                    queues.len(),
-                    limits.max_queues_per_job
+                    "tasks[{i}].queue: the job names more than {} distinct queues; the \
+                     limit (limits.max_queues_per_job) is {}",
+                    limits.max_queues_per_job, limits.max_queues_per_job
                 ));
             }
         }
@@ -501,7 +500,7 @@ pub fn new_job_id() -> String {
 }
 
 /// Whether `c` may be part of a job's id or a task's name or queue.
-pub(crate) fn is_name_char(c: char) -> bool {
+fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
 
@@ -510,6 +509,11 @@ pub(crate) fn is_name_char(c: char) -> bool {
 /// or a digit); the error says why not.
 pub fn check_job_id(id: &str, max_name_len: usize) -> Result<(), String> {
     check_name("id", id, max_name_len)
+}
+
+/// Whether `queue` is one a job's task can name (the rules of `check_job_id`).
+pub(crate) fn check_queue_name(queue: &str, max_name_len: usize) -> Result<(), String> {
+    check_name("queue", queue, max_name_len)
 }
 
 fn check_name(field: &str, value: &str, max: usize) -> Result<(), String> {
@@ -795,7 +799,8 @@ mod tests {
         let err = rejected(json!({"requestor": "me", "tasks": tasks}));
         assert_eq!(
             err,
-            "tasks[16].queue: the job's 17th queue; the limit (limits.max_queues_per_job) is 16"
+            "tasks[16].queue: the job names more than 16 distinct queues; the limit \
+             (limits.max_queues_per_job) is 16"
         );
         // Many tasks on a few queues are fine.
         let tasks: Vec<Value> = (0..40)

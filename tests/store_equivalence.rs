@@ -422,40 +422,47 @@ async fn plant_unusable_job(config: &Config, id: &str) -> TaskMessage {
 }
 
 /// A claim on a record the script fails on is refused for good, as its
-/// own: the claims that shared its round (one pipeline, which the one
-/// error fails whole) are asked again alone and answered as if it had
-/// not been there.
+/// own: the claims that shared its round (one pipeline, whose calls'
+/// errors are each their own) are answered as if it had not been there.
+/// (A pipeline that failed whole on the one error had every claim of the
+/// round refused, though the others were made.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_on_an_unusable_record_fails_alone_not_the_claims_beside_it() {
     let config = common::test_config(&common::unique_prefix("unusable"));
     let redis = common::connect_store(&config, "eq").await;
-    let broken = plant_unusable_job(&config, "broken").await;
-    let mut messages = vec![broken];
-    for i in 0..5 {
-        messages.push(create_noop_job(redis.as_ref(), &format!("fine-{i}")).await);
-    }
     let lease = Duration::from_secs(30);
-    let rounds_before = redis.claim_rounds_sent();
-    let together =
-        futures::future::join_all(messages.iter().map(|m| redis.claim(m, "w", lease))).await;
-    assert_eq!(
-        redis.claim_rounds_sent() - rounds_before,
-        1,
-        "the claims shared one round"
-    );
-    let mut answers = together.into_iter();
-    let refused = answers.next().unwrap();
-    assert!(
-        matches!(&refused, Err(e) if !e.is_retryable()),
-        "{refused:?}"
-    );
-    for (m, a) in messages[1..].iter().zip(answers) {
+    // Claims made at once share a round unless the round task wakes
+    // between them (a busy machine): tried until one round held them all.
+    let mut shared = false;
+    for attempt in 0..20 {
+        let broken = plant_unusable_job(&config, &format!("broken-{attempt}")).await;
+        let mut messages = vec![broken];
+        for i in 0..5 {
+            let id = format!("fine-{attempt}-{i}");
+            messages.push(create_noop_job(redis.as_ref(), &id).await);
+        }
+        let rounds_before = redis.claim_rounds_sent();
+        let together =
+            futures::future::join_all(messages.iter().map(|m| redis.claim(m, "w", lease))).await;
+        let mut answers = together.into_iter();
+        let refused = answers.next().unwrap();
         assert!(
-            matches!(a, Ok(ClaimOutcome::Claimed(_))),
-            "{}: {a:?}",
-            m.job
+            matches!(&refused, Err(e) if !e.is_retryable()),
+            "{refused:?}"
         );
+        for (m, a) in messages[1..].iter().zip(answers) {
+            assert!(
+                matches!(a, Ok(ClaimOutcome::Claimed(_))),
+                "{}: {a:?}",
+                m.job
+            );
+        }
+        if redis.claim_rounds_sent() - rounds_before == 1 {
+            shared = true;
+            break;
+        }
     }
+    assert!(shared, "the claims never shared one round in 20 tries");
     common::cleanup(&config).await;
 }
 

@@ -31,9 +31,10 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     // Redis first when the job is to be followed: a store that cannot be
     // reached fails the command before anything is published (a retry of a
     // file with no id would otherwise submit the job again).
-    let store = match args.wait {
-        true => Some(super::store(&config).await?),
-        false => None,
+    let store = if args.wait {
+        Some(super::store(&config).await?)
+    } else {
+        None
     };
     let mut stalls = follow::publish(&config, file.body).await?;
     let id = match file.follow {
@@ -44,12 +45,9 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     println!("{id}");
-    if !args.wait {
-        // The one chance to say that nothing will take the job.
-        stalls.look(None).await;
-        return Ok(ExitCode::SUCCESS);
-    }
     let Some(store) = store else {
+        // Not waiting: the one chance to say that nothing will take the job.
+        stalls.look(None).await;
         return Ok(ExitCode::SUCCESS);
     };
     let within = Duration::from_secs(args.timeout_s);

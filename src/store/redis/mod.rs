@@ -802,27 +802,28 @@ impl RedisStore {
         let mut values = self.run::<Vec<redis::Value>>(&pipe).await;
         // Sent with `ignore_errors`, a pipeline comes back whole even when
         // Redis lost the function library: load it and send the round
-        // again (the lease entries repeat harmlessly; no claim ran).
+        // again (no claim ran). The lease entries' answers are the first
+        // sending's, which added them (the second finds them there).
         let lost_library = |v: &redis::Value| match v {
             redis::Value::ServerError(e) => is_function_missing(&e.clone().into()),
             _ => false,
         };
-        if values.as_ref().is_ok_and(|v| v.iter().any(lost_library)) {
+        if let Ok(first) = &mut values
+            && first.iter().any(lost_library)
+        {
+            let entries: Vec<redis::Value> = first.drain(..round.len().min(first.len())).collect();
             values = match self.load_library().await {
                 Ok(()) => self.run::<Vec<redis::Value>>(&pipe).await,
                 Err(e) => Err(e),
             };
-        }
-        let classify = |e: RedisError| {
-            if is_transient_server_error(&e) {
-                self.drop_shared();
-                unavailable(e)
-            } else {
-                protocol(e.to_string())
+            if let Ok(second) = &mut values {
+                for (slot, entry) in second.iter_mut().zip(entries) {
+                    *slot = entry;
+                }
             }
-        };
-        let replies =
-            values.and_then(|values| claim_replies(values, round.len(), &calls, classify));
+        }
+        let replies = values
+            .and_then(|values| claim_replies(values, round.len(), &calls, |e| self.classify(e)));
         match replies {
             Ok(replies) => {
                 for ((r, (added, reply)), expiry) in round.into_iter().zip(replies).zip(expiries) {
@@ -988,16 +989,6 @@ impl RedisStore {
                 self.still_epoch(built_for)?;
                 pipe.query_async(&mut conn).await.map_err(unavailable)
             }
-            Err(e) if is_transient_server_error(&e) => {
-                // After a failover the primary is another node (or, behind
-                // one address, another server): the next call connects
-                // afresh and finds it.
-                self.drop_shared();
-                Err(unavailable(e))
-            }
-            Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => {
-                Err(protocol(e.to_string()))
-            }
             Err(e) if e.is_connection_dropped() => {
                 // The shared connection died (Redis restarted, or the network
                 // dropped it): once more on a fresh one. Every transition is
@@ -1013,11 +1004,22 @@ impl RedisStore {
                     unavailable(e)
                 })
             }
-            Err(e) => {
-                self.drop_shared();
-                Err(unavailable(e))
-            }
+            Err(e) => Err(self.classify(e)),
         }
+    }
+
+    /// What an error Redis answered means: a server error known to be
+    /// permanent (a script's `ERR`, `NOPERM`, ...) is a defect no retry
+    /// cures; anything else is an outage (see
+    /// [`is_transient_server_error`]), after which the shared connection is
+    /// dropped (after a failover the primary is another node, or behind
+    /// one address another server: the next call connects afresh).
+    fn classify(&self, e: RedisError) -> StoreError {
+        if matches!(e.kind(), redis::ErrorKind::Server(_)) && !is_transient_server_error(&e) {
+            return protocol(e.to_string());
+        }
+        self.drop_shared();
+        unavailable(e)
     }
 
     async fn call(&self, cmd: Cmd) -> Result<Reply, StoreError> {

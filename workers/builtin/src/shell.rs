@@ -407,6 +407,23 @@ const TRANSIENT_START_ERRNOS: [Errno; 5] = [
     Errno::ETXTBSY,
 ];
 
+/// The C library's words for `errno` (what a shell prints; nix's own
+/// `desc` words some differently: "Try again" for "Resource temporarily
+/// unavailable").
+fn strerror(errno: Errno) -> String {
+    let text = io::Error::from_raw_os_error(errno as i32).to_string();
+    match text.rsplit_once(" (os error ") {
+        Some((words, _)) => words.to_owned(),
+        None => text,
+    }
+}
+
+/// Whether a start the gate reports failed for `why` (the shell's words)
+/// passes, as the same failure of a direct spawn would.
+fn passes(why: &str) -> bool {
+    TRANSIENT_START_ERRNOS.iter().any(|&e| strerror(e) == why)
+}
+
 fn spawn_error(p: &ShellParams, e: &io::Error) -> HandlerError {
     let transient = e
         .raw_os_error()
@@ -578,7 +595,7 @@ impl Handler for Shell {
                     // As from a direct spawn (the shell says strerror's
                     // words): a program being written, or a host out of
                     // processes, memory or file descriptors, passes.
-                    let transient = TRANSIENT_START_ERRNOS.iter().any(|e| e.desc() == why);
+                    let transient = passes(&why);
                     return Err(start_failure(&p, &why, transient));
                 }
                 tracing::debug!(
@@ -902,6 +919,25 @@ mod tests {
             let pid = read_pid(&file).await;
             let _ = std::fs::remove_file(&file);
             assert_gone_within_2s(pid).await;
+        }
+    }
+
+    #[test]
+    fn a_start_failure_through_the_gate_passes_as_a_direct_spawns_would() {
+        assert_eq!(strerror(Errno::EAGAIN), "Resource temporarily unavailable");
+        assert_eq!(strerror(Errno::ENOMEM), "Cannot allocate memory");
+        for (why, transient) in [
+            ("Cannot allocate memory", true),
+            ("Too many open files in system", true),
+            ("Text file busy", true),
+            ("Permission denied", false),
+        ] {
+            let gated = group_watch::exec_failure(
+                Some(126),
+                format!("conveyor-shell: 1: exec: x: {why}\n").as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(passes(&gated), transient, "{why}");
         }
     }
 
