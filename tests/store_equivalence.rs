@@ -1469,6 +1469,42 @@ async fn audit_new_server(store: &dyn Store) -> conveyor::store::AuditPage {
     page
 }
 
+/// After a sweep's act on `swept` entries of `index` was lost with the
+/// store's latest writes: the message it published (`sent`) is refused as
+/// stale, the audit of the new server finds the entry there, the sweep
+/// forgets what it read, and its next pass of that index publishes what.
+async fn swept_again_after_the_audit(
+    store: &dyn Store,
+    name: &str,
+    sent: &TaskMessage,
+    index: ScheduleIndex,
+    swept: &[SweepAction],
+) -> Vec<TaskMessage> {
+    assert!(
+        matches!(
+            store.claim(sent, "w2", Duration::from_secs(30)).await,
+            Ok(ClaimOutcome::Stale)
+        ),
+        "{name}: the message published before the loss is refused"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let page = audit_new_server(store).await;
+    assert_eq!(page.added, 0, "{name}: the entry is there: {page:?}");
+    let entries: Vec<String> = swept.iter().map(|a| a.entry.clone()).collect();
+    let read_at = swept[0].read_at;
+    match index {
+        ScheduleIndex::Retries => store.forget_retries(&entries, read_at).await,
+        ScheduleIndex::Leases => store.forget_leases(&entries, read_at).await,
+    }
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = match index {
+        ScheduleIndex::Retries => store.due_retries(100).await,
+        ScheduleIndex::Leases => store.expired_leases(100, "sweep").await,
+    };
+    published(&again.unwrap())
+}
+
 /// A retry's promotion can be among the writes a store loses: the sweep
 /// read the entry, promoted the task and published its message, and the
 /// store comes back with the task `retrying` again. The message is refused
@@ -1502,29 +1538,15 @@ async fn a_retry_whose_promotion_the_store_lost_is_promoted_again_after_the_audi
         snapshot.lose_later_writes().await;
         // The message published for the promotion finds the task
         // `retrying`: refused, and acked by its worker.
-        assert!(
-            matches!(
-                store.claim(&second, "w2", Duration::from_secs(30)).await,
-                Ok(ClaimOutcome::Stale)
-            ),
-            "{name}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let page = audit_new_server(store.as_ref()).await;
-        assert_eq!(page.added, 0, "{name}: the entry is there: {page:?}");
-        // The sweep that promoted it forgets what it read.
-        let entries: Vec<String> = promoted.iter().map(|a| a.entry.clone()).collect();
-        store
-            .forget_retries(&entries, promoted[0].read_at)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let again = store.due_retries(100).await.unwrap();
-        assert_eq!(
-            published(&again),
-            vec![second],
-            "{name}: the retry is promoted again"
-        );
+        let again = swept_again_after_the_audit(
+            store.as_ref(),
+            name,
+            &second,
+            ScheduleIndex::Retries,
+            &promoted,
+        )
+        .await;
+        assert_eq!(again, vec![second], "{name}: the retry is promoted again");
     }
     common::cleanup(&config).await;
 }
@@ -1559,26 +1581,17 @@ async fn a_reclaim_the_store_lost_is_made_again_after_the_audit() {
         let reclaimed = store.expired_leases(100, "sweep").await.unwrap();
         assert_eq!(published(&reclaimed), vec![second.clone()], "{name}");
         snapshot.lose_later_writes().await;
-        assert!(
-            matches!(
-                store.claim(&second, "w2", Duration::from_secs(30)).await,
-                Ok(ClaimOutcome::Stale)
-            ),
-            "{name}: the re-queued attempt's message finds the task at attempt 1"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let page = audit_new_server(store.as_ref()).await;
-        assert_eq!(page.added, 0, "{name}: the entry is there: {page:?}");
-        // The sweep that reclaimed it forgets what it read.
-        let entries: Vec<String> = reclaimed.iter().map(|a| a.entry.clone()).collect();
-        store
-            .forget_leases(&entries, reclaimed[0].read_at)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let again = store.expired_leases(100, "sweep").await.unwrap();
+        // The re-queued attempt's message finds the task at attempt 1.
+        let again = swept_again_after_the_audit(
+            store.as_ref(),
+            name,
+            &second,
+            ScheduleIndex::Leases,
+            &reclaimed,
+        )
+        .await;
         assert_eq!(
-            published(&again),
+            again,
             vec![second],
             "{name}: the lapsed claim is reclaimed again"
         );

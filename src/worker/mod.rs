@@ -941,6 +941,49 @@ mod tests {
         }
     }
 
+    /// A dispatcher for queue `default` that sweeps every 50 ms.
+    fn sweeping_dispatcher(
+        store: Arc<MemoryStore>,
+        broker: Arc<dyn Broker>,
+        registry: &Registry,
+        names: &Names,
+    ) -> Dispatcher {
+        let intake = JobIntake::new(&Config::default(), registry.clone()).unwrap();
+        Dispatcher::new(
+            store,
+            broker,
+            intake,
+            names.clone(),
+            DispatcherOptions {
+                id: "d".into(),
+                prefetch: 8,
+                sweep_interval: Duration::from_millis(50),
+                task_queues: vec!["default".to_owned()],
+            },
+        )
+    }
+
+    /// A worker with one slot on queue `default`, its leases [`LEASE`].
+    fn one_slot_worker(
+        store: Arc<MemoryStore>,
+        broker: Arc<dyn Broker>,
+        registry: Registry,
+        names: &Names,
+    ) -> Worker {
+        Worker::new(
+            store,
+            broker,
+            registry,
+            names.clone(),
+            WorkerOptions {
+                lease: LEASE,
+                concurrency: 1,
+                queues: vec!["default".to_owned()],
+                ..WorkerOptions::from_config(&Config::default(), "w")
+            },
+        )
+    }
+
     /// A worker that claims its next task and then cannot start it for
     /// longer than a lease (publishing the task's sibling waits out a
     /// broker outage) keeps the claim renewed meanwhile: the task runs
@@ -956,34 +999,9 @@ mod tests {
             runs: runs.clone(),
             broker: broker.clone(),
         });
-        let config = Config::default();
-        let intake = JobIntake::new(&config, registry.clone()).unwrap();
-        let queues = vec!["default".to_owned()];
-        broker.declare(&queues).await.unwrap();
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            broker.clone(),
-            intake,
-            names.clone(),
-            DispatcherOptions {
-                id: "d".into(),
-                prefetch: 8,
-                sweep_interval: Duration::from_millis(50),
-                task_queues: queues.clone(),
-            },
-        );
-        let worker = Worker::new(
-            store.clone(),
-            broker.clone(),
-            registry,
-            names.clone(),
-            WorkerOptions {
-                lease: LEASE,
-                concurrency: 1,
-                queues,
-                ..WorkerOptions::from_config(&config, "w")
-            },
-        );
+        broker.declare(&["default".to_owned()]).await.unwrap();
+        let dispatcher = sweeping_dispatcher(store.clone(), broker.clone(), &registry, &names);
+        let worker = one_slot_worker(store.clone(), broker.clone(), registry, &names);
         let stop = ShutdownTrigger::new();
         let (d, w) = (stop.subscribe(), stop.subscribe());
         let dispatcher = tokio::spawn(async move { dispatcher.run(d).await });
@@ -1223,34 +1241,10 @@ mod tests {
             runs: runs.clone(),
             broker: inner.clone(),
         });
-        let config = Config::default();
-        let queues = vec!["default".to_owned()];
-        inner.declare(&queues).await.unwrap();
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            inner.clone(),
-            JobIntake::new(&config, registry.clone()).unwrap(),
-            names.clone(),
-            DispatcherOptions {
-                id: "d".into(),
-                prefetch: 8,
-                sweep_interval: Duration::from_millis(50),
-                task_queues: queues.clone(),
-            },
-        );
-        let worker = Worker::new(
-            store.clone(),
-            broker.clone(),
-            registry.clone(),
-            names.clone(),
-            WorkerOptions {
-                lease: LEASE,
-                concurrency: 1,
-                queues,
-                ..WorkerOptions::from_config(&config, "w")
-            },
-        )
-        .accepting_submissions(JobIntake::new(&config, registry).unwrap());
+        inner.declare(&["default".to_owned()]).await.unwrap();
+        let dispatcher = sweeping_dispatcher(store.clone(), inner.clone(), &registry, &names);
+        let worker = one_slot_worker(store.clone(), broker.clone(), registry.clone(), &names)
+            .accepting_submissions(JobIntake::new(&Config::default(), registry).unwrap());
         let stop = ShutdownTrigger::new();
         let (d, w) = (stop.subscribe(), stop.subscribe());
         let worker = tokio::spawn(async move { worker.run(w).await });
