@@ -218,6 +218,10 @@ struct State {
     /// restored snapshot names the store that wrote it.
     #[serde(default)]
     audited: Option<String>,
+    /// Where the next pruning read of the jobs index starts (a score), as
+    /// `RedisStore`'s cursor: live jobs already looked at are stepped over.
+    #[serde(skip)]
+    prune_from: u64,
 }
 
 impl State {
@@ -829,32 +833,38 @@ impl Store for MemoryStore {
             .await
     }
 
-    async fn prune_expired(&self, _limit: usize) -> Result<Pruned, StoreError> {
+    async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError> {
         self.yields
             .after(|| {
-                // Everything is at hand: one pass over the entries old enough to
-                // have expired removes the expired records with their entries.
+                // As `RedisStore::prune_expired`: at most `limit` entries
+                // old enough to have expired, from the cursor on.
                 let now = self.clock.now_ms();
                 let cutoff = now.saturating_sub(self.retention_ms);
                 let mut state = self.lock()?;
-                let old: Vec<String> = state
+                let from = state.prune_from;
+                let old: Vec<(u64, String)> = state
                     .jobs_index
                     .order
-                    .iter()
+                    .range((from, String::new())..)
                     .take_while(|(score, _)| *score <= cutoff)
-                    .map(|(_, id)| id.clone())
+                    .take(limit)
+                    .cloned()
                     .collect();
+                let more = old.len() >= limit;
+                state.prune_from = match old.last() {
+                    // Several entries may share the last score: start at it again.
+                    Some((score, _)) if more && *score > from => *score,
+                    Some((score, _)) if more => score + 1,
+                    _ => 0,
+                };
                 let mut removed = 0;
-                for id in old {
+                for (_, id) in old {
                     if state.job_mut(&id, now).is_none() {
                         state.jobs_index.remove(&id);
                         removed += 1;
                     }
                 }
-                Ok(Pruned {
-                    removed,
-                    more: false,
-                })
+                Ok(Pruned { removed, more })
             })
             .await
     }
