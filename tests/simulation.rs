@@ -2053,6 +2053,12 @@ async fn simulate_async(seed: u64) -> Result<Run, String> {
         r.trigger.trigger();
         r.handle.abort();
     }
+    let settled_twice = broker.settled_twice();
+    if settled_twice > 0 {
+        return Err(format!(
+            "{settled_twice} deliveries were acked or requeued twice (RabbitMQ closes the channel for each)"
+        ));
+    }
     let mut trace = faults_log;
     let records = store.records();
     let other_queue_runs = records

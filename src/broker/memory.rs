@@ -150,6 +150,8 @@ struct State {
     taps: BTreeMap<String, String>,
     /// Messages refused so far (the `refuse` fault, and full queues).
     refused: usize,
+    /// Deliveries settled a second time (each closed its channel).
+    settled_twice: usize,
     /// Queues refusing every publish (see [`MemoryBroker::set_full`]).
     full: BTreeSet<String>,
     /// Returns after which a message of a work queue is dead-lettered.
@@ -355,6 +357,7 @@ impl MemoryBroker {
                     next_id: 0,
                     taps: BTreeMap::new(),
                     refused: 0,
+                    settled_twice: 0,
                     full: BTreeSet::new(),
                     delivery_limit: None,
                     dead_queue,
@@ -409,6 +412,13 @@ impl MemoryBroker {
     /// fault, and queues made full with [`MemoryBroker::set_full`]).
     pub fn refused(&self) -> usize {
         self.shared.lock().refused
+    }
+
+    /// How many deliveries were acked or requeued a second time so far:
+    /// each closed its subscription, as RabbitMQ closes the channel. Code
+    /// that is right never does it; the simulation checks it stays 0.
+    pub fn settled_twice(&self) -> usize {
+        self.shared.lock().settled_twice
     }
 
     /// Create `name` if it does not exist (e.g. a client's reply queue).
@@ -747,17 +757,26 @@ struct MemoryAcker {
 
 impl MemoryAcker {
     /// Take the delivery back from its consumer; fails if the consumer is
-    /// closed or the delivery was already settled.
+    /// closed or the delivery was already settled. A second settle closes
+    /// the subscription, returning everything it held, as RabbitMQ answers
+    /// an unknown delivery tag: a channel error (406) that closes the
+    /// channel, so that code settling twice shows in the simulation as
+    /// redeliveries and a subscription ended, not as one failed call.
     fn settle(&self, state: &mut State) -> Result<(String, QueuedMessage), BrokerError> {
         let consumer = state
             .consumers
             .get_mut(&self.consumer)
             .ok_or_else(|| unavailable("subscription closed; the delivery was returned"))?;
-        let msg = consumer
-            .unacked
-            .remove(&self.tag)
-            .ok_or_else(|| unavailable("unknown delivery tag (already acked or requeued)"))?;
-        Ok((consumer.queue.clone(), msg))
+        if let Some(msg) = consumer.unacked.remove(&self.tag) {
+            return Ok((consumer.queue.clone(), msg));
+        }
+        let queue = consumer.queue.clone();
+        state.settled_twice += 1;
+        state.close(self.consumer);
+        state.dispatch(&queue);
+        Err(unavailable(
+            "unknown delivery tag (already acked or requeued): the channel is closed",
+        ))
     }
 }
 
@@ -933,20 +952,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn acking_twice_fails() {
+    async fn settling_a_delivery_twice_closes_its_subscription_as_rabbitmq_closes_the_channel() {
         let b = broker().await;
-        publish(&b, &["a"]).await;
-        let mut sub = b.subscribe(&q(), 1).await.unwrap();
-        let d = next(&mut sub).await;
-        d.acker.ack().await.unwrap();
+        publish(&b, &["a", "b", "c"]).await;
+        let mut sub = b.subscribe(&q(), 2).await.unwrap();
+        let a = next(&mut sub).await;
+        let held = next(&mut sub).await;
+        a.acker.ack().await.unwrap();
+        assert_eq!(b.settled_twice(), 0);
         assert!(matches!(
-            d.acker.ack().await,
+            a.acker.ack().await,
             Err(BrokerError::Unavailable(_))
         ));
+        assert_eq!(b.settled_twice(), 1);
+        // The subscription is over, and what it held is back in the queue,
+        // counted as delivered once more.
+        assert!(sub.next().await.is_none());
+        assert!(matches!(
+            held.acker.ack().await,
+            Err(BrokerError::Unavailable(_))
+        ));
+        let mut again = b.subscribe(&q(), 0).await.unwrap();
+        let d = next(&mut again).await;
+        assert_eq!((d.body.as_slice(), d.delivery_count), (&b"b"[..], 1));
+        d.acker.requeue().await.unwrap();
         assert!(matches!(
             d.acker.requeue().await,
             Err(BrokerError::Unavailable(_))
         ));
+        assert_eq!(b.settled_twice(), 2);
     }
 
     #[tokio::test]
