@@ -1379,6 +1379,12 @@ struct PrivateSentinel {
 
 impl PrivateSentinel {
     async fn start(primary: &PrivateRedis) -> PrivateSentinel {
+        PrivateSentinel::start_at_epoch(primary, 0).await
+    }
+
+    /// A sentinel whose view of `svc` is of configuration epoch `epoch`
+    /// (as if it had seen that many failovers).
+    async fn start_at_epoch(primary: &PrivateRedis, epoch: u64) -> PrivateSentinel {
         let dir = Scratch::dir("sentinel");
         let port = listen_port();
         let conf = dir.join("sentinel.conf");
@@ -1389,7 +1395,8 @@ impl PrivateSentinel {
                  pidfile {dir}/pid\nlogfile {dir}/log\n\
                  sentinel monitor svc 127.0.0.1 {primary} 1\n\
                  sentinel down-after-milliseconds svc 1000\n\
-                 sentinel failover-timeout svc 10000\n",
+                 sentinel failover-timeout svc 10000\n\
+                 sentinel config-epoch svc {epoch}\n",
                 dir = dir.display(),
                 primary = primary.port,
             ),
@@ -1414,6 +1421,16 @@ impl PrivateSentinel {
     /// `redis-cli` against the sentinel; its output.
     async fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args).await
+    }
+
+    /// Name `node` the primary of `svc` from now on, telling `node`
+    /// nothing (an administrator's doing, or a failover `node`'s old
+    /// primary did not hear of).
+    async fn serve(&self, node: &PrivateRedis) {
+        assert_eq!(self.cli(&["SENTINEL", "REMOVE", "svc"]).await.trim(), "OK");
+        let port = node.port.to_string();
+        let monitor = ["SENTINEL", "MONITOR", "svc", "127.0.0.1", &port, "1"];
+        assert_eq!(self.cli(&monitor).await.trim(), "OK");
     }
 
     /// The port of the node it names the primary of `svc`.
@@ -1508,18 +1525,7 @@ async fn behind_sentinel_a_new_primary_is_followed_even_while_the_old_one_takes_
     );
 
     replica.cli(&["REPLICAOF", "NO", "ONE"]).await;
-    assert_eq!(
-        sentinel.cli(&["SENTINEL", "REMOVE", "svc"]).await.trim(),
-        "OK"
-    );
-    let monitor = replica.port.to_string();
-    assert_eq!(
-        sentinel
-            .cli(&["SENTINEL", "MONITOR", "svc", "127.0.0.1", &monitor, "1"])
-            .await
-            .trim(),
-        "OK"
-    );
+    sentinel.serve(&replica).await;
     assert!(primary.info("replication").await.contains("role:master"));
 
     // Every process leaves the old primary (its connections close), though
@@ -1532,11 +1538,101 @@ async fn behind_sentinel_a_new_primary_is_followed_even_while_the_old_one_takes_
     })
     .await;
     client.submit(&job("after")).await;
+    assert_succeeded_on(&d, "after", &replica, &primary).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// Job `id` succeeds, recorded on `on` and not on `not_on`.
+async fn assert_succeeded_on(d: &Deployment, id: &str, on: &PrivateRedis, not_on: &PrivateRedis) {
+    let status = d.wait_terminal(id, WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    let key = d.names.job_key(id);
+    assert_eq!(redis_cli(on.port, &["EXISTS", &key]).await.trim(), "1");
+    assert_eq!(redis_cli(not_on.port, &["EXISTS", &key]).await.trim(), "0");
+}
+
+/// Sentinels that disagree: the first one listed, cut off with the old
+/// primary (here: monitoring a primary of its own), cannot take part in a
+/// failover and goes on naming the old primary under the epoch before it;
+/// the others promoted another node under a newer epoch. Every process
+/// works on the newer one, though the stale sentinel answers first and
+/// its primary takes writes: those would be lost when the cut heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinels_that_disagree_the_primary_of_the_newest_epoch_is_used() {
+    let _serial = SERIAL.lock().await;
+    let old = PrivateRedis::start(false).await;
+    let new = PrivateRedis::start(false).await;
+    let stale = PrivateSentinel::start_at_epoch(&old, 3).await;
+    let promoted = PrivateSentinel::start_at_epoch(&new, 4).await;
+    let mut config = test_config(&unique_prefix("epochs"));
+    config.redis_url = format!(
+        "redis+sentinel://127.0.0.1:{},127.0.0.1:{}/svc",
+        stale.port, promoted.port
+    );
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let client = Client::connect_to(&d.config).await;
+    client.submit(&common::noop_job("newest")).await;
+    assert_succeeded_on(&d, "newest", &new, &old).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// With `redis_wait_replicas`, the wait follows the primary too. The
+/// sentinels name a new primary the old one does not know of (a split
+/// brain); the old one keeps its replica, so a `WAIT` there still
+/// succeeds, but the jobs are created on the new one now, which has none:
+/// a submission waits, unanswered, until the new primary has a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_the_replica_wait_follows_the_new_primary() {
+    let _serial = SERIAL.lock().await;
+    let (primary, _replica) = primary_and_replica().await;
+    let fresh = PrivateRedis::start(false).await;
+    let sentinel = PrivateSentinel::start(&primary).await;
+    let mut config = test_config(&unique_prefix("waitmoves"));
+    config.redis_url = format!("redis+sentinel://127.0.0.1:{}/svc", sentinel.port);
+    config.redis_wait_replicas = 1;
+    config.redis_wait_timeout_ms = 200;
+    let mut d = Deployment::with_config(config).await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+    client.submit(&common::noop_job("before")).await;
+    let (_, reply) = client.reply().await;
+    assert_eq!(reply["accepted"], json!(true), "{reply}");
+
+    sentinel.serve(&fresh).await;
+    // The dispatcher's sweep works on the new primary once it has the
+    // deployment's epoch key, which a store writes on a node without one.
+    let epoch = d.names.epoch_key();
+    eventually("the store on the new primary", WAIT, || async {
+        let out = redis_cli(fresh.port, &["EXISTS", &epoch]).await;
+        (out.trim() == "1").then_some(())
+    })
+    .await;
+    client.submit(&common::noop_job("after")).await;
+    let early = tokio::time::timeout(Duration::from_secs(3), client.reply()).await;
+    assert!(
+        early.is_err(),
+        "a submission was answered with no replica of the new primary to have it: {early:?}"
+    );
+    let follower = PrivateRedis::start(false).await;
+    follow(&follower, &fresh).await;
+    let (corr, reply) = client.reply().await;
+    assert_eq!(
+        (corr.as_str(), &reply["accepted"]),
+        ("after", &json!(true)),
+        "{reply}"
+    );
     let status = d.wait_terminal("after", WAIT).await;
     assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
     let key = d.names.job_key("after");
-    assert_eq!(redis_cli(replica.port, &["EXISTS", &key]).await.trim(), "1");
-    assert_eq!(redis_cli(primary.port, &["EXISTS", &key]).await.trim(), "0");
+    assert_eq!(
+        redis_cli(follower.port, &["EXISTS", &key]).await.trim(),
+        "1"
+    );
     client.close().await;
     d.shutdown().await;
 }

@@ -13,7 +13,7 @@
 //! redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db][?sentinel_username=u&sentinel_password=p]
 //! ```
 //!
-//! - the hosts are the sentinels (port 26379 by default), asked in order;
+//! - the hosts are the sentinels (port 26379 by default), asked together;
 //! - `service` is the name the sentinels monitor the primary under;
 //! - the credentials before `@` and `db` are for the Redis nodes, as in a
 //!   `redis://` URL; sentinels that require a password of their own take
@@ -25,10 +25,15 @@
 //!
 //! # Discovery
 //!
-//! As Redis's guidelines for Sentinel clients say: ask each sentinel in
-//! turn `SENTINEL get-master-addr-by-name <service>`, connect to the first
-//! address given, and check with `ROLE` that the node really is the primary
-//! (a sentinel may not yet know of a failover). The store does this
+//! Ask the sentinels `SENTINEL get-master-addr-by-name <service>` and, for
+//! the epoch of that view, `SENTINEL MASTER <service>` (all sentinels at
+//! once), take the address of the newest view (the highest
+//! `config-epoch`) among the first majority of answers, and check with `ROLE` that the node really is the
+//! primary (a sentinel may not yet know of a failover). Not the first
+//! answer, as Redis's guidelines for Sentinel clients have it: a sentinel
+//! cut off together with the old primary cannot join the failover and goes
+//! on naming it, and the old primary goes on taking writes that the
+//! failover throws away once the cut heals. The store does this
 //! whenever it needs a new connection: at start, and after its connection
 //! broke or the node answered `READONLY` (a demoted primary), so it follows
 //! a failover without a restart. It also asks every 2 s, and drops its

@@ -91,6 +91,10 @@ pub struct RedisStore {
     by: String,
     epoch: Arc<AtomicU64>,
     shared: Arc<std::sync::Mutex<Option<MultiplexedConnection>>>,
+    /// How many shared connections were made so far: one made since the
+    /// replica waits' own connection was tells that the primary may have
+    /// moved (see [`RedisStore::replica_round`]).
+    shared_made: Arc<AtomicU64>,
     forgets: Arc<std::sync::Mutex<Vec<ClaimRef>>>,
     /// Task queues this process has added to `<prefix>:queues` (so each
     /// is added once per process, not once per job).
@@ -201,6 +205,7 @@ impl RedisStore {
             by: by.into(),
             epoch: Arc::new(AtomicU64::new(0)),
             shared: Arc::default(),
+            shared_made: Arc::default(),
             forgets: Arc::default(),
             prune_from: Arc::default(),
             noted_queues: Arc::default(),
@@ -286,7 +291,7 @@ impl RedisStore {
             // The first submission's wait will say what is wrong.
             Err(e) => tracing::debug!(error = %e, "cannot count the Redis replicas"),
         }
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<(MultiplexedConnection, u64)> = None;
         while let Some(first) = requests.recv().await {
             let mut waiting = vec![first];
             while let Ok(more) = requests.try_recv() {
@@ -312,16 +317,27 @@ impl RedisStore {
             .ok_or_else(|| protocol("INFO replication has no connected_slaves line"))
     }
 
-    /// One round: a write of its own, then `WAIT` on the same connection.
+    /// One round: a write of its own, then `WAIT` on the same connection,
+    /// a connection of its own (a `WAIT` holds up every call behind it)
+    /// kept with the count of shared connections made before it. The
+    /// round's connection must be to the primary the job creations went
+    /// to: a shared connection made since (after an error, or the
+    /// sentinels naming another primary) may be to another node, so the
+    /// round connects again, and so it does after too few replicas
+    /// answered (its node may have lost them to a failover).
     async fn replica_round(
         &self,
-        conn: &mut Option<MultiplexedConnection>,
+        conn: &mut Option<(MultiplexedConnection, u64)>,
         replicas: u32,
         timeout: Duration,
     ) -> Result<(), StoreError> {
+        let made = self.shared_made.load(Ordering::Relaxed);
+        if conn.as_ref().is_some_and(|(_, at)| *at != made) {
+            *conn = None;
+        }
         let c = match conn {
-            Some(c) => c,
-            None => conn.insert(self.connect_primary().await?),
+            Some((c, _)) => c,
+            None => &mut conn.insert((self.connect_primary().await?, made)).0,
         };
         let timeout_ms = timeout.as_millis().max(1) as u64;
         let mut pipe = redis::pipe();
@@ -330,11 +346,14 @@ impl RedisStore {
         let acked: Result<(u32,), RedisError> = pipe.query_async(c).await;
         match acked {
             Ok((acked,)) if acked >= replicas => Ok(()),
-            Ok((acked,)) => Err(StoreError::Unavailable(format!(
-                "{acked} of the {replicas} replicas redis_wait_replicas asks for \
+            Ok((acked,)) => {
+                *conn = None;
+                Err(StoreError::Unavailable(format!(
+                    "{acked} of the {replicas} replicas redis_wait_replicas asks for \
                  acknowledged the write within {timeout_ms} ms (submissions wait until \
                  enough replicas are connected and in sync; see INFO replication)"
-            ))),
+                )))
+            }
             Err(e) => {
                 *conn = None;
                 Err(unavailable(e))
@@ -481,6 +500,7 @@ impl RedisStore {
         // built for the old one (a new job's fence base) is not sent.
         self.read_epoch(&mut conn).await?;
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        self.shared_made.fetch_add(1, Ordering::Relaxed);
         Ok(conn)
     }
 

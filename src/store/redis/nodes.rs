@@ -282,31 +282,83 @@ async fn subscribe_announcements(
     }
 }
 
-/// Ask the sentinels of `url`, in turn, where the primary of its service
-/// is: the first answer.
+/// Ask the sentinels of `url`, all at once, where the primary of its
+/// service is, and follow the newest view among the first majority of
+/// answers (or all answers, when fewer come): see [`newest_primary`].
 async fn primary_address(
     url: &SentinelUrl,
     tls_ca: Option<&TlsCa>,
 ) -> Result<(String, u16), StoreError> {
+    let mut asks: futures::stream::FuturesUnordered<_> = url
+        .sentinels
+        .iter()
+        .enumerate()
+        .map(|(i, sentinel)| async move { (i, ask_sentinel(url, sentinel, tls_ca).await) })
+        .collect();
+    let majority = url.sentinels.len() / 2 + 1;
+    let mut views = Vec::new();
     let mut refused = Vec::new();
-    for sentinel in &url.sentinels {
-        match ask_sentinel(url, sentinel, tls_ca).await {
-            Ok(address) => return Ok(address),
-            Err(e) => refused.push(format!("sentinel {sentinel}: {e}")),
+    while let Some((i, answer)) = asks.next().await {
+        match answer {
+            Ok(view) => {
+                views.push((i, view));
+                if views.len() >= majority {
+                    break;
+                }
+            }
+            Err(e) => refused.push(format!("sentinel {}: {e}", url.sentinels[i])),
         }
     }
-    Err(StoreError::Unavailable(format!(
-        "no sentinel named the Redis primary of `{}` ({})",
-        url.service,
-        refused.join("; ")
-    )))
+    newest_primary(views).ok_or_else(|| {
+        StoreError::Unavailable(format!(
+            "no sentinel named the Redis primary of `{}` ({})",
+            url.service,
+            refused.join("; ")
+        ))
+    })
+}
+
+/// What one sentinel says of a service's primary: its address, and the
+/// configuration epoch of that view, which every failover raises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PrimaryView {
+    host: String,
+    port: u16,
+    epoch: u64,
+}
+
+/// The primary of the newest view among `views` (each with the place of
+/// its sentinel in the URL). Not simply the first answer: a sentinel cut
+/// off with the old primary cannot take part in the failover and goes on
+/// naming the old primary, which may still take writes that the failover
+/// throws away once the cut heals; the sentinels that promoted a replica
+/// name it under a higher epoch. Among views of the newest epoch, the
+/// address most sentinels name, then the first sentinel's.
+fn newest_primary(mut views: Vec<(usize, PrimaryView)>) -> Option<(String, u16)> {
+    let newest = views.iter().map(|(_, v)| v.epoch).max()?;
+    views.retain(|(_, v)| v.epoch == newest);
+    views.sort_by_key(|(i, _)| *i);
+    let named_by = |v: &PrimaryView| {
+        views
+            .iter()
+            .filter(|(_, w)| (&w.host, w.port) == (&v.host, v.port))
+            .count()
+    };
+    let mut best: Option<(&PrimaryView, usize)> = None;
+    for (_, v) in &views {
+        let n = named_by(v);
+        if best.is_none_or(|(_, most)| n > most) {
+            best = Some((v, n));
+        }
+    }
+    best.map(|(v, _)| (v.host.clone(), v.port))
 }
 
 async fn ask_sentinel(
     url: &SentinelUrl,
     sentinel: &str,
     tls_ca: Option<&TlsCa>,
-) -> Result<(String, u16), String> {
+) -> Result<PrimaryView, String> {
     let info = with_tls_ca(&url.sentinel_url(sentinel), tls_ca).map_err(|e| e.to_string())?;
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     let config = AsyncConnectionConfig::new()
@@ -316,22 +368,42 @@ async fn ask_sentinel(
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| e.to_string())?;
-    let answer: Option<(String, String)> = redis::cmd("SENTINEL")
+    // The address as the guidelines for Sentinel clients ask for it (once
+    // a failover has promoted a replica, its address, before the failover
+    // is over), and the sentinel's view of the primary, for its epoch.
+    let mut pipe = redis::pipe();
+    pipe.cmd("SENTINEL")
         .arg("get-master-addr-by-name")
-        .arg(&url.service)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (host, port) = answer.ok_or_else(|| {
+        .arg(&url.service);
+    pipe.cmd("SENTINEL").arg("MASTER").arg(&url.service);
+    let does_not_monitor = || {
         format!(
             "does not monitor `{}` (check the service name after the sentinels in redis_url)",
             url.service
         )
+    };
+    type Answer = (
+        Option<(String, String)>,
+        std::collections::HashMap<String, String>,
+    );
+    let (address, fields): Answer = pipe.query_async(&mut conn).await.map_err(|e| {
+        if e.to_string().contains("No such master") {
+            does_not_monitor()
+        } else {
+            e.to_string()
+        }
     })?;
+    let (host, port) = address.ok_or_else(does_not_monitor)?;
     let port = port
         .parse()
         .map_err(|_| format!("answered port `{port}`, not a number"))?;
-    Ok((host, port))
+    let epoch = fields
+        .get("config-epoch")
+        .ok_or("answered SENTINEL MASTER without `config-epoch`")?;
+    let epoch = epoch
+        .parse()
+        .map_err(|_| format!("answered config-epoch `{epoch}`, not a number"))?;
+    Ok(PrimaryView { host, port, epoch })
 }
 
 /// A pool of `size` multiplexed connections to the node of `info`.
@@ -470,5 +542,27 @@ mod tests {
         }
         assert_eq!(heard.load(Ordering::SeqCst), 2, "another service's counted");
         follower.abort();
+    }
+
+    fn view(sentinel: usize, port: u16, epoch: u64) -> (usize, PrimaryView) {
+        let host = "10.0.0.1".to_owned();
+        (sentinel, PrimaryView { host, port, epoch })
+    }
+
+    #[test]
+    fn the_primary_of_the_newest_epoch_wins_over_a_sentinel_cut_off_with_the_old_one() {
+        // The first sentinel, on the old primary's side of a cut, answers
+        // first and names it under the epoch before the failover.
+        let views = vec![view(0, 6001, 3), view(2, 6002, 4), view(1, 6002, 4)];
+        assert_eq!(newest_primary(views), Some(("10.0.0.1".to_owned(), 6002)));
+    }
+
+    #[test]
+    fn within_one_epoch_the_address_most_sentinels_name_wins_then_the_first_listed() {
+        let views = vec![view(2, 6001, 4), view(0, 6002, 4), view(1, 6001, 4)];
+        assert_eq!(newest_primary(views), Some(("10.0.0.1".to_owned(), 6001)));
+        let views = vec![view(1, 6001, 4), view(0, 6002, 4)];
+        assert_eq!(newest_primary(views), Some(("10.0.0.1".to_owned(), 6002)));
+        assert_eq!(newest_primary(Vec::new()), None);
     }
 }
