@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use conveyor::config::Config;
 use conveyor::intake::{Intake, JobIntake, PlannedJob, Rejection};
-use conveyor::model::TaskMessage;
+use conveyor::model::{TaskMessage, TaskState};
 use conveyor::store::memory::{MemoryStore, SystemClock};
 use conveyor::store::{
-    Applied, AttemptResult, ClaimOutcome, ClaimRef, JobStatus, ScheduleIndex, Store, SweepAction,
+    Applied, AttemptResult, ClaimOutcome, ClaimRef, Created, JobStatus, ScheduleIndex, Store,
+    SweepAction,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -87,6 +88,23 @@ async fn redis_and_memory(
 async fn side_by_side(config: &Config) -> [(&'static str, Arc<dyn Store>); 2] {
     let (redis, memory) = redis_and_memory(config).await;
     [("redis", redis), ("memory", Arc::new(memory))]
+}
+
+/// The members of the sorted set `key` in the Redis of `config`, lowest
+/// score first.
+async fn members(config: &Config, key: &str) -> Vec<String> {
+    let mut conn = redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
 }
 
 /// `body` as the intake of the built-in handlers plans it; panics unless
@@ -651,19 +669,8 @@ async fn pruning_forgets_expired_jobs_and_keeps_live_ones() {
         assert_eq!(listed, vec!["alive".to_owned()], "{name}");
     }
     // In Redis the index itself holds only the live job now.
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let index: Vec<String> = redis::cmd("ZRANGE")
-        .arg(conveyor::names::Names::new(&config.prefix).jobs_index())
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(index, vec!["alive".to_owned()]);
+    let index = conveyor::names::Names::new(&config.prefix).jobs_index();
+    assert_eq!(members(&config, &index).await, vec!["alive".to_owned()]);
     common::cleanup(&config).await;
 }
 
@@ -1345,24 +1352,74 @@ async fn a_refused_claim_leaves_no_lease_entry_behind() {
     let refused = store.claim(&nowhere, "w4", lease).await;
     assert!(matches!(refused, Ok(ClaimOutcome::Missing)), "{refused:?}");
 
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let entries: Vec<String> = redis::cmd("ZRANGE")
-        .arg(conveyor::names::Names::new(&config.prefix).leases())
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let leases = conveyor::names::Names::new(&config.prefix).leases();
+    let entries = members(&config, &leases).await;
     assert_eq!(
         entries.len(),
         1,
         "only the live claim's entry stays: {entries:?}"
     );
     assert!(entries[0].starts_with("held"), "{entries:?}");
+    common::cleanup(&config).await;
+}
+
+/// A worker taking submissions claims the root it chose by the
+/// submission's queue. When the id is taken by a recorded job whose task
+/// at that index is ready on another queue (the id used again for other
+/// tasks), that task is not claimed (it is for its own queue's workers)
+/// and comes back with the ready tasks to publish; the same submission
+/// again claims its own recorded root, as any message of it would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_does_not_claim_a_recorded_task_of_another_queue_under_its_id() {
+    let config = common::test_config(&common::unique_prefix("reused-id"));
+    let names = conveyor::names::Names::new(&config.prefix);
+    let one_task = |queue: &str| {
+        plan(&json!({"id": "reused", "requestor": "eq", "tasks": [
+            {"name": "t", "handler": "noop", "params": {}, "queue": queue}]}))
+    };
+    let lease = Duration::from_secs(60);
+    for (which, store) in side_by_side(&config).await {
+        assert!(matches!(
+            store.create_job(&one_task("gpu")).await,
+            Ok(Created::New { .. })
+        ));
+        let (created, outcome) = store
+            .create_job_and_claim(&one_task("default"), 0, "w", lease)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, ClaimOutcome::Stale),
+            "{which}: {outcome:?}"
+        );
+        let Created::Existing { ready, .. } = created else {
+            panic!("{which}: {created:?}");
+        };
+        assert_eq!(
+            ready.iter().map(|t| t.queue.as_str()).collect::<Vec<_>>(),
+            ["gpu"],
+            "{which}"
+        );
+        let status = store.job("reused").await.unwrap().unwrap();
+        assert_eq!(status.tasks["t"].state, TaskState::Ready, "{which}");
+
+        let (created, outcome) = store
+            .create_job_and_claim(&one_task("gpu"), 0, "w", lease)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, ClaimOutcome::Claimed(_)),
+            "{which}: {outcome:?}"
+        );
+        assert!(
+            matches!(&created, Created::Existing { ready, .. } if ready.is_empty()),
+            "{which}: {created:?}"
+        );
+        if which == "redis" {
+            // The refused claim left no lease entry; the claim has one.
+            let entries = members(&config, &names.leases()).await;
+            assert_eq!(entries.len(), 1, "{entries:?}");
+        }
+    }
     common::cleanup(&config).await;
 }
 

@@ -431,7 +431,11 @@ pub trait Store: Send + Sync + 'static {
     /// claim checks the task is ready at that attempt), in one round trip
     /// where the store allows. The claimed root, if claimed, is taken out
     /// of the ready tasks returned. A worker taking submissions runs the
-    /// root it claims this way without publishing it.
+    /// root it claims this way without publishing it. Not claimed
+    /// ([`ClaimOutcome::Stale`]) when the job existed with another task
+    /// ready at `root`'s index on another queue (its id used again for
+    /// other tasks): the worker chose the root by the submission's queue,
+    /// and that task is for the workers of its own.
     async fn create_job_and_claim(
         &self,
         job: &PlannedJob,
@@ -440,7 +444,13 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<(Created, ClaimOutcome), StoreError> {
         let created = self.create_job(job).await?;
-        let outcome = self.claim(&job.task_message(root), worker, lease).await?;
+        let task = job.task_message(root);
+        if let Created::Existing { ready, .. } = &created
+            && ready.iter().any(|t| t.idx == root && t.queue != task.queue)
+        {
+            return Ok((created, ClaimOutcome::Stale));
+        }
+        let outcome = self.claim(&task, worker, lease).await?;
         Ok((created.without_claimed(root, &outcome), outcome))
     }
 

@@ -1153,7 +1153,8 @@ impl Store for RedisStore {
             .arg(task.attempt)
             .arg(worker)
             .arg(lease_ms)
-            .arg(self.max_inputs_bytes.load(Ordering::Relaxed));
+            .arg(self.max_inputs_bytes.load(Ordering::Relaxed))
+            .arg(&task.queue);
         let new_queues = self.index_creation(&mut pipe, create, job);
         let (added, (created, claimed)): (i64, (Reply, Reply)) =
             self.run_for_epoch(&pipe, Some(epoch)).await?;
