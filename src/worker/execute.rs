@@ -134,21 +134,28 @@ async fn answer_of(handler: Arc<dyn Handler>, claimed: &Claimed) -> AttemptEnd {
     let started = tokio::time::Instant::now();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
-    let mut run = AbortOnDrop(tokio::spawn(async move { handler.run(ctx, params).await }));
+    let mut run = AbortOnDrop(tokio::spawn(async move {
+        let answer = handler.run(ctx, params).await;
+        (answer, tokio::time::Instant::now())
+    }));
     let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.0).await;
     // A handler that blocks its thread (against the contract: blocking work
     // belongs in `spawn_blocking`) also blocks the timer that would have
     // stopped it; when it returns at last, its answer is late all the same.
-    let ran = started.elapsed();
-    if answer.is_ok() && ran > timeout + TIMEOUT_MARGIN {
-        return AttemptEnd::Transient(format!(
-            "timed out after {:.1}s (timeout_s): the handler blocked its thread and \
-             answered only after {:.1}s; its answer was discarded",
-            timeout.as_secs_f64(),
-            ran.as_secs_f64()
-        ));
+    // Late by when the handler answered, not by when this future saw the
+    // answer: another task blocking the thread in between delays only that.
+    if let Ok(Ok((_, answered))) = &answer {
+        let ran = answered.duration_since(started);
+        if ran > timeout + TIMEOUT_MARGIN {
+            return AttemptEnd::Transient(format!(
+                "timed out after {:.1}s (timeout_s): the handler blocked its thread and \
+                 answered only after {:.1}s; its answer was discarded",
+                timeout.as_secs_f64(),
+                ran.as_secs_f64()
+            ));
+        }
     }
-    match answer {
+    match answer.map(|joined| joined.map(|(answer, _)| answer)) {
         Ok(Ok(Ok(Outcome::Done(value)))) => AttemptEnd::Succeeded(value.to_string()),
         Ok(Ok(Ok(Outcome::Started { token, .. }))) => AttemptEnd::Permanent(format!(
             "handler started outside work (token {token}), but this version of Conveyor \
@@ -231,6 +238,39 @@ mod tests {
             AttemptEnd::Transient(e) => assert!(e.starts_with("timed out after 0.1s"), "{e}"),
             other => panic!("a late answer was taken: {other:?}"),
         }
+    }
+
+    /// Answers at once, waking a neighbour that blocks the thread before
+    /// the attempt sees the answer.
+    struct WakesABlocker(Arc<tokio::sync::Notify>);
+
+    #[async_trait]
+    impl Handler for WakesABlocker {
+        fn name(&self) -> &str {
+            "wakes"
+        }
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            self.0.notify_one();
+            Ok(Outcome::Done(Value::Null))
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_in_time_is_taken_though_another_task_blocked_the_thread_after_it() {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let blocker = tokio::spawn({
+            let wake = wake.clone();
+            async move {
+                wake.notified().await;
+                std::thread::sleep(TIMEOUT_MARGIN + Duration::from_millis(300));
+            }
+        });
+        let handler = Arc::new(WakesABlocker(wake));
+        let attempt = tokio::spawn(async move {
+            run_attempt(handler, &claimed(Duration::from_millis(50)), 64).await
+        });
+        assert_eq!(attempt.await.unwrap(), AttemptEnd::Succeeded("null".into()));
+        blocker.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
