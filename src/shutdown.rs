@@ -1,5 +1,10 @@
 //! Shutdown as a value: every long-running task holds a [`Shutdown`] and
 //! stops taking new work when it fires (as mini-redis does). No global flags.
+//!
+//! Two steps: the first asks for a graceful stop (running work may finish
+//! within its grace period); a second, [`ShutdownTrigger::hurry`], asks
+//! that the grace period end now (an operator's second Ctrl-C or SIGTERM:
+//! a worker hands its unfinished tasks back at once).
 
 use std::sync::Arc;
 
@@ -17,6 +22,7 @@ pub struct ShutdownTrigger {
 #[derive(Debug)]
 struct TriggerOwner {
     fired: Arc<Flag>,
+    hurried: Arc<Flag>,
 }
 
 impl Drop for TriggerOwner {
@@ -30,6 +36,7 @@ impl Drop for TriggerOwner {
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     fired: Arc<Flag>,
+    hurried: Arc<Flag>,
 }
 
 impl ShutdownTrigger {
@@ -38,6 +45,7 @@ impl ShutdownTrigger {
         ShutdownTrigger {
             owner: Arc::new(TriggerOwner {
                 fired: Arc::new(Flag::new(false)),
+                hurried: Arc::new(Flag::new(false)),
             }),
         }
     }
@@ -46,12 +54,20 @@ impl ShutdownTrigger {
     pub fn subscribe(&self) -> Shutdown {
         Shutdown {
             fired: self.owner.fired.clone(),
+            hurried: self.owner.hurried.clone(),
         }
     }
 
     /// Ask every holder to stop.
     pub fn trigger(&self) {
         self.owner.fired.set(true);
+    }
+
+    /// Ask every holder to stop now: shutdown fires, and so does
+    /// [`Shutdown::hurried`], which ends any grace period.
+    pub fn hurry(&self) {
+        self.owner.fired.set(true);
+        self.owner.hurried.set(true);
     }
 }
 
@@ -70,6 +86,12 @@ impl Shutdown {
     /// Wait until shutdown is asked for (or every trigger is gone).
     pub async fn wait(&mut self) {
         self.fired.wait_for(true).await;
+    }
+
+    /// Wait until a stop now is asked for ([`ShutdownTrigger::hurry`]);
+    /// never, if it is not.
+    pub async fn hurried(&mut self) {
+        self.hurried.wait_for(true).await;
     }
 
     /// Wait for the next tick of `interval`: `true` when it came, `false`
@@ -94,12 +116,15 @@ impl Shutdown {
     }
 }
 
-/// Fire `trigger` on SIGTERM or SIGINT.
+/// Fire `trigger` on SIGTERM or SIGINT, and hurry it on a second one.
 pub fn on_signals(trigger: ShutdownTrigger) {
     tokio::spawn(async move {
         let signal = stop_signal(false).await;
-        tracing::info!("{signal}: shutting down");
+        tracing::info!("{signal}: shutting down (a second one stops at once)");
         trigger.trigger();
+        let signal = stop_signal(false).await;
+        tracing::warn!("second {signal}: stopping now, without waiting for running work");
+        trigger.hurry();
     });
 }
 
@@ -141,6 +166,7 @@ pub async fn stop_signal(hangup: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn dropping_every_clone_of_the_trigger_fires_it() {
@@ -152,6 +178,21 @@ mod tests {
         drop(other);
         assert!(shutdown.is_triggered());
         shutdown.wait().await;
+    }
+
+    #[tokio::test]
+    async fn hurrying_fires_shutdown_too_and_only_hurrying_ends_the_wait_for_it() {
+        let trigger = ShutdownTrigger::new();
+        let mut shutdown = trigger.subscribe();
+        trigger.trigger();
+        assert!(shutdown.is_triggered());
+        let waiting = tokio::time::timeout(Duration::from_millis(50), shutdown.hurried()).await;
+        assert!(waiting.is_err(), "a graceful stop is not a hurried one");
+        let other = ShutdownTrigger::new();
+        let mut second = other.subscribe();
+        other.hurry();
+        assert!(second.is_triggered());
+        second.hurried().await;
     }
 
     #[tokio::test]

@@ -203,6 +203,64 @@ async fn a_worker_whose_handler_blocks_a_thread_hands_its_task_back_and_exits() 
     d.shutdown().await;
 }
 
+/// A second SIGTERM ends the grace period at once: the worker, told to
+/// stop while a task that needs far longer than a minute runs, with a
+/// grace period of a minute, hands the task back and exits 0 as soon as
+/// it is told again. The task is ready at the same attempt, its message
+/// back in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_hands_running_tasks_back_at_once() {
+    let d = Deployment::new("sigterm-twice").await;
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "long", "requestor": "r",
+            "tasks": [{"name": "nap", "handler": "sleep", "params": {"ms": 600_000}}]}))
+        .await;
+    let mut child =
+        spawn_worker_process_with(&d, 60, 1, &[("CONVEYOR_ACCEPT_SUBMISSIONS", "true")]);
+    let ids = ["long".to_owned()];
+    eventually("the task running", WAIT, || async {
+        (running_tasks(&d, &ids).await == 1).then_some(())
+    })
+    .await;
+    let broker = common::connect_broker(&d.config).await;
+    let task_queue = d.names.task_queue("default");
+    sigterm(&child).await;
+    // Told once, it stops consuming and waits for its task.
+    eventually("the worker to stop consuming", WAIT, || async {
+        let stats = broker
+            .queue_stats(std::slice::from_ref(&task_queue))
+            .await
+            .ok()?;
+        (stats[0].consumers == 0).then_some(())
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before its grace period"
+    );
+    sigterm(&child).await;
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the worker exits at once when told a second time")
+        .expect("wait");
+    assert!(exit.success(), "worker exit status {exit:?}");
+    let status = d.status("long").await.expect("the job is recorded");
+    let nap = &status.tasks["nap"];
+    assert_eq!(nap.state, conveyor::model::TaskState::Ready, "{status:#?}");
+    assert_eq!(nap.attempts, 1, "{status:#?}");
+    let queued = broker
+        .queue_stats(&[task_queue])
+        .await
+        .expect("queue stats");
+    assert_eq!(
+        queued[0].ready, 1,
+        "the handed-back task's message is queued"
+    );
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// A task message a worker received but had no slot for when it was told
 /// to stop goes back to the queue as a new message, not with the closing
 /// channel: each such requeue would count a delivery against it, and a

@@ -194,8 +194,8 @@ impl Worker {
     }
 
     /// Consume and run tasks until `shutdown` fires; then stop consuming,
-    /// wait up to the grace period for running handlers, and hand back what
-    /// did not finish. Broker and store outages are waited out.
+    /// wait up to the grace period (or until shutdown is hurried) for
+    /// running handlers, and hand back what did not finish. Broker and store outages are waited out.
     ///
     /// Everything the worker runs is owned by this future: dropping it (a
     /// simulated crash) stops every consumer, handler and renewal at once,
@@ -277,10 +277,13 @@ impl Worker {
             }
         }
         let drain = async { while running.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.options.grace, drain)
-            .await
-            .is_err()
-        {
+        let mut hurried = shutdown.clone();
+        let drained = tokio::select! {
+            biased;
+            drained = tokio::time::timeout(self.options.grace, drain) => drained.is_ok(),
+            () = hurried.hurried() => false,
+        };
+        if !drained {
             tracing::warn!(
                 running = self.active.len(),
                 "grace period over; handing back unfinished tasks"
