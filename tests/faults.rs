@@ -734,6 +734,53 @@ async fn a_reconnect_declares_the_base_queues_even_with_no_task_queue_declared()
     common::cleanup(&config).await;
 }
 
+/// A task queue recreated with other arguments (by a process of a newer
+/// config, after an operator deleted it as the declare error advises) does
+/// not cut an older process off when it reconnects: the queue is left as
+/// it is, and the process publishes to it and to every other queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_goes_on_past_a_task_queue_recreated_with_other_arguments() {
+    let _serial = SERIAL.lock().await;
+    let config = test_config(&unique_prefix("redeclare-other"));
+    let names = conveyor::names::Names::new(&config.prefix);
+    let broker = common::connect_broker(&config).await;
+    let queues = ["gpu".to_owned(), "default".to_owned()];
+    broker.declare(&queues).await.expect("the queues declared");
+    conveyor::purge::delete_queues(&config, &[names.task_queue("gpu")]).await;
+    // Recreated as a classic queue, with no dead-lettering.
+    let other = lapin::Connection::connect(&config.amqp_url, Default::default())
+        .await
+        .expect("connect");
+    let channel = other.create_channel().await.expect("channel");
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(
+            names.task_queue("gpu").as_str().into(),
+            durable,
+            Default::default(),
+        )
+        .await
+        .expect("recreated");
+    let _ = other.close(200, "done".into()).await;
+    rabbitmqctl(&["close_all_connections", "conveyor fault injection"]).await;
+    for q in &queues {
+        let queue = names.task_queue(q);
+        eventually("a publish after the reconnect", WAIT, || async {
+            let msg = Outgoing::durable(queue.clone(), b"{}".to_vec());
+            match broker.publish(vec![msg]).await {
+                Ok(()) => Some(()),
+                Err(BrokerError::Fatal(e)) => panic!("the reconnect failed for good: {e}"),
+                Err(_) => None,
+            }
+        })
+        .await;
+    }
+    common::cleanup(&config).await;
+}
+
 async fn rabbitmqctl(args: &[&str]) {
     let run = tokio::process::Command::new("rabbitmqctl")
         .args(args)

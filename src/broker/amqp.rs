@@ -379,6 +379,15 @@ async fn within<T>(
     })
 }
 
+/// Whether RabbitMQ refused a call for good, as it refuses a declare: the
+/// queue exists with other arguments (406 PRECONDITION_FAILED), the user
+/// may not (403 ACCESS_REFUSED), or another connection holds the queue
+/// exclusively (405 RESOURCE_LOCKED). Anything else (the connection lost
+/// mid-call, a node shutting down: 320 CONNECTION_FORCED) may pass later.
+fn refused_for_good(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 405 | 406))
+}
+
 fn unavailable(e: lapin::Error) -> BrokerError {
     if e.can_be_recovered() {
         BrokerError::Unavailable(e.to_string())
@@ -542,7 +551,7 @@ impl AmqpBroker {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(declared) = declared {
-            self.declare_all(&session, &declared).await?;
+            self.declare_again(&session, &declared).await?;
         }
         *slot = Some(session.clone());
         self.live.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -616,6 +625,32 @@ impl AmqpBroker {
         Ok(())
     }
 
+    /// Declare again, on a new session, what this process declared: the
+    /// base queues as [`Self::declare_all`] does, the task queues as far
+    /// as RabbitMQ lets it. A task queue refused for good (since recreated
+    /// with other arguments by a process of a newer config) is logged and
+    /// left as it is: publishing to it still works, and failing the
+    /// reconnect for it would cut this process off from every queue.
+    async fn declare_again(
+        &self,
+        session: &Session,
+        task_queues: &[String],
+    ) -> Result<(), BrokerError> {
+        self.declare_all(session, &[]).await?;
+        let names = &self.topology.names;
+        for q in task_queues {
+            let queue = names.task_queue(q);
+            match declare_queue(session, &queue, self.work_queue_args()).await {
+                Ok(()) => {}
+                Err(BrokerError::Fatal(e)) => {
+                    tracing::warn!(%queue, error = %e, "task queue not declared again on reconnecting; using it as it is");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Drop the session if it is the one that just failed.
     async fn forget(&self, failed: &Arc<Session>) {
         let mut slot = self.session.lock().await;
@@ -640,9 +675,13 @@ async fn declare_queue(session: &Session, name: &str, args: FieldTable) -> Resul
             )
             .await
             .map_err(|e| {
-                BrokerError::Fatal(format!(
-                    "cannot declare queue {name} (if it exists with other arguments, delete it or use another prefix): {e}"
-                ))
+                if refused_for_good(&e) {
+                    BrokerError::Fatal(format!(
+                        "cannot declare queue {name} (if it exists with other arguments, delete it or use another prefix): {e}"
+                    ))
+                } else {
+                    BrokerError::Unavailable(format!("cannot declare queue {name}: {e}"))
+                }
             })
     })
     .await?;
@@ -1221,6 +1260,23 @@ impl Subscription for AmqpSubscription {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refusal_is_for_good_not_a_connection_lost_mid_call() {
+        let amqp = |id: u16| {
+            let error = lapin::protocol::AMQPError::from_id(id, "x".into()).unwrap();
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(error))
+        };
+        for refusal in [403, 405, 406] {
+            assert!(refused_for_good(&amqp(refusal)), "{refusal}");
+        }
+        // CONNECTION_FORCED (a node shutting down), INTERNAL_ERROR.
+        for passing in [320, 541] {
+            assert!(!refused_for_good(&amqp(passing)), "{passing}");
+        }
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!refused_for_good(&lapin::Error::from(reset)));
+    }
 
     #[test]
     fn acks_coalesce_up_to_the_oldest_undecided_delivery() {
