@@ -1002,6 +1002,49 @@ async fn broker_with_one_task_queue(
     (config, broker, queued, missing)
 }
 
+/// A stopping process closes its subscriptions: the acks it made go out
+/// before the channel closes (they are sent a moment after `ack` returns,
+/// and a process exiting right after would lose them, to have its acked
+/// deliveries sent to others again), and what it left unsettled goes
+/// back to the queue at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_subscription_sends_its_acks_first_and_returns_the_rest() {
+    use conveyor::broker::Outgoing;
+    let (config, broker, queue, _) = broker_with_one_task_queue("close-sub").await;
+    let message = |body: &str| Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
+    broker
+        .publish(vec![message("acked"), message("left")])
+        .await
+        .expect("published");
+    let mut subscription = broker.subscribe(&queue, 2).await.expect("subscribed");
+    let mut next = async || {
+        tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .expect("a delivery in time")
+            .expect("subscribed")
+            .expect("a delivery")
+    };
+    let acked = next().await;
+    let left = next().await;
+    assert_eq!(
+        (&acked.body[..], &left.body[..]),
+        (&b"acked"[..], &b"left"[..])
+    );
+    acked.acker.ack().await.expect("acked");
+    subscription.close().await;
+    // At once: the close is answered once RabbitMQ has handled it.
+    let stats = broker
+        .queue_stats(std::slice::from_ref(&queue))
+        .await
+        .expect("stats");
+    assert_eq!(
+        stats[0].ready, 1,
+        "only the unsettled delivery is back: {stats:?}"
+    );
+    drop(left);
+    common::cleanup(&config).await;
+}
+
 /// lapin hands a returned message to whichever confirm of the channel it
 /// settles next, which under concurrent publishing is often another
 /// message's (one publish in 25 to a missing queue came back "confirmed"

@@ -1083,11 +1083,85 @@ async fn raise_memory_alarm() -> BrokerChange {
         watermark.parse::<f64>().is_ok(),
         "the broker's memory watermark is not a fraction: {watermark:?}"
     );
-    BrokerChange::make(
+    let alarm = BrokerChange::make(
         &["set_vm_memory_high_watermark", "0.00001"],
         &["set_vm_memory_high_watermark", &watermark],
     )
+    .await;
+    eventually("the memory alarm in force", WAIT, || async {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(["eval", "rabbit_alarm:get_alarms()."])
+            .output()
+            .await
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains("memory")
+            .then_some(())
+    })
+    .await;
+    alarm
+}
+
+/// Under a memory alarm RabbitMQ stops reading from every connection that
+/// publishes, acks and all: on a shared connection, queues could not drain
+/// and free the memory the alarm waits for. A broker's subscriptions have
+/// a connection of their own, which never publishes: a delivery acked
+/// while the publishing connection is blocked is settled at once, and the
+/// next one comes (with a prefetch of one, only then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_go_through_while_a_memory_alarm_blocks_the_publishing_connection() {
+    let _serial = SERIAL.lock().await;
+    let config = test_config(&unique_prefix("alarm-acks"));
+    let queue = conveyor::names::Names::new(&config.prefix).task_queue("default");
+    let broker = common::connect_broker(&config).await;
+    broker
+        .declare(&["default".to_owned()])
+        .await
+        .expect("declared");
+    let message = |body: &str| Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
+    broker
+        .publish(vec![message("first"), message("second")])
+        .await
+        .expect("published");
+    let mut subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
+    let next = async |s: &mut Box<dyn conveyor::broker::Subscription>| match tokio::time::timeout(
+        Duration::from_secs(10),
+        s.next(),
+    )
     .await
+    {
+        Ok(Some(Ok(delivery))) => Some(delivery),
+        _ => None,
+    };
+    let first = next(&mut subscription).await.expect("the first delivery");
+    let alarm = raise_memory_alarm().await;
+    let blocked = {
+        let broker = broker.clone();
+        let third = message("third");
+        tokio::spawn(async move { broker.publish(vec![third]).await })
+    };
+    eventually("the publishing connection blocked", WAIT, || async {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(["list_connections", "state"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .ok()?;
+        let states = String::from_utf8_lossy(&out.stdout).into_owned();
+        states.lines().any(|l| l.trim() == "blocked").then_some(())
+    })
+    .await;
+    first.acker.ack().await.expect("acked");
+    let second = next(&mut subscription).await;
+    alarm.undo().await;
+    let second = second.expect("the next delivery while the alarm is in force: the ack waited");
+    assert_eq!(second.body, b"second");
+    second.acker.ack().await.expect("acked");
+    blocked
+        .await
+        .expect("joined")
+        .expect("published once the alarm cleared");
+    common::cleanup(&config).await;
 }
 
 /// RabbitMQ blocking publishers for a memory alarm longer than a publish
@@ -1123,17 +1197,6 @@ async fn a_memory_alarm_blocking_publishers_past_the_publish_bound_is_waited_out
     })
     .await;
     let alarm = raise_memory_alarm().await;
-    eventually("the memory alarm in force", WAIT, || async {
-        let out = tokio::process::Command::new("rabbitmqctl")
-            .args(["eval", "rabbit_alarm:get_alarms()."])
-            .output()
-            .await
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains("memory")
-            .then_some(())
-    })
-    .await;
     assert_eq!(
         ended_runs(&journal),
         0,

@@ -71,12 +71,18 @@ pub struct Topology {
     pub delivery_limit: u32,
 }
 
-/// RabbitMQ through one connection at a time: a confirm-mode channel for
-/// publishing and one channel per subscription. When the connection is
-/// lost, the next call opens a new one and declares again every queue
-/// declared so far; subscriptions on the old connection end, and their
-/// owners subscribe again. Given several node URLs, a new connection tries
-/// the node that answered last first, then the others in turn.
+/// RabbitMQ through two connections at a time: one for publishing (its
+/// confirm-mode channels) and the broker calls (declare, queue stats), and
+/// one for subscriptions, a channel each. Apart because RabbitMQ, under a
+/// memory or disk alarm, stops reading from every connection that
+/// publishes: acks sent on it would wait with it, so queues could not
+/// drain and free what the alarm waits for; the consuming connection
+/// never publishes and is never blocked. When the publishing connection
+/// is lost, the next call opens a new one and declares again every queue
+/// declared so far; when the consuming one is, its subscriptions end, and
+/// their owners subscribe again on a new one. Given several node URLs, a
+/// new connection tries the node that answered last first, then the
+/// others in turn.
 pub struct AmqpBroker {
     urls: Vec<String>,
     /// Index in `urls` of the node that answered last.
@@ -85,6 +91,8 @@ pub struct AmqpBroker {
     tls: OwnedTLSConfig,
     topology: Topology,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// The connection subscriptions are made on.
+    consuming: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// Whether a session is up, for [`Broker::is_connected`] while the
     /// session lock is held (a reconnect holds it for as long as the
     /// handshake takes: up to [`CONNECT_TIMEOUT`] a node).
@@ -431,7 +439,8 @@ pub async fn tool_connection(config: &Config) -> Result<Connection, BrokerError>
         .into_iter()
         .map(with_connection_defaults)
         .collect();
-    let (_, connection) = connect_first(&urls, 0, &tls_config(tls_ca.as_ref())).await?;
+    let properties = ConnectionProperties::default().with_connection_name("conveyor tool".into());
+    let (_, connection) = connect_first(&urls, 0, &tls_config(tls_ca.as_ref()), properties).await?;
     Ok(connection)
 }
 
@@ -450,6 +459,7 @@ async fn connect_first(
     urls: &[String],
     start: usize,
     tls: &OwnedTLSConfig,
+    properties: ConnectionProperties,
 ) -> Result<(usize, Connection), BrokerError> {
     let mut failures = Vec::new();
     // Nodes that answered and refused the credentials or vhost: not an
@@ -461,7 +471,7 @@ async fn connect_first(
         let attempt = async {
             DefaultConnectionBuilder::new()?
                 .with_uri_str(url.clone())
-                .with_properties(ConnectionProperties::default())
+                .with_properties(properties.clone())
                 .with_tls_config(tls.clone())
                 .connect()
                 .await
@@ -521,6 +531,7 @@ impl AmqpBroker {
             tls: tls_config(tls_ca),
             topology,
             session: tokio::sync::Mutex::new(None),
+            consuming: tokio::sync::Mutex::new(None),
             live: std::sync::atomic::AtomicBool::new(false),
             declared: std::sync::Mutex::new(None),
         };
@@ -539,7 +550,7 @@ impl AmqpBroker {
         }
         *slot = None;
         self.live.store(false, std::sync::atomic::Ordering::Relaxed);
-        let connection = self.connect_any().await?;
+        let connection = self.connect_any("publishing").await?;
         let publisher = open_confirm_channel(&connection).await?;
         let session = Arc::new(Session {
             connection,
@@ -558,12 +569,38 @@ impl AmqpBroker {
         Ok(session)
     }
 
+    /// The live connection for subscriptions, or a new one.
+    async fn consuming(&self) -> Result<Arc<Connection>, BrokerError> {
+        let mut slot = self.consuming.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if connection.status().connected() {
+                return Ok(connection.clone());
+            }
+            tracing::warn!("RabbitMQ consuming connection lost; reconnecting");
+        }
+        *slot = None;
+        let connection = Arc::new(self.connect_any("consuming").await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Drop the consuming connection if it is the one that just failed.
+    async fn forget_consuming(&self, failed: &Arc<Connection>) {
+        let mut slot = self.consuming.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            *slot = None;
+        }
+    }
+
     /// A connection to the first node that accepts one, starting with the
-    /// one that answered last.
-    async fn connect_any(&self) -> Result<Connection, BrokerError> {
+    /// one that answered last, named for its `purpose` (operators see
+    /// `conveyor publishing` and `conveyor consuming` in RabbitMQ).
+    async fn connect_any(&self, purpose: &str) -> Result<Connection, BrokerError> {
         use std::sync::atomic::Ordering;
         let start = self.preferred.load(Ordering::Relaxed);
-        let (i, connection) = connect_first(&self.urls, start, &self.tls).await?;
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("conveyor {purpose}").as_str().into());
+        let (i, connection) = connect_first(&self.urls, start, &self.tls, properties).await?;
         if i != start {
             tracing::info!(node = %redact_url(&self.urls[i]), "connected to another RabbitMQ node");
         }
@@ -662,7 +699,7 @@ impl AmqpBroker {
 }
 
 async fn declare_queue(session: &Session, name: &str, args: FieldTable) -> Result<(), BrokerError> {
-    let channel = open_channel(session).await?;
+    let channel = open_channel(&session.connection).await?;
     within(CALL_TIMEOUT, "queue.declare", async {
         channel
             .queue_declare(
@@ -689,14 +726,10 @@ async fn declare_queue(session: &Session, name: &str, args: FieldTable) -> Resul
     Ok(())
 }
 
-/// A new channel on the session's connection.
-async fn open_channel(session: &Session) -> Result<Channel, BrokerError> {
+/// A new channel on `connection`.
+async fn open_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     within(CALL_TIMEOUT, "opening a channel", async {
-        session
-            .connection
-            .create_channel()
-            .await
-            .map_err(unavailable)
+        connection.create_channel().await.map_err(unavailable)
     })
     .await
 }
@@ -873,7 +906,10 @@ impl Broker for AmqpBroker {
             .map_err(|e| PartlyPublished::none_of(sent, e))?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         if let Some(group) = session.publishers.enqueue(Request { batch, reply }) {
-            publish_group(session.clone(), group).await;
+            // A task of its own, not this caller's future: the group holds
+            // other callers' batches, which a caller dropped mid-publish (a
+            // worker's hard stop) would cut short with its own.
+            tokio::spawn(publish_group(session.clone(), group));
         }
         let result = answer.await.unwrap_or_else(|_| {
             Err(PartlyPublished::none_of(
@@ -897,10 +933,13 @@ impl Broker for AmqpBroker {
         prefetch: u16,
         priority: i16,
     ) -> Result<Box<dyn Subscription>, BrokerError> {
-        let session = self.session().await?;
-        let result = subscribe_on(&session, queue, prefetch, priority).await;
+        // The publishing session first: a new one declares the queues
+        // again (RabbitMQ may have lost them with its data).
+        self.session().await?;
+        let connection = self.consuming().await?;
+        let result = subscribe_on(&connection, queue, prefetch, priority).await;
         if matches!(result, Err(BrokerError::Unavailable(_))) {
-            self.forget(&session).await;
+            self.forget_consuming(&connection).await;
         }
         result
     }
@@ -911,7 +950,7 @@ impl Broker for AmqpBroker {
         for q in queues {
             // A passive declare of a missing queue closes its channel, so
             // each query gets a throwaway channel.
-            let channel = open_channel(&session).await?;
+            let channel = open_channel(&session.connection).await?;
             let declared = within(CALL_TIMEOUT, "a passive queue.declare", async {
                 Ok(channel
                     .queue_declare(
@@ -1056,12 +1095,12 @@ fn consumer_arguments(priority: i16) -> FieldTable {
 }
 
 async fn subscribe_on(
-    session: &Session,
+    connection: &Connection,
     queue: &str,
     prefetch: u16,
     priority: i16,
 ) -> Result<Box<dyn Subscription>, BrokerError> {
-    let channel = open_channel(session).await?;
+    let channel = open_channel(connection).await?;
     within(CALL_TIMEOUT, "basic.qos", async {
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -1254,6 +1293,13 @@ impl Subscription for AmqpSubscription {
         })
         .await
     }
+
+    /// Acks are sent by a task of their own a moment after the caller's
+    /// `ack` returns; a process exiting right after would lose them.
+    async fn close(self: Box<Self>) {
+        self.acks.flush().await;
+        close_channel(&self.channel, "subscription closed").await;
+    }
 }
 
 #[cfg(test)]
@@ -1308,7 +1354,8 @@ mod tests {
         });
         let urls = [format!("amqp://guest:guest@127.0.0.1:{port}/%2f")];
         let started = std::time::Instant::now();
-        let outcome = connect_first(&urls, 0, &tls_config(None)).await;
+        let outcome =
+            connect_first(&urls, 0, &tls_config(None), ConnectionProperties::default()).await;
         let waited = started.elapsed();
         silent.abort();
         match outcome {

@@ -247,6 +247,13 @@ pub trait Subscription: Send {
     async fn next(&mut self) -> Option<Result<Delivery, BrokerError>>;
     /// Stop receiving new deliveries; unacked ones stay with the caller.
     async fn cancel(&mut self) -> Result<(), BrokerError>;
+    /// End the subscription once its owner settled every delivery it
+    /// means to (a stopping process): acks not sent yet go out first, so a
+    /// process that exits next does not get its acked deliveries sent
+    /// again to others; whatever is still unsettled goes back to the
+    /// queue. Dropping a subscription instead leaves that to its
+    /// connection.
+    async fn close(self: Box<Self>) {}
 }
 
 /// The depth and consumers of a queue.

@@ -121,7 +121,9 @@ impl Dispatcher {
             self.consume_submissions(self.names.submit_queue(), &permits, shutdown.clone()),
             self.consume_submissions(self.names.referred_queue(), &permits, shutdown.clone()),
         );
-        drop((submitted, referred));
+        for subscription in submitted.into_iter().chain(referred) {
+            subscription.close().await;
+        }
         sweeper.abort_all();
         Ok(())
     }

@@ -292,7 +292,9 @@ impl Worker {
             let drain = async { while running.join_next().await.is_some() {} };
             let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
         }
-        drop(subscriptions);
+        for subscription in subscriptions {
+            subscription.close().await;
+        }
         background.abort_all();
         if let Err(e) = self.store.unregister(&self.options.id).await {
             tracing::warn!(error = %e, "could not unregister worker");
