@@ -139,7 +139,15 @@ pub async fn connect_until_up(
                 Arc::new(broker) as Arc<dyn Broker>,
             ))
         };
-        match attempt.await {
+        // A connect may take long (a node that takes the socket and never
+        // answers the handshake: 10 s each); a stop does not wait for it.
+        let mut s = shutdown.clone();
+        let attempt = tokio::select! {
+            biased;
+            _ = s.wait() => return Ok(None),
+            attempt = attempt => attempt,
+        };
+        match attempt {
             Ok(parts) => return Ok(Some(parts)),
             // An outage gets the how-to-start hint; anything else (a Redis
             // too old for the function library, refused credentials) is
@@ -274,5 +282,43 @@ pub async fn run_worker(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::shutdown::ShutdownTrigger;
+
+    /// A stop does not wait for a connect under way: here to a RabbitMQ
+    /// node that takes the socket and never answers the handshake (given
+    /// up on after 10 s), with Redis up.
+    #[tokio::test]
+    async fn a_stop_ends_the_wait_for_a_connect_under_way() {
+        let (amqp_url, silent) = crate::broker::amqp::silent_node().await;
+        let config = Config {
+            amqp_url,
+            ..Config::default()
+        };
+        let trigger = ShutdownTrigger::new();
+        let shutdown = trigger.subscribe();
+        let stop = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            trigger.trigger();
+        });
+        let started = std::time::Instant::now();
+        let connected = connect_until_up(&config, "test", 1, &shutdown).await;
+        let waited = started.elapsed();
+        silent.abort();
+        stop.await.unwrap();
+        assert!(
+            matches!(connected, Ok(None)),
+            "connected to a listener that never spoke AMQP"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "the stop waited {waited:?} for the connect"
+        );
     }
 }

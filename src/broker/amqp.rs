@@ -93,6 +93,9 @@ pub struct AmqpBroker {
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     /// The connection subscriptions are made on.
     consuming: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The last failed connect, and when it ended: callers that waited
+    /// for it share its outcome (see [`FAILED_CONNECT_SHARED`]).
+    failed_connect: std::sync::Mutex<Option<(std::time::Instant, BrokerError)>>,
     /// Whether a session is up, for [`Broker::is_connected`] while the
     /// session lock is held (a reconnect holds it for as long as the
     /// handshake takes: up to [`CONNECT_TIMEOUT`] a node).
@@ -525,18 +528,24 @@ impl AmqpBroker {
                 "amqp_url (CONVEYOR_AMQP_URL) names no URL".into(),
             ));
         }
-        let broker = AmqpBroker {
+        let broker = AmqpBroker::unconnected(urls, tls_config(tls_ca), topology);
+        broker.session().await?;
+        Ok(broker)
+    }
+
+    /// A broker for `urls` that connects at its first call.
+    fn unconnected(urls: Vec<String>, tls: OwnedTLSConfig, topology: Topology) -> AmqpBroker {
+        AmqpBroker {
             urls,
             preferred: std::sync::atomic::AtomicUsize::new(0),
-            tls: tls_config(tls_ca),
+            tls,
             topology,
             session: tokio::sync::Mutex::new(None),
             consuming: tokio::sync::Mutex::new(None),
+            failed_connect: std::sync::Mutex::new(None),
             live: std::sync::atomic::AtomicBool::new(false),
             declared: std::sync::Mutex::new(None),
-        };
-        broker.session().await?;
-        Ok(broker)
+        }
     }
 
     /// The live session, or a new one (with the topology declared again).
@@ -594,13 +603,30 @@ impl AmqpBroker {
 
     /// A connection to the first node that accepts one, starting with the
     /// one that answered last, named for its `purpose` (operators see
-    /// `conveyor publishing` and `conveyor consuming` in RabbitMQ).
+    /// `conveyor publishing` and `conveyor consuming` in RabbitMQ). Fails
+    /// at once with the last failure if a connect failed less than
+    /// [`FAILED_CONNECT_SHARED`] ago.
     async fn connect_any(&self, purpose: &str) -> Result<Connection, BrokerError> {
         use std::sync::atomic::Ordering;
+        if let Some((at, e)) = self
+            .failed_connect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && at.elapsed() < FAILED_CONNECT_SHARED
+        {
+            return Err(e.clone());
+        }
         let start = self.preferred.load(Ordering::Relaxed);
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("conveyor {purpose}").as_str().into());
-        let (i, connection) = connect_first(&self.urls, start, &self.tls, properties).await?;
+        let connected = connect_first(&self.urls, start, &self.tls, properties).await;
+        let (i, connection) = connected.inspect_err(|e| {
+            *self
+                .failed_connect
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), e.clone()));
+        })?;
         if i != start {
             tracing::info!(node = %redact_url(&self.urls[i]), "connected to another RabbitMQ node");
         }
@@ -1085,6 +1111,12 @@ async fn publish_one(publisher: &Channel, msg: &Outgoing) -> Result<PublisherCon
     Ok(confirm)
 }
 
+/// How long a failed connect answers for the callers that come after it:
+/// each waited for the session lock while it was tried, and trying again
+/// each in turn would make the last wait for all their attempts (10 s a
+/// node that never answers), holding up their work and a shutdown.
+const FAILED_CONNECT_SHARED: Duration = Duration::from_secs(1);
+
 /// `x-priority` when it is not the default (0).
 fn consumer_arguments(priority: i16) -> FieldTable {
     let mut arguments = FieldTable::default();
@@ -1302,6 +1334,23 @@ impl Subscription for AmqpSubscription {
     }
 }
 
+/// A listener that accepts connections and says nothing (a node whose
+/// application is starting or stopping can look like this): its AMQP URL,
+/// and the task to abort.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) async fn silent_node() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), silent)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -1340,19 +1389,46 @@ mod tests {
         assert_eq!(plan_acks(&mut state), (None, vec![2]));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_that_waited_for_a_failed_connect_share_its_failure() {
+        let (url, silent) = silent_node().await;
+        let topology = Topology {
+            names: Names::new("unconnected"),
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+        };
+        let broker = Arc::new(AmqpBroker::unconnected(
+            vec![url],
+            tls_config(None),
+            topology,
+        ));
+        let started = std::time::Instant::now();
+        let callers: Vec<_> = (0..4)
+            .map(|_| {
+                let broker = broker.clone();
+                tokio::spawn(async move { broker.declare(&[]).await })
+            })
+            .collect();
+        for caller in callers {
+            let failed = caller.await.unwrap();
+            assert!(
+                matches!(failed, Err(BrokerError::Unavailable(_))),
+                "{failed:?}"
+            );
+        }
+        let waited = started.elapsed();
+        silent.abort();
+        // One attempt (10 s), not one after another for each caller.
+        assert!(
+            waited < CONNECT_TIMEOUT * 2,
+            "the last caller waited {waited:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_node_that_takes_the_socket_and_never_answers_is_given_up_on() {
-        // A listener that accepts connections and says nothing: a node
-        // whose application is starting or stopping can look like this.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let silent = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        let urls = [format!("amqp://guest:guest@127.0.0.1:{port}/%2f")];
+        let (url, silent) = silent_node().await;
+        let urls = [url];
         let started = std::time::Instant::now();
         let outcome =
             connect_first(&urls, 0, &tls_config(None), ConnectionProperties::default()).await;
