@@ -1032,11 +1032,17 @@ async fn a_closed_subscription_sends_its_acks_first_and_returns_the_rest() {
     );
     acked.acker.ack().await.expect("acked");
     subscription.close().await;
-    // At once: the close is answered once RabbitMQ has handled it.
-    let stats = broker
-        .queue_stats(std::slice::from_ref(&queue))
-        .await
-        .expect("stats");
+    // The queue learns of the closed channel a moment after the close is
+    // answered, and returns the channel's unsettled deliveries as it
+    // drops its consumer.
+    let stats = eventually("the consumer gone with its channel", WAIT, || async {
+        let stats = broker
+            .queue_stats(std::slice::from_ref(&queue))
+            .await
+            .ok()?;
+        (stats[0].consumers == 0).then_some(stats)
+    })
+    .await;
     assert_eq!(
         stats[0].ready, 1,
         "only the unsettled delivery is back: {stats:?}"
