@@ -499,6 +499,17 @@ async fn copy_then_ack_tagged<T>(
     unsettled.map_or(Ok(()), Err)
 }
 
+/// Log the end of a delivery's task if it panicked: its delivery stays
+/// unsettled until its channel closes (the broker then delivers it again),
+/// and nothing else would say why.
+pub(crate) fn log_if_panicked(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "a delivery's task panicked; its delivery goes back when its channel closes");
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

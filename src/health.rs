@@ -103,14 +103,19 @@ impl Health {
             self.store.ping().await?;
             self.store.replicas().await
         };
-        let (store, replicas) = match tokio::time::timeout(PING_TIMEOUT, probe).await {
+        // A publishing connection lost while the process was idle is made
+        // again here (its consumers, on their own connection, may be live).
+        let reconnect = tokio::time::timeout(PING_TIMEOUT, self.broker.ensure_connected());
+        let (probed, reconnected) =
+            tokio::join!(tokio::time::timeout(PING_TIMEOUT, probe), reconnect);
+        let (store, replicas) = match probed {
             Ok(Ok(replicas)) => (true, replicas),
             _ => (false, None),
         };
         if !store {
             self.mark_store_down();
         }
-        let broker = self.broker.is_connected();
+        let broker = matches!(reconnected, Ok(Ok(()))) && self.broker.is_connected();
         let consuming = self.consuming.lock().map(|m| m.clone()).unwrap_or_default();
         let ready = store
             && replicas.is_none_or(|r| r.enough())

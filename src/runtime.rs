@@ -299,8 +299,18 @@ mod tests {
         let (amqp_url, silent) = crate::broker::amqp::silent_node().await;
         let config = Config {
             amqp_url,
+            prefix: format!("test-runtime-{}", std::process::id()),
             ..Config::default()
         };
+        // Redis must answer, or the connect would fail at once and the
+        // stop end only the pause before the next.
+        let redis = redis::Client::open(config.redis_url.as_str()).unwrap();
+        if let Err(e) = redis.get_multiplexed_async_connection().await {
+            panic!(
+                "cannot reach Redis at {}: {e}; {START_HINT}",
+                config.redis_url
+            );
+        }
         let trigger = ShutdownTrigger::new();
         let shutdown = trigger.subscribe();
         let stop = tokio::spawn(async move {
@@ -320,5 +330,11 @@ mod tests {
             waited < Duration::from_secs(5),
             "the stop waited {waited:?} for the connect"
         );
+        let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(Names::new(&config.prefix).epoch_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }

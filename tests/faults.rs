@@ -1102,6 +1102,67 @@ async fn raise_memory_alarm() -> BrokerChange {
     alarm
 }
 
+/// A test config under a prefix of `test`'s, its default task queue, and
+/// a broker that declared it.
+async fn broker_with_default_queue(
+    test: &str,
+) -> (
+    Config,
+    String,
+    std::sync::Arc<conveyor::broker::amqp::AmqpBroker>,
+) {
+    let config = test_config(&unique_prefix(test));
+    let queue = conveyor::names::Names::new(&config.prefix).task_queue("default");
+    let broker = common::connect_broker(&config).await;
+    broker
+        .declare(&["default".to_owned()])
+        .await
+        .expect("declared");
+    (config, queue, broker)
+}
+
+/// A process whose publishing connection is lost while it is idle (its
+/// consumers, on their own connection, live on) makes it again when its
+/// readiness is asked: it is ready, not reported cut off from the broker
+/// until it next publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_makes_a_publishing_connection_lost_while_idle_again() {
+    let _serial = SERIAL.lock().await;
+    let (config, queue, broker) = broker_with_default_queue("pubconn").await;
+    let store = common::connect_store(&config, "t").await;
+    let health = conveyor::health::Health::new(store, broker.clone());
+    let _subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
+    health.set_consuming(&queue, true);
+    let before = health.readiness().await;
+    assert!(before.ready, "{before:?}");
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("rabbitmqctl must be installed for this test");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let publishing: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("conveyor publishing"))
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    assert_eq!(publishing.len(), 1, "{listing}");
+    rabbitmqctl(&[
+        "close_connection",
+        publishing[0],
+        "conveyor fault injection",
+    ])
+    .await;
+    eventually("the publishing connection seen lost", WAIT, || async {
+        (!broker.is_connected()).then_some(())
+    })
+    .await;
+    let after = health.readiness().await;
+    assert!(after.ready && after.broker, "{after:?}");
+    common::cleanup(&config).await;
+}
+
 /// Under a memory alarm RabbitMQ stops reading from every connection that
 /// publishes, acks and all: on a shared connection, queues could not drain
 /// and free the memory the alarm waits for. A broker's subscriptions have
@@ -1111,13 +1172,7 @@ async fn raise_memory_alarm() -> BrokerChange {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_go_through_while_a_memory_alarm_blocks_the_publishing_connection() {
     let _serial = SERIAL.lock().await;
-    let config = test_config(&unique_prefix("alarm-acks"));
-    let queue = conveyor::names::Names::new(&config.prefix).task_queue("default");
-    let broker = common::connect_broker(&config).await;
-    broker
-        .declare(&["default".to_owned()])
-        .await
-        .expect("declared");
+    let (config, queue, broker) = broker_with_default_queue("alarm-acks").await;
     let message = |body: &str| Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
     broker
         .publish(vec![message("first"), message("second")])
@@ -1714,13 +1769,26 @@ async fn behind_sentinel_the_replica_wait_follows_the_new_primary() {
     assert_eq!(reply["accepted"], json!(true), "{reply}");
 
     sentinel.serve(&fresh).await;
-    // The dispatcher's sweep works on the new primary once it has the
-    // deployment's epoch key, which a store writes on a node without one.
-    let epoch = d.names.epoch_key();
-    eventually("the store on the new primary", WAIT, || async {
-        let out = redis_cli(fresh.port, &["EXISTS", &epoch]).await;
-        (out.trim() == "1").then_some(())
-    })
+    // Every process moves on its own check of the sentinels (no failover
+    // is announced). Left on the old primary: its replica, this
+    // redis-cli, and the replica waits' own connections, which move at
+    // their next round.
+    eventually(
+        "every process's calls off the old primary",
+        WAIT,
+        || async {
+            let clients = redis_cli(primary.port, &["CLIENT", "LIST"]).await;
+            let calls = clients.lines().filter(|c| {
+                let replica = c
+                    .split(' ')
+                    .any(|f| f.starts_with("flags=") && f.contains('S'));
+                let asking = c.contains(" cmd=client|list ");
+                let waiting = c.contains(" cmd=wait ") || c.contains(" cmd=incr ");
+                !(replica || asking || waiting)
+            });
+            (calls.count() == 0).then_some(())
+        },
+    )
     .await;
     client.submit(&common::noop_job("after")).await;
     let early = tokio::time::timeout(Duration::from_secs(3), client.reply()).await;

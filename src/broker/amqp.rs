@@ -1002,6 +1002,13 @@ impl Broker for AmqpBroker {
         Ok(out)
     }
 
+    /// The publishing connection, which an idle process whose consumers
+    /// live on their own connection would not make again until it
+    /// published.
+    async fn ensure_connected(&self) -> Result<(), BrokerError> {
+        self.session().await.map(|_| ())
+    }
+
     fn is_connected(&self) -> bool {
         // The lock is held for a moment by every call, and for as long as
         // a handshake takes by a reconnect: `live` says which.
@@ -1329,6 +1336,11 @@ impl Subscription for AmqpSubscription {
     /// Acks are sent by a task of their own a moment after the caller's
     /// `ack` returns; a process exiting right after would lose them.
     async fn close(self: Box<Self>) {
+        // A channel already closed (its connection lost) has nothing to
+        // send; its deliveries went back with it.
+        if !self.channel.status().connected() {
+            return;
+        }
         self.acks.flush().await;
         close_channel(&self.channel, "subscription closed").await;
     }

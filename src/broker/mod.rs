@@ -256,6 +256,21 @@ pub trait Subscription: Send {
     async fn close(self: Box<Self>) {}
 }
 
+/// Close `subscriptions` together ([`Subscription::close`]), waiting at
+/// most [`CLOSE_BOUND`] for them all: a stopping process, not one whose
+/// broker has gone silent.
+pub async fn close_all(subscriptions: Vec<Box<dyn Subscription>>) {
+    let closing = futures::future::join_all(subscriptions.into_iter().map(|s| s.close()));
+    if tokio::time::timeout(CLOSE_BOUND, closing).await.is_err() {
+        tracing::warn!(
+            "subscriptions not closed within {CLOSE_BOUND:?}; their connection returns what they held"
+        );
+    }
+}
+
+/// How long [`close_all`] waits.
+pub const CLOSE_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The depth and consumers of a queue.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueStats {
@@ -339,6 +354,14 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the connection is up.
     fn is_connected(&self) -> bool;
+
+    /// Make the connection again if it was lost while nothing needed it
+    /// (a broker that holds more than one connection may notice the loss
+    /// of one only at its next use); readiness asks this before
+    /// [`Broker::is_connected`].
+    async fn ensure_connected(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -121,9 +121,7 @@ impl Dispatcher {
             self.consume_submissions(self.names.submit_queue(), &permits, shutdown.clone()),
             self.consume_submissions(self.names.referred_queue(), &permits, shutdown.clone()),
         );
-        for subscription in submitted.into_iter().chain(referred) {
-            subscription.close().await;
-        }
+        crate::broker::close_all(submitted.into_iter().chain(referred).collect()).await;
         sweeper.abort_all();
         Ok(())
     }
@@ -155,12 +153,16 @@ impl Dispatcher {
                     this.submissions.handle(delivery, None).await;
                     drop(permit);
                 });
-                while in_flight.try_join_next().is_some() {}
+                while let Some(done) = in_flight.try_join_next() {
+                    crate::consumer::log_if_panicked(done);
+                }
                 true
             },
         )
         .await;
-        while in_flight.join_next().await.is_some() {}
+        while let Some(done) = in_flight.join_next().await {
+            crate::consumer::log_if_panicked(done);
+        }
         subscription
     }
 }

@@ -262,12 +262,14 @@ mod tests {
             let wake = wake.clone();
             async move {
                 wake.notified().await;
-                std::thread::sleep(TIMEOUT_MARGIN + Duration::from_millis(300));
+                std::thread::sleep(
+                    Duration::from_secs(1) + TIMEOUT_MARGIN + Duration::from_millis(300),
+                );
             }
         });
         let handler = Arc::new(WakesABlocker(wake));
         let attempt = tokio::spawn(async move {
-            run_attempt(handler, &claimed(Duration::from_millis(50)), 64).await
+            run_attempt(handler, &claimed(Duration::from_secs(1)), 64).await
         });
         assert_eq!(attempt.await.unwrap(), AttemptEnd::Succeeded("null".into()));
         blocker.await.unwrap();

@@ -266,7 +266,9 @@ impl Worker {
                 }
                 drop(permit);
             });
-            while running.try_join_next().is_some() {}
+            while let Some(done) = running.try_join_next() {
+                crate::consumer::log_if_panicked(done);
+            }
         }
         // Shutdown: consumers have cancelled their subscriptions (kept
         // until the end, so unfinished deliveries are not handed back early).
@@ -276,7 +278,11 @@ impl Worker {
                 subscriptions.extend(s);
             }
         }
-        let drain = async { while running.join_next().await.is_some() {} };
+        let drain = async {
+            while let Some(done) = running.join_next().await {
+                crate::consumer::log_if_panicked(done);
+            }
+        };
         let mut hurried = shutdown.clone();
         let drained = tokio::select! {
             biased;
@@ -289,12 +295,14 @@ impl Worker {
                 "grace period over; handing back unfinished tasks"
             );
             hard_stop.trigger();
-            let drain = async { while running.join_next().await.is_some() {} };
+            let drain = async {
+                while let Some(done) = running.join_next().await {
+                    crate::consumer::log_if_panicked(done);
+                }
+            };
             let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
         }
-        for subscription in subscriptions {
-            subscription.close().await;
-        }
+        crate::broker::close_all(subscriptions).await;
         background.abort_all();
         if let Err(e) = self.store.unregister(&self.options.id).await {
             tracing::warn!(error = %e, "could not unregister worker");

@@ -323,8 +323,10 @@ impl RedisStore {
     /// round's connection must be to the primary the job creations went
     /// to: a shared connection made since (after an error, or the
     /// sentinels naming another primary) may be to another node, so the
-    /// round connects again, and so it does after too few replicas
-    /// answered (its node may have lost them to a failover).
+    /// round connects again. (Not after too few replicas answered, which
+    /// a long replica outage makes every round, each reconnect asking
+    /// the sentinels: a primary that changed makes a new shared
+    /// connection, which the next round sees.)
     async fn replica_round(
         &self,
         conn: &mut Option<(MultiplexedConnection, u64)>,
@@ -346,14 +348,11 @@ impl RedisStore {
         let acked: Result<(u32,), RedisError> = pipe.query_async(c).await;
         match acked {
             Ok((acked,)) if acked >= replicas => Ok(()),
-            Ok((acked,)) => {
-                *conn = None;
-                Err(StoreError::Unavailable(format!(
-                    "{acked} of the {replicas} replicas redis_wait_replicas asks for \
+            Ok((acked,)) => Err(StoreError::Unavailable(format!(
+                "{acked} of the {replicas} replicas redis_wait_replicas asks for \
                  acknowledged the write within {timeout_ms} ms (submissions wait until \
                  enough replicas are connected and in sync; see INFO replication)"
-                )))
-            }
+            ))),
             Err(e) => {
                 *conn = None;
                 Err(unavailable(e))
