@@ -808,6 +808,55 @@ impl Acker for MemoryAcker {
     }
 }
 
+/// What a test's [`WithPublish`] broker does with a publish instead of
+/// the in-process broker: hold a batch up, or refuse part of it.
+#[cfg(test)]
+#[async_trait]
+pub(crate) trait PublishHook: Send + Sync + 'static {
+    /// Publish `batch` through `inner`, or not.
+    async fn publish(&self, inner: &MemoryBroker, batch: Vec<Outgoing>) -> Result<(), BrokerError>;
+}
+
+/// The in-process broker with its publishes through `hook`, for tests of
+/// how callers meet a slow or refusing broker; every other call is the
+/// in-process broker's.
+#[cfg(test)]
+pub(crate) struct WithPublish<H> {
+    pub(crate) inner: Arc<MemoryBroker>,
+    pub(crate) hook: H,
+}
+
+#[cfg(test)]
+#[async_trait]
+impl<H: PublishHook> Broker for WithPublish<H> {
+    async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+        self.inner.declare(task_queues).await
+    }
+
+    async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+        self.hook.publish(&self.inner, batch).await
+    }
+
+    async fn subscribe_with_priority(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        priority: i16,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        self.inner
+            .subscribe_with_priority(queue, prefetch, priority)
+            .await
+    }
+
+    async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
+        self.inner.queue_stats(queues).await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

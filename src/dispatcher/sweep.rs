@@ -398,8 +398,8 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::broker::memory::MemoryBroker;
-    use crate::broker::{Broker, Outgoing, QueueStats, Subscription};
+    use crate::broker::memory::{MemoryBroker, PublishHook, WithPublish};
+    use crate::broker::{Broker, Outgoing};
     use crate::config::Config;
     use crate::dispatcher::DispatcherOptions;
     use crate::intake::{Intake, JobIntake};
@@ -408,27 +408,27 @@ mod tests {
     use crate::store::memory::{MemoryStore, TokioClock};
     use crate::store::{AttemptResult, ClaimOutcome, Created, Store};
 
-    /// The in-process broker, nacking every message to one queue while
-    /// told to (as RabbitMQ does for a queue that rejects publishes).
+    /// Nacks every message to one queue while told to (as RabbitMQ does
+    /// for a queue that rejects publishes), publishing the rest.
+    #[derive(Default)]
     struct Nacking {
-        inner: MemoryBroker,
         nack: Mutex<Option<String>>,
         /// Batches nacked so far.
         nacked: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
-    impl Broker for Nacking {
-        async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
-            self.inner.declare(task_queues).await
-        }
-
-        async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+    impl PublishHook for Nacking {
+        async fn publish(
+            &self,
+            inner: &MemoryBroker,
+            batch: Vec<Outgoing>,
+        ) -> Result<(), BrokerError> {
             let nack = self.nack.lock().unwrap().clone();
             let (nacked, rest): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .partition(|m| Some(&m.queue) == nack.as_ref());
-            self.inner.publish(rest).await?;
+            inner.publish(rest).await?;
             match nacked.first() {
                 Some(m) => {
                     self.nacked
@@ -441,30 +441,11 @@ mod tests {
                 None => Ok(()),
             }
         }
-
-        async fn subscribe_with_priority(
-            &self,
-            queue: &str,
-            prefetch: u16,
-            priority: i16,
-        ) -> Result<Box<dyn Subscription>, BrokerError> {
-            self.inner
-                .subscribe_with_priority(queue, prefetch, priority)
-                .await
-        }
-
-        async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
-            self.inner.queue_stats(queues).await
-        }
-
-        fn is_connected(&self) -> bool {
-            self.inner.is_connected()
-        }
     }
 
     struct Setup {
         store: Arc<MemoryStore>,
-        broker: Arc<Nacking>,
+        broker: Arc<WithPublish<Nacking>>,
         dispatcher: Dispatcher,
         intake: JobIntake,
     }
@@ -477,10 +458,9 @@ mod tests {
             1,
             "test",
         ));
-        let broker = Arc::new(Nacking {
-            inner: MemoryBroker::reliable(names.clone()),
-            nack: Mutex::new(None),
-            nacked: Default::default(),
+        let broker = Arc::new(WithPublish {
+            inner: Arc::new(MemoryBroker::reliable(names.clone())),
+            hook: Nacking::default(),
         });
         let config = Config::default();
         let intake = JobIntake::new(&config, conveyor_builtin_handlers::registry()).unwrap();
@@ -666,17 +646,21 @@ mod tests {
         s.retrying_in("stuck", "stuck", Duration::from_millis(10))
             .await;
         tokio::time::advance(Duration::from_millis(20)).await;
-        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
         let sweeping = Sweeping::start(&s);
         sweeping
             .watch(&s, 3 * interval - Duration::from_millis(1), "stuck")
             .await;
         // Passes at 0, 1 and 2 intervals, each trying the batch and then
         // the entry alone: not one pass per peek.
-        let nacked = s.broker.nacked.load(std::sync::atomic::Ordering::Relaxed);
+        let nacked = s
+            .broker
+            .hook
+            .nacked
+            .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(nacked, 6, "three passes");
         // Once it can be published, the next regular pass does.
-        *s.broker.nack.lock().unwrap() = None;
+        *s.broker.hook.nack.lock().unwrap() = None;
         let seen = sweeping.watch(&s, 4 * interval, "stuck").await;
         sweeping.stop().await;
         assert_eq!(seen.len(), 1, "{seen:?}");
@@ -706,14 +690,18 @@ mod tests {
         let s = setup();
         let interval = s.dispatcher.options.sweep_interval;
         s.retrying_in("stuck", "stuck", Duration::ZERO).await;
-        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
         // Due 1.3 intervals from now, behind the stuck one.
         let due = interval * 13 / 10;
         s.retrying_in("r", "default", due).await;
         promoted_when_due(&s, due).await;
         // Passes at 0, 1 and 2 intervals and the one for "r", each trying
         // the stuck retry's batch and then the entry alone.
-        let nacked = s.broker.nacked.load(std::sync::atomic::Ordering::Relaxed);
+        let nacked = s
+            .broker
+            .hook
+            .nacked
+            .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(nacked, 8, "four passes");
         assert!(s.queued_jobs("stuck").await.is_empty());
     }
@@ -784,7 +772,7 @@ mod tests {
         s.dispatcher.outbox.mark_declared(&["deleted".to_owned()]);
         s.lapsing("deleted-lease", "deleted").await;
         tokio::time::advance(Duration::from_secs(2)).await;
-        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
 
         let done = s.dispatcher.sweep_once().await.unwrap();
         assert_eq!(done, 3, "every entry but the two nacked ones");
@@ -801,7 +789,7 @@ mod tests {
         );
 
         // The next pass publishes what was left.
-        *s.broker.nack.lock().unwrap() = None;
+        *s.broker.hook.nack.lock().unwrap() = None;
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 2);
         assert_eq!(
             s.queued_jobs("stuck").await,
@@ -907,10 +895,10 @@ mod tests {
             s.lapsing(&format!("stuck-{i:04}"), "stuck").await;
         }
         tokio::time::advance(Duration::from_secs(2)).await;
-        *s.broker.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
         assert_eq!(s.store.schedule_sizes(), (SWEEP_BATCH + 5, 0));
-        *s.broker.nack.lock().unwrap() = None;
+        *s.broker.hook.nack.lock().unwrap() = None;
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), SWEEP_BATCH + 5);
         assert_eq!(s.store.schedule_sizes(), (0, 0));
     }

@@ -890,7 +890,7 @@ mod tests {
 
     use super::*;
     use crate::broker::Outgoing;
-    use crate::broker::memory::{FaultPlan, MemoryBroker};
+    use crate::broker::memory::{FaultPlan, MemoryBroker, PublishHook, WithPublish};
     use crate::config::Config;
     use crate::dispatcher::{Dispatcher, DispatcherOptions};
     use crate::model::JobState;
@@ -1182,22 +1182,21 @@ mod tests {
         renewals.abort();
     }
 
-    /// A broker whose first publish to a task queue waits three leases
-    /// before going through (RabbitMQ blocking publishers for a memory
-    /// alarm, say); it counts the publishes it held up.
+    /// Holds the first publish to a task queue up for three leases before
+    /// letting it through (RabbitMQ blocking publishers for a memory
+    /// alarm, say); counts the publishes it held up.
     struct FirstTaskPublishStalls {
-        inner: Arc<MemoryBroker>,
         tasks_prefix: String,
         stalled: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait]
-    impl Broker for FirstTaskPublishStalls {
-        async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
-            self.inner.declare(task_queues).await
-        }
-
-        async fn publish(&self, batch: Vec<crate::broker::Outgoing>) -> Result<(), BrokerError> {
+    impl PublishHook for FirstTaskPublishStalls {
+        async fn publish(
+            &self,
+            inner: &MemoryBroker,
+            batch: Vec<crate::broker::Outgoing>,
+        ) -> Result<(), BrokerError> {
             use std::sync::atomic::Ordering;
             if batch
                 .iter()
@@ -1206,29 +1205,7 @@ mod tests {
             {
                 tokio::time::sleep(LEASE * 3).await;
             }
-            self.inner.publish(batch).await
-        }
-
-        async fn subscribe_with_priority(
-            &self,
-            queue: &str,
-            prefetch: u16,
-            priority: i16,
-        ) -> Result<Box<dyn Subscription>, BrokerError> {
-            self.inner
-                .subscribe_with_priority(queue, prefetch, priority)
-                .await
-        }
-
-        async fn queue_stats(
-            &self,
-            queues: &[String],
-        ) -> Result<Vec<crate::broker::QueueStats>, BrokerError> {
-            self.inner.queue_stats(queues).await
-        }
-
-        fn is_connected(&self) -> bool {
-            self.inner.is_connected()
+            inner.publish(batch).await
         }
     }
 
@@ -1244,10 +1221,12 @@ mod tests {
         let names = Names::new("slowroots");
         let store = memory_store();
         let inner = Arc::new(MemoryBroker::reliable(names.clone()));
-        let broker = Arc::new(FirstTaskPublishStalls {
+        let broker = Arc::new(WithPublish {
             inner: inner.clone(),
-            tasks_prefix: names.task_queue(""),
-            stalled: Default::default(),
+            hook: FirstTaskPublishStalls {
+                tasks_prefix: names.task_queue(""),
+                stalled: Default::default(),
+            },
         });
         let runs = Arc::new(Mutex::new(Vec::new()));
         let registry = Registry::new().with(Recorder {
@@ -1278,7 +1257,10 @@ mod tests {
 
         let status = finished_within_100_leases(store.as_ref(), "j").await;
         assert_eq!(
-            broker.stalled.load(std::sync::atomic::Ordering::SeqCst),
+            broker
+                .hook
+                .stalled
+                .load(std::sync::atomic::Ordering::SeqCst),
             1,
             "the worker took the submission and published the other root"
         );
