@@ -778,6 +778,8 @@ async fn a_reconnect_goes_on_past_a_task_queue_recreated_with_other_arguments() 
         })
         .await;
     }
+    // Task queues the store never heard of are the test's to delete.
+    conveyor::purge::delete_queues(&config, &[names.task_queue("gpu")]).await;
     common::cleanup(&config).await;
 }
 
