@@ -980,28 +980,6 @@ async fn the_amqp_broker_reports_a_mandatory_publish_to_a_missing_queue_as_retur
     common::cleanup(&config).await;
 }
 
-/// An AMQP broker under a fresh prefix with the task queue `default`
-/// declared: its config, the broker, and the names of `default` and of a
-/// task queue never declared.
-async fn broker_with_one_task_queue(
-    test: &str,
-) -> (
-    conveyor::config::Config,
-    std::sync::Arc<conveyor::broker::amqp::AmqpBroker>,
-    String,
-    String,
-) {
-    let config = common::test_config(&common::unique_prefix(test));
-    let broker = common::connect_broker(&config).await;
-    broker
-        .declare(&["default".to_owned()])
-        .await
-        .expect("declare");
-    let names = conveyor::names::Names::new(&config.prefix);
-    let (queued, missing) = (names.task_queue("default"), names.task_queue("other"));
-    (config, broker, queued, missing)
-}
-
 /// A stopping process closes its subscriptions: the acks it made go out
 /// before the channel closes (they are sent a moment after `ack` returns,
 /// and a process exiting right after would lose them, to have its acked
@@ -1010,22 +988,19 @@ async fn broker_with_one_task_queue(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_subscription_sends_its_acks_first_and_returns_the_rest() {
     use conveyor::broker::Outgoing;
-    let (config, broker, queue, _) = broker_with_one_task_queue("close-sub").await;
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("close-sub").await;
     let message = |body: &str| Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
     broker
         .publish(vec![message("acked"), message("left")])
         .await
         .expect("published");
     let mut subscription = broker.subscribe(&queue, 2).await.expect("subscribed");
-    let mut next = async || {
-        tokio::time::timeout(WAIT, subscription.next())
-            .await
-            .expect("a delivery in time")
-            .expect("subscribed")
-            .expect("a delivery")
-    };
-    let acked = next().await;
-    let left = next().await;
+    let acked = common::next_delivery(&mut subscription, WAIT)
+        .await
+        .expect("a delivery");
+    let left = common::next_delivery(&mut subscription, WAIT)
+        .await
+        .expect("a delivery");
     assert_eq!(
         (&acked.body[..], &left.body[..]),
         (&b"acked"[..], &b"left"[..])
@@ -1063,7 +1038,7 @@ async fn a_returned_publish_is_never_reported_confirmed_while_other_batches_publ
     use conveyor::broker::Outgoing;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let (config, broker, queued, missing) = broker_with_one_task_queue("returns").await;
+    let (config, broker, queued, missing) = common::broker_with_one_task_queue("returns").await;
     let durable = |q: &String| Outgoing::durable(q.clone(), b"{}".to_vec());
     let stop = Arc::new(AtomicBool::new(false));
     let beside = tokio::spawn({
@@ -1126,7 +1101,7 @@ async fn a_returned_publish_is_never_reported_confirmed_while_other_batches_publ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_amqp_broker_says_which_messages_of_a_batch_it_confirmed() {
     use conveyor::broker::{Broker, BrokerError, Outgoing, PartlyPublished};
-    let (config, broker, queued, missing) = broker_with_one_task_queue("partly").await;
+    let (config, broker, queued, missing) = common::broker_with_one_task_queue("partly").await;
     let names = conveyor::names::Names::new(&config.prefix);
     let batch = [&queued, &missing, &queued, &missing, &queued]
         .map(|q| Outgoing::durable(q.clone(), b"{}".to_vec()))

@@ -1104,25 +1104,6 @@ async fn raise_memory_alarm() -> BrokerChange {
     alarm
 }
 
-/// A test config under a prefix of `test`'s, its default task queue, and
-/// a broker that declared it.
-async fn broker_with_default_queue(
-    test: &str,
-) -> (
-    Config,
-    String,
-    std::sync::Arc<conveyor::broker::amqp::AmqpBroker>,
-) {
-    let config = test_config(&unique_prefix(test));
-    let queue = conveyor::names::Names::new(&config.prefix).task_queue("default");
-    let broker = common::connect_broker(&config).await;
-    broker
-        .declare(&["default".to_owned()])
-        .await
-        .expect("declared");
-    (config, queue, broker)
-}
-
 /// A process whose publishing connection is lost while it is idle (its
 /// consumers, on their own connection, live on) makes it again when its
 /// readiness is asked: it is ready, not reported cut off from the broker
@@ -1130,7 +1111,7 @@ async fn broker_with_default_queue(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_makes_a_publishing_connection_lost_while_idle_again() {
     let _serial = SERIAL.lock().await;
-    let (config, queue, broker) = broker_with_default_queue("pubconn").await;
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("pubconn").await;
     let store = common::connect_store(&config, "t").await;
     let health = conveyor::health::Health::new(store, broker.clone());
     let _subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
@@ -1174,23 +1155,17 @@ async fn readiness_makes_a_publishing_connection_lost_while_idle_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_go_through_while_a_memory_alarm_blocks_the_publishing_connection() {
     let _serial = SERIAL.lock().await;
-    let (config, queue, broker) = broker_with_default_queue("alarm-acks").await;
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("alarm-acks").await;
     let message = |body: &str| Outgoing::durable(queue.clone(), body.as_bytes().to_vec());
     broker
         .publish(vec![message("first"), message("second")])
         .await
         .expect("published");
     let mut subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
-    let next = async |s: &mut Box<dyn conveyor::broker::Subscription>| match tokio::time::timeout(
-        Duration::from_secs(10),
-        s.next(),
-    )
-    .await
-    {
-        Ok(Some(Ok(delivery))) => Some(delivery),
-        _ => None,
-    };
-    let first = next(&mut subscription).await.expect("the first delivery");
+    let within = Duration::from_secs(10);
+    let first = common::next_delivery(&mut subscription, within)
+        .await
+        .expect("the first delivery");
     let alarm = raise_memory_alarm().await;
     let blocked = {
         let broker = broker.clone();
@@ -1209,7 +1184,7 @@ async fn acks_go_through_while_a_memory_alarm_blocks_the_publishing_connection()
     })
     .await;
     first.acker.ack().await.expect("acked");
-    let second = next(&mut subscription).await;
+    let second = common::next_delivery(&mut subscription, within).await;
     alarm.undo().await;
     let second = second.expect("the next delivery while the alarm is in force: the ack waited");
     assert_eq!(second.body, b"second");

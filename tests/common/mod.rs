@@ -88,6 +88,33 @@ pub async fn connect_broker(config: &Config) -> Arc<AmqpBroker> {
     }
 }
 
+/// An AMQP broker under a fresh prefix of `test`'s with the task queue
+/// `default` declared: its config, the broker, and the names of `default`
+/// and of a task queue never declared.
+pub async fn broker_with_one_task_queue(test: &str) -> (Config, Arc<AmqpBroker>, String, String) {
+    let config = test_config(&unique_prefix(test));
+    let broker = connect_broker(&config).await;
+    broker
+        .declare(&["default".to_owned()])
+        .await
+        .expect("declare");
+    let names = conveyor::names::Names::new(&config.prefix);
+    let (queued, missing) = (names.task_queue("default"), names.task_queue("other"));
+    (config, broker, queued, missing)
+}
+
+/// The next delivery of `subscription` within `within`, or `None` if none
+/// came (or the subscription ended or failed).
+pub async fn next_delivery(
+    subscription: &mut Box<dyn conveyor::broker::Subscription>,
+    within: Duration,
+) -> Option<conveyor::broker::Delivery> {
+    match tokio::time::timeout(within, subscription.next()).await {
+        Ok(Some(Ok(delivery))) => Some(delivery),
+        _ => None,
+    }
+}
+
 struct Running {
     /// "worker" or "dispatcher", for a part that does not stop.
     what: &'static str,
