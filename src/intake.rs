@@ -11,8 +11,10 @@
 //!   handed to the store.
 //!
 //! Every error names the field (`tasks[2].params.ms`) and the limit, never
-//! echoes the offending value (schema errors are masked: a 1 MiB string
-//! reads as `value`), and is at most [`MAX_ERROR_BYTES`] long. A handler
+//! echoes a value of unbounded size (schema errors are masked: a 1 MiB
+//! string reads as `value`; a name, id or queue, at most
+//! `limits.max_name_len` long, is quoted), and is at most
+//! [`MAX_ERROR_BYTES`] long. A handler
 //! whose `validate` or `retry_defaults` panics rejects the job; the
 //! dispatcher goes on.
 //!
@@ -28,6 +30,7 @@ use std::time::Duration;
 use conveyor_handler::{Registry, RetryDefaults};
 use serde_json::Value;
 
+use crate::broker::{HeaderValue, Properties};
 use crate::config::{Config, Limits, RetryConfig};
 use crate::dag::Dag;
 use crate::model::{DeadLetterReason, JobSpec, RetryPolicy, TaskMessage, TaskSpec};
@@ -172,8 +175,17 @@ impl JobIntake {
         })
     }
 
-    /// Classify and plan one submit message body.
+    /// Classify and plan one submit message body; a job (or a rejection)
+    /// whose body names no usable id gets a fresh one.
     pub fn accept(&self, body: &[u8]) -> Intake {
+        self.accept_as(body, None)
+    }
+
+    /// [`Self::accept`], but a body that names no usable id takes
+    /// `id_if_none` (when given) instead of a fresh one: the id a delivery
+    /// of the same submission was recorded under before (see
+    /// [`ASSIGNED_ID_HEADER`]).
+    pub fn accept_as(&self, body: &[u8], id_if_none: Option<&str>) -> Intake {
         if body.len() > self.max_message_bytes {
             return Intake::Dead {
                 kind: DeadLetterReason::TooLarge,
@@ -196,7 +208,8 @@ impl JobIntake {
                 };
             }
         };
-        let id = usable_id(&value, self.limits.max_name_len);
+        let id =
+            usable_id(&value, self.limits.max_name_len).or_else(|| id_if_none.map(str::to_owned));
         let requestor = value
             .get("requestor")
             .and_then(Value::as_str)
@@ -212,7 +225,7 @@ impl JobIntake {
         if let Some(error) = self.schema_error(&value) {
             return reject(error);
         }
-        let spec: JobSpec = match serde_path_to_error::deserialize(value) {
+        let mut spec: JobSpec = match serde_path_to_error::deserialize(value) {
             Ok(spec) => spec,
             Err(e) => {
                 let field = match e.path().to_string() {
@@ -222,9 +235,21 @@ impl JobIntake {
                 return reject(format!("{field}: {}", e.inner()));
             }
         };
+        if spec.id.is_none() {
+            spec.id = id.clone();
+        }
         match self.plan(spec) {
             Ok(job) => Intake::Valid(job),
             Err(error) => reject(error),
+        }
+    }
+
+    /// The id in a submission's [`ASSIGNED_ID_HEADER`], if it is one a job
+    /// can be recorded under.
+    pub fn assigned_id<'a>(&self, properties: &'a Properties) -> Option<&'a str> {
+        match properties.header(ASSIGNED_ID_HEADER)? {
+            HeaderValue::Text(id) if check_job_id(id, self.limits.max_name_len).is_ok() => Some(id),
+            _ => None,
         }
     }
 
@@ -493,6 +518,12 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
         "(no message)"
     }
 }
+
+/// The header in which Conveyor writes, on a submission it gives back to
+/// its queue (to take again later), the id it recorded an id-less job (or
+/// its rejection) under, so that taken again it finds that job instead of
+/// recording a second one under a fresh id.
+pub const ASSIGNED_ID_HEADER: &str = "x-conveyor-job-id";
 
 /// A fresh job id: a UUIDv7, so ids sort by creation time.
 pub fn new_job_id() -> String {

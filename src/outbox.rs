@@ -66,7 +66,31 @@ impl Outbox {
         if missing.is_empty() {
             return Ok(());
         }
-        self.broker.declare(&missing).await?;
+        match self.broker.declare(&missing).await {
+            Ok(()) => {}
+            Err(BrokerError::Fatal(e)) => {
+                // Refused for good: a queue exists with other arguments (made
+                // by a process of another config), or this user may not
+                // declare it. Publishing to a queue that exists still works,
+                // and one that does not returns the message (unroutable, to
+                // retry); failing here instead would leave every job naming
+                // the queue recorded with its ready tasks published never.
+                // Each queue is declared on its own, so that one refusal
+                // leaves none of the others undeclared.
+                tracing::debug!(error = %e, "a task queue declare was refused; declaring one by one");
+                for queue in &missing {
+                    match self.broker.declare(std::slice::from_ref(queue)).await {
+                        Ok(()) => {}
+                        Err(BrokerError::Fatal(e)) => {
+                            tracing::warn!(queue = %self.names.task_queue(queue), error = %e, "task queue not declared; publishing to it as it is");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            // An outage: tried again with the publish that needs it.
+            Err(e) => return Err(e),
+        }
         let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
         declared.extend(missing);
         Ok(())

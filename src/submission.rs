@@ -37,11 +37,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{BrokerError, Delivery, Outgoing, Properties};
+use crate::broker::{BrokerError, Delivery, HeaderValue, Outgoing, Properties};
 use crate::consumer::{give_back, try_copy_then_ack};
 use crate::health::Health;
-use crate::intake::{Intake, JobIntake, MAX_ERROR_BYTES};
-use crate::model::{JobState, SubmitReply};
+use crate::intake::{ASSIGNED_ID_HEADER, Intake, JobIntake, MAX_ERROR_BYTES, new_job_id};
+use crate::model::{DeadLetterReason, JobState, SubmitReply};
 use crate::outbox::Outbox;
 use crate::store::{ClaimOutcome, ClaimRef, Claimed, Created, Store, StoreError};
 use crate::text::capped;
@@ -89,35 +89,38 @@ impl Submissions {
     /// carries it past the submit queue's delivery limit.
     pub(crate) async fn handle(
         &self,
-        delivery: Delivery,
+        mut delivery: Delivery,
         run_here: Option<RunHere<'_>>,
     ) -> Option<Box<Claimed>> {
         let mut claimed = None;
-        let verdict = self.intake.accept(&delivery.body);
+        // A job whose body names no id is recorded under one made here.
+        // Given back to its queue (the store or the broker failing after
+        // the record was written), the submission carries that id in a
+        // header, and taken again, finds its job instead of recording a
+        // second one whose ready tasks nobody would publish.
+        let id_if_none = match self.intake.assigned_id(&delivery.properties) {
+            Some(id) => id.to_owned(),
+            None => new_job_id(),
+        };
+        let verdict = self.intake.accept_as(&delivery.body, Some(&id_if_none));
         if self.refer_refusals && !matches!(verdict, Intake::Valid(_)) {
             self.refer(delivery).await;
             return None;
         }
+        let recorded_as = match &verdict {
+            Intake::Valid(job) => Some(&job.id),
+            Intake::Rejected(rejection) => Some(&rejection.id),
+            Intake::Dead { .. } => None,
+        };
+        if recorded_as == Some(&id_if_none) {
+            delivery
+                .properties
+                .set_header(ASSIGNED_ID_HEADER, HeaderValue::Text(id_if_none.clone()));
+        }
         let reply = match verdict {
             Intake::Dead { kind, reason } => {
                 tracing::warn!(kind = kind.as_str(), %reason, "submission dead-lettered");
-                // Where its publisher put it, also when a worker referred it.
-                let source = self.outbox.names().submit_queue();
-                if let Err(e) = self
-                    .outbox
-                    .dead_letter(
-                        delivery.body.clone(),
-                        &delivery.properties,
-                        &source,
-                        kind,
-                        &reason,
-                    )
-                    .await
-                {
-                    tracing::error!(error = %e, "cannot dead-letter the submission now; trying again later");
-                    self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE).await;
-                    return None;
-                }
+                delivery = self.dead_letter(delivery, kind, &reason).await?;
                 SubmitReply {
                     job_id: None,
                     accepted: false,
@@ -135,10 +138,18 @@ impl Submissions {
                         existing: false,
                     },
                     // The id is taken: the answer is the job recorded
-                    // under it, which this message does not change.
-                    Ok(false) => self.existing_reply(rejection.id, None).await,
+                    // under it, which this message does not change. If
+                    // that cannot be read, there is no answer yet: never
+                    // "accepted" for a submission that is not.
+                    Ok(false) => match self.taken_reply(&rejection.id).await {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            self.store_failed(delivery, e, &rejection.id).await;
+                            return None;
+                        }
+                    },
                     Err(e) => {
-                        self.store_failed(delivery, e).await;
+                        self.store_failed(delivery, e, &rejection.id).await;
                         return None;
                     }
                 }
@@ -183,7 +194,7 @@ impl Submissions {
                         // The job may be recorded (and its root claimed):
                         // the redelivery finds it existing and publishes its
                         // ready tasks; a claim made is the sweep's.
-                        self.store_failed(delivery, e).await;
+                        self.store_failed(delivery, e, &job.id).await;
                         return None;
                     }
                 };
@@ -212,10 +223,17 @@ impl Submissions {
                         error: None,
                         existing: false,
                     },
-                    Some(state) => self.existing_reply(job.id, Some(state)).await,
+                    Some(state) => self.existing_reply(job.id, state).await,
                 }
             }
         };
+        self.reply_and_ack(delivery, reply).await;
+        claimed
+    }
+
+    /// Send `reply` to the submission's `reply_to`, if it names one, and
+    /// ack the submission.
+    async fn reply_and_ack(&self, delivery: Delivery, reply: SubmitReply) {
         let reply_to = delivery.properties.reply_to.as_deref();
         if let Some(reply_to) = reply_to.filter(|r| !r.is_empty()) {
             let msg = Outgoing {
@@ -235,7 +253,6 @@ impl Submissions {
         if let Err(e) = delivery.acker.ack().await {
             tracing::warn!(error = %e, "ack of submission failed; it will be redelivered and deduplicated");
         }
-        claimed
     }
 
     /// The answer to a submission whose id is taken: the job recorded
@@ -243,37 +260,54 @@ impl Submissions {
     /// recorded under the id stays a refusal, with its error, so a client
     /// that resubmits a corrected job under the same id learns that it
     /// needs a new one instead of waiting for a job that never runs.
-    async fn existing_reply(&self, id: String, known: Option<JobState>) -> SubmitReply {
-        let (state, recorded_error) = match known {
-            Some(state) if state != JobState::Rejected => (Some(state), None),
-            _ => match self.store.job(&id).await {
-                Ok(Some(status)) => (Some(status.state), status.error),
-                Ok(None) => (known, None),
-                Err(e) => {
-                    tracing::warn!(job = %id, error = %e, "cannot read the job under a taken id");
-                    (known, None)
-                }
-            },
-        };
-        if state == Some(JobState::Rejected) {
-            let why = recorded_error.unwrap_or_else(|| "see its status".to_owned());
+    async fn existing_reply(&self, id: String, state: JobState) -> SubmitReply {
+        if state != JobState::Rejected {
             return SubmitReply {
-                error: Some(capped(
-                    format!(
-                        "id {id:?} is taken by a submission that was rejected, and stays \
-                         so: submit the job under a new id (the rejection: {why})"
-                    ),
-                    MAX_ERROR_BYTES,
-                )),
                 job_id: Some(id),
-                accepted: false,
+                accepted: true,
+                error: None,
                 existing: true,
             };
         }
+        let recorded_error = match self.store.job(&id).await {
+            Ok(status) => status.and_then(|s| s.error),
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot read the refusal under a taken id");
+                None
+            }
+        };
+        Self::taken_by_refusal(id, recorded_error)
+    }
+
+    /// The answer to an invalid submission whose id is taken: the job
+    /// recorded under it ([`Self::existing_reply`]). An error if it cannot
+    /// be read, or is gone (expired since the id was found taken): the
+    /// submission is then taken again later.
+    async fn taken_reply(&self, id: &str) -> Result<SubmitReply, StoreError> {
+        match self.store.job(id).await? {
+            Some(status) if status.state == JobState::Rejected => {
+                Ok(Self::taken_by_refusal(id.to_owned(), status.error))
+            }
+            Some(status) => Ok(self.existing_reply(id.to_owned(), status.state).await),
+            None => Err(StoreError::Unavailable(format!(
+                "the job under taken id {id:?} expired as it was read"
+            ))),
+        }
+    }
+
+    /// The answer to a submission whose id a refusal holds.
+    fn taken_by_refusal(id: String, recorded_error: Option<String>) -> SubmitReply {
+        let why = recorded_error.unwrap_or_else(|| "see its status".to_owned());
         SubmitReply {
+            error: Some(capped(
+                format!(
+                    "id {id:?} is taken by a submission that was rejected, and stays \
+                     so: submit the job under a new id (the rejection: {why})"
+                ),
+                MAX_ERROR_BYTES,
+            )),
             job_id: Some(id),
-            accepted: true,
-            error: None,
+            accepted: false,
             existing: true,
         }
     }
@@ -315,7 +349,14 @@ impl Submissions {
         give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
     }
 
-    async fn store_failed(&self, delivery: Delivery, e: StoreError) {
+    /// Settle a submission the store could not record (`id` the job's).
+    /// An outage gives it back, to take again once Redis answers. A
+    /// refusal for good (a script error on the record under its id:
+    /// corrupt, or written by another version) dead-letters it as
+    /// `unusable_record` with the error, and the reply says so: requeued,
+    /// it would come straight back, for ever on a classic queue, and on a
+    /// quorum queue until RabbitMQ dead-lettered it without a reason.
+    async fn store_failed(&self, delivery: Delivery, e: StoreError, id: &str) {
         if e.is_retryable() {
             // Take no new submissions until Redis answers again. The
             // message goes back as a new one: an outage is not a failed
@@ -324,11 +365,59 @@ impl Submissions {
             tracing::warn!(error = %e, "store unavailable; giving the submission back");
             self.health.mark_store_down();
             give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
-        } else {
-            // Not a passing outage: do not spin on it.
-            tracing::warn!(error = %e, "store failed; requeueing submission");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            requeue(delivery).await;
+            return;
+        }
+        let reason = capped(
+            format!("the store cannot record job {id}: {e}"),
+            MAX_ERROR_BYTES,
+        );
+        tracing::error!(job = %id, error = %e, "store refused the submission for good; dead-lettering it");
+        let Some(delivery) = self
+            .dead_letter(delivery, DeadLetterReason::UnusableRecord, &reason)
+            .await
+        else {
+            return;
+        };
+        let reply = SubmitReply {
+            job_id: Some(id.to_owned()),
+            accepted: false,
+            error: Some(reason),
+            existing: false,
+        };
+        self.reply_and_ack(delivery, reply).await;
+    }
+}
+
+impl Submissions {
+    /// Send a copy of the submission to `<prefix>.dead` with `reason`, as
+    /// from the submit queue (where its publisher put it, also when a
+    /// worker referred it), and hand the delivery back to settle; if the
+    /// broker does not take the copy, the submission goes back to be taken
+    /// again later, and `None`.
+    async fn dead_letter(
+        &self,
+        delivery: Delivery,
+        kind: DeadLetterReason,
+        reason: &str,
+    ) -> Option<Delivery> {
+        let source = self.outbox.names().submit_queue();
+        let sent = self
+            .outbox
+            .dead_letter(
+                delivery.body.clone(),
+                &delivery.properties,
+                &source,
+                kind,
+                reason,
+            )
+            .await;
+        match sent {
+            Ok(()) => Some(delivery),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot dead-letter the submission now; trying again later");
+                self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE).await;
+                None
+            }
         }
     }
 }
@@ -344,7 +433,7 @@ async fn requeue(delivery: Delivery) {
 mod tests {
     use super::*;
     use crate::broker::Broker;
-    use crate::broker::memory::MemoryBroker;
+    use crate::broker::memory::{MemoryBroker, PublishHook, WithPublish};
     use crate::config::Config;
     use crate::names::Names;
     use crate::store::memory::{MemoryStore, SystemClock};
@@ -458,6 +547,89 @@ mod tests {
             "not lost"
         );
         assert_eq!(s.broker.ready_len(&s.names.referred_queue()).await, 0);
+    }
+
+    /// Refuses the first publish to `queue`, as a queue at its length limit
+    /// does; every other publish goes through.
+    struct RefusesFirstPublishTo {
+        queue: String,
+        refused: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl PublishHook for RefusesFirstPublishTo {
+        async fn publish(
+            &self,
+            inner: &MemoryBroker,
+            batch: Vec<Outgoing>,
+        ) -> Result<(), BrokerError> {
+            let ours = batch.iter().any(|m| m.queue == self.queue);
+            if ours && !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(BrokerError::Refused {
+                    queue: self.queue.clone(),
+                    reason: "at its length limit".into(),
+                });
+            }
+            inner.publish(batch).await
+        }
+    }
+
+    /// A job whose body names no id, recorded but its ready task refused by
+    /// the broker: the submission goes back to its queue carrying the id
+    /// its job was recorded under, and taken again publishes that job's
+    /// task, instead of recording a second job (whose task nobody would
+    /// publish) under a fresh id.
+    #[tokio::test]
+    async fn an_id_less_submission_given_back_is_taken_again_as_the_job_it_recorded() {
+        let names = Names::new("t");
+        let store = Arc::new(MemoryStore::new(
+            Arc::new(SystemClock),
+            Duration::from_secs(60),
+            1,
+            "test",
+        ));
+        let inner = Arc::new(MemoryBroker::reliable(names.clone()));
+        let tasks = names.task_queue("default");
+        let broker = Arc::new(WithPublish {
+            inner: inner.clone(),
+            hook: RefusesFirstPublishTo {
+                queue: tasks.clone(),
+                refused: false.into(),
+            },
+        });
+        let submissions = Submissions {
+            store: store.clone(),
+            outbox: Outbox::new(broker.clone(), names.clone()),
+            intake: JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry())
+                .unwrap(),
+            health: Health::new(store.clone(), broker.clone()),
+            refer_refusals: false,
+        };
+        broker.declare(&["default".to_owned()]).await.unwrap();
+        let submit = names.submit_queue();
+        let body = br#"{"requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}"#;
+        inner
+            .publish(vec![Outgoing::durable(submit.clone(), body.to_vec())])
+            .await
+            .unwrap();
+        let mut sub = inner.subscribe(&submit, 1).await.unwrap();
+
+        let first = sub.next().await.unwrap().unwrap();
+        submissions.handle(first, None).await;
+        assert_eq!(inner.ready_len(&tasks).await, 0, "refused");
+        let again = sub.next().await.unwrap().unwrap();
+        let carried = again.properties.header(ASSIGNED_ID_HEADER).cloned();
+        submissions.handle(again, None).await;
+
+        let jobs = store.list_jobs(None, 10).await.unwrap();
+        assert_eq!(jobs.len(), 1, "one job, not one per delivery: {jobs:?}");
+        assert_eq!(carried, Some(HeaderValue::Text(jobs[0].id.clone())));
+        let queued = inner.take_all(&tasks).await;
+        assert_eq!(queued.len(), 1);
+        let task: crate::model::TaskMessage = serde_json::from_slice(&queued[0]).unwrap();
+        assert_eq!(task.job, jobs[0].id);
+        assert_eq!(inner.ready_len(&submit).await, 0);
+        assert_eq!(inner.unacked_len(&submit).await, 0);
     }
 
     #[tokio::test]

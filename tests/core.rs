@@ -898,6 +898,50 @@ async fn a_task_queue_deleted_by_an_operator_is_declared_again_when_the_publish_
     d.shutdown().await;
 }
 
+/// A job naming a task queue that exists with other arguments than this
+/// deployment declares (here a classic queue where the config says quorum,
+/// as a change of `queue_type` leaves it; RabbitMQ refuses the declare for
+/// good) is accepted and its task published to the queue as it is, not
+/// given back to its queue again and again with no reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_naming_a_queue_declared_with_other_arguments_is_published_to_it_as_it_is() {
+    let mut d = Deployment::new("other-arguments").await;
+    let tool = conveyor::broker::amqp::tool_connection(&d.config)
+        .await
+        .expect("tool connection");
+    let classic = d.names.task_queue("classic");
+    let channel = tool.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            classic.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("a classic queue");
+    let _ = channel.close(200, "done".into()).await;
+    d.start_dispatcher().await;
+
+    let mut client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&serde_json::json!({"id": "on-classic", "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop", "queue": "classic"}]}))
+        .await;
+    let (_, reply) = client.reply().await;
+    assert_eq!(reply["accepted"], true, "{reply}");
+    let (tool, q) = (&tool, classic.as_str());
+    eventually("the task in the queue as it is", WAIT, || async move {
+        ready_in(tool, q).await.filter(|&n| n == 1)
+    })
+    .await;
+    client.close().await;
+    let _ = tool.close(200, "bye".into()).await;
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_up_to_a_deleted_queue_is_published_once_the_worker_declares_it_again() {
     let mut config = common::test_config(&common::unique_prefix("deleted-follow-up"));

@@ -818,6 +818,22 @@ async fn publish_first_attempt(d: &Deployment, queue: &str, job: &str) -> TaskMe
     message
 }
 
+/// Write job `broken`'s record as the `fields` given, as a corruption (or
+/// a version of Conveyor that wrote records otherwise) might leave it.
+async fn write_broken_record(d: &Deployment, fields: &[&str]) {
+    let mut redis = redis::Client::open(d.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(d.names.job_key("broken"))
+        .arg(fields)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+}
+
 /// A task whose job record the store cannot act on (here a ready task
 /// with no fence or version, as a corruption or another version might
 /// leave it) is dead-lettered at its first delivery with the store's
@@ -828,19 +844,13 @@ async fn a_task_whose_record_the_store_cannot_act_on_is_dead_lettered_with_the_e
     let mut d = Deployment::new("unusable").await;
     d.start_dispatcher().await;
     d.start_worker(2).await;
-    let mut redis = redis::Client::open(d.config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    redis::cmd("HSET")
-        .arg(d.names.job_key("broken"))
-        .arg(&[
+    write_broken_record(
+        &d,
+        &[
             "id", "broken", "st", "pending", "n", "1", "s:0", "ready", "a:0", "1", "x:0", "1",
-        ])
-        .query_async::<()>(&mut redis)
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     let message = publish_first_attempt(&d, &d.names.task_queue("default"), "broken").await;
     let client = Client::connect(&d.config.prefix).await;
     let (headers, body) = eventually("the dead letter", WAIT, || client.take_dead()).await;
@@ -858,6 +868,36 @@ async fn a_task_whose_record_the_store_cannot_act_on_is_dead_lettered_with_the_e
         message
     );
     d.assert_serves(&client, "after-unusable", WAIT).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A submission under an id whose record the store cannot act on (here a
+/// job hash whose task count is not a number) is dead-lettered at once as
+/// `unusable_record` with the store's error, and its client is told why,
+/// instead of being requeued to loop; the dispatcher goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_record_the_store_cannot_act_on_is_dead_lettered_and_refused() {
+    let mut d = Deployment::new("unusable-submit").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    write_broken_record(&d, &["id", "broken", "st", "pending", "n", "x"]).await;
+    let mut client = Client::connect(&d.config.prefix).await;
+    client.submit(&common::noop_job("broken")).await;
+    let (correlation, reply) = client.reply().await;
+    assert_eq!(correlation, "broken");
+    assert_eq!(reply["accepted"], false, "{reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot record job broken"), "{reply}");
+    let (headers, body) = eventually("the dead letter", WAIT, || client.take_dead()).await;
+    assert_eq!(
+        headers["x-conveyor-reason-kind"], "unusable_record",
+        "{headers:?}"
+    );
+    assert_eq!(headers["x-conveyor-source-queue"], d.names.submit_queue());
+    assert_eq!(body, common::noop_job("broken").to_string().into_bytes());
+    d.assert_serves(&client, "after-unusable-submit", WAIT)
+        .await;
     client.close().await;
     d.shutdown().await;
 }

@@ -61,8 +61,9 @@ pub enum DeadLetterReason {
     JobMissing,
     /// Redelivered too often without an outcome.
     Poison,
-    /// A task whose job record the store cannot act on (a script error
-    /// on it: corrupt, or written by another version); no retry cures it.
+    /// A task, or a submission, whose job record the store cannot act on
+    /// (a script error on it: corrupt, or written by another version); no
+    /// retry cures it.
     UnusableRecord,
 }
 
