@@ -630,11 +630,7 @@ async fn a_run_whose_claim_is_lost_is_stopped_at_the_next_renewal() {
     .await;
     // Another claim takes the task over (its fence replaces this one's),
     // as the sweep and a second worker would after a lapsed lease.
-    let mut conn = redis::Client::open(d.config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_connection(&d.config).await;
     let taken_over = std::time::Instant::now();
     redis::cmd("HSET")
         .arg(d.names.job_key("moved"))
@@ -821,11 +817,7 @@ async fn publish_first_attempt(d: &Deployment, queue: &str, job: &str) -> TaskMe
 /// Write job `broken`'s record as the `fields` given, as a corruption (or
 /// a version of Conveyor that wrote records otherwise) might leave it.
 async fn write_broken_record(d: &Deployment, fields: &[&str]) {
-    let mut redis = redis::Client::open(d.config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = common::redis_connection(&d.config).await;
     redis::cmd("HSET")
         .arg(d.names.job_key("broken"))
         .arg(fields)

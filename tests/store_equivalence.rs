@@ -93,11 +93,7 @@ async fn side_by_side(config: &Config) -> [(&'static str, Arc<dyn Store>); 2] {
 /// The members of the sorted set `key` in the Redis of `config`, lowest
 /// score first.
 async fn members(config: &Config, key: &str) -> Vec<String> {
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_connection(config).await;
     redis::cmd("ZRANGE")
         .arg(key)
         .arg(0)
@@ -417,11 +413,7 @@ async fn claims_that_arrive_together_are_answered_as_one_by_one() {
 /// might leave it), and its task's message.
 async fn plant_unusable_job(config: &Config, id: &str) -> TaskMessage {
     let names = conveyor::names::Names::new(&config.prefix);
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_connection(config).await;
     redis::cmd("HSET")
         .arg(names.job_key(id))
         .arg(&[
@@ -496,11 +488,7 @@ async fn claims_sent_after_redis_lost_the_functions_load_them_again() {
     for i in 0..3 {
         messages.push(create_noop_job(redis.as_ref(), &format!("j-{i}")).await);
     }
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_connection(&config).await;
     redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async::<()>(&mut conn)
@@ -948,6 +936,53 @@ async fn after_a_claim_is_lost_with_its_worker_the_audit_of_the_new_server_offer
     common::cleanup(&lost.config).await;
 }
 
+/// The audit skips, and counts, a job whose record it cannot act on (here
+/// one whose task's attempt is not a number), and asks for the entries
+/// every other job needs; a record whose task count is not a number has no
+/// tasks to ask for. One bad record must not end the audit of the whole
+/// deployment: until the thirtieth session it failed the page, and the
+/// dispatcher's audit loop stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_skips_a_record_it_cannot_act_on_and_audits_the_rest() {
+    let config = common::test_config(&common::unique_prefix("auditbad"));
+    let redis = common::connect_store(&config, "eq").await;
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = common::redis_connection(&config).await;
+    create_noop_job(redis.as_ref(), "fine-1").await;
+    for (id, fields) in [
+        ("bad-attempt", ["n", "1", "s:0", "ready", "a:0", "x"]),
+        ("bad-count", ["n", "x", "s:0", "ready", "a:0", "1"]),
+    ] {
+        redis::cmd("HSET")
+            .arg(names.job_key(id))
+            .arg(&["id", id, "st", "pending"])
+            .arg(&fields)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        redis::cmd("ZADD")
+            .arg(names.jobs_index())
+            .arg(1)
+            .arg(id)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    create_noop_job(redis.as_ref(), "fine-2").await;
+
+    let page = redis.audit_jobs(None, 100).await.unwrap();
+
+    assert_eq!(
+        (page.jobs, page.unusable, &page.next),
+        (4, 1, &None),
+        "{page:?}"
+    );
+    let mut wanted: Vec<&str> = page.wanted.iter().map(|e| e.entry.as_str()).collect();
+    wanted.sort();
+    assert_eq!(wanted, ["fine-1|0|1", "fine-2|0|1"]);
+    common::cleanup(&config).await;
+}
+
 /// What the audit asks of each task, in both stores: a running task its
 /// lease entry at the lease's expiry, a retrying one its retry entry at
 /// its due time, a ready one a lease entry due now; a waiting task and a
@@ -1303,11 +1338,7 @@ async fn a_rejected_submissions_history_expires_with_its_record() {
     let status = store.job("refused").await.unwrap().expect("recorded");
     assert_eq!(status.history.len(), 1, "{status:?}");
     let names = conveyor::names::Names::new(&config.prefix);
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_connection(&config).await;
     let retention_ms = (config.retention_s * 1000) as i64;
     for key in [names.job_key("refused"), names.history_key("refused")] {
         let ttl: i64 = redis::cmd("PTTL")
@@ -1710,11 +1741,7 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
     let config = common::test_config(&common::unique_prefix("broken-entry"));
     let store = common::connect_store(&config, "eq").await;
     let names = conveyor::names::Names::new(&config.prefix);
-    let mut conn = redis::Client::open(config.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_connection(&config).await;
     redis::pipe()
         .cmd("HSET")
         .arg(names.job_key("broken"))

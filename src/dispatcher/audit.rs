@@ -19,6 +19,10 @@ use super::Dispatcher;
 /// audit calls, one of `ZADD GT`).
 const AUDIT_BATCH: usize = 200;
 
+/// How long the audit waits after the store refused it for good (an
+/// answer this code does not understand) before it asks again.
+const AUDIT_REFUSED_PAUSE: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Dispatcher {
     pub(super) async fn audit_forever(&self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.options.sweep_interval);
@@ -30,11 +34,18 @@ impl Dispatcher {
                     tracing::warn!(error = %e, "audit failed; will retry");
                 }
                 Err(e) => {
-                    // Asking again would fail alike, twice a second.
-                    tracing::error!(error = %e,
-                        "audit impossible on this store: after a Redis restart or failover, \
-                         tasks whose claims it lost wait until a worker's outcome is refused");
-                    return;
+                    // Asking again at once would fail alike, twice a
+                    // second; never asking again would leave the audit
+                    // undone for good once the cause (a store of another
+                    // version beside this one) is gone.
+                    tracing::error!(error = %e, pause_s = AUDIT_REFUSED_PAUSE.as_secs(),
+                        "audit impossible on this store now: after a Redis restart or failover, \
+                         tasks whose claims it lost wait until a worker's outcome is refused; \
+                         trying again after a pause");
+                    let resume = tokio::time::Instant::now() + AUDIT_REFUSED_PAUSE;
+                    if !shutdown.sleep_until(resume).await {
+                        return;
+                    }
                 }
             }
         }
@@ -56,7 +67,7 @@ impl Dispatcher {
             server = %server,
             "store server is new to this deployment (restart or failover): auditing unfinished jobs"
         );
-        let (mut jobs, mut wanted, mut added) = (0, 0, 0);
+        let (mut jobs, mut wanted, mut added, mut unusable) = (0, 0, 0, 0);
         let mut cursor: Option<String> = None;
         loop {
             let page = self
@@ -66,6 +77,7 @@ impl Dispatcher {
             jobs += page.jobs;
             wanted += page.wanted.len();
             added += page.added;
+            unusable += page.unusable;
             match page.next {
                 Some(next) => cursor = Some(next),
                 None => break,
@@ -74,7 +86,7 @@ impl Dispatcher {
         self.store.audit_done(&server).await?;
         // Ready tasks have no schedule entry in the normal course: each
         // gets one now, and its message is published once more.
-        tracing::info!(jobs, wanted, added, "audit done");
+        tracing::info!(jobs, wanted, added, unusable, "audit done");
         Ok(true)
     }
 }

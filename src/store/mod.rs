@@ -284,6 +284,9 @@ pub struct AuditPage {
     pub wanted: Vec<ScheduleEntry>,
     /// How many of those the indexes lacked and were given.
     pub added: usize,
+    /// Jobs whose records the store could not act on (a script error on
+    /// one: corrupt, or written by another version), skipped and logged.
+    pub unusable: usize,
     /// Where the next page starts; `None` once the job index is walked.
     pub next: Option<String>,
 }

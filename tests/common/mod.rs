@@ -45,6 +45,16 @@ pub const HOW_TO_START: &str = "integration tests need RabbitMQ on 127.0.0.1:567
 127.0.0.1:6379: start them with `rabbitmq-server -detached` and `redis-server --daemonize yes \
 --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no` (or run .ci/run)";
 
+/// A connection of its own to the Redis of `config`, for a test to read or
+/// write keys behind Conveyor's back.
+pub async fn redis_connection(config: &Config) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(config.redis_url.as_str())
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"))
+}
+
 /// Job `id`: one `noop` task `t` (requestor `r`).
 pub fn noop_job(id: impl serde::Serialize) -> serde_json::Value {
     serde_json::json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]})

@@ -22,7 +22,7 @@ local st = hget('st')
 if not st or st == 'succeeded' or st == 'failed' or st == 'cancelled' or st == 'rejected' then
   return {}
 end
-local n = tonumber(hget('n') or '0')
+local n = tonumber(hget('n') or '0') or 0
 local out = {}
 local soon = string.format('%d', NOW + 1)
 local function want(index, i, a, due)
@@ -41,7 +41,10 @@ for s = 0, n - 1, RELEASE_CHUNK do
   for i = s, e do
     local b = (i - s) * 4
     local state, a = v[b + 1], v[b + 2]
-    if state == 'running' then
+    if not a then
+      -- No attempt to name: nothing an entry could offer (a corrupt
+      -- record, left to the claim that meets it).
+    elseif state == 'running' then
       local le = tonumber(v[b + 3])
       want('l', i, a, (le and le > NOW) and v[b + 3] or soon)
     elseif state == 'ready' then

@@ -178,6 +178,35 @@ fn is_transient_server_error(e: &RedisError) -> bool {
     }
 }
 
+/// Whether a reply of a pipeline sent with `ignore_errors` says Redis lost
+/// the function library (a restart without persistence, a `FUNCTION
+/// FLUSH`).
+fn is_lost_library(value: &redis::Value) -> bool {
+    match value {
+        redis::Value::ServerError(e) => is_function_missing(&e.clone().into()),
+        _ => false,
+    }
+}
+
+/// The schedule entries an audit call's `reply` for job `id` asks for.
+fn audit_entries(id: &str, reply: &Reply) -> Result<Vec<ScheduleEntry>, StoreError> {
+    (0..reply.len() / 4)
+        .map(|k| k * 4)
+        .map(|k| {
+            let index = match field(reply, k) {
+                "l" => ScheduleIndex::Leases,
+                "r" => ScheduleIndex::Retries,
+                other => return Err(protocol(format!("audit answered {other:?}"))),
+            };
+            Ok(ScheduleEntry {
+                index,
+                entry: entry(id, num(reply, k + 1, "idx")?, num(reply, k + 2, "attempt")?),
+                at_ms: num(reply, k + 3, "due")?,
+            })
+        })
+        .collect()
+}
+
 fn protocol(what: impl Into<String>) -> StoreError {
     StoreError::Protocol(what.into())
 }
@@ -823,12 +852,8 @@ impl RedisStore {
         // Redis lost the function library: load it and send the round
         // again (no claim ran). The lease entries' answers are the first
         // sending's, which added them (the second finds them there).
-        let lost_library = |v: &redis::Value| match v {
-            redis::Value::ServerError(e) => is_function_missing(&e.clone().into()),
-            _ => false,
-        };
         if let Ok(first) = &mut values
-            && first.iter().any(lost_library)
+            && first.iter().any(is_lost_library)
         {
             let entries: Vec<redis::Value> = first.drain(..round.len().min(first.len())).collect();
             values = match self.load_library().await {
@@ -1798,23 +1823,41 @@ impl Store for RedisStore {
         if ids.is_empty() {
             return Ok(page);
         }
+        // Each call's error its own: one record the script fails on (or
+        // whose answer does not parse) is skipped and counted, and the
+        // audit goes on with the others; failing the page on it would end
+        // every audit of the deployment at that job.
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for id in &ids {
             pipe.add_command(self.fcall(Script::Audit, id));
         }
-        let replies: Vec<Reply> = self.run(&pipe).await?;
-        for (id, reply) in ids.iter().zip(&replies) {
-            for k in (0..reply.len() / 4).map(|k| k * 4) {
-                let index = match field(reply, k) {
-                    "l" => ScheduleIndex::Leases,
-                    "r" => ScheduleIndex::Retries,
-                    other => return Err(protocol(format!("audit answered {other:?}"))),
-                };
-                page.wanted.push(ScheduleEntry {
-                    index,
-                    entry: entry(id, num(reply, k + 1, "idx")?, num(reply, k + 2, "attempt")?),
-                    at_ms: num(reply, k + 3, "due")?,
-                });
+        let mut values: Vec<redis::Value> = self.run(&pipe).await?;
+        if values.iter().any(is_lost_library) {
+            self.load_library().await?;
+            values = self.run(&pipe).await?;
+        }
+        if values.len() != ids.len() {
+            return Err(protocol(format!(
+                "an audit of {} jobs had {} replies",
+                ids.len(),
+                values.len()
+            )));
+        }
+        for (id, value) in ids.iter().zip(values) {
+            let wanted = match value {
+                redis::Value::ServerError(e) => Err(self.classify(e.into())),
+                value => redis::from_redis_value::<Reply>(value)
+                    .map_err(|e| protocol(format!("audit answered {e}")))
+                    .and_then(|reply| audit_entries(id, &reply)),
+            };
+            match wanted {
+                Ok(wanted) => page.wanted.extend(wanted),
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "the audit cannot act on this job's record (corrupt, or written by another version); skipping it");
+                    page.unusable += 1;
+                }
             }
         }
         if page.wanted.is_empty() {
