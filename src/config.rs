@@ -51,7 +51,8 @@ pub struct Config {
     /// AMQP queue type for submit and task queues: `quorum` or `classic`.
     /// Env `CONVEYOR_QUEUE_TYPE`.
     pub queue_type: QueueType,
-    /// Broker-side delivery limit of task queues (quorum queues only): a
+    /// Broker-side delivery limit of the task, submit and referred queues
+    /// (quorum queues only): a
     /// message delivered this often is dead-lettered by RabbitMQ itself; with
     /// quorum queues it must be greater than `worker.max_deliveries`. Env
     /// `CONVEYOR_DELIVERY_LIMIT`.
@@ -174,8 +175,8 @@ pub struct Limits {
     /// queue a job names is declared on the broker (a quorum queue is a
     /// consensus group of its own), so a job must not make thousands.
     pub max_queues_per_job: usize,
-    /// Longest job id, task name, queue, handler name, requestor; at least
-    /// 36 (a generated job id).
+    /// Longest job id, task name, queue, requestor; at least 36 (a
+    /// generated job id). A handler name is checked against the registry.
     pub max_name_len: usize,
     /// Most labels on a job.
     pub max_labels: usize,
@@ -277,13 +278,19 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this struct.
-    #[error("config file {path} is invalid: {source}")]
+    /// The file is not valid TOML for this struct. Only the parser's
+    /// message and the place: its own text would quote the line, which
+    /// may hold a URL's password.
+    #[error("config file {path} is invalid at line {line}, column {column}: {message}")]
     Parse {
         /// The file.
         path: String,
-        /// Why.
-        source: Box<toml::de::Error>,
+        /// Where, from 1.
+        line: usize,
+        /// Where in the line, from 1, in characters.
+        column: usize,
+        /// Why, as the parser says it (without the line's text).
+        message: String,
     },
     /// An environment variable has a value of the wrong kind.
     #[error("environment variable {var}={value:?} is invalid: {reason}")]
@@ -673,9 +680,16 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source: Box::new(source),
+        toml::from_str(&text).map_err(|e: toml::de::Error| {
+            let at = e.span().map_or(0, |span| span.start).min(text.len());
+            let before = text.get(..at).unwrap_or_default();
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            ConfigError::Parse {
+                path: path.display().to_string(),
+                line: before.matches('\n').count() + 1,
+                column: before[line_start..].chars().count() + 1,
+                message: e.message().to_owned(),
+            }
         })
     }
 
@@ -888,24 +902,41 @@ pub(crate) fn url_query_value<'a>(url: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == key).then_some(v))
 }
 
-/// The URLs of a comma-separated list, trimmed, empty ones dropped.
+/// The URLs of a comma-separated list, trimmed, empty ones dropped. A
+/// piece with no `scheme://` continues the URL before it: the comma was
+/// part of it (a password holding one, or a sentinel URL's host list).
 pub fn split_urls(list: &str) -> Vec<&str> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
+    // Each URL as the range of `list` from its first piece to its last.
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut offset = 0;
+    for piece in list.split(',') {
+        let (from, to) = (offset, offset + piece.len());
+        offset = to + 1;
+        if piece.trim().is_empty() {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(last) if !piece.contains("://") => last.1 = to,
+            _ => ranges.push((from, to)),
+        }
+    }
+    ranges
+        .into_iter()
+        .map(|(from, to)| list[from..to].trim())
         .collect()
 }
 
 /// `url` (or a comma-separated list of them) with any password replaced
 /// by `***`, for logs.
 pub fn redact_url(url: &str) -> String {
-    if url.contains(',') {
-        return split_urls(url)
-            .into_iter()
-            .map(redact_url)
-            .collect::<Vec<_>>()
-            .join(",");
-    }
+    split_urls(url)
+        .into_iter()
+        .map(redact_one_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one_url(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (&url[..scheme.len() + 3], rest),
         None => ("", url),
@@ -1369,6 +1400,43 @@ mod tests {
         );
     }
 
+    /// A file the parser refuses is named with the place and the reason,
+    /// never with the text of its line: a mistyped key beside a URL, or a
+    /// list of URLs written as a TOML array, would print the password.
+    #[test]
+    fn a_file_that_does_not_parse_is_named_by_place_not_by_its_text() {
+        let path =
+            std::env::temp_dir().join(format!("conveyor-cfg-parse-{}.toml", std::process::id()));
+        for (text, line, column, reason) in [
+            (
+                "prefix = \"p\"\namqp_uri = \"amqp://app:s3cret@mq/%2f\"\n",
+                2,
+                1,
+                "unknown field `amqp_uri`",
+            ),
+            (
+                "redis_url = [\"redis://:s3cret@a/\", \"redis://:s3cret@b/\"]\n",
+                1,
+                13,
+                "invalid type",
+            ),
+            ("# é\nredis_url = \"redis://:s3cret@a/\n", 2, 32, "string"),
+        ] {
+            let _ = std::fs::write(&path, text);
+            let err = Config::from_file(&path)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(
+                err.contains(&format!("line {line}, column {column}: ")),
+                "{err}"
+            );
+            assert!(err.contains(reason), "{err}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn unknown_config_keys_are_rejected() {
         assert!(toml::from_str::<Config>("prefx = \"x\"").is_err());
@@ -1393,6 +1461,24 @@ mod tests {
                 "README's configuration table lacks {var}"
             );
         }
+    }
+
+    #[test]
+    fn a_list_splits_at_commas_before_a_scheme_only() {
+        assert_eq!(
+            split_urls("redis://a:6379/, ,redis://b:6379/,"),
+            ["redis://a:6379/", "redis://b:6379/"]
+        );
+        // A password holding a comma, and a sentinel URL's hosts: one URL.
+        assert_eq!(
+            split_urls("amqp://app:pa,ss@mq/%2f,amqp://app:pa,ss@mq2/%2f"),
+            ["amqp://app:pa,ss@mq/%2f", "amqp://app:pa,ss@mq2/%2f"]
+        );
+        assert_eq!(
+            split_urls("redis+sentinel://s1,s2:26380/svc"),
+            ["redis+sentinel://s1,s2:26380/svc"]
+        );
+        assert!(split_urls(" , ").is_empty());
     }
 
     #[test]
@@ -1421,6 +1507,10 @@ mod tests {
         assert_eq!(
             redact_url("amqp://h/v?heartbeat=15"),
             "amqp://h/v?heartbeat=15"
+        );
+        assert_eq!(
+            redact_url("amqp://app:pa,ss@mq/%2f,amqp://app:x,y,z@mq2/%2f"),
+            "amqp://app:***@mq/%2f,amqp://app:***@mq2/%2f"
         );
         // A password holding what ends a URL's parts, unencoded, or a URL
         // without its "//": nothing of the password shows.

@@ -86,9 +86,12 @@ pub struct Args {
 }
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
-    if !(args.poll_ms.is_finite() && args.poll_ms >= 0.0) {
-        anyhow::bail!("--poll-ms must be a number of milliseconds >= 0");
-    }
+    let Some(poll_interval) = (args.poll_ms >= 0.0)
+        .then(|| Duration::try_from_secs_f64(args.poll_ms / 1000.0).ok())
+        .flatten()
+    else {
+        anyhow::bail!("--poll-ms must be a number of milliseconds >= 0 (and below 2^64 s)");
+    };
     let target = if args.spawn {
         Target::Spawn(SpawnOptions {
             exe: std::env::current_exe().context("cannot find this executable to spawn")?,
@@ -107,7 +110,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         target,
         confirm_window: args.window,
-        poll_interval: Duration::from_secs_f64(args.poll_ms / 1000.0),
+        poll_interval,
         poll_window: args.poll_window,
         max_poll_rate: args.poll_budget,
         timeout: Duration::from_secs(args.timeout_s),

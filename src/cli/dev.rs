@@ -31,9 +31,10 @@ pub struct Args {
     /// Workers.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Concurrency of each worker.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
+    /// Concurrency of each worker [default: `worker.concurrency` of the
+    /// configuration, 8 unless set].
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Serve `/healthz` and `/readyz` on this address (e.g. 127.0.0.1:8080).
     #[arg(long)]
     http_addr: Option<std::net::SocketAddr>,
@@ -49,7 +50,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         conveyor_builtin_handlers::registry(),
         EmbeddedOptions {
             workers: args.workers,
-            concurrency: args.concurrency,
+            concurrency: args.concurrency.unwrap_or(config.worker.concurrency),
             snapshot: args.snapshot.clone(),
             ..EmbeddedOptions::default()
         },

@@ -51,7 +51,10 @@ pub async fn until_finished(
     within: Duration,
     mut moved: impl FnMut(&JobStatus, usize),
 ) -> anyhow::Result<JobStatus> {
-    let deadline = Instant::now() + within;
+    // A "forever" of u64::MAX seconds is a deadline far off, not a panic.
+    let deadline = Instant::now()
+        .checked_add(within)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
     if let Some(stalls) = stalls.as_mut() {
         stalls.first_look_after(STARTING_GRACE);
     }

@@ -34,9 +34,10 @@ pub struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
-    /// Embedded worker concurrency.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
+    /// Embedded worker concurrency [default: `worker.concurrency` of the
+    /// configuration, 8 unless set].
+    #[arg(long)]
+    concurrency: Option<usize>,
 }
 
 pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
@@ -56,7 +57,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
                 &config,
                 conveyor_builtin_handlers::registry(),
                 EmbeddedOptions {
-                    concurrency: args.concurrency,
+                    concurrency: args.concurrency.unwrap_or(config.worker.concurrency),
                     ..EmbeddedOptions::default()
                 },
             )
