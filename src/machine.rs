@@ -703,11 +703,19 @@ impl JobRecord {
         Some(self.message(idx))
     }
 
-    /// `poison.lua`: whether the task was failed.
+    /// `poison.lua`: whether the task was failed (by this call, or by the
+    /// same call before, sent again: failed at this attempt with this
+    /// reason).
     pub fn poison(&mut self, idx: u32, attempt: u32, reason: &str, now: u64, by: &str) -> bool {
         let Some(t) = self.task(idx) else {
             return false;
         };
+        if t.state == TaskState::Failed
+            && t.attempt == attempt
+            && t.error.as_deref() == Some(reason)
+        {
+            return true;
+        }
         if t.state != TaskState::Ready || t.attempt != attempt {
             return false;
         }

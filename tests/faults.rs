@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::journal::{self, ended_runs, read_journal};
 use common::scratch::Scratch;
-use common::{Client, Deployment, eventually, test_config, unique_prefix};
+use common::{Client, Deployment, eventually, port_of, test_config, unique_prefix};
 use conveyor::broker::{Broker, BrokerError, Outgoing};
 use conveyor::config::Config;
 use conveyor::model::{JobState, TaskState};
@@ -205,15 +205,6 @@ async fn wait_readiness(port: u16, ready: bool) -> Value {
 }
 
 /// The port a test service URL names (`scheme://[user:pass@]host:port/...`).
-fn port_of(url: &str) -> u16 {
-    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let host_port = authority.rsplit('@').next().unwrap_or(authority);
-    (host_port.split(['/', '?']).next())
-        .and_then(|hp| hp.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{url} names no port"))
-}
-
 async fn signal(child: &tokio::process::Child, sig: &str) {
     let pid = child.id().expect("running").to_string();
     let ok = tokio::process::Command::new("kill")

@@ -331,6 +331,108 @@ async fn create_noop_job(store: &dyn Store, id: &str) -> TaskMessage {
     }
 }
 
+/// Failing a poisoned task is answered the same when the call comes again
+/// (sent again after its reply was lost): the task was failed, with that
+/// reason, so its message is dead-lettered, not dropped as stale. Another
+/// reason, or a task that was not failed as poisoned, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_a_poisoned_task_again_is_answered_as_the_first_time() {
+    let config = common::test_config(&common::unique_prefix("poisonagain"));
+    for (name, store) in side_by_side(&config).await {
+        let message = create_noop_job(store.as_ref(), "p").await;
+        let failed = store.fail_poisoned(&message, "delivered 5 times").await;
+        assert!(failed.unwrap(), "{name}");
+        let again = store.fail_poisoned(&message, "delivered 5 times").await;
+        assert!(again.unwrap(), "{name}: the same call again");
+        let other = store.fail_poisoned(&message, "another reason").await;
+        assert!(!other.unwrap(), "{name}: another reason");
+        let status = store.job("p").await.unwrap().unwrap();
+        assert_eq!(
+            status.tasks["t"].error.as_deref(),
+            Some("delivered 5 times")
+        );
+        assert_eq!(status.version, 2, "{name}: failed once: {status:#?}");
+        let message = create_noop_job(store.as_ref(), "never-poisoned").await;
+        assert!(
+            !store
+                .fail_poisoned(
+                    &TaskMessage {
+                        attempt: 2,
+                        ..message
+                    },
+                    "x"
+                )
+                .await
+                .unwrap()
+        );
+    }
+    common::cleanup(&config).await;
+}
+
+/// A claim whose answer is lost with its connection (Redis ran it; the
+/// reply never came) is sent again on a new connection and answered with
+/// the claim it made, under the same fence, not `busy`: told `busy`, its
+/// worker would drop the message and the claim would lapse, an attempt
+/// spent (with `max_attempts` 1, the task failed) and a lease waited for
+/// nothing. A claim of the same attempt by another request is still busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_again_after_its_reply_was_lost_is_answered_with_the_claim_it_made() {
+    let config = common::test_config(&common::unique_prefix("lostreply"));
+    let cutter = common::cutter::Cutter::start(common::port_of(&config.redis_url)).await;
+    let through = Config {
+        redis_url: cutter.redis_url(),
+        ..config.clone()
+    };
+    let store = common::connect_store(&through, "eq").await;
+    let lease = Duration::from_secs(30);
+    for (id, create_and_claim) in [("by-message", false), ("by-submission", true)] {
+        let message = TaskMessage {
+            job: id.to_owned(),
+            task: "t".into(),
+            idx: 0,
+            attempt: 1,
+            queue: "default".into(),
+        };
+        let outcome = if create_and_claim {
+            cutter.drop_next_reply();
+            let (_, outcome) = store
+                .create_job_and_claim(&plan(&common::noop_job(id)), 0, "w", lease)
+                .await
+                .unwrap();
+            outcome
+        } else {
+            create_noop_job(store.as_ref(), id).await;
+            cutter.drop_next_reply();
+            store.claim(&message, "w", lease).await.unwrap()
+        };
+        assert!(cutter.dropped_a_reply(), "{id}: no reply was lost");
+        let ClaimOutcome::Claimed(claimed) = outcome else {
+            panic!("{id}: {outcome:?}");
+        };
+        let status = store.job(id).await.unwrap().unwrap();
+        assert_eq!(status.tasks["t"].state, TaskState::Running, "{id}");
+        assert_eq!(status.tasks["t"].attempts, 1, "{id}");
+        let claimed_again = store.claim(&message, "w", lease).await.unwrap();
+        assert!(
+            matches!(claimed_again, ClaimOutcome::Busy),
+            "{id}: {claimed_again:?}"
+        );
+        let ok = AttemptResult::Succeeded("{}".into());
+        let applied = store.complete(&claimed.claim, "w", &ok).await.unwrap();
+        assert!(
+            matches!(
+                applied,
+                Applied::Done {
+                    duplicate: false,
+                    ..
+                }
+            ),
+            "{id}: the claim handed out is the one recorded: {applied:?}"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
 /// Claims that arrive together go to Redis in one round, one call per
 /// job, and are answered as the memory store answers them one by one:
 /// each child of a fan-out claimed once, with its dependency's result, a

@@ -616,6 +616,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Fail a task whose message was delivered too often without an
     /// outcome (a poison message), if it is still waiting at that attempt.
-    /// Returns whether the task was failed.
+    /// Returns whether the task was failed: also when the same call failed
+    /// it before (failed at that attempt with that reason), so that a call
+    /// sent again after its reply was lost is answered as the first.
     async fn fail_poisoned(&self, task: &TaskMessage, reason: &str) -> Result<bool, StoreError>;
 }

@@ -9,14 +9,17 @@
 //! as when packets are dropped on the way. Nothing tells either side the
 //! link is dead: only heartbeats and time-outs can.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 pub struct Cutter {
     pub port: u16,
+    /// 1 while armed ([`Cutter::drop_next_reply`]); 2 once it dropped one.
+    drop_reply: Arc<AtomicUsize>,
     cut: Arc<AtomicBool>,
     silent: tokio::sync::watch::Sender<bool>,
     /// Connections accepted while silent, held open unanswered.
@@ -35,10 +38,16 @@ impl Cutter {
         let cut = Arc::new(AtomicBool::new(false));
         let (silent, _) = tokio::sync::watch::channel(false);
         let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let drop_reply = Arc::new(AtomicUsize::new(0));
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn({
-            let (cut, links, held, silent) =
-                (cut.clone(), links.clone(), held.clone(), silent.clone());
+            let (cut, links, held, silent, drop_reply) = (
+                cut.clone(),
+                links.clone(),
+                held.clone(),
+                silent.clone(),
+                drop_reply.clone(),
+            );
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     // Checked under the lock `cut` drains with, so no link
@@ -53,10 +62,11 @@ impl Cutter {
                         continue;
                     }
                     let mut silenced = silent.subscribe();
+                    let drop_reply = drop_reply.clone();
                     live.push(tokio::spawn(async move {
                         if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
                             tokio::select! {
-                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                _ = forward(&mut inbound, &mut outbound, &drop_reply) => {}
                                 _ = async { drop(silenced.wait_for(|s| *s).await) } => {
                                     // Both sockets stay open, and nothing
                                     // crosses, until the link is dropped.
@@ -70,12 +80,25 @@ impl Cutter {
         });
         Cutter {
             port,
+            drop_reply,
             cut,
             silent,
             held,
             links,
             accept,
         }
+    }
+
+    /// Close the connection the next answer from the server comes on,
+    /// instead of forwarding it: the server ran the request, and its
+    /// client never hears so.
+    pub fn drop_next_reply(&self) {
+        self.drop_reply.store(1, Ordering::SeqCst);
+    }
+
+    /// Whether an answer was dropped since [`Cutter::drop_next_reply`].
+    pub fn dropped_a_reply(&self) -> bool {
+        self.drop_reply.load(Ordering::SeqCst) == 2
     }
 
     /// A `redis://` URL through the forwarder.
@@ -108,6 +131,36 @@ impl Cutter {
         self.held.lock().unwrap().clear();
         self.silent.send_replace(false);
         self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Forward both ways until either side closes; an answer that comes while
+/// `drop_reply` is armed (1) ends the link instead (and marks it 2).
+async fn forward(client: &mut TcpStream, server: &mut TcpStream, drop_reply: &AtomicUsize) {
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_server, mut to_server) = server.split();
+    let up = tokio::io::copy(&mut from_client, &mut to_server);
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if drop_reply
+                .compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return;
+            }
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
     }
 }
 

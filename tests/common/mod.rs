@@ -55,6 +55,16 @@ pub async fn redis_connection(config: &Config) -> redis::aio::MultiplexedConnect
         .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"))
 }
 
+/// The port a `redis://` or `amqp://` URL names.
+pub fn port_of(url: &str) -> u16 {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    (host_port.split(['/', '?']).next())
+        .and_then(|hp| hp.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{url} names no port"))
+}
+
 /// Job `id`: one `noop` task `t` (requestor `r`).
 pub fn noop_job(id: impl serde::Serialize) -> serde_json::Value {
     serde_json::json!({"id": id, "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]})

@@ -18,7 +18,7 @@ end
 if v[1] ~= 'running' or v[2] ~= ARGV[2] or v[3] ~= fence then return {'stale'} end
 local name, kind = v[5], ARGV[4]
 local out = {'applied', '', ''}
-redis.call('HDEL', J, 'le:' .. i, 'e:' .. i)
+redis.call('HDEL', J, 'le:' .. i, 'e:' .. i, 'ct:' .. i)
 if kind == 'ok' then
   hist(name, 'running', 'succeeded', 'succeeded on attempt ' .. ARGV[2], by)
   local open = tonumber(v[8]) - 1

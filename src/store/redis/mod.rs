@@ -121,6 +121,10 @@ struct ClaimRequest {
     task: TaskMessage,
     worker: String,
     lease_ms: u64,
+    /// This request's own, recorded with the claim it makes: sent again
+    /// (the connection dropped before the reply), the request is answered
+    /// with that claim instead of `busy` (see `claim.lua`).
+    token: u64,
     answer: tokio::sync::oneshot::Sender<Result<ClaimOutcome, StoreError>>,
 }
 
@@ -838,12 +842,13 @@ impl RedisStore {
         }
         for call in &calls {
             let first = &round[call[0]];
-            let mut cmd = self.fcall_sized(Script::Claim, &first.task.job, 3 + 2 * call.len(), 0);
+            let mut cmd = self.fcall_sized(Script::Claim, &first.task.job, 3 + 3 * call.len(), 0);
             cmd.arg(&first.worker)
                 .arg(first.lease_ms)
                 .arg(self.max_inputs_bytes.load(Ordering::Relaxed));
             for &k in call {
-                cmd.arg(round[k].task.idx).arg(round[k].task.attempt);
+                let r = &round[k];
+                cmd.arg(r.task.idx).arg(r.task.attempt).arg(r.token);
             }
             pipe.add_command(cmd);
         }
@@ -1036,8 +1041,8 @@ impl RedisStore {
             Err(e) if e.is_connection_dropped() => {
                 // The shared connection died (Redis restarted, or the network
                 // dropped it): once more on a fresh one. Every transition is
-                // safe to repeat — a repeated claim answers `busy` and its
-                // lease lapses to the sweep, a repeated completion answers
+                // safe to repeat — a repeated claim is answered with the
+                // claim its token made (`claim.lua`), a repeated completion answers
                 // `duplicate` with the same follow-ups, a repeated release
                 // leaves its re-offer to the sweep.
                 self.drop_shared();
@@ -1175,6 +1180,7 @@ impl Store for RedisStore {
         create
             .arg(task.idx)
             .arg(task.attempt)
+            .arg(rand::random::<u64>())
             .arg(worker)
             .arg(lease_ms)
             .arg(self.max_inputs_bytes.load(Ordering::Relaxed))
@@ -1227,6 +1233,7 @@ impl Store for RedisStore {
             task: task.clone(),
             worker: worker.to_owned(),
             lease_ms: lease.as_millis() as u64,
+            token: rand::random(),
             answer,
         };
         match &self.claim_rounds {
