@@ -11,7 +11,8 @@
 //!   attempt — checks that permanent errors are not retried and that the
 //!   message reaches the job's status.
 //! - `{"panic": true}` panics inside `run` — checks that a handler panic
-//!   fails the task and leaves the worker running.
+//!   fails its attempt (retried, as a transient error, while attempts
+//!   are left) and leaves the worker running.
 //!
 //! If several are given, `panic` wins over `permanent`, which wins over
 //! `times`. Unknown keys are rejected so a typo (`"time": 3`) is not silently

@@ -71,7 +71,15 @@
 //! left in the background after a *successful* exit are not touched, but
 //! note that a background process holding the program's stdout or stderr
 //! open keeps the task running (until it exits or the time-out) because the
-//! handler reads both to their end.
+//! handler reads both to their end. (One holding stdin does not: once both
+//! outputs are closed and the program has exited, input it did not read
+//! is dropped.)
+//!
+//! A descendant that leaves the group (`setsid`, `setpgid`: daemons, GNU
+//! `timeout`, Python's `start_new_session`) is out of reach of all of
+//! this: it outlives a time-out, a failure and the worker. Run such
+//! programs with their own supervision (`timeout --foreground` stays in
+//! the group).
 //!
 //! The group also dies when the worker process itself dies, even by
 //! `kill -9`: a small watchdog process started with the first `shell` run
@@ -570,12 +578,42 @@ impl Handler for Shell {
         };
 
         let finished = tokio::time::timeout(ctx.timeout, async {
-            let (_, out, err) = tokio::try_join!(
-                write_stdin(stdin, input),
-                read_capped(stdout, MAX_STDOUT_BYTES),
-                async { Ok(read_tail(stderr, STDERR_TAIL_BYTES).await) },
-            )?;
-            let status = child.wait().await.map_err(|e| Stop::Io("wait", e))?;
+            let write = write_stdin(stdin, input);
+            let read = async {
+                tokio::try_join!(read_capped(stdout, MAX_STDOUT_BYTES), async {
+                    Ok(read_tail(stderr, STDERR_TAIL_BYTES).await)
+                })
+            };
+            tokio::pin!(write, read);
+            // Written while read: a program that writes before it reads
+            // never waits on us.
+            let mut written = false;
+            let (out, err) = loop {
+                tokio::select! {
+                    w = &mut write, if !written => {
+                        w?;
+                        written = true;
+                    }
+                    r = &mut read => break r?,
+                }
+            };
+            // Both outputs closed. A program may still read on (its output
+            // sent elsewhere): the writing goes on until it exits. Once it
+            // has, input left unwritten has no reader of its own (a
+            // background process that inherited stdin and never reads it
+            // would otherwise hold a finished run until its time-out).
+            let status = if written {
+                child.wait().await
+            } else {
+                tokio::select! {
+                    status = child.wait() => status,
+                    w = &mut write => {
+                        w?;
+                        child.wait().await
+                    }
+                }
+            }
+            .map_err(|e| Stop::Io("wait", e))?;
             Ok::<_, Stop>((status, out, err))
         })
         .await;
@@ -691,6 +729,22 @@ mod tests {
         params["stdin"] = json!({"x": [1, 2, {"y": "z"}]});
         let out = run(params).await;
         assert_eq!(out, Ok(Outcome::Done(json!({"x": [1, 2, {"y": "z"}]}))));
+    }
+
+    /// A program that exits without reading its input, leaving a
+    /// background process that inherited its stdin (and never reads it):
+    /// once both outputs are closed and the program has exited, the run is
+    /// over, with the program's result, not held until its time-out by an
+    /// input larger than the pipe's buffer that nobody will read.
+    #[tokio::test]
+    async fn input_nobody_reads_does_not_hold_a_finished_run() {
+        let mut params = sh("exec 3<&0; sleep 10 <&3 >/dev/null 2>&1 3<&- & echo '{}'");
+        params["stdin"] = json!("x".repeat(300_000));
+        Shell.validate(&params).unwrap();
+        let mut ctx = test_ctx(1);
+        ctx.timeout = Duration::from_secs(5);
+        let out = Shell.run(ctx, params).await;
+        assert_eq!(out, Ok(Outcome::Done(json!({}))));
     }
 
     #[tokio::test]
