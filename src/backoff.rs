@@ -2,8 +2,11 @@
 //!
 //! Task retries use exponential backoff with *full jitter*
 //! (`random(0, min(cap, base * 2^(attempt-1)))`), which spreads a burst of
-//! failures out instead of synchronising their retries. Infrastructure
-//! reconnects use `backon`'s exponential builder with jitter.
+//! failures out instead of synchronising their retries. Tries again after
+//! an outage (connecting, subscribing, a publish the broker did not take,
+//! a dispatcher or worker interrupted) wait by [`Reconnect`]: `backon`'s
+//! exponential backoff with jitter, so that the processes a broker restart
+//! cut off do not all come back in the same instant.
 
 use std::time::Duration;
 
@@ -42,14 +45,46 @@ pub fn claim_rng(claim: &crate::store::ClaimRef) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(h)
 }
 
-/// Reconnect backoff for broker and store outages: 100 ms doubling to 5 s,
-/// jittered, forever (the caller stops on shutdown).
-pub fn reconnect() -> backon::ExponentialBuilder {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
+/// The waits between tries of something an outage stopped: doubling from
+/// about `min` to about `max`, each between half of its step and the whole
+/// (backon's jitter adds up to the step again to a half-sized one), for
+/// ever: the caller stops on shutdown. [`Reconnect::succeeded`] starts
+/// again from `min`.
+pub struct Reconnect {
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
+    max: Duration,
+}
+
+impl Reconnect {
+    /// From about `min` to about `max`.
+    pub fn new(min: Duration, max: Duration) -> Reconnect {
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(min / 2)
+            .with_max_delay(max / 2)
+            .with_jitter()
+            .without_max_times();
+        Reconnect {
+            delays: backon::BackoffBuilder::build(builder),
+            builder,
+            max,
+        }
+    }
+
+    /// For broker and store outages: from about 100 ms to about 5 s.
+    pub fn after_outage() -> Reconnect {
+        Reconnect::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// How long to wait before the next try.
+    pub fn next_delay(&mut self) -> Duration {
+        self.delays.next().unwrap_or(self.max).min(self.max)
+    }
+
+    /// The try went through: the next outage starts from `min` again.
+    pub fn succeeded(&mut self) {
+        self.delays = backon::BackoffBuilder::build(self.builder);
+    }
 }
 
 #[cfg(test)]
@@ -63,6 +98,21 @@ mod tests {
         assert_eq!(ceiling(4, 100, 1000), 800);
         assert_eq!(ceiling(5, 100, 1000), 1000);
         assert_eq!(ceiling(200, 100, 1000), 1000);
+    }
+
+    #[test]
+    fn waits_after_an_outage_double_within_their_bounds_and_start_over_after_a_success() {
+        let ms = Duration::from_millis;
+        let mut waits = Reconnect::new(ms(100), ms(800));
+        let first: Vec<Duration> = (0..6).map(|_| waits.next_delay()).collect();
+        // Steps of 50, 100, 200, 400, 400, 400 ms, each jittered up to
+        // twice its size.
+        for (wait, step) in first.iter().zip([50, 100, 200, 400, 400, 400]) {
+            assert!(*wait >= ms(step) && *wait <= ms(2 * step), "{first:?}");
+        }
+        waits.succeeded();
+        let again = waits.next_delay();
+        assert!(again >= ms(50) && again <= ms(100), "{again:?}");
     }
 
     proptest::proptest! {

@@ -101,7 +101,7 @@ pub async fn consume(
     let holds = matches!(permits, Permits::Hold(..));
     let prefetch = prefetch.max(1);
     health.set_consuming(queue, false);
-    let mut retry_delay = Duration::from_millis(100);
+    let mut waits = crate::backoff::Reconnect::after_outage();
     // Set when a Hold consumer gave back what it held: its next
     // subscription's prefetch is the permits free then, widened as more
     // free, until it is `prefetch` again.
@@ -120,7 +120,7 @@ pub async fn consume(
             Ok(s) => {
                 tracing::info!(%queue, prefetch = window, priority, "consuming");
                 health.set_consuming(queue, true);
-                retry_delay = Duration::from_millis(100);
+                waits.succeeded();
                 s
             }
             Err(e) => {
@@ -131,9 +131,8 @@ pub async fn consume(
                 tokio::select! {
                     biased;
                     _ = shutdown.wait() => break 'subscribe,
-                    _ = tokio::time::sleep(retry_delay) => {}
+                    _ = tokio::time::sleep(waits.next_delay()) => {}
                 }
-                retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
                 continue;
             }
         };

@@ -141,9 +141,10 @@ impl Health {
         tracing::warn!("store unreachable: taking no new work until it answers");
         let this = self.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
+            let mut waits =
+                crate::backoff::Reconnect::new(Duration::from_millis(100), Duration::from_secs(2));
             loop {
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(waits.next_delay()).await;
                 match this.store.ping().await {
                     Ok(()) => {
                         tracing::info!("store reachable again: resuming");
@@ -152,7 +153,6 @@ impl Health {
                     }
                     Err(e) => tracing::debug!(error = %e, "store still unreachable"),
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
         });
     }

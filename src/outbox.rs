@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::backoff::Reconnect;
 use crate::broker::{Broker, BrokerError, HeaderValue, Outgoing, Properties};
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
@@ -142,14 +143,13 @@ impl Outbox {
         &self,
         tasks: &[TaskMessage],
     ) -> Result<(), BrokerError> {
-        let mut delay = Duration::from_millis(50);
+        let mut waits = Reconnect::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             match self.publish_tasks(tasks).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(error = %e, "publishing tasks failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(waits.next_delay()).await;
                 }
                 Err(e) => return Err(e),
             }

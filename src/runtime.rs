@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use conveyor_handler::Registry;
 
+use crate::backoff::Reconnect;
 use crate::broker::amqp::{AmqpBroker, Topology};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError, TlsCa, redact_url};
@@ -120,7 +121,7 @@ pub async fn connect_until_up(
     shutdown: &Shutdown,
 ) -> Result<Option<(Arc<dyn Store>, Arc<dyn Broker>)>, ConfigError> {
     let tls_ca = config.tls_ca()?;
-    let mut delay = Duration::from_millis(200);
+    let mut waits = Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         // (what failed, whether it looks like an outage)
         let attempt = async {
@@ -158,9 +159,8 @@ pub async fn connect_until_up(
         let mut s = shutdown.clone();
         tokio::select! {
             _ = s.wait() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(waits.next_delay()) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -194,7 +194,7 @@ pub async fn run_dispatcher(
     if let Some(p) = &probes {
         p.attach(dispatcher.health().clone());
     }
-    let mut delay = Duration::from_millis(200);
+    let mut waits = Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match dispatcher.run(shutdown.clone()).await {
             Ok(()) => return Ok(()),
@@ -203,9 +203,8 @@ pub async fn run_dispatcher(
                 let mut s = shutdown.clone();
                 tokio::select! {
                     _ = s.wait() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(waits.next_delay()) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -268,7 +267,7 @@ pub async fn run_worker(
     if let Some(p) = &probes {
         p.attach(worker.health().clone());
     }
-    let mut delay = Duration::from_millis(200);
+    let mut waits = Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match worker.run(shutdown.clone()).await {
             Ok(()) => return Ok(()),
@@ -277,9 +276,8 @@ pub async fn run_worker(
                 let mut s = shutdown.clone();
                 tokio::select! {
                     _ = s.wait() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(waits.next_delay()) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }

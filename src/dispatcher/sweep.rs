@@ -28,9 +28,10 @@
 //! for the next regular pass, and the pass goes on with the others; the
 //! loop then looks past the retries left so for the next one to wake for,
 //! so a stuck retry neither holds the others back nor is tried at every
-//! look. Only a broker
-//! or store that is unreachable ends a pass early: every other call would
-//! fail alike.
+//! look. A broker or store that is unreachable ends a pass early (every
+//! other call would fail alike), as does a store error on a forget or a
+//! whole batch's worth of entries failing; what is left waits for the next
+//! pass.
 
 use std::collections::HashSet;
 
@@ -291,13 +292,17 @@ impl Dispatcher {
         loop {
             let limit = SWEEP_BATCH + failed.len();
             let actions = self.due(schedule, limit).await?;
-            let more = actions.len() >= limit;
             // One read: every action of the batch has its time.
             let read_at = actions.iter().map(|a| a.read_at).min().unwrap_or(0);
             let fresh: Vec<SweepAction> = actions
                 .into_iter()
                 .filter(|a| !failed.contains(&a.entry))
                 .collect();
+            // The stores leave out of `actions` the entries they moved on
+            // (a live lease, a retry not due yet): a batch shorter than
+            // the limit may have read a full one. Only a batch with
+            // nothing new says the schedule is drained (one more read).
+            let more = !fresh.is_empty();
             let published = self.publish_actions(&fresh).await;
             self.forget(schedule, &published.done, read_at).await?;
             total += published.done.len();
