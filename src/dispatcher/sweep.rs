@@ -43,6 +43,13 @@ use super::Dispatcher;
 
 const SWEEP_BATCH: usize = 500;
 
+/// The most batches of one schedule a pass works through: a backlog (a
+/// failover's worth of lapsed leases, all due at once) is taken a few
+/// thousand entries at a time, each pass starting again with the retries
+/// and the next coming at once, so that retries falling due meanwhile are
+/// not held up behind it.
+const SWEEP_BATCHES_PER_PASS: usize = 10;
+
 /// How long lapsed leases are left to their workers' renewals after the
 /// store was unreachable: ten of a worker's retries.
 pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -85,6 +92,9 @@ struct SweepLoop {
     /// seen every due retry: then a due retry may be one it left, and
     /// none brings the pass forward.
     retries_left: Option<usize>,
+    /// The last pass stopped at [`SWEEP_BATCHES_PER_PASS`] with entries
+    /// still due: the next comes at once.
+    backlog: bool,
 }
 
 impl SweepLoop {
@@ -94,6 +104,7 @@ impl SweepLoop {
             store_down: false,
             reclaim_from: Some(tokio::time::Instant::now() + RECLAIM_GRACE),
             retries_left: Some(0),
+            backlog: false,
         }
     }
 }
@@ -117,6 +128,8 @@ struct Swept {
     /// it had seen every due entry. Of the retries schedule, for a whole
     /// pass.
     left: Option<usize>,
+    /// It stopped at [`SWEEP_BATCHES_PER_PASS`] with entries still due.
+    capped: bool,
 }
 
 /// What publishing one batch of sweep actions did.
@@ -151,6 +164,9 @@ impl Dispatcher {
             last = tokio::time::Instant::now();
             self.sweep_tick(&mut state).await;
             pass_at = last + self.options.sweep_interval;
+            if state.backlog {
+                pass_at = last + MIN_PASS_GAP;
+            }
             pass_at = self.sooner_for_retry(&state, last, pass_at).await;
         }
     }
@@ -221,9 +237,11 @@ impl Dispatcher {
         };
         // A pass that ends early may leave retries due.
         state.retries_left = None;
+        state.backlog = false;
         match self.sweep_pass(leases).await {
             Ok(swept) => {
                 state.retries_left = swept.left;
+                state.backlog = swept.capped;
                 if swept.done > 0 {
                     tracing::debug!(actions = swept.done, "sweep");
                 }
@@ -255,6 +273,7 @@ impl Dispatcher {
         Ok(Swept {
             done: retries.done + leases.done,
             left: retries.left,
+            capped: retries.capped || leases.capped,
         })
     }
 
@@ -289,7 +308,8 @@ impl Dispatcher {
         let mut failed: HashSet<String> = HashSet::new();
         let mut total = 0;
         let mut seen_all = true;
-        loop {
+        let mut capped = false;
+        for batch in 1.. {
             let limit = SWEEP_BATCH + failed.len();
             let actions = self.due(schedule, limit).await?;
             // One read: every action of the batch has its time.
@@ -313,6 +333,10 @@ impl Dispatcher {
             if !more {
                 break;
             }
+            if batch >= SWEEP_BATCHES_PER_PASS {
+                (capped, seen_all) = (true, false);
+                break;
+            }
             if failed.len() >= SWEEP_BATCH {
                 tracing::warn!(
                     ?schedule,
@@ -326,6 +350,7 @@ impl Dispatcher {
         Ok(Swept {
             done: total,
             left: seen_all.then_some(failed.len()),
+            capped,
         })
     }
 
@@ -891,6 +916,53 @@ mod tests {
         s.dispatcher.sweep_tick(&mut state).await;
         assert_eq!(s.queued_jobs("default").await, vec!["l"]);
         assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
+
+    /// A backlog of lapsed leases (a failover's worth, all due at once) is
+    /// taken [`SWEEP_BATCHES_PER_PASS`] batches a pass, and the next pass
+    /// comes at once, not a sweep interval later, starting with the
+    /// retries: one falling due meanwhile waits for one pass's worth of the
+    /// backlog at most, not for all of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_of_lapsed_leases_is_taken_a_pass_at_a_time_without_waiting_between() {
+        let s = setup();
+        let cap = SWEEP_BATCH * SWEEP_BATCHES_PER_PASS;
+        for i in 0..cap + 1 {
+            s.lapsing(&format!("lapsed-{i:05}"), "backlog").await;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), cap);
+        assert_eq!(s.store.schedule_sizes(), (1, 0));
+
+        s.lapsing("late", "backlog").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for i in 0..cap {
+            s.lapsing(&format!("more-{i:05}"), "backlog").await;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s.retrying("retry", "default").await;
+        tokio::time::advance(Duration::from_millis(20)).await;
+        let mut state = SweepLoop::default();
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert!(state.backlog, "a capped pass asks for the next at once");
+        assert_eq!(s.queued_jobs("default").await, vec!["retry"]);
+        // More than a pass's worth again. A loop just started leaves
+        // lapsed leases alone for its grace, then takes the backlog in
+        // passes one after the other.
+        for i in 0..cap {
+            s.lapsing(&format!("again-{i:05}"), "backlog").await;
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(s.store.schedule_sizes().0 > cap);
+        let sweeping = Sweeping::start(&s);
+        let interval = s.dispatcher.options.sweep_interval;
+        tokio::time::sleep(RECLAIM_GRACE.max(interval) + interval / 2).await;
+        sweeping.stop().await;
+        assert_eq!(
+            s.store.schedule_sizes(),
+            (0, 0),
+            "the rest of the backlog within half a sweep interval of the first pass"
+        );
     }
 
     #[tokio::test(start_paused = true)]
