@@ -50,6 +50,11 @@ use crate::text::capped;
 /// it goes back to its queue (see [`Submissions::retry_later`]).
 const BROKER_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a submission whose job id was assigned here is held while the
+/// publish of its job's ready tasks is tried again (see
+/// [`Submissions::handle`]), before it goes back to its queue anyway.
+const HOLD_ASSIGNED_ID: Duration = Duration::from_secs(60);
+
 /// What handles submissions for one process.
 #[derive(Clone)]
 pub(crate) struct Submissions {
@@ -142,7 +147,13 @@ impl Submissions {
                     // that cannot be read, there is no answer yet: never
                     // "accepted" for a submission that is not.
                     Ok(false) => match self.taken_reply(&rejection.id).await {
-                        Ok(reply) => reply,
+                        Ok(Some(reply)) => reply,
+                        // Expired since it was found taken: taken again,
+                        // the submission records its rejection.
+                        Ok(None) => {
+                            give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
+                            return None;
+                        }
                         Err(e) => {
                             self.store_failed(delivery, e, &rejection.id).await;
                             return None;
@@ -198,7 +209,27 @@ impl Submissions {
                         return None;
                     }
                 };
-                if let Err(e) = self.outbox.publish_tasks(&ready).await {
+                let published = match self.outbox.publish_tasks(&ready).await {
+                    // Given back through a requeue (the broker unreachable
+                    // for publishing), the submission would lose the id
+                    // assigned here, and be recorded again under another:
+                    // it is held while the publish is tried again, for a
+                    // while (a memory alarm blocks publishing, not
+                    // consuming).
+                    Err(e)
+                        if e.is_unavailable()
+                            && claimed.is_none()
+                            && delivery.properties.header(ASSIGNED_ID_HEADER).is_some() =>
+                    {
+                        tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; holding the submission (its job id was assigned here) and trying again");
+                        let again = self.outbox.publish_tasks_until_confirmed(&ready);
+                        tokio::time::timeout(HOLD_ASSIGNED_ID, again)
+                            .await
+                            .unwrap_or(Err(e))
+                    }
+                    other => other,
+                };
+                if let Err(e) = published {
                     // The job is recorded; the submission, taken again,
                     // finds it existing and publishes its ready tasks
                     // again. A root claimed here is running, not ready: it
@@ -280,19 +311,17 @@ impl Submissions {
     }
 
     /// The answer to an invalid submission whose id is taken: the job
-    /// recorded under it ([`Self::existing_reply`]). An error if it cannot
-    /// be read, or is gone (expired since the id was found taken): the
-    /// submission is then taken again later.
-    async fn taken_reply(&self, id: &str) -> Result<SubmitReply, StoreError> {
-        match self.store.job(id).await? {
+    /// recorded under it ([`Self::existing_reply`]); `None` if it is gone
+    /// (expired since the id was found taken). Either way, and when it
+    /// cannot be read, the submission is taken again later.
+    async fn taken_reply(&self, id: &str) -> Result<Option<SubmitReply>, StoreError> {
+        Ok(match self.store.job(id).await? {
             Some(status) if status.state == JobState::Rejected => {
-                Ok(Self::taken_by_refusal(id.to_owned(), status.error))
+                Some(Self::taken_by_refusal(id.to_owned(), status.error))
             }
-            Some(status) => Ok(self.existing_reply(id.to_owned(), status.state).await),
-            None => Err(StoreError::Unavailable(format!(
-                "the job under taken id {id:?} expired as it was read"
-            ))),
-        }
+            Some(status) => Some(self.existing_reply(id.to_owned(), status.state).await),
+            None => None,
+        })
     }
 
     /// The answer to a submission whose id a refusal holds.
@@ -341,7 +370,14 @@ impl Submissions {
     /// queue as a new message. When the connection is lost, the broker
     /// takes it back anyway.
     async fn retry_later(&self, delivery: Delivery, e: &BrokerError, pause: Duration) {
-        if e.is_unavailable() {
+        // Requeued, the broker hands back the message as its publisher sent
+        // it: an id assigned here would be lost, and the job recorded under
+        // it recorded again under another. A publish that timed out (a
+        // memory alarm blocks publishing, not consuming) is not always a
+        // lost connection, so the copy is tried first (it falls back to a
+        // requeue).
+        let assigned = delivery.properties.header(ASSIGNED_ID_HEADER).is_some();
+        if e.is_unavailable() && !assigned {
             requeue(delivery).await;
             return;
         }
@@ -549,38 +585,68 @@ mod tests {
         assert_eq!(s.broker.ready_len(&s.names.referred_queue()).await, 0);
     }
 
-    /// Refuses the first publish to `queue`, as a queue at its length limit
-    /// does; every other publish goes through.
-    struct RefusesFirstPublishTo {
+    /// Fails the first publish to `queue` with `error`, and with `blocked`
+    /// every publish to that queue too (as a memory alarm blocks every
+    /// publisher); every other publish goes through.
+    struct FailsFirstPublishTo {
         queue: String,
-        refused: std::sync::atomic::AtomicBool,
+        error: fn(&str) -> BrokerError,
+        failed: std::sync::atomic::AtomicBool,
+        blocked: Option<String>,
     }
 
     #[async_trait::async_trait]
-    impl PublishHook for RefusesFirstPublishTo {
+    impl PublishHook for FailsFirstPublishTo {
         async fn publish(
             &self,
             inner: &MemoryBroker,
             batch: Vec<Outgoing>,
         ) -> Result<(), BrokerError> {
             let ours = batch.iter().any(|m| m.queue == self.queue);
-            if ours && !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Err(BrokerError::Refused {
-                    queue: self.queue.clone(),
-                    reason: "at its length limit".into(),
-                });
+            if ours && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err((self.error)(&self.queue));
+            }
+            if let Some(blocked) = &self.blocked
+                && batch.iter().any(|m| &m.queue == blocked)
+            {
+                return Err((self.error)(blocked));
             }
             inner.publish(batch).await
         }
     }
 
+    /// A queue at its length limit refusing a publish.
+    fn refused(queue: &str) -> BrokerError {
+        BrokerError::Refused {
+            queue: queue.to_owned(),
+            reason: "at its length limit".into(),
+        }
+    }
+
+    /// A publish that timed out (a memory alarm blocking publishers).
+    fn timed_out(_queue: &str) -> BrokerError {
+        BrokerError::Unavailable("publish timed out".into())
+    }
+
     /// A job whose body names no id, recorded but its ready task refused by
-    /// the broker: the submission goes back to its queue carrying the id
-    /// its job was recorded under, and taken again publishes that job's
-    /// task, instead of recording a second job (whose task nobody would
-    /// publish) under a fresh id.
+    /// the broker, or its publish timed out: the submission goes back to
+    /// its queue carrying the id its job was recorded under, or is held
+    /// while the publish is tried again, and either way its job's task is
+    /// published, instead of a second job (whose task nobody would
+    /// publish) being recorded under a fresh id.
     #[tokio::test]
-    async fn an_id_less_submission_given_back_is_taken_again_as_the_job_it_recorded() {
+    async fn an_id_less_submission_whose_tasks_the_broker_did_not_take_keeps_its_job() {
+        // Refused: the submission goes back with its id. Timed out while
+        // every publish is blocked (a copy given back too): held until its
+        // job's task is published.
+        id_less_submission_keeps_its_job(refused, false).await;
+        id_less_submission_keeps_its_job(timed_out, true).await;
+    }
+
+    async fn id_less_submission_keeps_its_job(
+        error: fn(&str) -> BrokerError,
+        copies_blocked: bool,
+    ) {
         let names = Names::new("t");
         let store = Arc::new(MemoryStore::new(
             Arc::new(SystemClock),
@@ -592,9 +658,11 @@ mod tests {
         let tasks = names.task_queue("default");
         let broker = Arc::new(WithPublish {
             inner: inner.clone(),
-            hook: RefusesFirstPublishTo {
+            hook: FailsFirstPublishTo {
                 queue: tasks.clone(),
-                refused: false.into(),
+                error,
+                failed: false.into(),
+                blocked: copies_blocked.then(|| names.submit_queue()),
             },
         });
         let submissions = Submissions {
@@ -614,22 +682,24 @@ mod tests {
             .unwrap();
         let mut sub = inner.subscribe(&submit, 1).await.unwrap();
 
-        let first = sub.next().await.unwrap().unwrap();
-        submissions.handle(first, None).await;
-        assert_eq!(inner.ready_len(&tasks).await, 0, "refused");
-        let again = sub.next().await.unwrap().unwrap();
-        let carried = again.properties.header(ASSIGNED_ID_HEADER).cloned();
-        submissions.handle(again, None).await;
+        // Taken until the submission queue is empty (a refusal gives the
+        // submission back once).
+        let mut carried = Vec::new();
+        while inner.ready_len(&submit).await > 0 || inner.unacked_len(&submit).await > 0 {
+            let delivery = sub.next().await.unwrap().unwrap();
+            carried.push(delivery.properties.header(ASSIGNED_ID_HEADER).cloned());
+            submissions.handle(delivery, None).await;
+        }
 
         let jobs = store.list_jobs(None, 10).await.unwrap();
         assert_eq!(jobs.len(), 1, "one job, not one per delivery: {jobs:?}");
-        assert_eq!(carried, Some(HeaderValue::Text(jobs[0].id.clone())));
+        if carried.len() > 1 {
+            assert_eq!(carried[1], Some(HeaderValue::Text(jobs[0].id.clone())));
+        }
         let queued = inner.take_all(&tasks).await;
         assert_eq!(queued.len(), 1);
         let task: crate::model::TaskMessage = serde_json::from_slice(&queued[0]).unwrap();
         assert_eq!(task.job, jobs[0].id);
-        assert_eq!(inner.ready_len(&submit).await, 0);
-        assert_eq!(inner.unacked_len(&submit).await, 0);
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// Concurrency of each worker [default: `worker.concurrency` of the
-    /// configuration, 8 unless set].
+    /// configuration, 16 unless set].
     #[arg(long)]
     concurrency: Option<usize>,
     /// Serve `/healthz` and `/readyz` on this address (e.g. 127.0.0.1:8080).

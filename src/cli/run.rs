@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
     /// Embedded worker concurrency [default: `worker.concurrency` of the
-    /// configuration, 8 unless set].
+    /// configuration, 16 unless set].
     #[arg(long)]
     concurrency: Option<usize>,
 }

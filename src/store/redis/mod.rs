@@ -165,17 +165,25 @@ fn unavailable(e: RedisError) -> StoreError {
 /// loading its data after a restart (`LOADING`), is a replica or was
 /// demoted by a failover (`READONLY`), lost its master or cluster
 /// (`MASTERDOWN`, `CLUSTERDOWN`, `TRYAGAIN`), is busy running a script
-/// (`BUSY`), or is out of memory until retention frees some (`OOM`).
-/// These are outages: the caller keeps its message and waits, as it does
-/// when the connection is gone. Other known server errors (a script's
-/// `ERR`, `NOSCRIPT`, `CROSSSLOT`, `NOPERM`) are defects no retry cures;
+/// (`BUSY`), is out of memory until retention frees some (`OOM`), or
+/// an ACL denies a command (`NOPERM`, an operator's to mend). These are
+/// outages: the caller keeps its message and waits, as it does when the
+/// connection is gone. Other known server errors (a script's `ERR`,
+/// `NOSCRIPT`, `CROSSSLOT`) are defects no retry cures;
 /// codes redis-rs does not know are taken for outages too (see
 /// [`RedisStore::run`]).
 fn is_transient_server_error(e: &RedisError) -> bool {
     use redis::ServerErrorKind as K;
     match e.kind() {
         redis::ErrorKind::Server(
-            K::BusyLoading | K::ReadOnly | K::MasterDown | K::ClusterDown | K::TryAgain,
+            K::BusyLoading
+            | K::ReadOnly
+            | K::MasterDown
+            | K::ClusterDown
+            | K::TryAgain
+            // An ACL that denies a command is an operator's to mend; taken
+            // for a verdict it would dead-letter every message meanwhile.
+            | K::NoPerm,
         ) => true,
         redis::ErrorKind::Extension => matches!(e.code(), Some("BUSY" | "OOM" | "NOREPLICAS")),
         _ => false,
@@ -1058,7 +1066,7 @@ impl RedisStore {
     }
 
     /// What an error Redis answered means: a server error known to be
-    /// permanent (a script's `ERR`, `NOPERM`, ...) is a defect no retry
+    /// permanent (a script's `ERR`, `NOSCRIPT`, ...) is a defect no retry
     /// cures; anything else is an outage (see
     /// [`is_transient_server_error`]), after which the shared connection is
     /// dropped (after a failover the primary is another node, or behind
@@ -1931,13 +1939,14 @@ mod tests {
             K::MasterDown,
             K::ClusterDown,
             K::TryAgain,
+            K::NoPerm,
         ] {
             assert!(is_transient_server_error(&server(kind)), "{kind:?}");
         }
         for code in ["BUSY", "OOM", "NOREPLICAS"] {
             assert!(is_transient_server_error(&extension(code)), "{code}");
         }
-        for kind in [K::ResponseError, K::NoScript, K::CrossSlot, K::NoPerm] {
+        for kind in [K::ResponseError, K::NoScript, K::CrossSlot] {
             assert!(!is_transient_server_error(&server(kind)), "{kind:?}");
         }
     }
