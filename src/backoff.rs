@@ -31,18 +31,18 @@ pub fn retry_delay(attempt: u32, base_ms: u64, cap_ms: u64, rng: &mut impl Rng) 
 /// A generator seeded from a claim (FNV-1a over job, task, attempt, fence).
 pub fn claim_rng(claim: &crate::store::ClaimRef) -> rand::rngs::StdRng {
     use rand::SeedableRng;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(claim.job.as_bytes());
-    eat(&claim.idx.to_le_bytes());
-    eat(&claim.attempt.to_le_bytes());
-    eat(&claim.fence.to_le_bytes());
-    rand::rngs::StdRng::seed_from_u64(h)
+    let mut bytes = claim.job.as_bytes().to_vec();
+    bytes.extend_from_slice(&claim.idx.to_le_bytes());
+    bytes.extend_from_slice(&claim.attempt.to_le_bytes());
+    bytes.extend_from_slice(&claim.fence.to_le_bytes());
+    rand::rngs::StdRng::seed_from_u64(fnv1a(&bytes))
+}
+
+/// FNV-1a of `bytes`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The waits between tries of something an outage stopped: doubling from
@@ -57,12 +57,25 @@ pub struct Reconnect {
 }
 
 impl Reconnect {
-    /// From about `min` to about `max`.
+    /// From about `min` to about `max`, jittered at random.
     pub fn new(min: Duration, max: Duration) -> Reconnect {
+        Self::with_seed(min, max, rand::random())
+    }
+
+    /// [`Reconnect::new`], jittered by a generator seeded from `seed`:
+    /// spread like random across the processes (and tasks) whose names
+    /// differ, and the same every time for the same name, so that a
+    /// simulation replays exactly.
+    pub fn seeded(min: Duration, max: Duration, seed: &str) -> Reconnect {
+        Self::with_seed(min, max, fnv1a(seed.as_bytes()))
+    }
+
+    fn with_seed(min: Duration, max: Duration, seed: u64) -> Reconnect {
         let builder = backon::ExponentialBuilder::default()
             .with_min_delay(min / 2)
             .with_max_delay(max / 2)
             .with_jitter()
+            .with_jitter_seed(seed)
             .without_max_times();
         Reconnect {
             delays: backon::BackoffBuilder::build(builder),
@@ -71,9 +84,10 @@ impl Reconnect {
         }
     }
 
-    /// For broker and store outages: from about 100 ms to about 5 s.
-    pub fn after_outage() -> Reconnect {
-        Reconnect::new(Duration::from_millis(100), Duration::from_secs(5))
+    /// For broker and store outages: from about 100 ms to about 5 s,
+    /// seeded from `seed` (see [`Reconnect::seeded`]).
+    pub fn after_outage(seed: &str) -> Reconnect {
+        Reconnect::seeded(Duration::from_millis(100), Duration::from_secs(5), seed)
     }
 
     /// How long to wait before the next try.

@@ -67,6 +67,11 @@ pub enum Permits<'a> {
 pub struct Consumer<'a> {
     /// The queue (full name).
     pub queue: &'a str,
+    /// The consuming process's id: it seeds the jitter of the waits
+    /// between subscribe attempts after an outage, so that the processes a
+    /// broker restart cut off come back spread out (and a simulation
+    /// replays exactly).
+    pub owner: &'a str,
     /// Most unacked deliveries.
     pub prefetch: u16,
     /// Consumer priority; 0 is the default.
@@ -90,6 +95,7 @@ pub async fn consume(
 ) -> Vec<Box<dyn Subscription>> {
     let Consumer {
         queue,
+        owner,
         prefetch,
         priority,
         permits,
@@ -101,7 +107,7 @@ pub async fn consume(
     let holds = matches!(permits, Permits::Hold(..));
     let prefetch = prefetch.max(1);
     health.set_consuming(queue, false);
-    let mut waits = crate::backoff::Reconnect::after_outage();
+    let mut waits = crate::backoff::Reconnect::after_outage(&format!("{owner} {queue}"));
     // Set when a Hold consumer gave back what it held: its next
     // subscription's prefetch is the permits free then, widened as more
     // free, until it is `prefetch` again.
@@ -599,6 +605,7 @@ mod tests {
             async move {
                 let consumer = Consumer {
                     queue: &queue,
+                    owner: "test",
                     prefetch,
                     priority: 0,
                     permits: Permits::Hold(&semaphore, PATIENCE),

@@ -141,8 +141,13 @@ impl Health {
         tracing::warn!("store unreachable: taking no new work until it answers");
         let this = self.clone();
         tokio::spawn(async move {
-            let mut waits =
-                crate::backoff::Reconnect::new(Duration::from_millis(100), Duration::from_secs(2));
+            // Seeded alike in every process (a simulation replays
+            // exactly): the pings after an outage are not spread.
+            let mut waits = crate::backoff::Reconnect::seeded(
+                Duration::from_millis(100),
+                Duration::from_secs(2),
+                "store ping",
+            );
             loop {
                 tokio::time::sleep(waits.next_delay()).await;
                 match this.store.ping().await {

@@ -143,7 +143,11 @@ impl Outbox {
         &self,
         tasks: &[TaskMessage],
     ) -> Result<(), BrokerError> {
-        let mut waits = Reconnect::new(Duration::from_millis(50), Duration::from_secs(2));
+        let seed = tasks
+            .first()
+            .map(|t| format!("{}|{}|{}", t.job, t.idx, t.attempt))
+            .unwrap_or_default();
+        let mut waits = Reconnect::seeded(Duration::from_millis(50), Duration::from_secs(2), &seed);
         loop {
             match self.publish_tasks(tasks).await {
                 Ok(()) => return Ok(()),

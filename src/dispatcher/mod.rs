@@ -141,6 +141,7 @@ impl Dispatcher {
             broker.as_ref(),
             Consumer {
                 queue: &queue,
+                owner: &self.options.id,
                 prefetch: self.options.prefetch,
                 priority: 0,
                 permits: Permits::Wait(permits),

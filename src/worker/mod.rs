@@ -341,6 +341,7 @@ impl Worker {
             self.outbox.broker().as_ref(),
             Consumer {
                 queue: &queue,
+                owner: &self.options.id,
                 prefetch,
                 priority,
                 permits,
