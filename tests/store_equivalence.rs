@@ -369,6 +369,63 @@ async fn failing_a_poisoned_task_again_is_answered_as_the_first_time() {
     common::cleanup(&config).await;
 }
 
+/// A completion on a record whose counters are not numbers (corrupt, or
+/// written by another version) fails whole, before its first write: the
+/// task is left running under its claim, with its lease, and no history
+/// written, rather than half settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() {
+    let config = common::test_config(&common::unique_prefix("halfwrite"));
+    let store = common::connect_store(&config, "eq").await;
+    let names = conveyor::names::Names::new(&config.prefix);
+    let message = create_noop_job(store.as_ref(), "j").await;
+    let ClaimOutcome::Claimed(claimed) = store
+        .claim(&message, "w", Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("not claimed");
+    };
+    let mut conn = common::redis_connection(&config).await;
+    redis::cmd("HSET")
+        .arg(names.job_key("j"))
+        .arg(&["v", "x"])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let before: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(names.job_key("j"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let history_before: usize = redis::cmd("LLEN")
+        .arg(names.history_key("j"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let ok = AttemptResult::Succeeded("{}".into());
+    let refused = store.complete(&claimed.claim, "w", &ok).await;
+
+    assert!(
+        matches!(&refused, Err(e) if !e.is_retryable()),
+        "{refused:?}"
+    );
+    let after: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(names.job_key("j"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "nothing written");
+    let history_after: usize = redis::cmd("LLEN")
+        .arg(names.history_key("j"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(history_after, history_before);
+    common::cleanup(&config).await;
+}
+
 /// A claim whose answer is lost with its connection (Redis ran it; the
 /// reply never came) is sent again on a new connection and answered with
 /// the claim it made, under the same fence, not `busy`: told `busy`, its

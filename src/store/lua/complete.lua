@@ -17,6 +17,14 @@ if v[4] == fence then
 end
 if v[1] ~= 'running' or v[2] ~= ARGV[2] or v[3] ~= fence then return {'stale'} end
 local name, kind = v[5], ARGV[4]
+-- Every number this call needs, read before the first write: a record
+-- whose counters are not numbers (corrupt, or another version's) fails
+-- the call whole, not halfway through its writes.
+if not (tonumber(v[6]) and tonumber(v[8]) and tonumber(v[10]) and tonumber(v[11])
+    and tonumber(v[12]) and tonumber(v[13])) then
+  return redis.error_reply('ERR job record unusable: a counter of task ' .. i ..
+    ' or of its job is not a number')
+end
 local out = {'applied', '', ''}
 redis.call('HDEL', J, 'le:' .. i, 'e:' .. i, 'ct:' .. i)
 if kind == 'ok' then
