@@ -466,3 +466,28 @@ fn a_worker_with_nothing_to_consume_or_an_unusable_queue_name_does_not_start() {
     assert!(said.contains("worker.queues = \"qqq"), "{said}");
     assert!(said.contains("limits.max_name_len (128)"), "{said}");
 }
+
+/// A setting made invalid by a flag is a configuration error, named and
+/// with exit 2, as the same setting from the environment is.
+#[test]
+fn an_invalid_setting_exits_2_from_a_flag_as_from_the_environment() {
+    for (args, env) in [
+        (&["worker", "--concurrency", "0"][..], None),
+        (&["worker"][..], Some(("CONVEYOR_CONCURRENCY", "0"))),
+    ] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        command
+            .args(args)
+            .env("CONVEYOR_PREFIX", "test-cli-invalid");
+        if let Some((var, value)) = env {
+            command.env(var, value);
+        }
+        let ran = command.output().expect("run conveyor worker");
+        let said = String::from_utf8_lossy(&ran.stderr);
+        assert_eq!(ran.status.code(), Some(2), "{args:?} {env:?}: {said}");
+        assert!(
+            said.contains("worker.concurrency = 0: must be at least 1"),
+            "{said}"
+        );
+    }
+}

@@ -91,7 +91,13 @@ pub fn main() -> ExitCode {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A configuration the flags made invalid exits as one the file
+            // or the environment made invalid.
+            if e.downcast_ref::<conveyor::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
