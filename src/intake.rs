@@ -178,14 +178,26 @@ impl JobIntake {
     /// Classify and plan one submit message body; a job (or a rejection)
     /// whose body names no usable id gets a fresh one.
     pub fn accept(&self, body: &[u8]) -> Intake {
-        self.accept_as(body, None)
+        self.accept_as(body, None).0
     }
 
     /// [`Self::accept`], but a body that names no usable id takes
     /// `id_if_none` (when given) instead of a fresh one: the id a delivery
     /// of the same submission was recorded under before (see
-    /// [`ASSIGNED_ID_HEADER`]).
-    pub fn accept_as(&self, body: &[u8], id_if_none: Option<&str>) -> Intake {
+    /// [`ASSIGNED_ID_HEADER`]). Also returns the id given so (`None` when
+    /// the body named its own, or the message is a dead letter).
+    pub fn accept_as(&self, body: &[u8], id_if_none: Option<&str>) -> (Intake, Option<String>) {
+        let mut assigned = None;
+        let verdict = self.judge(body, id_if_none, &mut assigned);
+        (verdict, assigned)
+    }
+
+    fn judge(
+        &self,
+        body: &[u8],
+        id_if_none: Option<&str>,
+        assigned: &mut Option<String>,
+    ) -> Intake {
         if body.len() > self.max_message_bytes {
             return Intake::Dead {
                 kind: DeadLetterReason::TooLarge,
@@ -208,8 +220,12 @@ impl JobIntake {
                 };
             }
         };
-        let id =
-            usable_id(&value, self.limits.max_name_len).or_else(|| id_if_none.map(str::to_owned));
+        let id = match usable_id(&value, self.limits.max_name_len) {
+            Some(id) => id,
+            None => assigned
+                .insert(id_if_none.map_or_else(new_job_id, str::to_owned))
+                .clone(),
+        };
         let requestor = value
             .get("requestor")
             .and_then(Value::as_str)
@@ -217,7 +233,7 @@ impl JobIntake {
             .unwrap_or_default();
         let reject = |error: String| {
             Intake::Rejected(Rejection {
-                id: id.clone().unwrap_or_else(new_job_id),
+                id: id.clone(),
                 requestor: requestor.clone(),
                 error: capped(error, MAX_ERROR_BYTES),
             })
@@ -236,7 +252,7 @@ impl JobIntake {
             }
         };
         if spec.id.is_none() {
-            spec.id = id.clone();
+            spec.id = Some(id.clone());
         }
         match self.plan(spec) {
             Ok(job) => Intake::Valid(job),

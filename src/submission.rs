@@ -40,7 +40,7 @@ use std::time::Duration;
 use crate::broker::{BrokerError, Delivery, HeaderValue, Outgoing, Properties};
 use crate::consumer::{give_back, try_copy_then_ack};
 use crate::health::Health;
-use crate::intake::{ASSIGNED_ID_HEADER, Intake, JobIntake, MAX_ERROR_BYTES, new_job_id};
+use crate::intake::{ASSIGNED_ID_HEADER, Intake, JobIntake, MAX_ERROR_BYTES};
 use crate::model::{DeadLetterReason, JobState, SubmitReply};
 use crate::outbox::Outbox;
 use crate::store::{ClaimOutcome, ClaimRef, Claimed, Created, Store, StoreError};
@@ -103,24 +103,16 @@ impl Submissions {
         // the record was written), the submission carries that id in a
         // header, and taken again, finds its job instead of recording a
         // second one whose ready tasks nobody would publish.
-        let id_if_none = match self.intake.assigned_id(&delivery.properties) {
-            Some(id) => id.to_owned(),
-            None => new_job_id(),
-        };
-        let verdict = self.intake.accept_as(&delivery.body, Some(&id_if_none));
+        let given = self.intake.assigned_id(&delivery.properties);
+        let (verdict, assigned) = self.intake.accept_as(&delivery.body, given);
         if self.refer_refusals && !matches!(verdict, Intake::Valid(_)) {
             self.refer(delivery).await;
             return None;
         }
-        let recorded_as = match &verdict {
-            Intake::Valid(job) => Some(&job.id),
-            Intake::Rejected(rejection) => Some(&rejection.id),
-            Intake::Dead { .. } => None,
-        };
-        if recorded_as == Some(&id_if_none) {
+        if let Some(id) = assigned {
             delivery
                 .properties
-                .set_header(ASSIGNED_ID_HEADER, HeaderValue::Text(id_if_none.clone()));
+                .set_header(ASSIGNED_ID_HEADER, HeaderValue::Text(id));
         }
         let reply = match verdict {
             Intake::Dead { kind, reason } => {
@@ -482,14 +474,18 @@ mod tests {
         submissions: Submissions,
     }
 
-    async fn setup() -> Setup {
-        let names = Names::new("t");
-        let store = Arc::new(MemoryStore::new(
+    fn memory_store() -> Arc<MemoryStore> {
+        Arc::new(MemoryStore::new(
             Arc::new(SystemClock),
             Duration::from_secs(60),
             1,
             "test",
-        ));
+        ))
+    }
+
+    async fn setup() -> Setup {
+        let names = Names::new("t");
+        let store = memory_store();
         let broker = Arc::new(MemoryBroker::reliable(names.clone()));
         broker.declare(&["default".to_owned()]).await.unwrap();
         let registry = conveyor_handler::Registry::new();
@@ -648,12 +644,7 @@ mod tests {
         copies_blocked: bool,
     ) {
         let names = Names::new("t");
-        let store = Arc::new(MemoryStore::new(
-            Arc::new(SystemClock),
-            Duration::from_secs(60),
-            1,
-            "test",
-        ));
+        let store = memory_store();
         let inner = Arc::new(MemoryBroker::reliable(names.clone()));
         let tasks = names.task_queue("default");
         let broker = Arc::new(WithPublish {
