@@ -378,14 +378,8 @@ async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() 
     let config = common::test_config(&common::unique_prefix("halfwrite"));
     let store = common::connect_store(&config, "eq").await;
     let names = conveyor::names::Names::new(&config.prefix);
-    let message = create_noop_job(store.as_ref(), "j").await;
-    let ClaimOutcome::Claimed(claimed) = store
-        .claim(&message, "w", Duration::from_secs(30))
-        .await
-        .unwrap()
-    else {
-        panic!("not claimed");
-    };
+    create_noop_job(store.as_ref(), "j").await;
+    let claimed = claim_first_attempt(store.as_ref(), "j").await;
     let mut conn = common::redis_connection(&config).await;
     redis::cmd("HSET")
         .arg(names.job_key("j"))
@@ -393,16 +387,15 @@ async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() 
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    let before: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+    // The job's hash and the length of its history.
+    let record = redis::pipe()
+        .cmd("HGETALL")
         .arg(names.job_key("j"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let history_before: usize = redis::cmd("LLEN")
+        .cmd("LLEN")
         .arg(names.history_key("j"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+        .to_owned();
+    let before: (std::collections::HashMap<String, String>, usize) =
+        record.query_async(&mut conn).await.unwrap();
 
     let ok = AttemptResult::Succeeded("{}".into());
     let refused = store.complete(&claimed.claim, "w", &ok).await;
@@ -411,18 +404,9 @@ async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() 
         matches!(&refused, Err(e) if !e.is_retryable()),
         "{refused:?}"
     );
-    let after: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(names.job_key("j"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let after: (std::collections::HashMap<String, String>, usize) =
+        record.query_async(&mut conn).await.unwrap();
     assert_eq!(after, before, "nothing written");
-    let history_after: usize = redis::cmd("LLEN")
-        .arg(names.history_key("j"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(history_after, history_before);
     common::cleanup(&config).await;
 }
 
