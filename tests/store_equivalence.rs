@@ -410,6 +410,79 @@ async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() 
     common::cleanup(&config).await;
 }
 
+/// The same for every path that fails a task (and may settle its job): a
+/// permanent failure, a lapsed lease found by the sweep and a poisoned
+/// message each fail whole on a record whose retention is not a number,
+/// before their first write, instead of leaving the task failed and the job
+/// half settled (state set, no history, no expiry). The sweep sets the
+/// lapsed claim's entry aside rather than failing its pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_on_a_record_it_cannot_use_fails_before_writing_anything() {
+    let config = common::test_config(&common::unique_prefix("halffail"));
+    let store = common::connect_store(&config, "eq").await;
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = common::redis_connection(&config).await;
+    let lease_lapses = TaskMessage {
+        job: "lapsed".into(),
+        task: "t".into(),
+        idx: 0,
+        attempt: 1,
+        queue: "default".into(),
+    };
+    let failing = create_noop_job(store.as_ref(), "failing").await;
+    create_noop_job(store.as_ref(), "lapsed").await;
+    let poisoned = create_noop_job(store.as_ref(), "poisoned").await;
+    let claimed = claim_first_attempt(store.as_ref(), &failing.job).await;
+    let lapsing = match store
+        .claim(&lease_lapses, "w", Duration::from_millis(1))
+        .await
+    {
+        Ok(ClaimOutcome::Claimed(c)) => c,
+        other => panic!("claim of lapsed: {other:?}"),
+    };
+    drop(lapsing);
+    let record = |id: &str| {
+        redis::pipe()
+            .cmd("HGETALL")
+            .arg(names.job_key(id))
+            .cmd("LLEN")
+            .arg(names.history_key(id))
+            .cmd("PTTL")
+            .arg(names.job_key(id))
+            .to_owned()
+    };
+    type Record = (std::collections::HashMap<String, String>, usize, i64);
+    let mut before = Vec::new();
+    for id in ["failing", "lapsed", "poisoned"] {
+        redis::cmd("HSET")
+            .arg(names.job_key(id))
+            .arg(&["ret", "a week"])
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let r: Record = record(id).query_async(&mut conn).await.unwrap();
+        before.push(r);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let failed = AttemptResult::Failed("boom".into());
+    let refused = store.complete(&claimed.claim, "w", &failed).await;
+    assert!(
+        matches!(&refused, Err(e) if !e.is_retryable()),
+        "{refused:?}"
+    );
+    let swept = store.expired_leases(100, "sweep").await;
+    assert_eq!(swept.unwrap(), Vec::new(), "the entry is set aside");
+    let poison = store.fail_poisoned(&poisoned, "delivered 5 times").await;
+    assert!(matches!(&poison, Err(e) if !e.is_retryable()), "{poison:?}");
+
+    for (id, before) in ["failing", "lapsed", "poisoned"].into_iter().zip(before) {
+        let after: Record = record(id).query_async(&mut conn).await.unwrap();
+        assert_eq!(after, before, "{id}: nothing written");
+    }
+    common::cleanup(&config).await;
+}
+
 /// A claim whose answer is lost with its connection (Redis ran it; the
 /// reply never came) is sent again on a new connection and answered with
 /// the claim it made, under the same fence, not `busy`: told `busy`, its
@@ -1902,10 +1975,34 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
         .arg(0)
         .arg("broken|0|2")
         .ignore()
+        // A due time the script reads as a number and the store cannot (a
+        // reply the store cannot read is set aside too).
+        .cmd("HSET")
+        .arg(names.job_key("broken-due"))
+        .arg(&[
+            "id",
+            "broken-due",
+            "st",
+            "running",
+            "n",
+            "1",
+            "s:0",
+            "retrying",
+            "a:0",
+            "2",
+            "due:0",
+            "9e15",
+        ])
+        .ignore()
+        .cmd("ZADD")
+        .arg(names.retries())
+        .arg(0)
+        .arg("broken-due|0|2")
+        .ignore()
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    // Beside it, a retry due now and a lapsed lease.
+    // Beside them, a retry due now and a lapsed lease.
     let msg = create_noop_job(store.as_ref(), "retried").await;
     let claim = claim_first_attempt(store.as_ref(), "retried").await.claim;
     let retry_now = AttemptResult::Retry {
@@ -1944,17 +2041,19 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
         }]
     );
     // Set aside for a while, not dropped: a fixed record is acted on.
-    let score: f64 = redis::cmd("ZSCORE")
-        .arg(names.retries())
-        .arg("broken|0|2")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-    assert!(
-        score as u64 > secs * 1000 + 30_000,
-        "the broken entry is due again at {score}, now is {secs} s"
-    );
+    for entry in ["broken|0|2", "broken-due|0|2"] {
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg(names.retries())
+            .arg(entry)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            score as u64 > secs * 1000 + 30_000 && score < 9e15,
+            "the broken entry {entry} is due again at {score}, now is {secs} s"
+        );
+    }
     // Once the sweep forgets what it promoted, nothing is due.
     let entries: Vec<String> = promoted.iter().map(|a| a.entry.clone()).collect();
     store

@@ -184,6 +184,29 @@ local function fail_task(i, from, reason, by)
   fail_dependents(i, by)
 end
 
+-- True when `s` is an integer's text: what HINCRBY accepts and tonumber
+-- reads exactly (HMGET answers `false` for a missing field).
+local function is_int(s)
+  return type(s) == 'string' and string.match(s, '^%-?%d+$') ~= nil
+end
+
+-- The job's counters that a failure's path writes or reads (`fail_task`,
+-- `bump`, `settle_job`), checked before a call's first write: a record
+-- whose counters are not integers (corrupt, or another version's) fails
+-- the call whole, not halfway through its writes. Returns the error reply
+-- to answer with, or nil.
+local function unusable_job()
+  local v = redis.call('HMGET', J, 'open', 'nfail', 'ncanc', 'ret', 'v')
+  local names = {'open', 'nfail', 'ncanc', 'ret', 'v'}
+  for k = 1, #names do
+    if not is_int(v[k]) then
+      return redis.error_reply('ERR job record unusable: its ' .. names[k] ..
+        ' is not an integer')
+    end
+  end
+  return nil
+end
+
 -- When no task is open, the job is terminal: record it and start the
 -- retention clock on both keys. Returns the job state.
 local function settle_job(by)

@@ -20,10 +20,10 @@ local name, kind = v[5], ARGV[4]
 -- Every number this call needs, read before the first write: a record
 -- whose counters are not numbers (corrupt, or another version's) fails
 -- the call whole, not halfway through its writes.
-if not (tonumber(v[6]) and tonumber(v[8]) and tonumber(v[10]) and tonumber(v[11])
-    and tonumber(v[12]) and tonumber(v[13])) then
+if not (is_int(v[6]) and is_int(v[8]) and is_int(v[10]) and is_int(v[11])
+    and is_int(v[12]) and is_int(v[13])) then
   return redis.error_reply('ERR job record unusable: a counter of task ' .. i ..
-    ' or of its job is not a number')
+    ' or of its job is not an integer')
 end
 local out = {'applied', '', ''}
 redis.call('HDEL', J, 'le:' .. i, 'e:' .. i, 'ct:' .. i)

@@ -13,6 +13,8 @@ if v[1] == 'failed' and v[2] == ARGV[2] and v[3] == ARGV[3] then
   return {'failed', v[4]}
 end
 if v[1] ~= 'ready' or v[2] ~= ARGV[2] then return {'ignored'} end
+local unusable = unusable_job()
+if unusable then return unusable end
 fail_task(i, 'ready', ARGV[3], ARGV[4])
 bump()
 return {'failed', settle_job(ARGV[4])}

@@ -17,8 +17,10 @@ if v[2] ~= ARGV[2] then return {'gone'} end
 if v[1] == 'ready' then return {'ready', v[4], v[5]} end
 if v[1] ~= 'retrying' then return {'gone'} end
 if tonumber(v[3]) > NOW then return {'later', v[3]} end
+-- The version first: on a record whose version is no integer it fails
+-- the call before anything is written.
+bump()
 redis.call('HSET', J, 's:' .. i, 'ready')
 redis.call('HDEL', J, 'due:' .. i)
 hist(v[4], 'retrying', 'ready', 'retry due, attempt ' .. ARGV[2], ARGV[3])
-bump()
 return {'ready', v[4], v[5]}

@@ -20,6 +20,8 @@ if not s then return {'gone'} end
 if s == 'running' and a == attempt then
   local le = tonumber(v[3] or '0')
   if le > NOW then return {'alive', string.format('%d', le)} end
+  local unusable = unusable_job()
+  if unusable then return unusable end
   local reason = 'lease expired (worker ' .. (v[4] or '?') .. ')'
   if a < tonumber(v[5]) then
     redis.call('HSET', J, 's:' .. i, 'ready', 'a:' .. i, a + 1, 'e:' .. i, reason)

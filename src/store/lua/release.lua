@@ -7,8 +7,10 @@ if redis.call('EXISTS', J) == 0 then return {'not_held'} end
 local i = ARGV[1]
 local v = redis.call('HMGET', J, 's:' .. i, 'f:' .. i, 'nm:' .. i, 'q:' .. i, 'a:' .. i)
 if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'not_held'} end
+-- The version first: on a record whose version is no integer it fails
+-- the call before anything is written.
+bump()
 redis.call('HSET', J, 's:' .. i, 'ready')
 redis.call('HDEL', J, 'le:' .. i)
 hist(v[3], 'running', 'ready', 'handed back by worker at shutdown', ARGV[3])
-bump()
 return {'released', v[3], v[4], v[5]}

@@ -1425,11 +1425,14 @@ impl Store for RedisStore {
                     entry: e,
                     read_at,
                 }),
-                "later" => {
-                    // Scheduled by a clock ahead of Redis's: re-score it.
-                    let due: u64 = num(&reply, 1, "due")?;
-                    self.rescore(self.names.retries(), due, &e).await?;
-                }
+                // Scheduled by a clock ahead of Redis's: re-score it. A due
+                // time that is no number (a corrupt record) sets the entry
+                // aside, as a script error does, rather than failing the
+                // pass (and every pass after it) before any lease is swept.
+                "later" => match num::<u64>(&reply, 1, "due") {
+                    Ok(due) => self.rescore(self.names.retries(), due, &e).await?,
+                    Err(err) => self.set_aside(self.names.retries(), &e, err).await?,
+                },
                 "pending" => pending.push(e),
                 "gone" => actions.push(SweepAction::forget(e, read_at)),
                 other => {
@@ -1494,33 +1497,42 @@ impl Store for RedisStore {
                 }
             };
             match field(&reply, 0) {
-                "alive" => {
-                    let le: u64 = num(&reply, 1, "lease")?;
-                    self.rescore(self.names.leases(), le, &e).await?;
-                }
-                "requeued" => {
-                    tracing::warn!(
-                        job,
-                        task = field(&reply, 1),
-                        "lease expired; task re-queued"
-                    );
-                    actions.push(SweepAction {
-                        publish: vec![TaskMessage {
-                            job: job.to_owned(),
-                            idx,
-                            task: field(&reply, 1).to_owned(),
-                            queue: field(&reply, 2).to_owned(),
-                            attempt: num(&reply, 3, "attempt")?,
-                        }],
+                // A reply the store cannot read (a corrupt record's) sets
+                // its entry aside, as a script error does, rather than
+                // failing the pass and every pass after it.
+                "alive" => match num::<u64>(&reply, 1, "lease") {
+                    Ok(le) => self.rescore(self.names.leases(), le, &e).await?,
+                    Err(err) => self.set_aside(self.names.leases(), &e, err).await?,
+                },
+                "requeued" => match num(&reply, 3, "attempt") {
+                    Ok(attempt) => {
+                        tracing::warn!(
+                            job,
+                            task = field(&reply, 1),
+                            "lease expired; task re-queued"
+                        );
+                        actions.push(SweepAction {
+                            publish: vec![TaskMessage {
+                                job: job.to_owned(),
+                                idx,
+                                task: field(&reply, 1).to_owned(),
+                                queue: field(&reply, 2).to_owned(),
+                                attempt,
+                            }],
+                            entry: e,
+                            read_at,
+                        });
+                    }
+                    Err(err) => self.set_aside(self.names.leases(), &e, err).await?,
+                },
+                "done" => match ready_set(job, &reply, 1) {
+                    Ok(publish) => actions.push(SweepAction {
+                        publish,
                         entry: e,
                         read_at,
-                    });
-                }
-                "done" => actions.push(SweepAction {
-                    publish: ready_set(job, &reply, 1)?,
-                    entry: e,
-                    read_at,
-                }),
+                    }),
+                    Err(err) => self.set_aside(self.names.leases(), &e, err).await?,
+                },
                 "failed" | "gone" => actions.push(SweepAction::forget(e, read_at)),
                 other => {
                     let err = protocol(format!("reclaim answered {other:?}"));
