@@ -17,10 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backoff::Reconnect;
-use crate::broker::{Broker, BrokerError, HeaderValue, Outgoing, Properties};
+use crate::broker::{Broker, BrokerError, HeaderValue, Outgoing, PartlyPublished, Properties};
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
 use crate::store::redis::unix_ms;
+
+/// How long a delivery whose publish the broker refused (a submission's
+/// tasks or reply, a dead letter) waits before it goes back to its queue
+/// as a copy: requeued at once, it would come straight back and loop at
+/// the broker's pace.
+pub(crate) const BROKER_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 
 /// Publishes task messages and dead letters for one deployment.
 #[derive(Clone)]
@@ -121,24 +127,51 @@ impl Outbox {
     /// broker returned one as unroutable, its queue is declared again by
     /// the next call (see the module docs).
     pub async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BrokerError> {
+        self.publish_unconfirmed(tasks.to_vec())
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    /// Publish `tasks`; on failure, the first error with the tasks the
+    /// broker did not confirm as queued (the others are, and need no
+    /// publish again).
+    async fn publish_unconfirmed(
+        &self,
+        tasks: Vec<TaskMessage>,
+    ) -> Result<(), (Vec<TaskMessage>, BrokerError)> {
         if tasks.is_empty() {
             return Ok(());
         }
-        self.ensure_queues(tasks).await?;
+        if let Err(e) = self.ensure_queues(&tasks).await {
+            return Err((tasks, e));
+        }
         let batch = tasks
             .iter()
             .map(|t| Outgoing::durable(self.names.task_queue(&t.queue), t.encode()))
             .collect();
-        let result = self.broker.publish(batch).await;
-        if let Err(BrokerError::Unroutable { queue, .. }) = &result {
-            self.forget_declared(queue, tasks);
+        let PartlyPublished { error, confirmed } = match self.broker.publish_each(batch).await {
+            Ok(()) => return Ok(()),
+            Err(partly) => partly,
+        };
+        if let BrokerError::Unroutable { queue, .. } = &error {
+            self.forget_declared(queue, &tasks);
         }
-        result
+        let unconfirmed = tasks
+            .into_iter()
+            .zip(confirmed)
+            .filter(|(_, confirmed)| !confirmed)
+            .map(|(t, _)| t)
+            .collect();
+        Err((unconfirmed, error))
     }
 
     /// Publish task messages, retrying (with backoff) while the failure is
     /// one a retry can help; a returned message's queue is declared again
-    /// before the next attempt. Duplicates are harmless: claims dedupe.
+    /// before the next attempt. Each attempt publishes only what the broker
+    /// has not confirmed yet: one queue refusing (at its length limit, or
+    /// a quorum queue without a leader) does not queue a copy of the
+    /// others' messages every round. Duplicates are harmless (claims
+    /// dedupe), but a wide fan-out would make many.
     pub async fn publish_tasks_until_confirmed(
         &self,
         tasks: &[TaskMessage],
@@ -148,14 +181,16 @@ impl Outbox {
             .map(|t| format!("{}|{}|{}", t.job, t.idx, t.attempt))
             .unwrap_or_default();
         let mut waits = Reconnect::seeded(Duration::from_millis(50), Duration::from_secs(2), &seed);
+        let mut pending = tasks.to_vec();
         loop {
-            match self.publish_tasks(tasks).await {
+            match self.publish_unconfirmed(pending).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, "publishing tasks failed; retrying");
+                Err((rest, e)) if e.is_retryable() => {
+                    tracing::warn!(error = %e, unconfirmed = rest.len(), "publishing tasks failed; retrying the unconfirmed");
+                    pending = rest;
                     tokio::time::sleep(waits.next_delay()).await;
                 }
-                Err(e) => return Err(e),
+                Err((_, e)) => return Err(e),
             }
         }
     }
@@ -267,7 +302,41 @@ mod tests {
         .expect("the publish to a deleted queue is still retried after 10 minutes: the queue was never declared again")
         .unwrap();
         assert_eq!(broker.ready_len("t.tasks.ghost").await, 1);
-        assert!(broker.ready_len("t.tasks.default").await >= 1);
+        assert_eq!(
+            broker.ready_len("t.tasks.default").await,
+            1,
+            "confirmed the first time, not published again"
+        );
+    }
+
+    /// Each round publishes only what the broker has not confirmed: two
+    /// deleted queues (declared again one round after the other, as each
+    /// round's error names one) cost the queue that took its message at
+    /// once no copies, and each deleted queue gets its message once.
+    #[tokio::test(start_paused = true)]
+    async fn publishing_until_confirmed_publishes_again_only_what_was_not_confirmed() {
+        let (broker, outbox) = outbox_with_a_deleted_queue();
+        outbox.mark_declared(&["ghost2".to_owned()]);
+        let tasks = [
+            task("j1", "ghost"),
+            task("j2", "default"),
+            task("j3", "ghost2"),
+            task("j4", "default"),
+        ];
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            outbox.publish_tasks_until_confirmed(&tasks),
+        )
+        .await
+        .expect("still retrying after 10 minutes")
+        .unwrap();
+        for (queue, copies) in [("ghost", 1), ("ghost2", 1), ("default", 2)] {
+            assert_eq!(
+                broker.ready_len(&format!("t.tasks.{queue}")).await,
+                copies,
+                "{queue}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -42,13 +42,9 @@ use crate::consumer::{give_back, try_copy_then_ack};
 use crate::health::Health;
 use crate::intake::{ASSIGNED_ID_HEADER, Intake, JobIntake, MAX_ERROR_BYTES};
 use crate::model::{DeadLetterReason, JobState, SubmitReply};
-use crate::outbox::Outbox;
+use crate::outbox::{BROKER_REFUSAL_PAUSE, Outbox};
 use crate::store::{ClaimOutcome, ClaimRef, Claimed, Created, Store, StoreError};
 use crate::text::capped;
-
-/// How long a submission whose messages the broker refused waits before
-/// it goes back to its queue (see [`Submissions::retry_later`]).
-const BROKER_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 
 /// How long a submission whose job id was assigned here is held while the
 /// publish of its job's ready tasks is tried again (see

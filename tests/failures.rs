@@ -793,6 +793,62 @@ async fn a_poison_message_is_dead_lettered_and_its_task_failed_with_the_reason()
     d.shutdown().await;
 }
 
+/// A first delivery is no redelivery, whatever its headers say: a task
+/// message carrying an `x-delivery-count` from an earlier life (one that
+/// RabbitMQ's own delivery limit dead-lettered, published again as it
+/// was) runs, rather than failing its task as poison before it ever ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_delivery_carrying_an_old_delivery_count_runs_and_is_not_poison() {
+    let mut d = Deployment::new("count-header").await;
+    d.config.worker.max_deliveries = 1;
+    let journal = open_journal(&mut d, "count-header");
+    d.start_dispatcher().await;
+    let client = Client::connect(&d.config.prefix).await;
+    client.submit(&common::noop_job("reborn")).await;
+    // The dispatcher's task message taken off its queue, as a delivery
+    // limit would, and published again with the count it carried then.
+    let queue = d.names.task_queue("default");
+    let conn = lapin::Connection::connect(common::AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let original = eventually("the task message", WAIT, || async {
+        ch.basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    })
+    .await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(5),
+    );
+    ch.basic_publish(
+        "".into(),
+        queue.as_str().into(),
+        lapin::options::BasicPublishOptions::default(),
+        &original.delivery.data,
+        lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    d.start_worker(2).await;
+    let status = d.wait_terminal("reborn", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
+    assert_eq!(runs_of(&journal, "reborn", 0).len(), 1);
+    assert!(client.take_dead().await.is_none(), "nothing dead-lettered");
+    let _ = conn.close(200, "done".into()).await;
+    client.close().await;
+    d.shutdown().await;
+}
+
 /// Publish to `queue`, as a dispatcher would, the message of attempt 1
 /// of task `t` (index 0) of job `job`; the message.
 async fn publish_first_attempt(d: &Deployment, queue: &str, job: &str) -> TaskMessage {

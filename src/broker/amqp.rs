@@ -1309,7 +1309,14 @@ impl Subscription for AmqpSubscription {
         let properties = delivered_properties(&delivery.properties);
         Some(Ok(Delivery {
             queue: self.queue.clone(),
-            delivery_count: properties.delivery_count(),
+            // The header only on a redelivery: on a first delivery it is
+            // a publisher's (a message RabbitMQ's own delivery limit
+            // dead-lettered, published again as it was), not a count.
+            delivery_count: if delivery.redelivered {
+                properties.delivery_count()
+            } else {
+                0
+            },
             properties,
             redelivered: delivery.redelivered,
             body: delivery.data,

@@ -38,7 +38,7 @@ use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
-use crate::outbox::Outbox;
+use crate::outbox::{BROKER_REFUSAL_PAUSE, Outbox};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::redis::unix_ms;
 use crate::store::{Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Store, WorkerInfo};
@@ -799,8 +799,13 @@ impl Worker {
             }
             Ok(false) => Some(delivery),
             Err(e) if e.is_retryable() => {
+                // Given back as a new message, as a claim is in an outage:
+                // requeued, it would count one more delivery, and past the
+                // queue's own delivery limit RabbitMQ would drop it (or
+                // dead-letter it without a reason) while its task waits.
+                tracing::warn!(error = %e, "store unavailable; giving the task message back");
                 self.health.mark_store_down();
-                let _ = delivery.acker.requeue().await;
+                give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
                 None
             }
             Err(e) => {
@@ -831,9 +836,20 @@ impl Worker {
             .await
         {
             Ok(()) => ack(delivery).await,
-            Err(e) => {
+            // The connection is gone: the delivery comes back with it.
+            Err(e) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "cannot dead-letter; requeueing");
                 let _ = delivery.acker.requeue().await;
+            }
+            // The dead queue refuses (at its length limit, a quorum queue
+            // without a leader) or was missing (declared again by now):
+            // requeued, the message would come straight back and loop at
+            // the broker's pace, so it is given back as a copy after a
+            // pause, as a submission is.
+            Err(e) => {
+                tracing::warn!(error = %e, pause = ?BROKER_REFUSAL_PAUSE, "cannot dead-letter; giving the message back after a pause");
+                tokio::time::sleep(BROKER_REFUSAL_PAUSE).await;
+                give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
             }
         }
     }
@@ -1051,6 +1067,54 @@ mod tests {
         );
         stop.trigger();
         let _ = tokio::join!(dispatcher, worker);
+    }
+
+    /// A message to dead-letter while the dead-letter queue refuses every
+    /// publish (at its length limit) is given back once a pause
+    /// ([`BROKER_REFUSAL_PAUSE`]), not requeued to come straight back: no
+    /// loop at the broker's pace, and nothing lost; once the queue takes
+    /// messages again, it is dead-lettered.
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_letter_the_dead_queue_refuses_is_tried_again_after_a_pause_not_in_a_loop() {
+        let names = Names::new("refusing-dead");
+        let store = memory_store();
+        let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
+        broker.declare(&["default".to_owned()]).await.unwrap();
+        broker.set_full(&names.dead_queue(), true);
+        let registry = conveyor_builtin_handlers::registry();
+        let worker = one_slot_worker(store, broker.clone(), registry, &names);
+        let stop = ShutdownTrigger::new();
+        let w = stop.subscribe();
+        let worker = tokio::spawn(async move { worker.run(w).await });
+        let task_queue = names.task_queue("default");
+        broker
+            .publish(vec![Outgoing::durable(&task_queue, b"not a task".to_vec())])
+            .await
+            .unwrap();
+        while broker.refused() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The clock stands still while this task keeps running: a requeue
+        // loop would be refused again and again meanwhile.
+        for _ in 0..10_000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(broker.refused(), 1, "refused again without a pause");
+        tokio::time::sleep(BROKER_REFUSAL_PAUSE * 10).await;
+        let refused = broker.refused();
+        assert!(
+            (9..=11).contains(&refused),
+            "{refused} refusals in 10 pauses"
+        );
+        broker.set_full(&names.dead_queue(), false);
+        tokio::time::sleep(BROKER_REFUSAL_PAUSE * 2).await;
+        assert_eq!(
+            broker.take_all(&names.dead_queue()).await,
+            vec![b"not a task".to_vec()]
+        );
+        assert_eq!(broker.ready_len(&task_queue).await, 0);
+        stop.trigger();
+        let _ = worker.await;
     }
 
     /// A worker, its store, and two claims of one-task jobs taken at the
