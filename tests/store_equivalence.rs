@@ -410,6 +410,71 @@ async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() 
     common::cleanup(&config).await;
 }
 
+/// A claim whose answer is lost, with Redis out of reach for a moment
+/// after (the claim sent again at once on a fresh connection is refused
+/// too), is sent again once Redis answers, and answered with the claim it
+/// made: told the store was unavailable, its worker would give the
+/// message back, the copy's claim would find the task `busy` and be
+/// dropped, and the claim made would lapse, an attempt spent for nothing
+/// (with `max_attempts` 1, the task failed without ever running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_was_lost_in_a_short_outage_is_answered_with_the_claim_it_made() {
+    let config = common::test_config(&common::unique_prefix("lostoutage"));
+    let cutter = common::cutter::Cutter::start(common::port_of(&config.redis_url)).await;
+    let through = Config {
+        redis_url: cutter.redis_url(),
+        ..config.clone()
+    };
+    let store = common::connect_store(&through, "eq").await;
+    for (id, create_and_claim) in [("by-message", false), ("by-submission", true)] {
+        if !create_and_claim {
+            create_noop_job(store.as_ref(), id).await;
+        }
+        cutter.drop_next_reply_then_cut();
+        let claiming = tokio::spawn({
+            let store = store.clone();
+            let id = id.to_owned();
+            async move {
+                let lease = Duration::from_secs(30);
+                if create_and_claim {
+                    let job = plan(&common::noop_job(&id));
+                    store
+                        .create_job_and_claim(&job, 0, "w", lease)
+                        .await
+                        .map(|(_, outcome)| outcome)
+                } else {
+                    let message = TaskMessage {
+                        job: id,
+                        task: "t".into(),
+                        idx: 0,
+                        attempt: 1,
+                        queue: "default".into(),
+                    };
+                    store.claim(&message, "w", lease).await
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cutter.dropped_a_reply() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id}: no reply dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cutter.heal();
+        let outcome = claiming.await.unwrap();
+        assert!(
+            matches!(&outcome, Ok(ClaimOutcome::Claimed(c)) if c.claim.attempt == 1),
+            "{id}: {outcome:?}"
+        );
+        let status = store.job(id).await.unwrap().unwrap();
+        assert_eq!(status.tasks["t"].state, TaskState::Running, "{id}");
+    }
+    common::cleanup(&config).await;
+}
+
 /// The same for every path that fails a task (and may settle its job): a
 /// permanent failure, a lapsed lease found by the sweep and a poisoned
 /// message each fail whole on a record whose retention is not a number,

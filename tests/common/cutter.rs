@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 
 pub struct Cutter {
     pub port: u16,
-    /// 1 while armed ([`Cutter::drop_next_reply`]); 2 once it dropped one.
+    /// 1 while armed ([`Cutter::drop_next_reply`]), 3 while armed to cut
+    /// too ([`Cutter::drop_next_reply_then_cut`]); 2 once it dropped one.
     drop_reply: Arc<AtomicUsize>,
     cut: Arc<AtomicBool>,
     silent: tokio::sync::watch::Sender<bool>,
@@ -63,10 +64,11 @@ impl Cutter {
                     }
                     let mut silenced = silent.subscribe();
                     let drop_reply = drop_reply.clone();
+                    let cut = cut.clone();
                     live.push(tokio::spawn(async move {
                         if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
                             tokio::select! {
-                                _ = forward(&mut inbound, &mut outbound, &drop_reply) => {}
+                                _ = forward(&mut inbound, &mut outbound, &drop_reply, &cut) => {}
                                 _ = async { drop(silenced.wait_for(|s| *s).await) } => {
                                     // Both sockets stay open, and nothing
                                     // crosses, until the link is dropped.
@@ -94,6 +96,13 @@ impl Cutter {
     /// client never hears so.
     pub fn drop_next_reply(&self) {
         self.drop_reply.store(1, Ordering::SeqCst);
+    }
+
+    /// [`Cutter::drop_next_reply`], and refuse every new connection from
+    /// then on, until [`Cutter::heal`]: the request ran, its answer is
+    /// lost, and the client cannot reach the server to ask again.
+    pub fn drop_next_reply_then_cut(&self) {
+        self.drop_reply.store(3, Ordering::SeqCst);
     }
 
     /// Whether an answer was dropped since [`Cutter::drop_next_reply`].
@@ -135,8 +144,14 @@ impl Cutter {
 }
 
 /// Forward both ways until either side closes; an answer that comes while
-/// `drop_reply` is armed (1) ends the link instead (and marks it 2).
-async fn forward(client: &mut TcpStream, server: &mut TcpStream, drop_reply: &AtomicUsize) {
+/// `drop_reply` is armed (1, or 3 to set `cut` too) ends the link instead
+/// (and marks it 2).
+async fn forward(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    drop_reply: &AtomicUsize,
+    cut: &AtomicBool,
+) {
     let (mut from_client, mut to_client) = client.split();
     let (mut from_server, mut to_server) = server.split();
     let up = tokio::io::copy(&mut from_client, &mut to_server);
@@ -147,10 +162,17 @@ async fn forward(client: &mut TcpStream, server: &mut TcpStream, drop_reply: &At
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if drop_reply
-                .compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
+            let armed = drop_reply.load(Ordering::SeqCst);
+            if (armed == 1 || armed == 3)
+                && drop_reply
+                    .compare_exchange(armed, 2, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
             {
+                if armed == 3 {
+                    // Before the link closes: the client's next connection
+                    // is refused.
+                    cut.store(true, Ordering::SeqCst);
+                }
                 return;
             }
             if to_client.write_all(&buf[..n]).await.is_err() {

@@ -133,6 +133,16 @@ const CLAIM_ROUND_MAX: usize = 256;
 /// The most claim rounds out at once: enough to keep Redis and the
 /// connection busy, few enough that claims arriving together wait for one.
 const CLAIM_ROUNDS_OUT: usize = 4;
+/// The waits before each time a claim call that failed for a reason a
+/// retry can help is sent again (see `RedisStore::run_claims`): 3.75 s in
+/// all, through a blip of Redis or of the network; a longer outage gives
+/// the message back.
+const CLAIM_RESEND_WAITS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
 
 /// How long a schedule entry the store cannot act on is set aside before
 /// the sweep tries it again (see `RedisStore::set_aside`): long enough not
@@ -860,7 +870,7 @@ impl RedisStore {
             }
             pipe.add_command(cmd);
         }
-        let mut values = self.run::<Vec<redis::Value>>(&pipe).await;
+        let mut values = self.run_claims::<Vec<redis::Value>>(&pipe, None).await;
         // Sent with `ignore_errors`, a pipeline comes back whole even when
         // Redis lost the function library: load it and send the round
         // again (no claim ran). The lease entries' answers are the first
@@ -1019,6 +1029,34 @@ impl RedisStore {
                 .await?;
         }
         Ok(outcome)
+    }
+
+    /// [`Self::run_for_epoch`] of a pipeline that claims, sent again while
+    /// it fails for a reason a retry can help, for a few seconds
+    /// ([`CLAIM_RESEND_WAITS`]): the claim may have run with only its
+    /// answer lost (a reply past the response time-out, a connection lost
+    /// after the request went out and none to be had at once), and sent
+    /// again with its token it is answered with the claim it made
+    /// (`claim.lua`). Given up, its caller gives the message back, and a
+    /// claim made then runs nowhere until its lease lapses: an attempt
+    /// spent.
+    async fn run_claims<T: redis::FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        built_for: Option<u64>,
+    ) -> Result<T, StoreError> {
+        let mut result = self.run_for_epoch(pipe, built_for).await;
+        for wait in CLAIM_RESEND_WAITS {
+            match &result {
+                Err(e) if e.is_retryable() && self.still_epoch(built_for).is_ok() => {
+                    tracing::debug!(error = %e, ?wait, "a claim call failed; sending it again");
+                    tokio::time::sleep(wait).await;
+                    result = self.run_for_epoch(pipe, built_for).await;
+                }
+                _ => break,
+            }
+        }
+        result
     }
 
     /// Run a pipeline; if Redis no longer has the library (restarted
@@ -1195,7 +1233,7 @@ impl Store for RedisStore {
             .arg(&task.queue);
         let new_queues = self.index_creation(&mut pipe, create, job);
         let (added, (created, claimed)): (i64, (Reply, Reply)) =
-            self.run_for_epoch(&pipe, Some(epoch)).await?;
+            self.run_claims(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
         let created = created_from(job, &created)?;
         let outcome = self.claim_outcome(&task, added, expiry, &claimed).await?;
