@@ -116,15 +116,31 @@ impl Shutdown {
     }
 }
 
-/// Fire `trigger` on SIGTERM or SIGINT, and hurry it on a second one.
+/// Exit status of a process ended by a third stop signal (128 + SIGINT,
+/// as a shell reports an interrupted command).
+pub const FORCED_EXIT: i32 = 130;
+
+/// Fire `trigger` on SIGTERM or SIGINT, and hurry it on a second one. A
+/// hurried stop still hands running tasks back and flushes what it
+/// confirmed, which takes up to a few bounded waits on an unwell broker;
+/// a third signal ends the process at once (status [`FORCED_EXIT`]): its
+/// claims lapse and the sweep offers their tasks again, as for a worker
+/// killed.
 pub fn on_signals(trigger: ShutdownTrigger) {
     tokio::spawn(async move {
         let signal = stop_signal(false).await;
         tracing::info!("{signal}: shutting down (a second one stops at once)");
         trigger.trigger();
         let signal = stop_signal(false).await;
-        tracing::warn!("second {signal}: stopping now, without waiting for running work");
+        tracing::warn!(
+            "second {signal}: stopping now, without waiting for running work (a third one exits at once)"
+        );
         trigger.hurry();
+        let signal = stop_signal(false).await;
+        tracing::error!(
+            "third {signal}: exiting at once; claims held lapse and their tasks are offered again"
+        );
+        std::process::exit(FORCED_EXIT);
     });
 }
 

@@ -203,6 +203,23 @@ async fn a_worker_whose_handler_blocks_a_thread_hands_its_task_back_and_exits() 
     d.shutdown().await;
 }
 
+/// A worker process (grace period a minute, one slot) running job `long`,
+/// whose one task sleeps for ten minutes; the client that submitted it.
+async fn worker_running_a_long_task(d: &Deployment) -> (Client, tokio::process::Child) {
+    let client = Client::connect(&d.config.prefix).await;
+    client
+        .submit(&json!({"id": "long", "requestor": "r",
+            "tasks": [{"name": "nap", "handler": "sleep", "params": {"ms": 600_000}}]}))
+        .await;
+    let child = spawn_worker_process_with(d, 60, 1, &[("CONVEYOR_ACCEPT_SUBMISSIONS", "true")]);
+    let ids = ["long".to_owned()];
+    eventually("the task running", WAIT, || async {
+        (running_tasks(d, &ids).await == 1).then_some(())
+    })
+    .await;
+    (client, child)
+}
+
 /// A second SIGTERM ends the grace period at once: the worker, told to
 /// stop while a task that needs far longer than a minute runs, with a
 /// grace period of a minute, hands the task back and exits 0 as soon as
@@ -211,18 +228,7 @@ async fn a_worker_whose_handler_blocks_a_thread_hands_its_task_back_and_exits() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_hands_running_tasks_back_at_once() {
     let d = Deployment::new("sigterm-twice").await;
-    let client = Client::connect(&d.config.prefix).await;
-    client
-        .submit(&json!({"id": "long", "requestor": "r",
-            "tasks": [{"name": "nap", "handler": "sleep", "params": {"ms": 600_000}}]}))
-        .await;
-    let mut child =
-        spawn_worker_process_with(&d, 60, 1, &[("CONVEYOR_ACCEPT_SUBMISSIONS", "true")]);
-    let ids = ["long".to_owned()];
-    eventually("the task running", WAIT, || async {
-        (running_tasks(&d, &ids).await == 1).then_some(())
-    })
-    .await;
+    let (client, mut child) = worker_running_a_long_task(&d).await;
     let broker = common::connect_broker(&d.config).await;
     let task_queue = d.names.task_queue("default");
     sigterm(&child).await;
@@ -257,6 +263,36 @@ async fn a_second_sigterm_hands_running_tasks_back_at_once() {
         queued[0].ready, 1,
         "the handed-back task's message is queued"
     );
+    client.close().await;
+    d.shutdown().await;
+}
+
+/// A third SIGTERM ends a worker at once, whatever its hurried stop still
+/// waits for: here its link to RabbitMQ went silent, so handing its task
+/// back would wait out the broker's bounds (tens of seconds). It exits
+/// with status 130, and its task, not handed back, is the sweep's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_sigterm_ends_a_worker_at_once_whatever_its_stop_waits_for() {
+    let mut d = Deployment::new("sigterm-thrice").await;
+    let link = common::cutter::Cutter::start(5672).await;
+    d.config.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", link.port);
+    let (client, mut child) = worker_running_a_long_task(&d).await;
+    link.silence();
+    for _ in 0..2 {
+        sigterm(&child).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before the third signal"
+        );
+    }
+    sigterm(&child).await;
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("the worker exits at once when told a third time")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(130), "worker exit status {exit:?}");
+    link.heal();
     client.close().await;
     d.shutdown().await;
 }
