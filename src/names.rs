@@ -51,6 +51,14 @@ impl Names {
         format!("{}.tasks.{}", self.prefix, queue)
     }
 
+    /// The name a job gives the task queue `full` ([`Self::task_queue`]
+    /// read backwards), if `full` is one of this deployment's.
+    pub fn task_queue_of<'a>(&self, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".tasks.")
+            .filter(|q| !q.is_empty())
+    }
+
     /// The hash holding a job and all its tasks.
     pub fn job_key(&self, job: &str) -> String {
         format!("{}:{{{}}}:job", self.prefix, job)

@@ -820,10 +820,10 @@ async fn history_keeps_quotes_backslashes_and_non_ascii_text_exactly() {
     d.shutdown().await;
 }
 
-/// Messages ready in `queue`, or `None` if it does not exist (a passive
-/// declare, on a channel of its own: a missing queue closes it).
-async fn ready_in(conn: &lapin::Connection, queue: &str) -> Option<u32> {
-    let channel = conn.create_channel().await.expect("channel");
+/// `queue` as a passive declare sees it (on a channel of its own: a
+/// missing queue closes it), or `None` if it does not exist.
+async fn passively_declared(conn: &lapin::Connection, queue: &str) -> Option<lapin::Queue> {
+    let channel = conn.create_channel().await.ok()?;
     let declared = channel
         .queue_declare(
             queue.into(),
@@ -835,7 +835,23 @@ async fn ready_in(conn: &lapin::Connection, queue: &str) -> Option<u32> {
         )
         .await;
     let _ = channel.close(200, "done".into()).await;
-    declared.ok().map(|q| q.message_count())
+    declared.ok()
+}
+
+/// Messages ready in `queue`, or `None` if it does not exist.
+async fn ready_in(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    passively_declared(conn, queue)
+        .await
+        .map(|q| q.message_count())
+}
+
+/// Wait until `queue` exists and has a consumer.
+async fn until_consumed(conn: &lapin::Connection, queue: &str, what: &str, within: Duration) {
+    eventually(what, within, || async {
+        let q = passively_declared(conn, queue).await?;
+        (q.consumer_count() > 0).then_some(())
+    })
+    .await;
 }
 
 /// Delete `queue` as an operator would, and check that it is gone.
@@ -855,23 +871,7 @@ async fn a_task_queue_deleted_by_an_operator_is_declared_again_when_the_publish_
     let (tool, submit) = (&tool, d.names.submit_queue());
     let task_queue = d.names.task_queue("default");
     // The dispatcher has declared its topology once it consumes submissions.
-    eventually("the dispatcher consuming submissions", WAIT, || async {
-        let channel = tool.create_channel().await.ok()?;
-        let q = channel
-            .queue_declare(
-                submit.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "done".into()).await;
-        (q.consumer_count() > 0).then_some(())
-    })
-    .await;
+    until_consumed(tool, &submit, "the dispatcher consuming submissions", WAIT).await;
     delete_queue(&d.config, tool, &task_queue).await;
 
     let client = Client::connect(&d.config.prefix).await;
@@ -893,6 +893,34 @@ async fn a_task_queue_deleted_by_an_operator_is_declared_again_when_the_publish_
     // The submission was acked once its task was routed, not dead-lettered
     // after its requeues ran out.
     assert!(client.take_dead().await.is_none(), "a dead letter");
+    client.close().await;
+    let _ = tool.close(200, "bye".into()).await;
+    d.shutdown().await;
+}
+
+/// The submission queue deleted by an operator under a running dispatcher
+/// (nothing publishes to it through Conveyor, so no returned publish
+/// brings it back) is declared again by the dispatcher when it subscribes
+/// again, and consumed: a submission after it runs. Until the thirty-first
+/// session every new subscription met 404, dropped the consuming
+/// connection, and the queue stayed gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_queue_deleted_under_its_dispatcher_is_declared_again_and_consumed() {
+    let mut d = Deployment::new("deleted-submit").await;
+    d.start_dispatcher().await;
+    d.start_worker(2).await;
+    let tool = conveyor::broker::amqp::tool_connection(&d.config)
+        .await
+        .expect("tool connection");
+    let (tool, submit) = (&tool, d.names.submit_queue());
+    until_consumed(tool, &submit, "the dispatcher consuming submissions", WAIT).await;
+    delete_queue(&d.config, tool, &submit).await;
+    let again = "the submission queue declared again and consumed";
+    until_consumed(tool, &submit, again, Duration::from_secs(30)).await;
+    let client = Client::connect(&d.config.prefix).await;
+    client.submit(&common::noop_job("after-delete")).await;
+    let status = d.wait_terminal("after-delete", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
     client.close().await;
     let _ = tool.close(200, "bye".into()).await;
     d.shutdown().await;

@@ -1226,10 +1226,20 @@ async fn a_memory_alarm_blocking_publishers_past_the_publish_bound_is_waited_out
         "a root ended before the alarm was in force"
     );
     // The roots end about 6 s after they started, and their publishes
-    // wait until they are given up on 30 s later, then again on a new
-    // connection.
-    tokio::time::sleep(Duration::from_secs(42)).await;
+    // wait until they are given up on 30 s later, then again, on the same
+    // connection: a blocked one is sound. (Each process used to open a
+    // new one, which was blocked in turn, the old one lingering: RabbitMQ
+    // reads no Close from a blocked connection.)
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let blocked_before = blocked_connections().await;
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let blocked_after = blocked_connections().await;
     alarm.undo().await;
+    assert!(
+        blocked_before > 0 && blocked_after <= blocked_before,
+        "blocked connections: {blocked_before} before the publishes were given up on, \
+         {blocked_after} after"
+    );
     let cleared = now_ns();
     let counts = assert_jobs_settled(&d, &ids).await;
     assert_eq!(counts.get(&JobState::Succeeded), Some(&jobs), "{counts:?}");
@@ -1246,6 +1256,24 @@ async fn a_memory_alarm_blocking_publishers_past_the_publish_bound_is_waited_out
     assert_no_overlapping_claims(&journal, d.config.lease());
     journal::assert_every_success_was_run(&d, &ids, &journal).await;
     d.shutdown().await;
+}
+
+/// How many connections RabbitMQ blocks now (a memory alarm: those that
+/// published since it was raised).
+async fn blocked_connections() -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "state"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("rabbitmqctl list_connections within 120 s")
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim() == "blocked")
+        .count()
 }
 
 /// A port in 20000..32000 that nothing listens on now.

@@ -46,11 +46,12 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::tcp::OwnedTLSConfig;
+use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    DefaultConnectionBuilder, PublisherConfirm,
+    PublisherConfirm,
 };
 
 use super::{
@@ -399,6 +400,11 @@ fn refused_for_good(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 405 | 406))
 }
 
+/// Whether RabbitMQ answered 404 NOT_FOUND: the queue named is missing.
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
+}
+
 fn unavailable(e: lapin::Error) -> BrokerError {
     if e.can_be_recovered() {
         BrokerError::Unavailable(e.to_string())
@@ -406,6 +412,12 @@ fn unavailable(e: lapin::Error) -> BrokerError {
         BrokerError::Fatal(e.to_string())
     }
 }
+
+/// Task queues declared again at once by a new session (each on a
+/// channel of its own): a process that declared many does not wait a
+/// round trip per queue, one after the other, while every caller waits
+/// for the session.
+const DECLARE_AGAIN_AT_ONCE: usize = 16;
 
 /// Heartbeat (seconds) asked for unless the URL names one: RabbitMQ's
 /// 60 s default notices a dead peer late.
@@ -455,6 +467,95 @@ fn tls_config(tls_ca: Option<&TlsCa>) -> OwnedTLSConfig {
     }
 }
 
+/// The socket of a connection being made, kept to cut short a handshake
+/// given up on. lapin runs each connection on an I/O thread of its own,
+/// started before the handshake, which owns the socket and waits on it
+/// until the peer closes it: dropping the connecting future does not end
+/// it. A node that takes the socket and never answers (stopped with
+/// `SIGSTOP`, or a link gone silent) left one thread, socket and pair of
+/// frame buffers behind per attempt, every few seconds, for as long as
+/// it stayed so.
+#[derive(Clone, Default)]
+struct HandshakeSocket {
+    inner: Arc<std::sync::Mutex<(bool, Option<std::net::TcpStream>)>>,
+}
+
+impl HandshakeSocket {
+    /// Keep a handle of the socket, or shut it down at once if the
+    /// attempt was given up on meanwhile.
+    fn keep(&self, socket: std::net::TcpStream) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.0 {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        } else {
+            inner.1 = Some(socket);
+        }
+    }
+
+    /// Whether the attempt was given up on.
+    fn abandoned(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Give the attempt up: shut the socket down (for both ends: lapin's
+    /// thread reads its end and exits, closing the socket), and make no
+    /// other.
+    fn abandon(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0 = true;
+        if let Some(socket) = inner.1.take() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Connect to `url` as lapin's own connector does (TCP, then TLS for
+/// `amqps://`), keeping a handle of the socket in `socket` so that the
+/// attempt can be given up on ([`HandshakeSocket::abandon`]).
+async fn connect_one(
+    url: &str,
+    properties: ConnectionProperties,
+    tls: OwnedTLSConfig,
+    socket: HandshakeSocket,
+) -> lapin::Result<Connection> {
+    let uri: AMQPUri = url
+        .parse()
+        .map_err(|e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let runtime = lapin::runtime::default_runtime()?;
+    // Written where `connector` takes it: the types of its parameters (the
+    // runtime's, and so the stream's) come from there.
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            if socket.abandoned() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the connection attempt was given up on",
+                )
+                .into());
+            }
+            let host = uri.authority.host.clone();
+            let addresses: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), uri.authority.port))
+                    .await?
+                    .collect();
+            let stream = AsyncTcpStream::connect(&runtime, addresses).await?;
+            if let AsyncTcpStream::Plain(plain) = &stream {
+                use std::os::fd::AsFd;
+                let handle = plain.get_ref().as_fd().try_clone_to_owned()?;
+                socket.keep(std::net::TcpStream::from(handle));
+            }
+            Ok(match uri.scheme {
+                AMQPScheme::AMQP => stream,
+                AMQPScheme::AMQPS => stream.into_tls(&host, tls.as_ref()).await?,
+            })
+        },
+        properties,
+    )
+    .await
+}
+
 /// A connection to the first of `urls` that accepts one, trying them in
 /// turn from index `start`: its index and the connection, or an error
 /// naming every node tried (passwords redacted).
@@ -471,14 +572,8 @@ async fn connect_first(
     for k in 0..urls.len() {
         let i = (start + k) % urls.len();
         let url = &urls[i];
-        let attempt = async {
-            DefaultConnectionBuilder::new()?
-                .with_uri_str(url.clone())
-                .with_properties(properties.clone())
-                .with_tls_config(tls.clone())
-                .connect()
-                .await
-        };
+        let socket = HandshakeSocket::default();
+        let attempt = connect_one(url, properties.clone(), tls.clone(), socket.clone());
         let text = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(Ok(connection)) => return Ok((i, connection)),
             Ok(Err(e)) => {
@@ -488,10 +583,13 @@ async fn connect_first(
                 }
                 text
             }
-            Err(_) => format!(
-                "no answer to the AMQP handshake within {} s (is the node starting or stopping, or is this not its AMQP port?)",
-                CONNECT_TIMEOUT.as_secs()
-            ),
+            Err(_) => {
+                socket.abandon();
+                format!(
+                    "no answer to the AMQP handshake within {} s (is the node starting or stopping, or is this not its AMQP port?)",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            }
         };
         if urls.len() == 1 {
             failures.push(text);
@@ -690,10 +788,12 @@ impl AmqpBroker {
 
     /// Declare again, on a new session, what this process declared: the
     /// base queues as [`Self::declare_all`] does, the task queues as far
-    /// as RabbitMQ lets it. A task queue refused for good (since recreated
-    /// with other arguments by a process of a newer config) is logged and
-    /// left as it is: publishing to it still works, and failing the
-    /// reconnect for it would cut this process off from every queue.
+    /// as RabbitMQ lets it, several at once. A task queue refused for good
+    /// (since recreated with other arguments by a process of a newer
+    /// config) is logged and left as it is: publishing to it still works,
+    /// and failing the reconnect for it would cut this process off from
+    /// every queue. One that fails for another reason is logged and left
+    /// for a publish or subscription that finds it missing to declare.
     async fn declare_again(
         &self,
         session: &Session,
@@ -701,14 +801,26 @@ impl AmqpBroker {
     ) -> Result<(), BrokerError> {
         self.declare_all(session, &[]).await?;
         let names = &self.topology.names;
-        for q in task_queues {
-            let queue = names.task_queue(q);
-            match declare_queue(session, &queue, self.work_queue_args()).await {
+        let args = self.work_queue_args();
+        let queues: Vec<String> = task_queues.iter().map(|q| names.task_queue(q)).collect();
+        let mut declares = futures::stream::iter(queues)
+            .map(|queue: String| {
+                let args = args.clone();
+                async move { (declare_queue(session, &queue, args).await, queue) }
+            })
+            .buffer_unordered(DECLARE_AGAIN_AT_ONCE);
+        while let Some((declared, queue)) = declares.next().await {
+            match declared {
                 Ok(()) => {}
                 Err(BrokerError::Fatal(e)) => {
                     tracing::warn!(%queue, error = %e, "task queue not declared again on reconnecting; using it as it is");
                 }
-                Err(e) => return Err(e),
+                // One task queue is not worth the session: a publish to
+                // it, if it is missing, comes back returned and declares
+                // it, and a subscription that finds it missing declares it.
+                Err(e) => {
+                    tracing::warn!(%queue, error = %e, "task queue not declared again on reconnecting; declared when a publish or a subscription finds it missing");
+                }
             }
         }
         Ok(())
@@ -947,7 +1059,14 @@ impl Broker for AmqpBroker {
             error: BrokerError::Unavailable(_),
             ..
         }) = &result
+            && !session.connection.status().blocked()
         {
+            // A connection RabbitMQ blocked (a memory or disk alarm) is
+            // kept: it takes publishes again once the alarm clears.
+            // Dropped, it would linger unclosed (a blocked connection's
+            // Close is not read either) while a new one was blocked in
+            // turn: one more connection per publish time-out for as long
+            // as the alarm lasts, on a broker short of memory.
             self.forget(&session).await;
         }
         result
@@ -963,7 +1082,26 @@ impl Broker for AmqpBroker {
         // again (RabbitMQ may have lost them with its data).
         self.session().await?;
         let connection = self.consuming().await?;
-        let result = subscribe_on(&connection, queue, prefetch, priority).await;
+        let mut result = subscribe_on(&connection, queue, prefetch, priority).await;
+        if let Err(BrokerError::Unroutable { .. }) = &result {
+            // The queue is gone (an operator deleted it): declared again,
+            // as a returned publish has it, and consumed. Until the
+            // thirty-first session nothing declared it, and every retry
+            // dropped the (healthy) consuming connection.
+            tracing::warn!(
+                queue,
+                "the queue to consume is missing (deleted?); declaring it again"
+            );
+            let names = &self.topology.names;
+            let declared = match names.task_queue_of(queue) {
+                Some(task_queue) => self.declare(&[task_queue.to_owned()]).await,
+                None => self.declare(&[]).await,
+            };
+            result = match declared {
+                Ok(()) => subscribe_on(&connection, queue, prefetch, priority).await,
+                Err(e) => Err(e),
+            };
+        }
         if matches!(result, Err(BrokerError::Unavailable(_))) {
             self.forget_consuming(&connection).await;
         }
@@ -1156,7 +1294,18 @@ async fn subscribe_on(
                 consumer_arguments(priority),
             )
             .await
-            .map_err(unavailable)
+            .map_err(|e| {
+                // 404: the queue is missing, which closes this channel
+                // only (the connection is sound).
+                if is_not_found(&e) {
+                    BrokerError::Unroutable {
+                        queue: queue.to_owned(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    unavailable(e)
+                }
+            })
     })
     .await?;
     Ok(Box::new(AmqpSubscription {
@@ -1444,15 +1593,28 @@ mod tests {
         );
     }
 
+    /// A node that takes the socket and never answers is given up on
+    /// after [`CONNECT_TIMEOUT`], and its socket closed: lapin's I/O
+    /// thread, which owns it, would otherwise wait on it (and stay) until
+    /// the node closed it, one thread and socket more per attempt.
     #[tokio::test]
-    async fn a_node_that_takes_the_socket_and_never_answers_is_given_up_on() {
-        let (url, silent) = silent_node().await;
-        let urls = [url];
+    async fn a_node_that_takes_the_socket_and_never_answers_is_given_up_on_and_its_socket_closed() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed, closing) = tokio::sync::oneshot::channel();
+        let silent = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            // Read (and answer nothing) until the client closes.
+            let mut buf = [0u8; 64];
+            while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            let _ = closed.send(());
+        });
+        let urls = [format!("amqp://guest:guest@127.0.0.1:{port}/%2f")];
         let started = std::time::Instant::now();
         let outcome =
             connect_first(&urls, 0, &tls_config(None), ConnectionProperties::default()).await;
         let waited = started.elapsed();
-        silent.abort();
         match outcome {
             Err(BrokerError::Unavailable(e)) => assert!(
                 e.contains("no answer to the AMQP handshake within 10 s"),
@@ -1462,6 +1624,12 @@ mod tests {
             Ok(_) => panic!("connected to a listener that never spoke AMQP"),
         }
         assert!(waited >= CONNECT_TIMEOUT, "gave up after {waited:?}");
+        let seen = tokio::time::timeout(Duration::from_secs(5), closing).await;
+        silent.abort();
+        assert!(
+            matches!(seen, Ok(Ok(()))),
+            "the socket given up on is still open 5 s later"
+        );
     }
 
     #[test]

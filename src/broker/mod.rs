@@ -27,11 +27,11 @@ pub enum BrokerError {
         /// What the broker said.
         reason: String,
     },
-    /// The broker could not route a message published with the mandatory
-    /// flag and returned it: no queue of that name exists (never declared,
-    /// or deleted since). Declaring the queue again and publishing again
-    /// helps.
-    #[error("broker returned message to {queue} as unroutable: {reason}")]
+    /// No queue of that name exists (never declared, or deleted since):
+    /// the broker returned a message published to it with the mandatory
+    /// flag, or refused to consume from it (404). Declaring the queue
+    /// again and trying again helps.
+    #[error("no queue {queue} (deleted?): {reason}")]
     Unroutable {
         /// The target queue.
         queue: String,
