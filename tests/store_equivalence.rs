@@ -757,6 +757,55 @@ async fn a_claim_on_an_unusable_record_fails_alone_not_the_claims_beside_it() {
     common::cleanup(&config).await;
 }
 
+/// A claim of a task whose run spec or max attempts the store cannot read
+/// back (corrupt, or another version's) is refused before it is made: the
+/// task stays ready, with no claim that would run nowhere (its message
+/// dead-lettered as unusable) until its lease lapsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_the_store_could_not_read_is_refused_before_it_is_made() {
+    let config = common::test_config(&common::unique_prefix("unreadable"));
+    let store = common::connect_store(&config, "eq").await;
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = common::redis_connection(&config).await;
+    for (id, field, value) in [
+        ("short-spec", "x:0", Some("1")),
+        ("long-handler", "x:0", Some("0,0,0,99,noop{}")),
+        ("no-max", "ma:0", None),
+        ("odd-max", "ma:0", Some("five")),
+    ] {
+        let message = create_noop_job(store.as_ref(), id).await;
+        let change = match value {
+            Some(v) => redis::cmd("HSET")
+                .arg(names.job_key(id))
+                .arg(field)
+                .arg(v)
+                .to_owned(),
+            None => redis::cmd("HDEL")
+                .arg(names.job_key(id))
+                .arg(field)
+                .to_owned(),
+        };
+        change.query_async::<()>(&mut conn).await.unwrap();
+        let before: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(names.job_key(id))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let refused = store.claim(&message, "w", Duration::from_secs(30)).await;
+        assert!(
+            matches!(&refused, Err(e) if !e.is_retryable()),
+            "{id}: {refused:?}"
+        );
+        let after: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(names.job_key(id))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(after, before, "{id}: nothing written");
+    }
+    common::cleanup(&config).await;
+}
+
 /// Claims sent together after Redis lost the function library (a restart
 /// without its data, `FUNCTION FLUSH`) load it again and are answered:
 /// the round's pipeline comes back whole (each call's error its own), so

@@ -66,6 +66,12 @@ local function claimed_reply(i, d, fence_s, until_s)
   end
   return reply
 end
+-- Whether run spec `x` reads as the store reads it (`RunSpec::decode`:
+-- four numbers, then the handler of that length and the params).
+local function usable_spec(x)
+  local head, len = string.match(x, '^(%d+,%d+,%d+,(%d+),)')
+  return head ~= nil and #x - #head >= tonumber(len)
+end
 for k = 4, #ARGV - 2, 3 do
   local i, attempt, token = ARGV[k], ARGV[k + 1], ARGV[k + 2]
   local d
@@ -97,6 +103,12 @@ for k = 4, #ARGV - 2, 3 do
     end
   elseif d[1] ~= 'ready' then
     reply = {'stale'}
+  elseif not is_int(d[4]) or (d[3] and not usable_spec(d[3])) then
+    -- Refused before the claim is made (every write waits for the end of
+    -- the call): a claim whose reply the store cannot read would be made
+    -- and run nowhere, its message dead-lettered, until its lease lapsed.
+    return redis.error_reply('ERR job record unusable: task ' .. i ..
+      ' has no max attempts or run spec the store can read')
   else
     taken[i] = true
     -- Above the job's last fence, and above the claim's moment (see
