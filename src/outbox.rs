@@ -127,9 +127,7 @@ impl Outbox {
     /// broker returned one as unroutable, its queue is declared again by
     /// the next call (see the module docs).
     pub async fn publish_tasks(&self, tasks: &[TaskMessage]) -> Result<(), BrokerError> {
-        self.publish_unconfirmed(tasks.to_vec())
-            .await
-            .map_err(|(_, e)| e)
+        self.publish_unconfirmed(tasks).await.map_err(|(_, e)| e)
     }
 
     /// Publish `tasks`; on failure, the first error with the tasks the
@@ -137,13 +135,13 @@ impl Outbox {
     /// publish again).
     async fn publish_unconfirmed(
         &self,
-        tasks: Vec<TaskMessage>,
+        tasks: &[TaskMessage],
     ) -> Result<(), (Vec<TaskMessage>, BrokerError)> {
         if tasks.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.ensure_queues(&tasks).await {
-            return Err((tasks, e));
+        if let Err(e) = self.ensure_queues(tasks).await {
+            return Err((tasks.to_vec(), e));
         }
         let batch = tasks
             .iter()
@@ -154,13 +152,13 @@ impl Outbox {
             Err(partly) => partly,
         };
         if let BrokerError::Unroutable { queue, .. } = &error {
-            self.forget_declared(queue, &tasks);
+            self.forget_declared(queue, tasks);
         }
         let unconfirmed = tasks
-            .into_iter()
+            .iter()
             .zip(confirmed)
             .filter(|(_, confirmed)| !confirmed)
-            .map(|(t, _)| t)
+            .map(|(t, _)| t.clone())
             .collect();
         Err((unconfirmed, error))
     }
@@ -181,13 +179,14 @@ impl Outbox {
             .map(|t| format!("{}|{}|{}", t.job, t.idx, t.attempt))
             .unwrap_or_default();
         let mut waits = Reconnect::seeded(Duration::from_millis(50), Duration::from_secs(2), &seed);
-        let mut pending = tasks.to_vec();
+        // Borrowed until a failure leaves only some to publish again.
+        let mut pending = std::borrow::Cow::Borrowed(tasks);
         loop {
-            match self.publish_unconfirmed(pending).await {
+            match self.publish_unconfirmed(&pending).await {
                 Ok(()) => return Ok(()),
                 Err((rest, e)) if e.is_retryable() => {
                     tracing::warn!(error = %e, unconfirmed = rest.len(), "publishing tasks failed; retrying the unconfirmed");
-                    pending = rest;
+                    pending = std::borrow::Cow::Owned(rest);
                     tokio::time::sleep(waits.next_delay()).await;
                 }
                 Err((_, e)) => return Err(e),
