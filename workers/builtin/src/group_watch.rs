@@ -121,8 +121,13 @@ pub(crate) struct Watchdog {
 impl Watchdog {
     /// Start a watchdog process.
     pub(crate) fn spawn() -> io::Result<Watchdog> {
+        // No environment: the watchdog needs none (its script uses only
+        // the shell's builtins), and the worker's carries the broker's
+        // and Redis's URLs, passwords included, which a task's program
+        // could read from the watchdog's `/proc/<pid>/environ`.
         let mut child = Command::new("/bin/sh")
             .args(["-c", SCRIPT, "conveyor-group-watch"])
+            .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -290,6 +295,26 @@ mod tests {
         assert_eq!(exec_failure(None, dash), None);
         assert_eq!(exec_failure(Some(127), b"prog: not found\n"), None);
         assert_eq!(exec_failure(Some(127), b""), None);
+    }
+
+    /// The watchdog starts with no environment: none of the worker's
+    /// (its broker and Redis URLs) is there for a task's program to read
+    /// from `/proc/<pid>/environ`.
+    #[test]
+    fn the_watchdog_carries_none_of_the_workers_environment() {
+        let watchdog = Watchdog::spawn().unwrap();
+        let environ = std::fs::read(format!("/proc/{}/environ", watchdog.pid())).unwrap();
+        let status = watchdog.close_and_wait().unwrap();
+        assert!(status.success(), "{status:?}");
+        assert!(
+            std::env::vars_os().next().is_some(),
+            "this test needs an environment to leave out"
+        );
+        let text = String::from_utf8_lossy(&environ);
+        assert!(
+            !text.contains("PATH="),
+            "the watchdog's environment: {text}"
+        );
     }
 
     #[test]

@@ -389,11 +389,29 @@ fn describe_tail((tail, truncated): &(Vec<u8>, bool)) -> String {
     }
 }
 
+/// Make this process's `/proc/<pid>/environ` (and its other private
+/// `/proc` files) readable by root alone, once, before the first program
+/// starts: a program runs as the worker's user, and could otherwise read
+/// the worker's environment, whose broker and Redis URLs carry passwords,
+/// from its parent's `/proc` entry. (Its own environment is scrubbed of
+/// them: see `run`.) Core dumps of the worker are off as a consequence.
+/// The command line (`--amqp-url` given as a flag) stays world-readable:
+/// the README says to pass secrets through the environment or a file.
+fn keep_environment_private() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %e, "cannot make the worker's /proc entry private; a shell program can read its environment");
+        }
+    });
+}
+
 /// The command that starts `p`'s program, and whether it goes through the
 /// watchdog's gate (see `group_watch.rs`): `sh` waiting for `go` on stdin
 /// before it `exec`s the program, so that no program runs before its group
 /// is watched.
 fn command(p: &ShellParams) -> (Command, bool) {
+    keep_environment_private();
     if group_watch::gate_available() {
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", group_watch::GATE, group_watch::GATE_NAME])
@@ -721,6 +739,16 @@ mod tests {
             assert!(Instant::now() < deadline, "grandchild {pid} still alive");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Once a program has started, the worker's `/proc` entry is private
+    /// (not dumpable): a program running as the same user cannot read the
+    /// worker's environment from its parent's `/proc/<pid>/environ`.
+    #[tokio::test]
+    async fn a_program_started_leaves_the_workers_environment_private() {
+        let out = run(sh("echo '{}'")).await;
+        assert_eq!(out, Ok(Outcome::Done(json!({}))));
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
     }
 
     #[tokio::test]
