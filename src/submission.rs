@@ -204,9 +204,12 @@ impl Submissions {
                     // it is held while the publish is tried again, for a
                     // while (a memory alarm blocks publishing, not
                     // consuming).
+                    // A root claimed here waits too (renewed meanwhile: it
+                    // was registered when claimed): given back without the
+                    // id, the submission would be recorded again, and its
+                    // root claimed and run again, under another.
                     Err(e)
                         if e.is_unavailable()
-                            && claimed.is_none()
                             && delivery.properties.header(ASSIGNED_ID_HEADER).is_some() =>
                     {
                         tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; holding the submission (its job id was assigned here) and trying again");
@@ -220,11 +223,10 @@ impl Submissions {
                 if let Err(e) = published {
                     // The job is recorded; the submission, taken again,
                     // finds it existing and publishes its ready tasks
-                    // again. A root claimed here is running, not ready: it
-                    // is ours to run, and must not wait (its lease runs
-                    // down unrenewed until its run): the submission goes
-                    // back at once, and taken again, finds the root
-                    // claimed and waits as any other.
+                    // again. A root claimed here is ours to run, and runs
+                    // once this returns: the submission goes back at
+                    // once, and taken again, finds the root claimed and
+                    // waits as any other.
                     tracing::warn!(job = %job.id, error = %e, "publishing ready tasks failed; the submission will be taken again");
                     let pause = if claimed.is_some() {
                         Duration::ZERO
@@ -630,14 +632,19 @@ mod tests {
     async fn an_id_less_submission_whose_tasks_the_broker_did_not_take_keeps_its_job() {
         // Refused: the submission goes back with its id. Timed out while
         // every publish is blocked (a copy given back too): held until its
-        // job's task is published.
-        id_less_submission_keeps_its_job(refused, false).await;
-        id_less_submission_keeps_its_job(timed_out, true).await;
+        // job's task is published, also when a worker taking it claimed a
+        // root to run (given back without its id, it was recorded, and
+        // that root run, again).
+        for run_here in [false, true] {
+            id_less_submission_keeps_its_job(refused, false, run_here).await;
+            id_less_submission_keeps_its_job(timed_out, true, run_here).await;
+        }
     }
 
     async fn id_less_submission_keeps_its_job(
         error: fn(&str) -> BrokerError,
         copies_blocked: bool,
+        run_here: bool,
     ) {
         let names = Names::new("t");
         let store = memory_store();
@@ -662,20 +669,32 @@ mod tests {
         };
         broker.declare(&["default".to_owned()]).await.unwrap();
         let submit = names.submit_queue();
-        let body = br#"{"requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}"#;
+        // Two roots: a worker taking the submission claims one to run and
+        // publishes the other.
+        let body = br#"{"requestor": "r", "tasks": [{"name": "t", "handler": "noop"},
+            {"name": "u", "handler": "noop"}]}"#;
         inner
             .publish(vec![Outgoing::durable(submit.clone(), body.to_vec())])
             .await
             .unwrap();
         let mut sub = inner.subscribe(&submit, 1).await.unwrap();
+        let queues = ["default".to_owned()];
+        let register = |_: &ClaimRef| {};
 
         // Taken until the submission queue is empty (a refusal gives the
         // submission back once).
         let mut carried = Vec::new();
+        let mut ran_here = Vec::new();
         while inner.ready_len(&submit).await > 0 || inner.unacked_len(&submit).await > 0 {
             let delivery = sub.next().await.unwrap().unwrap();
             carried.push(delivery.properties.header(ASSIGNED_ID_HEADER).cloned());
-            submissions.handle(delivery, None).await;
+            let here = run_here.then(|| RunHere {
+                queues: &queues,
+                worker: "w",
+                lease: Duration::from_secs(30),
+                claimed: &register,
+            });
+            ran_here.extend(submissions.handle(delivery, here).await);
         }
 
         let jobs = store.list_jobs(None, 10).await.unwrap();
@@ -683,10 +702,17 @@ mod tests {
         if carried.len() > 1 {
             assert_eq!(carried[1], Some(HeaderValue::Text(jobs[0].id.clone())));
         }
+        assert_eq!(ran_here.len(), usize::from(run_here), "one root run here");
         let queued = inner.take_all(&tasks).await;
-        assert_eq!(queued.len(), 1);
-        let task: crate::model::TaskMessage = serde_json::from_slice(&queued[0]).unwrap();
-        assert_eq!(task.job, jobs[0].id);
+        assert_eq!(
+            queued.len(),
+            2 - ran_here.len(),
+            "every other root published"
+        );
+        for message in queued {
+            let task: crate::model::TaskMessage = serde_json::from_slice(&message).unwrap();
+            assert_eq!(task.job, jobs[0].id);
+        }
     }
 
     #[tokio::test]
