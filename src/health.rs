@@ -13,7 +13,7 @@
 //! again only once its consumers are back, which is the failure operators
 //! of other job systems cannot see (workers connected but consuming
 //! nothing). With `redis_wait_replicas` set, it also needs that many
-//! replicas connected to the primary: with fewer, every submission waits
+//! replicas online (connected and in sync) with the primary: with fewer, every submission waits
 //! in the broker, unanswered, and the process looks healthy while doing
 //! nothing useful.
 
@@ -49,7 +49,7 @@ pub struct Readiness {
     /// Each queue this process consumes, and whether it has a consumer on
     /// it now. Empty until the first subscription.
     pub consuming: BTreeMap<String, bool>,
-    /// The replicas job creations wait for and how many are connected;
+    /// The replicas job creations wait for and how many are online;
     /// absent when creations wait for none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Replicas>,

@@ -59,12 +59,24 @@ impl Outbox {
     /// Declare task queues this process has not declared yet (a job may
     /// name a queue no worker has consumed so far; its tasks wait there).
     async fn ensure_queues(&self, tasks: &[TaskMessage]) -> Result<(), BrokerError> {
+        self.declare_task_queues(tasks.iter().map(|t| t.queue.as_str()))
+            .await
+    }
+
+    /// Declare the task queues named (without the prefix) that this process
+    /// has not declared yet, each refused for good (a queue that exists
+    /// with other arguments, or one this user may not declare) logged and
+    /// used as it is; an outage is an error.
+    pub async fn declare_task_queues<'q>(
+        &self,
+        queues: impl IntoIterator<Item = &'q str>,
+    ) -> Result<(), BrokerError> {
         let missing: Vec<String> = {
             let declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
-            let mut missing: Vec<String> = tasks
-                .iter()
-                .filter(|t| !declared.contains(&t.queue))
-                .map(|t| t.queue.clone())
+            let mut missing: Vec<String> = queues
+                .into_iter()
+                .filter(|q| !declared.contains(*q))
+                .map(str::to_owned)
                 .collect();
             missing.sort();
             missing.dedup();

@@ -11,7 +11,7 @@ use crate::backoff::Reconnect;
 use crate::broker::amqp::{AmqpBroker, Topology};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError, TlsCa, redact_url};
-use crate::dispatcher::{Dispatcher, DispatcherOptions};
+use crate::dispatcher::{Dispatcher, DispatcherError, DispatcherOptions};
 use crate::http::ProbeServer;
 use crate::intake::JobIntake;
 use crate::names::Names;
@@ -198,6 +198,17 @@ pub async fn run_dispatcher(
     loop {
         match dispatcher.run(shutdown.clone()).await {
             Ok(()) => return Ok(()),
+            Err(DispatcherError::Broker(e)) if !e.is_retryable() => {
+                // Refused for good (a base queue that exists with other
+                // arguments, a user without the right): tried again, as
+                // an operator may mend it, but said plainly.
+                tracing::error!(error = %e, "dispatcher cannot start; trying again");
+                let mut s = shutdown.clone();
+                tokio::select! {
+                    _ = s.wait() => return Ok(()),
+                    _ = tokio::time::sleep(waits.next_delay()) => {}
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "dispatcher interrupted; resuming");
                 let mut s = shutdown.clone();

@@ -934,6 +934,10 @@ async fn a_submission_queue_deleted_under_its_dispatcher_is_declared_again_and_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_naming_a_queue_declared_with_other_arguments_is_published_to_it_as_it_is() {
     let mut d = Deployment::new("other-arguments").await;
+    // The dispatcher and the worker are configured with the queue too:
+    // declared as RabbitMQ lets them (until the thirty-first session the
+    // dispatcher did not start, retrying its declare for ever).
+    d.config.worker.queues = vec!["default".to_owned(), "classic".to_owned()];
     let tool = conveyor::broker::amqp::tool_connection(&d.config)
         .await
         .expect("tool connection");
@@ -965,6 +969,10 @@ async fn a_job_naming_a_queue_declared_with_other_arguments_is_published_to_it_a
         ready_in(tool, q).await.filter(|&n| n == 1)
     })
     .await;
+    // A worker consuming the queue as it is runs the task.
+    d.start_worker(2).await;
+    let status = d.wait_terminal("on-classic", WAIT).await;
+    assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
     client.close().await;
     let _ = tool.close(200, "bye".into()).await;
     d.shutdown().await;

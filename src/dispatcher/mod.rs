@@ -101,8 +101,14 @@ impl Dispatcher {
     /// returns. Fails only if the topology cannot be declared at start.
     pub async fn run(&self, shutdown: Shutdown) -> Result<(), DispatcherError> {
         let broker = self.outbox.broker().clone();
-        broker.declare(&self.options.task_queues).await?;
-        self.outbox.mark_declared(&self.options.task_queues);
+        // The base queues strictly; the task queues as RabbitMQ lets it (a
+        // queue that exists with other arguments is used as it is): one
+        // refused for good kept the dispatcher from starting, and every
+        // sweep with it, retried for ever as if it were an outage.
+        broker.declare(&[]).await?;
+        self.outbox
+            .declare_task_queues(self.options.task_queues.iter().map(String::as_str))
+            .await?;
 
         // Owned by this future: dropping it (a simulated crash) stops the sweep.
         let mut sweeper = JoinSet::new();

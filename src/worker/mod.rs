@@ -202,8 +202,12 @@ impl Worker {
     /// and the broker takes back the unacked deliveries.
     pub async fn run(&self, shutdown: Shutdown) -> Result<(), BrokerError> {
         let broker = self.outbox.broker().clone();
-        broker.declare(&self.options.queues).await?;
-        self.outbox.mark_declared(&self.options.queues);
+        // The base queues strictly; its own queues as RabbitMQ lets it (one
+        // that exists with other arguments is consumed as it is).
+        broker.declare(&[]).await?;
+        self.outbox
+            .declare_task_queues(self.options.queues.iter().map(String::as_str))
+            .await?;
 
         let hard_stop = ShutdownTrigger::new();
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));

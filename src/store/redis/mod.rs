@@ -358,8 +358,9 @@ impl RedisStore {
         }
     }
 
-    /// How many replicas the primary has connected (`INFO replication`);
-    /// `redis_wait_replicas` above it makes every submission wait.
+    /// How many replicas the primary has online, in sync (`INFO
+    /// replication`); `redis_wait_replicas` above it makes every
+    /// submission wait.
     pub async fn connected_replicas(&self) -> Result<u32, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("INFO").arg("replication");

@@ -17,10 +17,24 @@ pub(super) fn run_id(info: &str) -> Option<&str> {
     info_field(info, "run_id").filter(|id| !id.is_empty())
 }
 
-/// The `connected_slaves` line of `INFO replication`: how many replicas
-/// are connected to this primary.
+/// How many replicas of this primary `INFO replication` shows online (in
+/// sync and streaming: `slaveN:...,state=online,...`); `None` if it is no
+/// primary's (no `connected_slaves` line). A replica connected but still
+/// taking a full copy (`wait_bgsave`, `send_bulk`) counts in
+/// `connected_slaves` and acknowledges no `WAIT`: counted, it made
+/// readiness say ready while every creation waited in vain.
 pub(super) fn replicas_in_info(info: &str) -> Option<u32> {
-    info_field(info, "connected_slaves").and_then(|n| n.parse().ok())
+    info_field(info, "connected_slaves")?;
+    let online = info
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("slave").is_some_and(|rest| {
+                let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                digits > 0 && rest[digits..].starts_with(':')
+            }) && l.split(',').any(|kv| kv.trim() == "state=online")
+        })
+        .count();
+    u32::try_from(online).ok()
 }
 
 /// The value of `field` in an `INFO` reply (`field:value` lines).
@@ -274,10 +288,21 @@ mod tests {
     }
 
     #[test]
-    fn the_replicas_of_a_primary_are_counted_by_info_replication() {
-        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
-                    slave0:ip=127.0.0.1,port=7001,state=online\r\n";
-        assert_eq!(replicas_in_info(info), Some(2));
+    fn the_replicas_of_a_primary_are_counted_by_info_replication_when_online() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
+                    slave0:ip=127.0.0.1,port=7001,state=online,offset=42,lag=0\r\n\
+                    slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
+                    slave2:ip=127.0.0.1,port=7003,state=online,offset=42,lag=1\r\n\
+                    master_failover_state:no-failover\r\n";
+        assert_eq!(
+            replicas_in_info(info),
+            Some(2),
+            "the resyncing one left out"
+        );
         assert_eq!(replicas_in_info("# Replication\r\nrole:slave\r\n"), None);
+        assert_eq!(
+            replicas_in_info("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n"),
+            Some(0)
+        );
     }
 }
