@@ -431,6 +431,7 @@ async fn a_claim_whose_reply_was_lost_in_a_short_outage_is_answered_with_the_cla
             create_noop_job(store.as_ref(), id).await;
         }
         cutter.drop_next_reply_then_cut();
+        let started = tokio::time::Instant::now();
         let claiming = tokio::spawn({
             let store = store.clone();
             let id = id.to_owned();
@@ -468,6 +469,12 @@ async fn a_claim_whose_reply_was_lost_in_a_short_outage_is_answered_with_the_cla
         assert!(
             matches!(&outcome, Ok(ClaimOutcome::Claimed(c)) if c.claim.attempt == 1),
             "{id}: {outcome:?}"
+        );
+        // Answered by a sending after the heal, not the first.
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{id}: answered after {:?}, before the link healed",
+            started.elapsed()
         );
         let status = store.job(id).await.unwrap().unwrap();
         assert_eq!(status.tasks["t"].state, TaskState::Running, "{id}");
@@ -802,6 +809,51 @@ async fn a_claim_whose_reply_the_store_could_not_read_is_refused_before_it_is_ma
             .await
             .unwrap();
         assert_eq!(after, before, "{id}: nothing written");
+    }
+    // The refusal is that claim's alone: another task of the same job,
+    // claimed in the same round (one call), is claimed, with its history
+    // and nothing of the refused one's.
+    let two = json!({"id": "two", "requestor": "r", "tasks": [
+        {"name": "t", "handler": "noop"}, {"name": "u", "handler": "noop"}]});
+    store.create_job(&plan(&two)).await.unwrap();
+    redis::cmd("HSET")
+        .arg(names.job_key("two"))
+        .arg(&["x:1", "1"])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let message = |idx: u32, task: &str| TaskMessage {
+        job: "two".into(),
+        task: task.into(),
+        idx,
+        attempt: 1,
+        queue: "default".into(),
+    };
+    let (t, u) = (message(0, "t"), message(1, "u"));
+    let lease = Duration::from_secs(30);
+    let (t, u) = tokio::join!(store.claim(&t, "w", lease), store.claim(&u, "w", lease));
+    assert!(matches!(t, Ok(ClaimOutcome::Claimed(_))), "{t:?}");
+    assert!(matches!(&u, Err(e) if !e.is_retryable()), "{u:?}");
+    let status = store.job("two").await.unwrap().unwrap();
+    assert_eq!(status.tasks["u"].state, TaskState::Ready, "{status:#?}");
+    let claims: Vec<_> = status
+        .history
+        .iter()
+        .filter(|h| h.to == "running")
+        .collect();
+    assert!(
+        claims.iter().all(|h| h.task.as_deref() != Some("u")),
+        "{status:#?}"
+    );
+    // A submission taken again whose recorded root cannot be claimed:
+    // answered as not claimed, the root still ready to publish, not as an
+    // error that would leave the job's ready tasks unpublished.
+    let again = store.create_job_and_claim(&plan(&two), 1, "w", lease).await;
+    match again {
+        Ok((Created::Existing { ready, .. }, ClaimOutcome::Stale)) => {
+            assert!(ready.iter().any(|m| m.idx == 1), "{ready:?}")
+        }
+        other => panic!("{other:?}"),
     }
     common::cleanup(&config).await;
 }

@@ -13,7 +13,8 @@
 --          made but {'claimed', fence, x, max attempts, name, lease
 --          expiry, their total bytes, how many} (the worker fails it);
 --      or {'busy'} (a live claim holds it), {'stale'} (attempt over),
---      or {'missing'} (no such job or task).
+--      {'missing'} (no such job or task), or {'unusable', why} (a task
+--      whose run spec or max attempts the store could not read back).
 -- One HMGET per task reads its fields (the first also the job's), and one
 -- HSET at the end writes every claim (hot path: a call costs a few
 -- microseconds before it does anything, each redis.call about one more).
@@ -104,11 +105,12 @@ for k = 4, #ARGV - 2, 3 do
   elseif d[1] ~= 'ready' then
     reply = {'stale'}
   elseif not is_int(d[4]) or (d[3] and not usable_spec(d[3])) then
-    -- Refused before the claim is made (every write waits for the end of
-    -- the call): a claim whose reply the store cannot read would be made
-    -- and run nowhere, its message dead-lettered, until its lease lapsed.
-    return redis.error_reply('ERR job record unusable: task ' .. i ..
-      ' has no max attempts or run spec the store can read')
+    -- Refused, and not made: a claim whose reply the store cannot read
+    -- would be made and run nowhere, its message dead-lettered, until its
+    -- lease lapsed. This claim's alone: the call's other claims (tasks
+    -- of the same job in the same round) are made as if it were not there.
+    reply = {'unusable', 'job record unusable: task ' .. i ..
+      ' has no max attempts or run spec the store can read'}
   else
     taken[i] = true
     -- Above the job's last fence, and above the claim's moment (see

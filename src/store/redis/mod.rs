@@ -1020,6 +1020,16 @@ impl RedisStore {
             "busy" => ClaimOutcome::Busy,
             "stale" => ClaimOutcome::Stale,
             "missing" => ClaimOutcome::Missing,
+            // Not made (see `claim.lua`): refused for good, as a script
+            // error on a corrupt record is.
+            "unusable" => {
+                let why = protocol(field(reply, 1).to_owned());
+                if added == 1 {
+                    self.forget_leases(&[entry(&task.job, task.idx, task.attempt)], expiry)
+                        .await?;
+                }
+                return Err(why);
+            }
             other => return Err(protocol(format!("claim answered {other:?}"))),
         };
         if added == 1 && !matches!(outcome, ClaimOutcome::Busy) {
@@ -1237,7 +1247,19 @@ impl Store for RedisStore {
             self.run_claims(&pipe, Some(epoch)).await?;
         self.note_queues(&new_queues);
         let created = created_from(job, &created)?;
-        let outcome = self.claim_outcome(&task, added, expiry, &claimed).await?;
+        let outcome = match self.claim_outcome(&task, added, expiry, &claimed).await {
+            Ok(outcome) => outcome,
+            // A recorded root the store could not claim (its record
+            // unusable): not run here, but published with the job's other
+            // ready tasks, whose worker meets the same refusal and
+            // dead-letters the message with the reason. An error here
+            // would leave the job recorded and its ready tasks unpublished.
+            Err(e) if field(&claimed, 0) == "unusable" => {
+                tracing::error!(job = %job.id, error = %e, "root task's record unusable; not claimed");
+                ClaimOutcome::Stale
+            }
+            Err(e) => return Err(e),
+        };
         if let Err(e) = self.replicated().await {
             // Short of replicas the submission goes back; the root claimed
             // is handed back too, ready for the redelivery to claim again
