@@ -116,31 +116,55 @@ impl Shutdown {
     }
 }
 
-/// Exit status of a process ended by a third stop signal (128 + SIGINT,
-/// as a shell reports an interrupted command).
-pub const FORCED_EXIT: i32 = 130;
-
 /// Fire `trigger` on SIGTERM or SIGINT, and hurry it on a second one. A
 /// hurried stop still hands running tasks back and flushes what it
 /// confirmed, which takes up to a few bounded waits on an unwell broker;
-/// a third signal ends the process at once (status [`FORCED_EXIT`]): its
-/// claims lapse and the sweep offers their tasks again, as for a worker
-/// killed.
+/// a third signal ends the process at once, with the status a shell gives
+/// a command that signal killed (128 + its number: 143 for SIGTERM, 130
+/// for SIGINT): its claims lapse and the sweep offers their tasks again,
+/// as for a worker killed. The listeners are made once, before the first
+/// signal, so that none sent between two of them is missed (a listener
+/// made later does not see it, and the default action, ending the
+/// process, is replaced for good once the first exists).
 pub fn on_signals(trigger: ShutdownTrigger) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            tokio::spawn(async move {
+                let mut next = async || -> (&'static str, i32) {
+                    tokio::select! {
+                        _ = term.recv() => ("SIGTERM", 15),
+                        _ = int.recv() => ("SIGINT", 2),
+                    }
+                };
+                let (signal, _) = next().await;
+                tracing::info!("{signal}: shutting down (a second one stops at once)");
+                trigger.trigger();
+                let (signal, _) = next().await;
+                tracing::warn!(
+                    "second {signal}: stopping now, without waiting for running work (a third one exits at once)"
+                );
+                trigger.hurry();
+                let (signal, number) = next().await;
+                tracing::error!(
+                    "third {signal}: exiting at once; claims held lapse and their tasks are offered again"
+                );
+                std::process::exit(128 + number);
+            });
+            return;
+        }
+    }
     tokio::spawn(async move {
         let signal = stop_signal(false).await;
         tracing::info!("{signal}: shutting down (a second one stops at once)");
         trigger.trigger();
         let signal = stop_signal(false).await;
-        tracing::warn!(
-            "second {signal}: stopping now, without waiting for running work (a third one exits at once)"
-        );
+        tracing::warn!("second {signal}: stopping now, without waiting for running work");
         trigger.hurry();
-        let signal = stop_signal(false).await;
-        tracing::error!(
-            "third {signal}: exiting at once; claims held lapse and their tasks are offered again"
-        );
-        std::process::exit(FORCED_EXIT);
     });
 }
 

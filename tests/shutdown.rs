@@ -270,7 +270,8 @@ async fn a_second_sigterm_hands_running_tasks_back_at_once() {
 /// A third SIGTERM ends a worker at once, whatever its hurried stop still
 /// waits for: here its link to RabbitMQ went silent, so handing its task
 /// back would wait out the broker's bounds (tens of seconds). It exits
-/// with status 130, and its task, not handed back, is the sweep's.
+/// with status 143 (128 + SIGTERM), and its task, not handed back, is the
+/// sweep's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_sigterm_ends_a_worker_at_once_whatever_its_stop_waits_for() {
     let mut d = Deployment::new("sigterm-thrice").await;
@@ -291,7 +292,7 @@ async fn a_third_sigterm_ends_a_worker_at_once_whatever_its_stop_waits_for() {
         .await
         .expect("the worker exits at once when told a third time")
         .expect("wait");
-    assert_eq!(exit.code(), Some(130), "worker exit status {exit:?}");
+    assert_eq!(exit.code(), Some(143), "worker exit status {exit:?}");
     link.heal();
     client.close().await;
     d.shutdown().await;

@@ -332,8 +332,24 @@ impl Drop for PublishChannel<'_> {
     }
 }
 
+/// An outage at once if RabbitMQ blocks `connection` (a memory or disk
+/// alarm): it reads nothing from it, not even a channel's opening, which
+/// would wait out [`CALL_TIMEOUT`] and stay in the connection's table half
+/// open, one more per call for as long as the alarm lasts (past the
+/// channel limit the connection refuses every channel for good). The
+/// publishing session is kept through an alarm, so this matters there.
+fn unless_blocked(connection: &Connection) -> Result<(), BrokerError> {
+    if connection.status().blocked() {
+        return Err(BrokerError::Unavailable(
+            "RabbitMQ blocks the publishing connection (a memory or disk alarm)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A new channel of `connection` in confirm mode.
 async fn open_confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    unless_blocked(connection)?;
     let channel = within(CALL_TIMEOUT, "opening a channel", async {
         connection.create_channel().await.map_err(unavailable)
     })
@@ -492,6 +508,12 @@ impl HandshakeSocket {
         }
     }
 
+    /// The connection is made: the handle kept of its socket (a second
+    /// descriptor) is closed, the socket left to lapin.
+    fn made(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1 = None;
+    }
+
     /// Whether the attempt was given up on.
     fn abandoned(&self) -> bool {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).0
@@ -505,6 +527,18 @@ impl HandshakeSocket {
         inner.0 = true;
         if let Some(socket) = inner.1.take() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Gives its handshake up when dropped, unless emptied (the connection
+/// was made).
+struct AbandonOnDrop(Option<HandshakeSocket>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(socket) = self.0.take() {
+            socket.abandon();
         }
     }
 }
@@ -573,9 +607,16 @@ async fn connect_first(
         let i = (start + k) % urls.len();
         let url = &urls[i];
         let socket = HandshakeSocket::default();
+        // Given up on as well when this future is dropped mid-handshake
+        // (a caller's own time-out, a hard stop).
+        let mut unfinished = AbandonOnDrop(Some(socket.clone()));
         let attempt = connect_one(url, properties.clone(), tls.clone(), socket.clone());
         let text = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(connection)) => return Ok((i, connection)),
+            Ok(Ok(connection)) => {
+                unfinished.0 = None;
+                socket.made();
+                return Ok((i, connection));
+            }
             Ok(Err(e)) => {
                 let text = e.to_string();
                 if text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED") {
@@ -837,6 +878,7 @@ impl AmqpBroker {
 }
 
 async fn declare_queue(session: &Session, name: &str, args: FieldTable) -> Result<(), BrokerError> {
+    unless_blocked(&session.connection)?;
     let channel = open_channel(&session.connection).await?;
     within(CALL_TIMEOUT, "queue.declare", async {
         channel
@@ -1593,12 +1635,13 @@ mod tests {
         );
     }
 
-    /// A node that takes the socket and never answers is given up on
-    /// after [`CONNECT_TIMEOUT`], and its socket closed: lapin's I/O
-    /// thread, which owns it, would otherwise wait on it (and stay) until
-    /// the node closed it, one thread and socket more per attempt.
-    #[tokio::test]
-    async fn a_node_that_takes_the_socket_and_never_answers_is_given_up_on_and_its_socket_closed() {
+    /// A node that takes one socket and answers nothing on it: its URL,
+    /// and a signal that fires once the client closed the socket.
+    async fn silent_node_telling_when_closed() -> (
+        String,
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         use tokio::io::AsyncReadExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -1610,7 +1653,36 @@ mod tests {
             while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
             let _ = closed.send(());
         });
-        let urls = [format!("amqp://guest:guest@127.0.0.1:{port}/%2f")];
+        let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        (url, closing, silent)
+    }
+
+    /// A connect dropped mid-handshake (its caller's own time-out, a hard
+    /// stop) gives the handshake up too: the socket is closed.
+    #[tokio::test]
+    async fn a_connect_dropped_mid_handshake_closes_its_socket() {
+        let (url, closing, silent) = silent_node_telling_when_closed().await;
+        let urls = [url];
+        let tls = tls_config(None);
+        let connect = connect_first(&urls, 0, &tls, ConnectionProperties::default());
+        let cut_short = tokio::time::timeout(Duration::from_millis(500), connect).await;
+        assert!(cut_short.is_err(), "the connect was not cut short");
+        let seen = tokio::time::timeout(Duration::from_secs(5), closing).await;
+        silent.abort();
+        assert!(
+            matches!(seen, Ok(Ok(()))),
+            "the socket of the dropped connect is still open 5 s later"
+        );
+    }
+
+    /// A node that takes the socket and never answers is given up on
+    /// after [`CONNECT_TIMEOUT`], and its socket closed: lapin's I/O
+    /// thread, which owns it, would otherwise wait on it (and stay) until
+    /// the node closed it, one thread and socket more per attempt.
+    #[tokio::test]
+    async fn a_node_that_takes_the_socket_and_never_answers_is_given_up_on_and_its_socket_closed() {
+        let (url, closing, silent) = silent_node_telling_when_closed().await;
+        let urls = [url];
         let started = std::time::Instant::now();
         let outcome =
             connect_first(&urls, 0, &tls_config(None), ConnectionProperties::default()).await;
