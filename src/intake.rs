@@ -238,6 +238,12 @@ impl JobIntake {
                 error: capped(error, MAX_ERROR_BYTES),
             })
         };
+        // The task count before the schema: the validator collects every
+        // error of a body before it answers, and 300,000 invalid tasks
+        // (a megabyte of `{}`) make as many errors, hundreds of megabytes.
+        if let Some(error) = self.too_many_tasks(value.get("tasks")) {
+            return reject(error);
+        }
         if let Some(error) = self.schema_error(&value) {
             return reject(error);
         }
@@ -269,7 +275,18 @@ impl JobIntake {
         }
     }
 
+    /// The error for more tasks than `limits.max_tasks`, if `tasks` is an
+    /// array of that many.
+    fn too_many_tasks(&self, tasks: Option<&Value>) -> Option<String> {
+        let n = tasks?.as_array()?.len();
+        (n > self.limits.max_tasks).then(|| tasks_over_limit(n, self.limits.max_tasks))
+    }
+
     fn schema_error(&self, value: &Value) -> Option<String> {
+        // The valid (the common case) answered without collecting errors.
+        if self.schema.is_valid(value) {
+            return None;
+        }
         // Masked: the message names the rule and its limit, with the
         // instance written as `value` (it may be a megabyte of string).
         let mut errors = self.schema.iter_errors(value).take(3).map(|e| {
@@ -295,11 +312,7 @@ impl JobIntake {
     fn plan_job(&self, spec: JobSpec) -> Result<PlannedJob, String> {
         let limits = &self.limits;
         if spec.tasks.len() > limits.max_tasks {
-            return Err(format!(
-                "tasks: {} tasks; the limit (limits.max_tasks) is {}",
-                spec.tasks.len(),
-                limits.max_tasks
-            ));
+            return Err(tasks_over_limit(spec.tasks.len(), limits.max_tasks));
         }
         if spec.labels.len() > limits.max_labels {
             return Err(format!(
@@ -617,6 +630,11 @@ fn pointer_to_field(pointer: &str) -> String {
     }
 }
 
+/// The rejection of a job of `n` tasks, more than `limit`.
+fn tasks_over_limit(n: usize, limit: usize) -> String {
+    format!("tasks: {n} tasks; the limit (limits.max_tasks) is {limit}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -917,6 +935,27 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A body of more tasks than the limit is refused for that, before the
+    /// schema (which would list an error per invalid task, collecting
+    /// them all first: hundreds of megabytes for a megabyte of `{}`).
+    #[test]
+    fn too_many_tasks_are_refused_by_count_before_each_is_checked() {
+        let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tasks = vec![json!({}); 300_000];
+        match intake.accept(
+            json!({"requestor": "me", "tasks": tasks})
+                .to_string()
+                .as_bytes(),
+        ) {
+            Intake::Rejected(r) => assert_eq!(
+                r.error,
+                "tasks: 300000 tasks; the limit (limits.max_tasks) is 20000"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
