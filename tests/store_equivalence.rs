@@ -322,12 +322,57 @@ async fn create_noop_job(store: &dyn Store, id: &str) -> TaskMessage {
         .create_job(&plan(&common::noop_job(id)))
         .await
         .unwrap();
+    first_message(id)
+}
+
+/// The message of attempt 1 of task `t` (index 0) of job `id`.
+fn first_message(id: &str) -> TaskMessage {
     TaskMessage {
         job: id.to_owned(),
         task: "t".into(),
         idx: 0,
         attempt: 1,
         queue: "default".into(),
+    }
+}
+
+/// A Redis store reaching Redis through a forwarder the test can cut
+/// (prefix from `name`): the test's config (direct), the forwarder and
+/// the store.
+async fn store_through_a_cutter(
+    name: &str,
+) -> (
+    Config,
+    common::cutter::Cutter,
+    Arc<conveyor::store::redis::RedisStore>,
+) {
+    let config = common::test_config(&common::unique_prefix(name));
+    let cutter = common::cutter::Cutter::start(common::port_of(&config.redis_url)).await;
+    let through = Config {
+        redis_url: cutter.redis_url(),
+        ..config.clone()
+    };
+    let store = common::connect_store(&through, "eq").await;
+    (config, cutter, store)
+}
+
+/// Claim the root `t` of noop job `id` for worker `w`: by a submission
+/// (recording the job and claiming in one call), or by its message (the
+/// job recorded before).
+async fn claim_root(
+    store: &dyn Store,
+    id: &str,
+    by_submission: bool,
+    lease: Duration,
+) -> Result<ClaimOutcome, conveyor::store::StoreError> {
+    if by_submission {
+        let job = plan(&common::noop_job(id));
+        store
+            .create_job_and_claim(&job, 0, "w", lease)
+            .await
+            .map(|(_, outcome)| outcome)
+    } else {
+        store.claim(&first_message(id), "w", lease).await
     }
 }
 
@@ -419,15 +464,9 @@ async fn a_completion_on_a_record_it_cannot_use_fails_before_writing_anything() 
 /// (with `max_attempts` 1, the task failed without ever running).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_reply_was_lost_in_a_short_outage_is_answered_with_the_claim_it_made() {
-    let config = common::test_config(&common::unique_prefix("lostoutage"));
-    let cutter = common::cutter::Cutter::start(common::port_of(&config.redis_url)).await;
-    let through = Config {
-        redis_url: cutter.redis_url(),
-        ..config.clone()
-    };
-    let store = common::connect_store(&through, "eq").await;
-    for (id, create_and_claim) in [("by-message", false), ("by-submission", true)] {
-        if !create_and_claim {
+    let (config, cutter, store) = store_through_a_cutter("lostoutage").await;
+    for (id, by_submission) in [("by-message", false), ("by-submission", true)] {
+        if !by_submission {
             create_noop_job(store.as_ref(), id).await;
         }
         cutter.drop_next_reply_then_cut();
@@ -435,25 +474,7 @@ async fn a_claim_whose_reply_was_lost_in_a_short_outage_is_answered_with_the_cla
         let claiming = tokio::spawn({
             let store = store.clone();
             let id = id.to_owned();
-            async move {
-                let lease = Duration::from_secs(30);
-                if create_and_claim {
-                    let job = plan(&common::noop_job(&id));
-                    store
-                        .create_job_and_claim(&job, 0, "w", lease)
-                        .await
-                        .map(|(_, outcome)| outcome)
-                } else {
-                    let message = TaskMessage {
-                        job: id,
-                        task: "t".into(),
-                        idx: 0,
-                        attempt: 1,
-                        queue: "default".into(),
-                    };
-                    store.claim(&message, "w", lease).await
-                }
-            }
+            async move { claim_root(store.as_ref(), &id, by_submission, Duration::from_secs(30)).await }
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !cutter.dropped_a_reply() {
@@ -494,15 +515,8 @@ async fn a_failure_on_a_record_it_cannot_use_fails_before_writing_anything() {
     let store = common::connect_store(&config, "eq").await;
     let names = conveyor::names::Names::new(&config.prefix);
     let mut conn = common::redis_connection(&config).await;
-    let lease_lapses = TaskMessage {
-        job: "lapsed".into(),
-        task: "t".into(),
-        idx: 0,
-        attempt: 1,
-        queue: "default".into(),
-    };
     let failing = create_noop_job(store.as_ref(), "failing").await;
-    create_noop_job(store.as_ref(), "lapsed").await;
+    let lease_lapses = create_noop_job(store.as_ref(), "lapsed").await;
     let poisoned = create_noop_job(store.as_ref(), "poisoned").await;
     let claimed = claim_first_attempt(store.as_ref(), &failing.job).await;
     let lapsing = match store
@@ -563,34 +577,17 @@ async fn a_failure_on_a_record_it_cannot_use_fails_before_writing_anything() {
 /// nothing. A claim of the same attempt by another request is still busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_sent_again_after_its_reply_was_lost_is_answered_with_the_claim_it_made() {
-    let config = common::test_config(&common::unique_prefix("lostreply"));
-    let cutter = common::cutter::Cutter::start(common::port_of(&config.redis_url)).await;
-    let through = Config {
-        redis_url: cutter.redis_url(),
-        ..config.clone()
-    };
-    let store = common::connect_store(&through, "eq").await;
+    let (config, cutter, store) = store_through_a_cutter("lostreply").await;
     let lease = Duration::from_secs(30);
-    for (id, create_and_claim) in [("by-message", false), ("by-submission", true)] {
-        let message = TaskMessage {
-            job: id.to_owned(),
-            task: "t".into(),
-            idx: 0,
-            attempt: 1,
-            queue: "default".into(),
-        };
-        let outcome = if create_and_claim {
-            cutter.drop_next_reply();
-            let (_, outcome) = store
-                .create_job_and_claim(&plan(&common::noop_job(id)), 0, "w", lease)
-                .await
-                .unwrap();
-            outcome
-        } else {
+    for (id, by_submission) in [("by-message", false), ("by-submission", true)] {
+        let message = first_message(id);
+        if !by_submission {
             create_noop_job(store.as_ref(), id).await;
-            cutter.drop_next_reply();
-            store.claim(&message, "w", lease).await.unwrap()
-        };
+        }
+        cutter.drop_next_reply();
+        let outcome = claim_root(store.as_ref(), id, by_submission, lease)
+            .await
+            .unwrap();
         assert!(cutter.dropped_a_reply(), "{id}: no reply was lost");
         let ClaimOutcome::Claimed(claimed) = outcome else {
             panic!("{id}: {outcome:?}");
@@ -710,13 +707,7 @@ async fn plant_unusable_job(config: &Config, id: &str) -> TaskMessage {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    TaskMessage {
-        job: id.to_owned(),
-        task: "t".into(),
-        idx: 0,
-        attempt: 1,
-        queue: "default".into(),
-    }
+    first_message(id)
 }
 
 /// A claim on a record the script fails on is refused for good, as its
