@@ -63,6 +63,16 @@ impl Outbox {
             .await
     }
 
+    /// Declare the deployment's base queues (submit, referred, dead)
+    /// strictly, and the task queues named (without the prefix) as
+    /// RabbitMQ lets it ([`Self::declare_task_queues`]): what a dispatcher
+    /// or worker does at start.
+    pub async fn declare_topology(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+        self.broker.declare(&[]).await?;
+        self.declare_task_queues(task_queues.iter().map(String::as_str))
+            .await
+    }
+
     /// Declare the task queues named (without the prefix) that this process
     /// has not declared yet, each refused for good (a queue that exists
     /// with other arguments, or one this user may not declare) logged and

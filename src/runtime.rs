@@ -196,27 +196,23 @@ pub async fn run_dispatcher(
     }
     let mut waits = Reconnect::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match dispatcher.run(shutdown.clone()).await {
+        let e = match dispatcher.run(shutdown.clone()).await {
             Ok(()) => return Ok(()),
-            Err(DispatcherError::Broker(e)) if !e.is_retryable() => {
-                // Refused for good (a base queue that exists with other
-                // arguments, a user without the right): tried again, as
-                // an operator may mend it, but said plainly.
+            Err(e) => e,
+        };
+        match &e {
+            // Refused for good (a base queue that exists with other
+            // arguments, a user without the right): tried again, as an
+            // operator may mend it, but said plainly.
+            DispatcherError::Broker(b) if !b.is_retryable() => {
                 tracing::error!(error = %e, "dispatcher cannot start; trying again");
-                let mut s = shutdown.clone();
-                tokio::select! {
-                    _ = s.wait() => return Ok(()),
-                    _ = tokio::time::sleep(waits.next_delay()) => {}
-                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "dispatcher interrupted; resuming");
-                let mut s = shutdown.clone();
-                tokio::select! {
-                    _ = s.wait() => return Ok(()),
-                    _ = tokio::time::sleep(waits.next_delay()) => {}
-                }
-            }
+            _ => tracing::warn!(error = %e, "dispatcher interrupted; resuming"),
+        }
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = s.wait() => return Ok(()),
+            _ = tokio::time::sleep(waits.next_delay()) => {}
         }
     }
 }

@@ -100,14 +100,11 @@ impl Dispatcher {
     /// on a fresh connection. In-flight submissions finish before it
     /// returns. Fails only if the topology cannot be declared at start.
     pub async fn run(&self, shutdown: Shutdown) -> Result<(), DispatcherError> {
-        let broker = self.outbox.broker().clone();
-        // The base queues strictly; the task queues as RabbitMQ lets it (a
-        // queue that exists with other arguments is used as it is): one
-        // refused for good kept the dispatcher from starting, and every
-        // sweep with it, retried for ever as if it were an outage.
-        broker.declare(&[]).await?;
+        // A task queue that exists with other arguments is used as it is:
+        // one refused for good kept the dispatcher from starting, and
+        // every sweep with it, retried for ever as if it were an outage.
         self.outbox
-            .declare_task_queues(self.options.task_queues.iter().map(String::as_str))
+            .declare_topology(&self.options.task_queues)
             .await?;
 
         // Owned by this future: dropping it (a simulated crash) stops the sweep.

@@ -201,13 +201,9 @@ impl Worker {
     /// simulated crash) stops every consumer, handler and renewal at once,
     /// and the broker takes back the unacked deliveries.
     pub async fn run(&self, shutdown: Shutdown) -> Result<(), BrokerError> {
-        let broker = self.outbox.broker().clone();
-        // The base queues strictly; its own queues as RabbitMQ lets it (one
-        // that exists with other arguments is consumed as it is).
-        broker.declare(&[]).await?;
-        self.outbox
-            .declare_task_queues(self.options.queues.iter().map(String::as_str))
-            .await?;
+        // One of its queues that exists with other arguments is consumed
+        // as it is.
+        self.outbox.declare_topology(&self.options.queues).await?;
 
         let hard_stop = ShutdownTrigger::new();
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
