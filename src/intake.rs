@@ -440,7 +440,7 @@ impl JobIntake {
                 "tasks[{i}] ({}): handler {:?} panicked in {what}: {}",
                 task.name,
                 task.handler,
-                panic_message(payload.as_ref())
+                crate::panics::panic_message(payload.as_ref())
             )
         };
         match catch_unwind(AssertUnwindSafe(|| handler.validate(&task.params))) {
@@ -535,17 +535,6 @@ fn millis(d: Duration) -> u64 {
 /// Seconds to milliseconds, rounded up (saturating; NaN is 0).
 fn seconds_to_ms(s: f64) -> u64 {
     (s * 1000.0).ceil() as u64
-}
-
-/// The message of a caught panic, if it carried one.
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s
-    } else {
-        "(no message)"
-    }
 }
 
 /// The header in which Conveyor writes, on a submission it gives back to

@@ -31,6 +31,7 @@ pub mod machine;
 pub mod model;
 pub mod names;
 pub mod outbox;
+pub mod panics;
 pub mod purge;
 pub mod runtime;
 pub mod shutdown;

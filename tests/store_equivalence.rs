@@ -2105,7 +2105,8 @@ async fn a_finished_claims_lease_entry_stays_if_the_store_lost_its_outcome() {
 /// A schedule entry whose job record the store cannot act on (written by
 /// another version, or corrupt: here a retrying task with no due time,
 /// which the promote script fails on) is set aside for a while, and the
-/// due entries beside it are acted on. Until the twenty-eighth session the
+/// due entries beside it are acted on, as is an entry whose job key holds
+/// another type of value. Until the twenty-eighth session the
 /// error ended the whole read, and as the earliest due entry it ended
 /// every later pass too: no retry was promoted and, the sweep's pass
 /// ending there, no lapsed lease reclaimed.
@@ -2156,6 +2157,23 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
         .arg(0)
         .arg("broken-due|0|2")
         .ignore()
+        // A job key another program wrote as a string: every script on it
+        // fails with WRONGTYPE, a code redis-rs does not know (taken for an
+        // outage until the thirty-second session, it ended every pass).
+        .cmd("SET")
+        .arg(names.job_key("wrong-type"))
+        .arg("not a hash")
+        .ignore()
+        .cmd("ZADD")
+        .arg(names.retries())
+        .arg(0)
+        .arg("wrong-type|0|2")
+        .ignore()
+        .cmd("ZADD")
+        .arg(names.leases())
+        .arg(0)
+        .arg("wrong-type|0|1")
+        .ignore()
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
@@ -2199,9 +2217,14 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
     );
     // Set aside for a while, not dropped: a fixed record is acted on.
     let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-    for entry in ["broken|0|2", "broken-due|0|2"] {
+    for (index, entry) in [
+        (names.retries(), "broken|0|2"),
+        (names.retries(), "broken-due|0|2"),
+        (names.retries(), "wrong-type|0|2"),
+        (names.leases(), "wrong-type|0|1"),
+    ] {
         let score: f64 = redis::cmd("ZSCORE")
-            .arg(names.retries())
+            .arg(index)
             .arg(entry)
             .query_async(&mut conn)
             .await

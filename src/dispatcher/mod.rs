@@ -27,6 +27,7 @@ use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
 use crate::outbox::Outbox;
+use crate::panics::restart_on_panic;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::submission::Submissions;
@@ -107,15 +108,25 @@ impl Dispatcher {
             .declare_topology(&self.options.task_queues)
             .await?;
 
-        // Owned by this future: dropping it (a simulated crash) stops the sweep.
+        // Owned by this future: dropping it (a simulated crash) stops the
+        // sweep. Each loop is started again if it panics (see `panics.rs`).
         let mut sweeper = JoinSet::new();
         {
             let (this, stop) = (self.clone(), shutdown.clone());
-            sweeper.spawn(async move { this.sweep_forever(stop).await });
+            sweeper.spawn(restart_on_panic("sweep", move || {
+                let (this, stop) = (this.clone(), stop.clone());
+                async move { this.sweep_forever(stop).await }
+            }));
             let (this, stop) = (self.clone(), shutdown.clone());
-            sweeper.spawn(async move { this.prune_forever(stop).await });
+            sweeper.spawn(restart_on_panic("prune", move || {
+                let (this, stop) = (this.clone(), stop.clone());
+                async move { this.prune_forever(stop).await }
+            }));
             let (this, stop) = (self.clone(), shutdown.clone());
-            sweeper.spawn(async move { this.audit_forever(stop).await });
+            sweeper.spawn(restart_on_panic("audit", move || {
+                let (this, stop) = (this.clone(), stop.clone());
+                async move { this.audit_forever(stop).await }
+            }));
         }
         let permits = Arc::new(Semaphore::new(usize::from(self.options.prefetch.max(1))));
         // Clients' submissions, and those workers referred here (see

@@ -8,7 +8,6 @@
 //! `limits.max_inputs_bytes` is failed without running (the store's claim
 //! did not read them).
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,16 +43,6 @@ impl AttemptEnd {
                 AttemptResult::Retry { error, delay }
             }
         }
-    }
-}
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
     }
 }
 
@@ -167,7 +156,7 @@ async fn answer_of(handler: Arc<dyn Handler>, claimed: &Claimed) -> AttemptEnd {
         }
         Ok(Err(join)) if join.is_panic() => AttemptEnd::Transient(format!(
             "handler panicked: {}",
-            panic_message(join.into_panic().as_ref())
+            crate::panics::panic_message(join.into_panic().as_ref())
         )),
         Ok(Err(join)) => AttemptEnd::Transient(format!("handler task was cancelled: {join}")),
         Err(_) => {

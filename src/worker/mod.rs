@@ -39,6 +39,7 @@ use crate::intake::JobIntake;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
 use crate::outbox::{BROKER_REFUSAL_PAUSE, Outbox};
+use crate::panics::restart_on_panic;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::redis::unix_ms;
 use crate::store::{Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Store, WorkerInfo};
@@ -207,19 +208,26 @@ impl Worker {
 
         let hard_stop = ShutdownTrigger::new();
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        // Each started again if it panics (see `panics.rs`): without
+        // renewals every claim would lapse under its running task.
         let mut background = JoinSet::new();
         {
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            background.spawn(async move { this.heartbeat_forever(shutdown).await });
+            let (this, shutdown) = (self.clone(), shutdown.clone());
+            background.spawn(restart_on_panic("heartbeat", move || {
+                let (this, shutdown) = (this.clone(), shutdown.clone());
+                async move { this.heartbeat_forever(shutdown).await }
+            }));
         }
         {
             let this = self.clone();
-            background.spawn(async move {
-                this.active
-                    .renew_forever(this.store.clone(), this.options.lease)
-                    .await
-            });
+            background.spawn(restart_on_panic("lease renewals", move || {
+                let this = this.clone();
+                async move {
+                    this.active
+                        .renew_forever(this.store.clone(), this.options.lease)
+                        .await
+                }
+            }));
         }
         // Consumers hand deliveries (with their permit) to this loop, which
         // owns every running task. Unbounded, because what is in it is

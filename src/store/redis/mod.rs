@@ -195,7 +195,34 @@ fn is_transient_server_error(e: &RedisError) -> bool {
             // for a verdict it would dead-letter every message meanwhile.
             | K::NoPerm,
         ) => true,
-        redis::ErrorKind::Extension => matches!(e.code(), Some("BUSY" | "OOM" | "NOREPLICAS")),
+        redis::ErrorKind::Extension => {
+            matches!(server_code(e).as_deref(), Some("BUSY" | "OOM" | "NOREPLICAS"))
+        }
+        _ => false,
+    }
+}
+
+/// The code of the error Redis answered (of the first failed command, for
+/// a pipeline's error, as [`RedisError::kind`] reads it), also when
+/// redis-rs does not know it (`RedisError::code` says `None` for those in
+/// a pipeline).
+fn server_code(e: &RedisError) -> Option<String> {
+    e.code().map(str::to_owned).or_else(|| {
+        let errors = e.clone().into_server_errors()?;
+        errors.first().map(|(_, error)| error.code().to_owned())
+    })
+}
+
+/// Whether Redis answered `e` about the command itself, so that sending
+/// it again would fail alike: a known server error that is no outage (a
+/// script's `ERR`, `NOSCRIPT`, `CROSSSLOT`), or `WRONGTYPE` (a key of
+/// this prefix holding another type of value, written by another program:
+/// a code redis-rs does not know, which would otherwise be taken for an
+/// outage and hold up whatever met it, the sweep's every pass with it).
+fn is_permanent_server_error(e: &RedisError) -> bool {
+    match e.kind() {
+        redis::ErrorKind::Server(_) => !is_transient_server_error(e),
+        redis::ErrorKind::Extension => server_code(e).as_deref() == Some("WRONGTYPE"),
         _ => false,
     }
 }
@@ -455,8 +482,7 @@ impl RedisStore {
         let sent = self.clock.local_ms();
         let (current, (secs, micros)): (u64, (u64, u64)) =
             pipe.query_async(conn).await.map_err(|e| {
-                if matches!(e.kind(), redis::ErrorKind::Server(_)) && !is_transient_server_error(&e)
-                {
+                if is_permanent_server_error(&e) {
                     protocol(format!("reading the epoch: {e}"))
                 } else {
                     unavailable(e)
@@ -1093,7 +1119,9 @@ impl RedisStore {
                 self.load_library().await?;
                 let mut conn = self.conn().await?;
                 self.still_epoch(built_for)?;
-                pipe.query_async(&mut conn).await.map_err(unavailable)
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.classify(e))
             }
             Err(e) if e.is_connection_dropped() => {
                 // The shared connection died (Redis restarted, or the network
@@ -1105,23 +1133,22 @@ impl RedisStore {
                 self.drop_shared();
                 let mut conn = self.conn().await?;
                 self.still_epoch(built_for)?;
-                pipe.query_async(&mut conn).await.map_err(|e| {
-                    self.drop_shared();
-                    unavailable(e)
-                })
+                pipe.query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.classify(e))
             }
             Err(e) => Err(self.classify(e)),
         }
     }
 
     /// What an error Redis answered means: a server error known to be
-    /// permanent (a script's `ERR`, `NOSCRIPT`, ...) is a defect no retry
-    /// cures; anything else is an outage (see
+    /// permanent (a script's `ERR`, `NOSCRIPT`, `WRONGTYPE`, ...; see
+    /// [`is_permanent_server_error`]) is a defect no retry cures; anything else is an outage (see
     /// [`is_transient_server_error`]), after which the shared connection is
     /// dropped (after a failover the primary is another node, or behind
     /// one address another server: the next call connects afresh).
     fn classify(&self, e: RedisError) -> StoreError {
-        if matches!(e.kind(), redis::ErrorKind::Server(_)) && !is_transient_server_error(&e) {
+        if is_permanent_server_error(&e) {
             return protocol(e.to_string());
         }
         self.drop_shared();
@@ -2021,6 +2048,12 @@ mod tests {
         }
         for kind in [K::ResponseError, K::NoScript, K::CrossSlot] {
             assert!(!is_transient_server_error(&server(kind)), "{kind:?}");
+            assert!(is_permanent_server_error(&server(kind)), "{kind:?}");
         }
+        assert!(is_permanent_server_error(&extension("WRONGTYPE")));
+        // Codes it does not know are taken for outages.
+        assert!(!is_permanent_server_error(&extension("SOMETHINGNEW")));
+        assert!(!is_permanent_server_error(&extension("BUSY")));
+        assert!(!is_permanent_server_error(&server(K::ReadOnly)));
     }
 }
