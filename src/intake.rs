@@ -31,7 +31,7 @@ use conveyor_handler::{Registry, RetryDefaults};
 use serde_json::Value;
 
 use crate::broker::{HeaderValue, Properties};
-use crate::config::{Config, Limits, RetryConfig};
+use crate::config::{Config, Limits, MAX_ATTEMPTS, MAX_BACKOFF_MS, MAX_TIMEOUT_S, RetryConfig};
 use crate::dag::Dag;
 use crate::model::{DeadLetterReason, JobSpec, RetryPolicy, TaskMessage, TaskSpec};
 use crate::text::{capped, cut};
@@ -497,7 +497,11 @@ pub struct ResolvedRetry {
 }
 
 /// Resolve each field on its own: the task's value (`retry.*`,
-/// `timeout_s`), else the handler's default, else the `retry` config.
+/// `timeout_s`), else the handler's default, else the `retry` config. A
+/// handler's default is held to the bounds a job's own values and the
+/// config have (`schemas/job.schema.json`): a handler asking for a
+/// million attempts or a year-long time-out gets 100 and a week, as a job
+/// asking for them would be refused.
 pub fn resolve_retry(
     task: RetryPolicy,
     task_timeout_s: Option<f64>,
@@ -506,22 +510,22 @@ pub fn resolve_retry(
 ) -> ResolvedRetry {
     let timeout_ms = match (task_timeout_s, handler.timeout) {
         (Some(s), _) => seconds_to_ms(s),
-        (None, Some(d)) => millis(d),
+        (None, Some(d)) => millis(d).min(MAX_TIMEOUT_S as u64 * 1000),
         (None, None) => seconds_to_ms(config.timeout_s),
     };
     ResolvedRetry {
         max_attempts: task
             .max_attempts
-            .or(handler.max_attempts)
+            .or(handler.max_attempts.map(|n| n.min(MAX_ATTEMPTS)))
             .unwrap_or(config.max_attempts)
             .max(1),
         backoff_base_ms: task
             .base_ms
-            .or(handler.backoff_base.map(millis))
+            .or(handler.backoff_base.map(|d| millis(d).min(MAX_BACKOFF_MS)))
             .unwrap_or(config.base_ms),
         backoff_cap_ms: task
             .cap_ms
-            .or(handler.backoff_cap.map(millis))
+            .or(handler.backoff_cap.map(|d| millis(d).min(MAX_BACKOFF_MS)))
             .unwrap_or(config.cap_ms),
         timeout_ms: timeout_ms.max(1),
     }
@@ -1068,6 +1072,33 @@ mod tests {
                 (4, 1_000, 60_000, 300_000),
                 (4, 1, 5_000, 300_000),
             ]
+        );
+    }
+
+    /// Until the thirty-second session a handler's defaults went through
+    /// unbounded: a million attempts, a time-out of `Duration::MAX`.
+    #[test]
+    fn a_handlers_retry_defaults_are_held_to_the_bounds_a_job_has() {
+        let greedy = RetryDefaults {
+            max_attempts: Some(1_000_000),
+            backoff_base: Some(Duration::MAX),
+            backoff_cap: Some(Duration::from_secs(365 * 86_400)),
+            timeout: Some(Duration::MAX),
+        };
+        let resolved = resolve_retry(
+            RetryPolicy::default(),
+            None,
+            &greedy,
+            &Config::default().retry,
+        );
+        assert_eq!(
+            resolved,
+            ResolvedRetry {
+                max_attempts: MAX_ATTEMPTS,
+                backoff_base_ms: MAX_BACKOFF_MS,
+                backoff_cap_ms: MAX_BACKOFF_MS,
+                timeout_ms: 604_800_000,
+            }
         );
     }
 

@@ -160,6 +160,9 @@ pub fn described(value: &Value) -> String {
 ///
 /// Backoff is full jitter: attempt *n* that fails transiently is retried
 /// after a random delay in `[0, min(backoff_cap, backoff_base × 2^(n-1))]`.
+///
+/// Values past the bounds a job's own `retry` and `timeout_s` have (100
+/// attempts, a day of backoff, a week of run time) are held to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RetryDefaults {
