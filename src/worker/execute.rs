@@ -90,7 +90,7 @@ pub async fn run_attempt(
     if let Some(oversized) = &claimed.oversized_inputs {
         return AttemptEnd::Permanent(oversized.error());
     }
-    match answer_of(handler, claimed).await {
+    match answer_of(handler, claimed, max_result_bytes).await {
         AttemptEnd::Succeeded(json) if json.len() > max_result_bytes => {
             AttemptEnd::Permanent(format!(
                 "result is {} bytes of JSON, over limits.max_result_bytes ({max_result_bytes}): \
@@ -105,7 +105,11 @@ pub async fn run_attempt(
 }
 
 /// What the handler answered, as an attempt's end.
-async fn answer_of(handler: Arc<dyn Handler>, claimed: &Claimed) -> AttemptEnd {
+async fn answer_of(
+    handler: Arc<dyn Handler>,
+    claimed: &Claimed,
+    max_result_bytes: usize,
+) -> AttemptEnd {
     let params = match serde_json::from_str(&claimed.params_json) {
         Ok(p) => p,
         Err(e) => return AttemptEnd::Permanent(format!("stored params are not JSON: {e}")),
@@ -118,6 +122,7 @@ async fn answer_of(handler: Arc<dyn Handler>, claimed: &Claimed) -> AttemptEnd {
         fence: claimed.claim.fence,
         deps: claimed.deps.clone(),
         timeout: claimed.timeout,
+        max_result_bytes,
     };
     let timeout = claimed.timeout;
     let started = tokio::time::Instant::now();

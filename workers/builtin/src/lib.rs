@@ -69,6 +69,7 @@ pub(crate) fn test_ctx(attempt: u32) -> conveyor_handler::TaskContext {
         fence: 1,
         deps: std::collections::BTreeMap::new(),
         timeout: std::time::Duration::from_secs(30),
+        max_result_bytes: 1024 * 1024,
     }
 }
 

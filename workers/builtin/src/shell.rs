@@ -46,10 +46,17 @@
 //! | exits with any other non-zero code | permanent error with the stderr tail      |
 //! | is killed by a signal              | transient error naming the signal         |
 //! | outlives `ctx.timeout`             | transient error; process group killed     |
-//! | writes more than 16 MiB to stdout  | permanent error; process group killed     |
+//! | writes more stdout than its limit  | permanent error; process group killed     |
 //! | cannot be started                  | permanent error naming command and cause; |
 //! |                                    | transient when out of processes, memory   |
 //! |                                    | or file descriptors, or the file is busy  |
+//!
+//! Stdout's limit is four times the largest result the worker accepts
+//! (`limits.max_result_bytes`, 1 MiB by default: 4 MiB), room for JSON
+//! printed with indentation, and never more than 16 MiB. Until the
+//! thirty-second session it was 16 MiB whatever the result limit, all read
+//! and parsed (a dense array parses to about ten times its text) before the
+//! worker refused a result over 1 MiB.
 //!
 //! Exit code 75 is `EX_TEMPFAIL` from `sysexits.h` ("temporary failure;
 //! user is invited to retry"), the conventional way for a program to say
@@ -111,8 +118,20 @@ use crate::group_watch;
 pub const MAX_COMMAND_BYTES: usize = 4096;
 /// The most `args` accepted.
 pub const MAX_ARGS: usize = 1000;
-/// The most stdout read; a program writing more fails permanently.
+/// The most stdout read whatever the result limit; a program writing more
+/// fails permanently.
 pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
+/// How many bytes of stdout are read per byte of the largest result the
+/// worker accepts: the result may come indented.
+pub const STDOUT_PER_RESULT_BYTE: usize = 4;
+
+/// The most stdout read from a program whose result may be at most
+/// `max_result_bytes` bytes of compact JSON.
+pub fn stdout_limit(max_result_bytes: usize) -> usize {
+    max_result_bytes
+        .saturating_mul(STDOUT_PER_RESULT_BYTE)
+        .min(MAX_STDOUT_BYTES)
+}
 /// How much of the end of stderr is kept for error messages.
 pub const STDERR_TAIL_BYTES: usize = 4096;
 /// `EX_TEMPFAIL` from `sysexits.h`: the exit code that asks for a retry.
@@ -595,10 +614,11 @@ impl Handler for Shell {
             )));
         };
 
+        let stdout_limit = stdout_limit(ctx.max_result_bytes);
         let finished = tokio::time::timeout(ctx.timeout, async {
             let write = write_stdin(stdin, input);
             let read = async {
-                tokio::try_join!(read_capped(stdout, MAX_STDOUT_BYTES), async {
+                tokio::try_join!(read_capped(stdout, stdout_limit), async {
                     Ok(read_tail(stderr, STDERR_TAIL_BYTES).await)
                 })
             };
@@ -663,10 +683,10 @@ impl Handler for Shell {
             Ok(Err(Stop::StdoutTooLarge)) => {
                 kill_and_reap(&mut guard, &mut child).await;
                 Err(HandlerError::Permanent(format!(
-                    "shell: `{}` wrote more than {} MiB to stdout (limit {MAX_STDOUT_BYTES} \
-                     bytes); process group killed",
+                    "shell: `{}` wrote more than {stdout_limit} bytes to stdout (the limit: \
+                     {STDOUT_PER_RESULT_BYTE} × limits.max_result_bytes, at most \
+                     {MAX_STDOUT_BYTES}); process group killed",
                     p.command,
-                    MAX_STDOUT_BYTES / (1024 * 1024)
                 )))
             }
             Ok(Err(Stop::Io(what, e))) => {
@@ -962,10 +982,41 @@ mod tests {
         let start = Instant::now();
         let out = run(json!({"command": "yes"})).await;
         assert!(
-            matches!(&out, Err(HandlerError::Permanent(m)) if m.contains("more than 16 MiB")),
+            matches!(&out, Err(HandlerError::Permanent(m))
+                if m.contains("more than 4194304 bytes to stdout")),
             "{out:?}"
         );
         assert!(start.elapsed() < Duration::from_secs(20));
+    }
+
+    /// Stdout may be four times the result limit (an indented result),
+    /// and no more: read past it, the output would be parsed whole only
+    /// for the worker to refuse the result. (Until the thirty-second
+    /// session the limit was 16 MiB whatever the result limit.)
+    #[tokio::test]
+    async fn stdout_may_be_four_times_the_result_limit_and_no_more() {
+        let printing = |string_bytes: usize| {
+            sh(&format!(
+                "printf '\"'; head -c {string_bytes} /dev/zero | tr '\\0' a; printf '\"'"
+            ))
+        };
+        let ctx = TaskContext {
+            max_result_bytes: 1000,
+            ..test_ctx(1)
+        };
+        // 4,000 bytes of JSON: a string of 3,998 `a`s in quotes.
+        let at_limit = Shell.run(ctx.clone(), printing(3_998)).await;
+        assert!(
+            matches!(&at_limit, Ok(Outcome::Done(Value::String(a))) if a.len() == 3_998),
+            "{at_limit:?}"
+        );
+        let over = Shell.run(ctx, printing(3_999)).await;
+        assert!(
+            matches!(&over, Err(HandlerError::Permanent(m))
+                if m.contains("more than 4000 bytes to stdout")),
+            "{over:?}"
+        );
+        assert_eq!(stdout_limit(usize::MAX), MAX_STDOUT_BYTES);
     }
 
     #[tokio::test]

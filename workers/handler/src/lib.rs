@@ -43,6 +43,11 @@ pub struct TaskContext {
     pub deps: BTreeMap<String, Value>,
     /// How long the handler may run before the worker stops it.
     pub timeout: Duration,
+    /// The largest result the worker accepts, in bytes of compact JSON
+    /// (`limits.max_result_bytes`); a larger one fails the task for good.
+    /// A handler that gathers its result from elsewhere (a program's
+    /// output) may stop reading well past it rather than hold it all.
+    pub max_result_bytes: usize,
 }
 
 /// What a successful `run` produced.
