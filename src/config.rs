@@ -10,8 +10,10 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
-/// Everything a Conveyor process can be told.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Everything a Conveyor process can be told. Its `Debug` form hides the
+/// URLs' passwords (see [`redact_url`]); `Serialize` writes them, for the
+/// config file `conveyor bench` hands its processes (a private file).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// AMQP URL (`amqp://` or `amqps://`), or several separated by commas
@@ -60,8 +62,8 @@ pub struct Config {
     /// Async runtime threads of a `conveyor` process: 1 (the default) runs
     /// everything on one thread, which saves a cross-thread wake-up per
     /// message (about 15-20% more throughput here) but needs handlers that
-    /// never block; 0 = one thread per core; n = n threads. Env
-    /// `CONVEYOR_RUNTIME_THREADS`.
+    /// never block; 0 = one thread per core; n = n threads, at most 1024.
+    /// Env `CONVEYOR_RUNTIME_THREADS`.
     pub runtime_threads: usize,
     /// Address of the process's HTTP listener (`/healthz`, `/readyz`), e.g.
     /// `0.0.0.0:8080`; none by default. Env `CONVEYOR_HTTP_ADDR` (empty
@@ -104,8 +106,8 @@ pub struct DispatcherConfig {
     /// Unacked submissions in flight per dispatcher; at least 1. Env
     /// `CONVEYOR_DISPATCHER_PREFETCH`.
     pub prefetch: u16,
-    /// How often retries and lapsed leases are swept, in milliseconds; at
-    /// least 10. Env `CONVEYOR_SWEEP_INTERVAL_MS`.
+    /// How often retries and lapsed leases are swept, in milliseconds; 10
+    /// to 60 000. Env `CONVEYOR_SWEEP_INTERVAL_MS`.
     pub sweep_interval_ms: u64,
 }
 
@@ -113,7 +115,8 @@ pub struct DispatcherConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// Queues consumed (without prefix). Env `CONVEYOR_QUEUES` (comma-separated).
+    /// Queues consumed (without prefix), each named once. Env
+    /// `CONVEYOR_QUEUES` (comma-separated; at least one name).
     pub queues: Vec<String>,
     /// Handlers run at once; at least 1. Env `CONVEYOR_CONCURRENCY`.
     pub concurrency: usize,
@@ -192,6 +195,53 @@ pub struct Limits {
     /// never read out of the store. At least `max_result_bytes`, so that a
     /// task with one dependency never meets it.
     pub max_inputs_bytes: usize,
+}
+
+impl std::fmt::Debug for Config {
+    /// Written out, not derived: `amqp_url` and `redis_url` hold passwords,
+    /// and a config printed with `{:?}` (a log line, a failed assertion)
+    /// must not show them. The fields are taken apart so that a new one
+    /// cannot be left out unnoticed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Config {
+            amqp_url,
+            redis_url,
+            redis_wait_replicas,
+            redis_wait_timeout_ms,
+            tls_ca_file,
+            prefix,
+            max_message_bytes,
+            retention_s,
+            log_format,
+            queue_type,
+            delivery_limit,
+            runtime_threads,
+            http_addr,
+            dispatcher,
+            worker,
+            retry,
+            limits,
+        } = self;
+        f.debug_struct("Config")
+            .field("amqp_url", &redact_url(amqp_url))
+            .field("redis_url", &redact_url(redis_url))
+            .field("redis_wait_replicas", redis_wait_replicas)
+            .field("redis_wait_timeout_ms", redis_wait_timeout_ms)
+            .field("tls_ca_file", tls_ca_file)
+            .field("prefix", prefix)
+            .field("max_message_bytes", max_message_bytes)
+            .field("retention_s", retention_s)
+            .field("log_format", log_format)
+            .field("queue_type", queue_type)
+            .field("delivery_limit", delivery_limit)
+            .field("runtime_threads", runtime_threads)
+            .field("http_addr", http_addr)
+            .field("dispatcher", dispatcher)
+            .field("worker", worker)
+            .field("retry", retry)
+            .field("limits", limits)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -333,6 +383,16 @@ pub const MAX_REDIS_WAIT_TIMEOUT_MS: u64 = 60_000;
 /// Smallest `dispatcher.sweep_interval_ms` (`tokio::time::interval` panics
 /// on zero; below 10 ms every dispatcher polls Redis flat out).
 pub const MIN_SWEEP_INTERVAL_MS: u64 = 10;
+/// Largest `dispatcher.sweep_interval_ms` (a minute): only a sweep takes
+/// over the claims of a dead worker, so its tasks wait a lease and up to
+/// a sweep interval; a larger setting (a typo of a few zeros) would leave
+/// them waiting for good, as far as anyone can tell.
+pub const MAX_SWEEP_INTERVAL_MS: u64 = 60_000;
+/// Largest `runtime_threads`: tokio starts every worker thread at once and
+/// panics when the system refuses one, so an absurd number is a crash at
+/// start, not a configuration error, unless it is refused here. No
+/// process of Conveyor's uses more than a few dozen usefully.
+pub const MAX_RUNTIME_THREADS: usize = 1024;
 /// Smallest `worker.lease_ms`: leases are renewed every third of it, and a
 /// renewal round trip must fit in that third (100 ms here) with room to
 /// spare; the fault tests use 1500 ms, the simulation 600 ms.
@@ -433,6 +493,36 @@ impl Config {
     /// its value and its limit. [`Config::load`] calls it; call it again
     /// after changing a loaded config.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        Self::invalid_if_any(self.find_problems())
+    }
+
+    /// [`Config::validate`], and what a worker needs besides: something to
+    /// consume. A dispatcher's config may name no task queue; a worker with
+    /// none that takes no submissions would stop as soon as it started.
+    pub fn validate_worker(&self) -> Result<(), ConfigError> {
+        let mut problems = self.find_problems();
+        if self.worker.queues.is_empty() && !self.worker.accept_submissions {
+            problems.push(
+                "worker.queues = []: names no queue and worker.accept_submissions is false: \
+                 this worker would have nothing to consume; name a task queue \
+                 (CONVEYOR_QUEUES, --queues), or set worker.accept_submissions = true \
+                 (CONVEYOR_ACCEPT_SUBMISSIONS=true)"
+                    .to_owned(),
+            );
+        }
+        Self::invalid_if_any(problems)
+    }
+
+    fn invalid_if_any(problems: Vec<String>) -> Result<(), ConfigError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    /// Every problem [`Config::validate`] reports, in field order.
+    fn find_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut check = |ok: bool, field: &str, value: &dyn std::fmt::Display, rule: String| {
             if !ok {
@@ -508,6 +598,15 @@ impl Config {
                 ),
             );
         }
+        check(
+            self.runtime_threads <= MAX_RUNTIME_THREADS,
+            "runtime_threads",
+            &self.runtime_threads,
+            format!(
+                "must be at most {MAX_RUNTIME_THREADS} (0 = one thread per core; the \
+                 runtime starts them all at once)"
+            ),
+        );
         // Zero is "unlimited" to AMQP's basic.qos: unbounded memory.
         check(
             self.dispatcher.prefetch >= 1,
@@ -516,10 +615,15 @@ impl Config {
             at_least(&1, " (0 would be unlimited)"),
         );
         check(
-            self.dispatcher.sweep_interval_ms >= MIN_SWEEP_INTERVAL_MS,
+            (MIN_SWEEP_INTERVAL_MS..=MAX_SWEEP_INTERVAL_MS)
+                .contains(&self.dispatcher.sweep_interval_ms),
             "dispatcher.sweep_interval_ms",
             &self.dispatcher.sweep_interval_ms,
-            at_least(&MIN_SWEEP_INTERVAL_MS, " (ms)"),
+            format!(
+                "must be at least {MIN_SWEEP_INTERVAL_MS} (ms) and at most \
+                 {MAX_SWEEP_INTERVAL_MS} (a dead worker's tasks wait for a sweep to be \
+                 taken over)"
+            ),
         );
         check(
             self.worker.concurrency >= 1,
@@ -615,7 +719,7 @@ impl Config {
         // receive a task).
         for queue in &self.worker.queues {
             check(
-                crate::intake::check_queue_name(queue, self.limits.max_name_len).is_ok(),
+                self.accepts_queue_name(queue),
                 "worker.queues",
                 &format!("{queue:?}"),
                 format!(
@@ -625,6 +729,21 @@ impl Config {
                     self.limits.max_name_len
                 ),
             );
+        }
+        // A queue named twice would get two consumers in one worker, each
+        // with a prefetch of the whole concurrency: twice the deliveries
+        // held for the same slots.
+        let mut named = std::collections::HashSet::new();
+        let mut twice = std::collections::HashSet::new();
+        for queue in &self.worker.queues {
+            if !named.insert(queue.as_str()) && twice.insert(queue.as_str()) {
+                check(
+                    false,
+                    "worker.queues",
+                    &format!("{queue:?}"),
+                    "is named more than once; name each queue once".to_owned(),
+                );
+            }
         }
         check(
             self.limits.max_params_bytes >= MIN_PARAMS_BYTES,
@@ -649,12 +768,16 @@ impl Config {
         );
         // lapin reports a frame_max below AMQP's minimum only as a failed
         // connect; the URL itself is not printed (it may hold a password).
+        // A URL its parser refuses is named by its node and redacted, as
+        // the parser's own words may quote all of it.
         for (node, url) in split_urls(&self.amqp_url).into_iter().enumerate() {
+            let mut numbers_ok = true;
             for (key, rule) in AMQP_URL_NUMBERS {
                 let Some(value) = url_query_value(url, key) else {
                     continue;
                 };
                 let ok = value.parse::<u32>().is_ok_and(|n| rule.allows(n));
+                numbers_ok &= ok;
                 check(
                     ok,
                     &format!("amqp_url (node {}) {key}", node + 1),
@@ -662,16 +785,20 @@ impl Config {
                     rule.describe(),
                 );
             }
+            if numbers_ok && let Some(why) = amqp_url_problem(url) {
+                check(
+                    false,
+                    &format!("amqp_url (node {})", node + 1),
+                    &redact_url(url),
+                    why.to_owned(),
+                );
+            }
         }
         // Its own errors name the part that is wrong, never the password.
         if let Some(Err(e)) = crate::store::sentinel::SentinelUrl::parse(&self.redis_url) {
             problems.push(e);
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid { problems })
-        }
+        problems
     }
 
     /// Parse a TOML file.
@@ -778,12 +905,24 @@ impl Config {
             self.dispatcher.sweep_interval_ms = parse("CONVEYOR_SWEEP_INTERVAL_MS", v)?;
         }
         if let Some(v) = get("CONVEYOR_QUEUES") {
-            self.worker.queues = v
+            let queues: Vec<String> = v
                 .split(',')
                 .map(str::trim)
                 .filter(|q| !q.is_empty())
                 .map(String::from)
                 .collect();
+            // Set but naming nothing is a mistake (a variable emptied by a
+            // script), not a wish for a worker that consumes no task queue.
+            if queues.is_empty() {
+                return Err(ConfigError::Env {
+                    var: "CONVEYOR_QUEUES",
+                    value: v,
+                    reason: "names no queue; expected queue names separated by commas, \
+                             e.g. default,gpu (unset it to keep worker.queues)"
+                        .into(),
+                });
+            }
+            self.worker.queues = queues;
         }
         if let Some(v) = get("CONVEYOR_CONCURRENCY") {
             self.worker.concurrency = parse("CONVEYOR_CONCURRENCY", v)?;
@@ -842,6 +981,12 @@ impl Config {
         Ok(())
     }
 
+    /// Whether a job's task (and so a worker) may name task queue `queue`
+    /// under these limits.
+    pub fn accepts_queue_name(&self, queue: &str) -> bool {
+        crate::intake::check_queue_name(queue, self.limits.max_name_len).is_ok()
+    }
+
     /// The lease of a claim.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.worker.lease_ms)
@@ -893,6 +1038,25 @@ const AMQP_URL_NUMBERS: [(&str, UrlNumber); 2] = [
     ("heartbeat", UrlNumber::Seconds),
 ];
 
+/// Why `url` is not an AMQP URL that lapin's parser (`AMQPUri`, the one
+/// every connection goes through) accepts, in words that quote none of
+/// it; `None` when it parses. The parser's own message is never passed
+/// on: for a URL without `//` (`amqp:guest:secret@mq/`) it is `Invalid
+/// URL: '<the whole URL>'`, password included.
+pub fn amqp_url_problem(url: &str) -> Option<&'static str> {
+    let error = url.parse::<lapin::uri::AMQPUri>().err()?;
+    Some(if error.starts_with("Invalid URL") {
+        "is not a URL with a host: is the `//` after `amqp:` missing? (expected \
+         amqp[s]://user:password@host[:port]/vhost)"
+    } else if error.starts_with("Invalid AMQP scheme") {
+        "must start with amqp:// or amqps://"
+    } else {
+        "is not an AMQP URL lapin can read (expected amqp[s]://user:password@host[:port]/vhost\
+         [?heartbeat=s&frame_max=bytes]; percent-encode `/`, `?`, `#`, `@`, `:` and `%` in \
+         the user and password, and every number must be one)"
+    })
+}
+
 /// The value of `key` in `url`'s query string, if it names one.
 pub(crate) fn url_query_value<'a>(url: &'a str, key: &str) -> Option<&'a str> {
     let (_, query) = url.split_once('?')?;
@@ -902,9 +1066,23 @@ pub(crate) fn url_query_value<'a>(url: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == key).then_some(v))
 }
 
+/// The schemes of Conveyor's URLs: a piece of a list that starts with one
+/// starts a URL of its own even without its `//`. Glued to the URL before
+/// it, as a piece with no `scheme://` is, an `amqp:user:password@host/`
+/// became part of that URL's vhost, which a broker's refusal quotes.
+const URL_SCHEMES: [&str; 6] = [
+    "amqp:",
+    "amqps:",
+    "redis:",
+    "rediss:",
+    "redis+sentinel:",
+    "rediss+sentinel:",
+];
+
 /// The URLs of a comma-separated list, trimmed, empty ones dropped. A
-/// piece with no `scheme://` continues the URL before it: the comma was
-/// part of it (a password holding one, or a sentinel URL's host list).
+/// piece with no `scheme://` (nor one of [`URL_SCHEMES`] at its start)
+/// continues the URL before it: the comma was part of it (a password
+/// holding one, or a sentinel URL's host list).
 pub fn split_urls(list: &str) -> Vec<&str> {
     // Each URL as the range of `list` from its first piece to its last.
     let mut ranges: Vec<(usize, usize)> = Vec::new();
@@ -916,7 +1094,14 @@ pub fn split_urls(list: &str) -> Vec<&str> {
             continue;
         }
         match ranges.last_mut() {
-            Some(last) if !piece.contains("://") => last.1 = to,
+            Some(last)
+                if !piece.contains("://")
+                    && !URL_SCHEMES
+                        .iter()
+                        .any(|s| piece.trim_start().starts_with(s)) =>
+            {
+                last.1 = to
+            }
             _ => ranges.push((from, to)),
         }
     }
@@ -1110,7 +1295,7 @@ mod tests {
         };
         let err = validation_error(&config);
         assert!(
-            err.contains("redis_url: sentinel `s1:265o` has port `265o`"),
+            err.contains("redis_url: sentinel 1 of 1 has a port that is not a number"),
             "{err}"
         );
         assert!(!err.contains("secret"), "{err}");
@@ -1119,6 +1304,117 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().is_ok());
+    }
+
+    /// Until the thirty-second session an AMQP URL without its `//` passed
+    /// validation, and every connect failed with lapin's parser's text,
+    /// `Invalid URL: '<the whole URL>'`, password included, logged every
+    /// few seconds and printed by the commands.
+    #[test]
+    fn an_amqp_url_its_parser_refuses_is_named_by_node_without_its_password() {
+        for (url, node, shown, why) in [
+            (
+                "amqp://h/%2f,amqp:guest:s3cret@mq/",
+                2,
+                "amqp:***@mq/",
+                "is not a URL with a host: is the `//` after `amqp:` missing?",
+            ),
+            (
+                "amqps://u:s3cret@h:port/v",
+                1,
+                "amqps://u:***@h:port/v",
+                "is not an AMQP URL lapin can read",
+            ),
+            (
+                "amqp://u:s3cret@h/v?channel_max=many",
+                1,
+                "amqp://u:***@h/v?channel_max=many",
+                "is not an AMQP URL lapin can read",
+            ),
+            (
+                "http://u:s3cret@h/",
+                1,
+                "http://u:***@h/",
+                "must start with amqp:// or amqps://",
+            ),
+        ] {
+            let config = Config {
+                amqp_url: url.into(),
+                ..Config::default()
+            };
+            let err = validation_error(&config);
+            assert!(
+                err.contains(&format!("amqp_url (node {node}) = {shown}: {why}")),
+                "{url}: {err}"
+            );
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        // A number the range check names is not named twice.
+        let config = Config {
+            amqp_url: "amqp://h/?heartbeat=70000".into(),
+            ..Config::default()
+        };
+        assert_eq!(problems(&config).len(), 1, "{:?}", problems(&config));
+    }
+
+    /// Until the thirty-second session `Config` derived `Debug`, and a
+    /// config printed with `{:?}` showed both URLs' passwords.
+    #[test]
+    fn the_debug_form_hides_the_urls_passwords() {
+        let config = Config {
+            amqp_url: "amqp://app:s3cret@mq/%2f".into(),
+            redis_url: "redis+sentinel://:s3cret@s1/svc?sentinel_password=s3cret".into(),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqp://app:***@mq/%2f"), "{shown}");
+        assert!(shown.contains("concurrency: 16"), "{shown}");
+    }
+
+    /// Until the thirty-second session `CONVEYOR_QUEUES=""` (or `","`) set
+    /// an empty list without a word: a dispatcher then declared no task
+    /// queue, a worker consumed none.
+    #[test]
+    fn a_queues_variable_that_names_no_queue_is_an_error_naming_it() {
+        for value in ["", ",", " , "] {
+            let mut c = Config::default();
+            let err = c
+                .apply_env(|k| (k == "CONVEYOR_QUEUES").then(|| value.to_string()))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.starts_with(&format!(
+                    "environment variable CONVEYOR_QUEUES={value:?} is invalid: names no queue"
+                )),
+                "{value:?}: {err}"
+            );
+        }
+    }
+
+    /// Until the thirty-second session the runtime refused a worker with
+    /// nothing to consume with an error of its own, which exited 1 as a
+    /// failure, not 2 as a configuration error.
+    #[test]
+    fn a_worker_with_no_queue_and_no_submissions_is_a_configuration_error() {
+        let mut c = Config::default();
+        c.worker.queues.clear();
+        assert!(c.validate_worker().is_ok(), "it takes submissions");
+        c.worker.accept_submissions = false;
+        assert!(
+            c.validate().is_ok(),
+            "a dispatcher's config may name no queue"
+        );
+        match c.validate_worker() {
+            Err(ConfigError::Invalid { problems }) => assert!(
+                problems.len() == 1
+                    && problems[0].starts_with("worker.queues = []: names no queue")
+                    && problems[0].contains("would have nothing to consume"),
+                "{problems:?}"
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 
     #[test]
@@ -1255,6 +1551,14 @@ mod tests {
                 "dispatcher.sweep_interval_ms = 0: must be at least 10 (ms)",
             ),
             (
+                |c| c.dispatcher.sweep_interval_ms = 60_001,
+                "dispatcher.sweep_interval_ms = 60001: must be at least 10 (ms) and at most 60000",
+            ),
+            (
+                |c| c.runtime_threads = 1_000_000,
+                "runtime_threads = 1000000: must be at most 1024",
+            ),
+            (
                 |c| c.worker.concurrency = 0,
                 "worker.concurrency = 0: must be at least 1",
             ),
@@ -1333,6 +1637,14 @@ mod tests {
             (
                 |c| c.worker.queues = vec!["a b".into()],
                 "worker.queues = \"a b\": each must be 1 to limits.max_name_len (128) bytes",
+            ),
+            (
+                |c| {
+                    c.worker.queues = ["default", "gpu", "default", "default"]
+                        .map(String::from)
+                        .to_vec()
+                },
+                "worker.queues = \"default\": is named more than once",
             ),
             (
                 |c| c.limits.max_params_bytes = 1,
@@ -1479,6 +1791,12 @@ mod tests {
             ["redis+sentinel://s1,s2:26380/svc"]
         );
         assert!(split_urls(" , ").is_empty());
+        // A URL missing its "//" is a URL of its own all the same, to be
+        // named as unusable, not a piece of the one before.
+        assert_eq!(
+            split_urls("amqp://h/%2f, amqp:guest:s3cret@mq/"),
+            ["amqp://h/%2f", "amqp:guest:s3cret@mq/"]
+        );
     }
 
     #[test]

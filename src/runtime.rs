@@ -224,17 +224,9 @@ pub async fn run_worker(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     // Again here: command-line flags and code may have changed the config
-    // since it was loaded.
-    config.validate()?;
-    // A dispatcher's config may name no queues; a worker's must give it
-    // something to consume, or it would stop as soon as it started.
-    anyhow::ensure!(
-        !config.worker.queues.is_empty() || config.worker.accept_submissions,
-        "worker.queues (CONVEYOR_QUEUES, --queues) names no queue and \
-         worker.accept_submissions is false: this worker would have nothing to consume; \
-         name a task queue, or set worker.accept_submissions = true \
-         (CONVEYOR_ACCEPT_SUBMISSIONS=true)"
-    );
+    // since it was loaded. A worker with nothing to consume is refused
+    // there too, as a configuration error (exit 2, as from the file).
+    config.validate_worker()?;
     if config.queue_type == crate::config::QueueType::Classic {
         tracing::warn!(
             "queue_type = classic: RabbitMQ counts no redeliveries on classic queues, so \
@@ -295,6 +287,28 @@ pub async fn run_worker(
 mod tests {
     use super::*;
     use crate::shutdown::ShutdownTrigger;
+
+    /// Until the thirty-second session a node URL lapin's parser refuses
+    /// (here one without its `//`, in a config that skipped validation)
+    /// failed every connect with the parser's own text, `Invalid URL:
+    /// '<the whole URL>'`, password included, logged at every retry.
+    #[tokio::test]
+    async fn a_connect_to_a_url_the_parser_refuses_names_it_redacted() {
+        let config = Config {
+            amqp_url: "amqp:guest:s3cret@mq/".into(),
+            ..Config::default()
+        };
+        let err = amqp_broker(&config).await.err();
+        // Not an outage: waiting would not mend it.
+        assert!(matches!(err, Some(BrokerError::Fatal(_))), "{err:?}");
+        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(
+            err.contains("amqp_url amqp:***@mq/")
+                && err.contains("is the `//` after `amqp:` missing?"),
+            "{err}"
+        );
+    }
 
     /// A stop does not wait for a connect under way: here to a RabbitMQ
     /// node that takes the socket and never answers the handshake (given

@@ -445,22 +445,40 @@ async fn queues_of_a_prefix_not_yet_deployed_are_explained_not_logged_as_errors(
 /// A worker given nothing to consume (no task queue, and submissions left
 /// to the dispatchers) refuses to start, saying why, instead of stopping
 /// at once with exit 0 as if told to; an unusable queue name is named.
+/// Until the thirty-second session the first exited 1, not 2 as every
+/// other configuration error does, and `CONVEYOR_QUEUES=","` was such a
+/// worker's empty list, without a word.
 #[test]
 fn a_worker_with_nothing_to_consume_or_an_unusable_queue_name_does_not_start() {
-    let worker = |queues: &str, accept: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+    let worker = |config: Option<&Path>, queues: Option<&str>, accept: &str| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        command
             .arg("worker")
-            .env("CONVEYOR_QUEUES", queues)
             .env("CONVEYOR_ACCEPT_SUBMISSIONS", accept)
-            .env("CONVEYOR_PREFIX", "test-cli-nothing")
-            .output()
-            .expect("run conveyor worker")
+            .env("CONVEYOR_PREFIX", "test-cli-nothing");
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        if let Some(queues) = queues {
+            command.env("CONVEYOR_QUEUES", queues);
+        }
+        command.output().expect("run conveyor worker")
     };
-    let idle = worker(",", "false");
+    let dir = Scratch::dir("cli");
+    let no_queues = dir.join("no-queues.toml");
+    std::fs::write(&no_queues, "[worker]\nqueues = []\n").unwrap();
+    let idle = worker(Some(&no_queues), None, "false");
     let said = String::from_utf8_lossy(&idle.stderr);
-    assert_eq!(idle.status.code(), Some(1), "{said}");
+    assert_eq!(idle.status.code(), Some(2), "a configuration error: {said}");
     assert!(said.contains("would have nothing to consume"), "{said}");
-    let long = worker(&"q".repeat(200), "true");
+    let emptied = worker(None, Some(","), "true");
+    let said = String::from_utf8_lossy(&emptied.stderr);
+    assert_eq!(emptied.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("CONVEYOR_QUEUES=\",\" is invalid: names no queue"),
+        "{said}"
+    );
+    let long = worker(None, Some(&"q".repeat(200)), "true");
     let said = String::from_utf8_lossy(&long.stderr);
     assert_eq!(long.status.code(), Some(2), "a configuration error: {said}");
     assert!(said.contains("worker.queues = \"qqq"), "{said}");
@@ -489,5 +507,59 @@ fn an_invalid_setting_exits_2_from_a_flag_as_from_the_environment() {
             said.contains("worker.concurrency = 0: must be at least 1"),
             "{said}"
         );
+    }
+}
+
+/// Until the thirty-second session `run`'s `--amqp-url`/`--redis-url`
+/// were put in the configuration after it was checked, and never checked:
+/// an AMQP URL without its `//` failed the connect with the parser's text,
+/// the whole URL and its password, exit 1; `--concurrency 0` ran nothing
+/// until the time-out; and `worker --queues default,default` started two
+/// consumers on one queue. Each is a configuration error now, named, with
+/// exit 2, before anything is connected to.
+#[test]
+fn flags_are_checked_as_the_configuration_is_and_quote_no_password() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/diamond.json");
+    for (args, says) in [
+        (
+            &[
+                "run",
+                example,
+                "--amqp-url",
+                "amqp:guest:s3cret@127.0.0.1:1/",
+                "--redis-url",
+                "redis://127.0.0.1:1/",
+            ][..],
+            "amqp_url (node 1) = amqp:***@127.0.0.1:1/: is not a URL with a host",
+        ),
+        (
+            &[
+                "run",
+                example,
+                "--amqp-url",
+                "amqp://127.0.0.1:1/",
+                "--redis-url",
+                "redis+sentinel://app:s3cret/x@127.0.0.1:1/svc",
+            ][..],
+            "redis_url: the nodes' user or password holds `/`",
+        ),
+        (
+            &["run", example, "--concurrency", "0", "--timeout-s", "5"][..],
+            "worker.concurrency = 0: must be at least 1",
+        ),
+        (
+            &["worker", "--queues", "default,gpu,default"][..],
+            "worker.queues = \"default\": is named more than once",
+        ),
+    ] {
+        let ran = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .args(args)
+            .env("CONVEYOR_PREFIX", "test-cli-flags")
+            .output()
+            .expect("run conveyor");
+        let said = String::from_utf8_lossy(&ran.stderr);
+        assert_eq!(ran.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains(says), "{args:?}: {said}");
+        assert!(!said.contains("s3cret"), "{args:?}: {said}");
     }
 }

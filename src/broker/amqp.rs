@@ -552,9 +552,18 @@ async fn connect_one(
     tls: OwnedTLSConfig,
     socket: HandshakeSocket,
 ) -> lapin::Result<Connection> {
-    let uri: AMQPUri = url
-        .parse()
-        .map_err(|e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // Not the parser's own text: for a URL without `//` it is `Invalid
+    // URL: '<the whole URL>'`, password included.
+    let uri: AMQPUri = url.parse().map_err(|_: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "amqp_url {} {}",
+                redact_url(url),
+                crate::config::amqp_url_problem(url).unwrap_or("is not an AMQP URL")
+            ),
+        )
+    })?;
     let runtime = lapin::runtime::default_runtime()?;
     // Written where `connector` takes it: the types of its parameters (the
     // runtime's, and so the stream's) come from there.
@@ -600,8 +609,9 @@ async fn connect_first(
     properties: ConnectionProperties,
 ) -> Result<(usize, Connection), BrokerError> {
     let mut failures = Vec::new();
-    // Nodes that answered and refused the credentials or vhost: not an
-    // outage, and no amount of waiting mends it.
+    // Nodes that answered and refused the credentials or vhost, or whose
+    // URL cannot be used at all: not an outage, and no amount of waiting
+    // mends it.
     let mut refused = 0;
     for k in 0..urls.len() {
         let i = (start + k) % urls.len();
@@ -619,7 +629,9 @@ async fn connect_first(
             }
             Ok(Err(e)) => {
                 let text = e.to_string();
-                if text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED") {
+                let unusable_url = matches!(e.kind(), lapin::ErrorKind::IOError(io)
+                    if io.kind() == std::io::ErrorKind::InvalidInput);
+                if text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED") || unusable_url {
                     refused += 1;
                 }
                 text
@@ -641,7 +653,7 @@ async fn connect_first(
     let what = format!("cannot connect to RabbitMQ: {}", failures.join("; "));
     if refused == urls.len() {
         Err(BrokerError::Fatal(format!(
-            "{what} (check the user, password and vhost in amqp_url)"
+            "{what} (check amqp_url: its form, user, password and vhost)"
         )))
     } else {
         Err(BrokerError::Unavailable(what))

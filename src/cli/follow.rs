@@ -10,7 +10,7 @@ use anyhow::Context;
 use conveyor::broker::{Broker, Outgoing};
 use conveyor::config::Config;
 use conveyor::names::Names;
-use conveyor::store::{JobStatus, Store};
+use conveyor::store::{JobStatus, Store, StoreError};
 use tokio::time::Instant;
 
 use super::stalls::{STARTING_GRACE, Stalls};
@@ -43,7 +43,10 @@ const PAUSE_MAX: Duration = Duration::from_millis(250);
 /// `moved` sees each status read whose history grew, with how many of its
 /// entries it saw before. With `stalls` (a deployment), queues the job
 /// waits in that nothing consumes are noted on stderr, from
-/// [`STARTING_GRACE`] on. Gives up after `within`.
+/// [`STARTING_GRACE`] on. Gives up after `within`. A store that fails
+/// for a while (Redis restarting, a failover) is warned of once on stderr
+/// and read again until then; only an error that waiting cannot mend ends
+/// the wait at once.
 pub async fn until_finished(
     store: &dyn Store,
     mut stalls: Option<Stalls>,
@@ -63,11 +66,29 @@ pub async fn until_finished(
     // less often (up to 4 times a second) while it does not, so a long
     // task of a big job is not re-read 50 times a second.
     let mut pause = PAUSE_MIN;
+    let mut warned = false;
     loop {
-        let status = store.job(id).await?;
-        if let Some(stalls) = stalls.as_mut() {
+        // The status read, or the error of a read that may succeed later
+        // (kept for the give-up).
+        let read = store.job(id).await;
+        let (status, failing): (Option<Option<JobStatus>>, Option<StoreError>) = match read {
+            Ok(status) => (Some(status), None),
+            Err(e) if e.is_retryable() => {
+                if !warned {
+                    eprintln!(
+                        "warning: cannot read job {id} now ({e}); trying again until the time-out"
+                    );
+                    warned = true;
+                }
+                (None, Some(e))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Not looked at without a read: `None` there means "not recorded yet".
+        if let (Some(stalls), Some(status)) = (stalls.as_mut(), status.as_ref()) {
             stalls.look(status.as_ref()).await;
         }
+        let status = status.flatten();
         pause = (pause * 2).min(PAUSE_MAX);
         if let Some(status) = status {
             if status.history.len() > seen {
@@ -80,10 +101,10 @@ pub async fn until_finished(
             }
         }
         if Instant::now() >= deadline {
-            let hint = if stalls.is_some() {
-                " (`conveyor queues` shows which queues have consumers)"
-            } else {
-                ""
+            let hint = match (&failing, stalls.is_some()) {
+                (Some(e), _) => format!(" (the last read of it failed: {e})"),
+                (None, true) => " (`conveyor queues` shows which queues have consumers)".into(),
+                (None, false) => String::new(),
             };
             anyhow::bail!("job {id} did not finish within {}s{hint}", within.as_secs());
         }
@@ -96,8 +117,10 @@ pub async fn until_finished(
 mod tests {
     use super::*;
     use conveyor::embedded::{Embedded, EmbeddedOptions};
+    use conveyor::intake::Rejection;
     use conveyor::model::JobState;
     use conveyor::store::HistoryEntry;
+    use conveyor::store::memory::{MemoryStore, SystemClock};
     use serde_json::json;
 
     /// A whole Conveyor in this process, with the built-in handlers.
@@ -134,6 +157,43 @@ mod tests {
         assert_eq!(status.state, JobState::Succeeded);
         assert_eq!(shown, status.history);
         embedded.shutdown().await.unwrap();
+    }
+
+    /// Until the thirty-second session the first failed read of the job
+    /// ended `submit --wait` and `run --redis-url` with that error, though
+    /// a Redis restarting or failing over answers again in moments and the
+    /// job goes on without the command.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_failing_for_a_while_is_read_again_until_the_job_is_seen_finished() {
+        let store = MemoryStore::new(Arc::new(SystemClock), Duration::from_secs(60), 1, "test");
+        let rejection = Rejection {
+            id: "bad".into(),
+            requestor: "r".into(),
+            error: "tasks: required".into(),
+        };
+        assert!(store.record_rejected(&rejection).await.unwrap());
+        store.set_outage(true);
+        let back = store.clone();
+        let outage = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            back.set_outage(false);
+        });
+        let status = until_finished(&store, None, "bad", Duration::from_secs(30), |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(status.state, JobState::Rejected);
+        outage.await.unwrap();
+
+        // Failing to the end: the time-out says what the reads met.
+        store.set_outage(true);
+        let err = until_finished(&store, None, "bad", Duration::from_millis(200), |_, _| {})
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "job bad did not finish within 0s (the last read of it failed: store unavailable: \
+             simulated store outage)"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

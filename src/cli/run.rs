@@ -4,6 +4,11 @@
 //! Embedded by default (in-process broker and store, nothing to install);
 //! with `--amqp-url`/`--redis-url` it submits to a real deployment instead,
 //! exactly like `conveyor submit --wait`, and follows the job in Redis.
+//!
+//! The embedded worker consumes the job's own task queues besides
+//! `worker.queues`: a task on `gpu` would otherwise wait, unseen, for a
+//! worker this process never starts. The flags are checked as the
+//! configuration is (`Config::validate`), and refused as it is (exit 2).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +54,15 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let within = Duration::from_secs(args.timeout_s);
     match (args.amqp_url, args.redis_url) {
         (None, None) => {
+            if let Some(concurrency) = args.concurrency {
+                config.worker.concurrency = concurrency;
+            }
+            for queue in job_queues(&body, &config) {
+                if !config.worker.queues.contains(&queue) {
+                    config.worker.queues.push(queue);
+                }
+            }
+            config.validate()?;
             eprintln!(
                 "running {} in-process (embedded broker and store; production uses RabbitMQ and Redis)",
                 args.file.display()
@@ -57,7 +71,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
                 &config,
                 conveyor_builtin_handlers::registry(),
                 EmbeddedOptions {
-                    concurrency: args.concurrency.unwrap_or(config.worker.concurrency),
+                    concurrency: config.worker.concurrency,
                     ..EmbeddedOptions::default()
                 },
             )
@@ -71,6 +85,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         (Some(amqp), Some(redis)) => {
             config.amqp_url = amqp;
             config.redis_url = redis;
+            // Checked as if they came from the file: a URL the parser
+            // refuses is named here (redacted), not by the connect.
+            config.validate()?;
             // Redis first: one that cannot be reached fails the command
             // before the job is published.
             let store = super::store(&config).await?;
@@ -81,6 +98,38 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
             anyhow::bail!("--amqp-url and --redis-url go together (or neither, to run in-process)")
         }
     }
+}
+
+/// The task queues the job in `body` names (`default` for a task that
+/// names none), each once, in the order of its tasks: what an embedded
+/// worker must consume for the job to run. Left out: names a job may not
+/// use, and every queue of a job naming more than
+/// `limits.max_queues_per_job` (intake rejects such a job, saying why, so
+/// nothing of it waits).
+fn job_queues(body: &[u8], config: &Config) -> Vec<String> {
+    let Ok(job) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let Some(tasks) = job.get("tasks").and_then(serde_json::Value::as_array) else {
+        return Vec::new();
+    };
+    let mut queues: Vec<String> = Vec::new();
+    for task in tasks {
+        let queue = match task.get("queue") {
+            None => "default",
+            Some(queue) => match queue.as_str() {
+                Some(queue) => queue,
+                None => continue,
+            },
+        };
+        if config.accepts_queue_name(queue) && !queues.iter().any(|q| q == queue) {
+            queues.push(queue.to_owned());
+            if queues.len() > config.limits.max_queues_per_job {
+                return Vec::new();
+            }
+        }
+    }
+    queues
 }
 
 /// Print each transition as it happens (on stderr, stdout being the
@@ -125,4 +174,42 @@ async fn show_until_finished(
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn queues_of(job: serde_json::Value, config: &Config) -> Vec<String> {
+        job_queues(&serde_json::to_vec(&job).unwrap(), config)
+    }
+
+    #[test]
+    fn a_jobs_queues_are_each_named_once_in_task_order_with_default_for_none() {
+        let job = json!({"requestor": "r", "tasks": [
+            {"name": "a", "handler": "noop", "queue": "gpu"},
+            {"name": "b", "handler": "noop"},
+            {"name": "c", "handler": "noop", "queue": "gpu"},
+            {"name": "d", "handler": "noop", "queue": "io"}]});
+        assert_eq!(queues_of(job, &Config::default()), ["gpu", "default", "io"]);
+    }
+
+    #[test]
+    fn queues_intake_would_refuse_are_left_to_its_rejection() {
+        let job = json!({"requestor": "r", "tasks": [
+            {"name": "a", "handler": "noop", "queue": "has space"},
+            {"name": "b", "handler": "noop", "queue": 7},
+            {"name": "c", "handler": "noop", "queue": "ok"}]});
+        assert_eq!(queues_of(job, &Config::default()), ["ok"]);
+        let mut config = Config::default();
+        config.limits.max_queues_per_job = 2;
+        let job = json!({"requestor": "r", "tasks": [
+            {"name": "a", "handler": "noop", "queue": "q1"},
+            {"name": "b", "handler": "noop", "queue": "q2"},
+            {"name": "c", "handler": "noop", "queue": "q3"}]});
+        assert!(queues_of(job, &config).is_empty());
+        assert!(job_queues(b"not json", &config).is_empty());
+    }
 }

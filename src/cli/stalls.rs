@@ -77,17 +77,24 @@ impl Stalls {
             // it cannot take itself (a handler it lacks), and without one
             // the job waits there.
             None => vec![(self.names.submit_queue(), None), (referred.clone(), None)],
-            Some(status) => status
-                .tasks
-                .iter()
-                .filter(|(_, t)| t.state == TaskState::Ready)
-                .map(|(name, t)| {
-                    (
-                        self.names.task_queue(&t.queue),
-                        Some((name.as_str(), t.queue.as_str())),
-                    )
-                })
-                .collect(),
+            // Each queue once, with the first of its ready tasks to name in
+            // the note: the broker is asked once per queue listed, and a
+            // fan-out of 10,000 ready tasks on one queue was 10,000 round
+            // trips at every look.
+            Some(status) => {
+                let mut listed = HashSet::new();
+                status
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| t.state == TaskState::Ready && listed.insert(&t.queue))
+                    .map(|(name, t)| {
+                        (
+                            self.names.task_queue(&t.queue),
+                            Some((name.as_str(), t.queue.as_str())),
+                        )
+                    })
+                    .collect()
+            }
         };
         let queues: Vec<String> = waiting
             .iter()
@@ -154,6 +161,8 @@ fn referred_note(queue: &str, prefix: &str) -> String {
 mod tests {
     use super::*;
     use conveyor::broker::memory::MemoryBroker;
+    use conveyor::broker::{BrokerError, Outgoing, QueueStats, Subscription};
+    use conveyor::store::TaskStatus;
 
     /// Stalls of prefix `p` on an in-process broker where the submit queue
     /// is declared and nothing consumes it.
@@ -206,6 +215,104 @@ mod tests {
         let notes = stalls.notes(None).await;
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].starts_with("note: a submission waits in p.submit.referred"));
+    }
+
+    /// The in-process broker, keeping every list of queues it was asked
+    /// the stats of.
+    struct Asked {
+        inner: MemoryBroker,
+        asked: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Broker for Asked {
+        async fn declare(&self, task_queues: &[String]) -> Result<(), BrokerError> {
+            self.inner.declare(task_queues).await
+        }
+
+        async fn publish(&self, batch: Vec<Outgoing>) -> Result<(), BrokerError> {
+            self.inner.publish(batch).await
+        }
+
+        async fn subscribe_with_priority(
+            &self,
+            queue: &str,
+            prefetch: u16,
+            priority: i16,
+        ) -> Result<Box<dyn Subscription>, BrokerError> {
+            self.inner
+                .subscribe_with_priority(queue, prefetch, priority)
+                .await
+        }
+
+        async fn queue_stats(&self, queues: &[String]) -> Result<Vec<QueueStats>, BrokerError> {
+            self.asked.lock().unwrap().push(queues.to_vec());
+            self.inner.queue_stats(queues).await
+        }
+
+        fn is_connected(&self) -> bool {
+            self.inner.is_connected()
+        }
+    }
+
+    /// A job of `ready` ready tasks, each on `gpu` or `cpu` by turns.
+    fn fan_out(ready: usize) -> JobStatus {
+        let task = |queue: &str| TaskStatus {
+            state: TaskState::Ready,
+            attempts: 1,
+            result: serde_json::Value::Null,
+            error: None,
+            worker: None,
+            handler: "noop".into(),
+            queue: queue.into(),
+            max_attempts: 1,
+            next_attempt_at_ms: None,
+        };
+        JobStatus {
+            id: "fan".into(),
+            state: conveyor::model::JobState::Running,
+            version: 1,
+            requestor: "r".into(),
+            labels: Default::default(),
+            error: None,
+            created_ms: 0,
+            updated_ms: 0,
+            tasks: (0..ready)
+                .map(|i| {
+                    let queue = if i % 2 == 0 { "gpu" } else { "cpu" };
+                    (format!("t{i:05}"), task(queue))
+                })
+                .collect(),
+            history: Vec::new(),
+        }
+    }
+
+    /// Until the thirty-second session a look listed a task queue once per
+    /// ready task in it, and the AMQP broker asks RabbitMQ once per queue
+    /// listed: a fan-out of 10,000 ready tasks cost 10,000 round trips at
+    /// every look.
+    #[tokio::test(start_paused = true)]
+    async fn a_look_asks_the_broker_once_per_queue_and_names_its_first_ready_task() {
+        let names = Names::new("p");
+        let inner = MemoryBroker::reliable(names.clone());
+        inner
+            .declare(&["gpu".to_owned(), "cpu".to_owned()])
+            .await
+            .unwrap();
+        let broker = Arc::new(Asked {
+            inner,
+            asked: Default::default(),
+        });
+        let mut stalls = Stalls::new(broker.clone(), names);
+        let notes = stalls.notes(Some(&fan_out(10_000))).await;
+        assert_eq!(
+            *broker.asked.lock().unwrap(),
+            [["p.tasks.gpu", "p.tasks.cpu"]],
+            "one list, each queue once"
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("note: task t00000 is ready in p.tasks.gpu"));
+        assert!(notes[1].starts_with("note: task t00001 is ready in p.tasks.cpu"));
     }
 
     #[test]

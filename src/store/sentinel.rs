@@ -95,22 +95,58 @@ impl SentinelUrl {
     fn parse_rest(tls: bool, rest: &str) -> Result<SentinelUrl, String> {
         const FORM: &str = "expected redis+sentinel://[user:password@]host[:port][,host[:port]...]\
                             /service[/db][?sentinel_password=...]";
+        // The nodes' credentials run to the last '@' before the query, as
+        // `redact_url` hides them. (Cut from the path at the first '/'
+        // first, a password holding an unencoded '/' was read as a
+        // sentinel, `app:pa` with port `pa`, and quoted in the error.) The
+        // query starts at the first '?' after a '/': an '@' from there on
+        // is a query value's (a sentinel password's).
+        let query_start = rest
+            .find('/')
+            .and_then(|slash| rest[slash..].find('?').map(|q| slash + q))
+            .unwrap_or(rest.len());
+        let (node_userinfo, rest) = match rest[..query_start].rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        // Such a password is refused, not guessed at: the node URL built
+        // from it would be read otherwise by the Redis client.
+        if node_userinfo.is_some_and(|u| u.contains(['/', '?', '#', '@'])) {
+            return Err(
+                "redis_url: the nodes' user or password holds `/`, `?`, `#` or `@` unencoded; \
+                 percent-encode them (%2F, %3F, %23, %40)"
+                    .to_owned(),
+            );
+        }
+        let node_userinfo = node_userinfo.map(str::to_owned);
+        // From here on, errors quote nothing of the URL: what a malformed
+        // URL puts where a host, a database or a parameter should be may be
+        // a piece of a password.
         let (rest, query) = match rest.split_once('?') {
             Some((rest, query)) => (rest, Some(query)),
             None => (rest, None),
         };
-        let (authority, path) = rest
+        let (hosts, path) = rest
             .split_once('/')
             .ok_or_else(|| format!("redis_url: no service name after the sentinels; {FORM}"))?;
-        let (node_userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (Some(userinfo.to_owned()), hosts),
-            None => (None, authority),
-        };
-        let sentinels = hosts
+        let hosts: Vec<&str> = hosts
             .split(',')
             .map(str::trim)
             .filter(|h| !h.is_empty())
-            .map(with_default_port)
+            .collect();
+        let sentinels = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                with_default_port(host).ok_or_else(|| {
+                    format!(
+                        "redis_url: sentinel {} of {} has a port that is not a number from \
+                         1 to 65535",
+                        i + 1,
+                        hosts.len()
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if sentinels.is_empty() {
             return Err(format!("redis_url: no sentinel host; {FORM}"));
@@ -122,30 +158,34 @@ impl SentinelUrl {
             .to_owned();
         let db = match segments.next() {
             None => 0,
-            Some(db) => db
-                .parse()
-                .map_err(|_| format!("redis_url: database `{db}` is not a number; {FORM}"))?,
+            Some(db) => db.parse().map_err(|_| {
+                format!("redis_url: the database after the service is not a number; {FORM}")
+            })?,
         };
-        if let Some(extra) = segments.next() {
+        if segments.next().is_some() {
             return Err(format!(
-                "redis_url: unexpected `/{extra}` after the database; {FORM}"
+                "redis_url: more than a service and a database after the sentinels; {FORM}"
             ));
         }
         let mut sentinel_username = None;
         let mut sentinel_password = None;
-        for pair in query
+        for (i, pair) in query
             .unwrap_or_default()
             .split('&')
             .filter(|p| !p.is_empty())
+            .enumerate()
         {
             match pair.split_once('=') {
                 Some(("sentinel_username", v)) => sentinel_username = Some(v),
                 Some(("sentinel_password", v)) => sentinel_password = Some(v),
+                // Not quoted: a password holding an unencoded '&' makes its
+                // tail look like a parameter of its own.
                 _ => {
-                    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
                     return Err(format!(
-                        "redis_url: unknown parameter `{key}`; a Sentinel URL takes \
-                         sentinel_username and sentinel_password"
+                        "redis_url: parameter {} of the query is neither sentinel_username \
+                         nor sentinel_password (the only ones a Sentinel URL takes; \
+                         percent-encode `&` and `=` in a password)",
+                        i + 1
                     ));
                 }
             }
@@ -191,19 +231,18 @@ impl SentinelUrl {
     }
 }
 
-/// `host` with `:26379` appended when it names no port.
-fn with_default_port(host: &str) -> Result<String, String> {
+/// `host` with `:26379` appended when it names no port; `None` when the
+/// port it names is not one.
+fn with_default_port(host: &str) -> Option<String> {
     let port_part = match host.rsplit_once(':') {
         // `[::1]` alone: the colon is inside the brackets.
         Some((_, port)) if !port.ends_with(']') => Some(port),
         _ => None,
     };
     match port_part {
-        None => Ok(format!("{host}:{SENTINEL_PORT}")),
-        Some(port) if port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(host.to_owned()),
-        Some(port) => Err(format!(
-            "redis_url: sentinel `{host}` has port `{port}`, not a number from 1 to 65535"
-        )),
+        None => Some(format!("{host}:{SENTINEL_PORT}")),
+        Some(port) if port.parse::<u16>().is_ok_and(|p| p > 0) => Some(host.to_owned()),
+        Some(_) => None,
     }
 }
 
@@ -270,10 +309,87 @@ mod tests {
         assert!(err("redis+sentinel://s1").contains("no service name"));
         assert!(err("redis+sentinel://s1/").contains("no service name"));
         assert!(err("redis+sentinel:///svc").contains("no sentinel host"));
-        assert!(err("redis+sentinel://s1:port/svc").contains("port `port`"));
-        assert!(err("redis+sentinel://s1:0/svc").contains("port `0`"));
-        assert!(err("redis+sentinel://s1/svc/x").contains("database `x`"));
-        assert!(err("redis+sentinel://s1/svc/1/2").contains("unexpected `/2`"));
-        assert!(err("redis+sentinel://s1/svc?password=x").contains("unknown parameter `password`"));
+        assert!(
+            err("redis+sentinel://s1,s2:port/svc")
+                .contains("sentinel 2 of 2 has a port that is not a number")
+        );
+        assert!(err("redis+sentinel://s1:0/svc").contains("sentinel 1 of 1 has a port"));
+        assert!(err("redis+sentinel://s1/svc/x").contains("the database after the service"));
+        assert!(err("redis+sentinel://s1/svc/1/2").contains("more than a service and a database"));
+        assert!(
+            err("redis+sentinel://s1/svc?sentinel_password=x&password=y")
+                .contains("parameter 2 of the query is neither")
+        );
+    }
+
+    /// Until the thirty-second session the sentinels were cut from the
+    /// path at the first '/', before the credentials were looked for, so
+    /// `app:pa/ss@s1/svc` read as sentinel `app:pa` and its error said
+    /// "sentinel `app:pa` has port `pa`"; and an unknown parameter was
+    /// quoted, which for a password holding an unencoded '&' is its tail.
+    #[test]
+    fn no_error_quotes_a_piece_of_a_password() {
+        for (url, says) in [
+            (
+                "redis+sentinel://app:sekr/et9@s1/svc",
+                "percent-encode them",
+            ),
+            (
+                "redis+sentinel://app:sekr?et9@s1/svc",
+                "percent-encode them",
+            ),
+            (
+                "redis+sentinel://app:sekr@et9@s1/svc",
+                "percent-encode them",
+            ),
+            (
+                "redis+sentinel://app:sekr#et9@s1/svc",
+                "percent-encode them",
+            ),
+            // '/' and '?' both: read as a query; still nothing quoted.
+            (
+                "redis+sentinel://app:123/sekr?et9@s1/svc",
+                "parameter 1 of the query",
+            ),
+            (
+                "redis+sentinel://s1/svc?sentinel_password=sekr&et9",
+                "parameter 2 of the query",
+            ),
+            (
+                "redis+sentinel://app:x@s1:sekret9/svc",
+                "sentinel 1 of 1 has a port",
+            ),
+            (
+                "redis+sentinel://s1/svc/sekret9",
+                "the database after the service",
+            ),
+        ] {
+            let error = err_of(url);
+            assert!(error.contains(says), "{url}: {error}");
+            assert!(
+                !error.contains("sekr") && !error.contains("et9"),
+                "{url}: {error}"
+            );
+        }
+    }
+
+    fn err_of(url: &str) -> String {
+        parse(url).unwrap_err()
+    }
+
+    /// The credentials end at the last '@' before the query; an '@' in the
+    /// query is a sentinel password's.
+    #[test]
+    fn an_at_sign_in_a_sentinel_password_is_the_querys() {
+        let url = parse("redis+sentinel://app:x@s1/svc?sentinel_password=p@ss").unwrap();
+        assert_eq!(url.sentinels, ["s1:26379"]);
+        assert_eq!(url.node_url("n", 1), "redis://app:x@n:1/0");
+        assert_eq!(url.sentinel_url("s1:26379"), "redis://:p@ss@s1:26379");
+        let url = parse("redis+sentinel://s1/svc?sentinel_password=a@b/c").unwrap();
+        assert_eq!(
+            (url.sentinels[0].as_str(), url.service.as_str()),
+            ("s1:26379", "svc")
+        );
+        assert_eq!(url.node_url("n", 1), "redis://n:1/0");
     }
 }
