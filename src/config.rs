@@ -1080,7 +1080,8 @@ const URL_SCHEMES: [&str; 6] = [
 ];
 
 /// The URLs of a comma-separated list, trimmed, empty ones dropped. A
-/// piece with no `scheme://` (nor one of [`URL_SCHEMES`] at its start)
+/// piece with no `scheme://` (nor `amqp:`, `amqps:`, `redis:`, `rediss:` or their
+/// `+sentinel` forms at its start)
 /// continues the URL before it: the comma was part of it (a password
 /// holding one, or a sentinel URL's host list).
 pub fn split_urls(list: &str) -> Vec<&str> {

@@ -11,9 +11,23 @@
 //! periodically and on clean shutdown, so a crash loses what happened since
 //! the last one), more than one process, or RabbitMQ's and Redis's
 //! operational behaviour. Production uses RabbitMQ and Redis.
+//!
+//! The snapshot is written only when the store changed since the last one
+//! (serializing the whole store holds its lock, and an idle `conveyor dev`
+//! has nothing new to say every two seconds), on a blocking thread, not on
+//! the runtime's. It goes to a temporary file that is synced before it is
+//! renamed over the snapshot, and the directory is synced after: a power
+//! loss leaves the old snapshot or the new one, never an empty or partial
+//! file that the next start would refuse.
+//!
+//! Nothing consumes `<prefix>.dead` in a long `conveyor dev` session, so
+//! the in-process dead-letter queue keeps only the newest
+//! [`DEAD_LETTERS_KEPT`].
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conveyor_handler::Registry;
@@ -26,7 +40,7 @@ use crate::dispatcher::{Dispatcher, DispatcherOptions};
 use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
-use crate::shutdown::ShutdownTrigger;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::Store;
 use crate::store::memory::{MemoryStore, SystemClock};
 use crate::worker::{Worker, WorkerOptions};
@@ -55,6 +69,10 @@ impl Default for EmbeddedOptions {
     }
 }
 
+/// Dead letters the in-process broker keeps, the newest (see the module
+/// docs): enough to read what went wrong lately.
+pub const DEAD_LETTERS_KEPT: usize = 10_000;
+
 /// A running embedded deployment.
 pub struct Embedded {
     store: Arc<MemoryStore>,
@@ -62,7 +80,9 @@ pub struct Embedded {
     names: Names,
     trigger: ShutdownTrigger,
     tasks: JoinSet<()>,
-    snapshot: Option<PathBuf>,
+    /// Shared by the periodic writes and the last one at shutdown, which
+    /// so never write the file at the same time.
+    snapshot: Option<Arc<Mutex<SnapshotFile>>>,
     health: Health,
 }
 
@@ -84,16 +104,22 @@ impl Embedded {
             )
             .with_max_inputs_bytes(config.limits.max_inputs_bytes as u64),
         );
-        if let Some(path) = &options.snapshot
-            && path.exists()
+        let mut snapshot = options.snapshot.clone().map(SnapshotFile::new);
+        if let Some(file) = &mut snapshot
+            && file.path.exists()
         {
+            let path = &file.path;
             let bytes = std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("cannot read snapshot {}: {e}", path.display()))?;
             store
                 .restore(&bytes)
                 .map_err(|e| anyhow::anyhow!("snapshot {} is unusable: {e}", path.display()))?;
+            // The file holds the store as it is now.
+            file.written = Some(store.changes());
         }
+        let snapshot = snapshot.map(|file| Arc::new(Mutex::new(file)));
         let broker = Arc::new(MemoryBroker::reliable(names.clone()));
+        broker.set_dead_letter_cap(Some(DEAD_LETTERS_KEPT));
         // As RabbitMQ's quorum queues: a message returned past the limit is
         // dead-lettered, so dev mode shows what production would.
         if config.queue_type == crate::config::QueueType::Quorum {
@@ -148,7 +174,7 @@ impl Embedded {
                 }
             });
         }
-        if let Some(path) = options.snapshot.clone() {
+        if let Some(file) = snapshot.clone() {
             let store = store.clone();
             let mut shutdown = trigger.subscribe();
             let every = options.snapshot_every;
@@ -159,7 +185,7 @@ impl Embedded {
                         _ = shutdown.wait() => return,
                         _ = tokio::time::sleep(every) => {}
                     }
-                    if let Err(e) = write_snapshot(&store, &path) {
+                    if let Err(e) = save_snapshot(&file, &store).await {
                         tracing::warn!(error = %e, "snapshot failed");
                     }
                 }
@@ -171,7 +197,7 @@ impl Embedded {
             names,
             trigger,
             tasks,
-            snapshot: options.snapshot,
+            snapshot,
             health,
         };
         Ok(embedded)
@@ -200,23 +226,291 @@ impl Embedded {
         Ok(())
     }
 
-    /// Stop gracefully and write the snapshot.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    /// Stop gracefully (running tasks have the workers' grace period to
+    /// finish) and write the snapshot.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop(std::future::pending()).await
+    }
+
+    /// Stop as [`Embedded::shutdown`] does, and end the grace period at
+    /// once if `outer` is hurried, before or during the stop (a second
+    /// Ctrl-C to `conveyor dev`): the workers hand their unfinished tasks
+    /// back instead of waiting for them.
+    pub async fn shutdown_hurried_by(self, mut outer: Shutdown) -> anyhow::Result<()> {
+        self.stop(async move { outer.hurried().await }).await
+    }
+
+    async fn stop(mut self, hurried: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.trigger.trigger();
-        while self.tasks.join_next().await.is_some() {}
-        if let Some(path) = &self.snapshot {
-            write_snapshot(&self.store, path)?;
+        let trigger = self.trigger.clone();
+        let mut stopped = std::pin::pin!(async { while self.tasks.join_next().await.is_some() {} });
+        tokio::select! {
+            biased;
+            () = stopped.as_mut() => {}
+            () = hurried => {
+                trigger.hurry();
+                stopped.await;
+            }
+        }
+        if let Some(file) = &self.snapshot {
+            save_snapshot(file, &self.store).await?;
         }
         Ok(())
     }
 }
 
-fn write_snapshot(store: &MemoryStore, path: &std::path::Path) -> anyhow::Result<()> {
-    let bytes = store.snapshot()?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| anyhow::anyhow!("cannot write snapshot {}: {e}", tmp.display()))?;
+/// The snapshot file and the store's change count it holds.
+#[derive(Debug)]
+struct SnapshotFile {
+    path: PathBuf,
+    /// [`MemoryStore::changes`] at the last write or read (`None`: neither
+    /// yet).
+    written: Option<u64>,
+}
+
+impl SnapshotFile {
+    fn new(path: PathBuf) -> SnapshotFile {
+        SnapshotFile {
+            path,
+            written: None,
+        }
+    }
+
+    /// Write the store's state unless the file holds it already; whether
+    /// it wrote. Blocks: file I/O, and the store's lock while it is
+    /// serialized.
+    fn save(&mut self, store: &MemoryStore) -> anyhow::Result<bool> {
+        let Some(snapshot) = store.snapshot_if_changed(self.written)? else {
+            return Ok(false);
+        };
+        replace_durably(&self.path, &snapshot.bytes)?;
+        self.written = Some(snapshot.changes);
+        Ok(true)
+    }
+}
+
+/// [`SnapshotFile::save`] on a blocking thread.
+async fn save_snapshot(
+    file: &Arc<Mutex<SnapshotFile>>,
+    store: &Arc<MemoryStore>,
+) -> anyhow::Result<bool> {
+    let (file, store) = (file.clone(), store.clone());
+    tokio::task::spawn_blocking(move || {
+        file.lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .save(&store)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("snapshot writer failed: {e}"))?
+}
+
+/// Make `bytes` the contents of `path` so that a crash or power loss at any
+/// moment leaves either the old file or the new one: written to a
+/// temporary file beside it and synced, renamed over it, and the directory
+/// synced so the rename itself is on disk (best effort: not every
+/// platform or file system can sync a directory).
+fn replace_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    write().map_err(|e| anyhow::anyhow!("cannot write snapshot {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .map_err(|e| anyhow::anyhow!("cannot replace snapshot {}: {e}", path.display()))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), error = %e, "could not sync the snapshot's directory");
+    }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::{JobState, TaskState};
+
+    /// A directory of this test's own, emptied first.
+    fn scratch(test: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("conveyor-embedded-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    async fn start(config: &Config, options: EmbeddedOptions) -> Embedded {
+        Embedded::start(config, conveyor_builtin_handlers::registry(), options)
+            .await
+            .unwrap()
+    }
+
+    /// Wait (up to 30 s) until `check` is true of job `id`'s status.
+    async fn wait_for_job(
+        embedded: &Embedded,
+        id: &str,
+        what: &str,
+        check: impl Fn(&crate::store::JobStatus) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = embedded.store.job(id).await.unwrap()
+                && check(&status)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id}: {what}, never"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn one_task_job(id: &str, handler: &str, params: serde_json::Value) -> Vec<u8> {
+        serde_json::json!({"id": id, "requestor": "t",
+            "tasks": [{"name": "t", "handler": handler, "params": params}]})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hurried_outer_shutdown_ends_the_workers_grace_period_at_once() {
+        let config = Config {
+            worker: crate::config::WorkerConfig {
+                grace_s: 600,
+                ..Config::default().worker
+            },
+            ..Config::default()
+        };
+        let embedded = start(&config, EmbeddedOptions::default()).await;
+        embedded
+            .submit(one_task_job(
+                "nap",
+                "sleep",
+                serde_json::json!({"ms": 600_000}),
+            ))
+            .await
+            .unwrap();
+        wait_for_job(&embedded, "nap", "running", |s| {
+            s.tasks["t"].state == TaskState::Running
+        })
+        .await;
+        let store = embedded.store.clone();
+        let outer = ShutdownTrigger::new();
+        let stopping = tokio::spawn(embedded.shutdown_hurried_by(outer.subscribe()));
+        // The first Ctrl-C: a graceful stop waits for the running task.
+        outer.trigger();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !stopping.is_finished(),
+            "a graceful stop waits for its grace period"
+        );
+        // The second: the grace period ends now.
+        outer.hurry();
+        tokio::time::timeout(Duration::from_secs(20), stopping)
+            .await
+            .expect("the stop was not hurried")
+            .unwrap()
+            .unwrap();
+        let status = store.job("nap").await.unwrap().unwrap();
+        assert_eq!(status.tasks["t"].state, TaskState::Ready, "handed back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_deployment_does_not_write_its_snapshot_again() {
+        let dir = scratch("idle");
+        let path = dir.join("store.json");
+        let options = EmbeddedOptions {
+            snapshot: Some(path.clone()),
+            snapshot_every: Duration::from_millis(20),
+            ..EmbeddedOptions::default()
+        };
+        let embedded = start(&Config::default(), options).await;
+        embedded
+            .submit(one_task_job("a", "noop", serde_json::json!({})))
+            .await
+            .unwrap();
+        wait_for_job(&embedded, "a", "finished", |s| s.state.is_terminal()).await;
+        // Once everything the job and the start-up audit changed is written…
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let written = embedded.snapshot.as_ref().unwrap().lock().unwrap().written;
+            if written == Some(embedded.store.changes()) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // …an idle deployment has nothing new to write, period after period.
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            !path.exists(),
+            "the snapshot was written again with nothing new in it"
+        );
+        // Something new is written at the next period.
+        embedded
+            .submit(one_task_job("b", "noop", serde_json::json!({})))
+            .await
+            .unwrap();
+        wait_for_job(&embedded, "b", "finished", |s| {
+            s.state == JobState::Succeeded
+        })
+        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !path.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new job was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        embedded.shutdown().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_snapshot_replaces_its_file_whole_and_leaves_no_file_but_its_own() {
+        let dir = scratch("replace");
+        let path = dir.join("store.json");
+        std::fs::write(&path, b"old").unwrap();
+        let neighbour = dir.join("store.tmp");
+        std::fs::write(&neighbour, b"not the snapshot's").unwrap();
+        replace_durably(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(
+            std::fs::read(&neighbour).unwrap(),
+            b"not the snapshot's",
+            "the temporary file is named after the whole file name"
+        );
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["store.json", "store.tmp"], "no temporary file left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_in_process_dead_letter_queue_keeps_only_the_newest_dead_letters() {
+        let embedded = start(&Config::default(), EmbeddedOptions::default()).await;
+        let dead = embedded.names.dead_queue();
+        let letters: Vec<Outgoing> = (0..DEAD_LETTERS_KEPT + 5)
+            .map(|n| Outgoing::durable(dead.clone(), n.to_string().into_bytes()))
+            .collect();
+        embedded.broker.publish(letters).await.unwrap();
+        let kept = embedded.broker.take_all(&dead).await;
+        assert_eq!(kept.len(), DEAD_LETTERS_KEPT);
+        assert_eq!(kept.first().unwrap(), b"5", "the oldest five were dropped");
+        embedded.shutdown().await.unwrap();
+    }
 }

@@ -96,6 +96,32 @@ fn a_shell_program_never_sees_the_workers_conveyor_settings() {
     );
 }
 
+/// Until the thirty-second session the embedded worker of `conveyor run`
+/// consumed only `worker.queues` (`default`): a job with a task on another
+/// queue waited, without a word, until the time-out.
+#[test]
+fn conveyor_run_runs_tasks_on_every_queue_the_job_names() {
+    let dir = Scratch::dir("run");
+    let file = dir.join("queues.json");
+    std::fs::write(
+        &file,
+        json!({"requestor": "t", "tasks": [
+            {"name": "render", "handler": "noop", "queue": "gpu"},
+            {"name": "again", "handler": "noop", "queue": "gpu", "after": ["render"]},
+            {"name": "plain", "handler": "noop"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["run", file.to_str().unwrap(), "--json", "--timeout-s", "20"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["state"], "succeeded", "{status}");
+}
+
 #[test]
 fn conveyor_run_exits_1_when_the_job_fails() {
     let dir = Scratch::dir("run");
@@ -283,11 +309,22 @@ fn spawn_dev(
     log: &std::path::Path,
     jobs: &[&str],
 ) -> tokio::process::Child {
+    spawn_dev_with_env(snapshot, log, jobs, &[])
+}
+
+/// `conveyor dev` as [`spawn_dev`], with more environment variables.
+fn spawn_dev_with_env(
+    snapshot: &std::path::Path,
+    log: &std::path::Path,
+    jobs: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .arg("dev")
         .arg("--snapshot")
         .arg(snapshot)
         .args(jobs)
+        .envs(env.iter().copied())
         .env("CONVEYOR_LOG_FORMAT", "json")
         .env("CONVEYOR_AMQP_URL", "amqp://nobody:nothing@127.0.0.1:1/%2f")
         .env("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/")
@@ -353,4 +390,67 @@ async fn conveyor_dev_runs_job_files_and_keeps_their_jobs_in_its_snapshot_across
     .await;
     assert_eq!(kept["fields"]["state"], "succeeded", "{kept}");
     interrupt(&mut second, Some(&second_log)).await;
+}
+
+/// A second Ctrl-C to `conveyor dev` ends its workers' grace period at
+/// once, as it does a worker's: the running task is handed back (and so
+/// kept, ready, in the snapshot) and `dev` exits 0 without waiting out a
+/// grace period of ten minutes.
+#[tokio::test]
+async fn a_second_ctrl_c_stops_conveyor_dev_without_waiting_out_the_grace_period() {
+    let dir = Scratch::dir("dev-hurried");
+    let snapshot = dir.join("store.snapshot");
+    let job = dir.join("nap.json");
+    let nap = json!({"id": "nap", "requestor": "t",
+        "tasks": [{"name": "nap", "handler": "sleep", "params": {"ms": 600_000}}]});
+    std::fs::write(&job, nap.to_string()).unwrap();
+    let log = dir.join("dev.log");
+    let mut dev = spawn_dev_with_env(
+        &snapshot,
+        &log,
+        &[job.to_str().unwrap()],
+        &[("CONVEYOR_GRACE_S", "600")],
+    );
+    let task_state = || {
+        std::fs::read(&snapshot)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|store| {
+                store["jobs"]["nap"]["tasks"][0]["state"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    };
+    common::eventually(
+        "the task running, in the snapshot",
+        Duration::from_secs(30),
+        || async { (task_state().as_deref() == Some("running")).then_some(()) },
+    )
+    .await;
+    let pid = dev.id().expect("running").to_string();
+    let ctrl_c = || {
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+    };
+    ctrl_c();
+    common::eventually("the first Ctrl-C seen", Duration::from_secs(30), || async {
+        dev_log_lines(&log, "SIGINT: shutting down (a second one stops at once)")
+            .into_iter()
+            .next()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        dev.try_wait().unwrap().is_none(),
+        "a graceful stop waits for the running task"
+    );
+    ctrl_c();
+    let exited = tokio::time::timeout(Duration::from_secs(30), dev.wait())
+        .await
+        .expect("conveyor dev was still waiting for its running task after a second Ctrl-C")
+        .unwrap();
+    assert!(exited.success(), "{exited}");
+    assert_eq!(task_state().as_deref(), Some("ready"), "handed back");
 }

@@ -18,7 +18,11 @@
 //! ([`MemoryBroker::set_delivery_limit`], as the simulation does), a
 //! message of the submit, referred or a task queue returned more times
 //! than the limit goes to `<prefix>.dead` instead, as a quorum queue with
-//! `x-delivery-limit` dead-letters it.
+//! `x-delivery-limit` dead-letters it. With a cap on the dead-letter
+//! queue ([`MemoryBroker::set_dead_letter_cap`], as the embedded mode sets:
+//! nothing consumes `<prefix>.dead` in a long `conveyor dev` session), the
+//! oldest dead letters are dropped to keep it at the cap, as a RabbitMQ
+//! queue with `x-max-length` and the default `drop-head` overflow does.
 //!
 //! How it differs from RabbitMQ:
 //! - nothing is persisted: the queues live and die with the process;
@@ -158,6 +162,11 @@ struct State {
     delivery_limit: Option<u32>,
     /// Where such messages go.
     dead_queue: String,
+    /// Most dead letters kept ready; the oldest go past it (`None`: no
+    /// cap, the default: the simulation reads every dead letter).
+    dead_letter_cap: Option<usize>,
+    /// Dead letters dropped so far to keep the cap.
+    dead_letters_dropped: u64,
 }
 
 #[derive(Default)]
@@ -319,6 +328,7 @@ impl State {
         if let Some(d) = self.queues.get_mut(&dead) {
             d.ready.push_back(msg);
         }
+        self.keep_dead_letters_to_cap();
         self.dispatch(&dead);
     }
 
@@ -338,7 +348,39 @@ impl State {
     fn declare_work_queue(&mut self, name: &str) {
         self.queues.entry(name.to_owned()).or_default().limited = true;
     }
+
+    /// Drop the oldest ready dead letters past the cap, if there is one,
+    /// with a warning at the first drop and every
+    /// [`DEAD_LETTER_DROPS_PER_WARNING`] after it.
+    fn keep_dead_letters_to_cap(&mut self) {
+        let Some(cap) = self.dead_letter_cap else {
+            return;
+        };
+        let Some(dead) = self.queues.get_mut(&self.dead_queue) else {
+            return;
+        };
+        while dead.ready.len() > cap {
+            dead.ready.pop_front();
+            if self
+                .dead_letters_dropped
+                .is_multiple_of(DEAD_LETTER_DROPS_PER_WARNING)
+            {
+                tracing::warn!(
+                    queue = %self.dead_queue,
+                    cap,
+                    dropped_so_far = self.dead_letters_dropped + 1,
+                    "the in-process dead-letter queue is full: its oldest dead letters are dropped \
+                     (warned once per {DEAD_LETTER_DROPS_PER_WARNING})"
+                );
+            }
+            self.dead_letters_dropped += 1;
+        }
+    }
 }
+
+/// Dead letters dropped to keep the cap between two warnings: one per
+/// letter would flood the log of a deployment that keeps failing.
+const DEAD_LETTER_DROPS_PER_WARNING: u64 = 1000;
 
 impl MemoryBroker {
     /// A broker for the deployment `names`, injecting `faults` with
@@ -361,6 +403,8 @@ impl MemoryBroker {
                     full: BTreeSet::new(),
                     delivery_limit: None,
                     dead_queue,
+                    dead_letter_cap: None,
+                    dead_letters_dropped: 0,
                 }),
                 yields: YieldPoints::default(),
             }),
@@ -394,6 +438,21 @@ impl MemoryBroker {
     /// never), as RabbitMQ's quorum queues do with `x-delivery-limit`.
     pub fn set_delivery_limit(&self, limit: Option<u32>) {
         self.shared.lock().delivery_limit = limit;
+    }
+
+    /// Keep at most `cap` ready messages in `<prefix>.dead`, dropping the
+    /// oldest past it (`None`, the default: no cap). For a deployment in
+    /// which nothing consumes dead letters (`conveyor dev`); a simulation,
+    /// which reads them all, leaves it off.
+    pub fn set_dead_letter_cap(&self, cap: Option<usize>) {
+        let mut state = self.shared.lock();
+        state.dead_letter_cap = cap;
+        state.keep_dead_letters_to_cap();
+    }
+
+    /// How many dead letters were dropped so far to keep the cap.
+    pub fn dead_letters_dropped(&self) -> u64 {
+        self.shared.lock().dead_letters_dropped
     }
 
     /// Make `queue` refuse (nack) every message published to it while
@@ -589,6 +648,9 @@ impl Broker for MemoryBroker {
                     {
                         q.ready.push_back(QueuedMessage::from_outgoing(msg));
                     }
+                }
+                if touched.contains(state.dead_queue.as_str()) {
+                    state.keep_dead_letters_to_cap();
                 }
                 for queue in touched {
                     state.dispatch(queue);
@@ -979,6 +1041,48 @@ mod tests {
             next(&mut sub).await.acker.requeue().await.unwrap();
         }
         assert_eq!(next(&mut sub).await.delivery_count, 3);
+    }
+
+    #[tokio::test]
+    async fn a_capped_dead_letter_queue_keeps_its_newest_dead_letters() {
+        let b = broker().await;
+        b.set_dead_letter_cap(Some(2));
+        let dead = names().dead_queue();
+        for body in ["1", "2", "3"] {
+            b.publish(vec![Outgoing::durable(dead.clone(), body.into())])
+                .await
+                .unwrap();
+        }
+        // One dead-lettered by the broker at its delivery limit counts too.
+        b.set_delivery_limit(Some(0));
+        publish(&b, &["returned"]).await;
+        let mut sub = b.subscribe(&q(), 1).await.unwrap();
+        next(&mut sub).await.acker.requeue().await.unwrap();
+        assert_eq!(
+            b.take_all(&dead).await,
+            [b"3".to_vec(), b"returned".to_vec()]
+        );
+        assert_eq!(b.dead_letters_dropped(), 2);
+    }
+
+    #[tokio::test]
+    async fn only_the_dead_letter_queue_is_capped_and_only_when_asked() {
+        let b = broker().await;
+        let dead = names().dead_queue();
+        for body in ["1", "2", "3"] {
+            b.publish(vec![Outgoing::durable(dead.clone(), body.into())])
+                .await
+                .unwrap();
+        }
+        assert_eq!(b.ready_len(&dead).await, 3, "no cap unless one is set");
+        b.set_dead_letter_cap(Some(1));
+        assert_eq!(
+            b.take_all(&dead).await,
+            [b"3".to_vec()],
+            "setting one applies it"
+        );
+        publish(&b, &["a", "b", "c"]).await;
+        assert_eq!(b.ready_len(&q()).await, 3, "a task queue keeps everything");
     }
 
     #[tokio::test]

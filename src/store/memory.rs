@@ -222,17 +222,41 @@ struct State {
     /// `RedisStore`'s cursor: live jobs already looked at are stepped over.
     #[serde(skip)]
     prune_from: u64,
+    /// Bumped by every call that changed what a snapshot holds (not by
+    /// reads, heartbeats or sweeps that found nothing due), so that the
+    /// embedded mode writes its snapshot only when there is something new
+    /// to write ([`MemoryStore::snapshot_if_changed`]). It may count a
+    /// call that changed nothing; it never misses one that did.
+    #[serde(skip)]
+    changes: u64,
 }
 
 impl State {
-    /// The record of `id`, unless missing or past its retention.
+    /// The record of `id`, unless missing or past its retention (a record
+    /// found past it is removed, which counts as a change).
     fn job_mut(&mut self, id: &str, now: u64) -> Option<&mut JobRecord> {
         if self.jobs.get(id)?.expires_at().is_some_and(|e| e <= now) {
             self.jobs.remove(id);
+            self.changed();
             return None;
         }
         self.jobs.get_mut(id)
     }
+
+    /// Note a change to what a snapshot holds.
+    fn changed(&mut self) {
+        self.changes += 1;
+    }
+}
+
+/// The store's state as a snapshot file holds it, with the change count
+/// it was taken at (see [`MemoryStore::snapshot_if_changed`]).
+#[derive(Debug)]
+pub struct Snapshot {
+    /// [`MemoryStore::changes`] when it was taken.
+    pub changes: u64,
+    /// The state, as JSON.
+    pub bytes: Vec<u8>,
 }
 
 /// The in-process implementation of [`Store`].
@@ -340,6 +364,7 @@ impl MemoryStore {
         task.lease_expiry = None;
         record.version += 1;
         state.leases.remove(&entry(job, idx, lost.attempt));
+        state.changed();
         drop(state);
         self.restart();
         Some(lost)
@@ -399,6 +424,7 @@ impl MemoryStore {
         let e = entry(job, idx, attempt);
         state.leases.remove(&e);
         state.retries.add_new(&e, promoted_at);
+        state.changed();
         drop(state);
         self.restart();
         Some((attempt, lost))
@@ -470,7 +496,35 @@ impl MemoryStore {
         serde_json::to_vec(&*state).map_err(|e| StoreError::Protocol(format!("snapshot: {e}")))
     }
 
-    /// Replace the state with a snapshot taken by [`MemoryStore::snapshot`].
+    /// How many changes the store has had (a count that only grows; see
+    /// [`MemoryStore::snapshot_if_changed`]).
+    pub fn changes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).changes
+    }
+
+    /// The whole state, as [`MemoryStore::snapshot`], unless the store has
+    /// not changed since the snapshot taken at change count `written`
+    /// (`None`: none was taken). Serializing the whole store holds its
+    /// lock, so an idle deployment should not do it every few seconds for
+    /// nothing.
+    pub fn snapshot_if_changed(
+        &self,
+        written: Option<u64>,
+    ) -> Result<Option<Snapshot>, StoreError> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if written == Some(state.changes) {
+            return Ok(None);
+        }
+        let bytes = serde_json::to_vec(&*state)
+            .map_err(|e| StoreError::Protocol(format!("snapshot: {e}")))?;
+        Ok(Some(Snapshot {
+            changes: state.changes,
+            bytes,
+        }))
+    }
+
+    /// Replace the state with a snapshot taken by [`MemoryStore::snapshot`]
+    /// (a change: the count goes on from where it was).
     pub fn restore(&self, bytes: &[u8]) -> Result<(), StoreError> {
         let mut restored: State = serde_json::from_slice(bytes)
             .map_err(|e| StoreError::Protocol(format!("snapshot: {e}")))?;
@@ -478,6 +532,7 @@ impl MemoryStore {
         restored.leases.rebuild();
         restored.retries.rebuild();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        restored.changes = state.changes + 1;
         *state = restored;
         Ok(())
     }
@@ -512,6 +567,7 @@ impl Store for MemoryStore {
                 let ready = record.ready_tasks();
                 state.jobs.insert(job.id.clone(), record);
                 state.jobs_index.add(&job.id, now);
+                state.changed();
                 for t in &job.tasks {
                     if !state.queues.contains(&t.queue) {
                         state.queues.insert(t.queue.clone());
@@ -533,6 +589,7 @@ impl Store for MemoryStore {
                 let record = JobRecord::rejected(rejection, now, self.retention_ms, &self.by);
                 state.jobs.insert(rejection.id.clone(), record);
                 state.jobs_index.add(&rejection.id, now);
+                state.changed();
                 Ok(true)
             })
             .await
@@ -550,6 +607,7 @@ impl Store for MemoryStore {
                 let lease_ms = lease.as_millis() as u64;
                 let member = entry(&task.job, task.idx, task.attempt);
                 let mut state = self.lock()?;
+                state.changed();
                 let added = state.leases.add_or_raise(&member, now + lease_ms);
                 let outcome = match state.job_mut(&task.job, now) {
                     Some(job) => job.claim(
@@ -576,6 +634,9 @@ impl Store for MemoryStore {
                 let now = self.clock.now_ms();
                 let lease_ms = lease.as_millis() as u64;
                 let mut state = self.lock()?;
+                if !claims.is_empty() {
+                    state.changed();
+                }
                 let mut held = Vec::with_capacity(claims.len());
                 for c in claims {
                     let renewed = state
@@ -601,6 +662,7 @@ impl Store for MemoryStore {
             .after(|| {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
+                state.changed();
                 if let AttemptResult::Retry { delay, .. } = result {
                     let due = now + delay.as_millis() as u64;
                     state
@@ -624,6 +686,7 @@ impl Store for MemoryStore {
             .after(|| {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
+                state.changed();
                 Ok(state
                     .job_mut(&claim.job, now)
                     .and_then(|j| j.release(claim.idx, claim.fence, worker, now)))
@@ -650,6 +713,7 @@ impl Store for MemoryStore {
                     state
                         .leases
                         .remove(&entry(&claim.job, claim.idx, claim.attempt));
+                    state.changed();
                 }
                 Ok(())
             })
@@ -670,6 +734,7 @@ impl Store for MemoryStore {
                     state
                         .leases
                         .add_new(&entry(&claim.job, claim.idx, claim.attempt), now);
+                    state.changed();
                 }
                 Ok(())
             })
@@ -682,7 +747,11 @@ impl Store for MemoryStore {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
                 let mut actions = Vec::new();
-                for e in state.retries.due(now, limit) {
+                let due = state.retries.due(now, limit);
+                if !due.is_empty() {
+                    state.changed();
+                }
+                for e in due {
                     let promotion = match parse_entry(&e) {
                         Some((job, idx, attempt)) => match state.job_mut(job, now) {
                             Some(j) => j.promote(idx, attempt, now, &self.by),
@@ -725,6 +794,9 @@ impl Store for MemoryStore {
         self.yields
             .after(|| {
                 let mut state = self.lock()?;
+                if !entries.is_empty() {
+                    state.changed();
+                }
                 for e in entries {
                     state.retries.remove_due(e, read_at);
                 }
@@ -739,7 +811,11 @@ impl Store for MemoryStore {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
                 let mut actions = Vec::new();
-                for e in state.leases.due(now, limit) {
+                let due = state.leases.due(now, limit);
+                if !due.is_empty() {
+                    state.changed();
+                }
+                for e in due {
                     let reclaim = match parse_entry(&e) {
                         Some((job, idx, attempt)) => match state.job_mut(job, now) {
                             Some(j) => j.reclaim(idx, attempt, now, by),
@@ -773,6 +849,9 @@ impl Store for MemoryStore {
         self.yields
             .after(|| {
                 let mut state = self.lock()?;
+                if !entries.is_empty() {
+                    state.changed();
+                }
                 for e in entries {
                     state.leases.remove_due(e, read_at);
                 }
@@ -800,20 +879,23 @@ impl Store for MemoryStore {
             .after(|| {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
-                let ids: Vec<String> = state
-                    .jobs_index
-                    .order
-                    .iter()
-                    .rev()
-                    .map(|(_, id)| id.clone())
-                    .collect();
                 let mut out = Vec::new();
-                for id in ids {
-                    if out.len() >= limit {
+                // Newest first, one entry at a time: only the entries
+                // looked at are copied (the walk stops at `limit`), and an
+                // expired one can be removed from the index on the way.
+                let mut above: Option<(u64, String)> = None;
+                while out.len() < limit {
+                    let next = match &above {
+                        None => state.jobs_index.order.last(),
+                        Some(above) => state.jobs_index.order.range(..above).next_back(),
+                    };
+                    let Some(next) = next.cloned() else {
                         break;
-                    }
-                    let Some(job) = state.job_mut(&id, now) else {
-                        state.jobs_index.remove(&id);
+                    };
+                    let id = &above.insert(next).1;
+                    let Some(job) = state.job_mut(id, now) else {
+                        state.jobs_index.remove(id);
+                        state.changed();
                         continue;
                     };
                     if filter.is_some_and(|s| s != job.state) {
@@ -863,6 +945,9 @@ impl Store for MemoryStore {
                         state.jobs_index.remove(&id);
                         removed += 1;
                     }
+                }
+                if removed > 0 {
+                    state.changed();
                 }
                 Ok(Pruned { removed, more })
             })
@@ -954,6 +1039,9 @@ impl Store for MemoryStore {
                         page.wanted.extend(job.schedule_entries(now));
                     }
                 }
+                if !page.wanted.is_empty() {
+                    state.changed();
+                }
                 for e in &page.wanted {
                     let index = match e.index {
                         ScheduleIndex::Leases => &mut state.leases,
@@ -971,7 +1059,9 @@ impl Store for MemoryStore {
     async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
         self.yields
             .after(|| {
-                self.lock()?.audited = Some(server.to_owned());
+                let mut state = self.lock()?;
+                state.audited = Some(server.to_owned());
+                state.changed();
                 Ok(())
             })
             .await
@@ -982,10 +1072,197 @@ impl Store for MemoryStore {
             .after(|| {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
-                Ok(state
+                let poisoned = state
                     .job_mut(&task.job, now)
-                    .is_some_and(|j| j.poison(task.idx, task.attempt, reason, now, &self.by)))
+                    .is_some_and(|j| j.poison(task.idx, task.attempt, reason, now, &self.by));
+                if poisoned {
+                    state.changed();
+                }
+                Ok(poisoned)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::intake::{Intake, JobIntake};
+    use crate::store::ClaimOutcome;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn store(retention: Duration) -> MemoryStore {
+        MemoryStore::new(Arc::new(TokioClock::new(1_000_000)), retention, 1, "test")
+    }
+
+    /// A one-task job named `id`, planned as intake plans it.
+    fn planned(id: &str) -> PlannedJob {
+        let intake = JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry())
+            .expect("the default intake");
+        let body = serde_json::json!({"id": id, "requestor": "r",
+            "tasks": [{"name": "t", "handler": "noop"}]});
+        match intake.accept(body.to_string().as_bytes()) {
+            Intake::Valid(job) => job,
+            other => panic!("job {id} is not valid: {other:?}"),
+        }
+    }
+
+    fn rejection(id: &str) -> Rejection {
+        Rejection {
+            id: id.into(),
+            requestor: "r".into(),
+            error: "not a job".into(),
+        }
+    }
+
+    /// Create `id` and claim its one task.
+    async fn claimed(store: &MemoryStore, id: &str) -> ClaimRef {
+        let Created::New { ready } = store.create_job(&planned(id)).await.unwrap() else {
+            panic!("{id} exists");
+        };
+        match store.claim(&ready[0], "w", HOUR).await.unwrap() {
+            ClaimOutcome::Claimed(c) => c.claim,
+            other => panic!("claim of {id}: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_is_offered_only_when_the_store_changed_since_the_last_one() {
+        let store = store(HOUR);
+        let first = store
+            .snapshot_if_changed(None)
+            .unwrap()
+            .expect("none written yet");
+        assert!(
+            store
+                .snapshot_if_changed(Some(first.changes))
+                .unwrap()
+                .is_none(),
+            "nothing changed since"
+        );
+        store.create_job(&planned("a")).await.unwrap();
+        let second = store
+            .snapshot_if_changed(Some(first.changes))
+            .unwrap()
+            .expect("a job was created since");
+        assert!(second.changes > first.changes);
+        assert_eq!(second.bytes, store.snapshot().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_heartbeats_and_sweeps_that_find_nothing_due_are_not_changes() {
+        let store = store(HOUR);
+        claimed(&store, "a").await;
+        let before = store.changes();
+        store.job("a").await.unwrap();
+        store.list_jobs(None, 10).await.unwrap();
+        store.known_queues().await.unwrap();
+        store.ping().await.unwrap();
+        store.audit_due().await.unwrap();
+        store.next_retry_in(0).await.unwrap();
+        assert!(store.due_retries(10).await.unwrap().is_empty());
+        assert!(store.expired_leases(10, "d").await.unwrap().is_empty());
+        store.forget_retries(&[], 0).await.unwrap();
+        store.forget_leases(&[], 0).await.unwrap();
+        store.renew(&[], HOUR).await.unwrap();
+        assert_eq!(store.prune_expired(10).await.unwrap().removed, 0);
+        let worker = WorkerInfo {
+            id: "w".into(),
+            host: "h".into(),
+            queues: vec!["default".into()],
+            handlers: vec!["noop".into()],
+            concurrency: 1,
+            started_ms: 0,
+            heartbeat_ms: 0,
+        };
+        store.heartbeat(&worker, HOUR).await.unwrap();
+        store.workers().await.unwrap();
+        store.unregister("w").await.unwrap();
+        assert_eq!(store.changes(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_transition_and_every_expired_record_removed_is_a_change() {
+        let store = store(Duration::from_secs(10));
+        let mut last = store.changes();
+        let mut moved = |what: &str| {
+            let now = store.changes();
+            assert!(now > last, "{what} is a change");
+            last = now;
+        };
+        store.record_rejected(&rejection("r")).await.unwrap();
+        moved("a rejection recorded");
+        store.create_job(&planned("a")).await.unwrap();
+        moved("a job created");
+        let claim = claimed(&store, "b").await;
+        moved("a claim");
+        store
+            .renew(std::slice::from_ref(&claim), HOUR)
+            .await
+            .unwrap();
+        moved("a renewal");
+        store
+            .complete(&claim, "w", &AttemptResult::Succeeded("{}".into()))
+            .await
+            .unwrap();
+        moved("a completion");
+        store.forget_claim(&claim).await.unwrap();
+        moved("a finished claim's lease entry forgotten");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        store.list_jobs(None, 10).await.unwrap();
+        moved("expired records removed by a listing");
+        store.audit_done("server").await.unwrap();
+        moved("an audit done");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_snapshot_is_a_change() {
+        let store = store(HOUR);
+        store.create_job(&planned("a")).await.unwrap();
+        let snapshot = store.snapshot_if_changed(None).unwrap().unwrap();
+        let other = self::store(HOUR);
+        other.create_job(&planned("b")).await.unwrap();
+        other.create_job(&planned("c")).await.unwrap();
+        let before = other.changes();
+        other.restore(&snapshot.bytes).unwrap();
+        assert!(
+            other.changes() > before,
+            "the count goes on, so a snapshot taken at an earlier count is not mistaken for this one"
+        );
+        assert!(other.job("a").await.unwrap().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listing_walks_newest_first_skips_and_unindexes_expired_jobs_and_stops_at_its_limit() {
+        let store = store(Duration::from_secs(10));
+        store.record_rejected(&rejection("expires")).await.unwrap();
+        for id in ["a", "b", "c", "d"] {
+            tokio::time::advance(Duration::from_secs(3)).await;
+            store.create_job(&planned(id)).await.unwrap();
+        }
+        // "expires" was rejected 12 s ago: past its 10 s retention.
+        let ids = |jobs: Vec<JobSummary>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list_jobs(None, 2).await.unwrap()), ["d", "c"]);
+        assert_eq!(
+            ids(store.list_jobs(None, 10).await.unwrap()),
+            ["d", "c", "b", "a"]
+        );
+        assert!(
+            !store
+                .state
+                .lock()
+                .unwrap()
+                .jobs_index
+                .scores
+                .contains_key("expires"),
+            "the expired job's index entry is removed on the way"
+        );
+        assert_eq!(
+            ids(store.list_jobs(Some(JobState::Rejected), 10).await.unwrap()),
+            Vec::<String>::new()
+        );
     }
 }
