@@ -16,6 +16,9 @@
 //!   full).
 //! - The time is taken from the first publish to the last ack; msgs/s =
 //!   messages / that time.
+//! - Each publish and each confirm is awaited for at most the run's
+//!   time-out: a broker in a resource alarm answers neither, and the loop
+//!   ends with an error naming the wait instead of hanging.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -30,7 +33,7 @@ use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use serde::Serialize;
 
 use super::report::Percentiles;
-use super::{BenchError, amqp_connection, broker_err};
+use super::{BenchError, amqp_connection, broker_err, broker_within};
 use crate::config::Config;
 use crate::config::QueueType;
 
@@ -189,16 +192,23 @@ impl Loop {
         ))
     }
 
-    async fn publish(&self, queue: &str, body: &[u8]) -> Result<PublisherConfirm, BenchError> {
-        self.publisher
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
+    /// Publish `body` to `queue`, waiting at most `within` for the channel
+    /// to take it.
+    async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        within: Duration,
+    ) -> Result<PublisherConfirm, BenchError> {
+        let publish = self.publisher.basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        );
+        broker_within(within, "basic.publish (bare loop)", publish)
+            .await?
             .map_err(broker_err("basic.publish"))
     }
 
@@ -256,16 +266,32 @@ async fn join_consumer(
     }
 }
 
+/// The messages of a bare run and how they are sent.
+#[derive(Debug, Clone, Copy)]
+pub struct BareLoad {
+    /// Type of the scratch queue.
+    pub queue_type: QueueType,
+    /// Messages published and consumed.
+    pub messages: usize,
+    /// Body size in bytes (the hop's carry their publish time: at least 16).
+    pub message_bytes: usize,
+    /// Most unconfirmed publishes outstanding.
+    pub confirm_window: usize,
+    /// Longest wait for RabbitMQ to take a publish, or to confirm it: the
+    /// run's time-out.
+    pub timeout: Duration,
+}
+
 /// Run the loop on `queue` (which is deleted first if it exists; the
 /// caller deletes it afterwards).
-pub async fn run(
-    config: &Config,
-    queue: &str,
-    messages: usize,
-    message_bytes: usize,
-    window: usize,
-    queue_type: QueueType,
-) -> Result<BareReport, BenchError> {
+pub async fn run(config: &Config, queue: &str, load: BareLoad) -> Result<BareReport, BenchError> {
+    let BareLoad {
+        queue_type,
+        messages,
+        message_bytes,
+        confirm_window: window,
+        timeout,
+    } = load;
     let (bare, consumer) = Loop::open(config, queue, queue_type).await?;
     let consuming = tokio::spawn(consume(consumer, messages, |_| {}));
 
@@ -276,12 +302,12 @@ pub async fn run(
         if pending.len() >= window
             && let Some(confirm) = pending.pop_front()
         {
-            check(confirm.await)?;
+            check(confirmed(confirm, timeout).await?)?;
         }
-        pending.push_back(bare.publish(queue, &body).await?);
+        pending.push_back(bare.publish(queue, &body, timeout).await?);
     }
     for confirm in pending {
-        check(confirm.await)?;
+        check(confirmed(confirm, timeout).await?)?;
     }
     let published = start.elapsed();
     let last_ack = join_consumer(consuming, messages, Duration::ZERO).await?;
@@ -309,12 +335,16 @@ pub async fn run(
 pub async fn hop_latency(
     config: &Config,
     queue: &str,
-    messages: usize,
-    message_bytes: usize,
+    load: BareLoad,
     rate: f64,
-    window: usize,
-    queue_type: QueueType,
 ) -> Result<BareHopReport, BenchError> {
+    let BareLoad {
+        queue_type,
+        messages,
+        message_bytes,
+        confirm_window: window,
+        timeout,
+    } = load;
     let (bare, consumer) = Loop::open(config, queue, queue_type).await?;
     let start = Instant::now();
     let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(messages)));
@@ -340,14 +370,14 @@ pub async fn hop_latency(
         }
         while pending.len() >= window {
             if let Some(confirm) = pending.pop_front() {
-                check(confirm.await)?;
+                check(confirmed(confirm, timeout).await?)?;
             }
         }
         body[..16].copy_from_slice(&start.elapsed().as_nanos().to_le_bytes());
-        pending.push_back(bare.publish(queue, &body).await?);
+        pending.push_back(bare.publish(queue, &body, timeout).await?);
     }
     for confirm in pending {
-        check(confirm.await)?;
+        check(confirmed(confirm, timeout).await?)?;
     }
     let expected = Duration::from_secs_f64(messages as f64 / rate);
     join_consumer(consuming, messages, expected).await?;
@@ -361,6 +391,14 @@ pub async fn hop_latency(
         offered_rate: rate,
         latency_ms: Percentiles::of(samples),
     })
+}
+
+/// A bare-loop message's confirm, awaited for at most `within`.
+async fn confirmed(
+    confirm: PublisherConfirm,
+    within: Duration,
+) -> Result<Result<Confirmation, lapin::Error>, BenchError> {
+    broker_within(within, "a publisher confirm (bare loop)", confirm).await
 }
 
 fn check(confirm: Result<Confirmation, lapin::Error>) -> Result<(), BenchError> {

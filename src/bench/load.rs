@@ -40,8 +40,9 @@
 //!   plus intake, and Conveyor's own work after intake.
 //!
 //! **Redis memory:** `INFO memory` `used_memory` just before the first
-//! publish and just after the last job was seen finished, divided by the
-//! jobs (noisy if anything else writes to the same Redis).
+//! publish and just after the last job was seen finished, divided (in
+//! [`super::report`]) by the jobs that succeeded (noisy if anything else
+//! writes to the same Redis).
 //!
 //! **Holding** (`--hold-workers`, spawn mode): [`start`] publishes while
 //! no worker runs; [`Started::hold`] waits until every confirmed job is
@@ -49,6 +50,13 @@
 //! count) and reads every job's state; the caller samples the processes'
 //! memory, starts the workers, and [`Started::finish`] watches the jobs
 //! drain. Latencies then include the hold.
+//!
+//! **Bounded waits.** A publish and its confirm are each awaited for at
+//! most the run's time-out (a broker in a resource alarm answers neither):
+//! the publisher then ends with an error naming the wait, which
+//! [`Started::hold`] and [`Started::finish`] return. The publisher task
+//! dies with its [`Started`]: dropped on an error path, it is aborted, not
+//! left publishing into a deployment being torn down.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -60,7 +68,7 @@ use lapin::{BasicProperties, Confirmation, Connection, PublisherConfirm};
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 
-use super::{BenchError, Options, amqp_connection, broker_err, store_err};
+use super::{BenchError, Options, amqp_connection, broker_err, broker_within, store_err};
 use crate::config::Config;
 use crate::names::Names;
 
@@ -297,8 +305,34 @@ pub struct Started {
 }
 
 enum Publisher {
-    Running(tokio::task::JoinHandle<Result<PublishSummary, BenchError>>),
+    Running(PublisherTask),
     Done(PublishSummary),
+}
+
+/// The publishing task, aborted when dropped: a [`Started`] given up on an
+/// error path (a failed hold, an interrupted run) must not leave it
+/// publishing. Aborting a task that already ended does nothing.
+struct PublisherTask(tokio::task::JoinHandle<Result<PublishSummary, BenchError>>);
+
+impl PublisherTask {
+    /// Wait for the task to end (the handle stays, so Drop still aborts it
+    /// if this wait is itself dropped).
+    async fn join(&mut self) -> Result<Result<PublishSummary, BenchError>, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl Drop for PublisherTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The body of job `id` of run `run_id`, as a client would publish it.
+pub fn job_body(id: &str, run_id: &str, tasks_json: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","requestor":"conveyor-bench","labels":{{"bench":"{run_id}"}},"tasks":{tasks_json}}}"#
+    )
 }
 
 /// Connect, then start publishing the jobs (in a task of its own).
@@ -347,6 +381,7 @@ pub async fn start(
         run_id.to_owned(),
         options.rate,
         options.confirm_window,
+        options.timeout,
         tx,
     ));
     Ok(Started {
@@ -357,7 +392,7 @@ pub async fn start(
         amqp,
         clock,
         rx,
-        publisher: Publisher::Running(publisher),
+        publisher: Publisher::Running(PublisherTask(publisher)),
         redis_used_before,
         began,
     })
@@ -388,8 +423,8 @@ pub struct HoldSample {
 impl Started {
     /// Wait for the publisher to finish (every publish confirmed).
     async fn published(&mut self) -> Result<&PublishSummary, BenchError> {
-        if let Publisher::Running(handle) = &mut self.publisher {
-            let summary = match handle.await {
+        if let Publisher::Running(task) = &mut self.publisher {
+            let summary = match task.join().await {
                 Ok(result) => result?,
                 Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
             };
@@ -427,8 +462,8 @@ impl Started {
                 .query_async(&mut self.conn)
                 .await
                 .map_err(store_err("ZCARD of the job index"))?;
-            let submit = super::spawn::queue_depth(&amqp, &submit_queue).await;
-            let tasks = super::spawn::queue_depth(&amqp, &task_queue).await;
+            let submit = super::spawn::queue_depth(&amqp, &submit_queue, timeout).await?;
+            let tasks = super::spawn::queue_depth(&amqp, &task_queue, timeout).await?;
             let task_ready = tasks.map_or(0, |(ready, _)| ready);
             if recorded >= confirmed as u64
                 && submit.is_some_and(|(ready, _)| ready == 0)
@@ -446,13 +481,18 @@ impl Started {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let accept_time = self.began.elapsed();
-        let submit_ready = super::spawn::queue_depth(&amqp, &submit_queue)
-            .await
+        let submit_ready = super::spawn::queue_depth(&amqp, &submit_queue, timeout)
+            .await?
             .map(|(ready, _)| ready);
-        let task_ready = super::spawn::queue_depth(&amqp, &task_queue)
-            .await
+        let task_ready = super::spawn::queue_depth(&amqp, &task_queue, timeout)
+            .await?
             .map(|(ready, _)| ready);
-        let _ = amqp.close(200, "held".into()).await;
+        let _ = broker_within(
+            timeout,
+            "closing the hold's connection",
+            amqp.close(200, "held".into()),
+        )
+        .await;
 
         let mut states: BTreeMap<String, usize> = BTreeMap::new();
         for chunk in self.keys.chunks(1000) {
@@ -511,8 +551,8 @@ impl Started {
         let watcher =
             tokio::task::spawn_blocking(move || watch(watch_conn, rx, keys, jobs, watch_options));
         let abort = |publisher: &Publisher| {
-            if let Publisher::Running(handle) = publisher {
-                handle.abort();
+            if let Publisher::Running(task) = publisher {
+                task.0.abort();
             }
         };
         let (mut result, keys) = match watcher.await {
@@ -534,14 +574,20 @@ impl Started {
         }
         match publisher {
             Publisher::Done(summary) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
-            Publisher::Running(handle) => match handle.await {
+            Publisher::Running(mut task) => match task.join().await {
                 Ok(Ok(summary)) => result.max_lag_ms = summary.max_lag.as_secs_f64() * 1000.0,
                 Ok(Err(e)) => return Err(e),
                 Err(join) if join.is_cancelled() => {}
                 Err(join) => return Err(BenchError::Broker(format!("publisher: {join}"))),
             },
         }
-        let _ = amqp.close(200, "bench done".into()).await;
+        // The publishing connection is the one an alarm blocks.
+        let _ = broker_within(
+            options.timeout,
+            "closing the publisher's connection",
+            amqp.close(200, "bench done".into()),
+        )
+        .await;
 
         fetch_timestamps(&mut conn, &keys, &mut result.jobs).await?;
         Ok(result)
@@ -726,6 +772,7 @@ async fn publish_all(
     run_id: String,
     rate: Option<f64>,
     window: usize,
+    timeout: Duration,
     tx: std::sync::mpsc::Sender<Event>,
 ) -> Result<PublishSummary, BenchError> {
     let properties = BasicProperties::default()
@@ -765,24 +812,21 @@ async fn publish_all(
         }
         while pending.len() >= window {
             if let Some((idx, confirm)) = pending.pop_front() {
-                refused += usize::from(settle(idx, confirm.await));
+                let confirm = broker_within(timeout, &confirm_wait(idx), confirm).await?;
+                refused += usize::from(settle(idx, confirm));
             }
         }
-        let body = format!(
-            r#"{{"id":"{id}","requestor":"conveyor-bench","labels":{{"bench":"{run_id}"}},"tasks":{tasks_json}}}"#
-        );
+        let body = job_body(id, &run_id, &tasks_json);
         let at = Instant::now();
         let unix = unix_us();
-        match channel
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(queue.as_str()),
-                options,
-                body.as_bytes(),
-                properties.clone(),
-            )
-            .await
-        {
+        let publish = channel.basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue.as_str()),
+            options,
+            body.as_bytes(),
+            properties.clone(),
+        );
+        match broker_within(timeout, &format!("basic.publish of job {i}"), publish).await? {
             Ok(confirm) => {
                 let _ = tx.send(Event::Published {
                     idx: i,
@@ -802,7 +846,8 @@ async fn publish_all(
         }
     }
     for (idx, confirm) in pending {
-        refused += usize::from(settle(idx, confirm.await));
+        let confirm = broker_within(timeout, &confirm_wait(idx), confirm).await?;
+        refused += usize::from(settle(idx, confirm));
     }
     Ok(PublishSummary {
         max_lag,
@@ -811,9 +856,34 @@ async fn publish_all(
     })
 }
 
+/// What a publisher waiting for job `idx`'s confirm waits for.
+fn confirm_wait(idx: usize) -> String {
+    format!("the publisher confirm of job {idx}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_publisher_task_dropped_before_it_ends_is_aborted() {
+        let (_never_sent, never) = tokio::sync::oneshot::channel::<()>();
+        let (held, dropped_with_the_task) = tokio::sync::oneshot::channel::<()>();
+        let task = PublisherTask(tokio::spawn(async move {
+            let _held = held;
+            let _ = never.await;
+            Err(BenchError::Broker(
+                "unreachable: the task never ends".into(),
+            ))
+        }));
+        drop(task);
+        // The task's state (`held`) is dropped only when it is aborted.
+        let ended = tokio::time::timeout(Duration::from_secs(5), dropped_with_the_task).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the publisher ran on after its Started was dropped"
+        );
+    }
 
     #[test]
     fn samples_put_every_job_on_the_bench_clock_with_empty_cells_for_what_did_not_happen() {

@@ -16,7 +16,8 @@
 //!    fast as possible, while their state is watched in Redis;
 //! 3. the *deployment*: either a live one (its prefix), or one started here
 //!    ([`spawn`]): dispatcher and worker processes of the current executable
-//!    under a fresh prefix `bench-<run>`, whose peak resident memory
+//!    under a fresh prefix `bench-<run>` (the user's config, but jobs kept
+//!    at least [`SPAWNED_MIN_RETENTION_S`]), whose peak resident memory
 //!    (`VmHWM`) is read before they are stopped, and whose queues and keys
 //!    are deleted afterwards.
 //!
@@ -30,6 +31,19 @@
 //!
 //! How latency is measured (and its error) is described in [`load`]; the
 //! figures are put together in [`report`].
+//!
+//! **No wait on RabbitMQ is unbounded.** A broker in a resource alarm
+//! (memory or disk) stops reading from publishing connections: a publish
+//! or its confirm is then never answered, and neither may a passive
+//! declare. Every such wait gives up after the run's time-out
+//! (`--timeout-s`: the same "nothing moved for this long" the watcher
+//! applies to unfinished jobs) with an error naming the wait
+//! ([`broker_within`]), instead of hanging the bench for ever.
+//!
+//! **What cannot work is refused before anything starts:** a job of the
+//! chosen shape over the deployment's `limits.max_tasks` or over its
+//! `max_message_bytes` (it would be dead-lettered at intake, and the bench
+//! would wait its whole time-out for jobs that never exist).
 
 pub mod bare;
 pub mod load;
@@ -37,6 +51,7 @@ pub mod report;
 pub mod spawn;
 
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -260,6 +275,23 @@ async fn amqp_connection(config: &Config, what: &str) -> Result<lapin::Connectio
         .map_err(|e| BenchError::Broker(format!("{what}: {e}")))
 }
 
+/// `operation` (a wait on RabbitMQ), given up after `within` with an error
+/// naming `what` and the likeliest cause: a broker that stopped answering
+/// (a memory or disk alarm blocks publishing connections) would otherwise
+/// hang the bench for ever.
+pub async fn broker_within<T>(
+    within: Duration,
+    what: &str,
+    operation: impl Future<Output = T>,
+) -> Result<T, BenchError> {
+    tokio::time::timeout(within, operation).await.map_err(|_| {
+        BenchError::Broker(format!(
+            "{what}: no answer within {within:?} (the run's time-out); \
+             is RabbitMQ in a resource alarm? (`rabbitmqctl status`, section alarms)"
+        ))
+    })
+}
+
 fn store_err(what: &str) -> impl Fn(redis::RedisError) -> BenchError + '_ {
     move |e| BenchError::Store(format!("{what}: {e}"))
 }
@@ -300,12 +332,13 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             config.limits.max_tasks
         )));
     }
+    let run_id = new_run_id();
+    check_job_size(config, &options, &run_id)?;
     if options.hold_workers && !matches!(options.target, Target::Spawn(_)) {
         return Err(BenchError::Options(
             "--hold-workers needs --spawn (the bench must start the workers)".into(),
         ));
     }
-    let run_id = new_run_id();
     let prefix = match &options.target {
         Target::Live { prefix } => prefix.clone(),
         Target::Spawn(_) => format!("bench-{run_id}"),
@@ -332,35 +365,66 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
     }
 }
 
+/// The largest job of the run (the last one: the longest id) must fit the
+/// deployment's `max_message_bytes`: intake dead-letters a larger body
+/// unread, so no job would ever be recorded and the bench would wait out
+/// its time-out for nothing.
+fn check_job_size(config: &Config, options: &Options, run_id: &str) -> Result<(), BenchError> {
+    let last_id = format!("b-{run_id}-{}", options.jobs.saturating_sub(1));
+    let bytes = load::job_body(&last_id, run_id, &options.shape.tasks_json()).len();
+    if bytes > config.max_message_bytes {
+        return Err(BenchError::Options(format!(
+            "a job of shape {} is {bytes} bytes; the limit (max_message_bytes) is {}: \
+             intake would dead-letter every one",
+            options.shape, config.max_message_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Least `retention_s` of a spawned deployment: a job's keys must outlive
+/// the run, or a job finished early expires before the bench reads its
+/// timestamps (and its memory leaves the Redis figure). The bench deletes
+/// the keys itself when it is done, so a long retention costs nothing.
+pub const SPAWNED_MIN_RETENTION_S: u64 = 3600;
+
+/// The config the spawned processes run with: the user's (URLs, queue
+/// type, limits), with the bench's queue and concurrency, and a retention
+/// of at least [`SPAWNED_MIN_RETENTION_S`].
+fn spawned_config(config: &Config, spawn_options: &SpawnOptions) -> Config {
+    let mut spawned = config.clone();
+    spawned.worker.queues = vec!["default".into()];
+    spawned.worker.concurrency = spawn_options.concurrency;
+    spawned.retention_s = spawned.retention_s.max(SPAWNED_MIN_RETENTION_S);
+    spawned
+}
+
 async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<Report, BenchError> {
     let names = Names::new(&config.prefix);
     let yardstick = match (options.bare_messages, options.rate) {
         // At an offered rate the yardstick is a hop's latency at that
         // rate, through a queue of the deployment's own type.
         (Some(n), Some(rate)) if n > 0 => {
-            let result = bare::hop_latency(
-                config,
-                &bare_queue(&config.prefix),
-                n.min(options.jobs.max(1)),
-                options.bare_message_bytes,
-                rate,
-                options.confirm_window,
-                config.queue_type,
-            )
-            .await;
+            let load = bare::BareLoad {
+                queue_type: config.queue_type,
+                messages: n.min(options.jobs.max(1)),
+                message_bytes: options.bare_message_bytes,
+                confirm_window: options.confirm_window,
+                timeout: options.timeout,
+            };
+            let result = bare::hop_latency(config, &bare_queue(&config.prefix), load, rate).await;
             crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
             Some(bare::Yardstick::Hop(result?))
         }
         (Some(n), None) if n > 0 => {
-            let result = bare::run(
-                config,
-                &bare_queue(&config.prefix),
-                n,
-                options.bare_message_bytes,
-                options.confirm_window,
-                options.bare_queue_type,
-            )
-            .await;
+            let load = bare::BareLoad {
+                queue_type: options.bare_queue_type,
+                messages: n,
+                message_bytes: options.bare_message_bytes,
+                confirm_window: options.confirm_window,
+                timeout: options.timeout,
+            };
+            let result = bare::run(config, &bare_queue(&config.prefix), load).await;
             // The scratch queue goes, whatever happened.
             crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
             Some(bare::Yardstick::Throughput(result?))
@@ -370,7 +434,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
 
     match &options.target {
         Target::Live { .. } => {
-            spawn::check_live(config, &names, &config.worker.queues).await?;
+            spawn::check_live(config, &names, &config.worker.queues, options.timeout).await?;
             let load = load::run(config, options, run_id).await?;
             write_samples(options, &load)?;
             Ok(report::build(
@@ -378,9 +442,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             ))
         }
         Target::Spawn(spawn_options) => {
-            let mut deployment_config = config.clone();
-            deployment_config.worker.queues = vec!["default".into()];
-            deployment_config.worker.concurrency = spawn_options.concurrency;
+            let deployment_config = spawned_config(config, spawn_options);
             let mut deployment = match spawn::Deployment::start(
                 &deployment_config,
                 spawn_options,
@@ -406,6 +468,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 let memory = deployment.memory();
                 deployment.start_workers()?;
                 let workers_started = std::time::Instant::now();
+                let workers_started_unix_us = load::unix_us();
                 deployment.wait_ready(&deployment_config).await?;
                 let load = started.finish(options).await?;
                 Ok((
@@ -414,6 +477,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                         sample,
                         memory,
                         workers_started,
+                        workers_started_unix_us,
                     }),
                 ))
             }
@@ -491,6 +555,104 @@ mod tests {
                 }
                 other => panic!("{shape}: {other:?}"),
             }
+        }
+    }
+
+    /// A config whose RabbitMQ nothing answers: a run that got past its
+    /// checks fails at once instead of loading anything.
+    fn config_without_a_broker() -> Config {
+        Config {
+            amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            ..Config::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_over_max_message_bytes_is_refused_before_anything_starts() {
+        let config = Config {
+            max_message_bytes: 1024,
+            ..config_without_a_broker()
+        };
+        let options = Options {
+            shape: Shape::Fanout(20),
+            jobs: 1,
+            bare_messages: None,
+            ..Options::default()
+        };
+        let size = load::job_body("b-00000000-0", "00000000", &options.shape.tasks_json()).len();
+        assert!(size > 1024, "the test's job must be too large: {size} B");
+        match run(&config, options).await {
+            Err(BenchError::Options(message)) => assert_eq!(
+                message,
+                format!(
+                    "a job of shape fanout:20 is {size} bytes; the limit (max_message_bytes) \
+                     is 1024: intake would dead-letter every one"
+                )
+            ),
+            other => panic!("expected the size to be refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_largest_job_of_a_run_is_the_one_measured_against_the_limit() {
+        let options = |jobs| Options {
+            shape: Shape::Single,
+            jobs,
+            ..Options::default()
+        };
+        // One byte more per digit of the last job's index.
+        let one_job = load::job_body("b-00000000-0", "00000000", &Shape::Single.tasks_json());
+        let config = Config {
+            max_message_bytes: one_job.len(),
+            ..Config::default()
+        };
+        assert!(check_job_size(&config, &options(10), "00000000").is_ok());
+        assert!(check_job_size(&config, &options(11), "00000000").is_err());
+    }
+
+    #[test]
+    fn a_spawned_deployment_keeps_jobs_at_least_an_hour_and_longer_if_the_user_does() {
+        let spawn_options = SpawnOptions {
+            exe: "conveyor".into(),
+            dispatchers: 1,
+            workers: 1,
+            concurrency: 8,
+        };
+        let short = Config {
+            retention_s: 1,
+            ..Config::default()
+        };
+        assert_eq!(spawned_config(&short, &spawn_options).retention_s, 3600);
+        let week = Config {
+            retention_s: 7 * 24 * 3600,
+            ..Config::default()
+        };
+        assert_eq!(
+            spawned_config(&week, &spawn_options).retention_s,
+            7 * 24 * 3600
+        );
+        let spawned = spawned_config(&short, &spawn_options);
+        assert_eq!(spawned.worker.queues, vec!["default".to_owned()]);
+        assert_eq!(spawned.worker.concurrency, 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_wait_that_is_never_answered_ends_in_an_error_naming_it() {
+        let wait = broker_within(
+            Duration::from_secs(120),
+            "the publisher confirm of job 7",
+            std::future::pending::<()>(),
+        );
+        // (The clock is paused: time jumps to the next timer.)
+        match tokio::time::timeout(Duration::from_secs(600), wait).await {
+            Ok(Err(BenchError::Broker(message))) => {
+                assert!(
+                    message.starts_with("the publisher confirm of job 7: no answer within 120s"),
+                    "{message}"
+                );
+                assert!(message.contains("resource alarm"), "{message}");
+            }
+            other => panic!("expected the wait to give up after 120 s, got {other:?}"),
         }
     }
 }

@@ -7,12 +7,25 @@
 //! fresh prefix, and every `CONVEYOR_*` variable removed from their
 //! environment so nothing overrides it. Their stdout and stderr go to log
 //! files in the same directory, which is deleted after a clean stop and
-//! kept (and named in the report) otherwise. Peak resident memory is the
+//! kept (and named in the report) otherwise; the [`Deployment`] owning the
+//! directory exists before anything is written into it, so every early
+//! failure (the broker unreachable, a process that cannot start) removes
+//! the config with its credentials too. Peak resident memory is the
 //! kernel's `VmHWM` from `/proc/<pid>/status`, read just before they are
 //! stopped with SIGTERM (SIGKILL after 20 s).
 //!
 //! With `--hold-workers` the workers are started later
 //! ([`Deployment::start_workers`]), once the held jobs are accepted.
+//!
+//! The children are stopped by [`Deployment::stop`], or killed when the
+//! `Deployment` is dropped (`kill_on_drop`), which covers errors, Ctrl-C
+//! and SIGTERM. A bench killed with SIGKILL leaves them running: Linux's
+//! parent-death signal would need code between `fork` and `exec`, which
+//! the crate's `unsafe_code = "forbid"` rules out (see ARCHITECTURE.md on
+//! the `shell` watchdog, the same constraint).
+//!
+//! Passive declares (readiness, the hold's queue depths) are bounded in
+//! time like every other wait on RabbitMQ (see `bench`'s module docs).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -24,7 +37,7 @@ use lapin::types::{FieldTable, ShortString};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
-use super::{BenchError, SpawnOptions, amqp_connection, bare_queue};
+use super::{BenchError, SpawnOptions, amqp_connection, bare_queue, broker_within};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::names::Names;
@@ -121,11 +134,25 @@ impl Deployment {
         let dir = std::env::temp_dir().join(format!("conveyor-bench-{run_id}"));
         std::fs::create_dir_all(&dir)
             .map_err(|e| process_err(format!("cannot create {}: {e}", dir.display())))?;
-        let config_path = dir.join("config.toml");
+        // From here on, whatever fails, dropping `deployment` removes the
+        // directory and the config (with its URLs) in it.
+        let mut deployment = Deployment {
+            config_path: dir.join("config.toml"),
+            dir,
+            options: options.clone(),
+            procs: Vec::new(),
+            dispatchers: 0,
+            workers: 0,
+            keep_logs: false,
+        };
         let text = toml::to_string(config)
             .map_err(|e| process_err(format!("cannot write the config: {e}")))?;
-        write_private(&config_path, &text)
-            .map_err(|e| process_err(format!("cannot write {}: {e}", config_path.display())))?;
+        write_private(&deployment.config_path, &text).map_err(|e| {
+            process_err(format!(
+                "cannot write {}: {e}",
+                deployment.config_path.display()
+            ))
+        })?;
 
         // Declare the queues first (as the dispatcher would, same arguments),
         // so that checking their consumers never meets a missing queue.
@@ -138,15 +165,6 @@ impl Deployment {
             .map_err(|e| BenchError::Broker(format!("declaring the queues: {e}")))?;
         drop(broker);
 
-        let mut deployment = Deployment {
-            dir,
-            config_path,
-            options: options.clone(),
-            procs: Vec::new(),
-            dispatchers: 0,
-            workers: 0,
-            keep_logs: false,
-        };
         for i in 0..options.dispatchers {
             deployment.spawn("dispatcher", i, &["dispatcher".into()])?;
             deployment.dispatchers += 1;
@@ -225,8 +243,11 @@ impl Deployment {
             }
             // Only dispatchers consume the referred queue (workers consume
             // the submit queue too).
-            let dispatchers = consumers(&conn, &names.referred_queue()).await;
-            let tasks = consumers(&conn, &names.task_queue("default")).await;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1));
+            let dispatchers = consumers(&conn, &names.referred_queue(), left).await?;
+            let tasks = consumers(&conn, &names.task_queue("default"), left).await?;
             if dispatchers.unwrap_or(0) as usize >= self.dispatchers
                 && tasks.unwrap_or(0) as usize >= self.workers
             {
@@ -351,44 +372,59 @@ fn status_kib(status: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Consumers of `queue`, or `None` if it does not exist.
-async fn consumers(conn: &Connection, queue: &str) -> Option<u32> {
-    queue_depth(conn, queue)
-        .await
-        .map(|(_, consumers)| consumers)
+/// Consumers of `queue`, or `None` if it does not exist; an error if
+/// RabbitMQ does not answer `within`.
+async fn consumers(
+    conn: &Connection,
+    queue: &str,
+    within: Duration,
+) -> Result<Option<u32>, BenchError> {
+    Ok(queue_depth(conn, queue, within)
+        .await?
+        .map(|(_, consumers)| consumers))
 }
 
 /// Ready messages (not counting unacked deliveries) and consumers of
 /// `queue`, or `None` if it does not exist (a passive declare on a
-/// throwaway channel, as a missing queue closes the channel).
-pub async fn queue_depth(conn: &Connection, queue: &str) -> Option<(u32, u32)> {
-    let channel = conn.create_channel().await.ok()?;
-    let info = channel
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    let _ = channel.close(200, "checked".into()).await;
-    Some((info.message_count(), info.consumer_count()))
+/// throwaway channel, as a missing queue closes the channel); an error if
+/// RabbitMQ does not answer `within`.
+pub async fn queue_depth(
+    conn: &Connection,
+    queue: &str,
+    within: Duration,
+) -> Result<Option<(u32, u32)>, BenchError> {
+    let declare = async {
+        let channel = conn.create_channel().await.ok()?;
+        let info = channel
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "checked".into()).await;
+        Some((info.message_count(), info.consumer_count()))
+    };
+    broker_within(within, &format!("passive declare of {queue}"), declare).await
 }
 
 /// A live deployment must have its submit queue and `default` task queue
 /// consumed, or the jobs would only pile up.
+/// RabbitMQ's answers are awaited for at most `within` each.
 pub async fn check_live(
     config: &Config,
     names: &Names,
     queues: &[String],
+    within: Duration,
 ) -> Result<(), BenchError> {
     let conn = amqp_connection(config, "cannot connect").await?;
     // Only dispatchers consume the referred queue.
-    let dispatchers = consumers(&conn, &names.referred_queue()).await;
-    let tasks = consumers(&conn, &names.task_queue("default")).await;
+    let dispatchers = consumers(&conn, &names.referred_queue(), within).await?;
+    let tasks = consumers(&conn, &names.task_queue("default"), within).await?;
     let _ = conn.close(200, "checked".into()).await;
     let missing = |q: String, n: Option<u32>, who: &str| match n {
         None => Err(BenchError::Options(format!(
@@ -437,5 +473,26 @@ mod tests {
         assert_eq!(status_kib(status, "VmHWM:"), Some(20480));
         assert_eq!(status_kib(status, "VmRSS:"), Some(10240));
         assert_eq!(status_kib(status, "VmSwap:"), None);
+    }
+
+    #[tokio::test]
+    async fn a_start_that_fails_after_writing_the_config_removes_it_and_its_directory() {
+        // The CA file is checked when connecting to RabbitMQ, after the
+        // config (with the URLs' passwords) was written.
+        let config = Config {
+            tls_ca_file: Some("/nonexistent/conveyor-bench-test-ca.pem".into()),
+            ..Config::default()
+        };
+        let options = SpawnOptions {
+            exe: "conveyor".into(),
+            dispatchers: 1,
+            workers: 1,
+            concurrency: 1,
+        };
+        let run_id = format!("test-{}", super::super::new_run_id());
+        let dir = std::env::temp_dir().join(format!("conveyor-bench-{run_id}"));
+        let started = Deployment::start(&config, &options, &run_id, true).await;
+        assert!(started.is_err(), "the CA file does not exist");
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }

@@ -59,7 +59,9 @@ pub struct Args {
     /// Most HGETs per second sent to Redis while watching.
     #[arg(long, default_value_t = 25_000.0)]
     poll_budget: f64,
-    /// Give up on unfinished jobs when none has finished for this many seconds.
+    /// Give up on unfinished jobs when none has finished for this many
+    /// seconds, and on RabbitMQ when a publish, a confirm or a passive
+    /// declare is not answered for as long (a resource alarm).
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
     /// Messages of the bare broker loop. With `--rate` the loop is a bare
