@@ -645,6 +645,21 @@ impl Store for Partition {
         self.answered(self.inner.forget_leases(e, read_at).await)
             .await
     }
+    async fn defer_retries(
+        &self,
+        e: &[String],
+        at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        let _call = self.enter().await?;
+        self.answered(self.inner.defer_retries(e, at, pause).await)
+            .await
+    }
+    async fn defer_leases(&self, e: &[String], at: u64, pause: Duration) -> Result<(), StoreError> {
+        let _call = self.enter().await?;
+        self.answered(self.inner.defer_leases(e, at, pause).await)
+            .await
+    }
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
         let _call = self.enter().await?;
         self.answered(self.inner.job(id).await).await

@@ -1542,6 +1542,98 @@ async fn a_retry_entry_read_before_its_outcome_is_applied_is_kept_for_that_outco
     common::cleanup(&config).await;
 }
 
+/// Jobs `retried`, whose task failed transiently with a retry due at
+/// once, and `lapsed`, whose claim's lease lapsed: their first attempts'
+/// messages.
+async fn a_due_retry_and_a_lapsed_lease(store: &dyn Store) -> (TaskMessage, TaskMessage) {
+    let msg = create_noop_job(store, "retried").await;
+    let claim = claim_first_attempt(store, "retried").await.claim;
+    let retry_now = AttemptResult::Retry {
+        error: "transient".into(),
+        delay: Duration::ZERO,
+    };
+    store.complete(&claim, "w", &retry_now).await.unwrap();
+    let lapsing = create_noop_job(store, "lapsed").await;
+    assert!(matches!(
+        store.claim(&lapsing, "w", Duration::from_millis(1)).await,
+        Ok(ClaimOutcome::Claimed(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    (msg, lapsing)
+}
+
+/// An entry the sweep could not publish (the broker refused its
+/// messages) is deferred: not due for the pause, due again after it, on
+/// both stores; and a deferral whose read is older than the entry's time
+/// (an outcome, or an earlier deferral, moved it since) leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_entry_is_due_again_after_its_pause_unless_it_moved_since_it_was_read() {
+    const PAUSE: Duration = Duration::from_millis(300);
+    let config = common::test_config(&common::unique_prefix("defer"));
+    for (name, store) in side_by_side(&config).await {
+        let (msg, lapsing) = a_due_retry_and_a_lapsed_lease(store.as_ref()).await;
+        let retry = TaskMessage { attempt: 2, ..msg };
+        let requeued = TaskMessage {
+            attempt: 2,
+            ..lapsing
+        };
+
+        let promoted = store.due_retries(100).await.unwrap();
+        assert_eq!(published(&promoted), vec![retry.clone()], "{name}");
+        let reclaimed = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(published(&reclaimed), vec![requeued.clone()], "{name}");
+        let entries = |actions: &[SweepAction]| -> Vec<String> {
+            actions.iter().map(|a| a.entry.clone()).collect()
+        };
+        let (retry_read, lease_read) = (promoted[0].read_at, reclaimed[0].read_at);
+        store
+            .defer_retries(&entries(&promoted), retry_read, PAUSE)
+            .await
+            .unwrap();
+        store
+            .defer_leases(&entries(&reclaimed), lease_read, PAUSE)
+            .await
+            .unwrap();
+        assert_eq!(store.due_retries(100).await.unwrap(), Vec::new(), "{name}");
+        assert_eq!(
+            store.expired_leases(100, "sweep").await.unwrap(),
+            Vec::new(),
+            "{name}"
+        );
+        let next = store.next_retry_in(0).await.unwrap();
+        assert!(
+            next.is_some_and(|n| n > PAUSE / 2 && n <= PAUSE),
+            "{name}: {next:?}"
+        );
+
+        tokio::time::sleep(PAUSE + Duration::from_millis(20)).await;
+        let again = store.due_retries(100).await.unwrap();
+        assert_eq!(
+            published(&again),
+            vec![retry],
+            "{name}: due after the pause"
+        );
+        let again_leases = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(published(&again_leases), vec![requeued], "{name}");
+        // Deferred again with the first read: moved since, left due.
+        store
+            .defer_retries(&entries(&again), retry_read, PAUSE)
+            .await
+            .unwrap();
+        store
+            .defer_leases(&entries(&again_leases), lease_read, PAUSE)
+            .await
+            .unwrap();
+        assert_eq!(store.due_retries(100).await.unwrap().len(), 1, "{name}");
+        assert_eq!(
+            store.expired_leases(100, "sweep").await.unwrap().len(),
+            1,
+            "{name}"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
 /// When the next retry falls due is read past the earliest ones the sweep
 /// skips (those it could not publish): the `skip`th retry in due order,
 /// the same on both stores.
@@ -2178,19 +2270,7 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
         .await
         .unwrap();
     // Beside them, a retry due now and a lapsed lease.
-    let msg = create_noop_job(store.as_ref(), "retried").await;
-    let claim = claim_first_attempt(store.as_ref(), "retried").await.claim;
-    let retry_now = AttemptResult::Retry {
-        error: "transient".into(),
-        delay: Duration::ZERO,
-    };
-    store.complete(&claim, "w", &retry_now).await.unwrap();
-    let lapsing = create_noop_job(store.as_ref(), "lapsed").await;
-    assert!(matches!(
-        store.claim(&lapsing, "w", Duration::from_millis(1)).await,
-        Ok(ClaimOutcome::Claimed(_))
-    ));
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (msg, lapsing) = a_due_retry_and_a_lapsed_lease(store.as_ref()).await;
 
     let promoted = store
         .due_retries(100)

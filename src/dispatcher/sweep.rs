@@ -23,15 +23,18 @@
 //! not all promote and publish the same retry (which would be harmless,
 //! claims dedupe, but wasteful).
 //!
-//! Entries are handled independently: one whose messages cannot be
-//! published (a queue that cannot be declared, a nack) is logged and left
-//! for the next regular pass, and the pass goes on with the others; the
-//! loop then looks past the retries left so for the next one to wake for,
-//! so a stuck retry neither holds the others back nor is tried at every
-//! look. A broker or store that is unreachable ends a pass early (every
-//! other call would fail alike), as does a store error on a forget or a
-//! whole batch's worth of entries failing; what is left waits for the next
-//! pass.
+//! Entries are handled independently: one whose messages the broker
+//! refuses (a queue that cannot be declared, a nack from a queue at its
+//! length limit) is logged and moved [`REFUSED_ENTRY_PAUSE`] on
+//! (`Store::defer_retries`, `Store::defer_leases`), and the pass goes on
+//! with the others. Left due, as until the thirty-second session, it
+//! stayed at the head of its schedule and was read first at every pass;
+//! and once a batch's worth of such entries had failed in one pass, the
+//! entries behind them (other queues' retries and lapsed leases among
+//! them) waited for as long as the queue refused. A broker or store that
+//! is unreachable ends a pass early (every other call would fail alike),
+//! as does a store error on a forget or a whole batch's worth of entries
+//! refused; what is left waits for the next pass.
 
 use std::collections::HashSet;
 
@@ -57,6 +60,12 @@ pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1)
 /// How often the loop, waiting for its next pass, reads when the earliest
 /// retry falls due (only when the interval is longer).
 pub const RETRY_PEEK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long an entry whose messages the broker refused waits before a
+/// pass tries it again: long enough that a queue refusing everything costs
+/// a publish per entry every few seconds, not at every pass; short enough
+/// that a refusal that was a moment's (a leader election) costs little.
+pub const REFUSED_ENTRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The least time from one pass's start to the next's when a retry falls
 /// due before the next regular pass.
@@ -85,13 +94,11 @@ struct SweepLoop {
     /// Lapsed leases are not reclaimed before this (after an outage, or
     /// the dispatcher's start).
     reclaim_from: Option<tokio::time::Instant>,
-    /// How many retries the last pass left due because their messages
-    /// could not be published: the earliest in the schedule, tried again
-    /// by the regular passes, so the loop looks past them for the next
-    /// retry to wake for. `None` when the last pass ended before it had
-    /// seen every due retry: then a due retry may be one it left, and
-    /// none brings the pass forward.
-    retries_left: Option<usize>,
+    /// The last pass saw every due retry. When it ended before (a broker
+    /// or store failing), a retry due now may be one it left, and does
+    /// not bring the next pass forward (it would come every
+    /// [`MIN_PASS_GAP`] while the broker is down).
+    retries_seen: bool,
     /// The last pass stopped at [`SWEEP_BATCHES_PER_PASS`] with entries
     /// still due: the next comes at once.
     backlog: bool,
@@ -103,7 +110,7 @@ impl SweepLoop {
         SweepLoop {
             store_down: false,
             reclaim_from: Some(tokio::time::Instant::now() + RECLAIM_GRACE),
-            retries_left: Some(0),
+            retries_seen: true,
             backlog: false,
         }
     }
@@ -123,11 +130,10 @@ enum Schedule {
 struct Swept {
     /// Entries acted on: their messages confirmed, the entries forgotten.
     done: usize,
-    /// Due entries left for the next pass because their messages could
-    /// not be published; `None` when it stopped (too many failed) before
-    /// it had seen every due entry. Of the retries schedule, for a whole
-    /// pass.
-    left: Option<usize>,
+    /// It saw every due entry (those refused were deferred); not when it
+    /// stopped because a batch's worth were refused. Of the retries
+    /// schedule, for a whole pass.
+    seen_all: bool,
     /// It stopped at [`SWEEP_BATCHES_PER_PASS`] with entries still due.
     capped: bool,
 }
@@ -137,10 +143,10 @@ struct Swept {
 struct Published {
     /// Entries whose messages are all confirmed: forget them.
     done: Vec<String>,
-    /// Entries whose messages could not be published: keep them.
-    failed: Vec<String>,
+    /// Entries whose messages the broker refused: defer them.
+    refused: Vec<String>,
     /// The broker became unreachable: stop the pass (after forgetting
-    /// `done`).
+    /// `done` and deferring `refused`); the entries not tried stay due.
     unavailable: Option<BrokerError>,
 }
 
@@ -174,11 +180,8 @@ impl Dispatcher {
     /// The next pass's time, `pass_at`, moved to when the earliest retry
     /// falls due (plus this dispatcher's [`retry_spread`]) if that is
     /// sooner, but not before [`MIN_PASS_GAP`] after the pass that started
-    /// at `last`. The retries the last pass could not publish are the
-    /// earliest, still due: the regular passes try them again (as they do
-    /// every failed entry), and the loop looks past them. When the last
-    /// pass ended early it cannot tell them from others, and a due retry
-    /// does not bring the pass forward.
+    /// at `last`. When the last pass ended early, a retry due already may
+    /// be one it left, and does not bring the pass forward.
     async fn sooner_for_retry(
         &self,
         state: &SweepLoop,
@@ -188,8 +191,7 @@ impl Dispatcher {
         if state.store_down {
             return pass_at;
         }
-        let skip = state.retries_left.unwrap_or(0);
-        let due_in = match self.store.next_retry_in(skip).await {
+        let due_in = match self.store.next_retry_in(0).await {
             Ok(due_in) => due_in,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read when the next retry is due; sweeping at the regular time");
@@ -199,7 +201,7 @@ impl Dispatcher {
         let Some(due_in) = due_in else {
             return pass_at;
         };
-        if due_in.is_zero() && state.retries_left.is_none() {
+        if due_in.is_zero() && !state.retries_seen {
             return pass_at;
         }
         let now = tokio::time::Instant::now();
@@ -236,11 +238,11 @@ impl Dispatcher {
             }
         };
         // A pass that ends early may leave retries due.
-        state.retries_left = None;
+        state.retries_seen = false;
         state.backlog = false;
         match self.sweep_pass(leases).await {
             Ok(swept) => {
-                state.retries_left = swept.left;
+                state.retries_seen = swept.seen_all;
                 state.backlog = swept.capped;
                 if swept.done > 0 {
                     tracing::debug!(actions = swept.done, "sweep");
@@ -262,8 +264,8 @@ impl Dispatcher {
         Ok(self.sweep_pass(true).await?.done)
     }
 
-    /// A pass: due retries, then lapsed leases if `leases`. `left` is of
-    /// the retries only.
+    /// A pass: due retries, then lapsed leases if `leases`. `seen_all` is
+    /// of the retries only.
     async fn sweep_pass(&self, leases: bool) -> Result<Swept, SweepError> {
         let retries = self.sweep_schedule(Schedule::Retries).await?;
         if !leases {
@@ -272,7 +274,7 @@ impl Dispatcher {
         let leases = self.sweep_schedule(Schedule::Leases).await?;
         Ok(Swept {
             done: retries.done + leases.done,
-            left: retries.left,
+            seen_all: retries.seen_all,
             capped: retries.capped || leases.capped,
         })
     }
@@ -281,6 +283,31 @@ impl Dispatcher {
         match schedule {
             Schedule::Retries => self.store.due_retries(limit).await,
             Schedule::Leases => self.store.expired_leases(limit, &self.options.id).await,
+        }
+    }
+
+    /// Move `entries`, whose messages the broker refused, out of the way
+    /// of the others for [`REFUSED_ENTRY_PAUSE`].
+    async fn defer(
+        &self,
+        schedule: Schedule,
+        entries: &[String],
+        read_at: u64,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match schedule {
+            Schedule::Retries => {
+                self.store
+                    .defer_retries(entries, read_at, REFUSED_ENTRY_PAUSE)
+                    .await
+            }
+            Schedule::Leases => {
+                self.store
+                    .defer_leases(entries, read_at, REFUSED_ENTRY_PAUSE)
+                    .await
+            }
         }
     }
 
@@ -299,11 +326,13 @@ impl Dispatcher {
         }
     }
 
-    /// Work through one schedule in batches. Entries that failed stay due,
-    /// so they come back in every later batch of this pass: the batch limit
-    /// grows by their number and they are skipped, so each batch brings
-    /// new entries. Once a whole batch's worth has failed, the rest waits
-    /// for the next pass (which starts with the failed ones again).
+    /// Work through one schedule in batches. Entries the broker refused
+    /// are deferred (see [`Self::defer`]); one the deferral left due (its
+    /// score moved meanwhile) is skipped if it comes back in a later batch
+    /// of this pass, and the batch limit grows by their number, so each
+    /// batch brings new entries. Once a whole batch's worth has been
+    /// refused, the rest waits for the next pass (the broker is likely
+    /// refusing everything, and each refused entry cost a publish).
     async fn sweep_schedule(&self, schedule: Schedule) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
         let mut total = 0;
@@ -325,8 +354,9 @@ impl Dispatcher {
             let more = !fresh.is_empty();
             let published = self.publish_actions(&fresh).await;
             self.forget(schedule, &published.done, read_at).await?;
+            self.defer(schedule, &published.refused, read_at).await?;
             total += published.done.len();
-            failed.extend(published.failed);
+            failed.extend(published.refused);
             if let Some(e) = published.unavailable {
                 return Err(e.into());
             }
@@ -340,8 +370,8 @@ impl Dispatcher {
             if failed.len() >= SWEEP_BATCH {
                 tracing::warn!(
                     ?schedule,
-                    failed = failed.len(),
-                    "many sweep entries failed; the rest wait for the next sweep"
+                    refused = failed.len(),
+                    "the broker refused many sweep entries' messages; the rest wait for the next sweep"
                 );
                 seen_all = false;
                 break;
@@ -349,7 +379,7 @@ impl Dispatcher {
         }
         Ok(Swept {
             done: total,
-            left: seen_all.then_some(failed.len()),
+            seen_all,
             capped,
         })
     }
@@ -378,14 +408,12 @@ impl Dispatcher {
                 tracing::debug!(error = %e, entries = actions.len(), "sweep batch failed; publishing entry by entry");
             }
         }
-        for (i, action) in actions.iter().enumerate() {
+        for action in actions {
             match self.outbox.publish_tasks(&action.publish).await {
                 Ok(()) => published.done.push(action.entry.clone()),
                 Err(e) if e.is_unavailable() => {
-                    // This entry and the ones after it stay for the next pass.
-                    published
-                        .failed
-                        .extend(actions[i..].iter().map(|a| a.entry.clone()));
+                    // This entry and the ones after it stay due, for the
+                    // next pass.
                     published.unavailable = Some(e);
                     return published;
                 }
@@ -397,10 +425,11 @@ impl Dispatcher {
                             task = %task.task,
                             attempt = task.attempt,
                             queue = %task.queue,
-                            "sweep cannot publish task; left for the next sweep"
+                            retry_in_s = REFUSED_ENTRY_PAUSE.as_secs_f64(),
+                            "sweep cannot publish task; trying again after a pause"
                         );
                     }
-                    published.failed.push(action.entry.clone());
+                    published.refused.push(action.entry.clone());
                 }
             }
         }
@@ -669,10 +698,18 @@ mod tests {
         );
     }
 
+    fn nacked(s: &Setup) -> usize {
+        s.broker
+            .hook
+            .nacked
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_retry_that_cannot_be_published_is_tried_at_the_regular_passes_only() {
+    async fn a_retry_the_broker_refuses_is_tried_again_after_a_pause_not_at_every_pass() {
         let s = setup();
         let interval = s.dispatcher.options.sweep_interval;
+        assert_eq!(REFUSED_ENTRY_PAUSE, 2 * interval);
         s.retrying_in("stuck", "stuck", Duration::from_millis(10))
             .await;
         tokio::time::advance(Duration::from_millis(20)).await;
@@ -681,20 +718,19 @@ mod tests {
         sweeping
             .watch(&s, 3 * interval - Duration::from_millis(1), "stuck")
             .await;
-        // Passes at 0, 1 and 2 intervals, each trying the batch and then
-        // the entry alone: not one pass per peek.
-        let nacked = s
-            .broker
-            .hook
-            .nacked
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(nacked, 6, "three passes");
-        // Once it can be published, the next regular pass does.
+        // Tried at the passes at 0 and at 2 intervals (the pause), each
+        // time the batch and then the entry alone; not at the pass at 1.
+        assert_eq!(nacked(&s), 4, "two tries, a pause apart");
+        // Once it can be published, it is at the next try.
         *s.broker.hook.nack.lock().unwrap() = None;
-        let seen = sweeping.watch(&s, 4 * interval, "stuck").await;
+        let seen = sweeping.watch(&s, 5 * interval, "stuck").await;
         sweeping.stop().await;
         assert_eq!(seen.len(), 1, "{seen:?}");
-        assert!(seen[0].0 >= 3 * interval && seen[0].0 <= 3 * interval + Duration::from_millis(2));
+        let next_try = 2 * REFUSED_ENTRY_PAUSE;
+        assert!(
+            seen[0].0 >= next_try && seen[0].0 <= next_try + Duration::from_millis(2),
+            "{seen:?}"
+        );
     }
 
     /// Run the sweep loop of `s` for three intervals and check that the
@@ -725,14 +761,9 @@ mod tests {
         let due = interval * 13 / 10;
         s.retrying_in("r", "default", due).await;
         promoted_when_due(&s, due).await;
-        // Passes at 0, 1 and 2 intervals and the one for "r", each trying
-        // the stuck retry's batch and then the entry alone.
-        let nacked = s
-            .broker
-            .hook
-            .nacked
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(nacked, 8, "four passes");
+        // Tried at the passes at 0 and 2 intervals (the pause), each time
+        // its batch and then the entry alone; not at the one for "r".
+        assert_eq!(nacked(&s), 4, "two tries");
         assert!(s.queued_jobs("stuck").await.is_empty());
     }
 
@@ -817,15 +848,50 @@ mod tests {
             (1, 1),
             "the failed lease and retry entries are kept"
         );
+        // Deferred: a pass at once does not try them again.
+        let tried = nacked(&s);
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
+        assert_eq!(nacked(&s), tried);
 
-        // The next pass publishes what was left.
+        // The first pass after the pause publishes what was left.
         *s.broker.hook.nack.lock().unwrap() = None;
+        tokio::time::advance(REFUSED_ENTRY_PAUSE).await;
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 2);
         assert_eq!(
             s.queued_jobs("stuck").await,
             vec!["stuck-lease", "stuck-retry"]
         );
         assert_eq!(s.store.schedule_sizes(), (0, 0));
+    }
+
+    /// Until the thirty-second session refused entries stayed due at the
+    /// head of their schedule: once a batch's worth had been refused in a
+    /// pass, every pass stopped at them, and a retry behind them (another
+    /// queue's) waited for as long as the queue refused.
+    #[tokio::test(start_paused = true)]
+    async fn more_refused_entries_than_a_batch_do_not_hold_back_a_retry_behind_them() {
+        let s = setup();
+        for i in 0..SWEEP_BATCH + 100 {
+            s.retrying_in(&format!("stuck-{i:04}"), "stuck", Duration::ZERO)
+                .await;
+        }
+        s.retrying_in("behind", "default", Duration::from_millis(1))
+            .await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+        *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
+        // The first pass stops after a batch's worth were refused.
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
+        assert!(s.queued_jobs("default").await.is_empty());
+        // The next reads past them: the rest of the stuck ones, refused
+        // too, and the retry behind them.
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 1);
+        assert_eq!(s.queued_jobs("default").await, vec!["behind"]);
+        assert!(s.queued_jobs("stuck").await.is_empty());
+        assert_eq!(
+            s.store.schedule_sizes().1,
+            SWEEP_BATCH + 100,
+            "every refused retry is kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -976,7 +1042,12 @@ mod tests {
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
         assert_eq!(s.store.schedule_sizes(), (SWEEP_BATCH + 5, 0));
         *s.broker.hook.nack.lock().unwrap() = None;
-        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), SWEEP_BATCH + 5);
+        // The five it did not try, at once; the refused ones after their
+        // pause.
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 5);
+        assert_eq!(s.store.schedule_sizes(), (SWEEP_BATCH, 0));
+        tokio::time::advance(REFUSED_ENTRY_PAUSE).await;
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), SWEEP_BATCH);
         assert_eq!(s.store.schedule_sizes(), (0, 0));
     }
 }

@@ -168,6 +168,16 @@ impl ScoredSet {
         }
     }
 
+    /// Move `member` to `score` if its score is at most `max_score`;
+    /// whether it moved.
+    fn defer_due(&mut self, member: &str, max_score: u64, score: u64) -> bool {
+        let due = self.scores.get(member).is_some_and(|&s| s <= max_score);
+        if due {
+            self.add(member, score);
+        }
+        due
+    }
+
     fn add_existing(&mut self, member: &str, score: u64) {
         if self.scores.contains_key(member) {
             self.add(member, score);
@@ -443,6 +453,34 @@ impl MemoryStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// [`Store::defer_retries`] and [`Store::defer_leases`].
+    async fn defer(
+        &self,
+        schedule: ScheduleIndex,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        self.yields
+            .after(|| {
+                let to = self.clock.now_ms() + pause.as_millis() as u64;
+                let mut state = self.lock()?;
+                let index = match schedule {
+                    ScheduleIndex::Retries => &mut state.retries,
+                    ScheduleIndex::Leases => &mut state.leases,
+                };
+                let mut moved = false;
+                for e in entries {
+                    moved |= index.defer_due(e, read_at, to);
+                }
+                if moved {
+                    state.changed();
+                }
+                Ok(())
+            })
+            .await
     }
 
     /// Simulate an outage: every call fails as unavailable while `down`.
@@ -857,6 +895,26 @@ impl Store for MemoryStore {
                 }
                 Ok(())
             })
+            .await
+    }
+
+    async fn defer_retries(
+        &self,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        self.defer(ScheduleIndex::Retries, entries, read_at, pause)
+            .await
+    }
+
+    async fn defer_leases(
+        &self,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        self.defer(ScheduleIndex::Leases, entries, read_at, pause)
             .await
     }
 

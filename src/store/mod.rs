@@ -545,6 +545,26 @@ pub trait Store: Send + Sync + 'static {
     /// back, due at once, for the task to be offered again.
     async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError>;
 
+    /// Move retry entries whose messages the broker refused (a queue at
+    /// its length limit, a nack) `pause` later, each only if its score is
+    /// still at most `read_at`, as [`Store::forget_retries`] checks: left
+    /// due, they would stay at the head of the schedule and be read first
+    /// at every pass, ahead of the entries behind them.
+    async fn defer_retries(
+        &self,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// [`Store::defer_retries`] for lease entries.
+    async fn defer_leases(
+        &self,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError>;
+
     /// The store's server, if it is not the one the last complete audit
     /// was of (Redis: its `run_id`, so a restart or a failover to another
     /// node). Such a server may have come back without its latest writes

@@ -126,6 +126,7 @@ async fn answer_of(
     };
     let timeout = claimed.timeout;
     let started = tokio::time::Instant::now();
+    let canceller = handler.clone();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
     let mut run = AbortOnDrop(tokio::spawn(async move {
@@ -151,10 +152,13 @@ async fn answer_of(
     }
     match answer.map(|joined| joined.map(|(answer, _)| answer)) {
         Ok(Ok(Ok(Outcome::Done(value)))) => AttemptEnd::Succeeded(value.to_string()),
-        Ok(Ok(Ok(Outcome::Started { token, .. }))) => AttemptEnd::Permanent(format!(
-            "handler started outside work (token {token}), but this version of Conveyor \
-             cannot wait for notifications yet"
-        )),
+        Ok(Ok(Ok(Outcome::Started { token, .. }))) => {
+            let cancelled = cancel_started(canceller, &token).await;
+            AttemptEnd::Permanent(format!(
+                "handler started outside work (token {token}), but this version of Conveyor \
+                 cannot wait for notifications yet; {cancelled}"
+            ))
+        }
         Ok(Ok(Err(HandlerError::Transient(e)))) => AttemptEnd::Transient(e),
         Ok(Ok(Err(e @ (HandlerError::Permanent(_) | HandlerError::Unsupported(_))))) => {
             AttemptEnd::Permanent(e.to_string())
@@ -171,6 +175,37 @@ async fn answer_of(
                 timeout.as_secs_f64()
             ))
         }
+    }
+}
+
+/// How long the handler's `cancel` of outside work the worker cannot wait
+/// for may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ask `handler` to stop the outside work `token` names, which the task
+/// will not wait for: failed, the task may run again (a retry of the job,
+/// a resubmission) and start it a second time beside the first. Says how
+/// it went, for the task's error.
+async fn cancel_started(
+    handler: Arc<dyn Handler>,
+    token: &conveyor_handler::ExecutionToken,
+) -> String {
+    use futures::FutureExt;
+    let cancel = std::panic::AssertUnwindSafe(handler.cancel(token)).catch_unwind();
+    match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+        Ok(Ok(Ok(()))) => "the handler cancelled it".to_owned(),
+        Ok(Ok(Err(HandlerError::Unsupported(_)))) => {
+            "the handler cannot cancel it (no cancel): it goes on".to_owned()
+        }
+        Ok(Ok(Err(e))) => format!("cancelling it failed: {e}"),
+        Ok(Err(panic)) => format!(
+            "cancelling it panicked: {}",
+            crate::panics::panic_message(panic.as_ref())
+        ),
+        Err(_) => format!(
+            "cancelling it did not finish within {}s",
+            CANCEL_TIMEOUT.as_secs()
+        ),
     }
 }
 
@@ -297,6 +332,63 @@ mod tests {
         async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
             self.1.fetch_add(1, Ordering::SeqCst);
             self.0.clone().map(Outcome::Done)
+        }
+    }
+
+    /// Starts outside work (token `ext-1`); cancels it if `cancels`,
+    /// noting each token it is asked to cancel.
+    struct StartsOutsideWork {
+        cancels: bool,
+        cancelled: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Handler for StartsOutsideWork {
+        fn name(&self) -> &str {
+            "starts"
+        }
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            Ok(Outcome::Started {
+                token: conveyor_handler::ExecutionToken("ext-1".into()),
+                poll_after: None,
+            })
+        }
+        async fn cancel(
+            &self,
+            token: &conveyor_handler::ExecutionToken,
+        ) -> Result<(), HandlerError> {
+            self.cancelled.lock().unwrap().push(token.0.clone());
+            if self.cancels {
+                Ok(())
+            } else {
+                Err(HandlerError::Unsupported("cancel"))
+            }
+        }
+    }
+
+    /// Until notifications land a task whose handler started outside work
+    /// fails; until the thirty-second session that work was left running,
+    /// unknown to anyone, and a retry of the job started it again beside it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn outside_work_the_worker_cannot_wait_for_is_cancelled_and_the_task_fails() {
+        for (cancels, said) in [
+            (true, "the handler cancelled it"),
+            (
+                false,
+                "the handler cannot cancel it (no cancel): it goes on",
+            ),
+        ] {
+            let handler = Arc::new(StartsOutsideWork {
+                cancels,
+                cancelled: Default::default(),
+            });
+            let end = run_attempt(handler.clone(), &claimed(Duration::from_secs(5)), 64).await;
+            let AttemptEnd::Permanent(error) = end else {
+                panic!("{end:?}");
+            };
+            assert!(error.contains("token ext-1"), "{error}");
+            assert!(error.ends_with(said), "{error}");
+            assert_eq!(*handler.cancelled.lock().unwrap(), vec!["ext-1".to_owned()]);
         }
     }
 

@@ -704,6 +704,30 @@ impl RedisStore {
         self.run::<()>(&pipe).await
     }
 
+    /// Move `entries` of a schedule index `pause` on from now, each only
+    /// if its score is still at most `read_at` (`defer_due.lua`).
+    async fn defer_due(
+        &self,
+        index: String,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("FCALL")
+            .arg(&self.functions[Script::DeferDue as usize])
+            .arg(1)
+            .arg(index)
+            .arg(read_at)
+            .arg(self.now_ms() + pause.as_millis() as u64)
+            .arg(entries)
+            .ignore();
+        self.run::<()>(&pipe).await
+    }
+
     fn drop_shared(&self) {
         *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -1529,20 +1553,15 @@ impl Store for RedisStore {
                 }
             }
         }
-        if !pending.is_empty() {
-            // Only those still due as read: one an outcome moved meanwhile
-            // keeps its new due time.
-            let mut pipe = redis::pipe();
-            pipe.cmd("FCALL")
-                .arg(&self.functions[Script::DeferDue as usize])
-                .arg(1)
-                .arg(self.names.retries())
-                .arg(read_at)
-                .arg(self.now_ms() + PENDING_RETRY_RECHECK.as_millis() as u64)
-                .arg(&pending)
-                .ignore();
-            self.run::<()>(&pipe).await?;
-        }
+        // Only those still due as read: one an outcome moved meanwhile
+        // keeps its new due time.
+        self.defer_due(
+            self.names.retries(),
+            &pending,
+            read_at,
+            PENDING_RETRY_RECHECK,
+        )
+        .await?;
         Ok(actions)
     }
 
@@ -1633,6 +1652,26 @@ impl Store for RedisStore {
 
     async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError> {
         self.forget_due(self.names.leases(), entries, read_at).await
+    }
+
+    async fn defer_retries(
+        &self,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        self.defer_due(self.names.retries(), entries, read_at, pause)
+            .await
+    }
+
+    async fn defer_leases(
+        &self,
+        entries: &[String],
+        read_at: u64,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        self.defer_due(self.names.leases(), entries, read_at, pause)
+            .await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {

@@ -58,7 +58,8 @@ pub enum Outcome {
     /// The handler started work elsewhere that will finish later, reported
     /// by a notification carrying `token` or found by polling `status`.
     /// (Accepted by the contract now; the worker fails such a task with a
-    /// clear reason until notifications land.)
+    /// clear reason until notifications land, and asks the handler to
+    /// [`Handler::cancel`] the work, which nothing would wait for.)
     Started {
         /// Identifies the outside execution to `status`, `cancel`, `info_url`.
         token: ExecutionToken,
