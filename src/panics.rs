@@ -11,7 +11,9 @@
 //! due retries are never promoted and lapsed leases never reclaimed;
 //! without renewals every claim lapses and its task is run again beside
 //! the one still running. [`restart_on_panic`] logs such a panic and starts
-//! the loop again after [`RESTART_PAUSE`], for as long as the process runs.
+//! the loop again after a pause ([`RESTART_PAUSE`]; a worker's renewals
+//! sooner, well within the shortest lease), for as long as the process
+//! runs.
 
 use std::any::Any;
 use std::future::Future;
@@ -37,9 +39,9 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
 }
 
 /// Run the background loop `start` makes until it returns (its shutdown),
-/// starting it again, after [`RESTART_PAUSE`], each time it panics.
-/// `name` says which loop in the error logged.
-pub async fn restart_on_panic<F, Fut>(name: &'static str, mut start: F)
+/// starting it again, after `pause`, each time it panics. `name` says
+/// which loop in the error logged.
+pub async fn restart_on_panic<F, Fut>(name: &'static str, pause: Duration, mut start: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
@@ -51,10 +53,10 @@ where
                 tracing::error!(
                     background_loop = name,
                     panic = panic_message(payload.as_ref()),
-                    restart_in_s = RESTART_PAUSE.as_secs_f64(),
+                    restart_in_s = pause.as_secs_f64(),
                     "a background loop panicked (a bug: please report it); starting it again"
                 );
-                tokio::time::sleep(RESTART_PAUSE).await;
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -72,7 +74,7 @@ mod tests {
         let starts = Arc::new(AtomicUsize::new(0));
         let begun = tokio::time::Instant::now();
         let counted = starts.clone();
-        restart_on_panic("test", move || {
+        restart_on_panic("test", RESTART_PAUSE, move || {
             let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
                 if n < 3 {

@@ -27,7 +27,7 @@ use crate::health::Health;
 use crate::intake::JobIntake;
 use crate::names::Names;
 use crate::outbox::Outbox;
-use crate::panics::restart_on_panic;
+use crate::panics::{RESTART_PAUSE, restart_on_panic};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::submission::Submissions;
@@ -113,17 +113,17 @@ impl Dispatcher {
         let mut sweeper = JoinSet::new();
         {
             let (this, stop) = (self.clone(), shutdown.clone());
-            sweeper.spawn(restart_on_panic("sweep", move || {
+            sweeper.spawn(restart_on_panic("sweep", RESTART_PAUSE, move || {
                 let (this, stop) = (this.clone(), stop.clone());
                 async move { this.sweep_forever(stop).await }
             }));
             let (this, stop) = (self.clone(), shutdown.clone());
-            sweeper.spawn(restart_on_panic("prune", move || {
+            sweeper.spawn(restart_on_panic("prune", RESTART_PAUSE, move || {
                 let (this, stop) = (this.clone(), stop.clone());
                 async move { this.prune_forever(stop).await }
             }));
             let (this, stop) = (self.clone(), shutdown.clone());
-            sweeper.spawn(restart_on_panic("audit", move || {
+            sweeper.spawn(restart_on_panic("audit", RESTART_PAUSE, move || {
                 let (this, stop) = (this.clone(), stop.clone());
                 async move { this.audit_forever(stop).await }
             }));

@@ -27,7 +27,8 @@
 //! refuses (a queue that cannot be declared, a nack from a queue at its
 //! length limit) is logged and moved [`REFUSED_ENTRY_PAUSE`] on
 //! (`Store::defer_retries`, `Store::defer_leases`), and the pass goes on
-//! with the others. Left due, as until the thirty-second session, it
+//! with the others, deferring unasked the later entries bound for the
+//! queue that refused. Left due, as until the thirty-second session, it
 //! stayed at the head of its schedule and was read first at every pass;
 //! and once a batch's worth of such entries had failed in one pass, the
 //! entries behind them (other queues' retries and lapsed leases among
@@ -145,6 +146,9 @@ struct Published {
     done: Vec<String>,
     /// Entries whose messages the broker refused: defer them.
     refused: Vec<String>,
+    /// Entries with a message for a queue that refused another entry's
+    /// earlier in the pass, not tried: defer them too.
+    held: Vec<String>,
     /// The broker became unreachable: stop the pass (after forgetting
     /// `done` and deferring `refused`); the entries not tried stay due.
     unavailable: Option<BrokerError>,
@@ -335,6 +339,10 @@ impl Dispatcher {
     /// refusing everything, and each refused entry cost a publish).
     async fn sweep_schedule(&self, schedule: Schedule) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
+        // Entries the broker refused in this pass, and the queues that
+        // refused them.
+        let mut refused = 0;
+        let mut refusing: HashSet<String> = HashSet::new();
         let mut total = 0;
         let mut seen_all = true;
         let mut capped = false;
@@ -352,11 +360,13 @@ impl Dispatcher {
             // the limit may have read a full one. Only a batch with
             // nothing new says the schedule is drained (one more read).
             let more = !fresh.is_empty();
-            let published = self.publish_actions(&fresh).await;
+            let published = self.publish_actions(&fresh, &mut refusing).await;
             self.forget(schedule, &published.done, read_at).await?;
-            self.defer(schedule, &published.refused, read_at).await?;
+            let deferred = [published.refused.as_slice(), &published.held].concat();
+            self.defer(schedule, &deferred, read_at).await?;
             total += published.done.len();
-            failed.extend(published.refused);
+            refused += published.refused.len();
+            failed.extend(deferred);
             if let Some(e) = published.unavailable {
                 return Err(e.into());
             }
@@ -367,10 +377,10 @@ impl Dispatcher {
                 (capped, seen_all) = (true, false);
                 break;
             }
-            if failed.len() >= SWEEP_BATCH {
+            if refused >= SWEEP_BATCH {
                 tracing::warn!(
                     ?schedule,
-                    refused = failed.len(),
+                    refused,
                     "the broker refused many sweep entries' messages; the rest wait for the next sweep"
                 );
                 seen_all = false;
@@ -388,9 +398,24 @@ impl Dispatcher {
     /// confirms), and if that fails for a reason other than an unreachable
     /// broker, entry by entry, to tell the entries that can be published
     /// from those that cannot (the ones published twice are harmless
-    /// duplicates: claims dedupe).
-    async fn publish_actions(&self, actions: &[SweepAction]) -> Published {
+    /// duplicates: claims dedupe). An entry with a message for one of the
+    /// `refusing` queues (full names), which refused an entry earlier in
+    /// the pass, is held without a publish, and a queue that refuses one
+    /// joins them: a queue refusing a backlog of thousands costs a publish
+    /// or two a pass, not one per entry, nor the entries behind them
+    /// their turn.
+    async fn publish_actions(
+        &self,
+        all: &[SweepAction],
+        refusing: &mut HashSet<String>,
+    ) -> Published {
         let mut published = Published::default();
+        let (held, actions): (Vec<&SweepAction>, Vec<&SweepAction>) = all.iter().partition(|a| {
+            a.publish
+                .iter()
+                .any(|t| refusing.contains(&self.names.task_queue(&t.queue)))
+        });
+        published.held = held.into_iter().map(|a| a.entry.clone()).collect();
         let tasks: Vec<_> = actions
             .iter()
             .flat_map(|a| a.publish.iter().cloned())
@@ -409,6 +434,14 @@ impl Dispatcher {
             }
         }
         for action in actions {
+            if action
+                .publish
+                .iter()
+                .any(|t| refusing.contains(&self.names.task_queue(&t.queue)))
+            {
+                published.held.push(action.entry.clone());
+                continue;
+            }
             match self.outbox.publish_tasks(&action.publish).await {
                 Ok(()) => published.done.push(action.entry.clone()),
                 Err(e) if e.is_unavailable() => {
@@ -418,6 +451,11 @@ impl Dispatcher {
                     return published;
                 }
                 Err(e) => {
+                    if let BrokerError::Refused { queue, .. }
+                    | BrokerError::Unroutable { queue, .. } = &e
+                    {
+                        refusing.insert(queue.clone());
+                    }
                     for task in &action.publish {
                         tracing::warn!(
                             error = %e,
@@ -879,11 +917,7 @@ mod tests {
             .await;
         tokio::time::advance(Duration::from_millis(10)).await;
         *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
-        // The first pass stops after a batch's worth were refused.
-        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
-        assert!(s.queued_jobs("default").await.is_empty());
-        // The next reads past them: the rest of the stuck ones, refused
-        // too, and the retry behind them.
+        // The first pass reads past them to the retry behind them.
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 1);
         assert_eq!(s.queued_jobs("default").await, vec!["behind"]);
         assert!(s.queued_jobs("stuck").await.is_empty());
@@ -1031,8 +1065,11 @@ mod tests {
         );
     }
 
+    /// A queue refusing a backlog is asked once a pass (its first entry's
+    /// batch, then the entry alone); its other entries are deferred with
+    /// it unasked.
     #[tokio::test(start_paused = true)]
-    async fn more_failed_entries_than_a_batch_end_the_pass_without_looping() {
+    async fn a_queue_refusing_a_backlog_costs_a_publish_or_two_a_pass_not_one_per_entry() {
         let s = setup();
         for i in 0..SWEEP_BATCH + 5 {
             s.lapsing(&format!("stuck-{i:04}"), "stuck").await;
@@ -1040,14 +1077,13 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         *s.broker.hook.nack.lock().unwrap() = Some("t.tasks.stuck".into());
         assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
+        assert_eq!(nacked(&s), 2, "one batch, one entry");
         assert_eq!(s.store.schedule_sizes(), (SWEEP_BATCH + 5, 0));
         *s.broker.hook.nack.lock().unwrap() = None;
-        // The five it did not try, at once; the refused ones after their
-        // pause.
-        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 5);
-        assert_eq!(s.store.schedule_sizes(), (SWEEP_BATCH, 0));
+        // All deferred: tried again after the pause, not at once.
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), 0);
         tokio::time::advance(REFUSED_ENTRY_PAUSE).await;
-        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), SWEEP_BATCH);
+        assert_eq!(s.dispatcher.sweep_once().await.unwrap(), SWEEP_BATCH + 5);
         assert_eq!(s.store.schedule_sizes(), (0, 0));
     }
 }

@@ -566,8 +566,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// The store's server, if it is not the one the last complete audit
-    /// was of (Redis: its `run_id`, so a restart or a failover to another
-    /// node). Such a server may have come back without its latest writes
+    /// was of (Redis: its `run_id` and `master_replid`, so a restart, a
+    /// failover to another node, or a failback to a process that took the
+    /// other's data meanwhile). Such a server may have come back without its latest writes
     /// (a crash under `appendfsync everysec`, a replica that lagged): a
     /// claim whose lease entry went with it, its message acked and its
     /// worker gone, would wait forever. An audit finds it.

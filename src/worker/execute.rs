@@ -139,9 +139,12 @@ async fn answer_of(
     // stopped it; when it returns at last, its answer is late all the same.
     // Late by when the handler answered, not by when this future saw the
     // answer: another task blocking the thread in between delays only that.
-    if let Ok(Ok((_, answered))) = &answer {
+    if let Ok(Ok((late, answered))) = &answer {
         let ran = answered.duration_since(started);
         if ran > timeout + TIMEOUT_MARGIN {
+            if let Ok(Outcome::Started { token, .. }) = late {
+                cancel_in_background(canceller, token.clone(), claimed);
+            }
             return AttemptEnd::Transient(format!(
                 "timed out after {:.1}s (timeout_s): the handler blocked its thread and \
                  answered only after {:.1}s; its answer was discarded",
@@ -153,11 +156,12 @@ async fn answer_of(
     match answer.map(|joined| joined.map(|(answer, _)| answer)) {
         Ok(Ok(Ok(Outcome::Done(value)))) => AttemptEnd::Succeeded(value.to_string()),
         Ok(Ok(Ok(Outcome::Started { token, .. }))) => {
-            let cancelled = cancel_started(canceller, &token).await;
-            AttemptEnd::Permanent(format!(
+            let error = format!(
                 "handler started outside work (token {token}), but this version of Conveyor \
-                 cannot wait for notifications yet; {cancelled}"
-            ))
+                 cannot wait for notifications yet; the handler is asked to cancel it"
+            );
+            cancel_in_background(canceller, token, claimed);
+            AttemptEnd::Permanent(error)
         }
         Ok(Ok(Err(HandlerError::Transient(e)))) => AttemptEnd::Transient(e),
         Ok(Ok(Err(e @ (HandlerError::Permanent(_) | HandlerError::Unsupported(_))))) => {
@@ -181,6 +185,22 @@ async fn answer_of(
 /// How long the handler's `cancel` of outside work the worker cannot wait
 /// for may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Have `handler` cancel the outside work `token` names, in a task of its
+/// own, logging how it went: awaited here, the cancel would hold the
+/// attempt open, and a hard stop or a lost claim meanwhile would drop it
+/// (perhaps unsent) and hand the task back to start the work again.
+fn cancel_in_background(
+    handler: Arc<dyn Handler>,
+    token: conveyor_handler::ExecutionToken,
+    claimed: &Claimed,
+) {
+    let (job, task) = (claimed.claim.job.clone(), claimed.task.clone());
+    tokio::spawn(async move {
+        let how = cancel_started(handler, &token).await;
+        tracing::warn!(%job, %task, token = %token, "outside work the task cannot wait for: {how}");
+    });
+}
 
 /// Ask `handler` to stop the outside work `token` names, which the task
 /// will not wait for: failed, the task may run again (a retry of the job,
@@ -371,6 +391,76 @@ mod tests {
     /// unknown to anyone, and a retry of the job started it again beside it.
     #[tokio::test(flavor = "current_thread")]
     async fn outside_work_the_worker_cannot_wait_for_is_cancelled_and_the_task_fails() {
+        let handler = Arc::new(StartsOutsideWork {
+            cancels: true,
+            cancelled: Default::default(),
+        });
+        let end = run_attempt(handler.clone(), &claimed(Duration::from_secs(5)), 64).await;
+        let AttemptEnd::Permanent(error) = end else {
+            panic!("{end:?}");
+        };
+        assert!(error.contains("token ext-1"), "{error}");
+        assert!(
+            error.ends_with("the handler is asked to cancel it"),
+            "{error}"
+        );
+        // In a task of its own, which no stop of the attempt drops.
+        for _ in 0..100 {
+            if !handler.cancelled.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*handler.cancelled.lock().unwrap(), vec!["ext-1".to_owned()]);
+    }
+
+    /// Blocks its thread past the time-out, then starts outside work.
+    struct StartsLate(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Handler for StartsLate {
+        fn name(&self) -> &str {
+            "starts-late"
+        }
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            std::thread::sleep(TIMEOUT_MARGIN + Duration::from_millis(100));
+            Ok(Outcome::Started {
+                token: conveyor_handler::ExecutionToken("late-1".into()),
+                poll_after: None,
+            })
+        }
+        async fn cancel(
+            &self,
+            token: &conveyor_handler::ExecutionToken,
+        ) -> Result<(), HandlerError> {
+            self.0.lock().unwrap().push(token.0.clone());
+            Ok(())
+        }
+    }
+
+    /// A start answered after the time-out is a timed-out attempt, retried:
+    /// the work it started is cancelled too, or the retry would start it
+    /// again beside it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn outside_work_started_too_late_is_cancelled_too() {
+        let handler = Arc::new(StartsLate(Default::default()));
+        let end = run_attempt(handler.clone(), &claimed(Duration::from_millis(10)), 64).await;
+        assert!(
+            matches!(&end, AttemptEnd::Transient(e) if e.contains("timed out")),
+            "{end:?}"
+        );
+        for _ in 0..100 {
+            if !handler.0.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*handler.0.lock().unwrap(), vec!["late-1".to_owned()]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn how_a_cancel_went_is_told() {
+        let token = conveyor_handler::ExecutionToken("ext-1".into());
         for (cancels, said) in [
             (true, "the handler cancelled it"),
             (
@@ -382,13 +472,7 @@ mod tests {
                 cancels,
                 cancelled: Default::default(),
             });
-            let end = run_attempt(handler.clone(), &claimed(Duration::from_secs(5)), 64).await;
-            let AttemptEnd::Permanent(error) = end else {
-                panic!("{end:?}");
-            };
-            assert!(error.contains("token ext-1"), "{error}");
-            assert!(error.ends_with(said), "{error}");
-            assert_eq!(*handler.cancelled.lock().unwrap(), vec!["ext-1".to_owned()]);
+            assert_eq!(cancel_started(handler, &token).await, said);
         }
     }
 

@@ -39,7 +39,7 @@ use crate::intake::JobIntake;
 use crate::model::{DeadLetterReason, TaskMessage};
 use crate::names::Names;
 use crate::outbox::{BROKER_REFUSAL_PAUSE, Outbox};
-use crate::panics::restart_on_panic;
+use crate::panics::{RESTART_PAUSE, restart_on_panic};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::redis::unix_ms;
 use crate::store::{Applied, AttemptResult, ClaimOutcome, ClaimRef, Claimed, Store, WorkerInfo};
@@ -213,21 +213,26 @@ impl Worker {
         let mut background = JoinSet::new();
         {
             let (this, shutdown) = (self.clone(), shutdown.clone());
-            background.spawn(restart_on_panic("heartbeat", move || {
+            background.spawn(restart_on_panic("heartbeat", RESTART_PAUSE, move || {
                 let (this, shutdown) = (this.clone(), shutdown.clone());
                 async move { this.heartbeat_forever(shutdown).await }
             }));
         }
         {
             let this = self.clone();
-            background.spawn(restart_on_panic("lease renewals", move || {
-                let this = this.clone();
-                async move {
-                    this.active
-                        .renew_forever(this.store.clone(), this.options.lease)
-                        .await
-                }
-            }));
+            // Sooner than the others: the shortest lease is 300 ms.
+            background.spawn(restart_on_panic(
+                "lease renewals",
+                leases::RENEW_RETRY,
+                move || {
+                    let this = this.clone();
+                    async move {
+                        this.active
+                            .renew_forever(this.store.clone(), this.options.lease)
+                            .await
+                    }
+                },
+            ));
         }
         // Consumers hand deliveries (with their permit) to this loop, which
         // owns every running task. Unbounded, because what is in it is

@@ -75,8 +75,8 @@ use functions::{Script, is_function_missing, library};
 pub use nodes::tool_client;
 use nodes::{Nodes, is_primary, no_primary, watch_sentinels};
 use replies::{
-    Reply, RunSpec, claim_replies, created_from, field, join_indexes, num, parse_job_state,
-    parse_task_state, ready_set, replicas_in_info, run_id,
+    Reply, RunSpec, claim_replies, created_from, data_identity, field, join_indexes, num,
+    parse_job_state, parse_task_state, ready_set, replicas_in_info,
 };
 
 /// The Redis implementation of [`Store`].
@@ -1940,17 +1940,15 @@ impl Store for RedisStore {
 
     async fn audit_due(&self) -> Result<Option<String>, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("INFO").arg("server");
+        pipe.cmd("INFO").arg("server").arg("replication");
         pipe.cmd("GET").arg(self.names.audited_key());
         let (info, audited): (String, Option<String>) = self.run(&pipe).await?;
-        let server = run_id(&info)
-            .ok_or_else(|| {
-                protocol(
-                    "INFO server has no run_id line (Conveyor needs Redis 7.0 or later, \
+        let server = data_identity(&info).ok_or_else(|| {
+            protocol(
+                "INFO server has no run_id line (Conveyor needs Redis 7.0 or later, \
                      which names each server process there)",
-                )
-            })?
-            .to_owned();
+            )
+        })?;
         Ok((audited.as_deref() != Some(server.as_str())).then_some(server))
     }
 

@@ -17,6 +17,23 @@ pub(super) fn run_id(info: &str) -> Option<&str> {
     info_field(info, "run_id").filter(|id| !id.is_empty())
 }
 
+/// Which data a primary serves, from `INFO server` and `INFO
+/// replication`: its `run_id` and its `master_replid`, the replication
+/// history it started (new with every start and every promotion). The
+/// `run_id` alone misses a failover and a failback to the same process:
+/// demoted, it took the new primary's data whole (which may lack writes
+/// it had), then was promoted again under the `run_id` already audited.
+/// `None` without a `run_id`.
+pub(super) fn data_identity(info: &str) -> Option<String> {
+    let run_id = run_id(info)?;
+    Some(
+        match info_field(info, "master_replid").filter(|r| !r.is_empty()) {
+            Some(replid) => format!("{run_id}/{replid}"),
+            None => run_id.to_owned(),
+        },
+    )
+}
+
 /// How many replicas of this primary `INFO replication` shows online (in
 /// sync and streaming: `slaveN:...,state=online,...`); `None` if it is no
 /// primary's (no `connected_slaves` line). A replica connected but still
@@ -276,6 +293,24 @@ mod tests {
         ] {
             assert!(RunSpec::decode(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_data_is_named_by_the_servers_run_id_and_its_replication_history() {
+        let info = "# Server\r\nrun_id:3f2a9c\r\n\r\n# Replication\r\nrole:master\r\n\
+                    master_replid:77aa\r\nmaster_replid2:0000\r\n";
+        assert_eq!(data_identity(info).as_deref(), Some("3f2a9c/77aa"));
+        // Promoted again after a failover: the same process, new history.
+        let promoted = info.replace("master_replid:77aa", "master_replid:88bb");
+        assert_eq!(data_identity(&promoted).as_deref(), Some("3f2a9c/88bb"));
+        assert_eq!(
+            data_identity("# Server\r\nrun_id:3f2a9c\r\n").as_deref(),
+            Some("3f2a9c")
+        );
+        assert_eq!(
+            data_identity("# Replication\r\nmaster_replid:77aa\r\n"),
+            None
+        );
     }
 
     #[test]
