@@ -1079,6 +1079,21 @@ mod tests {
     }
 
     /// The load of these jobs, on a Redis clock equal to the bench's.
+    /// `ok` jobs that succeeded 1.5 ms after their publish, then
+    /// `unfinished` that never finished; published a millisecond apart.
+    fn some_unfinished(ok: i64, unfinished_too: i64) -> Vec<JobRecord> {
+        let start = Instant::now();
+        (0..ok + unfinished_too)
+            .map(|i| {
+                if i < ok {
+                    succeeded(start, i * 1000, 1500)
+                } else {
+                    unfinished(start, i * 1000)
+                }
+            })
+            .collect()
+    }
+
     fn load_of(jobs: Vec<JobRecord>) -> LoadResult {
         LoadResult {
             first_publish: jobs.iter().filter_map(|j| j.published).min(),
@@ -1144,17 +1159,8 @@ mod tests {
 
     #[test]
     fn latency_targets_are_not_met_when_some_jobs_did_not_succeed_however_fast_the_others_were() {
-        let start = Instant::now();
         // 97 fast jobs; 3 stalled and never finished.
-        let jobs = (0..100)
-            .map(|i| {
-                if i < 97 {
-                    succeeded(start, i * 1000, 1500)
-                } else {
-                    unfinished(start, i * 1000)
-                }
-            })
-            .collect();
+        let jobs = some_unfinished(97, 3);
         let report = report_of(&at_the_latency_targets_rate(100, spawned()), load_of(jobs));
         for name in ["p50 ms publish->succeeded", "p99 ms publish->succeeded"] {
             let t = target(&report, name).unwrap_or_else(|| panic!("{name}"));
@@ -1177,17 +1183,8 @@ mod tests {
 
     #[test]
     fn redis_bytes_per_job_divide_the_growth_by_the_jobs_that_succeeded() {
-        let start = Instant::now();
         // 10 published: 5 succeeded, 5 never finished; 10,000 B grown.
-        let jobs = (0..10)
-            .map(|i| {
-                if i < 5 {
-                    succeeded(start, i * 1000, 1500)
-                } else {
-                    unfinished(start, i * 1000)
-                }
-            })
-            .collect();
+        let jobs = some_unfinished(5, 5);
         let load = LoadResult {
             redis_used_before: Some(1_000_000),
             redis_used_after: Some(1_010_000),
