@@ -90,7 +90,7 @@ use conveyor::shutdown::ShutdownTrigger;
 use conveyor::store::memory::{Clock, MemoryStore, TokioClock};
 use conveyor::store::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, JobStatus, JobSummary,
-    Pruned, Store, StoreError, SweepAction, WorkerInfo,
+    Pruned, ScheduleIndex, Store, StoreError, SweepAction, WorkerInfo,
 };
 use conveyor::worker::{Worker, WorkerOptions};
 use rand::rngs::StdRng;
@@ -645,19 +645,15 @@ impl Store for Partition {
         self.answered(self.inner.forget_leases(e, read_at).await)
             .await
     }
-    async fn defer_retries(
+    async fn defer(
         &self,
+        index: ScheduleIndex,
         e: &[String],
         at: u64,
         pause: Duration,
     ) -> Result<(), StoreError> {
         let _call = self.enter().await?;
-        self.answered(self.inner.defer_retries(e, at, pause).await)
-            .await
-    }
-    async fn defer_leases(&self, e: &[String], at: u64, pause: Duration) -> Result<(), StoreError> {
-        let _call = self.enter().await?;
-        self.answered(self.inner.defer_leases(e, at, pause).await)
+        self.answered(self.inner.defer(index, e, at, pause).await)
             .await
     }
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {

@@ -1587,11 +1587,21 @@ async fn a_deferred_entry_is_due_again_after_its_pause_unless_it_moved_since_it_
         };
         let (retry_read, lease_read) = (promoted[0].read_at, reclaimed[0].read_at);
         store
-            .defer_retries(&entries(&promoted), retry_read, PAUSE)
+            .defer(
+                ScheduleIndex::Retries,
+                &entries(&promoted),
+                retry_read,
+                PAUSE,
+            )
             .await
             .unwrap();
         store
-            .defer_leases(&entries(&reclaimed), lease_read, PAUSE)
+            .defer(
+                ScheduleIndex::Leases,
+                &entries(&reclaimed),
+                lease_read,
+                PAUSE,
+            )
             .await
             .unwrap();
         assert_eq!(store.due_retries(100).await.unwrap(), Vec::new(), "{name}");
@@ -1617,11 +1627,16 @@ async fn a_deferred_entry_is_due_again_after_its_pause_unless_it_moved_since_it_
         assert_eq!(published(&again_leases), vec![requeued], "{name}");
         // Deferred again with the first read: moved since, left due.
         store
-            .defer_retries(&entries(&again), retry_read, PAUSE)
+            .defer(ScheduleIndex::Retries, &entries(&again), retry_read, PAUSE)
             .await
             .unwrap();
         store
-            .defer_leases(&entries(&again_leases), lease_read, PAUSE)
+            .defer(
+                ScheduleIndex::Leases,
+                &entries(&again_leases),
+                lease_read,
+                PAUSE,
+            )
             .await
             .unwrap();
         assert_eq!(store.due_retries(100).await.unwrap().len(), 1, "{name}");

@@ -26,7 +26,7 @@
 //! Entries are handled independently: one whose messages the broker
 //! refuses (a queue that cannot be declared, a nack from a queue at its
 //! length limit) is logged and moved [`REFUSED_ENTRY_PAUSE`] on
-//! (`Store::defer_retries`, `Store::defer_leases`), and the pass goes on
+//! (`Store::defer`), and the pass goes on
 //! with the others, deferring unasked the later entries bound for the
 //! queue that refused. Left due, as until the thirty-second session, it
 //! stayed at the head of its schedule and was read first at every pass;
@@ -41,7 +41,7 @@ use std::collections::HashSet;
 
 use crate::broker::BrokerError;
 use crate::shutdown::Shutdown;
-use crate::store::{StoreError, SweepAction};
+use crate::store::{ScheduleIndex, StoreError, SweepAction};
 
 use super::Dispatcher;
 
@@ -301,18 +301,13 @@ impl Dispatcher {
         if entries.is_empty() {
             return Ok(());
         }
-        match schedule {
-            Schedule::Retries => {
-                self.store
-                    .defer_retries(entries, read_at, REFUSED_ENTRY_PAUSE)
-                    .await
-            }
-            Schedule::Leases => {
-                self.store
-                    .defer_leases(entries, read_at, REFUSED_ENTRY_PAUSE)
-                    .await
-            }
-        }
+        let index = match schedule {
+            Schedule::Retries => ScheduleIndex::Retries,
+            Schedule::Leases => ScheduleIndex::Leases,
+        };
+        self.store
+            .defer(index, entries, read_at, REFUSED_ENTRY_PAUSE)
+            .await
     }
 
     async fn forget(

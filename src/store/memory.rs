@@ -455,34 +455,6 @@ impl MemoryStore {
             .clone()
     }
 
-    /// [`Store::defer_retries`] and [`Store::defer_leases`].
-    async fn defer(
-        &self,
-        schedule: ScheduleIndex,
-        entries: &[String],
-        read_at: u64,
-        pause: Duration,
-    ) -> Result<(), StoreError> {
-        self.yields
-            .after(|| {
-                let to = self.clock.now_ms() + pause.as_millis() as u64;
-                let mut state = self.lock()?;
-                let index = match schedule {
-                    ScheduleIndex::Retries => &mut state.retries,
-                    ScheduleIndex::Leases => &mut state.leases,
-                };
-                let mut moved = false;
-                for e in entries {
-                    moved |= index.defer_due(e, read_at, to);
-                }
-                if moved {
-                    state.changed();
-                }
-                Ok(())
-            })
-            .await
-    }
-
     /// Simulate an outage: every call fails as unavailable while `down`.
     pub fn set_outage(&self, down: bool) {
         self.down.store(down, std::sync::atomic::Ordering::SeqCst);
@@ -898,23 +870,30 @@ impl Store for MemoryStore {
             .await
     }
 
-    async fn defer_retries(
+    async fn defer(
         &self,
+        index: ScheduleIndex,
         entries: &[String],
         read_at: u64,
         pause: Duration,
     ) -> Result<(), StoreError> {
-        self.defer(ScheduleIndex::Retries, entries, read_at, pause)
-            .await
-    }
-
-    async fn defer_leases(
-        &self,
-        entries: &[String],
-        read_at: u64,
-        pause: Duration,
-    ) -> Result<(), StoreError> {
-        self.defer(ScheduleIndex::Leases, entries, read_at, pause)
+        self.yields
+            .after(|| {
+                let to = self.clock.now_ms() + pause.as_millis() as u64;
+                let mut state = self.lock()?;
+                let set = match index {
+                    ScheduleIndex::Retries => &mut state.retries,
+                    ScheduleIndex::Leases => &mut state.leases,
+                };
+                let mut moved = false;
+                for e in entries {
+                    moved |= set.defer_due(e, read_at, to);
+                }
+                if moved {
+                    state.changed();
+                }
+                Ok(())
+            })
             .await
     }
 

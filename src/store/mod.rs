@@ -545,21 +545,14 @@ pub trait Store: Send + Sync + 'static {
     /// back, due at once, for the task to be offered again.
     async fn forget_leases(&self, entries: &[String], read_at: u64) -> Result<(), StoreError>;
 
-    /// Move retry entries whose messages the broker refused (a queue at
-    /// its length limit, a nack) `pause` later, each only if its score is
-    /// still at most `read_at`, as [`Store::forget_retries`] checks: left
-    /// due, they would stay at the head of the schedule and be read first
-    /// at every pass, ahead of the entries behind them.
-    async fn defer_retries(
+    /// Move entries of schedule `index` whose messages the broker refused
+    /// (a queue at its length limit, a nack) `pause` later, each only if
+    /// its score is still at most `read_at`, as [`Store::forget_retries`]
+    /// checks: left due, they would stay at the head of the schedule and be
+    /// read first at every pass, ahead of the entries behind them.
+    async fn defer(
         &self,
-        entries: &[String],
-        read_at: u64,
-        pause: Duration,
-    ) -> Result<(), StoreError>;
-
-    /// [`Store::defer_retries`] for lease entries.
-    async fn defer_leases(
-        &self,
+        index: ScheduleIndex,
         entries: &[String],
         read_at: u64,
         pause: Duration,

@@ -1654,24 +1654,18 @@ impl Store for RedisStore {
         self.forget_due(self.names.leases(), entries, read_at).await
     }
 
-    async fn defer_retries(
+    async fn defer(
         &self,
+        index: ScheduleIndex,
         entries: &[String],
         read_at: u64,
         pause: Duration,
     ) -> Result<(), StoreError> {
-        self.defer_due(self.names.retries(), entries, read_at, pause)
-            .await
-    }
-
-    async fn defer_leases(
-        &self,
-        entries: &[String],
-        read_at: u64,
-        pause: Duration,
-    ) -> Result<(), StoreError> {
-        self.defer_due(self.names.leases(), entries, read_at, pause)
-            .await
+        let key = match index {
+            ScheduleIndex::Leases => self.names.leases(),
+            ScheduleIndex::Retries => self.names.retries(),
+        };
+        self.defer_due(key, entries, read_at, pause).await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
