@@ -389,6 +389,16 @@ impl Dispatcher {
         })
     }
 
+    /// Whether `action` has a message for one of the `refusing` queues
+    /// (full names); at once when none has refused.
+    fn bound_for(&self, action: &SweepAction, refusing: &HashSet<String>) -> bool {
+        !refusing.is_empty()
+            && action
+                .publish
+                .iter()
+                .any(|t| refusing.contains(&self.names.task_queue(&t.queue)))
+    }
+
     /// Publish the messages of `actions`: all in one batch (one round of
     /// confirms), and if that fails for a reason other than an unreachable
     /// broker, entry by entry, to tell the entries that can be published
@@ -405,11 +415,8 @@ impl Dispatcher {
         refusing: &mut HashSet<String>,
     ) -> Published {
         let mut published = Published::default();
-        let (held, actions): (Vec<&SweepAction>, Vec<&SweepAction>) = all.iter().partition(|a| {
-            a.publish
-                .iter()
-                .any(|t| refusing.contains(&self.names.task_queue(&t.queue)))
-        });
+        let (held, actions): (Vec<&SweepAction>, Vec<&SweepAction>) =
+            all.iter().partition(|a| self.bound_for(a, refusing));
         published.held = held.into_iter().map(|a| a.entry.clone()).collect();
         let tasks: Vec<_> = actions
             .iter()
@@ -429,11 +436,7 @@ impl Dispatcher {
             }
         }
         for action in actions {
-            if action
-                .publish
-                .iter()
-                .any(|t| refusing.contains(&self.names.task_queue(&t.queue)))
-            {
+            if self.bound_for(action, refusing) {
                 published.held.push(action.entry.clone());
                 continue;
             }
