@@ -2272,6 +2272,12 @@ async fn ten_thousand_garbage_messages_are_all_recorded_and_the_dispatcher_keeps
                 // Over the 1 MiB limit.
                 format!("{{\"requestor\": \"{}\"}}", "y".repeat(1_100_000)).into_bytes()
             }
+            6 if i % 400 == 206 => {
+                // Under the limit, and 300,000 schema errors: the
+                // dispatcher must stop at the first.
+                let after = vec![1; 300_000];
+                json!({"requestor": "r", "tasks": [{"name": "a", "handler": "noop", "after": after}]}).to_string().into_bytes()
+            }
             6 => json!({"requestor": "r", "tasks": [{"name": "a", "handler": "noop", "after": ["a"]}]}).to_string().into_bytes(),
             _ => json!({"requestor": "r", "tasks": [{"name": "s", "handler": "sleep", "params": {"ms": "later"}}], "extra": true}).to_string().into_bytes(),
         };
