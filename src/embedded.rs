@@ -20,6 +20,10 @@
 //! loss leaves the old snapshot or the new one, never an empty or partial
 //! file that the next start would refuse.
 //!
+//! Its workers are the only ones there are, so besides `worker.queues`
+//! they consume every task queue a job names, from a moment after the
+//! store accepts the job ([`QUEUES_LOOKED_AT_EVERY`]).
+//!
 //! Nothing consumes `<prefix>.dead` in a long `conveyor dev` session, so
 //! the in-process dead-letter queue keeps only the newest
 //! [`DEAD_LETTERS_KEPT`].
@@ -72,6 +76,10 @@ impl Default for EmbeddedOptions {
 /// Dead letters the in-process broker keeps, the newest (see the module
 /// docs): enough to read what went wrong lately.
 pub const DEAD_LETTERS_KEPT: usize = 10_000;
+
+/// How often the embedded workers look for task queues that jobs name
+/// and they do not consume yet ([`Worker::following_new_queues`]).
+pub const QUEUES_LOOKED_AT_EVERY: Duration = Duration::from_millis(250);
 
 /// A running embedded deployment.
 pub struct Embedded {
@@ -166,7 +174,10 @@ impl Embedded {
             )
             // Every part shares one registry, so workers can take
             // submissions (one hop fewer) whatever the config says.
-            .accepting_submissions(intake.clone());
+            .accepting_submissions(intake.clone())
+            // The only workers there are: a job naming a queue besides
+            // `worker.queues` runs too.
+            .following_new_queues(QUEUES_LOOKED_AT_EVERY);
             let shutdown = trigger.subscribe();
             tasks.spawn(async move {
                 if let Err(e) = worker.run(shutdown).await {
@@ -498,6 +509,27 @@ mod tests {
         left.sort();
         assert_eq!(left, ["store.json", "store.tmp"], "no temporary file left");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_naming_a_queue_besides_the_configured_ones_runs_too() {
+        let embedded = start(&Config::default(), EmbeddedOptions::default()).await;
+        let body = serde_json::json!({"id": "elsewhere", "requestor": "t", "tasks": [
+            {"name": "a", "handler": "noop", "params": {"n": 1}, "queue": "gpu"},
+            {"name": "b", "handler": "noop", "params": {}, "after": ["a"], "queue": "batch"}]});
+        embedded
+            .submit(body.to_string().into_bytes())
+            .await
+            .unwrap();
+        wait_for_job(&embedded, "elsewhere", "succeeded", |s| {
+            s.state == JobState::Succeeded
+        })
+        .await;
+        let status = embedded.store.job("elsewhere").await.unwrap().unwrap();
+        assert_eq!(status.tasks["a"].queue, "gpu");
+        assert_eq!(status.tasks["a"].result, serde_json::json!({"n": 1}));
+        assert_eq!(status.tasks["b"].queue, "batch");
+        embedded.shutdown().await.unwrap();
     }
 
     #[tokio::test]

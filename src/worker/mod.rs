@@ -24,6 +24,7 @@ mod execute;
 mod journal;
 mod leases;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +107,10 @@ pub struct Worker {
     active: ActiveClaims,
     health: Health,
     submissions: Option<Submissions>,
+    /// Consume, besides `options.queues`, every task queue a job names, as
+    /// the store comes to know it, looking this often
+    /// ([`Worker::following_new_queues`]).
+    follow_queues: Option<Duration>,
 }
 
 /// The consumer priority of a worker's submit consumer: above the
@@ -161,6 +166,7 @@ impl Worker {
             active: ActiveClaims::new(options.journal.clone()),
             options,
             submissions: None,
+            follow_queues: None,
         }
     }
 
@@ -181,6 +187,17 @@ impl Worker {
             health: self.health.clone(),
             refer_refusals: true,
         });
+        self
+    }
+
+    /// Consume, besides its configured queues, every task queue a job names
+    /// ([`Store::known_queues`]), starting within `every` of the store
+    /// knowing it. For a worker that is the only one of its deployment
+    /// (`conveyor dev`), where a job naming a queue no worker consumes
+    /// would wait for ever: a deployment of many workers gives each the
+    /// queues its handlers and machines are for.
+    pub fn following_new_queues(mut self, every: Duration) -> Worker {
+        self.follow_queues = Some(every);
         self
     }
 
@@ -260,6 +277,14 @@ impl Worker {
                     .await
             });
         }
+        if let Some(every) = self.follow_queues {
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            let permits = permits.clone();
+            let tx = tx.clone();
+            consumers
+                .spawn(async move { this.consume_new_queues(every, permits, shutdown, tx).await });
+        }
         drop(tx);
         tracing::info!(worker = %self.options.id, queues = ?self.options.queues, concurrency = self.options.concurrency,
             submissions = self.submissions.is_some(), "worker consuming");
@@ -322,6 +347,63 @@ impl Worker {
         }
         tracing::info!(worker = %self.options.id, "worker stopped");
         Ok(())
+    }
+
+    /// Looks at the store's known queues every `every` and consumes each
+    /// that no consumer of this worker takes yet, as [`Self::consume`] does
+    /// its configured ones. Returns every subscription it made, cancelled,
+    /// at shutdown.
+    async fn consume_new_queues(
+        &self,
+        every: Duration,
+        permits: Arc<Semaphore>,
+        mut shutdown: Shutdown,
+        tx: mpsc::UnboundedSender<(Work, Option<OwnedSemaphorePermit>)>,
+    ) -> Vec<Box<dyn Subscription>> {
+        let mut consumed: HashSet<String> = self.options.queues.iter().cloned().collect();
+        let mut consumers = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.wait() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+            let known = match self.store.known_queues().await {
+                Ok(known) => known,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list the known queues; trying again");
+                    continue;
+                }
+            };
+            for queue in known {
+                if consumed.contains(&queue) {
+                    continue;
+                }
+                if let Err(e) = self
+                    .outbox
+                    .declare_task_queues(std::iter::once(queue.as_str()))
+                    .await
+                {
+                    tracing::warn!(queue, error = %e, "cannot declare a queue a job named; trying again");
+                    continue;
+                }
+                tracing::info!(worker = %self.options.id, queue, "consuming a queue a job named");
+                consumed.insert(queue.clone());
+                let this = self.clone();
+                let (shutdown, permits, tx) = (shutdown.clone(), permits.clone(), tx.clone());
+                let queue = self.names.task_queue(&queue);
+                consumers
+                    .spawn(async move { this.consume(queue, false, permits, shutdown, tx).await });
+            }
+        }
+        drop(tx);
+        let mut subscriptions = Vec::new();
+        while let Some(done) = consumers.join_next().await {
+            if let Ok(s) = done {
+                subscriptions.extend(s);
+            }
+        }
+        subscriptions
     }
 
     /// One queue's consumer: passes deliveries (with their permit) to the
