@@ -95,7 +95,9 @@ impl Health {
     }
 
     /// Ready to take work: the store answers a ping now (and has the
-    /// replicas creations wait for, if any), the broker is connected, and
+    /// replicas creations wait for, if any) and the consumers take work
+    /// again after an outage (their gate reopens at the outage probe's next
+    /// answer, up to 2 s after the store's), the broker is connected, and
     /// every queue has its consumer. A failed ping also marks the store
     /// down, so an idle process stops taking work too.
     pub async fn readiness(&self) -> Readiness {
@@ -118,6 +120,7 @@ impl Health {
         let broker = matches!(reconnected, Ok(Ok(()))) && self.broker.is_connected();
         let consuming = self.consuming.lock().map(|m| m.clone()).unwrap_or_default();
         let ready = store
+            && self.store_up()
             && replicas.is_none_or(|r| r.enough())
             && broker
             && !consuming.is_empty()
@@ -199,7 +202,9 @@ mod tests {
         assert!(health.readiness().await.ready);
     }
 
-    #[tokio::test]
+    // Paused: the outage probe's first ping (50 ms or more after the
+    // outage is seen) waits until the test itself waits.
+    #[tokio::test(start_paused = true)]
     async fn a_store_outage_makes_it_unready_and_holds_new_work_back() {
         let (store, _, health) = parts();
         health.set_consuming("t.submit", true);
@@ -208,6 +213,11 @@ mod tests {
         assert!(!r.ready && !r.store && r.broker, "{r:?}");
         assert!(!health.store_up(), "a failed probe gates consumption too");
         store.set_outage(false);
+        // The store answers, but the consumers' gate is still shut until
+        // the outage probe reopens it: not ready yet.
+        let r = health.readiness().await;
+        assert!(r.store && !health.store_up(), "{r:?}");
+        assert!(!r.ready, "ready while consumption is held back: {r:?}");
         tokio::time::timeout(Duration::from_secs(5), health.wait_store_up())
             .await
             .unwrap_or_else(|_| panic!("store never came back up"));
