@@ -504,14 +504,16 @@ async fn copy_then_ack_tagged<T>(
     unsettled.map_or(Ok(()), Err)
 }
 
-/// Log the end of a delivery's task if it panicked: its delivery stays
-/// unsettled until its channel closes (the broker then delivers it again),
-/// and nothing else would say why.
+/// Log the end of a delivery's task if it panicked, since nothing else
+/// would say why its work stopped: a delivery not settled yet goes back
+/// when its channel closes (the broker then delivers it again); a task
+/// claimed already (its delivery acked) is the sweep's once its lease
+/// lapses (the worker stops renewing it: see `worker/leases.rs`).
 pub(crate) fn log_if_panicked(joined: Result<(), tokio::task::JoinError>) {
     if let Err(e) = joined
         && e.is_panic()
     {
-        tracing::error!(error = %e, "a delivery's task panicked; its delivery goes back when its channel closes");
+        tracing::error!(error = %e, "a delivery's task panicked; an unsettled delivery goes back when its channel closes, a claimed task to the sweep when its lease lapses");
     }
 }
 

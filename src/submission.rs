@@ -304,12 +304,27 @@ impl Submissions {
     /// recorded under it ([`Self::existing_reply`]); `None` if it is gone
     /// (expired since the id was found taken). Either way, and when it
     /// cannot be read, the submission is taken again later.
+    ///
+    /// An unfinished job under the id is audited first
+    /// ([`Store::audit_job`]): this may be the message that recorded it, on
+    /// a process that judged its body valid (another registry or config, as
+    /// in a rolling upgrade, or a worker with a handler the dispatchers
+    /// lack) and then could not publish its ready tasks and gave it back,
+    /// for this one to judge. Acked here with nothing published, those
+    /// tasks would wait for ever; audited, the sweep offers them again (a
+    /// duplicate of a message still queued is harmless: claims dedupe).
     async fn taken_reply(&self, id: &str) -> Result<Option<SubmitReply>, StoreError> {
         Ok(match self.store.job(id).await? {
             Some(status) if status.state == JobState::Rejected => {
                 Some(Self::taken_by_refusal(id.to_owned(), status.error))
             }
-            Some(status) => Some(self.existing_reply(id.to_owned(), status.state).await),
+            Some(status) => {
+                if !status.state.is_terminal() {
+                    let audit = self.store.audit_job(id).await?;
+                    tracing::info!(job = %id, offered_again = audit.added, "an invalid submission of a recorded job; its schedule audited");
+                }
+                Some(self.existing_reply(id.to_owned(), status.state).await)
+            }
             None => None,
         })
     }
@@ -461,6 +476,7 @@ mod tests {
     use crate::broker::Broker;
     use crate::broker::memory::{MemoryBroker, PublishHook, WithPublish};
     use crate::config::Config;
+    use crate::model::TaskMessage;
     use crate::names::Names;
     use crate::store::memory::{MemoryStore, SystemClock};
 
@@ -744,5 +760,45 @@ mod tests {
             source,
             Some(crate::broker::HeaderValue::Text(s.names.submit_queue()))
         );
+    }
+
+    /// A job recorded by a process that judged its body valid, its ready
+    /// task never published (that process failed to publish and gave the
+    /// submission back), and the submission then taken by a process whose
+    /// registry lacks the job's handler: answered as the recorded job, and
+    /// the task offered again, not left waiting for a message nobody sends.
+    #[tokio::test]
+    async fn an_invalid_verdict_on_a_recorded_jobs_own_submission_has_its_ready_tasks_offered_again()
+     {
+        let mut s = setup().await;
+        s.submissions.refer_refusals = false;
+        let body = br#"{"id": "x", "requestor": "r", "tasks": [{"name": "t", "handler": "noop"}]}"#;
+        let elsewhere =
+            JobIntake::new(&Config::default(), conveyor_builtin_handlers::registry()).unwrap();
+        let Intake::Valid(job) = elsewhere.accept_as(body, None).0 else {
+            panic!("valid where it was recorded");
+        };
+        s.store.create_job(&job).await.unwrap();
+        s.broker.declare_queue("replies").await;
+        let (delivery, _, _sub) = delivered(&s, body).await;
+
+        s.submissions.handle(delivery, None).await;
+
+        let replies = s.broker.take_all("replies").await;
+        let reply: SubmitReply = serde_json::from_slice(&replies[0]).unwrap();
+        assert!(reply.accepted && reply.existing, "{reply:?}");
+        assert_eq!(s.broker.ready_len(&s.names.submit_queue()).await, 0);
+        // The audit's entry is due a millisecond after it was made.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let offered: Vec<TaskMessage> = s
+            .store
+            .expired_leases(10, "d")
+            .await
+            .unwrap()
+            .into_iter()
+            .flat_map(|action| action.publish)
+            .collect();
+        assert_eq!(offered.len(), 1, "{offered:?}");
+        assert_eq!((offered[0].job.as_str(), offered[0].attempt), ("x", 1));
     }
 }

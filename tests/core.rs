@@ -1106,6 +1106,35 @@ async fn a_closed_subscription_sends_its_acks_first_and_returns_the_rest() {
     common::cleanup(&config).await;
 }
 
+/// A delivery dropped unsettled (the task holding it panicked) goes back
+/// to its queue at once, while its subscription lives on: left for the
+/// channel's close, it would hold a prefetch slot for as long as the
+/// subscription lasts (here the only one), and past RabbitMQ's
+/// `consumer_timeout` have the channel closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_unsettled_is_requeued_while_its_subscription_lives() {
+    use conveyor::broker::Outgoing;
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("dropped").await;
+    broker
+        .publish(vec![Outgoing::durable(queue.clone(), b"dropped".to_vec())])
+        .await
+        .expect("published");
+    let mut subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
+    let first = common::next_delivery(&mut subscription, WAIT)
+        .await
+        .expect("a delivery");
+
+    drop(first);
+
+    let again = common::next_delivery(&mut subscription, WAIT)
+        .await
+        .expect("the dropped delivery, again, to the same subscription");
+    assert_eq!(&again.body[..], b"dropped");
+    again.acker.ack().await.expect("acked");
+    subscription.close().await;
+    common::cleanup(&config).await;
+}
+
 /// lapin hands a returned message to whichever confirm of the channel it
 /// settles next, which under concurrent publishing is often another
 /// message's (one publish in 25 to a missing queue came back "confirmed"

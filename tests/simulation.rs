@@ -618,6 +618,11 @@ impl Store for Partition {
         self.answered(self.inner.audit_jobs(cursor, limit).await)
             .await
     }
+
+    async fn audit_job(&self, id: &str) -> Result<AuditPage, StoreError> {
+        let _call = self.enter().await?;
+        self.answered(self.inner.audit_job(id).await).await
+    }
     async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
         let _call = self.enter().await?;
         self.answered(self.inner.audit_done(server).await).await

@@ -1441,6 +1441,147 @@ async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
     common::cleanup(&config).await;
 }
 
+/// A retry outcome sent again (its reply lost) is answered as a duplicate
+/// and leaves the retry due when the first made it due, not a delay after
+/// the resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_outcome_sent_again_does_not_put_its_retry_off() {
+    let config = common::test_config(&common::unique_prefix("retryagain"));
+    let stores = side_by_side(&config).await;
+    for (name, store) in stores {
+        create_noop_job(store.as_ref(), "again").await;
+        let c = claim_first_attempt(store.as_ref(), "again").await;
+        let retry = AttemptResult::Retry {
+            error: "flaky".into(),
+            delay: Duration::from_secs(60),
+        };
+        store.complete(&c.claim, "w", &retry).await.unwrap();
+        let first = store.next_retry_in(0).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        store.complete(&c.claim, "w", &retry).await.unwrap();
+
+        let after = store.next_retry_in(0).await.unwrap().unwrap();
+        assert!(
+            after + Duration::from_millis(90) <= first,
+            "{name}: due in {after:?} after the resend, {first:?} before"
+        );
+    }
+    common::cleanup(&config).await;
+}
+
+/// A process that died without unregistering leaves its entry in the
+/// index of workers; a heartbeat drops the entries silent for a day before
+/// it (their keys may live on: here a long time to live), so the index
+/// does not grow with every crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_drops_the_workers_silent_for_a_day() {
+    let config = common::test_config(&common::unique_prefix("workersgone"));
+    let stores = side_by_side(&config).await;
+    let now = conveyor::store::redis::unix_ms();
+    let day = conveyor::store::WORKER_ENTRY_KEPT_MS;
+    let info = |id: &str, heartbeat_ms: u64| conveyor::store::WorkerInfo {
+        id: id.into(),
+        host: "h".into(),
+        queues: vec!["default".into()],
+        handlers: vec!["noop".into()],
+        concurrency: 1,
+        started_ms: heartbeat_ms,
+        heartbeat_ms,
+    };
+    let ttl = Duration::from_secs(10 * 24 * 3600);
+    for (name, store) in stores {
+        store
+            .heartbeat(&info("crashed", now - day - 1_000), ttl)
+            .await
+            .unwrap();
+        store
+            .heartbeat(&info("quiet", now - day + 60_000), ttl)
+            .await
+            .unwrap();
+        store.heartbeat(&info("live", now), ttl).await.unwrap();
+        let ids: Vec<String> = store
+            .workers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.id)
+            .collect();
+        assert_eq!(ids, ["live", "quiet"], "{name}");
+    }
+    common::cleanup(&config).await;
+}
+
+/// A renewal of many claims, one of whose records the store refuses for
+/// good (its job key holds another type), renews the others and counts
+/// that one lost: until the thirty-third session the one error failed
+/// the whole call, and every claim of the worker went unrenewed, to lapse
+/// under its run, for as long as that run went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_renews_every_claim_but_one_whose_record_is_refused() {
+    let config = common::test_config(&common::unique_prefix("renewbad"));
+    let store = common::connect_store(&config, "eq").await;
+    let names = conveyor::names::Names::new(&config.prefix);
+    for id in ["before", "broken", "after"] {
+        create_noop_job(store.as_ref(), id).await;
+    }
+    let mut claims = Vec::new();
+    for id in ["before", "broken", "after"] {
+        claims.push(claim_first_attempt(store.as_ref(), id).await.claim);
+    }
+    let mut conn = common::redis_connection(&config).await;
+    redis::cmd("SET")
+        .arg(names.job_key("broken"))
+        .arg("not a hash")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let held = store.renew(&claims, Duration::from_secs(60)).await;
+
+    assert_eq!(held.unwrap(), vec![true, false, true]);
+    common::cleanup(&config).await;
+}
+
+/// The audit of one job (a submission of its id that the process taking
+/// it cannot record) asks for what its record needs, as a page's audit
+/// does: its ready task offered again, once; nothing for a finished job or
+/// one that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_of_one_job_has_its_ready_task_offered_again() {
+    let config = common::test_config(&common::unique_prefix("auditone"));
+    let stores = side_by_side(&config).await;
+    for (name, store) in stores {
+        let message = create_noop_job(store.as_ref(), "one").await;
+        create_noop_job(store.as_ref(), "done").await;
+        let c = claim_first_attempt(store.as_ref(), "done").await;
+        store
+            .complete(&c.claim, "w", &AttemptResult::Succeeded("{}".into()))
+            .await
+            .unwrap();
+
+        let page = store.audit_job("one").await.unwrap();
+
+        let wanted: Vec<(ScheduleIndex, &str)> = page
+            .wanted
+            .iter()
+            .map(|e| (e.index, e.entry.as_str()))
+            .collect();
+        assert_eq!(wanted, vec![(ScheduleIndex::Leases, "one|0|1")], "{name}");
+        assert_eq!((page.jobs, page.added, page.next), (1, 1, None), "{name}");
+        assert_eq!(store.audit_job("one").await.unwrap().added, 0, "{name}");
+        for other in ["done", "nobody"] {
+            let page = store.audit_job(other).await.unwrap();
+            assert!(page.wanted.is_empty(), "{name}: {other}: {page:?}");
+        }
+        // Due a millisecond after the audit's moment.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let actions = store.expired_leases(100, "sweep").await.unwrap();
+        assert_eq!(published(&actions), vec![message], "{name}");
+    }
+    common::cleanup(&config).await;
+}
+
 /// The usual refused outcome is a lapsed lease's: the task moved on (here
 /// to attempt 2, queued by the sweep). Its recheck leaves the sweep
 /// nothing to do, in both stores: no second copy of attempt 2's message.

@@ -631,7 +631,7 @@ async fn connect_first(
                 let text = e.to_string();
                 let unusable_url = matches!(e.kind(), lapin::ErrorKind::IOError(io)
                     if io.kind() == std::io::ErrorKind::InvalidInput);
-                if text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED") || unusable_url {
+                if connection_refused_for_good(&text) || unusable_url {
                     refused += 1;
                 }
                 text
@@ -658,6 +658,18 @@ async fn connect_first(
     } else {
         Err(BrokerError::Unavailable(what))
     }
+}
+
+/// Whether a connection's refusal, as lapin words it, is one that waiting
+/// cannot mend: credentials refused (`ACCESS_REFUSED`), or a vhost that
+/// does not exist or that the user may not open (`NOT_ALLOWED`). RabbitMQ
+/// answers `NOT_ALLOWED` for passing conditions too, which are outages: a
+/// vhost still starting on a restarted node ("vhost / is down") and a
+/// vhost's or user's connection limit ("connection limit (10) is
+/// reached").
+fn connection_refused_for_good(text: &str) -> bool {
+    text.contains("ACCESS_REFUSED")
+        || (text.contains("NOT_ALLOWED") && !text.contains("is down") && !text.contains("limit"))
 }
 
 impl AmqpBroker {
@@ -1485,20 +1497,67 @@ impl AckBatcher {
     }
 }
 
+/// Settles one delivery. One dropped unsettled (the task holding it
+/// panicked) is requeued: its subscription may live for days, and until
+/// its channel closed the delivery would hold a prefetch slot, keep every
+/// later ack on the channel out of the multiple ack, and, past RabbitMQ's
+/// `consumer_timeout`, have the broker close the channel and requeue
+/// everything on it.
 struct AmqpAcker {
     tag: u64,
     batcher: Arc<AckBatcher>,
+    settled: std::sync::atomic::AtomicBool,
+}
+
+impl AmqpAcker {
+    fn new(tag: u64, batcher: Arc<AckBatcher>) -> AmqpAcker {
+        batcher.delivered(tag);
+        AmqpAcker {
+            tag,
+            batcher,
+            settled: false.into(),
+        }
+    }
+
+    /// Whether this is the first settling (a second is not sent: RabbitMQ
+    /// closes the channel on an unknown tag).
+    fn settling(&self) -> bool {
+        !self.settled.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.batcher.ack(self.tag);
+        if self.settling() {
+            self.batcher.ack(self.tag);
+        }
         Ok(())
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
+        if !self.settling() {
+            return Ok(());
+        }
         self.batcher.requeue(self.tag).await
+    }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        if !self.settling() {
+            return;
+        }
+        let (tag, batcher) = (self.tag, self.batcher.clone());
+        // No runtime: the process is ending, and its channels with it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                match batcher.requeue(tag).await {
+                    Ok(()) => tracing::warn!(tag, "a delivery dropped unsettled was requeued"),
+                    Err(e) => tracing::debug!(tag, error = %e, "a delivery dropped unsettled comes back with its channel"),
+                }
+            });
+        }
     }
 }
 
@@ -1523,13 +1582,7 @@ impl Subscription for AmqpSubscription {
             properties,
             redelivered: delivery.redelivered,
             body: delivery.data,
-            acker: {
-                self.acks.delivered(delivery.delivery_tag);
-                Box::new(AmqpAcker {
-                    tag: delivery.delivery_tag,
-                    batcher: self.acks.clone(),
-                })
-            },
+            acker: Box::new(AmqpAcker::new(delivery.delivery_tag, self.acks.clone())),
         }))
     }
 
@@ -1593,6 +1646,29 @@ mod tests {
         }
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(!refused_for_good(&lapin::Error::from(reset)));
+    }
+
+    #[test]
+    fn a_connection_refused_for_a_passing_reason_is_an_outage() {
+        // As lapin words RabbitMQ's refusals (rabbit_reader's texts).
+        let refused = |text: &str| format!("protocol error: NOT_ALLOWED - {text}");
+        for for_good in [
+            "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN".to_owned(),
+            refused("vhost nope not found"),
+            refused("access to vhost '/' refused for user 'guest'"),
+        ] {
+            assert!(connection_refused_for_good(&for_good), "{for_good}");
+        }
+        for passing in [
+            refused("vhost / is down"),
+            refused(
+                "access to vhost '/' refused for user 'guest': connection limit (10) is reached",
+            ),
+            refused("Connection refused for user 'guest': user connection limit (5) is reached"),
+            "connection reset by peer".to_owned(),
+        ] {
+            assert!(!connection_refused_for_good(&passing), "{passing}");
+        }
     }
 
     #[test]

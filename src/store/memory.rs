@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Created, DEFAULT_MAX_INPUTS_BYTES,
     JobStatus, JobSummary, PENDING_RETRY_RECHECK, Pruned, ScheduleIndex, Store, StoreError,
-    SweepAction, WorkerInfo, entry, parse_entry,
+    SweepAction, WORKER_ENTRY_KEPT_MS, WorkerInfo, entry, parse_entry,
 };
 use crate::intake::{PlannedJob, Rejection};
 use crate::machine::{JobRecord, Promotion, Reclaim};
@@ -135,6 +135,13 @@ impl ScoredSet {
         self.order.insert((score, member.to_owned()));
     }
 
+    /// Add, or lower the score of a member present (ZADD LT).
+    fn add_or_lower(&mut self, member: &str, score: u64) {
+        if self.scores.get(member).is_none_or(|&old| score < old) {
+            self.add(member, score);
+        }
+    }
+
     /// Add unless present (ZADD NX); whether it was added.
     fn add_new(&mut self, member: &str, score: u64) -> bool {
         if self.scores.contains_key(member) {
@@ -242,6 +249,32 @@ struct State {
 }
 
 impl State {
+    /// The audit of the jobs `ids` (see [`Store::audit_jobs`]).
+    fn audit<S: AsRef<str>>(&mut self, ids: &[S], now: u64) -> AuditPage {
+        let mut page = AuditPage {
+            jobs: ids.len(),
+            ..AuditPage::default()
+        };
+        for id in ids {
+            if let Some(job) = self.job_mut(id.as_ref(), now) {
+                page.wanted.extend(job.schedule_entries(now));
+            }
+        }
+        if !page.wanted.is_empty() {
+            self.changed();
+        }
+        for e in &page.wanted {
+            let index = match e.index {
+                ScheduleIndex::Leases => &mut self.leases,
+                ScheduleIndex::Retries => &mut self.retries,
+            };
+            if index.add_or_raise(&e.entry, e.at_ms) {
+                page.added += 1;
+            }
+        }
+        page
+    }
+
     /// The record of `id`, unless missing or past its retention (a record
     /// found past it is removed, which counts as a change).
     fn job_mut(&mut self, id: &str, now: u64) -> Option<&mut JobRecord> {
@@ -677,7 +710,7 @@ impl Store for MemoryStore {
                     let due = now + delay.as_millis() as u64;
                     state
                         .retries
-                        .add(&entry(&claim.job, claim.idx, claim.attempt + 1), due);
+                        .add_or_lower(&entry(&claim.job, claim.idx, claim.attempt + 1), due);
                 }
                 Ok(match state.job_mut(&claim.job, now) {
                     Some(job) => job.complete(claim, result, worker, now),
@@ -1006,6 +1039,10 @@ impl Store for MemoryStore {
                     worker.id.clone(),
                     (worker.clone(), now + ttl.as_millis() as u64),
                 );
+                let silent_since = worker.heartbeat_ms.saturating_sub(WORKER_ENTRY_KEPT_MS);
+                state
+                    .workers
+                    .retain(|_, (w, _)| w.heartbeat_ms >= silent_since);
                 Ok(())
             })
             .await
@@ -1066,29 +1103,18 @@ impl Store for MemoryStore {
                     .collect();
                 let more = ids.len() > limit.max(1);
                 ids.truncate(limit.max(1));
-                let mut page = AuditPage {
-                    jobs: ids.len(),
-                    next: if more { ids.last().cloned() } else { None },
-                    ..AuditPage::default()
-                };
-                for id in &ids {
-                    if let Some(job) = state.job_mut(id, now) {
-                        page.wanted.extend(job.schedule_entries(now));
-                    }
-                }
-                if !page.wanted.is_empty() {
-                    state.changed();
-                }
-                for e in &page.wanted {
-                    let index = match e.index {
-                        ScheduleIndex::Leases => &mut state.leases,
-                        ScheduleIndex::Retries => &mut state.retries,
-                    };
-                    if index.add_or_raise(&e.entry, e.at_ms) {
-                        page.added += 1;
-                    }
-                }
+                let mut page = state.audit(&ids, now);
+                page.next = if more { ids.last().cloned() } else { None };
                 Ok(page)
+            })
+            .await
+    }
+
+    async fn audit_job(&self, id: &str) -> Result<AuditPage, StoreError> {
+        self.yields
+            .after(|| {
+                let now = self.clock.now_ms();
+                Ok(self.lock()?.audit(&[id], now))
             })
             .await
     }

@@ -168,6 +168,12 @@ pub const DEFAULT_MAX_INPUTS_BYTES: u64 = 64 * 1024 * 1024;
 /// this much late.
 pub const PENDING_RETRY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long the index of workers keeps a process that stopped sending
+/// heartbeats without unregistering (killed, crashed): a day, far past
+/// any heartbeat's time to live and any clock difference between hosts
+/// (each entry is scored with its own host's clock).
+pub const WORKER_ENTRY_KEPT_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimOutcome {
@@ -584,6 +590,13 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_jobs(&self, cursor: Option<&str>, limit: usize)
     -> Result<AuditPage, StoreError>;
 
+    /// The audit of one job, as [`Store::audit_jobs`] does each of a
+    /// page's: for a job recorded by a process that may not have published
+    /// its ready tasks (a submission of its id, given back, that this
+    /// process cannot record as its own; see `submission.rs`), so the
+    /// sweep offers them again.
+    async fn audit_job(&self, id: &str) -> Result<AuditPage, StoreError>;
+
     /// Record that the audit of `server` (from [`Store::audit_due`]) is
     /// complete.
     async fn audit_done(&self, server: &str) -> Result<(), StoreError>;
@@ -607,7 +620,9 @@ pub trait Store: Send + Sync + 'static {
     /// prefix), sorted.
     async fn known_queues(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Register or refresh a worker; it drops out after `ttl` without refresh.
+    /// Register or refresh a worker; it drops out after `ttl` without
+    /// refresh. Entries of processes silent for [`WORKER_ENTRY_KEPT_MS`]
+    /// before this one's heartbeat are dropped from the index.
     async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), StoreError>;
 
     /// Remove a worker from the registry (clean shutdown).

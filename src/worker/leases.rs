@@ -46,11 +46,32 @@ pub(super) struct ActiveClaims {
 /// Fires when a renewal finds the claim no longer held (its lease lapsed
 /// and the task moved on, or the store lost it): the run should stop,
 /// since another claim may be running the task.
-pub(super) struct ClaimLost(Arc<Notify>);
+///
+/// It also ends the claim's renewals if its run's task panics (dropped
+/// while unwinding): the run's ends, which take a claim out of the
+/// renewals, would never come, and renewed for ever by a live worker, the
+/// claim would hold its task `running` with nothing running it. Left to
+/// lapse, the task is the sweep's (its next attempt).
+pub(super) struct ClaimLost {
+    lost: Arc<Notify>,
+    active: ActiveClaims,
+    claim: ClaimRef,
+}
 
 impl ClaimLost {
     pub(super) async fn wait(&self) {
-        self.0.notified().await;
+        self.lost.notified().await;
+    }
+}
+
+impl Drop for ClaimLost {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let claim = &self.claim;
+            tracing::error!(job = %claim.job, idx = claim.idx, fence = claim.fence,
+                "the run of this claim panicked; no longer renewing it (the sweep takes the task over when its lease lapses)");
+            self.active.remove(claim);
+        }
     }
 }
 
@@ -73,12 +94,17 @@ impl ActiveClaims {
     pub(super) fn insert(&self, claim: ClaimRef, asked: Instant) -> ClaimLost {
         let lost = Arc::new(Notify::new());
         let new_fence = claim.fence;
+        let signal = ClaimLost {
+            lost: lost.clone(),
+            active: self.clone(),
+            claim: claim.clone(),
+        };
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let older = map.insert(
             (claim.job.clone(), claim.idx),
             Held {
                 claim,
-                lost: lost.clone(),
+                lost,
                 confirmed: asked,
             },
         );
@@ -88,7 +114,7 @@ impl ActiveClaims {
                 "claim superseded by this worker's newer claim of the task; stopping its run");
             older.lost.notify_one();
         }
-        ClaimLost(lost)
+        signal
     }
 
     /// Renew `claim` again, confirmed at `confirmed`, after [`Self::remove`]
@@ -286,6 +312,24 @@ mod tests {
         );
         active.remove(&newer);
         assert!(active.snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_run_that_panics_stops_its_claims_renewals_and_one_that_ends_does_not_by_itself() {
+        let active = ActiveClaims::new(None);
+        let (panicking, ending) = (claim_of(1, 10), claim_of(1, 11));
+        let ending = ClaimRef { idx: 1, ..ending };
+        let lost = active.insert(panicking.clone(), Instant::now());
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _lost = lost;
+            panic!("a bug in the run");
+        }));
+        assert!(run.is_err());
+        assert!(active.snapshot().is_empty(), "{:?}", active.snapshot());
+        // A run's signal dropped without a panic leaves its claim to the
+        // run's end (`remove`), as before.
+        drop(active.insert(ending.clone(), Instant::now()));
+        assert_eq!(active.snapshot(), vec![ending]);
     }
 
     #[tokio::test(start_paused = true)]

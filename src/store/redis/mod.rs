@@ -54,7 +54,7 @@ use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created,
     DEFAULT_MAX_INPUTS_BYTES, HistoryEntry, JobStatus, JobSummary, OversizedInputs,
     PENDING_RETRY_RECHECK, Pruned, Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError,
-    SweepAction, TaskStatus, WorkerInfo, entry, parse_entry,
+    SweepAction, TaskStatus, WORKER_ENTRY_KEPT_MS, WorkerInfo, entry, parse_entry,
 };
 use crate::config::TlsCa;
 use crate::intake::{PlannedJob, Rejection};
@@ -1256,6 +1256,86 @@ impl RedisStore {
         }
         cmd
     }
+
+    /// [`Self::run`] of a pipeline whose calls answer each for itself
+    /// (`ignore_errors`): its `expected` replies (commands not ignored), a
+    /// server error in the place of a call that failed. Sent again once the
+    /// function library is loaded if Redis lost it. `what` names the call.
+    async fn run_each(
+        &self,
+        pipe: &Pipeline,
+        expected: usize,
+        what: &str,
+    ) -> Result<Vec<redis::Value>, StoreError> {
+        let mut values: Vec<redis::Value> = self.run(pipe).await?;
+        if values.iter().any(is_lost_library) {
+            self.load_library().await?;
+            values = self.run(pipe).await?;
+        }
+        if values.len() != expected {
+            return Err(protocol(format!(
+                "{what} of {expected} had {} replies",
+                values.len()
+            )));
+        }
+        Ok(values)
+    }
+
+    /// The audit of the jobs `ids` (see [`Store::audit_jobs`]).
+    async fn audit_ids(&self, ids: &[&str]) -> Result<AuditPage, StoreError> {
+        let mut page = AuditPage {
+            jobs: ids.len(),
+            ..AuditPage::default()
+        };
+        if ids.is_empty() {
+            return Ok(page);
+        }
+        // Each call's error its own: one record the script fails on (or
+        // whose answer does not parse) is skipped and counted, and the
+        // audit goes on with the others; failing the page on it would end
+        // every audit of the deployment at that job.
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for id in ids {
+            pipe.add_command(self.fcall(Script::Audit, id));
+        }
+        let values = self.run_each(&pipe, ids.len(), "an audit").await?;
+        for (id, value) in ids.iter().zip(values) {
+            let wanted = match value {
+                redis::Value::ServerError(e) => Err(self.classify(e.into())),
+                value => redis::from_redis_value::<Reply>(value)
+                    .map_err(|e| protocol(format!("audit answered {e}")))
+                    .and_then(|reply| audit_entries(id, &reply)),
+            };
+            match wanted {
+                Ok(wanted) => page.wanted.extend(wanted),
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "the audit cannot act on this job's record (corrupt, or written by another version); skipping it");
+                    page.unusable += 1;
+                }
+            }
+        }
+        if page.wanted.is_empty() {
+            return Ok(page);
+        }
+        let mut pipe = redis::pipe();
+        for e in &page.wanted {
+            let index = match e.index {
+                ScheduleIndex::Leases => self.names.leases(),
+                ScheduleIndex::Retries => self.names.retries(),
+            };
+            // Added, or raised to the wanted time: see `Store::audit_jobs`.
+            pipe.cmd("ZADD")
+                .arg(index)
+                .arg("GT")
+                .arg(e.at_ms)
+                .arg(&e.entry);
+        }
+        let added: Vec<usize> = self.run(&pipe).await?;
+        page.added = added.iter().sum();
+        Ok(page)
+    }
 }
 
 #[async_trait]
@@ -1376,7 +1456,11 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         let lease_ms = lease.as_millis() as u64;
+        // Each claim's error its own: a record the script cannot act on (a
+        // job key of another type) failing the whole call would leave every
+        // other claim of the worker unrenewed, to lapse under its run.
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for c in claims {
             let mut cmd = self.fcall(Script::Renew, &c.job);
             cmd.arg(c.idx).arg(c.fence).arg(lease_ms);
@@ -1388,8 +1472,29 @@ impl Store for RedisStore {
                 .arg(entry(&c.job, c.idx, c.attempt))
                 .ignore();
         }
-        let held: Vec<i64> = self.run(&pipe).await?;
-        Ok(held.into_iter().map(|le| le > 0).collect())
+        let values = self.run_each(&pipe, claims.len(), "a renewal").await?;
+        let mut held = Vec::with_capacity(claims.len());
+        for (c, value) in claims.iter().zip(values) {
+            held.push(match value {
+                redis::Value::ServerError(e) => {
+                    let e = self.classify(e.into());
+                    if e.is_retryable() {
+                        return Err(e);
+                    }
+                    // Never renewable: counted lost, so its run stops (its
+                    // outcome could not be applied either).
+                    tracing::error!(job = %c.job, idx = c.idx, fence = c.fence, error = %e,
+                        "cannot renew this claim: the store refuses its record for good; counting it lost");
+                    false
+                }
+                value => {
+                    redis::from_redis_value::<i64>(value)
+                        .map_err(|e| protocol(format!("renew answered {e}")))?
+                        > 0
+                }
+            });
+        }
+        Ok(held)
     }
 
     async fn complete(
@@ -1410,8 +1515,11 @@ impl Store for RedisStore {
                 // Schedule first, apply second: a crash between leaves a
                 // schedule entry that `promote` finds stale, never a retry
                 // recorded in the job with nothing to wake it.
+                // `LT`: the same outcome sent again (its reply lost) does
+                // not move the retry later than the record says it is due.
                 pipe.cmd("ZADD")
                     .arg(self.names.retries())
+                    .arg("LT")
                     .arg(self.now_ms() + delay_ms)
                     .arg(entry(&claim.job, claim.idx, claim.attempt + 1))
                     .ignore();
@@ -1868,6 +1976,17 @@ impl Store for RedisStore {
             .arg(worker.heartbeat_ms)
             .arg(&worker.id)
             .ignore();
+        // Processes that died without unregistering (killed, crashed)
+        // leave their entry: dropped here once long silent, or the index
+        // would grow with every restart.
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(self.names.workers_index())
+            .arg("-inf")
+            .arg(format!(
+                "({}",
+                worker.heartbeat_ms.saturating_sub(WORKER_ENTRY_KEPT_MS)
+            ))
+            .ignore();
         self.run::<()>(&pipe).await
     }
 
@@ -1960,71 +2079,14 @@ impl Store for RedisStore {
             .arg("COUNT")
             .arg(limit.max(1));
         let ((next, flat),): ((String, Vec<String>),) = self.run(&pipe).await?;
-        let ids: Vec<&String> = flat.iter().step_by(2).collect();
-        let mut page = AuditPage {
-            jobs: ids.len(),
-            next: (next != "0").then_some(next),
-            ..AuditPage::default()
-        };
-        if ids.is_empty() {
-            return Ok(page);
-        }
-        // Each call's error its own: one record the script fails on (or
-        // whose answer does not parse) is skipped and counted, and the
-        // audit goes on with the others; failing the page on it would end
-        // every audit of the deployment at that job.
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for id in &ids {
-            pipe.add_command(self.fcall(Script::Audit, id));
-        }
-        let mut values: Vec<redis::Value> = self.run(&pipe).await?;
-        if values.iter().any(is_lost_library) {
-            self.load_library().await?;
-            values = self.run(&pipe).await?;
-        }
-        if values.len() != ids.len() {
-            return Err(protocol(format!(
-                "an audit of {} jobs had {} replies",
-                ids.len(),
-                values.len()
-            )));
-        }
-        for (id, value) in ids.iter().zip(values) {
-            let wanted = match value {
-                redis::Value::ServerError(e) => Err(self.classify(e.into())),
-                value => redis::from_redis_value::<Reply>(value)
-                    .map_err(|e| protocol(format!("audit answered {e}")))
-                    .and_then(|reply| audit_entries(id, &reply)),
-            };
-            match wanted {
-                Ok(wanted) => page.wanted.extend(wanted),
-                Err(e) if e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::error!(job = %id, error = %e, "the audit cannot act on this job's record (corrupt, or written by another version); skipping it");
-                    page.unusable += 1;
-                }
-            }
-        }
-        if page.wanted.is_empty() {
-            return Ok(page);
-        }
-        let mut pipe = redis::pipe();
-        for e in &page.wanted {
-            let index = match e.index {
-                ScheduleIndex::Leases => self.names.leases(),
-                ScheduleIndex::Retries => self.names.retries(),
-            };
-            // Added, or raised to the wanted time: see `Store::audit_jobs`.
-            pipe.cmd("ZADD")
-                .arg(index)
-                .arg("GT")
-                .arg(e.at_ms)
-                .arg(&e.entry);
-        }
-        let added: Vec<usize> = self.run(&pipe).await?;
-        page.added = added.iter().sum();
+        let ids: Vec<&str> = flat.iter().step_by(2).map(String::as_str).collect();
+        let mut page = self.audit_ids(&ids).await?;
+        page.next = (next != "0").then_some(next);
         Ok(page)
+    }
+
+    async fn audit_job(&self, id: &str) -> Result<AuditPage, StoreError> {
+        self.audit_ids(&[id]).await
     }
 
     async fn audit_done(&self, server: &str) -> Result<(), StoreError> {
