@@ -158,8 +158,9 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
     let published = conveyor::model::TaskMessage::decode(&delivery.body)
         .unwrap()
         .task;
-    // Unacked; it goes back to the queue when the interceptor is dropped.
-    drop(delivery);
+    // Held unacked (dropped, it would go back to the queue at once, and
+    // to the interceptor again) until the interceptor lets it go.
+    let held = delivery;
     let here = match published.as_str() {
         "b" => "c",
         "c" => "b",
@@ -193,6 +194,7 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
     let status = d.status("diamond").await.unwrap();
     assert_eq!(status.tasks["a"].state, TaskState::Succeeded);
     // Let them go: the worker takes them back and the job finishes.
+    held.acker.requeue().await.expect("requeued");
     drop(interceptor);
     let status = d.wait_terminal("diamond", WAIT).await;
     assert_eq!(status.state, JobState::Succeeded, "{status:#?}");

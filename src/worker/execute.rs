@@ -129,11 +129,22 @@ async fn answer_of(
     let canceller = handler.clone();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
-    let mut run = AbortOnDrop(tokio::spawn(async move {
-        let answer = handler.run(ctx, params).await;
-        (answer, tokio::time::Instant::now())
-    }));
-    let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.0).await;
+    let mut run = RunningHandler {
+        task: tokio::spawn(async move {
+            let answer = handler.run(ctx, params).await;
+            (answer, tokio::time::Instant::now())
+        }),
+        unread: Some((
+            canceller.clone(),
+            claimed.claim.job.clone(),
+            claimed.task.clone(),
+        )),
+    };
+    let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.task).await;
+    if answer.is_ok() {
+        // Read: the answer is handled below.
+        run.unread = None;
+    }
     // A handler that blocks its thread (against the contract: blocking work
     // belongs in `spawn_blocking`) also blocks the timer that would have
     // stopped it; when it returns at last, its answer is late all the same.
@@ -173,7 +184,7 @@ async fn answer_of(
         )),
         Ok(Err(join)) => AttemptEnd::Transient(format!("handler task was cancelled: {join}")),
         Err(_) => {
-            run.0.abort();
+            run.task.abort();
             AttemptEnd::Transient(format!(
                 "timed out after {:.1}s (timeout_s)",
                 timeout.as_secs_f64()
@@ -195,7 +206,21 @@ fn cancel_in_background(
     token: conveyor_handler::ExecutionToken,
     claimed: &Claimed,
 ) {
-    let (job, task) = (claimed.claim.job.clone(), claimed.task.clone());
+    cancel_in_background_of(
+        handler,
+        token,
+        claimed.claim.job.clone(),
+        claimed.task.clone(),
+    );
+}
+
+/// [`cancel_in_background`] for task `task` of job `job`.
+fn cancel_in_background_of(
+    handler: Arc<dyn Handler>,
+    token: conveyor_handler::ExecutionToken,
+    job: String,
+    task: String,
+) {
     tokio::spawn(async move {
         let how = cancel_started(handler, &token).await;
         tracing::warn!(%job, %task, token = %token, "outside work the task cannot wait for: {how}");
@@ -229,11 +254,33 @@ async fn cancel_started(
     }
 }
 
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// A handler's run in its own task: aborted when dropped (a hard stop
+/// hands the task back, a lost claim stops its run). A run that answered
+/// `Started` before anyone read its answer (the hard stop or the lost claim
+/// was seen first) has its outside work cancelled then, as any `Started`
+/// is ([`cancel_in_background`]): dropped unread, the work went on, and
+/// the task, handed back, started it again.
+struct RunningHandler {
+    task: tokio::task::JoinHandle<(Result<Outcome, HandlerError>, tokio::time::Instant)>,
+    /// Until its answer is read: the handler, the job and the task.
+    unread: Option<(Arc<dyn Handler>, String, String)>,
+}
 
-impl<T> Drop for AbortOnDrop<T> {
+impl Drop for RunningHandler {
     fn drop(&mut self) {
-        self.0.abort();
+        use futures::FutureExt;
+        self.task.abort();
+        let Some((handler, job, task)) = self.unread.take() else {
+            return;
+        };
+        // Finished and never read: its answer is there to take at once
+        // (an aborted run answers a cancelled `JoinError`).
+        if self.task.is_finished()
+            && let Some(Ok((Ok(Outcome::Started { token, .. }), _))) =
+                (&mut self.task).now_or_never()
+        {
+            cancel_in_background_of(handler, token, job, task);
+        }
     }
 }
 
@@ -405,6 +452,36 @@ mod tests {
             "{error}"
         );
         // In a task of its own, which no stop of the attempt drops.
+        for _ in 0..100 {
+            if !handler.cancelled.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*handler.cancelled.lock().unwrap(), vec!["ext-1".to_owned()]);
+    }
+
+    /// A run that started outside work and was dropped before its answer
+    /// was read (a hard stop or a lost claim seen first) has that work
+    /// cancelled too: dropped unread, it went on, and the task, handed
+    /// back, started it again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn outside_work_started_by_a_run_dropped_unread_is_cancelled() {
+        let handler = Arc::new(StartsOutsideWork {
+            cancels: true,
+            cancelled: Default::default(),
+        });
+        let claimed = claimed(Duration::from_secs(5));
+        {
+            let attempt = run_attempt(handler.clone(), &claimed, 64);
+            tokio::pin!(attempt);
+            // Its handler's task spawned, not run yet (one thread)…
+            assert!(futures::poll!(attempt.as_mut()).is_pending());
+            // …it answers; the attempt never reads it, and is dropped.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
         for _ in 0..100 {
             if !handler.cancelled.lock().unwrap().is_empty() {
                 break;
