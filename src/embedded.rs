@@ -251,6 +251,13 @@ impl Embedded {
         self.stop(async move { outer.hurried().await }).await
     }
 
+    /// Stop without waiting for running tasks: a stop hurried from the
+    /// start (`conveyor run`, done with its job or given up on it: what
+    /// still runs is handed back, a `shell` task's processes killed).
+    pub async fn shutdown_now(self) -> anyhow::Result<()> {
+        self.stop(std::future::ready(())).await
+    }
+
     async fn stop(mut self, hurried: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.trigger.trigger();
         let trigger = self.trigger.clone();

@@ -41,8 +41,8 @@ use crate::text::{capped, cut};
 pub const MAX_ERROR_BYTES: usize = 1024;
 
 /// The longest text of one error where a rejection lists several (up to
-/// three schema errors, or up to [`MAX_TASK_ERRORS`] task errors), so that
-/// all of them fit in [`MAX_ERROR_BYTES`].
+/// [`MAX_TASK_ERRORS`] task errors), so that all of them fit in
+/// [`MAX_ERROR_BYTES`]; the schema's one error is cut to it too.
 const MAX_LISTED_ERROR_BYTES: usize = 320;
 
 /// The most task errors one rejection names; the rest are counted.
@@ -294,7 +294,7 @@ impl JobIntake {
         // Masked: the message names the rule and its limit, with the
         // instance written as `value` (it may be a megabyte of string).
         let e = self.schema.validate(value).err()?;
-        let path = pointer_to_field(&e.instance_path().to_string());
+        let path = pointer_to_field(&e.instance_path().to_string(), value);
         Some(capped(
             format!("{path}: {}", e.masked()),
             MAX_LISTED_ERROR_BYTES,
@@ -600,19 +600,29 @@ fn usable_id(value: &Value, max: usize) -> Option<String> {
     Some(id.to_owned())
 }
 
-/// `/tasks/0/handler` -> `tasks[0].handler`; empty -> `job`.
-fn pointer_to_field(pointer: &str) -> String {
+/// `/tasks/0/handler` of `instance` -> `tasks[0].handler`; the root ->
+/// `job`. A segment is an index only where its parent is an array (a label
+/// named `0` is `labels.0`), and its `~1`/`~0` escapes are undone (a label
+/// named `a/b` is `labels.a/b`).
+fn pointer_to_field(pointer: &str, instance: &Value) -> String {
     let mut out = String::new();
-    for part in pointer.split('/').filter(|p| !p.is_empty()) {
-        if part.chars().all(|c| c.is_ascii_digit()) {
-            out.push('[');
-            out.push_str(part);
-            out.push(']');
-        } else {
-            if !out.is_empty() {
-                out.push('.');
+    let mut at = Some(instance);
+    for part in pointer.split('/').skip(1) {
+        let key = part.replace("~1", "/").replace("~0", "~");
+        match at {
+            Some(Value::Array(items)) => {
+                out.push('[');
+                out.push_str(&key);
+                out.push(']');
+                at = key.parse::<usize>().ok().and_then(|i| items.get(i));
             }
-            out.push_str(part);
+            parent => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&key);
+                at = parent.and_then(|v| v.get(key.as_str()));
+            }
         }
     }
     if out.is_empty() {
@@ -804,6 +814,19 @@ mod tests {
         assert!(err.starts_with("tasks[0].name"), "{err}");
         let err = rejected(json!({"tasks": []}));
         assert!(err.contains("requestor"), "{err}");
+    }
+
+    #[test]
+    fn a_label_is_named_by_its_key_whatever_the_key() {
+        for (key, named) in [
+            ("0", "labels.0"),
+            ("a/b", "labels.a/b"),
+            ("t~x", "labels.t~x"),
+        ] {
+            let err = rejected(json!({"requestor": "me", "labels": {key: 5},
+                "tasks": [{"name": "a", "handler": "noop"}]}));
+            assert!(err.starts_with(&format!("{named}: ")), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -23,9 +23,37 @@ pub fn capped(text: String, max: usize) -> String {
     out
 }
 
+/// `text` on one line, for a table a terminal shows: control characters
+/// (a line break of a program's error output, a terminal escape sequence
+/// a submitter put in a label) written as escapes (`\n`, `\u{1b}`), the
+/// rest as it is.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_writes_control_characters_as_escapes() {
+        assert_eq!(one_line("plain ü"), "plain ü");
+        assert_eq!(
+            one_line("line\nnext\t\u{1b}[31mred"),
+            "line\\nnext\\t\\u{1b}[31mred"
+        );
+    }
 
     #[test]
     fn text_is_cut_at_a_character_boundary_and_marked() {

@@ -122,6 +122,55 @@ fn conveyor_run_runs_tasks_on_every_queue_the_job_names() {
     assert_eq!(status["state"], "succeeded", "{status}");
 }
 
+/// A job given up on at `--timeout-s` ends the command then, its running
+/// task stopped (a `shell` task's program killed), not after the workers'
+/// grace period for it (30 s): until the thirty-third session the command
+/// waited that out.
+#[test]
+fn conveyor_run_stops_what_still_runs_when_it_gives_up() {
+    let dir = Scratch::dir("run");
+    let file = dir.join("slow.json");
+    let pid_file = dir.join("pid");
+    let script = format!("echo $$ > {}; exec sleep 120", pid_file.display());
+    std::fs::write(
+        &file,
+        json!({"requestor": "t", "tasks": [{"name": "slow", "handler": "shell",
+            "params": {"command": "sh", "args": ["-c", script]}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["run", file.to_str().unwrap(), "--timeout-s", "2"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the command waited {took:?} past its time-out: {said}"
+    );
+    let pid = std::fs::read_to_string(&pid_file).expect("the task started");
+    // Gone, or a zombie waiting for whoever inherited it to reap it.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|s| !s.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !running(),
+        "the task's program {} outlived the command",
+        pid.trim()
+    );
+}
+
 #[test]
 fn conveyor_run_exits_1_when_the_job_fails() {
     let dir = Scratch::dir("run");

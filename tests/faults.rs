@@ -1443,6 +1443,53 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// Redis refusing the credentials of `redis_url` (a wrong password, or
+/// none to a server that asks for one) is named as such by a command, with
+/// no password quoted, not taken for a Redis that is not running (whose
+/// hint says how to start one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_redis_credentials_are_named_not_taken_for_an_outage() {
+    let redis = PrivateRedis::start(false).await;
+    redis
+        .cli(&["CONFIG", "SET", "requirepass", "right-one"])
+        .await;
+    // Open again (dropped before the server, which is then shut down
+    // without a password), whether the test passes or not.
+    struct OpenAgain(u16);
+    impl Drop for OpenAgain {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("redis-cli")
+                .args(["-p", &self.0.to_string(), "-a", "right-one"])
+                .args(["--no-auth-warning", "CONFIG", "SET", "requirepass", ""])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let _open_again = OpenAgain(redis.port);
+    let config = redis.config("credentials");
+    let wrong = format!("redis://:wrong-one@127.0.0.1:{}/", redis.port);
+    for url in [wrong.as_str(), &redis.url()] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .args(["status", "some-job"])
+            .env("CONVEYOR_PREFIX", &config.prefix)
+            .env("CONVEYOR_REDIS_URL", url)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: {stderr}");
+        assert!(
+            stderr.contains("refused the credentials of redis_url"),
+            "{url}: {stderr}"
+        );
+        assert!(!stderr.contains("redis-server"), "no start hint: {stderr}");
+        assert!(!stderr.contains("wrong-one"), "a password quoted: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     let _serial = SERIAL.lock().await;

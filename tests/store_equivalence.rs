@@ -1441,6 +1441,31 @@ async fn the_audit_asks_each_unfinished_task_for_the_entry_its_state_needs() {
     common::cleanup(&config).await;
 }
 
+/// `redis_wait_timeout_ms` past the 10 s a connection waits for an answer
+/// is waited in full: until the thirty-third session the one `WAIT` was cut
+/// off at 10 s as a lost connection (and the round's connection dropped).
+/// The machine's Redis has no replica, so the wait ends at its time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_wait_longer_than_a_connections_answer_time_is_waited_in_full() {
+    let mut config = common::test_config(&common::unique_prefix("longwait"));
+    config.redis_wait_replicas = 1;
+    config.redis_wait_timeout_ms = 11_000;
+    let store = common::connect_store(&config, "eq").await;
+
+    let created = store.create_job(&plan(&common::noop_job("waits"))).await;
+
+    let Err(e) = created else {
+        panic!("a creation no replica acknowledged: {created:?}");
+    };
+    assert!(e.is_retryable(), "{e}");
+    assert!(
+        e.to_string()
+            .contains("0 of the 1 replicas redis_wait_replicas asks for acknowledged the write within 11000 ms"),
+        "{e}"
+    );
+    common::cleanup(&config).await;
+}
+
 /// A retry outcome sent again (its reply lost) is answered as a duplicate
 /// and leaves the retry due when the first made it due, not a delay after
 /// the resend.

@@ -86,7 +86,7 @@ pub async fn until_finished(
         };
         // Not looked at without a read: `None` there means "not recorded yet".
         if let (Some(stalls), Some(status)) = (stalls.as_mut(), status.as_ref()) {
-            stalls.look(status.as_ref()).await;
+            stalls.look(status.as_ref(), Some(store)).await;
         }
         let status = status.flatten();
         pause = (pause * 2).min(PAUSE_MAX);

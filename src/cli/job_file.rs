@@ -17,7 +17,22 @@ pub struct JobFile {
     /// The message body: the file, with an `id` added if it had none.
     pub body: Vec<u8>,
     /// The id the job will be recorded under, or why it will not be.
-    pub follow: Result<String, String>,
+    pub follow: Result<String, Unfollowable>,
+}
+
+/// Why a job file's job will not be recorded under its id (`why`), and
+/// what becomes of it instead once published (`then`): `submit` publishes
+/// it all the same and says both; `run` publishes nothing, and says why.
+#[derive(Debug)]
+pub struct Unfollowable {
+    pub why: String,
+    pub then: String,
+}
+
+impl std::fmt::Display for Unfollowable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, so {}", self.why, self.then)
+    }
 }
 
 /// Read `path` and prepare it for submission under `config`.
@@ -28,11 +43,16 @@ pub fn read(path: &Path, config: &Config) -> anyhow::Result<JobFile> {
 
 fn prepare(text: Vec<u8>, config: &Config) -> JobFile {
     let dead = Names::new(&config.prefix).dead_queue();
-    let too_large = |len: usize| {
-        format!(
-            "it is {len} bytes; the limit (max_message_bytes) is {}, so it is dead-lettered to {dead}",
+    let too_large = |len: usize| Unfollowable {
+        why: format!(
+            "it is {len} bytes; the limit (max_message_bytes) is {}",
             config.max_message_bytes
-        )
+        ),
+        then: format!("it is dead-lettered to {dead}"),
+    };
+    let rejected = |why: String| Unfollowable {
+        why,
+        then: "the dispatcher rejects the job under a generated id".to_owned(),
     };
     if text.len() > config.max_message_bytes {
         let why = too_large(text.len());
@@ -41,17 +61,14 @@ fn prepare(text: Vec<u8>, config: &Config) -> JobFile {
     let mut job = match serde_json::from_slice::<Value>(&text) {
         Ok(Value::Object(job)) => job,
         Ok(_) => {
-            return refused(
-                text,
-                "it is JSON, not an object, so the dispatcher rejects it under a generated id"
-                    .to_owned(),
-            );
+            return refused(text, rejected("it is JSON, not an object".to_owned()));
         }
         Err(e) => {
-            return refused(
-                text,
-                format!("it is not JSON ({e}), so it is dead-lettered to {dead}"),
-            );
+            let why = Unfollowable {
+                why: format!("it is not JSON ({e})"),
+                then: format!("it is dead-lettered to {dead}"),
+            };
+            return refused(text, why);
         }
     };
     let (body, id) = match job.get("id") {
@@ -62,21 +79,12 @@ fn prepare(text: Vec<u8>, config: &Config) -> JobFile {
         }
         Some(Value::String(id)) => {
             if let Err(why) = conveyor::intake::check_job_id(id, config.limits.max_name_len) {
-                return refused(
-                    text,
-                    format!("{why}, so the dispatcher rejects the job under a generated id"),
-                );
+                return refused(text, rejected(why.to_string()));
             }
             (text, id.clone())
         }
         Some(other) => {
-            return refused(
-                text,
-                format!(
-                    "id: {other} is not a string, so the dispatcher rejects the job under a \
-                     generated id"
-                ),
-            );
+            return refused(text, rejected(format!("id: {other} is not a string")));
         }
     };
     if body.len() > config.max_message_bytes {
@@ -89,7 +97,7 @@ fn prepare(text: Vec<u8>, config: &Config) -> JobFile {
     }
 }
 
-fn refused(body: Vec<u8>, why: String) -> JobFile {
+fn refused(body: Vec<u8>, why: Unfollowable) -> JobFile {
     JobFile {
         body,
         follow: Err(why),
@@ -139,7 +147,7 @@ mod tests {
         ];
         for (text, says) in cases {
             let file = prepare(text.to_vec(), &config());
-            let why = file.follow.unwrap_err();
+            let why = file.follow.unwrap_err().to_string();
             assert!(why.contains(says), "{why}");
             assert_eq!(file.body, text, "sent as it is");
         }
@@ -151,6 +159,6 @@ mod tests {
         let text = format!(r#"{{"requestor": "{pad}"}}"#);
         assert!(text.len() <= 1024);
         let why = prepare(text.into_bytes(), &config()).follow.unwrap_err();
-        assert!(why.contains("max_message_bytes"), "{why}");
+        assert!(why.why.contains("max_message_bytes"), "{why}");
     }
 }

@@ -44,7 +44,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
             j.id,
             j.state.as_str(),
             j.tasks,
-            j.requestor,
+            conveyor::text::one_line(&j.requestor),
             super::when::utc(j.created_ms)
         );
     }

@@ -49,7 +49,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let file = super::job_file::read(&args.file, &config)?;
     let id = file
         .follow
-        .map_err(|why| anyhow::anyhow!("cannot run {}: {why}", args.file.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {}", args.file.display(), e.why))?;
     let body = file.body;
     let within = Duration::from_secs(args.timeout_s);
     match (args.amqp_url, args.redis_url) {
@@ -79,7 +79,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
             embedded.submit(body).await?;
             let result =
                 show_until_finished(&*embedded.store(), None, &id, within, args.json).await;
-            embedded.shutdown().await?;
+            // Not the workers' grace period: a job given up on at the
+            // time-out would hold the command for it (30 s by default).
+            embedded.shutdown_now().await?;
             result
         }
         (Some(amqp), Some(redis)) => {

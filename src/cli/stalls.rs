@@ -16,7 +16,7 @@ use std::time::Duration;
 use conveyor::broker::Broker;
 use conveyor::model::TaskState;
 use conveyor::names::Names;
-use conveyor::store::JobStatus;
+use conveyor::store::{JobStatus, Store, WorkerInfo};
 use tokio::time::Instant;
 
 /// How often a waiting command asks the broker who consumes the queues
@@ -56,16 +56,30 @@ impl Stalls {
 
     /// Look now (if it is time) at the queues the job waits in: the submit
     /// queue while it is not recorded (`status` is `None`), else the
-    /// queues of its ready tasks; note those no process consumes.
-    pub async fn look(&mut self, status: Option<&JobStatus>) {
-        for note in self.notes(status).await {
+    /// queues of its ready tasks; note those no process consumes. With
+    /// `store`, a task queue whose workers are registered but all busy (a
+    /// worker whose every slot is taken gives back what it holds and stops
+    /// consuming until one frees, so RabbitMQ counts no consumer) is noted
+    /// as such, not as a queue no worker serves.
+    pub async fn look(&mut self, status: Option<&JobStatus>, store: Option<&dyn Store>) {
+        for note in self.notes_with(status, store).await {
             eprintln!("{note}");
         }
     }
 
+    /// The notes [`Stalls::look`] prints without a store.
+    #[cfg(test)]
+    async fn notes(&mut self, status: Option<&JobStatus>) -> Vec<String> {
+        self.notes_with(status, None).await
+    }
+
     /// The notes [`Stalls::look`] prints: none unless it is time to look,
     /// and none for a queue noted before.
-    async fn notes(&mut self, status: Option<&JobStatus>) -> Vec<String> {
+    async fn notes_with(
+        &mut self,
+        status: Option<&JobStatus>,
+        store: Option<&dyn Store>,
+    ) -> Vec<String> {
         let now = Instant::now();
         if now < self.next_look {
             return Vec::new();
@@ -109,6 +123,8 @@ impl Stalls {
             return Vec::new();
         };
         let mut notes = Vec::new();
+        // Read once per look, and only if a task queue has no consumer.
+        let mut workers: Option<Vec<WorkerInfo>> = None;
         for (queue, task) in waiting {
             let Some(stat) = stats.iter().find(|s| s.queue == queue) else {
                 continue;
@@ -119,6 +135,20 @@ impl Stalls {
             let stalled = stat.consumers == 0 && (queue != referred || stat.ready > 0);
             if !stalled || !self.noted.insert(queue.clone()) {
                 continue;
+            }
+            if let (Some((name, short)), Some(store)) = (task, store) {
+                if workers.is_none() {
+                    workers = Some(store.workers().await.unwrap_or_default());
+                }
+                let busy = workers
+                    .iter()
+                    .flatten()
+                    .filter(|w| w.queues.iter().any(|q| q == short))
+                    .count();
+                if busy > 0 {
+                    notes.push(busy_note(&queue, name, busy));
+                    continue;
+                }
             }
             notes.push(if queue == referred {
                 referred_note(&queue, self.names.prefix())
@@ -144,6 +174,20 @@ fn note(queue: &str, prefix: &str, task: Option<(&str, &str)>) -> String {
              waits there until a worker runs with --queues {short} (and prefix {prefix:?})"
         ),
     }
+}
+
+/// The note for a task queue whose `workers` are registered but take
+/// nothing now: every slot of theirs is busy.
+fn busy_note(queue: &str, name: &str, workers: usize) -> String {
+    let them = if workers == 1 {
+        "the worker that consumes it is".to_owned()
+    } else {
+        format!("the {workers} workers that consume it are")
+    };
+    format!(
+        "note: task {name} is ready in {queue}; {them} busy (every slot taken), and it \
+         runs when a slot frees (more workers with its queue would take it sooner)"
+    )
 }
 
 /// The note for the referred queue, where a job waits that no dispatcher
@@ -313,6 +357,47 @@ mod tests {
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(notes[0].starts_with("note: task t00000 is ready in p.tasks.gpu"));
         assert!(notes[1].starts_with("note: task t00001 is ready in p.tasks.cpu"));
+    }
+
+    /// A worker whose every slot is busy gives back what it holds and
+    /// consumes nothing until one frees, so RabbitMQ counts no consumer on
+    /// its queue: the note says its workers are busy, not that none runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_whose_registered_workers_are_busy_is_noted_as_busy() {
+        use conveyor::store::memory::{MemoryStore, SystemClock};
+        let names = Names::new("p");
+        let broker = MemoryBroker::reliable(names.clone());
+        broker
+            .declare(&["gpu".to_owned(), "cpu".to_owned()])
+            .await
+            .unwrap();
+        let store = MemoryStore::new(Arc::new(SystemClock), Duration::from_secs(60), 1, "t");
+        let worker = WorkerInfo {
+            id: "w1".into(),
+            host: "h".into(),
+            queues: vec!["gpu".into()],
+            handlers: vec!["noop".into()],
+            concurrency: 1,
+            started_ms: 0,
+            heartbeat_ms: 0,
+        };
+        store
+            .heartbeat(&worker, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut stalls = Stalls::new(Arc::new(broker), names);
+        let notes = stalls.notes_with(Some(&fan_out(2)), Some(&store)).await;
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].starts_with(
+                "note: task t00000 is ready in p.tasks.gpu; the worker that consumes it is busy"
+            ),
+            "{notes:?}"
+        );
+        assert!(
+            notes[1].starts_with("note: task t00001 is ready in p.tasks.cpu, which no worker"),
+            "{notes:?}"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use conveyor::config::Config;
 use conveyor::store::{HistoryEntry, JobStatus, Store};
+use conveyor::text::one_line;
 
 use super::when;
 
@@ -42,7 +43,10 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "job {}  state {}  version {}  requestor {}",
-        status.id, status.state, status.version, status.requestor
+        status.id,
+        status.state,
+        status.version,
+        one_line(&status.requestor)
     );
     println!(
         "created {}  updated {} ({})",
@@ -54,12 +58,12 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
         let labels: Vec<String> = status
             .labels
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{}={}", one_line(k), one_line(v)))
             .collect();
         println!("labels {}", labels.join(" "));
     }
     if let Some(e) = &status.error {
-        println!("error {e}");
+        println!("error {}", one_line(e));
     }
     println!();
     println!(
@@ -72,7 +76,7 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
             (_, r) if !r.is_null() => r.to_string(),
             _ => String::new(),
         };
-        let mut detail: String = detail.chars().take(80).collect();
+        let mut detail: String = one_line(&detail).chars().take(80).collect();
         if let Some(due) = t.next_attempt_at_ms {
             detail = format!("next attempt at {}; {detail}", when::utc(due));
         }
@@ -81,7 +85,7 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
             name,
             t.state.as_str(),
             format!("{}/{}", t.attempts, t.max_attempts),
-            t.worker.as_deref().unwrap_or("-"),
+            one_line(t.worker.as_deref().unwrap_or("-")),
             detail
         );
     }
@@ -105,6 +109,6 @@ pub fn transition(h: &HistoryEntry) -> String {
         h.task.as_deref().unwrap_or("(job)"),
         h.from.as_deref().unwrap_or("-"),
         h.to,
-        h.reason
+        one_line(&h.reason)
     )
 }

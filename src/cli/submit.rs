@@ -47,7 +47,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     println!("{id}");
     let Some(store) = store else {
         // Not waiting: the one chance to say that nothing will take the job.
-        stalls.look(None).await;
+        stalls.look(None, None).await;
         return Ok(ExitCode::SUCCESS);
     };
     let within = Duration::from_secs(args.timeout_s);

@@ -27,7 +27,14 @@ pub struct Args {
 
 pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     if let Some(q) = args.queues {
-        config.worker.queues = q;
+        // As `CONVEYOR_QUEUES` is read: `--queues "default, gpu"` names
+        // `gpu`. One that names nothing is left for the check to refuse.
+        let named: Vec<String> = q
+            .iter()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect();
+        config.worker.queues = if named.is_empty() { q } else { named };
     }
     if let Some(c) = args.concurrency {
         config.worker.concurrency = c;

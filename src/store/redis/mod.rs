@@ -227,6 +227,19 @@ fn is_permanent_server_error(e: &RedisError) -> bool {
     }
 }
 
+/// The longest one `WAIT` of a replica round waits, in ms: under the
+/// 10 s every connection gives an answer (`nodes.rs`).
+const WAIT_STEP_MS: u64 = 8_000;
+
+/// Whether Redis refused the connection's credentials: a wrong password
+/// or user (`WRONGPASS`, which redis-rs reports as a failed
+/// authentication), or none given to a server that asks for one
+/// (`NOAUTH`).
+fn credentials_refused(e: &RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
+        || matches!(server_code(e).as_deref(), Some("NOAUTH" | "WRONGPASS"))
+}
+
 /// Whether a reply of a pipeline sent with `ignore_errors` says Redis lost
 /// the function library (a restart without persistence, a `FUNCTION
 /// FLUSH`).
@@ -293,6 +306,7 @@ impl RedisStore {
             clock: Arc::default(),
             max_inputs_bytes: Arc::new(AtomicU64::new(DEFAULT_MAX_INPUTS_BYTES)),
         };
+        store.first_contact().await?;
         store.load_library().await?;
         store.check_epoch().await?;
         if let Nodes::Sentinel(nodes) = &store.nodes {
@@ -307,6 +321,41 @@ impl RedisStore {
         tokio::spawn(store.clone().claim_rounds(rx));
         store.claim_rounds = Some(tx);
         Ok(store)
+    }
+
+    /// Refused credentials, at the first contact, are a mistake in
+    /// `redis_url` to report as such (the one-shot commands exit saying so,
+    /// a process logs it), not an outage with the hint to start Redis.
+    /// Later they are an outage like any: a password changed under a
+    /// running process is an operator's to mend, and its calls wait. Any
+    /// other failure here is left to the calls that follow to report.
+    /// (Nodes behind sentinels are asked for by the calls.)
+    async fn first_contact(&self) -> Result<(), StoreError> {
+        let Nodes::Listed(nodes, _) = &self.nodes else {
+            return Ok(());
+        };
+        let refused = |e: &RedisError| {
+            protocol(format!(
+                "Redis refused the credentials of redis_url ({e}): check its user and password"
+            ))
+        };
+        for node in nodes.iter() {
+            match node.get().await {
+                Err(deadpool_redis::PoolError::Backend(e)) if credentials_refused(&e) => {
+                    return Err(refused(&e));
+                }
+                Err(_) => continue,
+                Ok(mut conn) => {
+                    let pong: Result<String, RedisError> =
+                        redis::cmd("PING").query_async(&mut *conn).await;
+                    return match pong {
+                        Err(e) if credentials_refused(&e) => Err(refused(&e)),
+                        _ => Ok(()),
+                    };
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hand out at most `bytes` of dependency results per claimed task
@@ -421,21 +470,38 @@ impl RedisStore {
             None => &mut conn.insert((self.connect_primary().await?, made)).0,
         };
         let timeout_ms = timeout.as_millis().max(1) as u64;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // In waits of at most `WAIT_STEP_MS`: the connection gives up on an
+        // answer after 10 s, and a longer `WAIT` (redis_wait_timeout_ms
+        // goes to a minute) was cut off there as a lost connection. A
+        // `WAIT` again waits for the same write (the connection's last).
         let mut pipe = redis::pipe();
         pipe.cmd("INCR").arg(self.names.replicated_key()).ignore();
-        pipe.cmd("WAIT").arg(replicas).arg(timeout_ms);
-        let acked: Result<(u32,), RedisError> = pipe.query_async(c).await;
-        match acked {
-            Ok((acked,)) if acked >= replicas => Ok(()),
-            Ok((acked,)) => Err(StoreError::Unavailable(format!(
-                "{acked} of the {replicas} replicas redis_wait_replicas asks for \
-                 acknowledged the write within {timeout_ms} ms (submissions wait until \
-                 enough replicas are connected and in sync; see INFO replication)"
-            ))),
-            Err(e) => {
-                *conn = None;
-                Err(unavailable(e))
+        pipe.cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout_ms.min(WAIT_STEP_MS));
+        loop {
+            let acked: Result<(u32,), RedisError> = pipe.query_async(&mut *c).await;
+            let acked = match acked {
+                Ok((acked,)) if acked >= replicas => return Ok(()),
+                Ok((acked,)) => acked,
+                Err(e) => {
+                    *conn = None;
+                    return Err(unavailable(e));
+                }
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Unavailable(format!(
+                    "{acked} of the {replicas} replicas redis_wait_replicas asks for \
+                     acknowledged the write within {timeout_ms} ms (submissions wait until \
+                     enough replicas are connected and in sync; see INFO replication)"
+                )));
             }
+            pipe = redis::pipe();
+            pipe.cmd("WAIT")
+                .arg(replicas)
+                .arg((left.as_millis().max(1) as u64).min(WAIT_STEP_MS));
         }
     }
 
@@ -1933,24 +1999,46 @@ impl Store for RedisStore {
             pipe.cmd("EXISTS").arg(self.names.job_key(id));
         }
         let exists: Vec<bool> = self.run(&pipe).await?;
-        let gone: Vec<&str> = entries
+        let gone: Vec<(&str, u64)> = entries
             .iter()
             .zip(exists)
             .filter(|(_, e)| !e)
-            .map(|((id, _), _)| id.as_str())
+            .map(|((id, score), _)| (id.as_str(), *score))
             .collect();
-        if !gone.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM")
-                .arg(self.names.jobs_index())
-                .arg(&gone)
-                .ignore();
-            self.run::<()>(&pipe).await?;
+        if gone.is_empty() {
+            return Ok(Pruned { removed: 0, more });
         }
-        Ok(Pruned {
-            removed: gone.len(),
-            more,
-        })
+        // A job created under a gone id between its `EXISTS` and the
+        // `ZREM` (an id used again once its job expired) found the entry
+        // there (its `ZADD NX` did nothing) and would lose it to the
+        // `ZREM`: out of `list`, and out of the audit after a failover.
+        // Looked at again after, and put back as it was if so.
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM")
+            .arg(self.names.jobs_index())
+            .arg(gone.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .ignore();
+        for (id, _) in &gone {
+            pipe.cmd("EXISTS").arg(self.names.job_key(id));
+        }
+        let created_since: Vec<bool> = self.run(&pipe).await?;
+        let mut back = redis::pipe();
+        let mut removed = gone.len();
+        for ((id, score), created) in gone.iter().zip(created_since) {
+            if created {
+                back.cmd("ZADD")
+                    .arg(self.names.jobs_index())
+                    .arg("NX")
+                    .arg(score)
+                    .arg(id)
+                    .ignore();
+                removed -= 1;
+            }
+        }
+        if removed < gone.len() {
+            self.run::<()>(&back).await?;
+        }
+        Ok(Pruned { removed, more })
     }
 
     async fn known_queues(&self) -> Result<Vec<String>, StoreError> {
