@@ -146,7 +146,7 @@ pub fn on_signals(trigger: ShutdownTrigger) {
                 trigger.trigger();
                 let (signal, _) = next().await;
                 tracing::warn!(
-                    "second {signal}: stopping now, without waiting for running work (a third one exits at once)"
+                    "second {signal}: stopping now: running tasks are handed back, not waited for (submissions in hand are still settled, each within its bound; a third one exits at once)"
                 );
                 trigger.hurry();
                 let (signal, number) = next().await;
@@ -163,7 +163,9 @@ pub fn on_signals(trigger: ShutdownTrigger) {
         tracing::info!("{signal}: shutting down (a second one stops at once)");
         trigger.trigger();
         let signal = stop_signal(false).await;
-        tracing::warn!("second {signal}: stopping now, without waiting for running work");
+        tracing::warn!(
+            "second {signal}: stopping now: running tasks are handed back, not waited for (submissions in hand are still settled, each within its bound)"
+        );
         trigger.hurry();
     });
 }

@@ -73,7 +73,7 @@ pub(crate) use functions::COMMON;
 pub use functions::SCRIPT_BODIES;
 use functions::{Script, is_function_missing, library};
 pub use nodes::tool_client;
-use nodes::{Nodes, is_primary, no_primary, watch_sentinels};
+use nodes::{Nodes, Use, is_primary, no_primary, watch_sentinels};
 use replies::{
     Reply, RunSpec, claim_replies, created_from, data_identity, field, join_indexes, num,
     parse_job_state, parse_task_state, ready_set, replicas_in_info,
@@ -467,7 +467,7 @@ impl RedisStore {
         }
         let c = match conn {
             Some((c, _)) => c,
-            None => &mut conn.insert((self.connect_primary().await?, made)).0,
+            None => &mut conn.insert((self.connect_primary(Use::Own).await?, made)).0,
         };
         let timeout_ms = timeout.as_millis().max(1) as u64;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -637,7 +637,7 @@ impl RedisStore {
         {
             return Ok(c.clone());
         }
-        let mut conn = self.connect_primary().await?;
+        let mut conn = self.connect_primary(Use::Shared).await?;
         // A fresh connection may lead to a Redis that restarted without
         // its data since the last call: note its epoch now, so a command
         // built for the old one (a new job's fence base) is not sent.
@@ -647,13 +647,13 @@ impl RedisStore {
         Ok(conn)
     }
 
-    /// A new connection to the primary: with one node, that node; with
-    /// several, the first that says it is the primary, starting from the
-    /// one that did last; with sentinels, the node they name.
-    async fn connect_primary(&self) -> Result<MultiplexedConnection, StoreError> {
+    /// A new connection to the primary, for `for_use`: with one node, that
+    /// node; with several, the first that says it is the primary, starting
+    /// from the one that did last; with sentinels, the node they name.
+    async fn connect_primary(&self, for_use: Use) -> Result<MultiplexedConnection, StoreError> {
         let (nodes, primary) = match &self.nodes {
             Nodes::Listed(nodes, primary) => (nodes, primary),
-            Nodes::Sentinel(sentinel) => return sentinel.connect_primary().await,
+            Nodes::Sentinel(sentinel) => return sentinel.connect_primary(for_use).await,
         };
         let n = nodes.len();
         let start = primary.load(Ordering::Relaxed) % n.max(1);
@@ -1347,6 +1347,45 @@ impl RedisStore {
         Ok(values)
     }
 
+    /// Remove from the job index the entries `(id, score)` found with no
+    /// job key, and say how many stay removed. A job created under such an
+    /// id between that look and the `ZREM` (an expired id used again)
+    /// found the entry there (its `ZADD NX` did nothing) and would lose it
+    /// to the `ZREM`: out of `list`, and out of the audit after a
+    /// failover. So each is looked at again after, and put back as it was
+    /// if its job key is there now.
+    async fn forget_index_entries(&self, gone: &[(&str, u64)]) -> Result<usize, StoreError> {
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM")
+            .arg(self.names.jobs_index())
+            .arg(gone.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .ignore();
+        for (id, _) in gone {
+            pipe.cmd("EXISTS").arg(self.names.job_key(id));
+        }
+        let created_since: Vec<bool> = self.run(&pipe).await?;
+        let mut back = redis::pipe();
+        let mut removed = gone.len();
+        for ((id, score), created) in gone.iter().zip(created_since) {
+            if created {
+                back.cmd("ZADD")
+                    .arg(self.names.jobs_index())
+                    .arg("NX")
+                    .arg(score)
+                    .arg(id)
+                    .ignore();
+                removed -= 1;
+            }
+        }
+        if removed < gone.len() {
+            self.run::<()>(&back).await?;
+        }
+        Ok(removed)
+    }
+
     /// The audit of the jobs `ids` (see [`Store::audit_jobs`]).
     async fn audit_ids(&self, ids: &[&str]) -> Result<AuditPage, StoreError> {
         let mut page = AuditPage {
@@ -1912,16 +1951,21 @@ impl Store for RedisStore {
         let mut out = Vec::new();
         let mut start = 0usize;
         let page = 200usize;
+        // Pages go by rank, and jobs created meanwhile push the ranks on:
+        // an id met again is not listed twice.
+        let mut listed = std::collections::HashSet::new();
         while out.len() < limit {
             let mut pipe = redis::pipe();
             pipe.cmd("ZREVRANGE")
                 .arg(self.names.jobs_index())
                 .arg(start)
-                .arg(start + page - 1);
-            let (ids,): (Vec<String>,) = self.run(&pipe).await?;
-            if ids.is_empty() {
+                .arg(start + page - 1)
+                .arg("WITHSCORES");
+            let (entries,): (Vec<(String, u64)>,) = self.run(&pipe).await?;
+            if entries.is_empty() {
                 break;
             }
+            let ids: Vec<&String> = entries.iter().map(|(id, _)| id).collect();
             let mut pipe = redis::pipe();
             for id in &ids {
                 pipe.cmd("HMGET")
@@ -1930,13 +1974,20 @@ impl Store for RedisStore {
             }
             let rows: Vec<Reply> = self.run(&pipe).await?;
             let mut expired = Vec::new();
-            for (id, row) in ids.iter().zip(rows) {
+            for ((id, score), row) in entries.iter().zip(rows) {
                 if row.first().is_none_or(Option::is_none) {
-                    expired.push(id.clone());
+                    expired.push((id.as_str(), *score));
                     continue;
                 }
-                let st = parse_job_state(field(&row, 0))?;
-                if state.is_some_and(|s| s != st) {
+                // One record another program wrote does not end the list.
+                let st = match parse_job_state(field(&row, 0)) {
+                    Ok(st) => st,
+                    Err(e) => {
+                        tracing::warn!(job = %id, error = %e, "a job record that cannot be listed; left out");
+                        continue;
+                    }
+                };
+                if state.is_some_and(|s| s != st) || !listed.insert(id.clone()) {
                     continue;
                 }
                 out.push(JobSummary {
@@ -1951,17 +2002,8 @@ impl Store for RedisStore {
                     break;
                 }
             }
-            if !expired.is_empty() {
-                let mut pipe = redis::pipe();
-                pipe.cmd("ZREM")
-                    .arg(self.names.jobs_index())
-                    .arg(&expired)
-                    .ignore();
-                self.run::<()>(&pipe).await?;
-                start += ids.len() - expired.len();
-            } else {
-                start += ids.len();
-            }
+            let forgotten = self.forget_index_entries(&expired).await?;
+            start += ids.len() - forgotten;
         }
         Ok(out)
     }
@@ -2005,39 +2047,7 @@ impl Store for RedisStore {
             .filter(|(_, e)| !e)
             .map(|((id, score), _)| (id.as_str(), *score))
             .collect();
-        if gone.is_empty() {
-            return Ok(Pruned { removed: 0, more });
-        }
-        // A job created under a gone id between its `EXISTS` and the
-        // `ZREM` (an id used again once its job expired) found the entry
-        // there (its `ZADD NX` did nothing) and would lose it to the
-        // `ZREM`: out of `list`, and out of the audit after a failover.
-        // Looked at again after, and put back as it was if so.
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREM")
-            .arg(self.names.jobs_index())
-            .arg(gone.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-            .ignore();
-        for (id, _) in &gone {
-            pipe.cmd("EXISTS").arg(self.names.job_key(id));
-        }
-        let created_since: Vec<bool> = self.run(&pipe).await?;
-        let mut back = redis::pipe();
-        let mut removed = gone.len();
-        for ((id, score), created) in gone.iter().zip(created_since) {
-            if created {
-                back.cmd("ZADD")
-                    .arg(self.names.jobs_index())
-                    .arg("NX")
-                    .arg(score)
-                    .arg(id)
-                    .ignore();
-                removed -= 1;
-            }
-        }
-        if removed < gone.len() {
-            self.run::<()>(&back).await?;
-        }
+        let removed = self.forget_index_entries(&gone).await?;
         Ok(Pruned { removed, more })
     }
 

@@ -100,13 +100,31 @@ pub(super) struct SentinelNodes {
     conn_config: AsyncConnectionConfig,
     pool_size: usize,
     pools: std::sync::Mutex<Vec<(String, Pool)>>,
-    /// The address last found to be the primary, for logging changes.
+    /// The address the shared connection was last made to: the sentinel
+    /// watcher drops that connection when they name another.
     primary: std::sync::Mutex<Option<String>>,
+}
+
+/// What a new connection to the primary is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Use {
+    /// The store's shared connection, whose node the sentinel watcher
+    /// follows.
+    Shared,
+    /// A connection of its own (the replica wait's). Made to the node the
+    /// sentinels name now, it does not move what the watcher compares
+    /// with: noting its node, a round made just after the sentinels named
+    /// a new primary, and before the watcher looked, had the watcher leave
+    /// the shared connection on the old one.
+    Own,
 }
 
 impl SentinelNodes {
     /// A connection to the primary the sentinels name, checked with `ROLE`.
-    pub(super) async fn connect_primary(&self) -> Result<MultiplexedConnection, StoreError> {
+    pub(super) async fn connect_primary(
+        &self,
+        for_use: Use,
+    ) -> Result<MultiplexedConnection, StoreError> {
         let (host, port) = primary_address(&self.url, self.tls_ca.as_ref()).await?;
         let address = format!("{host}:{port}");
         let pool = self.pool(&address, &self.url.node_url(&host, port))?;
@@ -128,6 +146,9 @@ impl SentinelNodes {
                 )));
             }
             Err(e) => return Err(unavailable(e)),
+        }
+        if for_use == Use::Own {
+            return Ok(conn);
         }
         let mut last = self.primary.lock().unwrap_or_else(|p| p.into_inner());
         if last.as_deref() != Some(address.as_str()) {
