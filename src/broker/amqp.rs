@@ -668,8 +668,12 @@ async fn connect_first(
 /// vhost's or user's connection limit ("connection limit (10) is
 /// reached").
 fn connection_refused_for_good(text: &str) -> bool {
+    // RabbitMQ's own phrases (its reply text ends lapin's), not bare words:
+    // a vhost may be named `rate-limits`.
     text.contains("ACCESS_REFUSED")
-        || (text.contains("NOT_ALLOWED") && !text.contains("is down") && !text.contains("limit"))
+        || (text.contains("NOT_ALLOWED")
+            && !text.trim_end().ends_with(" is down")
+            && !text.contains("connection limit ("))
 }
 
 impl AmqpBroker {
@@ -1651,11 +1655,17 @@ mod tests {
     #[test]
     fn a_connection_refused_for_a_passing_reason_is_an_outage() {
         // As lapin words RabbitMQ's refusals (rabbit_reader's texts).
-        let refused = |text: &str| format!("protocol error: NOT_ALLOWED - {text}");
+        let refused = |text: &str| {
+            let reply = format!("NOT_ALLOWED - {text}");
+            let error = lapin::protocol::AMQPError::from_id(530, reply.into()).unwrap();
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(error)).to_string()
+        };
         for for_good in [
             "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN".to_owned(),
             refused("vhost nope not found"),
             refused("access to vhost '/' refused for user 'guest'"),
+            refused("access to vhost 'rate-limits' refused for user 'x'"),
+            refused("access to vhost 'is down' refused for user 'x'"),
         ] {
             assert!(connection_refused_for_good(&for_good), "{for_good}");
         }

@@ -133,22 +133,37 @@ impl Stalls {
             // workers taking submissions, no dispatcher is needed until one
             // is referred.
             let stalled = stat.consumers == 0 && (queue != referred || stat.ready > 0);
-            if !stalled || !self.noted.insert(queue.clone()) {
+            if !stalled {
                 continue;
             }
             if let (Some((name, short)), Some(store)) = (task, store) {
                 if workers.is_none() {
                     workers = Some(store.workers().await.unwrap_or_default());
                 }
+                // Registered (its key lives for three heartbeats) for the
+                // queue, with the task's handler.
+                let handler = status
+                    .and_then(|s| s.tasks.get(name))
+                    .map(|t| t.handler.as_str());
                 let busy = workers
                     .iter()
                     .flatten()
-                    .filter(|w| w.queues.iter().any(|q| q == short))
+                    .filter(|w| {
+                        w.queues.iter().any(|q| q == short)
+                            && handler.is_none_or(|h| w.handlers.iter().any(|x| x == h))
+                    })
                     .count();
                 if busy > 0 {
-                    notes.push(busy_note(&queue, name, busy));
+                    // Noted apart: should they go, the queue is noted
+                    // again as one nobody consumes.
+                    if self.noted.insert(format!("busy {queue}")) {
+                        notes.push(busy_note(&queue, name, busy));
+                    }
                     continue;
                 }
+            }
+            if !self.noted.insert(queue.clone()) {
+                continue;
             }
             notes.push(if queue == referred {
                 referred_note(&queue, self.names.prefix())
@@ -396,6 +411,15 @@ mod tests {
         );
         assert!(
             notes[1].starts_with("note: task t00001 is ready in p.tasks.cpu, which no worker"),
+            "{notes:?}"
+        );
+        // The worker gone: the queue is noted now as one nobody consumes.
+        store.unregister("w1").await.unwrap();
+        tokio::time::advance(LOOK_EVERY).await;
+        let notes = stalls.notes_with(Some(&fan_out(2)), Some(&store)).await;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("note: task t00000 is ready in p.tasks.gpu, which no worker"),
             "{notes:?}"
         );
     }
