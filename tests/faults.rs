@@ -1443,6 +1443,50 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// Calls that find the shared Redis connection broken make it again
+/// between them, once: each making its own, as before the thirty-third
+/// session, fifty calls in flight opened fifty connections (behind
+/// Sentinel each asked every sentinel first) at every failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_find_the_shared_redis_connection_broken_make_one_between_them() {
+    let redis = PrivateRedis::start(false).await;
+    let config = redis.config("oneconn");
+    let store = common::connect_store(&config, "t").await;
+    store.ping().await.unwrap();
+    let connections = || async {
+        let stats = redis.info("stats").await;
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("INFO stats names total_connections_received")
+    };
+    for round in 0..3 {
+        // Every connection but redis-cli's own: the store's shared one.
+        redis_cli(
+            redis.port,
+            &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+        )
+        .await;
+        let before = connections().await;
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.job("nobody").await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        // The INFO's own redis-cli connection is counted too.
+        let made = connections().await - before - 1;
+        assert!(
+            made <= 2,
+            "round {round}: {made} connections made for 50 calls"
+        );
+    }
+}
+
 /// Redis refusing the credentials of `redis_url` (a wrong password, or
 /// none to a server that asks for one) is named as such by a command, with
 /// no password quoted, not taken for a Redis that is not running (whose

@@ -95,6 +95,11 @@ pub struct RedisStore {
     /// replica waits' own connection was tells that the primary may have
     /// moved (see [`RedisStore::replica_round`]).
     shared_made: Arc<AtomicU64>,
+    /// Held while the shared connection is made again, with the failure
+    /// of the last attempt; and how many attempts ended (see
+    /// [`RedisStore::conn`]).
+    reconnect: Arc<tokio::sync::Mutex<Option<StoreError>>>,
+    reconnects: Arc<AtomicU64>,
     forgets: Arc<std::sync::Mutex<Vec<ClaimRef>>>,
     /// Task queues this process has added to `<prefix>:queues` (so each
     /// is added once per process, not once per job).
@@ -297,6 +302,8 @@ impl RedisStore {
             epoch: Arc::new(AtomicU64::new(0)),
             shared: Arc::default(),
             shared_made: Arc::default(),
+            reconnect: Arc::default(),
+            reconnects: Arc::default(),
             forgets: Arc::default(),
             prune_from: Arc::default(),
             noted_queues: Arc::default(),
@@ -628,23 +635,59 @@ impl RedisStore {
     /// concurrent callers by itself, so one is kept and cloned; it is
     /// dropped on the first transport error and the next call takes a fresh
     /// one from the pool.
+    ///
+    /// One call at a time makes it again; the calls that found it gone
+    /// meanwhile wait, and take the connection it made or its failure:
+    /// each making its own, as before the thirty-third session, a
+    /// dispatcher with hundreds of calls in flight opened as many (behind
+    /// Sentinel, each asking every sentinel first) at every failover. A
+    /// call that comes after a failed attempt tries again itself.
     async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
-        if let Some(c) = self
-            .shared
+        if let Some(c) = self.shared_conn() {
+            return Ok(c);
+        }
+        let before = self.reconnects.load(Ordering::Acquire);
+        let mut last_failure = self.reconnect.lock().await;
+        if let Some(c) = self.shared_conn() {
+            return Ok(c);
+        }
+        if self.reconnects.load(Ordering::Acquire) != before
+            && let Some(e) = last_failure.as_ref()
+        {
+            return Err(e.clone());
+        }
+        let made = async {
+            let mut conn = self.connect_primary(Use::Shared).await?;
+            // A fresh connection may lead to a Redis that restarted without
+            // its data since the last call: note its epoch now, so a command
+            // built for the old one (a new job's fence base) is not sent.
+            self.read_epoch(&mut conn).await?;
+            Ok::<_, StoreError>(conn)
+        };
+        let made = made.await;
+        // Counted once it is over, under the lock: a call that read the
+        // count before this attempt ended waited for it.
+        self.reconnects.fetch_add(1, Ordering::AcqRel);
+        match made {
+            Ok(conn) => {
+                *last_failure = None;
+                *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+                self.shared_made.fetch_add(1, Ordering::Relaxed);
+                Ok(conn)
+            }
+            Err(e) => {
+                *last_failure = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// The shared connection, if there is one now.
+    fn shared_conn(&self) -> Option<MultiplexedConnection> {
+        self.shared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            return Ok(c.clone());
-        }
-        let mut conn = self.connect_primary(Use::Shared).await?;
-        // A fresh connection may lead to a Redis that restarted without
-        // its data since the last call: note its epoch now, so a command
-        // built for the old one (a new job's fence base) is not sent.
-        self.read_epoch(&mut conn).await?;
-        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-        self.shared_made.fetch_add(1, Ordering::Relaxed);
-        Ok(conn)
+            .clone()
     }
 
     /// A new connection to the primary, for `for_use`: with one node, that
