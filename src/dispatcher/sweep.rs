@@ -117,15 +117,6 @@ impl SweepLoop {
     }
 }
 
-/// One of the two schedules a pass works through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Schedule {
-    /// `<p>:retries`: due retries to promote.
-    Retries,
-    /// `<p>:leases`: lapsed leases to reclaim.
-    Leases,
-}
-
 /// What a pass, or its work through one schedule, did.
 #[derive(Debug, Default, Clone, Copy)]
 struct Swept {
@@ -271,11 +262,11 @@ impl Dispatcher {
     /// A pass: due retries, then lapsed leases if `leases`. `seen_all` is
     /// of the retries only.
     async fn sweep_pass(&self, leases: bool) -> Result<Swept, SweepError> {
-        let retries = self.sweep_schedule(Schedule::Retries).await?;
+        let retries = self.sweep_schedule(ScheduleIndex::Retries).await?;
         if !leases {
             return Ok(retries);
         }
-        let leases = self.sweep_schedule(Schedule::Leases).await?;
+        let leases = self.sweep_schedule(ScheduleIndex::Leases).await?;
         Ok(Swept {
             done: retries.done + leases.done,
             seen_all: retries.seen_all,
@@ -283,10 +274,14 @@ impl Dispatcher {
         })
     }
 
-    async fn due(&self, schedule: Schedule, limit: usize) -> Result<Vec<SweepAction>, StoreError> {
+    async fn due(
+        &self,
+        schedule: ScheduleIndex,
+        limit: usize,
+    ) -> Result<Vec<SweepAction>, StoreError> {
         match schedule {
-            Schedule::Retries => self.store.due_retries(limit).await,
-            Schedule::Leases => self.store.expired_leases(limit, &self.options.id).await,
+            ScheduleIndex::Retries => self.store.due_retries(limit).await,
+            ScheduleIndex::Leases => self.store.expired_leases(limit, &self.options.id).await,
         }
     }
 
@@ -294,25 +289,21 @@ impl Dispatcher {
     /// of the others for [`REFUSED_ENTRY_PAUSE`].
     async fn defer(
         &self,
-        schedule: Schedule,
+        schedule: ScheduleIndex,
         entries: &[String],
         read_at: u64,
     ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let index = match schedule {
-            Schedule::Retries => ScheduleIndex::Retries,
-            Schedule::Leases => ScheduleIndex::Leases,
-        };
         self.store
-            .defer(index, entries, read_at, REFUSED_ENTRY_PAUSE)
+            .defer(schedule, entries, read_at, REFUSED_ENTRY_PAUSE)
             .await
     }
 
     async fn forget(
         &self,
-        schedule: Schedule,
+        schedule: ScheduleIndex,
         entries: &[String],
         read_at: u64,
     ) -> Result<(), StoreError> {
@@ -320,8 +311,8 @@ impl Dispatcher {
             return Ok(());
         }
         match schedule {
-            Schedule::Retries => self.store.forget_retries(entries, read_at).await,
-            Schedule::Leases => self.store.forget_leases(entries, read_at).await,
+            ScheduleIndex::Retries => self.store.forget_retries(entries, read_at).await,
+            ScheduleIndex::Leases => self.store.forget_leases(entries, read_at).await,
         }
     }
 
@@ -332,7 +323,7 @@ impl Dispatcher {
     /// batch brings new entries. Once a whole batch's worth has been
     /// refused, the rest waits for the next pass (the broker is likely
     /// refusing everything, and each refused entry cost a publish).
-    async fn sweep_schedule(&self, schedule: Schedule) -> Result<Swept, SweepError> {
+    async fn sweep_schedule(&self, schedule: ScheduleIndex) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
         // Entries the broker refused in this pass, and the queues that
         // refused them.

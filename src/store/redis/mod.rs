@@ -799,18 +799,8 @@ impl RedisStore {
         entries: &[String],
         read_at: u64,
     ) -> Result<(), StoreError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("FCALL")
-            .arg(&self.functions[Script::ForgetDue as usize])
-            .arg(1)
-            .arg(index)
-            .arg(read_at)
-            .arg(entries)
-            .ignore();
-        self.run::<()>(&pipe).await
+        self.call_due(Script::ForgetDue, index, read_at, None, entries)
+            .await
     }
 
     /// Move `entries` of a schedule index `pause` on from now, each only
@@ -822,19 +812,45 @@ impl RedisStore {
         read_at: u64,
         pause: Duration,
     ) -> Result<(), StoreError> {
+        let to = self.now_ms() + pause.as_millis() as u64;
+        self.call_due(Script::DeferDue, index, read_at, Some(to), entries)
+            .await
+    }
+
+    /// One call of a script over entries of schedule index `index` still
+    /// due as read at `read_at` (`forget_due.lua`, `defer_due.lua`), with
+    /// the script's own argument `arg` before the entries, if any.
+    async fn call_due(
+        &self,
+        script: Script,
+        index: String,
+        read_at: u64,
+        arg: Option<u64>,
+        entries: &[String],
+    ) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("FCALL")
-            .arg(&self.functions[Script::DeferDue as usize])
+        let call = pipe
+            .cmd("FCALL")
+            .arg(&self.functions[script as usize])
             .arg(1)
             .arg(index)
-            .arg(read_at)
-            .arg(self.now_ms() + pause.as_millis() as u64)
-            .arg(entries)
-            .ignore();
+            .arg(read_at);
+        if let Some(arg) = arg {
+            call.arg(arg);
+        }
+        call.arg(entries).ignore();
         self.run::<()>(&pipe).await
+    }
+
+    /// The key of schedule index `index`.
+    fn index_key(&self, index: ScheduleIndex) -> String {
+        match index {
+            ScheduleIndex::Leases => self.names.leases(),
+            ScheduleIndex::Retries => self.names.retries(),
+        }
     }
 
     fn drop_shared(&self) {
@@ -1469,10 +1485,7 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for e in &page.wanted {
-            let index = match e.index {
-                ScheduleIndex::Leases => self.names.leases(),
-                ScheduleIndex::Retries => self.names.retries(),
-            };
+            let index = self.index_key(e.index);
             // Added, or raised to the wanted time: see `Store::audit_jobs`.
             pipe.cmd("ZADD")
                 .arg(index)
@@ -1917,11 +1930,8 @@ impl Store for RedisStore {
         read_at: u64,
         pause: Duration,
     ) -> Result<(), StoreError> {
-        let key = match index {
-            ScheduleIndex::Leases => self.names.leases(),
-            ScheduleIndex::Retries => self.names.retries(),
-        };
-        self.defer_due(key, entries, read_at, pause).await
+        self.defer_due(self.index_key(index), entries, read_at, pause)
+            .await
     }
 
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError> {
