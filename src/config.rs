@@ -404,6 +404,13 @@ pub const MAX_LEASE_MS: u64 = 24 * 3600 * 1000;
 /// Smallest `worker.heartbeat_ms` (`tokio::time::interval` panics on zero;
 /// the registry is for operators, 10 writes a second per worker is plenty).
 pub const MIN_HEARTBEAT_MS: u64 = 100;
+/// Largest `worker.heartbeat_ms` (1 hour): the registry entry lives three
+/// heartbeats, and a worker silent for longer than an hour is taken for
+/// gone by the operators reading it.
+pub const MAX_HEARTBEAT_MS: u64 = 3600 * 1000;
+/// Largest `worker.concurrency`: a worker's task consumers' prefetch is
+/// its concurrency, and AMQP's prefetch count is 16 bits.
+pub const MAX_CONCURRENCY: usize = u16::MAX as usize;
 /// Smallest `worker.hold_ms`: below it a worker at full concurrency with
 /// short tasks would give back deliveries that were about to get a slot.
 pub const MIN_HOLD_MS: u64 = 100;
@@ -626,10 +633,13 @@ impl Config {
             ),
         );
         check(
-            self.worker.concurrency >= 1,
+            (1..=MAX_CONCURRENCY).contains(&self.worker.concurrency),
             "worker.concurrency",
             &self.worker.concurrency,
-            at_least(&1, ""),
+            format!(
+                "must be at least 1 and at most {MAX_CONCURRENCY} (the task consumers' \
+                 prefetch, 16 bits in AMQP)"
+            ),
         );
         check(
             (MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.worker.lease_ms),
@@ -641,10 +651,10 @@ impl Config {
             ),
         );
         check(
-            self.worker.heartbeat_ms >= MIN_HEARTBEAT_MS,
+            (MIN_HEARTBEAT_MS..=MAX_HEARTBEAT_MS).contains(&self.worker.heartbeat_ms),
             "worker.heartbeat_ms",
             &self.worker.heartbeat_ms,
-            at_least(&MIN_HEARTBEAT_MS, " (ms)"),
+            format!("must be at least {MIN_HEARTBEAT_MS} (ms) and at most {MAX_HEARTBEAT_MS}"),
         );
         check(
             (MIN_HOLD_MS..=MAX_HOLD_MS).contains(&self.worker.hold_ms),
@@ -766,6 +776,14 @@ impl Config {
                 self.limits.max_result_bytes
             ),
         );
+        // An empty list (a variable set to nothing) would be retried as an
+        // outage for ever instead of refused at start.
+        check(
+            !split_urls(&self.amqp_url).is_empty(),
+            "amqp_url",
+            &"\"\"",
+            "must name a broker (amqp[s]://user:password@host[:port]/vhost)".to_owned(),
+        );
         // lapin reports a frame_max below AMQP's minimum only as a failed
         // connect; the URL itself is not printed (it may hold a password).
         // A URL its parser refuses is named by its node and redacted, as
@@ -795,8 +813,30 @@ impl Config {
             }
         }
         // Its own errors name the part that is wrong, never the password.
-        if let Some(Err(e)) = crate::store::sentinel::SentinelUrl::parse(&self.redis_url) {
-            problems.push(e);
+        match crate::store::sentinel::SentinelUrl::parse(&self.redis_url) {
+            Some(Err(e)) => problems.push(e),
+            Some(Ok(_)) => {}
+            None => {
+                let nodes = split_urls(&self.redis_url);
+                check(
+                    !nodes.is_empty(),
+                    "redis_url",
+                    &"\"\"",
+                    "must name a Redis (redis[s]://[user:password@]host[:port][/db])".to_owned(),
+                );
+                for (node, url) in nodes.into_iter().enumerate() {
+                    // The parser's own words may quote the whole URL.
+                    check(
+                        redis::IntoConnectionInfo::into_connection_info(url).is_ok(),
+                        &format!("redis_url (node {})", node + 1),
+                        &redact_url(url),
+                        "is not a Redis URL (expected redis[s]://[user:password@]host[:port][/db], \
+                         redis+unix:///path or redis+sentinel://...; percent-encode `/`, `?`, \
+                         `#`, `@`, `:` and `%` in the user and password)"
+                            .to_owned(),
+                    );
+                }
+            }
         }
         problems
     }
@@ -1151,7 +1191,8 @@ fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.ends_with("password") => format!("{key}=***"),
+            // `pass` is redis-rs's, in the query of a `redis+unix://` URL.
+            Some((key, _)) if key.ends_with("password") || key == "pass" => format!("{key}=***"),
             _ => pair.to_owned(),
         })
         .collect::<Vec<_>>()
@@ -1311,6 +1352,70 @@ mod tests {
     /// validation, and every connect failed with lapin's parser's text,
     /// `Invalid URL: '<the whole URL>'`, password included, logged every
     /// few seconds and printed by the commands.
+    #[test]
+    fn a_url_that_names_no_service_is_refused_at_start_not_retried_for_ever() {
+        for (amqp, redis, wanted) in [
+            ("", "redis://h/", "amqp_url = \"\": must name a broker"),
+            (" , ", "redis://h/", "amqp_url = \"\": must name a broker"),
+            ("amqp://h/", "", "redis_url = \"\": must name a Redis"),
+            (
+                "amqp://h/",
+                "redis//u:s3cret@h:6379",
+                "redis_url (node 1) = redis//u:***@h:6379: is not a Redis URL",
+            ),
+            (
+                "amqp://h/",
+                "redis://h1/,http://u:s3cret@h2/",
+                "redis_url (node 2) = http://u:***@h2/: is not a Redis URL",
+            ),
+        ] {
+            let config = Config {
+                amqp_url: amqp.into(),
+                redis_url: redis.into(),
+                ..Config::default()
+            };
+            let found = problems(&config);
+            assert!(
+                found.len() == 1 && found[0].starts_with(wanted),
+                "{amqp:?} {redis:?}: {found:?}"
+            );
+            assert!(!found[0].contains("s3cret"), "{found:?}");
+        }
+        for redis in [
+            "rediss://:pw@h:6380/2",
+            "redis+unix:///run/redis.sock?db=1",
+            "redis://h1:6379/,redis://h2:6379/",
+        ] {
+            let config = Config {
+                redis_url: redis.into(),
+                ..Config::default()
+            };
+            assert_eq!(problems(&config), Vec::<String>::new(), "{redis}");
+        }
+    }
+
+    #[test]
+    fn a_concurrency_or_heartbeat_too_large_to_work_is_refused() {
+        let mut config = Config::default();
+        config.worker.concurrency = MAX_CONCURRENCY + 1;
+        config.worker.heartbeat_ms = MAX_HEARTBEAT_MS + 1;
+        let found = problems(&config);
+        assert!(
+            found[0]
+                .starts_with("worker.concurrency = 65536: must be at least 1 and at most 65535"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with(
+                "worker.heartbeat_ms = 3600001: must be at least 100 (ms) and at most 3600000"
+            ),
+            "{found:?}"
+        );
+        config.worker.concurrency = MAX_CONCURRENCY;
+        config.worker.heartbeat_ms = MAX_HEARTBEAT_MS;
+        assert_eq!(problems(&config), Vec::<String>::new());
+    }
+
     #[test]
     fn an_amqp_url_its_parser_refuses_is_named_by_node_without_its_password() {
         for (url, node, shown, why) in [
@@ -1805,6 +1910,10 @@ mod tests {
         assert_eq!(
             redact_url("amqps://user:secret@host:5671/vh"),
             "amqps://user:***@host:5671/vh"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=secret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
         );
         assert_eq!(
             redact_url("redis://127.0.0.1:6379/"),

@@ -64,6 +64,21 @@ pub async fn redis_store(config: &Config, by: &str, pool: usize) -> Result<Redis
     connect_store(config, tls_ca.as_ref(), by, pool).await
 }
 
+/// Connect the Redis store for reading only (see
+/// [`RedisStore::connect_read_only`]): what the one-shot commands use.
+pub async fn redis_store_read_only(config: &Config, by: &str) -> Result<RedisStore, StoreError> {
+    let tls_ca = config
+        .tls_ca()
+        .map_err(|e| StoreError::Protocol(e.to_string()))?;
+    RedisStore::connect_read_only(
+        &config.redis_url,
+        tls_ca.as_ref(),
+        Names::new(&config.prefix),
+        by,
+    )
+    .await
+}
+
 async fn connect_store(
     config: &Config,
     tls_ca: Option<&TlsCa>,

@@ -551,6 +551,44 @@ fn flags_are_checked_as_the_configuration_is_and_quote_no_password() {
             &["worker", "--queues", "default,gpu,default"][..],
             "worker.queues = \"default\": is named more than once",
         ),
+        // Thirty-fourth session: each of these was accepted, to be ignored,
+        // to panic, or to be retried as an outage for ever.
+        (
+            &["dev", "--concurrency", "0"][..],
+            "worker.concurrency = 0: must be at least 1",
+        ),
+        (&["dev", "--workers", "0"][..], "--workers"),
+        (
+            &["run", example, "--concurrency", "70000"][..],
+            "worker.concurrency = 70000: must be at least 1 and at most 65535",
+        ),
+        (
+            &[
+                "run",
+                example,
+                "--amqp-url",
+                "amqp://127.0.0.1:1/",
+                "--redis-url",
+                "redis://127.0.0.1:1/",
+                "--concurrency",
+                "4",
+            ][..],
+            "--concurrency",
+        ),
+        (&["submit", example, "--json"][..], "--wait"),
+        (&["submit", example, "--timeout-s", "5"][..], "--wait"),
+        (&["bench", "--prefix", "a{b}"][..], "prefix = \"a{b}\""),
+        (
+            &[
+                "run",
+                example,
+                "--amqp-url",
+                "amqp://127.0.0.1:1/",
+                "--redis-url",
+                "redis//app:s3cret@127.0.0.1:1",
+            ][..],
+            "redis_url (node 1) = redis//app:***@127.0.0.1:1: is not a Redis URL",
+        ),
     ] {
         let ran = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
             .args(args)

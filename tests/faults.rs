@@ -1487,6 +1487,23 @@ async fn calls_that_find_the_shared_redis_connection_broken_make_one_between_the
     }
 }
 
+/// What `conveyor status some-job` says on stderr with `prefix` and
+/// Redis `url`; it must fail.
+async fn status_refused(prefix: &str, url: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["status", "some-job"])
+        .env("CONVEYOR_PREFIX", prefix)
+        .env("CONVEYOR_REDIS_URL", url)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{url}: {stderr}");
+    stderr
+}
+
 /// Redis refusing the credentials of `redis_url` (a wrong password, or
 /// none to a server that asks for one) is named as such by a command, with
 /// no password quoted, not taken for a Redis that is not running (whose
@@ -1514,17 +1531,7 @@ async fn refused_redis_credentials_are_named_not_taken_for_an_outage() {
     let config = redis.config("credentials");
     let wrong = format!("redis://:wrong-one@127.0.0.1:{}/", redis.port);
     for url in [wrong.as_str(), &redis.url()] {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
-            .args(["status", "some-job"])
-            .env("CONVEYOR_PREFIX", &config.prefix)
-            .env("CONVEYOR_REDIS_URL", url)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{url}: {stderr}");
+        let stderr = status_refused(&config.prefix, url).await;
         assert!(
             stderr.contains("refused the credentials of redis_url"),
             "{url}: {stderr}"
@@ -1532,6 +1539,109 @@ async fn refused_redis_credentials_are_named_not_taken_for_an_outage() {
         assert!(!stderr.contains("redis-server"), "no start hint: {stderr}");
         assert!(!stderr.contains("wrong-one"), "a password quoted: {stderr}");
     }
+}
+
+/// The reading commands — `status`, `list`, `queues` — write nothing to
+/// Redis: a Redis user allowed only `+@read` runs them, and one pointed at
+/// a mistyped prefix leaves no key. Until the thirty-fourth session they
+/// loaded the function library and started `<prefix>:epoch`, refused to
+/// such a user (`NOPERM`), and `list` removed expired index entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reading_commands_run_as_a_redis_user_allowed_only_to_read() {
+    let redis = PrivateRedis::start(false).await;
+    redis
+        .cli(&[
+            "ACL",
+            "SETUSER",
+            "reader",
+            "on",
+            ">read-only",
+            "~*",
+            "-@all",
+            "+@read",
+            "+@connection",
+        ])
+        .await;
+    let config = redis.config("reader");
+    let mut d = Deployment::with_config(config.clone()).await;
+    d.start_dispatcher().await;
+    d.start_worker(1).await;
+    let client = Client::connect_to(&config).await;
+    client.submit(&common::noop_job("read-me")).await;
+    d.wait_terminal("read-me", WAIT).await;
+
+    let reader = format!("redis://reader:read-only@127.0.0.1:{}/", redis.port);
+    let conveyor = |args: &'static [&'static str], prefix: String, url: String| {
+        let amqp = config.amqp_url.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+                .args(args)
+                .env("CONVEYOR_PREFIX", prefix)
+                .env("CONVEYOR_AMQP_URL", amqp)
+                .env("CONVEYOR_REDIS_URL", url)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(WAIT, out).await.unwrap().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "conveyor {args:?}: {stderr}");
+            (stdout, stderr)
+        }
+    };
+    let prefix = config.prefix.clone();
+    let (status, _) = conveyor(
+        &["status", "read-me", "--json"],
+        prefix.clone(),
+        reader.clone(),
+    )
+    .await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"], "succeeded", "{status}");
+    let (listed, _) = conveyor(&["list", "--json"], prefix.clone(), reader.clone()).await;
+    let listed: Vec<Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], "read-me");
+    let (queues, warnings) = conveyor(&["queues"], prefix.clone(), reader.clone()).await;
+    assert!(
+        !warnings.contains("Redis") && queues.contains(&format!("{prefix}.tasks.default")),
+        "{queues}\n{warnings}"
+    );
+
+    // A user who may not even read is told so, not how to start Redis.
+    redis
+        .cli(&[
+            "ACL",
+            "SETUSER",
+            "nobody",
+            "on",
+            ">no-rights",
+            "~*",
+            "-@all",
+        ])
+        .await;
+    let nobody = format!("redis://nobody:no-rights@127.0.0.1:{}/", redis.port);
+    let stderr = status_refused(&prefix, &nobody).await;
+    assert!(
+        stderr.contains("refused a command to this user") && !stderr.contains("redis-server"),
+        "{stderr}"
+    );
+
+    // A prefix nothing was deployed under, read with every right: no key
+    // appears under it.
+    let typo = format!("{prefix}x");
+    conveyor(&["list"], typo.clone(), redis.url()).await;
+    conveyor(&["queues"], typo.clone(), redis.url()).await;
+    let mut conn = common::redis_connection(&config).await;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{typo}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    client.close().await;
+    d.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -233,6 +233,13 @@ pub fn unix_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// The watcher's blocking connection (a 10 s read time-out).
+fn watcher_connection(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(conn)
+}
+
 /// A Redis connection for the bench (10 s response time-out, for big
 /// pipelines).
 pub async fn redis_connection(config: &Config) -> Result<MultiplexedConnection, BenchError> {
@@ -296,6 +303,8 @@ pub struct Started {
     keys: Vec<String>,
     conn: MultiplexedConnection,
     watch_conn: redis::Connection,
+    /// Where the watcher makes its connection again after a failure.
+    watch_client: redis::Client,
     amqp: Connection,
     clock: ClockSync,
     rx: std::sync::mpsc::Receiver<Event>,
@@ -352,15 +361,9 @@ pub async fn start(
     let clock = clock_sync(&mut conn).await?;
     // The watcher runs on its own thread with a blocking connection, so it
     // can pause for less than the async timer's 1 ms granularity.
-    let watch_conn = {
-        let client = redis_client(config).await?;
-        let conn = client
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .map_err(store_err("cannot connect (watcher)"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(store_err("read time-out"))?;
-        conn
-    };
+    let watch_client = redis_client(config).await?;
+    let watch_conn =
+        watcher_connection(&watch_client).map_err(store_err("cannot connect (watcher)"))?;
 
     // Connect before the clock starts.
     let amqp = amqp_connection(config, "cannot connect (publisher)").await?;
@@ -389,6 +392,7 @@ pub async fn start(
         keys,
         conn,
         watch_conn,
+        watch_client,
         amqp,
         clock,
         rx,
@@ -534,6 +538,7 @@ impl Started {
             keys,
             mut conn,
             watch_conn,
+            watch_client,
             amqp,
             clock,
             rx,
@@ -548,8 +553,9 @@ impl Started {
             timeout: options.timeout,
         };
         let jobs = options.jobs;
-        let watcher =
-            tokio::task::spawn_blocking(move || watch(watch_conn, rx, keys, jobs, watch_options));
+        let watcher = tokio::task::spawn_blocking(move || {
+            watch(watch_conn, &watch_client, rx, keys, jobs, watch_options)
+        });
         let abort = |publisher: &Publisher| {
             if let Publisher::Running(task) = publisher {
                 task.0.abort();
@@ -629,6 +635,7 @@ fn handle(event: Event, result: &mut LoadResult, outstanding: &mut BTreeSet<usiz
 /// publisher is done, or nothing finished for `timeout`.
 fn watch(
     mut conn: redis::Connection,
+    client: &redis::Client,
     rx: std::sync::mpsc::Receiver<Event>,
     keys: Vec<String>,
     jobs: usize,
@@ -644,7 +651,6 @@ fn watch(
     let mut last_progress = Instant::now();
     // The last poll, if it left jobs outstanding (so the next one ends a cycle).
     let mut cycle_start: Option<Instant> = None;
-    let mut consecutive_errors = 0u32;
     loop {
         loop {
             match rx.try_recv() {
@@ -695,7 +701,6 @@ fn watch(
         let got = Instant::now();
         match states {
             Ok(states) => {
-                consecutive_errors = 0;
                 result.poll.polls += 1;
                 result.poll.hgets += batch.len() as u64;
                 result.poll.rtt_total += got - sent;
@@ -712,12 +717,23 @@ fn watch(
                 }
             }
             Err(e) => {
+                // A connection that failed is not used again: redis-rs
+                // shuts one for good at its peer's end of file (a Redis
+                // restarted), and one whose read timed out mid-pipeline
+                // would wait out each reply left. A new one is made, until
+                // the run's time-out passes with no job finishing.
                 result.poll.errors += 1;
-                consecutive_errors += 1;
-                if consecutive_errors > 50 {
-                    return Err(BenchError::Store(format!("polling job states: {e}")));
+                if last_progress.elapsed() > options.timeout {
+                    return Err(BenchError::Store(format!(
+                        "polling job states: {e} (nothing finished for {:?})",
+                        options.timeout
+                    )));
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(200));
+                match watcher_connection(client) {
+                    Ok(fresh) => conn = fresh,
+                    Err(e) => tracing::debug!(error = %e, "bench: watcher cannot reconnect yet"),
+                }
             }
         }
         cycle_start = (!outstanding.is_empty()).then_some(sent);

@@ -306,18 +306,26 @@ pub fn bare_queue(prefix: &str) -> String {
     format!("{prefix}.bench.bare")
 }
 
+/// Smallest `--rate` (jobs/s): one job a minute.
+pub const MIN_RATE: f64 = 1.0 / 60.0;
+
 /// Run the bare loop and the load against the chosen deployment; clean up
 /// what was started (also on errors and Ctrl-C) and report.
 pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError> {
     if options.jobs == 0 {
         return Err(BenchError::Options("--jobs must be at least 1".into()));
     }
+    // Below one job a minute, the gaps between publishes (and the bare
+    // hop's) would be hours; far below, more than a Duration holds.
     if let Some(rate) = options.rate
-        && !(rate.is_finite() && rate > 0.0)
+        && !(rate.is_finite() && rate >= MIN_RATE)
     {
         return Err(BenchError::Options(format!(
-            "--rate must be a positive number of jobs/s, got {rate}"
+            "--rate must be a number of jobs/s of at least {MIN_RATE:.4} (one job a minute), got {rate}"
         )));
+    }
+    if options.timeout < Duration::from_secs(1) {
+        return Err(BenchError::Options("--timeout-s must be at least 1".into()));
     }
     if options.confirm_window == 0 || options.poll_window == 0 {
         return Err(BenchError::Options(

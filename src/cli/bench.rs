@@ -88,6 +88,13 @@ pub struct Args {
 }
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    // Checked as the configuration's own prefix is: one that breaks the
+    // hash tag or that RabbitMQ reserves is named, not met mid-run.
+    if let Some(prefix) = &args.prefix {
+        let mut live = config.clone();
+        live.prefix = prefix.clone();
+        live.validate()?;
+    }
     let Some(poll_interval) = (args.poll_ms >= 0.0)
         .then(|| Duration::try_from_secs_f64(args.poll_ms / 1000.0).ok())
         .flatten()

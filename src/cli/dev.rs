@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long)]
     snapshot: Option<PathBuf>,
     /// Workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     workers: usize,
     /// Concurrency of each worker [default: `worker.concurrency` of the
     /// configuration, 16 unless set].
@@ -52,7 +53,19 @@ pub struct Args {
     http_addr: Option<std::net::SocketAddr>,
 }
 
-pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(concurrency) = args.concurrency {
+        config.worker.concurrency = concurrency;
+    }
+    config.validate()?;
+    // Every file read before anything starts: one that cannot be read
+    // stops the command before any job of the others is submitted.
+    let mut bodies = Vec::with_capacity(args.jobs.len());
+    for file in &args.jobs {
+        let body =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        bodies.push((file, body));
+    }
     let trigger = ShutdownTrigger::new();
     on_signals(trigger.clone());
     let started = std::time::Instant::now();
@@ -62,7 +75,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         conveyor_builtin_handlers::registry(),
         EmbeddedOptions {
             workers: args.workers,
-            concurrency: args.concurrency.unwrap_or(config.worker.concurrency),
+            concurrency: config.worker.concurrency,
             snapshot: args.snapshot.clone(),
             ..EmbeddedOptions::default()
         },
@@ -76,10 +89,12 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         snapshot = ?args.snapshot,
         "conveyor dev running in-process (no RabbitMQ or Redis; production uses both); Ctrl-C stops"
     );
-    for file in &args.jobs {
-        let body =
-            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        embedded.submit(body).await?;
+    for (file, body) in bodies {
+        if let Err(e) = embedded.submit(body).await {
+            // Saved first: the jobs submitted so far are kept.
+            embedded.shutdown_now().await?;
+            return Err(e);
+        }
         tracing::info!(file = %file.display(), "submitted");
     }
     let store = embedded.store();
@@ -93,8 +108,14 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
             _ = shutdown.wait() => break,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        for job in finished_jobs.look(&*store).await? {
-            tracing::info!(job = %job.id, state = %job.state, tasks = job.tasks, "job finished");
+        match finished_jobs.look(&*store).await {
+            Ok(finished) => {
+                for job in finished {
+                    tracing::info!(job = %job.id, state = %job.state, tasks = job.tasks, "job finished");
+                }
+            }
+            // Only the log of finished jobs misses a look: the jobs run on.
+            Err(e) => tracing::warn!(error = %e, "cannot list the jobs; trying again"),
         }
     }
     // A second Ctrl-C, now or while the workers wait for running tasks,

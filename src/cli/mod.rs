@@ -106,16 +106,25 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Connect the store for a one-shot command. An outage says how to start
-/// Redis; anything else (an unusable `tls_ca_file`, a Redis too old for
-/// the function library) says only what is wrong, since waiting or
-/// starting Redis will not mend it.
+/// Connect the store for a one-shot command, which only reads: a Redis
+/// user allowed `+@read` alone can run it. An outage says how to start
+/// Redis; anything else (an unusable `tls_ca_file`, refused credentials)
+/// says only what is wrong, since waiting or starting Redis will not mend
+/// it.
 async fn store(config: &Config) -> anyhow::Result<conveyor::store::redis::RedisStore> {
-    conveyor::runtime::redis_store(config, "cli", 2)
+    conveyor::runtime::redis_store_read_only(config, "cli")
         .await
         .map_err(|e| {
             let url = conveyor::config::redact_url(&config.redis_url);
-            if e.is_retryable() {
+            // An ACL refusal waits for an operator like an outage (the
+            // services keep their messages through it), but no starting
+            // of Redis mends it.
+            if e.to_string().contains("NoPerm") {
+                anyhow::anyhow!(
+                    "Redis at {url} refused a command to this user: {e}; the reading \
+                     commands need `+@read` (and `+@connection`) on the prefix's keys"
+                )
+            } else if e.is_retryable() {
                 anyhow::anyhow!(
                     "cannot reach Redis at {url}: {e}; {}",
                     conveyor::runtime::START_HINT

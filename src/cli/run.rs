@@ -18,6 +18,7 @@ use conveyor::config::Config;
 use conveyor::embedded::{Embedded, EmbeddedOptions};
 use conveyor::model::{JobState, TaskState};
 use conveyor::store::Store;
+use conveyor::text::one_line;
 
 use super::stalls::Stalls;
 use super::{follow, status, when};
@@ -40,8 +41,8 @@ pub struct Args {
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
     /// Embedded worker concurrency [default: `worker.concurrency` of the
-    /// configuration, 16 unless set].
-    #[arg(long)]
+    /// configuration, 16 unless set]; in-process only.
+    #[arg(long, conflicts_with_all = ["amqp_url", "redis_url"])]
     concurrency: Option<usize>,
 }
 
@@ -160,13 +161,15 @@ async fn show_until_finished(
     } else {
         println!();
         println!("job {} {}", status.id, status.state);
+        // A task's error may end with its program's stderr: its control
+        // characters are shown, not sent to the terminal.
         if let Some(e) = &status.error {
-            println!("error: {e}");
+            println!("error: {}", one_line(e));
         }
         for (name, t) in &status.tasks {
             match (&t.state, &t.error) {
                 (TaskState::Succeeded, _) => println!("  {name}: {}", t.result),
-                (state, Some(e)) => println!("  {name}: {state}: {e}"),
+                (state, Some(e)) => println!("  {name}: {state}: {}", one_line(e)),
                 (state, None) => println!("  {name}: {state}"),
             }
         }

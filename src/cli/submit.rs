@@ -19,10 +19,10 @@ pub struct Args {
     #[arg(long)]
     wait: bool,
     /// How long to wait, in seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, requires = "wait")]
     timeout_s: u64,
     /// Print the final status as JSON.
-    #[arg(long)]
+    #[arg(long, requires = "wait")]
     json: bool,
 }
 

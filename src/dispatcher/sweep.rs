@@ -90,7 +90,8 @@ pub fn retry_spread(id: &str, interval: std::time::Duration) -> std::time::Durat
 /// What the sweep loop remembers from one pass to the next.
 #[derive(Debug, Default)]
 struct SweepLoop {
-    /// The store was unreachable at the last pass.
+    /// The store was unreachable at the last pass, or at a look for the
+    /// next retry since.
     store_down: bool,
     /// Lapsed leases are not reclaimed before this (after an outage, or
     /// the dispatcher's start).
@@ -156,7 +157,7 @@ impl Dispatcher {
                 if !shutdown.sleep_until(peek_at).await {
                     return;
                 }
-                pass_at = self.sooner_for_retry(&state, last, pass_at).await;
+                pass_at = self.sooner_for_retry(&mut state, last, pass_at).await;
                 continue;
             }
             if !shutdown.sleep_until(pass_at).await {
@@ -168,7 +169,7 @@ impl Dispatcher {
             if state.backlog {
                 pass_at = last + MIN_PASS_GAP;
             }
-            pass_at = self.sooner_for_retry(&state, last, pass_at).await;
+            pass_at = self.sooner_for_retry(&mut state, last, pass_at).await;
         }
     }
 
@@ -176,10 +177,15 @@ impl Dispatcher {
     /// falls due (plus this dispatcher's [`retry_spread`]) if that is
     /// sooner, but not before [`MIN_PASS_GAP`] after the pass that started
     /// at `last`. When the last pass ended early, a retry due already may
-    /// be one it left, and does not bring the pass forward.
+    /// be one it left, and does not bring the pass forward. A store that
+    /// cannot be reached here is noted down, as at a pass: an outage that
+    /// begins and ends between two passes (a sweep interval near the
+    /// lease) starts the [`RECLAIM_GRACE`] too, or the next pass would
+    /// take over leases that lapsed only for want of Redis, before their
+    /// workers' renewals got through.
     async fn sooner_for_retry(
         &self,
-        state: &SweepLoop,
+        state: &mut SweepLoop,
         last: tokio::time::Instant,
         pass_at: tokio::time::Instant,
     ) -> tokio::time::Instant {
@@ -189,7 +195,12 @@ impl Dispatcher {
         let due_in = match self.store.next_retry_in(0).await {
             Ok(due_in) => due_in,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read when the next retry is due; sweeping at the regular time");
+                if e.is_retryable() {
+                    tracing::warn!(error = %e, "store unreachable; sweep skipped until it answers");
+                    state.store_down = true;
+                } else {
+                    tracing::debug!(error = %e, "cannot read when the next retry is due; sweeping at the regular time");
+                }
                 return pass_at;
             }
         };
@@ -254,7 +265,8 @@ impl Dispatcher {
     /// One pass: due retries, then lapsed leases. Returns how many schedule
     /// entries were acted on (their messages confirmed and the entries
     /// forgotten). Entries that failed are left for the next pass; an error
-    /// means the store or the broker is unreachable.
+    /// means the store or the broker is unreachable, or the store refused
+    /// a call for good (a record it cannot use).
     pub async fn sweep_once(&self) -> Result<usize, SweepError> {
         Ok(self.sweep_pass(true).await?.done)
     }

@@ -533,9 +533,9 @@ pub trait Store: Send + Sync + 'static {
     /// earliest is due, by the clock the schedule is scored with (zero
     /// when it is due already); `None` when there is no such retry. The
     /// sweep wakes for it rather than at its next pass, so a retry starts
-    /// when its status says it will; it skips the retries its last pass
-    /// left due (their messages could not be published), which are the
-    /// earliest.
+    /// when its status says it will. (The sweep passes 0: a retry whose
+    /// queue refused it is deferred in the schedule, and one due already
+    /// after a pass that ended early does not bring the next forward.)
     async fn next_retry_in(&self, skip: usize) -> Result<Option<Duration>, StoreError>;
 
     /// Re-queue (or fail) tasks whose lease lapsed, and re-offer dependents

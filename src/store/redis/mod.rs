@@ -119,6 +119,8 @@ pub struct RedisStore {
     /// Most bytes of dependency results a claim hands out (shared with
     /// the claim rounds' copy).
     max_inputs_bytes: Arc<AtomicU64>,
+    /// Made by [`RedisStore::connect_read_only`]: writes nothing of its own.
+    read_only: bool,
 }
 
 /// A claim waiting for the next round of claims.
@@ -291,6 +293,35 @@ impl RedisStore {
         size: usize,
         by: impl Into<String>,
     ) -> Result<RedisStore, StoreError> {
+        Self::connect_for(url, tls_ca, names, retention, size, by.into(), false).await
+    }
+
+    /// Connect as [`RedisStore::connect`] does, for reading only (the
+    /// one-shot commands `status`, `list`, `queues` and a followed
+    /// submission): nothing is written on the store's own account — the
+    /// function library is not loaded, the epoch is read but never
+    /// started, expired index entries are skipped rather than removed —
+    /// so a Redis user allowed only `+@read` can run those commands, and a
+    /// mistyped prefix leaves no key behind. Its writing calls are not for
+    /// use (they fail, as the library is not loaded or the user may not).
+    pub async fn connect_read_only(
+        url: &str,
+        tls_ca: Option<&TlsCa>,
+        names: Names,
+        by: impl Into<String>,
+    ) -> Result<RedisStore, StoreError> {
+        Self::connect_for(url, tls_ca, names, Duration::ZERO, 1, by.into(), true).await
+    }
+
+    async fn connect_for(
+        url: &str,
+        tls_ca: Option<&TlsCa>,
+        names: Names,
+        retention: Duration,
+        size: usize,
+        by: String,
+        read_only: bool,
+    ) -> Result<RedisStore, StoreError> {
         let nodes = Nodes::new(url, tls_ca, size)?;
         let functions = SCRIPT_BODIES.map(|(name, _)| format!("{}_{name}", library().name));
         let mut store = RedisStore {
@@ -298,7 +329,7 @@ impl RedisStore {
             names,
             functions,
             retention_ms: retention.as_millis() as u64,
-            by: by.into(),
+            by,
             epoch: Arc::new(AtomicU64::new(0)),
             shared: Arc::default(),
             shared_made: Arc::default(),
@@ -312,9 +343,12 @@ impl RedisStore {
             claim_rounds_sent: Arc::default(),
             clock: Arc::default(),
             max_inputs_bytes: Arc::new(AtomicU64::new(DEFAULT_MAX_INPUTS_BYTES)),
+            read_only,
         };
         store.first_contact().await?;
-        store.load_library().await?;
+        if !read_only {
+            store.load_library().await?;
+        }
         store.check_epoch().await?;
         if let Nodes::Sentinel(nodes) = &store.nodes {
             tokio::spawn(watch_sentinels(
@@ -543,6 +577,24 @@ impl RedisStore {
     /// Read (and, on empty data, start) the epoch on `conn`, and remember
     /// it. Says so loudly when it changed.
     async fn read_epoch(&self, conn: &mut MultiplexedConnection) -> Result<u64, StoreError> {
+        if self.read_only {
+            // Neither started nor timed: a reader stamps no index entries,
+            // and needs only to see a change of data (0: none yet).
+            let current: Option<u64> = redis::cmd("GET")
+                .arg(self.names.epoch_key())
+                .query_async(conn)
+                .await
+                .map_err(|e| {
+                    if is_permanent_server_error(&e) {
+                        protocol(format!("reading the epoch: {e}"))
+                    } else {
+                        unavailable(e)
+                    }
+                })?;
+            let current = current.unwrap_or(0);
+            self.epoch.store(current, Ordering::SeqCst);
+            return Ok(current);
+        }
         let fresh: u64 = rand::random::<u32>() as u64 >> 1 | 1;
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -735,7 +787,10 @@ impl RedisStore {
     }
 
     /// Up to `limit` entries of a schedule index (`<p>:retries`,
-    /// `<p>:leases`) whose time has come, earliest first.
+    /// `<p>:leases`) whose time has come, earliest first. An entry that is
+    /// not even UTF-8 (another program's) is removed here and not returned:
+    /// read as a string, it failed the read as a conversion error, taken
+    /// for an outage, at every pass (thirty-fourth session).
     async fn due_entries(
         &self,
         index: String,
@@ -744,15 +799,30 @@ impl RedisStore {
     ) -> Result<Vec<String>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE")
-            .arg(index)
+            .arg(&index)
             .arg("-inf")
             .arg(now)
             .arg("BYSCORE")
             .arg("LIMIT")
             .arg(0)
             .arg(limit);
-        let (entries,): (Vec<String>,) = self.run(&pipe).await?;
-        Ok(entries)
+        let (entries,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
+        let mut due = Vec::with_capacity(entries.len());
+        let mut foreign = Vec::new();
+        for e in entries {
+            match String::from_utf8(e) {
+                Ok(e) => due.push(e),
+                Err(e) => foreign.push(e.into_bytes()),
+            }
+        }
+        if !foreign.is_empty() {
+            tracing::warn!(index = %index, entries = foreign.len(),
+                "schedule entries that are not UTF-8 (not Conveyor's); removed");
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM").arg(&index).arg(foreign).ignore();
+            self.run::<()>(&pipe).await?;
+        }
+        Ok(due)
     }
 
     /// Move `entry` of a schedule index to `at` (ms), if it is still there
@@ -1412,9 +1482,9 @@ impl RedisStore {
     /// found the entry there (its `ZADD NX` did nothing) and would lose it
     /// to the `ZREM`: out of `list`, and out of the audit after a
     /// failover. So each is looked at again after, and put back as it was
-    /// if its job key is there now.
+    /// if its job key is there now. A read-only store removes none.
     async fn forget_index_entries(&self, gone: &[(&str, u64)]) -> Result<usize, StoreError> {
-        if gone.is_empty() {
+        if gone.is_empty() || self.read_only {
             return Ok(0);
         }
         let mut pipe = redis::pipe();
@@ -2176,7 +2246,7 @@ impl Store for RedisStore {
                 None => dead.push(id),
             }
         }
-        if !dead.is_empty() {
+        if !dead.is_empty() && !self.read_only {
             let mut pipe = redis::pipe();
             pipe.cmd("ZREM")
                 .arg(self.names.workers_index())

@@ -47,9 +47,13 @@
 //!
 //! A program that ended successfully is unregistered, so helpers it left
 //! in the background on purpose are not touched (as during the worker's
-//! life). If the watchdog
-//! cannot be started (no `/bin/sh`), `shell` tasks still run, without this
-//! protection, and the worker says so once in its log. If the watchdog is
+//! life). Without `/bin/sh` there is neither gate nor watchdog: `shell`
+//! tasks still run, without this protection, and the worker says so once
+//! in its log. With one, a program whose group cannot be registered (the
+//! watchdog cannot be started: out of processes, memory or descriptors) is
+//! not started at all: its gate is killed closed and the attempt fails as
+//! transient, to be retried (thirty-fourth session; it used to run
+//! unwatched). If the watchdog is
 //! killed, the next `shell` run finds it gone and starts a new one before
 //! its program runs; groups registered with the old one are then
 //! unprotected until they end.
@@ -180,46 +184,62 @@ pub(crate) struct Watched {
 
 /// Register `pgid` with this process's watchdog (starting it if needed), so
 /// that the group is killed if this process dies before the returned value
-/// is dropped. `None` when no watchdog could be started; the reason is
-/// logged once.
-pub(crate) fn watch(pgid: Pid) -> Option<Watched> {
+/// is dropped. An error when no watchdog could be started or told (the
+/// failure to start is logged once).
+pub(crate) fn watch(pgid: Pid) -> io::Result<Watched> {
+    #[cfg(test)]
+    if WATCH_REFUSED.with(std::cell::Cell::get) {
+        return Err(io::Error::from_raw_os_error(nix::libc::EAGAIN));
+    }
     watch_with(&WATCHDOG, pgid)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by a test: [`watch`] fails on this thread as if no watchdog could
+    /// be started (out of processes).
+    pub(crate) static WATCH_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// [`watch`] with the watchdog kept in `slot`.
-fn watch_with(slot: &'static Mutex<Option<Watchdog>>, pgid: Pid) -> Option<Watched> {
+fn watch_with(slot: &'static Mutex<Option<Watchdog>>, pgid: Pid) -> io::Result<Watched> {
     let mut watchdog = slot.lock().unwrap_or_else(PoisonError::into_inner);
     // A watchdog found gone (killed since the last run) is replaced at
     // once, so the run that finds it gone is watched too.
+    let mut last = io::Error::other("the watchdog could not be told");
     for _ in 0..2 {
-        if watchdog.is_none() {
-            match Watchdog::spawn() {
-                Ok(started) => *watchdog = Some(started),
+        let running = match watchdog.as_mut() {
+            Some(running) => running,
+            None => match Watchdog::spawn() {
+                Ok(started) => watchdog.insert(started),
                 Err(e) => {
                     if !SPAWN_FAILURE_LOGGED.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             error = %e,
-                            "shell: cannot start the process-group watchdog (/bin/sh); shell \
-                             programs will outlive this worker if it is killed"
+                            "shell: cannot start the process-group watchdog (/bin/sh); gated \
+                             programs are not started (their tasks are retried) until it can be"
                         );
                     }
-                    return None;
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot start the watchdog: {e}"),
+                    ));
                 }
-            }
-        }
-        let running = watchdog.as_mut()?;
+            },
+        };
         match running.tell('+', pgid) {
-            Ok(()) => return Some(Watched { pgid, slot }),
+            Ok(()) => return Ok(Watched { pgid, slot }),
             Err(e) => {
                 tracing::warn!(
                     error = %e, pid = running.child.id(),
                     "shell: the process-group watchdog is gone; starting another"
                 );
                 retire(&mut watchdog);
+                last = e;
             }
         }
     }
-    None
+    Err(last)
 }
 
 /// Forget a watchdog that no longer reads its pipe (reaped if it has

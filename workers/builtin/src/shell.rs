@@ -75,12 +75,16 @@
 //! server) die with it instead of lingering on the worker host; so do
 //! those left by a program that *failed* (a non-zero exit, a signal),
 //! whose attempt may run again. Processes
-//! left in the background after a *successful* exit are not touched, but
-//! note that a background process holding the program's stdout or stderr
-//! open keeps the task running (until it exits or the time-out) because the
-//! handler reads both to their end. (One holding stdin does not: once both
-//! outputs are closed and the program has exited, input it did not read
-//! is dropped.)
+//! left in the background after a *successful* exit are not touched. One
+//! that holds the program's stdout or stderr open (started without
+//! redirecting them) does not hold the task: the outputs are read on for a
+//! second after the program exits, then its exit status decides, with
+//! what was read (until the thirty-fourth session the task waited for the
+//! helper's end or its time-out, and a program that had succeeded was
+//! failed as timed out, to run again). Such a helper writing after that
+//! finds the pipe closed (`SIGPIPE`); send its output elsewhere. (One
+//! holding stdin does not hold the task either: once both outputs are
+//! closed and the program has exited, input it did not read is dropped.)
 //!
 //! A descendant that leaves the group (`setsid`, `setpgid`: daemons, GNU
 //! `timeout`, Python's `start_new_session`) is out of reach of all of
@@ -140,6 +144,9 @@ pub const EX_TEMPFAIL: i32 = 75;
 /// How long to wait for a killed process to be reaped before leaving it to
 /// tokio's background reaper.
 const REAP_GRACE: Duration = Duration::from_secs(5);
+/// How long the outputs of a program that exited are read on while
+/// something it left in the background holds them open.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 /// How much of a non-JSON stdout an error message quotes.
 const STDOUT_QUOTE_BYTES: usize = 200;
 
@@ -355,33 +362,37 @@ async fn write_stdin(mut stdin: ChildStdin, input: Vec<u8>) -> Result<(), Stop> 
     Ok(())
 }
 
-async fn read_capped(stdout: impl AsyncRead + Unpin, limit: usize) -> Result<Vec<u8>, Stop> {
-    let mut buf = Vec::new();
+/// Read `stdout` to its end into `buf`, at most `limit` bytes of it. Into
+/// the caller's buffer, so what was read is there when the reading is cut
+/// short.
+async fn read_capped(
+    stdout: impl AsyncRead + Unpin,
+    limit: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), Stop> {
     stdout
         .take((limit as u64).saturating_add(1))
-        .read_to_end(&mut buf)
+        .read_to_end(buf)
         .await
         .map_err(|e| Stop::Io("stdout", e))?;
     if buf.len() > limit {
         return Err(Stop::StdoutTooLarge);
     }
-    Ok(buf)
+    Ok(())
 }
 
-/// The last `keep` bytes of `stderr`, and whether anything before them was
-/// dropped.
-async fn read_tail(mut stderr: impl AsyncRead + Unpin, keep: usize) -> (Vec<u8>, bool) {
-    let mut tail = Vec::new();
-    let mut truncated = false;
+/// Read `stderr` to its end, keeping about its last `keep` bytes in
+/// `tail` (at most twice that until [`trim_tail`]) and whether anything
+/// before them was dropped.
+async fn read_tail(mut stderr: impl AsyncRead + Unpin, keep: usize, tail: &mut (Vec<u8>, bool)) {
     let mut chunk = vec![0u8; 8192];
     loop {
         match stderr.read(&mut chunk).await {
             Ok(0) => break,
             Ok(n) => {
-                tail.extend_from_slice(chunk.get(..n).unwrap_or_default());
-                if tail.len() > 2 * keep {
-                    tail.drain(..tail.len() - keep);
-                    truncated = true;
+                tail.0.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                if tail.0.len() > 2 * keep {
+                    trim_tail(tail, keep);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -391,11 +402,22 @@ async fn read_tail(mut stderr: impl AsyncRead + Unpin, keep: usize) -> (Vec<u8>,
             }
         }
     }
-    if tail.len() > keep {
-        tail.drain(..tail.len() - keep);
-        truncated = true;
+}
+
+/// Keep only the last `keep` bytes of `tail`, noting a cut.
+fn trim_tail(tail: &mut (Vec<u8>, bool), keep: usize) {
+    if tail.0.len() > keep {
+        tail.0.drain(..tail.0.len() - keep);
+        tail.1 = true;
     }
-    (tail, truncated)
+}
+
+/// Sleep until `grace` after `from` (for ever without one).
+async fn sleep_after(from: Option<tokio::time::Instant>, grace: Duration) {
+    match from {
+        Some(from) => tokio::time::sleep_until(from + grace).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn describe_tail((tail, truncated): &(Vec<u8>, bool)) -> String {
@@ -594,11 +616,27 @@ impl Handler for Shell {
         let mut child = cmd.spawn().map_err(|e| spawn_error(&p, &e))?;
         let pid = child.id();
         let pgid = pid.and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+        let watched = pgid.map(group_watch::watch);
         let mut guard = GroupGuard {
             pgid,
             armed: true,
-            _watched: pgid.and_then(group_watch::watch),
+            _watched: None,
         };
+        match watched {
+            Some(Ok(watched)) => guard._watched = Some(watched),
+            // The gate is still closed: nothing of the task has run. Run
+            // unwatched, a worker killed now would leave it running while
+            // the next attempt runs elsewhere.
+            Some(Err(e)) if gated => {
+                kill_and_reap(&mut guard, &mut child).await;
+                return Err(HandlerError::Transient(format!(
+                    "shell: `{}` not started: its process group could not be \
+                     registered with the watchdog that kills it if the worker dies ({e})",
+                    p.command
+                )));
+            }
+            _ => {}
+        }
         tracing::debug!(
             job_id = %ctx.job_id, task = %ctx.task, command = %p.command, pid,
             "shell: started"
@@ -615,26 +653,57 @@ impl Handler for Shell {
         };
 
         let stdout_limit = stdout_limit(ctx.max_result_bytes);
+        let mut out = Vec::new();
+        let mut err = (Vec::new(), false);
         let finished = tokio::time::timeout(ctx.timeout, async {
             let write = write_stdin(stdin, input);
-            let read = async {
-                tokio::try_join!(read_capped(stdout, stdout_limit), async {
-                    Ok(read_tail(stderr, STDERR_TAIL_BYTES).await)
-                })
-            };
-            tokio::pin!(write, read);
+            tokio::pin!(write);
             // Written while read: a program that writes before it reads
             // never waits on us.
             let mut written = false;
-            let (out, err) = loop {
-                tokio::select! {
-                    w = &mut write, if !written => {
-                        w?;
-                        written = true;
+            let mut exited = None;
+            {
+                let read = async {
+                    tokio::try_join!(read_capped(stdout, stdout_limit, &mut out), async {
+                        read_tail(stderr, STDERR_TAIL_BYTES, &mut err).await;
+                        Ok(())
+                    })
+                };
+                tokio::pin!(read);
+                let mut held_from: Option<tokio::time::Instant> = None;
+                loop {
+                    tokio::select! {
+                        w = &mut write, if !written => {
+                            w?;
+                            written = true;
+                        }
+                        r = &mut read => {
+                            r?;
+                            break;
+                        }
+                        status = child.wait(), if exited.is_none() => {
+                            exited = Some(status.map_err(|e| Stop::Io("wait", e))?);
+                            held_from = Some(tokio::time::Instant::now());
+                        }
+                        // The program exited and something it left in the
+                        // background holds its stdout or stderr: its exit
+                        // status stands (waiting for the helper's end, a
+                        // finished program was taken for one timed out).
+                        () = sleep_after(held_from, OUTPUT_GRACE), if held_from.is_some() => {
+                            tracing::debug!(
+                                job_id = %ctx.job_id, task = %ctx.task,
+                                "shell: the program exited; its outputs are held open by a \
+                                 process it left; not read further"
+                            );
+                            break;
+                        }
                     }
-                    r = &mut read => break r?,
                 }
-            };
+            }
+            trim_tail(&mut err, STDERR_TAIL_BYTES);
+            if let Some(status) = exited {
+                return Ok::<_, Stop>(status);
+            }
             // Both outputs closed. A program may still read on (its output
             // sent elsewhere): the writing goes on until it exits. Once it
             // has, input left unwritten has no reader of its own (a
@@ -652,12 +721,13 @@ impl Handler for Shell {
                 }
             }
             .map_err(|e| Stop::Io("wait", e))?;
-            Ok::<_, Stop>((status, out, err))
+            Ok::<_, Stop>(status)
         })
         .await;
 
         match finished {
-            Ok(Ok((status, stdout, stderr))) => {
+            Ok(Ok(status)) => {
+                let (stdout, stderr) = (out, err);
                 // A program that failed takes its background helpers with
                 // it: its attempt may run again (or another task be retried
                 // after it), and must not run beside what the failed one
@@ -702,8 +772,15 @@ impl Handler for Shell {
                     timeout = ?ctx.timeout, "shell: timed out; killing its process group"
                 );
                 kill_and_reap(&mut guard, &mut child).await;
+                // What it said before it was stopped, often why it hung.
+                trim_tail(&mut err, STDERR_TAIL_BYTES);
+                let said = if err.0.is_empty() {
+                    String::new()
+                } else {
+                    format!("; stderr tail: {}", describe_tail(&err))
+                };
                 Err(HandlerError::Transient(format!(
-                    "shell: `{}` timed out after {}s; process group killed",
+                    "shell: `{}` timed out after {}s; process group killed{said}",
                     p.command,
                     ctx.timeout.as_secs_f64()
                 )))
@@ -1019,6 +1096,55 @@ mod tests {
         assert_eq!(stdout_limit(usize::MAX), MAX_STDOUT_BYTES);
     }
 
+    /// A program that exits while a helper it left holds its stdout open
+    /// is judged by its exit status and what it wrote, not held until its
+    /// time-out (which failed a program that had succeeded as timed out).
+    #[tokio::test]
+    async fn a_program_whose_helper_holds_its_output_is_judged_when_it_exits() {
+        let file = temp_path("held");
+        let mut ctx = test_ctx(1);
+        ctx.timeout = Duration::from_secs(30);
+        let params = sh(&format!(
+            "sleep 30 & echo $! > '{}'; echo '{{\"ok\": 1}}'",
+            file.display()
+        ));
+        let out = Shell.run(ctx.clone(), params).await;
+        let helper = read_pid(&file).await;
+        let _ = std::fs::remove_file(&file);
+        // Left alone after a success, as documented: stopped here.
+        let _ = nix::sys::signal::kill(Pid::from_raw(helper), Signal::SIGKILL);
+        assert_eq!(out, Ok(Outcome::Done(json!({"ok": 1}))));
+
+        let params = sh(&format!(
+            "sleep 30 & echo $! > '{}'; echo broke >&2; exit 3",
+            file.display()
+        ));
+        let out = Shell.run(ctx, params).await;
+        let helper = read_pid(&file).await;
+        let _ = std::fs::remove_file(&file);
+        match out {
+            Err(HandlerError::Permanent(e)) => assert!(e.contains("broke"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_gone_within_2s(helper).await;
+    }
+
+    #[tokio::test]
+    async fn a_time_out_quotes_what_the_program_said_before() {
+        let mut ctx = test_ctx(1);
+        ctx.timeout = Duration::from_millis(300);
+        let out = Shell
+            .run(ctx, sh("echo stuck-on-the-lock >&2; sleep 30"))
+            .await;
+        match out {
+            Err(HandlerError::Transient(e)) => assert!(
+                e.ends_with("process group killed; stderr tail: stuck-on-the-lock"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn time_out_kills_the_whole_group() {
         let file = temp_path("timeout");
@@ -1053,6 +1179,34 @@ mod tests {
             let _ = std::fs::remove_file(&file);
             assert_gone_within_2s(pid).await;
         }
+    }
+
+    /// A program whose group the watchdog cannot be told of is never
+    /// started (a worker killed meanwhile would leave it running beside
+    /// the next attempt): the attempt fails as transient, and its gate is
+    /// gone.
+    #[tokio::test]
+    async fn a_program_the_watchdog_cannot_watch_is_not_started() {
+        if !group_watch::gate_available() {
+            panic!("this test needs /bin/sh");
+        }
+        let file = temp_path("unwatched");
+        let params = sh(&format!("echo $$ > '{}'", file.display()));
+        group_watch::WATCH_REFUSED.with(|refused| refused.set(true));
+        let refused = run(params.clone()).await;
+        group_watch::WATCH_REFUSED.with(|refused| refused.set(false));
+        match refused {
+            Err(HandlerError::Transient(e)) => {
+                assert!(e.contains("not started") && e.contains("watchdog"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!file.exists(), "the program ran");
+        // The same program, watched, runs.
+        run(params).await.unwrap();
+        assert!(file.exists());
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]
