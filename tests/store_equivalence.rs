@@ -2558,6 +2558,20 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
         .await
         .unwrap();
     assert_eq!(store.due_retries(100).await.unwrap(), Vec::new());
+    // One not yet due, first in the schedule: the sweep's look for the
+    // next retry reads its time (it failed as an outage, at every look).
+    redis::cmd("ZADD")
+        .arg(names.retries())
+        .arg(secs * 1000 + 10_000)
+        .arg(&b"\xff\xfd|0|1"[..])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let next = store.next_retry_in(0).await.expect("read, not an outage");
+    assert!(
+        next.is_some_and(|d| d > Duration::from_secs(5) && d <= Duration::from_secs(11)),
+        "{next:?}"
+    );
     common::cleanup(&config).await;
 }
 

@@ -723,7 +723,16 @@ fn watch(
                 // would wait out each reply left. A new one is made, until
                 // the run's time-out passes with no job finishing.
                 result.poll.errors += 1;
-                if last_progress.elapsed() > options.timeout {
+                // An answer no new connection changes (an ACL, a key of
+                // another type) ends the run at once.
+                let connection_lost = e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+                    );
+                if !connection_lost || last_progress.elapsed() > options.timeout {
                     return Err(BenchError::Store(format!(
                         "polling job states: {e} (nothing finished for {:?})",
                         options.timeout

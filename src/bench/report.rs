@@ -584,12 +584,32 @@ pub fn build(
     }
 
     let not_succeeded = options.jobs - outcome.succeeded.min(options.jobs);
-    let why_not_met = (not_succeeded > 0).then(|| {
-        format!(
+    let mut why_not: Vec<String> = Vec::new();
+    if not_succeeded > 0 {
+        why_not.push(format!(
             "{not_succeeded} of {} jobs did not succeed; the figures are of the others",
             options.jobs
-        )
-    });
+        ));
+    }
+    // A process that died during the run (no memory to read: a zombie's
+    // status has none) or did not stop cleanly: the figures are of the
+    // survivors, a memory target most of all.
+    if let Some(p) = &processes {
+        let unread: Vec<String> = (p.memory.iter())
+            .filter(|m| m.peak_rss_mb.is_none())
+            .map(|m| format!("{} {}", m.role, m.pid))
+            .collect();
+        if !unread.is_empty() {
+            why_not.push(format!(
+                "no memory reading of {} (exited during the run?)",
+                unread.join(", ")
+            ));
+        }
+        if p.exits.iter().any(|e| !e.clean) {
+            why_not.push("a spawned process did not stop cleanly".to_owned());
+        }
+    }
+    let why_not_met = (!why_not.is_empty()).then(|| why_not.join("; "));
     let mut targets = Vec::new();
     let mut check = |name: String, value: f64, op: &'static str, limit: f64| {
         let within = match op {
@@ -1178,6 +1198,55 @@ mod tests {
             report
                 .to_text()
                 .contains("(not met: 3 of 100 jobs did not succeed")
+        );
+    }
+
+    /// A worker that died during the run has no memory to read: the
+    /// worker memory target is not met on the survivor's figure alone.
+    #[test]
+    fn a_memory_target_is_not_met_when_a_process_died_during_the_run() {
+        let start = Instant::now();
+        let worker = |pid, peak| ProcessMemory {
+            role: "worker",
+            pid,
+            peak_rss_mb: peak,
+            rss_mb: peak,
+        };
+        let processes = |memory| Processes {
+            dispatchers: 1,
+            workers: 2,
+            concurrency: 64,
+            workers_take_submissions: true,
+            memory,
+            exits: Vec::new(),
+            logs_dir: None,
+        };
+        let options = Options {
+            jobs: 10,
+            target: spawned(),
+            ..Options::default()
+        };
+        let build_with = |memory| {
+            build(
+                &Config::default(),
+                &options,
+                "r1",
+                load_of((0..10).map(|i| succeeded(start, i * 1000, 1500)).collect()),
+                None,
+                Some(processes(memory)),
+                None,
+            )
+        };
+        let both = build_with(vec![worker(10, Some(20.0)), worker(11, Some(21.0))]);
+        let t = target(&both, "worker peak RSS").unwrap_or_else(|| panic!("worker target"));
+        assert!(t.met, "{t:?}");
+        let one_died = build_with(vec![worker(10, Some(20.0)), worker(11, None)]);
+        let t = target(&one_died, "worker peak RSS").unwrap_or_else(|| panic!("worker target"));
+        assert_eq!(t.value, 20.0);
+        assert!(!t.met, "{t:?}");
+        assert_eq!(
+            t.why_not_met.as_deref(),
+            Some("no memory reading of worker 11 (exited during the run?)")
         );
     }
 

@@ -975,6 +975,28 @@ mod tests {
         assert_eq!(s.store.schedule_sizes(), (0, 0));
     }
 
+    /// An outage that begins and ends between two passes, seen only by a
+    /// look for the next retry, starts the grace too: the leases that
+    /// lapsed for want of the store are left to their workers' renewals.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_seen_only_between_passes_starts_the_grace_too() {
+        let s = setup();
+        let mut state = SweepLoop::default();
+        s.lapsing("l", "default").await;
+        s.store.set_outage(true);
+        let now = tokio::time::Instant::now();
+        s.dispatcher
+            .sooner_for_retry(&mut state, now, now + Duration::from_secs(1))
+            .await;
+        s.store.set_outage(false);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.store.schedule_sizes(), (1, 0), "left for the grace");
+        tokio::time::advance(RECLAIM_GRACE).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["l"]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lease_renewed_within_the_grace_after_an_outage_is_not_reclaimed() {
         let s = setup();

@@ -592,7 +592,14 @@ impl RedisStore {
                     }
                 })?;
             let current = current.unwrap_or(0);
-            self.epoch.store(current, Ordering::SeqCst);
+            let known = self.epoch.swap(current, Ordering::SeqCst);
+            if known != 0 && known != current {
+                tracing::error!(
+                    previous = known,
+                    current,
+                    "Redis lost its data (epoch changed): jobs recorded before are gone"
+                );
+            }
             return Ok(current);
         }
         let fresh: u64 = rand::random::<u32>() as u64 >> 1 | 1;
@@ -806,23 +813,36 @@ impl RedisStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit);
-        let (entries,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
-        let mut due = Vec::with_capacity(entries.len());
-        let mut foreign = Vec::new();
-        for e in entries {
-            match String::from_utf8(e) {
-                Ok(e) => due.push(e),
-                Err(e) => foreign.push(e.into_bytes()),
+        // Read again once after removing some: a batch of them alone would
+        // read as a schedule with nothing due, ending the pass early.
+        for _ in 0..2 {
+            let (entries,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
+            let mut due = Vec::with_capacity(entries.len());
+            let mut foreign = Vec::new();
+            for e in entries {
+                match String::from_utf8(e) {
+                    Ok(e) => due.push(e),
+                    Err(e) => foreign.push(e.into_bytes()),
+                }
             }
+            if foreign.is_empty() || !due.is_empty() {
+                if !foreign.is_empty() {
+                    self.forget_foreign(&index, foreign).await?;
+                }
+                return Ok(due);
+            }
+            self.forget_foreign(&index, foreign).await?;
         }
-        if !foreign.is_empty() {
-            tracing::warn!(index = %index, entries = foreign.len(),
-                "schedule entries that are not UTF-8 (not Conveyor's); removed");
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM").arg(&index).arg(foreign).ignore();
-            self.run::<()>(&pipe).await?;
-        }
-        Ok(due)
+        Ok(Vec::new())
+    }
+
+    /// Remove schedule entries that are not UTF-8 (not Conveyor's).
+    async fn forget_foreign(&self, index: &str, foreign: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        tracing::warn!(index = %index, entries = foreign.len(),
+            "schedule entries that are not UTF-8 (not Conveyor's); removed");
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(index).arg(foreign).ignore();
+        self.run::<()>(&pipe).await
     }
 
     /// Move `entry` of a schedule index to `at` (ms), if it is still there
@@ -1916,10 +1936,16 @@ impl Store for RedisStore {
             .arg(skip)
             .arg(skip)
             .arg("WITHSCORES");
-        let (first,): (Vec<(String, u64)>,) = self.run(&pipe).await?;
-        Ok(first
-            .first()
-            .map(|(_, due)| Duration::from_millis(due.saturating_sub(self.now_ms()))))
+        // Read as bytes and a float: an entry another program wrote (not
+        // UTF-8, a fractional or infinite score) fails no conversion, taken
+        // for an outage at every look (which would start the reclaim grace
+        // again and again); the pass that finds it due removes or sets it
+        // aside.
+        let (first,): (Vec<(Vec<u8>, f64)>,) = self.run(&pipe).await?;
+        Ok(first.first().map(|(_, due)| {
+            // `as` saturates (NaN is 0): due at once, or far ahead.
+            Duration::from_millis((*due as u64).saturating_sub(self.now_ms()))
+        }))
     }
 
     async fn expired_leases(&self, limit: usize, by: &str) -> Result<Vec<SweepAction>, StoreError> {

@@ -66,15 +66,20 @@ use std::sync::{Mutex, PoisonError};
 
 use nix::unistd::Pid;
 
-/// The watchdog's program: a set of process groups kept in a string, and
-/// `SIGKILL` for each of them once stdin ends.
+/// The watchdog's program: the registered process groups kept in a
+/// string, and `SIGKILL` for each of them once stdin ends. A `-` removes
+/// one registration of its group, not all: a run's late `-` for a group
+/// number the kernel has since given another run (pids wrap) leaves that
+/// run's `+` in place.
 pub(crate) const SCRIPT: &str = r#"trap '' HUP INT TERM QUIT PIPE
 groups=
 while read -r op pgid; do
   case $op in
     +) groups="$groups $pgid" ;;
-    -) kept=
-       for g in $groups; do [ "$g" = "$pgid" ] || kept="$kept $g"; done
+    -) kept= removed=
+       for g in $groups; do
+         if [ -z "$removed" ] && [ "$g" = "$pgid" ]; then removed=1; else kept="$kept $g"; fi
+       done
        groups=$kept ;;
   esac
 done
@@ -401,6 +406,28 @@ mod tests {
         assert!(released.try_wait().unwrap().is_none(), "still running");
         nix::sys::signal::killpg(pgid_of(&released), nix::sys::signal::Signal::SIGKILL).unwrap();
         released.wait().unwrap();
+    }
+
+    /// A group number registered twice (an old run's, its pid since
+    /// reused by a new run's group) stays watched after one `-`: the old
+    /// run's late unregistration does not take the new run's away.
+    #[test]
+    fn one_end_unregisters_one_start_of_a_group_number() {
+        let mut watchdog = Watchdog::spawn().unwrap();
+        let (mut task, helper) = task_group();
+        watchdog.tell('+', pgid_of(&task)).unwrap();
+        watchdog.tell('+', pgid_of(&task)).unwrap();
+        watchdog.tell('-', pgid_of(&task)).unwrap();
+
+        assert!(watchdog.close_and_wait().unwrap().success());
+
+        let gone = wait_gone(helper);
+        if !gone {
+            // Not left running (nor waited for) when the test fails.
+            let _ = nix::sys::signal::killpg(pgid_of(&task), nix::sys::signal::Signal::SIGKILL);
+        }
+        assert!(gone, "helper {helper} survived: the group was unregistered");
+        assert!(task.wait().unwrap().code().is_none(), "killed by a signal");
     }
 
     #[test]

@@ -655,13 +655,15 @@ impl Handler for Shell {
         let stdout_limit = stdout_limit(ctx.max_result_bytes);
         let mut out = Vec::new();
         let mut err = (Vec::new(), false);
+        // Outside the timed part: a program that exited just before its
+        // time-out, its outputs still held, is judged by its exit.
+        let mut exited = None;
         let finished = tokio::time::timeout(ctx.timeout, async {
             let write = write_stdin(stdin, input);
             tokio::pin!(write);
             // Written while read: a program that writes before it reads
             // never waits on us.
             let mut written = false;
-            let mut exited = None;
             {
                 let read = async {
                     tokio::try_join!(read_capped(stdout, stdout_limit, &mut out), async {
@@ -724,9 +726,14 @@ impl Handler for Shell {
             Ok::<_, Stop>(status)
         })
         .await;
+        let finished = match (finished, exited) {
+            (Err(_elapsed), Some(status)) => Ok(Ok(status)),
+            (finished, _) => finished,
+        };
 
         match finished {
             Ok(Ok(status)) => {
+                trim_tail(&mut err, STDERR_TAIL_BYTES);
                 let (stdout, stderr) = (out, err);
                 // A program that failed takes its background helpers with
                 // it: its attempt may run again (or another task be retried
@@ -1108,10 +1115,20 @@ mod tests {
             "sleep 30 & echo $! > '{}'; echo '{{\"ok\": 1}}'",
             file.display()
         ));
-        let out = Shell.run(ctx.clone(), params).await;
+        let out = Shell.run(ctx.clone(), params.clone()).await;
         let helper = read_pid(&file).await;
         let _ = std::fs::remove_file(&file);
         // Left alone after a success, as documented: stopped here.
+        let _ = nix::sys::signal::kill(Pid::from_raw(helper), Signal::SIGKILL);
+        assert_eq!(out, Ok(Outcome::Done(json!({"ok": 1}))));
+
+        // Exited just before its time-out, within the grace: its exit
+        // still decides.
+        let mut short = ctx.clone();
+        short.timeout = Duration::from_millis(500);
+        let out = Shell.run(short, params).await;
+        let helper = read_pid(&file).await;
+        let _ = std::fs::remove_file(&file);
         let _ = nix::sys::signal::kill(Pid::from_raw(helper), Signal::SIGKILL);
         assert_eq!(out, Ok(Outcome::Done(json!({"ok": 1}))));
 
