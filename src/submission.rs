@@ -290,8 +290,8 @@ impl Submissions {
                 existing: true,
             };
         }
-        let recorded_error = match self.store.job(&id).await {
-            Ok(status) => status.and_then(|s| s.error),
+        let recorded_error = match self.store.job_state(&id).await {
+            Ok(status) => status.and_then(|(_, error)| error),
             Err(e) => {
                 tracing::warn!(job = %id, error = %e, "cannot read the refusal under a taken id");
                 None
@@ -314,16 +314,14 @@ impl Submissions {
     /// tasks would wait for ever; audited, the sweep offers them again (a
     /// duplicate of a message still queued is harmless: claims dedupe).
     async fn taken_reply(&self, id: &str) -> Result<Option<SubmitReply>, StoreError> {
-        Ok(match self.store.job(id).await? {
-            Some(status) if status.state == JobState::Rejected => {
-                Some(Self::taken_by_refusal(id.to_owned(), status.error))
-            }
-            Some(status) => {
-                if !status.state.is_terminal() {
+        Ok(match self.store.job_state(id).await? {
+            Some((JobState::Rejected, error)) => Some(Self::taken_by_refusal(id.to_owned(), error)),
+            Some((state, _)) => {
+                if !state.is_terminal() {
                     let audit = self.store.audit_job(id).await?;
                     tracing::info!(job = %id, offered_again = audit.added, "an invalid submission of a recorded job; its schedule audited");
                 }
-                Some(self.existing_reply(id.to_owned(), status.state).await)
+                Some(self.existing_reply(id.to_owned(), state).await)
             }
             None => None,
         })

@@ -2693,3 +2693,61 @@ async fn hosts_whose_clocks_are_hours_apart_agree_on_lapsed_leases_and_due_retri
     assert_eq!(sweep.next_retry_in(0).await.unwrap(), None, "none left");
     common::cleanup(&config).await;
 }
+
+/// `list --state S` looks at a bounded number of the newest jobs and says
+/// when older ones were left unread, rather than reading every retained
+/// job for a state few are in (a page of 200 at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_by_state_looks_at_a_bounded_number_of_jobs_and_says_so() {
+    let config = common::test_config(&common::unique_prefix("list-within"));
+    let store = common::connect_store(&config, "eq").await;
+    let rejection = Rejection {
+        id: "oldest-rejected".into(),
+        requestor: "r".into(),
+        error: "bad".into(),
+    };
+    assert!(store.record_rejected(&rejection).await.unwrap());
+    // Created after it, so newer: a page and a half of pending jobs.
+    for i in 0..300 {
+        store
+            .create_job(&plan(&common::noop_job(format!("newer-{i:03}"))))
+            .await
+            .unwrap();
+    }
+    let within = store
+        .list_jobs_within(Some(conveyor::model::JobState::Rejected), 10, 200)
+        .await
+        .unwrap();
+    assert_eq!(within.jobs, Vec::new());
+    assert!(within.cut_short);
+    let further = store
+        .list_jobs_within(Some(conveyor::model::JobState::Rejected), 10, 400)
+        .await
+        .unwrap();
+    assert_eq!(
+        further
+            .jobs
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect::<Vec<_>>(),
+        ["oldest-rejected"]
+    );
+    assert!(!further.cut_short, "every job was looked at");
+    // Enough found within the bound: not cut short.
+    let pending = store
+        .list_jobs_within(Some(conveyor::model::JobState::Pending), 5, 200)
+        .await
+        .unwrap();
+    assert_eq!(pending.jobs.len(), 5);
+    assert!(!pending.cut_short);
+    // A job's state and error alone, as the full status has them.
+    for id in ["oldest-rejected", "newer-000", "no-such-job"] {
+        let full = store.job(id).await.unwrap().map(|s| (s.state, s.error));
+        assert_eq!(store.job_state(id).await.unwrap(), full, "{id}");
+    }
+    assert_eq!(
+        store.job_state("oldest-rejected").await.unwrap(),
+        Some((conveyor::model::JobState::Rejected, Some("bad".into())))
+    );
+    common::cleanup(&config).await;
+}

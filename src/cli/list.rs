@@ -15,6 +15,12 @@ pub struct Args {
     /// At most this many.
     #[arg(long, default_value_t = 50)]
     limit: usize,
+    /// With --state: look at no more than this many of the newest jobs
+    /// for those in the state (a state few of millions of retained jobs
+    /// are in would otherwise have every job read).
+    #[arg(long, default_value_t = 100_000, requires = "state",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    look_at: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -29,7 +35,19 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let store = super::store(&config).await?;
-    let jobs = store.list_jobs(args.state, args.limit).await?;
+    let listing = store
+        .list_jobs_within(args.state, args.limit, args.look_at)
+        .await?;
+    if listing.cut_short {
+        eprintln!(
+            "note: looked at the newest {} jobs only, {} of them {}; older jobs were not \
+             looked at (--look-at N looks further)",
+            args.look_at,
+            listing.jobs.len(),
+            args.state.map_or("listed", |s| s.as_str()),
+        );
+    }
+    let jobs = listing.jobs;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
         return Ok(ExitCode::SUCCESS);

@@ -392,6 +392,16 @@ impl Replicas {
     }
 }
 
+/// What [`Store::list_jobs_within`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobListing {
+    /// The jobs, newest first.
+    pub jobs: Vec<JobSummary>,
+    /// It stopped at its bound with fewer than the jobs asked for and
+    /// older jobs not looked at.
+    pub cut_short: bool,
+}
+
 /// A row of `conveyor list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSummary {
@@ -604,12 +614,37 @@ pub trait Store: Send + Sync + 'static {
     /// A job's full status.
     async fn job(&self, id: &str) -> Result<Option<JobStatus>, StoreError>;
 
+    /// A job's state and error alone (`None`: no such job): what the
+    /// answer to a submission under a taken id needs, without reading
+    /// every task's result and the whole history as [`Store::job`] does —
+    /// a small invalid message naming a big job's id would cost its size.
+    async fn job_state(&self, id: &str) -> Result<Option<(JobState, Option<String>)>, StoreError> {
+        Ok(self.job(id).await?.map(|s| (s.state, s.error)))
+    }
+
     /// Recent jobs, newest first, optionally only those in `state`.
     async fn list_jobs(
         &self,
         state: Option<JobState>,
         limit: usize,
     ) -> Result<Vec<JobSummary>, StoreError>;
+
+    /// [`Store::list_jobs`], looking at no more than about `look_at` of
+    /// the newest jobs for those in `state` (a state few retained jobs
+    /// are in would otherwise have every job read). The default looks at
+    /// them all (the in-process store holds them in memory anyway).
+    async fn list_jobs_within(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+        look_at: usize,
+    ) -> Result<JobListing, StoreError> {
+        let _ = look_at;
+        Ok(JobListing {
+            jobs: self.list_jobs(state, limit).await?,
+            cut_short: false,
+        })
+    }
 
     /// Forget expired jobs from the index of recent jobs (a job's own keys
     /// expire by themselves, its index entry does not), oldest first,

@@ -87,10 +87,86 @@ pub async fn run_attempt(
     claimed: &Claimed,
     max_result_bytes: usize,
 ) -> AttemptEnd {
+    run_attempt_watched(
+        handler,
+        claimed,
+        max_result_bytes,
+        HandlerAlive::unwatched(),
+    )
+    .await
+}
+
+/// Held by a handler's run until its future is dropped (it returned, or
+/// its abort took effect): [`HandlerAlive::watch`]'s other half tells
+/// when the handler has truly stopped. An abort takes effect only when
+/// the run next yields (on a multi-threaded runtime a run mid-poll goes on
+/// meanwhile, a `shell` program's group is killed only then): a task handed
+/// back or retried before that would run twice at once.
+pub struct HandlerAlive {
+    /// Never sent on: its drop is the signal.
+    _held: Option<tokio::sync::oneshot::Sender<()>>,
+    started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Resolves once the [`HandlerAlive`] it was made with is dropped.
+pub struct HandlerGone {
+    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HandlerAlive {
+    /// A pair: the half the run holds, and the half that waits for it.
+    pub fn watch() -> (HandlerAlive, HandlerGone) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            HandlerAlive {
+                _held: Some(tx),
+                started: started.clone(),
+            },
+            HandlerGone {
+                rx: Some(rx),
+                started,
+            },
+        )
+    }
+
+    fn unwatched() -> HandlerAlive {
+        HandlerAlive {
+            _held: None,
+            started: Arc::default(),
+        }
+    }
+}
+
+impl HandlerGone {
+    /// Whether the handler's run was started (spawned): an attempt never
+    /// polled has not, and polling it now would start it.
+    pub fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Wait until the run has stopped, at most `within`; whether it has.
+    pub async fn within(self, within: Duration) -> bool {
+        match self.rx {
+            None => true,
+            // Never sent: ends (with an error) when the sender is dropped.
+            Some(rx) => tokio::time::timeout(within, rx).await.is_ok(),
+        }
+    }
+}
+
+/// [`run_attempt`], its handler's run holding `alive` until it stops.
+pub async fn run_attempt_watched(
+    handler: Arc<dyn Handler>,
+    claimed: &Claimed,
+    max_result_bytes: usize,
+    alive: HandlerAlive,
+) -> AttemptEnd {
     if let Some(oversized) = &claimed.oversized_inputs {
         return AttemptEnd::Permanent(oversized.error());
     }
-    match answer_of(handler, claimed, max_result_bytes).await {
+    match answer_of(handler, claimed, max_result_bytes, alive).await {
         AttemptEnd::Succeeded(json) if json.len() > max_result_bytes => {
             AttemptEnd::Permanent(format!(
                 "result is {} bytes of JSON, over limits.max_result_bytes ({max_result_bytes}): \
@@ -109,6 +185,7 @@ async fn answer_of(
     handler: Arc<dyn Handler>,
     claimed: &Claimed,
     max_result_bytes: usize,
+    alive: HandlerAlive,
 ) -> AttemptEnd {
     let params = match serde_json::from_str(&claimed.params_json) {
         Ok(p) => p,
@@ -129,8 +206,12 @@ async fn answer_of(
     let canceller = handler.clone();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
+    alive
+        .started
+        .store(true, std::sync::atomic::Ordering::Release);
     let mut run = RunningHandler {
         task: tokio::spawn(async move {
+            let _alive = alive;
             let answer = handler.run(ctx, params).await;
             (answer, tokio::time::Instant::now())
         }),

@@ -125,6 +125,11 @@ pub const SUBMISSION_PRIORITY: i16 = 10;
 /// whose slots are all held by long tasks records new jobs at once.
 pub const SUBMISSION_PATIENCE: Duration = Duration::from_millis(50);
 
+/// Longest a worker waits for an aborted handler's run to stop (see
+/// `execute::HandlerAlive`) before it hands its task back or applies its
+/// end: a handler that blocks its thread may never yield to the abort.
+pub const HANDLER_STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// How a running task learns the worker is stopping: `graceful` when it
 /// should take on nothing new, `hard` when the grace period is over and
 /// its claim goes back.
@@ -308,31 +313,59 @@ impl Worker {
                 crate::consumer::log_if_panicked(done);
             }
         }
-        // Shutdown: consumers have cancelled their subscriptions (kept
-        // until the end, so unfinished deliveries are not handed back early).
+        // Shutdown. The grace period runs from now, not from when the
+        // consumers are done stopping: their cancels and give-backs wait on
+        // the broker (up to 5 s and 30 s), and a supervisor that kills the
+        // process `grace_s` after SIGTERM would find the handlers still
+        // running, their tasks not handed back, their leases to lapse.
+        let deadline = tokio::time::Instant::now() + self.options.grace;
+        let mut hurried = shutdown.clone();
+        let mut stopped_hard = false;
+        // Consumers cancel their subscriptions (kept until the end, so
+        // unfinished deliveries are not handed back early).
         let mut subscriptions = Vec::new();
-        while let Some(done) = consumers.join_next().await {
-            if let Ok(s) = done {
-                subscriptions.extend(s);
+        loop {
+            tokio::select! {
+                biased;
+                done = consumers.join_next() => match done {
+                    Some(Ok(s)) => subscriptions.extend(s),
+                    Some(Err(_)) => {}
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline), if !stopped_hard => {
+                    stopped_hard = true;
+                    tracing::warn!(
+                        running = self.active.len(),
+                        "grace period over while consumers stop; handing back unfinished tasks"
+                    );
+                    hard_stop.trigger();
+                }
+                () = hurried.hurried(), if !stopped_hard => {
+                    stopped_hard = true;
+                    hard_stop.trigger();
+                }
             }
         }
-        let drain = async {
-            while let Some(done) = running.join_next().await {
-                crate::consumer::log_if_panicked(done);
+        let drained = !stopped_hard && {
+            let drain = async {
+                while let Some(done) = running.join_next().await {
+                    crate::consumer::log_if_panicked(done);
+                }
+            };
+            tokio::select! {
+                biased;
+                drained = tokio::time::timeout_at(deadline, drain) => drained.is_ok(),
+                () = hurried.hurried() => false,
             }
         };
-        let mut hurried = shutdown.clone();
-        let drained = tokio::select! {
-            biased;
-            drained = tokio::time::timeout(self.options.grace, drain) => drained.is_ok(),
-            () = hurried.hurried() => false,
-        };
         if !drained {
-            tracing::warn!(
-                running = self.active.len(),
-                "grace period over; handing back unfinished tasks"
-            );
-            hard_stop.trigger();
+            if !stopped_hard {
+                tracing::warn!(
+                    running = self.active.len(),
+                    "grace period over; handing back unfinished tasks"
+                );
+                hard_stop.trigger();
+            }
             let drain = async {
                 while let Some(done) = running.join_next().await {
                     crate::consumer::log_if_panicked(done);
@@ -668,6 +701,13 @@ impl Worker {
             return self.finish(&claimed, end, stops).await;
         };
         let mut hard_stop = stops.hard.clone();
+        let (alive, gone) = execute::HandlerAlive::watch();
+        let mut attempt = Box::pin(execute::run_attempt_watched(
+            handler,
+            &claimed,
+            self.options.max_result_bytes,
+            alive,
+        ));
         // The stops first: a run already stopped (a hard stop reached while
         // the slot published, a claim found lost or replaced before its run
         // started) never starts its handler, which on a multi-threaded
@@ -676,8 +716,32 @@ impl Worker {
         let end = tokio::select! {
             biased;
             _ = hard_stop.wait() => {
-                self.hand_back(&claimed).await;
-                return None;
+                use futures::FutureExt;
+                // An answer there as the stop came stands: its work is
+                // done, and handed back it would be done again. (A run not
+                // started yet is not polled: that would start it.)
+                let answered = if gone.started() {
+                    attempt.as_mut().now_or_never()
+                } else {
+                    None
+                };
+                match answered {
+                    Some(end) => end,
+                    None => {
+                        drop(attempt);
+                        if gone.within(HANDLER_STOP_WAIT).await {
+                            self.hand_back(&claimed).await;
+                        } else {
+                            // Handed back, it would run elsewhere beside
+                            // this one: its lease lapses instead, after
+                            // this process is gone.
+                            tracing::error!(job = %claimed.claim.job, task = %claimed.task,
+                                wait_s = HANDLER_STOP_WAIT.as_secs(),
+                                "the handler did not stop after its abort; not handing its task back");
+                        }
+                        return None;
+                    }
+                }
             }
             // Another claim may be running the task now: stop this run (its
             // handler task is aborted; a shell task's process group killed).
@@ -685,8 +749,17 @@ impl Worker {
             _ = lost.wait() => AttemptEnd::Transient(
                 "claim lost (lease lapsed and the task moved on, or the store lost it): run stopped".into(),
             ),
-            end = run_attempt(handler, &claimed, self.options.max_result_bytes) => end,
+            end = &mut attempt => end,
         };
+        drop(attempt);
+        // Stopped before its outcome is applied: a retry (a time-out's, a
+        // lost claim's next attempt) must not start beside the run still
+        // being aborted. A run that returned has stopped already.
+        if !gone.within(HANDLER_STOP_WAIT).await {
+            tracing::warn!(job = %claimed.claim.job, task = %claimed.task,
+                wait_s = HANDLER_STOP_WAIT.as_secs(),
+                "the handler did not stop within the wait after its abort; applying its end anyway");
+        }
         self.finish(&claimed, end, stops).await
     }
 
@@ -1258,6 +1331,141 @@ mod tests {
             hard: trigger.subscribe(),
         };
         (trigger, stops)
+    }
+
+    /// A worker of `registry` (prefix `prefix`), with its store and broker,
+    /// and the run of job `id`'s one task `t` (handler `handler`), claimed.
+    async fn a_claimed_run(
+        prefix: &str,
+        registry: Registry,
+        id: &str,
+        handler: &str,
+    ) -> (Worker, Arc<MemoryStore>, Arc<MemoryBroker>, NextRun) {
+        let names = Names::new(prefix);
+        let store = memory_store();
+        let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
+        let config = Config::default();
+        let intake = JobIntake::new(&config, registry.clone()).unwrap();
+        let worker = Worker::new(
+            store.clone(),
+            broker.clone(),
+            registry,
+            names,
+            WorkerOptions {
+                lease: LEASE,
+                ..WorkerOptions::from_config(&config, "w")
+            },
+        );
+        let body = json!({"id": id, "requestor": "me",
+            "tasks": [{"name": "t", "handler": handler}]});
+        let crate::intake::Intake::Valid(job) = intake.accept(body.to_string().as_bytes()) else {
+            panic!("valid");
+        };
+        let crate::store::Created::New { ready } = store.create_job(&job).await.unwrap() else {
+            panic!("new");
+        };
+        let ClaimOutcome::Claimed(claimed) = store.claim(&ready[0], "w", LEASE).await.unwrap()
+        else {
+            panic!("claimable");
+        };
+        let lost = worker.active.insert(claimed.claim.clone(), Instant::now());
+        let run = NextRun {
+            claimed: *claimed,
+            asked: Instant::now(),
+            lost,
+        };
+        (worker, store, broker, run)
+    }
+
+    /// Blocks its thread for a while (never yielding to an abort), then
+    /// notes when it let go.
+    struct HoldsItsThread {
+        let_go: Arc<Mutex<Option<std::time::Instant>>>,
+    }
+
+    #[async_trait]
+    impl Handler for HoldsItsThread {
+        fn name(&self) -> &str {
+            "holds"
+        }
+
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            std::thread::sleep(Duration::from_millis(400));
+            *self.let_go.lock().unwrap() = Some(std::time::Instant::now());
+            Ok(Outcome::Done(json!({})))
+        }
+    }
+
+    /// A hard stop hands a running task back only once its handler has
+    /// stopped: the abort takes effect when the run next yields, and a
+    /// handler mid-poll on another thread ran on meanwhile (a `shell`
+    /// program's group killed only then) while the task, handed back at
+    /// once, could start elsewhere. Until the thirty-fourth session it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hard_stop_hands_a_task_back_only_once_its_handler_has_stopped() {
+        let let_go = Arc::new(Mutex::new(None));
+        let registry = Registry::new().with(HoldsItsThread {
+            let_go: let_go.clone(),
+        });
+        let (worker, _store, broker, run) =
+            a_claimed_run("handback", registry, "held", "holds").await;
+        let (trigger, stops) = stops();
+        let task_queue = Names::new("handback").task_queue("default");
+        let ran = {
+            let worker = &worker;
+            let stops = &stops;
+            async move { worker.run_one(run, stops).await }
+        };
+        let stop_soon = async {
+            // The handler is blocking its thread by then.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            trigger.trigger();
+        };
+        let (next, ()) = tokio::join!(ran, stop_soon);
+        assert!(next.is_none());
+        let handed_back = std::time::Instant::now();
+        let let_go = let_go
+            .lock()
+            .unwrap()
+            .expect("the handler let go of its thread");
+        assert!(let_go <= handed_back);
+        assert_eq!(
+            broker.ready_len(&task_queue).await,
+            1,
+            "handed back once its handler stopped"
+        );
+    }
+
+    /// Stops its worker hard as it answers.
+    struct StopsAsItAnswers(ShutdownTrigger);
+
+    #[async_trait]
+    impl Handler for StopsAsItAnswers {
+        fn name(&self) -> &str {
+            "stops"
+        }
+
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            self.0.trigger();
+            Ok(Outcome::Done(json!({"done": true})))
+        }
+    }
+
+    /// An answer that is there as the hard stop comes stands: the task's
+    /// work is done, and handed back it would be done again. (The stop,
+    /// checked first, used to win: the answer was thrown away.)
+    #[tokio::test]
+    async fn an_answer_there_as_a_hard_stop_comes_is_applied_not_handed_back() {
+        let (trigger, stops) = stops();
+        let registry = Registry::new().with(StopsAsItAnswers(trigger.clone()));
+        let (worker, store, broker, run) =
+            a_claimed_run("answered", registry, "answered", "stops").await;
+        assert!(worker.run_one(run, &stops).await.is_none());
+        let status = store.job("answered").await.unwrap().unwrap();
+        assert_eq!(status.state, crate::model::JobState::Succeeded);
+        assert_eq!(status.tasks["t"].result, json!({"done": true}));
+        let names = Names::new("answered");
+        assert_eq!(broker.ready_len(&names.task_queue("default")).await, 0);
     }
 
     /// A worker that could not start a claimed task for longer than its

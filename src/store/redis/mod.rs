@@ -52,7 +52,7 @@ use serde_json::Value;
 
 use super::{
     Applied, AttemptResult, AuditPage, ClaimOutcome, ClaimRef, Claimed, Created,
-    DEFAULT_MAX_INPUTS_BYTES, HistoryEntry, JobStatus, JobSummary, OversizedInputs,
+    DEFAULT_MAX_INPUTS_BYTES, HistoryEntry, JobListing, JobStatus, JobSummary, OversizedInputs,
     PENDING_RETRY_RECHECK, Pruned, Replicas, ScheduleEntry, ScheduleIndex, Store, StoreError,
     SweepAction, TaskStatus, WORKER_ENTRY_KEPT_MS, WorkerInfo, entry, parse_entry,
 };
@@ -2092,18 +2092,54 @@ impl Store for RedisStore {
         }))
     }
 
+    async fn job_state(&self, id: &str) -> Result<Option<(JobState, Option<String>)>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.names.job_key(id))
+            .arg(&["st", "err"]);
+        let (row,): (Reply,) = self.run(&pipe).await?;
+        if row.first().is_none_or(Option::is_none) {
+            return Ok(None);
+        }
+        let error = row.get(1).cloned().flatten();
+        Ok(Some((parse_job_state(field(&row, 0))?, error)))
+    }
+
     async fn list_jobs(
         &self,
         state: Option<JobState>,
         limit: usize,
     ) -> Result<Vec<JobSummary>, StoreError> {
+        Ok(self.list_jobs_within(state, limit, usize::MAX).await?.jobs)
+    }
+
+    async fn list_jobs_within(
+        &self,
+        state: Option<JobState>,
+        limit: usize,
+        look_at: usize,
+    ) -> Result<JobListing, StoreError> {
         let mut out = Vec::new();
         let mut start = 0usize;
         let page = 200usize;
+        let mut looked = 0usize;
         // Pages go by rank, and jobs created meanwhile push the ranks on:
         // an id met again is not listed twice.
         let mut listed = std::collections::HashSet::new();
         while out.len() < limit {
+            if looked >= look_at {
+                // Cut short only if there is an older job left.
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREVRANGE")
+                    .arg(self.names.jobs_index())
+                    .arg(start)
+                    .arg(start);
+                let (older,): (Vec<String>,) = self.run(&pipe).await?;
+                return Ok(JobListing {
+                    jobs: out,
+                    cut_short: !older.is_empty(),
+                });
+            }
             let mut pipe = redis::pipe();
             pipe.cmd("ZREVRANGE")
                 .arg(self.names.jobs_index())
@@ -2114,6 +2150,7 @@ impl Store for RedisStore {
             if entries.is_empty() {
                 break;
             }
+            looked += entries.len();
             let ids: Vec<&String> = entries.iter().map(|(id, _)| id).collect();
             let mut pipe = redis::pipe();
             for id in &ids {
@@ -2154,7 +2191,10 @@ impl Store for RedisStore {
             let forgotten = self.forget_index_entries(&expired).await?;
             start += ids.len() - forgotten;
         }
-        Ok(out)
+        Ok(JobListing {
+            jobs: out,
+            cut_short: false,
+        })
     }
 
     async fn prune_expired(&self, limit: usize) -> Result<Pruned, StoreError> {
