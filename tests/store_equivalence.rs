@@ -2749,5 +2749,18 @@ async fn a_listing_by_state_looks_at_a_bounded_number_of_jobs_and_says_so() {
         store.job_state("oldest-rejected").await.unwrap(),
         Some((conveyor::model::JobState::Rejected, Some("bad".into())))
     );
+    // A record without its state (another program's) is refused, as the
+    // full status refuses it, not taken for a job that is gone.
+    let names = conveyor::names::Names::new(&config.prefix);
+    let mut conn = common::redis_connection(&config).await;
+    redis::cmd("HSET")
+        .arg(names.job_key("stateless"))
+        .arg("id")
+        .arg("stateless")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.job_state("stateless").await.is_err());
+    assert!(store.job("stateless").await.is_err());
     common::cleanup(&config).await;
 }

@@ -35,13 +35,19 @@ fn parse_state(s: &str) -> Result<JobState, String> {
 
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let store = super::store(&config).await?;
+    // Without --state every job looked at is listed: --limit bounds it.
+    let look_at = if args.state.is_some() {
+        args.look_at
+    } else {
+        usize::MAX
+    };
     let listing = store
-        .list_jobs_within(args.state, args.limit, args.look_at)
+        .list_jobs_within(args.state, args.limit, look_at)
         .await?;
     if listing.cut_short {
         eprintln!(
-            "note: looked at the newest {} jobs only, {} of them {}; older jobs were not \
-             looked at (--look-at N looks further)",
+            "note: looked at about the newest {} jobs only, {} of them {}; older jobs were \
+             not looked at (--look-at N looks further)",
             args.look_at,
             listing.jobs.len(),
             args.state.map_or("listed", |s| s.as_str()),

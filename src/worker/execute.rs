@@ -98,43 +98,52 @@ pub async fn run_attempt(
 
 /// Held by a handler's run until its future is dropped (it returned, or
 /// its abort took effect): [`HandlerAlive::watch`]'s other half tells
-/// when the handler has truly stopped. An abort takes effect only when
-/// the run next yields (on a multi-threaded runtime a run mid-poll goes on
-/// meanwhile, a `shell` program's group is killed only then): a task handed
-/// back or retried before that would run twice at once.
+/// when the handler has truly stopped, and can abort it. An abort takes
+/// effect only when the run next yields (on a multi-threaded runtime a run
+/// mid-poll goes on meanwhile, a `shell` program's group is killed only
+/// then): a task handed back or retried before that would run twice at
+/// once.
 pub struct HandlerAlive {
     /// Never sent on: its drop is the signal.
-    _held: Option<tokio::sync::oneshot::Sender<()>>,
-    started: Arc<std::sync::atomic::AtomicBool>,
+    held: Option<tokio::sync::oneshot::Sender<()>>,
+    run: Arc<RunState>,
 }
 
-/// Resolves once the [`HandlerAlive`] it was made with is dropped.
+/// What both halves share of one handler's run.
+#[derive(Default)]
+struct RunState {
+    /// The run was spawned.
+    started: std::sync::atomic::AtomicBool,
+    /// The run ended by its abort, before it answered.
+    cancelled: std::sync::atomic::AtomicBool,
+    /// Aborts the spawned run.
+    abort: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// The watching half of a [`HandlerAlive`].
 pub struct HandlerGone {
     rx: Option<tokio::sync::oneshot::Receiver<()>>,
-    started: Arc<std::sync::atomic::AtomicBool>,
+    run: Arc<RunState>,
 }
 
 impl HandlerAlive {
-    /// A pair: the half the run holds, and the half that waits for it.
+    /// A pair: the half the run holds, and the half that watches it.
     pub fn watch() -> (HandlerAlive, HandlerGone) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let run = Arc::new(RunState::default());
         (
             HandlerAlive {
-                _held: Some(tx),
-                started: started.clone(),
+                held: Some(tx),
+                run: run.clone(),
             },
-            HandlerGone {
-                rx: Some(rx),
-                started,
-            },
+            HandlerGone { rx: Some(rx), run },
         )
     }
 
     fn unwatched() -> HandlerAlive {
         HandlerAlive {
-            _held: None,
-            started: Arc::default(),
+            held: None,
+            run: Arc::default(),
         }
     }
 }
@@ -143,7 +152,24 @@ impl HandlerGone {
     /// Whether the handler's run was started (spawned): an attempt never
     /// polled has not, and polling it now would start it.
     pub fn started(&self) -> bool {
-        self.started.load(std::sync::atomic::Ordering::Acquire)
+        self.run.started.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the run ended by its abort before it answered (its attempt
+    /// then ends as a transient "cancelled").
+    pub fn cancelled(&self) -> bool {
+        self.run
+            .cancelled
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Abort the run; its attempt, still polled, ends with its answer if
+    /// it answered first, or as cancelled once the run is dropped.
+    pub fn abort(&self) {
+        let abort = self.run.abort.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(abort) = abort.as_ref() {
+            abort.abort();
+        }
     }
 
     /// Wait until the run has stopped, at most `within`; whether it has.
@@ -206,12 +232,13 @@ async fn answer_of(
     let canceller = handler.clone();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
-    alive
+    let HandlerAlive { held, run: state } = alive;
+    state
         .started
         .store(true, std::sync::atomic::Ordering::Release);
     let mut run = RunningHandler {
         task: tokio::spawn(async move {
-            let _alive = alive;
+            let _held = held;
             let answer = handler.run(ctx, params).await;
             (answer, tokio::time::Instant::now())
         }),
@@ -221,6 +248,7 @@ async fn answer_of(
             claimed.task.clone(),
         )),
     };
+    *state.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.task.abort_handle());
     let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.task).await;
     if answer.is_ok() {
         // Read: the answer is handled below.
@@ -263,7 +291,12 @@ async fn answer_of(
             "handler panicked: {}",
             crate::panics::panic_message(join.into_panic().as_ref())
         )),
-        Ok(Err(join)) => AttemptEnd::Transient(format!("handler task was cancelled: {join}")),
+        Ok(Err(join)) => {
+            state
+                .cancelled
+                .store(true, std::sync::atomic::Ordering::Release);
+            AttemptEnd::Transient(format!("handler task was cancelled: {join}"))
+        }
         Err(_) => {
             run.task.abort();
             AttemptEnd::Transient(format!(

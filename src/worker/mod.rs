@@ -294,7 +294,43 @@ impl Worker {
         tracing::info!(worker = %self.options.id, queues = ?self.options.queues, concurrency = self.options.concurrency,
             submissions = self.submissions.is_some(), "worker consuming");
         let mut running = JoinSet::new();
-        while let Some((work, permit)) = rx.recv().await {
+        // The grace period runs from the signal, not from when the
+        // consumers are done stopping (the work channel closes only then):
+        // their cancels and give-backs wait on the broker (up to 5 s and
+        // 30 s), and a supervisor that kills the process `grace_s` after
+        // SIGTERM would find the handlers still running, their tasks not
+        // handed back, their leases to lapse.
+        let mut signalled = shutdown.clone();
+        let mut hurried = shutdown.clone();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut stopped_hard = false;
+        loop {
+            let work = tokio::select! {
+                biased;
+                work = rx.recv() => work,
+                () = signalled.wait(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + self.options.grace);
+                    continue;
+                }
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                    if deadline.is_some() && !stopped_hard => {
+                    stopped_hard = true;
+                    tracing::warn!(
+                        running = self.active.len(),
+                        "grace period over while consumers stop; handing back unfinished tasks"
+                    );
+                    hard_stop.trigger();
+                    continue;
+                }
+                () = hurried.hurried(), if !stopped_hard => {
+                    stopped_hard = true;
+                    hard_stop.trigger();
+                    continue;
+                }
+            };
+            let Some((work, permit)) = work else {
+                break;
+            };
             let this = self.clone();
             let stops = Stops {
                 graceful: shutdown.clone(),
@@ -313,14 +349,8 @@ impl Worker {
                 crate::consumer::log_if_panicked(done);
             }
         }
-        // Shutdown. The grace period runs from now, not from when the
-        // consumers are done stopping: their cancels and give-backs wait on
-        // the broker (up to 5 s and 30 s), and a supervisor that kills the
-        // process `grace_s` after SIGTERM would find the handlers still
-        // running, their tasks not handed back, their leases to lapse.
-        let deadline = tokio::time::Instant::now() + self.options.grace;
-        let mut hurried = shutdown.clone();
-        let mut stopped_hard = false;
+        // Shutdown (the consumers ended without one: from now).
+        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.options.grace);
         // Consumers cancel their subscriptions (kept until the end, so
         // unfinished deliveries are not handed back early).
         let mut subscriptions = Vec::new();
@@ -716,29 +746,32 @@ impl Worker {
         let end = tokio::select! {
             biased;
             _ = hard_stop.wait() => {
-                use futures::FutureExt;
-                // An answer there as the stop came stands: its work is
-                // done, and handed back it would be done again. (A run not
-                // started yet is not polled: that would start it.)
-                let answered = if gone.started() {
-                    attempt.as_mut().now_or_never()
-                } else {
-                    None
-                };
-                match answered {
-                    Some(end) => end,
-                    None => {
+                if !gone.started() {
+                    // Never started (not polled yet: polling would start it).
+                    drop(attempt);
+                    self.hand_back(&claimed).await;
+                    return None;
+                }
+                // Aborted, and awaited: the attempt ends once the run is
+                // dropped, or with its answer if it answered first (while
+                // the stop came, or mid-poll on another thread). An answer
+                // stands: its work is done, and handed back it would be
+                // done again.
+                gone.abort();
+                match tokio::time::timeout(HANDLER_STOP_WAIT, attempt.as_mut()).await {
+                    Ok(end) if !gone.cancelled() => end,
+                    Ok(_cancelled) => {
                         drop(attempt);
-                        if gone.within(HANDLER_STOP_WAIT).await {
-                            self.hand_back(&claimed).await;
-                        } else {
-                            // Handed back, it would run elsewhere beside
-                            // this one: its lease lapses instead, after
-                            // this process is gone.
-                            tracing::error!(job = %claimed.claim.job, task = %claimed.task,
-                                wait_s = HANDLER_STOP_WAIT.as_secs(),
-                                "the handler did not stop after its abort; not handing its task back");
-                        }
+                        self.hand_back(&claimed).await;
+                        return None;
+                    }
+                    Err(_) => {
+                        // Handed back, it would run elsewhere beside this
+                        // one: its lease lapses instead, after this
+                        // process is gone.
+                        tracing::error!(job = %claimed.claim.job, task = %claimed.task,
+                            wait_s = HANDLER_STOP_WAIT.as_secs(),
+                            "the handler did not stop after its abort; not handing its task back");
                         return None;
                     }
                 }
@@ -1182,6 +1215,112 @@ mod tests {
         )
     }
 
+    /// Publish `job` to the submit queue, as a client does.
+    async fn submit(broker: &dyn Broker, names: &Names, job: &Value) {
+        broker
+            .publish(vec![Outgoing::durable(
+                names.submit_queue(),
+                job.to_string().into_bytes(),
+            )])
+            .await
+            .unwrap();
+    }
+
+    /// Publishes slowly once told to (a broker that has become slow).
+    struct SlowOnceTold(Arc<std::sync::atomic::AtomicBool>);
+
+    #[async_trait]
+    impl PublishHook for SlowOnceTold {
+        async fn publish(
+            &self,
+            inner: &MemoryBroker,
+            batch: Vec<crate::broker::Outgoing>,
+        ) -> Result<(), BrokerError> {
+            if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+            inner.publish(batch).await
+        }
+    }
+
+    /// Runs until aborted.
+    struct Endless;
+
+    #[async_trait]
+    impl Handler for Endless {
+        fn name(&self) -> &str {
+            "endless"
+        }
+
+        async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(Outcome::Done(json!({})))
+        }
+    }
+
+    /// The grace period runs from the signal: a worker whose consumers are
+    /// slow to stop (the give-back of a delivery held for a slot waits on
+    /// a slow broker) hands its running task back when the grace is over,
+    /// not only once they have stopped (a supervisor killing the process
+    /// `grace_s` after the signal found it still running, until the
+    /// thirty-fourth session).
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_period_runs_from_the_signal_not_from_the_consumers_stop() {
+        let names = Names::new("grace");
+        let store = memory_store();
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let inner = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
+        let broker: Arc<dyn Broker> = Arc::new(WithPublish {
+            inner: inner.clone(),
+            hook: SlowOnceTold(slow.clone()),
+        });
+        let registry = Registry::new().with(Endless);
+        broker.declare(&["default".to_owned()]).await.unwrap();
+        let dispatcher = sweeping_dispatcher(store.clone(), broker.clone(), &registry, &names);
+        let mut worker = one_slot_worker(store.clone(), broker.clone(), registry, &names);
+        worker.options.grace = Duration::from_millis(300);
+        let (stop_dispatcher, stop_worker) = (ShutdownTrigger::new(), ShutdownTrigger::new());
+        let d = stop_dispatcher.subscribe();
+        let dispatcher = tokio::spawn(async move { dispatcher.run(d).await });
+        let w = stop_worker.subscribe();
+        let worker = tokio::spawn(async move { worker.run(w).await });
+        for id in ["a", "b"] {
+            let job = json!({"id": id, "requestor": "me",
+                "tasks": [{"name": "t", "handler": "endless"}]});
+            submit(broker.as_ref(), &names, &job).await;
+        }
+        let running = |store: Arc<MemoryStore>| async move {
+            let mut running = Vec::new();
+            for id in ["a", "b"] {
+                let status = store.job(id).await.unwrap();
+                if status.is_some_and(|s| s.tasks["t"].state == crate::model::TaskState::Running) {
+                    running.push(id);
+                }
+            }
+            running
+        };
+        // One runs, the other waits in the worker for the slot.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(running(store.clone()).await.len(), 1);
+
+        slow.store(true, std::sync::atomic::Ordering::SeqCst);
+        stop_worker.trigger();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !worker.is_finished(),
+            "the consumers are still giving back what they held"
+        );
+        assert_eq!(
+            running(store.clone()).await,
+            Vec::<&str>::new(),
+            "handed back at the end of the grace"
+        );
+        slow.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = worker.await;
+        stop_dispatcher.trigger();
+        let _ = dispatcher.await;
+    }
+
     /// A worker that claims its next task and then cannot start it for
     /// longer than a lease (publishing the task's sibling waits out a
     /// broker outage) keeps the claim renewed meanwhile: the task runs
@@ -1208,13 +1347,7 @@ mod tests {
             {"name": "t0", "handler": "record"},
             {"name": "t1", "handler": "record", "after": ["t0"]},
             {"name": "t2", "handler": "record", "after": ["t0"]}]});
-        broker
-            .publish(vec![Outgoing::durable(
-                names.submit_queue(),
-                job.to_string().into_bytes(),
-            )])
-            .await
-            .unwrap();
+        submit(broker.as_ref(), &names, &job).await;
 
         let status = finished_within_100_leases(store.as_ref(), "j").await;
         assert_eq!(status.state, JobState::Succeeded, "{status:#?}");
@@ -1381,6 +1514,8 @@ mod tests {
     /// notes when it let go.
     struct HoldsItsThread {
         let_go: Arc<Mutex<Option<std::time::Instant>>>,
+        /// Answers when it lets go; else awaits (where an abort stops it).
+        then_answers: bool,
     }
 
     #[async_trait]
@@ -1392,25 +1527,33 @@ mod tests {
         async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
             std::thread::sleep(Duration::from_millis(400));
             *self.let_go.lock().unwrap() = Some(std::time::Instant::now());
-            Ok(Outcome::Done(json!({})))
+            if !self.then_answers {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Ok(Outcome::Done(json!({"held": true})))
         }
     }
 
-    /// A hard stop hands a running task back only once its handler has
-    /// stopped: the abort takes effect when the run next yields, and a
-    /// handler mid-poll on another thread ran on meanwhile (a `shell`
-    /// program's group killed only then) while the task, handed back at
-    /// once, could start elsewhere. Until the thirty-fourth session it was.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_hard_stop_hands_a_task_back_only_once_its_handler_has_stopped() {
+    /// Run the `holds` handler's task and stop the worker hard while the
+    /// handler blocks its thread: (the worker's store, how many messages
+    /// the task queue holds after, when the handler let go, when the run
+    /// ended).
+    async fn hard_stop_while_its_thread_is_held(
+        then_answers: bool,
+    ) -> (
+        Arc<MemoryStore>,
+        usize,
+        std::time::Instant,
+        std::time::Instant,
+    ) {
         let let_go = Arc::new(Mutex::new(None));
         let registry = Registry::new().with(HoldsItsThread {
             let_go: let_go.clone(),
+            then_answers,
         });
-        let (worker, _store, broker, run) =
+        let (worker, store, broker, run) =
             a_claimed_run("handback", registry, "held", "holds").await;
         let (trigger, stops) = stops();
-        let task_queue = Names::new("handback").task_queue("default");
         let ran = {
             let worker = &worker;
             let stops = &stops;
@@ -1423,17 +1566,39 @@ mod tests {
         };
         let (next, ()) = tokio::join!(ran, stop_soon);
         assert!(next.is_none());
-        let handed_back = std::time::Instant::now();
+        let ended = std::time::Instant::now();
         let let_go = let_go
             .lock()
             .unwrap()
             .expect("the handler let go of its thread");
-        assert!(let_go <= handed_back);
-        assert_eq!(
-            broker.ready_len(&task_queue).await,
-            1,
-            "handed back once its handler stopped"
-        );
+        let queued = broker
+            .ready_len(&Names::new("handback").task_queue("default"))
+            .await;
+        (store, queued, let_go, ended)
+    }
+
+    /// A hard stop hands a running task back only once its handler has
+    /// stopped: the abort takes effect when the run next yields, and a
+    /// handler mid-poll on another thread ran on meanwhile (a `shell`
+    /// program's group killed only then) while the task, handed back at
+    /// once, could start elsewhere. Until the thirty-fourth session it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hard_stop_hands_a_task_back_only_once_its_handler_has_stopped() {
+        let (_store, queued, let_go, ended) = hard_stop_while_its_thread_is_held(false).await;
+        assert!(let_go <= ended);
+        assert_eq!(queued, 1, "handed back once its handler stopped");
+    }
+
+    /// A handler that answers while its abort waits for it to yield has
+    /// done its work: the answer is applied, not thrown away for a
+    /// hand-back that would do it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_given_while_the_abort_waits_is_applied() {
+        let (store, queued, _, _) = hard_stop_while_its_thread_is_held(true).await;
+        assert_eq!(queued, 0, "not handed back");
+        let status = store.job("held").await.unwrap().unwrap();
+        assert_eq!(status.state, crate::model::JobState::Succeeded);
+        assert_eq!(status.tasks["t"].result, json!({"held": true}));
     }
 
     /// Stops its worker hard as it answers.

@@ -2097,8 +2097,14 @@ impl Store for RedisStore {
         pipe.cmd("HMGET")
             .arg(self.names.job_key(id))
             .arg(&["st", "err"]);
-        let (row,): (Reply,) = self.run(&pipe).await?;
+        pipe.cmd("EXISTS").arg(self.names.job_key(id));
+        let (row, exists): (Reply, bool) = self.run(&pipe).await?;
         if row.first().is_none_or(Option::is_none) {
+            // A record without its state is no job this code can answer
+            // for (as `job` refuses it), not a job that is gone.
+            if exists {
+                return Err(protocol(format!("job {id:?} has a record without a state")));
+            }
             return Ok(None);
         }
         let error = row.get(1).cloned().flatten();
