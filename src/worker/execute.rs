@@ -116,6 +116,9 @@ struct RunState {
     started: std::sync::atomic::AtomicBool,
     /// The run ended by its abort, before it answered.
     cancelled: std::sync::atomic::AtomicBool,
+    /// The run ended (answered, panicked or cancelled) and the attempt saw
+    /// it: not the attempt's own time-out with the run still going.
+    ended: std::sync::atomic::AtomicBool,
     /// Aborts the spawned run.
     abort: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -161,6 +164,12 @@ impl HandlerGone {
         self.run
             .cancelled
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the attempt ended because the run did (its answer, a
+    /// panic, its cancellation), not by its own time-out.
+    pub fn ended(&self) -> bool {
+        self.run.ended.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Abort the run; its attempt, still polled, ends with its answer if
@@ -251,6 +260,9 @@ async fn answer_of(
     *state.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.task.abort_handle());
     let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.task).await;
     if answer.is_ok() {
+        state
+            .ended
+            .store(true, std::sync::atomic::Ordering::Release);
         // Read: the answer is handled below.
         run.unread = None;
     }

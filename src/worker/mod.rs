@@ -299,38 +299,27 @@ impl Worker {
         // their cancels and give-backs wait on the broker (up to 5 s and
         // 30 s), and a supervisor that kills the process `grace_s` after
         // SIGTERM would find the handlers still running, their tasks not
-        // handed back, their leases to lapse.
-        let mut signalled = shutdown.clone();
-        let mut hurried = shutdown.clone();
-        let mut deadline: Option<tokio::time::Instant> = None;
-        let mut stopped_hard = false;
-        loop {
-            let work = tokio::select! {
-                biased;
-                work = rx.recv() => work,
-                () = signalled.wait(), if deadline.is_none() => {
-                    deadline = Some(tokio::time::Instant::now() + self.options.grace);
-                    continue;
+        // handed back, their leases to lapse. A task of its own keeps the
+        // time, so receiving work costs nothing more.
+        let grace_timer = {
+            let (this, mut shutdown) = (self.clone(), shutdown.clone());
+            let hard_stop = hard_stop.clone();
+            tokio::spawn(async move {
+                shutdown.wait().await;
+                let deadline = tokio::time::Instant::now() + this.options.grace;
+                let hurried = tokio::select! {
+                    biased;
+                    () = shutdown.hurried() => true,
+                    () = tokio::time::sleep_until(deadline) => false,
+                };
+                let running = this.active.len();
+                if !hurried && running > 0 {
+                    tracing::warn!(running, "grace period over; handing back unfinished tasks");
                 }
-                () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
-                    if deadline.is_some() && !stopped_hard => {
-                    stopped_hard = true;
-                    tracing::warn!(
-                        running = self.active.len(),
-                        "grace period over while consumers stop; handing back unfinished tasks"
-                    );
-                    hard_stop.trigger();
-                    continue;
-                }
-                () = hurried.hurried(), if !stopped_hard => {
-                    stopped_hard = true;
-                    hard_stop.trigger();
-                    continue;
-                }
-            };
-            let Some((work, permit)) = work else {
-                break;
-            };
+                hard_stop.trigger();
+            })
+        };
+        while let Some((work, permit)) = rx.recv().await {
             let this = self.clone();
             let stops = Stops {
                 graceful: shutdown.clone(),
@@ -349,60 +338,33 @@ impl Worker {
                 crate::consumer::log_if_panicked(done);
             }
         }
-        // Shutdown (the consumers ended without one: from now).
-        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.options.grace);
-        // Consumers cancel their subscriptions (kept until the end, so
-        // unfinished deliveries are not handed back early).
+        // Shutdown: consumers have cancelled their subscriptions (kept
+        // until the end, so unfinished deliveries are not handed back early).
         let mut subscriptions = Vec::new();
-        loop {
-            tokio::select! {
-                biased;
-                done = consumers.join_next() => match done {
-                    Some(Ok(s)) => subscriptions.extend(s),
-                    Some(Err(_)) => {}
-                    None => break,
-                },
-                () = tokio::time::sleep_until(deadline), if !stopped_hard => {
-                    stopped_hard = true;
-                    tracing::warn!(
-                        running = self.active.len(),
-                        "grace period over while consumers stop; handing back unfinished tasks"
-                    );
-                    hard_stop.trigger();
-                }
-                () = hurried.hurried(), if !stopped_hard => {
-                    stopped_hard = true;
-                    hard_stop.trigger();
-                }
+        while let Some(done) = consumers.join_next().await {
+            if let Ok(s) = done {
+                subscriptions.extend(s);
             }
         }
-        let drained = !stopped_hard && {
-            let drain = async {
-                while let Some(done) = running.join_next().await {
-                    crate::consumer::log_if_panicked(done);
-                }
-            };
-            tokio::select! {
-                biased;
-                drained = tokio::time::timeout_at(deadline, drain) => drained.is_ok(),
-                () = hurried.hurried() => false,
+        // Running tasks finish, or are handed back once the grace timer
+        // stops them hard (bounded then: a hand-back waits at most on its
+        // publish).
+        let mut stopped_hard = hard_stop.subscribe();
+        let drain = async {
+            while let Some(done) = running.join_next().await {
+                crate::consumer::log_if_panicked(done);
             }
         };
+        tokio::pin!(drain);
+        let drained = tokio::select! {
+            biased;
+            () = &mut drain => true,
+            () = stopped_hard.wait() => false,
+        };
         if !drained {
-            if !stopped_hard {
-                tracing::warn!(
-                    running = self.active.len(),
-                    "grace period over; handing back unfinished tasks"
-                );
-                hard_stop.trigger();
-            }
-            let drain = async {
-                while let Some(done) = running.join_next().await {
-                    crate::consumer::log_if_panicked(done);
-                }
-            };
             let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
         }
+        grace_timer.abort();
         crate::broker::close_all(subscriptions).await;
         background.abort_all();
         if let Err(e) = self.store.unregister(&self.options.id).await {
@@ -758,20 +720,24 @@ impl Worker {
                 // stands: its work is done, and handed back it would be
                 // done again.
                 gone.abort();
-                match tokio::time::timeout(HANDLER_STOP_WAIT, attempt.as_mut()).await {
-                    Ok(end) if !gone.cancelled() => end,
-                    Ok(_cancelled) => {
+                let ended = tokio::time::timeout(HANDLER_STOP_WAIT, attempt.as_mut()).await;
+                match ended {
+                    Ok(end) if gone.ended() && !gone.cancelled() => end,
+                    // Cancelled, or the attempt's own time-out came first
+                    // with the run still going (a handler blocking its
+                    // thread): handed back once the run has stopped.
+                    _ => {
                         drop(attempt);
-                        self.hand_back(&claimed).await;
-                        return None;
-                    }
-                    Err(_) => {
-                        // Handed back, it would run elsewhere beside this
-                        // one: its lease lapses instead, after this
-                        // process is gone.
-                        tracing::error!(job = %claimed.claim.job, task = %claimed.task,
-                            wait_s = HANDLER_STOP_WAIT.as_secs(),
-                            "the handler did not stop after its abort; not handing its task back");
+                        if gone.cancelled() || gone.within(HANDLER_STOP_WAIT).await {
+                            self.hand_back(&claimed).await;
+                        } else {
+                            // Handed back, it would run elsewhere beside
+                            // this one: its lease lapses instead, after
+                            // this process is gone.
+                            tracing::error!(job = %claimed.claim.job, task = %claimed.task,
+                                wait_s = HANDLER_STOP_WAIT.as_secs(),
+                                "the handler did not stop after its abort; not handing its task back");
+                        }
                         return None;
                     }
                 }
@@ -788,7 +754,7 @@ impl Worker {
         // Stopped before its outcome is applied: a retry (a time-out's, a
         // lost claim's next attempt) must not start beside the run still
         // being aborted. A run that returned has stopped already.
-        if !gone.within(HANDLER_STOP_WAIT).await {
+        if !gone.ended() && !gone.within(HANDLER_STOP_WAIT).await {
             tracing::warn!(job = %claimed.claim.job, task = %claimed.task,
                 wait_s = HANDLER_STOP_WAIT.as_secs(),
                 "the handler did not stop within the wait after its abort; applying its end anyway");
@@ -1513,6 +1479,7 @@ mod tests {
     /// Blocks its thread for a while (never yielding to an abort), then
     /// notes when it let go.
     struct HoldsItsThread {
+        started: Arc<tokio::sync::Notify>,
         let_go: Arc<Mutex<Option<std::time::Instant>>>,
         /// Answers when it lets go; else awaits (where an abort stops it).
         then_answers: bool,
@@ -1525,6 +1492,7 @@ mod tests {
         }
 
         async fn run(&self, _ctx: TaskContext, _params: Value) -> Result<Outcome, HandlerError> {
+            self.started.notify_one();
             std::thread::sleep(Duration::from_millis(400));
             *self.let_go.lock().unwrap() = Some(std::time::Instant::now());
             if !self.then_answers {
@@ -1547,7 +1515,9 @@ mod tests {
         std::time::Instant,
     ) {
         let let_go = Arc::new(Mutex::new(None));
+        let started = Arc::new(tokio::sync::Notify::new());
         let registry = Registry::new().with(HoldsItsThread {
+            started: started.clone(),
             let_go: let_go.clone(),
             then_answers,
         });
@@ -1561,7 +1531,8 @@ mod tests {
         };
         let stop_soon = async {
             // The handler is blocking its thread by then.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            started.notified().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             trigger.trigger();
         };
         let (next, ()) = tokio::join!(ran, stop_soon);
