@@ -380,11 +380,17 @@ impl Submissions {
         // lost connection, so the copy is tried first (it falls back to a
         // requeue).
         let assigned = delivery.properties.header(ASSIGNED_ID_HEADER).is_some();
+        // The pause first either way: a failure that came at once (a
+        // channel that cannot be opened, the broker refusing a publish on
+        // the channel) requeued at once came straight back, each round a
+        // delivery counted, and the submit queue's delivery limit was used
+        // up in seconds (RabbitMQ then dead-letters it, its job recorded
+        // with its ready tasks unpublished).
+        tokio::time::sleep(pause).await;
         if e.is_unavailable() && !assigned {
             requeue(delivery).await;
             return;
         }
-        tokio::time::sleep(pause).await;
         give_back(self.outbox.broker().as_ref(), vec![delivery]).await;
     }
 
@@ -591,6 +597,27 @@ mod tests {
             "not lost"
         );
         assert_eq!(s.broker.ready_len(&s.names.referred_queue()).await, 0);
+    }
+
+    /// A submission the broker will not take a message for now goes back
+    /// after a pause, not at once: requeued at once, it came straight back
+    /// and each round counted a delivery against the submit queue's limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_submission_the_broker_cannot_serve_now_goes_back_after_a_pause() {
+        let s = setup().await;
+        let (delivery, _, _sub) = delivered(&s, b"{not json").await;
+        s.broker.set_outage(true);
+        let started = tokio::time::Instant::now();
+
+        assert!(s.submissions.handle(delivery, None).await.is_none());
+
+        assert!(
+            started.elapsed() >= BROKER_REFUSAL_PAUSE,
+            "{:?}",
+            started.elapsed()
+        );
+        s.broker.set_outage(false);
+        assert_eq!(s.broker.ready_len(&s.names.submit_queue()).await, 1);
     }
 
     /// Fails the first publish to `queue` with `error`, and with `blocked`
