@@ -112,20 +112,19 @@ pub struct HandlerAlive {
 /// What both halves share of one handler's run.
 #[derive(Default)]
 struct RunState {
-    /// The run was spawned.
-    started: std::sync::atomic::AtomicBool,
+    /// Aborts the spawned run; set as it is spawned (so also: whether it
+    /// was), before the attempt's first poll returns.
+    abort: std::sync::OnceLock<tokio::task::AbortHandle>,
     /// The run ended by its abort, before it answered.
     cancelled: std::sync::atomic::AtomicBool,
     /// The run ended (answered, panicked or cancelled) and the attempt saw
     /// it: not the attempt's own time-out with the run still going.
     ended: std::sync::atomic::AtomicBool,
-    /// Aborts the spawned run.
-    abort: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// The watching half of a [`HandlerAlive`].
 pub struct HandlerGone {
-    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    rx: tokio::sync::oneshot::Receiver<()>,
     run: Arc<RunState>,
 }
 
@@ -139,7 +138,7 @@ impl HandlerAlive {
                 held: Some(tx),
                 run: run.clone(),
             },
-            HandlerGone { rx: Some(rx), run },
+            HandlerGone { rx, run },
         )
     }
 
@@ -155,7 +154,7 @@ impl HandlerGone {
     /// Whether the handler's run was started (spawned): an attempt never
     /// polled has not, and polling it now would start it.
     pub fn started(&self) -> bool {
-        self.run.started.load(std::sync::atomic::Ordering::Acquire)
+        self.run.abort.get().is_some()
     }
 
     /// Whether the run ended by its abort before it answered (its attempt
@@ -175,19 +174,16 @@ impl HandlerGone {
     /// Abort the run; its attempt, still polled, ends with its answer if
     /// it answered first, or as cancelled once the run is dropped.
     pub fn abort(&self) {
-        let abort = self.run.abort.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(abort) = abort.as_ref() {
+        if let Some(abort) = self.run.abort.get() {
             abort.abort();
         }
     }
 
     /// Wait until the run has stopped, at most `within`; whether it has.
+    /// (Never sent on: the receiver ends, with an error, when the sender
+    /// is dropped.)
     pub async fn within(self, within: Duration) -> bool {
-        match self.rx {
-            None => true,
-            // Never sent: ends (with an error) when the sender is dropped.
-            Some(rx) => tokio::time::timeout(within, rx).await.is_ok(),
-        }
+        tokio::time::timeout(within, self.rx).await.is_ok()
     }
 }
 
@@ -242,9 +238,6 @@ async fn answer_of(
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
     let HandlerAlive { held, run: state } = alive;
-    state
-        .started
-        .store(true, std::sync::atomic::Ordering::Release);
     let mut run = RunningHandler {
         task: tokio::spawn(async move {
             let _held = held;
@@ -257,7 +250,8 @@ async fn answer_of(
             claimed.task.clone(),
         )),
     };
-    *state.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.task.abort_handle());
+    // No await since the spawn: set before this attempt's poll returns.
+    let _ = state.abort.set(run.task.abort_handle());
     let answer = tokio::time::timeout(timeout + TIMEOUT_MARGIN, &mut run.task).await;
     if answer.is_ok() {
         state

@@ -825,13 +825,13 @@ impl RedisStore {
                     Err(e) => foreign.push(e.into_bytes()),
                 }
             }
-            if foreign.is_empty() || !due.is_empty() {
-                if !foreign.is_empty() {
-                    self.forget_foreign(&index, foreign).await?;
-                }
+            let only_foreign = due.is_empty() && !foreign.is_empty();
+            if !foreign.is_empty() {
+                self.forget_foreign(&index, foreign).await?;
+            }
+            if !only_foreign {
                 return Ok(due);
             }
-            self.forget_foreign(&index, foreign).await?;
         }
         Ok(Vec::new())
     }
