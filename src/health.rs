@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::broker::Broker;
 use crate::flag::Flag;
-use crate::store::{Replicas, Store};
+use crate::store::{Replicas, Store, StoreError};
 
 /// Shared health of one process's store connection.
 #[derive(Clone)]
@@ -44,6 +44,10 @@ pub struct Readiness {
     pub ready: bool,
     /// The store answered a ping just now.
     pub store: bool,
+    /// The consumers take new work: false while they are held back after a
+    /// store outage, until the outage probe's ping is answered (up to 2 s
+    /// after the store answers again).
+    pub taking_work: bool,
     /// The broker connection is up.
     pub broker: bool,
     /// Each queue this process consumes, and whether it has a consumer on
@@ -53,6 +57,11 @@ pub struct Readiness {
     /// absent when creations wait for none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Replicas>,
+    /// Why the replicas could not be counted (the store answered its ping,
+    /// but not `INFO`: a Redis user not allowed it, say); absent when they
+    /// were, or need not be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas_error: Option<String>,
 }
 
 impl Readiness {
@@ -61,9 +70,11 @@ impl Readiness {
         Readiness {
             ready: false,
             store: false,
+            taking_work: false,
             broker: false,
             consuming: BTreeMap::new(),
             replicas: None,
+            replicas_error: None,
         }
     }
 }
@@ -98,39 +109,61 @@ impl Health {
     /// replicas creations wait for, if any) and the consumers take work
     /// again after an outage (their gate reopens at the outage probe's next
     /// answer, up to 2 s after the store's), the broker is connected, and
-    /// every queue has its consumer. A failed ping also marks the store
-    /// down, so an idle process stops taking work too.
+    /// every queue has its consumer. A ping failed for want of the store
+    /// (not a refusal, nor a slow answer) also marks the store down, so an
+    /// idle process stops taking work too, as a busy one would.
     pub async fn readiness(&self) -> Readiness {
         let probe = async {
             self.store.ping().await?;
-            self.store.replicas().await
+            Ok::<_, StoreError>(self.store.replicas().await)
         };
         // A publishing connection lost while the process was idle is made
-        // again here (its consumers, on their own connection, may be live).
-        let reconnect = tokio::time::timeout(PING_TIMEOUT, self.broker.ensure_connected());
+        // again here (its consumers, on their own connection, may be live),
+        // in a task of its own: one that takes longer than the probe waits
+        // (a node that swallows packets, many queues to declare again)
+        // goes on to its end, instead of being dropped part-way and begun
+        // afresh by the next probe.
+        let broker = self.broker.clone();
+        let mut reconnecting = tokio::spawn(async move { broker.ensure_connected().await });
+        let reconnect = async {
+            match tokio::time::timeout(PING_TIMEOUT, &mut reconnecting).await {
+                Ok(Ok(reconnected)) => Ok(reconnected),
+                // Panicked, or still going: not connected now.
+                Ok(Err(_)) | Err(_) => Err(()),
+            }
+        };
         let (probed, reconnected) =
             tokio::join!(tokio::time::timeout(PING_TIMEOUT, probe), reconnect);
-        let (store, replicas) = match probed {
-            Ok(Ok(replicas)) => (true, replicas),
-            _ => (false, None),
+        let (store, replicas, replicas_error) = match probed {
+            Ok(Ok(Ok(replicas))) => (true, replicas, None),
+            Ok(Ok(Err(e))) => (true, None, Some(e.to_string())),
+            Ok(Err(e)) => {
+                if e.is_retryable() {
+                    self.mark_store_down();
+                }
+                (false, None, None)
+            }
+            Err(_) => (false, None, None),
         };
-        if !store {
-            self.mark_store_down();
-        }
         let broker = matches!(reconnected, Ok(Ok(()))) && self.broker.is_connected();
+        drop(reconnecting);
         let consuming = self.consuming.lock().map(|m| m.clone()).unwrap_or_default();
+        let taking_work = self.store_up();
         let ready = store
-            && self.store_up()
+            && taking_work
             && replicas.is_none_or(|r| r.enough())
+            && replicas_error.is_none()
             && broker
             && !consuming.is_empty()
             && consuming.values().all(|c| *c);
         Readiness {
             ready,
             store,
+            taking_work,
             broker,
             consuming,
             replicas,
+            replicas_error,
         }
     }
 
@@ -216,7 +249,7 @@ mod tests {
         // The store answers, but the consumers' gate is still shut until
         // the outage probe reopens it: not ready yet.
         let r = health.readiness().await;
-        assert!(r.store && !health.store_up(), "{r:?}");
+        assert!(r.store && !r.taking_work && !health.store_up(), "{r:?}");
         assert!(!r.ready, "ready while consumption is held back: {r:?}");
         tokio::time::timeout(Duration::from_secs(5), health.wait_store_up())
             .await

@@ -1108,6 +1108,53 @@ async fn a_closed_subscription_sends_its_acks_first_and_returns_the_rest() {
     common::cleanup(&config).await;
 }
 
+/// A queue RabbitMQ will not let this process consume (held exclusively
+/// by another connection: 405 RESOURCE_LOCKED; no read permission is
+/// 403) is refused for good, naming the queue, not taken for a lost
+/// connection: the consuming connection, sound and serving the other
+/// subscriptions, is kept instead of being made again at every retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_held_exclusively_elsewhere_is_refused_without_dropping_the_connection() {
+    use conveyor::broker::{BrokerError, Outgoing};
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("locked").await;
+    let other = lapin::Connection::connect(&config.amqp_url, Default::default())
+        .await
+        .expect("a connection of another client");
+    let channel = other.create_channel().await.expect("a channel");
+    let locked = format!("{}.locked", config.prefix);
+    channel
+        .queue_declare(
+            locked.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("an exclusive queue");
+
+    let refused = broker.subscribe(&locked, 1).await.map(|_| ());
+
+    match &refused {
+        Err(BrokerError::Fatal(e)) => assert!(e.contains(&locked), "{e}"),
+        other => panic!("expected a refusal for good, got {other:?}"),
+    }
+    assert!(broker.is_connected());
+    broker
+        .publish(vec![Outgoing::durable(queue.clone(), b"still".to_vec())])
+        .await
+        .expect("published");
+    let mut subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
+    let delivery = common::next_delivery(&mut subscription, WAIT)
+        .await
+        .expect("a delivery on the kept connection");
+    delivery.acker.ack().await.expect("acked");
+    subscription.close().await;
+    drop(other);
+    common::cleanup(&config).await;
+}
+
 /// A delivery dropped unsettled (the task holding it panicked) goes back
 /// to its queue at once, while its subscription lives on: left for the
 /// channel's close, it would hold a prefetch slot for as long as the

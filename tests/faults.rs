@@ -1095,6 +1095,35 @@ async fn raise_memory_alarm() -> BrokerChange {
     alarm
 }
 
+/// A store that answers its ping but will not count its replicas (a Redis
+/// user not allowed `INFO`, with `redis_wait_replicas` set) makes the
+/// process unready, and the body says why; it is no outage, so the
+/// consumers keep taking work (a readiness probe shut their gate at every
+/// call until the thirty-fifth session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_cannot_be_counted_make_it_unready_without_holding_work_back() {
+    let redis = PrivateRedis::start(false).await;
+    redis
+        .cli(&[
+            "ACL", "SETUSER", "no-info", "on", ">no-info", "~*", "&*", "+@all", "-info",
+        ])
+        .await;
+    let mut config = redis.config("noinfo");
+    config.redis_url = format!("redis://no-info:no-info@127.0.0.1:{}/", redis.port);
+    config.redis_wait_replicas = 1;
+    let store = common::connect_store(&config, "t").await;
+    let broker = common::connect_broker(&config).await;
+    let health = conveyor::health::Health::new(store, broker);
+    health.set_consuming("q", true);
+
+    let r = health.readiness().await;
+
+    assert!(!r.ready && r.store && r.broker && r.taking_work, "{r:?}");
+    let why = r.replicas_error.as_deref().unwrap_or_default();
+    assert!(why.to_lowercase().contains("info"), "{r:?}");
+    assert!(health.store_up(), "no outage: work is not held back");
+}
+
 /// A process whose publishing connection is lost while it is idle (its
 /// consumers, on their own connection, live on) makes it again when its
 /// readiness is asked: it is ready, not reported cut off from the broker

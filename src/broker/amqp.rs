@@ -727,6 +727,22 @@ impl AmqpBroker {
         *slot = None;
         self.live.store(false, std::sync::atomic::Ordering::Relaxed);
         let connection = self.connect_any("publishing").await?;
+        let session = self.set_up(connection).await.inspect_err(|e| {
+            // Shared as a failed connect is: every caller waiting on the
+            // slot would otherwise make a connection of its own and redo
+            // the declares, one after the other (a base queue without a
+            // leader answers its declare only by the time-out).
+            self.connect_failed(e);
+        })?;
+        *slot = Some(session.clone());
+        self.live.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(session)
+    }
+
+    /// A session on a new `connection`: its confirm channel opened and the
+    /// topology declared again. On failure the connection is dropped,
+    /// which closes it.
+    async fn set_up(&self, connection: Connection) -> Result<Arc<Session>, BrokerError> {
         let publisher = open_confirm_channel(&connection).await?;
         let session = Arc::new(Session {
             connection,
@@ -740,9 +756,16 @@ impl AmqpBroker {
         if let Some(declared) = declared {
             self.declare_again(&session, &declared).await?;
         }
-        *slot = Some(session.clone());
-        self.live.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(session)
+    }
+
+    /// Note a failed connect (or setting up of one), which callers that
+    /// come within [`FAILED_CONNECT_SHARED`] share instead of trying again.
+    fn connect_failed(&self, e: &BrokerError) {
+        *self
+            .failed_connect
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), e.clone()));
     }
 
     /// The live connection for subscriptions, or a new one.
@@ -788,12 +811,7 @@ impl AmqpBroker {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("conveyor {purpose}").as_str().into());
         let connected = connect_first(&self.urls, start, &self.tls, properties).await;
-        let (i, connection) = connected.inspect_err(|e| {
-            *self
-                .failed_connect
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), e.clone()));
-        })?;
+        let (i, connection) = connected.inspect_err(|e| self.connect_failed(e))?;
         if i != start {
             tracing::info!(node = %redact_url(&self.urls[i]), "connected to another RabbitMQ node");
         }
@@ -1184,6 +1202,7 @@ impl Broker for AmqpBroker {
         for q in queues {
             // A passive declare of a missing queue closes its channel, so
             // each query gets a throwaway channel.
+            unless_blocked(&session.connection)?;
             let channel = open_channel(&session.connection).await?;
             let declared = within(CALL_TIMEOUT, "a passive queue.declare", async {
                 Ok(channel
@@ -1198,13 +1217,18 @@ impl Broker for AmqpBroker {
                     .await)
             })
             .await?;
-            if let Ok(info) = declared {
-                out.push(QueueStats {
-                    queue: q.clone(),
-                    ready: info.message_count(),
-                    consumers: info.consumer_count(),
-                });
-                close_channel(&channel, "done").await;
+            match declared {
+                Ok(info) => {
+                    out.push(QueueStats {
+                        queue: q.clone(),
+                        ready: info.message_count(),
+                        consumers: info.consumer_count(),
+                    });
+                    close_channel(&channel, "done").await;
+                }
+                // Missing (deleted since it was listed): left out.
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(unavailable(e)),
             }
         }
         Ok(out)
@@ -1348,6 +1372,37 @@ async fn subscribe_on(
     priority: i16,
 ) -> Result<Box<dyn Subscription>, BrokerError> {
     let channel = open_channel(connection).await?;
+    match consume_on(&channel, queue, prefetch, priority).await {
+        Ok(consumer) => Ok(Box::new(AmqpSubscription {
+            queue: queue.to_owned(),
+            acks: Arc::new(AckBatcher {
+                channel: channel.clone(),
+                state: std::sync::Mutex::new(AckState::default()),
+                sending: tokio::sync::Mutex::new(()),
+            }),
+            channel,
+            consumer,
+        })),
+        Err(e) => {
+            // A `basic.consume` answered after its time-out registers a
+            // consumer in lapin that nobody reads and nothing cancels:
+            // RabbitMQ would push up to the prefetch into it, held unacked
+            // until `consumer_timeout` (30 min) closed the channel. Closed
+            // now, after the consume in RabbitMQ's order, the channel takes
+            // that consumer with it and its messages go back at once.
+            tokio::spawn(async move { close_channel(&channel, "subscription failed").await });
+            Err(e)
+        }
+    }
+}
+
+/// Set `channel`'s prefetch and start consuming `queue` on it.
+async fn consume_on(
+    channel: &Channel,
+    queue: &str,
+    prefetch: u16,
+    priority: i16,
+) -> Result<lapin::Consumer, BrokerError> {
     within(CALL_TIMEOUT, "basic.qos", async {
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -1355,7 +1410,7 @@ async fn subscribe_on(
             .map_err(unavailable)
     })
     .await?;
-    let consumer = within(CALL_TIMEOUT, "basic.consume", async {
+    within(CALL_TIMEOUT, "basic.consume", async {
         channel
             .basic_consume(
                 ShortString::from(queue),
@@ -1372,22 +1427,17 @@ async fn subscribe_on(
                         queue: queue.to_owned(),
                         reason: e.to_string(),
                     }
+                } else if refused_for_good(&e) {
+                    // No read permission (403), the queue held exclusively
+                    // (405), 406: this channel is closed, the connection
+                    // is sound and kept for the other subscriptions.
+                    BrokerError::Fatal(format!("consuming {queue}: {e}"))
                 } else {
                     unavailable(e)
                 }
             })
     })
-    .await?;
-    Ok(Box::new(AmqpSubscription {
-        queue: queue.to_owned(),
-        acks: Arc::new(AckBatcher {
-            channel: channel.clone(),
-            state: std::sync::Mutex::new(AckState::default()),
-            sending: tokio::sync::Mutex::new(()),
-        }),
-        channel,
-        consumer,
-    }))
+    .await
 }
 
 struct AmqpSubscription {
