@@ -411,6 +411,10 @@ pub const MAX_HEARTBEAT_MS: u64 = 3600 * 1000;
 /// Largest `worker.concurrency`: a worker's task consumers' prefetch is
 /// its concurrency, and AMQP's prefetch count is 16 bits.
 pub const MAX_CONCURRENCY: usize = u16::MAX as usize;
+/// Largest `worker.grace_s` (1 week, as a task's longest time-out): the
+/// grace period's end is a point in time, which a larger value would
+/// carry past what the clock can hold.
+pub const MAX_GRACE_S: u64 = 7 * 24 * 3600;
 /// Smallest `worker.hold_ms`: below it a worker at full concurrency with
 /// short tasks would give back deliveries that were about to get a slot.
 pub const MIN_HOLD_MS: u64 = 100;
@@ -655,6 +659,12 @@ impl Config {
             "worker.heartbeat_ms",
             &self.worker.heartbeat_ms,
             format!("must be at least {MIN_HEARTBEAT_MS} (ms) and at most {MAX_HEARTBEAT_MS}"),
+        );
+        check(
+            self.worker.grace_s <= MAX_GRACE_S,
+            "worker.grace_s",
+            &self.worker.grace_s,
+            format!("must be at most {MAX_GRACE_S} (s, a week)"),
         );
         check(
             (MIN_HOLD_MS..=MAX_HOLD_MS).contains(&self.worker.hold_ms),
@@ -1176,13 +1186,56 @@ fn redact_one_url(url: &str) -> String {
         (Some(colon), Some(at)) if colon < at => {
             (format!("{}:***@", &rest[..colon]), &rest[at + 1..])
         }
+        // No '@' after it: the hosts alone, or user and password whose '@'
+        // is missing (`amqp://app:secret.mq:5672/`, which the parser
+        // refuses, quoting it): each node's text after its ':' that is no
+        // port is hidden.
         _ => (String::new(), rest),
+    };
+    let hidden;
+    let tail = if masked.is_empty() {
+        hidden = hide_what_is_no_port(tail);
+        hidden.as_str()
+    } else {
+        tail
     };
     let tail = match tail.split_once('?') {
         Some((path, query)) => format!("{path}?{}", redact_query(query)),
         None => tail.to_owned(),
     };
     format!("{scheme}{masked}{tail}")
+}
+
+/// `rest` (a URL past its scheme, with no credentials) with every node of
+/// its authority (up to the first '/' or '?', nodes split by ',') whose
+/// text after its first ':' (past an IPv6 host's brackets) is not a port
+/// shown as `node-start:***`.
+fn hide_what_is_no_port(rest: &str) -> String {
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let nodes: Vec<String> = authority
+        .split(',')
+        .map(|node| {
+            let host_end = if node.starts_with('[') {
+                node.find(']').map_or(0, |i| i + 1)
+            } else {
+                0
+            };
+            match node[host_end..].find(':') {
+                Some(i) => {
+                    let colon = host_end + i;
+                    let port = &node[colon + 1..];
+                    if port.bytes().all(|b| b.is_ascii_digit()) {
+                        node.to_owned()
+                    } else {
+                        format!("{}:***", &node[..colon])
+                    }
+                }
+                None => node.to_owned(),
+            }
+        })
+        .collect();
+    format!("{}{path}", nodes.join(","))
 }
 
 /// A URL's query with the value of every parameter whose name ends in
@@ -1685,6 +1738,10 @@ mod tests {
                 "worker.max_deliveries = 0: must be at least 1",
             ),
             (
+                |c| c.worker.grace_s = u64::MAX,
+                "worker.grace_s = 18446744073709551615: must be at most 604800 (s, a week)",
+            ),
+            (
                 |c| c.worker.hold_ms = 99,
                 "worker.hold_ms = 99: must be at least 100 (ms) and at most 1500000",
             ),
@@ -1903,6 +1960,30 @@ mod tests {
             split_urls("amqp://h/%2f, amqp:guest:s3cret@mq/"),
             ["amqp://h/%2f", "amqp:guest:s3cret@mq/"]
         );
+    }
+
+    /// A URL whose '@' is missing (the parser refuses it and the error
+    /// quotes it) shows no password; hosts and ports, IPv6 ones and a
+    /// sentinel's list of nodes, show as they are.
+    #[test]
+    fn a_password_before_a_missing_at_is_hidden() {
+        for (url, shown) in [
+            (
+                "amqp://app:S3cret.mq.internal:5672/%2f",
+                "amqp://app:***/%2f",
+            ),
+            ("redis://:S3cret10.0.0.5:6379/", "redis://:***/"),
+            ("amqp://app:S3cret", "amqp://app:***"),
+            ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
+            ("redis://[::1]/0", "redis://[::1]/0"),
+            (
+                "redis+sentinel://s1:26379,s2:26380/svc",
+                "redis+sentinel://s1:26379,s2:26380/svc",
+            ),
+            ("amqp://h:5672?heartbeat=15", "amqp://h:5672?heartbeat=15"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 
     #[test]

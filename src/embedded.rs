@@ -18,7 +18,17 @@
 //! the runtime's. It goes to a temporary file that is synced before it is
 //! renamed over the snapshot, and the directory is synced after: a power
 //! loss leaves the old snapshot or the new one, never an empty or partial
-//! file that the next start would refuse.
+//! file that the next start would refuse. It keeps the old file's
+//! permissions (a new one is the user's alone: job params may hold
+//! secrets). The periodic writes go on through the workers' grace period
+//! (a task finishing then is saved though the process is killed before
+//! its end), and the last one follows the workers' stop.
+//!
+//! One process at a time uses a snapshot: it holds a lock on
+//! `<snapshot>.lock` for its life, and a second `conveyor dev` on the same
+//! file is refused at its start (two would overwrite each other's jobs).
+//! Creating that file also finds a directory that is missing or not
+//! writable at the start, not at the first write.
 //!
 //! Its workers are the only ones there are, so besides `worker.queues`
 //! they consume every task queue a job names, from a moment after the
@@ -91,6 +101,8 @@ pub struct Embedded {
     /// Shared by the periodic writes and the last one at shutdown, which
     /// so never write the file at the same time.
     snapshot: Option<Arc<Mutex<SnapshotFile>>>,
+    /// The periodic writes, and what ends them: once the workers stopped.
+    snapshots: Option<(ShutdownTrigger, tokio::task::JoinHandle<()>)>,
     health: Health,
 }
 
@@ -112,7 +124,11 @@ impl Embedded {
             )
             .with_max_inputs_bytes(config.limits.max_inputs_bytes as u64),
         );
-        let mut snapshot = options.snapshot.clone().map(SnapshotFile::new);
+        let mut snapshot = options
+            .snapshot
+            .clone()
+            .map(SnapshotFile::open)
+            .transpose()?;
         if let Some(file) = &mut snapshot
             && file.path.exists()
         {
@@ -185,11 +201,12 @@ impl Embedded {
                 }
             });
         }
-        if let Some(file) = snapshot.clone() {
+        let snapshots = snapshot.clone().map(|file| {
             let store = store.clone();
-            let mut shutdown = trigger.subscribe();
+            let stop = ShutdownTrigger::new();
+            let mut shutdown = stop.subscribe();
             let every = options.snapshot_every;
-            tasks.spawn(async move {
+            let writes = tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         biased;
@@ -201,7 +218,8 @@ impl Embedded {
                     }
                 }
             });
-        }
+            (stop, writes)
+        });
         let embedded = Embedded {
             store,
             broker,
@@ -209,6 +227,7 @@ impl Embedded {
             trigger,
             tasks,
             snapshot,
+            snapshots,
             health,
         };
         Ok(embedded)
@@ -270,6 +289,10 @@ impl Embedded {
                 stopped.await;
             }
         }
+        if let Some((stop, writes)) = self.snapshots.take() {
+            stop.trigger();
+            let _ = writes.await;
+        }
         if let Some(file) = &self.snapshot {
             save_snapshot(file, &self.store).await?;
         }
@@ -284,14 +307,49 @@ struct SnapshotFile {
     /// [`MemoryStore::changes`] at the last write or read (`None`: neither
     /// yet).
     written: Option<u64>,
+    /// `<path>.lock`, locked for as long as this is held.
+    _lock: std::fs::File,
 }
 
 impl SnapshotFile {
-    fn new(path: PathBuf) -> SnapshotFile {
-        SnapshotFile {
+    /// The snapshot at `path`, for this process alone: refused if another
+    /// holds it, or if its directory cannot be written.
+    fn open(path: PathBuf) -> anyhow::Result<SnapshotFile> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot use snapshot {}: cannot create its lock file {}: {e} \
+                     (its directory must exist and be writable)",
+                    path.display(),
+                    lock_path.display()
+                )
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "snapshot {} is in use by another process (it holds {}): give each \
+                 `conveyor dev` a snapshot of its own",
+                path.display(),
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => anyhow::bail!(
+                "cannot lock snapshot {} ({}): {e}",
+                path.display(),
+                lock_path.display()
+            ),
+        }
+        Ok(SnapshotFile {
             path,
             written: None,
-        }
+            _lock: lock,
+        })
     }
 
     /// Write the store's state unless the file holds it already; whether
@@ -332,7 +390,21 @@ fn replace_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // The mode above applies only to a file created now (a temporary
+        // file left by a crash keeps its own); the old snapshot's
+        // permissions, if there is one, are kept.
+        let permissions = match std::fs::metadata(path) {
+            Ok(old) => old.permissions(),
+            Err(_) => std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        };
+        file.set_permissions(permissions)?;
         file.write_all(bytes)?;
         file.sync_all()
     };
@@ -392,6 +464,31 @@ mod tests {
         }
     }
 
+    /// The default configuration with a grace period of ten minutes.
+    fn with_long_grace() -> Config {
+        Config {
+            worker: crate::config::WorkerConfig {
+                grace_s: 600,
+                ..Config::default().worker
+            },
+            ..Config::default()
+        }
+    }
+
+    /// End the grace period of a stop under way (`outer` hurried, as by a
+    /// second Ctrl-C) and wait for the stop to end, within 20 s.
+    async fn hurry_and_wait(
+        outer: &ShutdownTrigger,
+        stopping: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        outer.hurry();
+        tokio::time::timeout(Duration::from_secs(20), stopping)
+            .await
+            .expect("the stop was not hurried")
+            .unwrap()
+            .unwrap();
+    }
+
     fn one_task_job(id: &str, handler: &str, params: serde_json::Value) -> Vec<u8> {
         serde_json::json!({"id": id, "requestor": "t",
             "tasks": [{"name": "t", "handler": handler, "params": params}]})
@@ -401,13 +498,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hurried_outer_shutdown_ends_the_workers_grace_period_at_once() {
-        let config = Config {
-            worker: crate::config::WorkerConfig {
-                grace_s: 600,
-                ..Config::default().worker
-            },
-            ..Config::default()
-        };
+        let config = with_long_grace();
         let embedded = start(&config, EmbeddedOptions::default()).await;
         embedded
             .submit(one_task_job(
@@ -432,12 +523,7 @@ mod tests {
             "a graceful stop waits for its grace period"
         );
         // The second: the grace period ends now.
-        outer.hurry();
-        tokio::time::timeout(Duration::from_secs(20), stopping)
-            .await
-            .expect("the stop was not hurried")
-            .unwrap()
-            .unwrap();
+        hurry_and_wait(&outer, stopping).await;
         let status = store.job("nap").await.unwrap().unwrap();
         assert_eq!(status.tasks["t"].state, TaskState::Ready, "handed back");
     }
@@ -492,6 +578,112 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         embedded.shutdown().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A task that finishes in the workers' grace period is saved by the
+    /// periodic writes, which go on until the workers stop: a process
+    /// killed before the end of its grace period (a supervisor's
+    /// `SIGKILL`) keeps it, instead of running it again from a snapshot
+    /// taken at the first Ctrl-C.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_snapshot_is_written_through_the_grace_period() {
+        let dir = scratch("grace");
+        let path = dir.join("store.json");
+        let config = with_long_grace();
+        let options = EmbeddedOptions {
+            snapshot: Some(path.clone()),
+            snapshot_every: Duration::from_millis(20),
+            ..EmbeddedOptions::default()
+        };
+        let embedded = start(&config, options).await;
+        let nap = |id: &str, ms: u64| one_task_job(id, "sleep", serde_json::json!({"ms": ms}));
+        embedded.submit(nap("long", 600_000)).await.unwrap();
+        embedded.submit(nap("short", 500)).await.unwrap();
+        for id in ["long", "short"] {
+            wait_for_job(&embedded, id, "running", |s| {
+                s.tasks["t"].state == TaskState::Running
+            })
+            .await;
+        }
+        let outer = ShutdownTrigger::new();
+        let stopping = tokio::spawn(embedded.shutdown_hurried_by(outer.subscribe()));
+        outer.trigger();
+        // The short task ends in the grace period, the long one runs on:
+        // the file says the short one succeeded before the stop ends.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let saved = MemoryStore::new(Arc::new(SystemClock), Duration::from_secs(60), 1, "t");
+            if let Ok(bytes) = std::fs::read(&path)
+                && saved.restore(&bytes).is_ok()
+                && saved
+                    .job("short")
+                    .await
+                    .unwrap()
+                    .is_some_and(|s| s.state == JobState::Succeeded)
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the task finished in the grace period was never saved"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!stopping.is_finished(), "still in its grace period");
+        hurry_and_wait(&outer, stopping).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// One process at a time on a snapshot: a second is refused at its
+    /// start, naming the file, and so is a snapshot whose directory is
+    /// missing; once the first has stopped, the file is free again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_in_use_or_in_a_missing_directory_is_refused_at_the_start() {
+        let dir = scratch("in-use");
+        let path = dir.join("store.json");
+        let options = || EmbeddedOptions {
+            snapshot: Some(path.clone()),
+            ..EmbeddedOptions::default()
+        };
+        let registry = conveyor_builtin_handlers::registry;
+        let first = start(&Config::default(), options()).await;
+
+        let second = Embedded::start(&Config::default(), registry(), options()).await;
+
+        let e = second.err().expect("a second process on the snapshot");
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        assert!(e.to_string().contains("store.json"), "{e}");
+        first.shutdown().await.unwrap();
+        let again = start(&Config::default(), options()).await;
+        again.shutdown().await.unwrap();
+
+        let nowhere = EmbeddedOptions {
+            snapshot: Some(dir.join("missing").join("store.json")),
+            ..EmbeddedOptions::default()
+        };
+        let e = Embedded::start(&Config::default(), registry(), nowhere)
+            .await
+            .err()
+            .expect("a snapshot in a missing directory");
+        assert!(e.to_string().contains("must exist and be writable"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A new snapshot is readable by its user alone (job params may hold
+    /// secrets); a snapshot replaced keeps the permissions it was given.
+    #[test]
+    fn a_snapshot_is_private_when_new_and_keeps_its_permissions_when_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let path = dir.join("store.json");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        replace_durably(&path, b"new").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        replace_durably(&path, b"newer").unwrap();
+        assert_eq!(mode(&path), 0o640);
+        assert_eq!(std::fs::read(&path).unwrap(), b"newer");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

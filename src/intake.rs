@@ -216,7 +216,7 @@ impl JobIntake {
             Err(e) => {
                 return Intake::Dead {
                     kind: DeadLetterReason::NotJson,
-                    reason: capped(format!("message is not JSON: {e}"), MAX_ERROR_BYTES),
+                    reason: capped(not_json(&e), MAX_ERROR_BYTES),
                 };
             }
         };
@@ -461,12 +461,9 @@ impl JobIntake {
             Ok(defaults) => defaults,
             Err(payload) => return Err(panicked("retry_defaults", payload)),
         };
-        let retry = resolve_retry(
-            task.retry.unwrap_or_default(),
-            task.timeout_s,
-            &defaults,
-            &self.retry,
-        );
+        let own = task.retry.unwrap_or_default();
+        check_retry_bounds(i, &own, task.timeout_s)?;
+        let retry = resolve_retry(own, task.timeout_s, &defaults, &self.retry);
         Ok(PlannedTask {
             name: task.name,
             handler: task.handler,
@@ -528,6 +525,53 @@ pub fn resolve_retry(
             .unwrap_or(config.cap_ms),
         timeout_ms: timeout_ms.max(1),
     }
+}
+
+/// Why a body could not be read as JSON. serde_json stops at 128 levels
+/// of nesting, and says only "recursion limit exceeded": the reason names
+/// the limit, since the body may be JSON that is merely nested too deep.
+fn not_json(e: &serde_json::Error) -> String {
+    if e.to_string().starts_with("recursion limit exceeded") {
+        format!(
+            "message is not JSON Conveyor reads: nested deeper than 128 levels (the parser's limit), at line {} column {}",
+            e.line(),
+            e.column()
+        )
+    } else {
+        format!("message is not JSON: {e}")
+    }
+}
+
+/// A task's own retry policy and time-out within the bounds the schema
+/// sets (`schemas/job.schema.json`), checked again here for a [`JobSpec`]
+/// built in code and planned without the schema: NaN or an infinite
+/// time-out, a million attempts or a delay past what a score in Redis can
+/// hold would otherwise be planned as they are.
+fn check_retry_bounds(i: usize, own: &RetryPolicy, timeout_s: Option<f64>) -> Result<(), String> {
+    if let Some(n) = own.max_attempts
+        && !(1..=MAX_ATTEMPTS).contains(&n)
+    {
+        return Err(format!(
+            "tasks[{i}].retry.max_attempts: {n}; must be 1 to {MAX_ATTEMPTS}"
+        ));
+    }
+    for (field, ms) in [("base_ms", own.base_ms), ("cap_ms", own.cap_ms)] {
+        if let Some(ms) = ms
+            && ms > MAX_BACKOFF_MS
+        {
+            return Err(format!(
+                "tasks[{i}].retry.{field}: {ms}; the limit is {MAX_BACKOFF_MS} (a day)"
+            ));
+        }
+    }
+    if let Some(s) = timeout_s
+        && !(s > 0.0 && s <= MAX_TIMEOUT_S)
+    {
+        return Err(format!(
+            "tasks[{i}].timeout_s: {s}; must be more than 0 and at most {MAX_TIMEOUT_S} (a week)"
+        ));
+    }
+    Ok(())
 }
 
 /// Whole milliseconds of `d`, saturating.
@@ -787,6 +831,86 @@ mod tests {
         ]}));
         assert!(err.len() <= MAX_ERROR_BYTES, "{} bytes", err.len());
         assert!(err.contains("; tasks[1] (b).params.x: éé"), "{err}");
+    }
+
+    /// 2^64 written as a float is past `u64::MAX`: refused, not read as
+    /// `u64::MAX` (a cast saturates).
+    #[test]
+    fn a_whole_number_just_past_the_largest_is_refused() {
+        let task = json!({"name": "a", "handler": "noop",
+            "retry": {"base_ms": 18_446_744_073_709_551_616.0_f64}});
+        let read = serde_json::from_value::<TaskSpec>(task);
+        assert!(read.is_err(), "{read:?}");
+    }
+
+    /// A job spec built in code and planned without the schema meets the
+    /// schema's bounds all the same, each refusal naming field and limit.
+    #[test]
+    fn a_spec_planned_without_the_schema_is_held_to_its_bounds() {
+        let spec = |retry: RetryPolicy, timeout_s: Option<f64>| JobSpec {
+            id: Some("j".into()),
+            requestor: "me".into(),
+            labels: Default::default(),
+            tasks: vec![TaskSpec {
+                name: "a".into(),
+                handler: "noop".into(),
+                params: json!({}),
+                after: vec![],
+                queue: None,
+                retry: Some(retry),
+                timeout_s,
+            }],
+        };
+        let refused = |retry: RetryPolicy, timeout_s: Option<f64>| match intake()
+            .plan(spec(retry, timeout_s))
+        {
+            Ok(job) => panic!("planned: {job:?}"),
+            Err(e) => e,
+        };
+        let attempts = RetryPolicy {
+            max_attempts: Some(u32::MAX),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            refused(attempts, None),
+            "tasks[0].retry.max_attempts: 4294967295; must be 1 to 100"
+        );
+        let cap = RetryPolicy {
+            cap_ms: Some(u64::MAX),
+            ..RetryPolicy::default()
+        };
+        assert!(
+            refused(cap, None)
+                .starts_with("tasks[0].retry.cap_ms: 18446744073709551615; the limit is 86400000"),
+        );
+        for bad in [f64::NAN, f64::INFINITY, 0.0, -1.0, 604_801.0] {
+            let e = refused(RetryPolicy::default(), Some(bad));
+            assert!(e.starts_with("tasks[0].timeout_s: "), "{e}");
+            assert!(e.contains("at most 604800"), "{e}");
+        }
+        assert!(
+            intake()
+                .plan(spec(RetryPolicy::default(), Some(604_800.0)))
+                .is_ok()
+        );
+    }
+
+    /// JSON nested deeper than the parser reads is dead-lettered with a
+    /// reason that names the limit, not a bare "recursion limit".
+    #[test]
+    fn a_body_nested_past_the_parsers_limit_is_dead_lettered_naming_the_limit() {
+        let deep = format!(
+            r#"{{"requestor": "me", "tasks": [{{"name": "a", "handler": "noop", "params": {{"x": {}1{}}}}}]}}"#,
+            "[".repeat(130),
+            "]".repeat(130)
+        );
+        match intake().accept(deep.as_bytes()) {
+            Intake::Dead { kind, reason } => {
+                assert_eq!(kind, DeadLetterReason::NotJson);
+                assert!(reason.contains("nested deeper than 128 levels"), "{reason}");
+            }
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
     }
 
     #[test]

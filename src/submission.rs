@@ -385,8 +385,10 @@ impl Submissions {
         // the channel) requeued at once came straight back, each round a
         // delivery counted, and the submit queue's delivery limit was used
         // up in seconds (RabbitMQ then dead-letters it, its job recorded
-        // with its ready tasks unpublished).
-        tokio::time::sleep(pause).await;
+        // with its ready tasks unpublished). It grows with the deliveries
+        // counted against the message, so that the limit is reached only
+        // after minutes of a broker in that state.
+        tokio::time::sleep(grown_pause(pause, delivery.delivery_count)).await;
         if e.is_unavailable() && !assigned {
             requeue(delivery).await;
             return;
@@ -465,6 +467,20 @@ impl Submissions {
             }
         }
     }
+}
+
+/// The longest pause before a submission goes back ([`grown_pause`]).
+const MAX_REFUSAL_PAUSE: Duration = Duration::from_secs(30);
+
+/// `pause` doubled for every delivery the broker has counted against the
+/// message (`delivery_count`, on a quorum queue; a copy given back starts
+/// at zero), up to [`MAX_REFUSAL_PAUSE`]: with the default delivery limit
+/// of 20, a submission requeued each round reaches it after about eight
+/// minutes of a broker refusing what it causes (1, 2, 4, 8, 16, then 30 s
+/// a round), where a fixed second took twenty. No pause stays none.
+fn grown_pause(pause: Duration, delivery_count: u32) -> Duration {
+    let doubled = pause.saturating_mul(1_u32 << delivery_count.min(16));
+    doubled.min(MAX_REFUSAL_PAUSE.max(pause))
 }
 
 async fn requeue(delivery: Delivery) {
@@ -618,6 +634,51 @@ mod tests {
         );
         s.broker.set_outage(false);
         assert_eq!(s.broker.ready_len(&s.names.submit_queue()).await, 1);
+    }
+
+    /// The pause before a submission goes back doubles with each delivery
+    /// counted against it, up to a cap, so that a broker refusing what it
+    /// causes for a while does not carry it past the delivery limit.
+    #[test]
+    fn the_pause_before_a_submission_goes_back_grows_with_its_deliveries() {
+        let pauses: Vec<u64> = (0..8)
+            .map(|count| grown_pause(BROKER_REFUSAL_PAUSE, count).as_secs())
+            .collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(
+            grown_pause(BROKER_REFUSAL_PAUSE, u32::MAX),
+            MAX_REFUSAL_PAUSE
+        );
+        assert_eq!(grown_pause(Duration::ZERO, 7), Duration::ZERO);
+        let rounds: u64 = (0..20)
+            .map(|count| grown_pause(BROKER_REFUSAL_PAUSE, count).as_secs())
+            .sum();
+        assert!(rounds >= 8 * 60, "twenty rounds take {rounds} s");
+    }
+
+    /// A submission requeued once (its delivery counted) waits twice the
+    /// pause the second time round.
+    #[tokio::test(start_paused = true)]
+    async fn a_submission_sent_back_again_waits_longer() {
+        let s = setup().await;
+        let submit = s.names.submit_queue();
+        let (delivery, _, mut sub) = delivered(&s, b"{not json").await;
+        // Refused once at once: back by a requeue, its delivery counted.
+        delivery.acker.requeue().await.unwrap();
+        let again = sub.next().await.unwrap().unwrap();
+        assert_eq!(again.delivery_count, 1);
+        s.broker.set_outage(true);
+        let started = tokio::time::Instant::now();
+
+        assert!(s.submissions.handle(again, None).await.is_none());
+
+        assert!(
+            started.elapsed() >= 2 * BROKER_REFUSAL_PAUSE,
+            "{:?}",
+            started.elapsed()
+        );
+        s.broker.set_outage(false);
+        assert_eq!(s.broker.ready_len(&submit).await, 1);
     }
 
     /// Fails the first publish to `queue` with `error`, and with `blocked`

@@ -99,10 +99,14 @@ async fn submit_wait_status_and_list_answer_in_the_documented_shapes() {
 
     let submitted = conveyor(&d, &["submit", &file, "--wait", "--json"]).await;
     assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
-    // The id first, then the final status as JSON.
-    let (id_line, status_json) = submitted.stdout.split_once('\n').unwrap();
-    assert_eq!(id_line, "pair");
-    let status: Value = serde_json::from_str(status_json).expect("status JSON");
+    // The final status as JSON alone on stdout (`jq` reads it); the id,
+    // said at once, on stderr.
+    assert!(
+        submitted.stderr.starts_with("pair\n"),
+        "{}",
+        submitted.stderr
+    );
+    let status: Value = serde_json::from_str(&submitted.stdout).expect("status JSON alone");
     assert_eq!(status["state"], "succeeded");
     for key in [
         "history",
@@ -327,7 +331,8 @@ async fn a_job_waiting_in_a_queue_nothing_consumes_is_explained_while_it_waits()
     // A dispatcher records it; no worker consumes the task's queue.
     d.start_dispatcher().await;
     let told = conveyor(&d, &["submit", &first, "--wait", "--timeout-s", "3"]).await;
-    assert_eq!(told.code, Some(1), "{}", told.stderr);
+    // Not finished within its time-out: 124, not 1 (a job that failed).
+    assert_eq!(told.code, Some(124), "{}", told.stderr);
     let note =
         format!("note: task render is ready in {prefix}.tasks.gpu, which no worker consumes now");
     assert!(told.stderr.contains(&note), "{}", told.stderr);
@@ -588,6 +593,27 @@ fn flags_are_checked_as_the_configuration_is_and_quote_no_password() {
                 "redis//app:s3cret@127.0.0.1:1",
             ][..],
             "redis_url (node 1) = redis//app:***@127.0.0.1:1: is not a Redis URL",
+        ),
+        // Thirty-fifth session: exit 1 (or a malformed frame, or a panic
+        // at the stop, or the password shown) before.
+        (
+            &["run", example, "--amqp-url", "amqp://127.0.0.1:1/"][..],
+            "--redis-url",
+        ),
+        (
+            &["queues", "--queue", &"q".repeat(200)][..],
+            "--queue \"qqq",
+        ),
+        (
+            &[
+                "run",
+                example,
+                "--amqp-url",
+                "amqp://app:s3cret.mq.internal:5672/%2f",
+                "--redis-url",
+                "redis://127.0.0.1:1/",
+            ][..],
+            "amqp_url (node 1) = amqp://app:***/%2f",
         ),
     ] {
         let ran = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))

@@ -174,6 +174,10 @@ struct Queue {
     /// A work queue (submit, referred, tasks): the delivery limit applies.
     limited: bool,
     ready: VecDeque<QueuedMessage>,
+    /// How many messages at the head of `ready` were returned (requeued,
+    /// or their channel closed): served before the others, in the order
+    /// they came back, as a quorum queue serves its returns.
+    returned: usize,
     /// Ids of the consumers receiving new deliveries, in round-robin order.
     consumers: Vec<u64>,
     /// Where the next round-robin turn starts in `consumers`.
@@ -271,6 +275,7 @@ impl State {
             let Some(msg) = q.ready.pop_front() else {
                 break;
             };
+            q.returned = q.returned.saturating_sub(1);
             consumer.inbox.push_back(msg);
             consumer.wake.notify_one();
             q.cursor = (i + 1) % n;
@@ -296,13 +301,14 @@ impl State {
             .chain(consumer.inbox)
             .collect();
         let queue = consumer.queue;
-        for msg in held.into_iter().rev() {
+        for msg in held {
             self.return_to_queue(&queue, msg);
         }
     }
 
-    /// Return `msg` to the head of `queue` (a requeue, or its channel
-    /// closed), counting the delivery; past the delivery limit, a work
+    /// Return `msg` to `queue` (a requeue, or its channel closed), after
+    /// the messages returned before it and before all others, counting the
+    /// delivery; past the delivery limit, a work
     /// queue's message goes to the dead queue instead. (Not
     /// `consumer::give_back`, which publishes a new message.)
     fn return_to_queue(&mut self, queue: &str, mut msg: QueuedMessage) {
@@ -314,7 +320,9 @@ impl State {
             .delivery_limit
             .is_some_and(|limit| msg.delivery_count > limit);
         if !(q.limited && over) {
-            q.ready.push_front(msg);
+            let at = q.returned.min(q.ready.len());
+            q.ready.insert(at, msg);
+            q.returned = at + 1;
             return;
         }
         msg.properties.set_header(
@@ -361,6 +369,7 @@ impl State {
         };
         while dead.ready.len() > cap {
             dead.ready.pop_front();
+            dead.returned = dead.returned.saturating_sub(1);
             if self
                 .dead_letters_dropped
                 .is_multiple_of(DEAD_LETTER_DROPS_PER_WARNING)
@@ -558,7 +567,10 @@ impl MemoryBroker {
             .lock()
             .queues
             .get_mut(queue)
-            .map(|q| q.ready.drain(..).collect())
+            .map(|q| {
+                q.returned = 0;
+                q.ready.drain(..).collect()
+            })
             .unwrap_or_default()
     }
 
@@ -1102,6 +1114,42 @@ mod tests {
         d.acker.ack().await.unwrap();
         let d = next(&mut sub).await;
         assert_eq!((d.body.as_slice(), d.delivery_count), (&b"b"[..], 0));
+    }
+
+    /// Messages requeued one after another come back in the order they
+    /// were requeued, before the messages never delivered, as a quorum
+    /// queue serves its returns; those of a closed subscription come back
+    /// in the order they were delivered.
+    #[tokio::test]
+    async fn requeued_messages_come_back_in_the_order_they_were_returned() {
+        let b = broker().await;
+        publish(&b, &["a", "b", "c", "d"]).await;
+        let mut sub = b.subscribe(&q(), 2).await.unwrap();
+        let a = next(&mut sub).await;
+        let bee = next(&mut sub).await;
+        drop(sub);
+        let mut sub = b.subscribe(&q(), 4).await.unwrap();
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(String::from_utf8(next(&mut sub).await.body).unwrap());
+        }
+        assert_eq!(order, ["a", "b", "c", "d"], "a closed subscription's");
+        drop((a, bee));
+        drop(sub);
+
+        let b = broker().await;
+        publish(&b, &["a", "b", "c"]).await;
+        let mut sub = b.subscribe(&q(), 2).await.unwrap();
+        let (a, bee) = (next(&mut sub).await, next(&mut sub).await);
+        a.acker.requeue().await.unwrap();
+        bee.acker.requeue().await.unwrap();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let d = next(&mut sub).await;
+            order.push(String::from_utf8(d.body.clone()).unwrap());
+            d.acker.ack().await.unwrap();
+        }
+        assert_eq!(order, ["a", "b", "c"], "requeued one by one");
     }
 
     #[tokio::test]

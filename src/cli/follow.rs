@@ -15,6 +15,18 @@ use tokio::time::Instant;
 
 use super::stalls::{STARTING_GRACE, Stalls};
 
+/// A job followed to its end that did not end within the time given: the
+/// command exits [`NotFinished::EXIT_CODE`], told apart from a job that
+/// ended otherwise than succeeded (1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFinished(String);
+
+impl NotFinished {
+    /// As `timeout(1)` exits when its command ran out of time.
+    pub const EXIT_CODE: u8 = 124;
+}
+
 /// Publish `body` to the deployment's submit queue (persistent, through
 /// the default exchange) and hand back the broker as the [`Stalls`] that
 /// will explain any wait that follows.
@@ -106,7 +118,11 @@ pub async fn until_finished(
                 (None, true) => " (`conveyor queues` shows which queues have consumers)".into(),
                 (None, false) => String::new(),
             };
-            anyhow::bail!("job {id} did not finish within {}s{hint}", within.as_secs());
+            return Err(NotFinished(format!(
+                "job {id} did not finish within {}s{hint}",
+                within.as_secs()
+            ))
+            .into());
         }
         tokio::time::sleep(pause).await;
     }
@@ -212,6 +228,7 @@ mod tests {
             err.to_string(),
             "job never-submitted did not finish within 0s"
         );
+        assert!(err.downcast_ref::<NotFinished>().is_some(), "{err:?}");
         embedded.shutdown().await.unwrap();
     }
 }

@@ -95,6 +95,8 @@ pub fn main() -> ExitCode {
             // or the environment made invalid.
             if e.downcast_ref::<conveyor::config::ConfigError>().is_some() {
                 ExitCode::from(2)
+            } else if e.downcast_ref::<follow::NotFinished>().is_some() {
+                ExitCode::from(follow::NotFinished::EXIT_CODE)
             } else {
                 ExitCode::FAILURE
             }

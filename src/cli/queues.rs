@@ -28,6 +28,24 @@ pub struct Args {
 pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let names = Names::new(&config.prefix);
     let mut task_queues: BTreeSet<String> = config.worker.queues.iter().cloned().collect();
+    // Held to the rules a job's queue follows: a longer name would pass
+    // AMQP's 255 bytes with the prefix, and the broker would drop the
+    // connection on the malformed frame.
+    let refused: Vec<String> = args
+        .queue
+        .iter()
+        .filter(|q| !config.accepts_queue_name(q))
+        .map(|q| {
+            format!(
+                "--queue {q:?}: must be 1 to limits.max_name_len ({}) bytes of letters, \
+                 digits, '.', '_', ':' and '-', starting with a letter or a digit",
+                config.limits.max_name_len
+            )
+        })
+        .collect();
+    if !refused.is_empty() {
+        return Err(conveyor::config::ConfigError::Invalid { problems: refused }.into());
+    }
     task_queues.extend(args.queue);
     match super::store(&config).await {
         Ok(store) => {

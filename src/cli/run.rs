@@ -29,10 +29,10 @@ pub struct Args {
     /// A job file (JSON, schemas/job.schema.json).
     file: PathBuf,
     /// Run against this RabbitMQ instead of in-process (needs --redis-url too).
-    #[arg(long)]
+    #[arg(long, requires = "redis_url")]
     amqp_url: Option<String>,
     /// Run against this Redis instead of in-process (needs --amqp-url too).
-    #[arg(long)]
+    #[arg(long, requires = "amqp_url")]
     redis_url: Option<String>,
     /// Print the final status as JSON instead of a table.
     #[arg(long)]
@@ -82,8 +82,12 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
                 show_until_finished(&*embedded.store(), None, &id, within, args.json).await;
             // Not the workers' grace period: a job given up on at the
             // time-out would hold the command for it (30 s by default).
-            embedded.shutdown_now().await?;
-            result
+            let stopped = embedded.shutdown_now().await;
+            // The job's outcome (or the time-out) first: it decides the
+            // exit code.
+            let code = result?;
+            stopped?;
+            Ok(code)
         }
         (Some(amqp), Some(redis)) => {
             config.amqp_url = amqp;

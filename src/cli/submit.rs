@@ -37,14 +37,23 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         None
     };
     let mut stalls = follow::publish(&config, file.body).await?;
+    // With `--json`, stdout holds the final status alone (the id is in
+    // it), for a reader such as `jq`; the lines before it go to stderr.
+    let say = |line: String| {
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
     let id = match file.follow {
         Ok(id) => id,
         Err(why) => {
-            println!("published, but {why}");
+            say(format!("published, but {why}"));
             return Ok(ExitCode::FAILURE);
         }
     };
-    println!("{id}");
+    say(id.clone());
     let Some(store) = store else {
         // Not waiting: the one chance to say that nothing will take the job.
         stalls.look(None, None).await;
