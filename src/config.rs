@@ -1206,36 +1206,46 @@ fn redact_one_url(url: &str) -> String {
     format!("{scheme}{masked}{tail}")
 }
 
-/// `rest` (a URL past its scheme, with no credentials) with every node of
-/// its authority (up to the first '/' or '?', nodes split by ',') whose
-/// text after its first ':' (past an IPv6 host's brackets) is not a port
-/// shown as `node-start:***`.
+/// `rest` (a URL past its scheme, with no credentials) with what may be a
+/// password hidden: its nodes (split by ',', each up to '/' or '?') are
+/// shown while each is a host with at most a port (1 to 5 digits after
+/// its ':', past an IPv6 host's brackets); from the first that is not
+/// (`app:secret.mq:5672`, a password whose '@' is missing), all the rest is
+/// hidden, since such a password may hold ',', '/' or '?' too.
 fn hide_what_is_no_port(rest: &str) -> String {
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let nodes: Vec<String> = authority
-        .split(',')
-        .map(|node| {
-            let host_end = if node.starts_with('[') {
-                node.find(']').map_or(0, |i| i + 1)
-            } else {
-                0
-            };
-            match node[host_end..].find(':') {
-                Some(i) => {
-                    let colon = host_end + i;
-                    let port = &node[colon + 1..];
-                    if port.bytes().all(|b| b.is_ascii_digit()) {
-                        node.to_owned()
-                    } else {
-                        format!("{}:***", &node[..colon])
-                    }
-                }
-                None => node.to_owned(),
+    let mut shown = String::new();
+    let mut node = rest;
+    loop {
+        let host_end = if node.starts_with('[') {
+            node.find(']').map_or(0, |i| i + 1)
+        } else {
+            0
+        };
+        let end = node[host_end..]
+            .find([',', '/', '?'])
+            .map_or(node.len(), |i| host_end + i);
+        let this = &node[..end];
+        if let Some(i) = this[host_end..].find(':') {
+            let colon = host_end + i;
+            let port = &this[colon + 1..];
+            if !(1..=5).contains(&port.len()) || !port.bytes().all(|b| b.is_ascii_digit()) {
+                shown.push_str(&this[..colon]);
+                shown.push_str(":***");
+                return shown;
             }
-        })
-        .collect();
-    format!("{}{path}", nodes.join(","))
+        }
+        shown.push_str(this);
+        match node[end..].strip_prefix(',') {
+            Some(next) => {
+                shown.push(',');
+                node = next;
+            }
+            None => {
+                shown.push_str(&node[end..]);
+                return shown;
+            }
+        }
+    }
 }
 
 /// A URL's query with the value of every parameter whose name ends in
@@ -1968,11 +1978,8 @@ mod tests {
     #[test]
     fn a_password_before_a_missing_at_is_hidden() {
         for (url, shown) in [
-            (
-                "amqp://app:S3cret.mq.internal:5672/%2f",
-                "amqp://app:***/%2f",
-            ),
-            ("redis://:S3cret10.0.0.5:6379/", "redis://:***/"),
+            ("amqp://app:S3cret.mq.internal:5672/%2f", "amqp://app:***"),
+            ("redis://:S3cret10.0.0.5:6379/", "redis://:***"),
             ("amqp://app:S3cret", "amqp://app:***"),
             ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
             ("redis://[::1]/0", "redis://[::1]/0"),
@@ -1981,6 +1988,12 @@ mod tests {
                 "redis+sentinel://s1:26379,s2:26380/svc",
             ),
             ("amqp://h:5672?heartbeat=15", "amqp://h:5672?heartbeat=15"),
+            // The password's end may look like a path, a query or a node.
+            ("amqp://app:pa/ss.mq:5672/", "amqp://app:***"),
+            ("amqp://app:pa?ss.mq", "amqp://app:***"),
+            ("amqp://app:pa,ss.mq", "amqp://app:***"),
+            ("amqp://app:123456", "amqp://app:***"),
+            ("redis://h:6379,[::1]:x/", "redis://h:6379,[::1]:***"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

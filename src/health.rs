@@ -110,12 +110,31 @@ impl Health {
     /// again after an outage (their gate reopens at the outage probe's next
     /// answer, up to 2 s after the store's), the broker is connected, and
     /// every queue has its consumer. A ping failed for want of the store
-    /// (not a refusal, nor a slow answer) also marks the store down, so an
-    /// idle process stops taking work too, as a busy one would.
+    /// (not an ACL refusal), also one that fails after the probe gave up
+    /// on it, marks the store down, so an idle process stops taking work
+    /// too, as a busy one would.
     pub async fn readiness(&self) -> Readiness {
+        // In a task of its own, as the reconnect below: a ping that takes
+        // longer than the probe waits (Redis cut off without a reset: the
+        // connect waits 5 s, an answer 10 s) still marks the store down
+        // when it fails, so an idle process stops taking work as a busy
+        // one would. An ACL refusal is no outage of the store.
+        let (store, health) = (self.store.clone(), self.clone());
+        let mut probing = tokio::spawn(async move {
+            if let Err(e) = store.ping().await {
+                if matches!(e, StoreError::Unavailable(_)) {
+                    health.mark_store_down();
+                }
+                return Err(e);
+            }
+            Ok::<_, StoreError>(store.replicas().await)
+        });
         let probe = async {
-            self.store.ping().await?;
-            Ok::<_, StoreError>(self.store.replicas().await)
+            match tokio::time::timeout(PING_TIMEOUT, &mut probing).await {
+                Ok(Ok(probed)) => Some(probed),
+                // Panicked, or no answer yet.
+                Ok(Err(_)) | Err(_) => None,
+            }
         };
         // A publishing connection lost while the process was idle is made
         // again here (its consumers, on their own connection, may be live),
@@ -132,18 +151,12 @@ impl Health {
                 Ok(Err(_)) | Err(_) => Err(()),
             }
         };
-        let (probed, reconnected) =
-            tokio::join!(tokio::time::timeout(PING_TIMEOUT, probe), reconnect);
+        let (probed, reconnected) = tokio::join!(probe, reconnect);
+        drop(probing);
         let (store, replicas, replicas_error) = match probed {
-            Ok(Ok(Ok(replicas))) => (true, replicas, None),
-            Ok(Ok(Err(e))) => (true, None, Some(e.to_string())),
-            Ok(Err(e)) => {
-                if e.is_retryable() {
-                    self.mark_store_down();
-                }
-                (false, None, None)
-            }
-            Err(_) => (false, None, None),
+            Some(Ok(Ok(replicas))) => (true, replicas, None),
+            Some(Ok(Err(e))) => (true, None, Some(e.to_string())),
+            Some(Err(_)) | None => (false, None, None),
         };
         let broker = matches!(reconnected, Ok(Ok(()))) && self.broker.is_connected();
         drop(reconnecting);

@@ -613,7 +613,7 @@ fn flags_are_checked_as_the_configuration_is_and_quote_no_password() {
                 "--redis-url",
                 "redis://127.0.0.1:1/",
             ][..],
-            "amqp_url (node 1) = amqp://app:***/%2f",
+            "amqp_url (node 1) = amqp://app:***:",
         ),
     ] {
         let ran = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))

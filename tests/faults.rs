@@ -1124,6 +1124,38 @@ async fn replicas_that_cannot_be_counted_make_it_unready_without_holding_work_ba
     assert!(health.store_up(), "no outage: work is not held back");
 }
 
+/// A store that stops answering without closing the connection (here
+/// every client paused) makes the probe unready within its 2 s; the ping
+/// it gave up on goes on, and when it fails (the connection's 10 s
+/// response time-out) the store is marked down, so an idle process stops
+/// taking work as a busy one would. Until the thirty-fifth session a probe
+/// that timed out marked it down at once; for a moment in that session,
+/// never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_that_fails_after_the_probe_gave_up_still_holds_work_back() {
+    let redis = PrivateRedis::start(false).await;
+    let config = redis.config("lateping");
+    let store = common::connect_store(&config, "t").await;
+    let broker = common::connect_broker(&config).await;
+    let health = conveyor::health::Health::new(store, broker);
+    health.set_consuming("q", true);
+    let before = health.readiness().await;
+    assert!(before.ready, "{before:?}");
+
+    redis.cli(&["CLIENT", "PAUSE", "16000", "ALL"]).await;
+    let asked = std::time::Instant::now();
+    let r = health.readiness().await;
+
+    assert!(asked.elapsed() < Duration::from_secs(5), "the probe waited");
+    assert!(!r.ready && !r.store, "{r:?}");
+    eventually(
+        "the store marked down by the late ping",
+        Duration::from_secs(15),
+        || async { (!health.store_up()).then_some(()) },
+    )
+    .await;
+}
+
 /// A process whose publishing connection is lost while it is idle (its
 /// consumers, on their own connection, live on) makes it again when its
 /// readiness is asked: it is ready, not reported cut off from the broker

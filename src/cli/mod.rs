@@ -121,7 +121,7 @@ async fn store(config: &Config) -> anyhow::Result<conveyor::store::redis::RedisS
             // An ACL refusal waits for an operator like an outage (the
             // services keep their messages through it), but no starting
             // of Redis mends it.
-            if e.to_string().contains("NoPerm") {
+            if matches!(e, conveyor::store::StoreError::NotAllowed(_)) {
                 anyhow::anyhow!(
                     "Redis at {url} refused a command to this user: {e}; the reading \
                      commands need `+@read` (and `+@connection`) on the prefix's keys"

@@ -46,6 +46,12 @@ pub enum StoreError {
     /// The store could not be reached or timed out; retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store's access rules deny this user the command (Redis's
+    /// `NOPERM`). An operator's to mend, and meanwhile waited out as an
+    /// outage is (a verdict would dead-letter every message until then),
+    /// but told apart: no restart of the store mends it.
+    #[error("store refused the command to this user: {0}")]
+    NotAllowed(String),
     /// The store answered something this code does not understand (a
     /// drifted script, corrupt data); retrying will not help.
     #[error("store answered unexpectedly: {0}")]
@@ -56,7 +62,7 @@ impl StoreError {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Unavailable(_) => true,
+            StoreError::Unavailable(_) | StoreError::NotAllowed(_) => true,
             StoreError::Protocol(_) => false,
         }
     }

@@ -175,6 +175,9 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn unavailable(e: RedisError) -> StoreError {
+    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) {
+        return StoreError::NotAllowed(e.to_string());
+    }
     StoreError::Unavailable(e.to_string())
 }
 
