@@ -856,10 +856,23 @@ async fn until_consumed(conn: &lapin::Connection, queue: &str, what: &str, withi
     .await;
 }
 
-/// Delete `queue` as an operator would, and check that it is gone.
+/// Delete `queue` as an operator would, and check that it is gone (when
+/// nothing declares it again at once: see [`delete_consumed_queue`]).
 async fn delete_queue(config: &conveyor::config::Config, tool: &lapin::Connection, queue: &str) {
     conveyor::purge::delete_queues(config, &[queue.to_owned()]).await;
     assert_eq!(ready_in(tool, queue).await, None, "{queue} was not deleted");
+}
+
+/// Delete `queue`, which processes consume, as an operator would: RabbitMQ
+/// must answer the delete. Whether it is gone cannot be looked at after:
+/// its consumers, told of the deletion, may have declared it again first.
+async fn delete_consumed_queue(tool: &lapin::Connection, queue: &str) {
+    let channel = tool.create_channel().await.expect("a channel");
+    channel
+        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("deleting {queue}: {e}"));
+    let _ = channel.close(200, "deleted".into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -916,7 +929,7 @@ async fn a_submission_queue_deleted_under_its_dispatcher_is_declared_again_and_c
         .expect("tool connection");
     let (tool, submit) = (&tool, d.names.submit_queue());
     until_consumed(tool, &submit, "the dispatcher consuming submissions", WAIT).await;
-    delete_queue(&d.config, tool, &submit).await;
+    delete_consumed_queue(tool, &submit).await;
     let again = "the submission queue declared again and consumed";
     until_consumed(tool, &submit, again, Duration::from_secs(30)).await;
     let client = Client::connect(&d.config.prefix).await;

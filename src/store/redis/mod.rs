@@ -1027,17 +1027,23 @@ impl RedisStore {
         (pipe, new_queues)
     }
 
-    /// `create` (a call that records `job`) added to `pipe` with the job's
+    /// `create` (a call that records `job`) added to `pipe` after the job's
     /// index entry ([`Self::add_index_entry`]) and the queues this process
     /// has not noted yet (returned, to note once the pipeline ran). One
     /// reply: `create`'s.
+    ///
+    /// The index entry first: a stream of writes cut between the two (a
+    /// failover to a replica, a crash under `appendfsync everysec`) then
+    /// leaves an entry without its job, which `list` skips and the audit
+    /// reads as nothing to do, never a job without its entry, which the
+    /// audit (it walks the index) could not find, its ready tasks left
+    /// without a message for good.
     fn index_creation<'j>(
         &self,
         pipe: &mut Pipeline,
         create: Cmd,
         job: &'j PlannedJob,
     ) -> Vec<&'j str> {
-        pipe.add_command(create);
         self.add_index_entry(pipe, &job.id);
         let new_queues: Vec<&str> = {
             // A job names few distinct queues (most only `default`).
@@ -1057,6 +1063,7 @@ impl RedisStore {
                 .arg(&new_queues)
                 .ignore();
         }
+        pipe.add_command(create);
         new_queues
     }
 
@@ -1610,8 +1617,8 @@ impl Store for RedisStore {
         worker: &str,
         lease: Duration,
     ) -> Result<(Created, ClaimOutcome), StoreError> {
-        // One round trip: the lease entry (first, as for any claim), then
-        // one call that creates and claims, and the creation's index entry.
+        // One round trip: the lease entry (first, as for any claim) and the
+        // creation's index entry, then one call that creates and claims.
         let epoch = self.epoch.load(Ordering::SeqCst);
         let task = job.task_message(root);
         let lease_ms = lease.as_millis() as u64;
