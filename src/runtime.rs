@@ -144,7 +144,10 @@ pub async fn connect_until_up(
                 .await
                 .map_err(|e| {
                     let what = format!("Redis at {}: {e}", redact_url(&config.redis_url));
-                    (what, e.is_retryable())
+                    // An ACL refusal waits for an operator, not for Redis
+                    // to start: no hint to start it.
+                    let outage = matches!(e, StoreError::Unavailable(_));
+                    (what, outage)
                 })?;
             let broker = connect_broker(config, tls_ca.as_ref()).await.map_err(|e| {
                 let what = format!("RabbitMQ at {}: {e}", redact_url(&config.amqp_url));

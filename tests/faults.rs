@@ -1773,6 +1773,42 @@ async fn a_redis_refusing_writes_mid_run_is_waited_out_not_failed() {
     run.stop().await;
 }
 
+/// A Redis user not allowed `ROLE` (as `+@all -@dangerous` makes one)
+/// with a list of nodes in `redis_url` is refused, saying so: taken for a
+/// primary, a replica listed first answered every write `READONLY`, and
+/// the next connection started at it again, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_nodes_needs_a_user_allowed_role_and_says_so() {
+    let (first, second) = (
+        PrivateRedis::start(false).await,
+        PrivateRedis::start(false).await,
+    );
+    for node in [&first, &second] {
+        node.cli(&[
+            "ACL", "SETUSER", "norole", "on", ">norole", "~*", "&*", "+@all", "-role",
+        ])
+        .await;
+    }
+    let mut config = first.config("norole");
+    let url = |node: &PrivateRedis| format!("redis://norole:norole@127.0.0.1:{}/", node.port);
+    config.redis_url = format!("{},{}", url(&first), url(&second));
+
+    let refused = conveyor::runtime::redis_store(&config, "t", 1).await;
+
+    match refused {
+        Err(conveyor::store::StoreError::NotAllowed(e)) => {
+            assert!(
+                e.contains("may not run ROLE") && e.contains("node 1"),
+                "{e}"
+            );
+        }
+        other => panic!(
+            "expected a refusal naming ROLE, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+}
+
 /// `redis_url` naming a primary and its replica (the replica first): the
 /// store works on whichever node says it is the primary, and follows a
 /// failover mid-run without a restart. The failover is Redis's own

@@ -191,6 +191,21 @@ impl SentinelUrl {
                 }
             }
         }
+        // Each goes into a sentinel's URL as its user and password: an
+        // unencoded '/', '?' or '#' there would end them early and be read
+        // as the host or the path (`x@h/0` connected to host `h`). An '@'
+        // is not: the client takes the credentials to the last one.
+        if [sentinel_username, sentinel_password]
+            .iter()
+            .flatten()
+            .any(|v| v.contains(['/', '?', '#']))
+        {
+            return Err(
+                "redis_url: sentinel_username or sentinel_password holds `/`, `?` or `#` \
+                 unencoded; percent-encode them (%2F, %3F, %23)"
+                    .to_owned(),
+            );
+        }
         let sentinel_userinfo = match (sentinel_username, sentinel_password) {
             (_, None) => None,
             (user, Some(password)) => Some(format!("{}:{password}", user.unwrap_or_default())),
@@ -352,6 +367,20 @@ mod tests {
                 "redis+sentinel://s1/svc?sentinel_password=sekr&et9",
                 "parameter 2 of the query",
             ),
+            // Thirty-fifth session: these made a sentinel URL whose host
+            // was a piece of the password (`x@h/0` connected to `h`).
+            (
+                "redis+sentinel://s1/svc?sentinel_password=sekr/et9",
+                "percent-encode them",
+            ),
+            (
+                "redis+sentinel://s1/svc?sentinel_password=x@h/sekret9",
+                "percent-encode them",
+            ),
+            (
+                "redis+sentinel://s1/svc?sentinel_username=sek#ret9&sentinel_password=x",
+                "percent-encode them",
+            ),
             (
                 "redis+sentinel://app:x@s1:sekret9/svc",
                 "sentinel 1 of 1 has a port",
@@ -387,11 +416,12 @@ mod tests {
         assert_eq!(url.sentinels, ["s1:26379"]);
         assert_eq!(url.node_url("n", 1), "redis://app:x@n:1/0");
         assert_eq!(url.sentinel_url("s1:26379"), "redis://:p@ss@s1:26379");
-        let url = parse("redis+sentinel://s1/svc?sentinel_password=a@b/c").unwrap();
-        assert_eq!(
-            (url.sentinels[0].as_str(), url.service.as_str()),
-            ("s1:26379", "svc")
+        // With a '/' too, the sentinel's URL would be read with host `b`:
+        // refused (thirty-fifth session; it connected to `b`).
+        assert!(
+            parse("redis+sentinel://s1/svc?sentinel_password=a@b/c")
+                .unwrap_err()
+                .contains("percent-encode")
         );
-        assert_eq!(url.node_url("n", 1), "redis://n:1/0");
     }
 }

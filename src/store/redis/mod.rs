@@ -782,6 +782,9 @@ impl RedisStore {
                         refused.push(format!("node {}: a replica", i + 1));
                         continue;
                     }
+                    Err(StoreError::NotAllowed(e)) => {
+                        return Err(StoreError::NotAllowed(format!("node {}: {e}", i + 1)));
+                    }
                     Err(e) => {
                         refused.push(format!("node {}: {e}", i + 1));
                         continue;

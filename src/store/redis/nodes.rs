@@ -14,7 +14,7 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use futures::StreamExt;
 use redis::io::tcp::TcpSettings;
 
-use super::{protocol, unavailable};
+use super::protocol;
 use crate::config::{Config, TlsCa, split_urls};
 use crate::store::StoreError;
 use crate::store::sentinel::SentinelUrl;
@@ -40,11 +40,14 @@ pub async fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
         }
         let answer = match client.get_multiplexed_async_connection().await {
             Ok(mut conn) => is_primary(&mut conn).await,
-            Err(e) => Err(e),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
         };
         match answer {
             Ok(true) => return Ok(client),
             Ok(false) => refused.push(format!("node {}: a replica", i + 1)),
+            Err(StoreError::NotAllowed(e)) => {
+                return Err(StoreError::NotAllowed(format!("node {}: {e}", i + 1)));
+            }
             Err(e) => refused.push(format!("node {}: {e}", i + 1)),
         }
     }
@@ -137,7 +140,8 @@ impl SentinelNodes {
             }
         };
         match is_primary(&mut conn).await {
-            Ok(true) => {}
+            // A user not allowed `ROLE` takes the sentinels' word for it.
+            Ok(true) | Err(StoreError::NotAllowed(_)) => {}
             Ok(false) => {
                 return Err(StoreError::Unavailable(format!(
                     "the sentinels named {address} the primary of `{}`, but it is a replica \
@@ -145,7 +149,7 @@ impl SentinelNodes {
                     self.url.service
                 )));
             }
-            Err(e) => return Err(unavailable(e)),
+            Err(e) => return Err(e),
         }
         if for_use == Use::Own {
             return Ok(conn);
@@ -446,9 +450,11 @@ pub(super) fn node_pool(
 }
 
 /// Whether the node behind `conn` is a primary (`ROLE`). A user not
-/// allowed `ROLE` cannot tell: taken for a primary, and a replica then
-/// answers writes with `READONLY`, which moves the store on.
-pub(super) async fn is_primary(conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
+/// allowed `ROLE` (`+@all -@dangerous` denies it) cannot tell, and is
+/// told so ([`StoreError::NotAllowed`]): taken for a primary, a replica
+/// listed first answered every write `READONLY`, and the next connection
+/// started at it again, for good.
+pub(super) async fn is_primary(conn: &mut MultiplexedConnection) -> Result<bool, StoreError> {
     match redis::cmd("ROLE")
         .query_async::<Vec<redis::Value>>(conn)
         .await
@@ -458,8 +464,13 @@ pub(super) async fn is_primary(conn: &mut MultiplexedConnection) -> Result<bool,
             Some(redis::Value::SimpleString(s)) => s == "master",
             _ => false,
         }),
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => Ok(true),
-        Err(e) => Err(e),
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+            Err(StoreError::NotAllowed(format!(
+                "the Redis user may not run ROLE, which redis_url's list of nodes needs to \
+                 find the primary (allow it with `+role`, or name one node): {e}"
+            )))
+        }
+        Err(e) => Err(StoreError::Unavailable(e.to_string())),
     }
 }
 

@@ -196,12 +196,16 @@ pub trait Handler: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// Check a task's params before the job is accepted. The error names the
-    /// field (as `params.<field>`) and the limit.
+    /// field (as `params.<field>`) and the limit. Runs where the job is
+    /// accepted (a dispatcher, or a worker taking submissions), so the
+    /// dispatchers' binary must know the handler too.
     fn validate(&self, _params: &Value) -> Result<(), ValidationError> {
         Ok(())
     }
 
-    /// Retry and time-out defaults for tasks of this handler.
+    /// Retry and time-out defaults for tasks of this handler. Read where
+    /// the job is accepted and written into its record: a change reaches
+    /// jobs accepted after it, by processes that run the new code.
     fn retry_defaults(&self) -> RetryDefaults {
         RetryDefaults::default()
     }
@@ -209,7 +213,11 @@ pub trait Handler: Send + Sync + 'static {
     /// Run one attempt of a task.
     async fn run(&self, ctx: TaskContext, params: Value) -> Result<Outcome, HandlerError>;
 
-    /// Stop outside work started by `run`.
+    /// Stop outside work started by `run`. Called, in a task of its own and
+    /// bounded by 10 s, when the worker will not wait for that work (an
+    /// answer of `Outcome::Started` until notifications are delivered, or
+    /// one the attempt never read). The default cannot cancel: the outside
+    /// work goes on, and a task run again may start it a second time.
     async fn cancel(&self, _token: &ExecutionToken) -> Result<(), HandlerError> {
         Err(HandlerError::Unsupported("cancel"))
     }
