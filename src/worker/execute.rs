@@ -107,6 +107,51 @@ pub struct HandlerAlive {
     /// Never sent on: its drop is the signal.
     held: Option<tokio::sync::oneshot::Sender<()>>,
     run: Arc<RunState>,
+    /// Where the run's cancels of outside work are kept, to be waited for.
+    cancels: Cancels,
+}
+
+/// The cancels of outside work a worker started in the background
+/// ([`cancel_in_background`]), so that it waits for them before it exits:
+/// one started by a hard stop just before the process ended was dropped
+/// with the runtime, perhaps unsent, and the task, handed back, started
+/// the work a second time. The default keeps none (each cancel is a task
+/// of its own, left to run): a set of tasks aborts them when dropped, as
+/// it would be with the last attempt holding it.
+#[derive(Clone, Default)]
+pub struct Cancels(Option<Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>>);
+
+impl Cancels {
+    /// Cancels kept to be waited for, by their owner (a worker), who must
+    /// outlive them.
+    pub fn tracked() -> Cancels {
+        Cancels(Some(Arc::default()))
+    }
+
+    fn spawn(&self, cancel: impl Future<Output = ()> + Send + 'static) {
+        let Some(set) = &self.0 else {
+            tokio::spawn(cancel);
+            return;
+        };
+        let mut set = set.lock().unwrap_or_else(|p| p.into_inner());
+        while set.try_join_next().is_some() {}
+        set.spawn(cancel);
+    }
+
+    /// Wait for the cancels under way, each bounded by [`CANCEL_TIMEOUT`],
+    /// at most `within` in all (none, for cancels not kept).
+    pub async fn wait(&self, within: Duration) {
+        let Some(set) = &self.0 else {
+            return;
+        };
+        let mut set = std::mem::take(&mut *set.lock().unwrap_or_else(|p| p.into_inner()));
+        if set.is_empty() {
+            return;
+        }
+        tracing::info!(cancels = set.len(), "waiting for cancels of outside work");
+        let all = async { while set.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(within, all).await;
+    }
 }
 
 /// What both halves share of one handler's run.
@@ -129,14 +174,16 @@ pub struct HandlerGone {
 }
 
 impl HandlerAlive {
-    /// A pair: the half the run holds, and the half that watches it.
-    pub fn watch() -> (HandlerAlive, HandlerGone) {
+    /// A pair: the half the run holds, and the half that watches it; the
+    /// run's cancels of outside work are kept in `cancels`.
+    pub fn watch(cancels: &Cancels) -> (HandlerAlive, HandlerGone) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let run = Arc::new(RunState::default());
         (
             HandlerAlive {
                 held: Some(tx),
                 run: run.clone(),
+                cancels: cancels.clone(),
             },
             HandlerGone { rx, run },
         )
@@ -146,6 +193,7 @@ impl HandlerAlive {
         HandlerAlive {
             held: None,
             run: Arc::default(),
+            cancels: Cancels::default(),
         }
     }
 }
@@ -237,7 +285,11 @@ async fn answer_of(
     let canceller = handler.clone();
     // Its own task, so a panic unwinds there and comes back as a JoinError;
     // aborted if this future is dropped (shutdown hands the task back).
-    let HandlerAlive { held, run: state } = alive;
+    let HandlerAlive {
+        held,
+        run: state,
+        cancels,
+    } = alive;
     let mut run = RunningHandler {
         task: tokio::spawn(async move {
             let _held = held;
@@ -249,6 +301,7 @@ async fn answer_of(
             claimed.claim.job.clone(),
             claimed.task.clone(),
         )),
+        cancels: cancels.clone(),
     };
     // No await since the spawn: set before this attempt's poll returns.
     let _ = state.abort.set(run.task.abort_handle());
@@ -269,7 +322,7 @@ async fn answer_of(
         let ran = answered.duration_since(started);
         if ran > timeout + TIMEOUT_MARGIN {
             if let Ok(Outcome::Started { token, .. }) = late {
-                cancel_in_background(canceller, token.clone(), claimed);
+                cancel_in_background(&cancels, canceller, token.clone(), claimed);
             }
             return AttemptEnd::Transient(format!(
                 "timed out after {:.1}s (timeout_s): the handler blocked its thread and \
@@ -286,7 +339,7 @@ async fn answer_of(
                 "handler started outside work (token {token}), but this version of Conveyor \
                  cannot wait for notifications yet; the handler is asked to cancel it"
             );
-            cancel_in_background(canceller, token, claimed);
+            cancel_in_background(&cancels, canceller, token, claimed);
             AttemptEnd::Permanent(error)
         }
         Ok(Ok(Err(HandlerError::Transient(e)))) => AttemptEnd::Transient(e),
@@ -317,16 +370,22 @@ async fn answer_of(
 /// for may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping worker waits for the cancels under way: each is
+/// bounded by [`CANCEL_TIMEOUT`], and they run at once.
+pub(super) const CANCEL_WAIT: Duration = Duration::from_secs(11);
+
 /// Have `handler` cancel the outside work `token` names, in a task of its
 /// own, logging how it went: awaited here, the cancel would hold the
 /// attempt open, and a hard stop or a lost claim meanwhile would drop it
 /// (perhaps unsent) and hand the task back to start the work again.
 fn cancel_in_background(
+    cancels: &Cancels,
     handler: Arc<dyn Handler>,
     token: conveyor_handler::ExecutionToken,
     claimed: &Claimed,
 ) {
     cancel_in_background_of(
+        cancels,
         handler,
         token,
         claimed.claim.job.clone(),
@@ -336,12 +395,13 @@ fn cancel_in_background(
 
 /// [`cancel_in_background`] for task `task` of job `job`.
 fn cancel_in_background_of(
+    cancels: &Cancels,
     handler: Arc<dyn Handler>,
     token: conveyor_handler::ExecutionToken,
     job: String,
     task: String,
 ) {
-    tokio::spawn(async move {
+    cancels.spawn(async move {
         let how = cancel_started(handler, &token).await;
         tracing::warn!(%job, %task, token = %token, "outside work the task cannot wait for: {how}");
     });
@@ -384,6 +444,8 @@ struct RunningHandler {
     task: tokio::task::JoinHandle<(Result<Outcome, HandlerError>, tokio::time::Instant)>,
     /// Until its answer is read: the handler, the job and the task.
     unread: Option<(Arc<dyn Handler>, String, String)>,
+    /// Where a cancel of its unread `Started` goes.
+    cancels: Cancels,
 }
 
 impl Drop for RunningHandler {
@@ -399,7 +461,7 @@ impl Drop for RunningHandler {
             && let Some(Ok((Ok(Outcome::Started { token, .. }), _))) =
                 (&mut self.task).now_or_never()
         {
-            cancel_in_background_of(handler, token, job, task);
+            cancel_in_background_of(&self.cancels, handler, token, job, task);
         }
     }
 }
@@ -609,6 +671,40 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(*handler.cancelled.lock().unwrap(), vec!["ext-1".to_owned()]);
+    }
+
+    /// The cancel of an unread `Started` is kept where the worker looks
+    /// before it exits: waiting there finds it done, with no polling; and
+    /// the wait is bounded by what it is given, a cancel that hangs
+    /// notwithstanding.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_stopping_worker_can_wait_for_the_cancels_its_runs_started() {
+        let handler = Arc::new(StartsOutsideWork {
+            cancels: true,
+            cancelled: Default::default(),
+        });
+        let claimed = claimed(Duration::from_secs(5));
+        let cancels = Cancels::tracked();
+        {
+            let (alive, _gone) = HandlerAlive::watch(&cancels);
+            let attempt = run_attempt_watched(handler.clone(), &claimed, 64, alive);
+            tokio::pin!(attempt);
+            assert!(futures::poll!(attempt.as_mut()).is_pending());
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        cancels.wait(Duration::from_secs(1)).await;
+        assert_eq!(*handler.cancelled.lock().unwrap(), vec!["ext-1".to_owned()]);
+
+        cancels.spawn(std::future::pending());
+        let waited = tokio::time::Instant::now();
+        cancels.wait(Duration::from_secs(3)).await;
+        let waited = waited.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
     }
 
     /// Blocks its thread past the time-out, then starts outside work.

@@ -111,6 +111,8 @@ pub struct Worker {
     /// the store comes to know it, looking this often
     /// ([`Worker::following_new_queues`]).
     follow_queues: Option<Duration>,
+    /// Cancels of outside work under way, waited for before `run` ends.
+    cancels: execute::Cancels,
 }
 
 /// The consumer priority of a worker's submit consumer: above the
@@ -172,6 +174,7 @@ impl Worker {
             options,
             submissions: None,
             follow_queues: None,
+            cancels: execute::Cancels::tracked(),
         }
     }
 
@@ -365,6 +368,9 @@ impl Worker {
             let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
         }
         grace_timer.abort();
+        // A hand-back may have asked a handler to cancel outside work: sent
+        // before the process ends, or the task, run again, starts it twice.
+        self.cancels.wait(execute::CANCEL_WAIT).await;
         crate::broker::close_all(subscriptions).await;
         background.abort_all();
         if let Err(e) = self.store.unregister(&self.options.id).await {
@@ -693,7 +699,7 @@ impl Worker {
             return self.finish(&claimed, end, stops).await;
         };
         let mut hard_stop = stops.hard.clone();
-        let (alive, gone) = execute::HandlerAlive::watch();
+        let (alive, gone) = execute::HandlerAlive::watch(&self.cancels);
         let mut attempt = Box::pin(execute::run_attempt_watched(
             handler,
             &claimed,
