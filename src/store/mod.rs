@@ -59,6 +59,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// What went wrong, without the kind's words (for an error quoted
+    /// inside another).
+    pub fn detail(&self) -> &str {
+        match self {
+            StoreError::Unavailable(m) | StoreError::NotAllowed(m) | StoreError::Protocol(m) => m,
+        }
+    }
+
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
         match self {

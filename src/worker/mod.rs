@@ -353,23 +353,31 @@ impl Worker {
         // stops them hard (bounded then: a hand-back waits at most on its
         // publish).
         let mut stopped_hard = hard_stop.subscribe();
-        let drain = async {
-            while let Some(done) = running.join_next().await {
-                crate::consumer::log_if_panicked(done);
+        {
+            let drain = async {
+                while let Some(done) = running.join_next().await {
+                    crate::consumer::log_if_panicked(done);
+                }
+            };
+            tokio::pin!(drain);
+            let drained = tokio::select! {
+                biased;
+                () = &mut drain => true,
+                () = stopped_hard.wait() => false,
+            };
+            if !drained {
+                let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
             }
-        };
-        tokio::pin!(drain);
-        let drained = tokio::select! {
-            biased;
-            () = &mut drain => true,
-            () = stopped_hard.wait() => false,
-        };
-        if !drained {
-            let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
         }
+        // What the drain gave up on is dropped now, before the cancels are
+        // waited for: a run dropped with an unread `Started` asks for its
+        // cancel as it goes.
+        running.shutdown().await;
         grace_timer.abort();
         // A hand-back may have asked a handler to cancel outside work: sent
-        // before the process ends, or the task, run again, starts it twice.
+        // before the process ends, or the task, run again, starts it twice
+        // (up to 11 s more, past the grace period: a supervisor that kills
+        // at `grace_s` cuts it short).
         self.cancels.wait(execute::CANCEL_WAIT).await;
         crate::broker::close_all(subscriptions).await;
         background.abort_all();

@@ -782,11 +782,14 @@ impl RedisStore {
                         refused.push(format!("node {}: a replica", i + 1));
                         continue;
                     }
+                    // A reading command takes the first node that answers:
+                    // a replica reads as well.
+                    Err(StoreError::NotAllowed(_)) if self.read_only => {}
                     Err(StoreError::NotAllowed(e)) => {
                         return Err(StoreError::NotAllowed(format!("node {}: {e}", i + 1)));
                     }
                     Err(e) => {
-                        refused.push(format!("node {}: {e}", i + 1));
+                        refused.push(format!("node {}: {}", i + 1, e.detail()));
                         continue;
                     }
                 }
@@ -1040,7 +1043,11 @@ impl RedisStore {
     /// leaves an entry without its job, which `list` skips and the audit
     /// reads as nothing to do, never a job without its entry, which the
     /// audit (it walks the index) could not find, its ready tasks left
-    /// without a message for good.
+    /// without a message for good. And again after (`NX`: it changes
+    /// nothing if still there): a `list` or a prune that met the entry
+    /// while a large create was still arriving (Redis serves other
+    /// clients between the reads of one command) removed it as an
+    /// expired job's.
     fn index_creation<'j>(
         &self,
         pipe: &mut Pipeline,
@@ -1067,6 +1074,7 @@ impl RedisStore {
                 .ignore();
         }
         pipe.add_command(create);
+        self.add_index_entry(pipe, &job.id);
         new_queues
     }
 

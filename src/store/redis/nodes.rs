@@ -48,7 +48,7 @@ pub async fn tool_client(config: &Config) -> Result<redis::Client, StoreError> {
             Err(StoreError::NotAllowed(e)) => {
                 return Err(StoreError::NotAllowed(format!("node {}: {e}", i + 1)));
             }
-            Err(e) => refused.push(format!("node {}: {e}", i + 1)),
+            Err(e) => refused.push(format!("node {}: {}", i + 1, e.detail())),
         }
     }
     Err(no_primary(&refused))
