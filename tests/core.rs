@@ -193,7 +193,11 @@ async fn a_worker_taking_submissions_runs_each_new_jobs_root_without_a_task_mess
     );
     let status = d.status("diamond").await.unwrap();
     assert_eq!(status.tasks["a"].state, TaskState::Succeeded);
-    // Let them go: the worker takes them back and the job finishes.
+    // Let them go: the worker takes them back and the job finishes. The
+    // interceptor stops taking deliveries first: requeued while it still
+    // consumed, the task could come straight back to it (its priority is
+    // the highest) and stay held there (a flake seen once).
+    interceptor.cancel().await.expect("cancelled");
     held.acker.requeue().await.expect("requeued");
     drop(interceptor);
     let status = d.wait_terminal("diamond", WAIT).await;
