@@ -82,6 +82,16 @@ impl Readiness {
 /// How long a readiness probe waits for the store's ping.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What `task` answered, if it did within [`PING_TIMEOUT`] (and did not
+/// panic); else `None`, and the task goes on to its end without anyone
+/// waiting for it.
+async fn within_probe_time<T>(mut task: tokio::task::JoinHandle<T>) -> Option<T> {
+    tokio::time::timeout(PING_TIMEOUT, &mut task)
+        .await
+        .ok()?
+        .ok()
+}
+
 impl Health {
     /// Healthy until told otherwise.
     pub fn new(store: Arc<dyn Store>, broker: Arc<dyn Broker>) -> Health {
@@ -114,13 +124,17 @@ impl Health {
     /// on it, marks the store down, so an idle process stops taking work
     /// too, as a busy one would.
     pub async fn readiness(&self) -> Readiness {
-        // In a task of its own, as the reconnect below: a ping that takes
-        // longer than the probe waits (Redis cut off without a reset: the
-        // connect waits 5 s, an answer 10 s) still marks the store down
-        // when it fails, so an idle process stops taking work as a busy
-        // one would. An ACL refusal is no outage of the store.
+        // Each in a task of its own, which goes on to its end past the
+        // probe's time: a ping that takes longer (Redis cut off without a
+        // reset: the connect waits 5 s, an answer 10 s) still marks the
+        // store down when it fails, so an idle process stops taking work
+        // as a busy one would (an ACL refusal is no outage of the store);
+        // and a publishing connection lost while the process was idle (its
+        // consumers, on their own connection, may be live) is made again,
+        // not dropped part-way and begun afresh by the next probe (a node
+        // that swallows packets, many queues to declare again).
         let (store, health) = (self.store.clone(), self.clone());
-        let mut probing = tokio::spawn(async move {
+        let probing = tokio::spawn(async move {
             if let Err(e) = store.ping().await {
                 if matches!(e, StoreError::Unavailable(_)) {
                     health.mark_store_down();
@@ -129,37 +143,16 @@ impl Health {
             }
             Ok::<_, StoreError>(store.replicas().await)
         });
-        let probe = async {
-            match tokio::time::timeout(PING_TIMEOUT, &mut probing).await {
-                Ok(Ok(probed)) => Some(probed),
-                // Panicked, or no answer yet.
-                Ok(Err(_)) | Err(_) => None,
-            }
-        };
-        // A publishing connection lost while the process was idle is made
-        // again here (its consumers, on their own connection, may be live),
-        // in a task of its own: one that takes longer than the probe waits
-        // (a node that swallows packets, many queues to declare again)
-        // goes on to its end, instead of being dropped part-way and begun
-        // afresh by the next probe.
         let broker = self.broker.clone();
-        let mut reconnecting = tokio::spawn(async move { broker.ensure_connected().await });
-        let reconnect = async {
-            match tokio::time::timeout(PING_TIMEOUT, &mut reconnecting).await {
-                Ok(Ok(reconnected)) => Ok(reconnected),
-                // Panicked, or still going: not connected now.
-                Ok(Err(_)) | Err(_) => Err(()),
-            }
-        };
-        let (probed, reconnected) = tokio::join!(probe, reconnect);
-        drop(probing);
+        let reconnecting = tokio::spawn(async move { broker.ensure_connected().await });
+        let (probed, reconnected) =
+            tokio::join!(within_probe_time(probing), within_probe_time(reconnecting));
         let (store, replicas, replicas_error) = match probed {
             Some(Ok(Ok(replicas))) => (true, replicas, None),
             Some(Ok(Err(e))) => (true, None, Some(e.to_string())),
             Some(Err(_)) | None => (false, None, None),
         };
-        let broker = matches!(reconnected, Ok(Ok(()))) && self.broker.is_connected();
-        drop(reconnecting);
+        let broker = matches!(reconnected, Some(Ok(()))) && self.broker.is_connected();
         let consuming = self.consuming.lock().map(|m| m.clone()).unwrap_or_default();
         let taking_work = self.store_up();
         let ready = store
