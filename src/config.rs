@@ -743,10 +743,8 @@ impl Config {
                 "worker.queues",
                 &format!("{queue:?}"),
                 format!(
-                    "each must be 1 to limits.max_name_len ({}) bytes of letters, digits, \
-                     '.', '_', ':' and '-', starting with a letter or a digit (a job's \
-                     `queue` follows the same rules)",
-                    self.limits.max_name_len
+                    "each must be {} (a job's `queue` follows the same rules)",
+                    self.queue_name_rule()
                 ),
             );
         }
@@ -1035,6 +1033,16 @@ impl Config {
     /// under these limits.
     pub fn accepts_queue_name(&self, queue: &str) -> bool {
         crate::intake::check_queue_name(queue, self.limits.max_name_len).is_ok()
+    }
+
+    /// What [`Config::accepts_queue_name`] asks of a name, for the errors
+    /// that refuse one.
+    pub fn queue_name_rule(&self) -> String {
+        format!(
+            "1 to limits.max_name_len ({}) bytes of letters, digits, '.', '_', ':' and '-', \
+             starting with a letter or a digit",
+            self.limits.max_name_len
+        )
     }
 
     /// The lease of a claim.

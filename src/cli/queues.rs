@@ -35,13 +35,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         .queue
         .iter()
         .filter(|q| !config.accepts_queue_name(q))
-        .map(|q| {
-            format!(
-                "--queue {q:?}: must be 1 to limits.max_name_len ({}) bytes of letters, \
-                 digits, '.', '_', ':' and '-', starting with a letter or a digit",
-                config.limits.max_name_len
-            )
-        })
+        .map(|q| format!("--queue {q:?}: must be {}", config.queue_name_rule()))
         .collect();
     if !refused.is_empty() {
         return Err(conveyor::config::ConfigError::Invalid { problems: refused }.into());
