@@ -479,8 +479,16 @@ const MAX_REFUSAL_PAUSE: Duration = Duration::from_secs(30);
 /// minutes of a broker refusing what it causes (1, 2, 4, 8, 16, then 30 s
 /// a round), where a fixed second took twenty. No pause stays none.
 fn grown_pause(pause: Duration, delivery_count: u32) -> Duration {
-    let doubled = pause.saturating_mul(1_u32 << delivery_count.min(16));
-    doubled.min(MAX_REFUSAL_PAUSE.max(pause))
+    let (base_ms, cap_ms) = (
+        pause.as_millis() as u64,
+        MAX_REFUSAL_PAUSE.as_millis() as u64,
+    );
+    let attempt = delivery_count.saturating_add(1);
+    Duration::from_millis(crate::backoff::ceiling(
+        attempt,
+        base_ms,
+        cap_ms.max(base_ms),
+    ))
 }
 
 async fn requeue(delivery: Delivery) {
