@@ -484,7 +484,9 @@ async fn copy_then_ack_tagged<T>(
         .collect();
     let (settled, unsettled) = match broker.publish_each(copies).await {
         Ok(()) => (deliveries, None),
-        Err(PartlyPublished { error, confirmed }) => {
+        Err(PartlyPublished {
+            error, confirmed, ..
+        }) => {
             let (settled, rest): (Vec<_>, Vec<_>) = deliveries
                 .into_iter()
                 .zip(confirmed)

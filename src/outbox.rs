@@ -131,12 +131,14 @@ impl Outbox {
         declared.extend(queues.iter().cloned());
     }
 
-    /// Forget that the task queue named `queue` in full (as the broker
-    /// knows it) was declared, so the next publish to it declares it again.
-    fn forget_declared(&self, queue: &str, tasks: &[TaskMessage]) {
+    /// Forget that the task queues named in `queues` in full (as the
+    /// broker knows them) were declared, so the next publish to each
+    /// declares it again.
+    fn forget_declared(&self, queues: &[String], tasks: &[TaskMessage]) {
         let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
         for t in tasks {
-            if self.names.task_queue(&t.queue) == queue && declared.remove(&t.queue) {
+            let queue = self.names.task_queue(&t.queue);
+            if queues.contains(&queue) && declared.remove(&t.queue) {
                 tracing::warn!(
                     queue,
                     "task queue is missing (deleted?); declaring it again before the next publish"
@@ -169,13 +171,19 @@ impl Outbox {
             .iter()
             .map(|t| Outgoing::durable(self.names.task_queue(&t.queue), t.encode()))
             .collect();
-        let PartlyPublished { error, confirmed } = match self.broker.publish_each(batch).await {
+        let PartlyPublished {
+            error,
+            confirmed,
+            unroutable,
+        } = match self.broker.publish_each(batch).await {
             Ok(()) => return Ok(()),
             Err(partly) => partly,
         };
-        if let BrokerError::Unroutable { queue, .. } = &error {
-            self.forget_declared(queue, tasks);
-        }
+        // Every queue that returned a message, not only the first error's:
+        // a batch to a queue at its length limit and to one an operator
+        // deleted declares the deleted one again at once (until the
+        // thirty-sixth session only once the first stopped refusing).
+        self.forget_declared(&unroutable, tasks);
         let unconfirmed = tasks
             .iter()
             .zip(confirmed)
@@ -331,9 +339,8 @@ mod tests {
     }
 
     /// Each round publishes only what the broker has not confirmed: two
-    /// deleted queues (declared again one round after the other, as each
-    /// round's error names one) cost the queue that took its message at
-    /// once no copies, and each deleted queue gets its message once.
+    /// deleted queues cost the queue that took its message at once no
+    /// copies, and each deleted queue gets its message once.
     #[tokio::test(start_paused = true)]
     async fn publishing_until_confirmed_publishes_again_only_what_was_not_confirmed() {
         let (broker, outbox) = outbox_with_a_deleted_queue();
@@ -358,6 +365,26 @@ mod tests {
                 "{queue}"
             );
         }
+    }
+
+    /// A batch whose first error is a full queue's refusal still makes
+    /// the next publish declare a deleted queue that returned its message:
+    /// every returned queue is forgotten, not only the first error's.
+    #[tokio::test]
+    async fn every_queue_that_returned_a_message_is_declared_again() {
+        let (broker, outbox) = outbox_with_a_deleted_queue();
+        outbox.declare_topology(&["full".to_owned()]).await.unwrap();
+        broker.set_full("t.tasks.full", true);
+        let err = outbox
+            .publish_tasks(&[task("j1", "full"), task("j2", "ghost")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::Refused { queue, .. } if queue == "t.tasks.full"),
+            "{err:?}"
+        );
+        outbox.publish_tasks(&[task("j2", "ghost")]).await.unwrap();
+        assert_eq!(broker.ready_len("t.tasks.ghost").await, 1);
     }
 
     #[tokio::test]

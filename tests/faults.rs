@@ -1732,6 +1732,64 @@ async fn the_reading_commands_run_as_a_redis_user_allowed_only_to_read() {
     d.shutdown().await;
 }
 
+/// A Redis that answers "not now" on a sound connection — out of memory
+/// here — keeps the store's shared connection: a fresh one would reach
+/// the same server in the same state. Until the thirty-sixth session
+/// every failing call made the connection again (behind Sentinel, asking
+/// the sentinels first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_out_of_memory_is_waited_out_on_the_same_connection() {
+    let redis = PrivateRedis::start(false).await;
+    let config = redis.config("oom");
+    let store = common::connect_store(&config, "oom-test").await;
+    let worker = |heartbeat_ms: u64| conveyor::store::WorkerInfo {
+        id: "oom-worker".into(),
+        host: "h".into(),
+        queues: vec!["default".into()],
+        handlers: vec!["noop".into()],
+        concurrency: 1,
+        started_ms: 1,
+        heartbeat_ms,
+    };
+    let ttl = Duration::from_secs(60);
+    store.heartbeat(&worker(1), ttl).await.unwrap();
+    let connections = || async {
+        let info = redis_cli(redis.port, &["INFO", "stats"]).await;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
+    };
+
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await;
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    let before = connections().await;
+    for n in 2..22 {
+        match store.heartbeat(&worker(n), ttl).await {
+            Err(conveyor::store::StoreError::Unavailable(e)) => {
+                assert!(e.contains("OOM"), "{e}");
+            }
+            other => panic!("a write to a full Redis: {other:?}"),
+        }
+    }
+    // The one more is the redis-cli asking.
+    assert_eq!(connections().await, before + 1, "reconnected after OOM");
+
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).await;
+    store.heartbeat(&worker(22), ttl).await.unwrap();
+    // Two more redis-cli: the one that freed memory, the one asking.
+    assert_eq!(
+        connections().await,
+        before + 3,
+        "reconnected once memory was freed"
+    );
+    let workers = store.workers().await.unwrap();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    assert_eq!(workers[0].heartbeat_ms, 22);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_and_started_with_its_data_mid_run_loses_nothing() {
     let _serial = SERIAL.lock().await;

@@ -193,10 +193,9 @@ async fn publish_group(session: Arc<Session>, group: Vec<Request>) {
             for (reply, size) in replies.into_iter().zip(sizes) {
                 let rest = unconfirmed.split_off(size);
                 let mine = std::mem::replace(&mut unconfirmed, rest);
-                let confirmed: Vec<bool> = mine.iter().map(Option::is_none).collect();
-                let _ = reply.send(match mine.into_iter().flatten().next() {
+                let _ = reply.send(match PartlyPublished::from_verdicts(mine) {
                     None => Ok(()),
-                    Some(error) => Err(PartlyPublished { error, confirmed }),
+                    Some(partly) => Err(partly),
                 });
             }
         }

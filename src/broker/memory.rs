@@ -629,34 +629,32 @@ impl Broker for MemoryBroker {
                     None
                 };
                 let mut touched = BTreeSet::new();
-                let mut first_error = None;
                 // Unroutable messages not published as mandatory are
-                // confirmed (and dropped), as RabbitMQ does.
-                let mut confirmed = vec![false; batch.len()];
+                // confirmed (and dropped), as RabbitMQ does. Messages after
+                // a lost confirm stay unconfirmed.
+                let mut verdicts: Vec<Option<BrokerError>> = (0..batch.len())
+                    .map(|_| Some(unavailable("not published")))
+                    .collect();
                 for (i, msg) in batch.iter().enumerate() {
                     if lost_confirm_at == Some(i) {
                         break;
                     }
                     if !state.queues.contains_key(&msg.queue) {
-                        if msg.mandatory {
-                            first_error.get_or_insert(BrokerError::Unroutable {
-                                queue: msg.queue.clone(),
-                                reason: "returned: 312 NO_ROUTE".into(),
-                            });
-                        } else {
-                            confirmed[i] = true;
-                        }
+                        verdicts[i] = msg.mandatory.then(|| BrokerError::Unroutable {
+                            queue: msg.queue.clone(),
+                            reason: "returned: 312 NO_ROUTE".into(),
+                        });
                         continue;
                     }
                     if state.full.contains(&msg.queue) || state.chance(faults.refuse) {
                         state.refused += 1;
-                        first_error.get_or_insert(BrokerError::Refused {
+                        verdicts[i] = Some(BrokerError::Refused {
                             queue: msg.queue.clone(),
                             reason: "simulated nack".into(),
                         });
                         continue;
                     }
-                    confirmed[i] = true;
+                    verdicts[i] = None;
                     let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
                     for _ in 0..copies {
                         state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));
@@ -680,8 +678,8 @@ impl Broker for MemoryBroker {
                         unavailable("simulated lost publisher confirm"),
                     ));
                 }
-                match first_error {
-                    Some(error) => Err(PartlyPublished { error, confirmed }),
+                match PartlyPublished::from_verdicts(verdicts) {
+                    Some(partly) => Err(partly),
                     None => Ok(()),
                 }
             })
@@ -1561,6 +1559,7 @@ mod tests {
             matches!(&result, Err(PartlyPublished {
                 error: BrokerError::Refused { queue, .. },
                 confirmed,
+                ..
             }) if *queue == q() && confirmed == &[false, true, false]),
             "{result:?}"
         );

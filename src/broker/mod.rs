@@ -290,15 +290,45 @@ pub struct PartlyPublished {
     /// One entry per message of the batch, in order: whether the broker
     /// confirmed it as queued. The others may be queued or not.
     pub confirmed: Vec<bool>,
+    /// Every queue the broker returned a message of the batch for, as
+    /// [`BrokerError::Unroutable`] (the queue is gone), once each: the
+    /// first error names only one.
+    pub unroutable: Vec<String>,
 }
 
 impl PartlyPublished {
     /// Nothing of a batch of `sent` messages known to be queued.
     pub fn none_of(sent: usize, error: BrokerError) -> PartlyPublished {
+        let unroutable = match &error {
+            BrokerError::Unroutable { queue, .. } => vec![queue.clone()],
+            _ => Vec::new(),
+        };
         PartlyPublished {
             error,
             confirmed: vec![false; sent],
+            unroutable,
         }
+    }
+
+    /// What a batch's per-message verdicts (`None` for a message
+    /// confirmed as queued) come to: nothing if all are confirmed.
+    pub fn from_verdicts(verdicts: Vec<Option<BrokerError>>) -> Option<PartlyPublished> {
+        let confirmed = verdicts.iter().map(Option::is_none).collect();
+        let mut unroutable: Vec<String> = Vec::new();
+        let mut first = None;
+        for error in verdicts.into_iter().flatten() {
+            if let BrokerError::Unroutable { queue, .. } = &error
+                && !unroutable.contains(queue)
+            {
+                unroutable.push(queue.clone());
+            }
+            first.get_or_insert(error);
+        }
+        Some(PartlyPublished {
+            error: first?,
+            confirmed,
+            unroutable,
+        })
     }
 }
 
@@ -365,8 +395,35 @@ pub trait Broker: Send + Sync + 'static {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batchs_verdicts_name_the_first_error_and_every_returned_queue() {
+        let returned = |q: &str| {
+            Some(BrokerError::Unroutable {
+                queue: q.into(),
+                reason: "312 NO_ROUTE".into(),
+            })
+        };
+        let refused = Some(BrokerError::Refused {
+            queue: "full".into(),
+            reason: "nack".into(),
+        });
+        assert!(PartlyPublished::from_verdicts(vec![None, None]).is_none());
+        let partly = PartlyPublished::from_verdicts(vec![
+            refused,
+            None,
+            returned("gone"),
+            returned("gone"),
+            returned("other"),
+        ])
+        .unwrap();
+        assert!(matches!(partly.error, BrokerError::Refused { .. }));
+        assert_eq!(partly.confirmed, [false, true, false, false, false]);
+        assert_eq!(partly.unroutable, ["gone", "other"]);
+    }
 
     #[test]
     fn the_delivery_count_is_read_from_the_brokers_header() {

@@ -212,6 +212,30 @@ fn is_transient_server_error(e: &RedisError) -> bool {
     }
 }
 
+/// Whether Redis answered the error on a connection that is as good as
+/// ever: the server is busy (`BUSY`), full (`OOM`), short of replicas
+/// (`NOREPLICAS`), loading its data (`LOADING`), denies the user the
+/// command (`NOPERM`), or its cluster is not ready (`TRYAGAIN`,
+/// `CLUSTERDOWN`). A fresh connection would reach the same server in the
+/// same state: made again after each such error (before the thirty-sixth
+/// session), every failing call cost a reconnect — behind Sentinel,
+/// asking the sentinels first. A node that stopped being the primary
+/// (`READONLY`, `MASTERDOWN`) is another matter: a fresh connection
+/// finds the one that is.
+fn keeps_the_connection(e: &RedisError) -> bool {
+    use redis::ServerErrorKind as K;
+    match e.kind() {
+        redis::ErrorKind::Server(K::BusyLoading | K::NoPerm | K::TryAgain | K::ClusterDown) => true,
+        redis::ErrorKind::Extension => {
+            matches!(
+                server_code(e).as_deref(),
+                Some("BUSY" | "OOM" | "NOREPLICAS")
+            )
+        }
+        _ => false,
+    }
+}
+
 /// The code of the error Redis answered (of the first failed command, for
 /// a pipeline's error, as [`RedisError::kind`] reads it), also when
 /// redis-rs does not know it (`RedisError::code` says `None` for those in
@@ -1406,12 +1430,16 @@ impl RedisStore {
     /// [`is_permanent_server_error`]) is a defect no retry cures; anything else is an outage (see
     /// [`is_transient_server_error`]), after which the shared connection is
     /// dropped (after a failover the primary is another node, or behind
-    /// one address another server: the next call connects afresh).
+    /// one address another server: the next call connects afresh) unless
+    /// the server's answer shows the connection is sound
+    /// ([`keeps_the_connection`]).
     fn classify(&self, e: RedisError) -> StoreError {
         if is_permanent_server_error(&e) {
             return protocol(e.to_string());
         }
-        self.drop_shared();
+        if !keeps_the_connection(&e) {
+            self.drop_shared();
+        }
         unavailable(e)
     }
 
@@ -2462,5 +2490,27 @@ mod tests {
         assert!(!is_permanent_server_error(&extension("SOMETHINGNEW")));
         assert!(!is_permanent_server_error(&extension("BUSY")));
         assert!(!is_permanent_server_error(&server(K::ReadOnly)));
+    }
+
+    #[test]
+    fn only_an_answer_that_says_nothing_of_the_connection_keeps_it() {
+        use redis::{ErrorKind, ServerErrorKind as K};
+        let server = |kind| RedisError::from((ErrorKind::Server(kind), "from the server"));
+        let extension =
+            |code: &str| redis::make_extension_error(code.to_owned(), Some("detail".into()));
+        for kind in [K::BusyLoading, K::NoPerm, K::TryAgain, K::ClusterDown] {
+            assert!(keeps_the_connection(&server(kind)), "{kind:?}");
+        }
+        for code in ["BUSY", "OOM", "NOREPLICAS"] {
+            assert!(keeps_the_connection(&extension(code)), "{code}");
+        }
+        // A demoted primary, an unknown answer, a broken connection: the
+        // next call connects afresh.
+        for kind in [K::ReadOnly, K::MasterDown] {
+            assert!(!keeps_the_connection(&server(kind)), "{kind:?}");
+        }
+        assert!(!keeps_the_connection(&extension("SOMETHINGNEW")));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!keeps_the_connection(&io));
     }
 }
