@@ -40,6 +40,10 @@ use crate::config::QueueType;
 /// Prefetch of the bare consumer.
 pub const PREFETCH: u16 = 200;
 
+/// Longest wait for RabbitMQ to answer one close of the loop's channels
+/// and connections.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// What the bare loop achieved.
 #[derive(Debug, Clone, Serialize)]
 pub struct BareReport {
@@ -200,10 +204,15 @@ impl Loop {
         body: &[u8],
         within: Duration,
     ) -> Result<PublisherConfirm, BenchError> {
+        // Mandatory: a scratch queue deleted under the loop (by hand) fails
+        // it as returned rather than confirming messages that went nowhere.
         let publish = self.publisher.basic_publish(
             ShortString::from(""),
             ShortString::from(queue),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
             body,
             BasicProperties::default().with_delivery_mode(2),
         );
@@ -212,11 +221,26 @@ impl Loop {
             .map_err(broker_err("basic.publish"))
     }
 
+    /// Close channels and connections, each given [`CLOSE_WAIT`]: a
+    /// broker in a resource alarm may never answer a close.
     async fn close(self) {
-        let _ = self.publisher.close(200, "bench done".into()).await;
-        let _ = self.consumer_channel.close(200, "bench done".into()).await;
-        let _ = self.publisher_conn.close(200, "bench done".into()).await;
-        let _ = self.consumer_conn.close(200, "bench done".into()).await;
+        let _ =
+            tokio::time::timeout(CLOSE_WAIT, self.publisher.close(200, "bench done".into())).await;
+        let _ = tokio::time::timeout(
+            CLOSE_WAIT,
+            self.consumer_channel.close(200, "bench done".into()),
+        )
+        .await;
+        let _ = tokio::time::timeout(
+            CLOSE_WAIT,
+            self.publisher_conn.close(200, "bench done".into()),
+        )
+        .await;
+        let _ = tokio::time::timeout(
+            CLOSE_WAIT,
+            self.consumer_conn.close(200, "bench done".into()),
+        )
+        .await;
     }
 }
 
@@ -294,25 +318,32 @@ pub async fn run(config: &Config, queue: &str, load: BareLoad) -> Result<BareRep
     } = load;
     let (bare, consumer) = Loop::open(config, queue, queue_type).await?;
     let consuming = tokio::spawn(consume(consumer, messages, |_| {}));
+    let stop_consuming = consuming.abort_handle();
 
-    let body = vec![b'x'; message_bytes];
-    let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
-    let start = Instant::now();
-    for _ in 0..messages {
-        if pending.len() >= window
-            && let Some(confirm) = pending.pop_front()
-        {
+    let looped = async {
+        let body = vec![b'x'; message_bytes];
+        let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window.min(messages));
+        let start = Instant::now();
+        for _ in 0..messages {
+            if pending.len() >= window
+                && let Some(confirm) = pending.pop_front()
+            {
+                check(confirmed(confirm, timeout).await?)?;
+            }
+            pending.push_back(bare.publish(queue, &body, timeout).await?);
+        }
+        for confirm in pending {
             check(confirmed(confirm, timeout).await?)?;
         }
-        pending.push_back(bare.publish(queue, &body, timeout).await?);
+        let published = start.elapsed();
+        let last_ack = join_consumer(consuming, messages, Duration::ZERO).await?;
+        Ok::<_, BenchError>((published, last_ack.duration_since(start).as_secs_f64()))
     }
-    for confirm in pending {
-        check(confirmed(confirm, timeout).await?)?;
-    }
-    let published = start.elapsed();
-    let last_ack = join_consumer(consuming, messages, Duration::ZERO).await?;
-    let seconds = last_ack.duration_since(start).as_secs_f64();
+    .await;
+    // Also after a failure: the consumer and both connections go.
+    stop_consuming.abort();
     bare.close().await;
+    let (published, seconds) = looped?;
     Ok(BareReport {
         queue: queue.to_owned(),
         queue_type: type_name(queue_type),
@@ -361,33 +392,41 @@ pub async fn hop_latency(
         }
     }));
 
-    let mut body = vec![b'x'; message_bytes.max(16)];
-    let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window);
-    for i in 0..messages {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        if Instant::now() < due {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        while pending.len() >= window {
-            if let Some(confirm) = pending.pop_front() {
-                check(confirmed(confirm, timeout).await?)?;
+    let stop_consuming = consuming.abort_handle();
+    let looped = async {
+        let mut body = vec![b'x'; message_bytes.max(16)];
+        let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(window.min(messages));
+        for i in 0..messages {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            if Instant::now() < due {
+                tokio::time::sleep_until(due.into()).await;
             }
+            while pending.len() >= window {
+                if let Some(confirm) = pending.pop_front() {
+                    check(confirmed(confirm, timeout).await?)?;
+                }
+            }
+            body[..16].copy_from_slice(&start.elapsed().as_nanos().to_le_bytes());
+            pending.push_back(bare.publish(queue, &body, timeout).await?);
         }
-        body[..16].copy_from_slice(&start.elapsed().as_nanos().to_le_bytes());
-        pending.push_back(bare.publish(queue, &body, timeout).await?);
+        for confirm in pending {
+            check(confirmed(confirm, timeout).await?)?;
+        }
+        let expected = Duration::from_secs_f64(messages as f64 / rate);
+        join_consumer(consuming, messages, expected).await?;
+        Ok::<_, BenchError>(())
     }
-    for confirm in pending {
-        check(confirmed(confirm, timeout).await?)?;
-    }
-    let expected = Duration::from_secs_f64(messages as f64 / rate);
-    join_consumer(consuming, messages, expected).await?;
+    .await;
+    // Also after a failure: the consumer and both connections go.
+    stop_consuming.abort();
     bare.close().await;
+    looped?;
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(BareHopReport {
         queue: queue.to_owned(),
         queue_type: type_name(queue_type),
         messages,
-        message_bytes: body.len(),
+        message_bytes: message_bytes.max(16),
         offered_rate: rate,
         latency_ms: Percentiles::of(samples),
     })

@@ -3,7 +3,7 @@
 //! One invocation does three things:
 //! 1. the *bare broker loop* ([`bare`]): persistent ~100-byte messages
 //!    published with pipelined confirms to a scratch durable queue
-//!    `<prefix>.bench.bare` (classic by default), consumed concurrently with prefetch 200 and one
+//!    `<prefix>.bench.bare.<run>` (classic by default), consumed concurrently with prefetch 200 and one
 //!    manual ack per message. Its msgs/s is what this machine's RabbitMQ can
 //!    do at best, so Conveyor's figures are also given as a ratio of it and
 //!    stay comparable across noisy machines. With an offered rate
@@ -301,10 +301,19 @@ pub fn new_run_id() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-/// The bare loop's scratch queue under `prefix`.
-pub fn bare_queue(prefix: &str) -> String {
-    format!("{prefix}.bench.bare")
+/// The bare loop's scratch queue of run `run_id` under `prefix`: one per
+/// run, so that two benches against one deployment at once do not delete
+/// (and fill) each other's.
+pub fn bare_queue(prefix: &str, run_id: &str) -> String {
+    format!("{prefix}.bench.bare.{run_id}")
 }
+
+/// Most unconfirmed publishes `--window` allows: far past what any broker
+/// pipelines usefully, and each slot is allocated up front.
+pub const MAX_CONFIRM_WINDOW: usize = 1_000_000;
+
+/// Most jobs `--poll-window` asks about per poll (one Redis pipeline).
+pub const MAX_POLL_WINDOW: usize = 100_000;
 
 /// Smallest `--rate` (jobs/s): one job a minute.
 pub const MIN_RATE: f64 = 1.0 / 60.0;
@@ -331,6 +340,23 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
         return Err(BenchError::Options(
             "--window and --poll-window must be at least 1".into(),
         ));
+    }
+    if options.confirm_window > MAX_CONFIRM_WINDOW {
+        return Err(BenchError::Options(format!(
+            "--window is at most {MAX_CONFIRM_WINDOW}, got {}",
+            options.confirm_window
+        )));
+    }
+    if options.poll_window > MAX_POLL_WINDOW {
+        return Err(BenchError::Options(format!(
+            "--poll-window is at most {MAX_POLL_WINDOW}, got {}",
+            options.poll_window
+        )));
+    }
+    // Found unwritable before the run, not after it (with its report).
+    if let Some(path) = &options.samples {
+        std::fs::File::create(path)
+            .map_err(|e| BenchError::Options(format!("--samples {}: {e}", path.display())))?;
     }
     if options.shape.tasks() > config.limits.max_tasks {
         return Err(BenchError::Options(format!(
@@ -364,9 +390,10 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             // `run_inner` was dropped mid-way: its children die with it
             // (kill_on_drop); delete what they left.
             if matches!(options.target, Target::Spawn(_)) {
-                spawn::cleanup(&deployment_config, true).await;
+                spawn::cleanup(&deployment_config, &run_id, true).await;
             } else {
-                crate::purge::delete_queues(&deployment_config, &[bare_queue(&prefix)]).await;
+                crate::purge::delete_queues(&deployment_config, &[bare_queue(&prefix, &run_id)])
+                    .await;
             }
             Err(BenchError::Interrupted)
         }
@@ -409,6 +436,7 @@ fn spawned_config(config: &Config, spawn_options: &SpawnOptions) -> Config {
 
 async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<Report, BenchError> {
     let names = Names::new(&config.prefix);
+    let scratch = bare_queue(&config.prefix, run_id);
     let yardstick = match (options.bare_messages, options.rate) {
         // At an offered rate the yardstick is a hop's latency at that
         // rate, through a queue of the deployment's own type.
@@ -420,8 +448,8 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 confirm_window: options.confirm_window,
                 timeout: options.timeout,
             };
-            let result = bare::hop_latency(config, &bare_queue(&config.prefix), load, rate).await;
-            crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
+            let result = bare::hop_latency(config, &scratch, load, rate).await;
+            crate::purge::delete_queues(config, std::slice::from_ref(&scratch)).await;
             Some(bare::Yardstick::Hop(result?))
         }
         (Some(n), None) if n > 0 => {
@@ -432,9 +460,9 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 confirm_window: options.confirm_window,
                 timeout: options.timeout,
             };
-            let result = bare::run(config, &bare_queue(&config.prefix), load).await;
+            let result = bare::run(config, &scratch, load).await;
             // The scratch queue goes, whatever happened.
-            crate::purge::delete_queues(config, &[bare_queue(&config.prefix)]).await;
+            crate::purge::delete_queues(config, std::slice::from_ref(&scratch)).await;
             Some(bare::Yardstick::Throughput(result?))
         }
         _ => None,
@@ -444,7 +472,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
         Target::Live { .. } => {
             spawn::check_live(config, &names, &config.worker.queues, options.timeout).await?;
             let load = load::run(config, options, run_id).await?;
-            write_samples(options, &load)?;
+            write_samples(options, &load);
             Ok(report::build(
                 config, options, run_id, load, yardstick, None, None,
             ))
@@ -461,7 +489,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             {
                 Ok(d) => d,
                 Err(e) => {
-                    spawn::cleanup(&deployment_config, true).await;
+                    spawn::cleanup(&deployment_config, run_id, true).await;
                     return Err(e);
                 }
             };
@@ -492,9 +520,9 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             .await;
             let memory = deployment.memory();
             let stopped = deployment.stop(result.is_err()).await;
-            spawn::cleanup(&deployment_config, true).await;
+            spawn::cleanup(&deployment_config, run_id, true).await;
             let (load, hold) = result?;
-            write_samples(options, &load)?;
+            write_samples(options, &load);
             let processes = report::Processes {
                 dispatchers: spawn_options.dispatchers,
                 workers: spawn_options.workers,
@@ -517,13 +545,16 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
     }
 }
 
-/// The per-job CSV of `--samples`, if asked for.
-fn write_samples(options: &Options, load: &load::LoadResult) -> Result<(), BenchError> {
+/// The per-job CSV of `--samples`, if asked for. Its path was found
+/// writable before the run; a write that fails now (a full disk) is
+/// logged, and the run's report is still printed.
+fn write_samples(options: &Options, load: &load::LoadResult) {
     let Some(path) = &options.samples else {
-        return Ok(());
+        return;
     };
-    std::fs::write(path, load::samples_csv(load))
-        .map_err(|e| BenchError::Options(format!("--samples {}: {e}", path.display())))
+    if let Err(e) = std::fs::write(path, load::samples_csv(load)) {
+        tracing::error!(path = %path.display(), error = %e, "could not write --samples");
+    }
 }
 
 #[cfg(test)]
@@ -599,6 +630,40 @@ mod tests {
             ),
             other => panic!("expected the size to be refused, got {other:?}"),
         }
+    }
+
+    /// Each refused before anything runs (the broker is unreachable): a
+    /// window too large to allocate, and a samples file that cannot be
+    /// written, found only once a long run's report was at hand before.
+    #[tokio::test]
+    async fn windows_past_their_limit_and_an_unwritable_samples_file_are_refused_at_once() {
+        let refused = |options: Options| async {
+            match run(&config_without_a_broker(), options).await {
+                Err(BenchError::Options(message)) => message,
+                other => panic!("expected the options to be refused, got {other:?}"),
+            }
+        };
+        let message = refused(Options {
+            confirm_window: MAX_CONFIRM_WINDOW + 1,
+            ..Options::default()
+        })
+        .await;
+        assert_eq!(message, "--window is at most 1000000, got 1000001");
+        let message = refused(Options {
+            poll_window: MAX_POLL_WINDOW + 1,
+            ..Options::default()
+        })
+        .await;
+        assert_eq!(message, "--poll-window is at most 100000, got 100001");
+        let message = refused(Options {
+            samples: Some("/nonexistent-dir/samples.csv".into()),
+            ..Options::default()
+        })
+        .await;
+        assert!(
+            message.starts_with("--samples /nonexistent-dir/samples.csv: "),
+            "{message}"
+        );
     }
 
     #[test]

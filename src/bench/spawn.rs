@@ -443,15 +443,15 @@ pub async fn check_live(
     missing(names.task_queue("default"), tasks, "worker")
 }
 
-/// Delete a bench deployment's queues and (if `keys`, and only for a
-/// `bench-` prefix) every Redis key under its prefix.
-pub async fn cleanup(config: &Config, keys: bool) {
+/// Delete the queues of run `run_id`'s bench deployment and (if `keys`,
+/// and only for a `bench-` prefix) every Redis key under its prefix.
+pub async fn cleanup(config: &Config, run_id: &str, keys: bool) {
     let names = Names::new(&config.prefix);
     let mut queues = vec![
         names.submit_queue(),
         names.referred_queue(),
         names.dead_queue(),
-        bare_queue(&config.prefix),
+        bare_queue(&config.prefix, run_id),
     ];
     queues.extend(config.worker.queues.iter().map(|q| names.task_queue(q)));
     if !config.worker.queues.iter().any(|q| q == "default") {

@@ -129,6 +129,13 @@ struct Swept {
     seen_all: bool,
     /// It stopped at [`SWEEP_BATCHES_PER_PASS`] with entries still due.
     capped: bool,
+    /// A publish of it waited longer than [`RECLAIM_GRACE`] (a broker slow
+    /// to confirm), with no call to the store meanwhile: an outage of the
+    /// store in that time went unseen, and the workers may not have been
+    /// able to renew. The lapsed leases wait for the grace, as after an
+    /// outage seen (before the thirty-sixth session the next batch
+    /// reclaimed them at once).
+    looked_away: bool,
 }
 
 /// What publishing one batch of sweep actions did.
@@ -250,6 +257,13 @@ impl Dispatcher {
             Ok(swept) => {
                 state.retries_seen = swept.seen_all;
                 state.backlog = swept.capped;
+                if swept.looked_away {
+                    tracing::debug!(
+                        grace_ms = RECLAIM_GRACE.as_millis() as u64,
+                        "a sweep publish waited long; lapsed leases are left to their workers' renewals for a moment"
+                    );
+                    state.reclaim_from = Some(tokio::time::Instant::now() + RECLAIM_GRACE);
+                }
                 if swept.done > 0 {
                     tracing::debug!(actions = swept.done, "sweep");
                 }
@@ -275,7 +289,7 @@ impl Dispatcher {
     /// of the retries only.
     async fn sweep_pass(&self, leases: bool) -> Result<Swept, SweepError> {
         let retries = self.sweep_schedule(ScheduleIndex::Retries).await?;
-        if !leases {
+        if !leases || retries.looked_away {
             return Ok(retries);
         }
         let leases = self.sweep_schedule(ScheduleIndex::Leases).await?;
@@ -283,6 +297,7 @@ impl Dispatcher {
             done: retries.done + leases.done,
             seen_all: retries.seen_all,
             capped: retries.capped || leases.capped,
+            looked_away: leases.looked_away,
         })
     }
 
@@ -331,10 +346,15 @@ impl Dispatcher {
     /// Work through one schedule in batches. Entries the broker refused
     /// are deferred (see [`Self::defer`]); one the deferral left due (its
     /// score moved meanwhile) is skipped if it comes back in a later batch
-    /// of this pass, and the batch limit grows by their number, so each
-    /// batch brings new entries. Once a whole batch's worth has been
-    /// refused, the rest waits for the next pass (the broker is likely
-    /// refusing everything, and each refused entry cost a publish).
+    /// of this pass, and the batch limit grows by the number that came
+    /// back in the last read (not by every entry deferred: those moved on
+    /// are not read again, and a limit grown by them read up to 27,500
+    /// entries in a pass of ten batches), so each batch brings new
+    /// entries. Once a whole batch's worth has been refused, the rest
+    /// waits for the next pass (the broker is likely refusing everything,
+    /// and each refused entry cost a publish). A publish that waited
+    /// longer than [`RECLAIM_GRACE`] ends a pass through the leases (see
+    /// [`Swept::looked_away`]).
     async fn sweep_schedule(&self, schedule: ScheduleIndex) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
         // Entries the broker refused in this pass, and the queues that
@@ -344,21 +364,27 @@ impl Dispatcher {
         let mut total = 0;
         let mut seen_all = true;
         let mut capped = false;
+        let mut looked_away = false;
+        let mut came_back = 0;
         for batch in 1.. {
-            let limit = SWEEP_BATCH + failed.len();
+            let limit = SWEEP_BATCH + came_back;
             let actions = self.due(schedule, limit).await?;
             // One read: every action of the batch has its time.
             let read_at = actions.iter().map(|a| a.read_at).min().unwrap_or(0);
+            let read = actions.len();
             let fresh: Vec<SweepAction> = actions
                 .into_iter()
                 .filter(|a| !failed.contains(&a.entry))
                 .collect();
+            came_back = read - fresh.len();
             // The stores leave out of `actions` the entries they moved on
             // (a live lease, a retry not due yet): a batch shorter than
             // the limit may have read a full one. Only a batch with
             // nothing new says the schedule is drained (one more read).
             let more = !fresh.is_empty();
+            let publishing = tokio::time::Instant::now();
             let published = self.publish_actions(&fresh, &mut refusing).await;
+            looked_away |= publishing.elapsed() > RECLAIM_GRACE;
             self.forget(schedule, &published.done, read_at).await?;
             let deferred = [published.refused.as_slice(), &published.held].concat();
             self.defer(schedule, &deferred, read_at).await?;
@@ -369,6 +395,10 @@ impl Dispatcher {
                 return Err(e.into());
             }
             if !more {
+                break;
+            }
+            if looked_away && schedule == ScheduleIndex::Leases {
+                seen_all = false;
                 break;
             }
             if batch >= SWEEP_BATCHES_PER_PASS {
@@ -389,6 +419,7 @@ impl Dispatcher {
             done: total,
             seen_all,
             capped,
+            looked_away,
         })
     }
 
@@ -511,6 +542,8 @@ mod tests {
     #[derive(Default)]
     struct Nacking {
         nack: Mutex<Option<String>>,
+        /// How long each publish waits for its confirms.
+        delay: Mutex<Duration>,
         /// Batches nacked so far.
         nacked: std::sync::atomic::AtomicUsize,
     }
@@ -523,6 +556,10 @@ mod tests {
             batch: Vec<Outgoing>,
         ) -> Result<(), BrokerError> {
             let nack = self.nack.lock().unwrap().clone();
+            let delay = *self.delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let (nacked, rest): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .partition(|m| Some(&m.queue) == nack.as_ref());
@@ -995,6 +1032,30 @@ mod tests {
         tokio::time::advance(RECLAIM_GRACE).await;
         s.dispatcher.sweep_tick(&mut state).await;
         assert_eq!(s.queued_jobs("default").await, vec!["l"]);
+    }
+
+    /// A publish that waited past the grace (a broker slow to confirm) is
+    /// time in which the sweep did not look at the store: an outage then
+    /// went unseen, so the lapsed leases are left for the grace, as after
+    /// an outage seen.
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_that_waited_past_the_grace_starts_the_grace_too() {
+        let s = setup();
+        let mut state = SweepLoop::default();
+        s.retrying("r", "default").await;
+        s.lapsing("l", "default").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        *s.broker.hook.delay.lock().unwrap() = RECLAIM_GRACE * 2;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["r"]);
+        assert_eq!(s.store.schedule_sizes(), (1, 0), "the lease left");
+        *s.broker.hook.delay.lock().unwrap() = Duration::ZERO;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.store.schedule_sizes(), (1, 0), "still within the grace");
+        tokio::time::advance(RECLAIM_GRACE).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["l"]);
+        assert_eq!(s.store.schedule_sizes(), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

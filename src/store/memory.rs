@@ -276,9 +276,11 @@ impl State {
     }
 
     /// The record of `id`, unless missing or past its retention (a record
-    /// found past it is removed, which counts as a change).
+    /// found past it is removed, which counts as a change). Past, as Redis
+    /// has it: a key expiring at `e` is gone once the clock is beyond `e`,
+    /// not at `e`.
     fn job_mut(&mut self, id: &str, now: u64) -> Option<&mut JobRecord> {
-        if self.jobs.get(id)?.expires_at().is_some_and(|e| e <= now) {
+        if self.jobs.get(id)?.expires_at().is_some_and(|e| e < now) {
             self.jobs.remove(id);
             self.changed();
             return None;
@@ -1063,7 +1065,7 @@ impl Store for MemoryStore {
             .after(|| {
                 let now = self.clock.now_ms();
                 let mut state = self.lock()?;
-                state.workers.retain(|_, (_, expires)| *expires > now);
+                state.workers.retain(|_, (_, expires)| *expires >= now);
                 Ok(state.workers.values().map(|(w, _)| w.clone()).collect())
             })
             .await
