@@ -16,7 +16,9 @@
 //!
 //! If several are given, `panic` wins over `permanent`, which wins over
 //! `times`. Unknown keys are rejected so a typo (`"time": 3`) is not silently
-//! a task that succeeds at once.
+//! a task that succeeds at once; so is a `message` without
+//! `"permanent": true`, which no failure would carry (`{"times": 2,
+//! "message": "x"}` fails with its own words, not `x`).
 
 use async_trait::async_trait;
 use conveyor_handler::{Handler, HandlerError, Outcome, TaskContext, ValidationError, described};
@@ -92,6 +94,12 @@ fn parse(params: &Value) -> Result<FailParams, ValidationError> {
                 format!("must be a string, got {}", described(m)),
             )
         })?;
+        if !out.permanent {
+            return Err(ValidationError::new(
+                "params.message",
+                "is a permanent failure's message: allowed only with \"permanent\": true",
+            ));
+        }
         out.message = Some(m.to_owned());
     }
     Ok(out)
@@ -128,6 +136,7 @@ impl Handler for Fail {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::test_ctx;
@@ -162,6 +171,25 @@ mod tests {
             )
             .await;
         assert_eq!(out, Err(HandlerError::Permanent("boom".to_owned())));
+    }
+
+    /// Only a permanent failure carries `message`: given without
+    /// `"permanent": true` it would be silently ignored.
+    #[test]
+    fn a_message_without_permanent_is_refused() {
+        for params in [
+            json!({"times": 2, "message": "x"}),
+            json!({"permanent": false, "message": "x"}),
+            json!({"panic": true, "message": "x"}),
+        ] {
+            let e = Fail.validate(&params).unwrap_err();
+            assert_eq!(e.field, "params.message", "{params}");
+            assert!(e.message.contains("\"permanent\": true"), "{e}");
+        }
+        assert_eq!(
+            Fail.validate(&json!({"panic": true, "permanent": true, "message": "x"})),
+            Ok(())
+        );
     }
 
     #[tokio::test]

@@ -15,17 +15,32 @@
 //!   on `PATH` like `execvp` (an executable file without `#!` runs under
 //!   `sh`). There is **no shell interpretation**: to use pipes or `$VARS`,
 //!   run `"command": "sh", "args": ["-c", "..."]`.
-//! - `args` (at most 1000 strings): its arguments.
+//! - `args` (at most 1000 strings, each of at most 131,071 bytes): its
+//!   arguments.
 //! - `env`: variables added to the worker's own environment, which the
 //!   program inherits — except Conveyor's own settings (every
 //!   `CONVEYOR_*` variable: the broker and Redis URLs carry passwords),
 //!   which it never sees. Names starting with `CONVEYOR_` are refused here:
-//!   the four below are the run's own.
-//! - `cwd`: the directory to run in; the worker's own by default.
+//!   the four below are the run's own. Names must be shell identifiers
+//!   (`[A-Za-z_][A-Za-z0-9_]*`): the program starts through `/bin/sh` (see
+//!   *Process group*), and dash, Debian's `sh`, passes on no other name —
+//!   `spring.profiles.active` or `my-flag` would be accepted and never
+//!   arrive. The same goes for such names in the worker's own environment:
+//!   they do not reach the program. Each `NAME=value` is at most 131,071
+//!   bytes.
+//! - `cwd`: the directory to run in (at most 4095 bytes); the worker's own
+//!   by default.
 //! - `stdin`: any JSON, written to the program's stdin as JSON. Without it
-//!   the program gets `{"params": <these params>, "deps": {<task>: <result>},
-//!   "job_id": ..., "task": ..., "attempt": ...}`. Stdin is closed after the
-//!   write, so the program sees end of file.
+//!   (or with `null`, the same as leaving it out) the program gets
+//!   `{"params": <these params>, "deps": {<task>: <result>}, "job_id": ...,
+//!   "task": ..., "attempt": ...}`. Stdin is closed after the write, so the
+//!   program sees end of file.
+//!
+//! The sizes are Linux's: it refuses to start a program with an argument or
+//! environment string of 128 KiB or more counting its terminating NUL
+//! (`E2BIG`), or in a directory whose path is 4096 bytes or more with its
+//! NUL (`ENAMETOOLONG`). Such a task could never run; it is refused when
+//! submitted.
 //!
 //! The program also finds its execution in its environment:
 //! `CONVEYOR_JOB_ID`, `CONVEYOR_TASK`, `CONVEYOR_ATTEMPT` and
@@ -64,7 +79,8 @@
 //! other non-zero exit is taken as a bug or bad input that a retry will not
 //! fix. A death by signal (the OOM killer, an operator's `kill`) is treated
 //! as transient. Errors quote the last 4 KiB of stderr, so the script's own
-//! diagnostics reach the job's status.
+//! diagnostics reach the job's status: at most 4096 bytes once made text,
+//! cut at a character, with each byte that is not UTF-8 shown as `�`.
 //!
 //! # Process group
 //!
@@ -78,13 +94,16 @@
 //! left in the background after a *successful* exit are not touched. One
 //! that holds the program's stdout or stderr open (started without
 //! redirecting them) does not hold the task: the outputs are read on for a
-//! second after the program exits, then its exit status decides, with
-//! what was read (until the thirty-fourth session the task waited for the
-//! helper's end or its time-out, and a program that had succeeded was
-//! failed as timed out, to run again). Such a helper writing after that
-//! finds the pipe closed (`SIGPIPE`); send its output elsewhere. (One
-//! holding stdin does not hold the task either: once both outputs are
-//! closed and the program has exited, input it did not read is dropped.)
+//! second after the program exits, then what is left in the pipes is read
+//! without waiting — all the program wrote, since it has exited — and its
+//! exit status decides, with that output (until the thirty-fourth session
+//! the task waited for the helper's end or its time-out, and a program that
+//! had succeeded was failed as timed out, to run again). The same holds
+//! for a program that exits just before its time-out. Such a helper
+//! writing after that finds the pipe closed (`SIGPIPE`); send its output
+//! elsewhere. (One holding stdin does not hold the task either: once both
+//! outputs are closed and the program has exited, input it did not read is
+//! dropped.)
 //!
 //! A descendant that leaves the group (`setsid`, `setpgid`: daemons, GNU
 //! `timeout`, Python's `start_new_session`) is out of reach of all of
@@ -103,6 +122,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -122,6 +142,16 @@ use crate::group_watch;
 pub const MAX_COMMAND_BYTES: usize = 4096;
 /// The most `args` accepted.
 pub const MAX_ARGS: usize = 1000;
+/// The longest argument, and the longest environment entry (`NAME=value`),
+/// accepted, in bytes. Linux's `MAX_ARG_STRLEN` (128 KiB, 131,072 bytes)
+/// counts the terminating NUL, and `execve` refuses a longer string with
+/// `E2BIG`: a task with one would fail at every attempt, so it is refused
+/// when submitted.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+/// The longest `cwd` accepted, in bytes. Linux's `PATH_MAX` (4096) counts
+/// the terminating NUL, and `chdir` refuses a longer path with
+/// `ENAMETOOLONG`: the program could never start there.
+pub const MAX_CWD_BYTES: usize = 4096 - 1;
 /// The most stdout read whatever the result limit; a program writing more
 /// fails permanently.
 pub const MAX_STDOUT_BYTES: usize = 16 * 1024 * 1024;
@@ -147,6 +177,11 @@ const REAP_GRACE: Duration = Duration::from_secs(5);
 /// How long the outputs of a program that exited are read on while
 /// something it left in the background holds them open.
 const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+/// The most stderr read without waiting once the program has exited while
+/// its outputs are held open: all a program can leave in a pipe (1 MiB,
+/// Linux's default `pipe-max-size`), and not for ever from a helper that
+/// writes on.
+const STDERR_DRAIN_BYTES: usize = 1024 * 1024;
 /// How much of a non-JSON stdout an error message quotes.
 const STDOUT_QUOTE_BYTES: usize = 200;
 
@@ -163,6 +198,8 @@ struct ShellParams {
     args: Vec<String>,
     env: BTreeMap<String, String>,
     cwd: Option<String>,
+    /// What the program reads on stdin; `None` — `params.stdin` absent or
+    /// `null` — for the envelope (params, deps and where it runs).
     stdin: Option<Value>,
 }
 
@@ -179,12 +216,17 @@ fn parse(params: &Value) -> Result<ShellParams, ValidationError> {
     let env = parse_env(obj)?;
     let cwd = match obj.get("cwd") {
         None => None,
-        Some(Value::String(s)) if !s.is_empty() && !s.contains('\0') => Some(s.clone()),
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= MAX_CWD_BYTES && !s.contains('\0') =>
+        {
+            Some(s.clone())
+        }
         Some(v) => {
             return Err(ValidationError::new(
                 "params.cwd",
                 format!(
-                    "must be a non-empty string without NUL bytes, got {}",
+                    "must be a non-empty string of at most {MAX_CWD_BYTES} bytes without NUL \
+                     bytes (Linux's limit on a path: 4096 with its NUL), got {}",
                     described(v)
                 ),
             ));
@@ -195,7 +237,8 @@ fn parse(params: &Value) -> Result<ShellParams, ValidationError> {
         args,
         env,
         cwd,
-        stdin: obj.get("stdin").cloned(),
+        // `null` is no input of its own, as when absent: the envelope.
+        stdin: obj.get("stdin").filter(|v| !v.is_null()).cloned(),
     })
 }
 
@@ -244,6 +287,14 @@ fn parse_args(obj: &Map<String, Value>) -> Result<Vec<String>, ValidationError> 
     args.iter()
         .enumerate()
         .map(|(i, a)| match a {
+            Value::String(s) if s.len() > MAX_ARG_BYTES => Err(ValidationError::new(
+                format!("params.args[{i}]"),
+                format!(
+                    "must be a string of at most {MAX_ARG_BYTES} bytes (Linux's limit on one \
+                     argument: 128 KiB with its NUL), got {}",
+                    described(a)
+                ),
+            )),
             Value::String(s) if !s.contains('\0') => Ok(s.clone()),
             _ => Err(ValidationError::new(
                 format!("params.args[{i}]"),
@@ -251,6 +302,17 @@ fn parse_args(obj: &Map<String, Value>) -> Result<Vec<String>, ValidationError> 
             )),
         })
         .collect()
+}
+
+/// Whether `name` is a shell identifier, `[A-Za-z_][A-Za-z0-9_]*`: the only
+/// names dash (Debian's `/bin/sh`, through which programs start) passes on
+/// in the environment of what it runs.
+fn is_shell_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b == b'_' || b.is_ascii_alphabetic())
+        && bytes.all(|b| b == b'_' || b.is_ascii_alphanumeric())
 }
 
 /// The prefix of Conveyor's own environment variables: the worker's
@@ -269,10 +331,11 @@ fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Valid
     };
     env.iter()
         .map(|(k, v)| {
-            if k.is_empty() || k.contains(['=', '\0']) {
+            if !is_shell_identifier(k) {
                 return Err(ValidationError::new(
                     format!("params.env.{k}"),
-                    "variable names must be non-empty, without '=' or NUL bytes",
+                    "variable names must be shell identifiers ([A-Za-z_][A-Za-z0-9_]*): the \
+                     program starts through /bin/sh, which passes on only names of that form",
                 ));
             }
             if k.starts_with(CONVEYOR_ENV) {
@@ -283,6 +346,17 @@ fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Valid
                 ));
             }
             match v {
+                // `NAME=value`.
+                Value::String(s) if k.len() + 1 + s.len() > MAX_ARG_BYTES => {
+                    Err(ValidationError::new(
+                        format!("params.env.{k}"),
+                        format!(
+                            "NAME=value must be at most {MAX_ARG_BYTES} bytes (Linux's limit on \
+                             one environment entry: 128 KiB with its NUL), got {} bytes",
+                            k.len() + 1 + s.len()
+                        ),
+                    ))
+                }
                 Value::String(s) if !s.contains('\0') => Ok((k.clone(), s.clone())),
                 _ => Err(ValidationError::new(
                     format!("params.env.{k}"),
@@ -404,12 +478,71 @@ async fn read_tail(mut stderr: impl AsyncRead + Unpin, keep: usize, tail: &mut (
     }
 }
 
-/// Keep only the last `keep` bytes of `tail`, noting a cut.
+/// Keep only the last `keep` bytes of `tail`, noting a cut. The cut moves
+/// on past the continuation bytes of a UTF-8 character it would split (at
+/// most three): a tail starting inside one would quote its broken start as
+/// `�`.
 fn trim_tail(tail: &mut (Vec<u8>, bool), keep: usize) {
     if tail.0.len() > keep {
-        tail.0.drain(..tail.0.len() - keep);
+        let at = tail.0.len() - keep;
+        let inside = tail
+            .0
+            .get(at..)
+            .unwrap_or_default()
+            .iter()
+            .take(3)
+            .take_while(|&&b| b & 0xC0 == 0x80)
+            .count();
+        tail.0.drain(..at + inside);
         tail.1 = true;
     }
+}
+
+/// Read what is in `pipe` now into `sink`, without waiting: until it is
+/// empty or at its end, or `cap` bytes were read. Straight from its
+/// descriptor (non-blocking, as tokio opened it), not through tokio, whose
+/// news of the pipe's readiness may lag behind the last writes: once the
+/// program has exited, everything it wrote is in the pipe.
+fn drain_now(pipe: impl AsFd, cap: usize, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut read = 0;
+    while read < cap {
+        match nix::unistd::read(&pipe, &mut chunk) {
+            Ok(0) | Err(Errno::EAGAIN) => break,
+            Ok(n) => {
+                sink(chunk.get(..n).unwrap_or_default());
+                read += n;
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Read what an exited program left in its outputs (see [`drain_now`]):
+/// stdout up to its limit, past which it is too large, as when read
+/// before; stderr up to [`STDERR_DRAIN_BYTES`], keeping its tail.
+fn drain_outputs(
+    (stdout, limit, out): (&impl AsFd, usize, &mut Vec<u8>),
+    (stderr, tail): (&impl AsFd, &mut (Vec<u8>, bool)),
+) -> Result<(), Stop> {
+    let room = limit.saturating_add(1).saturating_sub(out.len());
+    drain_now(stdout, room, |b| out.extend_from_slice(b)).map_err(|e| Stop::Io("stdout", e))?;
+    if out.len() > limit {
+        return Err(Stop::StdoutTooLarge);
+    }
+    let drained = drain_now(stderr, STDERR_DRAIN_BYTES, |b| {
+        tail.0.extend_from_slice(b);
+        if tail.0.len() > 2 * STDERR_TAIL_BYTES {
+            trim_tail(tail, STDERR_TAIL_BYTES);
+        }
+    });
+    if let Err(e) = drained {
+        tracing::debug!(error = %e, "shell: reading stderr stopped");
+    }
+    trim_tail(tail, STDERR_TAIL_BYTES);
+    Ok(())
 }
 
 /// Sleep until `grace` after `from` (for ever without one).
@@ -420,9 +553,21 @@ async fn sleep_after(from: Option<tokio::time::Instant>, grace: Duration) {
     }
 }
 
+/// The stderr tail as text, at most [`STDERR_TAIL_BYTES`] bytes of it
+/// (its end) once converted: each byte that is not UTF-8 becomes `�`, three
+/// bytes, which would make 4 KiB of binary stderr 12 KiB of error message.
 fn describe_tail((tail, truncated): &(Vec<u8>, bool)) -> String {
     let text = String::from_utf8_lossy(tail);
-    let text = text.trim();
+    let mut text = text.trim();
+    let mut truncated = *truncated;
+    if text.len() > STDERR_TAIL_BYTES {
+        let mut at = text.len() - STDERR_TAIL_BYTES;
+        while !text.is_char_boundary(at) {
+            at += 1;
+        }
+        text = text.get(at..).unwrap_or_default().trim_start();
+        truncated = true;
+    }
     match (text.is_empty(), truncated) {
         (true, _) => "(empty)".to_owned(),
         (false, true) => format!("...{text}"),
@@ -436,8 +581,10 @@ fn describe_tail((tail, truncated): &(Vec<u8>, bool)) -> String {
 /// the worker's environment, whose broker and Redis URLs carry passwords,
 /// from its parent's `/proc` entry. (Its own environment is scrubbed of
 /// them: see `run`.) Core dumps of the worker are off as a consequence.
-/// The command line (`--amqp-url` given as a flag) stays world-readable:
-/// the README says to pass secrets through the environment or a file.
+/// The command line (`--amqp-url` given as a flag) stays world-readable,
+/// and a program can still read the config file and the environments of
+/// other programs (the same user's): the README says to pass secrets as
+/// `CONVEYOR_*` variables, and how to keep them from untrusted jobs.
 fn keep_environment_private() {
     static DONE: std::sync::Once = std::sync::Once::new();
     DONE.call_once(|| {
@@ -642,7 +789,7 @@ impl Handler for Shell {
             "shell: started"
         );
 
-        let (Some(stdin), Some(stdout), Some(stderr)) =
+        let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             kill_and_reap(&mut guard, &mut child).await;
@@ -658,6 +805,8 @@ impl Handler for Shell {
         // Outside the timed part: a program that exited just before its
         // time-out, its outputs still held, is judged by its exit.
         let mut exited = None;
+        // Whether both outputs were read to their end.
+        let mut read_all = false;
         let finished = tokio::time::timeout(ctx.timeout, async {
             let write = write_stdin(stdin, input);
             tokio::pin!(write);
@@ -666,8 +815,8 @@ impl Handler for Shell {
             let mut written = false;
             {
                 let read = async {
-                    tokio::try_join!(read_capped(stdout, stdout_limit, &mut out), async {
-                        read_tail(stderr, STDERR_TAIL_BYTES, &mut err).await;
+                    tokio::try_join!(read_capped(&mut stdout, stdout_limit, &mut out), async {
+                        read_tail(&mut stderr, STDERR_TAIL_BYTES, &mut err).await;
                         Ok(())
                     })
                 };
@@ -675,13 +824,17 @@ impl Handler for Shell {
                 let mut held_from: Option<tokio::time::Instant> = None;
                 loop {
                     tokio::select! {
+                        // The reading first: output ready in the pipes is
+                        // read before the grace below can end the reading.
+                        biased;
+                        r = &mut read => {
+                            r?;
+                            read_all = true;
+                            break;
+                        }
                         w = &mut write, if !written => {
                             w?;
                             written = true;
-                        }
-                        r = &mut read => {
-                            r?;
-                            break;
                         }
                         status = child.wait(), if exited.is_none() => {
                             exited = Some(status.map_err(|e| Stop::Io("wait", e))?);
@@ -729,6 +882,19 @@ impl Handler for Shell {
         let finished = match (finished, exited) {
             (Err(_elapsed), Some(status)) => Ok(Ok(status)),
             (finished, _) => finished,
+        };
+        // The program exited, and the reading stopped before the ends of
+        // its outputs (held open by a process it left, or its time-out came
+        // first): all it wrote is in the pipes by now, and is read before
+        // its output is judged — a result cut short would fail a program
+        // that succeeded (stdout is not JSON), or pass as `null`.
+        let finished = match finished {
+            Ok(Ok(status)) if !read_all => Ok(drain_outputs(
+                (&stdout, stdout_limit, &mut out),
+                (&stderr, &mut err),
+            )
+            .map(|()| status)),
+            finished => finished,
         };
 
         match finished {
@@ -897,6 +1063,25 @@ mod tests {
         );
     }
 
+    /// `null` is no input of its own: the program reads the envelope, as
+    /// with no `stdin` at all, not `null`.
+    #[tokio::test]
+    async fn a_null_stdin_is_the_envelope_as_when_absent() {
+        let mut params = sh("cat");
+        params["stdin"] = Value::Null;
+        let out = run(params.clone()).await;
+        assert_eq!(
+            out,
+            Ok(Outcome::Done(json!({
+                "params": params,
+                "deps": {},
+                "job_id": "job-test",
+                "task": "task-test",
+                "attempt": 1,
+            })))
+        );
+    }
+
     #[tokio::test]
     async fn env_and_cwd_are_applied() {
         let mut params = sh(r#"printf '{"v":"%s","d":"%s"}' "$FOO" "$(pwd)""#);
@@ -959,6 +1144,40 @@ mod tests {
         assert!(msg.ends_with("aaaaEND"), "{msg}");
         assert!(msg.contains("stderr tail: ...aaa"), "{msg}");
         assert!(msg.len() < STDERR_TAIL_BYTES + 100, "{}", msg.len());
+    }
+
+    /// A tail cut inside a UTF-8 character starts at the next one, not
+    /// with a `�` for the character's broken end.
+    #[tokio::test]
+    async fn a_stderr_tail_cut_inside_a_character_starts_at_the_next_one() {
+        // 5,000 two-byte `é` and an `X`: the last 4096 bytes would start
+        // in the middle of an `é`.
+        let out = run(sh(
+            "yes é | head -n 5000 | tr -d '\\n' >&2; printf X >&2; exit 3",
+        ))
+        .await;
+        let Err(HandlerError::Permanent(msg)) = out else {
+            panic!("expected a permanent error, got {out:?}");
+        };
+        let tail = msg.split_once("stderr tail: ...").unwrap().1;
+        assert!(!tail.contains('\u{FFFD}'), "{tail}");
+        assert!(tail.starts_with("éé") && tail.ends_with("éX"), "{tail}");
+        assert!(tail.len() <= STDERR_TAIL_BYTES, "{}", tail.len());
+    }
+
+    /// Each byte of stderr that is not UTF-8 becomes a three-byte `�`:
+    /// the tail is bounded once made text, not before (4 KiB of binary
+    /// stderr made 12 KiB of error message).
+    #[tokio::test]
+    async fn a_binary_stderr_tail_stays_within_its_limit_once_made_text() {
+        let out = run(sh("head -c 10000 /dev/zero | tr '\\0' '\\377' >&2; exit 3")).await;
+        let Err(HandlerError::Permanent(msg)) = out else {
+            panic!("expected a permanent error, got {out:?}");
+        };
+        let tail = msg.split_once("stderr tail: ...").unwrap().1;
+        assert!(tail.chars().all(|c| c == '\u{FFFD}'), "{tail}");
+        assert!(tail.len() <= STDERR_TAIL_BYTES, "{}", tail.len());
+        assert!(tail.len() > STDERR_TAIL_BYTES - 3, "{}", tail.len());
     }
 
     #[tokio::test]
@@ -1103,6 +1322,77 @@ mod tests {
         assert_eq!(stdout_limit(usize::MAX), MAX_STDOUT_BYTES);
     }
 
+    /// A result far larger than a pipe holds, written by a program that
+    /// exits at once, is read and parsed whole — also when a helper it
+    /// left holds its stdout open and its time-out comes before the
+    /// output grace ends: what it wrote is read to the last byte before it
+    /// is judged.
+    #[tokio::test]
+    async fn a_large_result_is_parsed_whole() {
+        let printing = "printf '\"'; head -c 2000000 /dev/zero | tr '\\0' a; printf '\"'";
+        let whole = |out: &Result<Outcome, HandlerError>| match out {
+            Ok(Outcome::Done(Value::String(a))) => a.len() == 2_000_000,
+            _ => false,
+        };
+        let short = |out: &Result<Outcome, HandlerError>| match out {
+            Ok(Outcome::Done(Value::String(a))) => format!("a string of {} bytes", a.len()),
+            other => format!("{other:?}"),
+        };
+        let out = run(sh(printing)).await;
+        assert!(whole(&out), "{}", short(&out));
+
+        let file = temp_path("large");
+        let mut ctx = test_ctx(1);
+        // It exits after about a second; the time-out comes within the
+        // second of grace after that.
+        ctx.timeout = Duration::from_millis(1_800);
+        let params = sh(&format!(
+            "sleep 30 & echo $! > '{}'; {printing}; sleep 1",
+            file.display()
+        ));
+        let out = Shell.run(ctx, params).await;
+        let helper = read_pid(&file).await;
+        let _ = std::fs::remove_file(&file);
+        let _ = nix::sys::signal::kill(Pid::from_raw(helper), Signal::SIGKILL);
+        assert!(whole(&out), "{}", short(&out));
+    }
+
+    /// Once the program has exited, all it wrote is in its pipes: read
+    /// straight from them, whatever tokio has heard of, and without
+    /// waiting for a helper holding them open. Stdout past its limit is
+    /// too large, as when read before.
+    #[tokio::test]
+    async fn what_an_exited_program_left_in_its_pipes_is_read_without_waiting() {
+        let spawn = |script: &str| {
+            Command::new("sh")
+                .args(["-c", script])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let mut child = spawn("sleep 30 & printf '{\"ok\": 1}'; printf oops >&2");
+        let pgid = Pid::from_raw(child.id().unwrap() as i32);
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        assert!(child.wait().await.unwrap().success());
+        let (mut out, mut err) = (Vec::new(), (Vec::new(), false));
+        let start = Instant::now();
+        let drained = drain_outputs((&stdout, 100, &mut out), (&stderr, &mut err));
+        let _ = killpg(pgid, Signal::SIGKILL);
+        assert!(matches!(drained, Ok(())));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(out, br#"{"ok": 1}"#);
+        assert_eq!(err, (b"oops".to_vec(), false));
+
+        let mut child = spawn("printf 123456");
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        assert!(child.wait().await.unwrap().success());
+        let mut out = Vec::new();
+        let drained = drain_outputs((&stdout, 5, &mut out), (&stderr, &mut (Vec::new(), false)));
+        assert!(matches!(drained, Err(Stop::StdoutTooLarge)));
+    }
+
     /// A program that exits while a helper it left holds its stdout open
     /// is judged by its exit status and what it wrote, not held until its
     /// time-out (which failed a program that had succeeded as timed out).
@@ -1243,6 +1533,94 @@ mod tests {
             .unwrap();
             assert_eq!(passes(&gated), transient, "{why}");
         }
+    }
+
+    /// dash, the `/bin/sh` programs start through, drops from the
+    /// environment every name that is not a shell identifier: such a name
+    /// would be accepted and never reach the program.
+    #[test]
+    fn an_env_name_that_is_not_a_shell_identifier_is_refused() {
+        for name in [
+            "spring.profiles.active",
+            "my-flag",
+            "1ST",
+            "",
+            "A=B",
+            "É",
+            "A B",
+        ] {
+            let e = Shell
+                .validate(&json!({"command": "true", "env": {name: "x"}}))
+                .unwrap_err();
+            assert_eq!(e.field, format!("params.env.{name}"));
+            assert_eq!(
+                e.message,
+                "variable names must be shell identifiers ([A-Za-z_][A-Za-z0-9_]*): the program \
+                 starts through /bin/sh, which passes on only names of that form"
+            );
+        }
+        for name in ["_", "A1", "my_flag", "_x9", "PATH"] {
+            let params = json!({"command": "true", "env": {name: "x"}});
+            assert!(Shell.validate(&params).is_ok(), "{name}");
+        }
+    }
+
+    /// Linux refuses an argument or environment string of 128 KiB or more
+    /// with its NUL (`E2BIG`), and a directory path of 4096 bytes or more
+    /// with its NUL (`ENAMETOOLONG`): a task with one could never run.
+    #[test]
+    fn an_argument_env_entry_or_cwd_too_long_for_linux_is_refused() {
+        let err = |v: Value| Shell.validate(&v).unwrap_err();
+        let e = err(json!({"command": "x", "args": ["a", "b".repeat(MAX_ARG_BYTES + 1)]}));
+        assert_eq!(e.field, "params.args[1]");
+        assert_eq!(
+            e.message,
+            "must be a string of at most 131071 bytes (Linux's limit on one argument: 128 KiB \
+             with its NUL), got a string of 131072 bytes"
+        );
+        // `A=` and the value: 131,072 bytes.
+        let e = err(json!({"command": "x", "env": {"A": "v".repeat(MAX_ARG_BYTES - 1)}}));
+        assert_eq!(e.field, "params.env.A");
+        assert_eq!(
+            e.message,
+            "NAME=value must be at most 131071 bytes (Linux's limit on one environment entry: \
+             128 KiB with its NUL), got 131072 bytes"
+        );
+        let e = err(json!({"command": "x", "cwd": format!("/{}", "a".repeat(MAX_CWD_BYTES))}));
+        assert_eq!(e.field, "params.cwd");
+        assert_eq!(
+            e.message,
+            "must be a non-empty string of at most 4095 bytes without NUL bytes (Linux's limit \
+             on a path: 4096 with its NUL), got a string of 4096 bytes"
+        );
+    }
+
+    /// The longest argument, environment entry and `cwd` accepted are
+    /// ones Linux takes: the limits are Linux's own, not a byte short.
+    #[tokio::test]
+    async fn the_longest_argument_env_entry_and_cwd_accepted_reach_the_program() {
+        let value = "v".repeat(MAX_ARG_BYTES - "LONG=".len());
+        // `/` and `./` 2047 times: 4095 bytes naming `/`.
+        let cwd = format!("/{}", "./".repeat((MAX_CWD_BYTES - 1) / 2));
+        assert_eq!(cwd.len(), MAX_CWD_BYTES);
+        let params = json!({
+            "command": "sh",
+            "args": [
+                "-c", r#"printf '[%s, %s, "%s"]' "${#1}" "${#LONG}" "$(pwd)""#,
+                "sh", "a".repeat(MAX_ARG_BYTES),
+            ],
+            "env": {"LONG": value},
+            "cwd": cwd,
+        });
+        let out = run(params).await;
+        assert_eq!(
+            out,
+            Ok(Outcome::Done(json!([
+                MAX_ARG_BYTES,
+                MAX_ARG_BYTES - 5,
+                "/"
+            ])))
+        );
     }
 
     #[test]
