@@ -1585,10 +1585,14 @@ async fn status_refused(prefix: &str, url: &str) -> String {
 /// Redis refusing the credentials of `redis_url` (a wrong password, or
 /// none to a server that asks for one) is named as such by a command, with
 /// no password quoted, not taken for a Redis that is not running (whose
-/// hint says how to start one).
+/// hint says how to start one): named directly, and behind a sentinel
+/// (until the thirty-sixth session an outage there, tried for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_redis_credentials_are_named_not_taken_for_an_outage() {
     let redis = PrivateRedis::start(false).await;
+    // Started while the node takes no password: it knows the node, and
+    // names it whatever the node answers it later.
+    let sentinel = PrivateSentinel::start(&redis).await;
     redis
         .cli(&["CONFIG", "SET", "requirepass", "right-one"])
         .await;
@@ -1608,7 +1612,12 @@ async fn refused_redis_credentials_are_named_not_taken_for_an_outage() {
     let _open_again = OpenAgain(redis.port);
     let config = redis.config("credentials");
     let wrong = format!("redis://:wrong-one@127.0.0.1:{}/", redis.port);
-    for url in [wrong.as_str(), &redis.url()] {
+    let behind = format!("redis+sentinel://127.0.0.1:{}/svc", sentinel.port);
+    let wrong_behind = format!(
+        "redis+sentinel://:wrong-one@127.0.0.1:{}/svc",
+        sentinel.port
+    );
+    for url in [wrong.as_str(), &redis.url(), &behind, &wrong_behind] {
         let stderr = status_refused(&config.prefix, url).await;
         assert!(
             stderr.contains("refused the credentials of redis_url"),

@@ -40,6 +40,10 @@ use crate::config::QueueType;
 /// Prefetch of the bare consumer.
 pub const PREFETCH: u16 = 200;
 
+/// How long the scratch queue outlives its last use (RabbitMQ's
+/// `x-expires`: no consumer, no declare) if nothing deletes it.
+const SCRATCH_EXPIRES: Duration = Duration::from_secs(600);
+
 /// Longest wait for RabbitMQ to answer one close of the loop's channels
 /// and connections.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -146,6 +150,12 @@ impl Loop {
         args.insert(
             "x-queue-type".into(),
             AMQPValue::LongString(type_name(queue_type).into()),
+        );
+        // Each run has its own: one left by a bench killed mid-run (by
+        // `kill -9`, a CI time-out) goes by itself once unused.
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(SCRATCH_EXPIRES.as_millis() as u32),
         );
         setup
             .queue_declare(

@@ -353,9 +353,15 @@ pub async fn run(config: &Config, options: Options) -> Result<Report, BenchError
             options.poll_window
         )));
     }
-    // Found unwritable before the run, not after it (with its report).
+    // Found unwritable before the run, not after it (with its report);
+    // opened without truncating, so a run refused later keeps an earlier
+    // run's file as it was.
     if let Some(path) = &options.samples {
-        std::fs::File::create(path)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
             .map_err(|e| BenchError::Options(format!("--samples {}: {e}", path.display())))?;
     }
     if options.shape.tasks() > config.limits.max_tasks {
@@ -472,10 +478,10 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
         Target::Live { .. } => {
             spawn::check_live(config, &names, &config.worker.queues, options.timeout).await?;
             let load = load::run(config, options, run_id).await?;
-            write_samples(options, &load);
-            Ok(report::build(
-                config, options, run_id, load, yardstick, None, None,
-            ))
+            let unwritten = write_samples(options, &load);
+            let mut report = report::build(config, options, run_id, load, yardstick, None, None);
+            report.errors.extend(unwritten);
+            Ok(report)
         }
         Target::Spawn(spawn_options) => {
             let deployment_config = spawned_config(config, spawn_options);
@@ -522,7 +528,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
             let stopped = deployment.stop(result.is_err()).await;
             spawn::cleanup(&deployment_config, run_id, true).await;
             let (load, hold) = result?;
-            write_samples(options, &load);
+            let unwritten = write_samples(options, &load);
             let processes = report::Processes {
                 dispatchers: spawn_options.dispatchers,
                 workers: spawn_options.workers,
@@ -532,7 +538,7 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 exits: stopped.exits,
                 logs_dir: stopped.logs_dir,
             };
-            Ok(report::build(
+            let mut report = report::build(
                 &deployment_config,
                 options,
                 run_id,
@@ -540,21 +546,21 @@ async fn run_inner(config: &Config, options: &Options, run_id: &str) -> Result<R
                 yardstick,
                 Some(processes),
                 hold,
-            ))
+            );
+            report.errors.extend(unwritten);
+            Ok(report)
         }
     }
 }
 
 /// The per-job CSV of `--samples`, if asked for. Its path was found
-/// writable before the run; a write that fails now (a full disk) is
-/// logged, and the run's report is still printed.
-fn write_samples(options: &Options, load: &load::LoadResult) {
-    let Some(path) = &options.samples else {
-        return;
-    };
-    if let Err(e) = std::fs::write(path, load::samples_csv(load)) {
-        tracing::error!(path = %path.display(), error = %e, "could not write --samples");
-    }
+/// writable before the run; a write that fails now (a full disk) is an
+/// error of the report, which is still printed.
+fn write_samples(options: &Options, load: &load::LoadResult) -> Option<String> {
+    let path = options.samples.as_ref()?;
+    std::fs::write(path, load::samples_csv(load))
+        .err()
+        .map(|e| format!("--samples {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -58,6 +58,17 @@ const SWEEP_BATCHES_PER_PASS: usize = 10;
 /// store was unreachable: ten of a worker's retries.
 pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Leave lapsed leases to their workers' renewals for [`RECLAIM_GRACE`]
+/// after a publish in which the sweep did not look at the store (see
+/// [`Swept::looked_away`]).
+async fn wait_out_the_grace() {
+    tracing::debug!(
+        grace_ms = RECLAIM_GRACE.as_millis() as u64,
+        "a sweep publish waited long; lapsed leases are left to their workers' renewals for a moment"
+    );
+    tokio::time::sleep(RECLAIM_GRACE).await;
+}
+
 /// How often the loop, waiting for its next pass, reads when the earliest
 /// retry falls due (only when the interval is longer).
 pub const RETRY_PEEK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -130,11 +141,13 @@ struct Swept {
     /// It stopped at [`SWEEP_BATCHES_PER_PASS`] with entries still due.
     capped: bool,
     /// A publish of it waited longer than [`RECLAIM_GRACE`] (a broker slow
-    /// to confirm), with no call to the store meanwhile: an outage of the
-    /// store in that time went unseen, and the workers may not have been
-    /// able to renew. The lapsed leases wait for the grace, as after an
-    /// outage seen (before the thirty-sixth session the next batch
-    /// reclaimed them at once).
+    /// to confirm, or a batch published entry by entry), with no call to
+    /// the store meanwhile: an outage of the store in that time went
+    /// unseen, and the workers may not have been able to renew. The next
+    /// read of lapsed leases waits for the grace first, as after an outage
+    /// seen (before the thirty-sixth session it came at once). A wait, not
+    /// a pass skipped: a broker always that slow still has every lease
+    /// taken over in time.
     looked_away: bool,
 }
 
@@ -257,13 +270,6 @@ impl Dispatcher {
             Ok(swept) => {
                 state.retries_seen = swept.seen_all;
                 state.backlog = swept.capped;
-                if swept.looked_away {
-                    tracing::debug!(
-                        grace_ms = RECLAIM_GRACE.as_millis() as u64,
-                        "a sweep publish waited long; lapsed leases are left to their workers' renewals for a moment"
-                    );
-                    state.reclaim_from = Some(tokio::time::Instant::now() + RECLAIM_GRACE);
-                }
                 if swept.done > 0 {
                     tracing::debug!(actions = swept.done, "sweep");
                 }
@@ -289,8 +295,11 @@ impl Dispatcher {
     /// of the retries only.
     async fn sweep_pass(&self, leases: bool) -> Result<Swept, SweepError> {
         let retries = self.sweep_schedule(ScheduleIndex::Retries).await?;
-        if !leases || retries.looked_away {
+        if !leases {
             return Ok(retries);
+        }
+        if retries.looked_away {
+            wait_out_the_grace().await;
         }
         let leases = self.sweep_schedule(ScheduleIndex::Leases).await?;
         Ok(Swept {
@@ -352,9 +361,9 @@ impl Dispatcher {
     /// entries in a pass of ten batches), so each batch brings new
     /// entries. Once a whole batch's worth has been refused, the rest
     /// waits for the next pass (the broker is likely refusing everything,
-    /// and each refused entry cost a publish). A publish that waited
-    /// longer than [`RECLAIM_GRACE`] ends a pass through the leases (see
-    /// [`Swept::looked_away`]).
+    /// and each refused entry cost a publish). After a publish that waited
+    /// longer than [`RECLAIM_GRACE`], the next read of lapsed leases waits
+    /// for the grace (see [`Swept::looked_away`]).
     async fn sweep_schedule(&self, schedule: ScheduleIndex) -> Result<Swept, SweepError> {
         let mut failed: HashSet<String> = HashSet::new();
         // Entries the broker refused in this pass, and the queues that
@@ -366,8 +375,15 @@ impl Dispatcher {
         let mut capped = false;
         let mut looked_away = false;
         let mut came_back = 0;
+        let mut deferred_last = 0;
         for batch in 1.. {
-            let limit = SWEEP_BATCH + came_back;
+            if looked_away && schedule == ScheduleIndex::Leases {
+                looked_away = false;
+                wait_out_the_grace().await;
+            }
+            // Room for the entries that keep coming back, and for those
+            // deferred last that may (a deferral that left them due).
+            let limit = SWEEP_BATCH + came_back + deferred_last;
             let actions = self.due(schedule, limit).await?;
             // One read: every action of the batch has its time.
             let read_at = actions.iter().map(|a| a.read_at).min().unwrap_or(0);
@@ -388,6 +404,7 @@ impl Dispatcher {
             self.forget(schedule, &published.done, read_at).await?;
             let deferred = [published.refused.as_slice(), &published.held].concat();
             self.defer(schedule, &deferred, read_at).await?;
+            deferred_last = deferred.len();
             total += published.done.len();
             refused += published.refused.len();
             failed.extend(deferred);
@@ -395,10 +412,6 @@ impl Dispatcher {
                 return Err(e.into());
             }
             if !more {
-                break;
-            }
-            if looked_away && schedule == ScheduleIndex::Leases {
-                seen_all = false;
                 break;
             }
             if batch >= SWEEP_BATCHES_PER_PASS {
@@ -544,6 +557,8 @@ mod tests {
         nack: Mutex<Option<String>>,
         /// How long each publish waits for its confirms.
         delay: Mutex<Duration>,
+        /// When each publish began.
+        started: Mutex<Vec<tokio::time::Instant>>,
         /// Batches nacked so far.
         nacked: std::sync::atomic::AtomicUsize,
     }
@@ -556,6 +571,10 @@ mod tests {
             batch: Vec<Outgoing>,
         ) -> Result<(), BrokerError> {
             let nack = self.nack.lock().unwrap().clone();
+            self.started
+                .lock()
+                .unwrap()
+                .push(tokio::time::Instant::now());
             let delay = *self.delay.lock().unwrap();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -1036,26 +1055,27 @@ mod tests {
 
     /// A publish that waited past the grace (a broker slow to confirm) is
     /// time in which the sweep did not look at the store: an outage then
-    /// went unseen, so the lapsed leases are left for the grace, as after
-    /// an outage seen.
+    /// went unseen, so the next read of lapsed leases waits for the grace,
+    /// as after an outage seen. A wait in the pass, not a pass skipped: a
+    /// broker that slow for good still has the lease taken over.
     #[tokio::test(start_paused = true)]
-    async fn a_publish_that_waited_past_the_grace_starts_the_grace_too() {
+    async fn a_publish_that_waited_past_the_grace_delays_the_next_lease_read_by_it() {
         let s = setup();
         let mut state = SweepLoop::default();
         s.retrying("r", "default").await;
         s.lapsing("l", "default").await;
         tokio::time::advance(Duration::from_secs(2)).await;
-        *s.broker.hook.delay.lock().unwrap() = RECLAIM_GRACE * 2;
+        let slow = RECLAIM_GRACE * 2;
+        *s.broker.hook.delay.lock().unwrap() = slow;
         s.dispatcher.sweep_tick(&mut state).await;
-        assert_eq!(s.queued_jobs("default").await, vec!["r"]);
-        assert_eq!(s.store.schedule_sizes(), (1, 0), "the lease left");
-        *s.broker.hook.delay.lock().unwrap() = Duration::ZERO;
-        s.dispatcher.sweep_tick(&mut state).await;
-        assert_eq!(s.store.schedule_sizes(), (1, 0), "still within the grace");
-        tokio::time::advance(RECLAIM_GRACE).await;
-        s.dispatcher.sweep_tick(&mut state).await;
-        assert_eq!(s.queued_jobs("default").await, vec!["l"]);
-        assert_eq!(s.store.schedule_sizes(), (0, 0));
+        assert_eq!(s.queued_jobs("default").await, vec!["l", "r"]);
+        let started = s.broker.hook.started.lock().unwrap().clone();
+        assert_eq!(started.len(), 2, "the retry's publish, then the lease's");
+        assert!(
+            started[1] - started[0] >= slow + RECLAIM_GRACE,
+            "the lease was read {:?} after the retry's publish began",
+            started[1] - started[0]
+        );
     }
 
     #[tokio::test(start_paused = true)]

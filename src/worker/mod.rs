@@ -132,6 +132,11 @@ pub const SUBMISSION_PATIENCE: Duration = Duration::from_millis(50);
 /// end: a handler that blocks its thread may never yield to the abort.
 pub const HANDLER_STOP_WAIT: Duration = Duration::from_secs(5);
 
+/// How long the follow-ups of an outcome applied after the hard stop (an
+/// answer there as it came) are given to be confirmed before they are
+/// left to the lease sweep.
+const PUBLISH_AFTER_STOP: Duration = Duration::from_secs(5);
+
 /// How a running task learns the worker is stopping: `graceful` when it
 /// should take on nothing new, `hard` when the grace period is over and
 /// its claim goes back.
@@ -237,10 +242,10 @@ impl Worker {
         // renewals every claim would lapse under its running task.
         let mut background = JoinSet::new();
         {
-            let (this, shutdown) = (self.clone(), shutdown.clone());
+            let this = self.clone();
             background.spawn(restart_on_panic("heartbeat", RESTART_PAUSE, move || {
-                let (this, shutdown) = (this.clone(), shutdown.clone());
-                async move { this.heartbeat_forever(shutdown).await }
+                let this = this.clone();
+                async move { this.heartbeat_forever().await }
             }));
         }
         {
@@ -858,10 +863,23 @@ impl Worker {
                     }
                 }
                 let mut hard_stop = stops.hard.clone();
+                // A stop that came before (the run answered as it came, or
+                // during its abort wait) leaves the publish its own bound:
+                // raced against a signal fired already, it lost at its
+                // first wait for a confirm, and the dependents waited a
+                // lease for the sweep.
+                let stopped_already = hard_stop.is_triggered();
+                let stop = async {
+                    if stopped_already {
+                        tokio::time::sleep(PUBLISH_AFTER_STOP).await;
+                    } else {
+                        hard_stop.wait().await;
+                    }
+                };
                 let published = tokio::select! {
                     biased;
                     published = self.outbox.publish_tasks_until_confirmed(&ready) => published,
-                    _ = hard_stop.wait() => {
+                    () = stop => {
                         // This attempt's lease entry stays: the sweep
                         // publishes them.
                         tracing::warn!(job = %claim.job, "stopped while publishing ready tasks; the lease sweep will");
@@ -1035,13 +1053,19 @@ impl Worker {
         }
     }
 
-    async fn heartbeat_forever(&self, mut shutdown: Shutdown) {
+    /// Register this worker every heartbeat until `run` ends (aborted
+    /// with the other background tasks, then unregistered): through the
+    /// grace of a shutdown too, while it still runs and renews claims
+    /// (until the thirty-sixth session it stopped at the signal, and
+    /// `queues` showed a worker gone that held claims for half a minute).
+    async fn heartbeat_forever(&self) {
         let started_ms = unix_ms();
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut tick = tokio::time::interval(self.options.heartbeat);
-        while shutdown.tick(&mut tick).await {
+        loop {
+            tick.tick().await;
             let info = WorkerInfo {
                 id: self.options.id.clone(),
                 host: host.clone(),
@@ -1095,6 +1119,9 @@ mod tests {
     use crate::store::memory::{MemoryStore, TokioClock};
 
     const LEASE: Duration = Duration::from_millis(600);
+
+    /// A seed whose first yield point yields (0 to 2 times, drawn).
+    const YIELDING_SEED: u64 = 1;
 
     /// An empty in-process store on the (paused) tokio clock.
     fn memory_store() -> Arc<MemoryStore> {
@@ -1454,6 +1481,17 @@ mod tests {
         id: &str,
         handler: &str,
     ) -> (Worker, Arc<MemoryStore>, Arc<MemoryBroker>, NextRun) {
+        let body = json!({"id": id, "requestor": "me",
+            "tasks": [{"name": "t", "handler": handler}]});
+        a_claimed_run_of(prefix, registry, body).await
+    }
+
+    /// A worker with the first ready task of the job `body` claimed.
+    async fn a_claimed_run_of(
+        prefix: &str,
+        registry: Registry,
+        body: Value,
+    ) -> (Worker, Arc<MemoryStore>, Arc<MemoryBroker>, NextRun) {
         let names = Names::new(prefix);
         let store = memory_store();
         let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
@@ -1469,8 +1507,6 @@ mod tests {
                 ..WorkerOptions::from_config(&config, "w")
             },
         );
-        let body = json!({"id": id, "requestor": "me",
-            "tasks": [{"name": "t", "handler": handler}]});
         let crate::intake::Intake::Valid(job) = intake.accept(body.to_string().as_bytes()) else {
             panic!("valid");
         };
@@ -1616,6 +1652,27 @@ mod tests {
         assert_eq!(status.tasks["t"].result, json!({"done": true}));
         let names = Names::new("answered");
         assert_eq!(broker.ready_len(&names.task_queue("default")).await, 0);
+    }
+
+    /// The ready dependents of an outcome applied after the hard stop (an
+    /// answer there as it came) are published, not left a lease for the
+    /// sweep: the stop had fired already, and raced against it the publish
+    /// lost at its first wait (the queue's declare here).
+    #[tokio::test]
+    async fn the_follow_ups_of_an_answer_there_as_the_hard_stop_comes_are_published() {
+        let (trigger, stops) = stops();
+        let registry = conveyor_builtin_handlers::registry().with(StopsAsItAnswers(trigger));
+        let body = json!({"id": "chain", "requestor": "me", "tasks": [
+            {"name": "t", "handler": "stops"},
+            {"name": "u", "handler": "noop", "after": ["t"]}]});
+        let (worker, store, broker, run) = a_claimed_run_of("chain", registry, body).await;
+        // Each broker call yields after its work: the declare before the
+        // publish waits.
+        broker.yield_after_calls(Some(YIELDING_SEED));
+        assert!(worker.run_one(run, &stops).await.is_none());
+        let names = Names::new("chain");
+        assert_eq!(broker.ready_len(&names.task_queue("default")).await, 1);
+        assert_eq!(store.schedule_sizes(), (0, 0), "the lease entry forgotten");
     }
 
     /// A worker that could not start a claimed task for longer than its

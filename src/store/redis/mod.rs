@@ -397,10 +397,17 @@ impl RedisStore {
     /// Later they are an outage like any: a password changed under a
     /// running process is an operator's to mend, and its calls wait. Any
     /// other failure here is left to the calls that follow to report.
-    /// (Nodes behind sentinels are asked for by the calls.)
+    /// Behind sentinels, the primary they name is asked (since the
+    /// thirty-sixth session: a wrong node password was an outage, with the
+    /// hint to start Redis, tried again for ever); sentinels that cannot
+    /// be asked are left to the calls too.
     async fn first_contact(&self) -> Result<(), StoreError> {
-        let Nodes::Listed(nodes, _) = &self.nodes else {
-            return Ok(());
+        let nodes: Vec<deadpool_redis::Pool> = match &self.nodes {
+            Nodes::Listed(nodes, _) => nodes.to_vec(),
+            Nodes::Sentinel(sentinel) => match sentinel.primary_pool().await {
+                Ok((_, pool)) => vec![pool],
+                Err(_) => return Ok(()),
+            },
         };
         let refused = |e: &RedisError| {
             protocol(format!(

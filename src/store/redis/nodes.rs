@@ -128,9 +128,7 @@ impl SentinelNodes {
         &self,
         for_use: Use,
     ) -> Result<MultiplexedConnection, StoreError> {
-        let (host, port) = primary_address(&self.url, self.tls_ca.as_ref()).await?;
-        let address = format!("{host}:{port}");
-        let pool = self.pool(&address, &self.url.node_url(&host, port))?;
+        let (address, pool) = self.primary_pool().await?;
         let mut conn = match pool.get().await {
             Ok(pooled) => deadpool_redis::Connection::take(pooled),
             Err(e) => {
@@ -163,6 +161,14 @@ impl SentinelNodes {
             *last = Some(address);
         }
         Ok(conn)
+    }
+
+    /// The address of the primary the sentinels name, and its pool.
+    pub(super) async fn primary_pool(&self) -> Result<(String, Pool), StoreError> {
+        let (host, port) = primary_address(&self.url, self.tls_ca.as_ref()).await?;
+        let address = format!("{host}:{port}");
+        let pool = self.pool(&address, &self.url.node_url(&host, port))?;
+        Ok((address, pool))
     }
 
     /// The pool of the node at `address` (`url`), made on first use.

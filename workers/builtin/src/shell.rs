@@ -25,7 +25,7 @@
 //!   (`[A-Za-z_][A-Za-z0-9_]*`): the program starts through `/bin/sh` (see
 //!   *Process group*), and dash, Debian's `sh`, passes on no other name —
 //!   `spring.profiles.active` or `my-flag` would be accepted and never
-//!   arrive. The same goes for such names in the worker's own environment:
+//!   arrive; nor `_`, which bash sets to the program's path. The same goes for such names in the worker's own environment:
 //!   they do not reach the program. Each `NAME=value` is at most 131,071
 //!   bytes.
 //! - `cwd`: the directory to run in (at most 4095 bytes); the worker's own
@@ -336,6 +336,15 @@ fn parse_env(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Valid
                     format!("params.env.{k}"),
                     "variable names must be shell identifiers ([A-Za-z_][A-Za-z0-9_]*): the \
                      program starts through /bin/sh, which passes on only names of that form",
+                ));
+            }
+            if k == "_" {
+                // bash, the `/bin/sh` of some systems, sets it to the
+                // program's path in what it runs: the value would be lost.
+                return Err(ValidationError::new(
+                    "params.env._",
+                    "`_` is the shell's own (bash sets it to the program's path); choose \
+                     another name",
                 ));
             }
             if k.starts_with(CONVEYOR_ENV) {
@@ -823,10 +832,12 @@ impl Handler for Shell {
                 tokio::pin!(read);
                 let mut held_from: Option<tokio::time::Instant> = None;
                 loop {
+                    // Unbiased: a helper writing on without pause keeps
+                    // the reading ready, and polled first it would use up
+                    // the task's budget every time, so that the exit and
+                    // the grace were never seen. What the grace leaves in
+                    // the pipes is read after (`drain_outputs`).
                     tokio::select! {
-                        // The reading first: output ready in the pipes is
-                        // read before the grace below can end the reading.
-                        biased;
                         r = &mut read => {
                             r?;
                             read_all = true;
@@ -1559,7 +1570,11 @@ mod tests {
                  starts through /bin/sh, which passes on only names of that form"
             );
         }
-        for name in ["_", "A1", "my_flag", "_x9", "PATH"] {
+        let e = Shell
+            .validate(&json!({"command": "true", "env": {"_": "x"}}))
+            .unwrap_err();
+        assert_eq!(e.field, "params.env._");
+        for name in ["A1", "my_flag", "_x9", "__", "PATH"] {
             let params = json!({"command": "true", "env": {name: "x"}});
             assert!(Shell.validate(&params).is_ok(), "{name}");
         }
