@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
     let registry = conveyor_builtin_handlers::registry().with(Greet);
     conveyor::runtime::block_on(config.runtime_threads, async move {
         let trigger = ShutdownTrigger::new();
-        on_signals(trigger.clone());
+        on_signals(trigger.clone(), false);
         if std::env::args().nth(1).as_deref() == Some("dispatcher") {
             conveyor::runtime::run_dispatcher(&config, registry, trigger.subscribe()).await
         } else {

@@ -125,8 +125,11 @@ impl Shutdown {
 /// as for a worker killed. The listeners are made once, before the first
 /// signal, so that none sent between two of them is missed (a listener
 /// made later does not see it, and the default action, ending the
-/// process, is replaced for good once the first exists).
-pub fn on_signals(trigger: ShutdownTrigger) {
+/// process, is replaced for good once the first exists). With `hangup`,
+/// SIGHUP counts as one of them (`conveyor dev` in a terminal closed
+/// under it still writes its last snapshot); without, it keeps its
+/// default action.
+pub fn on_signals(trigger: ShutdownTrigger, hangup: bool) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -134,11 +137,23 @@ pub fn on_signals(trigger: ShutdownTrigger) {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         ) {
+            let mut hup = if hangup {
+                signal(SignalKind::hangup()).ok()
+            } else {
+                None
+            };
             tokio::spawn(async move {
                 let mut next = async || -> (&'static str, i32) {
+                    let hup_signal = async {
+                        match hup.as_mut() {
+                            Some(hup) => hup.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = term.recv() => ("SIGTERM", 15),
                         _ = int.recv() => ("SIGINT", 2),
+                        _ = hup_signal => ("SIGHUP", 1),
                     }
                 };
                 let (signal, _) = next().await;
@@ -159,10 +174,10 @@ pub fn on_signals(trigger: ShutdownTrigger) {
         }
     }
     tokio::spawn(async move {
-        let signal = stop_signal(false).await;
+        let signal = stop_signal(hangup).await;
         tracing::info!("{signal}: shutting down (a second one stops at once)");
         trigger.trigger();
-        let signal = stop_signal(false).await;
+        let signal = stop_signal(hangup).await;
         tracing::warn!(
             "second {signal}: stopping now: running tasks are handed back, not waited for (submissions in hand are still settled, each within its bound)"
         );

@@ -441,6 +441,39 @@ async fn conveyor_dev_runs_job_files_and_keeps_their_jobs_in_its_snapshot_across
     interrupt(&mut second, Some(&second_log)).await;
 }
 
+/// A terminal closed under `conveyor dev` (SIGHUP) stops it as Ctrl-C
+/// does: it exits 0 with its last snapshot written, where SIGHUP's default
+/// action ended it at once (until the thirty-sixth session).
+#[tokio::test]
+async fn a_hangup_stops_conveyor_dev_as_ctrl_c_does() {
+    let dir = Scratch::dir("dev-hangup");
+    let snapshot = dir.join("store.snapshot");
+    let log = dir.join("dev.log");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/diamond.json");
+    let mut dev = spawn_dev(&snapshot, &log, &[example]);
+    common::eventually(
+        "the example job finished",
+        Duration::from_secs(30),
+        || async { dev_log_lines(&log, "job finished").into_iter().next() },
+    )
+    .await;
+    let pid = dev.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(
+        common::exited(&mut dev, "conveyor dev", Some(&log))
+            .await
+            .success()
+    );
+    assert_eq!(
+        dev_log_lines(&log, "SIGHUP: shutting down (a second one stops at once)").len(),
+        1
+    );
+    assert!(snapshot.exists(), "a snapshot written at the stop");
+}
+
 /// A second Ctrl-C to `conveyor dev` ends its workers' grace period at
 /// once, as it does a worker's: the running task is handed back (and so
 /// kept, ready, in the snapshot) and `dev` exits 0 without waiting out a

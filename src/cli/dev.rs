@@ -67,7 +67,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         bodies.push((file, body));
     }
     let trigger = ShutdownTrigger::new();
-    on_signals(trigger.clone());
+    // A terminal closed under it (SIGHUP) stops it as Ctrl-C does, with
+    // its last snapshot.
+    on_signals(trigger.clone(), true);
     let started = std::time::Instant::now();
     let probes = ProbeServer::start_if(args.http_addr.or(config.http_addr)).await?;
     let embedded = Embedded::start(

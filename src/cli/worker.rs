@@ -46,7 +46,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         config.http_addr = Some(a);
     }
     let trigger = ShutdownTrigger::new();
-    on_signals(trigger.clone());
+    on_signals(trigger.clone(), false);
     conveyor::runtime::run_worker(
         &config,
         conveyor_builtin_handlers::registry(),

@@ -308,11 +308,13 @@ impl Worker {
         // 30 s), and a supervisor that kills the process `grace_s` after
         // SIGTERM would find the handlers still running, their tasks not
         // handed back, their leases to lapse. A task of its own keeps the
-        // time, so receiving work costs nothing more.
+        // time, so receiving work costs nothing more; in the background
+        // set, so that it goes with `run`'s future if that is dropped (a
+        // simulated crash).
         let grace_timer = {
             let (this, mut shutdown) = (self.clone(), shutdown.clone());
             let hard_stop = hard_stop.clone();
-            tokio::spawn(async move {
+            background.spawn(async move {
                 shutdown.wait().await;
                 let deadline = tokio::time::Instant::now() + this.options.grace;
                 let hurried = tokio::select! {
