@@ -91,6 +91,25 @@ pub const DEAD_LETTERS_KEPT: usize = 10_000;
 /// and they do not consume yet ([`Worker::following_new_queues`]).
 pub const QUEUES_LOOKED_AT_EVERY: Duration = Duration::from_millis(250);
 
+/// The longest pause between snapshot writes that keep failing.
+const SNAPSHOT_BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// The pause before the next snapshot write, written every `every`, after
+/// `failed` writes failed in a row: each failure doubles it, up to
+/// [`SNAPSHOT_BACKOFF_CAP`] (or `every`, if longer). A write that fails (a
+/// full disk) serializes the whole store under its lock first: once
+/// every period for as long as the disk stayed full, before the
+/// thirty-sixth session.
+fn snapshot_pause(every: Duration, failed: u32) -> Duration {
+    let every_ms = every.as_millis() as u64;
+    let cap_ms = every_ms.max(SNAPSHOT_BACKOFF_CAP.as_millis() as u64);
+    Duration::from_millis(crate::backoff::ceiling(
+        failed.saturating_add(1),
+        every_ms,
+        cap_ms,
+    ))
+}
+
 /// A running embedded deployment.
 pub struct Embedded {
     store: Arc<MemoryStore>,
@@ -207,14 +226,19 @@ impl Embedded {
             let mut shutdown = stop.subscribe();
             let every = options.snapshot_every;
             let writes = tokio::spawn(async move {
+                let mut failed = 0u32;
                 loop {
                     tokio::select! {
                         biased;
                         _ = shutdown.wait() => return,
-                        _ = tokio::time::sleep(every) => {}
+                        _ = tokio::time::sleep(snapshot_pause(every, failed)) => {}
                     }
-                    if let Err(e) = save_snapshot(&file, &store).await {
-                        tracing::warn!(error = %e, "snapshot failed");
+                    match save_snapshot(&file, &store).await {
+                        Ok(_) => failed = 0,
+                        Err(e) => {
+                            failed = failed.saturating_add(1);
+                            tracing::warn!(error = %e, retry_in = ?snapshot_pause(every, failed), "snapshot failed");
+                        }
                     }
                 }
             });
@@ -425,6 +449,19 @@ fn replace_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failing_snapshot_writes_back_off_to_a_minute_and_a_success_resets() {
+        let every = Duration::from_secs(2);
+        let pauses: Vec<u64> = (0..8)
+            .map(|failed| snapshot_pause(every, failed).as_secs())
+            .collect();
+        assert_eq!(pauses, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(snapshot_pause(every, u32::MAX), SNAPSHOT_BACKOFF_CAP);
+        // A period longer than the cap is kept as it is.
+        let hourly = Duration::from_secs(3600);
+        assert_eq!(snapshot_pause(hourly, 3), hourly);
+    }
     use crate::model::{JobState, TaskState};
 
     /// A directory of this test's own, emptied first.
