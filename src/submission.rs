@@ -43,6 +43,7 @@ use crate::health::Health;
 use crate::intake::{ASSIGNED_ID_HEADER, Intake, JobIntake, MAX_ERROR_BYTES};
 use crate::model::{DeadLetterReason, JobState, SubmitReply};
 use crate::outbox::{BROKER_REFUSAL_PAUSE, Outbox};
+use crate::shutdown::Shutdown;
 use crate::store::{ClaimOutcome, ClaimRef, Claimed, Created, Store, StoreError};
 use crate::text::capped;
 
@@ -87,11 +88,14 @@ impl Submissions {
     /// recorded as rejected. While the store is out, or the broker refuses
     /// a message the submission causes, it goes back as a new message (its
     /// delivery count from zero), so that a passing condition never
-    /// carries it past the submit queue's delivery limit.
+    /// carries it past the submit queue's delivery limit. The pause before
+    /// it goes back ends early when `stopping` fires: the process is
+    /// stopping, and waits for its submissions in hand.
     pub(crate) async fn handle(
         &self,
         mut delivery: Delivery,
         run_here: Option<RunHere<'_>>,
+        stopping: Option<&Shutdown>,
     ) -> Option<Box<Claimed>> {
         let mut claimed = None;
         // A job whose body names no id is recorded under one made here.
@@ -102,7 +106,7 @@ impl Submissions {
         let given = self.intake.assigned_id(&delivery.properties);
         let (verdict, assigned) = self.intake.accept_as(&delivery.body, given);
         if self.refer_refusals && !matches!(verdict, Intake::Valid(_)) {
-            self.refer(delivery).await;
+            self.refer(delivery, stopping).await;
             return None;
         }
         if let Some(id) = assigned {
@@ -113,7 +117,7 @@ impl Submissions {
         let reply = match verdict {
             Intake::Dead { kind, reason } => {
                 tracing::warn!(kind = kind.as_str(), %reason, "submission dead-lettered");
-                delivery = self.dead_letter(delivery, kind, &reason).await?;
+                delivery = self.dead_letter(delivery, kind, &reason, stopping).await?;
                 SubmitReply {
                     job_id: None,
                     accepted: false,
@@ -143,12 +147,14 @@ impl Submissions {
                             return None;
                         }
                         Err(e) => {
-                            self.store_failed(delivery, e, &rejection.id).await;
+                            self.store_failed(delivery, e, &rejection.id, stopping)
+                                .await;
                             return None;
                         }
                     },
                     Err(e) => {
-                        self.store_failed(delivery, e, &rejection.id).await;
+                        self.store_failed(delivery, e, &rejection.id, stopping)
+                            .await;
                         return None;
                     }
                 }
@@ -193,7 +199,7 @@ impl Submissions {
                         // The job may be recorded (and its root claimed):
                         // the redelivery finds it existing and publishes its
                         // ready tasks; a claim made is the sweep's.
-                        self.store_failed(delivery, e, &job.id).await;
+                        self.store_failed(delivery, e, &job.id, stopping).await;
                         return None;
                     }
                 };
@@ -233,7 +239,7 @@ impl Submissions {
                     } else {
                         BROKER_REFUSAL_PAUSE
                     };
-                    self.retry_later(delivery, &e, pause).await;
+                    self.retry_later(delivery, &e, pause, stopping).await;
                     return claimed;
                 }
                 tracing::debug!(job = %job.id, existing = ?existing_state, ready = ready.len(), here = claimed.is_some(), "job accepted");
@@ -348,7 +354,7 @@ impl Submissions {
     /// copy (its publisher's properties kept, so the reply still reaches
     /// `reply_to`) published to the referred queue, then the original
     /// acked; if the publish fails, the original is tried again later.
-    async fn refer(&self, delivery: Delivery) {
+    async fn refer(&self, delivery: Delivery, stopping: Option<&Shutdown>) {
         let referred = self.outbox.names().referred_queue();
         let broker = self.outbox.broker().as_ref();
         match try_copy_then_ack(broker, vec![delivery], Some(&referred)).await {
@@ -356,7 +362,8 @@ impl Submissions {
             Err((deliveries, e)) => {
                 tracing::warn!(error = %e, "cannot refer the submission now; trying again later");
                 for delivery in deliveries {
-                    self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE).await;
+                    self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE, stopping)
+                        .await;
                 }
             }
         }
@@ -371,8 +378,17 @@ impl Submissions {
     /// publishes. Instead it waits `pause` ([`BROKER_REFUSAL_PAUSE`],
     /// unless a claimed root must not wait) and goes to the back of its
     /// queue as a new message. When the connection is lost, the broker
-    /// takes it back anyway.
-    async fn retry_later(&self, delivery: Delivery, e: &BrokerError, pause: Duration) {
+    /// takes it back anyway. A process stopping (`stopping` fired) gives
+    /// it back at once: its consumer is cancelled, so nothing loops here,
+    /// and a pause grown to 30 s held the stop as long (until the
+    /// thirty-sixth session).
+    async fn retry_later(
+        &self,
+        delivery: Delivery,
+        e: &BrokerError,
+        pause: Duration,
+        stopping: Option<&Shutdown>,
+    ) {
         // Requeued, the broker hands back the message as its publisher sent
         // it: an id assigned here would be lost, and the job recorded under
         // it recorded again under another. A publish that timed out (a
@@ -388,7 +404,17 @@ impl Submissions {
         // with its ready tasks unpublished). It grows with the deliveries
         // counted against the message, so that the limit is reached only
         // after minutes of a broker in that state.
-        tokio::time::sleep(grown_pause(pause, delivery.delivery_count)).await;
+        let pause = tokio::time::sleep(grown_pause(pause, delivery.delivery_count));
+        match stopping {
+            Some(stopping) => {
+                let mut stopping = stopping.clone();
+                tokio::select! {
+                    () = pause => {}
+                    () = stopping.wait() => {}
+                }
+            }
+            None => pause.await,
+        }
         if e.is_unavailable() && !assigned {
             requeue(delivery).await;
             return;
@@ -403,7 +429,13 @@ impl Submissions {
     /// `unusable_record` with the error, and the reply says so: requeued,
     /// it would come straight back, for ever on a classic queue, and on a
     /// quorum queue until RabbitMQ dead-lettered it without a reason.
-    async fn store_failed(&self, delivery: Delivery, e: StoreError, id: &str) {
+    async fn store_failed(
+        &self,
+        delivery: Delivery,
+        e: StoreError,
+        id: &str,
+        stopping: Option<&Shutdown>,
+    ) {
         if e.is_retryable() {
             // Take no new submissions until Redis answers again. The
             // message goes back as a new one: an outage is not a failed
@@ -420,7 +452,12 @@ impl Submissions {
         );
         tracing::error!(job = %id, error = %e, "store refused the submission for good; dead-lettering it");
         let Some(delivery) = self
-            .dead_letter(delivery, DeadLetterReason::UnusableRecord, &reason)
+            .dead_letter(
+                delivery,
+                DeadLetterReason::UnusableRecord,
+                &reason,
+                stopping,
+            )
             .await
         else {
             return;
@@ -446,6 +483,7 @@ impl Submissions {
         delivery: Delivery,
         kind: DeadLetterReason,
         reason: &str,
+        stopping: Option<&Shutdown>,
     ) -> Option<Delivery> {
         let source = self.outbox.names().submit_queue();
         let sent = self
@@ -462,7 +500,8 @@ impl Submissions {
             Ok(()) => Some(delivery),
             Err(e) => {
                 tracing::error!(error = %e, "cannot dead-letter the submission now; trying again later");
-                self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE).await;
+                self.retry_later(delivery, &e, BROKER_REFUSAL_PAUSE, stopping)
+                    .await;
                 None
             }
         }
@@ -577,7 +616,7 @@ mod tests {
         for body in [&b"{not json"[..], &unknown[..]] {
             let (delivery, properties, _sub) = delivered(&s, body).await;
 
-            assert!(s.submissions.handle(delivery, None).await.is_none());
+            assert!(s.submissions.handle(delivery, None, None).await.is_none());
 
             let referred = s.broker.take_messages(&s.names.referred_queue()).await;
             assert_eq!(referred.len(), 1);
@@ -612,7 +651,7 @@ mod tests {
         let (delivery, _, _sub) = delivered(&s, b"{not json").await;
         s.broker.set_outage(true);
 
-        assert!(s.submissions.handle(delivery, None).await.is_none());
+        assert!(s.submissions.handle(delivery, None, None).await.is_none());
 
         s.broker.set_outage(false);
         assert_eq!(
@@ -633,13 +672,36 @@ mod tests {
         s.broker.set_outage(true);
         let started = tokio::time::Instant::now();
 
-        assert!(s.submissions.handle(delivery, None).await.is_none());
+        assert!(s.submissions.handle(delivery, None, None).await.is_none());
 
         assert!(
             started.elapsed() >= BROKER_REFUSAL_PAUSE,
             "{:?}",
             started.elapsed()
         );
+        s.broker.set_outage(false);
+        assert_eq!(s.broker.ready_len(&s.names.submit_queue()).await, 1);
+    }
+
+    /// A process stopping gives such a submission back without its pause:
+    /// its consumer is cancelled, nothing loops, and the stop waits for the
+    /// submissions in hand.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_process_gives_such_a_submission_back_without_its_pause() {
+        let s = setup().await;
+        let (delivery, _, _sub) = delivered(&s, b"{not json").await;
+        s.broker.set_outage(true);
+        let stop = crate::shutdown::ShutdownTrigger::new();
+        let stopping = stop.subscribe();
+        let started = tokio::time::Instant::now();
+        let handled = s.submissions.handle(delivery, None, Some(&stopping));
+        let stop_soon = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stop.trigger();
+        };
+        let (handled, ()) = tokio::join!(handled, stop_soon);
+        assert!(handled.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
         s.broker.set_outage(false);
         assert_eq!(s.broker.ready_len(&s.names.submit_queue()).await, 1);
     }
@@ -678,7 +740,7 @@ mod tests {
         s.broker.set_outage(true);
         let started = tokio::time::Instant::now();
 
-        assert!(s.submissions.handle(again, None).await.is_none());
+        assert!(s.submissions.handle(again, None, None).await.is_none());
 
         assert!(
             started.elapsed() >= 2 * BROKER_REFUSAL_PAUSE,
@@ -804,7 +866,7 @@ mod tests {
                 lease: Duration::from_secs(30),
                 claimed: &register,
             });
-            ran_here.extend(submissions.handle(delivery, here).await);
+            ran_here.extend(submissions.handle(delivery, here, None).await);
         }
 
         let jobs = store.list_jobs(None, 10).await.unwrap();
@@ -840,7 +902,7 @@ mod tests {
         let mut sub = s.broker.subscribe(&referred, 1).await.unwrap();
         let delivery = sub.next().await.unwrap().unwrap();
 
-        s.submissions.handle(delivery, None).await;
+        s.submissions.handle(delivery, None, None).await;
 
         let dead = s.broker.take_messages(&s.names.dead_queue()).await;
         assert_eq!(dead.len(), 1);
@@ -876,7 +938,7 @@ mod tests {
         s.broker.declare_queue("replies").await;
         let (delivery, _, _sub) = delivered(&s, body).await;
 
-        s.submissions.handle(delivery, None).await;
+        s.submissions.handle(delivery, None, None).await;
 
         let replies = s.broker.take_all("replies").await;
         let reply: SubmitReply = serde_json::from_slice(&replies[0]).unwrap();

@@ -151,6 +151,7 @@ impl Dispatcher {
     ) -> Vec<Box<dyn Subscription>> {
         let broker = self.outbox.broker().clone();
         let mut in_flight = JoinSet::new();
+        let stopping = shutdown.clone();
         let subscription = consume(
             broker.as_ref(),
             Consumer {
@@ -163,9 +164,11 @@ impl Dispatcher {
             &self.health,
             &mut shutdown,
             |delivery, permit| {
-                let this = self.clone();
+                let (this, stopping) = (self.clone(), stopping.clone());
                 in_flight.spawn(async move {
-                    this.submissions.handle(delivery, None).await;
+                    this.submissions
+                        .handle(delivery, None, Some(&stopping))
+                        .await;
                     drop(permit);
                 });
                 while let Some(done) = in_flight.try_join_next() {

@@ -517,7 +517,9 @@ impl Worker {
             lease: self.options.lease,
             claimed: &register,
         });
-        let claimed = submissions.handle(delivery, here).await;
+        let claimed = submissions
+            .handle(delivery, here, Some(&stops.graceful))
+            .await;
         let registered = registered.lock().unwrap_or_else(|p| p.into_inner()).take();
         match (claimed, registered) {
             (Some(claimed), Some((claim, lost))) if claim == claimed.claim => {
