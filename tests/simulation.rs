@@ -183,11 +183,18 @@ use tokio::task::JoinHandle;
 /// answer came after its lease had lapsed and the task had been claimed
 /// again, beside the new claim's run, when `lapsed_before_its_run` was
 /// switched off (the claim looked fresh); with it, every one passes.
+/// 1743814, 1771878 (thirty-sixth session, 4 of 100,000 seeds from
+/// 1,740,018): a worker past its grace period, its hard stop fired,
+/// published an answered run's dependents with a bound of its own (5 s)
+/// instead of leaving them to the sweep; it lived on meanwhile past a
+/// claim it had handed back while the store was out and given up
+/// releasing, and that lease lapsed under a live worker. Fixed by
+/// reverting the bound: the hard stop ends that publish.
 /// New seeds go at the end: the lists of seeds that keep an earlier
 /// schedule below are its first so many.
 const REGRESSION_SEEDS: &[u64] = &[
     21, 302, 41, 4869, 37, 1263, 4845, 3573, 40704, 57149, 182924, 242835, 455769, 151837, 154336,
-    13884, 33231, 80512,
+    13884, 33231, 80512, 1743814, 1771878,
 ];
 
 /// The regression seeds found before the sweep interval, broker

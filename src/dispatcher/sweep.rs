@@ -58,17 +58,6 @@ const SWEEP_BATCHES_PER_PASS: usize = 10;
 /// store was unreachable: ten of a worker's retries.
 pub const RECLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Leave lapsed leases to their workers' renewals for [`RECLAIM_GRACE`]
-/// after a publish in which the sweep did not look at the store (see
-/// [`Swept::looked_away`]).
-async fn wait_out_the_grace() {
-    tracing::debug!(
-        grace_ms = RECLAIM_GRACE.as_millis() as u64,
-        "a sweep publish waited long; lapsed leases are left to their workers' renewals for a moment"
-    );
-    tokio::time::sleep(RECLAIM_GRACE).await;
-}
-
 /// How often the loop, waiting for its next pass, reads when the earliest
 /// retry falls due (only when the interval is longer).
 pub const RETRY_PEEK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -299,7 +288,7 @@ impl Dispatcher {
             return Ok(retries);
         }
         if retries.looked_away {
-            wait_out_the_grace().await;
+            self.wait_out_the_grace().await?;
         }
         let leases = self.sweep_schedule(ScheduleIndex::Leases).await?;
         Ok(Swept {
@@ -308,6 +297,29 @@ impl Dispatcher {
             capped: retries.capped || leases.capped,
             looked_away: leases.looked_away,
         })
+    }
+
+    /// Leave lapsed leases to their workers' renewals after a publish in
+    /// which the sweep did not look at the store (see
+    /// [`Swept::looked_away`]): until the store has answered, asked every
+    /// [`RETRY_PEEK`], for [`RECLAIM_GRACE`]. Not a blind sleep, which is
+    /// itself a time of not looking (the simulation found an outage within
+    /// one, and the leases read right after it taken over). A store that
+    /// does not answer ends the pass as an outage, whose grace the loop
+    /// gives once it answers.
+    async fn wait_out_the_grace(&self) -> Result<(), StoreError> {
+        tracing::debug!(
+            grace_ms = RECLAIM_GRACE.as_millis() as u64,
+            "a sweep publish waited long; lapsed leases are left to their workers' renewals for a moment"
+        );
+        let from = tokio::time::Instant::now();
+        loop {
+            self.store.ping().await?;
+            if from.elapsed() >= RECLAIM_GRACE {
+                return Ok(());
+            }
+            tokio::time::sleep(RETRY_PEEK).await;
+        }
     }
 
     async fn due(
@@ -379,7 +391,7 @@ impl Dispatcher {
         for batch in 1.. {
             if looked_away && schedule == ScheduleIndex::Leases {
                 looked_away = false;
-                wait_out_the_grace().await;
+                self.wait_out_the_grace().await?;
             }
             // Room for the entries that keep coming back, and for those
             // deferred last that may (a deferral that left them due).
@@ -1076,6 +1088,43 @@ mod tests {
             "the lease was read {:?} after the retry's publish began",
             started[1] - started[0]
         );
+    }
+
+    /// The wait after such a publish looks at the store: an outage within
+    /// it ends the pass, and the leases wait for the grace after the store
+    /// answers again (a blind sleep was itself a time of not looking: the
+    /// simulation found leases taken over right after one).
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_within_the_wait_after_a_slow_publish_is_seen() {
+        let s = setup();
+        let mut state = SweepLoop::default();
+        s.retrying("r", "default").await;
+        s.lapsing("l", "default").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let slow = RECLAIM_GRACE * 2;
+        *s.broker.hook.delay.lock().unwrap() = slow;
+        // Down for 300 ms, half a grace after the retry's publish.
+        let store = s.store.clone();
+        let outage = tokio::spawn(async move {
+            tokio::time::sleep(slow + RECLAIM_GRACE / 2).await;
+            store.set_outage(true);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            store.set_outage(false);
+        });
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["r"]);
+        assert_eq!(s.store.schedule_sizes(), (1, 0), "the lease left");
+        outage.await.unwrap();
+        *s.broker.hook.delay.lock().unwrap() = Duration::ZERO;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(
+            s.store.schedule_sizes(),
+            (1, 0),
+            "within the grace after it"
+        );
+        tokio::time::advance(RECLAIM_GRACE).await;
+        s.dispatcher.sweep_tick(&mut state).await;
+        assert_eq!(s.queued_jobs("default").await, vec!["l"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -132,11 +132,6 @@ pub const SUBMISSION_PATIENCE: Duration = Duration::from_millis(50);
 /// end: a handler that blocks its thread may never yield to the abort.
 pub const HANDLER_STOP_WAIT: Duration = Duration::from_secs(5);
 
-/// How long the follow-ups of an outcome applied after the hard stop (an
-/// answer there as it came) are given to be confirmed before they are
-/// left to the lease sweep.
-const PUBLISH_AFTER_STOP: Duration = Duration::from_secs(5);
-
 /// How a running task learns the worker is stopping: `graceful` when it
 /// should take on nothing new, `hard` when the grace period is over and
 /// its claim goes back.
@@ -867,23 +862,16 @@ impl Worker {
                     }
                 }
                 let mut hard_stop = stops.hard.clone();
-                // A stop that came before (the run answered as it came, or
-                // during its abort wait) leaves the publish its own bound:
-                // raced against a signal fired already, it lost at its
-                // first wait for a confirm, and the dependents waited a
-                // lease for the sweep.
-                let stopped_already = hard_stop.is_triggered();
-                let stop = async {
-                    if stopped_already {
-                        tokio::time::sleep(PUBLISH_AFTER_STOP).await;
-                    } else {
-                        hard_stop.wait().await;
-                    }
-                };
+                // A stop that came before (the run answered as it came)
+                // ends the publish at its first wait too: the dependents
+                // wait for the sweep. Given a bound of its own (thirty-sixth
+                // session, reverted), the stopping worker lived on past a
+                // claim it had handed back and could not release, and the
+                // simulation found that lease lapsing under a live worker.
                 let published = tokio::select! {
                     biased;
                     published = self.outbox.publish_tasks_until_confirmed(&ready) => published,
-                    () = stop => {
+                    _ = hard_stop.wait() => {
                         // This attempt's lease entry stays: the sweep
                         // publishes them.
                         tracing::warn!(job = %claim.job, "stopped while publishing ready tasks; the lease sweep will");
@@ -1123,9 +1111,6 @@ mod tests {
     use crate::store::memory::{MemoryStore, TokioClock};
 
     const LEASE: Duration = Duration::from_millis(600);
-
-    /// A seed whose first yield point yields (0 to 2 times, drawn).
-    const YIELDING_SEED: u64 = 1;
 
     /// An empty in-process store on the (paused) tokio clock.
     fn memory_store() -> Arc<MemoryStore> {
@@ -1656,27 +1641,6 @@ mod tests {
         assert_eq!(status.tasks["t"].result, json!({"done": true}));
         let names = Names::new("answered");
         assert_eq!(broker.ready_len(&names.task_queue("default")).await, 0);
-    }
-
-    /// The ready dependents of an outcome applied after the hard stop (an
-    /// answer there as it came) are published, not left a lease for the
-    /// sweep: the stop had fired already, and raced against it the publish
-    /// lost at its first wait (the queue's declare here).
-    #[tokio::test]
-    async fn the_follow_ups_of_an_answer_there_as_the_hard_stop_comes_are_published() {
-        let (trigger, stops) = stops();
-        let registry = conveyor_builtin_handlers::registry().with(StopsAsItAnswers(trigger));
-        let body = json!({"id": "chain", "requestor": "me", "tasks": [
-            {"name": "t", "handler": "stops"},
-            {"name": "u", "handler": "noop", "after": ["t"]}]});
-        let (worker, store, broker, run) = a_claimed_run_of("chain", registry, body).await;
-        // Each broker call yields after its work: the declare before the
-        // publish waits.
-        broker.yield_after_calls(Some(YIELDING_SEED));
-        assert!(worker.run_one(run, &stops).await.is_none());
-        let names = Names::new("chain");
-        assert_eq!(broker.ready_len(&names.task_queue("default")).await, 1);
-        assert_eq!(store.schedule_sizes(), (0, 0), "the lease entry forgotten");
     }
 
     /// A worker that could not start a claimed task for longer than its
