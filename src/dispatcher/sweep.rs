@@ -1065,6 +1065,18 @@ mod tests {
         assert_eq!(s.queued_jobs("default").await, vec!["l"]);
     }
 
+    /// A due retry `r` and a lapsed lease `l` on `default`, and a broker
+    /// whose every publish takes twice the grace (returned).
+    async fn a_retry_and_a_lease_due_behind_a_slow_broker() -> (Setup, SweepLoop, Duration) {
+        let s = setup();
+        s.retrying("r", "default").await;
+        s.lapsing("l", "default").await;
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let slow = RECLAIM_GRACE * 2;
+        *s.broker.hook.delay.lock().unwrap() = slow;
+        (s, SweepLoop::default(), slow)
+    }
+
     /// A publish that waited past the grace (a broker slow to confirm) is
     /// time in which the sweep did not look at the store: an outage then
     /// went unseen, so the next read of lapsed leases waits for the grace,
@@ -1072,13 +1084,7 @@ mod tests {
     /// broker that slow for good still has the lease taken over.
     #[tokio::test(start_paused = true)]
     async fn a_publish_that_waited_past_the_grace_delays_the_next_lease_read_by_it() {
-        let s = setup();
-        let mut state = SweepLoop::default();
-        s.retrying("r", "default").await;
-        s.lapsing("l", "default").await;
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let slow = RECLAIM_GRACE * 2;
-        *s.broker.hook.delay.lock().unwrap() = slow;
+        let (s, mut state, slow) = a_retry_and_a_lease_due_behind_a_slow_broker().await;
         s.dispatcher.sweep_tick(&mut state).await;
         assert_eq!(s.queued_jobs("default").await, vec!["l", "r"]);
         let started = s.broker.hook.started.lock().unwrap().clone();
@@ -1096,13 +1102,7 @@ mod tests {
     /// simulation found leases taken over right after one).
     #[tokio::test(start_paused = true)]
     async fn an_outage_within_the_wait_after_a_slow_publish_is_seen() {
-        let s = setup();
-        let mut state = SweepLoop::default();
-        s.retrying("r", "default").await;
-        s.lapsing("l", "default").await;
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let slow = RECLAIM_GRACE * 2;
-        *s.broker.hook.delay.lock().unwrap() = slow;
+        let (s, mut state, slow) = a_retry_and_a_lease_due_behind_a_slow_broker().await;
         // Down for 300 ms, half a grace after the retry's publish.
         let store = s.store.clone();
         let outage = tokio::spawn(async move {

@@ -1470,17 +1470,6 @@ mod tests {
         id: &str,
         handler: &str,
     ) -> (Worker, Arc<MemoryStore>, Arc<MemoryBroker>, NextRun) {
-        let body = json!({"id": id, "requestor": "me",
-            "tasks": [{"name": "t", "handler": handler}]});
-        a_claimed_run_of(prefix, registry, body).await
-    }
-
-    /// A worker with the first ready task of the job `body` claimed.
-    async fn a_claimed_run_of(
-        prefix: &str,
-        registry: Registry,
-        body: Value,
-    ) -> (Worker, Arc<MemoryStore>, Arc<MemoryBroker>, NextRun) {
         let names = Names::new(prefix);
         let store = memory_store();
         let broker = Arc::new(MemoryBroker::new(names.clone(), 0, FaultPlan::default()));
@@ -1496,6 +1485,8 @@ mod tests {
                 ..WorkerOptions::from_config(&config, "w")
             },
         );
+        let body = json!({"id": id, "requestor": "me",
+            "tasks": [{"name": "t", "handler": handler}]});
         let crate::intake::Intake::Valid(job) = intake.accept(body.to_string().as_bytes()) else {
             panic!("valid");
         };
