@@ -135,6 +135,10 @@ impl Outbox {
     /// broker knows them) were declared, so the next publish to each
     /// declares it again.
     fn forget_declared(&self, queues: &[String], tasks: &[TaskMessage]) {
+        // Most failed batches returned nothing: no queue name built per task.
+        if queues.is_empty() {
+            return;
+        }
         let mut declared = self.declared.lock().unwrap_or_else(|p| p.into_inner());
         for t in tasks {
             let queue = self.names.task_queue(&t.queue);
