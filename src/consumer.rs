@@ -12,6 +12,13 @@
 //! for every delivery the broker has pushed (up to the prefetch), not only
 //! for the one at the head.
 //!
+//! While the store is down nothing is handed on (a claim or a record
+//! would only fail), and once it has been down for
+//! [`STORE_DOWN_GIVE_BACK`] the consumer gives back what it holds and
+//! cancels its subscription until the store answers: subscribed, it would
+//! keep a prefetch of messages that a process still reaching the store
+//! could run (RabbitMQ pushes them whether or not the loop takes them).
+//!
 //! Subscribing afresh after a loss is also what restores the prefetch: a
 //! new channel gets its `basic.qos` before its `basic.consume`.
 //!
@@ -114,6 +121,15 @@ pub async fn consume(
     let mut narrow = false;
     let mut retired = Retired::default();
     'subscribe: while !shutdown.is_triggered() {
+        // Subscribed, the broker pushes a prefetch of messages here
+        // whether or not the loop takes them: while this process cannot
+        // reach the store they would wait in it, out of reach of processes
+        // that can.
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => break 'subscribe,
+            _ = health.wait_store_up() => {}
+        }
         let mut window = if narrow {
             window_for(semaphore.available_permits(), prefetch)
         } else {
@@ -157,8 +173,15 @@ pub async fn consume(
         let mut give_back_again: Option<Instant> = None;
         // No wider subscription is tried before this (one failed).
         let mut widen_after = Instant::now();
+        // Since when the store has been down, as this loop last saw it.
+        let mut store_down_since: Option<Instant> = None;
         loop {
             let subscribed = give_back_again.is_none();
+            store_down_since = match (health.store_up(), store_down_since) {
+                (true, _) => None,
+                (false, None) => Some(Instant::now()),
+                (false, since) => since,
+            };
             if !subscribed && held.is_empty() {
                 // Everything was given back, or every delivery kept has
                 // been handed on: consume again once a permit is free.
@@ -212,6 +235,43 @@ pub async fn consume(
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
+                // Woken when the store goes down, to start the clock below,
+                // and when it is back, to stop it (two short outages are
+                // not one long one).
+                _ = health.wait_store_down(), if subscribed && store_down_since.is_none() => {}
+                _ = health.wait_store_up(), if subscribed && store_down_since.is_some() => {}
+                _ = sleep_until(store_down_since.map(|since| since + STORE_DOWN_GIVE_BACK)),
+                    if subscribed && store_down_since.is_some() =>
+                {
+                    if health.store_up() {
+                        continue;
+                    }
+                    // The store stays down for this process (perhaps only
+                    // for it: a partition, a broken connection): what it
+                    // holds, and what the broker would push into its
+                    // prefetch, goes back for processes that can reach it.
+                    tracing::warn!(%queue, held = held.len(),
+                        "store down; giving back what this consumer holds and consuming again once it answers");
+                    health.set_consuming(queue, false);
+                    cancel_and_drain(&mut subscription, &mut held).await;
+                    if holds {
+                        // As after a give-back for want of a slot: what the
+                        // queue refuses (at its length limit) is kept and
+                        // given back again later, not requeued and counted;
+                        // the next subscription is no wider than the slots
+                        // free then.
+                        narrow = true;
+                        let next_try = Instant::now() + patience.unwrap_or_default();
+                        held = give_back_unless_refused(broker, held, next_try)
+                            .await
+                            .unwrap_or_default();
+                        give_back_again = Some(next_try);
+                        continue;
+                    }
+                    give_back(broker, held.drain(..).map(|(_, d)| d).collect()).await;
+                    retired.keep(subscription);
+                    continue 'subscribe;
+                }
                 p = async {
                     health.wait_store_up().await;
                     semaphore.clone().acquire_owned().await
@@ -298,6 +358,13 @@ pub async fn consume(
 fn window_for(free: usize, prefetch: u16) -> u16 {
     u16::try_from(free).unwrap_or(u16::MAX).clamp(1, prefetch)
 }
+
+/// How long the store may be down before a consumer gives back what it
+/// holds and cancels its subscription until the store answers again: a
+/// blip (the outage probe's first pings come within a second) costs no
+/// churn; a longer outage, which may be this process's alone, leaves
+/// nothing waiting in it that another process could run.
+pub const STORE_DOWN_GIVE_BACK: Duration = Duration::from_secs(5);
 
 /// How long a consumer keeps its narrow prefetch after a wider
 /// subscription failed (the broker is likely going away; if not, it tries
@@ -578,6 +645,8 @@ mod tests {
         handed: mpsc::UnboundedReceiver<(Delivery, Option<OwnedSemaphorePermit>)>,
         trigger: ShutdownTrigger,
         consuming: tokio::task::JoinHandle<Vec<Box<dyn Subscription>>>,
+        store: Arc<MemoryStore>,
+        health: Health,
     }
 
     const PATIENCE: Duration = Duration::from_millis(100);
@@ -585,6 +654,17 @@ mod tests {
     /// A [`Permits::Hold`] consumer of a task queue holding `bodies`, with
     /// `slots` permits, all taken by the test.
     async fn holding_consumer(bodies: &[&str], slots: usize, prefetch: u16) -> HoldingConsumer {
+        consumer_with(bodies, slots, prefetch, Some(PATIENCE)).await
+    }
+
+    /// [`holding_consumer`] with this patience, or (`None`) a
+    /// [`Permits::Wait`] consumer.
+    async fn consumer_with(
+        bodies: &[&str],
+        slots: usize,
+        prefetch: u16,
+        patience: Option<Duration>,
+    ) -> HoldingConsumer {
         let names = Names::new("t");
         let broker = Arc::new(MemoryBroker::reliable(names.clone()));
         let queue = names.task_queue("default");
@@ -595,7 +675,7 @@ mod tests {
         }
         let clock = Arc::new(TokioClock::new(1_800_000_000_000));
         let store = Arc::new(MemoryStore::new(clock, Duration::from_secs(3600), 1, "t"));
-        let health = Health::new(store, broker.clone());
+        let health = Health::new(store.clone(), broker.clone());
         let semaphore = Arc::new(Semaphore::new(slots));
         let mut busy = Vec::new();
         for _ in 0..slots {
@@ -605,14 +685,22 @@ mod tests {
         let mut shutdown = trigger.subscribe();
         let (handed, handed_rx) = mpsc::unbounded_channel();
         let consuming = tokio::spawn({
-            let (broker, queue, semaphore) = (broker.clone(), queue.clone(), semaphore.clone());
+            let (broker, queue, semaphore, health) = (
+                broker.clone(),
+                queue.clone(),
+                semaphore.clone(),
+                health.clone(),
+            );
             async move {
                 let consumer = Consumer {
                     queue: &queue,
                     owner: "test",
                     prefetch,
                     priority: 0,
-                    permits: Permits::Hold(&semaphore, PATIENCE),
+                    permits: match patience {
+                        Some(patience) => Permits::Hold(&semaphore, patience),
+                        None => Permits::Wait(&semaphore),
+                    },
                 };
                 consume(broker.as_ref(), consumer, &health, &mut shutdown, |d, p| {
                     handed.send((d, p)).is_ok()
@@ -627,6 +715,8 @@ mod tests {
             handed: handed_rx,
             trigger,
             consuming,
+            store,
+            health,
         }
     }
 
@@ -653,6 +743,7 @@ mod tests {
             handed: mut handed_rx,
             trigger,
             consuming,
+            ..
         } = holding_three_while_the_queue_is_full().await;
         let patience = PATIENCE;
 
@@ -735,6 +826,7 @@ mod tests {
             handed: mut handed_rx,
             trigger,
             consuming,
+            ..
         } = holding_consumer(&bodies, 8, 8).await;
         tokio::time::sleep(PATIENCE / 2).await;
         assert_eq!(broker.prefetches(&queue).await, [8]);
@@ -786,6 +878,121 @@ mod tests {
         trigger.trigger();
         let subscriptions = consuming.await.unwrap();
         assert!(!subscriptions.is_empty(), "the last one returned");
+    }
+
+    /// A process that cannot reach the store for longer than
+    /// [`STORE_DOWN_GIVE_BACK`] keeps nothing: what it holds goes back to
+    /// the queue as new messages (no delivery counted), and it
+    /// unsubscribes, so the broker pushes no prefetch into it that a
+    /// process reaching the store could run. Once the store answers, it
+    /// subscribes again and hands everything on, oldest first.
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_cut_off_from_the_store_gives_back_what_it_holds_until_it_answers() {
+        let HoldingConsumer {
+            broker,
+            queue,
+            busy,
+            handed: mut handed_rx,
+            trigger,
+            consuming,
+            store,
+            health,
+        } = consumer_with(&["1", "2", "3"], 1, 10, None).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            broker.unacked_len(&queue).await,
+            3,
+            "held, waiting for a slot"
+        );
+
+        // A short outage, and soon another: two short ones are not one
+        // long one, and cost no churn.
+        store.set_outage(true);
+        health.mark_store_down();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store.set_outage(false);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(health.store_up(), "the probe saw the store back");
+        store.set_outage(true);
+        health.mark_store_down();
+        tokio::time::sleep(STORE_DOWN_GIVE_BACK / 2).await;
+        assert_eq!(
+            broker.unacked_len(&queue).await,
+            3,
+            "short outages cost no churn"
+        );
+        tokio::time::sleep(STORE_DOWN_GIVE_BACK).await;
+        assert_eq!(broker.unacked_len(&queue).await, 0, "given back");
+        assert_eq!(broker.ready_len(&queue).await, 3);
+        assert_eq!(
+            broker.prefetches(&queue).await,
+            Vec::<u16>::new(),
+            "unsubscribed"
+        );
+
+        // New work waits in the queue, not in this process, and nothing is
+        // handed on while the store is down, even with a slot free.
+        let four = Outgoing::durable(queue.clone(), b"4".to_vec());
+        broker.publish(vec![four]).await.unwrap();
+        drop(busy);
+        tokio::time::sleep(STORE_DOWN_GIVE_BACK * 4).await;
+        assert_eq!(broker.ready_len(&queue).await, 4);
+        assert_eq!(broker.prefetches(&queue).await, Vec::<u16>::new());
+        assert!(handed_rx.try_recv().is_err(), "nothing handed on");
+
+        store.set_outage(false);
+        let mut bodies = Vec::new();
+        for _ in 0..4 {
+            let (d, permit) = handed_rx.recv().await.unwrap();
+            assert!(permit.is_some());
+            assert_eq!((d.delivery_count, d.redelivered), (0, false), "not counted");
+            bodies.push(String::from_utf8(d.body.clone()).unwrap());
+            d.acker.ack().await.unwrap();
+        }
+        assert_eq!(bodies, ["1", "2", "3", "4"]);
+        assert_eq!(broker.prefetches(&queue).await, [10]);
+
+        trigger.trigger();
+        consuming.await.unwrap();
+    }
+
+    /// Cut off from the store, a worker's task consumer gives back what
+    /// it holds as when a hold runs out: what its full queue refuses to
+    /// take back is kept (handed on once the store answers and a slot
+    /// frees), not requeued — a requeue counts a delivery, and enough
+    /// outages would make tasks that never ran poison.
+    #[tokio::test(start_paused = true)]
+    async fn a_holding_consumer_cut_off_from_the_store_keeps_what_its_full_queue_refuses() {
+        let h = consumer_with(&["1", "2", "3"], 1, 10, Some(Duration::from_secs(600))).await;
+        tokio::time::sleep(PATIENCE).await;
+        assert_eq!(h.broker.unacked_len(&h.queue).await, 3, "held");
+        h.broker.set_full(&h.queue, true);
+        h.store.set_outage(true);
+        h.health.mark_store_down();
+        tokio::time::sleep(STORE_DOWN_GIVE_BACK * 2).await;
+        assert!(h.broker.refused() >= 3, "tried: {}", h.broker.refused());
+        assert_eq!(h.broker.unacked_len(&h.queue).await, 3, "kept");
+        assert_eq!(h.broker.ready_len(&h.queue).await, 0, "none requeued");
+
+        // The store answers and a slot frees: the oldest runs, never
+        // counted as redelivered.
+        h.store.set_outage(false);
+        let HoldingConsumer {
+            busy,
+            handed: mut handed_rx,
+            trigger,
+            consuming,
+            ..
+        } = h;
+        drop(busy);
+        let (first, permit) = handed_rx.recv().await.unwrap();
+        assert!(permit.is_some());
+        assert_eq!(first.body, b"1");
+        assert_eq!((first.delivery_count, first.redelivered), (0, false));
+        first.acker.ack().await.unwrap();
+        trigger.trigger();
+        drop(permit);
+        consuming.await.unwrap();
     }
 
     /// A delivery given back is a new message: its publisher's properties

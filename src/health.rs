@@ -4,8 +4,9 @@
 //! When a store call fails because Redis is unreachable, the caller marks
 //! the store down; a probe pings it until it answers again. Meanwhile the
 //! consumers take no new deliveries (they wait at [`Health::wait_store_up`]),
-//! so nothing is acked and nothing is lost: messages stay in the broker or
-//! in the prefetch buffer until Redis is back.
+//! so nothing is acked and nothing is lost: messages stay in the broker
+//! (after a few seconds the consumers give back what they hold and
+//! unsubscribe: see [`crate::consumer`]) until Redis is back.
 //!
 //! Readiness, served at `/readyz` (see [`crate::http`]), is the conjunction
 //! of a live store ping, a connected broker, and a consumer on every queue
@@ -207,6 +208,11 @@ impl Health {
     /// Wait until the store is up.
     pub async fn wait_store_up(&self) {
         self.store_up.wait_for(true).await;
+    }
+
+    /// Wait until the store is marked down.
+    pub async fn wait_store_down(&self) {
+        self.store_up.wait_for(false).await;
     }
 }
 

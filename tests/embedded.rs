@@ -72,6 +72,31 @@ fn conveyor_run_runs_the_example_job_with_no_services_and_exits_0() {
     assert_eq!(status["tasks"]["double"]["result"], json!({"value": 42}));
 }
 
+/// Output into a pipe whose reader has gone (`conveyor run job.json |
+/// head -c0`, or `conveyor list --json | head` on a long list) ends the
+/// command quietly with 141, as SIGPIPE ends other programs. Until the
+/// thirty-seventh session the write panicked: a panic message and exit 101.
+#[test]
+fn a_command_whose_output_pipe_closed_exits_141_without_a_panic() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["run", "examples/diamond.json"])
+        .env("CONVEYOR_AMQP_URL", "amqp://127.0.0.1:1/%2f")
+        .env("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the job has run (its first line comes at the end).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // What went to stderr before is all there.
+    assert!(stderr.contains("succeeded"), "{stderr}");
+}
+
 /// A `shell` program sees its run's four `CONVEYOR_*` variables and none
 /// of the worker's own settings: the Redis URL's password never reaches
 /// what a task prints (its stderr tail goes into the job's status).

@@ -1162,20 +1162,9 @@ async fn a_ping_that_fails_after_the_probe_gave_up_still_holds_work_back() {
     .await;
 }
 
-/// A process whose publishing connection is lost while it is idle (its
-/// consumers, on their own connection, live on) makes it again when its
-/// readiness is asked: it is ready, not reported cut off from the broker
-/// until it next publishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_makes_a_publishing_connection_lost_while_idle_again() {
-    let _serial = SERIAL.lock().await;
-    let (config, broker, queue, _) = common::broker_with_one_task_queue("pubconn").await;
-    let store = common::connect_store(&config, "t").await;
-    let health = conveyor::health::Health::new(store, broker.clone());
-    let _subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
-    health.set_consuming(&queue, true);
-    let before = health.readiness().await;
-    assert!(before.ready, "{before:?}");
+/// Close the one publishing connection RabbitMQ has (the tests holding
+/// `SERIAL` run alone), and wait until `broker` sees it lost.
+async fn close_the_publishing_connection(broker: &conveyor::broker::amqp::AmqpBroker) {
     let out = tokio::process::Command::new("rabbitmqctl")
         .args(["list_connections", "-q", "pid", "client_properties"])
         .stdin(Stdio::null())
@@ -1199,6 +1188,70 @@ async fn readiness_makes_a_publishing_connection_lost_while_idle_again() {
         (!broker.is_connected()).then_some(())
     })
     .await;
+}
+
+/// A base queue RabbitMQ will not declare again on a reconnect (here the
+/// dead-letter queue, made again by hand as a classic queue: a quorum
+/// declare of it is refused for good) is used as it is, and the new
+/// session publishes and consumes. Until the thirty-seventh session any
+/// failure of a base queue's declare failed every reconnect, and the
+/// process published and consumed nothing (a quorum queue without a
+/// leader, which answers only at the time-out, did the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_queue_refused_on_reconnecting_does_not_cut_the_process_off() {
+    let _serial = SERIAL.lock().await;
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("basequeue").await;
+    let dead = conveyor::names::Names::new(&config.prefix).dead_queue();
+    let tool = lapin::Connection::connect(&config.amqp_url, Default::default())
+        .await
+        .expect("a connection of the test's own");
+    let channel = tool.create_channel().await.expect("a channel");
+    channel
+        .queue_delete(dead.as_str().into(), Default::default())
+        .await
+        .expect("the dead-letter queue deleted");
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the dead-letter queue made again, classic");
+    close_the_publishing_connection(broker.as_ref()).await;
+
+    broker
+        .publish(vec![Outgoing::durable(queue.clone(), b"after".to_vec())])
+        .await
+        .expect("published on a new session");
+    let mut subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
+    let delivery = common::next_delivery(&mut subscription, WAIT)
+        .await
+        .expect("the message published after the reconnect");
+    assert_eq!(delivery.body, b"after");
+    delivery.acker.ack().await.expect("acked");
+    let _ = tool.close(200, "done".into()).await;
+    common::cleanup(&config).await;
+}
+
+/// A process whose publishing connection is lost while it is idle (its
+/// consumers, on their own connection, live on) makes it again when its
+/// readiness is asked: it is ready, not reported cut off from the broker
+/// until it next publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_makes_a_publishing_connection_lost_while_idle_again() {
+    let _serial = SERIAL.lock().await;
+    let (config, broker, queue, _) = common::broker_with_one_task_queue("pubconn").await;
+    let store = common::connect_store(&config, "t").await;
+    let health = conveyor::health::Health::new(store, broker.clone());
+    let _subscription = broker.subscribe(&queue, 1).await.expect("subscribed");
+    health.set_consuming(&queue, true);
+    let before = health.readiness().await;
+    assert!(before.ready, "{before:?}");
+    close_the_publishing_connection(broker.as_ref()).await;
     // A reconnect slower than the probe's 2 s (a loaded machine) goes on
     // to its end, and a later probe finds it made.
     let health = &health;
@@ -1781,6 +1834,16 @@ async fn a_redis_out_of_memory_is_waited_out_on_the_same_connection() {
                 assert!(e.contains("OOM"), "{e}");
             }
             other => panic!("a write to a full Redis: {other:?}"),
+        }
+        // The epoch check writes too (`SET NX`): its refusal is the same
+        // outage on the same sound connection (the count of connections
+        // below is what tells: until the thirty-seventh session each
+        // check dropped the connection, and the next call made another).
+        match store.check_epoch().await {
+            Err(conveyor::store::StoreError::Unavailable(e)) => {
+                assert!(e.contains("OOM"), "{e}");
+            }
+            other => panic!("an epoch check on a full Redis: {other:?}"),
         }
     }
     // The one more is the redis-cli asking.

@@ -2464,6 +2464,32 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
         .arg(0)
         .arg("broken-due|0|2")
         .ignore()
+        // A task name that is not UTF-8: the promote script answers it,
+        // and the store cannot read the answer (until the thirty-seventh
+        // session that was taken for a garbled stream, an outage, which
+        // ended every pass).
+        .cmd("HSET")
+        .arg(names.job_key("bad-name"))
+        .arg("id")
+        .arg("bad-name")
+        .arg("st")
+        .arg("running")
+        .arg("n")
+        .arg("1")
+        .arg("s:0")
+        .arg("ready")
+        .arg("a:0")
+        .arg("2")
+        .arg("nm:0")
+        .arg(&b"\xff\xfe"[..])
+        .arg("q:0")
+        .arg("default")
+        .ignore()
+        .cmd("ZADD")
+        .arg(names.retries())
+        .arg(0)
+        .arg("bad-name|0|2")
+        .ignore()
         // A job key another program wrote as a string: every script on it
         // fails with WRONGTYPE, a code redis-rs does not know (taken for an
         // outage until the thirty-second session, it ended every pass).
@@ -2527,6 +2553,7 @@ async fn a_due_entry_the_store_cannot_act_on_is_set_aside_and_the_rest_are_swept
     for (index, entry) in [
         (names.retries(), "broken|0|2"),
         (names.retries(), "broken-due|0|2"),
+        (names.retries(), "bad-name|0|2"),
         (names.retries(), "wrong-type|0|2"),
         (names.leases(), "wrong-type|0|1"),
     ] {

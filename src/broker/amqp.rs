@@ -428,7 +428,7 @@ fn unavailable(e: lapin::Error) -> BrokerError {
     }
 }
 
-/// Task queues declared again at once by a new session (each on a
+/// Queues declared again at once by a new session (each on a
 /// channel of its own): a process that declared many does not wait a
 /// round trip per queue, one after the other, while every caller waits
 /// for the session.
@@ -782,14 +782,6 @@ impl AmqpBroker {
         Ok(connection)
     }
 
-    /// Drop the consuming connection if it is the one that just failed.
-    async fn forget_consuming(&self, failed: &Arc<Connection>) {
-        let mut slot = self.consuming.lock().await;
-        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
-            *slot = None;
-        }
-    }
-
     /// A connection to the first node that accepts one, starting with the
     /// one that answered last, named for its `purpose` (operators see
     /// `conveyor publishing` and `conveyor consuming` in RabbitMQ). Fails
@@ -850,11 +842,9 @@ impl AmqpBroker {
         args
     }
 
-    async fn declare_all(
-        &self,
-        session: &Session,
-        task_queues: &[String],
-    ) -> Result<(), BrokerError> {
+    /// The queues every process declares, with their arguments: dead,
+    /// submit, referred.
+    fn base_queues(&self) -> [(String, FieldTable); 3] {
         let names = &self.topology.names;
         let mut dead_args = FieldTable::default();
         if self.topology.queue_type == QueueType::Quorum {
@@ -863,29 +853,78 @@ impl AmqpBroker {
                 AMQPValue::LongString("quorum".into()),
             );
         }
-        declare_queue(session, &names.dead_queue(), dead_args).await?;
-        declare_queue(session, &names.submit_queue(), self.work_queue_args()).await?;
-        declare_queue(session, &names.referred_queue(), self.work_queue_args()).await?;
+        [
+            (names.dead_queue(), dead_args),
+            (names.submit_queue(), self.work_queue_args()),
+            (names.referred_queue(), self.work_queue_args()),
+        ]
+    }
+
+    async fn declare_all(
+        &self,
+        session: &Session,
+        task_queues: &[String],
+    ) -> Result<(), BrokerError> {
+        let names = &self.topology.names;
+        for (queue, args) in self.base_queues() {
+            declare_queue(session, &queue, args).await?;
+        }
         for q in task_queues {
             declare_queue(session, &names.task_queue(q), self.work_queue_args()).await?;
         }
         Ok(())
     }
 
-    /// Declare again, on a new session, what this process declared: the
-    /// base queues as [`Self::declare_all`] does, the task queues as far
-    /// as RabbitMQ lets it, several at once. A task queue refused for good
-    /// (since recreated with other arguments by a process of a newer
-    /// config) is logged and left as it is: publishing to it still works,
-    /// and failing the reconnect for it would cut this process off from
-    /// every queue. One that fails for another reason is logged and left
-    /// for a publish or subscription that finds it missing to declare.
+    /// Declare again, on a new session, what this process declared (the
+    /// base queues, then the task queues, several at once), as far as
+    /// RabbitMQ lets it. A queue refused for good (since recreated with
+    /// other arguments by a process of a newer config) is logged and left
+    /// as it is: publishing to it still works, and failing the reconnect
+    /// for it would cut this process off from every queue. A task queue
+    /// that fails for another reason is logged and left for a publish or
+    /// subscription that finds it missing to declare; a base queue, which
+    /// RabbitMQ itself dead-letters into, is declared again in the
+    /// background until it is. Only when no base queue could be declared
+    /// (RabbitMQ answers no declare at all) does the session fail.
+    ///
+    /// A quorum queue without a leader answers only at the time-out: one
+    /// such queue (the seldom used dead-letter queue, say, after losing the
+    /// nodes it lived on) failed every reconnect until the thirty-seventh
+    /// session, leaving the process publishing and consuming nothing.
     async fn declare_again(
         &self,
-        session: &Session,
+        session: &Arc<Session>,
         task_queues: &[String],
     ) -> Result<(), BrokerError> {
-        self.declare_all(session, &[]).await?;
+        let [dead, submit, referred] = self.base_queues();
+        let (d, s, r) = tokio::join!(
+            declare_queue(session, &dead.0, dead.1.clone()),
+            declare_queue(session, &submit.0, submit.1.clone()),
+            declare_queue(session, &referred.0, referred.1.clone()),
+        );
+        let mut missing = Vec::new();
+        let mut last_failure = None;
+        for (queue, declared) in [(dead, d), (submit, s), (referred, r)] {
+            match declared {
+                Ok(()) => {}
+                Err(BrokerError::Fatal(e)) => {
+                    tracing::warn!(queue = %queue.0, error = %e, "queue not declared again on reconnecting; using it as it is");
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue.0, error = %e, "queue not declared again on reconnecting; trying again in the background");
+                    missing.push(queue);
+                    last_failure = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last_failure
+            && missing.len() == 3
+        {
+            return Err(e);
+        }
+        if !missing.is_empty() {
+            tokio::spawn(keep_declaring(Arc::downgrade(session), missing));
+        }
         let names = &self.topology.names;
         let args = self.work_queue_args();
         let queues: Vec<String> = task_queues.iter().map(|q| names.task_queue(q)).collect();
@@ -919,6 +958,50 @@ impl AmqpBroker {
             *slot = None;
             self.live.store(false, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+}
+
+/// Declare `queues` on `session` until each is, or refused for good,
+/// while the session is in use and its connection up: the base queues a
+/// new session could not declare ([`AmqpBroker::declare_again`]).
+async fn keep_declaring(session: std::sync::Weak<Session>, mut queues: Vec<(String, FieldTable)>) {
+    let mut pause = Duration::from_secs(1);
+    while !queues.is_empty() {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        if !session.connection.status().connected() {
+            return;
+        }
+        let mut left = Vec::new();
+        for (queue, args) in queues {
+            match declare_queue(&session, &queue, args.clone()).await {
+                Ok(()) => tracing::info!(%queue, "queue declared again"),
+                Err(BrokerError::Fatal(e)) => {
+                    tracing::warn!(%queue, error = %e, "queue not declared again; using it as it is");
+                }
+                Err(_) => left.push((queue, args)),
+            }
+        }
+        queues = left;
+    }
+}
+
+/// Whether `session`'s connection still answers: a channel opened (and
+/// closed) within [`CALL_TIMEOUT`]. A publish that timed out on a
+/// connection still marked connected may have met one slow queue (keep
+/// the connection) or a peer gone silent whose heartbeat has not yet run
+/// out (lapin notices after 30 s of silence at the 15 s heartbeat, and
+/// never with the heartbeat turned off): make a new one.
+async fn still_answers(session: &Session) -> bool {
+    match open_channel(&session.connection).await {
+        Ok(channel) => {
+            close_channel(&channel, "still answering").await;
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -1142,18 +1225,24 @@ impl Broker for AmqpBroker {
                 BrokerError::Unavailable("the publish was cut short".into()),
             ))
         });
+        // A failed publish keeps its connection if it is blocked or still
+        // answers (the group's channel is closed already; the next group
+        // opens another). A connection RabbitMQ blocked (a memory or disk
+        // alarm) takes publishes again once the alarm clears; dropped, it
+        // lingered unclosed (a blocked connection's Close is not read
+        // either) while a new one was blocked in turn. And one slow queue
+        // (a quorum queue without a leader confirms nothing until the
+        // time-out) made a new connection, and declared every queue again,
+        // after each time-out until the thirty-seventh session. A
+        // connection that is down is replaced by the next call's `session`.
         if let Err(PartlyPublished {
             error: BrokerError::Unavailable(_),
             ..
         }) = &result
+            && session.connection.status().connected()
             && !session.connection.status().blocked()
+            && !still_answers(&session).await
         {
-            // A connection RabbitMQ blocked (a memory or disk alarm) is
-            // kept: it takes publishes again once the alarm clears.
-            // Dropped, it would linger unclosed (a blocked connection's
-            // Close is not read either) while a new one was blocked in
-            // turn: one more connection per publish time-out for as long
-            // as the alarm lasts, on a broker short of memory.
             self.forget(&session).await;
         }
         result
@@ -1189,9 +1278,12 @@ impl Broker for AmqpBroker {
                 Err(e) => Err(e),
             };
         }
-        if matches!(result, Err(BrokerError::Unavailable(_))) {
-            self.forget_consuming(&connection).await;
-        }
+        // The consuming connection is made again only once it is down
+        // (`consuming` sees to that). Until the thirty-seventh session a
+        // subscription that failed on a sound one (one slow queue's
+        // time-out, a declare refused on the blocked publishing
+        // connection) dropped it, left open and in use by the other
+        // subscriptions, while the next subscription opened another.
         result
     }
 

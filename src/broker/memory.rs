@@ -630,11 +630,12 @@ impl Broker for MemoryBroker {
                 };
                 let mut touched = BTreeSet::new();
                 // Unroutable messages not published as mandatory are
-                // confirmed (and dropped), as RabbitMQ does. Messages after
-                // a lost confirm stay unconfirmed.
-                let mut verdicts: Vec<Option<BrokerError>> = (0..batch.len())
-                    .map(|_| Some(unavailable("not published")))
-                    .collect();
+                // confirmed (and dropped), as RabbitMQ does. Every message
+                // the loop reaches gets its verdict; a lost confirm stops it
+                // and answers for the whole batch (none confirmed), so the
+                // verdicts of the messages after it are never read.
+                let mut verdicts: Vec<Option<BrokerError>> =
+                    std::iter::repeat_with(|| None).take(batch.len()).collect();
                 for (i, msg) in batch.iter().enumerate() {
                     if lost_confirm_at == Some(i) {
                         break;
@@ -654,7 +655,6 @@ impl Broker for MemoryBroker {
                         });
                         continue;
                     }
-                    verdicts[i] = None;
                     let copies = if state.chance(faults.duplicate) { 2 } else { 1 };
                     for _ in 0..copies {
                         state.enqueue(&msg.queue, QueuedMessage::from_outgoing(msg));

@@ -3,6 +3,7 @@
 //! errors and memory, next to the bare broker loop on a scratch queue.
 //! See `conveyor::bench` for what is measured and how.
 
+use super::out::out;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -131,9 +132,9 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     };
     let report = conveyor::bench::run(&config, options).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        out!("{}", serde_json::to_string(&report)?)?;
     } else {
-        print!("{}", report.to_text());
+        out!("{}", report.to_text().trim_end_matches('\n'))?;
     }
     Ok(if report.is_clean() {
         ExitCode::SUCCESS

@@ -24,7 +24,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use conveyor::config::Config;
 use conveyor::embedded::{Embedded, EmbeddedOptions};
 use conveyor::http::ProbeServer;
@@ -62,8 +61,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     // stops the command before any job of the others is submitted.
     let mut bodies = Vec::with_capacity(args.jobs.len());
     for file in &args.jobs {
-        let body =
-            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let body = super::job_file::read_bounded(file, super::job_file::LARGEST_JOB_FILE)?;
         bodies.push((file, body));
     }
     let trigger = ShutdownTrigger::new();
@@ -91,7 +89,14 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
         snapshot = ?args.snapshot,
         "conveyor dev running in-process (no RabbitMQ or Redis; production uses both); Ctrl-C stops"
     );
+    let mut shutdown = trigger.subscribe();
     for (file, body) in bodies {
+        // Stopped (Ctrl-C) while starting or submitting: the files not yet
+        // submitted are not, and the stop below saves what was.
+        if shutdown.is_triggered() {
+            tracing::info!(file = %file.display(), "stopping; not submitted");
+            continue;
+        }
         if let Err(e) = embedded.submit(body).await {
             // Saved first: the jobs submitted so far are kept.
             embedded.shutdown_now().await?;
@@ -103,7 +108,6 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
     // The newest 1,000 jobs each look, and 50 lookups of unfinished jobs
     // older than those (a lookup reads a job's whole status).
     let mut finished_jobs = FinishedJobs::new(1000, 50);
-    let mut shutdown = trigger.subscribe();
     loop {
         tokio::select! {
             biased;

@@ -3,6 +3,7 @@
 //! process or against a deployment), which differ only in what they print
 //! on the way and at the end.
 
+use super::out::note;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,8 @@ pub async fn until_finished(
     // task of a big job is not re-read 50 times a second.
     let mut pause = PAUSE_MIN;
     let mut warned = false;
+    // Whether a read ever found the job recorded.
+    let mut recorded = false;
     loop {
         // The status read, or the error of a read that may succeed later
         // (kept for the give-up).
@@ -87,7 +90,7 @@ pub async fn until_finished(
             Ok(status) => (Some(status), None),
             Err(e) if e.is_retryable() => {
                 if !warned {
-                    eprintln!(
+                    note!(
                         "warning: cannot read job {id} now ({e}); trying again until the time-out"
                     );
                     warned = true;
@@ -103,6 +106,7 @@ pub async fn until_finished(
         let status = status.flatten();
         pause = (pause * 2).min(PAUSE_MAX);
         if let Some(status) = status {
+            recorded = true;
             if status.history.len() > seen {
                 moved(&status, seen);
                 seen = status.history.len();
@@ -113,10 +117,20 @@ pub async fn until_finished(
             }
         }
         if Instant::now() >= deadline {
-            let hint = match (&failing, stalls.is_some()) {
-                (Some(e), _) => format!(" (the last read of it failed: {e})"),
-                (None, true) => " (`conveyor queues` shows which queues have consumers)".into(),
-                (None, false) => String::new(),
+            let hint = match (&failing, recorded, stalls.is_some()) {
+                (Some(e), _, _) => format!(" (the last read of it failed: {e})"),
+                // Checked against this command's limits, the job was sent
+                // as one a dispatcher records under its id; a deployment
+                // whose limits differ may have refused it.
+                (None, false, _) => " and was never recorded (no dispatcher took it yet, or one \
+                     with other limits than this command's dead-lettered it, or rejected it \
+                     under another id: see `conveyor queues`, the dead-letter queue, and \
+                     `conveyor list --state rejected`)"
+                    .into(),
+                (None, true, true) => {
+                    " (`conveyor queues` shows which queues have consumers)".into()
+                }
+                (None, true, false) => String::new(),
             };
             return Err(NotFinished(format!(
                 "job {id} did not finish within {}s{hint}",
@@ -226,7 +240,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "job never-submitted did not finish within 0s"
+            "job never-submitted did not finish within 0s and was never recorded (no dispatcher \
+             took it yet, or one with other limits than this command's dead-lettered it, or \
+             rejected it under another id: see `conveyor queues`, the dead-letter queue, and \
+             `conveyor list --state rejected`)"
         );
         assert!(err.downcast_ref::<NotFinished>().is_some(), "{err:?}");
         embedded.shutdown().await.unwrap();

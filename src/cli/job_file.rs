@@ -37,8 +37,36 @@ impl std::fmt::Display for Unfollowable {
 
 /// Read `path` and prepare it for submission under `config`.
 pub fn read(path: &Path, config: &Config) -> anyhow::Result<JobFile> {
-    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_bounded(path, LARGEST_JOB_FILE)?;
     Ok(prepare(text, config))
+}
+
+/// The largest job file read: RabbitMQ's own largest message by default
+/// (`max_message_size`, 128 MiB). A larger file (a log named by mistake,
+/// a device) is refused before it is read whole; one over
+/// `max_message_bytes` but under this is published all the same, to be
+/// dead-lettered as any client's would be.
+pub const LARGEST_JOB_FILE: u64 = 128 << 20;
+
+/// The bytes of `path`, if it has at most `largest`: read no further than
+/// that, so a huge file or an endless one (`/dev/zero`) costs no more.
+pub fn read_bounded(path: &Path, largest: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let cannot = || format!("cannot read {}", path.display());
+    let file = std::fs::File::open(path).with_context(cannot)?;
+    let mut text = Vec::new();
+    file.take(largest.saturating_add(1))
+        .read_to_end(&mut text)
+        .with_context(cannot)?;
+    if text.len() as u64 > largest {
+        anyhow::bail!(
+            "{} is larger than {largest} bytes, the most a job file may have \
+             (RabbitMQ takes no larger message by default; a job's own limit is \
+             max_message_bytes)",
+            path.display()
+        );
+    }
+    Ok(text)
 }
 
 fn prepare(text: Vec<u8>, config: &Config) -> JobFile {
@@ -114,6 +142,21 @@ mod tests {
             max_message_bytes: 1024,
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn a_file_larger_than_the_most_a_job_file_may_have_is_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("conveyor-jobfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("job.json");
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_bounded(&path, 10).unwrap(), b"0123456789");
+        let e = read_bounded(&path, 9).unwrap_err().to_string();
+        assert!(e.contains("larger than 9 bytes"), "{e}");
+        // An endless file is read no further than the bound.
+        let e = read_bounded(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

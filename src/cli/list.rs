@@ -1,5 +1,6 @@
 //! `conveyor list [--state S] [--limit N] [--json]`
 
+use super::out::{note, out};
 use std::process::ExitCode;
 
 use conveyor::config::Config;
@@ -45,7 +46,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         .list_jobs_within(args.state, args.limit, look_at)
         .await?;
     if listing.cut_short {
-        eprintln!(
+        note!(
             "note: looked at about the newest {} jobs only, {} of them {}; older jobs were \
              not looked at (--look-at N looks further)",
             args.look_at,
@@ -55,22 +56,25 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     }
     let jobs = listing.jobs;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        out!("{}", serde_json::to_string_pretty(&jobs)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "{:<40} {:<10} {:>6} {:<20} CREATED",
-        "ID", "STATE", "TASKS", "REQUESTOR"
-    );
+        "ID",
+        "STATE",
+        "TASKS",
+        "REQUESTOR"
+    )?;
     for j in jobs {
-        println!(
+        out!(
             "{:<40} {:<10} {:>6} {:<20} {}",
             j.id,
             j.state.as_str(),
             j.tasks,
             conveyor::text::one_line(&j.requestor),
             super::when::utc(j.created_ms)
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

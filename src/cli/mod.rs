@@ -7,6 +7,7 @@ mod dispatcher;
 mod follow;
 mod job_file;
 mod list;
+mod out;
 mod queues;
 mod run;
 mod stalls;
@@ -20,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use conveyor::config::Config;
+use out::note;
 
 /// Conveyor: jobs over RabbitMQ, state in Redis.
 #[derive(Debug, Parser)]
@@ -60,7 +62,7 @@ pub fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -89,8 +91,9 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(Ok(code)) => code,
+        Ok(Err(e)) if out::is_closed_pipe(&e) => ExitCode::from(out::CLOSED_PIPE_EXIT),
         Ok(Err(e)) => {
-            eprintln!("error: {e:#}");
+            note!("error: {e:#}");
             // A configuration the flags made invalid exits as one the file
             // or the environment made invalid.
             if e.downcast_ref::<conveyor::config::ConfigError>().is_some() {
@@ -102,7 +105,7 @@ pub fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            note!("error: cannot start the async runtime: {e}");
             ExitCode::FAILURE
         }
     }

@@ -6,6 +6,7 @@
 //! of the table and named in a note on stderr (a misspelt `--queue`, or a
 //! prefix nothing runs under), which says what declares it.
 
+use super::out::{note, out};
 use std::collections::BTreeSet;
 use std::process::ExitCode;
 
@@ -46,14 +47,14 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
             // Every queue a job named, and every queue a live worker reads.
             match store.known_queues().await {
                 Ok(known) => task_queues.extend(known),
-                Err(e) => eprintln!("warning: cannot read the known task queues from Redis: {e}"),
+                Err(e) => note!("warning: cannot read the known task queues from Redis: {e}"),
             }
             for w in store.workers().await.unwrap_or_default() {
                 task_queues.extend(w.queues);
             }
         }
         Err(e) => {
-            eprintln!("warning: Redis unreachable ({e}); showing only the configured task queues")
+            note!("warning: Redis unreachable ({e}); showing only the configured task queues")
         }
     }
     let mut queues = vec![
@@ -75,19 +76,19 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
         } else {
             "no queue"
         };
-        eprintln!(
+        note!(
             "note: RabbitMQ has {which} {}; a dispatcher or worker with prefix {:?} declares them (a task queue before its first task)",
             absent.join(", "),
             config.prefix
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        out!("{}", serde_json::to_string_pretty(&stats)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<48} {:>10} {:>10}", "QUEUE", "READY", "CONSUMERS");
+    out!("{:<48} {:>10} {:>10}", "QUEUE", "READY", "CONSUMERS")?;
     for s in stats {
-        println!("{:<48} {:>10} {:>10}", s.queue, s.ready, s.consumers);
+        out!("{:<48} {:>10} {:>10}", s.queue, s.ready, s.consumers)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,7 @@
 //! worker this process never starts. The flags are checked as the
 //! configuration is (`Config::validate`), and refused as it is (exit 2).
 
+use super::out::{note, out};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -64,7 +65,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
             config.validate()?;
-            eprintln!(
+            note!(
                 "running {} in-process (embedded broker and store; production uses RabbitMQ and Redis)",
                 args.file.display()
             );
@@ -152,7 +153,7 @@ async fn show_until_finished(
         for h in status.history.iter().skip(seen) {
             // The transition's own time, as `status` shows it: the moment
             // a read saw it would bunch a poll's worth together.
-            eprintln!(
+            note!(
                 "[{:>9}] {}",
                 when::offset(h.at, status.created_ms),
                 status::transition(h)
@@ -161,21 +162,21 @@ async fn show_until_finished(
     })
     .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        out!("{}", serde_json::to_string_pretty(&status)?)?;
     } else {
-        println!();
-        println!("job {} {}", status.id, status.state);
+        out!()?;
+        out!("job {} {}", status.id, status.state)?;
         // A task's error may end with its program's stderr: its control
         // characters are shown, not sent to the terminal.
         if let Some(e) = &status.error {
-            println!("error: {}", one_line(e));
+            out!("error: {}", one_line(e))?;
         }
         for (name, t) in &status.tasks {
             match (&t.state, &t.error) {
-                (TaskState::Succeeded, _) => println!("  {name}: {}", t.result),
-                (state, Some(e)) => println!("  {name}: {state}: {}", one_line(e)),
-                (state, None) => println!("  {name}: {state}"),
-            }
+                (TaskState::Succeeded, _) => out!("  {name}: {}", t.result),
+                (state, Some(e)) => out!("  {name}: {state}: {}", one_line(e)),
+                (state, None) => out!("  {name}: {state}"),
+            }?;
         }
     }
     Ok(if status.state == JobState::Succeeded {

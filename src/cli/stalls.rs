@@ -9,6 +9,7 @@
 //! A queue no one consumes is not an error: the job waits there, durable,
 //! until someone does. The notes say that too.
 
+use super::out::note;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +64,7 @@ impl Stalls {
     /// as such, not as a queue no worker serves.
     pub async fn look(&mut self, status: Option<&JobStatus>, store: Option<&dyn Store>) {
         for note in self.notes_with(status, store).await {
-            eprintln!("{note}");
+            note!("{note}");
         }
     }
 

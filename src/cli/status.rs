@@ -1,5 +1,6 @@
 //! `conveyor status JOB_ID [--json]`
 
+use super::out::{note, out};
 use std::process::ExitCode;
 
 use conveyor::config::Config;
@@ -26,7 +27,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            eprintln!(
+            note!(
                 "no job {:?} (unknown, or expired after the retention period)",
                 args.id
             );
@@ -38,38 +39,41 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
 /// Print a status as JSON or as a readable table.
 pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(status)?);
+        out!("{}", serde_json::to_string_pretty(status)?)?;
         return Ok(());
     }
-    println!(
+    out!(
         "job {}  state {}  version {}  requestor {}",
         status.id,
         status.state,
         status.version,
         one_line(&status.requestor)
-    );
-    println!(
+    )?;
+    out!(
         "created {}  updated {} ({})",
         when::utc(status.created_ms),
         when::utc(status.updated_ms),
         when::offset(status.updated_ms, status.created_ms)
-    );
+    )?;
     if !status.labels.is_empty() {
         let labels: Vec<String> = status
             .labels
             .iter()
             .map(|(k, v)| format!("{}={}", one_line(k), one_line(v)))
             .collect();
-        println!("labels {}", labels.join(" "));
+        out!("labels {}", labels.join(" "))?;
     }
     if let Some(e) = &status.error {
-        println!("error {}", one_line(e));
+        out!("error {}", one_line(e))?;
     }
-    println!();
-    println!(
+    out!()?;
+    out!(
         "{:<24} {:<10} {:>8}  {:<24} RESULT / ERROR",
-        "TASK", "STATE", "ATTEMPTS", "WORKER"
-    );
+        "TASK",
+        "STATE",
+        "ATTEMPTS",
+        "WORKER"
+    )?;
     for (name, t) in &status.tasks {
         let detail = match (&t.error, &t.result) {
             (Some(e), _) if t.state != conveyor::model::TaskState::Succeeded => e.clone(),
@@ -80,23 +84,23 @@ pub fn print(status: &JobStatus, json: bool) -> anyhow::Result<()> {
         if let Some(due) = t.next_attempt_at_ms {
             detail = format!("next attempt at {}; {detail}", when::utc(due));
         }
-        println!(
+        out!(
             "{:<24} {:<10} {:>8}  {:<24} {}",
             name,
             t.state.as_str(),
             format!("{}/{}", t.attempts, t.max_attempts),
             one_line(t.worker.as_deref().unwrap_or("-")),
             detail
-        );
+        )?;
     }
-    println!();
-    println!("history (time since created):");
+    out!()?;
+    out!("history (time since created):")?;
     for h in &status.history {
-        println!(
+        out!(
             "  {:>10}  {}",
             when::offset(h.at, status.created_ms),
             transition(h)
-        );
+        )?;
     }
     Ok(())
 }

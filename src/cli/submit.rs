@@ -1,6 +1,7 @@
 //! `conveyor submit FILE [--wait]`: publishes the file to `<prefix>.submit`
 //! through AMQP exactly as any client would, then follows the job in Redis.
 
+use super::out::{note, out};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,21 +40,22 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let mut stalls = follow::publish(&config, file.body).await?;
     // With `--json`, stdout holds the final status alone (the id is in
     // it), for a reader such as `jq`; the lines before it go to stderr.
-    let say = |line: String| {
+    let say = |line: String| -> std::io::Result<()> {
         if args.json {
-            eprintln!("{line}");
+            note!("{line}");
+            Ok(())
         } else {
-            println!("{line}");
+            out!("{line}")
         }
     };
     let id = match file.follow {
         Ok(id) => id,
         Err(why) => {
-            say(format!("published, but {why}"));
+            say(format!("published, but {why}"))?;
             return Ok(ExitCode::FAILURE);
         }
     };
-    say(id.clone());
+    say(id.clone())?;
     let Some(store) = store else {
         // Not waiting: the one chance to say that nothing will take the job.
         stalls.look(None, None).await;

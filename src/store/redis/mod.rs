@@ -303,6 +303,16 @@ fn audit_entries(id: &str, reply: &Reply) -> Result<Vec<ScheduleEntry>, StoreErr
         .collect()
 }
 
+/// A failed epoch read as a store error: an answer about the command
+/// itself is a protocol error, anything else an outage.
+fn epoch_error(e: RedisError) -> StoreError {
+    if is_permanent_server_error(&e) {
+        protocol(format!("reading the epoch: {e}"))
+    } else {
+        unavailable(e)
+    }
+}
+
 fn protocol(what: impl Into<String>) -> StoreError {
     StoreError::Protocol(what.into())
 }
@@ -599,32 +609,27 @@ impl RedisStore {
     /// out after a data loss never repeat one a worker may still hold.
     pub async fn check_epoch(&self) -> Result<u64, StoreError> {
         let mut conn = self.conn().await?;
-        match self.read_epoch(&mut conn).await {
-            Ok(current) => Ok(current),
-            Err(e) => {
-                self.drop_shared();
-                Err(e)
+        // An answer that leaves the connection sound (`LOADING`, `BUSY`)
+        // keeps it, as for every other command (see [`Self::classify`]).
+        self.read_epoch(&mut conn).await.map_err(|e| {
+            if is_permanent_server_error(&e) {
+                epoch_error(e)
+            } else {
+                self.classify(e)
             }
-        }
+        })
     }
 
     /// Read (and, on empty data, start) the epoch on `conn`, and remember
     /// it. Says so loudly when it changed.
-    async fn read_epoch(&self, conn: &mut MultiplexedConnection) -> Result<u64, StoreError> {
+    async fn read_epoch(&self, conn: &mut MultiplexedConnection) -> Result<u64, RedisError> {
         if self.read_only {
             // Neither started nor timed: a reader stamps no index entries,
             // and needs only to see a change of data (0: none yet).
             let current: Option<u64> = redis::cmd("GET")
                 .arg(self.names.epoch_key())
                 .query_async(conn)
-                .await
-                .map_err(|e| {
-                    if is_permanent_server_error(&e) {
-                        protocol(format!("reading the epoch: {e}"))
-                    } else {
-                        unavailable(e)
-                    }
-                })?;
+                .await?;
             let current = current.unwrap_or(0);
             let known = self.epoch.swap(current, Ordering::SeqCst);
             if known != 0 && known != current {
@@ -646,14 +651,7 @@ impl RedisStore {
         pipe.cmd("GET").arg(self.names.epoch_key());
         pipe.cmd("TIME");
         let sent = self.clock.local_ms();
-        let (current, (secs, micros)): (u64, (u64, u64)) =
-            pipe.query_async(conn).await.map_err(|e| {
-                if is_permanent_server_error(&e) {
-                    protocol(format!("reading the epoch: {e}"))
-                } else {
-                    unavailable(e)
-                }
-            })?;
+        let (current, (secs, micros)): (u64, (u64, u64)) = pipe.query_async(conn).await?;
         self.clock
             .observe(sent, self.clock.local_ms(), secs, micros);
         let known = self.epoch.swap(current, Ordering::SeqCst);
@@ -754,7 +752,7 @@ impl RedisStore {
             // A fresh connection may lead to a Redis that restarted without
             // its data since the last call: note its epoch now, so a command
             // built for the old one (a new job's fence base) is not sent.
-            self.read_epoch(&mut conn).await?;
+            self.read_epoch(&mut conn).await.map_err(epoch_error)?;
             Ok::<_, StoreError>(conn)
         };
         let made = made.await;
@@ -1396,11 +1394,30 @@ impl RedisStore {
     /// [`Self::run`] of a pipeline built for the data of one epoch (it
     /// carries fence numbers based on it): not sent if, by the time a
     /// connection is in hand, Redis turned out to hold other data.
+    ///
+    /// The answer is received whole first and converted after: a reply
+    /// Conveyor cannot read as `T` (a record something else wrote, with
+    /// bytes that are not UTF-8) is a protocol error on a sound connection,
+    /// which a retry would only meet again. Converted while received,
+    /// redis-rs reported it as it reports a garbled stream (`Parse`), an
+    /// outage: the connection was made again, and a sweep meeting such a
+    /// record first ended every pass there.
     async fn run_for_epoch<T: redis::FromRedisValue>(
         &self,
         pipe: &Pipeline,
         built_for: Option<u64>,
     ) -> Result<T, StoreError> {
+        let answer = self.answer_for_epoch(pipe, built_for).await?;
+        redis::from_redis_value(answer)
+            .map_err(|e| protocol(format!("Redis answered what Conveyor cannot read: {e}")))
+    }
+
+    /// [`Self::run_for_epoch`]'s answer, not yet converted.
+    async fn answer_for_epoch(
+        &self,
+        pipe: &Pipeline,
+        built_for: Option<u64>,
+    ) -> Result<redis::Value, StoreError> {
         let mut conn = self.conn().await?;
         self.still_epoch(built_for)?;
         match pipe.query_async(&mut conn).await {
