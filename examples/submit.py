@@ -2,7 +2,8 @@
 """Submit a job file to Conveyor over AMQP and print the dispatcher's reply.
 
 Usage: python3 examples/submit.py examples/diamond.json
-Env:   CONVEYOR_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
+Env:   CONVEYOR_AMQP_URL (one node's URL, not Conveyor's comma-separated
+       list; default amqp://guest:guest@127.0.0.1:5672/%2f),
        CONVEYOR_PREFIX (default conveyor). Needs `pip install pika`.
 """
 import json, os, sys, uuid
