@@ -13,8 +13,8 @@
 //! for the one at the head.
 //!
 //! While the store is down nothing is handed on (a claim or a record
-//! would only fail), and once it has been down for
-//! [`STORE_DOWN_GIVE_BACK`] the consumer gives back what it holds and
+//! would only fail), and once it has been down for a while
+//! ([`Consumer::store_down_give_back`]) the consumer gives back what it holds and
 //! cancels its subscription until the store answers: subscribed, it would
 //! keep a prefetch of messages that a process still reaching the store
 //! could run (RabbitMQ pushes them whether or not the loop takes them).
@@ -85,6 +85,10 @@ pub struct Consumer<'a> {
     pub priority: i16,
     /// How deliveries get their permit.
     pub permits: Permits<'a>,
+    /// How long the store may be down before the consumer gives back what
+    /// it holds and unsubscribes until the store answers (see the module
+    /// docs): [`STORE_DOWN_GIVE_BACK`], or less.
+    pub store_down_give_back: Duration,
 }
 
 /// Consume as `consumer` says until `shutdown`; `hand` takes each delivery
@@ -106,6 +110,7 @@ pub async fn consume(
         prefetch,
         priority,
         permits,
+        store_down_give_back,
     } = consumer;
     let (semaphore, patience) = match permits {
         Permits::Wait(s) => (s, None),
@@ -240,7 +245,7 @@ pub async fn consume(
                 // not one long one).
                 _ = health.wait_store_down(), if subscribed && store_down_since.is_none() => {}
                 _ = health.wait_store_up(), if subscribed && store_down_since.is_some() => {}
-                _ = sleep_until(store_down_since.map(|since| since + STORE_DOWN_GIVE_BACK)),
+                _ = sleep_until(store_down_since.map(|since| since + store_down_give_back)),
                     if subscribed && store_down_since.is_some() =>
                 {
                     if health.store_up() {
@@ -363,7 +368,10 @@ fn window_for(free: usize, prefetch: u16) -> u16 {
 /// holds and cancels its subscription until the store answers again: a
 /// blip (the outage probe's first pings come within a second) costs no
 /// churn; a longer outage, which may be this process's alone, leaves
-/// nothing waiting in it that another process could run.
+/// nothing waiting in it that another process could run. A worker gives
+/// back after half a lease if that is sooner: its claims lapse after one
+/// lease anyway, and what it holds unstarted should not wait longer than
+/// what it was running.
 pub const STORE_DOWN_GIVE_BACK: Duration = Duration::from_secs(5);
 
 /// How long a consumer keeps its narrow prefetch after a wider
@@ -701,6 +709,7 @@ mod tests {
                         Some(patience) => Permits::Hold(&semaphore, patience),
                         None => Permits::Wait(&semaphore),
                     },
+                    store_down_give_back: STORE_DOWN_GIVE_BACK,
                 };
                 consume(broker.as_ref(), consumer, &health, &mut shutdown, |d, p| {
                     handed.send((d, p)).is_ok()

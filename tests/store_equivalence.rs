@@ -1342,12 +1342,50 @@ async fn the_audit_skips_a_record_it_cannot_act_on_and_audits_the_rest() {
             .unwrap();
     }
     create_noop_job(redis.as_ref(), "fine-2").await;
+    // Index members something else wrote: one that is not UTF-8 (removed
+    // as not Conveyor's), and one scored with a fraction (no job of that
+    // id: pruned as any). Read as text and whole numbers, either failed
+    // every page of the audit and every prune read, until the
+    // thirty-seventh session.
+    let add_foreign = || {
+        redis::pipe()
+            .cmd("ZADD")
+            .arg(names.jobs_index())
+            .arg(1)
+            .arg(&b"\xff\xfe"[..])
+            .ignore()
+            .cmd("ZADD")
+            .arg(names.jobs_index())
+            .arg(1.5)
+            .arg("fraction")
+            .ignore()
+            .clone()
+    };
+    let foreign_left = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let key = names.jobs_index();
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(key)
+                .arg(&b"\xff\xfe"[..])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            score.is_some()
+        }
+    };
+    add_foreign().query_async::<()>(&mut conn).await.unwrap();
+    let pruned = redis.prune_expired(100).await.unwrap();
+    assert_eq!(pruned.removed, 1, "the fraction's entry, whose job is gone");
+    assert!(!foreign_left(&mut conn).await, "removed by the prune");
+    add_foreign().query_async::<()>(&mut conn).await.unwrap();
 
     let page = redis.audit_jobs(None, 100).await.unwrap();
+    assert!(!foreign_left(&mut conn).await, "removed by the audit");
 
     assert_eq!(
         (page.jobs, page.unusable, &page.next),
-        (4, 1, &None),
+        (5, 1, &None),
         "{page:?}"
     );
     let mut wanted: Vec<&str> = page.wanted.iter().map(|e| e.entry.as_str()).collect();

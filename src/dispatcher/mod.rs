@@ -160,6 +160,7 @@ impl Dispatcher {
                 prefetch: self.options.prefetch,
                 priority: 0,
                 permits: Permits::Wait(permits),
+                store_down_give_back: crate::consumer::STORE_DOWN_GIVE_BACK,
             },
             &self.health,
             &mut shutdown,

@@ -481,6 +481,8 @@ impl Worker {
                 prefetch,
                 priority,
                 permits,
+                store_down_give_back: crate::consumer::STORE_DOWN_GIVE_BACK
+                    .min(self.options.lease / 2),
             },
             &self.health,
             &mut shutdown,

@@ -303,6 +303,20 @@ fn audit_entries(id: &str, reply: &Reply) -> Result<Vec<ScheduleEntry>, StoreErr
         .collect()
 }
 
+/// A sorted set's members with their scores: those that are text, and
+/// those that are not (not Conveyor's: something else wrote them).
+fn conveyor_members(read: Vec<(Vec<u8>, f64)>) -> (Vec<(String, f64)>, Vec<Vec<u8>>) {
+    let mut members = Vec::with_capacity(read.len());
+    let mut foreign = Vec::new();
+    for (member, score) in read {
+        match String::from_utf8(member) {
+            Ok(member) => members.push((member, score)),
+            Err(e) => foreign.push(e.into_bytes()),
+        }
+    }
+    (members, foreign)
+}
+
 /// A failed epoch read as a store error: an answer about the command
 /// itself is a protocol error, anything else an outage.
 fn epoch_error(e: RedisError) -> StoreError {
@@ -874,10 +888,15 @@ impl RedisStore {
         Ok(Vec::new())
     }
 
-    /// Remove schedule entries that are not UTF-8 (not Conveyor's).
-    async fn forget_foreign(&self, index: &str, foreign: Vec<Vec<u8>>) -> Result<(), StoreError> {
+    /// Remove index entries that are not UTF-8 (not Conveyor's).
+    async fn forget_foreign(
+        &self,
+        index: impl AsRef<str>,
+        foreign: Vec<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let index = index.as_ref();
         tracing::warn!(index = %index, entries = foreign.len(),
-            "schedule entries that are not UTF-8 (not Conveyor's); removed");
+            "index entries that are not UTF-8 (not Conveyor's); removed");
         let mut pipe = redis::pipe();
         pipe.cmd("ZREM").arg(index).arg(foreign).ignore();
         self.run::<()>(&pipe).await
@@ -2292,15 +2311,27 @@ impl Store for RedisStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit);
-        let (entries,): (Vec<(String, u64)>,) = self.run(&pipe).await?;
-        let more = entries.len() >= limit;
-        let next = match entries.last() {
+        // Read as bytes and any number: a member or score something else
+        // wrote (not UTF-8, not an integer) failed every read, and the
+        // cursor, never moved past it, left every later entry for ever.
+        let (read,): (Vec<(Vec<u8>, f64)>,) = self.run(&pipe).await?;
+        let more = read.len() >= limit;
+        let next = match read.last().map(|&(_, score)| score.max(0.0) as u64) {
             // Several entries may share the last score: start at it again.
-            Some((_, score)) if more && *score > from => *score,
-            Some((_, score)) if more => score + 1,
+            Some(score) if more && score > from => score,
+            Some(score) if more => score + 1,
             _ => 0,
         };
         self.prune_from.store(next, Ordering::Relaxed);
+        let (entries, foreign) = conveyor_members(read);
+        if !foreign.is_empty() && !self.read_only {
+            self.forget_foreign(self.names.jobs_index(), foreign)
+                .await?;
+        }
+        let entries: Vec<(String, u64)> = entries
+            .into_iter()
+            .map(|(id, score)| (id, score.max(0.0) as u64))
+            .collect();
         if entries.is_empty() {
             return Ok(Pruned::default());
         }
@@ -2444,8 +2475,15 @@ impl Store for RedisStore {
             .arg(cursor.unwrap_or("0"))
             .arg("COUNT")
             .arg(limit.max(1));
-        let ((next, flat),): ((String, Vec<String>),) = self.run(&pipe).await?;
-        let ids: Vec<&str> = flat.iter().step_by(2).map(String::as_str).collect();
+        // Members read as bytes: one something else wrote that is not
+        // UTF-8 failed every page read at it, and the audit never got past.
+        let ((next, flat),): ((String, Vec<(Vec<u8>, f64)>),) = self.run(&pipe).await?;
+        let (members, foreign) = conveyor_members(flat);
+        if !foreign.is_empty() && !self.read_only {
+            self.forget_foreign(self.names.jobs_index(), foreign)
+                .await?;
+        }
+        let ids: Vec<&str> = members.iter().map(|(id, _)| id.as_str()).collect();
         let mut page = self.audit_ids(&ids).await?;
         page.next = (next != "0").then_some(next);
         Ok(page)
