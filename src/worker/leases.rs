@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::Journal;
+use crate::health::Health;
 use crate::store::{ClaimRef, Store};
 
 /// How soon a failed renewal is tried again (at most a period).
@@ -185,7 +186,17 @@ impl ActiveClaims {
         map.values().map(|held| held.claim.clone()).collect()
     }
 
-    pub(super) async fn renew_forever(&self, store: Arc<dyn Store>, lease: Duration) {
+    /// Renew every claim held, every third of `lease`; a renewal the store
+    /// could not answer marks it down in `health` (if given), so that the
+    /// worker's consumers give back what they hold: a worker whose slots
+    /// are all busy claims nothing, and a renewal is then the only call
+    /// that can tell it the store is gone.
+    pub(super) async fn renew_forever(
+        &self,
+        store: Arc<dyn Store>,
+        lease: Duration,
+        health: Option<Health>,
+    ) {
         // Renews through shutdown too: handlers may still be running in the
         // grace period. The worker aborts this task when it exits.
         let period = lease / 3;
@@ -221,6 +232,9 @@ impl ActiveClaims {
                     }
                 }
                 Err(e) => {
+                    if let Some(health) = health.as_ref().filter(|_| e.is_retryable()) {
+                        health.mark_store_down();
+                    }
                     if !std::mem::replace(&mut failing, true) {
                         tracing::warn!(error = %e, retry_ms = retry.as_millis() as u64,
                             "lease renewal failed; trying again until the store answers");
@@ -339,7 +353,7 @@ mod tests {
         let lost = active.insert(claim, Instant::now());
         let renewing = {
             let (active, store) = (active.clone(), store.clone());
-            tokio::spawn(async move { active.renew_forever(store, LEASE).await })
+            tokio::spawn(async move { active.renew_forever(store, LEASE, None).await })
         };
         // Renewed at once, then every second (a third of the lease).
         tokio::time::sleep(Duration::from_millis(10)).await;

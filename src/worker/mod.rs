@@ -253,7 +253,11 @@ impl Worker {
                     let this = this.clone();
                     async move {
                         this.active
-                            .renew_forever(this.store.clone(), this.options.lease)
+                            .renew_forever(
+                                this.store.clone(),
+                                this.options.lease,
+                                Some(this.health.clone()),
+                            )
                             .await
                     }
                 },
@@ -813,6 +817,7 @@ impl Worker {
                 Ok(applied) => break applied,
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(error = %e, job = %claim.job, "cannot apply outcome yet; retrying");
+                    self.health.mark_store_down();
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => {
@@ -946,6 +951,7 @@ impl Worker {
                             .is_some_and(|end| Instant::now() + leases::RENEW_RETRY < end) =>
                 {
                     tracing::debug!(error = %e, job = %claim.job, "cannot release claim yet; asking again");
+                    self.health.mark_store_down();
                     if let Some(confirmed) = confirmed {
                         self.active.put_back(claim, confirmed);
                     }
@@ -1256,6 +1262,84 @@ mod tests {
         }
     }
 
+    /// A sweeping dispatcher and a one-slot worker (its grace `grace`) on
+    /// `broker`, running, with two endless jobs `a` and `b` submitted: one
+    /// runs, the other's task waits in the worker for the slot.
+    struct TwoEndlessJobs {
+        stop_dispatcher: ShutdownTrigger,
+        dispatcher: tokio::task::JoinHandle<Result<(), crate::dispatcher::DispatcherError>>,
+        stop_worker: ShutdownTrigger,
+        worker: tokio::task::JoinHandle<Result<(), BrokerError>>,
+    }
+
+    impl TwoEndlessJobs {
+        async fn start(
+            store: &Arc<MemoryStore>,
+            broker: &Arc<dyn Broker>,
+            names: &Names,
+            grace: Option<Duration>,
+        ) -> TwoEndlessJobs {
+            let registry = Registry::new().with(Endless);
+            broker.declare(&["default".to_owned()]).await.unwrap();
+            let dispatcher = sweeping_dispatcher(store.clone(), broker.clone(), &registry, names);
+            let mut worker = one_slot_worker(store.clone(), broker.clone(), registry, names);
+            if let Some(grace) = grace {
+                worker.options.grace = grace;
+            }
+            let (stop_dispatcher, stop_worker) = (ShutdownTrigger::new(), ShutdownTrigger::new());
+            let d = stop_dispatcher.subscribe();
+            let dispatcher = tokio::spawn(async move { dispatcher.run(d).await });
+            let w = stop_worker.subscribe();
+            let worker = tokio::spawn(async move { worker.run(w).await });
+            for id in ["a", "b"] {
+                let job = json!({"id": id, "requestor": "me",
+                    "tasks": [{"name": "t", "handler": "endless"}]});
+                submit(broker.as_ref(), names, &job).await;
+            }
+            TwoEndlessJobs {
+                stop_dispatcher,
+                dispatcher,
+                stop_worker,
+                worker,
+            }
+        }
+
+        async fn stop(self) {
+            self.stop_worker.trigger();
+            let _ = self.worker.await;
+            self.stop_dispatcher.trigger();
+            let _ = self.dispatcher.await;
+        }
+    }
+
+    /// A worker whose slots are all busy claims nothing, so only its lease
+    /// renewals can tell it the store is gone: they mark it down, and the
+    /// worker gives back what it holds within half a lease, for workers
+    /// that reach the store to run (it held the messages for its whole
+    /// hold, 10 s by default, until the thirty-seventh session).
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_worker_cut_off_from_the_store_gives_back_what_it_holds_within_half_a_lease() {
+        let names = Names::new("busycut");
+        let store = memory_store();
+        let broker = Arc::new(MemoryBroker::reliable(names.clone()));
+        let as_broker: Arc<dyn Broker> = broker.clone();
+        let hold = WorkerOptions::from_config(&Config::default(), "w").hold;
+        assert!(hold > LEASE * 10, "{hold:?}");
+        let running = TwoEndlessJobs::start(&store, &as_broker, &names, None).await;
+        // One runs, the other's message waits in the worker for the slot.
+        let queue = names.task_queue("default");
+        tokio::time::sleep(LEASE).await;
+        assert_eq!(broker.unacked_len(&queue).await, 1, "held for the slot");
+
+        store.set_outage(true);
+        tokio::time::sleep(LEASE).await;
+        assert_eq!(broker.unacked_len(&queue).await, 0, "given back");
+        assert_eq!(broker.ready_len(&queue).await, 1);
+
+        store.set_outage(false);
+        running.stop().await;
+    }
+
     /// The grace period runs from the signal: a worker whose consumers are
     /// slow to stop (the give-back of a delivery held for a slot waits on
     /// a slow broker) hands its running task back when the grace is over,
@@ -1272,21 +1356,12 @@ mod tests {
             inner: inner.clone(),
             hook: SlowOnceTold(slow.clone()),
         });
-        let registry = Registry::new().with(Endless);
-        broker.declare(&["default".to_owned()]).await.unwrap();
-        let dispatcher = sweeping_dispatcher(store.clone(), broker.clone(), &registry, &names);
-        let mut worker = one_slot_worker(store.clone(), broker.clone(), registry, &names);
-        worker.options.grace = Duration::from_millis(300);
-        let (stop_dispatcher, stop_worker) = (ShutdownTrigger::new(), ShutdownTrigger::new());
-        let d = stop_dispatcher.subscribe();
-        let dispatcher = tokio::spawn(async move { dispatcher.run(d).await });
-        let w = stop_worker.subscribe();
-        let worker = tokio::spawn(async move { worker.run(w).await });
-        for id in ["a", "b"] {
-            let job = json!({"id": id, "requestor": "me",
-                "tasks": [{"name": "t", "handler": "endless"}]});
-            submit(broker.as_ref(), &names, &job).await;
-        }
+        let TwoEndlessJobs {
+            stop_dispatcher,
+            dispatcher,
+            stop_worker,
+            worker,
+        } = TwoEndlessJobs::start(&store, &broker, &names, Some(Duration::from_millis(300))).await;
         let running = |store: Arc<MemoryStore>| async move {
             let mut running = Vec::new();
             for id in ["a", "b"] {
@@ -1692,7 +1767,7 @@ mod tests {
         }
         let renewals = tokio::spawn({
             let (active, store) = (worker.active.clone(), store.clone());
-            async move { active.renew_forever(store, LEASE).await }
+            async move { active.renew_forever(store, LEASE, None).await }
         });
         tokio::time::sleep(LEASE * 3).await;
         assert!(
