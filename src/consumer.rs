@@ -178,15 +178,10 @@ pub async fn consume(
         let mut give_back_again: Option<Instant> = None;
         // No wider subscription is tried before this (one failed).
         let mut widen_after = Instant::now();
-        // Since when the store has been down, as this loop last saw it.
-        let mut store_down_since: Option<Instant> = None;
+        // Made once per subscription, not once per delivery.
+        let mut store_gone = std::pin::pin!(store_down_for(health, store_down_give_back));
         loop {
             let subscribed = give_back_again.is_none();
-            store_down_since = match (health.store_up(), store_down_since) {
-                (true, _) => None,
-                (false, None) => Some(Instant::now()),
-                (false, since) => since,
-            };
             if !subscribed && held.is_empty() {
                 // Everything was given back, or every delivery kept has
                 // been handed on: consume again once a permit is free.
@@ -240,17 +235,9 @@ pub async fn consume(
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => break,
-                // Woken when the store goes down, to start the clock below,
-                // and when it is back, to stop it (two short outages are
-                // not one long one).
-                _ = health.wait_store_down(), if subscribed && store_down_since.is_none() => {}
-                _ = health.wait_store_up(), if subscribed && store_down_since.is_some() => {}
-                _ = sleep_until(store_down_since.map(|since| since + store_down_give_back)),
-                    if subscribed && store_down_since.is_some() =>
-                {
-                    if health.store_up() {
-                        continue;
-                    }
+                // Not polled once done: a done consumer is no longer
+                // subscribed, and the next subscription makes another.
+                _ = &mut store_gone, if subscribed => {
                     // The store stays down for this process (perhaps only
                     // for it: a partition, a broken connection): what it
                     // holds, and what the broker would push into its
@@ -266,11 +253,7 @@ pub async fn consume(
                         // the next subscription is no wider than the slots
                         // free then.
                         narrow = true;
-                        let next_try = Instant::now() + patience.unwrap_or_default();
-                        held = give_back_unless_refused(broker, held, next_try)
-                            .await
-                            .unwrap_or_default();
-                        give_back_again = Some(next_try);
+                        give_back_again = Some(give_back_held(broker, &mut held, patience).await);
                         continue;
                     }
                     give_back(broker, held.drain(..).map(|(_, d)| d).collect()).await;
@@ -299,15 +282,12 @@ pub async fn consume(
                         // busy worker replaced).
                         cancel_and_drain(&mut subscription, &mut held).await;
                     }
-                    let next_try = Instant::now() + patience.unwrap_or_default();
                     narrow = true;
                     // What the queue refused is kept, handed on as permits
-                    // free and given back again at `next_try`; with nothing
-                    // kept, the loop consumes again once a permit is free.
-                    held = give_back_unless_refused(broker, held, next_try)
-                        .await
-                        .unwrap_or_default();
-                    give_back_again = Some(next_try);
+                    // free and given back again after the patience; with
+                    // nothing kept, the loop consumes again once a permit
+                    // is free.
+                    give_back_again = Some(give_back_held(broker, &mut held, patience).await);
                 }
                 _ = async {
                     sleep_until(over).await;
@@ -373,6 +353,33 @@ fn window_for(free: usize, prefetch: u16) -> u16 {
 /// lease anyway, and what it holds unstarted should not wait longer than
 /// what it was running.
 pub const STORE_DOWN_GIVE_BACK: Duration = Duration::from_secs(5);
+
+/// Returns once the store has stayed down for `long` without a break:
+/// two short outages are not one long one.
+async fn store_down_for(health: &Health, long: Duration) {
+    loop {
+        health.wait_store_down().await;
+        tokio::select! {
+            _ = health.wait_store_up() => {}
+            _ = tokio::time::sleep(long) => return,
+        }
+    }
+}
+
+/// Give back what a [`Permits::Hold`] consumer holds, keeping what its
+/// queue refuses to take back ([`give_back_unless_refused`]); returns when
+/// to try again with what was kept (after `patience`).
+async fn give_back_held(
+    broker: &dyn Broker,
+    held: &mut VecDeque<(Instant, Delivery)>,
+    patience: Option<Duration>,
+) -> Instant {
+    let next_try = Instant::now() + patience.unwrap_or_default();
+    *held = give_back_unless_refused(broker, std::mem::take(held), next_try)
+        .await
+        .unwrap_or_default();
+    next_try
+}
 
 /// How long a consumer keeps its narrow prefetch after a wider
 /// subscription failed (the broker is likely going away; if not, it tries

@@ -43,6 +43,11 @@ impl Flag {
 
     /// Wait until the value is `value`.
     pub async fn wait_for(&self, value: bool) {
+        // Already so (the common case, asked once per delivery): no
+        // registration with the `Notify`, whose lock every waiter shares.
+        if self.get() == value {
+            return;
+        }
         loop {
             // Registered before the check, so a change between the two is
             // not missed.

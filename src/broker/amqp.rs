@@ -428,7 +428,7 @@ fn unavailable(e: lapin::Error) -> BrokerError {
     }
 }
 
-/// Queues declared again at once by a new session (each on a
+/// Task queues declared again at once by a new session (each on a
 /// channel of its own): a process that declared many does not wait a
 /// round trip per queue, one after the other, while every caller waits
 /// for the session.
@@ -782,6 +782,14 @@ impl AmqpBroker {
         Ok(connection)
     }
 
+    /// Drop the consuming connection if it is the one that just failed.
+    async fn forget_consuming(&self, failed: &Arc<Connection>) {
+        let mut slot = self.consuming.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            *slot = None;
+        }
+    }
+
     /// A connection to the first node that accepts one, starting with the
     /// one that answered last, named for its `purpose` (operators see
     /// `conveyor publishing` and `conveyor consuming` in RabbitMQ). Fails
@@ -965,10 +973,9 @@ impl AmqpBroker {
 /// while the session is in use and its connection up: the base queues a
 /// new session could not declare ([`AmqpBroker::declare_again`]).
 async fn keep_declaring(session: std::sync::Weak<Session>, mut queues: Vec<(String, FieldTable)>) {
-    let mut pause = Duration::from_secs(1);
+    let mut waits = crate::backoff::Reconnect::new(Duration::from_secs(1), Duration::from_secs(30));
     while !queues.is_empty() {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(waits.next_delay()).await;
         let Some(session) = session.upgrade() else {
             return;
         };
@@ -989,14 +996,14 @@ async fn keep_declaring(session: std::sync::Weak<Session>, mut queues: Vec<(Stri
     }
 }
 
-/// Whether `session`'s connection still answers: a channel opened (and
-/// closed) within [`CALL_TIMEOUT`]. A publish that timed out on a
+/// Whether `connection` still answers: a channel opened (and closed)
+/// within [`CALL_TIMEOUT`]. A publish or subscription that failed on a
 /// connection still marked connected may have met one slow queue (keep
 /// the connection) or a peer gone silent whose heartbeat has not yet run
 /// out (lapin notices after 30 s of silence at the 15 s heartbeat, and
 /// never with the heartbeat turned off): make a new one.
-async fn still_answers(session: &Session) -> bool {
-    match open_channel(&session.connection).await {
+async fn still_answers(connection: &Connection) -> bool {
+    match open_channel(connection).await {
         Ok(channel) => {
             close_channel(&channel, "still answering").await;
             true
@@ -1241,7 +1248,7 @@ impl Broker for AmqpBroker {
         }) = &result
             && session.connection.status().connected()
             && !session.connection.status().blocked()
-            && !still_answers(&session).await
+            && !still_answers(&session.connection).await
         {
             self.forget(&session).await;
         }
@@ -1278,12 +1285,18 @@ impl Broker for AmqpBroker {
                 Err(e) => Err(e),
             };
         }
-        // The consuming connection is made again only once it is down
-        // (`consuming` sees to that). Until the thirty-seventh session a
-        // subscription that failed on a sound one (one slow queue's
-        // time-out, a declare refused on the blocked publishing
-        // connection) dropped it, left open and in use by the other
-        // subscriptions, while the next subscription opened another.
+        // The consuming connection is made again once it is down
+        // (`consuming` sees to that) or no longer answers. Until the
+        // thirty-seventh session a subscription that failed on a sound one
+        // (one slow queue's time-out, a declare refused on the blocked
+        // publishing connection) dropped it, left open and in use by the
+        // other subscriptions, while the next subscription opened another.
+        if matches!(result, Err(BrokerError::Unavailable(_)))
+            && connection.status().connected()
+            && !still_answers(&connection).await
+        {
+            self.forget_consuming(&connection).await;
+        }
         result
     }
 

@@ -40,7 +40,7 @@ pub async fn run(config: Config, args: Args) -> anyhow::Result<ExitCode> {
     let mut stalls = follow::publish(&config, file.body).await?;
     // With `--json`, stdout holds the final status alone (the id is in
     // it), for a reader such as `jq`; the lines before it go to stderr.
-    let say = |line: String| -> std::io::Result<()> {
+    let say = |line: String| -> anyhow::Result<()> {
         if args.json {
             note!("{line}");
             Ok(())

@@ -303,9 +303,12 @@ fn audit_entries(id: &str, reply: &Reply) -> Result<Vec<ScheduleEntry>, StoreErr
         .collect()
 }
 
-/// A sorted set's members with their scores: those that are text, and
-/// those that are not (not Conveyor's: something else wrote them).
-fn conveyor_members(read: Vec<(Vec<u8>, f64)>) -> (Vec<(String, f64)>, Vec<Vec<u8>>) {
+/// A sorted set's members, each with what came with it: those that are
+/// text, and those that are not (not Conveyor's: something else wrote
+/// them).
+fn text_members<T>(
+    read: impl ExactSizeIterator<Item = (Vec<u8>, T)>,
+) -> (Vec<(String, T)>, Vec<Vec<u8>>) {
     let mut members = Vec::with_capacity(read.len());
     let mut foreign = Vec::new();
     for (member, score) in read {
@@ -625,13 +628,9 @@ impl RedisStore {
         let mut conn = self.conn().await?;
         // An answer that leaves the connection sound (`LOADING`, `BUSY`)
         // keeps it, as for every other command (see [`Self::classify`]).
-        self.read_epoch(&mut conn).await.map_err(|e| {
-            if is_permanent_server_error(&e) {
-                epoch_error(e)
-            } else {
-                self.classify(e)
-            }
-        })
+        self.read_epoch(&mut conn)
+            .await
+            .map_err(|e| self.classify(e))
     }
 
     /// Read (and, on empty data, start) the epoch on `conn`, and remember
@@ -869,18 +868,10 @@ impl RedisStore {
         // read as a schedule with nothing due, ending the pass early.
         for _ in 0..2 {
             let (entries,): (Vec<Vec<u8>>,) = self.run(&pipe).await?;
-            let mut due = Vec::with_capacity(entries.len());
-            let mut foreign = Vec::new();
-            for e in entries {
-                match String::from_utf8(e) {
-                    Ok(e) => due.push(e),
-                    Err(e) => foreign.push(e.into_bytes()),
-                }
-            }
+            let (due, foreign) = text_members(entries.into_iter().map(|e| (e, ())));
+            let due: Vec<String> = due.into_iter().map(|(e, ())| e).collect();
             let only_foreign = due.is_empty() && !foreign.is_empty();
-            if !foreign.is_empty() {
-                self.forget_foreign(&index, foreign).await?;
-            }
+            self.forget_foreign(&index, foreign).await?;
             if !only_foreign {
                 return Ok(due);
             }
@@ -888,12 +879,16 @@ impl RedisStore {
         Ok(Vec::new())
     }
 
-    /// Remove index entries that are not UTF-8 (not Conveyor's).
+    /// Remove index entries that are not UTF-8 (not Conveyor's), if any
+    /// (and if this store writes at all).
     async fn forget_foreign(
         &self,
         index: impl AsRef<str>,
         foreign: Vec<Vec<u8>>,
     ) -> Result<(), StoreError> {
+        if foreign.is_empty() || self.read_only {
+            return Ok(());
+        }
         let index = index.as_ref();
         tracing::warn!(index = %index, entries = foreign.len(),
             "index entries that are not UTF-8 (not Conveyor's); removed");
@@ -2316,22 +2311,20 @@ impl Store for RedisStore {
         // cursor, never moved past it, left every later entry for ever.
         let (read,): (Vec<(Vec<u8>, f64)>,) = self.run(&pipe).await?;
         let more = read.len() >= limit;
-        let next = match read.last().map(|&(_, score)| score.max(0.0) as u64) {
+        let read: Vec<(Vec<u8>, u64)> = read
+            .into_iter()
+            .map(|(member, score)| (member, score.max(0.0) as u64))
+            .collect();
+        let next = match read.last() {
             // Several entries may share the last score: start at it again.
-            Some(score) if more && score > from => score,
-            Some(score) if more => score + 1,
+            Some(&(_, score)) if more && score > from => score,
+            Some(&(_, score)) if more => score + 1,
             _ => 0,
         };
         self.prune_from.store(next, Ordering::Relaxed);
-        let (entries, foreign) = conveyor_members(read);
-        if !foreign.is_empty() && !self.read_only {
-            self.forget_foreign(self.names.jobs_index(), foreign)
-                .await?;
-        }
-        let entries: Vec<(String, u64)> = entries
-            .into_iter()
-            .map(|(id, score)| (id, score.max(0.0) as u64))
-            .collect();
+        let (entries, foreign) = text_members(read.into_iter());
+        self.forget_foreign(self.names.jobs_index(), foreign)
+            .await?;
         if entries.is_empty() {
             return Ok(Pruned::default());
         }
@@ -2478,11 +2471,9 @@ impl Store for RedisStore {
         // Members read as bytes: one something else wrote that is not
         // UTF-8 failed every page read at it, and the audit never got past.
         let ((next, flat),): ((String, Vec<(Vec<u8>, f64)>),) = self.run(&pipe).await?;
-        let (members, foreign) = conveyor_members(flat);
-        if !foreign.is_empty() && !self.read_only {
-            self.forget_foreign(self.names.jobs_index(), foreign)
-                .await?;
-        }
+        let (members, foreign) = text_members(flat.into_iter());
+        self.forget_foreign(self.names.jobs_index(), foreign)
+            .await?;
         let ids: Vec<&str> = members.iter().map(|(id, _)| id.as_str()).collect();
         let mut page = self.audit_ids(&ids).await?;
         page.next = (next != "0").then_some(next);
