@@ -910,9 +910,10 @@ impl AmqpBroker {
             declare_queue(session, &submit.0, submit.1.clone()),
             declare_queue(session, &referred.0, referred.1.clone()),
         );
+        let declared = [(dead, d), (submit, s), (referred, r)];
+        let base = declared.len();
         let mut missing = Vec::new();
-        let mut last_failure = None;
-        for (queue, declared) in [(dead, d), (submit, s), (referred, r)] {
+        for (queue, declared) in declared {
             match declared {
                 Ok(()) => {}
                 Err(BrokerError::Fatal(e)) => {
@@ -920,18 +921,19 @@ impl AmqpBroker {
                 }
                 Err(e) => {
                     tracing::warn!(queue = %queue.0, error = %e, "queue not declared again on reconnecting; trying again in the background");
-                    missing.push(queue);
-                    last_failure = Some(e);
+                    missing.push((queue, e));
                 }
             }
         }
-        if let Some(e) = last_failure
-            && missing.len() == 3
+        // None declared: RabbitMQ answers no declare at all.
+        if missing.len() == base
+            && let Some((_, e)) = missing.pop()
         {
             return Err(e);
         }
         if !missing.is_empty() {
-            tokio::spawn(keep_declaring(Arc::downgrade(session), missing));
+            let queues = missing.into_iter().map(|(queue, _)| queue).collect();
+            tokio::spawn(keep_declaring(Arc::downgrade(session), queues));
         }
         let names = &self.topology.names;
         let args = self.work_queue_args();
